@@ -1,0 +1,1 @@
+"""DIT4C: Data Intensive Tools for the Cloud."""

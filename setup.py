@@ -1,0 +1,43 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="dit4c",
+    version="0.1.0",
+    description="Data Intensive Tools for the Cloud: research tools in containers, in the browser",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.11",
+    packages=find_packages(include=["dit4c", "dit4c.*"]) + ["twisted.plugins"],
+    package_data={"dit4c": ["py.typed"], "twisted": ["plugins/dit4c_plugins.py"]},
+    include_package_data=True,
+    install_requires=[
+        "twisted[tls]>=24.7",
+        "klein>=24.8",
+        "treq>=24.9",
+        "autobahn>=24.4",
+        "pyopenssl>=24.0",
+        "service-identity>=24.1",
+        "cryptography>=42",
+        # JWT/JWK: the maintained implementation; pinned algorithms, aud/exp checks.
+        "pyjwt[crypto]>=2.8",
+        # Prometheus text exposition for admin endpoints.
+        "prometheus-client>=0.20",
+        # llhttp (Node's HTTP parser) bindings: fast, strict HTTP/1.1 request heads.
+        "httptools>=0.6",
+        "automat>=24.8",
+        "zope.interface>=6",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-twisted>=1.14",
+            "hypothesis>=6.100",
+            "psutil>=5.9",
+        ],
+        "lint": ["ruff>=0.5", "mypy>=1.10", "mypy-zope>=1.0"],
+        "tor": ["txtorcon>=24.8"],
+        "postgres": ["psycopg[binary]>=3.1"],
+    },
+    entry_points={"console_scripts": ["dit4c=dit4c.cli:main"]},
+)
