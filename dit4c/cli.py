@@ -1,0 +1,260 @@
+"""
+The ``dit4c`` command: administrative tasks that need no running server.
+
+Each subcommand is a function registered with :func:`command`, together with
+a function that declares its arguments; :func:`main` builds the parser from
+the registry, so adding a subcommand touches nothing else here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from dit4c.common.keys import (
+    KeyFileError,
+    generate_private_key,
+    jwks,
+    load_private_key,
+    load_public_key,
+    save_private_key,
+)
+from dit4c.common.tokens import ROUTING_AUDIENCE, InvalidToken, TokenSigner, check_instance_id
+
+__all__ = ["COMMANDS", "Command", "CommandError", "command", "main"]
+
+
+class CommandError(Exception):
+    """The command could not do what was asked; the message says why."""
+
+
+Run = Callable[[argparse.Namespace, TextIO], int]
+Arguments = Callable[[argparse.ArgumentParser], None]
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its name, one-line help, arguments and body."""
+
+    name: str
+    help: str
+    arguments: Arguments
+    run: Run
+
+
+#: Every subcommand, by name, in the order ``--help`` lists them.
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, *, help: str, arguments: Arguments) -> Callable[[Run], Run]:
+    """Register the decorated function as subcommand ``name``."""
+
+    def register(run: Run) -> Run:
+        if name in COMMANDS:
+            raise ValueError(f"subcommand {name!r} registered twice")
+        COMMANDS[name] = Command(name, help, arguments, run)
+        return run
+
+    return register
+
+
+def _printJSON(document: Any, out: TextIO) -> None:
+    out.write(json.dumps(document, indent=2, sort_keys=True) + "\n")
+
+
+# -- keygen ----------------------------------------------------------------
+
+
+def _keygenArguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", metavar="PATH", type=Path, help="where to write the PEM key")
+    parser.add_argument("--force", action="store_true", help="replace an existing file")
+
+
+@command(
+    "keygen",
+    help="create an EC P-256 private key and print its public JWKS",
+    arguments=_keygenArguments,
+)
+def keygen(args: argparse.Namespace, out: TextIO) -> int:
+    """
+    Without ``--force`` an existing file is never replaced, checked at the
+    moment of writing, so a second keygen cannot silently change a
+    component's identity.
+    """
+    path: Path = args.path
+    if path.exists() and not args.force:
+        raise CommandError(f"{path} exists; use --force to replace it")
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise CommandError(f"cannot write {path}: {e.strerror}") from None
+    key = generate_private_key()
+    try:
+        save_private_key(key, path, overwrite=args.force)
+    except FileExistsError:
+        raise CommandError(f"{path} exists; use --force to replace it") from None
+    except OSError as e:
+        raise CommandError(f"cannot write {path}: {e.strerror}") from None
+    _printJSON(jwks(key), out)
+    return 0
+
+
+# -- jwks ------------------------------------------------------------------
+
+
+def _jwksArguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "paths",
+        metavar="PATH",
+        type=Path,
+        nargs="+",
+        help="a PEM private or public key (only public halves are printed)",
+    )
+
+
+@command("jwks", help="print the public JWKS of key files", arguments=_jwksArguments)
+def printJWKS(args: argparse.Namespace, out: TextIO) -> int:
+    keys = []
+    for path in args.paths:
+        try:
+            keys.append(load_public_key(path))
+        except KeyFileError as e:
+            raise CommandError(str(e)) from None
+        except OSError as e:
+            raise CommandError(f"cannot read {path}: {e.strerror}") from None
+    _printJSON(jwks(*keys), out)
+    return 0
+
+
+# -- token -----------------------------------------------------------------
+
+#: Claims the token subcommand sets itself, each from its own option.
+_RESERVED_CLAIMS = {
+    "sub": "--subject",
+    "aud": "--audience",
+    "iss": "--issuer",
+    "iat": "--lifetime",
+    "exp": "--lifetime",
+}
+
+
+def _claim(text: str) -> tuple[str, Any]:
+    """``NAME=VALUE``; VALUE is read as JSON when it parses, else as a string."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    if name in _RESERVED_CLAIMS:
+        raise argparse.ArgumentTypeError(f"set {name!r} with {_RESERVED_CLAIMS[name]}")
+    try:
+        return name, json.loads(value)
+    except ValueError:
+        return name, value
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("must be a positive number of seconds")
+    return value
+
+
+def _tokenArguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--key", required=True, type=Path, help="PEM private key to sign with")
+    parser.add_argument(
+        "--audience",
+        default=ROUTING_AUDIENCE,
+        help=f"the aud claim (default: {ROUTING_AUDIENCE})",
+    )
+    parser.add_argument(
+        "--subject",
+        required=True,
+        help=f"the sub claim; for {ROUTING_AUDIENCE} an instance id (a DNS label)",
+    )
+    parser.add_argument("--issuer", help="the iss claim (default: none)")
+    parser.add_argument(
+        "--lifetime",
+        type=_positive,
+        default=3600.0,
+        metavar="SECONDS",
+        help="seconds until the token expires (default: 3600)",
+    )
+    parser.add_argument("--kid", help="the kid header (default: the key's RFC 7638 thumbprint)")
+    parser.add_argument(
+        "--claim",
+        type=_claim,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an extra claim; VALUE is JSON if it parses, else a string (repeatable)",
+    )
+
+
+@command("token", help="print a signed token (JWT)", arguments=_tokenArguments)
+def token(args: argparse.Namespace, out: TextIO) -> int:
+    """Routing tokens are checked here too, so a typo fails now, not at connect time."""
+    if args.audience == ROUTING_AUDIENCE:
+        try:
+            check_instance_id(args.subject)
+        except InvalidToken:
+            raise CommandError(
+                f"--subject {args.subject!r} is not an instance id "
+                "(lower-case letters, digits and '-', 1 to 63 characters, "
+                "not starting or ending with '-')"
+            ) from None
+    try:
+        key = load_private_key(args.key)
+    except KeyFileError as e:
+        raise CommandError(str(e)) from None
+    except OSError as e:
+        raise CommandError(f"cannot read {args.key}: {e.strerror}") from None
+    signer = TokenSigner(key, issuer=args.issuer, kid=args.kid)
+    claims = dict(args.claim)
+    claims["sub"] = args.subject
+    out.write(signer.sign(claims, audience=args.audience, lifetime=args.lifetime) + "\n")
+    return 0
+
+
+# -- entry point -------------------------------------------------------------
+
+
+def makeParser() -> argparse.ArgumentParser:
+    """The parser for every registered subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="dit4c", description="DIT4C: Data Intensive Tools for the Cloud."
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in COMMANDS.values():
+        sub = subparsers.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        cmd.arguments(sub)
+        sub.set_defaults(run=cmd.run)
+    return parser
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
+    """
+    Run the ``dit4c`` command; returns the exit status (0 success, 1 the
+    command failed, 2 usage error via argparse's ``SystemExit``).
+    """
+    out = stdout if stdout is not None else sys.stdout
+    err = stderr if stderr is not None else sys.stderr
+    args = makeParser().parse_args(argv)
+    try:
+        status: int = args.run(args, out)
+    except CommandError as e:
+        err.write(f"dit4c {args.command}: error: {e}\n")
+        return 1
+    out.flush()
+    return status

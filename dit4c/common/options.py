@@ -1,0 +1,60 @@
+"""Option coercions and constructions shared by every ``tap.py``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.python import usage
+
+
+def positiveFloat(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise usage.UsageError(f"{value!r} is not a number") from None
+    if number <= 0:
+        raise usage.UsageError(f"{value!r} must be positive")
+    return number
+
+
+positiveFloat.coerceDoc = "A positive number."  # type: ignore[attr-defined]
+
+
+def positiveInt(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise usage.UsageError(f"{value!r} is not a whole number") from None
+    if number <= 0:
+        raise usage.UsageError(f"{value!r} must be positive")
+    return number
+
+
+positiveInt.coerceDoc = "A positive whole number."  # type: ignore[attr-defined]
+
+
+def endpointList(descriptions: list[str], *, server: bool, option: str) -> None:
+    """
+    Check endpoint strings at option time, so that a typo is a usage error
+    rather than a traceback at start-up. Nothing is bound or dialled.
+    """
+    from twisted.internet import reactor
+
+    parse = serverFromString if server else clientFromString
+    for description in descriptions:
+        try:
+            parse(reactor, description)
+        except (ValueError, TypeError, KeyError) as e:
+            raise usage.UsageError(f"--{option}: bad endpoint {description!r}: {e}") from None
+
+
+def verifierFromOptions(config: Any, reactor: Any) -> Any:
+    """A TokenVerifier from --jwks-url/--jwks-file, --audience and --issuer."""
+    from dit4c.common.tokens import JWKSKeySource, StaticKeySource, TokenVerifier
+
+    if config["jwks-file"]:
+        keys: Any = StaticKeySource.fromFile(config["jwks-file"])
+    else:
+        keys = JWKSKeySource(config["jwks-url"], reactor=reactor)
+    return TokenVerifier(keys, audience=config["audience"], issuer=config["issuer"], clock=reactor)

@@ -1,0 +1,61 @@
+"""Service helpers shared by every server."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+
+class ListeningService(Service):
+    """
+    Listen on an endpoint while running, and keep the port so that callers
+    can learn the address really bound (``tcp:0`` in tests). Binding happens
+    in ``privilegedStartService`` and a failure to bind fails start-up at once,
+    as a user starting ``twistd`` expects.
+    """
+
+    log = Logger()
+
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: Factory, description: str = "") -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        self.description = description
+        self.port: IListeningPort | None = None
+        self._listening: Deferred[Any] | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._listen()
+
+    def startService(self) -> None:
+        super().startService()
+        self._listen()
+
+    def _listen(self) -> None:
+        if self._listening is not None:
+            return
+        self._listening = self.endpoint.listen(self.factory)
+        failures: list[Any] = []
+        self._listening.addCallbacks(self._bound, failures.append)
+        if failures:
+            failures[0].raiseException()
+
+    def _bound(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        self.log.info("{what} listening on {address}", what=self.description or "server", address=port.getHost())
+        return port
+
+    def stopService(self) -> Deferred[Any] | None:
+        super().stopService()
+        listening, self._listening = self._listening, None
+        port, self.port = self.port, None
+        if port is not None:
+            return maybeDeferred(port.stopListening)
+        if listening is not None:
+            listening.cancel()
+        return None

@@ -1,0 +1,85 @@
+"""
+The routing server's admin endpoint: ``/health`` and Prometheus ``/metrics``.
+
+Served on its own endpoint string so that it can stay on loopback or a
+private network while the public ports face the internet.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.twisted import MetricsResource
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+if TYPE_CHECKING:
+    from dit4c.routing.server import RoutingServer
+
+
+class RoutingCollector:
+    """Reads the live figures at scrape time: nothing is counted twice."""
+
+    def __init__(self, server: RoutingServer) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[Metric]:
+        server = self.server
+        tunnels = server.registry.tunnels()
+        sessions = [t.session for t in tunnels if t.session is not None]
+        m = server.metrics
+        yield GaugeMetricFamily("dit4c_routing_tunnels", "Tunnels registered now.", value=len(tunnels))
+        yield GaugeMetricFamily(
+            "dit4c_routing_streams", "Streams open now over all tunnels.", value=sum(s.streamCount for s in sessions)
+        )
+        yield GaugeMetricFamily(
+            "dit4c_routing_public_connections", "Public connections open now.", value=m.open
+        )
+        buffered = GaugeMetricFamily(
+            "dit4c_routing_tunnel_buffered_bytes", "Bytes held for paused readers, all tunnels."
+        )
+        buffered.add_metric([], sum(s.recvBuffered for s in sessions))
+        yield buffered
+        bytes_ = CounterMetricFamily(
+            "dit4c_routing_bytes", "Bytes through public connections.", labels=["direction"]
+        )
+        bytes_.add_metric(["in"], m.bytesIn)
+        bytes_.add_metric(["out"], m.bytesOut)
+        yield bytes_
+        yield CounterMetricFamily("dit4c_routing_requests", "Request heads routed.", value=m.requests)
+        yield CounterMetricFamily(
+            "dit4c_routing_connections", "Public connections accepted.", value=m.connections
+        )
+        errors = CounterMetricFamily("dit4c_routing_errors", "Errors by kind.", labels=["kind"])
+        for kind, count in sorted(m.errors.items()):
+            errors.add_metric([kind], count)
+        yield errors
+
+
+class HealthResource(Resource):
+    isLeaf = True
+
+    def __init__(self, routing: RoutingServer) -> None:
+        super().__init__()
+        self.routing = routing
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps({"status": "ok", "tunnels": len(self.routing.registry)}).encode()
+
+
+def adminSite(server: RoutingServer) -> Site:
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(RoutingCollector(server))  # type: ignore[arg-type]
+    root = Resource()
+    root.putChild(b"health", HealthResource(server))
+    root.putChild(b"metrics", MetricsResource(registry=registry))
+    site = Site(root)
+    site.displayTracebacks = False
+    site.timeOut = 30
+    return site

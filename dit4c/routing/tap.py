@@ -1,0 +1,111 @@
+"""``twistd dit4c-routing``: options and service construction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+
+from dit4c.common.options import endpointList, positiveFloat, positiveInt, verifierFromOptions
+from dit4c.routing.admin import adminSite
+from dit4c.routing.front import FrontLimits
+from dit4c.routing.server import RoutingServer
+from dit4c.tunnel.session import Settings
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run a DIT4C routing server: listeners beside instances dial in over "
+        "tunnels (TCP, TLS or WebSocket), and public HTTP(S) traffic for "
+        "<instance>.<domain> is sent down the tunnel that owns that name. "
+        "Every address is a Twisted endpoint string; options marked "
+        "'repeatable' may be given several times."
+    )
+    optParameters = [
+        ["domain", None, "localhost", "Instances get host names <instance>.<domain>."],
+        ["public-url", None, None, "Template of the URL given to a tunnel, e.g. 'https://{host}/'. Default: from the first public endpoint."],
+        ["jwks-url", None, None, "URL of the JWKS that verifies tunnel tokens (the portal's /.well-known/jwks.json)."],
+        ["jwks-file", None, None, "File with the JWKS (or a PEM public key) that verifies tunnel tokens."],
+        ["audience", None, "dit4c-routing", "Audience that tunnel tokens must name."],
+        ["issuer", None, None, "Issuer that tunnel tokens must name (not checked if unset)."],
+        ["admin", None, None, "Endpoint for /health and /metrics, e.g. tcp:9090:interface=127.0.0.1."],
+        ["heartbeat", None, 10.0, "Seconds between tunnel heartbeats.", positiveFloat],
+        ["timeout", None, 30.0, "Seconds of silence after which a tunnel is taken for dead.", positiveFloat],
+        ["max-streams", None, 16384, "Most streams open at once on one tunnel.", positiveInt],
+        ["head-timeout", None, 10.0, "Seconds a client has to send a request head.", positiveFloat],
+        ["idle-timeout", None, 60.0, "Seconds a keep-alive connection may sit idle.", positiveFloat],
+        ["drain-timeout", None, 10.0, "Seconds running streams get to finish when stopping.", positiveFloat],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["tunnel"] = []
+        self["tunnel-websocket"] = []
+        self["http"] = []
+        self["https"] = []
+
+    def opt_tunnel(self, value: str) -> None:
+        """Endpoint for raw tunnels (TCP or TLS), e.g. tcp:8443. Repeatable."""
+        self["tunnel"].append(value)
+
+    def opt_tunnel_websocket(self, value: str) -> None:
+        """Endpoint for tunnels over WebSocket (path /.dit4c/tunnel). Repeatable."""
+        self["tunnel-websocket"].append(value)
+
+    def opt_http(self, value: str) -> None:
+        """Endpoint for public HTTP, e.g. tcp:80. Repeatable."""
+        self["http"].append(value)
+
+    def opt_https(self, value: str) -> None:
+        """Endpoint for public HTTPS, e.g. ssl:443:privateKey=key.pem:certKey=cert.pem. Repeatable."""
+        self["https"].append(value)
+
+    def postOptions(self) -> None:
+        if not (self["tunnel"] or self["tunnel-websocket"]):
+            raise usage.UsageError("give at least one --tunnel or --tunnel-websocket endpoint")
+        if not (self["http"] or self["https"]):
+            raise usage.UsageError("give at least one --http or --https endpoint")
+        if bool(self["jwks-url"]) == bool(self["jwks-file"]):
+            raise usage.UsageError("give exactly one of --jwks-url and --jwks-file")
+        if self["timeout"] <= self["heartbeat"]:
+            raise usage.UsageError("--timeout must be longer than --heartbeat")
+        for key in ("tunnel", "tunnel-websocket", "http", "https"):
+            endpointList(self[key], server=True, option=key)
+        if self["admin"]:
+            endpointList([self["admin"]], server=True, option="admin")
+
+
+def makeService(config: Options, reactor: Any = None) -> IService:
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor
+    settings = Settings(
+        heartbeat=config["heartbeat"], timeout=config["timeout"], maxStreams=config["max-streams"]
+    )
+    limits = FrontLimits(headTimeout=config["head-timeout"], idleTimeout=config["idle-timeout"])
+    server = RoutingServer(
+        reactor,
+        verifierFromOptions(config, reactor),
+        config["domain"],
+        settings=settings,
+        limits=limits,
+        publicURL=config["public-url"],
+        drainTimeout=config["drain-timeout"],
+    )
+    for description in config["tunnel"]:
+        server.addTunnelEndpoint(serverFromString(reactor, description))
+    for description in config["tunnel-websocket"]:
+        server.addTunnelWebSocketEndpoint(serverFromString(reactor, description))
+    for description in config["http"]:
+        server.addPublicEndpoint(serverFromString(reactor, description), "http")
+    for description in config["https"]:
+        server.addPublicEndpoint(serverFromString(reactor, description), "https")
+    if config["admin"]:
+        from dit4c.common.service import ListeningService
+
+        ListeningService(serverFromString(reactor, config["admin"]), adminSite(server), "admin").setServiceParent(server)
+    return server

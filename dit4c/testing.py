@@ -1,0 +1,298 @@
+"""
+Public test doubles, for the tests of every component (and of anyone
+building on DIT4C): a small web tool that streams, sinks and echoes.
+
+The backend never holds a body in memory: uploads are hashed as they arrive
+and downloads are produced as the client reads, so a test that moves
+hundreds of megabytes through a tunnel measures the tunnel, not this.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.interfaces import IListeningPort, IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
+
+from dit4c.common.keys import jwks
+from dit4c.common.tokens import StaticKeySource, TokenSigner, TokenVerifier
+from dit4c.listener.service import ListenerService, backoff
+from dit4c.routing.front import FrontLimits
+from dit4c.routing.server import RoutingServer
+from dit4c.tunnel.session import Settings
+
+#: One block of the download pattern; downloads are this block repeated.
+PATTERN = bytes(range(256)) * 256
+
+
+def patternDigest(n: int) -> str:
+    """The sha256 of the first ``n`` bytes of ``/bytes?n=...``."""
+    h = hashlib.sha256()
+    full, rest = divmod(n, len(PATTERN))
+    for _ in range(full):
+        h.update(PATTERN)
+    h.update(PATTERN[:rest])
+    return h.hexdigest()
+
+
+class HashingRequest(Request):
+    """A request whose body is hashed and counted on arrival, never stored."""
+
+    def gotLength(self, length: int | None) -> None:
+        super().gotLength(0)
+        self.bodyHash = hashlib.sha256()
+        self.bodyLength = 0
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self.bodyHash.update(data)
+        self.bodyLength += len(data)
+
+
+@implementer(IPushProducer)
+class _PatternProducer:
+    def __init__(self, request: Request, n: int) -> None:
+        self.request = request
+        self.remaining = n
+        self.paused = False
+        self.stopped = False
+
+    def start(self) -> None:
+        self.request.registerProducer(self, True)
+        self.request.notifyFinish().addErrback(lambda _: self.stopProducing())
+        self.resumeProducing()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        while not self.paused and not self.stopped and self.remaining > 0:
+            chunk = PATTERN if self.remaining >= len(PATTERN) else PATTERN[: self.remaining]
+            self.remaining -= len(chunk)
+            self.request.write(chunk)
+        if self.remaining == 0 and not self.stopped:
+            self.stopped = True
+            self.request.unregisterProducer()
+            self.request.finish()
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+
+class _Bytes(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> Any:
+        n = int(request.args.get(b"n", [b"0"])[0])
+        request.setHeader(b"content-type", b"application/octet-stream")
+        request.setHeader(b"content-length", str(n).encode())
+        _PatternProducer(request, n).start()
+        return NOT_DONE_YET
+
+
+class _Sink(Resource):
+    isLeaf = True
+
+    def render_POST(self, request: HashingRequest) -> bytes:  # type: ignore[override]
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps({"length": request.bodyLength, "sha256": request.bodyHash.hexdigest()}).encode()
+
+    render_PUT = render_POST
+
+
+class _Headers(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        headers = {k.decode(): [v.decode() for v in vs] for k, vs in request.requestHeaders.getAllRawHeaders()}
+        body = {
+            "method": request.method.decode(),
+            "path": request.uri.decode(),
+            "headers": headers,
+            "client": request.getClientAddress().host,  # type: ignore[attr-defined]
+        }
+        return json.dumps(body).encode()
+
+    render_POST = render_GET
+
+
+class EchoProtocol(WebSocketServerProtocol):
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.sendMessage(payload, isBinary)
+
+
+@dataclass
+class Backend:
+    port: IListeningPort
+    site: Site
+
+    @property
+    def portNumber(self) -> int:
+        return self.port.getHost().port  # type: ignore[attr-defined, no-any-return]
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp:host=127.0.0.1:port={self.portNumber}"
+
+    def stop(self) -> Deferred[Any]:
+        return self.port.stopListening()  # type: ignore[return-value]
+
+
+def backendSite() -> Site:
+    """``/bytes?n=N`` (streamed), ``/sink`` (hash a body), ``/headers``, ``/ws`` (echo)."""
+    root = Resource()
+    root.putChild(b"bytes", _Bytes())
+    root.putChild(b"sink", _Sink())
+    root.putChild(b"headers", _Headers())
+    ws = WebSocketServerFactory()
+    ws.protocol = EchoProtocol
+    ws.setProtocolOptions(maxMessagePayloadSize=16 * 1024 * 1024)
+    root.putChild(b"ws", WebSocketResource(ws))
+    site = Site(root, requestFactory=HashingRequest)
+    site.noisy = False
+    site.log = lambda request: None  # type: ignore[method-assign]
+    return site
+
+
+def startBackend(reactor: Any, interface: str = "127.0.0.1") -> Backend:
+    site = backendSite()
+    port = reactor.listenTCP(0, site, interface=interface, backlog=4096)
+    return Backend(port, site)
+
+
+
+
+# -- tokens, a routing server and listeners in one process ------------------------
+
+@dataclass
+class Signing:
+    """A portal-like signing key, its JWKS on disk, and a way to mint tokens."""
+
+    key: Any
+    keyPath: Path
+    jwksPath: Path
+    signer: TokenSigner
+    audience: str = "dit4c-routing"
+
+    def token(self, instance: str, lifetime: float = 3600, **claims: Any) -> str:
+        return self.signer.sign(dict(claims, sub=instance), audience=self.audience, lifetime=lifetime)
+
+    def verifier(self) -> TokenVerifier:
+        return TokenVerifier(StaticKeySource(jwks(self.key)), audience=self.audience)
+
+
+
+@dataclass
+class Routing:
+    server: RoutingServer
+    tunnelPort: int
+    httpPort: int
+    listeners: list[ListenerService] = field(default_factory=list)
+
+    def tunnelEndpoint(self) -> str:
+        return f"tcp:host=127.0.0.1:port={self.tunnelPort}"
+
+    def url(self, instance: str, path: str = "/") -> str:
+        return f"http://127.0.0.1:{self.httpPort}{path}"
+
+    async def listen(
+        self,
+        token: str | Any,
+        target: str,
+        *,
+        routing: str | None = None,
+        settings: Settings | None = None,
+        wait: bool = True,
+    ) -> ListenerService:
+        """Start a listener in this process and wait until it is registered."""
+        from twisted.internet import reactor
+
+        tokenSource = token if callable(token) else (lambda: token)
+        listener = ListenerService(
+            reactor,
+            clientFromString(reactor, routing or self.tunnelEndpoint()),
+            clientFromString(reactor, target),
+            tokenSource,
+            settings=settings,
+            retryPolicy=backoff(initial=0.05, maximum=0.5),
+        )
+        listener.startService()
+        self.listeners.append(listener)
+        if wait:
+            await listener.whenRegistered()
+        return listener
+
+
+async def startRouting(
+    signing: Signing,
+    *,
+    settings: Settings | None = None,
+    limits: FrontLimits | None = None,
+    websocket: bool = False,
+) -> Routing:
+    from twisted.internet import reactor
+
+    server = RoutingServer(
+        reactor, signing.verifier(), "localhost", settings=settings, limits=limits, drainTimeout=2.0
+    )
+    tunnel = server.addTunnelEndpoint(serverFromString(reactor, "tcp:0:interface=127.0.0.1"))
+    if websocket:
+        server.addTunnelWebSocketEndpoint(serverFromString(reactor, "tcp:0:interface=127.0.0.1"))
+    public = server.addPublicEndpoint(
+        serverFromString(reactor, "tcp:0:interface=127.0.0.1:backlog=4096"), "http"
+    )
+    server.startService()
+    return Routing(server, tunnel.port.getHost().port, public.port.getHost().port)  # type: ignore[union-attr]
+
+
+async def stopRouting(routing: Routing) -> None:
+    for listener in routing.listeners:
+        await defer.maybeDeferred(listener.stopService)
+    await routing.server.stopService()
+
+
+def deferLater(seconds: float) -> defer.Deferred[None]:
+    """Wait on the global reactor (for tests on real sockets)."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater as _deferLater
+
+    return _deferLater(reactor, seconds, lambda: None)
+
+
+
+class RawClient(Protocol):
+    """Sends bytes as given and collects everything until the server closes."""
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.done: Deferred[bytes] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.done.callback(bytes(self.received))
+
+
+async def rawRequest(port: int, data: bytes, host: str = "127.0.0.1") -> bytes:
+    """Send ``data`` to ``host:port`` and return all that comes back until close."""
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    client = RawClient()
+    await connectProtocol(TCP4ClientEndpoint(reactor, host, port), client)
+    client.transport.write(data)
+    return await client.done
