@@ -77,11 +77,11 @@ def signing(tmp_path: Path) -> Signing:
 # -- a backend web server -------------------------------------------------------------
 
 
-@pytest.fixture
-def backend() -> Iterator[Any]:
+@pytest_twisted.async_yield_fixture
+async def backend() -> Any:
     started = startBackend(reactor)
     yield started
-    pytest_twisted.blockon(started.stop())
+    await started.stop()
 
 
 @pytest_twisted.async_yield_fixture

@@ -142,6 +142,15 @@ class ListenerService(MultiService):
         self._waiting.append(d)
         return d
 
+    def stopService(self) -> Deferred[Any]:
+        # Say goodbye on the tunnel before ClientService drops it, so the
+        # routing server hears why (and a TLS link is not left waiting on
+        # its producer).
+        tunnel = self.tunnel
+        if tunnel is not None and tunnel.session is not None:
+            tunnel.session.close(ErrorCode.SHUTDOWN, "listener stopping")
+        return super().stopService()  # type: ignore[no-any-return]
+
     def goneAway(self, code: int, reason: str) -> None:
         self.log.info("routing server going away: {code} {reason}", code=codeName(code), reason=reason)
         if code == ErrorCode.REPLACED:

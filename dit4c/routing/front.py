@@ -181,8 +181,7 @@ class PublicHTTPProtocol(Protocol):
         idle = self.clock.seconds() - self.lastActivity
         if idle >= self.limits.idleTimeout:
             self.metrics.error("idle_timeout")
-            self._closing = True
-            self.transport.loseConnection()
+            self._close()
         else:
             self._idleTimer = self.clock.callLater(self.limits.idleTimeout - idle, self._checkIdle)
 
@@ -239,7 +238,20 @@ class PublicHTTPProtocol(Protocol):
         self._upstream = None
         if stream is not None:
             stream.abortConnection()
-        self.transport.loseConnection()
+        self._close()
+
+    def _close(self, abort: bool = False) -> None:
+        """
+        Close the client connection. The stream was its producer: unregister
+        it first, or a paused producer would be resumed instead of the close.
+        """
+        self._closing = True
+        self._cancelTimers()
+        self.transport.unregisterProducer()
+        if abort:
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
 
     # -- httptools callbacks ------------------------------------------------------------
 
@@ -391,9 +403,7 @@ class PublicHTTPProtocol(Protocol):
         if stream is not None and (self._raw or not self._inHead):
             stream.loseWriteConnection()
         else:
-            self._closing = True
-            self._cancelTimers()
-            self.transport.loseConnection()
+            self._close()
 
     def writeConnectionLost(self) -> None:
         pass
@@ -411,17 +421,10 @@ class PublicHTTPProtocol(Protocol):
                 if error.code == ErrorCode.CONNECT_FAILED
                 else "The instance's tunnel went away."
             )
-            self._closing = True
-            self._cancelTimers()
             self.transport.write(errorPage(502, "Bad Gateway", message))
-            self.transport.loseConnection()
+            self._close()
             return
-        self._closing = True
-        self._cancelTimers()
-        if isinstance(error, StreamReset):
-            self.transport.abortConnection()
-        else:
-            self.transport.loseConnection()
+        self._close(abort=isinstance(error, StreamReset))
 
 
 class PublicHTTPFactory(Factory):

@@ -70,6 +70,13 @@ class Options(usage.Options):
             raise usage.UsageError("give at least one --http or --https endpoint")
         if bool(self["jwks-url"]) == bool(self["jwks-file"]):
             raise usage.UsageError("give exactly one of --jwks-url and --jwks-file")
+        if self["jwks-file"]:
+            from dit4c.common.tokens import StaticKeySource
+
+            try:
+                StaticKeySource.fromFile(self["jwks-file"])
+            except (OSError, ValueError) as e:
+                raise usage.UsageError(f"--jwks-file: {e}") from None
         if self["timeout"] <= self["heartbeat"]:
             raise usage.UsageError("--timeout must be longer than --heartbeat")
         for key in ("tunnel", "tunnel-websocket", "http", "https"):

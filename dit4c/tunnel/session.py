@@ -200,7 +200,17 @@ class Session:
         self.goingAway = True
         self._transport.write(encodeCode(FrameType.GOAWAY, 0, code, reason))
         if not self._streams:
-            self._transport.loseConnection()
+            self.loseLink()
+
+    def loseLink(self) -> None:
+        """
+        Close the link once what is written has gone. We are its producer and
+        must say so first: a TLS transport waits for its producer to go before
+        it closes, and a paused producer left registered on TCP would be
+        resumed instead of the close.
+        """
+        self._transport.unregisterProducer()
+        self._transport.loseConnection()
 
     def close(self, code: int, reason: str, abort: bool = False) -> None:
         """
@@ -215,7 +225,7 @@ class Session:
         if abort:
             self._transport.abortConnection()
         else:
-            self._transport.loseConnection()
+            self.loseLink()
             self._abortTimer = self.clock.callLater(5.0, self._transport.abortConnection)
 
     def connectionLost(self, code: int, reason: str) -> None:
@@ -302,7 +312,7 @@ class Session:
             if self.onGoAway is not None:
                 self.onGoAway(code, reason)
             if not self._streams:
-                self._transport.loseConnection()
+                self.loseLink()
         else:
             raise ProtocolError(f"{FrameType(ftype).name} frame after the handshake")
 
@@ -435,7 +445,7 @@ class Session:
                 pass
             stream.scheduled = False
         if (self.goingAway or self.peerGoingAway) and not self._streams and not self.closed:
-            self._transport.loseConnection()
+            self.loseLink()
 
     # -- IPushProducer: the link's buffer ----------------------------------------
 

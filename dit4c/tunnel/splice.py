@@ -62,6 +62,9 @@ class SpliceProtocol(Protocol):
         if partner is not None:
             partner.partner = None
             if partner.transport is not None:
+                # We were its producer: a paused producer left registered
+                # would be resumed instead of the connection closing.
+                partner.transport.unregisterProducer()
                 partner.transport.loseConnection()
 
     def join(self, partner: SpliceProtocol) -> None:

@@ -315,6 +315,15 @@ class Stream:
             self.protocol = None
             if protocol is not None:
                 protocol.connectionLost(Failure(ConnectionDone("stream closed")))
+            if self._recvBuf and self.state is not State.CLOSED:
+                # Nobody will read what was held for a paused reader now; a
+                # FIN waiting behind it (or still to come) ends the stream.
+                self.session._buffered(self, -self.recvBuffered)
+                self._recvBuf.clear()
+                self.recvBuffered = 0
+                if self._finAfterBuffer:
+                    self._finAfterBuffer = False
+                    self._remoteFin()
         elif self._halfCloseable and protocol is not None:
             protocol.writeConnectionLost()  # type: ignore[attr-defined]
 
