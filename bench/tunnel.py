@@ -1,0 +1,1477 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark of ways to reach one loopback web server.
+
+Paths (client -> ... -> backend, everything on 127.0.0.1):
+
+  direct     client -> backend
+  ssh        client -> sshd (ssh -R reverse forward) -> ssh client -> backend
+  chp        client -> configurable-http-proxy (node) -> backend
+  dit4c-tcp  client -> dit4c routing server -> tunnel over TCP -> listener -> backend
+  dit4c-tls  the same with the tunnel over TLS
+
+Measurements (see bench/README.md for what each figure means):
+
+  bulk     one and eight parallel curl downloads of a big file, one upload
+  rps      wrk -t1 -c32 on a ~100-byte file
+  latency  bench/loadgen.py, open loop at fixed rates, latency from schedule
+  idle     RSS per idle WebSocket connection held through the path
+
+The harness never passes or fails: it prints markdown tables (and optionally
+JSON). A path whose tools are missing, or whose processes do not come up, is
+skipped with the reason.
+
+    python bench/tunnel.py --quick
+    python bench/tunnel.py --paths direct,ssh --only bulk,rps --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import http.client
+import json
+import os
+import platform
+import re
+import resource
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+HOST = "bench1.localhost"
+ALL_PATHS = ["direct", "ssh", "chp", "dit4c-tcp", "dit4c-tls"]
+ALL_TESTS = ["bulk", "rps", "latency", "idle"]
+MB = 1e6
+MIB = 1024 * 1024
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class Skip(Exception):
+    """This path cannot run here; the message says why."""
+
+
+# --------------------------------------------------------------------------
+# processes
+
+
+def _raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _child_setup() -> None:
+    # own process group, so that a group kill reaches everything it forks and a
+    # Ctrl-C at the terminal reaches only the harness (which then cleans up)
+    os.setpgid(0, 0)
+    _raise_nofile()
+
+
+_LIVE: dict[int, subprocess.Popen[Any]] = {}
+
+
+def spawn(argv: list[str], **kw: Any) -> subprocess.Popen[Any]:
+    kw.setdefault("stdin", subprocess.DEVNULL)
+    p = subprocess.Popen(argv, preexec_fn=_child_setup, close_fds=True, **kw)
+    _LIVE[p.pid] = p
+    return p
+
+
+def kill(p: subprocess.Popen[Any], grace: float = 3.0) -> None:
+    """End ``p``, its process group and every descendant (some, like sshd's
+    per-connection children, leave the group with setsid)."""
+    try:
+        descendants = psutil.Process(p.pid).children(recursive=True)
+    except psutil.Error:
+        descendants = []
+    if p.poll() is None:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            p.wait(grace)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait(5)
+    else:
+        try:  # the leader is gone; its group may not be
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for d in descendants:
+        try:
+            d.kill()
+        except psutil.Error:
+            pass
+    _LIVE.pop(p.pid, None)
+
+
+def kill_all() -> None:
+    for p in list(_LIVE.values())[::-1]:
+        try:
+            kill(p, grace=2.0)
+        except Exception as e:  # noqa: BLE001 - clean up as much as possible
+            log(f"cleanup of pid {p.pid} failed: {e}")
+
+
+def run_tool(argv: list[str], timeout: float) -> tuple[int, str, str]:
+    """Run a short-lived tool in its own process group; (rc, stdout, stderr)."""
+    p = spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill(p)
+        out, err = p.communicate()
+        return -999, out or "", (err or "") + f"\n(killed after {timeout:.0f} s)"
+    finally:
+        if p.poll() is not None:
+            _LIVE.pop(p.pid, None)
+    return p.returncode, out, err
+
+
+class Service:
+    """A long-running process of a path, its output in a log file."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        logdir: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        stdout: Any = None,
+        stdin: Any = subprocess.DEVNULL,
+    ) -> None:
+        self.name = name
+        self.argv = argv
+        self.logpath = logdir / f"{name}.log"
+        self._logf = open(self.logpath, "ab")
+        log(f"  start {name}: {shlex.join(argv)}")
+        try:
+            self.popen = spawn(
+                argv,
+                stdin=stdin,
+                stdout=stdout if stdout is not None else self._logf,
+                stderr=self._logf,
+                env=env,
+                cwd=cwd,
+            )
+        except OSError as e:
+            self._logf.close()
+            raise Skip(f"{name}: cannot run {argv[0]}: {e}") from e
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def tail(self, lines: int = 12) -> str:
+        try:
+            text = self.logpath.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+    def dead_reason(self) -> str:
+        return f"{self.name} exited with status {self.popen.returncode}:\n{self.tail()}".rstrip()
+
+    def procs(self, include_self: bool = True) -> list[psutil.Process]:
+        try:
+            me = psutil.Process(self.pid)
+            kids = me.children(recursive=True)
+        except psutil.Error:
+            return []
+        return ([me] if include_self else []) + kids
+
+    def stop(self) -> None:
+        kill(self.popen)
+        self._logf.close()
+
+
+def rss(procs: list[psutil.Process]) -> int | None:
+    """Sum of VmRSS in bytes, or None if none of them can be read."""
+    total, seen = 0, False
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+            seen = True
+        except psutil.Error:
+            pass
+    return total if seen else None
+
+
+def nfds(procs: list[psutil.Process]) -> int | None:
+    total, seen = 0, False
+    for p in procs:
+        try:
+            total += p.num_fds()
+            seen = True
+        except psutil.Error:
+            pass
+    return total if seen else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_status(port: int, path: str, host: str = HOST, timeout: float = 2.0) -> int | None:
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        c.request("GET", path, headers={"Host": host})
+        r = c.getresponse()
+        r.read()
+        c.close()
+        return r.status
+    except (OSError, http.client.HTTPException):
+        return None
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for(cond: Callable[[], bool], what: str, timeout: float, services: list[Service]) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        for s in services:
+            if not s.alive():
+                raise Skip(f"{what}: {s.dead_reason()}")
+        if cond():
+            return
+        if time.monotonic() > deadline:
+            tails = "\n".join(f"--- {s.name} log:\n{s.tail()}" for s in services)
+            raise Skip(f"{what}: not ready after {timeout:.0f} s\n{tails}".rstrip())
+        time.sleep(0.1)
+
+
+def find_exe(name: str) -> str | None:
+    """Prefer the script beside this interpreter (skips pyenv shims)."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which(name)
+
+
+# --------------------------------------------------------------------------
+# settings and shared environment
+
+
+@dataclass
+class Settings:
+    quick: bool
+    big_size: int
+    bulk_cap: float  # curl --max-time per transfer
+    parallel: int
+    rps_seconds: int
+    rps_connections: int
+    lat_rates: list[int]
+    lat_seconds: float
+    lat_warmup: float
+    lat_connections: int
+    idle_n: int
+    idle_concurrency: int
+
+    @classmethod
+    def make(cls, args: argparse.Namespace) -> Settings:
+        q = args.quick
+        s = cls(
+            quick=q,
+            big_size=(64 if q else 1024) * MIB,
+            bulk_cap=10.0 if q else 15.0,
+            parallel=8,
+            rps_seconds=3 if q else 10,
+            rps_connections=32,
+            lat_rates=[500, 1000],
+            lat_seconds=3.0 if q else 10.0,
+            lat_warmup=0.5 if q else 1.0,
+            lat_connections=32,
+            idle_n=1000 if q else 10000,
+            idle_concurrency=100,
+        )
+        if args.big_mib:
+            s.big_size = args.big_mib * MIB
+        if args.idle_n:
+            s.idle_n = args.idle_n
+        if args.rates:
+            s.lat_rates = [int(r) for r in args.rates.split(",")]
+        return s
+
+
+@dataclass
+class Env:
+    settings: Settings
+    tmp: Path
+    tools: dict[str, str | None]
+    nginx_port: int = 0
+    ws_port: int = 0
+    big: Path = field(default_factory=Path)
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def logs(self) -> Path:
+        return self.tmp / "logs"
+
+
+def make_files(env: Env) -> None:
+    www = env.tmp / "www"
+    www.mkdir()
+    small = (
+        b"dit4c bench: a small response body of about one hundred bytes, for requests/s tests.\n"
+    )
+    small = small.ljust(99, b".") + b"\n"
+    (www / "small").write_bytes(small)
+    env.big = www / "big"
+    size = env.settings.big_size
+    chunk = os.urandom(min(size, 16 * MIB))  # incompressible; repeats every 16 MiB
+    with open(env.big, "wb") as f:
+        left = size
+        while left > 0:
+            f.write(chunk[: min(left, len(chunk))])
+            left -= len(chunk)
+
+
+NGINX_CONF = """\
+daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+worker_rlimit_nofile 8192;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nopush on;
+    tcp_nodelay on;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        server_name _;
+        root {www};
+        # Upload sink: nginx reads the whole body (buffered to a temp file in
+        # the bench dir) before it proxies a body-less GET /small to itself,
+        # so the response means the last byte arrived.
+        location = /upload {{
+            client_max_body_size 0;
+            client_body_buffer_size 1m;
+            proxy_pass http://127.0.0.1:{port}/small;
+            proxy_method GET;
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length "";
+            proxy_set_header Host $host;
+        }}
+    }}
+}}
+"""
+
+
+def start_backends(env: Env) -> list[Service]:
+    d = env.tmp / "nginx"
+    d.mkdir()
+    env.nginx_port = free_port()
+    conf = d / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(d=d, port=env.nginx_port, www=env.tmp / "www"))
+    nginx = env.tools["nginx"]
+    if not nginx:
+        raise SystemExit("nginx not found (Debian: apt-get install nginx)")
+    svc = [
+        Service(
+            "nginx", [nginx, "-p", str(d), "-c", str(conf), "-e", str(d / "error.log")], env.logs
+        )
+    ]
+    wait_for(lambda: http_status(env.nginx_port, "/small") == 200, "nginx", 10, svc)
+    # the first upload after start is several times slower (temp-file pages
+    # being allocated for the first time): take that hit before any path
+    if env.tools["curl"]:
+        run_tool(curl_argv(env, f"http://127.0.0.1:{env.nginx_port}/upload", upload=env.big), 120)
+        run_tool(curl_argv(env, f"http://127.0.0.1:{env.nginx_port}/big"), 120)
+
+    ws = Service(
+        "wsecho",
+        [sys.executable, str(BENCH / "wsecho.py")],
+        env.logs,
+        stdout=subprocess.PIPE,
+    )
+    svc.append(ws)
+    assert ws.popen.stdout is not None
+    line = ws.popen.stdout.readline().decode().strip()
+    if not line.startswith("PORT "):
+        raise SystemExit(f"WebSocket echo backend did not start: {line!r}\n{ws.tail()}")
+    env.ws_port = int(line.split()[1])
+    wait_for(lambda: http_status(env.ws_port, "/") == 200, "wsecho", 10, [ws])
+    return svc
+
+
+# --------------------------------------------------------------------------
+# paths
+
+
+class BasePath:
+    name = "?"
+    fds_per_conn = 1  # file descriptors per proxied connection in its busiest process
+    server_label = ""  # whose RSS is "server side" in the idle test
+    client_label = ""
+
+    def __init__(self, env: Env) -> None:
+        self.env = env
+        self.services: list[Service] = []
+        self.port = 0
+
+    def check(self) -> None:
+        """Raise Skip if this path's tools are missing."""
+
+    def start(self, target: int) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        for s in reversed(self.services):
+            s.stop()
+        self.services = []
+
+    def server_procs(self) -> list[psutil.Process]:
+        return []
+
+    def client_procs(self) -> list[psutil.Process]:
+        return []
+
+    def describe(self) -> str:
+        return "\n".join(f"{s.name}: {shlex.join(s.argv)}" for s in self.services)
+
+
+class DirectPath(BasePath):
+    name = "direct"
+
+    def start(self, target: int) -> None:
+        self.port = target
+
+
+class SshPath(BasePath):
+    name = "ssh"
+    server_label = "sshd children"
+    client_label = "ssh client"
+
+    def check(self) -> None:
+        for t in ("sshd", "ssh", "ssh-keygen"):
+            if not self.env.tools[t]:
+                raise Skip(f"{t} not found (Debian: apt-get install openssh-server openssh-client)")
+
+    def _keys(self) -> Path:
+        d = self.env.tmp / "ssh"
+        if not d.exists():
+            d.mkdir(mode=0o700)
+            kg = self.env.tools["ssh-keygen"]
+            assert kg
+            for name in ("host_ed25519", "client_ed25519"):
+                rc, _, err = run_tool(
+                    [kg, "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], 30
+                )
+                if rc != 0:
+                    raise Skip(f"ssh-keygen failed: {err.strip()}")
+            (d / "authorized_keys").write_text((d / "client_ed25519.pub").read_text())
+            # sshd insists on its privilege-separation directory
+            os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+        return d
+
+    def start(self, target: int) -> None:
+        d = self._keys()
+        sshd_port, self.port = free_port(), free_port()
+        conf = d / "sshd_config"
+        conf.write_text(
+            "\n".join(
+                [
+                    f"Port {sshd_port}",
+                    "ListenAddress 127.0.0.1",
+                    f"HostKey {d / 'host_ed25519'}",
+                    f"PidFile {d / 'sshd.pid'}",
+                    f"AuthorizedKeysFile {d / 'authorized_keys'}",
+                    "PermitRootLogin yes",
+                    "StrictModes no",
+                    "UsePAM no",
+                    "PubkeyAuthentication yes",
+                    "PasswordAuthentication no",
+                    "KbdInteractiveAuthentication no",
+                    "AllowTcpForwarding yes",
+                    "GatewayPorts no",
+                    "X11Forwarding no",
+                    "PrintMotd no",
+                    "UseDNS no",
+                    "LogLevel ERROR",
+                    "",
+                ]
+            )
+        )
+        sshd = Service(
+            "sshd", [str(self.env.tools["sshd"]), "-D", "-e", "-f", str(conf)], self.env.logs
+        )
+        self.services.append(sshd)
+        wait_for(lambda: port_open(sshd_port), "sshd", 10, [sshd])
+        ssh = Service(
+            "ssh",
+            [
+                str(self.env.tools["ssh"]),
+                "-N",
+                "-F", "/dev/null",
+                "-i", str(d / "client_ed25519"),
+                "-o", "IdentitiesOnly=yes",
+                "-o", "StrictHostKeyChecking=no",
+                "-o", "UserKnownHostsFile=/dev/null",
+                "-o", "BatchMode=yes",
+                "-o", "ExitOnForwardFailure=yes",
+                "-o", "LogLevel=ERROR",
+                "-R", f"127.0.0.1:{self.port}:127.0.0.1:{target}",
+                "-p", str(sshd_port),
+                "root@127.0.0.1",
+            ],
+            self.env.logs,
+        )  # fmt: skip
+        self.services.append(ssh)
+
+    def server_procs(self) -> list[psutil.Process]:
+        return self.services[0].procs(include_self=False) if self.services else []
+
+    def client_procs(self) -> list[psutil.Process]:
+        return self.services[1].procs() if len(self.services) > 1 else []
+
+
+class ChpPath(BasePath):
+    name = "chp"
+    fds_per_conn = 2
+    server_label = "configurable-http-proxy"
+
+    def check(self) -> None:
+        if not self.env.tools["configurable-http-proxy"]:
+            raise Skip(
+                "configurable-http-proxy not found on PATH; install it with "
+                "`npm install -g configurable-http-proxy` (needs node and npm)"
+            )
+
+    def start(self, target: int) -> None:
+        self.port, api = free_port(), free_port()
+        env = dict(os.environ, CONFIGPROXY_AUTH_TOKEN=secrets.token_hex(16))
+        chp = Service(
+            "chp",
+            [
+                str(self.env.tools["configurable-http-proxy"]),
+                "--ip", "127.0.0.1",
+                "--port", str(self.port),
+                "--api-ip", "127.0.0.1",
+                "--api-port", str(api),
+                "--default-target", f"http://127.0.0.1:{target}",
+                "--log-level", "warn",
+            ],
+            self.env.logs,
+            env=env,
+        )  # fmt: skip
+        self.services.append(chp)
+
+    def server_procs(self) -> list[psutil.Process]:
+        return self.services[0].procs() if self.services else []
+
+
+class Dit4cPath(BasePath):
+    server_label = "routing server"
+    client_label = "listener"
+
+    def __init__(self, env: Env, tls: bool) -> None:
+        super().__init__(env)
+        self.tls = tls
+        self.name = "dit4c-tls" if tls else "dit4c-tcp"
+
+    def check(self) -> None:
+        if not self.env.tools["dit4c"]:
+            raise Skip("the `dit4c` command is not installed (pip install -e . in the repo)")
+        if not self.env.tools["twistd"]:
+            raise Skip("twistd not found (pip install twisted)")
+
+    def _env(self) -> dict[str, str]:
+        # run the working tree's code and twisted plugins
+        pp = os.environ.get("PYTHONPATH")
+        return dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{pp}" if pp else str(REPO))
+
+    def _credentials(self) -> dict[str, Path]:
+        """Key, JWKS and token, made once per run with the `dit4c` command."""
+        cached = self.env.cache.get("dit4c-creds")
+        if isinstance(cached, Skip):
+            raise Skip(str(cached))
+        if cached:
+            return cached
+        d = self.env.tmp / "dit4c"
+        d.mkdir(exist_ok=True)
+        key, jwks, token = d / "signing.key", d / "jwks.json", d / "token.jwt"
+        exe = str(self.env.tools["dit4c"])
+        steps: list[tuple[list[str], Path | None]] = [
+            ([exe, "keygen", str(key)], None),
+            ([exe, "jwks", str(key)], jwks),
+            (
+                [exe, "token", "--key", str(key), "--audience", "dit4c-routing",
+                 "--subject", "bench1", "--lifetime", "3600"],
+                token,
+            ),
+        ]  # fmt: skip
+        for argv, out in steps:
+            rc, stdout, stderr = run_tool(argv, 60)
+            if rc != 0 or (out is not None and not stdout.strip()):
+                tail = "\n".join((stderr or stdout).strip().splitlines()[-6:])
+                err = Skip(f"`{shlex.join(argv)}` failed (exit {rc}):\n{tail}".rstrip())
+                self.env.cache["dit4c-creds"] = err
+                raise err
+            if out is not None:
+                out.write_text(stdout)
+        creds = {"key": key, "jwks": jwks, "token": token}
+        self.env.cache["dit4c-creds"] = creds
+        return creds
+
+    def _tls_files(self) -> dict[str, Path]:
+        cached = self.env.cache.get("tls")
+        if cached:
+            return cached
+        d = self.env.tmp / "tls"
+        (d / "roots").mkdir(parents=True)
+        key_pem, cert_pem = make_self_signed("localhost")
+        (d / "key.pem").write_bytes(key_pem)
+        (d / "cert.pem").write_bytes(cert_pem)
+        (d / "roots" / "cert.pem").write_bytes(cert_pem)
+        files = {"key": d / "key.pem", "cert": d / "cert.pem", "roots": d / "roots"}
+        self.env.cache["tls"] = files
+        return files
+
+    def start(self, target: int) -> None:
+        creds = self._credentials()
+        tport, self.port, aport = free_port(), free_port(), free_port()
+        if self.tls:
+            t = self._tls_files()
+            tunnel = f"ssl:{tport}:interface=127.0.0.1:privateKey={t['key']}:certKey={t['cert']}"
+            routing = f"tls:localhost:{tport}:trustRoots={t['roots']}"
+        else:
+            tunnel = f"tcp:{tport}:interface=127.0.0.1"
+            routing = f"tcp:host=127.0.0.1:port={tport}"
+        twistd = str(self.env.tools["twistd"])
+        server = Service(
+            "routing",
+            [
+                twistd, "-n", "--pidfile=", "dit4c-routing",
+                "--tunnel", tunnel,
+                "--http", f"tcp:{self.port}:interface=127.0.0.1",
+                "--domain", "localhost",
+                "--jwks-file", str(creds["jwks"]),
+                "--admin", f"tcp:{aport}:interface=127.0.0.1",
+            ],
+            self.env.logs,
+            env=self._env(),
+            cwd=REPO,
+        )  # fmt: skip
+        self.services.append(server)
+        wait_for(
+            lambda: http_status(aport, "/health", host=f"127.0.0.1:{aport}") == 200,
+            "routing server /health",
+            30,
+            [server],
+        )
+        listener = Service(
+            "listener",
+            [
+                twistd, "-n", "--pidfile=", "dit4c-helper-listener",
+                "--routing", routing,
+                "--token-file", str(creds["token"]),
+                "--target", f"tcp:host=127.0.0.1:port={target}",
+            ],
+            self.env.logs,
+            env=self._env(),
+            cwd=REPO,
+        )  # fmt: skip
+        self.services.append(listener)
+
+    def server_procs(self) -> list[psutil.Process]:
+        return self.services[0].procs() if self.services else []
+
+    def client_procs(self) -> list[psutil.Process]:
+        return self.services[1].procs() if len(self.services) > 1 else []
+
+
+def make_self_signed(hostname: str) -> tuple[bytes, bytes]:
+    """(key PEM, cert PEM): a self-signed CA certificate for ``hostname`` that
+    also serves as the server certificate."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName(hostname), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )  # fmt: skip
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
+
+
+def make_path(name: str, env: Env) -> BasePath:
+    if name == "direct":
+        return DirectPath(env)
+    if name == "ssh":
+        return SshPath(env)
+    if name == "chp":
+        return ChpPath(env)
+    if name == "dit4c-tcp":
+        return Dit4cPath(env, tls=False)
+    if name == "dit4c-tls":
+        return Dit4cPath(env, tls=True)
+    raise ValueError(name)
+
+
+def bring_up(path: BasePath, target: int, probe: str) -> None:
+    path.start(target)
+    wait_for(
+        lambda: http_status(path.port, probe) == 200,
+        f"{path.name}: GET {probe} with Host: {HOST}",
+        30,
+        path.services,
+    )
+
+
+# --------------------------------------------------------------------------
+# measurements
+
+CURL_FMT = "%{http_code} %{size_download} %{size_upload} %{time_total}\\n"
+
+
+def curl_argv(env: Env, url: str, upload: Path | None = None) -> list[str]:
+    argv = [
+        str(env.tools["curl"]), "-s", "-o", "/dev/null", "-H", f"Host: {HOST}",
+        "--max-time", f"{env.settings.bulk_cap:g}", "-w", CURL_FMT,
+    ]  # fmt: skip
+    if upload is not None:
+        argv += ["-H", "Expect:", "-H", "Content-Type: application/octet-stream", "-X", "POST"]
+        argv += ["-T", str(upload)]
+    return argv + [url]
+
+
+def _parse_curl(out: str, rc: int) -> dict[str, Any]:
+    parts = out.split()
+    if len(parts) < 4:
+        return {"error": f"curl exit {rc}, output {out!r}"}
+    code, down, up, secs = int(parts[0]), float(parts[1]), float(parts[2]), float(parts[3])
+    return {"http": code, "down": down, "up": up, "seconds": secs, "rc": rc}
+
+
+def measure_bulk(env: Env, path: BasePath) -> dict[str, Any]:
+    s = env.settings
+    res: dict[str, Any] = {}
+    url = f"http://127.0.0.1:{path.port}/big"
+    timeout = s.bulk_cap + 30
+
+    argv = curl_argv(env, url)
+    res["commands"] = {"download": shlex.join(argv)}
+    rc, out, err = run_tool(argv, timeout)
+    one = _parse_curl(out, rc)
+    if "error" not in one:
+        one = {
+            "MBps": one["down"] / one["seconds"] / MB if one["seconds"] else None,
+            "bytes": one["down"],
+            "seconds": one["seconds"],
+            "complete": rc == 0 and one["http"] == 200 and one["down"] == s.big_size,
+            "http": one["http"],
+        }
+    else:
+        one["error"] += " " + err.strip()[-200:]
+    res["download_1"] = one
+    log(f"  {path.name} download 1 stream: {fmt_mb(one)}")
+
+    procs = [spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(s.parallel)]  # fmt: skip
+    t0 = time.monotonic()
+    outs = []
+    for p in procs:
+        try:
+            o, _e = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill(p)
+            o = ""
+        outs.append(_parse_curl(o, p.returncode))
+        _LIVE.pop(p.pid, None)
+    wall = time.monotonic() - t0
+    good = [o for o in outs if "error" not in o]
+    if good:
+        total = sum(o["down"] for o in good)
+        span = max(o["seconds"] for o in good)
+        par = {
+            "MBps": total / span / MB if span else None,
+            "bytes": total,
+            "seconds": span,
+            "wall_seconds": wall,
+            "streams": s.parallel,
+            "complete": all(o["rc"] == 0 and o["down"] == s.big_size for o in outs),
+            "per_stream_MBps": [
+                o["down"] / o["seconds"] / MB if o["seconds"] else None for o in good
+            ],
+        }
+    else:
+        par = {"error": outs[0].get("error", "all curls failed")}
+    res[f"download_{s.parallel}"] = par
+    log(f"  {path.name} download {s.parallel} streams: {fmt_mb(par)}")
+
+    argv = curl_argv(env, f"http://127.0.0.1:{path.port}/upload", upload=env.big)
+    res["commands"]["upload"] = shlex.join(argv)
+    rc, out, err = run_tool(argv, timeout)
+    up = _parse_curl(out, rc)
+    if "error" not in up:
+        up = {
+            "MBps": up["up"] / up["seconds"] / MB if up["seconds"] else None,
+            "bytes": up["up"],
+            "seconds": up["seconds"],
+            "complete": rc == 0 and up["http"] == 200 and up["up"] == s.big_size,
+            "http": up["http"],
+        }
+    else:
+        up["error"] += " " + err.strip()[-200:]
+    res["upload_1"] = up
+    log(f"  {path.name} upload 1 stream: {fmt_mb(up)}")
+    return res
+
+
+_WRK_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+
+
+def _wrk_ms(text: str) -> float | None:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text.strip())
+    return float(m.group(1)) * _WRK_UNITS[m.group(2)] if m else None
+
+
+def measure_rps(env: Env, path: BasePath) -> dict[str, Any]:
+    s = env.settings
+    argv = [
+        str(env.tools["wrk"]), "-t1", f"-c{s.rps_connections}", f"-d{s.rps_seconds}s",
+        "--latency", "-H", f"Host: {HOST}", f"http://127.0.0.1:{path.port}/small",
+    ]  # fmt: skip
+    rc, out, err = run_tool(argv, s.rps_seconds + 60)
+    res: dict[str, Any] = {"command": shlex.join(argv)}
+    m = re.search(r"Requests/sec:\s*([\d.]+)", out)
+    if rc != 0 or not m:
+        res["error"] = f"wrk exit {rc}: {(err or out).strip()[-300:]}"
+        return res
+    res["rps"] = float(m.group(1))
+    for q in ("50", "75", "90", "99"):
+        mm = re.search(rf"^\s*{q}%\s+(\S+)", out, re.M)
+        res[f"p{q}_ms"] = _wrk_ms(mm.group(1)) if mm else None
+    mm = re.search(r"(\d+) requests in ([\d.]+)(\w+)", out)
+    res["requests"] = int(mm.group(1)) if mm else None
+    errors = 0
+    mm = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", out)
+    if mm:
+        errors += int(mm.group(1))
+    mm = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if mm:
+        errors += sum(int(x) for x in mm.groups())
+    res["errors"] = errors
+    res["raw"] = out
+    log(
+        f"  {path.name} rps: {res['rps']:.0f} req/s, p50 {res['p50_ms']} ms, p99 {res['p99_ms']} ms"
+    )
+    return res
+
+
+def measure_latency(env: Env, path: BasePath) -> dict[str, Any]:
+    s = env.settings
+    res: dict[str, Any] = {}
+    for rate in s.lat_rates:
+        argv = [
+            sys.executable, str(BENCH / "loadgen.py"), "--port", str(path.port),
+            "--host-header", HOST, "--path", "/small", "--rate", str(rate),
+            "--duration", f"{s.lat_seconds:g}", "--warmup", f"{s.lat_warmup:g}",
+            "--connections", str(s.lat_connections),
+        ]  # fmt: skip
+        rc, out, err = run_tool(argv, s.lat_seconds + s.lat_warmup + 60)
+        try:
+            r = json.loads(out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            r = {"error": f"loadgen exit {rc}: {(err or out).strip()[-300:]}"}
+        r["command"] = shlex.join(argv)
+        res[str(rate)] = r
+        if "error" in r:
+            log(f"  {path.name} latency @{rate}/s: {r['error']}")
+        else:
+            lat = r["latency_ms"]
+            log(
+                f"  {path.name} latency @{rate}/s: p50 {lat['p50']:.3f} p99 {lat['p99']:.3f} "
+                f"max {lat['max']:.3f} ms ({r['completed']}/{r['scheduled']} ok)"
+            )
+    return res
+
+
+def measure_idle(env: Env, path: BasePath, hard_nofile: int) -> dict[str, Any]:
+    s = env.settings
+    n = min(s.idle_n, (hard_nofile - 300) // path.fds_per_conn, hard_nofile - 300)
+    res: dict[str, Any] = {"requested": s.idle_n, "n": n}
+    if n < s.idle_n:
+        res["note"] = (
+            f"capped at {n}: RLIMIT_NOFILE hard limit {hard_nofile}, "
+            f"{path.fds_per_conn} fds per connection in one process"
+        )
+        log(f"  {path.name} idle: {res['note']}")
+    base = [
+        sys.executable, str(BENCH / "wsidle.py"), "--port", str(path.port),
+        "--host-header", HOST, "--path", "/", "--concurrency", str(s.idle_concurrency),
+    ]  # fmt: skip
+    # warm up the code paths (lazy imports, buffers) before the baseline
+    rc, out, err = run_tool(base + ["-n", "20", "--hold", "0"], 60)
+    try:
+        warm = json.loads(out.strip().splitlines()[0])
+    except (ValueError, IndexError):
+        res["error"] = f"wsidle warm-up failed (exit {rc}): {(err or out).strip()[-300:]}"
+        return res
+    if warm.get("opened", 0) == 0:
+        res["error"] = f"no WebSocket through {path.name}: {warm.get('failures')}"
+        return res
+    time.sleep(1.0)
+    sp, cp = path.server_procs(), path.client_procs()
+    res["server_rss_before"] = rss(sp)
+    res["client_rss_before"] = rss(cp)
+    res["server_fds_before"] = nfds(sp)
+
+    argv = base + ["-n", str(n)]
+    res["command"] = shlex.join(argv)
+    client = spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert client.stdout is not None and client.stdin is not None
+        line = client.stdout.readline().decode()
+        try:
+            opened = json.loads(line)
+        except ValueError:
+            res["error"] = f"wsidle gave no result: {line!r}"
+            return res
+        res.update(opened=opened["opened"], failed=opened["failed"],
+                   failures=opened["failures"], open_seconds=opened["seconds"])  # fmt: skip
+        time.sleep(2.0)  # let lazily-freed buffers settle
+        sp, cp = path.server_procs(), path.client_procs()
+        res["server_rss_after"] = rss(sp)
+        res["client_rss_after"] = rss(cp)
+        res["server_fds_after"] = nfds(sp)
+        k = opened["opened"]
+        for side in ("server", "client"):
+            b, a = res[f"{side}_rss_before"], res[f"{side}_rss_after"]
+            res[f"{side}_kib_per_conn"] = (
+                (a - b) / 1024 / k if (a is not None and b is not None and k) else None
+            )
+        client.stdin.write(b"close\n")
+        client.stdin.flush()
+        client.stdin.close()
+        try:
+            client.wait(60)
+        except subprocess.TimeoutExpired:
+            pass
+    finally:
+        kill(client)
+    log(
+        f"  {path.name} idle: {res.get('opened')}/{n} open in {res.get('open_seconds')} s; "
+        f"server {fmt_kib(res.get('server_kib_per_conn'))} KiB/conn, "
+        f"client {fmt_kib(res.get('client_kib_per_conn'))} KiB/conn"
+    )
+    return res
+
+
+# --------------------------------------------------------------------------
+# report
+
+
+def fmt_mb(r: dict[str, Any]) -> str:
+    if not r or "error" in r or r.get("MBps") is None:
+        return "error" if r and "error" in r else "—"
+    v = r["MBps"]
+    txt = f"{v:.0f}" if v >= 100 else f"{v:.1f}"
+    return txt if r.get("complete", True) else txt + "*"
+
+
+def fmt_ms(v: float | None) -> str:
+    if v is None:
+        return "—"
+    return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+
+
+def fmt_kib(v: float | None) -> str:
+    return "—" if v is None else f"{v:.1f}"
+
+
+def fmt_mib(v: int | None) -> str:
+    return "—" if v is None else f"{v / MIB:.1f}"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b == 0:
+        return "—"
+    return f"{a / b:.2f}×"
+
+
+Row = tuple[str, dict[str, str], dict[str, float | None]]  # label, cells, raw values
+
+
+def table(
+    title: str, paths: list[str], rows: list[Row], peers: list[tuple[str, str]], notes: list[str]
+) -> str:
+    peers = [(a, b) for a, b in peers if a in paths and b in paths]
+    head = ["", *paths, *[f"{a} ÷ {b}" for a, b in peers]]
+    out = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, cells, raw in rows:
+        line = [label, *[cells.get(p, "—") for p in paths]]
+        line += [ratio(raw.get(a), raw.get(b)) for a, b in peers]
+        out.append("| " + " | ".join(line) + " |")
+    out.append("")
+    out += [n for n in notes if n]
+    return "\n".join(out) + "\n"
+
+
+def report(results: dict[str, Any], paths: list[str], tests: list[str], s: Settings) -> str:
+    ok = [p for p in paths if results[p].get("status") != "skipped"]
+    parts: list[str] = []
+
+    def get(p: str, *keys: str) -> Any:
+        v: Any = results[p]
+        for k in keys:
+            if not isinstance(v, dict):
+                return None
+            v = v.get(k)
+        return v
+
+    def first_cmd(*keys: str) -> str:
+        for p in ok:
+            c = get(p, *keys)
+            if c:
+                return f"`{c}`"
+        return "—"
+
+    if "bulk" in tests and ok:
+        rows: list[Row] = []
+        for key, label in (
+            ("download_1", "download, 1 stream (MB/s)"),
+            (f"download_{s.parallel}", f"download, {s.parallel} streams, aggregate (MB/s)"),
+            ("upload_1", "upload, 1 stream (MB/s)"),
+        ):
+            cells = {p: fmt_mb(get(p, "bulk", key) or {}) for p in ok}
+            raw = {p: get(p, "bulk", key, "MBps") for p in ok}
+            rows.append((label, cells, raw))
+        parts.append(
+            table(
+                f"Bulk transfer ({s.big_size // MIB} MiB file; MB = 10^6 bytes)",
+                ok,
+                rows,
+                [("dit4c-tcp", "ssh"), ("dit4c-tls", "ssh"), ("dit4c-tcp", "chp")],
+                [
+                    "`*`: stopped by the per-transfer cap of "
+                    f"{s.bulk_cap:g} s (or incomplete); the rate is over the bytes moved.",
+                    f"Download: {first_cmd('bulk', 'commands', 'download')} "
+                    f"({s.parallel} of them at once for the aggregate)",
+                    f"Upload: {first_cmd('bulk', 'commands', 'upload')}",
+                    "",
+                ],
+            )
+        )
+    if "rps" in tests and ok:
+        rows = []
+        for key, label, f in (
+            ("rps", "requests/s", lambda v: f"{v:.0f}"),
+            ("p50_ms", "latency p50 (ms)", fmt_ms),
+            ("p90_ms", "latency p90 (ms)", fmt_ms),
+            ("p99_ms", "latency p99 (ms)", fmt_ms),
+            ("errors", "errors (socket + non-2xx)", lambda v: f"{v:d}"),
+        ):
+            cells, raw = {}, {}
+            for p in ok:
+                v = get(p, "rps", key)
+                cells[p] = "error" if get(p, "rps", "error") else ("—" if v is None else f(v))
+                raw[p] = v
+            rows.append((label, cells, raw))
+        parts.append(
+            table(
+                f"Requests/s, closed loop ({s.rps_connections} keep-alive connections, "
+                f"{s.rps_seconds} s, ~100-byte body)",
+                ok,
+                rows,
+                [("dit4c-tcp", "chp"), ("dit4c-tls", "chp"), ("dit4c-tcp", "ssh")],
+                [f"Command: {first_cmd('rps', 'command')}", ""],
+            )
+        )
+    if "latency" in tests and ok:
+        rows = []
+        for rate in s.lat_rates:
+            r = str(rate)
+            for key, label in (("p50", "p50"), ("p90", "p90"), ("p99", "p99"), ("max", "max")):
+                cells, raw = {}, {}
+                for p in ok:
+                    v = get(p, "latency", r, "latency_ms", key)
+                    cells[p] = "error" if get(p, "latency", r, "error") else fmt_ms(v)
+                    raw[p] = v
+                rows.append((f"{rate}/s {label} (ms)", cells, raw))
+            if "direct" in ok:
+                for key in ("p50", "p99"):
+                    cells, raw = {}, {}
+                    base = get("direct", "latency", r, "latency_ms", key)
+                    for p in ok:
+                        v = get(p, "latency", r, "latency_ms", key)
+                        d = v - base if v is not None and base is not None else None
+                        cells[p] = "—" if d is None else ("+" if d >= 0 else "") + fmt_ms(d)
+                        raw[p] = d
+                    rows.append((f"{rate}/s added {key} vs direct (ms)", cells, raw))
+            cells = {}
+            for p in ok:
+                g = get(p, "latency", r)
+                if not g or "error" in g:
+                    cells[p] = "—"
+                    continue
+                bad = g["unanswered"] + sum(g["errors"].values())
+                bad += sum(v for k, v in g["statuses"].items() if not k.startswith("2"))
+                cells[p] = f"{g['achieved_rate']:.0f} / {bad}"
+            rows.append((f"{rate}/s achieved req/s / failures", cells, {}))
+        parts.append(
+            table(
+                f"Latency at fixed offered load (open loop, {s.lat_connections} keep-alive "
+                f"connections, {s.lat_seconds:g} s after {s.lat_warmup:g} s warm-up, "
+                "measured from each request's scheduled send time)",
+                ok,
+                rows,
+                [("dit4c-tcp", "chp"), ("dit4c-tls", "chp")],
+                [
+                    f"Command: {first_cmd('latency', str(s.lat_rates[0]), 'command')} "
+                    f"(once per rate: {', '.join(map(str, s.lat_rates))})",
+                    "",
+                ],
+            )
+        )
+    if "idle" in tests and ok:
+        rows = []
+
+        def idle_row(label: str, key: str, f: Callable[[Any], str], ratios: bool = True) -> Row:
+            cells, raw = {}, {}
+            for p in ok:
+                v = get(p, "idle", key)
+                cells[p] = "error" if get(p, "idle", "error") else f(v)
+                raw[p] = v
+            return (label, cells, raw if ratios else {})
+
+        rows.append(
+            (
+                "connections held",
+                {p: f"{get(p, 'idle', 'opened')}/{get(p, 'idle', 'n')}"
+                 if get(p, "idle", "opened") is not None else "—" for p in ok},
+                {},
+            )
+        )  # fmt: skip
+        rows.append(
+            idle_row(
+                "time to open them (s)", "open_seconds", lambda v: "—" if v is None else f"{v:.1f}"
+            )
+        )
+        rows.append(("server side is", {p: results[p].get("server_label") or "—" for p in ok}, {}))
+        rows.append(idle_row("server RSS before (MiB)", "server_rss_before", fmt_mib, False))
+        rows.append(idle_row("server RSS after (MiB)", "server_rss_after", fmt_mib, False))
+        rows.append(idle_row("server KiB per connection", "server_kib_per_conn", fmt_kib))
+        rows.append(("client side is", {p: results[p].get("client_label") or "—" for p in ok}, {}))
+        rows.append(idle_row("client RSS before (MiB)", "client_rss_before", fmt_mib, False))
+        rows.append(idle_row("client RSS after (MiB)", "client_rss_after", fmt_mib, False))
+        rows.append(idle_row("client KiB per connection", "client_kib_per_conn", fmt_kib))
+        notes = [f"{p}: {get(p, 'idle', 'note')}" for p in ok if get(p, "idle", "note")]
+        notes += [f"{p}: {get(p, 'idle', 'error')}" for p in ok if get(p, "idle", "error")]
+        parts.append(
+            table(
+                "Idle WebSocket connections (each echoed one message, then held; "
+                "backend: autobahn echo server)",
+                ok,
+                rows,
+                [("dit4c-tcp", "chp"), ("dit4c-tcp", "ssh"), ("dit4c-tls", "chp")],
+                [*notes, f"Command: {first_cmd('idle', 'command')}", ""],
+            )
+        )
+    skipped = [p for p in paths if results[p].get("status") == "skipped"]
+    if skipped:
+        parts.append("### Skipped paths\n")
+        for p in skipped:
+            reason = results[p]["skip_reason"].replace("\n", "\n    ")
+            parts.append(f"- **{p}**: {reason}")
+        parts.append("")
+    errs = [(p, results[p]["error"]) for p in ok if results[p].get("error")]
+    for p, e in errs:
+        parts.append(f"- **{p}** stopped early: {e}")
+    return "\n".join(parts)
+
+
+def versions(tools: dict[str, str | None]) -> dict[str, str]:
+    out: dict[str, str] = {"python": platform.python_version(), "kernel": platform.release()}
+    cmds = {
+        "nginx": [tools["nginx"], "-v"],
+        "openssh": [tools["ssh"], "-V"],
+        "curl": [tools["curl"], "--version"],
+        "wrk": [tools["wrk"], "-v"],
+        "configurable-http-proxy": [tools["configurable-http-proxy"], "--version"],
+        "node": [shutil.which("node"), "--version"],
+    }
+    for name, argv in cmds.items():
+        if not argv[0]:
+            continue
+        try:
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=20)  # type: ignore[arg-type]
+            text = (p.stdout + p.stderr).strip().splitlines()
+            line = text[0].strip() if text else "?"
+            if name in ("curl", "wrk"):
+                line = " ".join(line.split()[:2])
+            out[name] = line.replace("nginx version: ", "")
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    try:
+        import twisted
+
+        out["twisted"] = twisted.__version__
+    except ImportError:
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"model name\s*:\s*(.*)", f.read())
+        out["cpu"] = f"{os.cpu_count()} x {m.group(1).strip() if m else '?'}"
+    except OSError:
+        pass
+    return out
+
+
+# --------------------------------------------------------------------------
+# main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--quick", action="store_true", help="short run (~2 min): small file, short tests"
+    )
+    p.add_argument(
+        "--paths", default=",".join(ALL_PATHS), help="comma list of " + ",".join(ALL_PATHS)
+    )
+    p.add_argument(
+        "--only", default=",".join(ALL_TESTS), help="comma list of " + ",".join(ALL_TESTS)
+    )
+    p.add_argument("--json", metavar="OUT", help="also write all results as JSON here")
+    p.add_argument("--big-mib", type=int, help="bulk file size in MiB (default 1024, quick 64)")
+    p.add_argument("--idle-n", type=int, help="idle connections (default 10000, quick 1000)")
+    p.add_argument("--rates", help="latency test rates, comma list (default 500,1000)")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs, configs)")
+    p.add_argument("--dit4c", help="dit4c command (default: beside python, or on PATH)")
+    p.add_argument("--twistd", help="twistd command (default: beside python, or on PATH)")
+    args = p.parse_args(argv)
+    for name, allowed in (("paths", ALL_PATHS), ("only", ALL_TESTS)):
+        items = [x.strip() for x in getattr(args, name).split(",") if x.strip()]
+        bad = [x for x in items if x not in allowed]
+        if bad or not items:
+            p.error(f"--{name}: unknown {bad}; choose from {','.join(allowed)}")
+        setattr(args, name, items)
+    return args
+
+
+def _on_signal(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    s = Settings.make(args)
+    command = shlex.join(["python", os.path.relpath(sys.argv[0]) if sys.argv[0] else "bench/tunnel.py",
+                          *(sys.argv[1:] if argv is None else argv)])  # fmt: skip
+    # explicit, so that Ctrl-C also works where SIGINT was inherited ignored
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGHUP, _on_signal)
+    _raise_nofile()
+    hard_nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard_nofile == resource.RLIM_INFINITY:
+        hard_nofile = 1 << 20
+
+    tools = {
+        t: find_exe(t) if t in ("dit4c", "twistd") else shutil.which(t)
+        for t in ("nginx", "sshd", "ssh", "ssh-keygen", "curl", "wrk",
+                  "configurable-http-proxy", "dit4c", "twistd")
+    }  # fmt: skip
+    for t in ("nginx", "sshd"):
+        if not tools[t] and os.path.exists(f"/usr/sbin/{t}"):
+            tools[t] = f"/usr/sbin/{t}"
+    if args.dit4c:
+        tools["dit4c"] = args.dit4c
+    if args.twistd:
+        tools["twistd"] = args.twistd
+    missing = [t for t in ("nginx", "curl", "wrk") if not tools[t]]
+    if missing and (set(args.only) & {"bulk", "rps", "latency"}):
+        print(f"missing tools: {', '.join(missing)} (Debian: apt-get install {' '.join(missing)})",
+              file=sys.stderr)  # fmt: skip
+        return 2
+
+    # a RAM-backed temp dir when there is room: the big file and upload
+    # bodies then cost no disk I/O on any path
+    base = None
+    try:
+        if shutil.disk_usage("/dev/shm").free > 3 * s.big_size + 512 * MIB:
+            base = "/dev/shm"
+    except OSError:
+        pass
+    tmp = Path(tempfile.mkdtemp(prefix="dit4c-bench-", dir=base))
+    env = Env(settings=s, tmp=tmp, tools=tools)
+    env.logs.mkdir()
+    results: dict[str, Any] = {}
+    started = datetime.datetime.now().astimezone()
+    t_start = time.monotonic()
+    interrupted = False
+    try:
+        log(f"temp dir {tmp}; making a {s.big_size // MIB} MiB file")
+        make_files(env)
+        backends = start_backends(env)
+        log(f"nginx on 127.0.0.1:{env.nginx_port}, WebSocket echo on 127.0.0.1:{env.ws_port}")
+        http_tests = [t for t in args.only if t != "idle"]
+        for name in args.paths:
+            path = make_path(name, env)
+            r: dict[str, Any] = {
+                "server_label": path.server_label,
+                "client_label": path.client_label,
+            }
+            results[name] = r
+            log(f"== {name}")
+            try:
+                path.check()
+                if http_tests:
+                    bring_up(path, env.nginx_port, "/small")
+                    r["processes"] = path.describe()
+                    for t in http_tests:
+                        fn = {"bulk": measure_bulk, "rps": measure_rps, "latency": measure_latency}[
+                            t
+                        ]
+                        r[t] = fn(env, path)
+                    path.stop()
+                if "idle" in args.only:
+                    bring_up(path, env.ws_port, "/")
+                    r["processes_idle"] = path.describe()
+                    r["idle"] = measure_idle(env, path, hard_nofile)
+                    path.stop()
+                r["status"] = "ok"
+            except Skip as e:
+                r["status"] = "skipped"
+                r["skip_reason"] = str(e)
+                log(f"  SKIP {name}: {e}")
+            except Exception as e:  # noqa: BLE001 - report it and go on with the next path
+                r["status"] = "ok" if any(k in r for k in ALL_TESTS) else "skipped"
+                r["error"] = f"{type(e).__name__}: {e}"
+                r.setdefault("skip_reason", r["error"])
+                log(f"  ERROR {name}: {type(e).__name__}: {e}")
+            finally:
+                path.stop()
+        for b in backends:
+            b.stop()
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted; cleaning up")
+    finally:
+        kill_all()
+        if args.keep_tmp:
+            log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if interrupted and not results:
+        return 130
+
+    paths = [p for p in args.paths if p in results]
+    vers = versions(tools)
+    header = [
+        "## DIT4C tunnel benchmark",
+        "",
+        f"Run: `{command}` at {started:%Y-%m-%d %H:%M %Z}, {time.monotonic() - t_start:.0f} s"
+        + (" (interrupted)" if interrupted else ""),
+        "",
+        "Machine: " + "; ".join(f"{k} {v}" for k, v in vers.items()),
+        "",
+        f"Every path reaches the same nginx (1 worker) on 127.0.0.1 with `Host: {HOST}`; "
+        "clients, proxies and servers share the machine's CPUs.",
+        "",
+    ]
+    text = "\n".join(header) + "\n" + report(results, paths, args.only, s)
+    print(text)
+    if args.json:
+        doc = {
+            "command": command,
+            "started": started.isoformat(),
+            "seconds": round(time.monotonic() - t_start, 1),
+            "interrupted": interrupted,
+            "settings": s.__dict__,
+            "versions": vers,
+            "results": results,
+        }
+        Path(args.json).write_text(json.dumps(doc, indent=2, default=str) + "\n")
+        log(f"wrote {args.json}")
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
