@@ -59,3 +59,30 @@ class ListeningService(Service):
         if listening is not None:
             listening.cancel()
         return None
+
+
+def noDelay(transport: Any) -> None:
+    """
+    Turn off Nagle's algorithm on a TCP connection (through TLS and other
+    wrappers too): a relay's small writes, such as a request head or a
+    window update, must leave at once rather than wait for an ACK.
+    """
+    import socket
+
+    while transport is not None:
+        setter = getattr(transport, "setTcpNoDelay", None)
+        if setter is not None:
+            try:
+                setter(True)
+            except OSError:
+                pass
+            return
+        handle = getattr(transport, "getHandle", None)
+        sock = handle() if handle is not None else None
+        if isinstance(sock, socket.socket):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+            return
+        transport = getattr(transport, "transport", None)

@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from dit4c.common.service import noDelay
 from dit4c.tunnel.errors import ErrorCode, StreamReset, TunnelError
 
 if TYPE_CHECKING:
@@ -147,6 +148,7 @@ class PublicHTTPProtocol(Protocol):
     def connectionMade(self) -> None:
         self.metrics.connections += 1
         self.metrics.open += 1
+        noDelay(self.transport)
         peer = self.transport.getPeer()
         self._clientIP = str(getattr(peer, "host", "")).encode()
         self._parser = httptools.HttpRequestParser(self)

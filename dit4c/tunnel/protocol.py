@@ -23,6 +23,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from dit4c.common.service import noDelay
 from dit4c.tunnel.errors import ErrorCode, HandshakeRefused, ProtocolError, TunnelError, codeName
 from dit4c.tunnel.frames import (
     PREFACE,
@@ -171,6 +172,7 @@ class TunnelServerProtocol(TunnelProtocol):
         self.registration: dict[str, Any] = {}
 
     def connectionMade(self) -> None:
+        noDelay(self.transport)
         self._handshakeTimer = self.clock.callLater(self.settings.handshakeTimeout, self._handshakeTimedOut)
 
     def _handshakeTimedOut(self) -> None:
@@ -285,6 +287,7 @@ class TunnelClientProtocol(TunnelProtocol):
         self.ready: Deferred[dict[str, Any]] = Deferred()
 
     def connectionMade(self) -> None:
+        noDelay(self.transport)
         settings = self.settings
         hello = {
             "version": VERSION,

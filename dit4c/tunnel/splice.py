@@ -17,6 +17,8 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from dit4c.common.service import noDelay
+
 
 @implementer(IHalfCloseableProtocol)
 class SpliceProtocol(Protocol):
@@ -30,6 +32,9 @@ class SpliceProtocol(Protocol):
         self._pendingEOF = False
         self._readClosed = False
         self._writeClosed = False
+
+    def connectionMade(self) -> None:
+        noDelay(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         self.bytesIn += len(data)
