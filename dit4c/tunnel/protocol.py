@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
+from inspect import isawaitable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -223,7 +224,9 @@ class TunnelServerProtocol(TunnelProtocol):
 
     async def _verify(self, token: str, peerWindow: int, peerMaxFrame: int) -> None:
         try:
-            registration = await self.factory.authenticate(token, self)
+            registration = self.factory.authenticate(token, self)
+            if isawaitable(registration):
+                registration = await registration
         except HandshakeRefused as e:
             if self.phase is not Phase.CLOSED:
                 self.log.warn(

@@ -157,6 +157,10 @@ class Session:
         self.bytesIn = 0
         self.bytesOut = 0
         self.streamsOpened = 0
+        #: Why the tunnel is ending, once a GOAWAY has gone either way: the
+        #: code streams still open when the link drops are reset with.
+        self.endCode: int | None = None
+        self.endReason = ""
         self._pinger: IDelayedCall | None = None
         self._deadline: IDelayedCall | None = None
         self._abortTimer: IDelayedCall | None = None
@@ -198,6 +202,7 @@ class Session:
         if self.closed or self.goingAway:
             return
         self.goingAway = True
+        self._ending(code, reason)
         self._transport.write(encodeCode(FrameType.GOAWAY, 0, code, reason))
         if not self._streams:
             self.loseLink()
@@ -221,6 +226,7 @@ class Session:
             return
         self.closed = True
         self.goingAway = True
+        self._ending(code, reason, force=True)
         self._transport.write(encodeCode(FrameType.GOAWAY, 0, code, reason))
         if abort:
             self._transport.abortConnection()
@@ -228,8 +234,17 @@ class Session:
             self.loseLink()
             self._abortTimer = self.clock.callLater(5.0, self._transport.abortConnection)
 
+    def _ending(self, code: int, reason: str, force: bool = False) -> None:
+        if self.endCode is None or force:
+            self.endCode, self.endReason = int(code), reason
+
     def connectionLost(self, code: int, reason: str) -> None:
-        """The link is gone: every stream ends with a reset."""
+        """
+        The link is gone: every stream still open ends with a reset, carrying
+        the GOAWAY's code if one was sent or received, else ``code``.
+        """
+        if self.endCode is not None:
+            code, reason = self.endCode, self.endReason
         self.closed = True
         for timer in (self._pinger, self._deadline, self._abortTimer):
             if timer is not None and timer.active():
@@ -309,6 +324,7 @@ class Session:
                 reason=reason,
             )
             self.peerGoingAway = True
+            self._ending(code, reason)
             if self.onGoAway is not None:
                 self.onGoAway(code, reason)
             if not self._streams:

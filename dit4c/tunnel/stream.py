@@ -165,7 +165,7 @@ class Stream:
         """Connect ``protocol`` to this stream (``makeConnection``)."""
         self.protocol = protocol
         self._halfCloseable = IHalfCloseableProtocol.providedBy(protocol)
-        protocol.makeConnection(self)
+        self._notify(protocol, "makeConnection", self)
 
     # -- ITransport ---------------------------------------------------------
 
@@ -314,7 +314,7 @@ class Stream:
             # TCP semantics: the protocol is done once our FIN has gone.
             self.protocol = None
             if protocol is not None:
-                protocol.connectionLost(Failure(ConnectionDone("stream closed")))
+                self._notify(protocol, "connectionLost", Failure(ConnectionDone("stream closed")))
             if self._recvBuf and self.state is not State.CLOSED:
                 # Nobody will read what was held for a paused reader now; a
                 # FIN waiting behind it (or still to come) ends the stream.
@@ -325,7 +325,7 @@ class Stream:
                     self._finAfterBuffer = False
                     self._remoteFin()
         elif self._halfCloseable and protocol is not None:
-            protocol.writeConnectionLost()  # type: ignore[attr-defined]
+            self._notify(protocol, "writeConnectionLost")
 
     # -- receive side, driven by the session -----------------------------------
 
@@ -369,6 +369,20 @@ class Stream:
         if not buf and self._finAfterBuffer and self.state is not State.CLOSED:
             self._finAfterBuffer = False
             self._remoteFin()
+
+    def _notify(self, protocol: IProtocol, method: str, *args: Any) -> None:
+        """
+        Call the protocol; an exception costs this stream only (it is reset),
+        never the tunnel the stream shares with others.
+        """
+        try:
+            getattr(protocol, method)(*args)
+        except Exception:
+            self.session.log.failure(
+                "protocol on stream {id} failed in {method}", id=self.id, method=method
+            )
+            if method != "connectionLost":
+                self.reset(ErrorCode.INTERNAL_ERROR, "protocol error")
 
     def _deliver(self, data: bytes) -> None:
         """Hand data to the protocol; its failure costs this stream only."""
@@ -416,7 +430,7 @@ class Stream:
         elif protocol is None:
             pass
         elif self._halfCloseable:
-            protocol.readConnectionLost()  # type: ignore[attr-defined]
+            self._notify(protocol, "readConnectionLost")
         else:
             # A protocol that cannot half-close is closed, as TCP does.
             self.loseConnection()
@@ -450,4 +464,4 @@ class Stream:
         protocol, self.protocol = self.protocol, None
         self.session._streamEnded(self)
         if protocol is not None:
-            protocol.connectionLost(Failure(error or ConnectionDone("stream closed")))
+            self._notify(protocol, "connectionLost", Failure(error or ConnectionDone("stream closed")))

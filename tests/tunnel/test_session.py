@@ -654,6 +654,32 @@ def test_failing_stream_protocol_costs_its_stream_only(
     assert not tunnel.clientSession.closed and not tunnel.serverSession.closed
 
 
+@pytest.mark.allow_logged_errors
+@pytest.mark.parametrize("method", ["connectionMade", "readConnectionLost"])
+def test_failing_stream_callbacks_cost_their_stream_only(
+    tunnel: Any, recorder: Any, logged: list[Any], method: str
+) -> None:
+    def explode(*args: Any) -> None:
+        raise ValueError(f"bug in {method}")
+
+    class Exploding(recorder):  # type: ignore[misc, valid-type]
+        pass
+
+    setattr(Exploding, method, explode)
+    tunnel.clientProtocol = lambda stream: Exploding()
+    pair = tunnel.open()
+    tunnel.clientProtocol = lambda stream: recorder()
+    fine = tunnel.open()
+    pair.opener.loseWriteConnection()
+    tunnel.flush()
+    assert resetCode(pair.openerProto) == ErrorCode.INTERNAL_ERROR
+    assert any(e.get("log_failure") is not None and e["log_failure"].check(ValueError) for e in logged)
+    fine.opener.write(b"ok")
+    tunnel.flush()
+    assert fine.accepterProto.received == b"ok"
+    assert not tunnel.clientSession.closed and not tunnel.serverSession.closed
+
+
 def test_handler_refusing_a_stream(tunnel: Any) -> None:
     tunnel.clientProtocol = lambda stream: None
     pair = tunnel.open(flush=False)
@@ -989,10 +1015,10 @@ def test_close_resets_streams_and_drops_the_link(tunnel: Any) -> None:
     tunnel.serverSession.close(ErrorCode.SHUTDOWN, "stopping")
     tunnel.flush()
     assert tunnel.goAways == [(ErrorCode.SHUTDOWN, "stopping")]
-    # Both ends' protocols hear of the end as a reset (the code they see
-    # is the link's loss, CANCEL, not the GOAWAY code).
-    assert resetCode(pair.openerProto) == ErrorCode.CANCEL
-    assert resetCode(pair.accepterProto) == ErrorCode.CANCEL
+    # Both ends' protocols hear of the end as a reset carrying the GOAWAY's
+    # code, so a stream knows why its tunnel went.
+    assert resetCode(pair.openerProto) == ErrorCode.SHUTDOWN
+    assert resetCode(pair.accepterProto) == ErrorCode.SHUTDOWN
     assert tunnel.client.closed.called and tunnel.server.closed.called
 
 
