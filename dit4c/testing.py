@@ -20,7 +20,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString, serverFromString
-from twisted.internet.interfaces import IListeningPort, IPushProducer
+from twisted.internet.interfaces import IListeningPort, IPushProducer, ITransport
 from twisted.internet.protocol import Protocol
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -105,7 +105,7 @@ class _Bytes(Resource):
 class _Sink(Resource):
     isLeaf = True
 
-    def render_POST(self, request: HashingRequest) -> bytes:  # type: ignore[override]
+    def render_POST(self, request: HashingRequest) -> bytes:
         request.setHeader(b"content-type", b"application/json")
         return json.dumps({"length": request.bodyLength, "sha256": request.bodyHash.hexdigest()}).encode()
 
@@ -122,7 +122,7 @@ class _Headers(Resource):
             "method": request.method.decode(),
             "path": request.uri.decode(),
             "headers": headers,
-            "client": request.getClientAddress().host,  # type: ignore[attr-defined]
+            "client": request.getClientAddress().host,
         }
         return json.dumps(body).encode()
 
@@ -141,7 +141,7 @@ class Backend:
 
     @property
     def portNumber(self) -> int:
-        return self.port.getHost().port  # type: ignore[attr-defined, no-any-return]
+        return self.port.getHost().port  # type: ignore[attr-defined]
 
     @property
     def endpoint(self) -> str:
@@ -275,6 +275,8 @@ def deferLater(seconds: float) -> defer.Deferred[None]:
 
 class RawClient(Protocol):
     """Sends bytes as given and collects everything until the server closes."""
+
+    transport: ITransport
 
     def __init__(self) -> None:
         self.received = bytearray()

@@ -6,8 +6,14 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import (
+    IConsumer,
+    IListeningPort,
+    IProtocolFactory,
+    IPushProducer,
+    IStreamServerEndpoint,
+    ITransport,
+)
 from twisted.logger import Logger
 
 
@@ -21,7 +27,7 @@ class ListeningService(Service):
 
     log = Logger()
 
-    def __init__(self, endpoint: IStreamServerEndpoint, factory: Factory, description: str = "") -> None:
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory, description: str = "") -> None:
         self.endpoint = endpoint
         self.factory = factory
         self.description = description
@@ -59,6 +65,18 @@ class ListeningService(Service):
         if listening is not None:
             listening.cancel()
         return None
+
+
+class IConnectionTransport(ITransport, IConsumer, IPushProducer):
+    """
+    The transport of a connection as the relays here use it: a TCP or TLS
+    transport is also its connection's consumer and push producer, and can
+    be aborted; so are the stand-ins for one (a tunnel stream, a WebSocket's
+    message transport). For type annotations only: nothing declares it.
+    """
+
+    def abortConnection() -> None:
+        """Close the connection at once, dropping whatever is not yet written."""
 
 
 def noDelay(transport: Any) -> None:

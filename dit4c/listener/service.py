@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dit4c.tunnel.errors import ErrorCode, codeName
-from dit4c.tunnel.protocol import TunnelClientProtocol
+from dit4c.tunnel.protocol import TunnelClientProtocol, TunnelProtocol
 from dit4c.tunnel.session import Settings
 from dit4c.tunnel.splice import SpliceProtocol
 from dit4c.tunnel.stream import Stream
@@ -130,7 +130,7 @@ class ListenerService(MultiService):
         self.lastError = failure.value
         self.log.warn("tunnel not established: {reason}", reason=failure.getErrorMessage())
 
-    def _tunnelClosed(self, tunnel: TunnelClientProtocol) -> None:
+    def _tunnelClosed(self, tunnel: TunnelProtocol) -> None:
         if self.tunnel is tunnel:
             self.tunnel = None
 
@@ -149,7 +149,7 @@ class ListenerService(MultiService):
         tunnel = self.tunnel
         if tunnel is not None and tunnel.session is not None:
             tunnel.session.close(ErrorCode.SHUTDOWN, "listener stopping")
-        return super().stopService()  # type: ignore[no-any-return]
+        return super().stopService()
 
     def goneAway(self, code: int, reason: str) -> None:
         self.log.info("routing server going away: {code} {reason}", code=codeName(code), reason=reason)

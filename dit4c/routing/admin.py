@@ -75,7 +75,7 @@ class HealthResource(Resource):
 
 def adminSite(server: RoutingServer) -> Site:
     registry = CollectorRegistry(auto_describe=True)
-    registry.register(RoutingCollector(server))  # type: ignore[arg-type]
+    registry.register(RoutingCollector(server))
     root = Resource()
     root.putChild(b"health", HealthResource(server))
     root.putChild(b"metrics", MetricsResource(registry=registry))

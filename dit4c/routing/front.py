@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from dit4c.common.service import noDelay
+from dit4c.common.service import IConnectionTransport, noDelay
 from dit4c.tunnel.errors import ErrorCode, StreamReset, TunnelError
 
 if TYPE_CHECKING:
@@ -109,6 +109,7 @@ class _Upstream(Protocol):
 @implementer(IHalfCloseableProtocol)
 class PublicHTTPProtocol(Protocol):
     log = Logger()
+    transport: IConnectionTransport
 
     def __init__(
         self,

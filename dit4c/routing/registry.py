@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from dit4c.tunnel.errors import ErrorCode
 
 if TYPE_CHECKING:
-    from dit4c.tunnel.protocol import TunnelServerProtocol
+    from dit4c.tunnel.protocol import TunnelProtocol, TunnelServerProtocol
     from dit4c.tunnel.session import Session
 
 
@@ -47,7 +47,7 @@ class TunnelRegistry:
         if old is not None and old.session is not None:
             old.session.goAway(ErrorCode.REPLACED, "a newer tunnel took this instance")
 
-    def _closed(self, tunnel: TunnelServerProtocol, instance: str) -> None:
+    def _closed(self, tunnel: TunnelProtocol, instance: str) -> None:
         if self._tunnels.get(instance) is tunnel:
             del self._tunnels[instance]
             self.log.info("tunnel for {instance} closed", instance=instance)

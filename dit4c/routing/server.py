@@ -137,7 +137,7 @@ class RoutingServer(MultiService):
         def done(_: Any) -> Deferred[Any]:
             if timer.active():
                 timer.cancel()
-            return MultiService.stopService(self)  # type: ignore[return-value]
+            return MultiService.stopService(self)
 
         return waiting.addBoth(done)
 

@@ -24,7 +24,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from dit4c.common.service import noDelay
+from dit4c.common.service import IConnectionTransport, noDelay
 from dit4c.tunnel.errors import ErrorCode, HandshakeRefused, ProtocolError, TunnelError, codeName
 from dit4c.tunnel.frames import (
     PREFACE,
@@ -72,6 +72,7 @@ class TunnelProtocol(Protocol):
 
     log = Logger()
     isServer = False
+    transport: IConnectionTransport
 
     def __init__(self, settings: Settings, clock: IReactorTime) -> None:
         self.settings = settings

@@ -17,13 +17,14 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from dit4c.common.service import noDelay
+from dit4c.common.service import IConnectionTransport, noDelay
 
 
 @implementer(IHalfCloseableProtocol)
 class SpliceProtocol(Protocol):
     """One end of a splice. Create both with :func:`splice`."""
 
+    transport: IConnectionTransport
     partner: SpliceProtocol | None = None
     bytesIn = 0
 

@@ -129,7 +129,7 @@ class Stream:
         self.disconnecting = False
         self._halfCloseable = False
         # send direction
-        self._sendBuf: deque[bytes] | None = None
+        self._sendBuf: deque[bytes | memoryview] | None = None
         self.sendBuffered = 0
         self.sendWindow = session.peerWindow
         self._finPending = False
@@ -275,7 +275,7 @@ class Stream:
         else:
             view = first if type(first) is memoryview else memoryview(first)
             chunk = bytes(view[:limit])
-            buf[0] = view[limit:]  # type: ignore[call-overload]
+            buf[0] = view[limit:]
         n = len(chunk)
         self.sendBuffered -= n
         self.sendWindow -= n

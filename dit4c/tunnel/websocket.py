@@ -28,6 +28,7 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (
     IConsumer,
     IProtocol,
+    IProtocolFactory,
     IPushProducer,
     IStreamClientEndpoint,
     ITransport,
@@ -96,6 +97,8 @@ class _Carrier:
     # Not "log": that name is autobahn's own (txaio) logger on the protocol.
     _log = Logger()
     inner: IProtocol | None = None
+    #: The WebSocket's own connection, set by the protocol this is mixed into.
+    transport: ITransport
 
     def _attach(self, inner: IProtocol) -> None:
         self.inner = inner
@@ -117,7 +120,9 @@ class _Carrier:
             inner.connectionLost(Failure(error))
 
 
-class TunnelWebSocketServerProtocol(_Carrier, WebSocketServerProtocol):
+# autobahn's two protocol bases disagree on the types of ``peer`` and
+# ``_transport_details``: the ignores below are for that, not for this code.
+class TunnelWebSocketServerProtocol(_Carrier, WebSocketServerProtocol):  # type: ignore[misc]
     def onConnect(self, request: Any) -> str:
         if request.path != PATH:
             raise ConnectionDeny(404, "not a tunnel endpoint")
@@ -132,9 +137,13 @@ class TunnelWebSocketServerProtocol(_Carrier, WebSocketServerProtocol):
         self._innerLost(wasClean, reason)
 
 
+class _TunnelWebSocketServerFactory(WebSocketServerFactory):
+    tunnelFactory: IProtocolFactory
+
+
 def tunnelWebSocketFactory(tunnelFactory: Factory, url: str = "ws://localhost/") -> WebSocketServerFactory:
     """A WebSocket server factory that carries tunnels to ``tunnelFactory``."""
-    factory = WebSocketServerFactory(url)
+    factory = _TunnelWebSocketServerFactory(url)
     factory.protocol = TunnelWebSocketServerProtocol
     factory.tunnelFactory = tunnelFactory
     factory.noisy = False
@@ -148,7 +157,7 @@ def tunnelWebSocketFactory(tunnelFactory: Factory, url: str = "ws://localhost/")
     return factory
 
 
-class TunnelWebSocketClientProtocol(_Carrier, WebSocketClientProtocol):
+class TunnelWebSocketClientProtocol(_Carrier, WebSocketClientProtocol):  # type: ignore[misc]
     def onOpen(self) -> None:
         factory = self.factory
         inner = factory.tunnelFactory.buildProtocol(self.transport.getPeer())
@@ -161,6 +170,12 @@ class TunnelWebSocketClientProtocol(_Carrier, WebSocketClientProtocol):
         if not opened.called:
             opened.errback(Failure(ConnectionLost(f"WebSocket closed before opening: {code} {reason}")))
         self._innerLost(wasClean, reason)
+
+
+class _TunnelWebSocketClientFactory(WebSocketClientFactory):
+    tunnelFactory: IProtocolFactory
+    #: Fires with the tunnel protocol once the WebSocket is open.
+    opened: Deferred[IProtocol]
 
 
 def _trustRoot(path: str | None) -> Any:
@@ -193,8 +208,8 @@ class WebSocketTunnelEndpoint:
             endpoint = wrapClientTLS(options, endpoint)
         self._endpoint = endpoint
 
-    def connect(self, protocolFactory: Factory) -> Deferred[Any]:
-        factory = WebSocketClientFactory(self.url, protocols=[SUBPROTOCOL])
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:
+        factory = _TunnelWebSocketClientFactory(self.url, protocols=[SUBPROTOCOL])
         factory.protocol = TunnelWebSocketClientProtocol
         factory.tunnelFactory = protocolFactory
         factory.opened = Deferred()
