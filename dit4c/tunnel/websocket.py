@@ -141,19 +141,25 @@ class _TunnelWebSocketServerFactory(WebSocketServerFactory):
     tunnelFactory: IProtocolFactory
 
 
+def _configure(factory: Any) -> None:
+    """The same limits on both ends: message size, and handshake timeouts."""
+    factory.noisy = False
+    factory.setProtocolOptions(
+        maxFramePayloadSize=MAX_MESSAGE,
+        maxMessagePayloadSize=MAX_MESSAGE,
+        # The tunnel has its own heartbeats; these bound the WebSocket's own
+        # opening and closing handshakes.
+        openHandshakeTimeout=10,
+        closeHandshakeTimeout=5,
+    )
+
+
 def tunnelWebSocketFactory(tunnelFactory: Factory, url: str = "ws://localhost/") -> WebSocketServerFactory:
     """A WebSocket server factory that carries tunnels to ``tunnelFactory``."""
     factory = _TunnelWebSocketServerFactory(url)
     factory.protocol = TunnelWebSocketServerProtocol
     factory.tunnelFactory = tunnelFactory
-    factory.noisy = False
-    factory.setProtocolOptions(
-        maxFramePayloadSize=MAX_MESSAGE,
-        maxMessagePayloadSize=MAX_MESSAGE,
-        # The tunnel has its own heartbeats and handshake timeout.
-        openHandshakeTimeout=10,
-        closeHandshakeTimeout=5,
-    )
+    _configure(factory)
     return factory
 
 
@@ -213,13 +219,7 @@ class WebSocketTunnelEndpoint:
         factory.protocol = TunnelWebSocketClientProtocol
         factory.tunnelFactory = protocolFactory
         factory.opened = Deferred()
-        factory.noisy = False
-        factory.setProtocolOptions(
-            maxFramePayloadSize=MAX_MESSAGE,
-            maxMessagePayloadSize=MAX_MESSAGE,
-            openHandshakeTimeout=10,
-            closeHandshakeTimeout=5,
-        )
+        _configure(factory)
         d = self._endpoint.connect(factory)
         return d.addCallback(lambda _: factory.opened)
 
