@@ -9,7 +9,7 @@ setup(
     license="MIT",
     python_requires=">=3.11",
     packages=find_packages(include=["dit4c", "dit4c.*"]) + ["twisted.plugins"],
-    package_data={"dit4c": ["py.typed"], "twisted": ["plugins/dit4c_plugins.py"]},
+    package_data={"dit4c": ["py.typed", "portal/templates/*.html", "portal/static/*"], "twisted": ["plugins/dit4c_plugins.py"]},
     include_package_data=True,
     install_requires=[
         "twisted[tls]>=24.7",
@@ -27,6 +27,10 @@ setup(
         "httptools>=0.6",
         "automat>=24.8",
         "zope.interface>=6",
+        # Argon2id password hashing: the reference binding.
+        "argon2-cffi>=23.1",
+        # Templates with autoescaping for the portal's pages.
+        "jinja2>=3.1",
     ],
     extras_require={
         "test": [
@@ -34,6 +38,7 @@ setup(
             "pytest-twisted>=1.14",
             "hypothesis>=6.100",
             "psutil>=5.9",
+            "selenium>=4.20",
         ],
         "lint": ["ruff>=0.5", "mypy>=1.10", "mypy-zope>=1.0"],
         "tor": ["txtorcon>=24.8"],
