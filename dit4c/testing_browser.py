@@ -376,3 +376,16 @@ class Browser:
         Not serialized behind earlier calls: it works even if one is stuck.
         """
         await threads.deferToThread(self.quit)
+
+
+def requireBrowser() -> None:
+    """Skip a test without a browser here; under CI (``CI=true``) fail it instead."""
+    import os
+
+    import pytest
+
+    reason = browserAvailable()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}; CI=true, where browser tests must run", pytrace=False)
+        pytest.skip(reason)

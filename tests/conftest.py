@@ -91,6 +91,24 @@ async def routing(signing: Signing) -> Any:
     await stopRouting(started)
 
 
+# -- a real browser -----------------------------------------------------------------------
+
+
+@pytest_twisted.async_yield_fixture
+async def browser() -> Any:
+    """Headless Chromium (skipped where there is none, failed under CI)."""
+    from twisted.internet import threads
+
+    from dit4c.testing_browser import requireBrowser, startBrowser
+
+    requireBrowser()
+    started = await threads.deferToThread(startBrowser)
+    try:
+        yield started
+    finally:
+        await started.stop()
+
+
 # -- real processes --------------------------------------------------------------------
 
 

@@ -9,8 +9,6 @@ fail when CI=true, where they must run.
 from __future__ import annotations
 
 import html
-import os
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +22,7 @@ from twisted.web import pages
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from dit4c.testing_browser import Browser, browserAvailable, startBrowser
+from dit4c.testing_browser import Browser, browserAvailable, requireBrowser, startBrowser
 
 PAGE = b"""<!doctype html>
 <html><head><meta charset="utf-8"><title>harness</title></head>
@@ -48,14 +46,6 @@ PAGE = b"""<!doctype html>
 
 #: What /events sends, and how long after the stream opens.
 EVENTS = [(0.3, "one"), (0.6, "two"), (0.9, "three")]
-
-
-def requireBrowser() -> None:
-    reason = browserAvailable()
-    if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}; CI=true, where browser tests must run", pytrace=False)
-        pytest.skip(reason)
 
 
 @dataclass
@@ -183,16 +173,6 @@ async def site() -> AsyncIterator[HarnessSite]:
         await task.deferLater(reactor, 0, lambda: None)  # let connectionLost run
 
 
-@pytest_twisted.async_yield_fixture
-async def browser() -> AsyncIterator[Browser]:
-    requireBrowser()
-    started = await threads.deferToThread(startBrowser)
-    try:
-        yield started
-    finally:
-        await started.stop()
-
-
 @pytest_twisted.ensureDeferred
 async def test_form_sse_and_screenshot(site: HarnessSite, browser: Browser, tmp_path: Path) -> None:
     # The server listens on 127.0.0.1 only: Chromium reached it by this name.
@@ -270,7 +250,9 @@ def test_missing_browser_skips_here_and_fails_on_ci(monkeypatch: pytest.MonkeyPa
     assert reason is not None
     assert "chromium-driver" in reason and "/nonexistent/chromium" in reason
 
-    monkeypatch.setattr(sys.modules[__name__], "browserAvailable", lambda: reason)
+    import dit4c.testing_browser
+
+    monkeypatch.setattr(dit4c.testing_browser, "browserAvailable", lambda: reason)
     monkeypatch.delenv("CI", raising=False)
     with pytest.raises(pytest.skip.Exception, match="chromium-driver"):
         requireBrowser()
