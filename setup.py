@@ -38,6 +38,8 @@ setup(
             "pytest-twisted>=1.14",
             "hypothesis>=6.100",
             "psutil>=5.9",
+            # The store's tests run against a real PostgreSQL too.
+            "psycopg[binary]>=3.1",
             "selenium>=4.20",
         ],
         "lint": ["ruff>=0.5", "mypy>=1.10", "mypy-zope>=1.0"],

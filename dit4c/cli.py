@@ -222,6 +222,73 @@ def token(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+# -- portal users ------------------------------------------------------------
+
+
+def _userAddArguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="login name (lower case)")
+    parser.add_argument("--admin", action="store_true", help="make the user an administrator")
+    parser.add_argument("--display-name", default=None, help="name shown on pages")
+    parser.add_argument("--email", default=None)
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--database", help="the portal's database URL (sqlite:///... or postgresql://...)")
+    where.add_argument(
+        "--data-dir", default="data/portal", help="the portal's data directory (its SQLite database)"
+    )
+
+
+@command("user-add", help="add a portal user and print a new password once", arguments=_userAddArguments)
+def userAdd(args: argparse.Namespace, out: TextIO) -> int:
+    """
+    The password is generated, printed once here and stored only as a hash;
+    it goes to standard output, never to a log.
+    """
+    import secrets
+    from pathlib import Path
+
+    from twisted.internet import defer, reactor
+
+    from dit4c.portal import security
+    from dit4c.portal.store import openStore
+    from dit4c.portal.store.errors import StoreError
+
+    database = args.database or "sqlite:///" + str(Path(args.data_dir).resolve() / "portal.db")
+    if not args.database:
+        Path(args.data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    password = secrets.token_urlsafe(15)
+
+    async def run() -> None:
+        store = await openStore(database, reactor)
+        try:
+            await store.createUser(
+                args.name,
+                password_hash=await security.hashPassword(password),
+                display_name=args.display_name,
+                email=args.email,
+                is_admin=args.admin,
+            )
+        finally:
+            await store.close()
+
+    outcome: list[Any] = []
+
+    def start() -> None:
+        d = defer.ensureDeferred(run())
+        d.addBoth(outcome.append)
+        d.addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(start)
+    reactor.run()
+    result = outcome[0] if outcome else None
+    if result is not None:
+        if result.check(StoreError):
+            raise CommandError(str(result.value))
+        raise CommandError(f"cannot add the user: {result.getErrorMessage()}")
+    kind = "administrator" if args.admin else "user"
+    out.write(f"{kind} {args.name} created; password (shown only now): {password}\n")
+    return 0
+
+
 # -- entry point -------------------------------------------------------------
 
 

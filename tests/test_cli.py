@@ -246,3 +246,25 @@ def test_no_subcommand() -> None:
     status, out, _ = runMain()
     assert status == 2
     assert out == ""
+
+
+def test_user_add_prints_a_password_once_that_logs_in(tmp_path: Path) -> None:
+    """``dit4c user-add`` creates a portal user whose printed password verifies."""
+    import re
+
+    data = tmp_path / "portal"
+    result = subprocess.run(
+        [sys.executable, "-m", "dit4c", "user-add", "carol", "--admin", "--data-dir", str(data)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    match = re.search(r"password \(shown only now\): (\S+)", result.stdout)
+    assert match
+    again = subprocess.run(
+        [sys.executable, "-m", "dit4c", "user-add", "carol", "--data-dir", str(data)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert again.returncode == 1 and "taken" in again.stderr
+    # The password is stored only as a hash.
+    for path in data.glob("portal.db*"):
+        assert match.group(1).encode() not in path.read_bytes()

@@ -5,6 +5,9 @@ from twisted.application.service import ServiceMaker
 routing = ServiceMaker(
     "DIT4C routing server", "dit4c.routing.tap", "Route public HTTP(S) to instances through tunnels.", "dit4c-routing"
 )
+portal = ServiceMaker(
+    "DIT4C portal", "dit4c.portal.tap", "Log people in, show their instances, guard them (OAuth 2), publish keys.", "dit4c-portal"
+)
 listener = ServiceMaker(
     "DIT4C listener helper", "dit4c.listener.tap", "Keep an instance's tunnel open to a routing server.", "dit4c-helper-listener"
 )

@@ -1,0 +1,253 @@
+"""
+The portal's web application (Klein): pages, and the well-known documents
+other components read.
+
+The app is a class whose methods are routes (klein's "non-global state"
+pattern), so a test builds one around an in-memory store and drives it
+through ``StubTreq(portal.app.resource())``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+from klein import Klein
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+
+from dit4c.portal import security
+from dit4c.portal.keys import KeyRing
+from dit4c.portal.security import CookiePolicy
+
+
+@dataclass(frozen=True)
+class PortalConfig:
+    #: The portal's public base URL, e.g. ``https://portal.example.org`` (no trailing slash).
+    publicURL: str
+    #: Failed logins allowed per user name, and per client address, in ``loginWindow`` seconds.
+    loginLimit: int = 10
+    loginWindow: float = 900.0
+    sessionLifetime: float = 12 * 3600.0
+
+    @property
+    def secure(self) -> bool:
+        return self.publicURL.startswith("https://")
+
+
+class LoggedIn:
+    """The person behind a request, and their session."""
+
+    def __init__(self, user: Any, session: Any, token: str) -> None:
+        self.user = user
+        self.session = session
+        self.token = token
+
+
+def safeNext(value: str | None) -> str:
+    """A local path to go to after login; anything else (another site) is ``/``."""
+    if not value or not value.startswith("/") or value.startswith("//") or "\\" in value:
+        return "/"
+    return value
+
+
+class Portal:
+    app = Klein()
+    log = Logger()
+
+    def __init__(self, store: Any, keys: KeyRing, config: PortalConfig, clock: Any) -> None:
+        self.store = store
+        self.keys = keys
+        self.config = config
+        self.clock = clock
+        self.cookies = CookiePolicy(secure=config.secure, sessionLifetime=config.sessionLifetime)
+        self.templates = Environment(
+            loader=PackageLoader("dit4c.portal", "templates"),
+            autoescape=select_autoescape(default=True),
+        )
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def render(self, request: IRequest, template: str, status: int = 200, **context: Any) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"x-frame-options", b"DENY")
+        request.setHeader(b"content-security-policy", b"default-src 'self'; frame-ancestors 'none'; form-action 'self'")
+        request.setHeader(b"referrer-policy", b"same-origin")
+        return self.templates.get_template(template).render(**context).encode()
+
+    def json(self, request: IRequest, body: Any, status: int = 200) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(body).encode()
+
+    @staticmethod
+    def arg(request: IRequest, name: str) -> str | None:
+        values = request.args.get(name.encode())
+        if not values:
+            return None
+        try:
+            return values[0].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+
+    async def loggedIn(self, request: IRequest) -> LoggedIn | None:
+        token = request.getCookie(security.SESSION_COOKIE)
+        if not token:
+            return None
+        try:
+            text = token.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+        session = await self.store.sessionByToken(text)
+        if session is None:
+            return None
+        user = await self.store.userById(session.user_id)
+        if user is None or user.disabled:
+            return None
+        return LoggedIn(user, session, text)
+
+    def redirect(self, request: IRequest, location: str) -> bytes:
+        request.setResponseCode(303)
+        request.setHeader(b"location", location.encode())
+        return b""
+
+    def csrfOK(self, request: IRequest, expected: str) -> bool:
+        return security.tokensEqual(self.arg(request, "csrf"), expected)
+
+    # -- pages -------------------------------------------------------------------------
+
+    @app.route("/", methods=["GET"])
+    async def home(self, request: IRequest) -> bytes:
+        who = await self.loggedIn(request)
+        if who is None:
+            return self.redirect(request, "/login")
+        instances = await self.store.listInstancesOf(who.user.id)
+        return self.render(request, "home.html", user=who.user, csrf=who.session.csrf, instances=instances)
+
+    @app.route("/login", methods=["GET"])
+    async def loginPage(self, request: IRequest) -> bytes:
+        if await self.loggedIn(request) is not None:
+            return self.redirect(request, safeNext(self.arg(request, "next")))
+        return self.loginForm(request, error=None)
+
+    def loginForm(self, request: IRequest, error: str | None, status: int = 200, name: str = "") -> bytes:
+        # Before there is a session, CSRF is a double-submit token: a
+        # SameSite=Strict cookie that the form must repeat.
+        csrf = security.newToken()
+        self.cookies.set(request, security.LOGIN_CSRF_COOKIE, csrf, maxAge=3600, sameSite=b"Strict")
+        return self.render(
+            request,
+            "login.html",
+            status,
+            csrf=csrf,
+            error=error,
+            name=name,
+            next=safeNext(self.arg(request, "next")),
+        )
+
+    @app.route("/login", methods=["POST"])
+    async def login(self, request: IRequest) -> bytes:
+        cookie = request.getCookie(security.LOGIN_CSRF_COOKIE)
+        if not security.tokensEqual(self.arg(request, "csrf"), cookie):
+            return self.loginForm(request, "Your login form expired; please try again.", 400)
+        name = (self.arg(request, "username") or "").strip().lower()
+        password = self.arg(request, "password") or ""
+        now = self.clock.seconds()
+        address = str(getattr(request.getClientAddress(), "host", "unknown"))
+        window = self.config.loginWindow
+        attempts = max(
+            await self.store.recordLoginAttempt(f"user:{name}", now, window),
+            await self.store.recordLoginAttempt(f"addr:{address}", now, window),
+        )
+        if attempts > self.config.loginLimit:
+            self.log.warn("login rate limit reached for {name} from {address}", name=name, address=address)
+            minutes = int(window // 60)
+            return self.loginForm(
+                request, f"Too many login attempts. Try again in {minutes} minutes.", 429, name
+            )
+        user = await self.store.userByName(name) if name else None
+        ok = await security.verifyPassword(user.password_hash if user else None, password)
+        if not ok or user is None or user.disabled:
+            return self.loginForm(request, "Wrong user name or password.", 401, name)
+        await self.store.clearLoginAttempts(f"user:{name}")
+        # A fresh session at every login: a session id planted before login
+        # is worth nothing after it.
+        old = request.getCookie(security.SESSION_COOKIE)
+        if old:
+            await self.store.deleteSession(old.decode("ascii", "replace"))
+        session = await self.store.createSession(user.id, self.config.sessionLifetime)
+        self.cookies.set(request, security.SESSION_COOKIE, session.id, maxAge=self.config.sessionLifetime)
+        self.cookies.clear(request, security.LOGIN_CSRF_COOKIE)
+        self.log.info("{name} logged in from {address}", name=user.name, address=address)
+        return self.redirect(request, safeNext(self.arg(request, "next")))
+
+    @app.route("/logout", methods=["POST"])
+    async def logout(self, request: IRequest) -> bytes:
+        who = await self.loggedIn(request)
+        if who is not None:
+            if not self.csrfOK(request, who.session.csrf):
+                request.setResponseCode(400)
+                return b"Bad CSRF token"
+            await self.store.deleteSession(who.token)
+        self.cookies.clear(request, security.SESSION_COOKIE)
+        return self.redirect(request, "/login")
+
+    # -- documents for other components ---------------------------------------------------
+
+    @app.route("/.well-known/jwks.json", methods=["GET"])
+    async def jwks(self, request: IRequest) -> bytes:
+        request.setHeader(b"cache-control", b"public, max-age=60")
+        keys = list(self.keys.publicJWKs())
+        return self.json(request, {"keys": keys})
+
+    @app.route("/.well-known/openid-configuration", methods=["GET"])
+    def discovery(self, request: IRequest) -> bytes:
+        base = self.config.publicURL
+        return self.json(
+            request,
+            {
+                "issuer": base,
+                "jwks_uri": f"{base}/.well-known/jwks.json",
+                "authorization_endpoint": f"{base}/oauth/authorize",
+                "token_endpoint": f"{base}/oauth/token",
+                "userinfo_endpoint": f"{base}/oauth/userinfo",
+                "response_types_supported": ["code"],
+                "grant_types_supported": ["authorization_code"],
+                "code_challenge_methods_supported": ["S256"],
+                "token_endpoint_auth_methods_supported": ["none"],
+                "id_token_signing_alg_values_supported": ["ES256"],
+                "subject_types_supported": ["public"],
+            },
+        )
+
+    @app.route("/static/", branch=True, methods=["GET"])
+    def static(self, request: IRequest) -> Any:
+        from twisted.web.static import File
+
+        return File(str(Path(__file__).parent / "static"))
+
+    @app.route("/health", methods=["GET"])
+    def health(self, request: IRequest) -> bytes:
+        return self.json(request, {"status": "ok"})
+
+    @app.handle_errors(Exception)
+    def failed(self, request: IRequest, failure: Any) -> bytes:
+        from werkzeug.exceptions import HTTPException
+
+        if failure.check(HTTPException):
+            code = failure.value.code
+            title = failure.value.name
+            return self.render(request, "error.html", code, title=title, message=failure.value.description)
+        self.log.failure("portal request failed: {uri}", failure, uri=request.uri)
+        return self.render(
+            request, "error.html", 500, title="Something went wrong", message="The portal failed; try again."
+        )
+
+
+__all__ = ["Portal", "PortalConfig", "quote"]

@@ -1,0 +1,108 @@
+"""
+The little that differs between SQLite and PostgreSQL: placeholders, a few
+column types, how a write transaction starts, how migrations are locked, and
+which driver errors mean what.
+
+SQL is written once, with ``?`` placeholders and no ``?`` or ``%`` anywhere
+else (no string literals holding them), and translated here.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from zope.interface import Interface, implementer
+
+from .errors import Conflict, NotFound, StoreError
+
+#: ``pg_advisory_xact_lock`` key serialising migrations across portal processes ("DIT4").
+MIGRATION_LOCK = 0x44495434
+
+
+class IDialect(Interface):
+    name: str
+
+    def sql(statement: str) -> str:
+        """``statement`` with ``?`` placeholders, in the driver's paramstyle."""
+
+    def ddl(statement: str) -> str:
+        """A migration statement (run without parameters) with its ``{type}`` fields filled in."""
+
+    def begin(cursor: Any) -> None:
+        """Start a write transaction on ``cursor``'s connection (if the driver does not)."""
+
+    def lockMigrations(cursor: Any) -> None:
+        """Take, for this transaction, the lock that lets one process migrate at a time."""
+
+    def classify(error: BaseException) -> type[StoreError] | None:
+        """The store error a driver error means, or None if it is not a driver error."""
+
+
+#: Column types by name, as migrations write them: ``{timestamp}``, ``{blob}``.
+_SQLITE_TYPES = {"timestamp": "REAL", "blob": "BLOB", "bigint": "BIGINT"}
+# PostgreSQL's REAL is four bytes: far too coarse for epoch seconds.
+_POSTGRES_TYPES = {"timestamp": "DOUBLE PRECISION", "blob": "BYTEA", "bigint": "BIGINT"}
+
+
+@implementer(IDialect)
+class SQLiteDialect:
+    name = "sqlite"
+
+    def sql(self, statement: str) -> str:
+        return statement
+
+    def ddl(self, statement: str) -> str:
+        return statement.format(**_SQLITE_TYPES)
+
+    def begin(self, cursor: Any) -> None:
+        # The connection runs in autocommit mode (isolation_level None) so that
+        # this, not the driver's guess, opens every transaction. IMMEDIATE
+        # takes the write lock now: a second process waits (busy timeout)
+        # instead of failing half way through.
+        cursor.execute("BEGIN IMMEDIATE")
+
+    def lockMigrations(self, cursor: Any) -> None:
+        # BEGIN IMMEDIATE already made this the only writer.
+        pass
+
+    def classify(self, error: BaseException) -> type[StoreError] | None:
+        if isinstance(error, sqlite3.IntegrityError):
+            name = getattr(error, "sqlite_errorname", "")
+            text = str(error)
+            if name == "SQLITE_CONSTRAINT_FOREIGNKEY" or "FOREIGN KEY" in text:
+                return NotFound
+            return Conflict
+        if isinstance(error, sqlite3.Error):
+            return StoreError
+        return None
+
+
+@implementer(IDialect)
+class PostgreSQLDialect:
+    name = "postgresql"
+
+    def sql(self, statement: str) -> str:
+        return statement.replace("%", "%%").replace("?", "%s")
+
+    def ddl(self, statement: str) -> str:
+        return statement.format(**_POSTGRES_TYPES)
+
+    def begin(self, cursor: Any) -> None:
+        # psycopg opens a transaction before the first statement.
+        pass
+
+    def lockMigrations(self, cursor: Any) -> None:
+        cursor.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
+
+    def classify(self, error: BaseException) -> type[StoreError] | None:
+        import psycopg
+        from psycopg import errors
+
+        if isinstance(error, errors.ForeignKeyViolation):
+            return NotFound
+        if isinstance(error, psycopg.IntegrityError):
+            return Conflict
+        if isinstance(error, psycopg.Error):
+            return StoreError
+        return None

@@ -1,0 +1,27 @@
+"""
+What can go wrong in the portal's store.
+
+Each exception's docstring is the message a person sees when no more
+particular one was given.
+"""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """The portal's database could not do that."""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+
+class NotFound(StoreError):
+    """There is no such record."""
+
+
+class Conflict(StoreError):
+    """That conflicts with what the portal already holds: it exists already, or it changed meanwhile."""

@@ -1,0 +1,286 @@
+"""
+``IStore``: everything the portal keeps, behind one interface.
+
+Every method returns a ``Deferred``; the database work runs off the reactor
+thread. Lookups fire with None when there is nothing to find; changes to a
+record that does not exist fail with ``NotFound``, and changes that would
+break a uniqueness rule (or a compare-and-set) fail with ``Conflict``.
+Times come from the store's clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from twisted.internet.defer import Deferred
+from zope.interface import Interface
+
+from .model import (
+    UNSET,
+    ApiToken,
+    Identity,
+    Image,
+    Instance,
+    Scheduler,
+    Session,
+    ShareLink,
+    Unset,
+    User,
+)
+
+
+class IStore(Interface):
+    # -- users and external identities ---------------------------------------------
+
+    def createUser(
+        name: str,
+        *,
+        email: str | None = None,
+        password_hash: str | None = None,
+        display_name: str | None = None,
+        is_admin: bool = False,
+        max_instances: int | None = None,
+    ) -> Deferred[User]:
+        """
+        A new user. ``name`` is the login name, kept in lower case;
+        ``display_name`` defaults to it. ``Conflict`` if the name is taken.
+        """
+
+    def userById(user_id: str) -> Deferred[User | None]:
+        """The user with this id."""
+
+    def userByName(name: str) -> Deferred[User | None]:
+        """The user with this login name (in any case)."""
+
+    def userByIdentity(provider: str, subject: str) -> Deferred[User | None]:
+        """The user an external login is linked to."""
+
+    def linkIdentity(user_id: str, provider: str, subject: str) -> Deferred[Identity]:
+        """
+        Link an external login to a user. ``Conflict`` if it is linked
+        already (to anyone); ``NotFound`` if there is no such user.
+        """
+
+    def identitiesOf(user_id: str) -> Deferred[list[Identity]]:
+        """The external logins linked to a user."""
+
+    def listUsers(offset: int = 0, limit: int = 100) -> Deferred[list[User]]:
+        """A page of users, by name."""
+
+    def countUsers() -> Deferred[int]:
+        """How many users there are."""
+
+    def updateUser(
+        user_id: str,
+        *,
+        name: str | Unset = UNSET,
+        email: str | None | Unset = UNSET,
+        password_hash: str | None | Unset = UNSET,
+        display_name: str | Unset = UNSET,
+        is_admin: bool | Unset = UNSET,
+        max_instances: int | None | Unset = UNSET,
+        disabled: bool | Unset = UNSET,
+    ) -> Deferred[User]:
+        """Change the fields given; fires with the user as it now is."""
+
+    # -- browser sessions -----------------------------------------------------------------
+
+    def createSession(user_id: str, lifetime: float) -> Deferred[Session]:
+        """
+        A new session for a user, valid for ``lifetime`` seconds. Its ``id``
+        is the secret for the cookie: the store keeps only its hash.
+        """
+
+    def sessionByToken(token: str) -> Deferred[Session | None]:
+        """The live session whose id is ``token``: None if expired or its user is disabled."""
+
+    def touchSession(token: str, expires: float | None = None) -> Deferred[None]:
+        """Note that a session was seen now, and (if given) move its expiry."""
+
+    def deleteSession(token: str) -> Deferred[None]:
+        """Log a session out."""
+
+    def deleteSessionsOfUser(user_id: str) -> Deferred[int]:
+        """Log a user out everywhere; fires with how many sessions ended."""
+
+    def deleteExpiredSessions() -> Deferred[int]:
+        """Forget sessions past their expiry; fires with how many."""
+
+    # -- API tokens -------------------------------------------------------------------------
+
+    def createApiToken(user_id: str, name: str) -> Deferred[tuple[ApiToken, str]]:
+        """A new API token: the record, and the token itself (shown once, never stored)."""
+
+    def userByApiToken(token: str) -> Deferred[User | None]:
+        """
+        The (enabled) user an unrevoked API token belongs to; notes the
+        token's use.
+        """
+
+    def revokeApiToken(token_id: str, user_id: str | None = None) -> Deferred[None]:
+        """
+        Revoke a token by its id (of ``user_id``'s tokens, if given).
+        ``NotFound`` if there is no such token.
+        """
+
+    def listApiTokens(user_id: str) -> Deferred[list[ApiToken]]:
+        """A user's tokens, revoked ones too, oldest first."""
+
+    # -- schedulers --------------------------------------------------------------------------
+
+    def createScheduler(name: str, public_jwk: str, *, id: str | None = None) -> Deferred[Scheduler]:
+        """Register a scheduler and its public key. ``Conflict`` if the name or id is taken."""
+
+    def listSchedulers() -> Deferred[list[Scheduler]]:
+        """Every scheduler, disabled ones too, by name."""
+
+    def schedulerById(scheduler_id: str) -> Deferred[Scheduler | None]:
+        """The scheduler with this id."""
+
+    def updateScheduler(
+        scheduler_id: str,
+        *,
+        name: str | Unset = UNSET,
+        public_jwk: str | Unset = UNSET,
+        disabled: bool | Unset = UNSET,
+    ) -> Deferred[Scheduler]:
+        """Change the fields given; fires with the scheduler as it now is."""
+
+    # -- images ---------------------------------------------------------------------------------
+
+    def createImage(
+        name: str,
+        ref: str,
+        *,
+        owner_id: str | None = None,
+        digest: str | None = None,
+        port: int | None = None,
+    ) -> Deferred[Image]:
+        """A new image: a catalogue entry when ``owner_id`` is None, else a user's own."""
+
+    def listCatalogue() -> Deferred[list[Image]]:
+        """The catalogue (images nobody owns), not deleted, by name."""
+
+    def listImagesOf(user_id: str) -> Deferred[list[Image]]:
+        """A user's own images, not deleted, oldest first."""
+
+    def listImagesSharedWith(user_id: str) -> Deferred[list[Image]]:
+        """Other users' images shared with this one, not deleted, oldest first."""
+
+    def imageById(image_id: str) -> Deferred[Image | None]:
+        """The image with this id, deleted or not."""
+
+    def deleteImage(image_id: str) -> Deferred[None]:
+        """
+        Mark an image deleted (instances made from it keep their record).
+        ``NotFound`` if there is no such image.
+        """
+
+    def shareImage(image_id: str, user_id: str) -> Deferred[None]:
+        """Let another user use an image (again is harmless)."""
+
+    def unshareImage(image_id: str, user_id: str) -> Deferred[None]:
+        """Stop sharing an image with a user."""
+
+    def mayUseImage(user_id: str, image_id: str) -> Deferred[bool]:
+        """Whether a user may start an image: a catalogue entry, their own, or shared with them."""
+
+    # -- instances -------------------------------------------------------------------------------
+
+    def createInstance(
+        owner_id: str,
+        image_id: str,
+        *,
+        scheduler_id: str | None = None,
+        public_jwk: str | None = None,
+    ) -> Deferred[Instance]:
+        """
+        A new instance, ``requested``, with a fresh time-sortable id.
+        ``NotFound`` if the owner, image or scheduler does not exist.
+        """
+
+    def instanceById(instance_id: str) -> Deferred[Instance | None]:
+        """The instance with this id."""
+
+    def listInstancesOf(user_id: str, includeDiscarded: bool = False) -> Deferred[list[Instance]]:
+        """A user's own instances, oldest first."""
+
+    def listInstancesSharedWith(user_id: str) -> Deferred[list[Instance]]:
+        """Instances others shared with this user (directly or by a link), not discarded."""
+
+    def listInstancesOfScheduler(
+        scheduler_id: str, includeDiscarded: bool = False
+    ) -> Deferred[list[Instance]]:
+        """The instances placed on a scheduler, oldest first."""
+
+    def updateInstance(
+        instance_id: str,
+        *,
+        state: str | Unset = UNSET,
+        reason: str | None | Unset = UNSET,
+        url: str | None | Unset = UNSET,
+        public_jwk: str | None | Unset = UNSET,
+        scheduler_id: str | None | Unset = UNSET,
+        expected_state: str | Collection[str] | None = None,
+    ) -> Deferred[Instance]:
+        """
+        Change the fields given; fires with the instance as it now is.
+
+        With ``expected_state`` (one state or several) this is a
+        compare-and-set: it fails with ``Conflict`` unless the instance is
+        in that state at the moment of the change. ``NotFound`` if there
+        is no such instance; ``ValueError`` for a state that is not one.
+        """
+
+    def countRunningInstancesOf(user_id: str) -> Deferred[int]:
+        """How many of a user's instances hold compute (``ACTIVE_STATES``)."""
+
+    # -- sharing instances ------------------------------------------------------------------------
+
+    def shareInstance(instance_id: str, user_id: str) -> Deferred[None]:
+        """Let another user use an instance (again is harmless)."""
+
+    def unshareInstance(instance_id: str, user_id: str) -> Deferred[None]:
+        """Stop sharing an instance with a user (grants through share links stay)."""
+
+    def listInstanceShares(instance_id: str) -> Deferred[list[str]]:
+        """The ids of the users an instance is shared with directly."""
+
+    def createShareLink(instance_id: str) -> Deferred[tuple[ShareLink, str]]:
+        """A new share link: the record, and its token (shown once, never stored)."""
+
+    def redeemShareLink(token: str, user_id: str) -> Deferred[str | None]:
+        """
+        A user follows a share link: while the link is not revoked, they may
+        use its instance. Fires with the instance's id, or None for an
+        unknown or revoked link.
+        """
+
+    def revokeShareLink(link_id: str) -> Deferred[None]:
+        """Revoke a share link, and every use it granted. ``NotFound`` if there is none."""
+
+    def listShareLinks(instance_id: str) -> Deferred[list[ShareLink]]:
+        """An instance's share links, revoked ones too, oldest first."""
+
+    def mayUseInstance(user_id: str, instance_id: str) -> Deferred[bool]:
+        """
+        Whether a user may use an instance: they own it, it is shared with
+        them, or they redeemed a share link to it that is not revoked.
+        """
+
+    # -- login rate limiting -------------------------------------------------------------------------
+
+    def recordLoginAttempt(key: str, now: float, window: float) -> Deferred[int]:
+        """
+        Count an attempt for ``key`` in a fixed window of ``window`` seconds
+        (a new window starts at the first attempt after the last one ended);
+        fires with the count in the current window, this attempt included.
+        """
+
+    def clearLoginAttempts(key: str) -> Deferred[None]:
+        """Forget the attempts for ``key`` (after a successful login)."""
+
+    # -- the store ------------------------------------------------------------------------------------
+
+    def close() -> Deferred[None]:
+        """Close every database connection; the store is unusable afterwards."""

@@ -1,0 +1,190 @@
+"""
+The store's schema, as numbered migrations applied in order when a store opens.
+
+A migration is ``(version, [statements])``. Statements are portable SQL with
+``{timestamp}``, ``{blob}`` and ``{bigint}`` standing for the column types
+that differ between SQLite and PostgreSQL (see ``_dialect``). Only ever
+append: a released migration is never edited.
+
+Flags are ``INTEGER`` 0/1 and times are epoch seconds in ``{timestamp}``
+columns, on both databases. Ids are ``TEXT`` made by the store, so there is
+no autoincrement to differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.logger import Logger
+
+from ._dialect import IDialect
+from .errors import StoreError
+
+Migration = tuple[int, Sequence[str]]
+
+_log = Logger()
+
+MIGRATIONS: list[Migration] = [
+    (
+        1,
+        [
+            """CREATE TABLE users (
+                id TEXT PRIMARY KEY,
+                name TEXT NOT NULL UNIQUE,
+                email TEXT,
+                password_hash TEXT,
+                display_name TEXT NOT NULL,
+                is_admin INTEGER NOT NULL DEFAULT 0,
+                max_instances INTEGER,
+                created {timestamp} NOT NULL,
+                disabled INTEGER NOT NULL DEFAULT 0
+            )""",
+            """CREATE TABLE identities (
+                provider TEXT NOT NULL,
+                subject TEXT NOT NULL,
+                user_id TEXT NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+                created {timestamp} NOT NULL,
+                PRIMARY KEY (provider, subject)
+            )""",
+            "CREATE INDEX identities_user ON identities (user_id)",
+            """CREATE TABLE sessions (
+                token_hash TEXT PRIMARY KEY,
+                user_id TEXT NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+                csrf TEXT NOT NULL,
+                created {timestamp} NOT NULL,
+                expires {timestamp} NOT NULL,
+                last_seen {timestamp} NOT NULL
+            )""",
+            "CREATE INDEX sessions_user ON sessions (user_id)",
+            "CREATE INDEX sessions_expires ON sessions (expires)",
+            """CREATE TABLE api_tokens (
+                id TEXT PRIMARY KEY,
+                user_id TEXT NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+                name TEXT NOT NULL,
+                token_hash TEXT NOT NULL UNIQUE,
+                created {timestamp} NOT NULL,
+                last_used {timestamp},
+                revoked INTEGER NOT NULL DEFAULT 0
+            )""",
+            "CREATE INDEX api_tokens_user ON api_tokens (user_id)",
+            """CREATE TABLE schedulers (
+                id TEXT PRIMARY KEY,
+                name TEXT NOT NULL UNIQUE,
+                public_jwk TEXT NOT NULL,
+                created {timestamp} NOT NULL,
+                disabled INTEGER NOT NULL DEFAULT 0
+            )""",
+            """CREATE TABLE images (
+                id TEXT PRIMARY KEY,
+                name TEXT NOT NULL,
+                ref TEXT NOT NULL,
+                digest TEXT,
+                owner_id TEXT REFERENCES users (id),
+                port INTEGER,
+                created {timestamp} NOT NULL,
+                deleted INTEGER NOT NULL DEFAULT 0
+            )""",
+            "CREATE INDEX images_owner ON images (owner_id)",
+            """CREATE TABLE instances (
+                id TEXT PRIMARY KEY,
+                owner_id TEXT NOT NULL REFERENCES users (id),
+                image_id TEXT NOT NULL REFERENCES images (id),
+                scheduler_id TEXT REFERENCES schedulers (id),
+                state TEXT NOT NULL,
+                reason TEXT,
+                url TEXT,
+                public_jwk TEXT,
+                created {timestamp} NOT NULL,
+                updated {timestamp} NOT NULL
+            )""",
+            "CREATE INDEX instances_owner ON instances (owner_id, state)",
+            "CREATE INDEX instances_scheduler ON instances (scheduler_id, state)",
+            """CREATE TABLE instance_shares (
+                instance_id TEXT NOT NULL REFERENCES instances (id) ON DELETE CASCADE,
+                user_id TEXT NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+                created {timestamp} NOT NULL,
+                PRIMARY KEY (instance_id, user_id)
+            )""",
+            "CREATE INDEX instance_shares_user ON instance_shares (user_id)",
+            """CREATE TABLE image_shares (
+                image_id TEXT NOT NULL REFERENCES images (id) ON DELETE CASCADE,
+                user_id TEXT NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+                created {timestamp} NOT NULL,
+                PRIMARY KEY (image_id, user_id)
+            )""",
+            "CREATE INDEX image_shares_user ON image_shares (user_id)",
+            """CREATE TABLE share_links (
+                id TEXT PRIMARY KEY,
+                instance_id TEXT NOT NULL REFERENCES instances (id) ON DELETE CASCADE,
+                token_hash TEXT NOT NULL UNIQUE,
+                created {timestamp} NOT NULL,
+                revoked INTEGER NOT NULL DEFAULT 0
+            )""",
+            "CREATE INDEX share_links_instance ON share_links (instance_id)",
+            """CREATE TABLE share_link_grants (
+                link_id TEXT NOT NULL REFERENCES share_links (id) ON DELETE CASCADE,
+                user_id TEXT NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+                created {timestamp} NOT NULL,
+                PRIMARY KEY (link_id, user_id)
+            )""",
+            "CREATE INDEX share_link_grants_user ON share_link_grants (user_id)",
+            """CREATE TABLE login_attempts (
+                key TEXT PRIMARY KEY,
+                window_start {timestamp} NOT NULL,
+                count INTEGER NOT NULL
+            )""",
+        ],
+    ),
+]
+
+_CREATE_VERSION_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (
+    version INTEGER PRIMARY KEY,
+    applied {timestamp} NOT NULL
+)"""
+
+
+def latestVersion(migrations: Sequence[Migration] = MIGRATIONS) -> int:
+    return max((version for version, _ in migrations), default=0)
+
+
+def checkMigrations(migrations: Sequence[Migration]) -> None:
+    """Migrations must be numbered 1, 2, 3... in order."""
+    versions = [version for version, _ in migrations]
+    if versions != list(range(1, len(versions) + 1)):
+        raise ValueError(f"migrations must be numbered 1, 2, 3... in order, not {versions}")
+
+
+def applyNext(cursor: Any, dialect: IDialect, migrations: Sequence[Migration], now: float) -> int | None:
+    """
+    In one transaction (the caller's): take the migration lock, and apply the
+    first migration this database lacks. Returns its version, or None when
+    the database is up to date.
+
+    Runs in a database thread.
+    """
+    dialect.begin(cursor)
+    # The lock comes before anything else, even CREATE TABLE IF NOT EXISTS,
+    # which is not safe against itself on PostgreSQL.
+    dialect.lockMigrations(cursor)
+    cursor.execute(dialect.ddl(_CREATE_VERSION_TABLE))
+    cursor.execute(dialect.sql("SELECT MAX(version) FROM schema_version"), ())
+    row = cursor.fetchone()
+    current = row[0] if row and row[0] is not None else 0
+    latest = latestVersion(migrations)
+    if current > latest:
+        raise StoreError(
+            f"the database's schema is version {current}, newer than this portal's {latest}: "
+            "upgrade the portal"
+        )
+    for version, statements in migrations:
+        if version <= current:
+            continue
+        for statement in statements:
+            cursor.execute(dialect.ddl(statement))
+        cursor.execute(
+            dialect.sql("INSERT INTO schema_version (version, applied) VALUES (?, ?)"),
+            (version, now),
+        )
+        return version
+    return None

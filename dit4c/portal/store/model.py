@@ -1,0 +1,166 @@
+"""
+The records the portal's store holds, as frozen dataclasses.
+
+Times are seconds since the epoch (floats) read from the store's clock;
+flags are ``bool``; ids are URL-safe strings.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+#: Every state an instance can be in (DESIGN.md, "Instance life").
+INSTANCE_STATES: tuple[str, ...] = (
+    "requested",
+    "starting",
+    "running",
+    "stopping",
+    "saving",
+    "uploading",
+    "saved",
+    "stopped",
+    "discarded",
+    "errored",
+)
+
+#: The states in which an instance holds (or is about to hold) compute: these
+#: count against a user's quota.
+ACTIVE_STATES: frozenset[str] = frozenset(
+    {"requested", "starting", "running", "stopping", "saving", "uploading"}
+)
+
+
+@dataclass(frozen=True)
+class User:
+    id: str
+    #: Unique, lower-case login name.
+    name: str
+    email: str | None
+    #: A password hash (the portal's own format), or None for external login only.
+    password_hash: str | None
+    display_name: str
+    is_admin: bool
+    #: The most instances this user may run at once; None for the portal's default.
+    max_instances: int | None
+    created: float
+    disabled: bool
+
+
+@dataclass(frozen=True)
+class Identity:
+    """An external login (OIDC, GitHub) linked to a user."""
+
+    provider: str
+    subject: str
+    user_id: str
+
+
+@dataclass(frozen=True)
+class Session:
+    """
+    A browser session. ``id`` is the secret the browser presents: the store
+    keeps only its SHA-256, so ``id`` is only ever what the caller gave.
+    """
+
+    id: str
+    user_id: str
+    csrf: str
+    created: float
+    expires: float
+    last_seen: float
+
+
+@dataclass(frozen=True)
+class ApiToken:
+    """A bearer token for the REST API; the token itself is shown only once."""
+
+    id: str
+    user_id: str
+    name: str
+    token_hash: str
+    created: float
+    last_used: float | None
+    revoked: bool
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    id: str
+    name: str
+    #: The scheduler's public key, a JWK as JSON text.
+    public_jwk: str
+    created: float
+    disabled: bool
+
+
+@dataclass(frozen=True)
+class Image:
+    id: str
+    name: str
+    #: An image reference (``docker.io/jupyter/base-notebook:latest``) or a saved image's URL.
+    ref: str
+    digest: str | None
+    #: None for a catalogue entry.
+    owner_id: str | None
+    #: The tool's HTTP port, or None to take the image's lowest exposed port.
+    port: int | None
+    created: float
+    deleted: bool
+
+
+@dataclass(frozen=True)
+class Instance:
+    #: DNS-label-safe and time-sortable (see ``newInstanceId``).
+    id: str
+    owner_id: str
+    image_id: str
+    scheduler_id: str | None
+    #: One of ``INSTANCE_STATES``.
+    state: str
+    #: Why it is in this state (shown to the user), chiefly for ``errored``.
+    reason: str | None
+    url: str | None
+    #: The instance's public key, a JWK as JSON text.
+    public_jwk: str | None
+    created: float
+    updated: float
+
+
+@dataclass(frozen=True)
+class Share:
+    """A user with whom an instance (or an image) is shared."""
+
+    user_id: str
+    instance_id: str | None = None
+    image_id: str | None = None
+
+
+@dataclass(frozen=True)
+class ShareLink:
+    """A link that gives whoever redeems it (logged in) use of an instance, until revoked."""
+
+    id: str
+    instance_id: str
+    token_hash: str
+    created: float
+    revoked: bool
+
+
+@dataclass(frozen=True)
+class LoginAttempt:
+    """Failed attempts counted for one key (a user name, an address) in a fixed window."""
+
+    key: str
+    window_start: float
+    count: int
+
+
+class Unset(enum.Enum):
+    """The type of ``UNSET``."""
+
+    UNSET = "UNSET"
+
+
+#: "Leave this field as it is" in ``update*`` calls, where None means "clear it".
+UNSET = Unset.UNSET

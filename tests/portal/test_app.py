@@ -1,0 +1,256 @@
+"""
+The portal's pages and well-known documents over real HTTP on loopback,
+with a real (SQLite) store and a test clock: login, sessions, CSRF, rate
+limits, keys.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import reactor
+from twisted.internet.task import Clock
+
+from dit4c.common.tokens import StaticKeySource, TokenVerifier
+from dit4c.portal import security
+from dit4c.portal.app import Portal, PortalConfig, safeNext
+from dit4c.portal.keys import KeyRing
+from dit4c.portal.store import openStore
+
+BASE = "http://portal.test"
+
+
+class Browser:
+    """An HTTP client that keeps cookies, as a browser would."""
+
+    def __init__(self, portal: Portal) -> None:
+        self.base = portal.testURL  # type: ignore[attr-defined]
+        self.cookies: dict[str, str] = {}
+
+    def _headers(self) -> dict[str, str]:
+        if not self.cookies:
+            return {}
+        return {"Cookie": "; ".join(f"{k}={v}" for k, v in self.cookies.items())}
+
+    def _keep(self, response: Any) -> list[str]:
+        setCookies = response.headers.getRawHeaders("set-cookie", [])
+        for raw in setCookies:
+            name, _, rest = raw.partition("=")
+            value = rest.split(";", 1)[0]
+            if "Max-Age=0" in raw:
+                self.cookies.pop(name, None)
+            else:
+                self.cookies[name] = value
+        return setCookies  # type: ignore[no-any-return]
+
+    async def get(self, path: str) -> tuple[Any, str]:
+        response = await treq.get(self.base + path, headers=self._headers(), allow_redirects=False)
+        self._keep(response)
+        return response, (await response.text())
+
+    async def post(self, path: str, data: dict[str, str]) -> tuple[Any, str]:
+        response = await treq.post(self.base + path, data=data, headers=self._headers(), allow_redirects=False)
+        self._keep(response)
+        return response, (await response.text())
+
+
+def csrfOf(page: str) -> str:
+    match = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert match, page
+    return match.group(1)
+
+
+@pytest_twisted.async_yield_fixture
+async def portal(tmp_path: Path) -> Any:
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    store = await openStore(f"sqlite:///{tmp_path / 'portal.db'}", reactor, clock=clock)
+    keys = KeyRing(tmp_path / "keys", issuer=BASE, clock=clock)
+    portal = Portal(store, keys, PortalConfig(publicURL=BASE, loginLimit=3), clock)
+    password = await security.hashPassword("correct horse battery")
+    await store.createUser("alice", password_hash=password, display_name="Alice A.")
+    port = serve(portal)
+    yield portal
+    await port.stopListening()
+    await store.close()
+
+
+def serve(portal: Portal) -> Any:
+    from twisted.web.server import Site
+
+    port = reactor.listenTCP(0, Site(portal.app.resource()), interface="127.0.0.1")
+    portal.testURL = f"http://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]
+    return port
+
+
+async def logIn(browser: Browser, name: str = "alice", password: str = "correct horse battery") -> Any:
+    _, page = await browser.get("/login")
+    response, _ = await browser.post(
+        "/login", {"csrf": csrfOf(page), "username": name, "password": password, "next": "/"}
+    )
+    return response
+
+
+@pytest_twisted.ensureDeferred
+async def test_login_sets_a_safe_session_cookie_and_shows_the_home_page(portal: Portal) -> None:
+    browser = Browser(portal)
+    response, _ = await browser.get("/")
+    assert response.code == 303 and response.headers.getRawHeaders("location") == ["/login"]
+
+    response = await logIn(browser)
+    assert response.code == 303
+    [cookie] = [c for c in response.headers.getRawHeaders("set-cookie") if c.startswith("dit4c_session=")]
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Path=/" in cookie
+    assert "Secure" not in cookie  # plain HTTP here; see the https test
+
+    response, page = await browser.get("/")
+    assert response.code == 200
+    assert "Alice A." in page
+    assert response.headers.getRawHeaders("x-frame-options") == ["DENY"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_cookies_are_secure_when_the_portal_is_on_https(tmp_path: Path) -> None:
+    clock = Clock()
+    store = await openStore(f"sqlite:///{tmp_path / 'p.db'}", reactor, clock=clock)
+    try:
+        portal = Portal(store, KeyRing(tmp_path / "k", issuer="https://p.test"), PortalConfig("https://p.test"), clock)
+        await store.createUser("bob", password_hash=await security.hashPassword("bobs password!"), display_name="")
+        port = serve(portal)
+        try:
+            browser = Browser(portal)
+            response = await logIn(browser, "bob", "bobs password!")
+            cookies = response.headers.getRawHeaders("set-cookie")
+            assert all("Secure" in c for c in cookies)
+        finally:
+            await port.stopListening()
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_password_and_unknown_user_look_the_same(portal: Portal) -> None:
+    browser = Browser(portal)
+    response = await logIn(browser, "alice", "wrong")
+    assert response.code == 401
+    response = await logIn(browser, "nobody", "wrong")
+    assert response.code == 401
+    assert "dit4c_session" not in browser.cookies
+
+
+@pytest_twisted.ensureDeferred
+async def test_login_without_the_csrf_token_is_refused(portal: Portal) -> None:
+    browser = Browser(portal)
+    await browser.get("/login")
+    response, page = await browser.post(
+        "/login", {"csrf": "forged", "username": "alice", "password": "correct horse battery"}
+    )
+    assert response.code == 400
+    assert "dit4c_session" not in browser.cookies
+    # A token from the form but no matching cookie (a cross-site post) fails too.
+    other = Browser(portal)
+    _, form = await other.get("/login")
+    stranger = Browser(portal)
+    response, _ = await stranger.post(
+        "/login", {"csrf": csrfOf(form), "username": "alice", "password": "correct horse battery"}
+    )
+    assert response.code == 400
+
+
+@pytest_twisted.ensureDeferred
+async def test_login_attempts_are_rate_limited(portal: Portal) -> None:
+    browser = Browser(portal)
+    for _ in range(3):
+        assert (await logIn(browser, "alice", "wrong")).code == 401
+    # Even the right password is refused while the limit holds.
+    response = await logIn(browser, "alice", "correct horse battery")
+    assert response.code == 429
+    portal.clock.advance(portal.config.loginWindow + 1)  # type: ignore[attr-defined]
+    assert (await logIn(browser)).code == 303
+
+
+@pytest_twisted.ensureDeferred
+async def test_session_rotates_at_login_and_logout_needs_csrf(portal: Portal) -> None:
+    browser = Browser(portal)
+    browser.cookies["dit4c_session"] = "planted-by-an-attacker"
+    await logIn(browser)
+    assert browser.cookies["dit4c_session"] != "planted-by-an-attacker"
+    _, home = await browser.get("/")
+    csrf = csrfOf(home)
+
+    response, _ = await browser.post("/logout", {"csrf": "wrong"})
+    assert response.code == 400
+    response, _ = await browser.get("/")
+    assert response.code == 200  # still logged in
+
+    token = browser.cookies["dit4c_session"]
+    response, _ = await browser.post("/logout", {"csrf": csrf})
+    assert response.code == 303
+    # The old session is gone on the server, not just forgotten by the browser.
+    replay = Browser(portal)
+    replay.cookies["dit4c_session"] = token
+    response, _ = await replay.get("/")
+    assert response.code == 303
+
+
+@pytest_twisted.ensureDeferred
+async def test_sessions_expire(portal: Portal) -> None:
+    browser = Browser(portal)
+    await logIn(browser)
+    portal.clock.advance(portal.config.sessionLifetime + 1)  # type: ignore[attr-defined]
+    response, _ = await browser.get("/")
+    assert response.code == 303
+
+
+@pytest.mark.parametrize(
+    "given, expected",
+    [("/instances", "/instances"), ("//evil.example/", "/"), ("https://evil.example/", "/"), ("/\\evil", "/"), (None, "/")],
+)
+def test_next_is_only_ever_a_local_path(given: str | None, expected: str) -> None:
+    assert safeNext(given) == expected
+
+
+@pytest_twisted.ensureDeferred
+async def test_jwks_and_discovery(portal: Portal) -> None:
+    browser = Browser(portal)
+    response, body = await browser.get("/.well-known/jwks.json")
+    import json
+
+    jwks = json.loads(body)
+    assert [k["kid"] for k in jwks["keys"]]
+    assert all("d" not in k for k in jwks["keys"])
+    # A token the portal signs verifies against what it publishes.
+    token = portal.keys.signer().sign({"sub": "x"}, audience="someone", lifetime=60)
+    claims = await TokenVerifier(StaticKeySource(jwks), audience="someone", clock=portal.clock).verify(token)
+    assert claims["iss"] == BASE
+    response, body = await browser.get("/.well-known/openid-configuration")
+    discovery = json.loads(body)
+    assert discovery["jwks_uri"] == BASE + "/.well-known/jwks.json"
+    assert discovery["code_challenge_methods_supported"] == ["S256"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_key_rotation_keeps_old_keys_published_for_a_while(portal: Portal) -> None:
+    old = portal.keys.signer().sign({"sub": "x"}, audience="a", lifetime=3600)
+    portal.keys.rotate()
+    browser = Browser(portal)
+    import json
+
+    _, body = await browser.get("/.well-known/jwks.json")
+    assert len(json.loads(body)["keys"]) == 2
+    await TokenVerifier(StaticKeySource(json.loads(body)), audience="a", clock=portal.clock).verify(old)
+    portal.clock.advance(portal.keys.retain + 1)  # type: ignore[attr-defined]
+    _, body = await browser.get("/.well-known/jwks.json")
+    assert len(json.loads(body)["keys"]) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_page_is_a_404_page(portal: Portal) -> None:
+    response, page = await Browser(portal).get("/no/such/page")
+    assert response.code == 404
+    assert "Not Found" in page
