@@ -232,6 +232,12 @@ class Portal:
 
         return File(str(Path(__file__).parent / "static"))
 
+    @app.route("/admin/", branch=True)
+    def adminPages(self, request: IRequest) -> Any:
+        from dit4c.portal.admin import AdminPages
+
+        return AdminPages(self).app.resource()
+
     @app.route("/health", methods=["GET"])
     def health(self, request: IRequest) -> bytes:
         return self.json(request, {"status": "ok"})

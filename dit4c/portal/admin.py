@@ -1,0 +1,213 @@
+"""
+Administrators' pages: people (add, disable, quota, administrator rights),
+the image catalogue, and schedulers (registered by their public key).
+
+A separate Klein app mounted at ``/admin/``; every page needs an
+administrator's session and every form its CSRF token. What is done here can
+also be done with the ``dit4c`` command-line tool.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import TYPE_CHECKING, Any
+
+from klein import Klein
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+
+from dit4c.portal import security
+from dit4c.portal.store.errors import StoreError
+
+if TYPE_CHECKING:
+    from dit4c.portal.app import LoggedIn, Portal
+
+
+def publicJWKProblem(text: str) -> tuple[dict[str, Any] | None, str | None]:
+    """Parse a scheduler's public JWK; refuse anything private or unusable."""
+    try:
+        jwk = json.loads(text)
+    except ValueError:
+        return None, "The key is not JSON."
+    if not isinstance(jwk, dict):
+        return None, "The key must be a JSON object (a JWK)."
+    if any(member in jwk for member in ("d", "p", "q", "dp", "dq", "qi", "k")):
+        return None, "That is a private key. Register the public key only."
+    from dit4c.common.tokens import parse_jwks
+
+    if not parse_jwks({"keys": [dict(jwk, kid=jwk.get("kid", "k"))]}):
+        return None, "The key must be an EC P-256 or Ed25519 public key."
+    return jwk, None
+
+
+class AdminPages:
+    app = Klein()
+    log = Logger()
+
+    def __init__(self, portal: Portal) -> None:
+        self.portal = portal
+        self.store = portal.store
+
+    async def admin(self, request: IRequest) -> LoggedIn | None:
+        who = await self.portal.loggedIn(request)
+        if who is None:
+            self.portal.redirect(request, "/login?next=/admin/")
+            return None
+        if not who.user.is_admin:
+            request.setResponseCode(403)
+            return None
+        return who
+
+    async def page(self, request: IRequest, who: LoggedIn, status: int = 200, **extra: Any) -> bytes:
+        users = await self.store.listUsers(0, 1000)
+        images = await self.store.listCatalogue()
+        schedulers = await self.store.listSchedulers()
+        return self.portal.render(
+            request,
+            "admin.html",
+            status,
+            user=who.user,
+            csrf=who.session.csrf,
+            users=users,
+            images=images,
+            schedulers=schedulers,
+            **extra,
+        )
+
+    async def guarded(self, request: IRequest) -> LoggedIn | bytes:
+        """The administrator behind a form post, or the answer to give instead."""
+        who = await self.admin(request)
+        if who is None:
+            return self.forbidden(request)
+        if not self.portal.csrfOK(request, who.session.csrf):
+            request.setResponseCode(400)
+            return self.portal.render(
+                request, "error.html", 400, title="Form expired", message="Reload the page and try again."
+            )
+        return who
+
+    def forbidden(self, request: IRequest) -> bytes:
+        if request.code == 303:  # type: ignore[attr-defined]
+            return b""
+        return self.portal.render(
+            request, "error.html", 403, title="Forbidden", message="Only administrators may see this page."
+        )
+
+    @app.route("/", methods=["GET"])
+    async def index(self, request: IRequest) -> bytes:
+        who = await self.admin(request)
+        if who is None:
+            return self.forbidden(request)
+        return await self.page(request, who)
+
+    @app.route("/users", methods=["POST"])
+    async def addUser(self, request: IRequest) -> bytes:
+        who = await self.guarded(request)
+        if isinstance(who, bytes):
+            return who
+        arg = self.portal.arg
+        name = (arg(request, "name") or "").strip().lower()
+        password = secrets.token_urlsafe(15)
+        try:
+            created = await self.store.createUser(
+                name,
+                display_name=(arg(request, "display_name") or "").strip() or None,
+                email=(arg(request, "email") or "").strip() or None,
+                is_admin=arg(request, "is_admin") == "on",
+                password_hash=await security.hashPassword(password),
+            )
+        except StoreError as e:
+            return await self.page(request, who, 400, error=str(e))
+        self.log.info("{admin} added user {name}", admin=who.user.name, name=created.name)
+        # The password is shown once, on this page only: it is in no log.
+        return await self.page(request, who, message=f"Added {created.name}.", newPassword=password)
+
+    @app.route("/users/<user_id>", methods=["POST"])
+    async def changeUser(self, request: IRequest, user_id: str) -> bytes:
+        who = await self.guarded(request)
+        if isinstance(who, bytes):
+            return who
+        arg = self.portal.arg
+        changes: dict[str, Any] = {}
+        action = arg(request, "action")
+        if action in ("disable", "enable"):
+            if user_id == who.user.id:
+                return await self.page(request, who, 400, error="You cannot disable yourself.")
+            changes["disabled"] = action == "disable"
+        elif action == "quota":
+            raw = (arg(request, "max_instances") or "").strip()
+            if raw and not (raw.isdigit() and int(raw) <= 10000):
+                return await self.page(request, who, 400, error="A quota is a whole number (or empty).")
+            changes["max_instances"] = int(raw) if raw else None
+        elif action in ("grant-admin", "revoke-admin"):
+            if user_id == who.user.id:
+                return await self.page(request, who, 400, error="You cannot change your own rights.")
+            changes["is_admin"] = action == "grant-admin"
+        else:
+            return await self.page(request, who, 400, error="Unknown action.")
+        try:
+            await self.store.updateUser(user_id, **changes)
+            if changes.get("disabled"):
+                await self.store.deleteSessionsOfUser(user_id)
+        except StoreError as e:
+            return await self.page(request, who, 400, error=str(e))
+        self.log.info("{admin} changed user {id}: {action}", admin=who.user.name, id=user_id, action=action)
+        return await self.page(request, who, message="Saved.")
+
+    @app.route("/images", methods=["POST"])
+    async def addImage(self, request: IRequest) -> bytes:
+        who = await self.guarded(request)
+        if isinstance(who, bytes):
+            return who
+        arg = self.portal.arg
+        name = (arg(request, "name") or "").strip()
+        ref = (arg(request, "ref") or "").strip()
+        rawPort = (arg(request, "port") or "").strip()
+        if not name or not ref:
+            return await self.page(request, who, 400, error="An image needs a name and a reference.")
+        if rawPort and not (rawPort.isdigit() and 0 < int(rawPort) < 65536):
+            return await self.page(request, who, 400, error="The port must be between 1 and 65535.")
+        await self.store.createImage(name, ref, owner_id=None, port=int(rawPort) if rawPort else None)
+        return await self.page(request, who, message=f"Added {name} to the catalogue.")
+
+    @app.route("/images/<image_id>/delete", methods=["POST"])
+    async def deleteImage(self, request: IRequest, image_id: str) -> bytes:
+        who = await self.guarded(request)
+        if isinstance(who, bytes):
+            return who
+        try:
+            await self.store.deleteImage(image_id)
+        except StoreError as e:
+            return await self.page(request, who, 400, error=str(e))
+        return await self.page(request, who, message="Removed from the catalogue.")
+
+    @app.route("/schedulers", methods=["POST"])
+    async def addScheduler(self, request: IRequest) -> bytes:
+        who = await self.guarded(request)
+        if isinstance(who, bytes):
+            return who
+        name = (self.portal.arg(request, "name") or "").strip()
+        jwk, problem = publicJWKProblem(self.portal.arg(request, "public_jwk") or "")
+        if problem or not name:
+            return await self.page(request, who, 400, error=problem or "A scheduler needs a name.")
+        try:
+            scheduler = await self.store.createScheduler(name, json.dumps(jwk))
+        except StoreError as e:
+            return await self.page(request, who, 400, error=str(e))
+        self.log.info("{admin} registered scheduler {name}", admin=who.user.name, name=name)
+        return await self.page(request, who, message=f"Registered scheduler {name} ({scheduler.id}).")
+
+    @app.route("/schedulers/<scheduler_id>", methods=["POST"])
+    async def changeScheduler(self, request: IRequest, scheduler_id: str) -> bytes:
+        who = await self.guarded(request)
+        if isinstance(who, bytes):
+            return who
+        action = self.portal.arg(request, "action")
+        if action not in ("disable", "enable"):
+            return await self.page(request, who, 400, error="Unknown action.")
+        try:
+            await self.store.updateScheduler(scheduler_id, disabled=action == "disable")
+        except StoreError as e:
+            return await self.page(request, who, 400, error=str(e))
+        return await self.page(request, who, message="Saved.")

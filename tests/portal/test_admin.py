@@ -1,0 +1,106 @@
+"""Administrators' pages: only administrators, CSRF on every form, and what each form does."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest_twisted
+from test_app import Browser, csrfOf, logIn, portal  # noqa: F401  (portal is a fixture)
+
+from dit4c.common.keys import generate_private_key, public_jwk
+from dit4c.portal import security
+from dit4c.portal.app import Portal
+
+
+async def adminBrowser(portal: Portal) -> Browser:  # noqa: F811
+    await portal.store.createUser(
+        "root", password_hash=await security.hashPassword("root password!"), is_admin=True
+    )
+    browser = Browser(portal)
+    assert (await logIn(browser, "root", "root password!")).code == 303
+    return browser
+
+
+@pytest_twisted.ensureDeferred
+async def test_only_administrators_see_the_admin_pages(portal: Portal) -> None:  # noqa: F811
+    anonymous = Browser(portal)
+    response, _ = await anonymous.get("/admin/")
+    assert response.code == 303 and response.headers.getRawHeaders("location")[0].startswith("/login")
+    alice = Browser(portal)
+    await logIn(alice)
+    response, page = await alice.get("/admin/")
+    assert response.code == 403
+    _, home = await alice.get("/")
+    response, _ = await alice.post("/admin/users", {"csrf": csrfOf(home), "name": "mallory"})
+    assert response.code == 403
+    assert await portal.store.userByName("mallory") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_add_a_person_who_can_then_log_in(portal: Portal) -> None:  # noqa: F811
+    admin = await adminBrowser(portal)
+    _, page = await admin.get("/admin/")
+    response, page = await admin.post(
+        "/admin/users", {"csrf": csrfOf(page), "name": "Dana", "display_name": "Dana D."}
+    )
+    assert response.code == 200
+    password = re.search(r'<code id="new-password">([^<]+)</code>', page).group(1)  # type: ignore[union-attr]
+    dana = Browser(portal)
+    assert (await logIn(dana, "dana", password)).code == 303
+    # A taken name is refused with a reason.
+    response, page = await admin.post("/admin/users", {"csrf": csrfOf(page), "name": "dana"})
+    assert response.code == 400 and "taken" in page
+
+
+@pytest_twisted.ensureDeferred
+async def test_forms_need_the_csrf_token(portal: Portal) -> None:  # noqa: F811
+    admin = await adminBrowser(portal)
+    response, _ = await admin.post("/admin/users", {"csrf": "forged", "name": "eve"})
+    assert response.code == 400
+    assert await portal.store.userByName("eve") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_disable_ends_sessions_and_quota_is_saved(portal: Portal) -> None:  # noqa: F811
+    admin = await adminBrowser(portal)
+    alice = Browser(portal)
+    await logIn(alice)
+    user = await portal.store.userByName("alice")
+    _, page = await admin.get("/admin/")
+    await admin.post(f"/admin/users/{user.id}", {"csrf": csrfOf(page), "action": "quota", "max_instances": "3"})
+    assert (await portal.store.userById(user.id)).max_instances == 3
+    response, page = await admin.post(
+        f"/admin/users/{user.id}", {"csrf": csrfOf(page), "action": "quota", "max_instances": "lots"}
+    )
+    assert response.code == 400
+    await admin.post(f"/admin/users/{user.id}", {"csrf": csrfOf(page), "action": "disable"})
+    response, _ = await alice.get("/")
+    assert response.code == 303  # logged out: the session went with the account
+    assert (await logIn(alice)).code == 401
+
+
+@pytest_twisted.ensureDeferred
+async def test_catalogue_and_schedulers(portal: Portal) -> None:  # noqa: F811
+    admin = await adminBrowser(portal)
+    _, page = await admin.get("/admin/")
+    csrf = csrfOf(page)
+    response, page = await admin.post("/admin/images", {"csrf": csrf, "name": "JupyterLab", "ref": "jupyter", "port": "8888"})
+    assert response.code == 200
+    [image] = await portal.store.listCatalogue()
+    assert (image.name, image.ref, image.port) == ("JupyterLab", "jupyter", 8888)
+
+    key = generate_private_key()
+    response, page = await admin.post(
+        "/admin/schedulers", {"csrf": csrf, "name": "cluster-a", "public_jwk": json.dumps(public_jwk(key))}
+    )
+    assert response.code == 200
+    [scheduler] = await portal.store.listSchedulers()
+    assert scheduler.name == "cluster-a"
+    # A private key is refused: only public keys are ever registered.
+    from jwt.algorithms import ECAlgorithm
+
+    private = json.loads(ECAlgorithm.to_jwk(key))
+    response, page = await admin.post("/admin/schedulers", {"csrf": csrf, "name": "oops", "public_jwk": json.dumps(private)})
+    assert response.code == 400 and "private key" in page
+    assert len(await portal.store.listSchedulers()) == 1
