@@ -33,6 +33,8 @@ class PortalConfig:
     loginLimit: int = 10
     loginWindow: float = 900.0
     sessionLifetime: float = 12 * 3600.0
+    #: Instances a person may run at once unless an administrator set theirs.
+    defaultQuota: int = 4
 
     @property
     def secure(self) -> bool:
@@ -55,15 +57,33 @@ def safeNext(value: str | None) -> str:
     return value
 
 
+class NoChannel:
+    """A portal without schedulers: commands are refused, nothing is connected."""
+
+    def send(self, scheduler_id: str, op: str, instance_id: str, params: dict[str, Any]) -> Any:
+        from dit4c.portal.instances import NoScheduler
+
+        raise NoScheduler("This portal has no scheduler channel.")
+
+    def connected(self, scheduler_id: str) -> bool:
+        return False
+
+
 class Portal:
     app = Klein()
     log = Logger()
 
-    def __init__(self, store: Any, keys: KeyRing, config: PortalConfig, clock: Any) -> None:
+    def __init__(
+        self, store: Any, keys: KeyRing, config: PortalConfig, clock: Any, commands: Any = None
+    ) -> None:
+        from dit4c.portal.instances import Instances
+
         self.store = store
         self.keys = keys
         self.config = config
         self.clock = clock
+        #: Where instance commands go (the scheduler channel).
+        self.instances = Instances(store, commands or NoChannel(), defaultQuota=config.defaultQuota)
         self.cookies = CookiePolicy(secure=config.secure, sessionLifetime=config.sessionLifetime)
         self.templates = Environment(
             loader=PackageLoader("dit4c.portal", "templates"),
@@ -231,6 +251,12 @@ class Portal:
         from twisted.web.static import File
 
         return File(str(Path(__file__).parent / "static"))
+
+    @app.route("/api/v1/", branch=True)
+    def api(self, request: IRequest) -> Any:
+        from dit4c.portal.api import API
+
+        return API(self).app.resource()
 
     @app.route("/admin/", branch=True)
     def adminPages(self, request: IRequest) -> Any:

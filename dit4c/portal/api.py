@@ -1,0 +1,312 @@
+"""
+The portal's JSON REST API, mounted at ``/api/v1/`` and described by the
+OpenAPI document it serves at ``/api/v1/openapi.json``.
+
+Callers authenticate with a personal API token (``Authorization: Bearer
+dit4c_...``) or, from the portal's own pages, with the session cookie plus
+the session's CSRF token in an ``X-CSRF-Token`` header on every request that
+changes something. Errors are JSON: ``{"error": code, "reason": text}``.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+from klein import Klein
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+
+from dit4c.portal import security
+from dit4c.portal.instances import InstanceError
+from dit4c.portal.store.errors import StoreError
+
+if TYPE_CHECKING:
+    from dit4c.portal.app import Portal
+    from dit4c.portal.store.model import Instance, User
+
+MAX_BODY = 64 * 1024
+
+
+class APIError(Exception):
+    def __init__(self, status: int, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.code, self.reason = status, code, reason
+
+
+def instanceJSON(instance: Instance) -> dict[str, Any]:
+    return {
+        "id": instance.id,
+        "state": instance.state,
+        "reason": instance.reason,
+        "url": instance.url,
+        "image": instance.image_id,
+        "owner": instance.owner_id,
+        "scheduler": instance.scheduler_id,
+        "created": instance.created,
+        "updated": instance.updated,
+    }
+
+
+def userJSON(user: User) -> dict[str, Any]:
+    return {
+        "id": user.id,
+        "name": user.name,
+        "display_name": user.display_name,
+        "email": user.email,
+        "is_admin": user.is_admin,
+        "max_instances": user.max_instances,
+        "disabled": user.disabled,
+    }
+
+
+class API:
+    app = Klein()
+    log = Logger()
+
+    def __init__(self, portal: Portal) -> None:
+        self.portal = portal
+        self.store = portal.store
+        self.instances = portal.instances
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    async def caller(self, request: IRequest) -> User:
+        authorization = request.getHeader(b"authorization")
+        if authorization:
+            scheme, _, token = authorization.partition(b" ")
+            if scheme.lower() != b"bearer" or not token:
+                raise APIError(401, "unauthenticated", "Use 'Authorization: Bearer <API token>'.")
+            user = await self.store.userByApiToken(token.decode("ascii", "replace").strip())
+            if user is None:
+                raise APIError(401, "unauthenticated", "That API token is not valid.")
+            return user
+        who = await self.portal.loggedIn(request)
+        if who is None:
+            raise APIError(401, "unauthenticated", "Log in, or send an API token.")
+        if request.method not in (b"GET", b"HEAD") and not security.tokensEqual(
+            request.getHeader(b"x-csrf-token"), who.session.csrf
+        ):
+            raise APIError(403, "csrf", "Missing or wrong X-CSRF-Token header.")
+        return who.user
+
+    async def admin(self, request: IRequest) -> User:
+        user = await self.caller(request)
+        if not user.is_admin:
+            raise APIError(403, "forbidden", "Only administrators may do this.")
+        return user
+
+    @staticmethod
+    def body(request: IRequest) -> dict[str, Any]:
+        raw = request.content.read(MAX_BODY + 1)
+        if len(raw) > MAX_BODY:
+            raise APIError(413, "too_large", f"Request bodies are limited to {MAX_BODY} bytes.")
+        if not raw:
+            return {}
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            raise APIError(400, "bad_json", "The body is not JSON.") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "bad_json", "The body must be a JSON object.")
+        return body
+
+    @staticmethod
+    def field(body: dict[str, Any], name: str, required: bool = True) -> Any:
+        value = body.get(name)
+        if required and (value is None or value == ""):
+            raise APIError(400, "missing", f"The field {name!r} is required.")
+        if value is not None and not isinstance(value, (str, int, bool)):
+            raise APIError(400, "bad_field", f"The field {name!r} has the wrong type.")
+        return value
+
+    def reply(self, request: IRequest, body: Any, status: int = 200) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps(body).encode()
+
+    @app.handle_errors(APIError)
+    def apiError(self, request: IRequest, failure: Any) -> bytes:
+        e = failure.value
+        return self.reply(request, {"error": e.code, "reason": e.reason}, e.status)
+
+    @app.handle_errors(InstanceError)
+    def instanceError(self, request: IRequest, failure: Any) -> bytes:
+        e = failure.value
+        return self.reply(request, {"error": e.code, "reason": str(e)}, e.status)
+
+    @app.handle_errors(StoreError)
+    def storeError(self, request: IRequest, failure: Any) -> bytes:
+        from dit4c.portal.store.errors import Conflict, NotFound
+
+        status = 404 if failure.check(NotFound) else 409 if failure.check(Conflict) else 400
+        return self.reply(request, {"error": "store", "reason": str(failure.value)}, status)
+
+    @app.handle_errors(Exception)
+    def failed(self, request: IRequest, failure: Any) -> bytes:
+        from werkzeug.exceptions import HTTPException
+
+        if failure.check(HTTPException):
+            e = failure.value
+            return self.reply(request, {"error": "http", "reason": e.description}, e.code)
+        self.log.failure("API request failed: {uri}", failure, uri=request.uri)
+        return self.reply(request, {"error": "internal", "reason": "The portal failed."}, 500)
+
+    # -- the caller ---------------------------------------------------------------------------
+
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi(self, request: IRequest) -> bytes:
+        from dit4c.portal.openapi import document
+
+        return self.reply(request, document(self.portal.config.publicURL))
+
+    @app.route("/me", methods=["GET"])
+    async def me(self, request: IRequest) -> bytes:
+        return self.reply(request, userJSON(await self.caller(request)))
+
+    @app.route("/tokens", methods=["GET"])
+    async def tokens(self, request: IRequest) -> bytes:
+        user = await self.caller(request)
+        tokens = await self.store.listApiTokens(user.id)
+        return self.reply(
+            request,
+            [{"id": t.id, "name": t.name, "created": t.created, "last_used": t.last_used, "revoked": t.revoked} for t in tokens],
+        )
+
+    @app.route("/tokens", methods=["POST"])
+    async def newToken(self, request: IRequest) -> bytes:
+        user = await self.caller(request)
+        name = str(self.field(self.body(request), "name"))[:100]
+        token, plain = await self.store.createApiToken(user.id, name)
+        return self.reply(request, {"id": token.id, "name": token.name, "token": plain}, 201)
+
+    @app.route("/tokens/<token_id>", methods=["DELETE"])
+    async def revokeToken(self, request: IRequest, token_id: str) -> bytes:
+        user = await self.caller(request)
+        await self.store.revokeApiToken(token_id, user.id)
+        return self.reply(request, {"revoked": token_id})
+
+    # -- images and instances ------------------------------------------------------------------
+
+    @app.route("/images", methods=["GET"])
+    async def images(self, request: IRequest) -> bytes:
+        user = await self.caller(request)
+        return self.reply(
+            request,
+            [
+                {"id": i.id, "name": i.name, "ref": i.ref, "port": i.port, "mine": i.owner_id == user.id}
+                for i in await self.instances.images(user)
+            ],
+        )
+
+    @app.route("/instances", methods=["GET"])
+    async def listInstances(self, request: IRequest) -> bytes:
+        user = await self.caller(request)
+        mine = await self.store.listInstancesOf(user.id)
+        shared = await self.store.listInstancesSharedWith(user.id)
+        return self.reply(
+            request,
+            [dict(instanceJSON(i), shared=False) for i in mine] + [dict(instanceJSON(i), shared=True) for i in shared],
+        )
+
+    @app.route("/instances", methods=["POST"])
+    async def startInstance(self, request: IRequest) -> bytes:
+        user = await self.caller(request)
+        body = self.body(request)
+        instance = await self.instances.start(
+            user, str(self.field(body, "image")), self.field(body, "scheduler", required=False)
+        )
+        request.setHeader(b"location", f"/api/v1/instances/{instance.id}".encode())
+        return self.reply(request, instanceJSON(instance), 201)
+
+    @app.route("/instances/<instance_id>", methods=["GET"])
+    async def getInstance(self, request: IRequest, instance_id: str) -> bytes:
+        user = await self.caller(request)
+        instance = await self.store.instanceById(instance_id)
+        if instance is None or not (
+            instance.owner_id == user.id or user.is_admin or await self.store.mayUseInstance(user.id, instance.id)
+        ):
+            raise APIError(404, "not_found", "There is no such instance of yours.")
+        return self.reply(request, instanceJSON(instance))
+
+    @app.route("/instances/<instance_id>/<action>", methods=["POST"])
+    async def instanceAction(self, request: IRequest, instance_id: str, action: str) -> bytes:
+        user = await self.caller(request)
+        if action == "shares":
+            await self.instances.share(user, instance_id, str(self.field(self.body(request), "user")))
+            return self.reply(request, {"shared_with": await self.store.listInstanceShares(instance_id)})
+        if action not in ("stop", "save", "discard"):
+            raise APIError(404, "not_found", f"Instances have no action {action!r}.")
+        return self.reply(request, instanceJSON(await self.instances.act(user, instance_id, action)))
+
+    @app.route("/instances/<instance_id>/shares/<name>", methods=["DELETE"])
+    async def unshare(self, request: IRequest, instance_id: str, name: str) -> bytes:
+        user = await self.caller(request)
+        await self.instances.unshare(user, instance_id, name)
+        return self.reply(request, {"shared_with": await self.store.listInstanceShares(instance_id)})
+
+    # -- administration --------------------------------------------------------------------------
+
+    @app.route("/admin/users", methods=["GET"])
+    async def users(self, request: IRequest) -> bytes:
+        await self.admin(request)
+        return self.reply(request, [userJSON(u) for u in await self.store.listUsers(0, 10000)])
+
+    @app.route("/admin/users", methods=["POST"])
+    async def addUser(self, request: IRequest) -> bytes:
+        caller = await self.admin(request)
+        body = self.body(request)
+        password = secrets.token_urlsafe(15)
+        user = await self.store.createUser(
+            str(self.field(body, "name")),
+            display_name=self.field(body, "display_name", required=False),
+            email=self.field(body, "email", required=False),
+            is_admin=bool(self.field(body, "is_admin", required=False)),
+            max_instances=self.field(body, "max_instances", required=False),
+            password_hash=await security.hashPassword(password),
+        )
+        self.log.info("{admin} added user {name} (API)", admin=caller.name, name=user.name)
+        return self.reply(request, dict(userJSON(user), password=password), 201)
+
+    @app.route("/admin/users/<user_id>", methods=["PATCH"])
+    async def changeUser(self, request: IRequest, user_id: str) -> bytes:
+        caller = await self.admin(request)
+        body = self.body(request)
+        allowed = {"display_name", "email", "is_admin", "max_instances", "disabled"}
+        unknown = set(body) - allowed
+        if unknown:
+            raise APIError(400, "bad_field", f"Unknown fields: {', '.join(sorted(unknown))}.")
+        if user_id == caller.id and ({"is_admin", "disabled"} & set(body)):
+            raise APIError(400, "refused", "You cannot change your own rights or disable yourself.")
+        user = await self.store.updateUser(user_id, **body)
+        if body.get("disabled"):
+            await self.store.deleteSessionsOfUser(user_id)
+        return self.reply(request, userJSON(user))
+
+    @app.route("/admin/images", methods=["POST"])
+    async def addImage(self, request: IRequest) -> bytes:
+        await self.admin(request)
+        body = self.body(request)
+        port = self.field(body, "port", required=False)
+        if port is not None and not (isinstance(port, int) and 0 < port < 65536):
+            raise APIError(400, "bad_field", "The port must be a number between 1 and 65535.")
+        image = await self.store.createImage(
+            str(self.field(body, "name")), str(self.field(body, "ref")), owner_id=None, port=port
+        )
+        return self.reply(request, asdict(image), 201)
+
+    @app.route("/admin/schedulers", methods=["POST"])
+    async def addScheduler(self, request: IRequest) -> bytes:
+        from dit4c.portal.admin import publicJWKProblem
+
+        await self.admin(request)
+        body = self.body(request)
+        jwk = body.get("public_jwk")
+        parsed, problem = publicJWKProblem(json.dumps(jwk) if isinstance(jwk, dict) else str(jwk or ""))
+        if problem:
+            raise APIError(400, "bad_key", problem)
+        scheduler = await self.store.createScheduler(str(self.field(body, "name")), json.dumps(parsed))
+        return self.reply(request, {"id": scheduler.id, "name": scheduler.name}, 201)

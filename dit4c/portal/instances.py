@@ -1,0 +1,167 @@
+"""
+What a person can do with instances, in one place for the pages and the
+REST API: start (quota and placement), stop, save, discard, share.
+
+Each action checks who may do it, changes the instance's state with a
+compare-and-set (two clicks cannot both win), and hands a command to the
+scheduler through an :class:`ICommandSink` (the scheduler channel). Every
+refusal is an :class:`InstanceError` whose message a person can act on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from zope.interface import Interface
+
+from dit4c.portal.store.errors import Conflict
+from dit4c.portal.store.model import ACTIVE_STATES, Image, Instance, User
+
+
+class ICommandSink(Interface):
+    """Where instance commands go: the scheduler channel."""
+
+    def send(scheduler_id: str, op: str, instance_id: str, params: dict[str, Any]) -> Deferred[str]:
+        """Persist a command for a scheduler and deliver it (now, or when it connects)."""
+
+    def connected(scheduler_id: str) -> bool:
+        """Whether that scheduler has a live channel now."""
+
+
+class InstanceError(Exception):
+    """An action on an instance was refused; the message says why."""
+
+    status = 400
+    code = "refused"
+
+
+class NotFound(InstanceError):
+    status = 404
+    code = "not_found"
+
+
+class Forbidden(InstanceError):
+    status = 403
+    code = "forbidden"
+
+
+class QuotaExceeded(InstanceError):
+    status = 409
+    code = "quota"
+
+
+class NoScheduler(InstanceError):
+    status = 503
+    code = "no_scheduler"
+
+
+class WrongState(InstanceError):
+    status = 409
+    code = "state"
+
+
+#: state an action needs → the state it moves to, and the command it sends.
+_ACTIONS: dict[str, tuple[frozenset[str], str]] = {
+    "stop": (frozenset({"requested", "starting", "running"}), "stopping"),
+    "save": (frozenset({"running"}), "stopping"),
+    "discard": (frozenset({"stopped", "saved", "errored"}), "discarded"),
+}
+
+
+class Instances:
+    log = Logger()
+
+    def __init__(self, store: Any, commands: Any, *, defaultQuota: int = 4) -> None:
+        self.store = store
+        self.commands = commands
+        self.defaultQuota = defaultQuota
+
+    def quotaOf(self, user: User) -> int:
+        return user.max_instances if user.max_instances is not None else self.defaultQuota
+
+    async def images(self, user: User) -> list[Image]:
+        """What ``user`` may start: the catalogue, their saved images, and images shared with them."""
+        return (
+            list(await self.store.listCatalogue())
+            + list(await self.store.listImagesOf(user.id))
+            + list(await self.store.listImagesSharedWith(user.id))
+        )
+
+    async def start(self, user: User, image_id: str, scheduler_id: str | None = None) -> Instance:
+        image = await self.store.imageById(image_id)
+        if image is None or image.deleted:
+            raise NotFound("There is no such image.")
+        if image.owner_id is not None and not await self.store.mayUseImage(user.id, image.id):
+            raise Forbidden("That image is not yours and was not shared with you.")
+        running = await self.store.countRunningInstancesOf(user.id)
+        quota = self.quotaOf(user)
+        if running >= quota:
+            raise QuotaExceeded(
+                f"You may run {quota} instance{'s' if quota != 1 else ''} at once and have {running}; "
+                "stop one first."
+            )
+        scheduler = await self._placement(scheduler_id)
+        instance = await self.store.createInstance(user.id, image.id, scheduler_id=scheduler)
+        params = {"image": image.ref, "port": image.port, "digest": image.digest}
+        await self.commands.send(scheduler, "start", instance.id, params)
+        self.log.info("{user} started {instance} from {image}", user=user.name, instance=instance.id, image=image.name)
+        return instance
+
+    async def _placement(self, wanted: str | None) -> str:
+        schedulers = [s for s in await self.store.listSchedulers() if not s.disabled]
+        if wanted is not None:
+            chosen = [s for s in schedulers if s.id == wanted]
+            if not chosen:
+                raise NoScheduler("That cluster does not exist or is not taking instances.")
+            return wanted
+        connected = [s.id for s in schedulers if self.commands.connected(s.id)]
+        if connected:
+            return connected[0]
+        if schedulers:
+            # Commands wait for a scheduler that is away; the person sees
+            # "requested" until it comes back.
+            return schedulers[0].id
+        raise NoScheduler("No cluster is available to run instances now.")
+
+    async def owned(self, user: User, instance_id: str) -> Instance:
+        instance = await self.store.instanceById(instance_id)
+        if instance is None or (instance.owner_id != user.id and not user.is_admin):
+            raise NotFound("There is no such instance of yours.")
+        return instance
+
+    async def act(self, user: User, instance_id: str, action: str) -> Instance:
+        if action not in _ACTIONS:
+            raise InstanceError(f"Unknown action {action!r}.")
+        instance = await self.owned(user, instance_id)
+        allowed, next_state = _ACTIONS[action]
+        if instance.state not in allowed:
+            raise WrongState(f"Cannot {action} an instance that is {instance.state}.")
+        try:
+            updated: Instance = await self.store.updateInstance(
+                instance.id, state=next_state, reason=None, expected_state=tuple(allowed)
+            )
+        except Conflict:
+            raise WrongState("The instance changed meanwhile; reload and try again.") from None
+        if instance.scheduler_id is not None:
+            await self.commands.send(instance.scheduler_id, action, instance.id, {})
+        self.log.info("{user}: {action} {instance}", user=user.name, action=action, instance=instance.id)
+        return updated
+
+    async def share(self, user: User, instance_id: str, name: str) -> None:
+        instance = await self.owned(user, instance_id)
+        other = await self.store.userByName(name.strip().lower())
+        if other is None or other.disabled:
+            raise NotFound(f"There is nobody called {name!r}.")
+        await self.store.shareInstance(instance.id, other.id)
+
+    async def unshare(self, user: User, instance_id: str, name: str) -> None:
+        instance = await self.owned(user, instance_id)
+        other = await self.store.userByName(name.strip().lower())
+        if other is not None:
+            await self.store.unshareInstance(instance.id, other.id)
+
+
+def isActive(instance: Instance) -> bool:
+    return instance.state in ACTIVE_STATES

@@ -1,0 +1,174 @@
+"""The OpenAPI 3.1 description of ``/api/v1/`` (served at ``/api/v1/openapi.json``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_ERRORS = {
+    "400": _json(_ref("Error"), "Malformed request"),
+    "401": _json(_ref("Error"), "Not authenticated"),
+    "403": _json(_ref("Error"), "Not allowed (or a missing X-CSRF-Token with a session cookie)"),
+    "404": _json(_ref("Error"), "No such thing"),
+}
+
+
+def _op(summary: str, response: dict[str, Any], *, body: dict[str, Any] | None = None, status: str = "200", **extra: Any) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "responses": {status: response, **_ERRORS}}
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    op.update(extra)
+    return op
+
+
+_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def document(publicURL: str) -> dict[str, Any]:
+    instance = _json(_ref("Instance"), "The instance")
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "DIT4C portal API",
+            "version": "1",
+            "description": (
+                "Authenticate with 'Authorization: Bearer <personal API token>' (create one with "
+                "POST /tokens while logged in). Errors are JSON objects with 'error' and 'reason'."
+            ),
+        },
+        "servers": [{"url": f"{publicURL}/api/v1"}],
+        "security": [{"token": []}],
+        "components": {
+            "securitySchemes": {"token": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error", "reason"],
+                    "properties": {"error": {"type": "string"}, "reason": {"type": "string"}},
+                },
+                "User": {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "string"},
+                        "name": {"type": "string"},
+                        "display_name": {"type": ["string", "null"]},
+                        "email": {"type": ["string", "null"]},
+                        "is_admin": {"type": "boolean"},
+                        "max_instances": {"type": ["integer", "null"]},
+                        "disabled": {"type": "boolean"},
+                    },
+                },
+                "Image": {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "string"},
+                        "name": {"type": "string"},
+                        "ref": {"type": "string"},
+                        "port": {"type": ["integer", "null"]},
+                        "mine": {"type": "boolean"},
+                    },
+                },
+                "Instance": {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "string", "description": "DNS-label-safe, time-sortable"},
+                        "state": {
+                            "type": "string",
+                            "enum": [
+                                "requested", "starting", "running", "stopping", "saving", "uploading",
+                                "saved", "stopped", "discarded", "errored",
+                            ],
+                        },
+                        "reason": {"type": ["string", "null"]},
+                        "url": {"type": ["string", "null"]},
+                        "image": {"type": "string"},
+                        "owner": {"type": "string"},
+                        "scheduler": {"type": ["string", "null"]},
+                        "created": {"type": "number"},
+                        "updated": {"type": "number"},
+                        "shared": {"type": "boolean"},
+                    },
+                },
+            },
+        },
+        "paths": {
+            "/me": {"get": _op("The caller", _json(_ref("User"), "The caller"))},
+            "/tokens": {
+                "get": _op("The caller's API tokens", _json({"type": "array"}, "Tokens (never their secrets)")),
+                "post": _op(
+                    "Create an API token; its secret is in this answer only",
+                    _json({"type": "object"}, "The new token"),
+                    body={"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}},
+                    status="201",
+                ),
+            },
+            "/tokens/{id}": {"delete": _op("Revoke a token", _json({"type": "object"}, "Revoked"), parameters=[_ID])},
+            "/images": {"get": _op("Images the caller may start", _json({"type": "array", "items": _ref("Image")}, "Images"))},
+            "/instances": {
+                "get": _op("The caller's instances and those shared with them", _json({"type": "array", "items": _ref("Instance")}, "Instances")),
+                "post": _op(
+                    "Start an instance (409 when over quota, 503 when no cluster is available)",
+                    instance,
+                    body={
+                        "type": "object",
+                        "required": ["image"],
+                        "properties": {"image": {"type": "string"}, "scheduler": {"type": "string"}},
+                    },
+                    status="201",
+                ),
+            },
+            "/instances/{id}": {"get": _op("One instance", instance, parameters=[_ID])},
+            "/instances/{id}/stop": {"post": _op("Stop", instance, parameters=[_ID])},
+            "/instances/{id}/save": {"post": _op("Stop and save as an image", instance, parameters=[_ID])},
+            "/instances/{id}/discard": {"post": _op("Discard a stopped instance", instance, parameters=[_ID])},
+            "/instances/{id}/shares": {
+                "post": _op(
+                    "Let another person use this instance",
+                    _json({"type": "object"}, "Who it is shared with"),
+                    body={"type": "object", "required": ["user"], "properties": {"user": {"type": "string"}}},
+                    parameters=[_ID],
+                )
+            },
+            "/admin/users": {
+                "get": _op("Everyone (administrators)", _json({"type": "array", "items": _ref("User")}, "Users")),
+                "post": _op(
+                    "Add a person; their generated password is in this answer only",
+                    _json(_ref("User"), "The new user, with 'password'"),
+                    body={"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}, "is_admin": {"type": "boolean"}}},
+                    status="201",
+                ),
+            },
+            "/admin/users/{id}": {
+                "patch": _op(
+                    "Change a person: display_name, email, is_admin, max_instances (quota), disabled",
+                    _json(_ref("User"), "The user"),
+                    body={"type": "object"},
+                    parameters=[_ID],
+                )
+            },
+            "/admin/images": {
+                "post": _op(
+                    "Add a catalogue image",
+                    _json({"type": "object"}, "The image"),
+                    body={"type": "object", "required": ["name", "ref"], "properties": {"name": {"type": "string"}, "ref": {"type": "string"}, "port": {"type": "integer"}}},
+                    status="201",
+                )
+            },
+            "/admin/schedulers": {
+                "post": _op(
+                    "Register a scheduler by its public key (JWK)",
+                    _json({"type": "object"}, "The scheduler"),
+                    body={"type": "object", "required": ["name", "public_jwk"], "properties": {"name": {"type": "string"}, "public_jwk": {"type": "object"}}},
+                    status="201",
+                )
+            },
+        },
+    }

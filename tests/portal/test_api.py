@@ -1,0 +1,204 @@
+"""
+The REST API over real HTTP: tokens, instances (quota, actions, sharing),
+administration, JSON errors and the OpenAPI document.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+import treq
+from test_app import Browser, csrfOf, logIn, serve
+from twisted.internet import reactor
+from twisted.internet.task import Clock
+
+from dit4c.portal import security
+from dit4c.portal.app import Portal, PortalConfig
+from dit4c.portal.keys import KeyRing
+from dit4c.portal.store import openStore
+from dit4c.testing import RecordingCommands
+
+
+@pytest_twisted.async_yield_fixture
+async def api(tmp_path: Path) -> Any:
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    store = await openStore(f"sqlite:///{tmp_path / 'portal.db'}", reactor, clock=clock)
+    commands = RecordingCommands()
+    portal = Portal(
+        store,
+        KeyRing(tmp_path / "keys", issuer="http://portal.test", clock=clock),
+        PortalConfig(publicURL="http://portal.test", defaultQuota=2),
+        clock,
+        commands,
+    )
+    portal.commands = commands  # type: ignore[attr-defined]
+    await store.createUser("alice", password_hash=await security.hashPassword("correct horse battery"))
+    await store.createUser("bob", password_hash=await security.hashPassword("bobs password!"))
+    await store.createUser("root", password_hash=await security.hashPassword("root password!"), is_admin=True)
+    scheduler = await store.createScheduler("cluster", json.dumps({"kty": "OKP", "crv": "Ed25519", "x": "A" * 43}))
+    commands.connectedIds.add(scheduler.id)
+    portal.image = await store.createImage("Tool", "tool:latest", owner_id=None, port=8888)  # type: ignore[attr-defined]
+    port = serve(portal)
+    yield portal
+    await port.stopListening()
+    await store.close()
+
+
+class Client:
+    """An API client with a personal token."""
+
+    def __init__(self, portal: Portal, token: str | None) -> None:
+        self.base = portal.testURL + "/api/v1"  # type: ignore[attr-defined]
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    async def call(self, method: str, path: str, body: Any = None, **headers: str) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        response = await treq.request(
+            method, self.base + path, data=data, headers={**self.headers, **headers}, allow_redirects=False
+        )
+        text = await response.text()
+        return response.code, (json.loads(text) if text else None)
+
+
+async def tokenFor(portal: Portal, name: str, password: str) -> str:
+    browser = Browser(portal)
+    await logIn(browser, name, password)
+    _, home = await browser.get("/")
+    response = await treq.post(
+        portal.testURL + "/api/v1/tokens",  # type: ignore[attr-defined]
+        data=json.dumps({"name": "laptop"}).encode(),
+        headers={**browser._headers(), "X-CSRF-Token": csrfOf(home)},
+    )
+    assert response.code == 201
+    return (await response.json())["token"]  # type: ignore[no-any-return]
+
+
+@pytest_twisted.ensureDeferred
+async def test_tokens_authenticate_and_can_be_revoked(api: Portal) -> None:
+    token = await tokenFor(api, "alice", "correct horse battery")
+    alice = Client(api, token)
+    code, me = await alice.call("GET", "/me")
+    assert code == 200 and me["name"] == "alice"
+    code, tokens = await alice.call("GET", "/tokens")
+    assert [t["name"] for t in tokens] == ["laptop"] and "token" not in tokens[0]
+    code, _ = await alice.call("DELETE", f"/tokens/{tokens[0]['id']}")
+    assert code == 200
+    code, error = await alice.call("GET", "/me")
+    assert code == 401 and error["error"] == "unauthenticated"
+    code, error = await Client(api, "dit4c_forged").call("GET", "/me")
+    assert code == 401
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_session_cookie_needs_the_csrf_header_to_change_things(api: Portal) -> None:
+    browser = Browser(api)
+    await logIn(browser)
+    response = await treq.post(
+        api.testURL + "/api/v1/tokens",  # type: ignore[attr-defined]
+        data=b'{"name": "x"}',
+        headers=browser._headers(),
+    )
+    assert response.code == 403 and (await response.json())["error"] == "csrf"
+    response = await treq.get(api.testURL + "/api/v1/me", headers=browser._headers())  # type: ignore[attr-defined]
+    assert response.code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_start_stop_save_discard_with_quota(api: Portal) -> None:
+    alice = Client(api, await tokenFor(api, "alice", "correct horse battery"))
+    image = api.image.id  # type: ignore[attr-defined]
+    code, first = await alice.call("POST", "/instances", {"image": image})
+    assert code == 201 and first["state"] == "requested"
+    code, second = await alice.call("POST", "/instances", {"image": image})
+    assert code == 201
+    code, error = await alice.call("POST", "/instances", {"image": image})
+    assert code == 409 and error["error"] == "quota" and "2 instances" in error["reason"]
+    sent = api.commands.sent  # type: ignore[attr-defined]
+    assert [(op, i) for _, op, i, _ in sent] == [("start", first["id"]), ("start", second["id"])]
+    assert sent[0][3] == {"image": "tool:latest", "port": 8888, "digest": None}
+
+    code, stopped = await alice.call("POST", f"/instances/{first['id']}/stop")
+    assert code == 200 and stopped["state"] == "stopping"
+    code, error = await alice.call("POST", f"/instances/{first['id']}/save")
+    assert code == 409 and error["error"] == "state"
+    await api.store.updateInstance(first["id"], state="stopped")
+    code, gone = await alice.call("POST", f"/instances/{first['id']}/discard")
+    assert code == 200 and gone["state"] == "discarded"
+    assert [op for _, op, _, _ in sent][2:] == ["stop", "discard"]
+    # A stopped instance frees a place under the quota.
+    code, _ = await alice.call("POST", "/instances", {"image": image})
+    assert code == 201
+
+
+@pytest_twisted.ensureDeferred
+async def test_instances_are_private_unless_shared(api: Portal) -> None:
+    alice = Client(api, await tokenFor(api, "alice", "correct horse battery"))
+    bob = Client(api, await tokenFor(api, "bob", "bobs password!"))
+    _, instance = await alice.call("POST", "/instances", {"image": api.image.id})  # type: ignore[attr-defined]
+    code, _ = await bob.call("GET", f"/instances/{instance['id']}")
+    assert code == 404
+    code, _ = await bob.call("POST", f"/instances/{instance['id']}/stop")
+    assert code == 404
+    code, shares = await alice.call("POST", f"/instances/{instance['id']}/shares", {"user": "bob"})
+    assert code == 200 and len(shares["shared_with"]) == 1
+    code, seen = await bob.call("GET", f"/instances/{instance['id']}")
+    assert code == 200
+    code, listed = await bob.call("GET", "/instances")
+    assert [(i["id"], i["shared"]) for i in listed] == [(instance["id"], True)]
+    # Sharing does not make bob the owner.
+    code, _ = await bob.call("POST", f"/instances/{instance['id']}/stop")
+    assert code == 404
+    await alice.call("DELETE", f"/instances/{instance['id']}/shares/bob")
+    code, _ = await bob.call("GET", f"/instances/{instance['id']}")
+    assert code == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_administration_through_the_api(api: Portal) -> None:
+    root = Client(api, await tokenFor(api, "root", "root password!"))
+    alice = Client(api, await tokenFor(api, "alice", "correct horse battery"))
+    code, error = await alice.call("GET", "/admin/users")
+    assert code == 403
+    code, carol = await root.call("POST", "/admin/users", {"name": "carol"})
+    assert code == 201 and len(carol["password"]) >= 16
+    code, changed = await root.call("PATCH", f"/admin/users/{carol['id']}", {"max_instances": 7})
+    assert code == 200 and changed["max_instances"] == 7
+    code, error = await root.call("PATCH", f"/admin/users/{carol['id']}", {"password_hash": "x"})
+    assert code == 400
+    code, image = await root.call("POST", "/admin/images", {"name": "R", "ref": "rstudio", "port": 8787})
+    assert code == 201
+    code, error = await root.call("POST", "/admin/schedulers", {"name": "x", "public_jwk": {"kty": "oct", "k": "c2VjcmV0"}})
+    assert code == 400 and error["error"] == "bad_key"
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_requests_get_json_reasons(api: Portal) -> None:
+    alice = Client(api, await tokenFor(api, "alice", "correct horse battery"))
+    response = await treq.post(
+        api.testURL + "/api/v1/instances", data=b"{not json", headers=alice.headers  # type: ignore[attr-defined]
+    )
+    assert response.code == 400 and (await response.json())["error"] == "bad_json"
+    response = await treq.post(
+        api.testURL + "/api/v1/instances", data=b"x" * 70000, headers=alice.headers  # type: ignore[attr-defined]
+    )
+    assert response.code == 413
+    code, error = await alice.call("POST", "/instances", {})
+    assert code == 400 and "image" in error["reason"]
+    code, error = await alice.call("POST", "/instances", {"image": "nope"})
+    assert code == 404
+    code, error = await alice.call("GET", "/no/such/thing")
+    assert code == 404 and "reason" in error
+
+
+@pytest_twisted.ensureDeferred
+async def test_openapi_document_describes_the_routes(api: Portal) -> None:
+    code, document = await Client(api, None).call("GET", "/openapi.json")
+    assert code == 200 and document["openapi"].startswith("3.1")
+    for path in ("/me", "/instances", "/instances/{id}/stop", "/admin/users"):
+        assert path in document["paths"]
+    assert document["servers"] == [{"url": "http://portal.test/api/v1"}]
+
