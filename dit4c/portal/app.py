@@ -147,8 +147,69 @@ class Portal:
         who = await self.loggedIn(request)
         if who is None:
             return self.redirect(request, "/login")
+        return await self.homePage(request, who)
+
+    async def homePage(self, request: IRequest, who: LoggedIn, status: int = 200, **extra: Any) -> bytes:
         instances = await self.store.listInstancesOf(who.user.id)
-        return self.render(request, "home.html", user=who.user, csrf=who.session.csrf, instances=instances)
+        shared = await self.store.listInstancesSharedWith(who.user.id)
+        images = await self.instances.images(who.user)
+        names = {image.id: image.name for image in images}
+        for instance in instances:
+            if instance.image_id not in names:
+                image = await self.store.imageById(instance.image_id)
+                names[instance.image_id] = image.name if image else "?"
+        schedulers = [s for s in await self.store.listSchedulers() if not s.disabled]
+        return self.render(
+            request,
+            "home.html",
+            status,
+            user=who.user,
+            csrf=who.session.csrf,
+            instances=instances,
+            shared=shared,
+            images=images,
+            imageNames=names,
+            schedulers=schedulers,
+            quota=self.instances.quotaOf(who.user),
+            **extra,
+        )
+
+    @app.route("/instances", methods=["POST"])
+    async def startInstance(self, request: IRequest) -> bytes:
+        from dit4c.portal.instances import InstanceError
+
+        who = await self.loggedIn(request)
+        if who is None:
+            return self.redirect(request, "/login")
+        if not self.csrfOK(request, who.session.csrf):
+            return await self.homePage(request, who, 400, error="The form expired; try again.")
+        try:
+            await self.instances.start(
+                who.user, self.arg(request, "image") or "", self.arg(request, "scheduler") or None
+            )
+        except InstanceError as e:
+            return await self.homePage(request, who, e.status, error=str(e))
+        return self.redirect(request, "/")
+
+    @app.route("/instances/<instance_id>/<action>", methods=["POST"])
+    async def instanceAction(self, request: IRequest, instance_id: str, action: str) -> bytes:
+        from dit4c.portal.instances import InstanceError
+
+        who = await self.loggedIn(request)
+        if who is None:
+            return self.redirect(request, "/login")
+        if not self.csrfOK(request, who.session.csrf):
+            return await self.homePage(request, who, 400, error="The form expired; try again.")
+        try:
+            if action == "share":
+                await self.instances.share(who.user, instance_id, self.arg(request, "user") or "")
+            elif action == "unshare":
+                await self.instances.unshare(who.user, instance_id, self.arg(request, "user") or "")
+            else:
+                await self.instances.act(who.user, instance_id, action)
+        except InstanceError as e:
+            return await self.homePage(request, who, e.status, error=str(e))
+        return self.redirect(request, "/")
 
     @app.route("/login", methods=["GET"])
     async def loginPage(self, request: IRequest) -> bytes:

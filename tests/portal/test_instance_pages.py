@@ -1,0 +1,62 @@
+"""The instance pages: start a tool, act on it, share it, with clear refusals."""
+
+from __future__ import annotations
+
+import pytest_twisted
+from test_api import api  # noqa: F401  (fixture)
+from test_app import Browser, csrfOf, logIn
+
+from dit4c.portal.app import Portal
+
+
+@pytest_twisted.ensureDeferred
+async def test_start_act_and_share_from_the_page(api: Portal) -> None:  # noqa: F811
+    alice = Browser(api)
+    await logIn(alice)
+    _, page = await alice.get("/")
+    assert "You have no instances yet" in page and "Tool" in page
+    response, _ = await alice.post("/instances", {"csrf": csrfOf(page), "image": api.image.id})  # type: ignore[attr-defined]
+    assert response.code == 303
+    [instance] = await api.store.listInstancesOf((await api.store.userByName("alice")).id)
+    _, page = await alice.get("/")
+    assert f'data-instance="{instance.id}"' in page and 'data-state="requested"' in page
+
+    response, _ = await alice.post(f"/instances/{instance.id}/share", {"csrf": csrfOf(page), "user": "bob"})
+    assert response.code == 303
+    bob = Browser(api)
+    await logIn(bob, "bob", "bobs password!")
+    _, bobsPage = await bob.get("/")
+    assert "Shared with you" in bobsPage and instance.id in bobsPage
+
+    response, page = await alice.post(f"/instances/{instance.id}/discard", {"csrf": csrfOf(page)})
+    assert response.code == 409 and "Cannot discard an instance that is requested" in page
+    response, _ = await alice.post(f"/instances/{instance.id}/stop", {"csrf": csrfOf(page)})
+    assert response.code == 303
+    assert (await api.store.instanceById(instance.id)).state == "stopping"
+    # Someone else's instance cannot be touched, even knowing its id.
+    response, page = await bob.post(f"/instances/{instance.id}/stop", {"csrf": csrfOf(bobsPage)})
+    assert response.code == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_quota_refusal_says_why(api: Portal) -> None:  # noqa: F811
+    alice = Browser(api)
+    await logIn(alice)
+    for _ in range(2):
+        _, page = await alice.get("/")
+        await alice.post("/instances", {"csrf": csrfOf(page), "image": api.image.id})  # type: ignore[attr-defined]
+    _, page = await alice.get("/")
+    response, page = await alice.post("/instances", {"csrf": csrfOf(page), "image": api.image.id})  # type: ignore[attr-defined]
+    assert response.code == 409
+    assert "You may run 2 instances at once and have 2" in page
+
+
+@pytest_twisted.ensureDeferred
+async def test_forms_without_csrf_do_nothing(api: Portal) -> None:  # noqa: F811
+    alice = Browser(api)
+    await logIn(alice)
+    response, _ = await alice.post("/instances", {"csrf": "forged", "image": api.image.id})  # type: ignore[attr-defined]
+    assert response.code == 400
+    assert await api.store.listInstancesOf((await api.store.userByName("alice")).id) == []
+
+
