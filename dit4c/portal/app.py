@@ -89,6 +89,10 @@ class Portal:
             loader=PackageLoader("dit4c.portal", "templates"),
             autoescape=select_autoescape(default=True),
         )
+        from dit4c.portal.oauth import OAuthServer
+
+        #: The OAuth 2 authorization server for the instances' auth helpers, at /oauth/.
+        self.oauth = OAuthServer(self)
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -324,6 +328,10 @@ class Portal:
         from dit4c.portal.admin import AdminPages
 
         return AdminPages(self).app.resource()
+
+    @app.route("/oauth/", branch=True)
+    def oauthServer(self, request: IRequest) -> Any:
+        return self.oauth.app.resource()
 
     @app.route("/health", methods=["GET"])
     def health(self, request: IRequest) -> bytes:

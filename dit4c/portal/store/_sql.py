@@ -10,7 +10,8 @@ transaction in a pool thread.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Collection, Coroutine, Iterable, Sequence
+import json
+from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 from twisted.enterprise.adbapi import ConnectionLost, ConnectionPool
@@ -23,7 +24,7 @@ from zope.interface import implementer
 from ._dialect import IDialect
 from .errors import Conflict, NotFound, StoreError
 from .ids import hashToken, newId, newInstanceId, newToken
-from .interfaces import IStore
+from .interfaces import COMMAND_OPS, MAX_COMMAND_PARAMS, Command, IStore, OAuthCode
 from .migrations import MIGRATIONS, Migration, applyNext
 from .model import (
     ACTIVE_STATES,
@@ -96,6 +97,13 @@ def _instance(row: Sequence[Any]) -> Instance:
 
 def _shareLink(row: Sequence[Any]) -> ShareLink:
     return ShareLink(row[0], row[1], row[2], row[3], bool(row[4]))
+
+
+_OAUTH_CODE = ("code_hash", "client_id", "redirect_uri", "user_id", "code_challenge", "created", "expires", "used")
+
+
+def _oauthCode(row: Sequence[Any]) -> OAuthCode:
+    return OAuthCode(row[0], row[1], row[2], row[3], row[4], row[5], row[6], bool(row[7]))
 
 
 def _loginName(name: str) -> str:
@@ -914,3 +922,163 @@ class SQLStore:
             self._closed = True
             self._pool.close()
         return succeed(None)
+
+    # -- OAuth 2 authorization codes -------------------------------------------------------------------
+
+    @_deferred
+    async def createOAuthCode(
+        self,
+        client_id: str,
+        redirect_uri: str,
+        user_id: str,
+        code_challenge: str,
+        lifetime: float,
+    ) -> tuple[OAuthCode, str]:
+        if not lifetime > 0:
+            raise ValueError("lifetime must be positive")
+        now = self._now()
+        code = newToken()
+        record = OAuthCode(
+            code_hash=hashToken(code), client_id=client_id, redirect_uri=redirect_uri, user_id=user_id,
+            code_challenge=code_challenge, created=now, expires=now + lifetime, used=False,
+        )  # fmt: skip
+
+        def work(t: _Txn) -> tuple[OAuthCode, str]:
+            # Codes live a minute: forgetting the expired ones here keeps the
+            # table small without a separate clean-up job.
+            t.execute("DELETE FROM oauth_codes WHERE expires <= ?", (now,))
+            t.execute(
+                f"INSERT INTO oauth_codes ({_cols(_OAUTH_CODE)}) VALUES ({_marks(len(_OAUTH_CODE))})",
+                (
+                    record.code_hash, client_id, redirect_uri, user_id, code_challenge,
+                    now, record.expires, 0,
+                ),
+            )  # fmt: skip
+            return record, code
+
+        return await self._run(work, missing=f"there is no instance {client_id!r} or no user {user_id!r}")
+
+    @_deferred
+    async def redeemOAuthCode(self, code: str) -> OAuthCode | None:
+        now = self._now()
+        codeHash = hashToken(code)
+
+        def work(t: _Txn) -> OAuthCode | None:
+            # The compare-and-set: of concurrent attempts, only the one whose
+            # UPDATE changed the row (the row lock on PostgreSQL, the write
+            # lock on SQLite order them) gets the record.
+            if not t.execute(
+                "UPDATE oauth_codes SET used = 1 WHERE code_hash = ? AND used = 0 AND expires > ?",
+                (codeHash, now),
+            ):
+                return None
+            row = t.one(f"SELECT {_cols(_OAUTH_CODE)} FROM oauth_codes WHERE code_hash = ?", (codeHash,))
+            return _oauthCode(row)
+
+        return await self._run(work)
+
+    # -- scheduler commands ------------------------------------------------------------------------------
+
+    _COMMAND = ("id", "scheduler_id", "instance_id", "seq", "op", "params", "created", "acked")
+
+    @staticmethod
+    def _command(row: Sequence[Any]) -> Command:
+        return Command(row[0], row[1], row[2], int(row[3]), row[4], json.loads(row[5]), row[6], row[7])
+
+    @_deferred
+    async def createCommand(
+        self,
+        scheduler_id: str,
+        instance_id: str,
+        op: str,
+        params: Mapping[str, Any] | None = None,
+    ) -> Command:
+        if op not in COMMAND_OPS:
+            raise ValueError(f"{op!r} is not a command (one of {', '.join(COMMAND_OPS)})")
+        params = dict(params or {})
+        try:
+            text = json.dumps(params, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"command parameters must be JSON: {e}") from None
+        if len(text.encode("utf-8")) > MAX_COMMAND_PARAMS:
+            raise ValueError(f"command parameters are larger than {MAX_COMMAND_PARAMS} bytes")
+        now = self._now()
+        commandId = newId()
+        columns = _cols(self._COMMAND)
+
+        def work(t: _Txn) -> Command:
+            # A no-op write to the scheduler's row locks it (PostgreSQL; on
+            # SQLite the transaction is the only writer anyway), so that
+            # concurrent commands for one scheduler take distinct, ordered seqs.
+            if not t.execute("UPDATE schedulers SET name = name WHERE id = ?", (scheduler_id,)):
+                raise NotFound(f"there is no scheduler {scheduler_id!r}")
+            row = t.one("SELECT scheduler_id FROM instances WHERE id = ?", (instance_id,))
+            if row is None:
+                raise NotFound(f"there is no instance {instance_id!r}")
+            if row[0] != scheduler_id:
+                raise Conflict(f"instance {instance_id} is not placed on scheduler {scheduler_id}")
+            seq = int(t.one("SELECT COALESCE(MAX(seq), 0) + 1 FROM commands WHERE scheduler_id = ?", (scheduler_id,))[0])
+            t.execute(
+                f"INSERT INTO commands ({columns}) VALUES ({_marks(len(self._COMMAND))})",
+                (commandId, scheduler_id, instance_id, seq, op, text, now, None),
+            )
+            return Command(commandId, scheduler_id, instance_id, seq, op, json.loads(text), now, None)
+
+        return await self._run(work)
+
+    @_deferred
+    async def pendingCommands(self, scheduler_id: str, limit: int = 1000) -> list[Command]:
+        if limit < 0:
+            raise ValueError("limit must not be negative")
+        columns = _cols(self._COMMAND)
+
+        def work(t: _Txn) -> list[Command]:
+            rows = t.all(
+                f"SELECT {columns} FROM commands WHERE scheduler_id = ? AND acked IS NULL ORDER BY seq LIMIT ?",
+                (scheduler_id, limit),
+            )
+            return [self._command(row) for row in rows]
+
+        return await self._run(work)
+
+    @_deferred
+    async def ackCommand(self, scheduler_id: str, command_id: str) -> bool:
+        now = self._now()
+
+        def work(t: _Txn) -> bool:
+            return bool(
+                t.execute(
+                    "UPDATE commands SET acked = ? WHERE id = ? AND scheduler_id = ? AND acked IS NULL",
+                    (now, command_id, scheduler_id),
+                )
+            )
+
+        return await self._run(work)
+
+    @_deferred
+    async def commandById(self, command_id: str) -> Command | None:
+        columns = _cols(self._COMMAND)
+
+        def work(t: _Txn) -> Command | None:
+            row = t.one(f"SELECT {columns} FROM commands WHERE id = ?", (command_id,))
+            return self._command(row) if row else None
+
+        return await self._run(work)
+
+    @_deferred
+    async def instancesWithPendingCommands(self, scheduler_id: str) -> set[str]:
+        def work(t: _Txn) -> set[str]:
+            rows = t.all(
+                "SELECT DISTINCT instance_id FROM commands WHERE scheduler_id = ? AND acked IS NULL",
+                (scheduler_id,),
+            )
+            return {row[0] for row in rows}
+
+        return await self._run(work)
+
+    @_deferred
+    async def deleteAckedCommands(self, before: float) -> int:
+        def work(t: _Txn) -> int:
+            return t.execute("DELETE FROM commands WHERE acked IS NOT NULL AND acked < ?", (before,))
+
+        return await self._run(work)

@@ -10,7 +10,9 @@ Times come from the store's clock.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from zope.interface import Interface
@@ -284,3 +286,109 @@ class IStore(Interface):
 
     def close() -> Deferred[None]:
         """Close every database connection; the store is unusable afterwards."""
+
+    # -- OAuth 2 authorization codes (dit4c.portal.oauth) ------------------------------------------
+
+    def createOAuthCode(
+        client_id: str,
+        redirect_uri: str,
+        user_id: str,
+        code_challenge: str,
+        lifetime: float,
+    ) -> Deferred[tuple[OAuthCode, str]]:
+        """
+        A new one-time authorization code for ``user_id`` at the client
+        (instance) ``client_id``, valid for ``lifetime`` seconds: the record,
+        and the code itself (handed out once, never stored: the store keeps
+        only its hash). Codes expired already are forgotten on the way.
+        ``NotFound`` if there is no such instance or user.
+        """
+
+    def redeemOAuthCode(code: str) -> Deferred[OAuthCode | None]:
+        """
+        Use a code: a compare-and-set that marks it used, so that of any
+        number of concurrent attempts exactly one wins. Fires with the code's
+        record (now marked used) for that one, and with None for a code that
+        is unknown, expired or used already. Nothing else changes.
+        """
+
+    # -- scheduler commands (dit4c.portal.channel) -------------------------------------------------
+
+    def createCommand(
+        scheduler_id: str, instance_id: str, op: str, params: Mapping[str, Any] | None = None
+    ) -> Deferred[Command]:
+        """
+        A new pending command for a scheduler about one of its instances,
+        after every earlier command of that scheduler (``seq``). ``op`` is one
+        of ``COMMAND_OPS``; ``params`` a JSON object (at most
+        ``MAX_COMMAND_PARAMS`` bytes as JSON). ``NotFound`` if there is no
+        such scheduler or instance; ``Conflict`` if the instance is not
+        placed on that scheduler; ``ValueError`` for a bad op or params.
+        """
+
+    def pendingCommands(scheduler_id: str, limit: int = 1000) -> Deferred[list[Command]]:
+        """A scheduler's commands not yet acknowledged, in the order they were made."""
+
+    def ackCommand(scheduler_id: str, command_id: str) -> Deferred[bool]:
+        """
+        The scheduler acknowledged a command: fires with True if that
+        changed it from pending, False if it was acknowledged already, is
+        another scheduler's, or does not exist.
+        """
+
+    def commandById(command_id: str) -> Deferred[Command | None]:
+        """The command with this id."""
+
+    def instancesWithPendingCommands(scheduler_id: str) -> Deferred[set[str]]:
+        """The ids of a scheduler's instances that have a command not yet acknowledged."""
+
+    def deleteAckedCommands(before: float) -> Deferred[int]:
+        """Forget commands acknowledged before ``before``; fires with how many."""
+
+
+@dataclass(frozen=True)
+class OAuthCode:
+    """
+    A one-time OAuth 2 authorization code (RFC 6749 section 4.1), bound to
+    the client, redirect URI, user and PKCE challenge it was issued for. The
+    code itself is never stored, only its hash.
+    """
+
+    code_hash: str
+    #: The instance the code is for.
+    client_id: str
+    redirect_uri: str
+    user_id: str
+    #: ``BASE64URL(SHA256(code_verifier))`` (RFC 7636, method ``S256``).
+    code_challenge: str
+    created: float
+    expires: float
+    used: bool
+
+
+#: What a scheduler can be told to do with an instance.
+COMMAND_OPS: tuple[str, ...] = ("start", "stop", "save", "discard")
+
+#: The most a command's parameters may take, as JSON text.
+MAX_COMMAND_PARAMS = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Command:
+    """
+    An instruction for a scheduler about one instance, kept (and re-sent
+    after every reconnect) until the scheduler acknowledges it.
+    """
+
+    id: str
+    scheduler_id: str
+    instance_id: str
+    #: Orders one scheduler's commands: later commands have larger numbers.
+    seq: int
+    #: One of ``COMMAND_OPS``.
+    op: str
+    #: A JSON object: the image reference and port for ``start``, say.
+    params: Mapping[str, Any]
+    created: float
+    #: When the scheduler acknowledged it; None while it is pending.
+    acked: float | None

@@ -136,6 +136,45 @@ MIGRATIONS: list[Migration] = [
             )""",
         ],
     ),
+    (
+        2,
+        [
+            # OAuth 2 authorization codes (dit4c.portal.oauth): only the
+            # code's hash is kept; ``used`` is set once, by compare-and-set.
+            """CREATE TABLE oauth_codes (
+                code_hash TEXT PRIMARY KEY,
+                client_id TEXT NOT NULL REFERENCES instances (id) ON DELETE CASCADE,
+                redirect_uri TEXT NOT NULL,
+                user_id TEXT NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+                code_challenge TEXT NOT NULL,
+                created {timestamp} NOT NULL,
+                expires {timestamp} NOT NULL,
+                used INTEGER NOT NULL DEFAULT 0
+            )""",
+            "CREATE INDEX oauth_codes_expires ON oauth_codes (expires)",
+        ],
+    ),
+    (
+        3,
+        [
+            # Commands for schedulers (the scheduler channel, dit4c.portal.channel):
+            # kept until the scheduler acknowledges them, and re-sent after
+            # every reconnect until then. ``seq`` orders one scheduler's commands.
+            """CREATE TABLE commands (
+                id TEXT PRIMARY KEY,
+                scheduler_id TEXT NOT NULL REFERENCES schedulers (id) ON DELETE CASCADE,
+                instance_id TEXT NOT NULL REFERENCES instances (id) ON DELETE CASCADE,
+                seq {bigint} NOT NULL,
+                op TEXT NOT NULL,
+                params TEXT NOT NULL,
+                created {timestamp} NOT NULL,
+                acked {timestamp},
+                UNIQUE (scheduler_id, seq)
+            )""",
+            "CREATE INDEX commands_pending ON commands (scheduler_id, acked, seq)",
+            "CREATE INDEX commands_instance ON commands (instance_id)",
+        ],
+    ),
 ]
 
 _CREATE_VERSION_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (
