@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from klein import Klein
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
@@ -76,6 +77,7 @@ class Portal:
     def __init__(
         self, store: Any, keys: KeyRing, config: PortalConfig, clock: Any, commands: Any = None
     ) -> None:
+        from dit4c.portal.events import InstanceEvents
         from dit4c.portal.instances import Instances
 
         self.store = store
@@ -83,7 +85,10 @@ class Portal:
         self.config = config
         self.clock = clock
         #: Where instance commands go (the scheduler channel).
-        self.instances = Instances(store, commands or NoChannel(), defaultQuota=config.defaultQuota)
+        self.events = InstanceEvents()
+        self.instances = Instances(
+            store, commands or NoChannel(), defaultQuota=config.defaultQuota, events=self.events
+        )
         self.cookies = CookiePolicy(secure=config.secure, sessionLifetime=config.sessionLifetime)
         self.templates = Environment(
             loader=PackageLoader("dit4c.portal", "templates"),
@@ -177,6 +182,42 @@ class Portal:
             quota=self.instances.quotaOf(who.user),
             **extra,
         )
+
+    @app.route("/events", methods=["GET"])
+    async def eventStream(self, request: IRequest) -> None | bytes:
+        """
+        Server-Sent Events: every change to an instance this person owns or
+        may use, as ``event: instance`` with a JSON body, while they watch.
+        """
+        who = await self.loggedIn(request)
+        if who is None:
+            request.setResponseCode(401)
+            return b""
+        userId = who.user.id
+        visible = {i.id for i in await self.store.listInstancesSharedWith(userId)}
+        request.setHeader(b"content-type", b"text/event-stream")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"x-accel-buffering", b"no")
+        request.write(b"retry: 3000\n: watching\n\n")
+
+        def changed(instance: Any) -> None:
+            if instance.owner_id == userId or instance.id in visible:
+                body = {"id": instance.id, "state": instance.state, "reason": instance.reason, "url": instance.url}
+                request.write(b"event: instance\ndata: " + json.dumps(body).encode() + b"\n\n")
+
+        # A comment line now and then keeps proxies from closing a quiet stream.
+        keepalive = LoopingCall(request.write, b": keepalive\n\n")
+        keepalive.clock = self.clock
+        keepalive.start(15, now=False)
+        unsubscribe = self.events.subscribe(changed)
+        try:
+            await cast(Any, request).notifyFinish()
+        except Exception:
+            pass  # the browser went away: that is how a stream ends
+        finally:
+            unsubscribe()
+            keepalive.stop()
+        return None
 
     @app.route("/instances", methods=["POST"])
     async def startInstance(self, request: IRequest) -> bytes:

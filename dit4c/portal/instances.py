@@ -73,10 +73,14 @@ _ACTIONS: dict[str, tuple[frozenset[str], str]] = {
 class Instances:
     log = Logger()
 
-    def __init__(self, store: Any, commands: Any, *, defaultQuota: int = 4) -> None:
+    def __init__(self, store: Any, commands: Any, *, defaultQuota: int = 4, events: Any = None) -> None:
+        from dit4c.portal.events import InstanceEvents
+
         self.store = store
         self.commands = commands
         self.defaultQuota = defaultQuota
+        #: Where every change made here is published (the pages watch it).
+        self.events = events if events is not None else InstanceEvents()
 
     def quotaOf(self, user: User) -> int:
         return user.max_instances if user.max_instances is not None else self.defaultQuota
@@ -104,6 +108,7 @@ class Instances:
             )
         scheduler = await self._placement(scheduler_id)
         instance = await self.store.createInstance(user.id, image.id, scheduler_id=scheduler)
+        self.events.publish(instance)
         params = {"image": image.ref, "port": image.port, "digest": image.digest}
         await self.commands.send(scheduler, "start", instance.id, params)
         self.log.info("{user} started {instance} from {image}", user=user.name, instance=instance.id, image=image.name)
@@ -144,6 +149,7 @@ class Instances:
             )
         except Conflict:
             raise WrongState("The instance changed meanwhile; reload and try again.") from None
+        self.events.publish(updated)
         if instance.scheduler_id is not None:
             await self.commands.send(instance.scheduler_id, action, instance.id, {})
         self.log.info("{user}: {action} {instance}", user=user.name, action=action, instance=instance.id)

@@ -60,3 +60,49 @@ async def test_forms_without_csrf_do_nothing(api: Portal) -> None:  # noqa: F811
     assert await api.store.listInstancesOf((await api.store.userByName("alice")).id) == []
 
 
+
+
+@pytest_twisted.ensureDeferred
+async def test_changes_stream_to_the_page_as_server_sent_events(api: Portal) -> None:  # noqa: F811
+    import json
+
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    from dit4c.testing import RawClient, deferLater
+
+    alice = Browser(api)
+    await logIn(alice)
+    bob = Browser(api)
+    await logIn(bob, "bob", "bobs password!")
+    stream = RawClient()
+    port = int(api.testURL.rsplit(":", 1)[1])  # type: ignore[attr-defined]
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), stream)
+    cookie = alice._headers()["Cookie"]
+    stream.transport.write(f"GET /events HTTP/1.1\r\nHost: portal\r\nCookie: {cookie}\r\n\r\n".encode())
+    while b"watching" not in stream.received:
+        await deferLater(0.01)
+    assert b"content-type: text/event-stream" in bytes(stream.received).lower()
+
+    _, page = await alice.get("/")
+    await alice.post("/instances", {"csrf": csrfOf(page), "image": api.image.id})  # type: ignore[attr-defined]
+    [instance] = await api.store.listInstancesOf((await api.store.userByName("alice")).id)
+    # Someone else's instance never reaches alice's stream.
+    _, bobsPage = await bob.get("/")
+    await bob.post("/instances", {"csrf": csrfOf(bobsPage), "image": api.image.id})  # type: ignore[attr-defined]
+    await alice.post(f"/instances/{instance.id}/stop", {"csrf": csrfOf(page)})
+    while stream.received.count(b"event: instance") < 2:
+        await deferLater(0.01)
+    events = [
+        json.loads(line.split(b"data: ", 1)[1])
+        for line in bytes(stream.received).split(b"\n")
+        if line.startswith(b"data: ")
+    ]
+    assert [(e["id"], e["state"]) for e in events] == [(instance.id, "requested"), (instance.id, "stopping")]
+
+    # When the page goes away, so does its subscription.
+    assert api.events.subscribers == 1
+    stream.transport.loseConnection()
+    await stream.done
+    while api.events.subscribers:
+        await deferLater(0.01)
