@@ -98,6 +98,9 @@ class Portal:
 
         #: The OAuth 2 authorization server for the instances' auth helpers, at /oauth/.
         self.oauth = OAuthServer(self)
+        #: Login through GitHub / OpenID Connect providers, at /login/<provider>
+        #: (a ``dit4c.portal.upstream.UpstreamLogin``), or None for none.
+        self.upstream: Any = None
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -275,6 +278,7 @@ class Portal:
             error=error,
             name=name,
             next=safeNext(self.arg(request, "next")),
+            providers=self.upstream.links(self.arg(request, "next")) if self.upstream else [],
         )
 
     @app.route("/login", methods=["POST"])
@@ -369,6 +373,14 @@ class Portal:
         from dit4c.portal.admin import AdminPages
 
         return AdminPages(self).app.resource()
+
+    @app.route("/login/", branch=True)
+    def upstreamLogin(self, request: IRequest) -> Any:
+        if self.upstream is None:
+            from werkzeug.exceptions import NotFound
+
+            raise NotFound()
+        return self.upstream.app.resource()
 
     @app.route("/oauth/", branch=True)
     def oauthServer(self, request: IRequest) -> Any:
