@@ -101,6 +101,8 @@ class Portal:
         #: Login through GitHub / OpenID Connect providers, at /login/<provider>
         #: (a ``dit4c.portal.upstream.UpstreamLogin``), or None for none.
         self.upstream: Any = None
+        #: The scheduler channel's WebSocket resource, served at /.dit4c/channel.
+        self.channelResource: Any = None
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -373,6 +375,14 @@ class Portal:
         from dit4c.portal.admin import AdminPages
 
         return AdminPages(self).app.resource()
+
+    @app.route("/.dit4c/channel", methods=["GET"])
+    def channel(self, request: IRequest) -> Any:
+        if self.channelResource is None:
+            from werkzeug.exceptions import NotFound
+
+            raise NotFound()
+        return self.channelResource
 
     @app.route("/login/", branch=True)
     def upstreamLogin(self, request: IRequest) -> Any:

@@ -5,6 +5,7 @@ keys, then serve the web application on every listen endpoint.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from twisted.web.server import Site
 
 from dit4c.common.service import ListeningService
 from dit4c.portal.app import Portal, PortalConfig
+from dit4c.portal.channel import ChannelHub
 from dit4c.portal.keys import KeyRing
 
 
@@ -29,6 +31,8 @@ class PortalService(MultiService):
         dataDir: Path,
         config: PortalConfig,
         endpoints: list[Any],
+        channelEndpoints: Sequence[Any] = (),
+        loginProviders: Sequence[Any] = (),
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -36,6 +40,12 @@ class PortalService(MultiService):
         self.dataDir = Path(dataDir)
         self.config = config
         self.endpoints = endpoints
+        #: Where schedulers dial in (the scheduler channel); none by default.
+        self.channelEndpoints = list(channelEndpoints)
+        #: GitHub / OpenID Connect providers people may log in through.
+        self.loginProviders = list(loginProviders)
+        #: The scheduler channel (``ChannelHub``), once started.
+        self.channels: ChannelHub | None = None
         self.store: Any = None
         self.portal: Portal | None = None
         self.ready: Deferred[Portal] = Deferred()
@@ -59,7 +69,25 @@ class PortalService(MultiService):
         self.dataDir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = await openStore(self.database, self.reactor)
         keys = KeyRing(self.dataDir / "keys", issuer=self.config.publicURL, clock=self.reactor)
-        self.portal = Portal(self.store, keys, self.config, self.reactor)
+        self.channels = ChannelHub(self.reactor, self.store, issuer=self.config.publicURL)
+        for endpoint in self.channelEndpoints:
+            self.channels.listen(endpoint)
+        self.channels.setServiceParent(self)
+        self.portal = Portal(self.store, keys, self.config, self.reactor, commands=self.channels)
+        # What schedulers report reaches the pages' live streams too.
+        events = self.portal.events
+        self.channels.subscribe(None, lambda event: events.publish(event.instance))
+        # Schedulers may also dial the portal's own web port (wss://.../.dit4c/channel).
+        self.portal.channelResource = self.channels.resource()
+        if self.loginProviders:
+            from treq.client import HTTPClient
+            from twisted.web.client import Agent
+
+            from dit4c.portal.upstream import UpstreamLogin
+
+            self.portal.upstream = UpstreamLogin(
+                self.portal, self.loginProviders, HTTPClient(Agent(self.reactor))
+            )
         site = Site(self.portal.app.resource())
         site.displayTracebacks = False
         site.timeOut = 60

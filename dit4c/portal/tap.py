@@ -17,9 +17,12 @@ from dit4c.portal.service import PortalService
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
-        "Run the DIT4C portal: the web pages people log in to, and the key "
+        "Run the DIT4C portal: the pages people log in to and run their "
+        "instances from, the REST API (/api/v1/, described at "
+        "/api/v1/openapi.json), the OAuth 2 server that guards instances, the "
+        "scheduler channel (wss://PORTAL/.dit4c/channel), and the key "
         "directory (JWKS) every other component checks signatures against. "
-        "Add users with 'dit4c user-add NAME --data-dir DIR'."
+        "Add the first administrator with 'dit4c user-add NAME --admin --data-dir DIR'."
     )
     optParameters = [
         ["data-dir", None, "data/portal", "Directory for the portal's keys (and SQLite database)."],
@@ -28,11 +31,18 @@ class Options(usage.Options):
         ["login-limit", None, 10, "Failed logins allowed per user name and per address in the window.", positiveInt],
         ["login-window", None, 900.0, "Seconds over which failed logins are counted.", positiveFloat],
         ["session-lifetime", None, 43200.0, "Seconds a login lasts.", positiveFloat],
+        ["default-quota", None, 4, "Instances a person may run at once unless set for them.", positiveInt],
+        ["login-providers", None, None, "JSON file of GitHub / OpenID Connect login providers (docs/protocols.md)."],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["channel"] = []
+
+    def opt_channel(self, value: str) -> None:
+        """Extra endpoint where schedulers dial in (they can also use wss://PORTAL/.dit4c/channel). Repeatable."""
+        self["channel"].append(value)
 
     def opt_listen(self, value: str) -> None:
         """Endpoint to serve the portal on, e.g. tcp:8000:interface=127.0.0.1. Repeatable."""
@@ -45,6 +55,16 @@ class Options(usage.Options):
         self["public-url"] = self["public-url"].rstrip("/")
         if not self["public-url"].startswith(("http://", "https://")):
             raise usage.UsageError("--public-url must start with http:// or https://")
+        endpointList(self["channel"], server=True, option="channel")
+        if self["login-providers"]:
+            from dit4c.portal.upstream import ConfigError, providersFromFile
+
+            try:
+                self["login-providers"] = providersFromFile(self["login-providers"])
+            except ConfigError as e:
+                raise usage.UsageError(f"--login-providers: {e}") from None
+        else:
+            self["login-providers"] = []
         if not self["database"]:
             self["database"] = "sqlite:///" + str(Path(self["data-dir"]).resolve() / "portal.db")
 
@@ -63,6 +83,9 @@ def makeService(config: Options, reactor: Any = None) -> IService:
             loginLimit=config["login-limit"],
             loginWindow=config["login-window"],
             sessionLifetime=config["session-lifetime"],
+            defaultQuota=config["default-quota"],
         ),
         endpoints=[serverFromString(reactor, e) for e in config["listen"]],
+        channelEndpoints=[serverFromString(reactor, e) for e in config["channel"]],
+        loginProviders=config["login-providers"],
     )

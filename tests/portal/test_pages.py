@@ -59,3 +59,57 @@ async def test_log_in_and_out_in_a_browser(running: str, browser: Any, tmp_path:
     await browser.waitFor("#username", 10)
     await browser.get(running + "/")
     await browser.waitFor("#username", 10)  # logged out for real
+
+
+@pytest_twisted.ensureDeferred
+async def test_start_watch_and_stop_an_instance_in_a_browser(tmp_path: Path, browser: Any) -> None:
+    """
+    Log in, start a tool against a scheduler stand-in that speaks the real
+    channel, watch its state reach running on the page without reloading,
+    then stop it.
+    """
+    from dit4c.testing_scheduler import TestingScheduler, registerScheduler
+
+    service = PortalService(
+        reactor,
+        database=f"sqlite:///{tmp_path / 'portal.db'}",
+        dataDir=tmp_path / "data",
+        config=PortalConfig(publicURL="http://portal.localhost"),
+        endpoints=[serverFromString(reactor, "tcp:0:interface=127.0.0.1")],
+    )
+    service.startService()
+    portal = await service.ready
+    scheduler = None
+    try:
+        store = portal.store
+        await store.createUser("alice", password_hash=await security.hashPassword("correct horse battery"))
+        await store.createImage("Notebook", "notebook:1", owner_id=None, port=8888)
+        registered, key = await registerScheduler(store, "cluster")
+        port = service.ports[0].port.getHost().port  # type: ignore[union-attr]
+        scheduler = TestingScheduler(reactor, delays={"start": 1.0, "stop": 0.5})
+        client = scheduler.connect(f"ws://127.0.0.1:{port}/.dit4c/channel", registered.id, key, issuer="http://portal.localhost")
+        await client.whenConnected()
+
+        base = f"http://portal.localhost:{port}"
+        await browser.get(base + "/login")
+        await browser.fill("#username", "alice")
+        await browser.fill("#password", "correct horse battery")
+        await browser.click("#submit")
+        await browser.waitFor("#start-button", 10)
+        await browser.click("#start-button")
+        await browser.waitFor('td.state[data-state="requested"], td.state[data-state="starting"]', 10)
+        # Mark the page: a reload would lose the mark.
+        await browser.execute("document.body.dataset.mark = 'same page'")
+        await browser.waitFor('td.state[data-state="running"]', 15)
+        await browser.waitFor("td.url a", 5)
+        assert await browser.execute("return document.body.dataset.mark") == "same page"
+
+        await browser.click("button.stop")
+        await browser.waitFor('td.state[data-state="stopped"]', 15)
+        [instance] = await store.listInstancesOf((await store.userByName("alice")).id)
+        assert instance.state == "stopped"
+        assert [op for op in (c.op for c in scheduler.handled)] == ["start", "stop"]
+    finally:
+        if scheduler is not None:
+            await scheduler.stop()
+        await service.stopService()

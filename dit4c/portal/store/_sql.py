@@ -1066,13 +1066,14 @@ class SQLStore:
         return await self._run(work)
 
     @_deferred
-    async def instancesWithPendingCommands(self, scheduler_id: str) -> set[str]:
-        def work(t: _Txn) -> set[str]:
+    async def commandedInstances(self, scheduler_id: str) -> dict[str, bool]:
+        def work(t: _Txn) -> dict[str, bool]:
             rows = t.all(
-                "SELECT DISTINCT instance_id FROM commands WHERE scheduler_id = ? AND acked IS NULL",
+                "SELECT instance_id, COUNT(*) - COUNT(acked) FROM commands WHERE scheduler_id = ?"
+                " GROUP BY instance_id",
                 (scheduler_id,),
             )
-            return {row[0] for row in rows}
+            return {row[0]: int(row[1]) > 0 for row in rows}
 
         return await self._run(work)
 

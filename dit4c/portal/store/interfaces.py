@@ -339,8 +339,11 @@ class IStore(Interface):
     def commandById(command_id: str) -> Deferred[Command | None]:
         """The command with this id."""
 
-    def instancesWithPendingCommands(scheduler_id: str) -> Deferred[set[str]]:
-        """The ids of a scheduler's instances that have a command not yet acknowledged."""
+    def commandedInstances(scheduler_id: str) -> Deferred[dict[str, bool]]:
+        """
+        Every instance the scheduler has (or had) commands about, by id:
+        True if one of them is not yet acknowledged, False if all are.
+        """
 
     def deleteAckedCommands(before: float) -> Deferred[int]:
         """Forget commands acknowledged before ``before``; fires with how many."""

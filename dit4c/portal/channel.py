@@ -1,0 +1,783 @@
+"""
+The scheduler channel, portal side: schedulers dial in over a WebSocket,
+prove who they are, take commands and report instance states
+(docs/protocols.md, "The scheduler channel"; the wire format itself is in
+:mod:`dit4c.scheduler.channel`, shared with the scheduler's end).
+
+:class:`ChannelHub` is what the rest of the portal uses:
+
+- ``send(scheduler_id, op, instance_id, params)`` keeps a command in the
+  store and pushes it down the scheduler's channel if it is connected; a
+  command is re-sent after every reconnect until the scheduler acknowledges
+  it;
+- ``connected(scheduler_id)`` says whether a scheduler has a live channel;
+- ``subscribe(user_id or instance_id, callback)`` streams the instance
+  changes the channel applies (:class:`InstanceEvent`), for the pages.
+
+Each channel handles its messages one at a time, in order, so that one
+scheduler's reports are applied as it sent them; a protocol violation closes
+only the offending channel.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, cast
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList, TimeoutError
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamServerEndpoint
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from zope.interface import Interface, implementer
+
+from dit4c.common.keys import public_jwk
+from dit4c.common.service import IConnectionTransport, ListeningService
+from dit4c.common.tokens import (
+    MAX_TOKEN_LENGTH,
+    InvalidToken,
+    StaticKeySource,
+    TokenVerifier,
+    parse_jwks,
+)
+from dit4c.portal.store.errors import Conflict, NotFound, StoreError
+from dit4c.portal.store.interfaces import IStore
+from dit4c.portal.store.model import ACTIVE_STATES, Instance
+from dit4c.scheduler.channel import (
+    AUDIENCE,
+    HANDSHAKE_TIMEOUT,
+    MAX_MESSAGE,
+    PATH,
+    PING_INTERVAL,
+    PING_TIMEOUT,
+    PROOF_LIFETIME,
+    SUBPROTOCOL,
+    CloseCode,
+    Command,
+    InstanceStatus,
+    ProtocolError,
+    decode,
+    encode,
+    instanceField,
+    parseReport,
+    parseStatus,
+    privateMembers,
+    text,
+)
+
+__all__ = [
+    "LOST_REASON",
+    "TRANSITIONS",
+    "ChannelHub",
+    "IInstanceEvents",
+    "InstanceEvent",
+    "transitionAllowed",
+]
+
+#: The reason an active instance gets when its scheduler's report leaves it out.
+LOST_REASON = "the compute node lost this instance"
+
+#: Which states an instance may move to from each state, as told by its
+#: scheduler (DESIGN.md, "Instance life"; steps may be skipped, never undone).
+#: Staying in a state is always allowed (the reason or URL may change).
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "requested": frozenset({"starting", "running", "stopping", "stopped", "errored"}),
+    "starting": frozenset({"running", "stopping", "stopped", "errored"}),
+    "running": frozenset({"stopping", "saving", "stopped", "errored"}),
+    "stopping": frozenset({"saving", "uploading", "saved", "stopped", "errored"}),
+    "saving": frozenset({"uploading", "saved", "errored"}),
+    "uploading": frozenset({"saved", "errored"}),
+    "saved": frozenset({"discarded", "errored"}),
+    "stopped": frozenset({"discarded", "errored"}),
+    # An errored instance never comes back to life by itself: it can only be
+    # cleaned up.
+    "errored": frozenset({"stopping", "stopped", "discarded"}),
+    "discarded": frozenset(),
+}
+
+#: States in which an instance keeps the URL it had, when an update names none.
+_URL_STATES = frozenset({"starting", "running"})
+
+#: Messages a channel holds unhandled before it stops reading from the socket.
+_INBOX_HIGH = 64
+_INBOX_LOW = 16
+
+#: Pending commands sent per store query.
+_PUMP_BATCH = 500
+
+
+def transitionAllowed(old: str, new: str) -> bool:
+    """Whether a scheduler may move an instance from ``old`` to ``new``."""
+    return new == old or new in TRANSITIONS.get(old, frozenset())
+
+
+@dataclass(frozen=True)
+class InstanceEvent:
+    """An instance changed through the channel."""
+
+    #: The instance as it now is.
+    instance: Instance
+    #: The instance as it was.
+    previous: Instance
+    #: ``"state"`` (its state, reason or URL) or ``"key"`` (its public key).
+    change: str
+
+
+class IInstanceEvents(Interface):
+    """Where the pages learn of instance changes as they happen."""
+
+    def subscribe(key: str | None, callback: Callable[[InstanceEvent], object]) -> Callable[[], None]:
+        """
+        Call ``callback`` with every change to an instance whose id or
+        owner's id is ``key`` (every instance's, for None); returns the
+        function that unsubscribes.
+        """
+
+
+class _Phase(Enum):
+    HELLO = "waiting for hello"
+    VERIFYING = "checking the proof"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class _ChannelProtocol(WebSocketServerProtocol):
+    """One scheduler's channel. Thin: the hub decides what each message does."""
+
+    # Not "log": that name is autobahn's (txaio) logger.
+    _log = Logger()
+    phase = _Phase.HELLO
+    schedulerId: str | None = None
+    nonce = ""
+    _timer: IDelayedCall | None = None
+
+    @property
+    def hub(self) -> ChannelHub:
+        hub: ChannelHub = self.factory.hub
+        return hub
+
+    def onConnect(self, request: Any) -> str:
+        if request.path != PATH:
+            raise ConnectionDeny(404, "not the scheduler channel")
+        if SUBPROTOCOL not in request.protocols:
+            raise ConnectionDeny(400, f"subprotocol {SUBPROTOCOL} required")
+        return SUBPROTOCOL
+
+    def onOpen(self) -> None:
+        hub = self.hub
+        self.closed: Deferred[None] = Deferred()
+        self.inbox: deque[Callable[[], Awaitable[None]]] = deque()
+        self.busy = False
+        self.paused = False
+        #: Ids of the pending commands sent down this channel.
+        self.sent: set[str] = set()
+        self.pumping = False
+        self.pumpAgain = False
+        self.truncated = False
+        self.nonce = base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode("ascii")
+        hub._opened(self)
+        self.sendJSON({"type": "challenge", "nonce": self.nonce, "portal": hub.issuer})
+        self._timer = hub.reactor.callLater(hub.handshakeTimeout, self._timedOut)
+
+    def _timedOut(self) -> None:
+        self._timer = None
+        self.fail(CloseCode.HANDSHAKE_TIMEOUT, f"no valid hello within {self.hub.handshakeTimeout} s")
+
+    def describe(self) -> str:
+        """Who is at the other end, for the log."""
+        who = f"scheduler {self.schedulerId}" if self.schedulerId else "unauthenticated peer"
+        return f"{who} at {self.peer}"
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.phase is _Phase.CLOSED:
+            return
+        try:
+            message = decode(payload, isBinary)
+            kind = message["type"]
+            if self.phase is _Phase.HELLO:
+                if kind != "hello":
+                    raise ProtocolError(f"expected hello, not {kind!r}")
+                schedulerId = text(message, "scheduler")
+                proof = text(message, "proof", limit=MAX_TOKEN_LENGTH)
+                self.phase = _Phase.VERIFYING
+                self.hub._authenticate(self, schedulerId, proof)
+            elif self.phase is _Phase.VERIFYING:
+                raise ProtocolError(f"{kind} before the welcome")
+            else:
+                self.hub._received(self, kind, message)
+        except ProtocolError as e:
+            self.fail(CloseCode.PROTOCOL_ERROR, e.reason)
+
+    def sendJSON(self, message: Mapping[str, Any]) -> None:
+        if self.phase is not _Phase.CLOSED and self.state == self.STATE_OPEN:
+            self.sendMessage(encode(message), isBinary=False)
+
+    def enqueue(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Handle a message after those before it (stop reading while many wait)."""
+        self.inbox.append(work)
+        if len(self.inbox) >= _INBOX_HIGH and not self.paused:
+            self.paused = True
+            self._tcp().pauseProducing()
+        if not self.busy:
+            Deferred.fromCoroutine(self._drain())
+
+    def _tcp(self) -> IConnectionTransport:
+        return cast(IConnectionTransport, self.transport)
+
+    async def _drain(self) -> None:
+        self.busy = True
+        try:
+            while self.inbox and self.phase is _Phase.OPEN:
+                work = self.inbox.popleft()
+                if self.paused and len(self.inbox) <= _INBOX_LOW:
+                    self.paused = False
+                    self._tcp().resumeProducing()
+                await work()
+        except StoreError as e:
+            self._log.warn(
+                "the store failed while handling {who}: {error}", who=self.describe(), error=e.message
+            )
+            self.fail(CloseCode.INTERNAL_ERROR, "the portal's database failed; reconnect later")
+        except Exception:
+            self._log.failure("bug while handling a message from {who}", who=self.describe())
+            self.fail(CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            self.busy = False
+
+    def fail(self, code: CloseCode, reason: str, *, quiet: bool = False) -> None:
+        """Close the channel for ``reason`` (logged)."""
+        if self.phase is _Phase.CLOSED:
+            return
+        if quiet:
+            self._log.info("closing the channel of {who}: {reason}", who=self.describe(), reason=reason)
+        else:
+            self._log.warn("closing the channel of {who}: {reason}", who=self.describe(), reason=reason)
+        self._shut()
+        self.sendClose(int(code), reason)
+
+    def _shut(self) -> None:
+        self.phase = _Phase.CLOSED
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self.inbox.clear()
+        self.hub._closed(self)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if not hasattr(self, "closed"):
+            return  # the WebSocket never opened
+        if self.phase is not _Phase.CLOSED:
+            if getattr(self, "closedByMe", False) and self.localCloseCode is not None:
+                # autobahn failed it (a message too big, say): say why, not what came back.
+                code, reason, by = self.localCloseCode, self.localCloseReason, "the portal"
+            else:
+                by = "the scheduler" if code is not None and code != 1006 else "the network"
+            self._log.info(
+                "channel of {who} closed by {by} ({code} {reason})",
+                who=self.describe(),
+                by=by,
+                code=code,
+                reason=reason or "",
+            )
+            self._shut()
+        self.closed.callback(None)
+
+
+class _ChannelFactory(WebSocketServerFactory):
+    hub: ChannelHub
+
+
+@implementer(IInstanceEvents)
+class ChannelHub(MultiService):
+    """
+    Every scheduler channel of this portal process, and the portal's API to them.
+
+    A ``MultiService``: the endpoints given to :meth:`listen` are served while
+    it runs, and stopping it closes every channel (``SHUTDOWN``).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        store: IStore,
+        *,
+        issuer: str,
+        clock: IReactorTime | None = None,
+        handshakeTimeout: float = HANDSHAKE_TIMEOUT,
+        pingInterval: float = PING_INTERVAL,
+        pingTimeout: float = PING_TIMEOUT,
+        leeway: float = 30.0,
+        pollInterval: float | None = 30.0,
+        keepAcked: float = 7 * 86400.0,
+    ) -> None:
+        """
+        :param issuer: the portal's public URL; challenges name it and
+            proofs must too.
+        :param clock: judges proofs' times (default: ``reactor``).
+        :param leeway: clock skew allowed when checking a proof's times.
+        :param pollInterval: seconds between looks at the store for commands
+            that another portal process made for a scheduler connected here
+            (None: never; commands made here are pushed at once regardless).
+        :param keepAcked: seconds acknowledged commands are kept (for the
+            record) before the poll forgets them.
+        """
+        super().__init__()
+        self.reactor = reactor
+        self.store = store
+        self.issuer = issuer
+        self.clock: IReactorTime = clock if clock is not None else reactor
+        self.handshakeTimeout = handshakeTimeout
+        self.pingInterval = pingInterval
+        self.pingTimeout = pingTimeout
+        self.leeway = leeway
+        self.pollInterval = pollInterval
+        self.keepAcked = keepAcked
+        self._channels: dict[str, _ChannelProtocol] = {}
+        self._open: set[_ChannelProtocol] = set()
+        self._subscribers: dict[str | None, list[Callable[[InstanceEvent], object]]] = {}
+        self._poll: LoopingCall | None = None
+        self._lastPrune: float | None = None
+
+    # -- serving ----------------------------------------------------------------------------
+
+    def factory(self, url: str = "ws://localhost/") -> WebSocketServerFactory:
+        """A WebSocket factory serving the channel at :data:`PATH` (listen on it directly)."""
+        factory = _ChannelFactory(url, reactor=self.reactor)
+        factory.protocol = _ChannelProtocol
+        factory.hub = self
+        factory.noisy = False
+        factory.setProtocolOptions(
+            maxFramePayloadSize=MAX_MESSAGE,
+            maxMessagePayloadSize=MAX_MESSAGE,
+            # autobahn's timers round down to whole seconds: give its bound on the
+            # HTTP upgrade a second more (the channel's own timer is exact).
+            openHandshakeTimeout=self.handshakeTimeout + 1,
+            closeHandshakeTimeout=5,
+            # A violation (a message too big, 1009) is answered with a close frame saying so.
+            failByDrop=False,
+            autoPingInterval=self.pingInterval,
+            autoPingTimeout=self.pingTimeout,
+        )
+        return factory
+
+    def resource(self) -> WebSocketResource:
+        """The channel as a web resource, to mount at :data:`PATH` of a ``Site``."""
+        return WebSocketResource(self.factory())
+
+    def listen(self, endpoint: IStreamServerEndpoint) -> ListeningService:
+        """Serve the channel on ``endpoint`` while the hub runs."""
+        service = ListeningService(endpoint, self.factory(), "scheduler channel")
+        service.setServiceParent(self)
+        return service
+
+    # -- the portal's API ------------------------------------------------------------------
+
+    def send(
+        self, scheduler_id: str, op: str, instance_id: str, params: Mapping[str, Any] | None = None
+    ) -> Deferred[str]:
+        """
+        Keep a command for a scheduler and push it down its channel if it is
+        connected (else when it connects). Fires with the command's id once
+        it is stored: delivery is the channel's business from then on.
+        """
+        return Deferred.fromCoroutine(self._send(scheduler_id, op, instance_id, params or {}))
+
+    async def _send(self, schedulerId: str, op: str, instanceId: str, params: Mapping[str, Any]) -> str:
+        command = await self.store.createCommand(schedulerId, instanceId, op, params)
+        protocol = self._channels.get(schedulerId)
+        live = protocol is not None and protocol.phase is _Phase.OPEN
+        self.log.info(
+            "command {id}: {op} {instance} on scheduler {scheduler} ({delivery})",
+            id=command.id,
+            op=op,
+            instance=instanceId,
+            scheduler=schedulerId,
+            delivery="sending" if live else "waiting for it to connect",
+        )
+        if protocol is not None and live:
+            self._pump(protocol)
+        return command.id
+
+    def connected(self, scheduler_id: str) -> bool:
+        """Whether the scheduler has a live (authenticated) channel to this portal process."""
+        protocol = self._channels.get(scheduler_id)
+        return protocol is not None and protocol.phase is _Phase.OPEN
+
+    def connectedSchedulers(self) -> list[str]:
+        """The ids of the schedulers connected now."""
+        return sorted(s for s in self._channels if self.connected(s))
+
+    def subscribe(self, key: str | None, callback: Callable[[InstanceEvent], object]) -> Callable[[], None]:
+        callbacks = self._subscribers.setdefault(key, [])
+        callbacks.append(callback)
+
+        def unsubscribe() -> None:
+            current = self._subscribers.get(key)
+            if current is not None and callback in current:
+                current.remove(callback)
+                if not current:
+                    del self._subscribers[key]
+
+        return unsubscribe
+
+    def _publish(self, event: InstanceEvent) -> None:
+        keys = dict.fromkeys((event.instance.id, event.instance.owner_id, None))
+        for key in keys:
+            for callback in list(self._subscribers.get(key, ())):
+                try:
+                    callback(event)
+                except Exception:
+                    self.log.failure("an instance event subscriber failed")
+
+    # -- channels coming and going ---------------------------------------------------------------
+
+    def _opened(self, protocol: _ChannelProtocol) -> None:
+        self._open.add(protocol)
+
+    def _closed(self, protocol: _ChannelProtocol) -> None:
+        self._open.discard(protocol)
+        if protocol.schedulerId is not None and self._channels.get(protocol.schedulerId) is protocol:
+            del self._channels[protocol.schedulerId]
+
+    def _authenticate(self, protocol: _ChannelProtocol, schedulerId: str, proof: str) -> None:
+        def failed(failure: Any) -> None:
+            if failure.check(StoreError):
+                self.log.warn("the store failed while checking a scheduler: {error}", error=failure.value.message)
+            else:
+                self.log.failure("bug while checking a scheduler's proof", failure)
+            protocol.fail(CloseCode.INTERNAL_ERROR, "the portal could not check the proof; reconnect later")
+
+        d = Deferred.fromCoroutine(self._verify(protocol, schedulerId, proof))
+        d.addCallback(lambda scheduler: self._verified(protocol, schedulerId, scheduler))
+        d.addErrback(failed)
+
+    async def _verify(self, protocol: _ChannelProtocol, schedulerId: str, proof: str) -> str | Any:
+        """The scheduler record if the proof is good; otherwise why not (a string)."""
+        scheduler = await self.store.schedulerById(schedulerId)
+        if scheduler is None:
+            return "unknown scheduler"
+        if scheduler.disabled:
+            return "scheduler disabled"
+        try:
+            registered = json.loads(scheduler.public_jwk)
+            keys = registered["keys"] if "keys" in registered else [registered]
+            # Known by the kid it was registered with, and by its thumbprint
+            # (the kid ChannelClient puts in proofs).
+            keys = [*keys, *({k: v for k, v in key.items() if k != "kid"} for key in keys)]
+            source = StaticKeySource({"keys": keys})
+        except (ValueError, TypeError, AttributeError, KeyError):
+            self.log.error(
+                "scheduler {name} ({id}) has no usable registered key (an EC P-256 or Ed25519 JWK)",
+                name=scheduler.name,
+                id=scheduler.id,
+            )
+            return "the scheduler's registered key is not usable"
+        verifier = TokenVerifier(source, audience=AUDIENCE, leeway=self.leeway, clock=self.clock)
+        try:
+            claims = await verifier.verify(proof)
+        except InvalidToken as e:
+            return f"bad proof: {e.reason}"
+        if claims.get("sub") != schedulerId:
+            return "bad proof: it names another scheduler"
+        if claims.get("nonce") != protocol.nonce:
+            return "bad proof: it does not answer this challenge"
+        if claims.get("portal") != self.issuer:
+            return "bad proof: it is for another portal"
+        if claims["exp"] - claims["iat"] > PROOF_LIFETIME:
+            return f"bad proof: it is valid for longer than {PROOF_LIFETIME} s"
+        return scheduler
+
+    def _verified(self, protocol: _ChannelProtocol, schedulerId: str, scheduler: str | Any) -> None:
+        if protocol.phase is not _Phase.VERIFYING:
+            return  # closed meanwhile
+        if isinstance(scheduler, str):
+            protocol.fail(CloseCode.AUTH_FAILED, f"{scheduler} ({schedulerId})")
+            return
+        if protocol._timer is not None and protocol._timer.active():
+            protocol._timer.cancel()
+        protocol._timer = None
+        protocol.phase = _Phase.OPEN
+        protocol.schedulerId = schedulerId
+        old = self._channels.get(schedulerId)
+        self._channels[schedulerId] = protocol
+        if old is not None and old is not protocol:
+            old.fail(CloseCode.REPLACED, "replaced by a newer channel of the same scheduler", quiet=True)
+        protocol.sendJSON(
+            {"type": "welcome", "scheduler": schedulerId, "ping": self.pingInterval, "timeout": self.pingTimeout}
+        )
+        self.log.info(
+            "scheduler {name} ({id}) connected from {peer}", name=scheduler.name, id=schedulerId, peer=protocol.peer
+        )
+        self._pump(protocol)
+
+    # -- commands down -------------------------------------------------------------------------
+
+    def _pump(self, protocol: _ChannelProtocol) -> None:
+        """Send the scheduler's pending commands not yet sent on this channel, in order."""
+        if protocol.pumping:
+            protocol.pumpAgain = True
+            return
+        protocol.pumping = True
+        Deferred.fromCoroutine(self._pumpLoop(protocol))
+
+    async def _pumpLoop(self, protocol: _ChannelProtocol) -> None:
+        schedulerId = protocol.schedulerId
+        assert schedulerId is not None
+        try:
+            while protocol.phase is _Phase.OPEN:
+                protocol.pumpAgain = False
+                pending = await self.store.pendingCommands(schedulerId, limit=_PUMP_BATCH)
+                for command in pending:
+                    if protocol.phase is not _Phase.OPEN:
+                        return
+                    if command.id not in protocol.sent:
+                        protocol.sent.add(command.id)
+                        message = Command(command.id, command.op, command.instance_id, command.params)
+                        protocol.sendJSON(message.toJSON())
+                protocol.truncated = len(pending) >= _PUMP_BATCH
+                if not protocol.pumpAgain:
+                    return
+        except StoreError as e:
+            self.log.warn(
+                "could not read the commands for scheduler {id}: {error} (trying again at the next poll)",
+                id=schedulerId,
+                error=e.message,
+            )
+        except Exception:
+            self.log.failure("bug while sending commands to scheduler {id}", id=schedulerId)
+        finally:
+            protocol.pumping = False
+
+    def _pollAll(self) -> Deferred[None]:
+        for protocol in list(self._channels.values()):
+            if protocol.phase is _Phase.OPEN:
+                self._pump(protocol)
+        return Deferred.fromCoroutine(self._prune())
+
+    async def _prune(self) -> None:
+        now = self.clock.seconds()
+        if self._lastPrune is not None and now - self._lastPrune < 3600:
+            return
+        self._lastPrune = now
+        try:
+            forgotten = await self.store.deleteAckedCommands(now - self.keepAcked)
+        except StoreError as e:
+            self.log.warn("could not forget old commands: {error}", error=e.message)
+            return
+        if forgotten:
+            self.log.info("forgot {count} acknowledged commands", count=forgotten)
+
+    # -- messages up ---------------------------------------------------------------------------
+
+    def _received(self, protocol: _ChannelProtocol, kind: str, message: dict[str, Any]) -> None:
+        """Check a message at once (a bad one closes the channel); queue what it asks for."""
+        schedulerId = protocol.schedulerId
+        assert schedulerId is not None
+        if kind == "state":
+            status = parseStatus(message)
+            protocol.enqueue(lambda: self._applyStatus(schedulerId, status))
+        elif kind == "report":
+            statuses = parseReport(message)
+            protocol.enqueue(lambda: self._reconcile(schedulerId, statuses))
+        elif kind == "instance-key":
+            instanceId = instanceField(message)
+            jwk = message.get("jwk")
+            if not isinstance(jwk, dict):
+                raise ProtocolError("instance-key: jwk must be a JSON object")
+            leaked = privateMembers(jwk)
+            if leaked:
+                self.log.warn(
+                    "refused the key of instance {instance} from scheduler {scheduler}: it carries "
+                    "private key members ({members}); only public keys are published",
+                    instance=instanceId,
+                    scheduler=schedulerId,
+                    members=", ".join(sorted(leaked)),
+                )
+                return
+            usable = parse_jwks({"keys": [jwk]})
+            if not usable:
+                self.log.warn(
+                    "refused the key of instance {instance} from scheduler {scheduler}: "
+                    "not an EC P-256 or Ed25519 public key for signing",
+                    instance=instanceId,
+                    scheduler=schedulerId,
+                )
+                return
+            published = public_jwk(next(iter(usable.values())).key)
+            protocol.enqueue(lambda: self._applyKey(schedulerId, instanceId, published))
+        elif kind == "ack":
+            commandId = text(message, "id")
+            protocol.enqueue(lambda: self._ack(protocol, commandId))
+        else:
+            raise ProtocolError(f"unknown message type {kind!r}")
+
+    async def _ack(self, protocol: _ChannelProtocol, commandId: str) -> None:
+        schedulerId = protocol.schedulerId
+        assert schedulerId is not None
+        if await self.store.ackCommand(schedulerId, commandId):
+            protocol.sent.discard(commandId)
+            if protocol.truncated:
+                self._pump(protocol)
+        else:
+            self.log.info(
+                "scheduler {scheduler} acknowledged command {id}, which is not pending; ignored",
+                scheduler=schedulerId,
+                id=commandId,
+            )
+
+    async def _ours(self, schedulerId: str, instanceId: str, what: str) -> Instance | None:
+        """The instance if it is this scheduler's; otherwise None (logged)."""
+        instance: Instance | None = await self.store.instanceById(instanceId)
+        if instance is None:
+            self.log.info(
+                "scheduler {scheduler} sent {what} for unknown instance {instance}; ignored",
+                scheduler=schedulerId,
+                what=what,
+                instance=instanceId,
+            )
+            return None
+        if instance.scheduler_id != schedulerId:
+            self.log.warn(
+                "scheduler {scheduler} sent {what} for instance {instance}, which is not placed on it; ignored",
+                scheduler=schedulerId,
+                what=what,
+                instance=instanceId,
+            )
+            return None
+        return instance
+
+    async def _applyStatus(self, schedulerId: str, status: InstanceStatus, known: Instance | None = None) -> None:
+        """Apply a state the scheduler reported, if it is a legal move (compare-and-set)."""
+        for _ in range(5):
+            instance = known or await self._ours(schedulerId, status.instance, f"state {status.state}")
+            known = None
+            if instance is None:
+                return
+            if not transitionAllowed(instance.state, status.state):
+                self.log.info(
+                    "scheduler {scheduler} moved instance {instance} from {old} to {new}: not allowed; ignored",
+                    scheduler=schedulerId,
+                    instance=instance.id,
+                    old=instance.state,
+                    new=status.state,
+                )
+                return
+            url = status.url
+            if url is None and status.state in _URL_STATES:
+                url = instance.url
+            if (instance.state, instance.reason, instance.url) == (status.state, status.reason, url):
+                return
+            try:
+                updated = await self.store.updateInstance(
+                    instance.id, state=status.state, reason=status.reason, url=url, expected_state=instance.state
+                )
+            except Conflict:
+                continue  # it changed meanwhile: judge the move again
+            except NotFound:
+                return
+            self._publish(InstanceEvent(updated, instance, "state"))
+            return
+        self.log.warn("instance {instance} kept changing; state {state} not applied", instance=status.instance, state=status.state)
+
+    async def _applyKey(self, schedulerId: str, instanceId: str, jwk: dict[str, Any]) -> None:
+        instance = await self._ours(schedulerId, instanceId, "a key")
+        if instance is None:
+            return
+        if instance.state == "discarded":
+            self.log.info("key for discarded instance {instance} ignored", instance=instanceId)
+            return
+        serialized = json.dumps(jwk, sort_keys=True, separators=(",", ":"))
+        if instance.public_jwk == serialized:
+            return
+        try:
+            updated = await self.store.updateInstance(instanceId, public_jwk=serialized)
+        except NotFound:
+            return
+        self.log.info("instance {instance} has key {kid}", instance=instanceId, kid=jwk.get("kid"))
+        self._publish(InstanceEvent(updated, instance, "key"))
+
+    async def _reconcile(self, schedulerId: str, statuses: Iterable[InstanceStatus]) -> None:
+        """
+        After a (re)connect: apply what the scheduler reports, and mark
+        errored every active instance it left out, unless it cannot know of
+        it yet: a command about it is still on its way, or (``requested``)
+        it was never told of it.
+        """
+        instances = {i.id: i for i in await self.store.listInstancesOfScheduler(schedulerId)}
+        reported: set[str] = set()
+        for status in statuses:
+            reported.add(status.instance)
+            await self._applyStatus(schedulerId, status, known=instances.get(status.instance))
+        commanded = await self.store.commandedInstances(schedulerId)
+        lost = [
+            i
+            for i in instances.values()
+            if i.state in ACTIVE_STATES
+            and i.id not in reported
+            and not commanded.get(i.id, False)  # a command about it still on its way
+            and (i.state != "requested" or i.id in commanded)  # never told of it
+        ]
+        for instance in lost:
+            try:
+                updated = await self.store.updateInstance(
+                    instance.id, state="errored", reason=LOST_REASON, url=None, expected_state=instance.state
+                )
+            except (Conflict, NotFound):
+                continue  # changed meanwhile: whatever changed it knows better
+            self.log.warn(
+                "instance {instance} ({state}) is missing from scheduler {scheduler}'s report: errored",
+                instance=instance.id,
+                state=instance.state,
+                scheduler=schedulerId,
+            )
+            self._publish(InstanceEvent(updated, instance, "state"))
+        self.log.info(
+            "scheduler {scheduler} reported {count} instances ({lost} lost)",
+            scheduler=schedulerId,
+            count=len(reported),
+            lost=len(lost),
+        )
+
+    # -- the service ---------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        if self.pollInterval:
+            self._poll = LoopingCall(self._pollAll)
+            self._poll.clock = self.reactor
+            self._poll.start(self.pollInterval, now=False).addErrback(
+                lambda f: self.log.failure("the command poll failed", f)
+            )
+
+    def stopService(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self._poll is not None and self._poll.running:
+            self._poll.stop()
+        self._poll = None
+        await MultiService.stopService(self)
+        channels = list(self._open)
+        closing = [protocol.closed for protocol in channels]
+        for protocol in channels:
+            protocol.fail(CloseCode.SHUTDOWN, "the portal is stopping", quiet=True)
+        if closing:
+            done: Deferred[Any] = DeferredList(closing)
+            done.addTimeout(6, self.reactor)
+            try:
+                await done
+            except TimeoutError:
+                for protocol in channels:
+                    if not protocol.closed.called:
+                        protocol.dropConnection(abort=True)
