@@ -51,6 +51,23 @@ class LoggedIn:
         self.token = token
 
 
+_PUBLIC_MEMBERS = ("kty", "crv", "x", "y", "alg", "use")
+
+
+def publicMembers(text: str | None, kid: str) -> dict[str, Any] | None:
+    """The public members of a stored JWK (JSON text), under ``kid``; None if unusable."""
+    try:
+        jwk = json.loads(text or "")
+    except ValueError:
+        return None
+    if not isinstance(jwk, dict) or "kty" not in jwk:
+        return None
+    key = {k: jwk[k] for k in _PUBLIC_MEMBERS if k in jwk}
+    key["kid"] = kid
+    key.setdefault("use", "sig")
+    return key
+
+
 def safeNext(value: str | None) -> str:
     """A local path to go to after login; anything else (another site) is ``/``."""
     if not value or not value.startswith("/") or value.startswith("//") or "\\" in value:
@@ -101,6 +118,7 @@ class Portal:
         #: Login through GitHub / OpenID Connect providers, at /login/<provider>
         #: (a ``dit4c.portal.upstream.UpstreamLogin``), or None for none.
         self.upstream: Any = None
+        self._jwksCache: tuple[float, list[dict[str, Any]]] | None = None
         #: The scheduler channel's WebSocket resource, served at /.dit4c/channel.
         self.channelResource: Any = None
 
@@ -334,9 +352,34 @@ class Portal:
 
     @app.route("/.well-known/jwks.json", methods=["GET"])
     async def jwks(self, request: IRequest) -> bytes:
-        request.setHeader(b"cache-control", b"public, max-age=60")
-        keys = list(self.keys.publicJWKs())
-        return self.json(request, {"keys": keys})
+        """
+        Every public key others must check: the portal's own (its ``kid`` is
+        the key's thumbprint), each enabled scheduler's (``scheduler:<id>``)
+        and each live instance's (``instance:<id>``). Public members only.
+        """
+        request.setHeader(b"cache-control", b"public, max-age=10")
+        now = self.clock.seconds()
+        cached = self._jwksCache
+        if cached is None or now - cached[0] >= 10:
+            cached = self._jwksCache = (now, await self._publishedKeys())
+        return self.json(request, {"keys": list(self.keys.publicJWKs()) + cached[1]})
+
+    async def _publishedKeys(self) -> list[dict[str, Any]]:
+        from dit4c.portal.store.model import ACTIVE_STATES
+
+        published: list[dict[str, Any]] = []
+        for scheduler in await self.store.listSchedulers():
+            if scheduler.disabled:
+                continue
+            key = publicMembers(scheduler.public_jwk, f"scheduler:{scheduler.id}")
+            if key is not None:
+                published.append(key)
+            for instance in await self.store.listInstancesOfScheduler(scheduler.id):
+                if instance.state in ACTIVE_STATES and instance.public_jwk:
+                    key = publicMembers(instance.public_jwk, f"instance:{instance.id}")
+                    if key is not None:
+                        published.append(key)
+        return published
 
     @app.route("/.well-known/openid-configuration", methods=["GET"])
     def discovery(self, request: IRequest) -> bytes:

@@ -254,3 +254,37 @@ async def test_unknown_page_is_a_404_page(portal: Portal) -> None:
     response, page = await Browser(portal).get("/no/such/page")
     assert response.code == 404
     assert "Not Found" in page
+
+
+@pytest_twisted.ensureDeferred
+async def test_jwks_publishes_scheduler_and_live_instance_keys(portal: Portal) -> None:
+    import json
+
+    from dit4c.common.keys import generate_private_key, public_jwk
+    from dit4c.common.tokens import TokenSigner
+
+    store = portal.store
+    schedulerKey = generate_private_key()
+    scheduler = await store.createScheduler("hpc", json.dumps(public_jwk(schedulerKey)))
+    alice = await store.userByName("alice")
+    image = await store.createImage("Tool", "tool", owner_id=None)
+    instanceKey = generate_private_key()
+    instance = await store.createInstance(
+        alice.id, image.id, scheduler_id=scheduler.id, public_jwk=json.dumps(public_jwk(instanceKey))
+    )
+    await store.updateInstance(instance.id, state="running")
+
+    _, body = await Browser(portal).get("/.well-known/jwks.json")
+    jwks = json.loads(body)
+    kids = [k["kid"] for k in jwks["keys"]]
+    assert f"scheduler:{scheduler.id}" in kids and f"instance:{instance.id}" in kids
+    assert all("d" not in k for k in jwks["keys"])
+    # What an instance signs (a report, an upload) verifies against the JWKS.
+    token = TokenSigner(instanceKey, kid=f"instance:{instance.id}").sign({"sub": instance.id}, audience="x", lifetime=60)
+    await TokenVerifier(StaticKeySource(jwks), audience="x").verify(token)
+
+    # Once the instance is discarded its key is withdrawn.
+    await store.updateInstance(instance.id, state="discarded")
+    portal.clock.advance(11)  # type: ignore[attr-defined]
+    _, body = await Browser(portal).get("/.well-known/jwks.json")
+    assert f"instance:{instance.id}" not in [k["kid"] for k in json.loads(body)["keys"]]
