@@ -242,6 +242,42 @@ class API:
             raise APIError(404, "not_found", f"Instances have no action {action!r}.")
         return self.reply(request, instanceJSON(await self.instances.act(user, instance_id, action)))
 
+    @app.route("/instances/<instance_id>/links", methods=["GET"])
+    async def links(self, request: IRequest, instance_id: str) -> bytes:
+        user = await self.caller(request)
+        links = await self.portal.sharing.links(user, instance_id)
+        return self.reply(request, [{"id": k.id, "created": k.created, "revoked": k.revoked} for k in links])
+
+    @app.route("/instances/<instance_id>/links", methods=["POST"])
+    async def newLink(self, request: IRequest, instance_id: str) -> bytes:
+        user = await self.caller(request)
+        link, url = await self.portal.sharing.createLink(user, instance_id)
+        return self.reply(request, {"id": link.id, "url": url}, 201)
+
+    @app.route("/instances/<instance_id>/links/<link_id>", methods=["DELETE"])
+    async def revokeLink(self, request: IRequest, instance_id: str, link_id: str) -> bytes:
+        user = await self.caller(request)
+        await self.portal.sharing.revokeLink(user, instance_id, link_id)
+        return self.reply(request, {"revoked": link_id})
+
+    @app.route("/images/<image_id>/shares", methods=["POST"])
+    async def shareImage(self, request: IRequest, image_id: str) -> bytes:
+        user = await self.caller(request)
+        await self.portal.sharing.shareImage(user, image_id, str(self.field(self.body(request), "user")))
+        return self.reply(request, {"shared": image_id})
+
+    @app.route("/images/<image_id>/shares/<name>", methods=["DELETE"])
+    async def unshareImage(self, request: IRequest, image_id: str, name: str) -> bytes:
+        user = await self.caller(request)
+        await self.portal.sharing.unshareImage(user, image_id, name)
+        return self.reply(request, {"unshared": image_id})
+
+    @app.route("/images/<image_id>", methods=["DELETE"])
+    async def deleteImage(self, request: IRequest, image_id: str) -> bytes:
+        user = await self.caller(request)
+        await self.portal.sharing.deleteImage(user, image_id)
+        return self.reply(request, {"deleted": image_id})
+
     @app.route("/instances/<instance_id>/shares/<name>", methods=["DELETE"])
     async def unshare(self, request: IRequest, instance_id: str, name: str) -> bytes:
         user = await self.caller(request)

@@ -95,7 +95,7 @@ class Portal:
         self, store: Any, keys: KeyRing, config: PortalConfig, clock: Any, commands: Any = None
     ) -> None:
         from dit4c.portal.events import InstanceEvents
-        from dit4c.portal.instances import Instances
+        from dit4c.portal.instances import Instances, Sharing
 
         self.store = store
         self.keys = keys
@@ -106,6 +106,7 @@ class Portal:
         self.instances = Instances(
             store, commands or NoChannel(), defaultQuota=config.defaultQuota, events=self.events
         )
+        self.sharing = Sharing(self.instances, config.publicURL)
         self.cookies = CookiePolicy(secure=config.secure, sessionLifetime=config.sessionLifetime)
         self.templates = Environment(
             loader=PackageLoader("dit4c.portal", "templates"),
@@ -241,6 +242,20 @@ class Portal:
             unsubscribe()
             keepalive.stop()
         return None
+
+    @app.route("/share/<token>", methods=["GET"])
+    async def followShareLink(self, request: IRequest, token: str) -> bytes:
+        """A share link: once logged in, the person may use the instance."""
+        who = await self.loggedIn(request)
+        if who is None:
+            return self.redirect(request, "/login?next=" + quote(f"/share/{token}", safe="/"))
+        instance = await self.store.redeemShareLink(token, who.user.id)
+        if instance is None:
+            return self.render(
+                request, "error.html", 404, user=who.user, csrf=who.session.csrf,
+                title="Link not valid", message="This share link does not exist or was revoked.",
+            )  # fmt: skip
+        return self.redirect(request, "/")
 
     @app.route("/instances", methods=["POST"])
     async def startInstance(self, request: IRequest) -> bytes:

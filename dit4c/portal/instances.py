@@ -169,5 +169,53 @@ class Instances:
             await self.store.unshareInstance(instance.id, other.id)
 
 
+class Sharing:
+    """Share links to instances, and saved images shared with people."""
+
+    def __init__(self, instances: Instances, publicURL: str) -> None:
+        self.instances = instances
+        self.store = instances.store
+        self.publicURL = publicURL
+
+    async def createLink(self, user: User, instance_id: str) -> tuple[Any, str]:
+        """A new link (shown once) that lets whoever follows it, logged in, use the instance."""
+        instance = await self.instances.owned(user, instance_id)
+        link, token = await self.store.createShareLink(instance.id)
+        return link, f"{self.publicURL}/share/{token}"
+
+    async def links(self, user: User, instance_id: str) -> list[Any]:
+        instance = await self.instances.owned(user, instance_id)
+        return list(await self.store.listShareLinks(instance.id))
+
+    async def revokeLink(self, user: User, instance_id: str, link_id: str) -> None:
+        instance = await self.instances.owned(user, instance_id)
+        if link_id not in {link.id for link in await self.store.listShareLinks(instance.id)}:
+            raise NotFound("There is no such link to this instance.")
+        await self.store.revokeShareLink(link_id)
+
+    async def ownedImage(self, user: User, image_id: str) -> Image:
+        image = await self.store.imageById(image_id)
+        if image is None or image.deleted or (image.owner_id != user.id and not user.is_admin):
+            raise NotFound("There is no such saved image of yours.")
+        return image
+
+    async def shareImage(self, user: User, image_id: str, name: str) -> None:
+        image = await self.ownedImage(user, image_id)
+        other = await self.store.userByName(name.strip().lower())
+        if other is None or other.disabled:
+            raise NotFound(f"There is nobody called {name!r}.")
+        await self.store.shareImage(image.id, other.id)
+
+    async def unshareImage(self, user: User, image_id: str, name: str) -> None:
+        image = await self.ownedImage(user, image_id)
+        other = await self.store.userByName(name.strip().lower())
+        if other is not None:
+            await self.store.unshareImage(image.id, other.id)
+
+    async def deleteImage(self, user: User, image_id: str) -> None:
+        image = await self.ownedImage(user, image_id)
+        await self.store.deleteImage(image.id)
+
+
 def isActive(instance: Instance) -> bool:
     return instance.state in ACTIVE_STATES

@@ -137,6 +137,31 @@ def document(publicURL: str) -> dict[str, Any]:
                     parameters=[_ID],
                 )
             },
+            "/instances/{id}/links": {
+                "get": _op("Share links of an instance", _json({"type": "array"}, "Links (never their tokens)"), parameters=[_ID]),
+                "post": _op(
+                    "Create a revocable share link; its URL is in this answer only",
+                    _json({"type": "object"}, "The link and its URL"),
+                    parameters=[_ID],
+                    status="201",
+                ),
+            },
+            "/instances/{id}/links/{link}": {
+                "delete": _op(
+                    "Revoke a share link (and every use it granted)",
+                    _json({"type": "object"}, "Revoked"),
+                    parameters=[_ID, {"name": "link", "in": "path", "required": True, "schema": {"type": "string"}}],
+                )
+            },
+            "/images/{id}": {"delete": _op("Delete a saved image of yours", _json({"type": "object"}, "Deleted"), parameters=[_ID])},
+            "/images/{id}/shares": {
+                "post": _op(
+                    "Share a saved image with a person",
+                    _json({"type": "object"}, "Shared"),
+                    body={"type": "object", "required": ["user"], "properties": {"user": {"type": "string"}}},
+                    parameters=[_ID],
+                )
+            },
             "/admin/users": {
                 "get": _op("Everyone (administrators)", _json({"type": "array", "items": _ref("User")}, "Users")),
                 "post": _op(

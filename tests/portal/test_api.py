@@ -202,3 +202,55 @@ async def test_openapi_document_describes_the_routes(api: Portal) -> None:
         assert path in document["paths"]
     assert document["servers"] == [{"url": "http://portal.test/api/v1"}]
 
+
+
+@pytest_twisted.ensureDeferred
+async def test_share_links_can_be_followed_and_revoked(api: Portal) -> None:
+    alice = Client(api, await tokenFor(api, "alice", "correct horse battery"))
+    _, instance = await alice.call("POST", "/instances", {"image": api.image.id})  # type: ignore[attr-defined]
+    code, link = await alice.call("POST", f"/instances/{instance['id']}/links")
+    assert code == 201 and link["url"].startswith("http://portal.test/share/")
+    path = link["url"][len("http://portal.test"):]
+
+    bob = Browser(api)
+    response, _ = await bob.get(path)
+    assert response.code == 303 and "/login?next=/share/" in response.headers.getRawHeaders("location")[0]
+    await logIn(bob, "bob", "bobs password!")
+    response, _ = await bob.get(path)
+    assert response.code == 303
+    bobsID = (await api.store.userByName("bob")).id
+    assert await api.store.mayUseInstance(bobsID, instance["id"])
+
+    code, _ = await alice.call("DELETE", f"/instances/{instance['id']}/links/{link['id']}")
+    assert code == 200
+    assert not await api.store.mayUseInstance(bobsID, instance["id"])
+    response, page = await bob.get(path)
+    assert response.code == 404 and "revoked" in page
+    # Only the owner makes links.
+    bobClient = Client(api, await tokenFor(api, "bob", "bobs password!"))
+    code, _ = await bobClient.call("POST", f"/instances/{instance['id']}/links")
+    assert code == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_saved_images_are_shared_and_deleted_by_their_owner(api: Portal) -> None:
+    alice = Client(api, await tokenFor(api, "alice", "correct horse battery"))
+    bob = Client(api, await tokenFor(api, "bob", "bobs password!"))
+    aliceID = (await api.store.userByName("alice")).id
+    saved = await api.store.createImage("my analysis", "https://images.test/sha256/ab", owner_id=aliceID, digest="sha256:" + "ab" * 32)
+    _, images = await bob.call("GET", "/images")
+    assert saved.id not in [i["id"] for i in images]
+    code, _ = await bob.call("POST", f"/images/{saved.id}/shares", {"user": "bob"})
+    assert code == 404  # not bob's to share
+    code, _ = await alice.call("POST", f"/images/{saved.id}/shares", {"user": "bob"})
+    assert code == 200
+    _, images = await bob.call("GET", "/images")
+    assert saved.id in [i["id"] for i in images]
+    code, started = await bob.call("POST", "/instances", {"image": saved.id})
+    assert code == 201
+    code, _ = await bob.call("DELETE", f"/images/{saved.id}")
+    assert code == 404
+    code, _ = await alice.call("DELETE", f"/images/{saved.id}")
+    assert code == 200
+    code, _ = await bob.call("POST", "/instances", {"image": saved.id})
+    assert code == 404
