@@ -198,6 +198,15 @@ class AdminPages:
         self.log.info("{admin} registered scheduler {name}", admin=who.user.name, name=name)
         return await self.page(request, who, message=f"Registered scheduler {name} ({scheduler.id}).")
 
+    @app.route("/keys/rotate", methods=["POST"])
+    async def rotateKey(self, request: IRequest) -> bytes:
+        who = await self.guarded(request)
+        if isinstance(who, bytes):
+            return who
+        kid = self.portal.keys.rotate()
+        self.log.info("{admin} rotated the portal's signing key; now {kid}", admin=who.user.name, kid=kid)
+        return await self.page(request, who, message=f"The portal now signs with key {kid}.")
+
     @app.route("/schedulers/<scheduler_id>", methods=["POST"])
     async def changeScheduler(self, request: IRequest, scheduler_id: str) -> bytes:
         who = await self.guarded(request)

@@ -322,6 +322,13 @@ class API:
             await self.store.deleteSessionsOfUser(user_id)
         return self.reply(request, userJSON(user))
 
+    @app.route("/admin/keys/rotate", methods=["POST"])
+    async def rotateKey(self, request: IRequest) -> bytes:
+        caller = await self.admin(request)
+        kid = self.portal.keys.rotate()
+        self.log.info("{admin} rotated the portal's signing key (API); now {kid}", admin=caller.name, kid=kid)
+        return self.reply(request, {"kid": kid})
+
     @app.route("/admin/images", methods=["POST"])
     async def addImage(self, request: IRequest) -> bytes:
         await self.admin(request)

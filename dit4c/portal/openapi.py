@@ -179,6 +179,7 @@ def document(publicURL: str) -> dict[str, Any]:
                     parameters=[_ID],
                 )
             },
+            "/admin/keys/rotate": {"post": _op("Make a new portal signing key current", _json({"type": "object"}, "Its key id"))},
             "/admin/images": {
                 "post": _op(
                     "Add a catalogue image",

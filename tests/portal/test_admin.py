@@ -104,3 +104,17 @@ async def test_catalogue_and_schedulers(portal: Portal) -> None:  # noqa: F811
     response, page = await admin.post("/admin/schedulers", {"csrf": csrf, "name": "oops", "public_jwk": json.dumps(private)})
     assert response.code == 400 and "private key" in page
     assert len(await portal.store.listSchedulers()) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_rotate_the_signing_key(portal: Portal) -> None:  # noqa: F811
+    admin = await adminBrowser(portal)
+    before = portal.keys.signer().kid
+    _, page = await admin.get("/admin/")
+    response, page = await admin.post("/admin/keys/rotate", {"csrf": csrfOf(page)})
+    assert response.code == 200
+    after = portal.keys.signer().kid
+    assert after != before and after in page
+    _, body = await admin.get("/.well-known/jwks.json")
+    kids = {k["kid"] for k in json.loads(body)["keys"]}
+    assert {before, after} <= kids
