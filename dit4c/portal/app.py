@@ -116,6 +116,11 @@ class Portal:
 
         #: The OAuth 2 authorization server for the instances' auth helpers, at /oauth/.
         self.oauth = OAuthServer(self)
+        from dit4c.portal.reports import Reports
+
+        #: Reports from instances' helpers, and the image server's question, at /reports/
+        #: (no image server until ``self.reports.setImageServerSecret(...)``).
+        self.reports = Reports(self)
         #: Login through GitHub / OpenID Connect providers, at /login/<provider>
         #: (a ``dit4c.portal.upstream.UpstreamLogin``), or None for none.
         self.upstream: Any = None
@@ -453,6 +458,10 @@ class Portal:
     @app.route("/oauth/", branch=True)
     def oauthServer(self, request: IRequest) -> Any:
         return self.oauth.app.resource()
+
+    @app.route("/reports/", branch=True)
+    def reportEndpoints(self, request: IRequest) -> Any:
+        return self.reports.app.resource()
 
     @app.route("/health", methods=["GET"])
     def health(self, request: IRequest) -> bytes:

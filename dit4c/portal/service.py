@@ -33,6 +33,7 @@ class PortalService(MultiService):
         endpoints: list[Any],
         channelEndpoints: Sequence[Any] = (),
         loginProviders: Sequence[Any] = (),
+        imageServerSecret: str | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -44,6 +45,7 @@ class PortalService(MultiService):
         self.channelEndpoints = list(channelEndpoints)
         #: GitHub / OpenID Connect providers people may log in through.
         self.loginProviders = list(loginProviders)
+        self.imageServerSecret = imageServerSecret
         #: The scheduler channel (``ChannelHub``), once started.
         self.channels: ChannelHub | None = None
         self.store: Any = None
@@ -79,6 +81,7 @@ class PortalService(MultiService):
         self.channels.subscribe(None, lambda event: events.publish(event.instance))
         # Schedulers may also dial the portal's own web port (wss://.../.dit4c/channel).
         self.portal.channelResource = self.channels.resource()
+        self.portal.reports.setImageServerSecret(self.imageServerSecret)
         if self.loginProviders:
             from treq.client import HTTPClient
             from twisted.web.client import Agent

@@ -33,6 +33,7 @@ class Options(usage.Options):
         ["session-lifetime", None, 43200.0, "Seconds a login lasts.", positiveFloat],
         ["default-quota", None, 4, "Instances a person may run at once unless set for them.", positiveInt],
         ["login-providers", None, None, "JSON file of GitHub / OpenID Connect login providers (docs/protocols.md)."],
+        ["image-server-secret-file", None, None, "File holding the secret the image server sends when it asks whether a request may go on."],
     ]
 
     def __init__(self) -> None:
@@ -56,6 +57,15 @@ class Options(usage.Options):
         if not self["public-url"].startswith(("http://", "https://")):
             raise usage.UsageError("--public-url must start with http:// or https://")
         endpointList(self["channel"], server=True, option="channel")
+        if self["image-server-secret-file"]:
+            try:
+                self["image-server-secret"] = Path(self["image-server-secret-file"]).read_text().strip()
+            except OSError as e:
+                raise usage.UsageError(f"--image-server-secret-file: {e.strerror}") from None
+            if len(self["image-server-secret"]) < 16:
+                raise usage.UsageError("--image-server-secret-file: the secret must have at least 16 characters")
+        else:
+            self["image-server-secret"] = None
         if self["login-providers"]:
             from dit4c.portal.upstream import ConfigError, providersFromFile
 
@@ -88,4 +98,5 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         endpoints=[serverFromString(reactor, e) for e in config["listen"]],
         channelEndpoints=[serverFromString(reactor, e) for e in config["channel"]],
         loginProviders=config["login-providers"],
+        imageServerSecret=config["image-server-secret"],
     )

@@ -348,6 +348,43 @@ class IStore(Interface):
     def deleteAckedCommands(before: float) -> Deferred[int]:
         """Forget commands acknowledged before ``before``; fires with how many."""
 
+    # -- reports from instances and the image server (dit4c.portal.reports) ------------------------
+
+    def spendTokenId(issuer: str, jti: str, expires: float) -> Deferred[bool]:
+        """
+        Remember that the token ``jti`` of ``issuer`` (an instance id) was
+        used, until ``expires``: fires with True the first time, and with
+        False while it is remembered (a replay). An insert that either wins
+        or finds the row, so of concurrent uses exactly one gets True, in
+        every portal process. Ids expired already are forgotten on the way.
+        ``ValueError`` for an empty ``jti`` or one longer than 255 characters.
+        """
+
+    def findImages(reference: str) -> Deferred[list[Image]]:
+        """
+        The images, not deleted, whose id, ``ref`` or ``digest`` is
+        ``reference`` exactly, oldest first.
+        """
+
+    def saveInstanceImage(
+        instance_id: str,
+        name: str,
+        ref: str,
+        digest: str,
+        *,
+        states: Collection[str],
+    ) -> Deferred[tuple[Image, bool]]:
+        """
+        The image an instance saved: a new one owned by the instance's
+        owner, with the port of the image the instance runs, and ``True``;
+        or, if the owner already has an image (not deleted) with this
+        ``digest``, that one and ``False``, so that a retried report makes
+        no second image. Only while the instance is in one of ``states``,
+        checked in the same transaction (which holds the instance's row, so
+        concurrent reports for one instance are serialised): ``Conflict``
+        otherwise, ``NotFound`` if there is no such instance.
+        """
+
 
 @dataclass(frozen=True)
 class OAuthCode:

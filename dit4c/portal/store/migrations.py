@@ -175,6 +175,25 @@ MIGRATIONS: list[Migration] = [
             "CREATE INDEX commands_instance ON commands (instance_id)",
         ],
     ),
+    (
+        4,
+        [
+            # Token ids (``jti``) of instances' signed reports
+            # (dit4c.portal.reports), remembered until the token expires so
+            # that no report is accepted twice, by any portal process.
+            """CREATE TABLE used_token_ids (
+                issuer TEXT NOT NULL,
+                jti TEXT NOT NULL,
+                expires {timestamp} NOT NULL,
+                PRIMARY KEY (issuer, jti)
+            )""",
+            "CREATE INDEX used_token_ids_expires ON used_token_ids (expires)",
+            # Saved images are found by digest (a retried image report, the
+            # image server's question). ``ref`` gets no index: it is free
+            # text of any length, too long for a PostgreSQL B-tree entry.
+            "CREATE INDEX images_digest ON images (digest)",
+        ],
+    ),
 ]
 
 _CREATE_VERSION_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (
