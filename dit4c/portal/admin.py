@@ -63,6 +63,10 @@ class AdminPages:
         users = await self.store.listUsers(0, 1000)
         images = await self.store.listCatalogue()
         schedulers = await self.store.listSchedulers()
+        names = {u.id: u.name for u in users}
+        restricted = {
+            s.id: ", ".join(names.get(i, i) for i in await self.store.schedulerUsers(s.id)) for s in schedulers
+        }
         return self.portal.render(
             request,
             "admin.html",
@@ -72,6 +76,7 @@ class AdminPages:
             users=users,
             images=images,
             schedulers=schedulers,
+            restricted=restricted,
             **extra,
         )
 
@@ -213,6 +218,21 @@ class AdminPages:
         if isinstance(who, bytes):
             return who
         action = self.portal.arg(request, "action")
+        if action == "restrict":
+            names = [n.strip().lower() for n in (self.portal.arg(request, "users") or "").split(",") if n.strip()]
+            ids = []
+            for name in names:
+                person = await self.store.userByName(name)
+                if person is None:
+                    return await self.page(request, who, 400, error=f"There is nobody called {name!r}.")
+                ids.append(person.id)
+            try:
+                await self.store.setSchedulerUsers(scheduler_id, ids)
+            except StoreError as e:
+                return await self.page(request, who, 400, error=str(e))
+            return await self.page(
+                request, who, message="Open to everyone." if not ids else f"Open to {', '.join(names)} only."
+            )
         if action not in ("disable", "enable"):
             return await self.page(request, who, 400, error="Unknown action.")
         try:

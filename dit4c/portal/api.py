@@ -322,6 +322,21 @@ class API:
             await self.store.deleteSessionsOfUser(user_id)
         return self.reply(request, userJSON(user))
 
+    @app.route("/admin/schedulers/<scheduler_id>/users", methods=["PUT"])
+    async def schedulerUsers(self, request: IRequest, scheduler_id: str) -> bytes:
+        await self.admin(request)
+        names = self.body(request).get("users")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise APIError(400, "bad_field", "'users' must be a list of user names (empty: everyone).")
+        ids = []
+        for name in names:
+            person = await self.store.userByName(name.strip().lower())
+            if person is None:
+                raise APIError(404, "not_found", f"There is nobody called {name!r}.")
+            ids.append(person.id)
+        await self.store.setSchedulerUsers(scheduler_id, ids)
+        return self.reply(request, {"scheduler": scheduler_id, "users": sorted(n.strip().lower() for n in names)})
+
     @app.route("/admin/keys/rotate", methods=["POST"])
     async def rotateKey(self, request: IRequest) -> bytes:
         caller = await self.admin(request)

@@ -196,7 +196,7 @@ class Portal:
             if instance.image_id not in names:
                 image = await self.store.imageById(instance.image_id)
                 names[instance.image_id] = image.name if image else "?"
-        schedulers = [s for s in await self.store.listSchedulers() if not s.disabled]
+        schedulers = await self.store.schedulersFor(who.user.id)
         return self.render(
             request,
             "home.html",

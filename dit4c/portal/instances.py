@@ -106,7 +106,7 @@ class Instances:
                 f"You may run {quota} instance{'s' if quota != 1 else ''} at once and have {running}; "
                 "stop one first."
             )
-        scheduler = await self._placement(scheduler_id)
+        scheduler = await self._placement(user, scheduler_id)
         instance = await self.store.createInstance(user.id, image.id, scheduler_id=scheduler)
         self.events.publish(instance)
         params = {"image": image.ref, "port": image.port, "digest": image.digest}
@@ -114,12 +114,16 @@ class Instances:
         self.log.info("{user} started {instance} from {image}", user=user.name, instance=instance.id, image=image.name)
         return instance
 
-    async def _placement(self, wanted: str | None) -> str:
-        schedulers = [s for s in await self.store.listSchedulers() if not s.disabled]
+    async def _placement(self, user: User, wanted: str | None) -> str:
+        """
+        The person's choice if they may run there; else the first cluster open
+        to them with a live channel; else the first open to them (its
+        commands wait until it connects).
+        """
+        schedulers = await self.store.schedulersFor(user.id)
         if wanted is not None:
-            chosen = [s for s in schedulers if s.id == wanted]
-            if not chosen:
-                raise NoScheduler("That cluster does not exist or is not taking instances.")
+            if wanted not in {s.id for s in schedulers}:
+                raise NoScheduler("That cluster does not exist, is not taking instances, or is not open to you.")
             return wanted
         connected = [s.id for s in schedulers if self.commands.connected(s.id)]
         if connected:
@@ -128,7 +132,7 @@ class Instances:
             # Commands wait for a scheduler that is away; the person sees
             # "requested" until it comes back.
             return schedulers[0].id
-        raise NoScheduler("No cluster is available to run instances now.")
+        raise NoScheduler("No cluster is available to you to run instances now.")
 
     async def owned(self, user: User, instance_id: str) -> Instance:
         instance = await self.store.instanceById(instance_id)

@@ -179,6 +179,14 @@ def document(publicURL: str) -> dict[str, Any]:
                     parameters=[_ID],
                 )
             },
+            "/admin/schedulers/{id}/users": {
+                "put": _op(
+                    "Open a scheduler to these people only (an empty list: everyone)",
+                    _json({"type": "object"}, "Who may use it"),
+                    body={"type": "object", "required": ["users"], "properties": {"users": {"type": "array", "items": {"type": "string"}}}},
+                    parameters=[_ID],
+                )
+            },
             "/admin/keys/rotate": {"post": _op("Make a new portal signing key current", _json({"type": "object"}, "Its key id"))},
             "/admin/images": {
                 "post": _op(

@@ -254,3 +254,22 @@ async def test_saved_images_are_shared_and_deleted_by_their_owner(api: Portal) -
     assert code == 200
     code, _ = await bob.call("POST", "/instances", {"image": saved.id})
     assert code == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_person_runs_only_on_clusters_open_to_them(api: Portal) -> None:
+    root = Client(api, await tokenFor(api, "root", "root password!"))
+    alice = Client(api, await tokenFor(api, "alice", "correct horse battery"))
+    bob = Client(api, await tokenFor(api, "bob", "bobs password!"))
+    [cluster] = await api.store.listSchedulers()
+    code, _ = await root.call("PUT", f"/admin/schedulers/{cluster.id}/users", {"users": ["alice"]})
+    assert code == 200
+    code, _ = await alice.call("POST", "/instances", {"image": api.image.id, "scheduler": cluster.id})  # type: ignore[attr-defined]
+    assert code == 201
+    code, error = await bob.call("POST", "/instances", {"image": api.image.id})  # type: ignore[attr-defined]
+    assert code == 503 and "available to you" in error["reason"]
+    code, error = await bob.call("POST", "/instances", {"image": api.image.id, "scheduler": cluster.id})  # type: ignore[attr-defined]
+    assert code == 503 and "not open to you" in error["reason"]
+    await root.call("PUT", f"/admin/schedulers/{cluster.id}/users", {"users": []})
+    code, _ = await bob.call("POST", "/instances", {"image": api.image.id})  # type: ignore[attr-defined]
+    assert code == 201

@@ -1171,3 +1171,44 @@ class SQLStore:
             return image, True
 
         return await self._run(work)
+
+    # -- who may run where ------------------------------------------------------------------------
+
+    @_deferred
+    async def setSchedulerUsers(self, scheduler_id: str, user_ids: Collection[str]) -> None:
+        wanted = sorted(set(user_ids))
+
+        def work(t: _Txn) -> None:
+            if t.one("SELECT id FROM schedulers WHERE id = ?", (scheduler_id,)) is None:
+                raise NotFound(f"there is no scheduler {scheduler_id!r}")
+            t.execute("DELETE FROM scheduler_users WHERE scheduler_id = ?", (scheduler_id,))
+            for user_id in wanted:
+                t.execute(
+                    "INSERT INTO scheduler_users (scheduler_id, user_id) VALUES (?, ?)", (scheduler_id, user_id)
+                )
+
+        await self._run(work)
+
+    @_deferred
+    async def schedulerUsers(self, scheduler_id: str) -> list[str]:
+        def work(t: _Txn) -> list[str]:
+            rows = t.all("SELECT user_id FROM scheduler_users WHERE scheduler_id = ? ORDER BY user_id", (scheduler_id,))
+            return [row[0] for row in rows]
+
+        return await self._run(work)
+
+    @_deferred
+    async def schedulersFor(self, user_id: str) -> list[Scheduler]:
+        cols = ", ".join(f"s.{c}" for c in _SCHEDULER)
+
+        def work(t: _Txn) -> list[Scheduler]:
+            rows = t.all(
+                f"SELECT {cols} FROM schedulers s WHERE s.disabled = 0 AND ("
+                " NOT EXISTS (SELECT 1 FROM scheduler_users r WHERE r.scheduler_id = s.id)"
+                " OR EXISTS (SELECT 1 FROM scheduler_users r WHERE r.scheduler_id = s.id AND r.user_id = ?)"
+                ") ORDER BY s.name",
+                (user_id,),
+            )
+            return [_scheduler(row) for row in rows]
+
+        return await self._run(work)

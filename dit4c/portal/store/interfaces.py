@@ -385,6 +385,20 @@ class IStore(Interface):
         otherwise, ``NotFound`` if there is no such instance.
         """
 
+    # -- who may run where ------------------------------------------------------------------------
+
+    def setSchedulerUsers(scheduler_id: str, user_ids: Collection[str]) -> Deferred[None]:
+        """
+        Restrict a scheduler (a cluster) to these people; an empty collection
+        opens it to everyone again. ``NotFound`` if there is no such scheduler.
+        """
+
+    def schedulerUsers(scheduler_id: str) -> Deferred[list[str]]:
+        """The ids of the people a scheduler is restricted to; empty when it is open to all."""
+
+    def schedulersFor(user_id: str) -> Deferred[list[Scheduler]]:
+        """The enabled schedulers this person may run instances on, by name."""
+
 
 @dataclass(frozen=True)
 class OAuthCode:

@@ -194,6 +194,19 @@ MIGRATIONS: list[Migration] = [
             "CREATE INDEX images_digest ON images (digest)",
         ],
     ),
+    (
+        5,
+        [
+            # A scheduler with rows here runs instances only for those
+            # people; one without is open to everyone.
+            """CREATE TABLE scheduler_users (
+                scheduler_id TEXT NOT NULL REFERENCES schedulers (id) ON DELETE CASCADE,
+                user_id TEXT NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+                PRIMARY KEY (scheduler_id, user_id)
+            )""",
+            "CREATE INDEX scheduler_users_user ON scheduler_users (user_id)",
+        ],
+    ),
 ]
 
 _CREATE_VERSION_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (
