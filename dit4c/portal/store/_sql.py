@@ -719,14 +719,18 @@ class SQLStore:
     @_deferred
     async def listInstancesSharedWith(self, user_id: str) -> list[Instance]:
         def work(t: _Txn) -> list[Instance]:
+            # Start from this person's shares and grants (indexed by user),
+            # not from every instance: the cost follows what is shared with
+            # them, not the size of the portal.
             rows = t.all(
                 f"SELECT {_cols(_INSTANCE, 'i')} FROM instances i"
-                " WHERE i.state <> ? AND i.owner_id <> ? AND ("
-                " EXISTS (SELECT 1 FROM instance_shares s WHERE s.instance_id = i.id AND s.user_id = ?)"
-                " OR EXISTS (SELECT 1 FROM share_link_grants g JOIN share_links l ON l.id = g.link_id"
-                "  WHERE l.instance_id = i.id AND l.revoked = 0 AND g.user_id = ?))"
+                " WHERE i.id IN ("
+                "  SELECT s.instance_id FROM instance_shares s WHERE s.user_id = ?"
+                "  UNION SELECT l.instance_id FROM share_link_grants g JOIN share_links l ON l.id = g.link_id"
+                "  WHERE g.user_id = ? AND l.revoked = 0)"
+                " AND i.state <> ? AND i.owner_id <> ?"
                 " ORDER BY i.id",
-                ("discarded", user_id, user_id, user_id),
+                (user_id, user_id, "discarded", user_id),
             )
             return [_instance(row) for row in rows]
 
