@@ -111,6 +111,8 @@ class Portal:
         self.templates = Environment(
             loader=PackageLoader("dit4c.portal", "templates"),
             autoescape=select_autoescape(default=True),
+            # Templates ship with the package; no need to stat them per render.
+            auto_reload=False,
         )
         from dit4c.portal.oauth import OAuthServer
 
