@@ -199,6 +199,7 @@ class Portal:
                 image = await self.store.imageById(instance.image_id)
                 names[instance.image_id] = image.name if image else "?"
         schedulers = await self.store.schedulersFor(who.user.id)
+        links = {i.id: [k for k in await self.store.listShareLinks(i.id) if not k.revoked] for i in instances}
         return self.render(
             request,
             "home.html",
@@ -210,6 +211,7 @@ class Portal:
             images=images,
             imageNames=names,
             schedulers=schedulers,
+            links=links,
             quota=self.instances.quotaOf(who.user),
             **extra,
         )
@@ -291,7 +293,13 @@ class Portal:
         if not self.csrfOK(request, who.session.csrf):
             return await self.homePage(request, who, 400, error="The form expired; try again.")
         try:
-            if action == "share":
+            if action == "link":
+                _, url = await self.sharing.createLink(who.user, instance_id)
+                # The link is shown once, on this page: only its hash is kept.
+                return await self.homePage(request, who, newLink=url, newLinkFor=instance_id)
+            elif action == "revoke-link":
+                await self.sharing.revokeLink(who.user, instance_id, self.arg(request, "link") or "")
+            elif action == "share":
                 await self.instances.share(who.user, instance_id, self.arg(request, "user") or "")
             elif action == "unshare":
                 await self.instances.unshare(who.user, instance_id, self.arg(request, "user") or "")

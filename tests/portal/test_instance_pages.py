@@ -106,3 +106,27 @@ async def test_changes_stream_to_the_page_as_server_sent_events(api: Portal) -> 
     await stream.done
     while api.events.subscribers:
         await deferLater(0.01)
+
+
+@pytest_twisted.ensureDeferred
+async def test_share_links_from_the_page(api: Portal) -> None:  # noqa: F811
+    import re
+
+    alice = Browser(api)
+    await logIn(alice)
+    _, page = await alice.get("/")
+    await alice.post("/instances", {"csrf": csrfOf(page), "image": api.image.id})  # type: ignore[attr-defined]
+    [instance] = await api.store.listInstancesOf((await api.store.userByName("alice")).id)
+    _, page = await alice.get("/")
+    response, page = await alice.post(f"/instances/{instance.id}/link", {"csrf": csrfOf(page)})
+    assert response.code == 200
+    url = re.search(r'<code id="new-link">([^<]+)</code>', page).group(1)  # type: ignore[union-attr]
+    bob = Browser(api)
+    await logIn(bob, "bob", "bobs password!")
+    await bob.get(url[len("http://portal.test"):])
+    bobsID = (await api.store.userByName("bob")).id
+    assert await api.store.mayUseInstance(bobsID, instance.id)
+    link = re.search(r'name="link" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+    response, _ = await alice.post(f"/instances/{instance.id}/revoke-link", {"csrf": csrfOf(page), "link": link})
+    assert response.code == 303
+    assert not await api.store.mayUseInstance(bobsID, instance.id)
