@@ -6,14 +6,14 @@ import json
 import re
 
 import pytest_twisted
-from test_app import Browser, csrfOf, logIn, portal  # noqa: F401  (portal is a fixture)
+from portal_client import Browser, csrfOf, logIn
 
 from dit4c.common.keys import generate_private_key, public_jwk
 from dit4c.portal import security
 from dit4c.portal.app import Portal
 
 
-async def adminBrowser(portal: Portal) -> Browser:  # noqa: F811
+async def adminBrowser(portal: Portal) -> Browser:
     await portal.store.createUser(
         "root", password_hash=await security.hashPassword("root password!"), is_admin=True
     )
@@ -23,7 +23,7 @@ async def adminBrowser(portal: Portal) -> Browser:  # noqa: F811
 
 
 @pytest_twisted.ensureDeferred
-async def test_only_administrators_see_the_admin_pages(portal: Portal) -> None:  # noqa: F811
+async def test_only_administrators_see_the_admin_pages(portal: Portal) -> None:
     anonymous = Browser(portal)
     response, _ = await anonymous.get("/admin/")
     assert response.code == 303 and response.headers.getRawHeaders("location")[0].startswith("/login")
@@ -38,7 +38,7 @@ async def test_only_administrators_see_the_admin_pages(portal: Portal) -> None: 
 
 
 @pytest_twisted.ensureDeferred
-async def test_add_a_person_who_can_then_log_in(portal: Portal) -> None:  # noqa: F811
+async def test_add_a_person_who_can_then_log_in(portal: Portal) -> None:
     admin = await adminBrowser(portal)
     _, page = await admin.get("/admin/")
     response, page = await admin.post(
@@ -54,7 +54,7 @@ async def test_add_a_person_who_can_then_log_in(portal: Portal) -> None:  # noqa
 
 
 @pytest_twisted.ensureDeferred
-async def test_forms_need_the_csrf_token(portal: Portal) -> None:  # noqa: F811
+async def test_forms_need_the_csrf_token(portal: Portal) -> None:
     admin = await adminBrowser(portal)
     response, _ = await admin.post("/admin/users", {"csrf": "forged", "name": "eve"})
     assert response.code == 400
@@ -62,7 +62,7 @@ async def test_forms_need_the_csrf_token(portal: Portal) -> None:  # noqa: F811
 
 
 @pytest_twisted.ensureDeferred
-async def test_disable_ends_sessions_and_quota_is_saved(portal: Portal) -> None:  # noqa: F811
+async def test_disable_ends_sessions_and_quota_is_saved(portal: Portal) -> None:
     admin = await adminBrowser(portal)
     alice = Browser(portal)
     await logIn(alice)
@@ -81,7 +81,7 @@ async def test_disable_ends_sessions_and_quota_is_saved(portal: Portal) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_catalogue_and_schedulers(portal: Portal) -> None:  # noqa: F811
+async def test_catalogue_and_schedulers(portal: Portal) -> None:
     admin = await adminBrowser(portal)
     _, page = await admin.get("/admin/")
     csrf = csrfOf(page)
@@ -107,7 +107,7 @@ async def test_catalogue_and_schedulers(portal: Portal) -> None:  # noqa: F811
 
 
 @pytest_twisted.ensureDeferred
-async def test_rotate_the_signing_key(portal: Portal) -> None:  # noqa: F811
+async def test_rotate_the_signing_key(portal: Portal) -> None:
     admin = await adminBrowser(portal)
     before = portal.keys.signer().kid
     _, page = await admin.get("/admin/")

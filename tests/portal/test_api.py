@@ -5,76 +5,11 @@ administration, JSON errors and the OpenAPI document.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any
-
 import pytest_twisted
 import treq
-from test_app import Browser, csrfOf, logIn, serve
-from twisted.internet import reactor
-from twisted.internet.task import Clock
+from portal_client import Browser, Client, logIn, tokenFor
 
-from dit4c.portal import security
-from dit4c.portal.app import Portal, PortalConfig
-from dit4c.portal.keys import KeyRing
-from dit4c.portal.store import openStore
-from dit4c.testing import RecordingCommands
-
-
-@pytest_twisted.async_yield_fixture
-async def api(tmp_path: Path) -> Any:
-    clock = Clock()
-    clock.advance(1_800_000_000)
-    store = await openStore(f"sqlite:///{tmp_path / 'portal.db'}", reactor, clock=clock)
-    commands = RecordingCommands()
-    portal = Portal(
-        store,
-        KeyRing(tmp_path / "keys", issuer="http://portal.test", clock=clock),
-        PortalConfig(publicURL="http://portal.test", defaultQuota=2),
-        clock,
-        commands,
-    )
-    portal.commands = commands  # type: ignore[attr-defined]
-    await store.createUser("alice", password_hash=await security.hashPassword("correct horse battery"))
-    await store.createUser("bob", password_hash=await security.hashPassword("bobs password!"))
-    await store.createUser("root", password_hash=await security.hashPassword("root password!"), is_admin=True)
-    scheduler = await store.createScheduler("cluster", json.dumps({"kty": "OKP", "crv": "Ed25519", "x": "A" * 43}))
-    commands.connectedIds.add(scheduler.id)
-    portal.image = await store.createImage("Tool", "tool:latest", owner_id=None, port=8888)  # type: ignore[attr-defined]
-    port = serve(portal)
-    yield portal
-    await port.stopListening()
-    await store.close()
-
-
-class Client:
-    """An API client with a personal token."""
-
-    def __init__(self, portal: Portal, token: str | None) -> None:
-        self.base = portal.testURL + "/api/v1"  # type: ignore[attr-defined]
-        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
-
-    async def call(self, method: str, path: str, body: Any = None, **headers: str) -> tuple[int, Any]:
-        data = json.dumps(body).encode() if body is not None else None
-        response = await treq.request(
-            method, self.base + path, data=data, headers={**self.headers, **headers}, allow_redirects=False
-        )
-        text = await response.text()
-        return response.code, (json.loads(text) if text else None)
-
-
-async def tokenFor(portal: Portal, name: str, password: str) -> str:
-    browser = Browser(portal)
-    await logIn(browser, name, password)
-    _, home = await browser.get("/")
-    response = await treq.post(
-        portal.testURL + "/api/v1/tokens",  # type: ignore[attr-defined]
-        data=json.dumps({"name": "laptop"}).encode(),
-        headers={**browser._headers(), "X-CSRF-Token": csrfOf(home)},
-    )
-    assert response.code == 201
-    return (await response.json())["token"]  # type: ignore[no-any-return]
+from dit4c.portal.app import Portal
 
 
 @pytest_twisted.ensureDeferred

@@ -6,13 +6,11 @@ limits, keys.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_twisted
-import treq
+from portal_client import Browser, csrfOf, logIn, serve
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 
@@ -23,77 +21,6 @@ from dit4c.portal.keys import KeyRing
 from dit4c.portal.store import openStore
 
 BASE = "http://portal.test"
-
-
-class Browser:
-    """An HTTP client that keeps cookies, as a browser would."""
-
-    def __init__(self, portal: Portal) -> None:
-        self.base = portal.testURL  # type: ignore[attr-defined]
-        self.cookies: dict[str, str] = {}
-
-    def _headers(self) -> dict[str, str]:
-        if not self.cookies:
-            return {}
-        return {"Cookie": "; ".join(f"{k}={v}" for k, v in self.cookies.items())}
-
-    def _keep(self, response: Any) -> list[str]:
-        setCookies = response.headers.getRawHeaders("set-cookie", [])
-        for raw in setCookies:
-            name, _, rest = raw.partition("=")
-            value = rest.split(";", 1)[0]
-            if "Max-Age=0" in raw:
-                self.cookies.pop(name, None)
-            else:
-                self.cookies[name] = value
-        return setCookies  # type: ignore[no-any-return]
-
-    async def get(self, path: str) -> tuple[Any, str]:
-        response = await treq.get(self.base + path, headers=self._headers(), allow_redirects=False)
-        self._keep(response)
-        return response, (await response.text())
-
-    async def post(self, path: str, data: dict[str, str]) -> tuple[Any, str]:
-        response = await treq.post(self.base + path, data=data, headers=self._headers(), allow_redirects=False)
-        self._keep(response)
-        return response, (await response.text())
-
-
-def csrfOf(page: str) -> str:
-    match = re.search(r'name="csrf" value="([^"]+)"', page)
-    assert match, page
-    return match.group(1)
-
-
-@pytest_twisted.async_yield_fixture
-async def portal(tmp_path: Path) -> Any:
-    clock = Clock()
-    clock.advance(1_800_000_000)
-    store = await openStore(f"sqlite:///{tmp_path / 'portal.db'}", reactor, clock=clock)
-    keys = KeyRing(tmp_path / "keys", issuer=BASE, clock=clock)
-    portal = Portal(store, keys, PortalConfig(publicURL=BASE, loginLimit=3), clock)
-    password = await security.hashPassword("correct horse battery")
-    await store.createUser("alice", password_hash=password, display_name="Alice A.")
-    port = serve(portal)
-    yield portal
-    await port.stopListening()
-    await store.close()
-
-
-def serve(portal: Portal) -> Any:
-    from twisted.web.server import Site
-
-    port = reactor.listenTCP(0, Site(portal.app.resource()), interface="127.0.0.1")
-    portal.testURL = f"http://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]
-    return port
-
-
-async def logIn(browser: Browser, name: str = "alice", password: str = "correct horse battery") -> Any:
-    _, page = await browser.get("/login")
-    response, _ = await browser.post(
-        "/login", {"csrf": csrfOf(page), "username": name, "password": password, "next": "/"}
-    )
-    return response
 
 
 @pytest_twisted.ensureDeferred

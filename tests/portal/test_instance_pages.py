@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import pytest_twisted
-from test_api import api  # noqa: F401  (fixture)
-from test_app import Browser, csrfOf, logIn
+from portal_client import Browser, csrfOf, logIn
 
 from dit4c.portal.app import Portal
 
 
 @pytest_twisted.ensureDeferred
-async def test_start_act_and_share_from_the_page(api: Portal) -> None:  # noqa: F811
+async def test_start_act_and_share_from_the_page(api: Portal) -> None:
     alice = Browser(api)
     await logIn(alice)
     _, page = await alice.get("/")
@@ -39,7 +38,7 @@ async def test_start_act_and_share_from_the_page(api: Portal) -> None:  # noqa: 
 
 
 @pytest_twisted.ensureDeferred
-async def test_quota_refusal_says_why(api: Portal) -> None:  # noqa: F811
+async def test_quota_refusal_says_why(api: Portal) -> None:
     alice = Browser(api)
     await logIn(alice)
     for _ in range(2):
@@ -52,7 +51,7 @@ async def test_quota_refusal_says_why(api: Portal) -> None:  # noqa: F811
 
 
 @pytest_twisted.ensureDeferred
-async def test_forms_without_csrf_do_nothing(api: Portal) -> None:  # noqa: F811
+async def test_forms_without_csrf_do_nothing(api: Portal) -> None:
     alice = Browser(api)
     await logIn(alice)
     response, _ = await alice.post("/instances", {"csrf": "forged", "image": api.image.id})  # type: ignore[attr-defined]
@@ -63,7 +62,7 @@ async def test_forms_without_csrf_do_nothing(api: Portal) -> None:  # noqa: F811
 
 
 @pytest_twisted.ensureDeferred
-async def test_changes_stream_to_the_page_as_server_sent_events(api: Portal) -> None:  # noqa: F811
+async def test_changes_stream_to_the_page_as_server_sent_events(api: Portal) -> None:
     import json
 
     from twisted.internet import reactor
@@ -109,7 +108,7 @@ async def test_changes_stream_to_the_page_as_server_sent_events(api: Portal) -> 
 
 
 @pytest_twisted.ensureDeferred
-async def test_share_links_from_the_page(api: Portal) -> None:  # noqa: F811
+async def test_share_links_from_the_page(api: Portal) -> None:
     import re
 
     alice = Browser(api)

@@ -1,0 +1,65 @@
+"""
+Fixtures for the portal's tests: a portal served on a real loopback port
+with an SQLite store and a test clock, and clients that keep cookies or
+carry an API token.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+from portal_client import serve
+from twisted.internet import reactor
+from twisted.internet.task import Clock
+
+from dit4c.portal import security
+from dit4c.portal.app import Portal, PortalConfig
+from dit4c.portal.keys import KeyRing
+from dit4c.portal.store import openStore
+from dit4c.testing import RecordingCommands
+
+BASE = "http://portal.test"
+
+
+@pytest_twisted.async_yield_fixture
+async def portal(tmp_path: Path) -> Any:
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    store = await openStore(f"sqlite:///{tmp_path / 'portal.db'}", reactor, clock=clock)
+    keys = KeyRing(tmp_path / "keys", issuer=BASE, clock=clock)
+    portal = Portal(store, keys, PortalConfig(publicURL=BASE, loginLimit=3), clock)
+    password = await security.hashPassword("correct horse battery")
+    await store.createUser("alice", password_hash=password, display_name="Alice A.")
+    port = serve(portal)
+    yield portal
+    await port.stopListening()
+    await store.close()
+
+
+@pytest_twisted.async_yield_fixture
+async def api(tmp_path: Path) -> Any:
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    store = await openStore(f"sqlite:///{tmp_path / 'portal.db'}", reactor, clock=clock)
+    commands = RecordingCommands()
+    portal = Portal(
+        store,
+        KeyRing(tmp_path / "keys", issuer="http://portal.test", clock=clock),
+        PortalConfig(publicURL="http://portal.test", defaultQuota=2),
+        clock,
+        commands,
+    )
+    portal.commands = commands  # type: ignore[attr-defined]
+    await store.createUser("alice", password_hash=await security.hashPassword("correct horse battery"))
+    await store.createUser("bob", password_hash=await security.hashPassword("bobs password!"))
+    await store.createUser("root", password_hash=await security.hashPassword("root password!"), is_admin=True)
+    scheduler = await store.createScheduler("cluster", json.dumps({"kty": "OKP", "crv": "Ed25519", "x": "A" * 43}))
+    commands.connectedIds.add(scheduler.id)
+    portal.image = await store.createImage("Tool", "tool:latest", owner_id=None, port=8888)  # type: ignore[attr-defined]
+    port = serve(portal)
+    yield portal
+    await port.stopListening()
+    await store.close()

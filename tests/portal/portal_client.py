@@ -1,0 +1,101 @@
+"""
+Clients for the portal's tests: one that keeps cookies as a browser does
+(with helpers to log in and read CSRF tokens), and one that carries a
+personal API token.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import treq
+from twisted.internet import reactor
+
+from dit4c.portal.app import Portal
+
+
+class Browser:
+    """An HTTP client that keeps cookies, as a browser would."""
+
+    def __init__(self, portal: Portal) -> None:
+        self.base = portal.testURL  # type: ignore[attr-defined]
+        self.cookies: dict[str, str] = {}
+
+    def _headers(self) -> dict[str, str]:
+        if not self.cookies:
+            return {}
+        return {"Cookie": "; ".join(f"{k}={v}" for k, v in self.cookies.items())}
+
+    def _keep(self, response: Any) -> list[str]:
+        setCookies = response.headers.getRawHeaders("set-cookie", [])
+        for raw in setCookies:
+            name, _, rest = raw.partition("=")
+            value = rest.split(";", 1)[0]
+            if "Max-Age=0" in raw:
+                self.cookies.pop(name, None)
+            else:
+                self.cookies[name] = value
+        return setCookies  # type: ignore[no-any-return]
+
+    async def get(self, path: str) -> tuple[Any, str]:
+        response = await treq.get(self.base + path, headers=self._headers(), allow_redirects=False)
+        self._keep(response)
+        return response, (await response.text())
+
+    async def post(self, path: str, data: dict[str, str]) -> tuple[Any, str]:
+        response = await treq.post(self.base + path, data=data, headers=self._headers(), allow_redirects=False)
+        self._keep(response)
+        return response, (await response.text())
+
+
+def csrfOf(page: str) -> str:
+    match = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert match, page
+    return match.group(1)
+
+
+async def logIn(browser: Browser, name: str = "alice", password: str = "correct horse battery") -> Any:
+    _, page = await browser.get("/login")
+    response, _ = await browser.post(
+        "/login", {"csrf": csrfOf(page), "username": name, "password": password, "next": "/"}
+    )
+    return response
+
+
+def serve(portal: Portal) -> Any:
+    from twisted.web.server import Site
+
+    port = reactor.listenTCP(0, Site(portal.app.resource()), interface="127.0.0.1")
+    portal.testURL = f"http://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]
+    return port
+
+
+class Client:
+    """An API client with a personal token."""
+
+    def __init__(self, portal: Portal, token: str | None) -> None:
+        self.base = portal.testURL + "/api/v1"  # type: ignore[attr-defined]
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    async def call(self, method: str, path: str, body: Any = None, **headers: str) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        response = await treq.request(
+            method, self.base + path, data=data, headers={**self.headers, **headers}, allow_redirects=False
+        )
+        text = await response.text()
+        return response.code, (json.loads(text) if text else None)
+
+
+async def tokenFor(portal: Portal, name: str, password: str) -> str:
+    browser = Browser(portal)
+    await logIn(browser, name, password)
+    _, home = await browser.get("/")
+    response = await treq.post(
+        portal.testURL + "/api/v1/tokens",  # type: ignore[attr-defined]
+        data=json.dumps({"name": "laptop"}).encode(),
+        headers={**browser._headers(), "X-CSRF-Token": csrfOf(home)},
+    )
+    assert response.code == 201
+    return (await response.json())["token"]  # type: ignore[no-any-return]
