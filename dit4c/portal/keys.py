@@ -15,7 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jwt import PyJWK
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from dit4c.common.keys import (
     generate_private_key,
@@ -24,7 +27,7 @@ from dit4c.common.keys import (
     public_jwk,
     save_private_key,
 )
-from dit4c.common.tokens import TokenSigner
+from dit4c.common.tokens import IKeySource, StaticKeySource, TokenSigner
 
 
 class KeyRing:
@@ -88,3 +91,25 @@ class KeyRing:
     def publicJWKs(self) -> list[dict[str, Any]]:
         self._expire(self._now())
         return [public_jwk(key) for _, key in self._keys]
+
+
+@implementer(IKeySource)
+class KeyRingKeySource:
+    """
+    The portal's own public keys, as the KeyRing publishes them at the
+    moment of each use: a rotation is seen at once, and a key retired from
+    the JWKS no longer verifies here either.
+    """
+
+    def __init__(self, keys: KeyRing) -> None:
+        self._keys = keys
+        self._kids: tuple[str, ...] = ()
+        self._source: StaticKeySource | None = None
+
+    def getKey(self, kid: str | None) -> Deferred[PyJWK]:
+        published = self._keys.publicJWKs()
+        kids = tuple(str(jwk.get("kid")) for jwk in published)
+        if self._source is None or kids != self._kids:
+            self._source = StaticKeySource({"keys": published})
+            self._kids = kids
+        return self._source.getKey(kid)

@@ -34,16 +34,13 @@ from collections.abc import Awaitable, Mapping
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlencode
 
-from jwt import PyJWK
 from klein import Klein
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
-from zope.interface import implementer
 
 from dit4c.common import tokens
-from dit4c.common.tokens import IKeySource, StaticKeySource, TokenVerifier
-from dit4c.portal.keys import KeyRing
+from dit4c.common.tokens import TokenVerifier
+from dit4c.portal.keys import KeyRing, KeyRingKeySource
 
 __all__ = [
     "AUDIENCE_PREFIX",
@@ -52,7 +49,6 @@ __all__ = [
     "InvalidGrant",
     "InvalidRequest",
     "InvalidToken",
-    "KeyRingKeySource",
     "OAuthError",
     "OAuthServer",
     "UnknownClient",
@@ -231,31 +227,6 @@ def _clientId(params: Mapping[str, str]) -> str:
     if tokens.INSTANCE_ID_RE.fullmatch(value) is None:
         raise UnknownClient("client_id is not an instance id")
     return value
-
-
-# -- keys --------------------------------------------------------------------------------------
-
-
-@implementer(IKeySource)
-class KeyRingKeySource:
-    """
-    The portal's own public keys, as the KeyRing publishes them at the
-    moment of each use: a rotation is seen at once, and a key retired from
-    the JWKS no longer verifies here either.
-    """
-
-    def __init__(self, keys: KeyRing) -> None:
-        self._keys = keys
-        self._kids: tuple[str, ...] = ()
-        self._source: StaticKeySource | None = None
-
-    def getKey(self, kid: str | None) -> Deferred[PyJWK]:
-        published = self._keys.publicJWKs()
-        kids = tuple(str(jwk.get("kid")) for jwk in published)
-        if self._source is None or kids != self._kids:
-            self._source = StaticKeySource({"keys": published})
-            self._kids = kids
-        return self._source.getKey(kid)
 
 
 # -- the server ----------------------------------------------------------------------------------

@@ -338,7 +338,7 @@ class Reports:
         self.instanceDomains = None if instanceDomains is None else tuple(d.lower().strip(".") for d in instanceDomains)
         self._secretHash: bytes | None = None
         self.setImageServerSecret(imageServerSecret)
-        from dit4c.portal.oauth import KeyRingKeySource
+        from dit4c.portal.keys import KeyRingKeySource
 
         self._readTokens = TokenVerifier(
             KeyRingKeySource(portal.keys), audience=READ_AUDIENCE, issuer=portal.keys.issuer,
