@@ -123,6 +123,12 @@ class Portal:
         #: Reports from instances' helpers, and the image server's question, at /reports/
         #: (no image server until ``self.reports.setImageServerSecret(...)``).
         self.reports = Reports(self)
+        from dit4c.portal.admin import AdminPages
+        from dit4c.portal.api import API
+
+        #: The REST API at /api/v1/, and the administrators' pages at /admin/.
+        self.api = API(self)
+        self.admin = AdminPages(self)
         #: Login through GitHub / OpenID Connect providers, at /login/<provider>
         #: (a ``dit4c.portal.upstream.UpstreamLogin``), or None for none.
         self.upstream: Any = None
@@ -438,16 +444,12 @@ class Portal:
         return File(str(Path(__file__).parent / "static"))
 
     @app.route("/api/v1/", branch=True)
-    def api(self, request: IRequest) -> Any:
-        from dit4c.portal.api import API
-
-        return API(self).app.resource()
+    def apiResource(self, request: IRequest) -> Any:
+        return self.api.app.resource()
 
     @app.route("/admin/", branch=True)
     def adminPages(self, request: IRequest) -> Any:
-        from dit4c.portal.admin import AdminPages
-
-        return AdminPages(self).app.resource()
+        return self.admin.app.resource()
 
     @app.route("/.dit4c/channel", methods=["GET"])
     def channel(self, request: IRequest) -> Any:
