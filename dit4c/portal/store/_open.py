@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -52,13 +53,37 @@ def sqlitePath(url: str) -> str:
     return path
 
 
+def _switchToWAL(connection: sqlite3.Connection, timeout: float = SQLITE_BUSY_TIMEOUT) -> None:
+    """
+    Put the database in WAL mode, waiting out other processes doing the same.
+
+    Changing the journal mode takes an exclusive lock without calling the
+    busy handler, so two portals opening a fresh database at once would
+    otherwise see "database is locked". This runs in a database thread, so
+    sleeping blocks no reactor.
+    """
+    deadline = time.monotonic() + timeout
+    pause = 0.005
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) and "busy" not in str(e):
+                raise
+            if time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.25)
+
+
 def _sqlitePool(path: str, reactor: Any) -> ConnectionPool:
     def prepare(connection: sqlite3.Connection) -> None:
         # Autocommit mode: the dialect's BEGIN IMMEDIATE opens every transaction.
         connection.isolation_level = None
         connection.execute("PRAGMA foreign_keys = ON")
         if path != ":memory:":
-            connection.execute("PRAGMA journal_mode = WAL")
+            _switchToWAL(connection)
             # Durable at each checkpoint, which is what WAL is for.
             connection.execute("PRAGMA synchronous = NORMAL")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ from twisted.internet.defer import gatherResults
 from zope.interface.verify import verifyObject
 
 from dit4c.portal.store import MIGRATIONS, IStore, StoreError, openStore
-from dit4c.portal.store._open import describe, sqlitePath
+from dit4c.portal.store._open import _switchToWAL, describe, sqlitePath
 from dit4c.portal.store.migrations import latestVersion
 
 
@@ -142,6 +144,42 @@ async def test_concurrentOpens(storeURL: str, tableRows: Any) -> None:
     finally:
         for store in stores:
             await store.close()
+
+
+def test_walSwitchWaitsForALockHolder(tmp_path: Path) -> None:
+    """
+    Switching to WAL while another process holds the database waits for it
+    (SQLite itself would fail at once with "database is locked").
+    """
+    path = str(tmp_path / "p.db")
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("CREATE TABLE t (x)")
+    released = threading.Timer(0.2, lambda: holder.execute("COMMIT"))
+    released.start()
+    try:
+        waiter = sqlite3.connect(path, isolation_level=None, timeout=0)
+        _switchToWAL(waiter, timeout=10)
+        assert waiter.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert waiter.execute("SELECT count(*) FROM t").fetchone() == (0,)
+        waiter.close()
+    finally:
+        released.join()
+        holder.close()
+
+
+def test_walSwitchGivesUpAtItsDeadline(tmp_path: Path) -> None:
+    path = str(tmp_path / "p.db")
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("CREATE TABLE t (x)")
+    try:
+        waiter = sqlite3.connect(path, isolation_level=None, timeout=0)
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            _switchToWAL(waiter, timeout=0.05)
+        waiter.close()
+    finally:
+        holder.close()
 
 
 @pytest_twisted.ensureDeferred
