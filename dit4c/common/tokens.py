@@ -484,11 +484,16 @@ class TokenVerifier:
         leeway: float = 30.0,
         clock: IReactorTime | None = None,
         algorithms: Iterable[str] = ALGORITHMS,
+        scopedKeys: Iterable[str] = ("instance",),
     ) -> None:
         """
         :param algorithms: a subset of :data:`ALGORITHMS`; anything else is a
             programming error, not a configuration choice.
+        :param scopedKeys: the kinds of party key (a ``kid`` of the form
+            ``<kind>:<id>``) that may sign, each only a token whose ``sub``
+            is its own id; a party key of any other kind is refused.
         """
+        self.scopedKeys = frozenset(scopedKeys)
         self._algorithms = tuple(algorithms)
         if not self._algorithms or not set(self._algorithms) <= set(ALGORITHMS):
             raise ValueError(f"algorithms must be drawn from {ALGORITHMS}")
@@ -559,8 +564,24 @@ class TokenVerifier:
             issuer=self.issuer,
         )
         claims: dict[str, Any] = decoded["payload"]
+        self._checkScope(kid, claims)
         self._checkTimes(claims)
         return claims
+
+    def _checkScope(self, kid: object, claims: Mapping[str, Any]) -> None:
+        # The portal's JWKS also lists keys that speak for one party only:
+        # ``instance:<id>`` (an instance's own key) and ``scheduler:<id>``.
+        # Such a key signs only tokens about its own party, so one instance
+        # cannot sign for another's name.
+        if not isinstance(kid, str):
+            return
+        scope, colon, owner = kid.partition(":")
+        if not colon:
+            return
+        if scope not in self.scopedKeys:
+            raise InvalidToken(f"{scope} keys may not sign this token")
+        if claims.get("sub") != owner:
+            raise InvalidToken(f"the {scope} key of {owner} signs only for {owner}")
 
     def _checkTimes(self, claims: Mapping[str, Any]) -> None:
         now = self._now()

@@ -483,7 +483,9 @@ class ChannelHub(MultiService):
                 id=scheduler.id,
             )
             return "the scheduler's registered key is not usable"
-        verifier = TokenVerifier(source, audience=AUDIENCE, leeway=self.leeway, clock=self.clock)
+        verifier = TokenVerifier(
+            source, audience=AUDIENCE, leeway=self.leeway, clock=self.clock, scopedKeys=("scheduler",)
+        )
         try:
             claims = await verifier.verify(proof)
         except InvalidToken as e:

@@ -408,6 +408,41 @@ def test_no_kid_several_keys(verifier: TokenVerifier) -> None:
     assert refusal(verifier.verify(token)).startswith("unknown key")
 
 
+def partyVerifier(clock: Clock, **options: Any) -> TokenVerifier:
+    """A verifier over a JWKS like the portal's: its own key, an instance's and a scheduler's."""
+    document = {
+        "keys": [
+            public_jwk(KEY),
+            public_jwk(ED_KEY, kid="instance:abc123"),
+            public_jwk(OTHER, kid="scheduler:hpc"),
+        ]
+    }
+    return TokenVerifier(StaticKeySource(document), audience=ROUTING_AUDIENCE, clock=clock, **options)
+
+
+def test_instance_key_signs_for_itself(clock: Clock) -> None:
+    own = TokenSigner(ED_KEY, kid="instance:abc123", clock=clock)
+    assert claimsOf(partyVerifier(clock).verify(sign(own, "abc123")))["sub"] == "abc123"
+
+
+def test_instance_key_cannot_sign_for_another(clock: Clock) -> None:
+    """An instance's key is published beside the portal's; it must not take another instance's name."""
+    own = TokenSigner(ED_KEY, kid="instance:abc123", clock=clock)
+    assert refusal(partyVerifier(clock).verify(sign(own, "victim"))) == "the instance key of abc123 signs only for abc123"
+
+
+def test_scheduler_key_refused_unless_allowed(clock: Clock) -> None:
+    scheduler = TokenSigner(OTHER, kid="scheduler:hpc", clock=clock)
+    assert refusal(partyVerifier(clock).verify(sign(scheduler, "hpc"))) == "scheduler keys may not sign this token"
+    allowed = partyVerifier(clock, scopedKeys=("scheduler",))
+    assert claimsOf(allowed.verify(sign(scheduler, "hpc")))["sub"] == "hpc"
+
+
+def test_portal_key_signs_for_anyone(clock: Clock) -> None:
+    portal = TokenSigner(KEY, clock=clock)
+    assert claimsOf(partyVerifier(clock).verify(sign(portal, "any-instance")))["sub"] == "any-instance"
+
+
 def test_non_string_kid(verifier: TokenVerifier) -> None:
     token = handMade({"alg": "ES256", "kid": 7}, goodPayload(), b"\x00" * 64)
     assert refusal(verifier.verify(token)) == "invalid token"

@@ -1,0 +1,125 @@
+"""
+The node → helper contract: environment variables (docs/protocols.md,
+"Helper environment").
+
+A compute node starts each instance's helpers (listener, auth, and later
+storage and upload) with these variables set, whatever the runtime; every
+helper reads them through :func:`fromEnvironment`, so there is one list of
+names and one set of checks. Command-line options of each helper override
+the environment, so a helper can also be run by hand.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from dit4c.common.tokens import INSTANCE_ID_RE
+
+__all__ = ["HelperEnvironment", "HelperEnvironmentError", "fromEnvironment", "PREFIX"]
+
+PREFIX = "DIT4C_"
+
+#: name → (attribute, required)
+_VARIABLES: dict[str, tuple[str, bool]] = {
+    "DIT4C_INSTANCE": ("instance", True),
+    "DIT4C_INSTANCE_KEY": ("keyFile", True),
+    "DIT4C_PORTAL": ("portal", True),
+    "DIT4C_PORTAL_INTERNAL": ("portalInternal", False),
+    "DIT4C_TOOL": ("tool", False),
+    "DIT4C_AUTH_LISTEN": ("authListen", False),
+    "DIT4C_AUTH": ("auth", False),
+    "DIT4C_ROUTING": ("routing", False),
+    "DIT4C_ROUTING_AUDIENCE": ("routingAudience", False),
+    "DIT4C_STATE_DIR": ("stateDir", False),
+}
+
+
+class HelperEnvironmentError(ValueError):
+    """A variable is missing or malformed; the message names it."""
+
+
+@dataclass(frozen=True)
+class HelperEnvironment:
+    """What a node tells an instance's helpers."""
+
+    #: The instance id (one DNS label): the host name label, the OAuth client id.
+    instance: str
+    #: Path of the instance's private key (PEM, mode 0600).
+    keyFile: str
+    #: The portal's public URL, as browsers reach it (OAuth authorize).
+    portal: str
+    #: The portal's URL as the helpers reach it (token, userinfo, JWKS,
+    #: reports); the public one unless the node's network differs.
+    portalInternal: str = ""
+    #: Client endpoint of the tool (``tcp:host=127.0.0.1:port=8888``).
+    tool: str | None = None
+    #: Server endpoint the auth helper listens on.
+    authListen: str | None = None
+    #: Client endpoint of the auth helper (the listener's target).
+    auth: str | None = None
+    #: Client endpoints of the routing servers' tunnel ports.
+    routing: tuple[str, ...] = field(default_factory=tuple)
+    #: The routing servers' token audience.
+    routingAudience: str = "dit4c-routing"
+    #: A directory the helpers may keep state in across restarts.
+    stateDir: str | None = None
+
+    @property
+    def portalBase(self) -> str:
+        """Where the helpers themselves talk to the portal."""
+        return self.portalInternal or self.portal
+
+    def toEnvironment(self) -> dict[str, str]:
+        """The variables to start a helper with (the node's side)."""
+        values: dict[str, Any] = {
+            "DIT4C_INSTANCE": self.instance,
+            "DIT4C_INSTANCE_KEY": self.keyFile,
+            "DIT4C_PORTAL": self.portal,
+            "DIT4C_PORTAL_INTERNAL": self.portalInternal or None,
+            "DIT4C_TOOL": self.tool,
+            "DIT4C_AUTH_LISTEN": self.authListen,
+            "DIT4C_AUTH": self.auth,
+            "DIT4C_ROUTING": " ".join(self.routing) or None,
+            "DIT4C_ROUTING_AUDIENCE": self.routingAudience,
+            "DIT4C_STATE_DIR": self.stateDir,
+        }
+        return {name: str(value) for name, value in values.items() if value is not None}
+
+
+def _url(name: str, value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise HelperEnvironmentError(f"{name} must be an http(s) URL, not {value!r}")
+    return value.rstrip("/")
+
+
+def fromEnvironment(environ: Mapping[str, str] | None = None, **overrides: Any) -> HelperEnvironment:
+    """
+    The helper environment from ``environ`` (``os.environ`` by default);
+    ``overrides`` (attribute names, None ignored) win over it.
+
+    :raises HelperEnvironmentError: a required variable is missing, or one
+        is malformed.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name, (attribute, _) in _VARIABLES.items():
+        if environ.get(name):
+            values[attribute] = environ[name]
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    for name, (attribute, required) in _VARIABLES.items():
+        if required and not values.get(attribute):
+            raise HelperEnvironmentError(f"{name} is not set")
+    if INSTANCE_ID_RE.fullmatch(values["instance"]) is None:
+        raise HelperEnvironmentError(f"DIT4C_INSTANCE is not an instance id: {values['instance']!r}")
+    values["portal"] = _url("DIT4C_PORTAL", values["portal"])
+    if values.get("portalInternal"):
+        values["portalInternal"] = _url("DIT4C_PORTAL_INTERNAL", values["portalInternal"])
+    routing = values.get("routing")
+    if isinstance(routing, str):
+        values["routing"] = tuple(routing.split())
+    elif routing is not None:
+        values["routing"] = tuple(routing)
+    return HelperEnvironment(**values)

@@ -1,0 +1,101 @@
+"""
+What a compute node asks of a runtime, whatever runs the pods.
+
+A *pod* is one instance on one node: the tool, and beside it the auth
+helper (in front of the tool) and the listener (which dials the routing
+server and forwards each stream to the auth helper). The node owns the
+instance's life, its key pair and the helper environment; a runtime only
+makes, stops, finds and removes pods. Implementations:
+:mod:`dit4c.node.process` (local processes, the embedded default) and
+:mod:`dit4c.node.podman` (OCI containers).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from twisted.internet.defer import Deferred
+from zope.interface import Attribute, Interface
+
+__all__ = ["IRuntime", "PodSpec", "PodStatus", "RuntimeError_", "helperCommand"]
+
+
+class RuntimeError_(Exception):
+    """A pod could not be made or changed; the message is shown to the person."""
+
+
+@dataclass(frozen=True)
+class PodSpec:
+    """Everything a runtime needs to start one pod."""
+
+    #: The instance id (one DNS label); names the pod.
+    instance: str
+    #: What to run: an image reference (``podman``) or a tool name (``process``).
+    image: str
+    #: The tool's port inside the pod, or None for the image's or tool's own.
+    port: int | None
+    #: A node-private directory for this pod: the instance key (``instance.key``),
+    #: logs, the helpers' state. The runtime may add files; ``discard`` removes it.
+    directory: Path
+    #: The helper environment (docs/protocols.md section 9) without the
+    #: addresses the runtime chooses: ``DIT4C_TOOL``, ``DIT4C_AUTH_LISTEN``
+    #: and ``DIT4C_AUTH`` are the runtime's to add.
+    environment: Mapping[str, str] = field(default_factory=dict)
+    #: The image's digest, if the portal knows it.
+    digest: str | None = None
+
+
+@dataclass(frozen=True)
+class PodStatus:
+    """What a runtime found of one pod."""
+
+    instance: str
+    #: Whether the tool and its helpers are all running.
+    running: bool
+    #: Why not, if not.
+    reason: str | None = None
+
+
+class IRuntime(Interface):
+    """Runs pods on this node."""
+
+    name = Attribute("The runtime's name in configuration: 'process', 'podman'.")
+
+    def start(spec: PodSpec) -> Deferred[None]:
+        """
+        Make and start the pod. Fires when every process of it has started
+        (the tool need not answer yet); fails with :class:`RuntimeError_`
+        (and leaves nothing running) if it cannot.
+        """
+
+    def stop(instance: str) -> Deferred[None]:
+        """Stop every process of the pod (gracefully, then by force); keep its files."""
+
+    def discard(instance: str) -> Deferred[None]:
+        """Remove the pod: processes, containers, mounts and its directory. Idempotent."""
+
+    def pods() -> Deferred[list[PodStatus]]:
+        """Every pod this runtime holds on this node, found again after a node restart."""
+
+    def ready(instance: str) -> Deferred[bool]:
+        """Whether the pod's tool accepts connections now (the node polls this after ``start``)."""
+
+    def forget() -> None:
+        """Stop watching the pods: the node is stopping, and they run on until it is back."""
+
+    def onExit(callback: Callable[[str, str], object]) -> None:
+        """
+        Call ``callback(instance, reason)`` when a pod stops by itself (its
+        tool or a helper exits, not through ``stop``).
+        """
+
+
+def helperCommand(plugin: str, *arguments: str) -> list[str]:
+    """
+    The command that runs a helper plugin in the foreground, logging to
+    standard output: ``python -m twisted dit4c-helper-auth``.
+    """
+    return [sys.executable, "-m", "twisted", plugin, *arguments]

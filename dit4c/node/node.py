@@ -1,0 +1,356 @@
+"""
+A compute node: each instance's life on this machine, whatever the runtime.
+
+The node makes the instance's key pair (the public half goes up to the
+portal, the private half stays in the pod's directory for the helpers),
+builds the helper environment, asks the runtime for the pod, waits for the
+tool to answer, and tells whoever watches (the scheduler) every state. It
+remembers each instance in a small JSON file in the pod's directory, so a
+restarted node knows its instances again and asks the runtime which of
+them still run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from zope.interface import Attribute, Interface, implementer
+
+from dit4c.common.helperenv import HelperEnvironment
+from dit4c.common.keys import generate_private_key, public_jwk, save_private_key
+from dit4c.common.tokens import INSTANCE_ID_RE
+from dit4c.node.interfaces import IRuntime, PodSpec, RuntimeError_
+from dit4c.scheduler.channel import InstanceStatus
+
+__all__ = ["INode", "INodeObserver", "Node", "NodeFull"]
+
+#: States in which an instance holds a pod on its node.
+ACTIVE = frozenset({"starting", "running", "stopping", "saving", "uploading"})
+
+
+class NodeFull(Exception):
+    """The node takes no more instances (at capacity, or cooling down)."""
+
+
+class INodeObserver(Interface):
+    """Who hears what a node does: the scheduler."""
+
+    def instanceState(node: INode, status: InstanceStatus) -> None:
+        """An instance moved to a state."""
+
+    def instanceKey(node: INode, instance: str, jwk: dict[str, Any]) -> None:
+        """An instance's public key, once made."""
+
+
+class INode(Interface):
+    """A compute node as its scheduler sees it (in this process, or over the network)."""
+
+    name = Attribute("The node's name, unique under its scheduler.")
+    capacity = Attribute("Instances it may run at once.")
+
+    def load() -> int:
+        """Instances it runs (or is starting) now."""
+
+    def start(instance: str, image: str, port: int | None, digest: str | None = None) -> Deferred[None]:
+        """Start an instance; fires once it is under way (states follow)."""
+
+    def stop(instance: str) -> Deferred[None]:
+        """Stop it, keeping its files."""
+
+    def save(instance: str) -> Deferred[None]:
+        """Stop it and save its image."""
+
+    def discard(instance: str) -> Deferred[None]:
+        """Remove everything it has of the instance."""
+
+    def instances() -> list[InstanceStatus]:
+        """Every instance it knows."""
+
+    def subscribe(observer: INodeObserver) -> None:
+        """Tell ``observer`` of every state and key from now on."""
+
+
+@dataclass(frozen=True)
+class _Record:
+    instance: str
+    image: str
+    port: int | None
+    digest: str | None
+    state: str
+    reason: str | None = None
+
+    def status(self) -> InstanceStatus:
+        return InstanceStatus(self.instance, self.state, self.reason)
+
+
+@implementer(INode)
+class Node(Service):
+    """A compute node in this process."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        runtime: IRuntime,
+        directory: Path,
+        *,
+        name: str = "local",
+        portal: str,
+        portalInternal: str | None = None,
+        routing: tuple[str, ...] = (),
+        routingAudience: str = "dit4c-routing",
+        capacity: int = 8,
+        startTimeout: float = 300.0,
+        readyInterval: float = 0.2,
+    ) -> None:
+        """
+        :param directory: where pods' directories go (``<directory>/<instance>/``).
+        :param portal: the portal's public URL (browsers), and
+            ``portalInternal`` as the helpers reach it.
+        :param routing: client endpoints of the routing servers' tunnel ports.
+        :param startTimeout: seconds a tool has to answer before its start
+            counts as failed.
+        """
+        self.reactor = reactor
+        self.runtime = runtime
+        self.directory = directory
+        self.name = name
+        self.portal = portal
+        self.portalInternal = portalInternal
+        self.routing = routing
+        self.routingAudience = routingAudience
+        self.capacity = capacity
+        self.startTimeout = startTimeout
+        self.readyInterval = readyInterval
+        #: Whether it takes new instances (administrators cool a node down before removing it).
+        self.accepting = True
+        self._records: dict[str, _Record] = {}
+        self._observers: list[INodeObserver] = []
+        runtime.onExit(self._podExited)
+
+    # -- the service: find the instances again ---------------------------------------------
+
+    def startService(self) -> Deferred[None]:
+        super().startService()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        return Deferred.fromCoroutine(self._recover())
+
+    async def _recover(self) -> None:
+        for path in sorted(self.directory.glob("*/instance.json")):
+            try:
+                data = json.loads(path.read_text())
+                record = _Record(**data)
+            except (OSError, ValueError, TypeError):
+                self.log.warn("ignoring an unreadable instance record {path}", path=str(path))
+                continue
+            self._records[record.instance] = record
+        if not self._records:
+            return
+        pods = {pod.instance: pod for pod in await self.runtime.pods()}
+        for record in list(self._records.values()):
+            pod = pods.get(record.instance)
+            if record.state in ACTIVE:
+                if pod is not None and pod.running:
+                    self._set(record.instance, "running", None)
+                    self.log.info("found {instance} running again", instance=record.instance)
+                else:
+                    why = "The instance stopped while its compute node was restarting."
+                    self._set(record.instance, "errored", why)
+                    await self.runtime.stop(record.instance)
+
+    # -- INode --------------------------------------------------------------------------
+
+    def load(self) -> int:
+        return sum(1 for r in self._records.values() if r.state in ACTIVE)
+
+    def instances(self) -> list[InstanceStatus]:
+        return [r.status() for r in self._records.values()]
+
+    def subscribe(self, observer: INodeObserver) -> None:
+        self._observers.append(observer)
+
+    def start(self, instance: str, image: str, port: int | None, digest: str | None = None) -> Deferred[None]:
+        if INSTANCE_ID_RE.fullmatch(instance) is None:
+            raise ValueError(f"not an instance id: {instance!r}")
+        current = self._records.get(instance)
+        if current is not None and current.state in ACTIVE:
+            return succeed(None)  # already under way: a repeated command
+        if not self.accepting or self.load() >= self.capacity:
+            raise NodeFull(f"node {self.name} takes no more instances")
+        stale = current is not None or self._podDirectory(instance).exists()
+        record = _Record(instance, image, port, digest, "starting")
+        self._records[instance] = record
+        self._save(record)
+        self._emit(record)
+        Deferred.fromCoroutine(self._start(record, stale))
+        return succeed(None)
+
+    async def _start(self, record: _Record, stale: bool) -> None:
+        directory = self._podDirectory(record.instance)
+        try:
+            if stale:
+                # A new life for an instance stopped here before: a fresh pod.
+                await self.runtime.discard(record.instance)
+                directory.mkdir(parents=True, exist_ok=True)
+                self._save(record)
+            key = generate_private_key()
+            keyFile = directory / "instance.key"
+            save_private_key(key, keyFile)
+            for observer in self._observers:
+                observer.instanceKey(self, record.instance, public_jwk(key))
+            environment = HelperEnvironment(
+                instance=record.instance,
+                keyFile=str(keyFile),
+                portal=self.portal,
+                portalInternal=self.portalInternal or "",
+                routing=self.routing,
+                routingAudience=self.routingAudience,
+                stateDir=str(directory / "state"),
+            ).toEnvironment()
+            spec = PodSpec(record.instance, record.image, record.port, directory, environment, record.digest)
+            await self.runtime.start(spec)
+        except RuntimeError_ as e:
+            self._failed(record.instance, str(e))
+            return
+        except Exception:
+            self.log.failure("could not start {instance}", instance=record.instance)
+            self._failed(record.instance, "The compute node could not start this instance.")
+            return
+        await self._waitUntilReady(record.instance)
+
+    async def _waitUntilReady(self, instance: str) -> None:
+        deadline = self.reactor.seconds() + self.startTimeout
+        while self._state(instance) == "starting":
+            try:
+                if await self.runtime.ready(instance):
+                    if self._state(instance) == "starting":
+                        self._set(instance, "running", None)
+                    return
+            except Exception:
+                self.log.failure("checking whether {instance} answers", instance=instance)
+            if self.reactor.seconds() >= deadline:
+                await self.runtime.stop(instance)
+                self._set(instance, "errored", f"The tool did not answer within {self.startTimeout:g} s.")
+                return
+            d: Deferred[None] = Deferred()
+            self.reactor.callLater(self.readyInterval, d.callback, None)
+            await d
+
+    def _failed(self, instance: str, reason: str) -> None:
+        self.log.warn("{instance} failed: {reason}", instance=instance, reason=reason)
+        self._set(instance, "errored", reason)
+
+    def stop(self, instance: str) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop(instance, "stopped"))
+
+    def save(self, instance: str) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop(instance, "save"))
+
+    async def _stop(self, instance: str, then: str) -> None:
+        record = self._records.get(instance)
+        if record is None:
+            # Unknown here: nothing to stop (the portal hears "stopped").
+            self._emitStatus(InstanceStatus(instance, "stopped"))
+            return
+        if record.state not in ACTIVE:
+            self._emit(record)
+            return
+        self._set(instance, "stopping", None)
+        try:
+            await self.runtime.stop(instance)
+        except Exception:
+            self.log.failure("could not stop {instance}", instance=instance)
+            self._set(instance, "errored", "The compute node could not stop this instance cleanly.")
+            return
+        if then == "save":
+            self._set(instance, "errored", "This compute node has no image server to save to; the instance is stopped.")
+        else:
+            self._set(instance, "stopped", None)
+
+    def discard(self, instance: str) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._discard(instance))
+
+    async def _discard(self, instance: str) -> None:
+        try:
+            await self.runtime.discard(instance)
+        except Exception:
+            self.log.failure("could not discard {instance}", instance=instance)
+        shutil.rmtree(self._podDirectory(instance), ignore_errors=True)
+        record = self._records.pop(instance, None)
+        status = InstanceStatus(instance, "discarded")
+        if record is not None:
+            self.log.info("{instance} discarded", instance=instance)
+        self._emitStatus(status)
+
+    # -- what happens to pods ----------------------------------------------------------------
+
+    def _podExited(self, instance: str, reason: str) -> None:
+        record = self._records.get(instance)
+        if record is None or record.state not in ("starting", "running"):
+            return
+        self.log.warn("{instance} stopped by itself: {reason}", instance=instance, reason=reason)
+        self._set(instance, "errored", reason)
+        # What is left of the pod (the helpers, when the tool ended) goes too.
+        self.runtime.stop(instance).addErrback(lambda f: self.log.failure("stopping {i}", f, i=instance))
+
+    # -- records -------------------------------------------------------------------------------
+
+    def _podDirectory(self, instance: str) -> Path:
+        return self.directory / instance
+
+    def _state(self, instance: str) -> str | None:
+        record = self._records.get(instance)
+        return record.state if record is not None else None
+
+    def _set(self, instance: str, state: str, reason: str | None) -> None:
+        record = self._records.get(instance)
+        if record is None:
+            return
+        record = replace(record, state=state, reason=reason)
+        self._records[instance] = record
+        self._save(record)
+        self._emit(record)
+
+    def _save(self, record: _Record) -> None:
+        directory = self._podDirectory(record.instance)
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = directory / "instance.json"
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(record.__dict__))
+        temporary.replace(path)
+
+    def _emit(self, record: _Record) -> None:
+        self._emitStatus(record.status())
+
+    def _emitStatus(self, status: InstanceStatus) -> None:
+        for observer in self._observers:
+            observer.instanceState(self, status)
+
+    def stopService(self) -> Deferred[None]:
+        # The pods run on: a restarted node finds them again.
+        super().stopService()
+        self.runtime.forget()
+        return succeed(None)
+
+
+def observer(state: Callable[[INode, InstanceStatus], object], key: Callable[[INode, str, dict[str, Any]], object]) -> INodeObserver:
+    """An observer made of two functions."""
+
+    @implementer(INodeObserver)
+    class _Observer:
+        def instanceState(self, node: INode, status: InstanceStatus) -> None:
+            state(node, status)
+
+        def instanceKey(self, node: INode, instance: str, jwk: dict[str, Any]) -> None:
+            key(node, instance, jwk)
+
+    return _Observer()

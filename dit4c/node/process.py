@@ -1,0 +1,245 @@
+"""
+The ``process`` runtime: each pod is three local processes, the embedded
+default that needs no container engine.
+
+The tool is a command from the node's tool table, run in the pod's own
+working directory and given a free loopback port; the auth helper listens on
+another free loopback port in front of it; the listener dials the routing
+server and forwards to the auth helper. Nothing isolates the tool from
+other local users here (it listens on loopback): that is what the
+``podman`` runtime is for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from dit4c.node.interfaces import IRuntime, PodSpec, PodStatus, RuntimeError_, helperCommand
+from dit4c.node.processes import PodProcess
+
+__all__ = ["ProcessRuntime", "Tool", "builtinTools", "toolsFromFile"]
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A command that serves a web tool on ``{port}`` (in ``{dir}``, its working directory)."""
+
+    name: str
+    command: tuple[str, ...]
+    #: Extra environment for the tool (``{port}`` and ``{dir}`` are substituted).
+    environment: Mapping[str, str] | None = None
+
+    def argv(self, port: int, directory: Path) -> list[str]:
+        return [part.format(port=port, dir=directory, python=sys.executable) for part in self.command]
+
+
+def builtinTools() -> dict[str, Tool]:
+    """
+    Tools that work on a fresh machine: ``dit4c/notes`` (part of DIT4C),
+    and ``jupyter/lab`` when JupyterLab is installed.
+    """
+    tools = {
+        "dit4c/notes": Tool("dit4c/notes", ("{python}", "-m", "dit4c.tools.notes", "--port", "{port}")),
+    }
+    lab = shutil.which("jupyter-lab") or _besidePython("jupyter-lab")
+    if lab:
+        tools["jupyter/lab"] = Tool(
+            "jupyter/lab",
+            (
+                lab, "--no-browser", "--ip=127.0.0.1", "--port={port}", "--ServerApp.root_dir={dir}",
+                # The auth helper in front decides who gets in; JupyterLab's own token would ask again.
+                "--IdentityProvider.token=", "--ServerApp.password=",
+                "--ServerApp.allow_remote_access=True", "--ServerApp.disable_check_xsrf=True",
+            ),
+        )  # fmt: skip
+    return tools
+
+
+def _besidePython(program: str) -> str | None:
+    candidate = Path(sys.executable).parent / program
+    return str(candidate) if candidate.exists() else None
+
+
+def toolsFromFile(path: str | Path) -> dict[str, Tool]:
+    """
+    A tool table from JSON: ``{"tools": {"name": {"command": [...], "environment": {...}}}}``.
+
+    :raises ValueError: the file is not such a table.
+    """
+    data = json.loads(Path(path).read_text())
+    tools: dict[str, Tool] = {}
+    for name, entry in dict(data["tools"]).items():
+        command = entry["command"]
+        if not isinstance(command, list) or not command or not all(isinstance(p, str) for p in command):
+            raise ValueError(f"tool {name!r}: command must be a non-empty list of strings")
+        tools[name] = Tool(name, tuple(command), entry.get("environment"))
+    return tools
+
+
+def freePort() -> int:
+    """A TCP port free on loopback now (the process given it binds it soon after)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+_ROLES = ("tool", "auth", "listener")
+
+
+@implementer(IRuntime)
+class ProcessRuntime:
+    """Pods as local processes."""
+
+    name = "process"
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        directory: Path,
+        tools: Mapping[str, Tool] | None = None,
+        *,
+        helpers: Mapping[str, Sequence[str]] | None = None,
+        stopGrace: float = 5.0,
+    ) -> None:
+        """
+        :param directory: where the node keeps pods (``<directory>/<instance>/``).
+        :param tools: image name → tool (default :func:`builtinTools`).
+        :param helpers: ``auth`` / ``listener`` → the command that runs it
+            (default: the DIT4C helper plugins).
+        """
+        self.reactor = reactor
+        self.directory = directory
+        self.tools = dict(tools) if tools is not None else builtinTools()
+        self.helpers = {
+            "auth": list(helperCommand("dit4c-helper-auth")),
+            "listener": list(helperCommand("dit4c-helper-listener")),
+            **{k: list(v) for k, v in (helpers or {}).items()},
+        }
+        self.stopGrace = stopGrace
+        self._pods: dict[str, dict[str, PodProcess]] = {}
+        self._ports: dict[str, int] = {}
+        self._exitCallbacks: list[Callable[[str, str], object]] = []
+
+    def onExit(self, callback: Callable[[str, str], object]) -> None:
+        self._exitCallbacks.append(callback)
+
+    def _processes(self, instance: str, directory: Path) -> dict[str, PodProcess]:
+        processes = {role: PodProcess(self.reactor, role, directory, stopGrace=self.stopGrace) for role in _ROLES}
+        def exited(process: PodProcess, reason: str) -> None:
+            self._exited(instance, reason)
+
+        for process in processes.values():
+            process.onExit(exited)
+        return processes
+
+    def _exited(self, instance: str, reason: str) -> None:
+        for callback in self._exitCallbacks:
+            callback(instance, reason)
+
+    def start(self, spec: PodSpec) -> Deferred[None]:
+        tool = self.tools.get(spec.image)
+        if tool is None:
+            raise RuntimeError_(f"This compute node has no tool called {spec.image!r}.")
+        spec.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        work = spec.directory / "work"
+        work.mkdir(exist_ok=True)
+        toolPort = spec.port if spec.port is not None else freePort()
+        authPort = freePort()
+        processes = self._processes(spec.instance, spec.directory)
+        base = {k: v for k, v in os.environ.items() if not k.startswith("DIT4C_")}
+        helperEnv = {
+            **base,
+            **spec.environment,
+            "DIT4C_TOOL": f"tcp:host=127.0.0.1:port={toolPort}",
+            "DIT4C_AUTH_LISTEN": f"tcp:{authPort}:interface=127.0.0.1",
+            "DIT4C_AUTH": f"tcp:host=127.0.0.1:port={authPort}",
+        }
+        toolEnv = {
+            **base,
+            "PORT": str(toolPort),
+            "HOME": str(work),
+            **{k: v.format(port=toolPort, dir=work) for k, v in (tool.environment or {}).items()},
+        }
+        (spec.directory / "pod.json").write_text(json.dumps({"tool": toolPort, "auth": authPort, "image": spec.image}))
+        try:
+            processes["tool"].start(tool.argv(toolPort, work), toolEnv, cwd=work)
+            processes["auth"].start(self.helpers["auth"], helperEnv)
+            processes["listener"].start(self.helpers["listener"], helperEnv)
+        except OSError as e:
+            for process in processes.values():
+                process.stop()
+            raise RuntimeError_(f"The tool could not be started: {e.strerror or e}.") from None
+        self._pods[spec.instance] = processes
+        self._ports[spec.instance] = toolPort
+        self.log.info("{instance}: {tool} on port {port}", instance=spec.instance, tool=tool.name, port=toolPort)
+        return succeed(None)
+
+    def ready(self, instance: str) -> Deferred[bool]:
+        port = self._ports.get(instance)
+        if port is None:
+            return succeed(False)
+        endpoint = TCP4ClientEndpoint(self.reactor, "127.0.0.1", port, timeout=2)
+
+        def connected(protocol: Protocol) -> bool:
+            if protocol.transport is not None:
+                protocol.transport.loseConnection()
+            return True
+
+        return connectProtocol(endpoint, Protocol()).addCallbacks(connected, lambda _: False)
+
+    def stop(self, instance: str) -> Deferred[None]:
+        processes = self._pods.get(instance, {})
+        # The listener first, so no one reaches a tool that is going.
+        order = [processes[role] for role in ("listener", "auth", "tool") if role in processes]
+        d = DeferredList([p.stop() for p in order], consumeErrors=True)
+        return d.addCallback(lambda _: None)
+
+    def discard(self, instance: str) -> Deferred[None]:
+        def remove(_: object) -> None:
+            self._pods.pop(instance, None)
+            self._ports.pop(instance, None)
+            shutil.rmtree(self.directory / instance, ignore_errors=True)
+
+        return self.stop(instance).addCallback(remove)
+
+    def pods(self) -> Deferred[list[PodStatus]]:
+        found: list[PodStatus] = []
+        for record in sorted(self.directory.glob("*/pod.json")):
+            instance = record.parent.name
+            processes = self._pods.get(instance)
+            if processes is None:
+                processes = self._processes(instance, record.parent)
+                alive = [role for role, p in processes.items() if p.adopt()]
+                self._pods[instance] = processes
+                try:
+                    self._ports[instance] = int(json.loads(record.read_text())["tool"])
+                except (OSError, ValueError, KeyError):
+                    pass
+            else:
+                alive = [role for role, p in processes.items() if p.running]
+            missing = [role for role in _ROLES if role not in alive]
+            reason = f"Not running: {', '.join(missing)}." if missing else None
+            found.append(PodStatus(instance, not missing, reason))
+        return succeed(found)
+
+    def forget(self) -> None:
+        """Stop watching the pods (the node is stopping; they run on)."""
+        for processes in self._pods.values():
+            for process in processes.values():
+                process.forget()

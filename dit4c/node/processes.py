@@ -1,0 +1,236 @@
+"""
+Long-lived processes of a pod, started so that a node restart leaves them
+running and finds them again.
+
+Each process runs in its own session (``setsid``), so a signal meant for
+the node (Ctrl-C in its terminal, a restart) does not reach it, and
+stopping it signals its whole process group (a tool's children, such as
+Jupyter kernels, go with it). Its standard output and error go to a log
+file in the pod's directory; its pid and start time go to a pid file there,
+so that a restarted node can tell the process it started from an unrelated
+one that was given the same pid later.
+
+While the node that started a process runs, the reactor tells it when the
+process ends; a process found again after a restart is polled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+__all__ = ["PodProcess", "startTime"]
+
+#: Seconds between SIGTERM and SIGKILL when stopping a process.
+STOP_GRACE = 5.0
+#: Seconds between checks on a process found again after a node restart.
+POLL_INTERVAL = 2.0
+
+
+def startTime(pid: int) -> int | None:
+    """The process's start time (clock ticks after boot), or None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] == "Z":
+        return None  # a zombie has ended
+    return int(fields[19])
+
+
+class _Watcher(ProcessProtocol):
+    def __init__(self, process: PodProcess) -> None:
+        self.process = process
+
+    def processEnded(self, reason: Failure) -> None:
+        value: Any = reason.value
+        self.process._ended(getattr(value, "exitCode", None), getattr(value, "signal", None))
+
+
+class PodProcess:
+    """One process of a pod: the tool, or a helper."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        name: str,
+        directory: Path,
+        *,
+        pollInterval: float = POLL_INTERVAL,
+        stopGrace: float = STOP_GRACE,
+    ) -> None:
+        """
+        :param name: the process's role in the pod (``tool``, ``auth``,
+            ``listener``): names its log (``<name>.log``) and pid file
+            (``<name>.pid``) in ``directory``.
+        """
+        self.reactor = reactor
+        self.name = name
+        self.directory = directory
+        self.pollInterval = pollInterval
+        self.stopGrace = stopGrace
+        self.pid: int | None = None
+        self._started: int | None = None
+        self._stopping = False
+        self._onExit: Callable[[PodProcess, str], object] | None = None
+        self._ended_d: list[Deferred[None]] = []
+        self._poll: LoopingCall | None = None
+        self._kill: IDelayedCall | None = None
+        self._forgotten = False
+
+    @property
+    def logPath(self) -> Path:
+        return self.directory / f"{self.name}.log"
+
+    @property
+    def pidPath(self) -> Path:
+        return self.directory / f"{self.name}.pid"
+
+    def onExit(self, callback: Callable[[PodProcess, str], object]) -> None:
+        """``callback(process, reason)`` when it ends other than through :meth:`stop`."""
+        self._onExit = callback
+
+    # -- starting, and finding again ------------------------------------------------------
+
+    def start(self, argv: Sequence[str], env: Mapping[str, str], cwd: Path | None = None) -> None:
+        """
+        Start the process in a session of its own.
+
+        :raises OSError: it could not be started (no such program, ...).
+        """
+        self.directory.mkdir(parents=True, exist_ok=True)
+        log = os.open(self.logPath, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            transport = self.reactor.spawnProcess(
+                _Watcher(self),
+                "/usr/bin/setsid",
+                ["setsid", *argv],
+                env=dict(env),
+                path=str(cwd or self.directory),
+                childFDs={0: null, 1: log, 2: log},
+            )
+        finally:
+            os.close(log)
+            os.close(null)
+        self.pid = transport.pid
+        self._started = startTime(transport.pid) if transport.pid else None
+        self._stopping = False
+        self.pidPath.write_text(json.dumps({"pid": self.pid, "started": self._started, "argv": list(argv)}))
+        self.log.info("{name} started (pid {pid})", name=self.name, pid=self.pid)
+
+    def adopt(self) -> bool:
+        """
+        Find the process again from its pid file (after a node restart).
+        Whether it is still running; if it is, it is polled from now on.
+        """
+        try:
+            record = json.loads(self.pidPath.read_text())
+            pid, started = int(record["pid"]), record["started"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        if started is None or startTime(pid) != started:
+            return False
+        self.pid, self._started = pid, started
+        self._poll = LoopingCall(self._check)
+        self._poll.clock = self.reactor
+        self._poll.start(self.pollInterval, now=False)
+        return True
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None and self._started is not None and startTime(self.pid) == self._started
+
+    def _check(self) -> None:
+        if not self.running:
+            self._ended(None, None)
+
+    def _ended(self, exitCode: int | None, signalNumber: int | None) -> None:
+        if self.pid is None or self._forgotten:
+            return
+        if self._poll is not None and self._poll.running:
+            self._poll.stop()
+        self._poll = None
+        if self._kill is not None and self._kill.active():
+            self._kill.cancel()
+        self._kill = None
+        pid, self.pid = self.pid, None
+        # The group may outlive its leader (a tool's children): end them too.
+        _signalGroup(pid, signal.SIGKILL)
+        if signalNumber is not None:
+            how = f"was killed by signal {signalNumber}"
+        elif exitCode is not None:
+            how = f"exited with status {exitCode}"
+        else:
+            how = "ended"
+        self.log.info("{name} {how}", name=self.name, how=how)
+        waiting, self._ended_d = self._ended_d, []
+        for d in waiting:
+            d.callback(None)
+        if not self._stopping and self._onExit is not None:
+            self._onExit(self, f"The {self.name} {how}.")
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    def stop(self) -> Deferred[None]:
+        """SIGTERM to its process group, SIGKILL after the grace period; fires once it has ended."""
+        if self.pid is None:
+            return succeed(None)
+        self._stopping = True
+        self._forgotten = False
+        d: Deferred[None] = Deferred()
+        self._ended_d.append(d)
+        pid = self.pid
+        _signalGroup(pid, signal.SIGTERM)
+        # A child of this process is reported by the reactor; one found
+        # again after a restart is not: poll (either way) while it stops.
+        if self._poll is not None and self._poll.running:
+            self._poll.stop()
+        self._poll = LoopingCall(self._check)
+        self._poll.clock = self.reactor
+        self._poll.start(0.1, now=False)
+        if self._kill is None:
+            self._kill = self.reactor.callLater(self.stopGrace, self._forceStop, pid)
+        return d
+
+    def _forceStop(self, pid: int) -> None:
+        self._kill = None
+        if self.pid == pid:
+            self.log.warn("{name} did not stop within {grace} s: killing it", name=self.name, grace=self.stopGrace)
+            _signalGroup(pid, signal.SIGKILL)
+
+    def forget(self) -> None:
+        """Stop watching (the node is stopping and leaves the process running)."""
+        if self._poll is not None and self._poll.running:
+            self._poll.stop()
+        self._poll = None
+        self._onExit = None
+        self._forgotten = True
+
+
+def _signalGroup(pid: int, signalNumber: int) -> None:
+    try:
+        os.killpg(pid, signalNumber)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        # Not a group leader of ours (should not happen): the process alone.
+        try:
+            os.kill(pid, signalNumber)
+        except OSError:
+            pass

@@ -1,0 +1,104 @@
+"""
+The scheduler: takes instance commands from the portal's channel, places
+each new instance on a compute node with room, and passes every state and
+key its nodes tell it back up the channel.
+
+It knows each instance's node from the nodes themselves (what each says it
+holds), so a restarted scheduler needs no memory of its own: its first
+report to the portal is what its nodes hold.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from dit4c.node.node import INode, INodeObserver, NodeFull
+from dit4c.scheduler.channel import ChannelClient, Command, InstanceStatus, ISchedulerHandler
+
+__all__ = ["Scheduler"]
+
+
+@implementer(ISchedulerHandler, INodeObserver)
+class Scheduler(MultiService):
+    log = Logger()
+
+    def __init__(self, nodes: list[INode] | None = None) -> None:
+        super().__init__()
+        self.nodes: list[INode] = []
+        #: The channel to the portal (set by whoever builds the scheduler).
+        self.channel: ChannelClient | None = None
+        for node in nodes or []:
+            self.addNode(node)
+
+    def addNode(self, node: INode) -> None:
+        self.nodes.append(node)
+        node.subscribe(self)
+
+    def nodeOf(self, instance: str) -> INode | None:
+        for node in self.nodes:
+            if any(status.instance == instance for status in node.instances()):
+                return node
+        return None
+
+    # -- ISchedulerHandler -------------------------------------------------------------------
+
+    def report(self) -> list[InstanceStatus]:
+        return [status for node in self.nodes for status in node.instances()]
+
+    def command(self, command: Command) -> Deferred[None]:
+        node = self.nodeOf(command.instance)
+        if command.op == "start":
+            if node is None:
+                node = self._place()
+                if node is None:
+                    self._tell(
+                        InstanceStatus(command.instance, "errored", "No compute node has room for this instance now.")
+                    )
+                    return succeed(None)
+            params = command.params
+            port = params.get("port")
+            try:
+                return node.start(
+                    command.instance,
+                    str(params.get("image") or ""),
+                    port if isinstance(port, int) else None,
+                    params.get("digest") if isinstance(params.get("digest"), str) else None,
+                )
+            except NodeFull:
+                self._tell(InstanceStatus(command.instance, "errored", "The compute node has no room for it now."))
+                return succeed(None)
+        if node is None:
+            # No node holds it: whatever it was asked, nothing of it runs.
+            final = "discarded" if command.op == "discard" else "stopped"
+            self._tell(InstanceStatus(command.instance, final))
+            return succeed(None)
+        action = {"stop": node.stop, "save": node.save, "discard": node.discard}[command.op]
+        action(command.instance).addErrback(
+            lambda f: self.log.failure("{op} {instance}", f, op=command.op, instance=command.instance)
+        )
+        return succeed(None)
+
+    def _place(self) -> INode | None:
+        """The node with the most room that takes instances."""
+        candidates = [n for n in self.nodes if getattr(n, "accepting", True) and n.load() < n.capacity]
+        if not candidates:
+            return None
+        return max(candidates, key=lambda n: n.capacity - n.load())
+
+    # -- INodeObserver -------------------------------------------------------------------------
+
+    def instanceState(self, node: INode, status: InstanceStatus) -> None:
+        self._tell(status)
+
+    def instanceKey(self, node: INode, instance: str, jwk: dict[str, Any]) -> None:
+        if self.channel is not None:
+            self.channel.sendInstanceKey(instance, jwk)
+
+    def _tell(self, status: InstanceStatus) -> None:
+        if self.channel is not None:
+            self.channel.sendState(status.instance, status.state, status.reason, status.url)

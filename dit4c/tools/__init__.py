@@ -1,0 +1,1 @@
+"""Small tools that ship with DIT4C, so a fresh machine has something to run."""

@@ -1,0 +1,238 @@
+"""
+The compute node with the ``process`` runtime: real processes, real ports.
+
+The helpers here are stand-ins (a program that records its environment and
+waits), so these tests are about the node and the runtime: instance life,
+keys, the helper environment, and what is left after stop and discard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from dit4c.common.helperenv import fromEnvironment
+from dit4c.common.keys import load_private_key, public_jwk
+from dit4c.node.node import Node, observer
+from dit4c.node.process import ProcessRuntime, Tool
+from dit4c.node.processes import startTime
+from dit4c.scheduler.channel import InstanceStatus
+from dit4c.testing import deferLater
+
+#: A stand-in helper: writes its environment to <role>.env in the pod directory, then waits.
+RECORD_ENV = (
+    "import json, os, pathlib, sys, time;"
+    "d = pathlib.Path(os.environ['DIT4C_INSTANCE_KEY']).parent;"
+    "(d / (sys.argv[1] + '.env')).write_text(json.dumps(dict(os.environ)));"
+    "time.sleep(3600)"
+)
+HELPERS = {
+    "auth": [sys.executable, "-c", RECORD_ENV, "auth"],
+    "listener": [sys.executable, "-c", RECORD_ENV, "listener"],
+}
+TOOLS = {
+    "web": Tool("web", ("{python}", "-m", "http.server", "{port}", "--bind", "127.0.0.1")),
+    "quits": Tool("quits", ("{python}", "-c", "import time; time.sleep(0.5)")),
+    "silent": Tool("silent", ("{python}", "-c", "import time; time.sleep(3600)")),
+}
+
+
+class Watcher:
+    def __init__(self) -> None:
+        self.states: list[InstanceStatus] = []
+        self.keys: dict[str, dict[str, Any]] = {}
+
+    def observer(self) -> Any:
+        return observer(lambda node, status: self.states.append(status), self.key)
+
+    def key(self, node: Any, instance: str, jwk: dict[str, Any]) -> None:
+        self.keys[instance] = jwk
+
+    def history(self, instance: str) -> list[str]:
+        return [s.state for s in self.states if s.instance == instance]
+
+    async def waitFor(self, instance: str, state: str, timeout: float = 20) -> InstanceStatus:
+        for _ in range(int(timeout / 0.05)):
+            for status in self.states:
+                if status.instance == instance and status.state == state:
+                    return status
+            await deferLater(0.05)
+        raise AssertionError(f"{instance} never {state}: {self.history(instance)}")
+
+
+def makeNode(directory: Path, **options: Any) -> tuple[Node, ProcessRuntime, Watcher]:
+    runtime = ProcessRuntime(reactor, directory, TOOLS, helpers=HELPERS, stopGrace=2)
+    node = Node(
+        reactor,
+        runtime,
+        directory,
+        portal="http://localhost:8000",
+        portalInternal="http://127.0.0.1:8000",
+        routing=("tcp:host=127.0.0.1:port=8001",),
+        **options,
+    )
+    watcher = Watcher()
+    node.subscribe(watcher.observer())
+    node.startService()
+    return node, runtime, watcher
+
+
+def podPids(directory: Path) -> list[int]:
+    return [json.loads(p.read_text())["pid"] for p in directory.glob("*.pid")]
+
+
+def alive(pid: int) -> bool:
+    return startTime(pid) is not None
+
+
+@pytest_twisted.async_yield_fixture
+async def nodes(tmp_path: Path) -> Any:
+    made: list[ProcessRuntime] = []
+
+    def make(**options: Any) -> tuple[Node, ProcessRuntime, Watcher]:
+        node, runtime, watcher = makeNode(tmp_path / "node", **options)
+        made.append(runtime)
+        return node, runtime, watcher
+
+    yield make
+    for runtime in made:
+        for instance in list(runtime._pods):
+            await runtime.discard(instance)
+
+
+async def fetch(port: int) -> bytes:
+    import treq
+
+    response = await treq.get(f"http://127.0.0.1:{port}/", timeout=5)
+    return bytes(await response.content())
+
+
+@pytest_twisted.ensureDeferred
+async def test_start_runs_the_tool_and_its_helpers(nodes: Any, tmp_path: Path) -> None:
+    node, runtime, watcher = nodes()
+    await node.start("abc1", "web", None)
+    running = await watcher.waitFor("abc1", "running")
+    assert running.reason is None
+    assert watcher.history("abc1") == ["starting", "running"]
+    pod = tmp_path / "node" / "abc1"
+
+    # The key pair: the private half in the pod, mode 0600; the public half went to the observer.
+    keyFile = pod / "instance.key"
+    assert stat.S_IMODE(keyFile.stat().st_mode) == 0o600
+    assert watcher.keys["abc1"] == public_jwk(load_private_key(keyFile))
+    assert "d" not in watcher.keys["abc1"]
+
+    # The helpers got the helper environment (docs/protocols.md section 9).
+    for _ in range(100):
+        if (pod / "auth.env").exists() and (pod / "listener.env").exists():
+            break
+        await deferLater(0.05)
+    auth = json.loads((pod / "auth.env").read_text())
+    helper = fromEnvironment(auth)
+    assert helper.instance == "abc1"
+    assert helper.keyFile == str(keyFile)
+    assert helper.portal == "http://localhost:8000"
+    assert helper.portalBase == "http://127.0.0.1:8000"
+    assert helper.routing == ("tcp:host=127.0.0.1:port=8001",)
+    listener = fromEnvironment(json.loads((pod / "listener.env").read_text()))
+    # The listener's target is where the auth helper listens, and the auth helper fronts the tool.
+    authPort = int(auth["DIT4C_AUTH_LISTEN"].split(":")[1])
+    assert listener.auth == f"tcp:host=127.0.0.1:port={authPort}"
+    toolPort = int(helper.tool.rsplit("=", 1)[1])  # type: ignore[union-attr]
+    assert b"Directory listing" in await fetch(toolPort)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_and_discard_leave_nothing(nodes: Any, tmp_path: Path) -> None:
+    node, runtime, watcher = nodes()
+    await node.start("abc2", "web", None)
+    await watcher.waitFor("abc2", "running")
+    pod = tmp_path / "node" / "abc2"
+    pids = podPids(pod)
+    assert len(pids) == 3 and all(alive(pid) for pid in pids)
+
+    await node.stop("abc2")
+    assert watcher.history("abc2")[-2:] == ["stopping", "stopped"]
+    assert not any(alive(pid) for pid in pids)
+    assert pod.exists(), "a stopped instance keeps its files"
+
+    await node.discard("abc2")
+    assert watcher.history("abc2")[-1] == "discarded"
+    assert not pod.exists()
+    assert node.instances() == []
+    await node.discard("abc2")  # again: nothing to do, still "discarded"
+    assert watcher.history("abc2")[-1] == "discarded"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tool_that_exits_errors_the_instance(nodes: Any, tmp_path: Path) -> None:
+    node, runtime, watcher = nodes(startTimeout=30)
+    await node.start("abc3", "quits", None)
+    errored = await watcher.waitFor("abc3", "errored")
+    assert errored.reason == "The tool exited with status 0."
+    for _ in range(100):
+        if not any(alive(pid) for pid in podPids(tmp_path / "node" / "abc3")):
+            break
+        await deferLater(0.05)
+    assert not any(alive(pid) for pid in podPids(tmp_path / "node" / "abc3")), "its helpers were stopped too"
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_tool_and_start_timeout(nodes: Any) -> None:
+    node, runtime, watcher = nodes(startTimeout=1)
+    await node.start("abc4", "no-such-tool", None)
+    assert (await watcher.waitFor("abc4", "errored")).reason == "This compute node has no tool called 'no-such-tool'."
+    await node.start("abc5", "silent", None)
+    assert (await watcher.waitFor("abc5", "errored")).reason == "The tool did not answer within 1 s."
+
+
+@pytest_twisted.ensureDeferred
+async def test_capacity(nodes: Any) -> None:
+    from dit4c.node.node import NodeFull
+
+    node, runtime, watcher = nodes(capacity=1)
+    await node.start("abc6", "web", None)
+    with pytest.raises(NodeFull):
+        node.start("abc7", "web", None)
+    await node.start("abc6", "web", None)  # the same command again is no new instance
+    assert node.load() == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restarted_node_finds_its_instances(nodes: Any, tmp_path: Path) -> None:
+    node, runtime, watcher = nodes()
+    await node.start("abc8", "web", None)
+    await node.start("abc9", "web", None)
+    await watcher.waitFor("abc8", "running")
+    await watcher.waitFor("abc9", "running")
+    await node.stopService()
+    # abc9's tool dies while no node watches it.
+    toolPid = json.loads((tmp_path / "node" / "abc9" / "tool.pid").read_text())["pid"]
+    os.killpg(toolPid, 9)
+    for _ in range(100):
+        if not alive(toolPid):
+            break
+        await deferLater(0.05)
+
+    again, runtime2, watcher2 = nodes()
+    for _ in range(100):
+        if len(watcher2.states) >= 2:
+            break
+        await deferLater(0.05)
+    assert {s.instance: s.state for s in again.instances()} == {"abc8": "running", "abc9": "errored"}
+    assert (await watcher2.waitFor("abc9", "errored")).reason == (
+        "The instance stopped while its compute node was restarting."
+    )
+    # The found instance is under the new node's control: it stops it.
+    pids = podPids(tmp_path / "node" / "abc8")
+    await again.stop("abc8")
+    assert not any(alive(pid) for pid in pids)
+    assert not any(alive(pid) for pid in podPids(tmp_path / "node" / "abc9"))
