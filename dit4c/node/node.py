@@ -53,7 +53,7 @@ class INodeObserver(Interface):
 class INode(Interface):
     """A compute node as its scheduler sees it (in this process, or over the network)."""
 
-    name = Attribute("The node's name, unique under its scheduler.")
+    nodeName = Attribute("The node's name, unique under its scheduler.")
     capacity = Attribute("Instances it may run at once.")
 
     def load() -> int:
@@ -86,6 +86,8 @@ class _Record:
     digest: str | None
     state: str
     reason: str | None = None
+    #: The instance's public key (JWK), once made.
+    jwk: dict[str, Any] | None = None
 
     def status(self) -> InstanceStatus:
         return InstanceStatus(self.instance, self.state, self.reason)
@@ -123,7 +125,7 @@ class Node(Service):
         self.reactor = reactor
         self.runtime = runtime
         self.directory = directory
-        self.name = name
+        self.nodeName = name
         self.portal = portal
         self.portalInternal = portalInternal
         self.routing = routing
@@ -178,6 +180,10 @@ class Node(Service):
     def subscribe(self, observer: INodeObserver) -> None:
         self._observers.append(observer)
 
+    def publicKeys(self) -> dict[str, dict[str, Any]]:
+        """Each active instance's public key (JWK), to publish again after a reconnect."""
+        return {r.instance: r.jwk for r in self._records.values() if r.state in ACTIVE and r.jwk is not None}
+
     def start(self, instance: str, image: str, port: int | None, digest: str | None = None) -> Deferred[None]:
         if INSTANCE_ID_RE.fullmatch(instance) is None:
             raise ValueError(f"not an instance id: {instance!r}")
@@ -185,7 +191,7 @@ class Node(Service):
         if current is not None and current.state in ACTIVE:
             return succeed(None)  # already under way: a repeated command
         if not self.accepting or self.load() >= self.capacity:
-            raise NodeFull(f"node {self.name} takes no more instances")
+            raise NodeFull(f"node {self.nodeName} takes no more instances")
         stale = current is not None or self._podDirectory(instance).exists()
         record = _Record(instance, image, port, digest, "starting")
         self._records[instance] = record
@@ -205,8 +211,13 @@ class Node(Service):
             key = generate_private_key()
             keyFile = directory / "instance.key"
             save_private_key(key, keyFile)
+            jwk = public_jwk(key)
+            current = self._records.get(record.instance)
+            if current is not None:
+                self._records[record.instance] = current = replace(current, jwk=jwk)
+                self._save(current)
             for observer in self._observers:
-                observer.instanceKey(self, record.instance, public_jwk(key))
+                observer.instanceKey(self, record.instance, jwk)
             environment = HelperEnvironment(
                 instance=record.instance,
                 keyFile=str(keyFile),

@@ -1,0 +1,190 @@
+"""
+The all-in-one service: portal, routing server, scheduler and one compute
+node (``process`` runtime) in one process, with the embedded defaults:
+SQLite in a data directory, instance URLs under ``*.localhost`` (which
+browsers send to loopback), and a catalogue of the tools this machine can
+run.
+
+Each part is the same code the separate servers run, joined as they would
+be across machines: the scheduler dials the portal's channel over a real
+WebSocket, the routing server checks tokens against the portal's JWKS over
+HTTP, and each instance's helpers are real processes dialling the routing
+server. Only the addresses are fixed to loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+
+from dit4c.common.keys import load_or_create_private_key, public_jwk
+from dit4c.common.tokens import JWKSKeySource, TokenVerifier
+from dit4c.node.node import Node
+from dit4c.node.process import ProcessRuntime, Tool, builtinTools
+from dit4c.portal import security
+from dit4c.portal.app import PortalConfig
+from dit4c.portal.service import PortalService
+from dit4c.routing.server import RoutingServer
+from dit4c.scheduler.channel import ChannelClient
+from dit4c.scheduler.scheduler import Scheduler
+
+__all__ = ["DevConfig", "DevService", "CATALOGUE"]
+
+#: Catalogue entries for the built-in tools: tool name → what people see.
+CATALOGUE = {
+    "dit4c/notes": "Notes (a shared notepad)",
+    "jupyter/lab": "JupyterLab",
+}
+
+SCHEDULER_NAME = "local"
+
+
+@dataclass(frozen=True)
+class DevConfig:
+    dataDir: Path
+    portalPort: int = 8000
+    httpPort: int = 8080
+    tunnelPort: int = 8001
+    #: The host name browsers use; instances are ``<id>.<host>``.
+    host: str = "localhost"
+    #: The first administrator's name (made, with a password printed once, on a fresh data directory).
+    adminName: str = "admin"
+    tools: dict[str, Tool] | None = None
+
+    @property
+    def publicURL(self) -> str:
+        return f"http://{self.host}:{self.portalPort}"
+
+    @property
+    def internalURL(self) -> str:
+        return f"http://127.0.0.1:{self.portalPort}"
+
+
+class DevService(MultiService):
+    log = Logger()
+
+    def __init__(self, reactor: Any, config: DevConfig, *, out: Any = None) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.config = config
+        self.out: Any = out if out is not None else sys.__stdout__
+        dataDir = config.dataDir
+        self.portal = PortalService(
+            reactor,
+            database="sqlite:///" + str((dataDir / "portal" / "portal.db").resolve()),
+            dataDir=dataDir / "portal",
+            config=PortalConfig(publicURL=config.publicURL),
+            endpoints=[serverFromString(reactor, f"tcp:{config.portalPort}:interface=127.0.0.1")],
+        )
+        self.portal.setServiceParent(self)
+        keys = JWKSKeySource(
+            f"{config.internalURL}/.well-known/jwks.json", reactor=reactor, min_refetch=0.5, refresh=60
+        )
+        self.routing = RoutingServer(
+            reactor,
+            TokenVerifier(keys, audience="dit4c-routing", clock=reactor),
+            config.host,
+        )
+        self.routing.addTunnelEndpoint(serverFromString(reactor, f"tcp:{config.tunnelPort}:interface=127.0.0.1"))
+        self.routing.addPublicEndpoint(serverFromString(reactor, f"tcp:{config.httpPort}:interface=127.0.0.1"), "http")
+        self.routing.publicURL = f"http://{{host}}:{config.httpPort}/"
+        self.routing.setServiceParent(self)
+        tools = config.tools if config.tools is not None else builtinTools()
+        self.tools = tools
+        self.node = Node(
+            reactor,
+            ProcessRuntime(reactor, dataDir / "node", tools),
+            dataDir / "node",
+            portal=config.publicURL,
+            portalInternal=config.internalURL,
+            routing=(f"tcp:host=127.0.0.1:port={config.tunnelPort}",),
+        )
+        self.node.setServiceParent(self)
+        self.scheduler = Scheduler([self.node])
+        self.scheduler.setServiceParent(self)
+        self.channel: ChannelClient | None = None
+        #: Fires once every part is up and the scheduler's channel is open.
+        self.ready: Deferred[None] = Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        d = Deferred.fromCoroutine(self._start())
+
+        def failed(f: Any) -> None:
+            self.log.failure("dit4c-dev could not start", f)
+            if not self.ready.called:
+                self.ready.errback(f)
+
+        d.addErrback(failed)
+
+    async def _start(self) -> None:
+        await self.portal.ready
+        store = self.portal.store
+        await self._firstAdministrator(store)
+        await self._catalogue(store)
+        key = load_or_create_private_key(self.config.dataDir / "scheduler.key")
+        scheduler = await self._registerScheduler(store, key)
+        self.channel = ChannelClient(
+            self.reactor,
+            f"ws://127.0.0.1:{self.config.portalPort}",
+            scheduler.id,
+            key,
+            self.scheduler,
+            issuer=self.config.publicURL,
+        )
+        self.scheduler.channel = self.channel
+        self.channel.setServiceParent(self)
+        await self.channel.whenConnected()
+        self.log.info(
+            "DIT4C is up: open {url} (instances at http://<id>.{host}:{port}/)",
+            url=self.config.publicURL,
+            host=self.config.host,
+            port=self.config.httpPort,
+        )
+        self.ready.callback(None)
+
+    async def _firstAdministrator(self, store: Any) -> None:
+        if await store.countUsers():
+            return
+        password = secrets.token_urlsafe(12)
+        name = self.config.adminName
+        await store.createUser(name, password_hash=await security.hashPassword(password), is_admin=True)
+        # Straight to the terminal, once: never through the log.
+        self.out.write(
+            "\n"
+            "  DIT4C's first administrator (shown only this once):\n"
+            f"    user name: {name}\n"
+            f"    password:  {password}\n"
+            f"  Log in at {self.config.publicURL}/login\n"
+            f"  (lost it? dit4c user-add NAME --admin --data-dir {self.config.dataDir / 'portal'})\n\n"
+        )
+        self.out.flush()
+
+    async def _catalogue(self, store: Any) -> None:
+        known = {image.ref for image in await store.listCatalogue()}
+        for ref, label in CATALOGUE.items():
+            if ref in self.tools and ref not in known:
+                await store.createImage(label, ref)
+                self.log.info("catalogue: added {label}", label=label)
+
+    async def _registerScheduler(self, store: Any, key: Any) -> Any:
+        jwk = json.dumps(public_jwk(key))
+        for scheduler in await store.listSchedulers():
+            if scheduler.name == SCHEDULER_NAME:
+                if scheduler.public_jwk != jwk or scheduler.disabled:
+                    scheduler = await store.updateScheduler(scheduler.id, public_jwk=jwk, disabled=False)
+                return scheduler
+        return await store.createScheduler(SCHEDULER_NAME, jwk)
+
+
+def defaultDataDir() -> Path:
+    return Path("data") / "dev"

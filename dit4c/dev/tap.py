@@ -1,0 +1,61 @@
+"""``twistd dit4c-dev``: options and service construction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from dit4c.common.options import positiveInt
+from dit4c.dev.service import DevConfig, DevService
+
+
+def _port(value: str) -> int:
+    port = positiveInt(value)
+    if port > 65535:
+        raise usage.UsageError(f"{value} is not a port")
+    return port
+
+
+class Options(usage.Options):
+    synopsis = "[--data-dir DIR] [--portal-port N] [--http-port N] [--tunnel-port N]"
+    longdesc = (
+        "Run all of DIT4C in one process on loopback: the portal "
+        "(http://localhost:PORTAL-PORT), the routing server (instances at "
+        "http://<id>.localhost:HTTP-PORT/; browsers send *.localhost to "
+        "loopback), a scheduler and one compute node that runs each tool as "
+        "local processes. State is kept in the data directory (SQLite, keys, "
+        "instances). On a fresh data directory it makes an administrator and "
+        "prints the password once."
+    )
+    optParameters = [
+        ["data-dir", None, "data/dev", "Directory for everything DIT4C keeps."],
+        ["portal-port", None, 8000, "Loopback port of the portal.", _port],
+        ["http-port", None, 8080, "Loopback port where instances are served.", _port],
+        ["tunnel-port", None, 8001, "Loopback port listeners dial.", _port],
+        ["admin", None, "admin", "Name of the first administrator."],
+    ]
+
+    def postOptions(self) -> None:
+        ports = [self["portal-port"], self["http-port"], self["tunnel-port"]]
+        if len(set(ports)) != len(ports):
+            raise usage.UsageError("--portal-port, --http-port and --tunnel-port must differ")
+
+
+def makeService(config: Options, reactor: Any = None) -> IService:
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor
+    return DevService(
+        reactor,
+        DevConfig(
+            dataDir=Path(config["data-dir"]).resolve(),
+            portalPort=config["portal-port"],
+            httpPort=config["http-port"],
+            tunnelPort=config["tunnel-port"],
+            adminName=config["admin"],
+        ),
+    )

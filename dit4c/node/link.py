@@ -1,0 +1,583 @@
+"""
+The link between a scheduler and a compute node (docs/protocols.md, "The
+node link").
+
+The node listens (on a private network, or loopback); the scheduler dials
+each node it is configured with and keeps one WebSocket open to it. Each
+side proves who it is by signing the other's challenge with its own key,
+and checks the other's proof against the public key it was configured
+with, so neither needs a certificate authority (TLS, ``wss://``, adds
+secrecy on a shared network). Commands go down; states, instance keys and
+reports come up, in the shapes of the portal's channel
+(:mod:`dit4c.scheduler.channel`), whose parsing both ends reuse.
+
+- :class:`NodeLinkServer`: the node's end, in front of a :class:`~dit4c.node.node.Node`.
+- :class:`RemoteNode`: the scheduler's end; an :class:`~dit4c.node.node.INode`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+from autobahn.twisted.websocket import (
+    WebSocketClientFactory,
+    WebSocketClientProtocol,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
+from autobahn.websocket.types import ConnectionDeny
+from twisted.application.internet import ClientService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IStreamServerEndpoint
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from dit4c.common.keys import PrivateKey
+from dit4c.common.service import ListeningService
+from dit4c.common.tokens import IKeySource, InvalidToken, TokenVerifier
+from dit4c.listener.service import backoff
+from dit4c.node.node import ACTIVE, INode, INodeObserver, Node, NodeFull
+from dit4c.scheduler.channel import (
+    MAX_MESSAGE,
+    MAX_NONCE,
+    Command,
+    InstanceStatus,
+    ProtocolError,
+    channelEndpoint,
+    decode,
+    encode,
+    instanceField,
+    parseCommand,
+    parseReport,
+    parseStatus,
+    privateMembers,
+    signProof,
+    text,
+)
+
+__all__ = ["NodeLinkServer", "RemoteNode", "SUBPROTOCOL", "PATH"]
+
+SUBPROTOCOL = "dit4c-node.1"
+PATH = "/.dit4c/node"
+#: The ``aud`` of the scheduler's proof (checked by the node), and of the node's.
+NODE_AUDIENCE = "dit4c-node"
+SCHEDULER_AUDIENCE = "dit4c-scheduler"
+HANDSHAKE_TIMEOUT = 10.0
+PING_INTERVAL = 10.0
+PING_TIMEOUT = 30.0
+#: Seconds a node may be away before its instances are reported lost.
+NODE_GRACE = 60.0
+
+
+def _nonce() -> str:
+    return secrets.token_urlsafe(32)
+
+
+async def _checkProof(
+    keys: IKeySource, proof: str, *, audience: str, subject: str, nonce: str, clock: Any
+) -> dict[str, Any]:
+    verifier = TokenVerifier(keys, audience=audience, clock=clock, scopedKeys=())
+    claims = await verifier.verify(proof)
+    if claims.get("sub") != subject:
+        raise InvalidToken("it names someone else")
+    if claims.get("nonce") != nonce:
+        raise InvalidToken("it does not answer this challenge")
+    return claims
+
+
+def _factoryOptions(factory: Any) -> None:
+    factory.noisy = False
+    factory.setProtocolOptions(
+        maxFramePayloadSize=MAX_MESSAGE,
+        maxMessagePayloadSize=MAX_MESSAGE,
+        openHandshakeTimeout=HANDSHAKE_TIMEOUT + 1,
+        closeHandshakeTimeout=5,
+        failByDrop=False,
+        autoPingInterval=PING_INTERVAL,
+        autoPingTimeout=PING_TIMEOUT,
+    )
+
+
+# -- the node's end ----------------------------------------------------------------------------
+
+
+class _NodeSide(WebSocketServerProtocol):
+    _log = Logger()
+    server: NodeLinkServer
+    nonce = ""
+    scheduler: str | None = None
+    _timer: IDelayedCall | None = None
+
+    def onConnect(self, request: Any) -> str:
+        if request.path != PATH:
+            raise ConnectionDeny(404, "not the node link")
+        if SUBPROTOCOL not in request.protocols:
+            raise ConnectionDeny(400, f"the node link speaks {SUBPROTOCOL}")
+        return SUBPROTOCOL
+
+    def onOpen(self) -> None:
+        self.server.connections.add(self)
+        self.nonce = _nonce()
+        self._timer = self.server.reactor.callLater(HANDSHAKE_TIMEOUT, self._close, 4002, "handshake too slow")
+        self.send({"type": "challenge", "nonce": self.nonce, "node": self.server.node.nodeName})
+
+    def send(self, message: Mapping[str, Any]) -> None:
+        if self.state == self.STATE_OPEN:
+            self.sendMessage(encode(message), isBinary=False)
+
+    def _close(self, code: int, reason: str) -> None:
+        self._timer = None
+        self._log.warn("closing the link from a scheduler: {reason}", reason=reason)
+        self.sendClose(code, reason)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        try:
+            message = decode(payload, isBinary)
+            if self.scheduler is None:
+                if message["type"] != "hello" or self._timer is None:
+                    raise ProtocolError(f"expected a hello, not {message['type']!r}")
+                self._timer.cancel()
+                self._timer = None
+                Deferred.fromCoroutine(self._hello(message))
+            elif message["type"] == "command":
+                self.server._command(self, parseCommand(message))
+            else:
+                raise ProtocolError(f"unknown message type {message['type']!r}")
+        except ProtocolError as e:
+            self._close(4000, e.reason)
+
+    async def _hello(self, message: dict[str, Any]) -> None:
+        try:
+            scheduler = text(message, "scheduler")
+            theirs = text(message, "nonce", limit=MAX_NONCE)
+            await _checkProof(
+                self.server.schedulerKeys,
+                text(message, "proof", limit=8192),
+                audience=NODE_AUDIENCE,
+                subject=scheduler,
+                nonce=self.nonce,
+                clock=self.server.reactor,
+            )
+        except ProtocolError as e:
+            self._close(4000, e.reason)
+            return
+        except InvalidToken as e:
+            self._close(4001, f"bad proof: {e.reason}")
+            return
+        self.scheduler = scheduler
+        proof = signProof(
+            self.server.key, self.server.node.nodeName, theirs, scheduler,
+            clock=self.server.reactor, audience=SCHEDULER_AUDIENCE,
+        )  # fmt: skip
+        node = self.server.node
+        self.send({"type": "welcome", "proof": proof, "capacity": node.capacity, "accepting": node.accepting})
+        self.server._welcomed(self)
+
+    def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self.server.connections.discard(self)
+        self.server._closed(self)
+
+
+@implementer(INodeObserver)
+class NodeLinkServer(MultiService):
+    """A node's end of the link: one scheduler at a time drives the node."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, node: Node, key: PrivateKey, schedulerKeys: IKeySource) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.node = node
+        self.key = key
+        self.schedulerKeys = schedulerKeys
+        self.link: _NodeSide | None = None
+        self.connections: set[_NodeSide] = set()
+        node.subscribe(self)
+
+    def factory(self, url: str = "ws://localhost/") -> WebSocketServerFactory:
+        factory = WebSocketServerFactory(url, reactor=self.reactor)
+        protocol: type[_NodeSide] = type("NodeSide", (_NodeSide,), {"server": self})
+        factory.protocol = protocol
+        _factoryOptions(factory)
+        return factory
+
+    def listen(self, endpoint: IStreamServerEndpoint) -> ListeningService:
+        service = ListeningService(endpoint, self.factory(), "node link")
+        service.setServiceParent(self)
+        return service
+
+    def stopService(self) -> Deferred[None]:
+        for connection in list(self.connections):
+            connection.sendClose(4004, "node stopping")
+        d: Deferred[None] = Deferred.fromCoroutine(self._stopped())
+        return d
+
+    async def _stopped(self) -> None:
+        await MultiService.stopService(self)
+
+    def _welcomed(self, link: _NodeSide) -> None:
+        old, self.link = self.link, link
+        if old is not None:
+            old.sendClose(4003, "replaced by a newer link")
+        self.log.info("scheduler {scheduler} linked", scheduler=link.scheduler)
+        link.send(self._report())
+
+    def _report(self) -> dict[str, Any]:
+        return {
+            "type": "report",
+            "instances": [s.toJSON() for s in self.node.instances()],
+            "keys": self.node.publicKeys(),
+        }
+
+    def _closed(self, link: _NodeSide) -> None:
+        if self.link is link:
+            self.link = None
+
+    def _command(self, link: _NodeSide, command: Command) -> None:
+        node = self.node
+        try:
+            if command.op == "start":
+                port = command.params.get("port")
+                digest = command.params.get("digest")
+                d = node.start(
+                    command.instance,
+                    str(command.params.get("image") or ""),
+                    port if isinstance(port, int) else None,
+                    digest if isinstance(digest, str) else None,
+                )
+            else:
+                d = {"stop": node.stop, "save": node.save, "discard": node.discard}[command.op](command.instance)
+        except NodeFull as e:
+            link.send(InstanceStatus(command.instance, "errored", str(e)).toJSON() | {"type": "state"})
+            d = succeed(None)
+        if command.op == "start":
+            d.addBoth(lambda _: link.send({"type": "ack", "id": command.id}))
+        else:
+            # Stopping takes a while; it is acknowledged once under way.
+            link.send({"type": "ack", "id": command.id})
+            d.addErrback(lambda f: self.log.failure("{op} {instance}", f, op=command.op, instance=command.instance))
+
+    # -- INodeObserver ---------------------------------------------------------------------------
+
+    def instanceState(self, node: INode, status: InstanceStatus) -> None:
+        if self.link is not None:
+            self.link.send({"type": "state", **status.toJSON()})
+
+    def instanceKey(self, node: INode, instance: str, jwk: dict[str, Any]) -> None:
+        if self.link is not None:
+            self.link.send({"type": "instance-key", "instance": instance, "jwk": jwk})
+
+
+# -- the scheduler's end -------------------------------------------------------------------------
+
+
+class _SchedulerSide(WebSocketClientProtocol):
+    _log = Logger()
+    remote: RemoteNode
+    welcomed = False
+    nonce = ""
+    _timer: IDelayedCall | None = None
+
+    def onOpen(self) -> None:
+        self._timer = self.remote.reactor.callLater(HANDSHAKE_TIMEOUT, self._close, 4002, "handshake too slow")
+
+    def send(self, message: Mapping[str, Any]) -> bool:
+        if self.state != self.STATE_OPEN:
+            return False
+        self.sendMessage(encode(message), isBinary=False)
+        return True
+
+    def _close(self, code: int, reason: str) -> None:
+        self._timer = None
+        self.remote._lastError = reason
+        self._log.warn("closing the link to node {url}: {reason}", url=self.remote.url, reason=reason)
+        self.sendClose(code, reason)
+
+    #: Messages that came while the node's welcome was being checked.
+    _held: list[tuple[bytes, bool]] | None = None
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self._held is not None:
+            self._held.append((payload, isBinary))
+            return
+        try:
+            message = decode(payload, isBinary)
+            kind = message["type"]
+            if not self.nonce:
+                if kind != "challenge":
+                    raise ProtocolError(f"expected a challenge, not {kind!r}")
+                self._answer(message)
+            elif not self.welcomed:
+                if kind != "welcome":
+                    raise ProtocolError(f"expected a welcome, not {kind!r}")
+                self._held = []
+                Deferred.fromCoroutine(self._welcome(message))
+            elif kind == "state":
+                self.remote._state(parseStatus(message))
+            elif kind == "instance-key":
+                self.remote._key(instanceField(message), message.get("jwk"))
+            elif kind == "report":
+                self.remote._report(parseReport(message), message.get("keys"))
+            elif kind == "ack":
+                self.remote._acked(text(message, "id"))
+            else:
+                raise ProtocolError(f"unknown message type {kind!r}")
+        except ProtocolError as e:
+            self._close(4000, e.reason)
+
+    def _answer(self, message: dict[str, Any]) -> None:
+        remote = self.remote
+        name = text(message, "node")
+        if remote.expectedName is not None and name != remote.expectedName:
+            self._close(4001, f"the node says it is {name!r}, not {remote.expectedName!r}")
+            return
+        remote.nodeName = name
+        self.nonce = _nonce()
+        proof = signProof(
+            remote.key, remote.schedulerId, text(message, "nonce", limit=MAX_NONCE), name,
+            clock=remote.reactor, audience=NODE_AUDIENCE,
+        )  # fmt: skip
+        self.send({"type": "hello", "scheduler": remote.schedulerId, "proof": proof, "nonce": self.nonce})
+
+    async def _welcome(self, message: dict[str, Any]) -> None:
+        remote = self.remote
+        try:
+            await _checkProof(
+                remote.nodeKeys, text(message, "proof", limit=8192),
+                audience=SCHEDULER_AUDIENCE, subject=remote.nodeName, nonce=self.nonce, clock=remote.reactor,
+            )  # fmt: skip
+        except ProtocolError as e:
+            self._close(4000, e.reason)
+            return
+        except InvalidToken as e:
+            self._close(4001, f"the node's proof was refused: {e.reason}")
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self.welcomed = True
+        capacity = message.get("capacity")
+        remote.capacity = capacity if isinstance(capacity, int) and capacity >= 0 else 0
+        remote.accepting = message.get("accepting") is True
+        remote._welcomed(self)
+        held, self._held = self._held or [], None
+        for payload, isBinary in held:
+            self.onMessage(payload, isBinary)
+
+    def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self.remote._closed(self, code, reason)
+
+
+@implementer(INode)
+class RemoteNode(MultiService):
+    """A compute node across the network, as the scheduler drives it."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        url: str,
+        schedulerId: str,
+        key: PrivateKey,
+        nodeKeys: IKeySource,
+        *,
+        name: str | None = None,
+        trustRoots: str | None = None,
+        grace: float = NODE_GRACE,
+        retryPolicy: Any = None,
+    ) -> None:
+        """
+        :param url: ``ws://host:port`` or ``wss://...`` (the path defaults to :data:`PATH`).
+        :param nodeKeys: the node's public key (it must prove itself with it).
+        :param name: the node's name, if it must be this one.
+        :param grace: seconds the node may be away before its instances count as lost.
+        """
+        super().__init__()
+        self.reactor = reactor
+        if not url.startswith(("ws://", "wss://")):
+            raise ValueError(f"a node's URL is ws:// or wss://, not {url!r}")
+        if url.rstrip("/").count("/") == 2:
+            url = url.rstrip("/") + PATH
+        self.url = url
+        self.schedulerId = schedulerId
+        self.key = key
+        self.nodeKeys = nodeKeys
+        self.expectedName = name
+        self.nodeName: str = name or url
+        self.capacity = 0
+        self.accepting = False
+        self.grace = grace
+        self._link: _SchedulerSide | None = None
+        self._observers: list[INodeObserver] = []
+        self._statuses: dict[str, InstanceStatus] = {}
+        self._queue: list[dict[str, Any]] = []
+        self._pending: dict[str, Deferred[None]] = {}
+        self._lost: set[str] = set()
+        self._graceTimer: IDelayedCall | None = None
+        self._lastError: str | None = None
+        self._connected: list[Deferred[None]] = []
+        factory = WebSocketClientFactory(url, protocols=[SUBPROTOCOL], reactor=reactor)
+        protocol: type[_SchedulerSide] = type("SchedulerSide", (_SchedulerSide,), {"remote": self})
+        factory.protocol = protocol
+        _factoryOptions(factory)
+        endpoint = channelEndpoint(reactor, url, trustRoots=trustRoots)
+        self._service = ClientService(
+            endpoint, factory, retryPolicy=retryPolicy or backoff(maximum=10.0), clock=reactor
+        )
+        self._service.setServiceParent(self)
+
+    @property
+    def connected(self) -> bool:
+        return self._link is not None
+
+    def whenConnected(self) -> Deferred[None]:
+        if self._link is not None:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._connected.append(d)
+        return d
+
+    # -- INode -----------------------------------------------------------------------------------
+
+    def load(self) -> int:
+        return sum(1 for s in self._statuses.values() if s.state in ACTIVE or s.state == "requested")
+
+    def instances(self) -> list[InstanceStatus]:
+        return list(self._statuses.values())
+
+    def subscribe(self, observer: INodeObserver) -> None:
+        self._observers.append(observer)
+
+    def start(self, instance: str, image: str, port: int | None, digest: str | None = None) -> Deferred[None]:
+        if not self.connected or not self.accepting or self.load() >= self.capacity:
+            raise NodeFull(f"node {self.nodeName} takes no instances now")
+        self._statuses[instance] = InstanceStatus(instance, "starting")
+        self._lost.discard(instance)
+        return self._command("start", instance, {"image": image, "port": port, "digest": digest})
+
+    def stop(self, instance: str) -> Deferred[None]:
+        return self._command("stop", instance)
+
+    def save(self, instance: str) -> Deferred[None]:
+        return self._command("save", instance)
+
+    def discard(self, instance: str) -> Deferred[None]:
+        return self._command("discard", instance)
+
+    def _command(self, op: str, instance: str, params: dict[str, Any] | None = None) -> Deferred[None]:
+        command = Command(secrets.token_urlsafe(12), op, instance, params or {})
+        message = command.toJSON()
+        d: Deferred[None] = Deferred()
+        self._pending[command.id] = d
+        if self._link is None or not self._link.send(message):
+            self._queue.append(message)  # sent when the node is back
+        return d
+
+    # -- what the node says ------------------------------------------------------------------------
+
+    def _welcomed(self, link: _SchedulerSide) -> None:
+        self._link = link
+        self._lastError = None
+        if self._graceTimer is not None and self._graceTimer.active():
+            self._graceTimer.cancel()
+        self._graceTimer = None
+        self.log.info("linked to node {name} ({url})", name=self.nodeName, url=self.url)
+        queued, self._queue = self._queue, []
+        for message in queued:
+            link.send(message)
+        waiting, self._connected = self._connected, []
+        for d in waiting:
+            d.callback(None)
+
+    def _state(self, status: InstanceStatus) -> None:
+        if status.instance in self._lost:
+            return  # reported lost to the portal already; the report cleans it up
+        if status.state == "discarded":
+            self._statuses.pop(status.instance, None)
+        else:
+            self._statuses[status.instance] = status
+        for observer in self._observers:
+            observer.instanceState(self, status)
+
+    def _key(self, instance: str, jwk: object) -> None:
+        if not isinstance(jwk, dict) or privateMembers(jwk):
+            self.log.warn("node {name} sent an unusable key for {instance}", name=self.nodeName, instance=instance)
+            return
+        for observer in self._observers:
+            observer.instanceKey(self, instance, jwk)
+
+    def _report(self, statuses: list[InstanceStatus], keys: object) -> None:
+        known = {s.instance: s for s in statuses}
+        for instance in list(self._lost):
+            status = known.pop(instance, None)
+            if status is not None and status.state in ACTIVE:
+                # Reported lost while the node was away: it must not run on unseen.
+                self.log.info("stopping {instance}, reported lost while node {name} was away", instance=instance, name=self.nodeName)
+                self._command("stop", instance)
+        self._lost.clear()
+        previous = self._statuses
+        self._statuses = dict(known)
+        if isinstance(keys, dict):
+            for instance, jwk in keys.items():
+                if instance in known and known[instance].state in ACTIVE:
+                    self._key(instance, jwk)
+        for status in known.values():
+            if previous.get(status.instance) != status:
+                for observer in self._observers:
+                    observer.instanceState(self, status)
+
+    def _acked(self, commandId: str) -> None:
+        d = self._pending.pop(commandId, None)
+        if d is not None:
+            d.callback(None)
+
+    @property
+    def lastError(self) -> str | None:
+        """Why the last attempt to link failed, if it did."""
+        return self._lastError
+
+    def _closed(self, link: _SchedulerSide, code: Any, reason: Any) -> None:
+        if self._link is not link:
+            if not link.welcomed and code not in (None, 1000) and self._lastError is None:
+                self._lastError = f"{code} {reason}" if reason else str(code)
+            return
+        self._link = None
+        self.log.warn("link to node {name} lost ({code} {reason})", name=self.nodeName, code=code, reason=reason or "")
+        if self.running and self._graceTimer is None:
+            self._graceTimer = self.reactor.callLater(self.grace, self._gone)
+
+    def _gone(self) -> None:
+        self._graceTimer = None
+        why = f"The compute node {self.nodeName} is unreachable."
+        for status in list(self._statuses.values()):
+            if status.state in ACTIVE or status.state == "requested":
+                lost = replace(status, state="errored", reason=why, url=None)
+                self._statuses[status.instance] = lost
+                for observer in self._observers:
+                    observer.instanceState(self, lost)
+                self._lost.add(status.instance)
+        self.log.warn("node {name} away for {grace} s: its instances are lost", name=self.nodeName, grace=self.grace)
+
+    def stopService(self) -> Deferred[None]:
+        if self._graceTimer is not None and self._graceTimer.active():
+            self._graceTimer.cancel()
+        self._graceTimer = None
+        link, self._link = self._link, None
+        if link is not None:
+            link.sendClose(1000, "scheduler stopping")
+        d: Deferred[None] = Deferred.fromCoroutine(self._stop())
+        return d
+
+    async def _stop(self) -> None:
+        await MultiService.stopService(self)

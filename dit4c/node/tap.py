@@ -1,0 +1,113 @@
+"""``twistd dit4c-node``: options and service construction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import IService, MultiService
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+
+from dit4c.common.keys import KeyFileError, load_or_create_private_key
+from dit4c.common.options import endpointList, positiveFloat, positiveInt
+from dit4c.common.tokens import StaticKeySource
+
+
+class Options(usage.Options):
+    synopsis = "--scheduler-key FILE --portal URL --routing ENDPOINT [options]"
+    longdesc = (
+        "Run a DIT4C compute node: it runs each instance as a pod (the tool "
+        "and its helpers) through a runtime, for the scheduler that dials it "
+        "(the node link, docs/protocols.md). The scheduler must prove itself "
+        "with the key in --scheduler-key; the node proves itself with its "
+        "own key (--key, made on first start; give the scheduler its public "
+        "half: dit4c jwks KEY). Pods keep running while the node restarts, "
+        "and it finds them again."
+    )
+    optParameters = [
+        ["listen", None, "tcp:8500:interface=127.0.0.1", "Endpoint the scheduler dials (ssl:... for wss://)."],
+        ["name", None, "node", "The node's name, as the scheduler knows it."],
+        ["key", None, None, "The node's private key (PEM); made if missing. Default: DATA-DIR/node.key."],
+        ["scheduler-key", None, None, "The scheduler's public key: a JWKS/JWK file or a PEM key."],
+        ["data-dir", None, "data/node", "Where pods keep their files."],
+        ["runtime", None, "process", "process (local processes) or podman (containers)."],
+        ["tools", None, None, "process runtime: JSON file of tools (default: the built-in ones)."],
+        ["containers-conf", None, None, "podman runtime: the containers.conf to use (default: the one DIT4C ships)."],
+        ["portal", None, None, "The portal's public URL (where browsers log in)."],
+        ["portal-internal", None, None, "The portal's URL as pods reach it (default: --portal)."],
+        ["capacity", None, 8, "Instances this node runs at once.", positiveInt],
+        ["start-timeout", None, 300.0, "Seconds a tool has to answer after it starts.", positiveFloat],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["routing"] = []
+
+    def opt_routing(self, value: str) -> None:
+        """Client endpoint of a routing server's tunnel port (tcp:host=H:port=P, tls:...). Repeatable."""
+        self["routing"].append(value)
+
+    def postOptions(self) -> None:
+        for option in ("scheduler-key", "portal"):
+            if not self[option]:
+                raise usage.UsageError(f"--{option} is required")
+        if not self["routing"]:
+            raise usage.UsageError("--routing is required")
+        if self["runtime"] not in ("process", "podman"):
+            raise usage.UsageError("--runtime is process or podman")
+        if not self["portal"].startswith(("http://", "https://")):
+            raise usage.UsageError("--portal must be an http(s) URL")
+        endpointList([self["listen"]], server=True, option="listen")
+        endpointList(self["routing"], server=False, option="routing")
+        try:
+            self["scheduler-keys"] = StaticKeySource.fromFile(self["scheduler-key"])
+        except (OSError, KeyFileError) as e:
+            raise usage.UsageError(f"--scheduler-key: {e}") from None
+        if self["tools"]:
+            from dit4c.node.process import toolsFromFile
+
+            try:
+                self["tools"] = toolsFromFile(self["tools"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise usage.UsageError(f"--tools: {e}") from None
+
+
+def makeService(config: Options, reactor: Any = None) -> IService:
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor
+    from dit4c.node.link import NodeLinkServer
+    from dit4c.node.node import Node
+
+    dataDir = Path(config["data-dir"]).resolve()
+    dataDir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = load_or_create_private_key(config["key"] or dataDir / "node.key")
+    pods = dataDir / "pods"
+    runtime: Any
+    if config["runtime"] == "podman":
+        from dit4c.node.podman import PodmanRuntime
+
+        runtime = PodmanRuntime(reactor, containersConf=config["containers-conf"])
+    else:
+        from dit4c.node.process import ProcessRuntime
+
+        runtime = ProcessRuntime(reactor, pods, config["tools"] or None)
+    top = MultiService()
+    node = Node(
+        reactor,
+        runtime,
+        pods,
+        name=config["name"],
+        portal=config["portal"].rstrip("/"),
+        portalInternal=(config["portal-internal"] or "").rstrip("/") or None,
+        routing=tuple(config["routing"]),
+        capacity=config["capacity"],
+        startTimeout=config["start-timeout"],
+    )
+    node.setServiceParent(top)
+    link = NodeLinkServer(reactor, node, key, config["scheduler-keys"])
+    link.listen(serverFromString(reactor, config["listen"]))
+    link.setServiceParent(top)
+    return top

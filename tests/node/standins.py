@@ -1,0 +1,56 @@
+"""
+Stand-ins for the node's tests: helpers that record their environment and
+wait, small tools, and an observer that records what a node says.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from dit4c.node.node import observer
+from dit4c.node.process import Tool
+from dit4c.scheduler.channel import InstanceStatus
+from dit4c.testing import deferLater
+
+#: A stand-in helper: writes its environment to <role>.env in the pod directory, then waits.
+RECORD_ENV = (
+    "import json, os, pathlib, sys, time;"
+    "d = pathlib.Path(os.environ['DIT4C_INSTANCE_KEY']).parent;"
+    "(d / (sys.argv[1] + '.env')).write_text(json.dumps(dict(os.environ)));"
+    "time.sleep(3600)"
+)
+HELPERS = {
+    "auth": [sys.executable, "-c", RECORD_ENV, "auth"],
+    "listener": [sys.executable, "-c", RECORD_ENV, "listener"],
+}
+TOOLS = {
+    "web": Tool("web", ("{python}", "-m", "http.server", "{port}", "--bind", "127.0.0.1")),
+    "quits": Tool("quits", ("{python}", "-c", "import time; time.sleep(0.5)")),
+    "silent": Tool("silent", ("{python}", "-c", "import time; time.sleep(3600)")),
+}
+
+
+class Watcher:
+    def __init__(self) -> None:
+        self.states: list[InstanceStatus] = []
+        self.keys: dict[str, dict[str, Any]] = {}
+
+    def observer(self) -> Any:
+        return observer(lambda node, status: self.states.append(status), self.key)
+
+    def key(self, node: Any, instance: str, jwk: dict[str, Any]) -> None:
+        self.keys[instance] = jwk
+
+    def history(self, instance: str) -> list[str]:
+        return [s.state for s in self.states if s.instance == instance]
+
+    async def waitFor(self, instance: str, state: str, timeout: float = 20) -> InstanceStatus:
+        for _ in range(int(timeout / 0.05)):
+            for status in self.states:
+                if status.instance == instance and status.state == state:
+                    return status
+            await deferLater(0.05)
+        raise AssertionError(f"{instance} never {state}: {self.history(instance)}")
+
+

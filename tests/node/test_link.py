@@ -1,0 +1,174 @@
+"""
+The node link: a scheduler's RemoteNode dialling a node's NodeLinkServer
+over a real WebSocket on loopback, each proving itself with its key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+from standins import HELPERS, TOOLS, Watcher
+from twisted.internet import reactor
+from twisted.internet.endpoints import serverFromString
+
+from dit4c.common.keys import generate_private_key
+from dit4c.common.tokens import StaticKeySource
+from dit4c.listener.service import backoff
+from dit4c.node.link import NodeLinkServer, RemoteNode
+from dit4c.node.node import Node
+from dit4c.node.process import ProcessRuntime
+from dit4c.testing import deferLater
+
+SCHEDULER_KEY = generate_private_key()
+NODE_KEY = generate_private_key()
+
+
+class Link:
+    """A node behind a link server, and the remote nodes dialling it."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.remotes: list[RemoteNode] = []
+        self.runtimes: list[ProcessRuntime] = []
+        self.node: Node | None = None
+        self.server: NodeLinkServer | None = None
+        self.port = 0
+
+    async def startNode(self, schedulerKey: Any = SCHEDULER_KEY, port: int = 0) -> None:
+        runtime = ProcessRuntime(reactor, self.directory, TOOLS, helpers=HELPERS, stopGrace=2)
+        self.runtimes.append(runtime)
+        self.node = Node(reactor, runtime, self.directory, name="n1", portal="http://localhost:8000", capacity=2)
+        self.server = NodeLinkServer(reactor, self.node, NODE_KEY, StaticKeySource.fromKeys(schedulerKey))
+        listening = self.server.listen(serverFromString(reactor, f"tcp:{port}:interface=127.0.0.1"))
+        self.node.startService()
+        self.server.startService()
+        assert listening.port is not None
+        self.port = listening.port.getHost().port  # type: ignore[attr-defined]
+
+    async def stopNode(self) -> None:
+        assert self.server is not None and self.node is not None
+        await self.server.stopService()
+        await self.node.stopService()
+
+    def remote(self, key: Any = SCHEDULER_KEY, nodeKey: Any = NODE_KEY, **options: Any) -> tuple[RemoteNode, Watcher]:
+        remote = RemoteNode(
+            reactor,
+            f"ws://127.0.0.1:{self.port}",
+            "sched1",
+            key,
+            StaticKeySource.fromKeys(nodeKey),
+            retryPolicy=backoff(initial=0.05, maximum=0.2),
+            **options,
+        )
+        watcher = Watcher()
+        remote.subscribe(watcher.observer())
+        remote.startService()
+        self.remotes.append(remote)
+        return remote, watcher
+
+
+@pytest_twisted.async_yield_fixture
+async def link(tmp_path: Path) -> Any:
+    made = Link(tmp_path / "node")
+    yield made
+    for remote in made.remotes:
+        if remote.running:
+            await remote.stopService()
+    if made.server is not None and made.server.running:
+        await made.stopNode()
+    for runtime in made.runtimes:
+        for instance in list(runtime._pods):
+            await runtime.discard(instance)
+
+
+async def eventually(check: Any, timeout: float = 10) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if check():
+            return
+        await deferLater(0.05)
+    raise AssertionError("condition never held")
+
+
+@pytest_twisted.ensureDeferred
+async def test_link_starts_and_stops_an_instance(link: Link) -> None:
+    await link.startNode()
+    remote, watcher = link.remote(name="n1")
+    await remote.whenConnected()
+    assert (remote.nodeName, remote.capacity, remote.accepting) == ("n1", 2, True)
+
+    await remote.start("abc1", "web", None)
+    await watcher.waitFor("abc1", "running")
+    assert watcher.history("abc1") == ["starting", "running"]
+    assert watcher.keys["abc1"]["kty"] == "EC" and "d" not in watcher.keys["abc1"]
+    assert remote.load() == 1
+
+    await remote.stop("abc1")
+    await watcher.waitFor("abc1", "stopped")
+    await remote.discard("abc1")
+    await watcher.waitFor("abc1", "discarded")
+    assert remote.instances() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_node_refuses_an_unknown_scheduler(link: Link) -> None:
+    await link.startNode()
+    remote, _ = link.remote(key=generate_private_key())
+    await eventually(lambda: remote.lastError is not None)
+    assert remote.lastError == "4001 bad proof: unknown key"
+    assert not remote.connected
+
+
+@pytest_twisted.ensureDeferred
+async def test_scheduler_refuses_a_node_with_another_key(link: Link) -> None:
+    await link.startNode()
+    remote, _ = link.remote(nodeKey=generate_private_key())
+    await eventually(lambda: remote.lastError is not None)
+    assert remote.lastError is not None and remote.lastError.startswith("the node's proof was refused")
+    assert not remote.connected
+
+
+@pytest_twisted.ensureDeferred
+async def test_scheduler_refuses_a_node_with_another_name(link: Link) -> None:
+    await link.startNode()
+    remote, _ = link.remote(name="n2")
+    await eventually(lambda: remote.lastError is not None)
+    assert remote.lastError == "the node says it is 'n1', not 'n2'"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_away_too_long_loses_its_instances_and_is_cleaned_up(link: Link) -> None:
+    await link.startNode()
+    remote, watcher = link.remote(name="n1", grace=0.5)
+    await remote.whenConnected()
+    await remote.start("abc2", "web", None)
+    await watcher.waitFor("abc2", "running")
+    port = link.port
+
+    # The node goes away (its pods run on) for longer than the grace period.
+    await link.stopNode()
+    lost = await watcher.waitFor("abc2", "errored")
+    assert lost.reason == "The compute node n1 is unreachable."
+
+    # It comes back: the instance the portal was told is lost must not run on.
+    await link.startNode(port=port)
+    await remote.whenConnected()
+    assert link.node is not None
+    await eventually(lambda: link.node is not None and link.node._state("abc2") == "stopped")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_short_absence_loses_nothing(link: Link) -> None:
+    await link.startNode()
+    remote, watcher = link.remote(name="n1", grace=30)
+    await remote.whenConnected()
+    await remote.start("abc3", "web", None)
+    await watcher.waitFor("abc3", "running")
+    port = link.port
+    await link.stopNode()
+    await link.startNode(port=port)
+    await remote.whenConnected()
+    await eventually(lambda: any(s.instance == "abc3" for s in remote.instances()))
+    assert [s.state for s in remote.instances()] == ["running"]
+    assert "errored" not in watcher.history("abc3")
