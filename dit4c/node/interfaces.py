@@ -98,4 +98,4 @@ def helperCommand(plugin: str, *arguments: str) -> list[str]:
     The command that runs a helper plugin in the foreground, logging to
     standard output: ``python -m twisted dit4c-helper-auth``.
     """
-    return [sys.executable, "-m", "twisted", plugin, *arguments]
+    return [sys.executable, "-m", "twisted", "--log-format", "text", plugin, *arguments]

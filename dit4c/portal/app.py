@@ -54,6 +54,35 @@ class LoggedIn:
 _PUBLIC_MEMBERS = ("kty", "crv", "x", "y", "alg", "use")
 
 
+def continuationOrigins(next: str) -> tuple[str, ...]:
+    """
+    Where a login that goes on to ``next`` may end up: for an OAuth
+    authorization (an instance's auth helper sent the person to log in), the
+    origin of its redirect URI, so that the browser may follow the login
+    form's redirects back to the instance. The authorization endpoint still
+    checks that URI against the instance's before it redirects anywhere.
+    """
+    from urllib.parse import parse_qs, urlsplit
+
+    path, _, query = next.partition("?")
+    if path != "/oauth/authorize":
+        return ()
+    uris = parse_qs(query).get("redirect_uri", [])
+    if len(uris) != 1:
+        return ()
+    parts = urlsplit(uris[0])
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
+        return ()
+    host = parts.hostname
+    if not all(c.isalnum() or c in ".-" for c in host):
+        return ()
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return ()
+    return (f"{parts.scheme}://{host}{port}",)
+
+
 def publicMembers(text: str | None, kid: str) -> dict[str, Any] | None:
     """The public members of a stored JWK (JSON text), under ``kid``; None if unusable."""
     try:
@@ -138,12 +167,23 @@ class Portal:
 
     # -- helpers ---------------------------------------------------------------------
 
-    def render(self, request: IRequest, template: str, status: int = 200, **context: Any) -> bytes:
+    def render(
+        self, request: IRequest, template: str, status: int = 200, *, formTargets: tuple[str, ...] = (), **context: Any
+    ) -> bytes:
+        """
+        A page from a template. ``formTargets``: origins besides the portal's
+        that a form on the page may end up at through redirects (CSP
+        ``form-action`` covers a form's whole redirect chain).
+        """
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"x-frame-options", b"DENY")
-        request.setHeader(b"content-security-policy", b"default-src 'self'; frame-ancestors 'none'; form-action 'self'")
+        formAction = " ".join(("'self'", *formTargets))
+        request.setHeader(
+            b"content-security-policy",
+            f"default-src 'self'; frame-ancestors 'none'; form-action {formAction}".encode("ascii"),
+        )
         request.setHeader(b"referrer-policy", b"same-origin")
         return self.templates.get_template(template).render(**context).encode()
 
@@ -335,6 +375,7 @@ class Portal:
             name=name,
             next=safeNext(self.arg(request, "next")),
             providers=self.upstream.links(self.arg(request, "next")) if self.upstream else [],
+            formTargets=continuationOrigins(safeNext(self.arg(request, "next"))),
         )
 
     @app.route("/login", methods=["POST"])

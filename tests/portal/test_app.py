@@ -215,3 +215,26 @@ async def test_jwks_publishes_scheduler_and_live_instance_keys(portal: Portal) -
     portal.clock.advance(11)  # type: ignore[attr-defined]
     _, body = await Browser(portal).get("/.well-known/jwks.json")
     assert f"instance:{instance.id}" not in [k["kid"] for k in json.loads(body)["keys"]]
+
+
+def test_login_continuing_an_authorization_may_go_back_to_the_instance() -> None:
+    """CSP form-action covers the login form's redirects: back to the instance's callback."""
+    from urllib.parse import urlencode
+
+    from dit4c.portal.app import continuationOrigins
+
+    authorize = "/oauth/authorize?" + urlencode(
+        {"client_id": "abc", "redirect_uri": "http://abc.localhost:8080/.dit4c/callback", "state": "s"}
+    )
+    assert continuationOrigins(authorize) == ("http://abc.localhost:8080",)
+    assert continuationOrigins("/instances") == ()
+    for bad in (
+        "javascript:alert(1)",
+        "http://u:p@abc.localhost/",
+        "http://abc.localhost:99999/",
+        "http://a'b.localhost/",
+        "data:text/html,x",
+    ):
+        assert continuationOrigins("/oauth/authorize?" + urlencode({"redirect_uri": bad})) == (), bad
+    twice = "/oauth/authorize?redirect_uri=http://a.localhost/&redirect_uri=http://b.localhost/"
+    assert continuationOrigins(twice) == ()
