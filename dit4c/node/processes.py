@@ -30,7 +30,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-__all__ = ["PodProcess", "startTime"]
+__all__ = ["PodProcess", "killRecorded", "startTime"]
 
 #: Seconds between SIGTERM and SIGKILL when stopping a process.
 STOP_GRACE = 5.0
@@ -221,6 +221,25 @@ class PodProcess:
         self._poll = None
         self._onExit = None
         self._forgotten = True
+
+
+def killRecorded(directory: Path) -> list[int]:
+    """
+    Kill (SIGKILL, whole process group) every process a pid file under
+    ``directory`` records that still runs; the pids killed. For cleaning up
+    after a node that can no longer do it itself.
+    """
+    killed = []
+    for pidFile in directory.rglob("*.pid"):
+        try:
+            record = json.loads(pidFile.read_text())
+            pid, started = int(record["pid"]), record["started"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if started is not None and startTime(pid) == started:
+            _signalGroup(pid, signal.SIGKILL)
+            killed.append(pid)
+    return killed
 
 
 def _signalGroup(pid: int, signalNumber: int) -> None:

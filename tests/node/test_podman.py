@@ -1,0 +1,349 @@
+"""
+The ``podman`` runtime with real pods: rootful podman, a busybox image made
+here (no registry is reachable), busybox ``httpd`` as the tool, and stand-in
+helpers (``dit4c.testing_podman``) as host processes: the auth stand-in
+forwards the pod's published port to the tool from inside the pod's network
+namespace, as the real auth helper does.
+
+Every pod this module makes carries a prefix of its own (``dit4ct<pid>...``),
+and the ``runtime`` fixture removes every pod, container and helper of it,
+even after a failed test. Skipped where podman cannot run (not installed,
+not root); under CI (``CI=true``) that is a failure instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectError
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
+from twisted.internet.utils import getProcessOutputAndValue
+from zope.interface.verify import verifyObject
+
+from dit4c.node.interfaces import IRuntime, PodSpec, RuntimeError_
+from dit4c.node.podman import LABEL_PREFIX, PodmanRuntime, firewallRules, summarise
+from dit4c.node.processes import startTime
+from dit4c.testing_podman import (
+    buildBusyboxImage,
+    podmanEnv,
+    podmanUnavailable,
+    removePods,
+    standInAuthCommand,
+    standInListenerCommand,
+)
+
+_unavailable = podmanUnavailable()
+if _unavailable is not None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"podman runtime tests cannot run: {_unavailable}; CI=true, where they must", pytrace=False)
+    pytest.skip(f"podman runtime tests cannot run: {_unavailable}", allow_module_level=True)
+
+PAGE = b"<h1>hello from busybox httpd</h1>\n"
+#: Unique per test run, so that no other pod is ever touched.
+PREFIX = f"dit4ct{os.getpid()}{secrets.token_hex(2)}"
+
+
+def sleep(seconds: float) -> defer.Deferred[None]:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+async def podman(*args: str) -> tuple[str, str, int]:
+    out, err, code = await getProcessOutputAndValue("podman", list(args), env=podmanEnv())
+    return out.decode(), err.decode(), code
+
+
+async def httpImage() -> str:
+    """httpd on 8000 serving PAGE; exposes 9000 and 8000 (the lowest is the tool's)."""
+    return await buildBusyboxImage("httpd", {"/www/index.html": PAGE}, expose=[9000, 8000])
+
+
+async def waitFor(condition: Any, timeout: float = 20.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await defer.maybeDeferred(condition)
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await sleep(0.2)
+
+
+async def get(port: int, host: str = "127.0.0.1") -> bytes | None:
+    """The page at ``http://host:port/``, or None if nothing answers."""
+    try:
+        response = await treq.get(f"http://{host}:{port}/", timeout=5, persistent=False)
+        return await response.content()
+    except (ConnectError, OSError):
+        return None
+    except Exception as e:  # treq wraps a connection reset before any response
+        if "ResponseNeverReceived" in repr(e) or "refused" in repr(e).lower():
+            return None
+        raise
+
+
+async def refused(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a TCP connection to host:port is refused (not merely slow)."""
+    try:
+        protocol = await connectProtocol(TCP4ClientEndpoint(reactor, host, port, timeout=5), Protocol())
+    except ConnectError:
+        return True
+    protocol.transport.loseConnection()
+    return False
+
+
+def readEnv(directory: Path, name: str) -> dict[str, str]:
+    return json.loads((directory / f"{name}-env.json").read_text())
+
+
+def pidOf(directory: Path, name: str) -> int:
+    return int(json.loads((directory / f"{name}.pid").read_text())["pid"])
+
+
+def alive(pid: int) -> bool:
+    return startTime(pid) is not None
+
+
+async def ourContainers() -> list[str]:
+    out, _, _ = await podman("ps", "--all", "--format", "{{.Names}}", "--filter", f"label={LABEL_PREFIX}={PREFIX}")
+    return out.split()
+
+
+async def podExists(name: str) -> bool:
+    _, _, code = await podman("pod", "exists", name)
+    return code == 0
+
+
+def makeRuntime(**kwargs: Any) -> PodmanRuntime:
+    options: dict[str, Any] = {
+        "prefix": PREFIX,
+        "authCommand": standInAuthCommand(),
+        "listenerCommand": standInListenerCommand(),
+        "pollInterval": 0.5,
+        "stopTimeout": 1,
+        "helperStopGrace": 2.0,
+    }
+    options.update(kwargs)
+    return PodmanRuntime(reactor, **options)
+
+
+@pytest_twisted.async_yield_fixture
+async def runtime() -> AsyncIterator[PodmanRuntime]:
+    made = makeRuntime()
+    try:
+        yield made
+    finally:
+        made.forget()
+        await removePods(reactor, PREFIX)
+
+
+def spec(tmp_path: Path, image: str, port: int | None = None, **env: str) -> PodSpec:
+    instance = "i" + secrets.token_hex(4)
+    return PodSpec(instance, image, port, tmp_path / instance, {"DIT4C_INSTANCE": instance, **env})
+
+
+async def hostPortOf(directory: Path) -> int:
+    """The pod's published port, as the listener was told it."""
+    env = await waitFor(
+        lambda: (directory / "listener-env.json").exists() and readEnv(directory, "listener"),
+        what="the listener's environment",
+    )
+    assert env["DIT4C_AUTH"].startswith("tcp:host=127.0.0.1:port=")
+    return int(env["DIT4C_AUTH"].rsplit("=", 1)[1])
+
+
+# -- without podman's help ----------------------------------------------------------------------
+
+
+def test_summarise_keeps_podmans_reason() -> None:
+    err = (
+        b'time="2026-01-01T00:00:00Z" level=warning msg="Failed, retrying in 1s ... (2/3)"\n'
+        b'Error: short-name "nosuch" did not resolve to an alias\n'
+    )
+    assert summarise(err) == 'short-name "nosuch" did not resolve to an alias'
+    assert summarise(b'time="x" level=error msg="it \\"broke\\""\n') == 'it "broke"'
+    assert summarise(b"") == "no message"
+    assert len(summarise(b"Error: " + b"x" * 1000)) == 300
+
+
+def test_firewall_admits_only_the_auth_port() -> None:
+    rules = firewallRules(8765).decode()
+    assert "-A INPUT -i lo -j ACCEPT" in rules
+    assert "--dport 8765 -j ACCEPT" in rules
+    assert rules.index("--dport 8765") < rules.index("REJECT")
+
+
+# -- real pods ------------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_start_stop_discard(runtime: PodmanRuntime, tmp_path: Path) -> None:
+    """
+    The tool answers only through the process in the pod's network
+    namespace; the helpers get their environment; stop keeps the pod,
+    discard removes everything, twice.
+    """
+    verifyObject(IRuntime, runtime)
+    image = await httpImage()
+    s = spec(tmp_path, image, SOME_SETTING="some value")  # port None: the lowest exposed
+    await runtime.start(s)
+    podName = f"{PREFIX}-{s.instance}"
+    hostPort = await hostPortOf(s.directory)
+
+    assert await waitFor(lambda: runtime.ready(s.instance), what="the tool to listen")
+    assert await waitFor(lambda: get(hostPort), what="the tool through the auth stand-in") == PAGE
+
+    # Helpers' environment: the runtime's addresses and the spec's variables.
+    auth = await waitFor(lambda: (s.directory / "auth-env.json").exists() and readEnv(s.directory, "auth"))
+    assert auth["DIT4C_TOOL"] == "tcp:host=127.0.0.1:port=8000"
+    assert auth["DIT4C_AUTH_LISTEN"] == "tcp:8765:interface=0.0.0.0"
+    assert auth["DIT4C_INSTANCE"] == s.instance
+    assert auth["SOME_SETTING"] == "some value"
+    assert "DIT4C_AUTH" not in auth
+    listener = readEnv(s.directory, "listener")
+    assert listener["DIT4C_INSTANCE"] == s.instance and listener["SOME_SETTING"] == "some value"
+    assert "DIT4C_TOOL" not in listener
+
+    # The tool is not reachable from the host: not on loopback, not on the pod's address.
+    out, _, _ = await podman("pod", "inspect", podName, "--format", "{{.InfraContainerID}}")
+    address, _, _ = await podman("inspect", out.strip(), "--format", "{{.NetworkSettings.IPAddress}}")
+    address = address.strip()
+    assert address
+    assert await refused(8000)
+    assert await refused(8000, address)
+    assert await refused(9000, address)
+    # ... the auth port is, on both (the pod's address is on the node's own bridge).
+    assert await get(8765, address) == PAGE
+
+    statuses = {p.instance: p for p in await runtime.pods()}
+    assert statuses[s.instance].running, statuses[s.instance].reason
+    authPid, listenerPid = pidOf(s.directory, "auth"), pidOf(s.directory, "listener")
+    assert alive(authPid) and alive(listenerPid)
+    # The auth helper is a host process in the pod's network namespace; the listener in the host's.
+    assert os.readlink(f"/proc/{authPid}/ns/net") != os.readlink("/proc/self/ns/net")
+    assert os.readlink(f"/proc/{listenerPid}/ns/net") == os.readlink("/proc/self/ns/net")
+
+    exits: list[tuple[str, str]] = []
+    runtime.onExit(lambda instance, reason: exits.append((instance, reason)))
+
+    await runtime.stop(s.instance)
+    assert not await runtime.ready(s.instance)
+    assert await get(hostPort) is None
+    assert await podExists(podName)
+    assert not alive(authPid) and not alive(listenerPid)
+    statuses = {p.instance: p for p in await runtime.pods()}
+    assert not statuses[s.instance].running
+    assert statuses[s.instance].reason == "The pod is stopped."
+
+    await runtime.discard(s.instance)
+    assert not await podExists(podName)
+    assert await ourContainers() == []
+    assert not s.directory.exists()
+    assert s.instance not in {p.instance for p in await runtime.pods()}
+    await runtime.discard(s.instance)
+    await runtime.discard("never-was")
+    await runtime.stop("never-was")
+    await sleep(1.0)
+    assert exits == []  # stop and discard are no exits
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_runtime_finds_the_pod(runtime: PodmanRuntime, tmp_path: Path) -> None:
+    """A node restart: a new runtime object finds the running pod and its helpers, and discards them."""
+    s = spec(tmp_path, await httpImage(), port=8000)
+    await runtime.start(s)
+    hostPort = await hostPortOf(s.directory)
+    assert await waitFor(lambda: get(hostPort)) == PAGE
+    authPid, listenerPid = pidOf(s.directory, "auth"), pidOf(s.directory, "listener")
+    runtime.forget()  # the old node goes; the pod stays
+
+    restarted = makeRuntime()
+    try:
+        statuses = {p.instance: p for p in await restarted.pods()}
+        assert statuses[s.instance].running, statuses[s.instance].reason
+        assert await restarted.ready(s.instance)
+        assert await get(hostPort) == PAGE
+
+        # A helper that exits is reported, now that the new runtime watches it.
+        exits: list[tuple[str, str]] = []
+        restarted.onExit(lambda instance, reason: exits.append((instance, reason)))
+        os.kill(listenerPid, signal.SIGKILL)
+        await waitFor(lambda: exits, what="onExit for the listener")
+        assert exits[0][0] == s.instance and "listener" in exits[0][1]
+        statuses = {p.instance: p for p in await restarted.pods()}
+        assert not statuses[s.instance].running
+
+        await restarted.discard(s.instance)
+        assert not await podExists(f"{PREFIX}-{s.instance}")
+        assert not alive(authPid)
+        assert not s.directory.exists()
+    finally:
+        restarted.forget()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tool_that_exits_is_reported(runtime: PodmanRuntime, tmp_path: Path) -> None:
+    image = await buildBusyboxImage("exits", expose=8000, cmd=["/bin/sh", "-c", "sleep 1; exit 3"])
+    s = spec(tmp_path, image)
+    exits: list[tuple[str, str]] = []
+    runtime.onExit(lambda instance, reason: exits.append((instance, reason)))
+    await runtime.start(s)
+    await waitFor(lambda: exits, what="onExit for the tool")
+    assert exits == [(s.instance, "The tool exited with status 3.")]
+    statuses = {p.instance: p for p in await runtime.pods()}
+    assert not statuses[s.instance].running
+    assert "tool" in (statuses[s.instance].reason or "")
+    await runtime.discard(s.instance)
+    assert await ourContainers() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_failures_leave_nothing_behind(runtime: PodmanRuntime, tmp_path: Path) -> None:
+    # An image that cannot be had (a short name resolves nowhere, offline and at once).
+    s = spec(tmp_path, "no-such-image-dit4c")
+    with pytest.raises(RuntimeError_) as raised:
+        await runtime.start(s)
+    message = str(raised.value)
+    assert "could not get the image 'no-such-image-dit4c'" in message
+    assert "short-name" in message and "\n" not in message
+
+    with pytest.raises(RuntimeError_, match="invalid reference format"):
+        await runtime.start(spec(tmp_path, "Bad Reference!!"))
+
+    # An image without a port, and no port given.
+    quiet = await buildBusyboxImage("quiet", cmd=["/bin/sleep", "1000"])
+    with pytest.raises(RuntimeError_, match="^the image exposes no port$"):
+        await runtime.start(spec(tmp_path, quiet))
+
+    # A failure after the pod was made (its firewall), and a missing helper program.
+    for kwargs, expected in (
+        ({"iptablesRestore": "/bin/false"}, "closing the pod's network to all but the auth helper: /bin/false exited with status 1"),
+        ({"listenerCommand": ["/no/such/listener"]}, "the listener's program '/no/such/listener' is not installed on this node"),
+    ):
+        failing = makeRuntime(**kwargs)
+        b = spec(tmp_path, await httpImage())
+        try:
+            with pytest.raises(RuntimeError_) as raised:
+                await failing.start(b)
+        finally:
+            failing.forget()
+        assert str(raised.value) == expected
+        assert not await podExists(f"{PREFIX}-{b.instance}")
+        for name in ("auth", "listener"):
+            if (b.directory / f"{name}.pid").exists():
+                assert not alive(pidOf(b.directory, name))
+
+    assert await ourContainers() == []
+    assert await runtime.pods() == []
