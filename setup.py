@@ -41,6 +41,8 @@ setup(
             # The store's tests run against a real PostgreSQL too.
             "psycopg[binary]>=3.1",
             "selenium>=4.20",
+            # A real JupyterLab behind the auth helper (tests/auth/test_jupyterlab.py).
+            "jupyterlab>=4",
         ],
         "lint": ["ruff>=0.5", "mypy>=1.10", "mypy-zope>=1.0"],
         "tor": ["txtorcon>=24.8"],

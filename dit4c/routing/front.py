@@ -14,8 +14,6 @@ The rules are in docs/protocols.md section 3.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from html import escape
 from typing import TYPE_CHECKING, Any
 
 import httptools
@@ -25,6 +23,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from dit4c.common.httpfront import FrontLimits, errorPage
+from dit4c.common.httpfront import HeadError as _HeadError
 from dit4c.common.service import IConnectionTransport, noDelay
 from dit4c.tunnel.errors import ErrorCode, StreamReset, TunnelError
 
@@ -34,20 +34,6 @@ if TYPE_CHECKING:
 
 #: Headers a client may not set: the routing server says who the client is.
 _DROP = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"))
-
-
-@dataclass(frozen=True)
-class FrontLimits:
-    """Bounds on what one public connection can make the server hold or wait for."""
-
-    #: Bytes of one request head (request line and headers).
-    maxHeadBytes: int = 64 * 1024
-    #: Header lines in one request.
-    maxHeaders: int = 100
-    #: Seconds from a request's first byte (or the connection's start) to the end of its head.
-    headTimeout: float = 10.0
-    #: Seconds with no byte in either direction before a non-upgraded connection is closed.
-    idleTimeout: float = 60.0
 
 
 class Metrics:
@@ -67,25 +53,6 @@ class Metrics:
 
 #: host name (lower case, no port) → the session of the tunnel that owns it.
 Resolver = Callable[[str], "Session | None"]
-
-
-def errorPage(status: int, title: str, message: str) -> bytes:
-    body = (
-        f"<!doctype html><html><head><meta charset=utf-8><title>{escape(title)}</title></head>"
-        '<body style="font-family:sans-serif;max-width:40em;margin:4em auto">'
-        f"<h1>{escape(title)}</h1><p>{escape(message)}</p><hr><small>DIT4C routing server</small></body></html>\n"
-    ).encode()
-    return (
-        b"HTTP/1.1 %d %s\r\nContent-Type: text/html; charset=utf-8\r\n"
-        b"Content-Length: %d\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n%s"
-        % (status, title.encode(), len(body), body)
-    )
-
-
-class _HeadError(Exception):
-    def __init__(self, status: int, title: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.title, self.message = status, title, message
 
 
 class _Upstream(Protocol):

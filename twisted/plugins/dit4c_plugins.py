@@ -11,6 +11,18 @@ portal = ServiceMaker(
 listener = ServiceMaker(
     "DIT4C listener helper", "dit4c.listener.tap", "Keep an instance's tunnel open to a routing server.", "dit4c-helper-listener"
 )
+auth = ServiceMaker(
+    "DIT4C auth helper", "dit4c.auth.tap", "Let only the people the portal allows reach an instance's tool.", "dit4c-helper-auth"
+)
+scheduler = ServiceMaker(
+    "DIT4C scheduler", "dit4c.scheduler.tap", "Take instance commands from the portal and place them on compute nodes.", "dit4c-scheduler"
+)
+node = ServiceMaker(
+    "DIT4C compute node", "dit4c.node.tap", "Run instances as pods (the tool and its helpers) for a scheduler.", "dit4c-node"
+)
+dev = ServiceMaker(
+    "DIT4C all in one", "dit4c.dev.tap", "Portal, routing server, scheduler and a compute node in one process on loopback.", "dit4c-dev"
+)
 
 
 def _endpointParsers() -> object:

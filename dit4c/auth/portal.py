@@ -1,0 +1,143 @@
+"""
+The auth helper's calls to the portal, server to server (docs/protocols.md
+6.3 and 6.5): exchange a code for an access token, and ask whether a token's
+person may still use the instance. Every call has a timeout; no answer ever
+quotes a code or a token.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode
+
+from treq import collect
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+
+__all__ = ["PortalClient", "PortalRefused", "PortalUnreachable", "UserInfo"]
+
+#: The largest answer read from the portal (a token answer is about 1 KiB).
+MAX_ANSWER = 64 * 1024
+
+
+class PortalUnreachable(Exception):
+    """The portal did not answer, or answered something that makes no sense."""
+
+
+class PortalRefused(Exception):
+    """The portal refused the code (its OAuth ``error`` code is the message)."""
+
+    def __init__(self, error: str) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+@dataclass(frozen=True)
+class UserInfo:
+    """The portal's answer to "may this token's person use the instance?"."""
+
+    #: ``allowed``, ``forbidden`` (403) or ``invalid`` (401: the token is no good).
+    verdict: str
+    name: str | None = None
+    sub: str | None = None
+
+
+class PortalClient:
+    def __init__(
+        self,
+        reactor: Any,
+        base: str,
+        instance: str,
+        *,
+        timeout: float = 10.0,
+        http: HTTPClient | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self.base = base.rstrip("/")
+        self.instance = instance
+        self.timeout = timeout
+        if http is None:
+            pool = HTTPConnectionPool(reactor, persistent=True)
+            pool.maxPersistentPerHost = 4
+            pool.cachedConnectionTimeout = 30
+            http = HTTPClient(Agent(reactor, pool=pool, connectTimeout=timeout))
+        self._http = http
+
+    def _timed(self, coroutine: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred.fromCoroutine(coroutine)
+        d.addTimeout(self.timeout, self._reactor)
+        return d
+
+    async def _read(self, response: Any) -> tuple[int, Any]:
+        body: list[bytes] = []
+        size = 0
+
+        def collector(data: bytes) -> None:
+            nonlocal size
+            size += len(data)
+            if size > MAX_ANSWER:
+                raise PortalUnreachable("the portal's answer is too large")
+            body.append(data)
+
+        await collect(response, collector)
+        try:
+            return response.code, json.loads(b"".join(body))
+        except ValueError:
+            raise PortalUnreachable(f"the portal answered {response.code} without JSON") from None
+
+    def exchange(self, code: str, verifier: str, redirectURI: str) -> Deferred[str]:
+        """
+        The access token for ``code``.
+
+        Fails with :class:`PortalRefused` (the code was refused),
+        :class:`PortalUnreachable` or a timeout.
+        """
+        return self._timed(self._exchange(code, verifier, redirectURI))
+
+    async def _exchange(self, code: str, verifier: str, redirectURI: str) -> str:
+        form = urlencode(
+            {
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": redirectURI,
+                "client_id": self.instance,
+                "code_verifier": verifier,
+            }
+        ).encode("ascii")
+        response = await self._http.post(
+            self.base + "/oauth/token",
+            data=form,
+            headers=Headers({b"Content-Type": [b"application/x-www-form-urlencoded"], b"Accept": [b"application/json"]}),
+            unbuffered=True,
+        )
+        status, answer = await self._read(response)
+        if status == 200 and isinstance(answer, dict) and isinstance(answer.get("access_token"), str):
+            return str(answer["access_token"])
+        if status == 400 and isinstance(answer, dict) and isinstance(answer.get("error"), str):
+            raise PortalRefused(answer["error"][:64])
+        raise PortalUnreachable(f"the portal's token endpoint answered {status}")
+
+    def userinfo(self, token: str) -> Deferred[UserInfo]:
+        """Ask the portal, now, whether ``token``'s person may use the instance."""
+        return self._timed(self._userinfo(token))
+
+    async def _userinfo(self, token: str) -> UserInfo:
+        response = await self._http.get(
+            self.base + "/oauth/userinfo?" + urlencode({"instance": self.instance}),
+            headers=Headers({b"Authorization": [f"Bearer {token}".encode("latin-1")], b"Accept": [b"application/json"]}),
+            unbuffered=True,
+        )
+        status, answer = await self._read(response)
+        if status == 200 and isinstance(answer, dict) and answer.get("allowed") is True:
+            name, sub = answer.get("name"), answer.get("sub")
+            if isinstance(name, str) and isinstance(sub, str):
+                return UserInfo("allowed", name, sub)
+        if status == 403:
+            return UserInfo("forbidden")
+        if status == 401:
+            return UserInfo("invalid")
+        raise PortalUnreachable(f"the portal's userinfo endpoint answered {status}")

@@ -1,0 +1,76 @@
+"""The auth helper as a service: its listening port and everything behind it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
+
+from dit4c.auth.gate import Sessions
+from dit4c.auth.portal import PortalClient
+from dit4c.auth.proxy import AuthConfig, AuthProxyFactory
+from dit4c.auth.session import FlowCookies, deriveKey
+from dit4c.common.httpfront import FrontLimits
+from dit4c.common.service import ListeningService
+from dit4c.common.tokens import JWKSKeySource, TokenVerifier
+
+__all__ = ["AuthService", "audienceFor"]
+
+
+def audienceFor(instance: str) -> str:
+    """The audience of the portal's access tokens for ``instance`` (docs/protocols.md 6.4)."""
+    return "dit4c-instance:" + instance
+
+
+class AuthService(MultiService):
+    """
+    Listen on ``listen`` and guard ``tool`` for ``instance``.
+
+    :param portal: the portal's public URL (browsers are sent there, and it
+        is the issuer of access tokens).
+    :param portalInternal: where this helper reaches the portal (token,
+        userinfo, JWKS); ``portal`` if empty.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        *,
+        instance: str,
+        keyFile: str,
+        portal: str,
+        portalInternal: str,
+        listen: IStreamServerEndpoint,
+        tool: IStreamClientEndpoint,
+        recheck: float = 30.0,
+        timeout: float = 10.0,
+        limits: FrontLimits | None = None,
+        clock: Any = None,
+    ) -> None:
+        super().__init__()
+        clock = clock if clock is not None else reactor
+        portal = portal.rstrip("/")
+        internal = (portalInternal or portal).rstrip("/")
+        keys = JWKSKeySource(internal + "/.well-known/jwks.json", reactor=reactor, timeout=timeout, clock=clock)
+        verifier = TokenVerifier(keys, audience=audienceFor(instance), issuer=portal, clock=clock)
+        client = PortalClient(reactor, internal, instance, timeout=timeout)
+        self.sessions = Sessions(verifier, client, clock, recheck=recheck)
+        self.config = AuthConfig(
+            instance=instance,
+            portal=portal,
+            flows=FlowCookies(deriveKey(keyFile, instance, "flow-cookie")),
+            sessions=self.sessions,
+            portalClient=client,
+            verifier=verifier,
+            tool=tool,
+            clock=clock,
+            limits=limits or FrontLimits(),
+        )
+        self.listening = ListeningService(listen, AuthProxyFactory(self.config), "auth helper")
+        self.listening.setServiceParent(self)
+
+    @property
+    def port(self) -> Any:
+        """The listening port (once started): ``port.getHost().port`` in tests."""
+        return self.listening.port

@@ -1,0 +1,291 @@
+"""
+The auth helper's rules without I/O: PKCE, the signed flow cookie, cookie
+headers, which local path to go back to, and what a request looks like
+(docs/protocols.md section 10).
+
+Nothing here touches the network or the global clock: time comes in as a
+number, keys as bytes, so every rule is testable on its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import secrets
+from base64 import urlsafe_b64decode, urlsafe_b64encode
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from dit4c.common.keys import load_private_key
+
+__all__ = [
+    "CALLBACK_PATH",
+    "FLOW_COOKIE",
+    "FLOW_LIFETIME",
+    "LOCAL_PREFIX",
+    "SESSION_COOKIE",
+    "Flow",
+    "FlowCookies",
+    "InvalidFlow",
+    "clearCookie",
+    "codeChallenge",
+    "deriveKey",
+    "isNavigation",
+    "newVerifier",
+    "parseCookies",
+    "safeNext",
+    "setCookie",
+    "stripCookies",
+]
+
+#: The session cookie: the portal's access token for this instance.
+SESSION_COOKIE = b"dit4c_auth"
+#: The cookie that binds a login in progress to this browser.
+FLOW_COOKIE = b"dit4c_auth_flow"
+#: Every path under this belongs to the auth helper, never to the tool.
+LOCAL_PREFIX = b"/.dit4c/"
+#: Where the portal sends the browser back (docs/protocols.md 6.1).
+CALLBACK_PATH = b"/.dit4c/callback"
+#: Seconds a login may take, from the redirect to the portal to the callback.
+FLOW_LIFETIME = 600
+#: The longest original path a flow remembers; a longer one returns to ``/``.
+MAX_NEXT = 2048
+
+_FLOW_VERSION = "v1"
+
+
+def _b64(data: bytes) -> str:
+    return urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+# -- PKCE ----------------------------------------------------------------------------------------
+
+
+def newVerifier() -> str:
+    """A fresh PKCE code verifier: 256 random bits, 43 base64url characters."""
+    return secrets.token_urlsafe(32)
+
+
+def codeChallenge(verifier: str) -> str:
+    """RFC 7636 ``S256``: ``BASE64URL(SHA256(ASCII(code_verifier)))``, unpadded."""
+    return _b64(hashlib.sha256(verifier.encode("ascii")).digest())
+
+
+# -- keys ----------------------------------------------------------------------------------------
+
+
+def deriveKey(keyFile: str | Path, instance: str, purpose: str) -> bytes:
+    """
+    A 256-bit HMAC key for ``purpose``, derived (HKDF-SHA256) from the
+    instance's private key, so every run of the helper for this instance,
+    and only it, has the same one. The private key itself is never used to
+    MAC anything.
+    """
+    key = load_private_key(keyFile)
+    material = key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    hkdf = HKDF(
+        algorithm=hashes.SHA256(),
+        length=32,
+        salt=b"dit4c-helper-auth",
+        info=f"{purpose}:{instance}".encode(),
+    )
+    return hkdf.derive(material)
+
+
+# -- the flow cookie -----------------------------------------------------------------------------
+
+
+class InvalidFlow(Exception):
+    """The login took too long, or was started in another browser or tab."""
+
+
+@dataclass(frozen=True)
+class Flow:
+    """A login in progress: what the callback needs to finish it."""
+
+    #: The OAuth ``state`` sent to the portal.
+    state: str
+    #: The PKCE code verifier whose challenge was sent.
+    verifier: str
+    #: The local path to return to.
+    next: str
+    #: When the flow stops being valid (seconds since the epoch).
+    expires: int
+
+
+class FlowCookies:
+    """
+    Makes and checks flow cookies: ``v1.<payload>.<mac>``, where payload is
+    base64url(JSON ``{"s": state, "v": verifier, "n": next, "e": expiry}``)
+    and mac is base64url(HMAC-SHA256(key, ``v1.<payload>``)), compared in
+    constant time.
+    """
+
+    def __init__(self, key: bytes, lifetime: int = FLOW_LIFETIME) -> None:
+        if len(key) < 32:
+            raise ValueError("the flow cookie key must be at least 256 bits")
+        self._key = key
+        self.lifetime = lifetime
+
+    def _mac(self, signed: str) -> str:
+        return _b64(hmac.new(self._key, signed.encode("ascii"), hashlib.sha256).digest())
+
+    def start(self, next: str, now: float) -> tuple[Flow, bytes]:
+        """A fresh flow returning to ``next``, and its cookie value."""
+        flow = Flow(
+            state=secrets.token_urlsafe(32),
+            verifier=newVerifier(),
+            next=safeNext(next),
+            expires=int(now) + self.lifetime,
+        )
+        payload = _b64(
+            json.dumps(
+                {"s": flow.state, "v": flow.verifier, "n": flow.next, "e": flow.expires},
+                separators=(",", ":"),
+            ).encode()
+        )
+        signed = f"{_FLOW_VERSION}.{payload}"
+        return flow, f"{signed}.{self._mac(signed)}".encode("ascii")
+
+    def check(self, value: bytes | None, state: str | None, now: float) -> Flow:
+        """
+        The flow in cookie ``value``, if its MAC is ours, it has not
+        expired, and its state equals ``state`` (the callback's).
+
+        :raises InvalidFlow: otherwise; the message says which, without secrets.
+        """
+        if not value:
+            raise InvalidFlow("There is no login in progress in this browser.")
+        try:
+            text = value.decode("ascii")
+            version, payload, mac = text.split(".")
+        except (UnicodeDecodeError, ValueError):
+            raise InvalidFlow("The login cookie is malformed.") from None
+        if version != _FLOW_VERSION or not hmac.compare_digest(
+            mac.encode("ascii"), self._mac(f"{version}.{payload}").encode("ascii")
+        ):
+            raise InvalidFlow("The login cookie was not made here.")
+        try:
+            data: Any = json.loads(_unb64(payload))
+            flow = Flow(str(data["s"]), str(data["v"]), safeNext(str(data["n"])), int(data["e"]))
+        except (ValueError, KeyError, TypeError):
+            raise InvalidFlow("The login cookie is malformed.") from None
+        if now >= flow.expires:
+            raise InvalidFlow("The login took too long.")
+        if not state or not hmac.compare_digest(state.encode("utf-8"), flow.state.encode("ascii")):
+            raise InvalidFlow("The answer from the portal does not belong to the login started in this browser.")
+        return flow
+
+
+# -- cookies ---------------------------------------------------------------------------------------
+
+
+def parseCookies(headers: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """The ``(name, value)`` pairs of ``Cookie`` header values, in order."""
+    pairs = []
+    for header in headers:
+        for part in header.split(b";"):
+            part = part.strip()
+            if not part:
+                continue
+            name, _, value = part.partition(b"=")
+            pairs.append((name.strip(), value.strip()))
+    return pairs
+
+
+def stripCookies(headers: list[bytes], names: frozenset[bytes]) -> bytes | None:
+    """
+    One ``Cookie`` header value holding every cookie of ``headers`` except
+    those named in ``names``, byte for byte as sent; None if none is left.
+    """
+    kept = []
+    for header in headers:
+        for part in header.split(b";"):
+            part = part.strip()
+            if part and part.partition(b"=")[0].strip() not in names:
+                kept.append(part)
+    return b"; ".join(kept) or None
+
+
+def setCookie(name: bytes, value: bytes, *, secure: bool, maxAge: int) -> bytes:
+    """A ``Set-Cookie`` value: host-only (no Domain), Path=/, HttpOnly, SameSite=Lax."""
+    parts = [name + b"=" + value, b"Path=/", b"HttpOnly", b"SameSite=Lax", b"Max-Age=%d" % maxAge]
+    if secure:
+        parts.append(b"Secure")
+    return b"; ".join(parts)
+
+
+def clearCookie(name: bytes, *, secure: bool) -> bytes:
+    return setCookie(name, b"", secure=secure, maxAge=0)
+
+
+# -- requests --------------------------------------------------------------------------------------
+
+
+def safeNext(value: str | None) -> str:
+    """A local path to return to after login; anything else (another site, too long) is ``/``."""
+    if (
+        not value
+        or not value.startswith("/")
+        or value.startswith("//")
+        or "\\" in value
+        or len(value) > MAX_NEXT
+        or not value.isascii()
+        or any(c < " " or c == "\x7f" for c in value)
+    ):
+        return "/"
+    return value
+
+
+def isNavigation(method: bytes, headers: list[tuple[bytes, bytes]], upgrade: bool) -> bool:
+    """
+    Whether a request is a browser loading a page, which may be sent to log
+    in: a GET or HEAD, not an Upgrade, that says it navigates
+    (``Sec-Fetch-Mode: navigate``) or accepts HTML. Anything else (fetch,
+    XHR, WebSocket, a script) gets a 401 instead, since a redirect to a
+    login page would mean nothing to it.
+    """
+    if upgrade or method not in (b"GET", b"HEAD"):
+        return False
+    mode = dest = None
+    accept = b""
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"sec-fetch-mode":
+            mode = value.strip().lower()
+        elif lname == b"sec-fetch-dest":
+            dest = value.strip().lower()
+        elif lname == b"accept":
+            accept += value.lower()
+    if mode is not None:
+        return mode == b"navigate" and dest in (None, b"document")
+    return b"text/html" in accept
+
+
+_HOST = re.compile(rb"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+
+
+def publicBase(host: bytes | None, proto: bytes | None) -> str | None:
+    """
+    ``<scheme>://<host>`` as the browser reached this instance (the Host
+    header, and the routing server's ``X-Forwarded-Proto``), or None if the
+    Host header is not a plain host name and port. The portal compares the
+    redirect URI built from it with the one it holds, byte for byte, so a
+    forged Host only makes the login fail.
+    """
+    if host is None or _HOST.fullmatch(host) is None:
+        return None
+    scheme = "https" if proto is not None and proto.strip().lower() == b"https" else "http"
+    return f"{scheme}://{host.decode('ascii')}"

@@ -1,0 +1,161 @@
+"""
+What every DIT4C server that parses public HTTP request heads shares (the
+routing server's public side, the auth helper): limits, error pages, and a
+collector for httptools' request-head callbacks that enforces those limits.
+
+Request heads are parsed by httptools (llhttp, Node's strict parser); nothing
+here parses HTTP by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from html import escape
+from typing import Any
+
+import httptools
+
+__all__ = ["FrontLimits", "HeadError", "RequestHead", "errorPage", "feedParser", "hostName"]
+
+
+@dataclass(frozen=True)
+class FrontLimits:
+    """Bounds on what one public connection can make the server hold or wait for."""
+
+    #: Bytes of one request head (request line and headers).
+    maxHeadBytes: int = 64 * 1024
+    #: Header lines in one request.
+    maxHeaders: int = 100
+    #: Seconds from a request's first byte (or the connection's start) to the end of its head.
+    headTimeout: float = 10.0
+    #: Seconds with no byte in either direction before a non-upgraded connection is closed.
+    idleTimeout: float = 60.0
+
+
+def errorPage(
+    status: int,
+    title: str,
+    message: str,
+    server: str = "DIT4C routing server",
+    headers: bytes = b"",
+) -> bytes:
+    """A whole ``Connection: close`` HTTP response: a small HTML page saying what happened."""
+    body = (
+        f"<!doctype html><html><head><meta charset=utf-8><title>{escape(title)}</title></head>"
+        '<body style="font-family:sans-serif;max-width:40em;margin:4em auto">'
+        f"<h1>{escape(title)}</h1><p>{escape(message)}</p><hr><small>{escape(server)}</small></body></html>\n"
+    ).encode()
+    return (
+        b"HTTP/1.1 %d %s\r\nContent-Type: text/html; charset=utf-8\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\nCache-Control: no-store\r\n%s\r\n%s"
+        % (status, title.encode(), len(body), headers, body)
+    )
+
+
+class HeadError(Exception):
+    """A request head the server answers itself (with ``status``) and then closes."""
+
+    def __init__(self, status: int, title: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.title, self.message = status, title, message
+
+
+HEAD_TOO_LARGE = (431, "Request Header Fields Too Large", "The request head is too large.")
+
+
+class RequestHead:
+    """
+    One request head as httptools' callbacks deliver it, with the limits
+    enforced as it grows (:class:`HeadError` 431 past them).
+    """
+
+    __slots__ = ("url", "headers", "hostHeader", "chunked", "size", "_limits")
+
+    def __init__(self, limits: FrontLimits) -> None:
+        self._limits = limits
+        self.url: list[bytes] = []
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.hostHeader: bytes | None = None
+        self.chunked = False
+        self.size = 0
+
+    def _counted(self, n: int) -> None:
+        self.size += n
+        if self.size > self._limits.maxHeadBytes:
+            raise HeadError(*HEAD_TOO_LARGE)
+
+    def onUrl(self, url: bytes) -> None:
+        self.url.append(url)
+        self._counted(len(url))
+
+    def onHeader(self, name: bytes, value: bytes) -> None:
+        if len(self.headers) >= self._limits.maxHeaders:
+            raise HeadError(431, "Request Header Fields Too Large", "Too many header lines.")
+        self.headers.append((name, value))
+        self._counted(len(name) + len(value) + 4)
+        lname = name.lower()
+        if lname == b"host":
+            if self.hostHeader is not None:
+                raise HeadError(400, "Bad Request", "More than one Host header.")
+            self.hostHeader = value
+        elif lname == b"transfer-encoding" and b"chunked" in value.lower():
+            self.chunked = True
+
+    @property
+    def target(self) -> bytes:
+        """The request target as sent (``/path?query``)."""
+        return b"".join(self.url)
+
+    def values(self, name: bytes) -> list[bytes]:
+        """Every value of header ``name`` (lower case), in order."""
+        return [v for n, v in self.headers if n.lower() == name]
+
+
+def hostName(raw: bytes | None) -> str:
+    """
+    The host name of a ``Host`` header: lower case, no port, no trailing dot.
+
+    :raises HeadError: 400, no header or not ASCII.
+    """
+    if raw is None:
+        raise HeadError(400, "Bad Request", "The request has no Host header.")
+    try:
+        host = raw.decode("ascii").strip().lower()
+    except UnicodeDecodeError:
+        raise HeadError(400, "Bad Request", "The Host header is not ASCII.") from None
+    if host.startswith("["):
+        host = host[: host.find("]") + 1]
+    else:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+class Upgraded(Exception):
+    """The parser stopped at an ``Upgrade``: ``rest`` is what followed the head."""
+
+    def __init__(self, rest: bytes) -> None:
+        super().__init__("upgraded")
+        self.rest = rest
+
+
+def feedParser(parser: Any, data: bytes) -> None:
+    """
+    Feed ``data`` to an httptools parser, turning its exceptions into ours:
+
+    :raises Upgraded: the request upgraded the connection (bytes after the head in ``rest``).
+    :raises HeadError: a callback refused the head, or the request is malformed (400).
+    :raises Exception: a callback failed otherwise (the original exception).
+    """
+    try:
+        parser.feed_data(data)
+    except httptools.HttpParserUpgrade as e:
+        raise Upgraded(data[e.args[0]:]) from None
+    except HeadError:
+        raise
+    except httptools.HttpParserCallbackError as e:
+        cause = e.__context__
+        if isinstance(cause, Exception):
+            raise cause from None
+        raise
+    except httptools.HttpParserError as e:
+        raise HeadError(400, "Bad Request", f"Malformed request: {e}") from None

@@ -1,0 +1,201 @@
+"""
+Helpers for the auth helper's tests: the world they run in (a real portal,
+people, an instance, the tool, the auth helper in this process), and a
+cookie-keeping client that follows no redirect by itself.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import treq
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from dit4c.auth.service import AuthService
+from dit4c.common.httpfront import FrontLimits
+from dit4c.portal.app import Portal
+from dit4c.testing import Backend, backendSite
+
+PASSWORDS = {"alice": "correct horse battery", "bob": "bobs password!", "carol": "carols password!"}
+
+
+@dataclass
+class World:
+    portal: Portal
+    portalURL: str
+    store: Any
+    users: dict[str, Any]
+    instance: Any
+    keyFile: Path
+    tool: Backend
+    #: Request targets the tool has seen, in order.
+    toolSaw: list[bytes]
+    auth: AuthService | None = None
+    authPort: int = 0
+    services: list[Any] = field(default_factory=list)
+
+    @property
+    def host(self) -> str:
+        return f"{self.instance.id}.localhost:{self.authPort}"
+
+    @property
+    def instanceURL(self) -> str:
+        return f"http://{self.host}/"
+
+    async def startAuth(
+        self,
+        *,
+        port: int = 0,
+        tool: str | None = None,
+        portalInternal: str | None = None,
+        recheck: float = 30.0,
+        timeout: float = 5.0,
+        limits: FrontLimits | None = None,
+    ) -> AuthService:
+        service = AuthService(
+            reactor,
+            instance=self.instance.id,
+            keyFile=str(self.keyFile),
+            portal=self.portalURL,
+            portalInternal=portalInternal or self.portalURL,
+            listen=serverFromString(reactor, f"tcp:{port}:interface=127.0.0.1"),
+            tool=clientFromString(reactor, tool or self.tool.endpoint),  # type: ignore[arg-type]
+            recheck=recheck,
+            timeout=timeout,
+            limits=limits,
+        )
+        service.startService()
+        self.services.append(service)
+        self.auth = service
+        self.authPort = service.port.getHost().port
+        # The URL the instance's listener would report to the portal.
+        self.instance = await self.store.updateInstance(self.instance.id, url=self.instanceURL)
+        return service
+
+    async def stopAuth(self) -> None:
+        if self.auth is not None:
+            await defer.maybeDeferred(self.auth.stopService)
+            self.services.remove(self.auth)
+            self.auth = None
+
+
+def countingSite(seen: list[bytes]) -> Site:
+    site = backendSite()
+    original = site.getResourceFor
+
+    def getResourceFor(request: Any) -> Resource:
+        seen.append(request.uri)
+        return original(request)  # type: ignore[no-any-return]
+
+    site.getResourceFor = getResourceFor  # type: ignore[method-assign]
+    return site
+
+
+# -- a browser, by hand ------------------------------------------------------------------------
+
+
+HTML = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+
+
+class Browser:
+    """
+    Keeps cookies per host as a browser does and never follows a redirect
+    by itself. Instance URLs (``<id>.localhost:PORT``) go to 127.0.0.1 with
+    that Host header, as the routing server would pass them on.
+    """
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.jars: dict[str, dict[str, str]] = {}
+        self.setCookies: list[str] = []
+
+    def _target(self, url: str) -> tuple[str, str]:
+        parts = urlsplit(url)
+        host = parts.netloc
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        if host.split(":")[0].endswith(".localhost"):
+            port = host.rsplit(":", 1)[1]
+            return host, f"http://127.0.0.1:{port}{path}"
+        return host, url
+
+    async def request(
+        self, method: str, url: str, *, headers: dict[str, str] | None = None, accept: str = HTML, **kw: Any
+    ) -> Any:
+        host, real = self._target(url)
+        jar = self.jars.setdefault(host, {})
+        sent = {"Host": host, "Accept": accept, **(headers or {})}
+        if jar:
+            sent["Cookie"] = "; ".join(f"{k}={v}" for k, v in jar.items())
+        response = await treq.request(method, real, headers=sent, allow_redirects=False, **kw)
+        for raw in response.headers.getRawHeaders("set-cookie", []):
+            self.setCookies.append(raw)
+            name, _, rest = raw.partition("=")
+            if "Max-Age=0" in raw:
+                jar.pop(name, None)
+            else:
+                jar[name] = rest.split(";", 1)[0]
+        return response
+
+    async def get(self, url: str, **kw: Any) -> Any:
+        return await self.request("GET", url, **kw)
+
+    def instanceCookies(self) -> dict[str, str]:
+        return self.jars.setdefault(self.world.host, {})
+
+    async def logInAtPortal(self, name: str) -> None:
+        response = await self.get(self.world.portalURL + "/login")
+        page = await response.text()
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page)
+        assert csrf, page
+        response = await self.request(
+            "POST",
+            self.world.portalURL + "/login",
+            data={"csrf": csrf.group(1), "username": name, "password": PASSWORDS[name], "next": "/"},
+        )
+        assert response.code == 303, await response.text()
+
+
+def location(response: Any) -> str:
+    values = response.headers.getRawHeaders("location")
+    assert values, f"no Location in a {response.code}"
+    return str(values[0])
+
+
+def query(url: str) -> dict[str, str]:
+    return {k: v[0] for k, v in parse_qs(urlsplit(url).query).items()}
+
+
+async def startLogin(browser: Browser, path: str = "/") -> str:
+    """Open ``path`` on the instance; return the portal's authorize URL it redirects to."""
+    response = await browser.get(browser.world.instanceURL.rstrip("/") + path)
+    assert response.code == 303, (response.code, await response.text())
+    return location(response)
+
+
+async def logIn(browser: Browser, name: str, path: str = "/") -> Any:
+    """
+    The whole dance for ``name``: instance → portal authorize → (login form)
+    → authorize → instance callback → back to ``path``. Returns the
+    callback's response.
+    """
+    authorize = await startLogin(browser, path)
+    assert authorize.startswith(browser.world.portalURL + "/oauth/authorize?")
+    response = await browser.get(authorize)
+    if response.code == 303 and "/login" in location(response):
+        await browser.logInAtPortal(name)
+        response = await browser.get(authorize)
+    assert response.code == 303, await response.text()
+    callback = location(response)
+    assert callback.startswith(browser.world.instanceURL + ".dit4c/callback?")
+    return await browser.get(callback)
+
+
+def loggedInURL(url: str, **params: str) -> str:
+    return url + ("&" if "?" in url else "?") + urlencode(params)

@@ -1,0 +1,149 @@
+"""
+A real JupyterLab behind the auth helper: alice logs in through the real
+portal, reaches the REST API, starts a kernel and runs ``1+1`` over the
+kernel's WebSocket, all through the helper.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+import treq
+from auth_client import Browser, logIn
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+
+from dit4c.testing import deferLater
+
+pytest.importorskip("jupyterlab")
+
+
+def _freePort() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest_twisted.async_yield_fixture
+async def jupyter(tmp_path: Path) -> Any:
+    executable = shutil.which("jupyter-lab", path=str(Path(sys.executable).parent)) or shutil.which("jupyter-lab")
+    if executable is None:
+        pytest.skip("jupyter-lab is not installed")
+    port = _freePort()
+    home = tmp_path / "jupyter"
+    (home / "work").mkdir(parents=True)
+    env = dict(
+        os.environ,
+        JUPYTER_CONFIG_DIR=str(home / "config"),
+        JUPYTER_DATA_DIR=str(home / "data"),
+        JUPYTER_RUNTIME_DIR=str(home / "runtime"),
+        IPYTHONDIR=str(home / "ipython"),
+        JUPYTER_PLATFORM_DIRS="1",
+    )
+    log = open(tmp_path / "jupyter.log", "wb")
+    proc = subprocess.Popen(
+        [
+            executable, "--no-browser", "--ServerApp.token=", "--ServerApp.password=",
+            "--ServerApp.disable_check_xsrf=True", "--ServerApp.allow_remote_access=True",
+            "--ServerApp.port_retries=0", f"--port={port}", "--ip=127.0.0.1", "--allow-root",
+            f"--ServerApp.root_dir={home / 'work'}",
+        ],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, (tmp_path / "jupyter.log").read_text()
+            try:
+                response = await treq.get(f"http://127.0.0.1:{port}/api/status", timeout=2)
+                await response.content()
+                if response.code == 200:
+                    break
+            except Exception:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "jupyter.log").read_text()
+            await deferLater(0.2)
+        yield port
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        log.close()
+
+
+class _Kernel(WebSocketClientProtocol):
+    def onOpen(self) -> None:
+        self.factory.opened.callback(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if isBinary:
+            return
+        message = json.loads(payload)
+        if message.get("msg_type") == "execute_result" and not self.factory.result.called:
+            self.factory.result.callback(message["content"]["data"]["text/plain"])
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_jupyterlab_through_the_auth_helper(world: Any, jupyter: int) -> None:
+    await world.startAuth(tool=f"tcp:host=127.0.0.1:port={jupyter}")
+    alice = Browser(world)
+    response = await logIn(alice, "alice", "/lab")
+    assert response.code == 303
+
+    response = await alice.get(world.instanceURL + "api/status", accept="application/json")
+    assert response.code == 200
+    assert "started" in await response.json()
+
+    response = await alice.request(
+        "POST", world.instanceURL + "api/kernels", data=b"{}", accept="application/json",
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    assert response.code == 201, await response.text()
+    kernel = (await response.json())["id"]
+
+    # Without the session, the kernel's WebSocket is refused.
+    anonymous = Browser(world)
+    response = await anonymous.get(world.instanceURL + f"api/kernels/{kernel}", accept="application/json")
+    assert response.code == 401
+
+    session = uuid.uuid4().hex
+    cookie = "; ".join(f"{k}={v}" for k, v in alice.instanceCookies().items())
+    factory = WebSocketClientFactory(
+        f"ws://{world.host}/api/kernels/{kernel}/channels?session_id={session}", headers={"Cookie": cookie}
+    )
+    factory.protocol = _Kernel
+    factory.opened, factory.result = defer.Deferred(), defer.Deferred()
+    await TCP4ClientEndpoint(reactor, "127.0.0.1", world.authPort).connect(factory)
+    client = await factory.opened.addTimeout(30, reactor)
+    request = {
+        "header": {
+            "msg_id": uuid.uuid4().hex, "username": "alice", "session": session,
+            "msg_type": "execute_request", "version": "5.3", "date": "2026-01-01T00:00:00Z",
+        },
+        "parent_header": {}, "metadata": {}, "channel": "shell",
+        "content": {"code": "1+1", "silent": False, "store_history": False, "user_expressions": {}, "allow_stdin": False},
+    }  # fmt: skip
+    client.sendMessage(json.dumps(request).encode())
+    assert await factory.result.addTimeout(60, reactor) == "2"
+    client.sendClose()
+
+    response = await alice.request("DELETE", world.instanceURL + f"api/kernels/{kernel}", accept="application/json")
+    assert response.code == 204
