@@ -6,13 +6,7 @@ helpers to run the real ``twistd`` plugins as separate processes.
 
 from __future__ import annotations
 
-import os
-import re
 import resource
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +18,7 @@ from twisted.logger import LogLevel, globalLogPublisher
 
 from dit4c.common.keys import generate_private_key, jwks, save_private_key
 from dit4c.common.tokens import TokenSigner
-from dit4c.testing import Signing, deferLater, startBackend, startRouting, stopRouting
+from dit4c.testing import TWISTD, Process, Signing, startBackend, startRouting, stopRouting
 
 # Many tests open thousands of sockets.
 _soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -110,76 +104,6 @@ async def browser() -> Any:
 
 
 # -- real processes --------------------------------------------------------------------
-
-
-class Process:
-    """A ``twistd -n`` child, its log, and the addresses it announced."""
-
-    def __init__(self, args: list[str], logPath: Path, env: dict[str, str] | None = None) -> None:
-        self.args = args
-        self.logPath = logPath
-        self._log = open(logPath, "ab")
-        self.proc = subprocess.Popen(
-            args,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=dict(os.environ, **(env or {})),
-            start_new_session=True,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log(self) -> str:
-        return self.logPath.read_text(errors="replace")
-
-    async def waitForLog(self, pattern: str, timeout: float = 20.0, start: int = 0) -> re.Match[str]:
-        """Wait (without blocking the reactor) until the log matches ``pattern``."""
-        deadline = time.monotonic() + timeout
-        compiled = re.compile(pattern)
-        while True:
-            match = compiled.search(self.log(), start)
-            if match:
-                return match
-            if self.proc.poll() is not None:
-                raise AssertionError(f"{self.args[:4]} exited ({self.proc.returncode}):\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {pattern!r} in:\n{self.log()}")
-            await deferLater(0.05)
-
-    def port(self, what: str, start: int = 0) -> int:
-        match = re.compile(rf"{what} listening on IPv4Address\(type='TCP', host='[^']*', port=(\d+)\)").search(
-            self.log(), start
-        )
-        assert match, f"no {what} port in log:\n{self.log()}"
-        return int(match.group(1))
-
-    def signal(self, sig: int) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-
-    def peakRSS(self) -> int:
-        """The process's peak resident set (VmHWM), in bytes."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-        raise AssertionError("no VmHWM")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.signal(signal.SIGCONT)
-            self.signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.signal(signal.SIGKILL)
-                self.proc.wait(10)
-        self._log.close()
-
-
-#: ``twistd`` as a user runs it, with this interpreter.
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
 @pytest.fixture

@@ -56,5 +56,7 @@ def verifierFromOptions(config: Any, reactor: Any) -> Any:
     if config["jwks-file"]:
         keys: Any = StaticKeySource.fromFile(config["jwks-file"])
     else:
-        keys = JWKSKeySource(config["jwks-url"], reactor=reactor)
+        # Instances sign their own routing tokens with keys the portal
+        # publishes as they start: an unknown kid is looked for again soon.
+        keys = JWKSKeySource(config["jwks-url"], reactor=reactor, min_refetch=1.0)
     return TokenVerifier(keys, audience=config["audience"], issuer=config["issuer"], clock=reactor)

@@ -411,7 +411,8 @@ async def test_help_documents_every_option(tmp_path: Path) -> None:
             assert name in documented, f"--{name} missing from:\n{text}"
             assert documented[name], f"--{name} has no description in:\n{text}"
     assert "Repeatable" in routingHelp
-    assert "dit4c-helper-listener --routing ENDPOINT --token-file PATH --target ENDPOINT" in listenerHelp
+    assert "dit4c-helper-listener [--routing ENDPOINT] [--target ENDPOINT] [--token-file PATH]" in listenerHelp
+    assert "DIT4C_INSTANCE_KEY" in listenerHelp  # run beside an instance, it reads the helper environment
 
 
 #: (arguments after the plugin name, a phrase the error must contain)

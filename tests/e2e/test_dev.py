@@ -1,0 +1,130 @@
+"""
+End to end, as a new user meets DIT4C: ``twistd dit4c-dev`` run as a real
+process, driven in headless Chromium. An administrator logs in, starts the
+notes tool, watches it reach running, opens its URL (through the routing
+server, the listener and the auth helper, with the portal's OAuth flow),
+uses it (a WebSocket round trip), a second person is refused, and the
+instance is stopped and discarded, leaving nothing running.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from flows import logIn, otherBrowser, startTool
+
+from dit4c.node.process import freePort
+from dit4c.node.processes import killRecorded, startTime
+from dit4c.testing import deferLater
+
+
+class Dev:
+    """A running ``twistd dit4c-dev`` and what it printed."""
+
+    def __init__(self, process: Any, dataDir: Path, portalPort: int, httpPort: int) -> None:
+        self.process = process
+        self.dataDir = dataDir
+        self.portal = f"http://localhost:{portalPort}"
+        self.httpPort = httpPort
+
+    async def adminPassword(self) -> str:
+        match = await self.process.waitForLog(r"password:\s+(\S+)", timeout=30)
+        return str(match.group(1))
+
+
+async def startDev(processes: Any, dataDir: Path, *extra: str) -> Dev:
+    portalPort, httpPort, tunnelPort = freePort(), freePort(), freePort()
+    process = processes(
+        "dit4c-dev",
+        "--data-dir", str(dataDir),
+        "--portal-port", str(portalPort),
+        "--http-port", str(httpPort),
+        "--tunnel-port", str(tunnelPort),
+        *extra,
+        name="dev",
+    )  # fmt: skip
+    await process.waitForLog("DIT4C is up", timeout=60)
+    return Dev(process, dataDir, portalPort, httpPort)
+
+
+def podProcesses(dataDir: Path) -> list[int]:
+    pids = []
+    for pidFile in dataDir.glob("node/*/*.pid"):
+        pid = json.loads(pidFile.read_text())["pid"]
+        if startTime(pid) is not None:
+            pids.append(pid)
+    return pids
+
+
+@pytest.fixture
+def devDir(tmp_path: Path) -> Iterator[Path]:
+    """A data directory whose pods are killed afterwards, whatever happened (they outlive dit4c-dev)."""
+    yield tmp_path / "dev"
+    killRecorded(tmp_path / "dev")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tool_in_the_browser_end_to_end(processes: Any, browser: Any, devDir: Path) -> None:
+    dev = await startDev(processes, devDir)
+    password = await dev.adminPassword()
+
+    # The administrator logs in, and adds a second person.
+    await logIn(browser, dev.portal, "admin", password)
+    await browser.get(dev.portal + "/admin/")
+    await browser.fill("#new-name", "bob")
+    await browser.click("#add-user-submit")
+    bobsPassword = await browser.text("#new-password")
+
+    # Starts the notes tool and watches it reach running, with its URL.
+    url = await startTool(browser, dev.portal, "Notes")
+    assert re.fullmatch(rf"http://[a-z0-9]+\.localhost:{dev.httpPort}/", url), url
+    instance = url.split("//")[1].split(".")[0]
+
+    # Opens it: the auth helper sends the browser through the portal's OAuth
+    # flow (already logged in there) and back, then to the tool.
+    await browser.get(url)
+    await browser.waitForText("#greeting", "Hello, admin.", 30)
+    await browser.waitForText("#status", "connected", 15)
+    # A WebSocket round trip: the note goes to the tool and comes back to the page.
+    await browser.fill("#note", "hello through the tunnel")
+    await browser.click("#add button")
+    await browser.waitForText("#notes li", "hello through the tunnel", 15)
+    cookies = {c["name"]: c for c in await browser.cookies()}
+    session = [c for name, c in cookies.items() if name.startswith("dit4c_auth")]
+    assert session and all(c["httpOnly"] for c in session), cookies
+    assert all(c["domain"] == f"{instance}.localhost" for c in session)
+
+    # Someone else is refused, with a page that says why.
+    bob = await otherBrowser()
+    try:
+        await bob.get(url)
+        await bob.waitFor("#username", 30)  # sent to the portal to log in
+        await bob.fill("#username", "bob")
+        await bob.fill("#password", bobsPassword)
+        await bob.click("#submit")
+        await bob.waitForText("#title", "You may not use this instance", 30)
+        assert "hello through the tunnel" not in await bob.execute("return document.body.innerText")
+    finally:
+        await bob.stop()
+
+    # Stop and discard from the portal's page; nothing of it is left running.
+    assert len(podProcesses(dev.dataDir)) == 3
+    await browser.get(dev.portal + "/")
+    await browser.click(f'tr[data-instance="{instance}"] button.stop')
+    await browser.waitFor(f'tr[data-instance="{instance}"] td.state[data-state="stopped"]', 30)
+    assert podProcesses(dev.dataDir) == []
+    await browser.click(f'tr[data-instance="{instance}"] button.discard')
+    for _ in range(200):
+        if not (dev.dataDir / "node" / instance).exists():
+            break
+        await deferLater(0.05)
+    assert not (dev.dataDir / "node" / instance).exists()
+    await browser.get(url)
+    await browser.waitFor("body")
+    assert "Hello, admin." not in await browser.execute("return document.body.innerText")
