@@ -13,6 +13,7 @@ from dit4c.auth.proxy import AuthConfig, AuthProxyFactory
 from dit4c.auth.session import FlowCookies, deriveKey
 from dit4c.common.httpfront import FrontLimits
 from dit4c.common.service import ListeningService
+from dit4c.common.portalhttp import portalHTTP
 from dit4c.common.tokens import JWKSKeySource, TokenVerifier
 
 __all__ = ["AuthService", "audienceFor"]
@@ -30,7 +31,7 @@ class AuthService(MultiService):
     :param portal: the portal's public URL (browsers are sent there, and it
         is the issuer of access tokens).
     :param portalInternal: where this helper reaches the portal (token,
-        userinfo, JWKS); ``portal`` if empty.
+        userinfo, JWKS): a URL or ``unix:/path``; ``portal`` if empty.
     """
 
     def __init__(
@@ -51,10 +52,12 @@ class AuthService(MultiService):
         super().__init__()
         clock = clock if clock is not None else reactor
         portal = portal.rstrip("/")
-        internal = (portalInternal or portal).rstrip("/")
-        keys = JWKSKeySource(internal + "/.well-known/jwks.json", reactor=reactor, timeout=timeout, clock=clock)
+        http, internal = portalHTTP(reactor, (portalInternal or portal).rstrip("/"), timeout=timeout)
+        keys = JWKSKeySource(
+            internal + "/.well-known/jwks.json", reactor=reactor, timeout=timeout, clock=clock, http_client=http
+        )
         verifier = TokenVerifier(keys, audience=audienceFor(instance), issuer=portal, clock=clock)
-        client = PortalClient(reactor, internal, instance, timeout=timeout)
+        client = PortalClient(reactor, internal, instance, timeout=timeout, http=http)
         self.sessions = Sessions(verifier, client, clock, recheck=recheck)
         self.config = AuthConfig(
             instance=instance,

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from dit4c.common.portalhttp import isPortalAddress
 from dit4c.common.tokens import INSTANCE_ID_RE
 
 __all__ = ["HelperEnvironment", "HelperEnvironmentError", "fromEnvironment", "PREFIX"]
@@ -51,8 +52,9 @@ class HelperEnvironment:
     keyFile: str
     #: The portal's public URL, as browsers reach it (OAuth authorize).
     portal: str
-    #: The portal's URL as the helpers reach it (token, userinfo, JWKS,
-    #: reports); the public one unless the node's network differs.
+    #: The portal as the helpers reach it (token, userinfo, JWKS, reports):
+    #: a URL, or ``unix:/path`` of a socket it listens on; the public URL
+    #: unless the node's network differs.
     portalInternal: str = ""
     #: Client endpoint of the tool (``tcp:host=127.0.0.1:port=8888``).
     tool: str | None = None
@@ -116,7 +118,10 @@ def fromEnvironment(environ: Mapping[str, str] | None = None, **overrides: Any) 
         raise HelperEnvironmentError(f"DIT4C_INSTANCE is not an instance id: {values['instance']!r}")
     values["portal"] = _url("DIT4C_PORTAL", values["portal"])
     if values.get("portalInternal"):
-        values["portalInternal"] = _url("DIT4C_PORTAL_INTERNAL", values["portalInternal"])
+        internal = values["portalInternal"]
+        if not isPortalAddress(internal):
+            raise HelperEnvironmentError(f"DIT4C_PORTAL_INTERNAL must be an http(s) URL or unix:/path, not {internal!r}")
+        values["portalInternal"] = internal.rstrip("/")
     routing = values.get("routing")
     if isinstance(routing, str):
         values["routing"] = tuple(routing.split())

@@ -10,13 +10,13 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
-import treq
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
 from dit4c.common.keys import PrivateKey
+from dit4c.common.portalhttp import portalHTTP
 from dit4c.common.tokens import TokenSigner
 from dit4c.listener.service import backoff
 
@@ -69,7 +69,8 @@ class URLReporter:
         maxAttempts: int = 30,
     ) -> None:
         self.reactor = reactor
-        self.endpoint = portal.rstrip("/") + "/reports/url"
+        self.http, base = portalHTTP(reactor, portal, timeout=timeout, persistent=False)
+        self.endpoint = base + "/reports/url"
         self.instance = instance
         self.signer = TokenSigner(key, clock=reactor)
         self.retryPolicy = retryPolicy or backoff(initial=0.25, maximum=15.0)
@@ -123,12 +124,11 @@ class URLReporter:
             audience=REPORT_AUDIENCE,
             lifetime=REPORT_LIFETIME,
         )
-        response = await treq.post(
+        response = await self.http.post(
             self.endpoint,
             data=token.encode("ascii"),
             headers=Headers({"Content-Type": ["application/jwt"]}),
             timeout=self.timeout,
-            reactor=self.reactor,
         )
         body = await response.text("utf-8")
         return response.code, body
