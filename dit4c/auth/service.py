@@ -12,8 +12,8 @@ from dit4c.auth.portal import PortalClient
 from dit4c.auth.proxy import AuthConfig, AuthProxyFactory
 from dit4c.auth.session import FlowCookies, deriveKey
 from dit4c.common.httpfront import FrontLimits
-from dit4c.common.service import ListeningService
 from dit4c.common.portalhttp import portalHTTP
+from dit4c.common.service import ListeningService
 from dit4c.common.tokens import JWKSKeySource, TokenVerifier
 
 __all__ = ["AuthService", "audienceFor"]

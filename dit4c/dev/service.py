@@ -28,6 +28,7 @@ from twisted.logger import Logger
 
 from dit4c.common.keys import load_or_create_private_key, public_jwk
 from dit4c.common.tokens import JWKSKeySource, TokenVerifier
+from dit4c.node.interfaces import IRuntime
 from dit4c.node.node import Node
 from dit4c.node.process import ProcessRuntime, Tool, builtinTools
 from dit4c.portal import security
@@ -59,6 +60,10 @@ class DevConfig:
     #: The first administrator's name (made, with a password printed once, on a fresh data directory).
     adminName: str = "admin"
     tools: dict[str, Tool] | None = None
+    #: ``process`` (local processes) or ``podman`` (containers; the catalogue is then the administrator's to fill).
+    runtime: str = "process"
+    #: Names the podman pods (``<prefix>-<instance>``): this service sees only its own.
+    podmanPrefix: str = "dit4c-dev"
 
     @property
     def publicURL(self) -> str:
@@ -78,12 +83,21 @@ class DevService(MultiService):
         self.config = config
         self.out: Any = out if out is not None else sys.__stdout__
         dataDir = config.dataDir
+        endpoints = [serverFromString(reactor, f"tcp:{config.portalPort}:interface=127.0.0.1")]
+        portalInternal = config.internalURL
+        if config.runtime == "podman":
+            # A pod's auth helper lives in the pod's network namespace, where
+            # the host's loopback is out of reach; a UNIX socket is not.
+            socket = (dataDir / "portal.sock").resolve()
+            dataDir.mkdir(parents=True, exist_ok=True)
+            endpoints.append(serverFromString(reactor, f"unix:{socket}:mode=600:lockfile=1"))
+            portalInternal = f"unix:{socket}"
         self.portal = PortalService(
             reactor,
             database="sqlite:///" + str((dataDir / "portal" / "portal.db").resolve()),
             dataDir=dataDir / "portal",
             config=PortalConfig(publicURL=config.publicURL),
-            endpoints=[serverFromString(reactor, f"tcp:{config.portalPort}:interface=127.0.0.1")],
+            endpoints=endpoints,
         )
         self.portal.setServiceParent(self)
         keys = JWKSKeySource(
@@ -98,14 +112,21 @@ class DevService(MultiService):
         self.routing.addPublicEndpoint(serverFromString(reactor, f"tcp:{config.httpPort}:interface=127.0.0.1"), "http")
         self.routing.publicURL = f"http://{{host}}:{config.httpPort}/"
         self.routing.setServiceParent(self)
-        tools = config.tools if config.tools is not None else builtinTools()
-        self.tools = tools
+        runtime: IRuntime
+        if config.runtime == "podman":
+            from dit4c.node.podman import PodmanRuntime
+
+            self.tools: dict[str, Tool] = {}
+            runtime = PodmanRuntime(reactor, prefix=config.podmanPrefix)
+        else:
+            self.tools = config.tools if config.tools is not None else builtinTools()
+            runtime = ProcessRuntime(reactor, dataDir / "node", self.tools)
         self.node = Node(
             reactor,
-            ProcessRuntime(reactor, dataDir / "node", tools),
+            runtime,
             dataDir / "node",
             portal=config.publicURL,
-            portalInternal=config.internalURL,
+            portalInternal=portalInternal,
             routing=(f"tcp:host=127.0.0.1:port={config.tunnelPort}",),
         )
         self.node.setServiceParent(self)

@@ -36,12 +36,16 @@ class Options(usage.Options):
         ["http-port", None, 8080, "Loopback port where instances are served.", _port],
         ["tunnel-port", None, 8001, "Loopback port listeners dial.", _port],
         ["admin", None, "admin", "Name of the first administrator."],
+        ["runtime", None, "process", "process (each tool as local processes) or podman (containers; add images to the catalogue at /admin/)."],
+        ["podman-prefix", None, "dit4c-dev", "podman runtime: pods are named <prefix>-<instance>."],
     ]
 
     def postOptions(self) -> None:
         ports = [self["portal-port"], self["http-port"], self["tunnel-port"]]
         if len(set(ports)) != len(ports):
             raise usage.UsageError("--portal-port, --http-port and --tunnel-port must differ")
+        if self["runtime"] not in ("process", "podman"):
+            raise usage.UsageError("--runtime is process or podman")
 
 
 def makeService(config: Options, reactor: Any = None) -> IService:
@@ -57,5 +61,7 @@ def makeService(config: Options, reactor: Any = None) -> IService:
             httpPort=config["http-port"],
             tunnelPort=config["tunnel-port"],
             adminName=config["admin"],
+            runtime=config["runtime"],
+            podmanPrefix=config["podman-prefix"],
         ),
     )

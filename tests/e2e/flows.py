@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import threads
 
+from dit4c.node.process import freePort
 from dit4c.testing import deferLater
 
 
@@ -57,3 +59,56 @@ async def openTool(browser: Any, url: str, greeting: str, timeout: float = 60) -
             if waited >= timeout:
                 raise
             await deferLater(0.5)
+
+
+class Dev:
+    """A running ``twistd dit4c-dev`` and what it printed."""
+
+    def __init__(self, process: Any, dataDir: Path, portalPort: int, httpPort: int) -> None:
+        self.process = process
+        self.dataDir = dataDir
+        self.portal = f"http://localhost:{portalPort}"
+        self.httpPort = httpPort
+
+    async def adminPassword(self) -> str:
+        match = await self.process.waitForLog(r"password:\s+(\S+)", timeout=30)
+        return str(match.group(1))
+
+
+async def startDev(processes: Any, dataDir: Path, *extra: str) -> Dev:
+    portalPort, httpPort, tunnelPort = freePort(), freePort(), freePort()
+    process = processes(
+        "dit4c-dev",
+        "--data-dir", str(dataDir),
+        "--portal-port", str(portalPort),
+        "--http-port", str(httpPort),
+        "--tunnel-port", str(tunnelPort),
+        *extra,
+        name="dev",
+    )  # fmt: skip
+    await process.waitForLog("DIT4C is up", timeout=60)
+    return Dev(process, dataDir, portalPort, httpPort)
+
+
+async def addPerson(browser: Any, portal: str, name: str) -> str:
+    """An administrator adds someone on the admin page; their password, shown once."""
+    await browser.get(portal + "/admin/")
+    await browser.fill("#new-name", name)
+    await browser.click("#add-user-submit")
+    await browser.waitFor("#new-password", 15)
+    password: str = await browser.text("#new-password")
+    return password
+
+
+async def refused(url: str, name: str, password: str) -> None:
+    """In a browser of their own, ``name`` opens the instance, logs in, and gets the auth helper's 403 page."""
+    other = await otherBrowser()
+    try:
+        await other.get(url)
+        await other.waitFor("#username", 30)  # sent to the portal to log in
+        await other.fill("#username", name)
+        await other.fill("#password", password)
+        await other.click("#submit")
+        await other.waitForText("#title", "You may not use this instance", 30)
+    finally:
+        await other.stop()

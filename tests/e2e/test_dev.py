@@ -17,40 +17,10 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from flows import logIn, otherBrowser, startTool
+from flows import addPerson, logIn, refused, startDev, startTool
 
-from dit4c.node.process import freePort
 from dit4c.node.processes import killRecorded, startTime
 from dit4c.testing import deferLater
-
-
-class Dev:
-    """A running ``twistd dit4c-dev`` and what it printed."""
-
-    def __init__(self, process: Any, dataDir: Path, portalPort: int, httpPort: int) -> None:
-        self.process = process
-        self.dataDir = dataDir
-        self.portal = f"http://localhost:{portalPort}"
-        self.httpPort = httpPort
-
-    async def adminPassword(self) -> str:
-        match = await self.process.waitForLog(r"password:\s+(\S+)", timeout=30)
-        return str(match.group(1))
-
-
-async def startDev(processes: Any, dataDir: Path, *extra: str) -> Dev:
-    portalPort, httpPort, tunnelPort = freePort(), freePort(), freePort()
-    process = processes(
-        "dit4c-dev",
-        "--data-dir", str(dataDir),
-        "--portal-port", str(portalPort),
-        "--http-port", str(httpPort),
-        "--tunnel-port", str(tunnelPort),
-        *extra,
-        name="dev",
-    )  # fmt: skip
-    await process.waitForLog("DIT4C is up", timeout=60)
-    return Dev(process, dataDir, portalPort, httpPort)
 
 
 def podProcesses(dataDir: Path) -> list[int]:
@@ -76,10 +46,7 @@ async def test_a_tool_in_the_browser_end_to_end(processes: Any, browser: Any, de
 
     # The administrator logs in, and adds a second person.
     await logIn(browser, dev.portal, "admin", password)
-    await browser.get(dev.portal + "/admin/")
-    await browser.fill("#new-name", "bob")
-    await browser.click("#add-user-submit")
-    bobsPassword = await browser.text("#new-password")
+    bobsPassword = await addPerson(browser, dev.portal, "bob")
 
     # Starts the notes tool and watches it reach running, with its URL.
     url = await startTool(browser, dev.portal, "Notes")
@@ -101,17 +68,7 @@ async def test_a_tool_in_the_browser_end_to_end(processes: Any, browser: Any, de
     assert all(c["domain"] == f"{instance}.localhost" for c in session)
 
     # Someone else is refused, with a page that says why.
-    bob = await otherBrowser()
-    try:
-        await bob.get(url)
-        await bob.waitFor("#username", 30)  # sent to the portal to log in
-        await bob.fill("#username", "bob")
-        await bob.fill("#password", bobsPassword)
-        await bob.click("#submit")
-        await bob.waitForText("#title", "You may not use this instance", 30)
-        assert "hello through the tunnel" not in await bob.execute("return document.body.innerText")
-    finally:
-        await bob.stop()
+    await refused(url, "bob", bobsPassword)
 
     # Stop and discard from the portal's page; nothing of it is left running.
     assert len(podProcesses(dev.dataDir)) == 3

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from cluster import PASSWORD, Cluster, Namespace, namespacesUnavailable
-from flows import logIn, openTool, otherBrowser, startTool
+from flows import logIn, openTool, refused, startTool
 
 
 @pytest.fixture
@@ -67,16 +67,7 @@ async def test_a_node_behind_nat(cluster: Cluster, namespace: Namespace, browser
     await browser.waitForText("#notes li", "from behind the NAT", 15)
     await cluster.waitForStates(instance, "running")
 
-    bob = await otherBrowser()
-    try:
-        await bob.get(url)
-        await bob.waitFor("#username", 30)
-        await bob.fill("#username", "bob")
-        await bob.fill("#password", PASSWORD)
-        await bob.click("#submit")
-        await bob.waitForText("#title", "You may not use this instance", 30)
-    finally:
-        await bob.stop()
+    await refused(url, "bob", PASSWORD)
 
     await browser.get(cluster.portal + "/")
     await browser.click(f'tr[data-instance="{instance}"] button.stop')

@@ -1,0 +1,248 @@
+#!/usr/bin/env python3
+"""
+How long from "start" to the tool answering through the routing server.
+
+For each runtime (``process``, ``podman``) this runs the all-in-one
+``twistd dit4c-dev`` as a user would, logs in as its administrator, and 20
+times (``--runs``): starts an instance through the portal's API, then asks
+the instance's URL, as a browser would (through the routing server, the
+listener and the auth helper, with the portal's OAuth flow), until the
+tool itself answers; then stops and discards it. It prints, per runtime,
+the time to the portal showing ``running`` and the time to the tool's
+first answer: p50, p90, min, max. It never passes or fails.
+
+    python bench/start.py                 # both runtimes, 20 starts each
+    python bench/start.py --runtime process --runs 5
+
+The process runtime starts the built-in notes tool (a Python program); the
+podman runtime a container from a tiny image built here (a static C
+WebSocket tool on busybox, dit4c.testing_podman), so the figures are the
+system's own cost, not a big tool's start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlencode, urljoin, urlsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dit4c.node.process import freePort  # noqa: E402
+
+
+class Browser:
+    """Just enough of a browser: cookies per host, redirects, every host on loopback."""
+
+    def __init__(self) -> None:
+        self.cookies: dict[str, dict[str, str]] = {}
+
+    def request(
+        self, method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None, follow: bool = True
+    ) -> tuple[int, str, bytes]:
+        for _ in range(10):
+            parts = urlsplit(url)
+            host = parts.hostname or "localhost"
+            connection = http.client.HTTPConnection("127.0.0.1", parts.port or 80, timeout=30)
+            sent = {"Host": parts.netloc, "Accept": "text/html", **(headers or {})}
+            jar = self.cookies.get(host, {})
+            if jar:
+                sent["Cookie"] = "; ".join(f"{k}={v}" for k, v in jar.items())
+            path = parts.path or "/"
+            if parts.query:
+                path += "?" + parts.query
+            connection.request(method, path, body=body, headers=sent)
+            response = connection.getresponse()
+            data = response.read()
+            connection.close()
+            for header in response.headers.get_all("Set-Cookie") or []:
+                name, _, rest = header.partition("=")
+                value = rest.split(";", 1)[0]
+                if "Max-Age=0" in header or "expires=Thu, 01 Jan 1970" in header:
+                    self.cookies.setdefault(host, {}).pop(name, None)
+                else:
+                    self.cookies.setdefault(host, {})[name] = value
+            location = response.headers.get("Location")
+            if follow and response.status in (301, 302, 303, 307) and location:
+                url = urljoin(url, location)
+                method, body = "GET", None
+                headers = {}
+                continue
+            return response.status, url, data
+        raise RuntimeError("too many redirects")
+
+
+def field(html: bytes, name: str) -> str:
+    match = re.search(rf'name="{name}" value="([^"]*)"'.encode(), html)
+    if not match:
+        raise RuntimeError(f"no {name} in the page")
+    return match.group(1).decode()
+
+
+class Dev:
+    def __init__(self, runtime: str, directory: Path) -> None:
+        self.runtime = runtime
+        self.portalPort, self.httpPort, self.tunnelPort = freePort(), freePort(), freePort()
+        self.portal = f"http://localhost:{self.portalPort}"
+        self.prefix = f"dit4c-bench{os.getpid()}"
+        self.log = directory / f"dev-{runtime}.log"
+        self.directory = directory / runtime
+        command = [
+            sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "dit4c-dev",
+            "--data-dir", str(self.directory), "--portal-port", str(self.portalPort),
+            "--http-port", str(self.httpPort), "--tunnel-port", str(self.tunnelPort),
+            "--runtime", runtime, "--podman-prefix", self.prefix,
+        ]  # fmt: skip
+        self.process = subprocess.Popen(
+            command, stdout=self.log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+        )
+        deadline = time.monotonic() + 60
+        while "DIT4C is up" not in self.log.read_text(errors="replace"):
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError(f"dit4c-dev did not start:\n{self.log.read_text(errors='replace')}")
+            time.sleep(0.1)
+        self.password = re.search(r"password:\s+(\S+)", self.log.read_text()).group(1)  # type: ignore[union-attr]
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        from dit4c.node.processes import killRecorded
+
+        killRecorded(self.directory)
+        if self.runtime == "podman":
+            from dit4c.testing_podman import podmanEnv
+
+            env = podmanEnv()
+            out = subprocess.run(
+                ["podman", "pod", "ps", "-q", "--filter", f"label=dit4c.prefix={self.prefix}"],
+                env=env, capture_output=True, text=True,
+            ).stdout.split()  # fmt: skip
+            for pod in out:
+                subprocess.run(["podman", "pod", "rm", "-f", "-t", "0", pod], env=env, capture_output=True)
+
+
+def logIn(browser: Browser, dev: Dev) -> str:
+    _, _, page = browser.request("GET", dev.portal + "/login")
+    form = urlencode({"username": "admin", "password": dev.password, "csrf": field(page, "csrf"), "next": "/"})
+    status, _, home = browser.request(
+        "POST", dev.portal + "/login", form.encode(), {"Content-Type": "application/x-www-form-urlencoded"}
+    )
+    if status != 200:
+        raise RuntimeError(f"login failed: {status}")
+    return field(home, "csrf")
+
+
+def api(browser: Browser, dev: Dev, csrf: str, method: str, path: str, body: object = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    headers = {"Accept": "application/json", "X-CSRF-Token": csrf, "Content-Type": "application/json"}
+    status, _, answer = browser.request(method, dev.portal + "/api/v1" + path, data, headers, follow=False)
+    if status >= 400:
+        raise RuntimeError(f"{method} {path}: {status} {answer[:300]!r}")
+    return json.loads(answer) if answer else {}
+
+
+def imageFor(browser: Browser, dev: Dev, csrf: str) -> str:
+    if dev.runtime == "podman":
+        from dit4c.testing_podman import buildWebSocketToolImageSync
+
+        reference = buildWebSocketToolImageSync()
+        created = api(browser, dev, csrf, "POST", "/admin/images", {"name": "WS tool", "ref": reference})
+        return str(created["id"])
+    images = api(browser, dev, csrf, "GET", "/images")
+    items = images["images"] if isinstance(images, dict) and "images" in images else images
+    return str(next(i["id"] for i in items if i["name"].startswith("Notes")))
+
+
+def oneStart(browser: Browser, dev: Dev, csrf: str, image: str) -> tuple[float, float]:
+    began = time.monotonic()
+    instance = api(browser, dev, csrf, "POST", "/instances", {"image": image})
+    instanceId = instance["id"]
+    running = None
+    answered = None
+    while answered is None:
+        if time.monotonic() - began > 180:
+            raise RuntimeError(f"{instanceId} did not answer within 180 s")
+        state = api(browser, dev, csrf, "GET", f"/instances/{instanceId}")
+        if state["state"] == "errored":
+            raise RuntimeError(f"{instanceId} errored: {state.get('reason')}")
+        if state["state"] == "running" and running is None:
+            running = time.monotonic() - began
+        if state.get("url") and state["state"] == "running":
+            try:
+                status, _, body = browser.request("GET", state["url"])
+            except OSError:
+                status, body = 0, b""
+            if status == 200 and b"Hello, admin." in body:
+                answered = time.monotonic() - began
+                break
+        time.sleep(0.02)
+    api(browser, dev, csrf, "POST", f"/instances/{instanceId}/stop")
+    while api(browser, dev, csrf, "GET", f"/instances/{instanceId}")["state"] not in ("stopped", "errored"):
+        time.sleep(0.05)
+    api(browser, dev, csrf, "POST", f"/instances/{instanceId}/discard")
+    return running or answered, answered
+
+
+def summary(name: str, values: list[float]) -> str:
+    ordered = sorted(values)
+    p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+    return (
+        f"| {name} | {len(values)} | {statistics.median(values):.2f} | {p90:.2f} | {ordered[0]:.2f} | {ordered[-1]:.2f} |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runtime", action="append", choices=["process", "podman"])
+    parser.add_argument("--runs", type=int, default=20)
+    options = parser.parse_args()
+    runtimes = options.runtime or ["process", "podman"]
+    directory = Path(tempfile.mkdtemp(prefix="dit4c-bench-start-"))
+    rows = []
+    try:
+        for runtime in runtimes:
+            if runtime == "podman" and shutil.which("podman") is None:
+                print("podman is not installed: skipping the podman runtime", file=sys.stderr)
+                continue
+            dev = Dev(runtime, directory)
+            try:
+                browser = Browser()
+                csrf = logIn(browser, dev)
+                image = imageFor(browser, dev, csrf)
+                oneStart(browser, dev, csrf, image)  # warm-up: caches, first image use
+                runningTimes, answerTimes = [], []
+                for n in range(options.runs):
+                    running, answered = oneStart(browser, dev, csrf, image)
+                    runningTimes.append(running)
+                    answerTimes.append(answered)
+                    print(f"{runtime} start {n + 1}: running after {running:.2f} s, tool answered after {answered:.2f} s",
+                          file=sys.stderr)  # fmt: skip
+                rows.append(summary(f"{runtime}: portal shows running", runningTimes))
+                rows.append(summary(f"{runtime}: tool answers through the routing server", answerTimes))
+            finally:
+                dev.stop()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    print("| seconds from start | runs | p50 | p90 | min | max |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for row in rows:
+        print(row)
+
+
+if __name__ == "__main__":
+    main()

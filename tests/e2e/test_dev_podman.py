@@ -1,0 +1,97 @@
+"""
+End to end with the podman runtime: ``twistd dit4c-dev --runtime podman``,
+an administrator adds a container image to the catalogue, starts it, and
+uses the tool in Chromium (a WebSocket round trip into the container); a
+second person is refused; stop and discard leave no pod behind.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from flows import addPerson, logIn, openTool, refused, startDev, startTool
+from twisted.internet import reactor
+
+from dit4c.node.processes import killRecorded
+from dit4c.testing import deferLater
+from dit4c.testing_podman import (
+    buildWebSocketToolImage,
+    gccUnavailable,
+    podmanEnv,
+    podmanUnavailable,
+    removePods,
+)
+
+PREFIX = f"dit4c-e2e{os.getpid()}"
+
+
+@pytest.fixture(scope="module")
+def podman() -> None:
+    why = podmanUnavailable() or gccUnavailable()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+
+
+@pytest_twisted.async_yield_fixture
+async def devDir(tmp_path: Path, podman: None) -> Any:
+    yield tmp_path / "dev"
+    await removePods(reactor, PREFIX)
+    killRecorded(tmp_path / "dev")
+
+
+def pods() -> list[str]:
+    result = subprocess.run(
+        ["podman", "pod", "ps", "--quiet", "--filter", f"label=dit4c.prefix={PREFIX}"],
+        env=podmanEnv(),
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    return result.stdout.decode().split()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_container_tool_in_the_browser(processes: Any, browser: Any, devDir: Path) -> None:
+    image = await buildWebSocketToolImage()
+    dev = await startDev(processes, devDir, "--runtime", "podman", "--podman-prefix", PREFIX)
+    password = await dev.adminPassword()
+
+    await logIn(browser, dev.portal, "admin", password)
+    bobsPassword = await addPerson(browser, dev.portal, "bob")
+    # The catalogue of a podman node is the administrator's: add the image
+    # (no port given: the image's exposed one).
+    await browser.fill("#image-name", "WS tool")
+    await browser.fill("#image-ref", image)
+    await browser.click("#add-image button")
+
+    url = await startTool(browser, dev.portal, "WS tool")
+    assert re.fullmatch(rf"http://[a-z0-9]+\.localhost:{dev.httpPort}/", url), url
+    instance = url.split("//")[1].split(".")[0]
+    assert pods() != []
+
+    await openTool(browser, url, "Hello, admin.")
+    await browser.waitForText("#status", "connected", 15)
+    await browser.fill("#message", "into the container and back")
+    await browser.click("#send")
+    await browser.waitForText("#echoes li", "into the container and back", 15)
+
+    await refused(url, "bob", bobsPassword)
+
+    await browser.get(dev.portal + "/")
+    await browser.click(f'tr[data-instance="{instance}"] button.stop')
+    await browser.waitFor(f'tr[data-instance="{instance}"] td.state[data-state="stopped"]', 60)
+    await browser.click(f'tr[data-instance="{instance}"] button.discard')
+    for _ in range(300):
+        if not pods():
+            break
+        await deferLater(0.1)
+    assert pods() == []
+    assert not (dev.dataDir / "node" / instance).exists()
