@@ -174,9 +174,10 @@ def oneStart(browser: Browser, dev: Dev, csrf: str, image: str) -> tuple[float, 
     instanceId = instance["id"]
     running = None
     answered = None
+    last = "nothing yet"
     while answered is None:
         if time.monotonic() - began > 180:
-            raise RuntimeError(f"{instanceId} did not answer within 180 s")
+            raise RuntimeError(f"{instanceId} did not answer within 180 s; last answer: {last}")
         state = api(browser, dev, csrf, "GET", f"/instances/{instanceId}")
         if state["state"] == "errored":
             raise RuntimeError(f"{instanceId} errored: {state.get('reason')}")
@@ -184,9 +185,11 @@ def oneStart(browser: Browser, dev: Dev, csrf: str, image: str) -> tuple[float, 
             running = time.monotonic() - began
         if state.get("url") and state["state"] == "running":
             try:
-                status, _, body = browser.request("GET", state["url"])
-            except OSError:
+                status, where, body = browser.request("GET", state["url"])
+                last = f"{status} at {where}: {body[:200]!r}"
+            except OSError as e:
                 status, body = 0, b""
+                last = repr(e)
             if status == 200 and b"Hello, admin." in body:
                 answered = time.monotonic() - began
                 break
@@ -214,6 +217,7 @@ def main() -> None:
     runtimes = options.runtime or ["process", "podman"]
     directory = Path(tempfile.mkdtemp(prefix="dit4c-bench-start-"))
     rows = []
+    failed = False
     try:
         for runtime in runtimes:
             if runtime == "podman" and shutil.which("podman") is None:
@@ -234,10 +238,16 @@ def main() -> None:
                           file=sys.stderr)  # fmt: skip
                 rows.append(summary(f"{runtime}: portal shows running", runningTimes))
                 rows.append(summary(f"{runtime}: tool answers through the routing server", answerTimes))
+            except Exception:
+                failed = True
+                raise
             finally:
                 dev.stop()
     finally:
-        shutil.rmtree(directory, ignore_errors=True)
+        if failed:
+            print(f"logs kept in {directory}", file=sys.stderr)
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
     print("| seconds from start | runs | p50 | p90 | min | max |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:

@@ -441,6 +441,13 @@ class Portal:
             cached = self._jwksCache = (now, await self._publishedKeys())
         return self.json(request, {"keys": list(self.keys.publicJWKs()) + cached[1]})
 
+    def keysChanged(self) -> None:
+        """
+        An instance or scheduler key came or went: the next JWKS is made
+        afresh (a routing server waits for a new instance's key).
+        """
+        self._jwksCache = None
+
     async def _publishedKeys(self) -> list[dict[str, Any]]:
         from dit4c.portal.store.model import ACTIVE_STATES
 

@@ -78,7 +78,14 @@ class PortalService(MultiService):
         self.portal = Portal(self.store, keys, self.config, self.reactor, commands=self.channels)
         # What schedulers report reaches the pages' live streams too.
         events = self.portal.events
-        self.channels.subscribe(None, lambda event: events.publish(event.instance))
+        portal = self.portal
+
+        def changed(event: Any) -> None:
+            # A key published, or an instance no longer active (its key withdrawn).
+            portal.keysChanged()
+            events.publish(event.instance)
+
+        self.channels.subscribe(None, changed)
         # Schedulers may also dial the portal's own web port (wss://.../.dit4c/channel).
         self.portal.channelResource = self.channels.resource()
         self.portal.reports.setImageServerSecret(self.imageServerSecret)

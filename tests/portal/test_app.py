@@ -216,6 +216,17 @@ async def test_jwks_publishes_scheduler_and_live_instance_keys(portal: Portal) -
     _, body = await Browser(portal).get("/.well-known/jwks.json")
     assert f"instance:{instance.id}" not in [k["kid"] for k in json.loads(body)["keys"]]
 
+    # The document is kept 10 s, but a key coming (told by the channel) is published at once.
+    second = await store.createInstance(
+        alice.id, image.id, scheduler_id=scheduler.id, public_jwk=json.dumps(public_jwk(generate_private_key()))
+    )
+    await store.updateInstance(second.id, state="starting")
+    _, body = await Browser(portal).get("/.well-known/jwks.json")
+    assert f"instance:{second.id}" not in [k["kid"] for k in json.loads(body)["keys"]]
+    portal.keysChanged()
+    _, body = await Browser(portal).get("/.well-known/jwks.json")
+    assert f"instance:{second.id}" in [k["kid"] for k in json.loads(body)["keys"]]
+
 
 def test_login_continuing_an_authorization_may_go_back_to_the_instance() -> None:
     """CSP form-action covers the login form's redirects: back to the instance's callback."""
