@@ -35,6 +35,9 @@ _VARIABLES: dict[str, tuple[str, bool]] = {
     "DIT4C_ROUTING": ("routing", False),
     "DIT4C_ROUTING_AUDIENCE": ("routingAudience", False),
     "DIT4C_STATE_DIR": ("stateDir", False),
+    "DIT4C_IMAGE_SERVER": ("imageServer", False),
+    "DIT4C_IMAGE_FILE": ("imageFile", False),
+    "DIT4C_IMAGE_DIGEST": ("imageDigest", False),
 }
 
 
@@ -68,6 +71,11 @@ class HelperEnvironment:
     routingAudience: str = "dit4c-routing"
     #: A directory the helpers may keep state in across restarts.
     stateDir: str | None = None
+    #: The upload helper's: the image server's base URL, the saved image
+    #: (an archive the node made) and its digest (``sha256:<hex>``).
+    imageServer: str | None = None
+    imageFile: str | None = None
+    imageDigest: str | None = None
 
     @property
     def portalBase(self) -> str:
@@ -87,6 +95,9 @@ class HelperEnvironment:
             "DIT4C_ROUTING": " ".join(self.routing) or None,
             "DIT4C_ROUTING_AUDIENCE": self.routingAudience,
             "DIT4C_STATE_DIR": self.stateDir,
+            "DIT4C_IMAGE_SERVER": self.imageServer,
+            "DIT4C_IMAGE_FILE": self.imageFile,
+            "DIT4C_IMAGE_DIGEST": self.imageDigest,
         }
         return {name: str(value) for name, value in values.items() if value is not None}
 

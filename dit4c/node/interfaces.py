@@ -46,6 +46,9 @@ class PodSpec:
     environment: Mapping[str, str] = field(default_factory=dict)
     #: The image's digest, if the portal knows it.
     digest: str | None = None
+    #: Start from a saved image: an archive that :meth:`IRuntime.capture`
+    #: made (fetched from the image server and checked against ``digest``).
+    archive: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,12 @@ class IRuntime(Interface):
 
     def stop(instance: str) -> Deferred[None]:
         """Stop every process of the pod (gracefully, then by force); keep its files."""
+
+    def capture(instance: str, archive: Path) -> Deferred[None]:
+        """
+        Write the stopped pod's saved image to ``archive``: what a later
+        ``start`` with ``PodSpec.archive`` brings back (the tool and its files).
+        """
 
     def discard(instance: str) -> Deferred[None]:
         """Remove the pod: processes, containers, mounts and its directory. Idempotent."""

@@ -40,7 +40,7 @@ from dit4c.common.keys import PrivateKey
 from dit4c.common.service import ListeningService
 from dit4c.common.tokens import IKeySource, InvalidToken, TokenVerifier
 from dit4c.listener.service import backoff
-from dit4c.node.node import ACTIVE, INode, INodeObserver, Node, NodeFull
+from dit4c.node.node import ACTIVE, INode, INodeObserver, Node, NodeFull, startFrom
 from dit4c.scheduler.channel import (
     MAX_MESSAGE,
     MAX_NONCE,
@@ -244,14 +244,7 @@ class NodeLinkServer(MultiService):
         node = self.node
         try:
             if command.op == "start":
-                port = command.params.get("port")
-                digest = command.params.get("digest")
-                d = node.start(
-                    command.instance,
-                    str(command.params.get("image") or ""),
-                    port if isinstance(port, int) else None,
-                    digest if isinstance(digest, str) else None,
-                )
+                d = startFrom(node, command)
             else:
                 d = {"stop": node.stop, "save": node.save, "discard": node.discard}[command.op](command.instance)
         except NodeFull as e:
@@ -459,12 +452,17 @@ class RemoteNode(MultiService):
     def subscribe(self, observer: INodeObserver) -> None:
         self._observers.append(observer)
 
-    def start(self, instance: str, image: str, port: int | None, digest: str | None = None) -> Deferred[None]:
+    def start(
+        self, instance: str, image: str, port: int | None, digest: str | None = None, token: str | None = None
+    ) -> Deferred[None]:
         if not self.connected or not self.accepting or self.load() >= self.capacity:
             raise NodeFull(f"node {self.nodeName} takes no instances now")
         self._statuses[instance] = InstanceStatus(instance, "starting")
         self._lost.discard(instance)
-        return self._command("start", instance, {"image": image, "port": port, "digest": digest})
+        params: dict[str, Any] = {"image": image, "port": port, "digest": digest}
+        if token is not None:
+            params["token"] = token
+        return self._command("start", instance, params)
 
     def stop(self, instance: str) -> Deferred[None]:
         return self._command("stop", instance)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,6 +29,7 @@ from dit4c.common.helperenv import HelperEnvironment
 from dit4c.common.keys import generate_private_key, public_jwk, save_private_key
 from dit4c.common.tokens import INSTANCE_ID_RE
 from dit4c.node.interfaces import IRuntime, PodSpec, RuntimeError_
+from dit4c.node.processes import PodProcess
 from dit4c.scheduler.channel import InstanceStatus
 
 __all__ = ["INode", "INodeObserver", "Node", "NodeFull"]
@@ -59,8 +61,13 @@ class INode(Interface):
     def load() -> int:
         """Instances it runs (or is starting) now."""
 
-    def start(instance: str, image: str, port: int | None, digest: str | None = None) -> Deferred[None]:
-        """Start an instance; fires once it is under way (states follow)."""
+    def start(
+        instance: str, image: str, port: int | None, digest: str | None = None, token: str | None = None
+    ) -> Deferred[None]:
+        """
+        Start an instance; fires once it is under way (states follow). A
+        saved ``image`` is an image server URL, read with ``token``.
+        """
 
     def stop(instance: str) -> Deferred[None]:
         """Stop it, keeping its files."""
@@ -113,6 +120,8 @@ class Node(Service):
         capacity: int = 8,
         startTimeout: float = 300.0,
         readyInterval: float = 0.2,
+        imageServer: str | None = None,
+        uploadCommand: list[str] | None = None,
     ) -> None:
         """
         :param directory: where pods' directories go (``<directory>/<instance>/``).
@@ -121,6 +130,9 @@ class Node(Service):
         :param routing: client endpoints of the routing servers' tunnel ports.
         :param startTimeout: seconds a tool has to answer before its start
             counts as failed.
+        :param imageServer: the image server's base URL, as this node
+            reaches it: where saved images go. None: this node cannot save.
+        :param uploadCommand: runs the upload helper (``python -m dit4c.upload``).
         """
         self.reactor = reactor
         self.runtime = runtime
@@ -133,6 +145,8 @@ class Node(Service):
         self.capacity = capacity
         self.startTimeout = startTimeout
         self.readyInterval = readyInterval
+        self.imageServer = imageServer
+        self.uploadCommand = uploadCommand or [sys.executable, "-m", "dit4c.upload"]
         #: Whether it takes new instances (administrators cool a node down before removing it).
         self.accepting = True
         self._records: dict[str, _Record] = {}
@@ -184,7 +198,9 @@ class Node(Service):
         """Each active instance's public key (JWK), to publish again after a reconnect."""
         return {r.instance: r.jwk for r in self._records.values() if r.state in ACTIVE and r.jwk is not None}
 
-    def start(self, instance: str, image: str, port: int | None, digest: str | None = None) -> Deferred[None]:
+    def start(
+        self, instance: str, image: str, port: int | None, digest: str | None = None, token: str | None = None
+    ) -> Deferred[None]:
         if INSTANCE_ID_RE.fullmatch(instance) is None:
             raise ValueError(f"not an instance id: {instance!r}")
         current = self._records.get(instance)
@@ -197,10 +213,10 @@ class Node(Service):
         self._records[instance] = record
         self._save(record)
         self._emit(record)
-        Deferred.fromCoroutine(self._start(record, stale))
+        Deferred.fromCoroutine(self._start(record, stale, token))
         return succeed(None)
 
-    async def _start(self, record: _Record, stale: bool) -> None:
+    async def _start(self, record: _Record, stale: bool, token: str | None = None) -> None:
         directory = self._podDirectory(record.instance)
         try:
             if stale:
@@ -227,8 +243,15 @@ class Node(Service):
                 routingAudience=self.routingAudience,
                 stateDir=str(directory / "state"),
             ).toEnvironment()
-            spec = PodSpec(record.instance, record.image, record.port, directory, environment, record.digest)
+            archive = None
+            if record.image.startswith(("http://", "https://")):
+                archive = await self._fetch(record, directory / "image.tar", token)
+            spec = PodSpec(
+                record.instance, record.image, record.port, directory, environment, record.digest, archive
+            )
             await self.runtime.start(spec)
+            if archive is not None:
+                archive.unlink(missing_ok=True)
         except RuntimeError_ as e:
             self._failed(record.instance, str(e))
             return
@@ -237,6 +260,39 @@ class Node(Service):
             self._failed(record.instance, "The compute node could not start this instance.")
             return
         await self._waitUntilReady(record.instance)
+
+    async def _fetch(self, record: _Record, path: Path, token: str | None) -> Path:
+        """A saved image from the image server, checked against its digest."""
+        import hashlib
+
+        import treq
+
+        if not record.digest or not record.digest.startswith("sha256:"):
+            raise RuntimeError_("The saved image has no digest to check it against.")
+        from twisted.web.http_headers import Headers
+
+        headers = Headers({"Authorization": [f"Bearer {token}"]} if token else {})
+        try:
+            response = await treq.get(record.image, headers=headers, reactor=self.reactor, timeout=60)
+        except Exception as e:
+            raise RuntimeError_(f"The image server could not be reached: {e}.") from None
+        if response.code != 200:
+            await response.content()
+            raise RuntimeError_(f"The image server would not give the saved image ({response.code}).")
+        digest = hashlib.sha256()
+        temporary = path.with_suffix(".partial")
+        with temporary.open("wb") as out:
+
+            def write(data: bytes) -> None:
+                digest.update(data)
+                out.write(data)
+
+            await treq.collect(response, write)
+        if f"sha256:{digest.hexdigest()}" != record.digest:
+            temporary.unlink(missing_ok=True)
+            raise RuntimeError_("The saved image does not match its digest; it was not started.")
+        temporary.replace(path)
+        return path
 
     async def _waitUntilReady(self, instance: str) -> None:
         deadline = self.reactor.seconds() + self.startTimeout
@@ -283,9 +339,67 @@ class Node(Service):
             self._set(instance, "errored", "The compute node could not stop this instance cleanly.")
             return
         if then == "save":
-            self._set(instance, "errored", "This compute node has no image server to save to; the instance is stopped.")
+            await self._save_image(instance)
         else:
             self._set(instance, "stopped", None)
+
+    async def _save_image(self, instance: str) -> None:
+        """Capture the stopped pod's image, and have the upload helper store and report it."""
+        import hashlib
+
+        if self.imageServer is None:
+            self._set(instance, "errored", "This compute node has no image server to save to; the instance is stopped.")
+            return
+        self._set(instance, "saving", None)
+        directory = self._podDirectory(instance)
+        archive = directory / "saved-image.tar"
+        try:
+            await self.runtime.capture(instance, archive)
+
+            def hashed() -> str:
+                digest = hashlib.sha256()
+                with archive.open("rb") as f:
+                    for block in iter(lambda: f.read(1024 * 1024), b""):
+                        digest.update(block)
+                return f"sha256:{digest.hexdigest()}"
+
+            from twisted.internet import threads
+
+            digest = await threads.deferToThread(hashed)
+        except Exception as e:
+            self.log.failure("could not capture {instance}", instance=instance)
+            archive.unlink(missing_ok=True)
+            self._set(instance, "errored", f"The instance could not be saved: {e}")
+            return
+        self._set(instance, "uploading", None)
+        record = self._records[instance]
+        environment = HelperEnvironment(
+            instance=instance,
+            keyFile=str(directory / "instance.key"),
+            portal=self.portal,
+            portalInternal=self.portalInternal or "",
+            imageServer=self.imageServer,
+            imageFile=str(archive),
+            imageDigest=digest,
+        ).toEnvironment()
+        upload = PodProcess(self.reactor, "upload", directory)
+        ended: Deferred[str | None] = Deferred()
+        upload.onExit(lambda process, reason: ended.callback(reason))
+        import os
+
+        base = {k: v for k, v in os.environ.items() if not k.startswith("DIT4C_")}
+        try:
+            upload.start(self.uploadCommand, {**base, **environment})
+        except OSError as e:
+            self._set(instance, "errored", f"The upload helper could not start: {e.strerror}.")
+            return
+        reason = await ended
+        archive.unlink(missing_ok=True)
+        if reason is None or not reason.endswith("exited with status 0."):
+            self._set(instance, "errored", f"The saved image could not be uploaded (see the node's upload log): {reason}")
+            return
+        self.log.info("{instance} saved as {digest} ({image})", instance=instance, digest=digest, image=record.image)
+        self._set(instance, "saved", None)
 
     def discard(self, instance: str) -> Deferred[None]:
         return Deferred.fromCoroutine(self._discard(instance))
@@ -351,6 +465,24 @@ class Node(Service):
         super().stopService()
         self.runtime.forget()
         return succeed(None)
+
+
+def startFrom(node: INode, command: Any) -> Deferred[None]:
+    """Start what a ``start`` command (docs/protocols.md 7.3) asks for on ``node``."""
+    params = command.params
+
+    def text(name: str) -> str | None:
+        value = params.get(name)
+        return value if isinstance(value, str) else None
+
+    port = params.get("port")
+    return node.start(
+        command.instance,
+        text("image") or "",
+        port if isinstance(port, int) and not isinstance(port, bool) else None,
+        text("digest"),
+        text("token"),
+    )
 
 
 def observer(state: Callable[[INode, InstanceStatus], object], key: Callable[[INode, str, dict[str, Any]], object]) -> INodeObserver:

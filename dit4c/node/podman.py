@@ -335,6 +335,38 @@ class PodmanRuntime:
     def pods(self) -> Deferred[list[PodStatus]]:
         return Deferred.fromCoroutine(self._list())
 
+    def capture(self, instance: str, archive: Path) -> Deferred[None]:
+        """
+        The stopped tool container, committed to an image and saved as an
+        OCI archive (``podman commit``, ``podman save``): the tool and every
+        file it wrote.
+        """
+        return Deferred.fromCoroutine(self._capture(instance, archive))
+
+    async def _capture(self, instance: str, archive: Path) -> None:
+        tag = f"localhost/dit4c-saved/{instance}:latest"
+        await self._run("commit", "--quiet", self.toolName(instance), tag, what="saving the tool's container")
+        temporary = archive.with_suffix(".partial")
+        try:
+            await self._run(
+                "save", "--quiet", "--format", "oci-archive", "--output", str(temporary), tag,
+                timeout=self.pullTimeout, what="writing the saved image",
+            )  # fmt: skip
+            temporary.replace(archive)
+        finally:
+            temporary.unlink(missing_ok=True)
+            await self._spawn([self.podman, "rmi", tag])
+
+    async def _load(self, archive: Path) -> str:
+        """A saved archive into podman's images; its reference."""
+        out = await self._run(
+            "load", "--input", str(archive), timeout=self.pullTimeout, what="loading the saved image"
+        )
+        for line in out.decode("utf-8", "replace").splitlines():
+            if line.startswith("Loaded image"):
+                return line.split(":", 1)[1].strip().split(",")[0].strip()
+        raise RuntimeError_("the saved image could not be loaded: podman named no image")
+
     def ready(self, instance: str) -> Deferred[bool]:
         """
         Whether the tool listens on its port, read from the pod's network
@@ -377,8 +409,12 @@ class PodmanRuntime:
         try:
             if await self._exists("pod", self.podName(instance)):
                 raise RuntimeError_(f"instance {instance} already has a pod on this node: discard it first")
-            await self._ensureImage(spec.image)
-            toolPort = spec.port if spec.port is not None else await self._exposedPort(spec.image)
+            image = spec.image
+            if spec.archive is not None:
+                image = await self._load(spec.archive)
+            else:
+                await self._ensureImage(image)
+            toolPort = spec.port if spec.port is not None else await self._exposedPort(image)
             authPort = self.authPort if toolPort != self.authPort else self.authPort + 1
             pod.directory.mkdir(parents=True, exist_ok=True)
             made = True
@@ -394,7 +430,7 @@ class PodmanRuntime:
                 "--label", f"{LABEL_PREFIX}={self.prefix}",
                 "--label", f"{LABEL_INSTANCE}={instance}",
                 "--label", f"{LABEL_ROLE}=tool",
-                spec.image,
+                image,
                 what="starting the tool",
             )  # fmt: skip
             self._startHelpers(pod, spec, netns, toolPort, authPort, hostPort)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from twisted.internet import threads
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
@@ -100,6 +101,56 @@ def freePort() -> int:
 
 _ROLES = ("tool", "auth", "listener")
 
+#: The member of a saved archive that says which tool it is.
+IMAGE_METADATA = ".dit4c-image.json"
+#: What ``capture`` writes: a tar of the working directory.
+IMAGE_FORMAT = "dit4c-process-archive/1"
+
+
+def _pack(work: Path, archive: Path, tool: str) -> None:
+    """Blocking: a tar of ``work`` with the metadata first (runs in a thread)."""
+    import io
+    import tarfile
+
+    temporary = archive.with_suffix(".partial")
+    with tarfile.open(temporary, "w") as tar:
+        metadata = json.dumps({"format": IMAGE_FORMAT, "tool": tool}).encode()
+        info = tarfile.TarInfo(IMAGE_METADATA)
+        info.size = len(metadata)
+        info.mode = 0o600
+        tar.addfile(info, io.BytesIO(metadata))
+        for path in sorted(work.rglob("*")):
+            if path.name == IMAGE_METADATA and path.parent == work:
+                continue
+            tar.add(path, arcname=str(path.relative_to(work)), recursive=False)
+    temporary.replace(archive)
+
+
+def _unpack(archive: Path, work: Path) -> str:
+    """
+    Blocking: a saved archive into ``work``; the tool's name. Only plain
+    files and directories inside ``work`` come out (tarfile's ``data``
+    filter: no absolute paths, no ``..``, no links out, no devices).
+    """
+    import tarfile
+
+    try:
+        with tarfile.open(archive, "r") as tar:
+            try:
+                member = tar.extractfile(IMAGE_METADATA)
+            except KeyError:
+                member = None
+            if member is None:
+                raise RuntimeError_("The saved image says nothing of its tool.")
+            metadata = json.loads(member.read())
+            if metadata.get("format") != IMAGE_FORMAT or not isinstance(metadata.get("tool"), str):
+                raise RuntimeError_("The saved image is not one this node can start.")
+            tar.extractall(work, filter="data")
+    except (tarfile.TarError, ValueError, KeyError) as e:
+        raise RuntimeError_(f"The saved image could not be unpacked: {e}.") from None
+    (work / IMAGE_METADATA).unlink(missing_ok=True)
+    return str(metadata["tool"])
+
 
 @implementer(IRuntime)
 class ProcessRuntime:
@@ -153,12 +204,18 @@ class ProcessRuntime:
             callback(instance, reason)
 
     def start(self, spec: PodSpec) -> Deferred[None]:
-        tool = self.tools.get(spec.image)
-        if tool is None:
-            raise RuntimeError_(f"This compute node has no tool called {spec.image!r}.")
+        return Deferred.fromCoroutine(self._start(spec))
+
+    async def _start(self, spec: PodSpec) -> None:
         spec.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         work = spec.directory / "work"
         work.mkdir(exist_ok=True)
+        toolName = spec.image
+        if spec.archive is not None:
+            toolName = await threads.deferToThread(_unpack, spec.archive, work)
+        tool = self.tools.get(toolName)
+        if tool is None:
+            raise RuntimeError_(f"This compute node has no tool called {toolName!r}.")
         toolPort = spec.port if spec.port is not None else freePort()
         authPort = freePort()
         processes = self._processes(spec.instance, spec.directory)
@@ -176,7 +233,7 @@ class ProcessRuntime:
             "HOME": str(work),
             **{k: v.format(port=toolPort, dir=work) for k, v in (tool.environment or {}).items()},
         }
-        (spec.directory / "pod.json").write_text(json.dumps({"tool": toolPort, "auth": authPort, "image": spec.image}))
+        (spec.directory / "pod.json").write_text(json.dumps({"tool": toolPort, "auth": authPort, "image": tool.name}))
         try:
             processes["tool"].start(tool.argv(toolPort, work), toolEnv, cwd=work)
             processes["auth"].start(self.helpers["auth"], helperEnv)
@@ -188,7 +245,15 @@ class ProcessRuntime:
         self._pods[spec.instance] = processes
         self._ports[spec.instance] = toolPort
         self.log.info("{instance}: {tool} on port {port}", instance=spec.instance, tool=tool.name, port=toolPort)
-        return succeed(None)
+
+    def capture(self, instance: str, archive: Path) -> Deferred[None]:
+        """The pod's working directory as a tar archive, with the tool's name in ``.dit4c-image.json``."""
+        directory = self.directory / instance
+        try:
+            tool = json.loads((directory / "pod.json").read_text())["image"]
+        except (OSError, ValueError, KeyError) as e:
+            raise RuntimeError_(f"Nothing to save: the instance has no pod here ({e}).") from None
+        return threads.deferToThread(_pack, directory / "work", archive, str(tool))
 
     def ready(self, instance: str) -> Deferred[bool]:
         port = self._ports.get(instance)

@@ -36,6 +36,7 @@ class Options(usage.Options):
         ["containers-conf", None, None, "podman runtime: the containers.conf to use (default: the one DIT4C ships)."],
         ["portal", None, None, "The portal's public URL (where browsers log in)."],
         ["portal-internal", None, None, "The portal's URL as pods reach it (default: --portal)."],
+        ["image-server", None, None, "The image server's base URL, where saved instances go (none: this node cannot save)."],
         ["capacity", None, 8, "Instances this node runs at once.", positiveInt],
         ["start-timeout", None, 300.0, "Seconds a tool has to answer after it starts.", positiveFloat],
     ]
@@ -105,6 +106,7 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         routing=tuple(config["routing"]),
         capacity=config["capacity"],
         startTimeout=config["start-timeout"],
+        imageServer=(config["image-server"] or "").rstrip("/") or None,
     )
     node.setServiceParent(top)
     link = NodeLinkServer(reactor, node, key, config["scheduler-keys"])

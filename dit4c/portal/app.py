@@ -133,7 +133,11 @@ class Portal:
         #: Where instance commands go (the scheduler channel).
         self.events = InstanceEvents()
         self.instances = Instances(
-            store, commands or NoChannel(), defaultQuota=config.defaultQuota, events=self.events
+            store,
+            commands or NoChannel(),
+            defaultQuota=config.defaultQuota,
+            events=self.events,
+            readToken=self._readToken,
         )
         self.sharing = Sharing(self.instances, config.publicURL)
         self.cookies = CookiePolicy(secure=config.secure, sessionLifetime=config.sessionLifetime)
@@ -440,6 +444,11 @@ class Portal:
         if cached is None or now - cached[0] >= 10:
             cached = self._jwksCache = (now, await self._publishedKeys())
         return self.json(request, {"keys": list(self.keys.publicJWKs()) + cached[1]})
+
+    def _readToken(self, image: Any) -> str:
+        from dit4c.portal.reports import imageReadToken
+
+        return imageReadToken(self, image)
 
     def keysChanged(self) -> None:
         """

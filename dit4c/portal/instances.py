@@ -10,6 +10,7 @@ refusal is an :class:`InstanceError` whose message a person can act on.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -73,9 +74,23 @@ _ACTIONS: dict[str, tuple[frozenset[str], str]] = {
 class Instances:
     log = Logger()
 
-    def __init__(self, store: Any, commands: Any, *, defaultQuota: int = 4, events: Any = None) -> None:
+    def __init__(
+        self,
+        store: Any,
+        commands: Any,
+        *,
+        defaultQuota: int = 4,
+        events: Any = None,
+        readToken: Callable[[Image], str] | None = None,
+    ) -> None:
+        """
+        :param readToken: makes the token a node fetches a saved image with
+            from the image server (docs/protocols.md 8.5); it goes in the
+            ``start`` command of an instance started from a saved image.
+        """
         from dit4c.portal.events import InstanceEvents
 
+        self.readToken = readToken
         self.store = store
         self.commands = commands
         self.defaultQuota = defaultQuota
@@ -109,7 +124,10 @@ class Instances:
         scheduler = await self._placement(user, scheduler_id)
         instance = await self.store.createInstance(user.id, image.id, scheduler_id=scheduler)
         self.events.publish(instance)
-        params = {"image": image.ref, "port": image.port, "digest": image.digest}
+        params: dict[str, Any] = {"image": image.ref, "port": image.port, "digest": image.digest}
+        if self.readToken is not None and image.owner_id is not None and image.ref.startswith(("http://", "https://")):
+            # A saved image, at the image server: the node needs leave to read it.
+            params["token"] = self.readToken(image)
         await self.commands.send(scheduler, "start", instance.id, params)
         self.log.info("{user} started {instance} from {image}", user=user.name, instance=instance.id, image=image.name)
         return instance

@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from dit4c.node.node import INode, INodeObserver, NodeFull
+from dit4c.node.node import INode, INodeObserver, NodeFull, startFrom
 from dit4c.scheduler.channel import ChannelClient, Command, InstanceStatus, ISchedulerHandler
 
 __all__ = ["Scheduler"]
@@ -60,15 +60,8 @@ class Scheduler(MultiService):
                         InstanceStatus(command.instance, "errored", "No compute node has room for this instance now.")
                     )
                     return succeed(None)
-            params = command.params
-            port = params.get("port")
             try:
-                return node.start(
-                    command.instance,
-                    str(params.get("image") or ""),
-                    port if isinstance(port, int) else None,
-                    params.get("digest") if isinstance(params.get("digest"), str) else None,
-                )
+                return startFrom(node, command)
             except NodeFull:
                 self._tell(InstanceStatus(command.instance, "errored", "The compute node has no room for it now."))
                 return succeed(None)

@@ -19,6 +19,7 @@ import secrets
 import signal
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -347,3 +348,47 @@ async def test_failures_leave_nothing_behind(runtime: PodmanRuntime, tmp_path: P
 
     assert await ourContainers() == []
     assert await runtime.pods() == []
+
+
+# -- saving and restoring ------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_capture_and_start_again_from_the_archive(runtime: PodmanRuntime, tmp_path: Path) -> None:
+    """What the tool wrote survives: commit + save to an archive, then load it into a new pod."""
+    image = await httpImage()
+    first = spec(tmp_path, image)
+    await runtime.start(first)
+    out, err, code = await podman("exec", runtime.toolName(first.instance), "sh", "-c", "echo kept > /www/kept.txt")
+    assert code == 0, err
+    await runtime.stop(first.instance)
+    archive = tmp_path / "saved.tar"
+    await runtime.capture(first.instance, archive)
+    assert archive.stat().st_size > 0
+    # The saved tag is not left behind: the archive is the image now.
+    assert (await podman("image", "exists", f"localhost/dit4c-saved/{first.instance}:latest"))[2] == 1
+    await runtime.discard(first.instance)
+
+    again = replace(spec(tmp_path, "unused-when-an-archive-is-given"), archive=archive)
+    await runtime.start(again)
+    out, err, code = await podman("exec", runtime.toolName(again.instance), "cat", "/www/kept.txt")
+    assert (out, code) == ("kept\n", 0), err
+    port = await hostPortOf(again.directory)
+
+    async def served() -> str | None:
+        try:
+            response = await treq.get(f"http://127.0.0.1:{port}/kept.txt", timeout=10)
+            return str(await response.text())
+        except ConnectError:
+            return None  # the helpers are still starting
+
+    assert await waitFor(served, what="the restored tool") == "kept\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_broken_archive_starts_nothing(runtime: PodmanRuntime, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.tar"
+    broken.write_bytes(b"not an image at all")
+    with pytest.raises(RuntimeError_, match="loading the saved image"):
+        await runtime.start(replace(spec(tmp_path, "x"), archive=broken))
+    assert (await runtime.pods()) == []

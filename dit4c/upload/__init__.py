@@ -1,0 +1,1 @@
+"""The upload helper: sends a saved instance's image to the image server and tells the portal."""

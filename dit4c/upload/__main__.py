@@ -1,0 +1,3 @@
+from dit4c.upload.helper import main
+
+main()

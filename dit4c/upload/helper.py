@@ -1,0 +1,138 @@
+"""
+``python -m dit4c.upload``: the upload helper, run by the node once it has
+captured a saved instance's image (an archive, and its digest).
+
+1. ``PUT <image server>/images/<digest>``, the archive streamed from its
+   file, with ``Authorization: Bearer <upload token>``: a token it signs with
+   the instance's key (``aud`` ``dit4c-image-upload``, the digest as a
+   claim, 300 s), which the portal accepts for this one upload while the
+   instance is saving (docs/protocols.md 8.4).
+2. ``POST <portal>/reports/image``, signed with the instance's key: the
+   image's URL and digest (8.3). The portal makes the saved image then,
+   never before the bytes are stored.
+
+Transient failures (the image server or portal away, a 5xx) are retried
+with back-off; anything else ends it. Exit status 0 means the portal has
+the image; the node reports ``saved`` only then.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater, react
+from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
+from twisted.web.client import FileBodyProducer
+from twisted.web.http_headers import Headers
+
+from dit4c.common.helperenv import HelperEnvironment, HelperEnvironmentError, fromEnvironment
+from dit4c.common.keys import load_private_key
+from dit4c.common.portalhttp import portalHTTP
+from dit4c.common.tokens import TokenSigner
+from dit4c.listener.report import REPORT_AUDIENCE
+from dit4c.listener.service import backoff
+
+__all__ = ["upload", "UploadFailed", "UPLOAD_AUDIENCE"]
+
+UPLOAD_AUDIENCE = "dit4c-image-upload"
+UPLOAD_TOKEN_LIFETIME = 300
+
+log = Logger()
+
+
+class UploadFailed(Exception):
+    """The image could not be stored or reported; the message says why."""
+
+
+class _Retry(Exception):
+    pass
+
+
+async def _attempt(reactor: Any, env: HelperEnvironment, signer: TokenSigner, timeout: float) -> str:
+    assert env.imageServer and env.imageFile and env.imageDigest
+    images, base = portalHTTP(reactor, env.imageServer, timeout=timeout, persistent=False)
+    token = signer.sign(
+        {"sub": env.instance, "digest": env.imageDigest}, audience=UPLOAD_AUDIENCE, lifetime=UPLOAD_TOKEN_LIFETIME
+    )
+    with open(env.imageFile, "rb") as image:
+        try:
+            response = await images.put(
+                f"{base}/images/{env.imageDigest}",
+                data=FileBodyProducer(image, readSize=256 * 1024),
+                headers=Headers({"Authorization": [f"Bearer {token}"], "Content-Type": ["application/octet-stream"]}),
+            )
+        except Exception as e:
+            raise _Retry(f"the image server could not be reached: {e}") from None
+        body = await response.content()
+    if response.code >= 500:
+        raise _Retry(f"the image server answered {response.code}")
+    if response.code not in (200, 201):
+        raise UploadFailed(f"the image server refused the image: {response.code} {body[:300]!r}")
+    try:
+        imageURL = str(json.loads(body)["url"])
+    except (ValueError, KeyError, TypeError):
+        raise UploadFailed("the image server's answer made no sense") from None
+    log.info("image {digest} stored at {url}", digest=env.imageDigest, url=imageURL)
+
+    portal, portalBase = portalHTTP(reactor, env.portalBase, timeout=timeout, persistent=False)
+    report = signer.sign(
+        {"sub": env.instance, "image_url": imageURL, "digest": env.imageDigest, "jti": secrets.token_urlsafe(16)},
+        audience=REPORT_AUDIENCE,
+        lifetime=120,
+    )
+    try:
+        response = await portal.post(
+            portalBase + "/reports/image",
+            data=report.encode("ascii"),
+            headers=Headers({"Content-Type": ["application/jwt"]}),
+        )
+    except Exception as e:
+        raise _Retry(f"the portal could not be reached: {e}") from None
+    body = await response.content()
+    if response.code >= 500:
+        raise _Retry(f"the portal answered {response.code}")
+    if response.code not in (200, 201):
+        raise UploadFailed(f"the portal refused the image: {response.code} {body[:300]!r}")
+    return imageURL
+
+
+async def upload(
+    reactor: Any, env: HelperEnvironment, *, attempts: int = 6, timeout: float = 600.0, retryPolicy: Any = None
+) -> str:
+    """Store the image and report it; its URL. :raises UploadFailed: it could not."""
+    if not (env.imageServer and env.imageFile and env.imageDigest):
+        raise UploadFailed("DIT4C_IMAGE_SERVER, DIT4C_IMAGE_FILE and DIT4C_IMAGE_DIGEST must be set")
+    if not Path(env.imageFile).is_file():
+        raise UploadFailed(f"no image at {env.imageFile}")
+    signer = TokenSigner(load_private_key(env.keyFile), clock=reactor)
+    policy = retryPolicy or backoff(initial=1.0, maximum=30.0)
+    for attempt in range(attempts):
+        try:
+            return await _attempt(reactor, env, signer, timeout)
+        except _Retry as e:
+            if attempt + 1 == attempts:
+                raise UploadFailed(str(e)) from None
+            delay = policy(attempt)
+            log.warn("{why}; trying again in {delay:.1f} s", why=e, delay=delay)
+            await deferLater(reactor, delay)
+    raise UploadFailed("no attempt made")
+
+
+def main() -> None:
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
+
+    async def run(reactor: Any) -> None:
+        try:
+            env = fromEnvironment()
+            url = await upload(reactor, env)
+        except (HelperEnvironmentError, UploadFailed) as e:
+            log.error("upload failed: {why}", why=e)
+            raise SystemExit(1) from None
+        log.info("saved image at {url}", url=url)
+
+    react(lambda reactor: Deferred.fromCoroutine(run(reactor)))

@@ -1,0 +1,197 @@
+"""
+Saving and restoring on a node (process runtime): the working directory
+captured as an archive, the upload helper run with what it needs, and an
+instance started again from the archive, fetched and checked by digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from standins import HELPERS, TOOLS, Watcher
+from twisted.internet import reactor
+from twisted.internet.endpoints import serverFromString
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+from twisted.web.static import File
+
+from dit4c.node.interfaces import PodSpec, RuntimeError_
+from dit4c.node.node import Node
+from dit4c.node.process import IMAGE_METADATA, ProcessRuntime, _unpack
+
+#: A stand-in upload helper: keeps a copy of the archive and what it was told, and succeeds.
+UPLOAD = [
+    sys.executable, "-c",
+    "import json, os, shutil, pathlib;"
+    "d = pathlib.Path(os.environ['DIT4C_IMAGE_FILE']).parent;"
+    "shutil.copy(os.environ['DIT4C_IMAGE_FILE'], d / 'uploaded.tar');"
+    "(d / 'upload.env').write_text(json.dumps(dict(os.environ)))",
+]  # fmt: skip
+
+
+def makeNode(directory: Path, **options: Any) -> tuple[Node, ProcessRuntime, Watcher]:
+    runtime = ProcessRuntime(reactor, directory, TOOLS, helpers=HELPERS, stopGrace=2)
+    node = Node(reactor, runtime, directory, portal="http://localhost:8000", **options)
+    watcher = Watcher()
+    node.subscribe(watcher.observer())
+    node.startService()
+    return node, runtime, watcher
+
+
+@pytest_twisted.async_yield_fixture
+async def made(tmp_path: Path) -> Any:
+    runtimes: list[ProcessRuntime] = []
+
+    def make(**options: Any) -> tuple[Node, ProcessRuntime, Watcher]:
+        node, runtime, watcher = makeNode(tmp_path / "node", **options)
+        runtimes.append(runtime)
+        return node, runtime, watcher
+
+    yield make
+    for runtime in runtimes:
+        for instance in list(runtime._pods):
+            await runtime.discard(instance)
+
+
+@pytest_twisted.ensureDeferred
+async def test_save_captures_the_work_and_runs_the_upload_helper(made: Any, tmp_path: Path) -> None:
+    node, runtime, watcher = made(imageServer="http://images.example:8600", uploadCommand=UPLOAD)
+    await node.start("abc1", "web", None)
+    await watcher.waitFor("abc1", "running")
+    pod = tmp_path / "node" / "abc1"
+    (pod / "work" / "results.csv").write_text("1,2,3\n")
+
+    await node.save("abc1")
+    await watcher.waitFor("abc1", "saved")
+    assert watcher.history("abc1")[-4:] == ["stopping", "saving", "uploading", "saved"]
+
+    told = json.loads((pod / "upload.env").read_text())
+    uploaded = (pod / "uploaded.tar").read_bytes()
+    assert told["DIT4C_IMAGE_SERVER"] == "http://images.example:8600"
+    assert told["DIT4C_IMAGE_DIGEST"] == "sha256:" + hashlib.sha256(uploaded).hexdigest()
+    assert told["DIT4C_INSTANCE"] == "abc1" and told["DIT4C_INSTANCE_KEY"] == str(pod / "instance.key")
+    assert not Path(told["DIT4C_IMAGE_FILE"]).exists(), "the archive is removed once uploaded"
+    with tarfile.open(fileobj=io.BytesIO(uploaded)) as tar:
+        assert json.loads(tar.extractfile(IMAGE_METADATA).read())["tool"] == "web"  # type: ignore[union-attr]
+        assert tar.extractfile("results.csv").read() == b"1,2,3\n"  # type: ignore[union-attr]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_upload_errors_the_instance(made: Any) -> None:
+    node, runtime, watcher = made(imageServer="http://images.example:8600", uploadCommand=[sys.executable, "-c", "raise SystemExit(3)"])
+    await node.start("abc2", "web", None)
+    await watcher.waitFor("abc2", "running")
+    await node.save("abc2")
+    errored = await watcher.waitFor("abc2", "errored")
+    assert errored.reason is not None and "could not be uploaded" in errored.reason
+    assert "exited with status 3" in errored.reason
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_image_server_no_save(made: Any) -> None:
+    node, runtime, watcher = made()
+    await node.start("abc3", "web", None)
+    await watcher.waitFor("abc3", "running")
+    await node.save("abc3")
+    errored = await watcher.waitFor("abc3", "errored")
+    assert errored.reason == "This compute node has no image server to save to; the instance is stopped."
+
+
+async def serveFiles(directory: Path) -> Any:
+    root = Resource()
+    root.putChild(b"images", File(str(directory)))
+    return await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(Site(root))
+
+
+@pytest_twisted.ensureDeferred
+async def test_restore_fetches_checks_and_unpacks(made: Any, tmp_path: Path) -> None:
+    node, runtime, watcher = made(imageServer="http://unused", uploadCommand=UPLOAD)
+    await node.start("abc4", "web", None)
+    await watcher.waitFor("abc4", "running")
+    (tmp_path / "node" / "abc4" / "work" / "notes.txt").write_text("written before the save")
+    await node.save("abc4")
+    await watcher.waitFor("abc4", "saved")
+    served = tmp_path / "served"
+    served.mkdir()
+    archive = (tmp_path / "node" / "abc4" / "uploaded.tar").read_bytes()
+    (served / "saved.tar").write_bytes(archive)
+    digest = "sha256:" + hashlib.sha256(archive).hexdigest()
+    port = await serveFiles(served)
+    try:
+        url = f"http://127.0.0.1:{port.getHost().port}/images/saved.tar"
+        # A fresh instance from the saved image: the file is there, the tool runs.
+        await node.start("abc5", url, None, digest, "read-token")
+        await watcher.waitFor("abc5", "running")
+        assert (tmp_path / "node" / "abc5" / "work" / "notes.txt").read_text() == "written before the save"
+        assert not (tmp_path / "node" / "abc5" / "work" / IMAGE_METADATA).exists()
+        # A digest that does not match: not started.
+        await node.start("abc6", url, None, "sha256:" + "0" * 64, "read-token")
+        errored = await watcher.waitFor("abc6", "errored")
+        assert errored.reason == "The saved image does not match its digest; it was not started."
+        # Not there at all.
+        await node.start("abc7", url + "-gone", None, digest, "read-token")
+        errored = await watcher.waitFor("abc7", "errored")
+        assert errored.reason == "The image server would not give the saved image (404)."
+    finally:
+        await port.stopListening()
+
+
+def evilArchive(path: Path, member: tarfile.TarInfo, data: bytes = b"x") -> None:
+    with tarfile.open(path, "w") as tar:
+        metadata = json.dumps({"format": "dit4c-process-archive/1", "tool": "web"}).encode()
+        info = tarfile.TarInfo(IMAGE_METADATA)
+        info.size = len(metadata)
+        tar.addfile(info, io.BytesIO(metadata))
+        member.size = len(data) if member.isfile() else 0
+        tar.addfile(member, io.BytesIO(data) if member.isfile() else None)
+
+
+@pytest.mark.parametrize(
+    "name, kind, target",
+    [
+        ("../escaped", tarfile.REGTYPE, ""),
+        ("/tmp/dit4c-absolute-escape", tarfile.REGTYPE, ""),
+        ("link", tarfile.SYMTYPE, "/etc/passwd"),
+        ("hard", tarfile.LNKTYPE, "/etc/passwd"),
+        ("dev", tarfile.CHRTYPE, ""),
+    ],
+)
+def test_a_saved_archive_cannot_write_outside_its_directory(tmp_path: Path, name: str, kind: bytes, target: str) -> None:
+    archive = tmp_path / "evil.tar"
+    member = tarfile.TarInfo(name)
+    member.type = kind
+    member.linkname = target
+    evilArchive(archive, member)
+    work = tmp_path / "pod" / "work"
+    work.mkdir(parents=True)
+    if name.startswith("/"):
+        # An absolute name is made relative: it lands inside.
+        _unpack(archive, work)
+        assert (work / name.lstrip("/")).is_file()
+    else:
+        with pytest.raises(RuntimeError_, match="could not be unpacked"):
+            _unpack(archive, work)
+    assert not (tmp_path / "pod" / "escaped").exists()
+    assert not Path("/tmp/dit4c-absolute-escape").exists()
+
+
+def test_an_archive_without_its_tool_is_refused(tmp_path: Path) -> None:
+    archive = tmp_path / "plain.tar"
+    with tarfile.open(archive, "w") as tar:
+        info = tarfile.TarInfo("file")
+        tar.addfile(info, io.BytesIO(b""))
+    with pytest.raises(RuntimeError_, match="says nothing of its tool"):
+        _unpack(archive, tmp_path)
+
+
+def test_runtime_spec_carries_the_archive(tmp_path: Path) -> None:
+    spec = PodSpec("abc", "web", None, tmp_path, archive=tmp_path / "a.tar")
+    assert spec.archive == tmp_path / "a.tar"
