@@ -43,6 +43,7 @@ __all__ = ["DevConfig", "DevService", "CATALOGUE"]
 #: Catalogue entries for the built-in tools: tool name → what people see.
 CATALOGUE = {
     "dit4c/notes": "Notes (a shared notepad)",
+    "dit4c/static": "Static web site (the instance's files)",
     "jupyter/lab": "JupyterLab",
 }
 

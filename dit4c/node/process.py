@@ -51,10 +51,15 @@ class Tool:
 def builtinTools() -> dict[str, Tool]:
     """
     Tools that work on a fresh machine: ``dit4c/notes`` (part of DIT4C),
-    and ``jupyter/lab`` when JupyterLab is installed.
+    ``dit4c/static`` (the working directory as a static web site), and
+    ``jupyter/lab`` when JupyterLab is installed.
     """
     tools = {
         "dit4c/notes": Tool("dit4c/notes", ("{python}", "-m", "dit4c.tools.notes", "--port", "{port}")),
+        # The instance's working directory as a plain static web site.
+        "dit4c/static": Tool(
+            "dit4c/static", ("{python}", "-m", "http.server", "{port}", "--bind", "127.0.0.1", "--directory", "{dir}")
+        ),
     }
     lab = shutil.which("jupyter-lab") or _besidePython("jupyter-lab")
     if lab:

@@ -85,3 +85,8 @@ async def test_a_tool_in_the_browser_end_to_end(processes: Any, browser: Any, de
     await browser.get(url)
     await browser.waitFor("body")
     assert "Hello, admin." not in await browser.execute("return document.body.innerText")
+
+    # A plain static site: the instance's own files, served by the tool.
+    static = await startTool(browser, dev.portal, "Static web site")
+    await browser.get(static)
+    await browser.waitForText("h1", "Directory listing for /", 30)
