@@ -20,6 +20,7 @@ scheduler = ServiceMaker(
 node = ServiceMaker(
     "DIT4C compute node", "dit4c.node.tap", "Run instances as pods (the tool and its helpers) for a scheduler.", "dit4c-node"
 )
+imageserver = ServiceMaker("DIT4C image server", "dit4c.imageserver.tap", "Store saved instance images, asking the portal about every request.", "dit4c-imageserver")
 dev = ServiceMaker(
     "DIT4C all in one", "dit4c.dev.tap", "Portal, routing server, scheduler and a compute node in one process on loopback.", "dit4c-dev"
 )

@@ -1,0 +1,14 @@
+"""
+The image server (``twistd dit4c-imageserver``): stores saved instance
+images, content-addressed by SHA-256, and asks the portal about every
+request it receives (docs/protocols.md sections 8.4 and 12).
+
+- :mod:`~dit4c.imageserver.storage`: where the bytes live
+  (:class:`~dit4c.imageserver.storage.IImageStorage`, a directory by
+  default);
+- :mod:`~dit4c.imageserver.portal`: the question to the portal;
+- :mod:`~dit4c.imageserver.web`: the HTTP side, which streams uploads to
+  storage chunk by chunk and asks before it reads an upload's body;
+- :mod:`~dit4c.imageserver.service` and :mod:`~dit4c.imageserver.tap`: the
+  twistd plugin.
+"""

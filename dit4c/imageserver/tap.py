@@ -1,0 +1,110 @@
+"""``twistd dit4c-imageserver``: options and service construction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+
+from dit4c.common.options import endpointList, positiveFloat, positiveInt
+from dit4c.common.portalhttp import isPortalAddress
+from dit4c.imageserver.service import ImageServerService
+from dit4c.imageserver.web import DEFAULT_MAX_SIZE
+
+#: The shortest secret accepted (the portal's rule, docs/protocols.md 8.4).
+MIN_SECRET = 16
+DEFAULT_LISTEN = "tcp:8600:interface=127.0.0.1"
+
+
+class Options(usage.Options):
+    synopsis = "--portal URL --secret-file PATH [options]"
+    longdesc = (
+        "Run a DIT4C image server: it stores saved instance images by their "
+        "SHA-256 (PUT/GET/HEAD/DELETE /images/sha256:<hex>) and asks the portal "
+        "(POST <portal>/reports/image-access, proving itself with the secret "
+        "shared with the portal's --image-server-secret-file) whether each "
+        "request may go ahead. It keeps no user list. Every address is a "
+        "Twisted endpoint string."
+    )
+    optParameters = [
+        ["data-dir", None, "data/images", "Directory for the images (sha256/<hex>) and unfinished uploads (tmp/)."],
+        ["portal", None, None, "The portal's URL as this server reaches it: http(s)://... (or unix:/path). Required."],
+        ["secret-file", None, None, "File holding the secret shared with the portal (at least 16 characters). Required."],
+        ["public-url", None, None, "Base URL clients use (the url of an upload's answer). Default: http://HOST:PORT of the first --listen."],
+        ["max-size", None, DEFAULT_MAX_SIZE, "Largest image accepted, in bytes.", positiveInt],
+        ["portal-timeout", None, 10.0, "Seconds to wait for the portal's answer.", positiveFloat],
+        ["idle-timeout", None, 60.0, "Seconds a connection may send nothing (a request head included) before it is closed.", positiveFloat],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, value: str) -> None:
+        """Endpoint to serve on, e.g. tcp:8600:interface=127.0.0.1 (the default). Repeatable."""
+        self["listen"].append(value)
+
+    def postOptions(self) -> None:
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
+        endpointList(self["listen"], server=True, option="listen")
+        if not self["portal"]:
+            raise usage.UsageError("--portal is required")
+        if not isPortalAddress(self["portal"]):
+            raise usage.UsageError("--portal must be an http:// or https:// URL (or unix:/path)")
+        if not self["secret-file"]:
+            raise usage.UsageError("--secret-file is required")
+        try:
+            self["secret"] = Path(self["secret-file"]).read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise usage.UsageError(f"--secret-file: {getattr(e, 'strerror', None) or e}") from None
+        if len(self["secret"]) < MIN_SECRET:
+            raise usage.UsageError(f"--secret-file: the secret must have at least {MIN_SECRET} characters")
+        if self["public-url"]:
+            self["public-url"] = self["public-url"].rstrip("/")
+            if not self["public-url"].startswith(("http://", "https://")):
+                raise usage.UsageError("--public-url must start with http:// or https://")
+        else:
+            self["public-url"] = _defaultPublicURL(self["listen"][0])
+
+
+def _defaultPublicURL(description: str) -> str | None:
+    """``http://HOST:PORT`` of a ``tcp:PORT[:interface=HOST]`` endpoint; None for port 0 or other kinds (decided once bound)."""
+    parts = description.split(":")
+    if parts[0] not in ("tcp", "tcp6") or len(parts) < 2:
+        return None
+    port, host = None, "127.0.0.1"
+    for part in parts[1:]:
+        key, sep, value = part.partition("=")
+        if not sep and port is None:
+            port = key
+        elif key == "port":
+            port = value
+        elif key == "interface" and value not in ("", "0.0.0.0", "::"):
+            host = value.replace("\\", "")
+    if port is None or not port.isdigit() or int(port) == 0:
+        return None
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def makeService(config: Options, reactor: Any = None) -> IService:
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor
+    return ImageServerService(
+        reactor,
+        endpoints=[serverFromString(reactor, e) for e in config["listen"]],
+        portal=config["portal"],
+        secret=config["secret"],
+        dataDir=config["data-dir"],
+        publicURL=config["public-url"],
+        maxSize=config["max-size"],
+        portalTimeout=config["portal-timeout"],
+        idleTimeout=config["idle-timeout"],
+    )
