@@ -1,6 +1,7 @@
 """
-The all-in-one service: portal, routing server, scheduler and one compute
-node (``process`` runtime) in one process, with the embedded defaults:
+The all-in-one service: portal, routing server, scheduler, one compute
+node (``process`` runtime) and an image server (saved instances) in one
+process, with the embedded defaults:
 SQLite in a data directory, instance URLs under ``*.localhost`` (which
 browsers send to loopback), and a catalogue of the tools this machine can
 run.
@@ -28,6 +29,7 @@ from twisted.logger import Logger
 
 from dit4c.common.keys import load_or_create_private_key, public_jwk
 from dit4c.common.tokens import JWKSKeySource, TokenVerifier
+from dit4c.imageserver.service import ImageServerService
 from dit4c.node.interfaces import IRuntime
 from dit4c.node.node import Node
 from dit4c.node.process import ProcessRuntime, Tool, builtinTools
@@ -56,6 +58,8 @@ class DevConfig:
     portalPort: int = 8000
     httpPort: int = 8080
     tunnelPort: int = 8001
+    #: Loopback port of the image server (saved instances).
+    imagePort: int = 8002
     #: The host name browsers use; instances are ``<id>.<host>``.
     host: str = "localhost"
     #: The first administrator's name (made, with a password printed once, on a fresh data directory).
@@ -93,14 +97,28 @@ class DevService(MultiService):
             dataDir.mkdir(parents=True, exist_ok=True)
             endpoints.append(serverFromString(reactor, f"unix:{socket}:mode=600:lockfile=1"))
             portalInternal = f"unix:{socket}"
+        # The image server proves itself to the portal with a secret they
+        # share; in one process, a fresh one at every start will do.
+        imageSecret = secrets.token_urlsafe(32)
         self.portal = PortalService(
             reactor,
             database="sqlite:///" + str((dataDir / "portal" / "portal.db").resolve()),
             dataDir=dataDir / "portal",
             config=PortalConfig(publicURL=config.publicURL),
             endpoints=endpoints,
+            imageServerSecret=imageSecret,
         )
         self.portal.setServiceParent(self)
+        imageServer = f"http://127.0.0.1:{config.imagePort}"
+        self.images = ImageServerService(
+            reactor,
+            endpoints=[serverFromString(reactor, f"tcp:{config.imagePort}:interface=127.0.0.1")],
+            portal=config.internalURL,
+            secret=imageSecret,
+            dataDir=dataDir / "images",
+            publicURL=imageServer,
+        )
+        self.images.setServiceParent(self)
         keys = JWKSKeySource(
             f"{config.internalURL}/.well-known/jwks.json", reactor=reactor, min_refetch=0.5, refresh=60
         )
@@ -129,6 +147,7 @@ class DevService(MultiService):
             portal=config.publicURL,
             portalInternal=portalInternal,
             routing=(f"tcp:host=127.0.0.1:port={config.tunnelPort}",),
+            imageServer=imageServer,
         )
         self.node.setServiceParent(self)
         self.scheduler = Scheduler([self.node])

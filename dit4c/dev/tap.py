@@ -20,7 +20,7 @@ def _port(value: str) -> int:
 
 
 class Options(usage.Options):
-    synopsis = "[--data-dir DIR] [--portal-port N] [--http-port N] [--tunnel-port N]"
+    synopsis = "[--data-dir DIR] [--portal-port N] [--http-port N] [--tunnel-port N] [--image-port N]"
     longdesc = (
         "Run all of DIT4C in one process on loopback: the portal "
         "(http://localhost:PORTAL-PORT), the routing server (instances at "
@@ -35,15 +35,16 @@ class Options(usage.Options):
         ["portal-port", None, 8000, "Loopback port of the portal.", _port],
         ["http-port", None, 8080, "Loopback port where instances are served.", _port],
         ["tunnel-port", None, 8001, "Loopback port listeners dial.", _port],
+        ["image-port", None, 8002, "Loopback port of the image server (saved instances).", _port],
         ["admin", None, "admin", "Name of the first administrator."],
         ["runtime", None, "process", "process (each tool as local processes) or podman (containers; add images to the catalogue at /admin/)."],
         ["podman-prefix", None, "dit4c-dev", "podman runtime: pods are named <prefix>-<instance>."],
     ]
 
     def postOptions(self) -> None:
-        ports = [self["portal-port"], self["http-port"], self["tunnel-port"]]
+        ports = [self["portal-port"], self["http-port"], self["tunnel-port"], self["image-port"]]
         if len(set(ports)) != len(ports):
-            raise usage.UsageError("--portal-port, --http-port and --tunnel-port must differ")
+            raise usage.UsageError("--portal-port, --http-port, --tunnel-port and --image-port must differ")
         if self["runtime"] not in ("process", "podman"):
             raise usage.UsageError("--runtime is process or podman")
 
@@ -60,6 +61,7 @@ def makeService(config: Options, reactor: Any = None) -> IService:
             portalPort=config["portal-port"],
             httpPort=config["http-port"],
             tunnelPort=config["tunnel-port"],
+            imagePort=config["image-port"],
             adminName=config["admin"],
             runtime=config["runtime"],
             podmanPrefix=config["podman-prefix"],

@@ -76,13 +76,14 @@ class Dev:
 
 
 async def startDev(processes: Any, dataDir: Path, *extra: str) -> Dev:
-    portalPort, httpPort, tunnelPort = freePort(), freePort(), freePort()
+    portalPort, httpPort, tunnelPort, imagePort = freePort(), freePort(), freePort(), freePort()
     process = processes(
         "dit4c-dev",
         "--data-dir", str(dataDir),
         "--portal-port", str(portalPort),
         "--http-port", str(httpPort),
         "--tunnel-port", str(tunnelPort),
+        "--image-port", str(imagePort),
         *extra,
         name="dev",
     )  # fmt: skip

@@ -9,6 +9,7 @@ instance is stopped and discarded, leaving nothing running.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from flows import addPerson, logIn, refused, startDev, startTool
+from flows import addPerson, logIn, openTool, refused, startDev, startTool
 
 from dit4c.node.processes import killRecorded, startTime
 from dit4c.testing import deferLater
@@ -90,3 +91,31 @@ async def test_a_tool_in_the_browser_end_to_end(processes: Any, browser: Any, de
     static = await startTool(browser, dev.portal, "Static web site")
     await browser.get(static)
     await browser.waitForText("h1", "Directory listing for /", 30)
+
+
+@pytest_twisted.ensureDeferred
+async def test_save_and_start_again_in_the_browser(processes: Any, browser: Any, devDir: Path) -> None:
+    """Save an instance; its image goes to the image server; a new instance from it has the work."""
+    dev = await startDev(processes, devDir)
+    await logIn(browser, dev.portal, "admin", await dev.adminPassword())
+    url = await startTool(browser, dev.portal, "Notes")
+    instance = url.split("//")[1].split(".")[0]
+    await openTool(browser, url, "Hello, admin.")
+    await browser.waitForText("#status", "connected", 15)
+    await browser.fill("#note", "written before the save")
+    await browser.click("#add button")
+    await browser.waitForText("#notes li", "written before the save", 15)
+
+    await browser.get(dev.portal + "/")
+    await browser.click(f'tr[data-instance="{instance}"] button.save')
+    await browser.waitFor(f'tr[data-instance="{instance}"] td.state[data-state="saved"]', 60)
+    assert podProcesses(dev.dataDir) == []
+
+    # The image server holds it under its digest, and the portal lists it as the admin's.
+    stored = list((dev.dataDir / "images" / "sha256").iterdir())
+    assert len(stored) == 1
+    assert hashlib.sha256(stored[0].read_bytes()).hexdigest() == stored[0].name
+    restored = await startTool(browser, dev.portal, "Notes (a shared notepad) (saved")
+    assert restored != url
+    await openTool(browser, restored, "Hello, admin.")
+    await browser.waitForText("#notes li", "written before the save", 15)
