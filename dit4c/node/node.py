@@ -22,6 +22,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
@@ -31,6 +32,7 @@ from dit4c.common.tokens import INSTANCE_ID_RE
 from dit4c.node.interfaces import IRuntime, PodSpec, RuntimeError_
 from dit4c.node.processes import PodProcess
 from dit4c.scheduler.channel import InstanceStatus
+from dit4c.upload.helper import progressFile
 
 __all__ = ["INode", "INodeObserver", "Node", "NodeFull"]
 
@@ -294,6 +296,18 @@ class Node(Service):
         temporary.replace(path)
         return path
 
+    def _uploadProgress(self, instance: str, progress: Path) -> None:
+        """How much of a saved image the upload helper has sent, shown to the person."""
+        try:
+            counts = json.loads(progress.read_text())
+            sent, total = int(counts["sent"]), int(counts["total"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        reason = f"{sent / 1e6:.1f} of {total / 1e6:.1f} MB sent to the image server"
+        record = self._records.get(instance)
+        if record is not None and record.state == "uploading" and record.reason != reason:
+            self._set(instance, "uploading", reason)
+
     async def _waitUntilReady(self, instance: str) -> None:
         deadline = self.reactor.seconds() + self.startTimeout
         while self._state(instance) == "starting":
@@ -393,8 +407,15 @@ class Node(Service):
         except OSError as e:
             self._set(instance, "errored", f"The upload helper could not start: {e.strerror}.")
             return
-        reason = await ended
+        watch = LoopingCall(self._uploadProgress, instance, progressFile(str(archive)))
+        watch.clock = self.reactor
+        watch.start(1.0, now=False)
+        try:
+            reason = await ended
+        finally:
+            watch.stop()
         archive.unlink(missing_ok=True)
+        progressFile(str(archive)).unlink(missing_ok=True)
         if reason is None or not reason.endswith("exited with status 0."):
             self._set(instance, "errored", f"The saved image could not be uploaded (see the node's upload log): {reason}")
             return

@@ -19,6 +19,7 @@ the image; the node reports ``saved`` only then.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import sys
 from pathlib import Path
@@ -53,6 +54,45 @@ class _Retry(Exception):
     pass
 
 
+def progressFile(imageFile: str) -> Path:
+    """Where the helper keeps ``{"sent": bytes, "total": bytes}`` for the node to show."""
+    return Path(imageFile + ".progress")
+
+
+class _Counting:
+    """A file whose reads are counted into the progress file (at most twice a second)."""
+
+    def __init__(self, f: Any, progress: Path, clock: Any) -> None:
+        self._f = f
+        self._progress = progress
+        self._clock = clock
+        self._total = os.fstat(f.fileno()).st_size
+        self._sent = 0
+        self._written = -1.0
+
+    def read(self, size: int = -1) -> bytes:
+        data: bytes = self._f.read(size)
+        self._sent += len(data)
+        now = self._clock.seconds()
+        if not data or now - self._written >= 0.5:
+            self._written = now
+            temporary = self._progress.with_suffix(".tmp")
+            temporary.write_text(json.dumps({"sent": self._sent, "total": self._total}))
+            temporary.replace(self._progress)
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        result: int = self._f.seek(offset, whence)
+        return result
+
+    def tell(self) -> int:
+        result: int = self._f.tell()
+        return result
+
+    def close(self) -> None:
+        self._f.close()
+
+
 async def _attempt(reactor: Any, env: HelperEnvironment, signer: TokenSigner, timeout: float) -> str:
     assert env.imageServer and env.imageFile and env.imageDigest
     images, base = portalHTTP(reactor, env.imageServer, timeout=timeout, persistent=False)
@@ -63,7 +103,7 @@ async def _attempt(reactor: Any, env: HelperEnvironment, signer: TokenSigner, ti
         try:
             response = await images.put(
                 f"{base}/images/{env.imageDigest}",
-                data=FileBodyProducer(image, readSize=256 * 1024),
+                data=FileBodyProducer(_Counting(image, progressFile(env.imageFile), reactor), readSize=256 * 1024),
                 headers=Headers({"Authorization": [f"Bearer {token}"], "Content-Type": ["application/octet-stream"]}),
             )
         except Exception as e:

@@ -195,3 +195,21 @@ def test_an_archive_without_its_tool_is_refused(tmp_path: Path) -> None:
 def test_runtime_spec_carries_the_archive(tmp_path: Path) -> None:
     spec = PodSpec("abc", "web", None, tmp_path, archive=tmp_path / "a.tar")
     assert spec.archive == tmp_path / "a.tar"
+
+
+@pytest_twisted.ensureDeferred
+async def test_upload_progress_is_shown(made: Any) -> None:
+    """The helper's count of bytes sent reaches the person, as the state's reason."""
+    slow = [
+        sys.executable, "-c",
+        "import json, os, time;"
+        "open(os.environ['DIT4C_IMAGE_FILE'] + '.progress', 'w').write(json.dumps({'sent': 5000000, 'total': 10000000}));"
+        "time.sleep(1.6)",
+    ]  # fmt: skip
+    node, runtime, watcher = made(imageServer="http://images.example:8600", uploadCommand=slow)
+    await node.start("abc8", "web", None)
+    await watcher.waitFor("abc8", "running")
+    await node.save("abc8")
+    await watcher.waitFor("abc8", "saved")
+    reasons = [s.reason for s in watcher.states if s.instance == "abc8" and s.state == "uploading"]
+    assert "5.0 of 10.0 MB sent to the image server" in reasons
