@@ -359,6 +359,27 @@ class Portal:
             return await self.homePage(request, who, e.status, error=str(e))
         return self.redirect(request, "/")
 
+    @app.route("/images/<image_id>/<action>", methods=["POST"])
+    async def imageAction(self, request: IRequest, image_id: str, action: str) -> bytes:
+        """A saved image's owner shares it with someone, or deletes it."""
+        from dit4c.portal.instances import InstanceError
+
+        who = await self.loggedIn(request)
+        if who is None:
+            return self.redirect(request, "/login")
+        if not self.csrfOK(request, who.session.csrf):
+            return await self.homePage(request, who, 400, error="The form expired; try again.")
+        try:
+            if action == "share":
+                await self.sharing.shareImage(who.user, image_id, self.arg(request, "user") or "")
+            elif action == "delete":
+                await self.sharing.deleteImage(who.user, image_id)
+            else:
+                return await self.homePage(request, who, 404, error="There is no such action.")
+        except InstanceError as e:
+            return await self.homePage(request, who, e.status, error=str(e))
+        return self.redirect(request, "/")
+
     @app.route("/login", methods=["GET"])
     async def loginPage(self, request: IRequest) -> bytes:
         if await self.loggedIn(request) is not None:

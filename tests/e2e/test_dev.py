@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from flows import addPerson, logIn, openTool, refused, startDev, startTool
+from flows import addPerson, logIn, openTool, otherBrowser, refused, startDev, startTool
 
 from dit4c.node.processes import killRecorded, startTime
 from dit4c.testing import deferLater
@@ -119,3 +119,25 @@ async def test_save_and_start_again_in_the_browser(processes: Any, browser: Any,
     assert restored != url
     await openTool(browser, restored, "Hello, admin.")
     await browser.waitForText("#notes li", "written before the save", 15)
+
+    # Shared with bob, who starts his own instance from it and finds the note.
+    bobsPassword = await addPerson(browser, dev.portal, "bob")
+    await browser.get(dev.portal + "/")
+    await browser.fill("#saved-images form.share input[name=user]", "bob")
+    await browser.click("#saved-images button.share-image")
+    await browser.waitFor("#saved-images")
+    bob = await otherBrowser()
+    try:
+        await logIn(bob, dev.portal, "bob", bobsPassword)
+        bobs = await startTool(bob, dev.portal, "Notes (a shared notepad) (saved")
+        await openTool(bob, bobs, "Hello, bob.")
+        await bob.waitForText("#notes li", "written before the save", 15)
+    finally:
+        await bob.stop()
+
+    # The owner deletes it: nobody can start it any more.
+    await browser.get(dev.portal + "/")
+    await browser.click("#saved-images button.delete-image")
+    await browser.waitFor("#start-button")
+    names = await browser.execute("return [...document.querySelectorAll('#image option')].map(o => o.text)")
+    assert not [name for name in names if "(saved" in name], names

@@ -129,3 +129,34 @@ async def test_share_links_from_the_page(api: Portal) -> None:
     response, _ = await alice.post(f"/instances/{instance.id}/revoke-link", {"csrf": csrfOf(page), "link": link})
     assert response.code == 303
     assert not await api.store.mayUseInstance(bobsID, instance.id)
+
+
+@pytest_twisted.ensureDeferred
+async def test_saved_images_are_shared_and_deleted_from_the_page(api: Portal) -> None:
+    store = api.store
+    alice = await store.userByName("alice")
+    saved = await store.createImage("My work", "http://images.test/images/sha256:" + "a" * 64,
+                                    owner_id=alice.id, digest="sha256:" + "a" * 64)  # fmt: skip
+    browser = Browser(api)
+    await logIn(browser)
+    _, page = await browser.get("/")
+    assert f'data-image="{saved.id}"' in page
+
+    # CSRF first: a forged form changes nothing.
+    response, _ = await browser.post(f"/images/{saved.id}/delete", {"csrf": "forged"})
+    assert response.code == 400 and not (await store.imageById(saved.id)).deleted
+
+    response, _ = await browser.post(f"/images/{saved.id}/share", {"csrf": csrfOf(page), "user": "bob"})
+    assert response.code == 303
+    bob = Browser(api)
+    await logIn(bob, "bob", "bobs password!")
+    _, bobsPage = await bob.get("/")
+    assert "My work" in bobsPage and f'data-image="{saved.id}"' not in bobsPage  # his to use, not to manage
+    response, refusal = await bob.post(f"/images/{saved.id}/delete", {"csrf": csrfOf(bobsPage)})
+    assert response.code == 404 and "no such saved image of yours" in refusal
+    assert not (await store.imageById(saved.id)).deleted
+
+    response, _ = await browser.post(f"/images/{saved.id}/delete", {"csrf": csrfOf(page)})
+    assert response.code == 303 and (await store.imageById(saved.id)).deleted
+    _, bobsPage = await bob.get("/")
+    assert "My work" not in bobsPage
