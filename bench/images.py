@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""
+Saving and restoring a big instance: save (capture, hash, upload to the
+image server, report) and restore (fetch, check the digest, unpack, start)
+of an instance holding ``--size`` MiB (default 1024) of incompressible
+data, through ``twistd dit4c-dev`` as a user runs it (process runtime).
+
+Side by side, in the same run, the same bytes moved by plain tools on the
+same disk: ``tar`` of the working directory piped to ``sha256sum`` (what
+a save must at least do), ``curl`` of the file from a plain local HTTP
+server (``python -m http.server``) into a file (what a restore must at
+least move), and ``tar`` extracting the archive. It prints seconds and
+MB/s (10^6 bytes); it never passes or fails.
+
+    python bench/images.py                # 1 GiB
+    python bench/images.py --size 256 --runs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from start import Browser, Dev, api, logIn  # noqa: E402
+
+from dit4c.node.process import freePort  # noqa: E402
+
+
+def waitFor(browser: Browser, dev: Dev, csrf: str, instance: str, states: set[str], limit: float = 1800) -> str:
+    began = time.monotonic()
+    while True:
+        state = api(browser, dev, csrf, "GET", f"/instances/{instance}")
+        if state["state"] in states:
+            return str(state["state"])
+        if state["state"] == "errored":
+            raise RuntimeError(f"{instance} errored: {state.get('reason')}")
+        if time.monotonic() - began > limit:
+            raise RuntimeError(f"{instance} still {state['state']} after {limit} s")
+        time.sleep(0.05)
+
+
+def makeData(path: Path, mib: int) -> None:
+    with path.open("wb") as f:
+        for _ in range(mib):
+            f.write(os.urandom(1024 * 1024))
+
+
+def ours(dev: Dev, browser: Browser, csrf: str, mib: int) -> tuple[float, float]:
+    images = api(browser, dev, csrf, "GET", "/images")
+    notes = next(i["id"] for i in images if i["name"].startswith("Notes"))
+    instance = api(browser, dev, csrf, "POST", "/instances", {"image": notes})["id"]
+    waitFor(browser, dev, csrf, instance, {"running"})
+    makeData(dev.directory / "node" / instance / "work" / "data.bin", mib)
+    subprocess.run(["sync"], check=True)
+
+    began = time.monotonic()
+    api(browser, dev, csrf, "POST", f"/instances/{instance}/save")
+    waitFor(browser, dev, csrf, instance, {"saved"})
+    saved = time.monotonic() - began
+
+    mine = [i for i in api(browser, dev, csrf, "GET", "/images") if i["mine"]]
+    image = mine[-1]["id"]
+    began = time.monotonic()
+    restored = api(browser, dev, csrf, "POST", "/instances", {"image": image})["id"]
+    waitFor(browser, dev, csrf, restored, {"running"})
+    restoredIn = time.monotonic() - began
+    assert (dev.directory / "node" / restored / "work" / "data.bin").stat().st_size == mib * 1024 * 1024
+
+    api(browser, dev, csrf, "POST", f"/instances/{restored}/stop")
+    waitFor(browser, dev, csrf, restored, {"stopped"})
+    for each in (restored, instance):
+        api(browser, dev, csrf, "POST", f"/instances/{each}/discard")
+    api(browser, dev, csrf, "DELETE", f"/images/{image}")
+    return saved, restoredIn
+
+
+def plain(directory: Path, mib: int) -> tuple[float, float, float]:
+    work = directory / "plain-work"
+    work.mkdir()
+    makeData(work / "data.bin", mib)
+    archive = directory / "plain.tar"
+    subprocess.run(["sync"], check=True)
+    began = time.monotonic()
+    subprocess.run(f"tar -C {work} -cf - . | tee {archive} | sha256sum > /dev/null", shell=True, check=True)
+    packed = time.monotonic() - began
+
+    port = freePort()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(directory)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        time.sleep(0.5)
+        began = time.monotonic()
+        subprocess.run(
+            ["curl", "-sf", "-o", str(directory / "fetched.tar"), f"http://127.0.0.1:{port}/plain.tar"], check=True
+        )
+        fetched = time.monotonic() - began
+    finally:
+        server.terminate()
+        server.wait()
+    out = directory / "plain-out"
+    out.mkdir()
+    began = time.monotonic()
+    subprocess.run(["tar", "-C", str(out), "-xf", str(directory / "fetched.tar")], check=True)
+    unpacked = time.monotonic() - began
+    for path in (work, out):
+        shutil.rmtree(path)
+    for path in (archive, directory / "fetched.tar"):
+        path.unlink()
+    return packed, fetched, unpacked
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=1024, help="MiB of data in the instance")
+    parser.add_argument("--runs", type=int, default=2)
+    options = parser.parse_args()
+    mib = options.size
+    megabytes = mib * 1024 * 1024 / 1e6
+    directory = Path(tempfile.mkdtemp(prefix="dit4c-bench-images-"))
+    saves, restores, packs, fetches, unpacks = [], [], [], [], []
+    try:
+        dev = Dev("process", directory)
+        try:
+            browser = Browser()
+            csrf = logIn(browser, dev)
+            for run in range(options.runs):
+                saved, restored = ours(dev, browser, csrf, mib)
+                saves.append(saved)
+                restores.append(restored)
+                packed, fetched, unpacked = plain(directory, mib)
+                packs.append(packed)
+                fetches.append(fetched)
+                unpacks.append(unpacked)
+                print(f"run {run + 1}: save {saved:.1f} s, restore {restored:.1f} s; "
+                      f"tar+sha256 {packed:.1f} s, curl {fetched:.1f} s, untar {unpacked:.1f} s", file=sys.stderr)  # fmt: skip
+        finally:
+            dev.stop()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+    def row(name: str, values: list[float]) -> str:
+        median = statistics.median(values)
+        return f"| {name} | {median:.1f} | {megabytes / median:.0f} | {min(values):.1f} | {max(values):.1f} |"
+
+    print(f"| {mib} MiB, {options.runs} runs | median s | MB/s | min s | max s |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    print(row("dit4c save: click to `saved` (capture, hash, upload, report)", saves))
+    print(row("dit4c restore: start to `running` (fetch, check, unpack, start)", restores))
+    print(row("plain: tar piped to tee and sha256sum, same directory", packs))
+    print(row("plain: curl from python -m http.server", fetches))
+    print(row("plain: tar -x of the archive", unpacks))
+    print(row("plain: curl + tar -x (a restore's floor)", [f + u for f, u in zip(fetches, unpacks, strict=True)]))
+
+
+if __name__ == "__main__":
+    main()
