@@ -77,10 +77,12 @@ class IRuntime(Interface):
     def stop(instance: str) -> Deferred[None]:
         """Stop every process of the pod (gracefully, then by force); keep its files."""
 
-    def capture(instance: str, archive: Path) -> Deferred[None]:
+    def capture(instance: str, archive: Path) -> Deferred[str | None]:
         """
         Write the stopped pod's saved image to ``archive``: what a later
-        ``start`` with ``PodSpec.archive`` brings back (the tool and its files).
+        ``start`` with ``PodSpec.archive`` brings back (the tool and its
+        files). Fires with its digest (``sha256:<hex>``) if the runtime
+        hashed it on the way, else None.
         """
 
     def discard(instance: str) -> Deferred[None]:

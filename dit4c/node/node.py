@@ -368,7 +368,7 @@ class Node(Service):
         directory = self._podDirectory(instance)
         archive = directory / "saved-image.tar"
         try:
-            await self.runtime.capture(instance, archive)
+            captured = await self.runtime.capture(instance, archive)
 
             def hashed() -> str:
                 digest = hashlib.sha256()
@@ -379,7 +379,7 @@ class Node(Service):
 
             from twisted.internet import threads
 
-            digest = await threads.deferToThread(hashed)
+            digest = captured if captured is not None else await threads.deferToThread(hashed)
         except Exception as e:
             self.log.failure("could not capture {instance}", instance=instance)
             archive.unlink(missing_ok=True)

@@ -335,7 +335,7 @@ class PodmanRuntime:
     def pods(self) -> Deferred[list[PodStatus]]:
         return Deferred.fromCoroutine(self._list())
 
-    def capture(self, instance: str, archive: Path) -> Deferred[None]:
+    def capture(self, instance: str, archive: Path) -> Deferred[str | None]:
         """
         The stopped tool container, committed to an image and saved as an
         OCI archive (``podman commit``, ``podman save``): the tool and every
@@ -343,7 +343,7 @@ class PodmanRuntime:
         """
         return Deferred.fromCoroutine(self._capture(instance, archive))
 
-    async def _capture(self, instance: str, archive: Path) -> None:
+    async def _capture(self, instance: str, archive: Path) -> str | None:
         tag = f"localhost/dit4c-saved/{instance}:latest"
         await self._run("commit", "--quiet", self.toolName(instance), tag, what="saving the tool's container")
         temporary = archive.with_suffix(".partial")
@@ -356,6 +356,7 @@ class PodmanRuntime:
         finally:
             temporary.unlink(missing_ok=True)
             await self._spawn([self.podman, "rmi", tag])
+        return None  # podman wrote it: the node hashes it
 
     async def _load(self, archive: Path) -> str:
         """A saved archive into podman's images; its reference."""

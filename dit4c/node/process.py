@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -112,13 +112,14 @@ IMAGE_METADATA = ".dit4c-image.json"
 IMAGE_FORMAT = "dit4c-process-archive/1"
 
 
-def _pack(work: Path, archive: Path, tool: str) -> None:
-    """Blocking: a tar of ``work`` with the metadata first (runs in a thread)."""
+def _pack(work: Path, archive: Path, tool: str) -> str:
+    """Blocking: a tar of ``work`` with the metadata first (runs in a thread); its digest."""
     import io
     import tarfile
 
     temporary = archive.with_suffix(".partial")
-    with tarfile.open(temporary, "w") as tar:
+    hashing = _Hashing(temporary.open("wb"))
+    with hashing.raw, tarfile.open(fileobj=cast(Any, hashing), mode="w") as tar:
         metadata = json.dumps({"format": IMAGE_FORMAT, "tool": tool}).encode()
         info = tarfile.TarInfo(IMAGE_METADATA)
         info.size = len(metadata)
@@ -128,7 +129,32 @@ def _pack(work: Path, archive: Path, tool: str) -> None:
             if path.name == IMAGE_METADATA and path.parent == work:
                 continue
             tar.add(path, arcname=str(path.relative_to(work)), recursive=False)
+        tar.close()
+    digest = f"sha256:{hashing.digest.hexdigest()}"
     temporary.replace(archive)
+    return digest
+
+
+class _Hashing:
+    """A file written through, hashed on the way (one pass over a big archive, not two)."""
+
+    def __init__(self, raw: Any) -> None:
+        import hashlib
+
+        self.raw = raw
+        self.digest = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        written: int = self.raw.write(data)
+        return written
+
+    def tell(self) -> int:
+        position: int = self.raw.tell()
+        return position
+
+    def close(self) -> None:
+        pass  # the raw file is closed by its own context
 
 
 def _unpack(archive: Path, work: Path) -> str:
@@ -251,8 +277,11 @@ class ProcessRuntime:
         self._ports[spec.instance] = toolPort
         self.log.info("{instance}: {tool} on port {port}", instance=spec.instance, tool=tool.name, port=toolPort)
 
-    def capture(self, instance: str, archive: Path) -> Deferred[None]:
-        """The pod's working directory as a tar archive, with the tool's name in ``.dit4c-image.json``."""
+    def capture(self, instance: str, archive: Path) -> Deferred[str | None]:
+        """
+        The pod's working directory as a tar archive, with the tool's name
+        in ``.dit4c-image.json``; its digest (hashed as it is written).
+        """
         directory = self.directory / instance
         try:
             tool = json.loads((directory / "pod.json").read_text())["image"]
