@@ -12,7 +12,7 @@ setup(
     package_data={"dit4c": ["py.typed", "portal/templates/*.html", "portal/static/*"], "twisted": ["plugins/dit4c_plugins.py"]},
     include_package_data=True,
     install_requires=[
-        "twisted[tls]>=24.7",
+        "twisted[tls,conch]>=24.7",  # conch: the file server speaks SFTP
         "klein>=24.8",
         "treq>=24.9",
         "autobahn>=24.4",

@@ -38,6 +38,9 @@ _VARIABLES: dict[str, tuple[str, bool]] = {
     "DIT4C_IMAGE_SERVER": ("imageServer", False),
     "DIT4C_IMAGE_FILE": ("imageFile", False),
     "DIT4C_IMAGE_DIGEST": ("imageDigest", False),
+    "DIT4C_FILE_SERVER": ("fileServer", False),
+    "DIT4C_FILE_SERVER_HOST_KEY": ("fileServerHostKey", False),
+    "DIT4C_STORAGE_MOUNT": ("storageMount", False),
 }
 
 
@@ -76,6 +79,13 @@ class HelperEnvironment:
     imageServer: str | None = None
     imageFile: str | None = None
     imageDigest: str | None = None
+    #: The storage helper's: the file server (``host:port``, or a client
+    #: endpoint ``tcp:host=H:port=P``), its SSH host key (a public key or
+    #: known_hosts line, or the path of a file holding one) and the
+    #: directory to mount the person's storage at.
+    fileServer: str | None = None
+    fileServerHostKey: str | None = None
+    storageMount: str | None = None
 
     @property
     def portalBase(self) -> str:
@@ -98,6 +108,9 @@ class HelperEnvironment:
             "DIT4C_IMAGE_SERVER": self.imageServer,
             "DIT4C_IMAGE_FILE": self.imageFile,
             "DIT4C_IMAGE_DIGEST": self.imageDigest,
+            "DIT4C_FILE_SERVER": self.fileServer,
+            "DIT4C_FILE_SERVER_HOST_KEY": self.fileServerHostKey,
+            "DIT4C_STORAGE_MOUNT": self.storageMount,
         }
         return {name: str(value) for name, value in values.items() if value is not None}
 

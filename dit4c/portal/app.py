@@ -17,6 +17,7 @@ from urllib.parse import quote
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from klein import Klein
+from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
@@ -139,7 +140,7 @@ class Portal:
             events=self.events,
             readToken=self._readToken,
         )
-        self.sharing = Sharing(self.instances, config.publicURL)
+        self.sharing = Sharing(self.instances, config.publicURL, removeBytes=self._removeImageBytes)
         self.cookies = CookiePolicy(secure=config.secure, sessionLifetime=config.sessionLifetime)
         self.templates = Environment(
             loader=PackageLoader("dit4c.portal", "templates"),
@@ -470,6 +471,33 @@ class Portal:
         from dit4c.portal.reports import imageReadToken
 
         return imageReadToken(self, image)
+
+    def _removeImageBytes(self, image: Any) -> Deferred[None]:
+        """
+        ``DELETE`` a deleted saved image's bytes at the image server, with a
+        delete token the portal signs for that digest (60 s); the image
+        server asks the portal, which allows it only while no saved image
+        has that digest (docs/protocols.md 8.4).
+        """
+        import treq
+        from twisted.web.http_headers import Headers
+
+        from dit4c.portal.reports import DELETE_AUDIENCE
+
+        token = self.keys.signer().sign(
+            {"sub": image.digest, "digest": image.digest}, audience=DELETE_AUDIENCE, lifetime=60
+        )
+
+        async def remove() -> None:
+            response = await treq.delete(
+                image.ref, headers=Headers({"Authorization": [f"Bearer {token}"]}), timeout=10
+            )
+            await response.content()
+            if response.code not in (204, 404):
+                raise RuntimeError(f"the image server answered {response.code}")
+            self.log.info("removed the bytes of deleted image {image} ({digest})", image=image.id, digest=image.digest)
+
+        return Deferred.fromCoroutine(remove())
 
     def keysChanged(self) -> None:
         """

@@ -194,10 +194,23 @@ class Instances:
 class Sharing:
     """Share links to instances, and saved images shared with people."""
 
-    def __init__(self, instances: Instances, publicURL: str) -> None:
+    log = Logger()
+
+    def __init__(
+        self,
+        instances: Instances,
+        publicURL: str,
+        *,
+        removeBytes: Callable[[Image], Deferred[None]] | None = None,
+    ) -> None:
+        """
+        :param removeBytes: asks the image server to remove a deleted saved
+            image's bytes (when no other saved image has the same digest).
+        """
         self.instances = instances
         self.store = instances.store
         self.publicURL = publicURL
+        self.removeBytes = removeBytes
 
     async def createLink(self, user: User, instance_id: str) -> tuple[Any, str]:
         """A new link (shown once) that lets whoever follows it, logged in, use the instance."""
@@ -237,6 +250,18 @@ class Sharing:
     async def deleteImage(self, user: User, image_id: str) -> None:
         image = await self.ownedImage(user, image_id)
         await self.store.deleteImage(image.id)
+        if self.removeBytes is None or not image.digest or not image.ref.startswith(("http://", "https://")):
+            return
+        if await self.store.findImages(image.digest):
+            return  # someone else saved the same bytes: they stay
+        try:
+            await self.removeBytes(image)
+        except Exception as e:
+            # The record is gone either way; the bytes wait for an administrator.
+            self.log.warn(
+                "the image server kept the bytes of deleted image {image} ({digest}): {error}",
+                image=image.id, digest=image.digest, error=str(e),
+            )  # fmt: skip
 
 
 def isActive(instance: Instance) -> bool:

@@ -13,6 +13,9 @@ Mounted by the portal at ``/reports/``:
   whether a request it received may go ahead, passing along that request's
   credentials. It proves itself with a secret shared with the portal; a
   portal configured without one has no such endpoint (404).
+- ``POST /reports/file-access``: the file server, server to server, asks
+  whose storage an instance may reach (its owner's, while it is active),
+  proving itself the same way with a secret of its own.
 
 A report's body is a JWT signed with the instance's own private key: the
 portal checks it against the instance's public key in its store (set by
@@ -47,6 +50,8 @@ from dit4c.portal.store.errors import Conflict, NotFound
 from dit4c.portal.store.model import ACTIVE_STATES, Image, Instance, User
 
 __all__ = [
+    "DELETE_AUDIENCE",
+    "FILE_SERVER_HEADER",
     "IMAGE_SERVER_HEADER",
     "MAX_BODY",
     "MAX_REPORT_LIFETIME",
@@ -67,6 +72,8 @@ REPORT_AUDIENCE = "dit4c-portal-report"
 UPLOAD_AUDIENCE = "dit4c-image-upload"
 #: The audience of the read tokens the portal signs for a scheduler / node.
 READ_AUDIENCE = "dit4c-image-read"
+#: The ``aud`` of the token the portal signs to have a deleted image's bytes removed.
+DELETE_AUDIENCE = "dit4c-image-delete"
 
 #: The largest request body read: a report is a JWT of a few hundred bytes.
 MAX_BODY = 16 * 1024
@@ -87,7 +94,9 @@ SAVE_STATES: tuple[str, ...] = ("saving", "uploading")
 
 #: The header with which the image server proves itself.
 IMAGE_SERVER_HEADER = b"x-dit4c-image-server"
-#: The shortest image server secret accepted (bytes).
+#: The header with which the file server proves itself.
+FILE_SERVER_HEADER = b"x-dit4c-file-server"
+#: The shortest image server (or file server) secret accepted (bytes).
 MIN_SECRET = 16
 
 #: Personal API tokens look like this (``IStore.createApiToken``); anything else is taken for a JWT.
@@ -302,6 +311,14 @@ def _deny(reason: str) -> Decision:
     return Decision(False, reason)
 
 
+def _proven(given: bytes | None, secretHash: bytes) -> bool:
+    """Whether ``given`` is the secret whose SHA-256 is ``secretHash``."""
+    # Hashes of equal length, compared in constant time: neither the
+    # secret's bytes nor its length show in the time taken.
+    offered = hashlib.sha256((given or b"").strip()).digest()
+    return hmac.compare_digest(offered, secretHash) and bool(given)
+
+
 class Reports:
     """
     The report endpoints and the image server's question, as a Klein app to
@@ -338,10 +355,15 @@ class Reports:
         self.instanceDomains = None if instanceDomains is None else tuple(d.lower().strip(".") for d in instanceDomains)
         self._secretHash: bytes | None = None
         self.setImageServerSecret(imageServerSecret)
+        self._fileSecretHash: bytes | None = None
         from dit4c.portal.keys import KeyRingKeySource
 
         self._readTokens = TokenVerifier(
             KeyRingKeySource(portal.keys), audience=READ_AUDIENCE, issuer=portal.keys.issuer,
+            leeway=LEEWAY, clock=self.clock,
+        )  # fmt: skip
+        self._deleteTokens = TokenVerifier(
+            KeyRingKeySource(portal.keys), audience=DELETE_AUDIENCE, issuer=portal.keys.issuer,
             leeway=LEEWAY, clock=self.clock,
         )  # fmt: skip
 
@@ -358,10 +380,18 @@ class Reports:
 
     def _imageServerProven(self, given: bytes | None) -> bool:
         assert self._secretHash is not None
-        # Hashes of equal length, compared in constant time: neither the
-        # secret's bytes nor its length show in the time taken.
-        offered = hashlib.sha256((given or b"").strip()).digest()
-        return hmac.compare_digest(offered, self._secretHash) and bool(given)
+        return _proven(given, self._secretHash)
+
+    def setFileServerSecret(self, secret: str | bytes | None) -> None:
+        """Set (or, with None, remove) the file server's secret. Only its hash is kept."""
+        if secret is None:
+            self._fileSecretHash = None
+            return
+        raw = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
+        raw = raw.strip()
+        if len(raw) < MIN_SECRET:
+            raise ValueError(f"the file server secret must have at least {MIN_SECRET} bytes")
+        self._fileSecretHash = hashlib.sha256(raw).digest()
 
     # -- answers ------------------------------------------------------------------------------
 
@@ -584,6 +614,10 @@ class Reports:
     async def _decide(self, method: str, reference: str, headers: Mapping[str, str]) -> Decision:
         if method in WRITE_METHODS:
             return await self._mayWrite(reference, headers.get("authorization"))
+        if method == "DELETE":
+            removal = await self._removal(reference, headers.get("authorization"))
+            if removal is not None:
+                return removal
         images: list[Image] = await self.store.findImages(reference)
         if not images:
             return _deny("The portal knows no such image.")
@@ -649,6 +683,25 @@ class Reports:
             reasons.append(f"{user.name} may not use this image")
         return _deny(self._why(reasons, "Reads need a Bearer API token or read token, or a portal session."))
 
+    async def _removal(self, reference: str, authorization: str | None) -> Decision | None:
+        """
+        The portal's own delete token (a saved image was deleted, and its
+        bytes are to go): allowed for its digest while no saved image has
+        that digest. None: not such a token.
+        """
+        token = _bearer(authorization)
+        if token is None or token.startswith(API_TOKEN_PREFIX):
+            return None
+        try:
+            claims = await self._deleteTokens.verify(token)
+        except tokens.InvalidToken:
+            return None  # perhaps another kind of token: the other rules decide
+        if claims.get("digest") != reference:
+            return _deny("The delete token is for another digest.")
+        if await self.store.findImages(reference):
+            return _deny("A saved image still has these bytes.")
+        return Decision(True, "The portal deleted every image with these bytes.", via="delete-token")
+
     async def _mayDelete(self, images: list[Image], headers: Mapping[str, str]) -> Decision:
         reasons: list[str] = []
         for user, via in await self._people(headers, reasons):
@@ -665,3 +718,54 @@ class Reports:
             return otherwise
         text = "; ".join(reasons)
         return text[0].upper() + text[1:] + "."
+
+    # -- POST /reports/file-access -------------------------------------------------------------------
+
+    @app.route("/file-access")
+    async def fileAccess(self, request: IRequest) -> bytes:
+        """
+        The file server asks whose storage an instance may reach: its
+        owner's, while the instance is active and the owner enabled.
+        """
+        if self._fileSecretHash is None:
+            # No file server: as if there were no such endpoint.
+            raise ReportError(404, "not_found", "Not Found.")
+        if request.method != b"POST":
+            request.setHeader(b"allow", b"POST")
+            raise ReportError(405, "method_not_allowed", "Only POST is allowed here.")
+        if not _proven(request.getHeader(FILE_SERVER_HEADER), self._fileSecretHash):
+            address = getattr(request.getClientAddress(), "host", "unknown")
+            self.log.warn(
+                "file access question from {address} refused: missing or wrong file server secret",
+                address=address,
+            )
+            raise ReportError(403, "forbidden", "Only the file server may ask this.")
+        raw = self._body(request, b"application/json")
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise _badRequest("The body is not JSON.") from None
+        subject = body.get("instance") if isinstance(body, dict) else None
+        if not isinstance(subject, str) or tokens.INSTANCE_ID_RE.fullmatch(subject) is None:
+            raise _badRequest("instance must be an instance id.")
+        decision = await self._mayReachFiles(subject)
+        self.log.info(
+            "file server: instance {instance}: {answer} ({reason})",
+            instance=subject, answer="allowed" if decision.allowed else "refused", reason=decision.reason,
+        )  # fmt: skip
+        if not decision.allowed:
+            return self._json(request, decision.body(), 403)
+        return self._json(
+            request, {"allowed": True, "instance": subject, "user": decision.user, "reason": decision.reason}
+        )
+
+    async def _mayReachFiles(self, instanceId: str) -> Decision:
+        instance: Instance | None = await self.store.instanceById(instanceId)
+        if instance is None:
+            return _deny("The portal knows no such instance.")
+        if instance.state not in ACTIVE_STATES:
+            return _deny(f"Instance {instance.id} is {instance.state}, not active.")
+        owner: User | None = await self.store.userById(instance.owner_id)
+        if owner is None or owner.disabled:
+            return _deny(f"The owner of instance {instance.id} is not an enabled user.")
+        return Decision(True, f"Instance {instance.id} is {owner.name}'s.", user=owner.id, instance=instance.id)

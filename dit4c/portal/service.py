@@ -34,6 +34,7 @@ class PortalService(MultiService):
         channelEndpoints: Sequence[Any] = (),
         loginProviders: Sequence[Any] = (),
         imageServerSecret: str | None = None,
+        fileServerSecret: str | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -46,6 +47,7 @@ class PortalService(MultiService):
         #: GitHub / OpenID Connect providers people may log in through.
         self.loginProviders = list(loginProviders)
         self.imageServerSecret = imageServerSecret
+        self.fileServerSecret = fileServerSecret
         #: The scheduler channel (``ChannelHub``), once started.
         self.channels: ChannelHub | None = None
         self.store: Any = None
@@ -89,6 +91,7 @@ class PortalService(MultiService):
         # Schedulers may also dial the portal's own web port (wss://.../.dit4c/channel).
         self.portal.channelResource = self.channels.resource()
         self.portal.reports.setImageServerSecret(self.imageServerSecret)
+        self.portal.reports.setFileServerSecret(self.fileServerSecret)
         if self.loginProviders:
             from treq.client import HTTPClient
             from twisted.web.client import Agent

@@ -34,6 +34,7 @@ class Options(usage.Options):
         ["default-quota", None, 4, "Instances a person may run at once unless set for them.", positiveInt],
         ["login-providers", None, None, "JSON file of GitHub / OpenID Connect login providers (docs/protocols.md)."],
         ["image-server-secret-file", None, None, "File holding the secret the image server sends when it asks whether a request may go on."],
+        ["file-server-secret-file", None, None, "File holding the secret the file server sends when it asks whose storage an instance may reach."],
     ]
 
     def __init__(self) -> None:
@@ -66,6 +67,15 @@ class Options(usage.Options):
                 raise usage.UsageError("--image-server-secret-file: the secret must have at least 16 characters")
         else:
             self["image-server-secret"] = None
+        if self["file-server-secret-file"]:
+            try:
+                self["file-server-secret"] = Path(self["file-server-secret-file"]).read_text().strip()
+            except OSError as e:
+                raise usage.UsageError(f"--file-server-secret-file: {e.strerror}") from None
+            if len(self["file-server-secret"]) < 16:
+                raise usage.UsageError("--file-server-secret-file: the secret must have at least 16 characters")
+        else:
+            self["file-server-secret"] = None
         if self["login-providers"]:
             from dit4c.portal.upstream import ConfigError, providersFromFile
 
@@ -99,4 +109,5 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         channelEndpoints=[serverFromString(reactor, e) for e in config["channel"]],
         loginProviders=config["login-providers"],
         imageServerSecret=config["image-server-secret"],
+        fileServerSecret=config["file-server-secret"],
     )

@@ -344,3 +344,42 @@ async def test_paths_methods_and_health(world: World) -> None:
     response = await treq.request("GET", urlOf(server, "/health"), data=body)
     assert response.code == 413
     assert body.produced < 8 * MiB
+
+
+@pytest_twisted.ensureDeferred
+async def test_deleting_a_saved_image_removes_its_bytes_unless_another_has_them(world: World) -> None:
+    """The portal asks the image server to remove the bytes of an image nobody keeps any more."""
+    from dit4c.common.tokens import TokenSigner
+    from dit4c.portal.reports import DELETE_AUDIENCE
+
+    w = world
+    server = await w.imageServer()
+    data = b"work worth keeping" * 1000
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    response, _ = await put(server, digest, data, w.uploadToken(digest))
+    assert response.code == 201
+    ref = urlOf(server, f"/images/{digest}")
+    alices = await w.store.createImage("Saved", ref, owner_id=w.alice.id, digest=digest)
+    bobs = await w.store.createImage("Same bytes", ref, owner_id=w.bob.id, digest=digest)
+
+    # A delete token while a saved image still has the digest: refused.
+    live = w.portal.keys.signer().sign({"sub": digest, "digest": digest}, audience=DELETE_AUDIENCE, lifetime=60)
+    response = await treq.delete(ref, headers=bearer(live))
+    assert response.code == 403 and stored(server) == [digest[7:]]
+
+    # Alice deletes hers: bob's has the same bytes, so they stay.
+    await w.portal.sharing.deleteImage(w.alice, alices.id)
+    assert stored(server) == [digest[7:]]
+    # A delete token signed by anyone but the portal is no delete token.
+    forged = TokenSigner(generate_private_key(), issuer=w.portal.keys.issuer, clock=w.clock).sign(
+        {"sub": digest, "digest": digest}, audience=DELETE_AUDIENCE, lifetime=60
+    )
+    await w.store.deleteImage(bobs.id)
+    response = await treq.delete(ref, headers=bearer(forged))
+    assert response.code == 403 and stored(server) == [digest[7:]]
+
+    # The last record gone (through the portal): so are the bytes.
+    bobs2 = await w.store.createImage("Same bytes", ref, owner_id=w.bob.id, digest=digest)
+    await w.portal.sharing.deleteImage(w.bob, bobs2.id)
+    assert stored(server) == []
+

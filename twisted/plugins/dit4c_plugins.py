@@ -21,6 +21,8 @@ node = ServiceMaker(
     "DIT4C compute node", "dit4c.node.tap", "Run instances as pods (the tool and its helpers) for a scheduler.", "dit4c-node"
 )
 imageserver = ServiceMaker("DIT4C image server", "dit4c.imageserver.tap", "Store saved instance images, asking the portal about every request.", "dit4c-imageserver")
+fileserver = ServiceMaker("DIT4C file server", "dit4c.fileserver.tap", "Serve each person's persistent storage (SFTP) to their instances.", "dit4c-fileserver")
+storage = ServiceMaker("DIT4C storage helper", "dit4c.storage.tap", "Mount the instance owner's storage from the file server (sshfs).", "dit4c-helper-storage")
 dev = ServiceMaker(
     "DIT4C all in one", "dit4c.dev.tap", "Portal, routing server, scheduler and a compute node in one process on loopback.", "dit4c-dev"
 )

@@ -1,0 +1,126 @@
+"""The file server's limits, over real sockets: connections at once, idle connections, open files; and its options."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from fileserver_client import FXF_CREAT, FXF_WRITE, connect
+from fileserver_world import SECRET, World, portOf
+from twisted.conch.ssh import filetransfer
+from twisted.internet import protocol, reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.python import usage
+
+from dit4c.fileserver.tap import Options
+
+
+class Raw(protocol.Protocol):
+    """A TCP client that says nothing and records what it hears."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.lost: Deferred[float] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost.callback(time.monotonic())
+
+
+async def raw(port: int) -> Raw:
+    client = Raw()
+    await protocol.ClientCreator(reactor, lambda: client).connectTCP("127.0.0.1", port)
+    return client
+
+
+async def settle() -> None:
+    await deferLater(reactor, 0.2, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_past_the_limit_are_closed(world: World) -> None:
+    w = world
+    port = portOf(w.startServer(maxConnections=2))
+    first, second = await raw(port), await raw(port)
+    await settle()
+    assert first.received.startswith(b"SSH-2.0-") and second.received.startswith(b"SSH-2.0-")
+    third = await raw(port)
+    await third.lost
+    assert third.received == b""
+    # A place frees when a connection ends.
+    first.transport.loseConnection()
+    await first.lost
+    session, client = await connect(port, w.a.id, w.keyA, w.hostKey)
+    await session.close()
+    second.transport.loseConnection()
+    await second.lost
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_connections_are_closed(world: World) -> None:
+    w = world
+    port = portOf(w.startServer(idleTimeout=0.5))
+    started = time.monotonic()
+    silent = await raw(port)
+    ended = await silent.lost
+    assert 0.4 <= ended - started < 5
+    # A logged-in SFTP session that goes quiet too.
+    session, client = await connect(port, w.a.id, w.keyA, w.hostKey)
+    await session.closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_logins_are_closed(world: World) -> None:
+    w = world
+    port = portOf(w.startServer(loginTimeout=0.5))
+    client = await raw(port)
+    # Key exchange only would need a real client: say the version and wait.
+    client.transport.write(b"SSH-2.0-test\r\n")
+    started = time.monotonic()
+    ended = await client.lost
+    assert ended - started < 10
+
+
+@pytest_twisted.ensureDeferred
+async def test_open_files_are_limited(world: World) -> None:
+    w = world
+    port = portOf(w.startServer(maxHandles=3))
+    session, client = await connect(port, w.a.id, w.keyA, w.hostKey)
+    files = [await client.openFile(f"f{i}".encode(), FXF_WRITE | FXF_CREAT, {}) for i in range(3)]
+    with pytest.raises(filetransfer.SFTPError):
+        await client.openFile(b"f3", FXF_WRITE | FXF_CREAT, {})
+    with pytest.raises(filetransfer.SFTPError):
+        await client.openDirectory(b"/")
+    await files[0].close()
+    await (await client.openFile(b"f3", FXF_WRITE | FXF_CREAT, {})).close()
+    await session.close()
+
+
+def test_options(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text(SECRET + "\n")
+    options = Options()
+    options.parseOptions(["--portal", "http://127.0.0.1:8000", "--secret-file", str(secret), "--max-connections", "7", "--idle-timeout", "9"])
+    assert options["secret"] == SECRET
+    assert options["listen"] == ["tcp:8700:interface=127.0.0.1"]
+    assert (options["max-connections"], options["idle-timeout"]) == (7, 9.0)
+    bad = [
+        [],
+        ["--portal", "http://p"],
+        ["--portal", "ftp://p", "--secret-file", str(secret)],
+        ["--portal", "http://p", "--secret-file", str(tmp_path / "missing")],
+        ["--portal", "http://p", "--secret-file", str(secret), "--max-connections", "0"],
+        ["--portal", "http://p", "--secret-file", str(secret), "--listen", "nonsense:1"],
+    ]
+    for args in bad:
+        with pytest.raises(usage.UsageError):
+            Options().parseOptions(args)
+    secret.write_text("short")
+    with pytest.raises(usage.UsageError):
+        Options().parseOptions(["--portal", "http://p", "--secret-file", str(secret)])
