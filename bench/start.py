@@ -94,7 +94,7 @@ def field(html: bytes, name: str) -> str:
 class Dev:
     def __init__(self, runtime: str, directory: Path) -> None:
         self.runtime = runtime
-        self.portalPort, self.httpPort, self.tunnelPort, self.imagePort = (freePort() for _ in range(4))
+        self.portalPort, self.httpPort, self.tunnelPort, self.imagePort, self.filePort = (freePort() for _ in range(5))
         self.portal = f"http://localhost:{self.portalPort}"
         self.prefix = f"dit4c-bench{os.getpid()}"
         self.log = directory / f"dev-{runtime}.log"
@@ -103,7 +103,7 @@ class Dev:
             sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "dit4c-dev",
             "--data-dir", str(self.directory), "--portal-port", str(self.portalPort),
             "--http-port", str(self.httpPort), "--tunnel-port", str(self.tunnelPort),
-            "--image-port", str(self.imagePort),
+            "--image-port", str(self.imagePort), "--file-port", str(self.filePort),
             "--runtime", runtime, "--podman-prefix", self.prefix,
         ]  # fmt: skip
         self.process = subprocess.Popen(

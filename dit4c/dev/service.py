@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from twisted.logger import Logger
 
 from dit4c.common.keys import load_or_create_private_key, public_jwk
 from dit4c.common.tokens import JWKSKeySource, TokenVerifier
+from dit4c.fileserver.service import FileServerService
 from dit4c.imageserver.service import ImageServerService
 from dit4c.node.interfaces import IRuntime
 from dit4c.node.node import Node
@@ -60,6 +62,8 @@ class DevConfig:
     tunnelPort: int = 8001
     #: Loopback port of the image server (saved instances).
     imagePort: int = 8002
+    #: Loopback port of the file server (each person's storage, mounted in their instances); 0: none.
+    filePort: int = 8003
     #: The host name browsers use; instances are ``<id>.<host>``.
     host: str = "localhost"
     #: The first administrator's name (made, with a password printed once, on a fresh data directory).
@@ -100,6 +104,10 @@ class DevService(MultiService):
         # The image server proves itself to the portal with a secret they
         # share; in one process, a fresh one at every start will do.
         imageSecret = secrets.token_urlsafe(32)
+        # Shared storage needs sshfs (FUSE) to mount it in each instance.
+        fileSecret = secrets.token_urlsafe(32) if config.filePort and shutil.which("sshfs") else None
+        if config.filePort and fileSecret is None:
+            self.log.warn("shared storage is off: install sshfs to mount each person's storage in their instances")
         self.portal = PortalService(
             reactor,
             database="sqlite:///" + str((dataDir / "portal" / "portal.db").resolve()),
@@ -107,6 +115,7 @@ class DevService(MultiService):
             config=PortalConfig(publicURL=config.publicURL),
             endpoints=endpoints,
             imageServerSecret=imageSecret,
+            fileServerSecret=fileSecret,
         )
         self.portal.setServiceParent(self)
         imageServer = f"http://127.0.0.1:{config.imagePort}"
@@ -119,6 +128,16 @@ class DevService(MultiService):
             publicURL=imageServer,
         )
         self.images.setServiceParent(self)
+        self.files: FileServerService | None = None
+        if fileSecret is not None:
+            self.files = FileServerService(
+                reactor,
+                endpoints=[serverFromString(reactor, f"tcp:{config.filePort}:interface=127.0.0.1")],
+                dataDir=dataDir / "files",
+                portal=config.internalURL,
+                secret=fileSecret,
+            )
+            self.files.setServiceParent(self)
         keys = JWKSKeySource(
             f"{config.internalURL}/.well-known/jwks.json", reactor=reactor, min_refetch=0.5, refresh=60
         )
@@ -148,6 +167,8 @@ class DevService(MultiService):
             portalInternal=portalInternal,
             routing=(f"tcp:host=127.0.0.1:port={config.tunnelPort}",),
             imageServer=imageServer,
+            fileServer=f"127.0.0.1:{config.filePort}" if self.files is not None else None,
+            fileServerHostKey=self.files.hostKeyLine if self.files is not None else None,
         )
         self.node.setServiceParent(self)
         self.scheduler = Scheduler([self.node])

@@ -36,15 +36,16 @@ class Options(usage.Options):
         ["http-port", None, 8080, "Loopback port where instances are served.", _port],
         ["tunnel-port", None, 8001, "Loopback port listeners dial.", _port],
         ["image-port", None, 8002, "Loopback port of the image server (saved instances).", _port],
+        ["file-port", None, 8003, "Loopback port of the file server (each person's storage in their instances; needs sshfs).", _port],
         ["admin", None, "admin", "Name of the first administrator."],
         ["runtime", None, "process", "process (each tool as local processes) or podman (containers; add images to the catalogue at /admin/)."],
         ["podman-prefix", None, "dit4c-dev", "podman runtime: pods are named <prefix>-<instance>."],
     ]
 
     def postOptions(self) -> None:
-        ports = [self["portal-port"], self["http-port"], self["tunnel-port"], self["image-port"]]
+        ports = [self["portal-port"], self["http-port"], self["tunnel-port"], self["image-port"], self["file-port"]]
         if len(set(ports)) != len(ports):
-            raise usage.UsageError("--portal-port, --http-port, --tunnel-port and --image-port must differ")
+            raise usage.UsageError("--portal-port, --http-port, --tunnel-port, --image-port and --file-port must differ")
         if self["runtime"] not in ("process", "podman"):
             raise usage.UsageError("--runtime is process or podman")
 
@@ -62,6 +63,7 @@ def makeService(config: Options, reactor: Any = None) -> IService:
             httpPort=config["http-port"],
             tunnelPort=config["tunnel-port"],
             imagePort=config["image-port"],
+            filePort=config["file-port"],
             adminName=config["admin"],
             runtime=config["runtime"],
             podmanPrefix=config["podman-prefix"],

@@ -13,7 +13,6 @@ them still run.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -30,7 +29,7 @@ from dit4c.common.helperenv import HelperEnvironment
 from dit4c.common.keys import generate_private_key, public_jwk, save_private_key
 from dit4c.common.tokens import INSTANCE_ID_RE
 from dit4c.node.interfaces import IRuntime, PodSpec, RuntimeError_
-from dit4c.node.processes import PodProcess
+from dit4c.node.processes import PodProcess, removePodDirectory
 from dit4c.scheduler.channel import InstanceStatus
 from dit4c.upload.helper import progressFile
 
@@ -124,6 +123,8 @@ class Node(Service):
         readyInterval: float = 0.2,
         imageServer: str | None = None,
         uploadCommand: list[str] | None = None,
+        fileServer: str | None = None,
+        fileServerHostKey: str | None = None,
     ) -> None:
         """
         :param directory: where pods' directories go (``<directory>/<instance>/``).
@@ -135,6 +136,9 @@ class Node(Service):
         :param imageServer: the image server's base URL, as this node
             reaches it: where saved images go. None: this node cannot save.
         :param uploadCommand: runs the upload helper (``python -m dit4c.upload``).
+        :param fileServer: the file server (``host:port``) whose storage
+            each pod mounts (the storage helper), and ``fileServerHostKey``
+            its SSH host key, pinned. None: no shared storage.
         """
         self.reactor = reactor
         self.runtime = runtime
@@ -148,6 +152,8 @@ class Node(Service):
         self.startTimeout = startTimeout
         self.readyInterval = readyInterval
         self.imageServer = imageServer
+        self.fileServer = fileServer
+        self.fileServerHostKey = fileServerHostKey
         self.uploadCommand = uploadCommand or [sys.executable, "-m", "dit4c.upload"]
         #: Whether it takes new instances (administrators cool a node down before removing it).
         self.accepting = True
@@ -244,6 +250,8 @@ class Node(Service):
                 routing=self.routing,
                 routingAudience=self.routingAudience,
                 stateDir=str(directory / "state"),
+                fileServer=self.fileServer,
+                fileServerHostKey=self.fileServerHostKey if self.fileServer else None,
             ).toEnvironment()
             archive = None
             if record.image.startswith(("http://", "https://")):
@@ -430,7 +438,10 @@ class Node(Service):
             await self.runtime.discard(instance)
         except Exception:
             self.log.failure("could not discard {instance}", instance=instance)
-        shutil.rmtree(self._podDirectory(instance), ignore_errors=True)
+        try:
+            removePodDirectory(self._podDirectory(instance))
+        except OSError as e:
+            self.log.error("discarding {instance}: {error}", instance=instance, error=str(e))
         record = self._records.pop(instance, None)
         status = InstanceStatus(instance, "discarded")
         if record is not None:

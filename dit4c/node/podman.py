@@ -45,7 +45,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dit4c.node.interfaces import IRuntime, PodSpec, PodStatus, RuntimeError_, helperCommand
-from dit4c.node.processes import PodProcess
+from dit4c.node.processes import PodProcess, removePodDirectory
 
 __all__ = ["CONTAINERS_CONF", "PodmanRuntime", "PodmanError", "AUTH_PORT"]
 
@@ -751,7 +751,7 @@ class PodmanRuntime:
             directory = pod.directory
             if removeDirectory and str(directory) not in ("", "/") and directory.exists():
                 await deferToThreadPool(
-                    self.reactor, self.reactor.getThreadPool(), shutil.rmtree, directory, True
+                    self.reactor, self.reactor.getThreadPool(), removePodDirectory, directory
                 )
             await self._run(
                 "pod", "rm", "--ignore", "--force", "--time", str(self.stopTimeout), self.podName(pod.instance),

@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from dit4c.node.interfaces import IRuntime, PodSpec, PodStatus, RuntimeError_, helperCommand
-from dit4c.node.processes import PodProcess
+from dit4c.node.processes import PodProcess, removePodDirectory
 
 __all__ = ["ProcessRuntime", "Tool", "builtinTools", "toolsFromFile"]
 
@@ -105,6 +105,8 @@ def freePort() -> int:
 
 
 _ROLES = ("tool", "auth", "listener")
+#: Started only when the node has a file server.
+_STORAGE = "storage"
 
 #: The member of a saved archive that says which tool it is.
 IMAGE_METADATA = ".dit4c-image.json"
@@ -211,6 +213,7 @@ class ProcessRuntime:
         self.helpers = {
             "auth": list(helperCommand("dit4c-helper-auth")),
             "listener": list(helperCommand("dit4c-helper-listener")),
+            "storage": list(helperCommand("dit4c-helper-storage")),
             **{k: list(v) for k, v in (helpers or {}).items()},
         }
         self.stopGrace = stopGrace
@@ -222,7 +225,8 @@ class ProcessRuntime:
         self._exitCallbacks.append(callback)
 
     def _processes(self, instance: str, directory: Path) -> dict[str, PodProcess]:
-        processes = {role: PodProcess(self.reactor, role, directory, stopGrace=self.stopGrace) for role in _ROLES}
+        roles = (*_ROLES, _STORAGE) if (directory / "mnt").is_dir() else _ROLES
+        processes = {role: PodProcess(self.reactor, role, directory, stopGrace=self.stopGrace) for role in roles}
         def exited(process: PodProcess, reason: str) -> None:
             self._exited(instance, reason)
 
@@ -249,6 +253,11 @@ class ProcessRuntime:
             raise RuntimeError_(f"This compute node has no tool called {toolName!r}.")
         toolPort = spec.port if spec.port is not None else freePort()
         authPort = freePort()
+        # The person's shared storage, if the node has a file server: mounted
+        # beside the working directory (never inside it: a save would copy it).
+        storage = spec.directory / "mnt" if spec.environment.get("DIT4C_FILE_SERVER") else None
+        if storage is not None:
+            storage.mkdir(exist_ok=True)
         processes = self._processes(spec.instance, spec.directory)
         base = {k: v for k, v in os.environ.items() if not k.startswith("DIT4C_")}
         helperEnv = {
@@ -258,14 +267,19 @@ class ProcessRuntime:
             "DIT4C_AUTH_LISTEN": f"tcp:{authPort}:interface=127.0.0.1",
             "DIT4C_AUTH": f"tcp:host=127.0.0.1:port={authPort}",
         }
+        if storage is not None:
+            helperEnv["DIT4C_STORAGE_MOUNT"] = str(storage)
         toolEnv = {
             **base,
+            **({"DIT4C_STORAGE": str(storage)} if storage is not None else {}),
             "PORT": str(toolPort),
             "HOME": str(work),
             **{k: v.format(port=toolPort, dir=work) for k, v in (tool.environment or {}).items()},
         }
         (spec.directory / "pod.json").write_text(json.dumps({"tool": toolPort, "auth": authPort, "image": tool.name}))
         try:
+            if storage is not None:
+                processes[_STORAGE].start(self.helpers["storage"], helperEnv)
             processes["tool"].start(tool.argv(toolPort, work), toolEnv, cwd=work)
             processes["auth"].start(self.helpers["auth"], helperEnv)
             processes["listener"].start(self.helpers["listener"], helperEnv)
@@ -304,16 +318,19 @@ class ProcessRuntime:
 
     def stop(self, instance: str) -> Deferred[None]:
         processes = self._pods.get(instance, {})
-        # The listener first, so no one reaches a tool that is going.
+        # The listener first, so no one reaches a tool that is going; the
+        # storage last, once the tool cannot be writing to it.
         order = [processes[role] for role in ("listener", "auth", "tool") if role in processes]
         d = DeferredList([p.stop() for p in order], consumeErrors=True)
+        if _STORAGE in processes:
+            d.addCallback(lambda _: processes[_STORAGE].stop())
         return d.addCallback(lambda _: None)
 
     def discard(self, instance: str) -> Deferred[None]:
         def remove(_: object) -> None:
             self._pods.pop(instance, None)
             self._ports.pop(instance, None)
-            shutil.rmtree(self.directory / instance, ignore_errors=True)
+            removePodDirectory(self.directory / instance)
 
         return self.stop(instance).addCallback(remove)
 
@@ -332,7 +349,7 @@ class ProcessRuntime:
                     pass
             else:
                 alive = [role for role, p in processes.items() if p.running]
-            missing = [role for role in _ROLES if role not in alive]
+            missing = [role for role in processes if role not in alive]
             reason = f"Not running: {', '.join(missing)}." if missing else None
             found.append(PodStatus(instance, not missing, reason))
         return succeed(found)

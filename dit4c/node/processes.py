@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -30,7 +31,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-__all__ = ["PodProcess", "killRecorded", "startTime"]
+__all__ = ["PodProcess", "killRecorded", "removePodDirectory", "startTime"]
 
 #: Seconds between SIGTERM and SIGKILL when stopping a process.
 STOP_GRACE = 5.0
@@ -223,14 +224,77 @@ class PodProcess:
         self._forgotten = True
 
 
+def _mountPoints() -> set[str]:
+    """Every mount point, from ``/proc/self/mountinfo`` (bind mounts too, which ``ismount`` misses)."""
+    points: set[str] = set()
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return points
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 4:
+            # Spaces and the like are octal escapes: \040.
+            points.add(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4]))
+    return points
+
+
+def _isMount(path: Path, points: set[str] | None = None) -> bool:
+    """Whether ``path`` is a mount point; a FUSE mount whose server died counts as one."""
+    try:
+        if os.path.ismount(path):
+            return True
+    except OSError:
+        return True
+    known = _mountPoints() if points is None else points
+    return os.path.realpath(path) in known
+
+
+def removePodDirectory(directory: Path) -> None:
+    """
+    Remove a pod's directory, never crossing into a mount inside it (the
+    person's shared storage, mounted in the pod): each is unmounted first
+    (lazily, if it is busy), and if one stays mounted nothing more is
+    removed and :class:`OSError` says why. ``shutil.rmtree`` alone would
+    delete the person's files through the mount.
+    """
+    import shutil
+
+    if not directory.exists():
+        return
+    mounts: list[Path] = []
+    points = _mountPoints()
+    for root, directories, _ in os.walk(directory):
+        for name in list(directories):
+            if _isMount(Path(root) / name, points):
+                mounts.append(Path(root) / name)
+                directories.remove(name)
+    for mount in mounts:
+        _unmount(mount)
+        if _isMount(mount):
+            raise OSError(f"{mount} is still mounted: not removing {directory}")
+    shutil.rmtree(directory)
+
+
 def killRecorded(directory: Path) -> list[int]:
     """
     Kill (SIGKILL, whole process group) every process a pid file under
-    ``directory`` records that still runs; the pids killed. For cleaning up
-    after a node that can no longer do it itself.
+    ``directory`` records that still runs, then unmount (lazily) what is
+    mounted under it (the storage their sshfs held); the pids killed. For
+    cleaning up after a node that can no longer do it itself.
     """
     killed = []
-    for pidFile in directory.rglob("*.pid"):
+    pidFiles: list[Path] = []
+    mounts: list[Path] = []
+    points = _mountPoints()
+    for root, directories, files in os.walk(directory):
+        # Never into a mount (the person's storage, perhaps dead by now).
+        for name in list(directories):
+            if _isMount(Path(root) / name, points):
+                mounts.append(Path(root) / name)
+                directories.remove(name)
+        pidFiles.extend(Path(root) / name for name in files if name.endswith(".pid"))
+    for pidFile in pidFiles:
         try:
             record = json.loads(pidFile.read_text())
             pid, started = int(record["pid"]), record["started"]
@@ -239,7 +303,21 @@ def killRecorded(directory: Path) -> list[int]:
         if started is not None and startTime(pid) == started:
             _signalGroup(pid, signal.SIGKILL)
             killed.append(pid)
+    for mount in mounts:
+        _unmount(mount)
     return killed
+
+
+def _unmount(mount: Path) -> None:
+    import subprocess
+
+    for command in (["fusermount3", "-u", "-z"], ["fusermount", "-u", "-z"], ["umount", "-l"]):
+        if not _isMount(mount):
+            return
+        try:
+            subprocess.run([*command, str(mount)], capture_output=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
 
 
 def _signalGroup(pid: int, signalNumber: int) -> None:

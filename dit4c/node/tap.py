@@ -37,6 +37,8 @@ class Options(usage.Options):
         ["portal", None, None, "The portal's public URL (where browsers log in)."],
         ["portal-internal", None, None, "The portal's URL as pods reach it (default: --portal)."],
         ["image-server", None, None, "The image server's base URL, where saved instances go (none: this node cannot save)."],
+        ["file-server", None, None, "The file server (host:port) whose storage each pod mounts (needs sshfs)."],
+        ["file-server-host-key", None, None, "The file server's SSH host key: a key line, or a file holding one."],
         ["capacity", None, 8, "Instances this node runs at once.", positiveInt],
         ["start-timeout", None, 300.0, "Seconds a tool has to answer after it starts.", positiveFloat],
     ]
@@ -65,6 +67,8 @@ class Options(usage.Options):
             self["scheduler-keys"] = StaticKeySource.fromFile(self["scheduler-key"])
         except (OSError, KeyFileError) as e:
             raise usage.UsageError(f"--scheduler-key: {e}") from None
+        if self["file-server"] and not self["file-server-host-key"]:
+            raise usage.UsageError("--file-server needs --file-server-host-key (the host key is pinned)")
         if self["tools"]:
             from dit4c.node.process import toolsFromFile
 
@@ -107,6 +111,8 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         capacity=config["capacity"],
         startTimeout=config["start-timeout"],
         imageServer=(config["image-server"] or "").rstrip("/") or None,
+        fileServer=config["file-server"],
+        fileServerHostKey=config["file-server-host-key"],
     )
     node.setServiceParent(top)
     link = NodeLinkServer(reactor, node, key, config["scheduler-keys"])

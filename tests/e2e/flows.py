@@ -21,9 +21,13 @@ async def logIn(browser: Any, portal: str, name: str, password: str) -> None:
 
 
 async def startTool(browser: Any, portal: str, toolName: str) -> str:
-    """Start the catalogue entry whose name begins with ``toolName``; its URL once running."""
+    """
+    Start the catalogue entry whose name begins with ``toolName``; the new
+    instance's URL once it runs (the page's row that was not there before).
+    """
     await browser.get(portal + "/")
     await browser.waitFor("#start-button")
+    before = await browser.execute("return [...document.querySelectorAll('#instances tr[data-instance]')].map(r => r.dataset.instance)")
     chosen = await browser.execute(
         "const o = [...document.querySelectorAll('#image option')].find(o => o.text.startsWith(arguments[0]));"
         "if (o) { document.getElementById('image').value = o.value; } return !!o;",
@@ -31,10 +35,17 @@ async def startTool(browser: Any, portal: str, toolName: str) -> str:
     )
     assert chosen, f"no {toolName} in the catalogue"
     await browser.click("#start-button")
-    await browser.waitFor('td.state[data-state="starting"], td.state[data-state="running"]', 15)
-    await browser.waitFor('td.state[data-state="running"]', 90)
-    await browser.waitFor("td.url a", 30)
-    url: str = await browser.execute("return document.querySelector('td.url a').href")
+    await browser.waitFor("#instances", 15)
+    instance = await browser.execute(
+        "return [...document.querySelectorAll('#instances tr[data-instance]')]"
+        ".map(r => r.dataset.instance).find(i => !arguments[0].includes(i)) || null",
+        before or [],
+    )
+    assert instance, "no new instance on the page"
+    row = f'#instances tr[data-instance="{instance}"]'
+    await browser.waitFor(f'{row} td.state[data-state="running"]', 90)
+    await browser.waitFor(f"{row} td.url a", 30)
+    url: str = await browser.execute(f"return document.querySelector('{row} td.url a').href")
     return url
 
 
@@ -76,7 +87,7 @@ class Dev:
 
 
 async def startDev(processes: Any, dataDir: Path, *extra: str) -> Dev:
-    portalPort, httpPort, tunnelPort, imagePort = freePort(), freePort(), freePort(), freePort()
+    portalPort, httpPort, tunnelPort, imagePort, filePort = (freePort() for _ in range(5))
     process = processes(
         "dit4c-dev",
         "--data-dir", str(dataDir),
@@ -84,6 +95,7 @@ async def startDev(processes: Any, dataDir: Path, *extra: str) -> Dev:
         "--http-port", str(httpPort),
         "--tunnel-port", str(tunnelPort),
         "--image-port", str(imagePort),
+        "--file-port", str(filePort),
         *extra,
         name="dev",
     )  # fmt: skip

@@ -195,3 +195,28 @@ async def test_a_restarted_node_finds_its_instances(nodes: Any, tmp_path: Path) 
     await again.stop("abc8")
     assert not any(alive(pid) for pid in pids)
     assert not any(alive(pid) for pid in podPids(tmp_path / "node" / "abc9"))
+
+
+def test_removing_a_pod_never_deletes_through_a_mount(tmp_path: Path) -> None:
+    """A pod's directory holds the person's storage, mounted: removing the pod must not empty it."""
+    import subprocess
+
+    from dit4c.node.processes import removePodDirectory
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root")
+    storage = tmp_path / "persons-storage"
+    storage.mkdir()
+    (storage / "thesis.tex").write_text("years of work")
+    pod = tmp_path / "pod"
+    (pod / "mnt").mkdir(parents=True)
+    (pod / "work").mkdir()
+    (pod / "work" / "scratch").write_text("x")
+    subprocess.run(["mount", "--bind", str(storage), str(pod / "mnt")], check=True)
+    try:
+        removePodDirectory(pod)
+    finally:
+        if os.path.ismount(pod / "mnt"):
+            subprocess.run(["umount", "-l", str(pod / "mnt")])
+    assert not pod.exists()
+    assert (storage / "thesis.tex").read_text() == "years of work"

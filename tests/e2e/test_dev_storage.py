@@ -1,0 +1,98 @@
+"""
+Each person's storage in their instances, through ``twistd dit4c-dev``:
+the file server (SFTP, authenticated by each instance's published key)
+mounted by the storage helper (sshfs) beside each instance's working
+directory, its path given to the tool as ``DIT4C_STORAGE``. What one of
+alice's instances writes there, another of hers reads; bob's sees none of
+it. Discarding an instance unmounts it and leaves the files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from flows import addPerson, logIn, otherBrowser, startDev, startTool
+
+from dit4c.node.processes import killRecorded
+from dit4c.testing import deferLater
+
+
+@pytest.fixture
+def devDir(tmp_path: Path) -> Iterator[Path]:
+    if shutil.which("sshfs") is None or not Path("/dev/fuse").exists():
+        if os.environ.get("CI"):
+            pytest.fail("sshfs and /dev/fuse are needed")
+        pytest.skip("sshfs and /dev/fuse are needed")
+    yield tmp_path / "dev"
+    killRecorded(tmp_path / "dev")
+
+
+async def mounted(path: Path, timeout: float = 30) -> None:
+    for _ in range(int(timeout / 0.1)):
+        if os.path.ismount(path):
+            return
+        await deferLater(0.1)
+    raise AssertionError(f"{path} never mounted")
+
+
+async def eventually(read: Any, timeout: float = 20) -> Any:
+    for _ in range(int(timeout / 0.2)):
+        try:
+            return read()
+        except FileNotFoundError:
+            await deferLater(0.2)
+    return read()
+
+
+def toolEnvironment(pod: Path) -> dict[str, str]:
+    pid = json.loads((pod / "tool.pid").read_text())["pid"]
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_persons_storage_is_theirs_in_every_instance(processes: Any, browser: Any, devDir: Path) -> None:
+    dev = await startDev(processes, devDir)
+    await logIn(browser, dev.portal, "admin", await dev.adminPassword())
+    bobsPassword = await addPerson(browser, dev.portal, "bob")
+    first = (await startTool(browser, dev.portal, "Notes")).split("//")[1].split(".")[0]
+    second = (await startTool(browser, dev.portal, "Static web site")).split("//")[1].split(".")[0]
+    bob = await otherBrowser()
+    try:
+        await logIn(bob, dev.portal, "bob", bobsPassword)
+        bobs = (await startTool(bob, dev.portal, "Notes")).split("//")[1].split(".")[0]
+    finally:
+        await bob.stop()
+    pods = devDir / "node"
+    for instance in (first, second, bobs):
+        await mounted(pods / instance / "mnt")
+
+    # The tool is told where the storage is.
+    assert toolEnvironment(pods / first)["DIT4C_STORAGE"] == str(pods / first / "mnt")
+
+    (pods / first / "mnt" / "results").mkdir()
+    (pods / first / "mnt" / "results" / "run1.csv").write_text("a,b\n1,2\n")
+    # Another mount sees it once its directory cache (a few seconds) expires.
+    assert await eventually(lambda: (pods / second / "mnt" / "results" / "run1.csv").read_text()) == "a,b\n1,2\n"
+    assert list((pods / bobs / "mnt").iterdir()) == []
+    (pods / bobs / "mnt" / "bobs.txt").write_text("bob's own")
+    assert not (pods / first / "mnt" / "bobs.txt").exists()
+
+    # Discarding the first instance unmounts its storage; the files stay the person's.
+    await browser.get(dev.portal + "/")
+    await browser.click(f'tr[data-instance="{first}"] button.stop')
+    await browser.waitFor(f'tr[data-instance="{first}"] td.state[data-state="stopped"]', 30)
+    await browser.click(f'tr[data-instance="{first}"] button.discard')
+    for _ in range(200):
+        if not (pods / first).exists():
+            break
+        await deferLater(0.05)
+    assert not (pods / first).exists()
+    assert (pods / second / "mnt" / "results" / "run1.csv").read_text() == "a,b\n1,2\n"
