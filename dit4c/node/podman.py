@@ -38,14 +38,14 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dit4c.node.interfaces import IRuntime, PodSpec, PodStatus, RuntimeError_, helperCommand
-from dit4c.node.processes import PodProcess, removePodDirectory
+from dit4c.node.processes import PodProcess, isMount, removePodDirectory
 
 __all__ = ["CONTAINERS_CONF", "PodmanRuntime", "PodmanError", "AUTH_PORT"]
 
@@ -211,6 +211,8 @@ class PodmanRuntime:
         prefix: str = "dit4c",
         authCommand: Sequence[str] | None = None,
         listenerCommand: Sequence[str] | None = None,
+        storageCommand: Sequence[str] | None = None,
+        mountTimeout: float = 30.0,
         authPort: int = AUTH_PORT,
         podman: str = "podman",
         nsenter: str = "nsenter",
@@ -237,6 +239,8 @@ class PodmanRuntime:
         """
         if not _PREFIX.match(prefix):
             raise ValueError(f"bad pod name prefix {prefix!r}")
+        self.storageCommand = list(storageCommand) if storageCommand is not None else helperCommand("dit4c-helper-storage")
+        self.mountTimeout = mountTimeout
         self.reactor = reactor
         self.containersConf = Path(containersConf) if containersConf is not None else CONTAINERS_CONF
         self.prefix = prefix
@@ -424,8 +428,15 @@ class PodmanRuntime:
             pod.infraPid = await self._infraPid(instance)
             netns = f"/proc/{pod.infraPid}/ns/net"
             await self._firewall(netns, authPort)
+            volumes: list[str] = []
+            if spec.environment.get("DIT4C_FILE_SERVER"):
+                # The person's storage, mounted on the host by the storage
+                # helper, then bound into the tool's container at /mnt.
+                mount = await self._mountStorage(pod, spec)
+                volumes = ["--volume", f"{mount}:/mnt"]
             await self._run(
                 "run", "--detach", "--init", "--pull=never",
+                *volumes,
                 "--pod", self.podName(instance),
                 "--name", self.toolName(instance),
                 "--label", f"{LABEL_PREFIX}={self.prefix}",
@@ -585,6 +596,23 @@ class PodmanRuntime:
         except OSError as e:
             raise RuntimeError_(f"a helper could not start: {e.strerror or e}") from None
 
+    async def _mountStorage(self, pod: _Pod, spec: PodSpec) -> Path:
+        mount = pod.directory / "mnt"
+        mount.mkdir(exist_ok=True)
+        storage = self._process(pod, "storage")
+        try:
+            storage.start(self.storageCommand, self._helperEnv(spec, {"DIT4C_STORAGE_MOUNT": str(mount)}))
+        except OSError as e:
+            raise RuntimeError_(f"the storage helper could not start: {e.strerror or e}") from None
+        deadline = self.reactor.seconds() + self.mountTimeout
+        while not isMount(mount):
+            if pod.failure is not None:
+                raise RuntimeError_(pod.failure)
+            if self.reactor.seconds() > deadline:
+                raise RuntimeError_(f"the person's storage was not mounted within {self.mountTimeout:g} s")
+            await deferLater(self.reactor, 0.1, lambda: None)
+        return mount
+
     # -- exits ------------------------------------------------------------------------------
 
     def _exited(self, pod: _Pod, reason: str) -> None:
@@ -659,7 +687,9 @@ class PodmanRuntime:
         pod.toolPort = int(port) if port.isdigit() else None
         self._pods[instance] = pod
         if labels.get(LABEL_DIRECTORY):
-            for name in ("auth", "listener"):
+            for name in ("auth", "listener", "storage"):
+                if name == "storage" and not (pod.directory / "mnt").is_dir():
+                    continue
                 process = self._process(pod, name)
                 if not process.adopt():
                     del pod.processes[name]
@@ -718,6 +748,12 @@ class PodmanRuntime:
             if process is not None:
                 await process.stop()
 
+    async def _stopStorage(self, pod: _Pod) -> None:
+        """Unmount the person's storage, once the tool cannot be writing to it."""
+        process = pod.processes.get("storage")
+        if process is not None:
+            await process.stop()
+
     async def _stop(self, instance: str) -> None:
         pod = self._pods.get(instance) or await self._find(instance)
         if pod is None:
@@ -728,6 +764,7 @@ class PodmanRuntime:
             timeout=self.stopTimeout + self.commandTimeout,
             what="stopping the pod",
         )  # fmt: skip
+        await self._stopStorage(pod)
         pod.state = "stopped"
         self.log.info("pod {instance} stopped", instance=instance)
 
@@ -747,6 +784,12 @@ class PodmanRuntime:
         second discard finds it.
         """
         await self._stopHelpers(pod)
+        if removePod:
+            await self._run(
+                "pod", "stop", "--ignore", "--time", str(self.stopTimeout), self.podName(pod.instance),
+                timeout=self.stopTimeout + self.commandTimeout, what="stopping the pod",
+            )  # fmt: skip
+        await self._stopStorage(pod)
         if removePod:
             directory = pod.directory
             if removeDirectory and str(directory) not in ("", "/") and directory.exists():

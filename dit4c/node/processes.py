@@ -31,7 +31,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-__all__ = ["PodProcess", "killRecorded", "removePodDirectory", "startTime"]
+__all__ = ["PodProcess", "isMount", "killRecorded", "removePodDirectory", "startTime"]
 
 #: Seconds between SIGTERM and SIGKILL when stopping a process.
 STOP_GRACE = 5.0
@@ -239,15 +239,14 @@ def _mountPoints() -> set[str]:
     return points
 
 
-def _isMount(path: Path, points: set[str] | None = None) -> bool:
-    """Whether ``path`` is a mount point; a FUSE mount whose server died counts as one."""
-    try:
-        if os.path.ismount(path):
-            return True
-    except OSError:
-        return True
+def isMount(path: Path, points: set[str] | None = None) -> bool:
+    """
+    Whether ``path`` is a mount point, from the kernel's list alone: no
+    ``stat`` of it, which on a FUSE mount waits for its server (and the
+    file server may be served by this very reactor: ``dit4c-dev``).
+    """
     known = _mountPoints() if points is None else points
-    return os.path.realpath(path) in known
+    return os.path.abspath(path) in known
 
 
 def removePodDirectory(directory: Path) -> None:
@@ -266,12 +265,12 @@ def removePodDirectory(directory: Path) -> None:
     points = _mountPoints()
     for root, directories, _ in os.walk(directory):
         for name in list(directories):
-            if _isMount(Path(root) / name, points):
+            if isMount(Path(root) / name, points):
                 mounts.append(Path(root) / name)
                 directories.remove(name)
     for mount in mounts:
         _unmount(mount)
-        if _isMount(mount):
+        if isMount(mount):
             raise OSError(f"{mount} is still mounted: not removing {directory}")
     shutil.rmtree(directory)
 
@@ -290,7 +289,7 @@ def killRecorded(directory: Path) -> list[int]:
     for root, directories, files in os.walk(directory):
         # Never into a mount (the person's storage, perhaps dead by now).
         for name in list(directories):
-            if _isMount(Path(root) / name, points):
+            if isMount(Path(root) / name, points):
                 mounts.append(Path(root) / name)
                 directories.remove(name)
         pidFiles.extend(Path(root) / name for name in files if name.endswith(".pid"))
@@ -312,7 +311,7 @@ def _unmount(mount: Path) -> None:
     import subprocess
 
     for command in (["fusermount3", "-u", "-z"], ["fusermount", "-u", "-z"], ["umount", "-l"]):
-        if not _isMount(mount):
+        if not isMount(mount):
             return
         try:
             subprocess.run([*command, str(mount)], capture_output=True, timeout=30)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from flows import addPerson, logIn, openTool, otherBrowser, refused, startDev, startTool
+from flows import addPerson, logIn, openTool, otherBrowser, refused, startDev, startTool, submit
 
 from dit4c.node.processes import killRecorded, startTime
 from dit4c.testing import deferLater
@@ -125,8 +125,7 @@ async def test_save_and_start_again_in_the_browser(processes: Any, browser: Any,
     bobsPassword = await addPerson(browser, dev.portal, "bob")
     await browser.get(dev.portal + "/")
     await browser.fill("#saved-images form.share input[name=user]", "bob")
-    await browser.click("#saved-images button.share-image")
-    await browser.waitFor("#saved-images")
+    await submit(browser, "#saved-images button.share-image")
     bob = await otherBrowser()
     try:
         await logIn(bob, dev.portal, "bob", bobsPassword)
@@ -138,7 +137,6 @@ async def test_save_and_start_again_in_the_browser(processes: Any, browser: Any,
 
     # The owner deletes it: nobody can start it any more.
     await browser.get(dev.portal + "/")
-    await browser.click("#saved-images button.delete-image")
-    await browser.waitFor("#start-button")
+    await submit(browser, "#saved-images button.delete-image")
     names = await browser.execute("return [...document.querySelectorAll('#image option')].map(o => o.text)")
     assert not [name for name in names if "(saved" in name], names

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
-from flows import addPerson, logIn, openTool, refused, startDev, startTool
+from flows import addPerson, logIn, openTool, refused, startDev, startTool, submit
 from twisted.internet import reactor
 
 from dit4c.node.processes import killRecorded
@@ -70,7 +71,7 @@ async def test_a_container_tool_in_the_browser(processes: Any, browser: Any, dev
     # (no port given: the image's exposed one).
     await browser.fill("#image-name", "WS tool")
     await browser.fill("#image-ref", image)
-    await browser.click("#add-image button")
+    await submit(browser, "#add-image button")
 
     url = await startTool(browser, dev.portal, "WS tool")
     assert re.fullmatch(rf"http://[a-z0-9]+\.localhost:{dev.httpPort}/", url), url
@@ -84,6 +85,18 @@ async def test_a_container_tool_in_the_browser(processes: Any, browser: Any, dev
     await browser.waitForText("#echoes li", "into the container and back", 15)
 
     await refused(url, "bob", bobsPassword)
+
+    # The person's storage is at /mnt in the container: what the tool writes
+    # there is on the file server, in the administrator's own directory.
+    if shutil.which("sshfs"):
+        tool = f"{PREFIX}-{instance}-tool"
+        result = subprocess.run(
+            ["podman", "exec", tool, "sh", "-c", "echo from the container > /mnt/note.txt"],
+            env=podmanEnv(), capture_output=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        [written] = list((dev.dataDir / "files" / "users").glob("*/note.txt"))
+        assert written.read_text() == "from the container\n"
 
     await browser.get(dev.portal + "/")
     await browser.click(f'tr[data-instance="{instance}"] button.stop')
