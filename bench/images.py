@@ -5,6 +5,10 @@ image server, report) and restore (fetch, check the digest, unpack, start)
 of an instance holding ``--size`` MiB (default 1024) of incompressible
 data, through ``twistd dit4c-dev`` as a user runs it (process runtime).
 
+Then the file server: ``dd`` writing and reading ``--size`` MiB through an
+instance's mount of the person's storage (sshfs to the file server's SFTP),
+and the same ``dd`` on the local disk.
+
 Side by side, in the same run, the same bytes moved by plain tools on the
 same disk: ``tar`` of the working directory piped to ``sha256sum`` (what
 a save must at least do), ``curl`` of the file from a plain local HTTP
@@ -121,6 +125,44 @@ def plain(directory: Path, mib: int) -> tuple[float, float, float]:
     return packed, fetched, unpacked
 
 
+def dd(source: str, target: str, mib: int, *extra: str) -> float:
+    began = time.monotonic()
+    subprocess.run(["dd", f"if={source}", f"of={target}", "bs=1M", f"count={mib}", *extra],
+                   check=True, capture_output=True)  # fmt: skip
+    return time.monotonic() - began
+
+
+def storage(dev: Dev, browser: Browser, csrf: str, mib: int, directory: Path) -> tuple[float, float, float, float]:
+    """dd through an instance's storage mount, and on the local disk: write s, read s, each."""
+    images = api(browser, dev, csrf, "GET", "/images")
+    notes = next(i["id"] for i in images if i["name"].startswith("Notes"))
+    instance = api(browser, dev, csrf, "POST", "/instances", {"image": notes})["id"]
+    waitFor(browser, dev, csrf, instance, {"running"})
+    mount = dev.directory / "node" / instance / "mnt"
+    for _ in range(300):
+        if os.path.ismount(mount):
+            break
+        time.sleep(0.1)
+    else:
+        raise RuntimeError("the storage was not mounted")
+    local = directory / "local.bin"
+    random = directory / "random.bin"
+    dd("/dev/urandom", str(random), mib)
+    written = dd(str(random), str(mount / "big.bin"), mib, "conv=fsync")
+    localWritten = dd(str(random), str(local), mib, "conv=fsync")
+    subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], capture_output=True)
+    read = dd(str(mount / "big.bin"), "/dev/null", mib)
+    subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], capture_output=True)
+    localRead = dd(str(local), "/dev/null", mib)
+    (mount / "big.bin").unlink()
+    local.unlink()
+    random.unlink()
+    api(browser, dev, csrf, "POST", f"/instances/{instance}/stop")
+    waitFor(browser, dev, csrf, instance, {"stopped"})
+    api(browser, dev, csrf, "POST", f"/instances/{instance}/discard")
+    return written, read, localWritten, localRead
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=1024, help="MiB of data in the instance")
@@ -130,6 +172,7 @@ def main() -> None:
     megabytes = mib * 1024 * 1024 / 1e6
     directory = Path(tempfile.mkdtemp(prefix="dit4c-bench-images-"))
     saves, restores, packs, fetches, unpacks = [], [], [], [], []
+    mountWrites, mountReads, diskWrites, diskReads = [], [], [], []
     try:
         dev = Dev("process", directory)
         try:
@@ -143,6 +186,12 @@ def main() -> None:
                 packs.append(packed)
                 fetches.append(fetched)
                 unpacks.append(unpacked)
+                if shutil.which("sshfs"):
+                    w, r, lw, lr = storage(dev, browser, csrf, mib, directory)
+                    mountWrites.append(w)
+                    mountReads.append(r)
+                    diskWrites.append(lw)
+                    diskReads.append(lr)
                 print(f"run {run + 1}: save {saved:.1f} s, restore {restored:.1f} s; "
                       f"tar+sha256 {packed:.1f} s, curl {fetched:.1f} s, untar {unpacked:.1f} s", file=sys.stderr)  # fmt: skip
         finally:
@@ -162,6 +211,14 @@ def main() -> None:
     print(row("plain: curl from python -m http.server", fetches))
     print(row("plain: tar -x of the archive", unpacks))
     print(row("plain: curl + tar -x (a restore's floor)", [f + u for f, u in zip(fetches, unpacks, strict=True)]))
+    if mountWrites:
+        print()
+        print(f"| {mib} MiB with dd, {options.runs} runs | median s | MB/s | min s | max s |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        print(row("write through the storage mount (sshfs to the file server), fsync", mountWrites))
+        print(row("write to the local disk, fsync", diskWrites))
+        print(row("read through the storage mount (caches dropped)", mountReads))
+        print(row("read from the local disk (caches dropped)", diskReads))
 
 
 if __name__ == "__main__":
