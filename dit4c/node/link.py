@@ -551,6 +551,7 @@ class RemoteNode(MultiService):
                 self._lastError = f"{code} {reason}" if reason else str(code)
             return
         self._link = None
+        self.accepting = False  # until it is back and says so
         self.log.warn("link to node {name} lost ({code} {reason})", name=self.nodeName, code=code, reason=reason or "")
         if self.running and self._graceTimer is None:
             self._graceTimer = self.reactor.callLater(self.grace, self._gone)

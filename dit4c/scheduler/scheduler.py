@@ -53,18 +53,14 @@ class Scheduler(MultiService):
     def command(self, command: Command) -> Deferred[None]:
         node = self.nodeOf(command.instance)
         if command.op == "start":
-            if node is None:
-                node = self._place()
-                if node is None:
-                    self._tell(
-                        InstanceStatus(command.instance, "errored", "No compute node has room for this instance now.")
-                    )
-                    return succeed(None)
-            try:
-                return startFrom(node, command)
-            except NodeFull:
-                self._tell(InstanceStatus(command.instance, "errored", "The compute node has no room for it now."))
-                return succeed(None)
+            # Its node again if one holds it; else the nodes with room, most room first.
+            for candidate in [node] if node is not None else self._candidates():
+                try:
+                    return startFrom(candidate, command)
+                except NodeFull:
+                    continue
+            self._tell(InstanceStatus(command.instance, "errored", "No compute node has room for this instance now."))
+            return succeed(None)
         if node is None:
             # No node holds it: whatever it was asked, nothing of it runs.
             final = "discarded" if command.op == "discard" else "stopped"
@@ -76,12 +72,10 @@ class Scheduler(MultiService):
         )
         return succeed(None)
 
-    def _place(self) -> INode | None:
-        """The node with the most room that takes instances."""
+    def _candidates(self) -> list[INode]:
+        """The nodes that take instances and have room, most room first."""
         candidates = [n for n in self.nodes if getattr(n, "accepting", True) and n.load() < n.capacity]
-        if not candidates:
-            return None
-        return max(candidates, key=lambda n: n.capacity - n.load())
+        return sorted(candidates, key=lambda n: n.capacity - n.load(), reverse=True)
 
     # -- INodeObserver -------------------------------------------------------------------------
 

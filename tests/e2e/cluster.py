@@ -9,6 +9,7 @@ be put in a network namespace (behind NAT: they dial out, nothing dials in).
 from __future__ import annotations
 
 import json
+import secrets
 import signal
 import subprocess
 from pathlib import Path
@@ -26,17 +27,32 @@ PASSWORD = "correct horse battery"
 
 
 class Cluster:
-    def __init__(self, directory: Path, *, netns: str | None = None, hostAddress: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        netns: str | None = None,
+        hostAddress: str = "127.0.0.1",
+        nodes: tuple[str, ...] = ("n1",),
+        images: bool = False,
+    ) -> None:
         """
         :param netns: run the scheduler and the node (and so every pod) in
             this network namespace.
         :param hostAddress: where the namespace reaches the portal and the
             routing server's tunnel port (the host's end of its link).
+        :param nodes: the compute nodes' names (the first one's process is
+            ``node``, the others' ``node-<name>``).
+        :param images: run an image server too, where the nodes save.
         """
         self.directory = directory
         self.netns = netns
         self.hostAddress = hostAddress
-        self.portalPort, self.httpPort, self.tunnelPort, self.nodePort = (freePort() for _ in range(4))
+        self.nodes = nodes
+        self.images = images
+        self.portalPort, self.httpPort, self.tunnelPort, self.imagePort = (freePort() for _ in range(4))
+        self.nodePorts = {name: freePort() for name in nodes}
+        self.nodePort = self.nodePorts[nodes[0]]
         self.portal = f"http://localhost:{self.portalPort}"
         self.processes: dict[str, Process] = {}
         self._runs = 0
@@ -58,11 +74,27 @@ class Cluster:
         listen = ["--listen", f"tcp:{self.portalPort}:interface=127.0.0.1"]
         if self.hostAddress != "127.0.0.1":
             listen += ["--listen", f"tcp:{self.portalPort}:interface={self.hostAddress}"]
+        if self.images:
+            listen += ["--image-server-secret-file", str(self.directory / "image-server.secret")]
         return self._start(
             "portal", "dit4c-portal", *listen,
             "--data-dir", str(self.directory / "portal"),
             "--public-url", self.portal,
         )  # fmt: skip
+
+    def startImages(self) -> Process:
+        return self._start(
+            "images", "dit4c-imageserver",
+            "--listen", f"tcp:{self.imagePort}:interface={self.hostAddress}",
+            "--data-dir", str(self.directory / "images"),
+            "--portal", f"http://127.0.0.1:{self.portalPort}",
+            "--secret-file", str(self.directory / "image-server.secret"),
+            "--public-url", f"http://{self.hostAddress}:{self.imagePort}",
+        )  # fmt: skip
+
+    def nodeDirectory(self, name: str | None = None) -> Path:
+        name = name or self.nodes[0]
+        return self.directory / ("node" if name == self.nodes[0] else f"node-{name}")
 
     def startRouting(self) -> Process:
         return self._start(
@@ -73,14 +105,17 @@ class Cluster:
             "--jwks-url", f"http://127.0.0.1:{self.portalPort}/.well-known/jwks.json",
         )  # fmt: skip
 
-    def startNode(self) -> Process:
+    def startNode(self, name: str | None = None) -> Process:
+        name = name or self.nodes[0]
+        images = ["--image-server", f"http://{self.hostAddress}:{self.imagePort}"] if self.images else []
         return self._start(
-            "node", "dit4c-node",
-            "--listen", f"tcp:{self.nodePort}",
-            "--name", "n1",
-            "--key", str(self.directory / "node.pem"),
+            self.nodeDirectory(name).name, "dit4c-node",
+            "--listen", f"tcp:{self.nodePorts[name]}",
+            "--name", name,
+            "--key", str(self.directory / f"{name}.pem"),
             "--scheduler-key", str(self.directory / "scheduler.jwks"),
-            "--data-dir", str(self.directory / "node"),
+            "--data-dir", str(self.nodeDirectory(name)),
+            *images,
             "--portal", self.portal,
             "--portal-internal", f"http://{self.hostAddress}:{self.portalPort}",
             "--routing", f"tcp:host={self.hostAddress}:port={self.tunnelPort}",
@@ -93,14 +128,23 @@ class Cluster:
             "--portal", f"ws://{self.hostAddress}:{self.portalPort}",
             "--id", self.schedulerId,
             "--key", str(self.directory / "scheduler.pem"),
-            "--node", f"name=n1,url=ws://127.0.0.1:{self.nodePort},key={self.directory / 'node.jwks'}",
+            *(
+                argument
+                for name in self.nodes
+                for argument in (
+                    "--node",
+                    f"name={name},url=ws://127.0.0.1:{self.nodePorts[name]},key={self.directory / f'{name}.jwks'}",
+                )
+            ),
             netns=True,
         )  # fmt: skip
 
     async def start(self) -> None:
         """Everything up, with alice and bob registered and the notes tool in the catalogue."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        for name in ("scheduler", "node"):
+        if self.images:
+            (self.directory / "image-server.secret").write_text(secrets.token_urlsafe(32))
+        for name in ("scheduler", *self.nodes):
             key = generate_private_key()
             save_private_key(key, self.directory / f"{name}.pem")
             (self.directory / f"{name}.jwks").write_text(json.dumps(jwks(key)))
@@ -115,7 +159,10 @@ class Cluster:
         finally:
             await store.close()
         await self.startRouting().waitForLog("public http listening", 30)
-        await self.startNode().waitForLog("node link listening", 30)
+        if self.images:
+            await self.startImages().waitForLog("listening", 30)
+        for name in self.nodes:
+            await self.startNode(name).waitForLog("node link listening", 30)
         await self.startScheduler().waitForLog("channel to the portal open", 30)
 
     def kill(self, name: str) -> None:
@@ -147,9 +194,9 @@ class Cluster:
         finally:
             await store.close()
 
-    def nodeState(self, instance: str) -> str:
+    def nodeState(self, instance: str, node: str | None = None) -> str:
         """The node's state of an instance, from its record."""
-        record = json.loads((self.directory / "node" / "pods" / instance / "instance.json").read_text())
+        record = json.loads((self.nodeDirectory(node) / "pods" / instance / "instance.json").read_text())
         return str(record["state"])
 
     async def waitForStates(self, instance: str, state: str, timeout: float = 60) -> None:
@@ -165,7 +212,8 @@ class Cluster:
     def stop(self) -> None:
         for process in self.processes.values():
             process.stop()
-        killRecorded(self.directory / "node")
+        for name in self.nodes:
+            killRecorded(self.nodeDirectory(name))
 
 
 class Namespace:
