@@ -43,10 +43,15 @@ setup(
             "selenium>=4.20",
             # A real JupyterLab behind the auth helper (tests/auth/test_jupyterlab.py).
             "jupyterlab>=4",
+            # The image server's S3 storage, tested against moto's S3 server.
+            "boto3>=1.36",
+            "moto[server]>=5",
         ],
         "lint": ["ruff>=0.5", "mypy>=1.10", "mypy-zope>=1.0"],
         "tor": ["txtorcon>=24.8"],
         "postgres": ["psycopg[binary]>=3.1"],
+        # The image server's S3(-compatible) storage (--storage s3).
+        "s3": ["boto3>=1.36"],
     },
     entry_points={"console_scripts": ["dit4c=dit4c.cli:main"]},
 )

@@ -5,7 +5,8 @@ request it receives (docs/protocols.md sections 8.4 and 12).
 
 - :mod:`~dit4c.imageserver.storage`: where the bytes live
   (:class:`~dit4c.imageserver.storage.IImageStorage`, a directory by
-  default);
+  default); :mod:`~dit4c.imageserver.s3`: an S3-compatible object store
+  (``--storage s3``, the ``s3`` extra);
 - :mod:`~dit4c.imageserver.portal`: the question to the portal;
 - :mod:`~dit4c.imageserver.web`: the HTTP side, which streams uploads to
   storage chunk by chunk and asks before it reads an upload's body;

@@ -8,6 +8,7 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 
@@ -61,7 +62,9 @@ class ImageServerService(MultiService):
             listener.setServiceParent(self)
 
     def startService(self) -> None:
-        self.storage.prepare()
+        # The directory storage is ready when this returns; a remote one
+        # checks its store meanwhile and logs what it finds.
+        self.storage.prepare().addErrback(lambda f: self.log.failure("preparing the image storage failed", f))
         super().startService()
         if self.server.publicURL is None and self.listeners and self.listeners[0].port is not None:
             address = self.listeners[0].port.getHost()
@@ -74,3 +77,11 @@ class ImageServerService(MultiService):
             elif ":" in host:
                 host = f"[{host}]"
             self.server.publicURL = f"http://{host}:{address.port}"
+
+    def stopService(self) -> Deferred[None]:
+        d: Deferred[Any] = maybeDeferred(super().stopService)
+
+        def closeStorage(result: Any) -> Deferred[Any]:
+            return self.storage.close().addCallback(lambda _: result)
+
+        return d.addBoth(closeStorage)

@@ -18,8 +18,9 @@ and an upload nobody allowed should cost no more than its head, so
 When the body is complete, the resource (:class:`ImageResource`) commits
 the upload: stored under its digest if the SHA-256 of what arrived
 matches. ``GET``, ``HEAD`` and ``DELETE`` ask the portal in the resource,
-then serve the file through :class:`twisted.web.static.File` (so ``Range``
-works) or remove it.
+then stream the image from the storage (one ``Range`` honoured, for
+resumable downloads) or remove it. Every storage call returns a Deferred:
+the storage may be remote (:mod:`dit4c.imageserver.s3`).
 """
 
 from __future__ import annotations
@@ -29,13 +30,12 @@ from enum import Enum
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
-from twisted.web.static import File
 
 from dit4c.imageserver.errors import (
     ImageServerError,
@@ -144,6 +144,7 @@ def _clientAddress(request: Request) -> str:
 class _State(Enum):
     ASKING = "asking the portal"
     RECEIVING = "receiving"
+    COMMITTING = "storing"
     DONE = "done"
     FAILED = "failed"
     LOST = "broken off"
@@ -152,9 +153,10 @@ class _State(Enum):
 class _Upload:
     """
     One ``PUT`` on its way in: ask the portal (the connection paused),
-    then write chunk by chunk, then commit. ``ASKING → RECEIVING → DONE``,
-    or ``FAILED`` (refused, too large, digest mismatch) or ``LOST`` (the
-    client went away) from either of the first two.
+    then write chunk by chunk, then commit.
+    ``ASKING → RECEIVING → COMMITTING → DONE``, or ``FAILED`` (refused, too
+    large, digest mismatch, the store failed) or ``LOST`` (the client went
+    away) from either of the first two.
     """
 
     log = Logger()
@@ -280,28 +282,38 @@ class _Upload:
     def _commit(self) -> None:
         assert self._writer is not None and self._result is not None
         writer, self._writer = self._writer, None
-        try:
-            committed = writer.commit()
-        except ImageServerError as e:
-            self.state = _State.FAILED
-            self.log.info(
-                "upload of {digest} from {client} refused: {reason}",
-                digest=self.digest, client=_clientAddress(self.request), reason=e.reason,
-            )  # fmt: skip
-            self._result.errback(e)
-            return
-        except OSError:
-            writer.abort()
-            self.state = _State.FAILED
-            self.log.failure("could not store image {digest}", digest=self.digest)
-            self._result.errback(ImageServerError("The image could not be stored."))
-            return
+        # The body is in: from now on the image is stored (or refused)
+        # whether or not the client waits for the answer.
+        self.state = _State.COMMITTING
+        d = maybeDeferred(writer.commit)
+        d.addCallbacks(self._committed, self._notCommitted, errbackArgs=(writer,))
+        d.addErrback(lambda f: self.log.failure("finishing upload of {digest} failed", f, digest=self.digest))
+
+    def _committed(self, committed: Committed) -> None:
+        assert self._result is not None
         self.state = _State.DONE
         self.log.info(
             "stored {digest} ({size} bytes, {what})",
             digest=self.digest, size=committed.size, what="new" if committed.created else "stored before",
         )  # fmt: skip
-        self._result.callback(committed)
+        if not self._result.called:
+            self._result.callback(committed)
+
+    def _notCommitted(self, failure: Failure, writer: IImageWriter) -> None:
+        assert self._result is not None
+        self.state = _State.FAILED
+        writer.abort()
+        if failure.check(ImageServerError):
+            error: ImageServerError = failure.value  # type: ignore[assignment]
+            self.log.info(
+                "upload of {digest} from {client} refused: {reason}",
+                digest=self.digest, client=_clientAddress(self.request), reason=error.reason,
+            )  # fmt: skip
+        else:
+            self.log.failure("could not store image {digest}", failure, digest=self.digest)
+            error = ImageServerError("The image could not be stored.")
+        if not self._result.called:
+            self._result.errback(error)
 
     def _fail(self, error: ImageServerError) -> None:
         self.state = _State.FAILED
@@ -432,6 +444,41 @@ class ImageRequest(Request):
         transport.resumeProducing()
 
 
+def byteRange(request: Any, size: int) -> tuple[int, int]:
+    """
+    The part of an image of ``size`` bytes that a ``GET`` asks for:
+    ``(offset, length)``; sets ``206`` and ``Content-Range`` for one
+    satisfiable ``Range: bytes=...``, and answers ``416`` for an
+    unsatisfiable one (``length`` 0). Several ranges, or a malformed or
+    unknown header, get the whole image (RFC 9110 lets a server ignore
+    ``Range``).
+    """
+    header = request.getHeader(b"range")
+    whole = (0, size)
+    if header is None:
+        return whole
+    unit, sep, spec = header.partition(b"=")
+    if not sep or unit.strip().lower() != b"bytes" or b"," in spec:
+        return whole
+    first, dash, last = spec.strip().partition(b"-")
+    if not dash or (first and not first.isdigit()) or (last and not last.isdigit()) or not (first or last):
+        return whole
+    if first:
+        start = int(first)
+        end = min(int(last), size - 1) if last else size - 1
+        if last and int(last) < start:
+            return whole
+    else:
+        start, end = max(size - int(last), 0), size - 1
+    if start >= size or end < start:
+        request.setResponseCode(http.REQUESTED_RANGE_NOT_SATISFIABLE)
+        request.setHeader(b"content-range", b"bytes */%d" % size)
+        return 0, 0
+    request.setResponseCode(http.PARTIAL_CONTENT)
+    request.setHeader(b"content-range", b"bytes %d-%d/%d" % (start, end, size))
+    return start, end - start + 1
+
+
 class ImageResource(Resource):
     """``/health`` and ``/images/sha256:<hex>``: every image request asks the portal first."""
 
@@ -471,16 +518,21 @@ class ImageResource(Resource):
                 )  # fmt: skip
                 raise Refused(decision.reason)
             if method == b"DELETE":
-                if not self.images.storage.delete(digest):
+                if not await self.images.storage.delete(digest):
                     raise NotFound()
                 self.log.info("deleted {digest} ({reason})", digest=digest, reason=decision.reason)
                 request.setResponseCode(204)
                 request.responseHeaders.removeHeader(b"content-type")
                 request.finish()
                 return
-            self._send(request, digest)
+            await self._send(request, digest)
         except ImageServerError as e:
-            if not request._disconnected:
+            if not request._disconnected and not request.finished:
+                if request.startedWriting:
+                    _transport(request).abortConnection()
+                    return
+                request.responseHeaders.removeHeader(b"content-range")
+                request.responseHeaders.removeHeader(b"content-length")
                 request.write(self._error(request, e))
                 request.finish()
 
@@ -496,17 +548,49 @@ class ImageResource(Resource):
         request.write(self._json(request, 201 if committed.created else 200, body))
         request.finish()
 
-    def _send(self, request: ImageRequest, digest: str) -> None:
-        path = self.images.storage.path(digest)
-        if not path.is_file():
+    async def _send(self, request: ImageRequest, digest: str) -> None:
+        """
+        ``GET`` or ``HEAD``: the image (``200``), one range of it (``206``),
+        streamed from the storage as the connection takes it.
+        """
+        storage = self.images.storage
+        info = await storage.stat(digest)
+        if request._disconnected:
+            return
+        if info is None:
             raise NotFound()
-        file = File(str(path), defaultType="application/octet-stream")
-        file.type, file.encoding = "application/octet-stream", None
         request.setHeader(DIGEST_HEADER, digest.encode("ascii"))
         request.setHeader(b"cache-control", b"private, no-cache")
-        result = file.render(request)
-        if result is not NOT_DONE_YET:
-            request.write(result)
+        request.setHeader(b"accept-ranges", b"bytes")
+        request.setHeader(b"content-type", b"application/octet-stream")
+        if info.modified is not None and request.setLastModified(info.modified) is http.CACHED:
+            request.finish()
+            return
+        offset, length = 0, info.size
+        if request.method == b"GET":
+            offset, length = byteRange(request, info.size)
+        request.setHeader(b"content-length", b"%d" % length)
+        if request.method == b"HEAD" or length == 0:
+            request.finish()
+            return
+        reading = storage.read(digest, request, offset, length)
+        request.notifyFinish().addErrback(lambda _: reading.cancel())
+        try:
+            await reading
+        except CancelledError:
+            return
+        except ImageServerError:
+            raise
+        except Exception:
+            self.log.failure("reading {digest} failed", digest=digest)
+            if not request._disconnected:
+                if request.startedWriting:
+                    # Headers and part of the body are out: the client must see a broken response.
+                    _transport(request).abortConnection()
+                    return
+                raise ImageServerError("The image could not be read; try again.") from None
+            return
+        if not request._disconnected:
             request.finish()
 
     def _failed(self, failure: Failure, request: ImageRequest) -> None:

@@ -18,6 +18,7 @@ import treq
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IConsumer
 from twisted.internet.task import Clock
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
@@ -180,9 +181,71 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def stored(server: ImageServerService) -> list[str]:
-    """The images in a server's directory, and anything left in its temporaries, by name."""
-    directory = server.storage.directory  # type: ignore[attr-defined]
-    return sorted(p.name for p in (directory / "sha256").iterdir()) + sorted(
-        "tmp/" + p.name for p in (directory / "tmp").iterdir()
-    )
+def stored(server: ImageServerService | Any) -> list[str]:
+    """
+    The images a server (or a storage) holds, and anything left in its
+    temporaries, by name: files of a directory storage, objects (and the
+    local spool) of an S3 storage.
+    """
+    storage = getattr(server, "storage", server)
+    if hasattr(storage, "directory"):
+        directory = storage.directory
+        return sorted(p.name for p in (directory / "sha256").iterdir()) + sorted(
+            "tmp/" + p.name for p in (directory / "tmp").iterdir()
+        )
+    listed = storage.client.list_objects_v2(Bucket=storage.bucket, Prefix=storage.prefix)
+    names = []
+    for item in listed.get("Contents", []):
+        key = item["Key"]
+        assert key.startswith(storage.prefix + "sha256/"), key
+        names.append(key.rsplit("/", 1)[1])
+    return sorted(names) + sorted("tmp/" + p.name for p in storage.spool.iterdir())
+
+
+@implementer(IConsumer)
+class HashingConsumer:
+    """
+    A consumer that hashes what it is given (and keeps it if ``keep``), and
+    pauses its producer after every write, resuming it on the next turn of
+    the reactor, as a slow connection would.
+    """
+
+    def __init__(self, keep: bool = False) -> None:
+        self.hash = hashlib.sha256()
+        self.size = 0
+        self.chunks: list[bytes] | None = [] if keep else None
+        self.producer: Any = None
+        self.pauses = 0
+        self.largestWrite = 0
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self.hash.hexdigest()
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        assert streaming and self.producer is None
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def write(self, data: bytes) -> None:
+        self.hash.update(data)
+        self.size += len(data)
+        self.largestWrite = max(self.largestWrite, len(data))
+        if self.chunks is not None:
+            self.chunks.append(data)
+        if self.producer is not None:
+            producer = self.producer
+            producer.pauseProducing()
+            self.pauses += 1
+            reactor.callLater(0, producer.resumeProducing)
+
+
+async def readAll(storage: Any, digest: str, offset: int, length: int) -> bytes:
+    """``length`` bytes of a stored image from ``offset`` on, read through a consumer."""
+    consumer = HashingConsumer(keep=True)
+    await storage.read(digest, consumer, offset, length)
+    assert consumer.producer is None
+    assert consumer.chunks is not None
+    return b"".join(consumer.chunks)

@@ -6,6 +6,8 @@ import hashlib
 from pathlib import Path
 
 import pytest
+import pytest_twisted
+from imageserver_client import readAll
 from twisted.python import usage
 from zope.interface.verify import verifyObject
 
@@ -19,51 +21,60 @@ def digestOf(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def test_directory_storage(tmp_path: Path) -> None:
+@pytest_twisted.ensureDeferred
+async def test_directory_storage(tmp_path: Path) -> None:
     storage = DirectoryStorage(tmp_path / "images")
     verifyObject(IImageStorage, storage)
     (tmp_path / "images" / "tmp").mkdir(parents=True)
     (tmp_path / "images" / "tmp" / "crashed.part").write_bytes(b"x")
-    storage.prepare()
+    await storage.prepare()
     assert list((tmp_path / "images" / "tmp").iterdir()) == []
 
     data = b"an image" * 1000
     digest = digestOf(data)
-    assert not storage.exists(digest) and storage.size(digest) is None
+    assert not await storage.exists(digest) and await storage.size(digest) is None
     writer = storage.begin(digest)
     verifyObject(IImageWriter, writer)
     writer.write(data[:100])
     writer.write(data[100:])
     # Not readable until committed.
-    assert not storage.exists(digest)
-    committed = writer.commit()
+    assert not await storage.exists(digest)
+    committed = await writer.commit()
     assert (committed.digest, committed.size, committed.created) == (digest, len(data), True)
     assert storage.path(digest) == tmp_path / "images" / "sha256" / digest[7:]
     with storage.open(digest) as f:
         assert f.read() == data
-    assert storage.size(digest) == len(data)
+    assert await storage.size(digest) == len(data)
+    info = await storage.stat(digest)
+    assert info is not None and info.size == len(data) and info.modified
+    # Read through a consumer, all or part.
+    assert await readAll(storage, digest, 0, len(data)) == data
+    assert await readAll(storage, digest, 5, 10) == data[5:15]
+    with pytest.raises(NotFound):
+        await readAll(storage, digestOf(b"missing"), 0, 1)
 
     # Again: kept as it is, the copy dropped.
     writer = storage.begin(digest)
     writer.write(data)
-    assert writer.commit().created is False
+    assert (await writer.commit()).created is False
     # Another image's bytes: nothing stored.
     writer = storage.begin(digestOf(b"other"))
     writer.write(b"not other")
     with pytest.raises(DigestMismatch):
-        writer.commit()
-    assert not storage.exists(digestOf(b"other"))
+        await writer.commit()
+    assert not await storage.exists(digestOf(b"other"))
     # Aborted: nothing stored.
     writer = storage.begin(digestOf(b"other"))
     writer.write(b"other")
     writer.abort()
     writer.abort()
     assert list(storage.temporaries.iterdir()) == []
-    assert not storage.exists(digestOf(b"other"))
+    assert not await storage.exists(digestOf(b"other"))
 
-    assert storage.delete(digest) is True
-    assert storage.delete(digest) is False
-    assert not storage.exists(digest)
+    assert await storage.delete(digest) is True
+    assert await storage.delete(digest) is False
+    assert not await storage.exists(digest)
+    await storage.close()
 
 
 def test_digests_and_routes() -> None:

@@ -52,7 +52,7 @@ async def test_the_plugin_streams_images_through(world: World, processes: Any) -
     response, answer = await put(remote, body.digest, body, w.uploadToken(body.digest))
     assert response.code == 201, answer
     assert answer["url"] == f"https://images.example.org/images/{body.digest}"
-    assert DirectoryStorage(dataDir).size(body.digest) == 64 * MiB
+    assert DirectoryStorage(dataDir).path(body.digest).stat().st_size == 64 * MiB
 
     await w.store.createImage("Saved", answer["url"], owner_id=w.alice.id, digest=body.digest)
     _, token = await w.store.createApiToken(w.alice.id, "cli")
