@@ -91,6 +91,8 @@ class _Pod:
     processes: dict[str, PodProcess] = field(default_factory=dict)
     #: The tool's port in the pod, and the pid of a process in its network namespace.
     toolPort: int | None = None
+    #: The auth helper's port in the pod (unknown for a pod found again after a restart).
+    authPort: int | None = None
     infraPid: int | None = None
     #: Why the pod failed while starting (a helper exited).
     failure: str | None = None
@@ -425,6 +427,7 @@ class PodmanRuntime:
             made = True
             hostPort = await self._createPod(pod, authPort, toolPort)
             pod.toolPort = toolPort
+            pod.authPort = authPort
             pod.infraPid = await self._infraPid(instance)
             netns = f"/proc/{pod.infraPid}/ns/net"
             await self._firewall(netns, authPort)
@@ -545,6 +548,9 @@ class PodmanRuntime:
                 pod.infraPid = await self._infraPid(instance)
             except RuntimeError_:
                 return False
+        # The tool, and the auth helper in front of it (people reach the tool only through it).
+        if pod.authPort is not None and not listening(pod.infraPid, pod.authPort):
+            return False
         return listening(pod.infraPid, pod.toolPort)
 
     async def _firewall(self, netns: str, authPort: int) -> None:

@@ -219,6 +219,7 @@ class ProcessRuntime:
         self.stopGrace = stopGrace
         self._pods: dict[str, dict[str, PodProcess]] = {}
         self._ports: dict[str, int] = {}
+        self._authPorts: dict[str, int] = {}
         self._exitCallbacks: list[Callable[[str, str], object]] = []
 
     def onExit(self, callback: Callable[[str, str], object]) -> None:
@@ -289,6 +290,7 @@ class ProcessRuntime:
             raise RuntimeError_(f"The tool could not be started: {e.strerror or e}.") from None
         self._pods[spec.instance] = processes
         self._ports[spec.instance] = toolPort
+        self._authPorts[spec.instance] = authPort
         self.log.info("{instance}: {tool} on port {port}", instance=spec.instance, tool=tool.name, port=toolPort)
 
     def capture(self, instance: str, archive: Path) -> Deferred[str | None]:
@@ -304,9 +306,19 @@ class ProcessRuntime:
         return threads.deferToThread(_pack, directory / "work", archive, str(tool))
 
     def ready(self, instance: str) -> Deferred[bool]:
-        port = self._ports.get(instance)
-        if port is None:
+        """Whether the tool, and the auth helper in front of it, accept connections."""
+        if instance not in self._ports:
             return succeed(False)
+        ports = [self._ports[instance], *([self._authPorts[instance]] if instance in self._authPorts else [])]
+        return Deferred.fromCoroutine(self._ready(ports))
+
+    async def _ready(self, ports: list[int]) -> bool:
+        for port in ports:
+            if not await self._accepts(port):
+                return False
+        return True
+
+    def _accepts(self, port: int) -> Deferred[bool]:
         endpoint = TCP4ClientEndpoint(self.reactor, "127.0.0.1", port, timeout=2)
 
         def connected(protocol: Protocol) -> bool:
@@ -330,6 +342,7 @@ class ProcessRuntime:
         def remove(_: object) -> None:
             self._pods.pop(instance, None)
             self._ports.pop(instance, None)
+            self._authPorts.pop(instance, None)
             removePodDirectory(self.directory / instance)
 
         return self.stop(instance).addCallback(remove)
@@ -344,7 +357,9 @@ class ProcessRuntime:
                 alive = [role for role, p in processes.items() if p.adopt()]
                 self._pods[instance] = processes
                 try:
-                    self._ports[instance] = int(json.loads(record.read_text())["tool"])
+                    ports = json.loads(record.read_text())
+                    self._ports[instance] = int(ports["tool"])
+                    self._authPorts[instance] = int(ports["auth"])
                 except (OSError, ValueError, KeyError):
                     pass
             else:

@@ -14,10 +14,14 @@ from dit4c.scheduler.channel import InstanceStatus
 from dit4c.testing import deferLater
 
 #: A stand-in helper: writes its environment to <role>.env in the pod directory, then waits.
+#: (The auth stand-in also listens where it is told, as the real one does:
+#: the node counts a pod ready once its auth helper accepts connections.)
 RECORD_ENV = (
-    "import json, os, pathlib, sys, time;"
+    "import json, os, pathlib, socket, sys, time;"
     "d = pathlib.Path(os.environ['DIT4C_INSTANCE_KEY']).parent;"
     "(d / (sys.argv[1] + '.env')).write_text(json.dumps(dict(os.environ)));"
+    "listen = os.environ.get('DIT4C_AUTH_LISTEN') if sys.argv[1] == 'auth' else None;"
+    "s = socket.create_server(('127.0.0.1', int(listen.split(':')[1]))) if listen else None;"
     "time.sleep(3600)"
 )
 HELPERS = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -220,3 +221,21 @@ def test_removing_a_pod_never_deletes_through_a_mount(tmp_path: Path) -> None:
             subprocess.run(["umount", "-l", str(pod / "mnt")])
     assert not pod.exists()
     assert (storage / "thesis.tex").read_text() == "years of work"
+
+
+@pytest_twisted.ensureDeferred
+async def test_running_only_once_the_auth_helper_answers_too(tmp_path: Path) -> None:
+    """A tool that answers behind an auth helper that does not is not running: nobody could reach it."""
+    deaf = {**HELPERS, "auth": [sys.executable, "-c", "import time; time.sleep(3600)"]}
+    runtime = ProcessRuntime(reactor, tmp_path / "node", TOOLS, helpers=deaf, stopGrace=2)
+    node = Node(reactor, runtime, tmp_path / "node", portal="http://localhost:8000", startTimeout=1.5)
+    watcher = Watcher()
+    node.subscribe(watcher.observer())
+    node.startService()
+    try:
+        await node.start("abc9", "web", None)
+        errored = await watcher.waitFor("abc9", "errored")
+        assert errored.reason == "The tool did not answer within 1.5 s."
+        assert "running" not in watcher.history("abc9")
+    finally:
+        await runtime.discard("abc9")
