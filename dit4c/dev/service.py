@@ -171,7 +171,7 @@ class DevService(MultiService):
             fileServerHostKey=self.files.hostKeyLine if self.files is not None else None,
         )
         self.node.setServiceParent(self)
-        self.scheduler = Scheduler([self.node])
+        self.scheduler = Scheduler([self.node], reactor=reactor)
         self.scheduler.setServiceParent(self)
         self.channel: ChannelClient | None = None
         #: Fires once every part is up and the scheduler's channel is open.

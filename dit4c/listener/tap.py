@@ -13,6 +13,7 @@ from twisted.python import usage
 from dit4c.common.helperenv import HelperEnvironmentError, fromEnvironment
 from dit4c.common.keys import KeyFileError, load_private_key
 from dit4c.common.options import endpointList
+from dit4c.listener.nearest import NearestEndpoint
 from dit4c.listener.service import ListenerService
 
 
@@ -31,7 +32,7 @@ class Options(usage.Options):
         "reconnect, so it can be renewed while the listener runs)."
     )
     optParameters = [
-        ["routing", None, None, "Client endpoint of the routing server's tunnel port: tcp:host=H:port=P, tls:H:P, or dit4c-ws:url=wss\\://H/.dit4c/tunnel. Default: the first of $DIT4C_ROUTING."],
+        ["routing", None, None, "Client endpoint of the routing server's tunnel port: tcp:host=H:port=P, tls:H:P, or dit4c-ws:url=wss\\://H/.dit4c/tunnel; several, separated by spaces: the nearest (fastest to connect, at every reconnect). Default: $DIT4C_ROUTING."],
         ["token-file", None, None, "File holding a routing token (a JWT from the portal). Default: sign one with $DIT4C_INSTANCE_KEY."],
         ["target", None, None, "Client endpoint to forward each stream to, e.g. tcp:host=127.0.0.1:port=8888. Default: $DIT4C_AUTH."],
     ]
@@ -44,7 +45,7 @@ class Options(usage.Options):
             except HelperEnvironmentError as e:
                 raise usage.UsageError(str(e)) from None
             if not self["routing"] and self["helper"].routing:
-                self["routing"] = self["helper"].routing[0]
+                self["routing"] = list(self["helper"].routing)
             if not self["target"]:
                 self["target"] = self["helper"].auth
         for key in ("routing", "target"):
@@ -52,7 +53,9 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{key} is required (or the helper environment)")
         if not self["token-file"] and self["helper"] is None:
             raise usage.UsageError("--token-file is required (or the helper environment)")
-        endpointList([self["routing"]], server=False, option="routing")
+        if isinstance(self["routing"], str):
+            self["routing"] = self["routing"].split()
+        endpointList(self["routing"], server=False, option="routing")
         endpointList([self["target"]], server=False, option="target")
         if self["token-file"] and not Path(self["token-file"]).is_file():
             raise usage.UsageError(f"--token-file: {self['token-file']} is not a file")
@@ -94,7 +97,7 @@ def makeService(config: Options, reactor: Any = None) -> IService:
 
     return ListenerService(
         reactor,
-        clientFromString(reactor, config["routing"]),
+        NearestEndpoint(reactor, [(d, clientFromString(reactor, d)) for d in config["routing"]]),
         clientFromString(reactor, config["target"]),
         token,
         onRegistered=onRegistered,

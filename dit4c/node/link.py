@@ -420,6 +420,9 @@ class RemoteNode(MultiService):
         self._graceTimer: IDelayedCall | None = None
         self._lastError: str | None = None
         self._connected: list[Deferred[None]] = []
+        #: Whether the node's report came since the link's welcome.
+        self._reported = False
+        self._reportWaiters: list[Deferred[None]] = []
         factory = WebSocketClientFactory(url, protocols=[SUBPROTOCOL], reactor=reactor)
         protocol: type[_SchedulerSide] = type("SchedulerSide", (_SchedulerSide,), {"remote": self})
         factory.protocol = protocol
@@ -439,6 +442,14 @@ class RemoteNode(MultiService):
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._connected.append(d)
+        return d
+
+    def whenReported(self) -> Deferred[None]:
+        """Fires once the node is linked and has said what it holds (now, if it has)."""
+        if self._link is not None and self._reported:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._reportWaiters.append(d)
         return d
 
     # -- INode -----------------------------------------------------------------------------------
@@ -486,6 +497,7 @@ class RemoteNode(MultiService):
 
     def _welcomed(self, link: _SchedulerSide) -> None:
         self._link = link
+        self._reported = False
         self._lastError = None
         if self._graceTimer is not None and self._graceTimer.active():
             self._graceTimer.cancel()
@@ -534,6 +546,10 @@ class RemoteNode(MultiService):
             if previous.get(status.instance) != status:
                 for observer in self._observers:
                     observer.instanceState(self, status)
+        self._reported = True
+        waiting, self._reportWaiters = self._reportWaiters, []
+        for d in waiting:
+            d.callback(None)
 
     def _acked(self, commandId: str) -> None:
         d = self._pending.pop(commandId, None)

@@ -159,6 +159,8 @@ class Node(Service):
         self.accepting = True
         self._records: dict[str, _Record] = {}
         self._observers: list[INodeObserver] = []
+        self._recovered = False
+        self._recoveryWaiters: list[Deferred[None]] = []
         runtime.onExit(self._podExited)
 
     # -- the service: find the instances again ---------------------------------------------
@@ -166,7 +168,25 @@ class Node(Service):
     def startService(self) -> Deferred[None]:
         super().startService()
         self.directory.mkdir(parents=True, exist_ok=True)
-        return Deferred.fromCoroutine(self._recover())
+        d = Deferred.fromCoroutine(self._recover())
+
+        def recovered(result: object) -> object:
+            self._recovered = True
+            waiting, self._recoveryWaiters = self._recoveryWaiters, []
+            for waiter in waiting:
+                waiter.callback(None)
+            return result
+
+        d.addBoth(recovered)
+        return d
+
+    def whenReported(self) -> Deferred[None]:
+        """Fires once the node knows its instances again (after a restart, once it has looked)."""
+        if self._recovered:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._recoveryWaiters.append(d)
+        return d
 
     async def _recover(self) -> None:
         for path in sorted(self.directory.glob("*/instance.json")):

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -27,8 +27,15 @@ __all__ = ["Scheduler"]
 class Scheduler(MultiService):
     log = Logger()
 
-    def __init__(self, nodes: list[INode] | None = None) -> None:
+    def __init__(self, nodes: list[INode] | None = None, *, reactor: Any = None, reportWait: float = 30.0) -> None:
+        """
+        :param reportWait: seconds the first report to the portal (after
+            every connect) waits for the nodes to say what they hold: an
+            instance missing from it is taken for lost.
+        """
         super().__init__()
+        self.reactor = reactor
+        self.reportWait = reportWait
         self.nodes: list[INode] = []
         #: The channel to the portal (set by whoever builds the scheduler).
         self.channel: ChannelClient | None = None
@@ -47,7 +54,18 @@ class Scheduler(MultiService):
 
     # -- ISchedulerHandler -------------------------------------------------------------------
 
-    def report(self) -> list[InstanceStatus]:
+    def report(self) -> Deferred[list[InstanceStatus]]:
+        return Deferred.fromCoroutine(self._report())
+
+    async def _report(self) -> list[InstanceStatus]:
+        # A node not linked yet (this scheduler just started) would leave its
+        # instances out, and the portal would take them for lost: wait for
+        # each to say what it holds, for a while.
+        waits = [node.whenReported() for node in self.nodes if hasattr(node, "whenReported")]
+        if waits and self.reactor is not None:
+            for d in waits:
+                d.addTimeout(self.reportWait, self.reactor)
+            await DeferredList(waits, consumeErrors=True)
         return [status for node in self.nodes for status in node.instances()]
 
     def command(self, command: Command) -> Deferred[None]:

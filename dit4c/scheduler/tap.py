@@ -86,7 +86,7 @@ def makeService(config: Options, reactor: Any = None) -> IService:
     from dit4c.scheduler.channel import ChannelClient
     from dit4c.scheduler.scheduler import Scheduler
 
-    scheduler = Scheduler()
+    scheduler = Scheduler(reactor=reactor)
     for spec in config["nodes"]:
         node = RemoteNode(
             reactor,

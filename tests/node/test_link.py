@@ -172,3 +172,32 @@ async def test_a_short_absence_loses_nothing(link: Link) -> None:
     await eventually(lambda: any(s.instance == "abc3" for s in remote.instances()))
     assert [s.state for s in remote.instances()] == ["running"]
     assert "errored" not in watcher.history("abc3")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_schedulers_report_waits_for_its_nodes(link: Link) -> None:
+    """
+    A scheduler that just started must not tell the portal its node holds
+    nothing before the node has said what it holds (the portal would take
+    the instances for lost).
+    """
+    from dit4c.scheduler.scheduler import Scheduler
+
+    await link.startNode()
+    first, watcher = link.remote(name="n1")
+    await first.whenConnected()
+    await first.start("abc4", "web", None)
+    await watcher.waitFor("abc4", "running")
+    await first.stopService()
+
+    # A new scheduler, whose link to the node is not up yet when it reports.
+    remote, _ = link.remote(name="n1")
+    scheduler = Scheduler([remote], reactor=reactor, reportWait=10)
+    statuses = await scheduler.report()
+    assert [(s.instance, s.state) for s in statuses] == [("abc4", "running")]
+
+    # A node that never answers delays the report by reportWait at most.
+    await link.stopNode()
+    await eventually(lambda: not remote.connected)
+    stuck = Scheduler([remote], reactor=reactor, reportWait=0.3)
+    assert [(s.instance, s.state) for s in await stuck.report()] == [("abc4", "running")]
