@@ -7,16 +7,15 @@ quotes a code or a token.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
 
-from treq import collect
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred
-from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
+
+from dit4c.common.portalhttp import portalHTTP, readJSON
 
 __all__ = ["PortalClient", "PortalRefused", "PortalUnreachable", "UserInfo"]
 
@@ -61,10 +60,7 @@ class PortalClient:
         self.instance = instance
         self.timeout = timeout
         if http is None:
-            pool = HTTPConnectionPool(reactor, persistent=True)
-            pool.maxPersistentPerHost = 4
-            pool.cachedConnectionTimeout = 30
-            http = HTTPClient(Agent(reactor, pool=pool, connectTimeout=timeout))
+            http, self.base = portalHTTP(reactor, self.base, timeout=timeout)
         self._http = http
 
     def _timed(self, coroutine: Any) -> Deferred[Any]:
@@ -73,21 +69,7 @@ class PortalClient:
         return d
 
     async def _read(self, response: Any) -> tuple[int, Any]:
-        body: list[bytes] = []
-        size = 0
-
-        def collector(data: bytes) -> None:
-            nonlocal size
-            size += len(data)
-            if size > MAX_ANSWER:
-                raise PortalUnreachable("the portal's answer is too large")
-            body.append(data)
-
-        await collect(response, collector)
-        try:
-            return response.code, json.loads(b"".join(body))
-        except ValueError:
-            raise PortalUnreachable(f"the portal answered {response.code} without JSON") from None
+        return await readJSON(response, limit=MAX_ANSWER, failure=PortalUnreachable)
 
     def exchange(self, code: str, verifier: str, redirectURI: str) -> Deferred[str]:
         """

@@ -19,7 +19,7 @@ from typing import Any
 from dit4c.common.portalhttp import isPortalAddress
 from dit4c.common.tokens import INSTANCE_ID_RE
 
-__all__ = ["HelperEnvironment", "HelperEnvironmentError", "fromEnvironment", "PREFIX"]
+__all__ = ["HelperEnvironment", "HelperEnvironmentError", "fromEnvironment", "inherited", "PREFIX"]
 
 PREFIX = "DIT4C_"
 
@@ -119,6 +119,14 @@ def _url(name: str, value: str) -> str:
     if not value.startswith(("http://", "https://")):
         raise HelperEnvironmentError(f"{name} must be an http(s) URL, not {value!r}")
     return value.rstrip("/")
+
+
+def inherited() -> dict[str, str]:
+    """
+    What a process a node starts inherits of the node's own environment:
+    all of it but the ``DIT4C_`` variables, which are set for it alone.
+    """
+    return {name: value for name, value in os.environ.items() if not name.startswith(PREFIX)}
 
 
 def fromEnvironment(environ: Mapping[str, str] | None = None, **overrides: Any) -> HelperEnvironment:

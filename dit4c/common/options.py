@@ -49,6 +49,29 @@ def endpointList(descriptions: list[str], *, server: bool, option: str) -> None:
             raise usage.UsageError(f"--{option}: bad endpoint {description!r}: {e}") from None
 
 
+#: The shortest secret shared between the portal and a server that asks it questions.
+MIN_SECRET = 16
+
+
+def secretFromFile(path: str, option: str) -> str:
+    """
+    A shared secret from a file (surrounding white space ignored), at least
+    :data:`MIN_SECRET` characters.
+
+    :raises usage.UsageError: it cannot be read, or is too short (the
+        message names ``--option``, never the secret).
+    """
+    from pathlib import Path
+
+    try:
+        secret = Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise usage.UsageError(f"--{option}: {getattr(e, 'strerror', None) or e}") from None
+    if len(secret) < MIN_SECRET:
+        raise usage.UsageError(f"--{option}: the secret must have at least {MIN_SECRET} characters")
+    return secret
+
+
 def verifierFromOptions(config: Any, reactor: Any) -> Any:
     """A TokenVerifier from --jwks-url/--jwks-file, --audience and --issuer."""
     from dit4c.common.tokens import JWKSKeySource, StaticKeySource, TokenVerifier

@@ -10,15 +10,17 @@ namespaces (it is a file). ``DIT4C_PORTAL_INTERNAL`` may therefore be
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from treq import collect
 from treq.client import HTTPClient
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-__all__ = ["portalHTTP", "isPortalAddress"]
+__all__ = ["portalHTTP", "isPortalAddress", "readJSON"]
 
 #: The base URL requests name when they go to a UNIX socket.
 SOCKET_BASE = "http://localhost"
@@ -56,3 +58,28 @@ def portalHTTP(
         agent = Agent.usingEndpointFactory(reactor, _SocketEndpoints(reactor, address[5:], timeout), pool=pool)
         return HTTPClient(agent), SOCKET_BASE
     return HTTPClient(Agent(reactor, pool=pool, connectTimeout=timeout)), address.rstrip("/")
+
+
+async def readJSON(response: Any, *, limit: int, failure: type[Exception]) -> tuple[int, Any]:
+    """
+    ``(status, parsed body)`` of the portal's answer, read at most ``limit``
+    bytes of it (a bigger answer is cut off, not held).
+
+    :raises failure: the answer is too large, or not JSON.
+    """
+    body: list[bytes] = []
+    size = 0
+
+    def collector(data: bytes) -> None:
+        nonlocal size
+        size += len(data)
+        if size > limit:
+            raise failure("The portal's answer is too large.")
+        body.append(data)
+
+    await collect(response, collector)
+    try:
+        return response.code, json.loads(b"".join(body))
+    except ValueError:
+        raise failure(f"The portal answered {response.code} without JSON.") from None
+

@@ -22,7 +22,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from treq import collect
 from treq.client import HTTPClient
 from twisted.conch import error as conchError
 from twisted.conch.ssh import keys
@@ -34,7 +33,7 @@ from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
-from dit4c.common.portalhttp import portalHTTP
+from dit4c.common.portalhttp import portalHTTP, readJSON
 from dit4c.common.tokens import INSTANCE_ID_RE, IKeySource, InvalidToken
 from dit4c.fileserver.sftp import IAccess
 
@@ -89,21 +88,7 @@ class PortalAsker:
             headers=Headers({b"Content-Type": [b"application/json"], SECRET_HEADER: [self._secret]}),
             unbuffered=True,
         )
-        body: list[bytes] = []
-        size = 0
-
-        def collector(data: bytes) -> None:
-            nonlocal size
-            size += len(data)
-            if size > MAX_ANSWER:
-                raise PortalUnavailable("The portal's answer is too large.")
-            body.append(data)
-
-        await collect(response, collector)
-        try:
-            answer = json.loads(b"".join(body))
-        except ValueError:
-            raise PortalUnavailable(f"The portal answered {response.code} without JSON.") from None
+        _, answer = await readJSON(response, limit=MAX_ANSWER, failure=PortalUnavailable)
         if not isinstance(answer, dict):
             raise PortalUnavailable(f"The portal answered {response.code} with no decision.")
         given = answer.get("reason")

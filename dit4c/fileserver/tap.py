@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
-from dit4c.common.options import endpointList, positiveFloat, positiveInt
+from dit4c.common.options import endpointList, positiveFloat, positiveInt, secretFromFile
 from dit4c.common.portalhttp import isPortalAddress
 from dit4c.fileserver.service import FileServerService
 from dit4c.fileserver.sftp import MAX_HANDLES
 
 #: The shortest secret accepted (the portal's rule).
-MIN_SECRET = 16
 DEFAULT_LISTEN = "tcp:8700:interface=127.0.0.1"
 
 
@@ -62,12 +60,7 @@ class Options(usage.Options):
             raise usage.UsageError("--portal must be an http:// or https:// URL (or unix:/path)")
         if not self["secret-file"]:
             raise usage.UsageError("--secret-file is required")
-        try:
-            self["secret"] = Path(self["secret-file"]).read_text().strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise usage.UsageError(f"--secret-file: {getattr(e, 'strerror', None) or e}") from None
-        if len(self["secret"]) < MIN_SECRET:
-            raise usage.UsageError(f"--secret-file: the secret must have at least {MIN_SECRET} characters")
+        self["secret"] = secretFromFile(self["secret-file"], "secret-file")
 
 
 def makeService(config: Options, reactor: Any = None) -> IService:

@@ -19,13 +19,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from treq import collect
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
-from dit4c.common.portalhttp import portalHTTP
+from dit4c.common.portalhttp import portalHTTP, readJSON
 from dit4c.imageserver.errors import PortalUnavailable
 
 __all__ = ["ACCESS_PATH", "Decision", "PortalGate", "SECRET_HEADER"]
@@ -147,21 +146,7 @@ class PortalGate:
         raise PortalUnavailable(f"The portal answered {status}.")
 
     async def _read(self, response: Any) -> tuple[int, Any]:
-        body: list[bytes] = []
-        size = 0
-
-        def collector(data: bytes) -> None:
-            nonlocal size
-            size += len(data)
-            if size > MAX_ANSWER:
-                raise PortalUnavailable("The portal's answer is too large.")
-            body.append(data)
-
-        await collect(response, collector)
-        try:
-            return response.code, json.loads(b"".join(body))
-        except ValueError:
-            raise PortalUnavailable(f"The portal answered {response.code} without JSON.") from None
+        return await readJSON(response, limit=MAX_ANSWER, failure=PortalUnavailable)
 
 
 def _string(value: object) -> str | None:

@@ -9,14 +9,13 @@ from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
-from dit4c.common.options import endpointList, positiveFloat, positiveInt
+from dit4c.common.options import endpointList, positiveFloat, positiveInt, secretFromFile
 from dit4c.common.portalhttp import isPortalAddress
 from dit4c.imageserver.service import ImageServerService
 from dit4c.imageserver.storage import IImageStorage
 from dit4c.imageserver.web import DEFAULT_MAX_SIZE
 
 #: The shortest secret accepted (the portal's rule, docs/protocols.md 8.4).
-MIN_SECRET = 16
 DEFAULT_LISTEN = "tcp:8600:interface=127.0.0.1"
 
 
@@ -65,12 +64,7 @@ class Options(usage.Options):
             raise usage.UsageError("--portal must be an http:// or https:// URL (or unix:/path)")
         if not self["secret-file"]:
             raise usage.UsageError("--secret-file is required")
-        try:
-            self["secret"] = Path(self["secret-file"]).read_text().strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise usage.UsageError(f"--secret-file: {getattr(e, 'strerror', None) or e}") from None
-        if len(self["secret"]) < MIN_SECRET:
-            raise usage.UsageError(f"--secret-file: the secret must have at least {MIN_SECRET} characters")
+        self["secret"] = secretFromFile(self["secret-file"], "secret-file")
         self._storageOptions()
         if self["public-url"]:
             self["public-url"] = self["public-url"].rstrip("/")

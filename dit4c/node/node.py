@@ -12,6 +12,7 @@ them still run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from collections.abc import Callable
@@ -19,13 +20,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import treq
 from twisted.application.service import Service
+from twisted.internet import threads
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.web.http_headers import Headers
 from zope.interface import Attribute, Interface, implementer
 
-from dit4c.common.helperenv import HelperEnvironment
+from dit4c.common.helperenv import HelperEnvironment, inherited
 from dit4c.common.keys import generate_private_key, public_jwk, save_private_key
 from dit4c.common.tokens import INSTANCE_ID_RE
 from dit4c.node.interfaces import IRuntime, PodSpec, RuntimeError_
@@ -293,13 +297,8 @@ class Node(Service):
 
     async def _fetch(self, record: _Record, path: Path, token: str | None) -> Path:
         """A saved image from the image server, checked against its digest."""
-        import hashlib
-
-        import treq
-
         if not record.digest or not record.digest.startswith("sha256:"):
             raise RuntimeError_("The saved image has no digest to check it against.")
-        from twisted.web.http_headers import Headers
 
         headers = Headers({"Authorization": [f"Bearer {token}"]} if token else {})
         try:
@@ -387,8 +386,6 @@ class Node(Service):
 
     async def _save_image(self, instance: str) -> None:
         """Capture the stopped pod's image, and have the upload helper store and report it."""
-        import hashlib
-
         if self.imageServer is None:
             self._set(instance, "errored", "This compute node has no image server to save to; the instance is stopped.")
             return
@@ -404,8 +401,6 @@ class Node(Service):
                     for block in iter(lambda: f.read(1024 * 1024), b""):
                         digest.update(block)
                 return f"sha256:{digest.hexdigest()}"
-
-            from twisted.internet import threads
 
             digest = captured if captured is not None else await threads.deferToThread(hashed)
         except Exception as e:
@@ -427,11 +422,9 @@ class Node(Service):
         upload = PodProcess(self.reactor, "upload", directory)
         ended: Deferred[str | None] = Deferred()
         upload.onExit(lambda process, reason: ended.callback(reason))
-        import os
 
-        base = {k: v for k, v in os.environ.items() if not k.startswith("DIT4C_")}
         try:
-            upload.start(self.uploadCommand, {**base, **environment})
+            upload.start(self.uploadCommand, {**inherited(), **environment})
         except OSError as e:
             self._set(instance, "errored", f"The upload helper could not start: {e.strerror}.")
             return
@@ -459,7 +452,8 @@ class Node(Service):
         except Exception:
             self.log.failure("could not discard {instance}", instance=instance)
         try:
-            removePodDirectory(self._podDirectory(instance))
+            # What the runtime left (it may have failed half way); a thread: it may be big.
+            await threads.deferToThread(removePodDirectory, self._podDirectory(instance))
         except OSError as e:
             self.log.error("discarding {instance}: {error}", instance=instance, error=str(e))
         record = self._records.pop(instance, None)

@@ -13,7 +13,6 @@ other local users here (it listens on loopback): that is what the
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import sys
@@ -29,6 +28,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from dit4c.common.helperenv import inherited
 from dit4c.node.interfaces import IRuntime, PodSpec, PodStatus, RuntimeError_, helperCommand
 from dit4c.node.processes import PodProcess, removePodDirectory
 
@@ -260,7 +260,7 @@ class ProcessRuntime:
         if storage is not None:
             storage.mkdir(exist_ok=True)
         processes = self._processes(spec.instance, spec.directory)
-        base = {k: v for k, v in os.environ.items() if not k.startswith("DIT4C_")}
+        base = inherited()
         helperEnv = {
             **base,
             **spec.environment,
@@ -339,11 +339,12 @@ class ProcessRuntime:
         return d.addCallback(lambda _: None)
 
     def discard(self, instance: str) -> Deferred[None]:
-        def remove(_: object) -> None:
+        def remove(_: object) -> Deferred[None]:
             self._pods.pop(instance, None)
             self._ports.pop(instance, None)
             self._authPorts.pop(instance, None)
-            removePodDirectory(self.directory / instance)
+            # A working directory may hold gigabytes: not on the reactor thread.
+            return threads.deferToThread(removePodDirectory, self.directory / instance)
 
         return self.stop(instance).addCallback(remove)
 

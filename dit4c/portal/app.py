@@ -10,6 +10,7 @@ through ``StubTreq(portal.app.resource())``.
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -317,8 +318,13 @@ class Portal:
             )  # fmt: skip
         return self.redirect(request, "/")
 
-    @app.route("/instances", methods=["POST"])
-    async def startInstance(self, request: IRequest) -> bytes:
+    async def homeForm(self, request: IRequest, act: Callable[[LoggedIn], Awaitable[bytes | None]]) -> bytes:
+        """
+        A form on the home page: the person logged in and the CSRF token
+        checked, then ``act``; its refusal (an ``InstanceError``) is shown
+        on the page, else the browser goes back to it (or to the page
+        ``act`` returned).
+        """
         from dit4c.portal.instances import InstanceError
 
         who = await self.loggedIn(request)
@@ -327,28 +333,28 @@ class Portal:
         if not self.csrfOK(request, who.session.csrf):
             return await self.homePage(request, who, 400, error="The form expired; try again.")
         try:
+            page = await act(who)
+        except InstanceError as e:
+            return await self.homePage(request, who, e.status, error=str(e))
+        return page if page is not None else self.redirect(request, "/")
+
+    @app.route("/instances", methods=["POST"])
+    async def startInstance(self, request: IRequest) -> bytes:
+        async def start(who: LoggedIn) -> None:
             await self.instances.start(
                 who.user, self.arg(request, "image") or "", self.arg(request, "scheduler") or None
             )
-        except InstanceError as e:
-            return await self.homePage(request, who, e.status, error=str(e))
-        return self.redirect(request, "/")
+
+        return await self.homeForm(request, start)
 
     @app.route("/instances/<instance_id>/<action>", methods=["POST"])
     async def instanceAction(self, request: IRequest, instance_id: str, action: str) -> bytes:
-        from dit4c.portal.instances import InstanceError
-
-        who = await self.loggedIn(request)
-        if who is None:
-            return self.redirect(request, "/login")
-        if not self.csrfOK(request, who.session.csrf):
-            return await self.homePage(request, who, 400, error="The form expired; try again.")
-        try:
+        async def act(who: LoggedIn) -> bytes | None:
             if action == "link":
                 _, url = await self.sharing.createLink(who.user, instance_id)
                 # The link is shown once, on this page: only its hash is kept.
                 return await self.homePage(request, who, newLink=url, newLinkFor=instance_id)
-            elif action == "revoke-link":
+            if action == "revoke-link":
                 await self.sharing.revokeLink(who.user, instance_id, self.arg(request, "link") or "")
             elif action == "share":
                 await self.instances.share(who.user, instance_id, self.arg(request, "user") or "")
@@ -356,30 +362,24 @@ class Portal:
                 await self.instances.unshare(who.user, instance_id, self.arg(request, "user") or "")
             else:
                 await self.instances.act(who.user, instance_id, action)
-        except InstanceError as e:
-            return await self.homePage(request, who, e.status, error=str(e))
-        return self.redirect(request, "/")
+            return None
+
+        return await self.homeForm(request, act)
 
     @app.route("/images/<image_id>/<action>", methods=["POST"])
     async def imageAction(self, request: IRequest, image_id: str, action: str) -> bytes:
         """A saved image's owner shares it with someone, or deletes it."""
-        from dit4c.portal.instances import InstanceError
 
-        who = await self.loggedIn(request)
-        if who is None:
-            return self.redirect(request, "/login")
-        if not self.csrfOK(request, who.session.csrf):
-            return await self.homePage(request, who, 400, error="The form expired; try again.")
-        try:
+        async def act(who: LoggedIn) -> bytes | None:
             if action == "share":
                 await self.sharing.shareImage(who.user, image_id, self.arg(request, "user") or "")
             elif action == "delete":
                 await self.sharing.deleteImage(who.user, image_id)
             else:
                 return await self.homePage(request, who, 404, error="There is no such action.")
-        except InstanceError as e:
-            return await self.homePage(request, who, e.status, error=str(e))
-        return self.redirect(request, "/")
+            return None
+
+        return await self.homeForm(request, act)
 
     @app.route("/login", methods=["GET"])
     async def loginPage(self, request: IRequest) -> bytes:

@@ -9,7 +9,7 @@ from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
-from dit4c.common.options import endpointList, positiveFloat, positiveInt
+from dit4c.common.options import endpointList, positiveFloat, positiveInt, secretFromFile
 from dit4c.portal.app import PortalConfig
 from dit4c.portal.service import PortalService
 
@@ -58,24 +58,16 @@ class Options(usage.Options):
         if not self["public-url"].startswith(("http://", "https://")):
             raise usage.UsageError("--public-url must start with http:// or https://")
         endpointList(self["channel"], server=True, option="channel")
-        if self["image-server-secret-file"]:
-            try:
-                self["image-server-secret"] = Path(self["image-server-secret-file"]).read_text().strip()
-            except OSError as e:
-                raise usage.UsageError(f"--image-server-secret-file: {e.strerror}") from None
-            if len(self["image-server-secret"]) < 16:
-                raise usage.UsageError("--image-server-secret-file: the secret must have at least 16 characters")
-        else:
-            self["image-server-secret"] = None
-        if self["file-server-secret-file"]:
-            try:
-                self["file-server-secret"] = Path(self["file-server-secret-file"]).read_text().strip()
-            except OSError as e:
-                raise usage.UsageError(f"--file-server-secret-file: {e.strerror}") from None
-            if len(self["file-server-secret"]) < 16:
-                raise usage.UsageError("--file-server-secret-file: the secret must have at least 16 characters")
-        else:
-            self["file-server-secret"] = None
+        self["image-server-secret"] = (
+            secretFromFile(self["image-server-secret-file"], "image-server-secret-file")
+            if self["image-server-secret-file"]
+            else None
+        )
+        self["file-server-secret"] = (
+            secretFromFile(self["file-server-secret-file"], "file-server-secret-file")
+            if self["file-server-secret-file"]
+            else None
+        )
         if self["login-providers"]:
             from dit4c.portal.upstream import ConfigError, providersFromFile
 
