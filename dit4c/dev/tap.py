@@ -25,9 +25,11 @@ class Options(usage.Options):
         "Run all of DIT4C in one process on loopback: the portal "
         "(http://localhost:PORTAL-PORT), the routing server (instances at "
         "http://<id>.localhost:HTTP-PORT/; browsers send *.localhost to "
-        "loopback), a scheduler and one compute node that runs each tool as "
-        "local processes. State is kept in the data directory (SQLite, keys, "
-        "instances). On a fresh data directory it makes an administrator and "
+        "loopback), a scheduler, one compute node that runs each tool as "
+        "local processes (or podman containers, --runtime podman), an image "
+        "server for saved instances and a file server for each person's "
+        "storage (when sshfs is installed). State is kept in the data "
+        "directory (SQLite, keys, instances, images, files). On a fresh data directory it makes an administrator and "
         "prints the password once."
     )
     optParameters = [

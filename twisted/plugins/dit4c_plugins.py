@@ -24,7 +24,7 @@ imageserver = ServiceMaker("DIT4C image server", "dit4c.imageserver.tap", "Store
 fileserver = ServiceMaker("DIT4C file server", "dit4c.fileserver.tap", "Serve each person's persistent storage (SFTP) to their instances.", "dit4c-fileserver")
 storage = ServiceMaker("DIT4C storage helper", "dit4c.storage.tap", "Mount the instance owner's storage from the file server (sshfs).", "dit4c-helper-storage")
 dev = ServiceMaker(
-    "DIT4C all in one", "dit4c.dev.tap", "Portal, routing server, scheduler and a compute node in one process on loopback.", "dit4c-dev"
+    "DIT4C all in one", "dit4c.dev.tap", "Portal, routing, scheduler, a compute node, image and file servers in one process on loopback.", "dit4c-dev"
 )
 
 
