@@ -35,25 +35,16 @@ from zope.interface import implementer
 
 from dit4c.common.keys import PrivateKey, generate_private_key, public_jwk
 from dit4c.listener.service import backoff
-from dit4c.scheduler.channel import (
-    AUDIENCE,
-    PROOF_LIFETIME,
-    SUBPROTOCOL,
-    ChannelClient,
-    Command,
-    InstanceStatus,
-    ISchedulerHandler,
-    channelEndpoint,
-    channelURL,
-    decode,
-    encode,
-    signProof,
-)
+from dit4c.channel.handshake import signProof
+from dit4c.channel.wire import AUDIENCE, PROOF_LIFETIME, SUBPROTOCOL, Command, InstanceStatus, decode, encode
+from dit4c.common.life import State
+from dit4c.common.websocket import webSocketEndpoint
+from dit4c.scheduler.channel import ChannelClient, ISchedulerHandler, channelURL
 
 __all__ = ["RawChannel", "TestingScheduler", "registerScheduler"]
 
 #: States after which a ``start`` begins a new life rather than repeating itself.
-_AT_REST = frozenset({"stopped", "saved", "discarded", "errored"})
+_AT_REST = frozenset({State.STOPPED, State.SAVED, State.DISCARDED, State.ERRORED})
 
 
 @implementer(ISchedulerHandler)
@@ -144,10 +135,10 @@ class TestingScheduler:
         self._watchers.append((instance, state, d))
         return d
 
-    def setState(self, instance: str, state: str, reason: str | None = None, url: str | None = None) -> None:
+    def setState(self, instance: str, state: State | str, reason: str | None = None, url: str | None = None) -> None:
         """Put an instance in a state and tell the portal (as a node would)."""
-        status = InstanceStatus(instance, state, reason, url)
-        if state == "discarded":
+        status = InstanceStatus(instance, State(state), reason, url)
+        if state == State.DISCARDED:
             self.instances.pop(instance, None)
             self.keys.pop(instance, None)
         else:
@@ -169,7 +160,7 @@ class TestingScheduler:
     def crash(self, instance: str, reason: str = "the tool exited") -> None:
         """An instance fails on its own."""
         self._cancel(instance)
-        self.setState(instance, "errored", reason)
+        self.setState(instance, State.ERRORED, reason)
 
     # -- the ops ------------------------------------------------------------------------------
 
@@ -194,18 +185,18 @@ class TestingScheduler:
         if current is not None and current.state not in _AT_REST:
             return  # under way already: a start is idempotent
         self._cancel(instance)
-        self.setState(instance, "starting")
+        self.setState(instance, State.STARTING)
 
         def started() -> None:
             if "start" in self.failures:
-                self.setState(instance, "errored", self.failures["start"])
+                self.setState(instance, State.ERRORED, self.failures["start"])
                 return
             if self.instanceKeys:
                 key = generate_private_key()
                 self.keys[instance] = key
                 if self.client is not None:
                     self.client.sendInstanceKey(instance, key)
-            self.setState(instance, "running", url=self.urlTemplate.format(instance=instance))
+            self.setState(instance, State.RUNNING, url=self.urlTemplate.format(instance=instance))
 
         self._later(instance, "start", started)
 
@@ -213,43 +204,43 @@ class TestingScheduler:
         instance = command.instance
         current = self.instances.get(instance)
         self._cancel(instance)
-        if current is None or current.state in ("stopped", "errored"):
-            self.setState(instance, "stopped")
+        if current is None or current.state in (State.STOPPED, State.ERRORED):
+            self.setState(instance, State.STOPPED)
             return
-        if current.state == "saved":
-            self.setState(instance, "saved")
+        if current.state == State.SAVED:
+            self.setState(instance, State.SAVED)
             return
-        self.setState(instance, "stopping")
+        self.setState(instance, State.STOPPING)
 
         def stopped() -> None:
             if "stop" in self.failures:
-                self.setState(instance, "errored", self.failures["stop"])
+                self.setState(instance, State.ERRORED, self.failures["stop"])
             else:
-                self.setState(instance, "stopped")
+                self.setState(instance, State.STOPPED)
 
         self._later(instance, "stop", stopped)
 
     def _save(self, command: Command) -> None:
         instance = command.instance
         current = self.instances.get(instance)
-        if current is not None and current.state in ("stopping", "saving", "uploading", "saved"):
+        if current is not None and current.state in (State.STOPPING, State.SAVING, State.UPLOADING, State.SAVED):
             return  # under way already, or done
         self._cancel(instance)
-        if current is None or current.state not in ("starting", "running"):
-            self.setState(instance, "errored", "there is nothing running to save")
+        if current is None or current.state not in (State.STARTING, State.RUNNING):
+            self.setState(instance, State.ERRORED, "there is nothing running to save")
             return
-        self.setState(instance, "stopping")
+        self.setState(instance, State.STOPPING)
 
         def saving() -> None:
-            self.setState(instance, "saving")
+            self.setState(instance, State.SAVING)
             self._later(instance, "save", uploading)
 
         def uploading() -> None:
             if "save" in self.failures:
-                self.setState(instance, "errored", self.failures["save"])
+                self.setState(instance, State.ERRORED, self.failures["save"])
                 return
-            self.setState(instance, "uploading")
-            self._later(instance, "save", lambda: self.setState(instance, "saved"))
+            self.setState(instance, State.UPLOADING)
+            self._later(instance, "save", lambda: self.setState(instance, State.SAVED))
 
         self._later(instance, "save", saving)
 
@@ -257,9 +248,9 @@ class TestingScheduler:
         instance = command.instance
         self._cancel(instance)
         if "discard" in self.failures:
-            self.setState(instance, "errored", self.failures["discard"])
+            self.setState(instance, State.ERRORED, self.failures["discard"])
         else:
-            self.setState(instance, "discarded")
+            self.setState(instance, State.DISCARDED)
 
 
 # -- a bare client, for tests of the protocol ----------------------------------------------
@@ -312,7 +303,7 @@ class RawChannel:
         factory.channel = channel
         factory.noisy = False
         factory.setProtocolOptions(maxMessagePayloadSize=0, maxFramePayloadSize=0, **options)
-        await channelEndpoint(reactor, url).connect(factory)
+        await webSocketEndpoint(reactor, url).connect(factory)
         return await channel.opened
 
     def _received(self, payload: bytes, isBinary: bool) -> None:

@@ -28,7 +28,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from automat import NoTransition, TypeMachineBuilder
+from automat import NoTransition, TypeMachine, TypeMachineBuilder
+from automat._typed import TypedState
 
 __all__ = [
     "ACTIONS",
@@ -248,7 +249,7 @@ class _Core:
     """The machine needs no data of its own: the record around it holds it."""
 
 
-def _build() -> tuple[object, dict[State, object]]:
+def _build() -> tuple[TypeMachine[LifeInputs, _Core], dict[State, TypedState[LifeInputs, _Core]]]:
     builder = TypeMachineBuilder(LifeInputs, _Core)
     states = {s: builder.state(s.value) for s in STATES}
     for state, node in states.items():
@@ -275,7 +276,7 @@ class Life:
 
     def __init__(self, state: State | str) -> None:
         self.state = State(state)
-        self._inputs: LifeInputs = _MACHINE(_Core(), _STATES[self.state])  # type: ignore[operator]
+        self._inputs: LifeInputs = _MACHINE(_Core(), _STATES[self.state])
 
     def _feed(self, name: str, what: str) -> State:
         try:

@@ -12,7 +12,7 @@ reports come up, in the shapes of the portal's channel
 (:mod:`dit4c.scheduler.channel`), whose parsing both ends reuse.
 
 - :class:`NodeLinkServer`: the node's end, in front of a :class:`~dit4c.node.node.Node`.
-- :class:`RemoteNode`: the scheduler's end; an :class:`~dit4c.node.node.INode`.
+- :class:`RemoteNode`: the scheduler's end; an :class:`~dit4c.channel.interfaces.INode`.
 """
 
 from __future__ import annotations
@@ -36,70 +36,46 @@ from twisted.internet.interfaces import IDelayedCall, IStreamServerEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from dit4c.common.keys import PrivateKey
-from dit4c.common.service import ListeningService
-from dit4c.common.tokens import IKeySource, InvalidToken, TokenVerifier
-from dit4c.listener.service import backoff
-from dit4c.node.node import ACTIVE, INode, INodeObserver, Node, NodeFull, startFrom
-from dit4c.scheduler.channel import (
-    MAX_MESSAGE,
-    MAX_NONCE,
+from dit4c.channel.handshake import (
+    NODE_LINK,
+    AuthRefused,
+    Dialled,
+    Dialler,
+    Hello,
+    Phase,
+    Welcome,
+)
+from dit4c.channel.interfaces import INode, INodeObserver, NodeFull, startFrom
+from dit4c.channel.wire import (
+    CloseCode,
     Command,
     InstanceStatus,
     ProtocolError,
-    channelEndpoint,
     decode,
     encode,
     instanceField,
+    linkOptions,
     parseCommand,
     parseReport,
     parseStatus,
     privateMembers,
-    signProof,
     text,
 )
+from dit4c.common.keys import PrivateKey
+from dit4c.common.life import ACTIVE, State
+from dit4c.common.service import ListeningService
+from dit4c.common.tokens import IKeySource
+from dit4c.common.websocket import webSocketEndpoint
+from dit4c.listener.service import backoff
+from dit4c.node.node import Node
 
 __all__ = ["NodeLinkServer", "RemoteNode", "SUBPROTOCOL", "PATH"]
 
 SUBPROTOCOL = "dit4c-node.1"
 PATH = "/.dit4c/node"
-#: The ``aud`` of the scheduler's proof (checked by the node), and of the node's.
-NODE_AUDIENCE = "dit4c-node"
-SCHEDULER_AUDIENCE = "dit4c-scheduler"
 HANDSHAKE_TIMEOUT = 10.0
-PING_INTERVAL = 10.0
-PING_TIMEOUT = 30.0
 #: Seconds a node may be away before its instances are reported lost.
 NODE_GRACE = 60.0
-
-
-def _nonce() -> str:
-    return secrets.token_urlsafe(32)
-
-
-async def _checkProof(
-    keys: IKeySource, proof: str, *, audience: str, subject: str, nonce: str, clock: Any
-) -> dict[str, Any]:
-    verifier = TokenVerifier(keys, audience=audience, clock=clock, scopedKeys=())
-    claims = await verifier.verify(proof)
-    if claims.get("sub") != subject:
-        raise InvalidToken("it names someone else")
-    if claims.get("nonce") != nonce:
-        raise InvalidToken("it does not answer this challenge")
-    return claims
-
-
-def _factoryOptions(factory: Any) -> None:
-    factory.noisy = False
-    factory.setProtocolOptions(
-        maxFramePayloadSize=MAX_MESSAGE,
-        maxMessagePayloadSize=MAX_MESSAGE,
-        openHandshakeTimeout=HANDSHAKE_TIMEOUT + 1,
-        closeHandshakeTimeout=5,
-        failByDrop=False,
-        autoPingInterval=PING_INTERVAL,
-        autoPingTimeout=PING_TIMEOUT,
-    )
 
 
 # -- the node's end ----------------------------------------------------------------------------
@@ -108,9 +84,13 @@ def _factoryOptions(factory: Any) -> None:
 class _NodeSide(WebSocketServerProtocol):
     _log = Logger()
     server: NodeLinkServer
-    nonce = ""
-    scheduler: str | None = None
+    handshake: Dialled | None = None
     _timer: IDelayedCall | None = None
+
+    @property
+    def scheduler(self) -> str | None:
+        """The scheduler at the other end, once it proved itself."""
+        return self.handshake.peer if self.handshake is not None else None
 
     def onConnect(self, request: Any) -> str:
         if request.path != PATH:
@@ -121,66 +101,67 @@ class _NodeSide(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         self.server.connections.add(self)
-        self.nonce = _nonce()
-        self._timer = self.server.reactor.callLater(HANDSHAKE_TIMEOUT, self._close, 4002, "handshake too slow")
-        self.send({"type": "challenge", "nonce": self.nonce, "node": self.server.node.nodeName})
+        self.handshake = Dialled(NODE_LINK, self.server.node.nodeName)
+        self._timer = self.server.reactor.callLater(
+            HANDSHAKE_TIMEOUT, self._close, CloseCode.HANDSHAKE_TIMEOUT, "handshake too slow"
+        )
+        self.send(self.handshake.challenge())
 
     def send(self, message: Mapping[str, Any]) -> None:
         if self.state == self.STATE_OPEN:
             self.sendMessage(encode(message), isBinary=False)
 
     def _close(self, code: int, reason: str) -> None:
-        self._timer = None
+        self._cancelTimer()
+        if self.handshake is not None:
+            self.handshake.close()
         self._log.warn("closing the link from a scheduler: {reason}", reason=reason)
-        self.sendClose(code, reason)
+        self.sendClose(int(code), reason)
+
+    def _cancelTimer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.handshake is None or self.handshake.phase is Phase.CLOSED:
+            return
         try:
             message = decode(payload, isBinary)
-            if self.scheduler is None:
-                if message["type"] != "hello" or self._timer is None:
-                    raise ProtocolError(f"expected a hello, not {message['type']!r}")
-                self._timer.cancel()
-                self._timer = None
-                Deferred.fromCoroutine(self._hello(message))
+            hello = self.handshake.receive(message)
+            if hello is not None:
+                Deferred.fromCoroutine(self._hello(hello))
             elif message["type"] == "command":
                 self.server._command(self, parseCommand(message))
             else:
                 raise ProtocolError(f"unknown message type {message['type']!r}")
         except ProtocolError as e:
-            self._close(4000, e.reason)
+            self._close(CloseCode.PROTOCOL_ERROR, e.reason)
 
-    async def _hello(self, message: dict[str, Any]) -> None:
+    async def _hello(self, hello: Hello) -> None:
+        assert self.handshake is not None
         try:
-            scheduler = text(message, "scheduler")
-            theirs = text(message, "nonce", limit=MAX_NONCE)
-            await _checkProof(
-                self.server.schedulerKeys,
-                text(message, "proof", limit=8192),
-                audience=NODE_AUDIENCE,
-                subject=scheduler,
-                nonce=self.nonce,
-                clock=self.server.reactor,
-            )
-        except ProtocolError as e:
-            self._close(4000, e.reason)
+            await self.handshake.check(hello, self.server.schedulerKeys, clock=self.server.reactor)
+        except AuthRefused as e:
+            self._close(CloseCode.AUTH_FAILED, e.reason)
             return
-        except InvalidToken as e:
-            self._close(4001, f"bad proof: {e.reason}")
-            return
-        self.scheduler = scheduler
-        proof = signProof(
-            self.server.key, self.server.node.nodeName, theirs, scheduler,
-            clock=self.server.reactor, audience=SCHEDULER_AUDIENCE,
-        )  # fmt: skip
+        if self.handshake.phase is not Phase.CHECKING:
+            return  # closed meanwhile
+        self._cancelTimer()
         node = self.server.node
-        self.send({"type": "welcome", "proof": proof, "capacity": node.capacity, "accepting": node.accepting})
+        welcome = self.handshake.welcome(
+            hello.peer,
+            {"capacity": node.capacity, "accepting": node.accepting},
+            key=self.server.key,
+            clock=self.server.reactor,
+        )
+        self.send(welcome)
         self.server._welcomed(self)
 
     def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._cancelTimer()
+        if self.handshake is not None:
+            self.handshake.close()
         self.server.connections.discard(self)
         self.server._closed(self)
 
@@ -205,7 +186,7 @@ class NodeLinkServer(MultiService):
         factory = WebSocketServerFactory(url, reactor=self.reactor)
         protocol: type[_NodeSide] = type("NodeSide", (_NodeSide,), {"server": self})
         factory.protocol = protocol
-        _factoryOptions(factory)
+        linkOptions(factory)
         return factory
 
     def listen(self, endpoint: IStreamServerEndpoint) -> ListeningService:
@@ -215,7 +196,7 @@ class NodeLinkServer(MultiService):
 
     def stopService(self) -> Deferred[None]:
         for connection in list(self.connections):
-            connection.sendClose(4004, "node stopping")
+            connection.sendClose(int(CloseCode.SHUTDOWN), "node stopping")
         d: Deferred[None] = Deferred.fromCoroutine(self._stopped())
         return d
 
@@ -225,7 +206,7 @@ class NodeLinkServer(MultiService):
     def _welcomed(self, link: _NodeSide) -> None:
         old, self.link = self.link, link
         if old is not None:
-            old.sendClose(4003, "replaced by a newer link")
+            old.sendClose(int(CloseCode.REPLACED), "replaced by a newer link")
         self.log.info("scheduler {scheduler} linked", scheduler=link.scheduler)
         link.send(self._report())
 
@@ -248,7 +229,7 @@ class NodeLinkServer(MultiService):
             else:
                 d = {"stop": node.stop, "save": node.save, "discard": node.discard}[command.op](command.instance)
         except NodeFull as e:
-            link.send(InstanceStatus(command.instance, "errored", str(e)).toJSON() | {"type": "state"})
+            link.send(InstanceStatus(command.instance, State.ERRORED, str(e)).toJSON() | {"type": "state"})
             d = succeed(None)
         if command.op == "start":
             d.addBoth(lambda _: link.send({"type": "ack", "id": command.id}))
@@ -274,12 +255,23 @@ class NodeLinkServer(MultiService):
 class _SchedulerSide(WebSocketClientProtocol):
     _log = Logger()
     remote: RemoteNode
-    welcomed = False
-    nonce = ""
+    handshake: Dialler | None = None
     _timer: IDelayedCall | None = None
+    #: Messages that came while the node's welcome was being checked.
+    _held: list[tuple[bytes, bool]] | None = None
+
+    @property
+    def welcomed(self) -> bool:
+        return self.handshake is not None and self.handshake.open
 
     def onOpen(self) -> None:
-        self._timer = self.remote.reactor.callLater(HANDSHAKE_TIMEOUT, self._close, 4002, "handshake too slow")
+        remote = self.remote
+        self.handshake = Dialler(
+            NODE_LINK, remote.schedulerId, remote.key, clock=remote.reactor, expected=remote.expectedName
+        )
+        self._timer = remote.reactor.callLater(
+            HANDSHAKE_TIMEOUT, self._close, CloseCode.HANDSHAKE_TIMEOUT, "handshake too slow"
+        )
 
     def send(self, message: Mapping[str, Any]) -> bool:
         if self.state != self.STATE_OPEN:
@@ -288,31 +280,38 @@ class _SchedulerSide(WebSocketClientProtocol):
         return True
 
     def _close(self, code: int, reason: str) -> None:
-        self._timer = None
+        self._cancelTimer()
+        if self.handshake is not None:
+            self.handshake.close()
         self.remote._lastError = reason
         self._log.warn("closing the link to node {url}: {reason}", url=self.remote.url, reason=reason)
-        self.sendClose(code, reason)
+        self.sendClose(int(code), reason)
 
-    #: Messages that came while the node's welcome was being checked.
-    _held: list[tuple[bytes, bool]] | None = None
+    def _cancelTimer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self._held is not None:
             self._held.append((payload, isBinary))
             return
+        if self.handshake is None or self.handshake.phase is Phase.CLOSED:
+            return
         try:
             message = decode(payload, isBinary)
-            kind = message["type"]
-            if not self.nonce:
-                if kind != "challenge":
-                    raise ProtocolError(f"expected a challenge, not {kind!r}")
-                self._answer(message)
-            elif not self.welcomed:
-                if kind != "welcome":
-                    raise ProtocolError(f"expected a welcome, not {kind!r}")
+            step = self.handshake.receive(message)
+            if isinstance(step, Welcome):
                 self._held = []
-                Deferred.fromCoroutine(self._welcome(message))
-            elif kind == "state":
+                Deferred.fromCoroutine(self._welcome(step))
+                return
+            if step is not None:
+                assert self.handshake.peer is not None
+                self.remote.nodeName = self.handshake.peer
+                self.send(step)  # the hello
+                return
+            kind = message["type"]
+            if kind == "state":
                 self.remote._state(parseStatus(message))
             elif kind == "instance-key":
                 self.remote._key(instanceField(message), message.get("jwk"))
@@ -323,51 +322,35 @@ class _SchedulerSide(WebSocketClientProtocol):
             else:
                 raise ProtocolError(f"unknown message type {kind!r}")
         except ProtocolError as e:
-            self._close(4000, e.reason)
+            self._close(CloseCode.PROTOCOL_ERROR, e.reason)
+        except AuthRefused as e:
+            self._close(CloseCode.AUTH_FAILED, e.reason)
 
-    def _answer(self, message: dict[str, Any]) -> None:
+    async def _welcome(self, welcome: Welcome) -> None:
         remote = self.remote
-        name = text(message, "node")
-        if remote.expectedName is not None and name != remote.expectedName:
-            self._close(4001, f"the node says it is {name!r}, not {remote.expectedName!r}")
-            return
-        remote.nodeName = name
-        self.nonce = _nonce()
-        proof = signProof(
-            remote.key, remote.schedulerId, text(message, "nonce", limit=MAX_NONCE), name,
-            clock=remote.reactor, audience=NODE_AUDIENCE,
-        )  # fmt: skip
-        self.send({"type": "hello", "scheduler": remote.schedulerId, "proof": proof, "nonce": self.nonce})
-
-    async def _welcome(self, message: dict[str, Any]) -> None:
-        remote = self.remote
+        assert self.handshake is not None
         try:
-            await _checkProof(
-                remote.nodeKeys, text(message, "proof", limit=8192),
-                audience=SCHEDULER_AUDIENCE, subject=remote.nodeName, nonce=self.nonce, clock=remote.reactor,
-            )  # fmt: skip
-        except ProtocolError as e:
-            self._close(4000, e.reason)
+            await self.handshake.check(welcome, remote.nodeKeys)
+        except AuthRefused as e:
+            self._held = None
+            self._close(CloseCode.AUTH_FAILED, e.reason)
             return
-        except InvalidToken as e:
-            self._close(4001, f"the node's proof was refused: {e.reason}")
-            return
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        self.welcomed = True
-        capacity = message.get("capacity")
+        if self.handshake.phase is not Phase.CHECKING:
+            return  # closed meanwhile
+        self._cancelTimer()
+        self.handshake.opened()
+        capacity = welcome.message.get("capacity")
         remote.capacity = capacity if isinstance(capacity, int) and capacity >= 0 else 0
-        remote.accepting = message.get("accepting") is True
+        remote.accepting = welcome.message.get("accepting") is True
         remote._welcomed(self)
         held, self._held = self._held or [], None
         for payload, isBinary in held:
             self.onMessage(payload, isBinary)
 
     def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._cancelTimer()
+        if self.handshake is not None:
+            self.handshake.close()
         self.remote._closed(self, code, reason)
 
 
@@ -426,8 +409,8 @@ class RemoteNode(MultiService):
         factory = WebSocketClientFactory(url, protocols=[SUBPROTOCOL], reactor=reactor)
         protocol: type[_SchedulerSide] = type("SchedulerSide", (_SchedulerSide,), {"remote": self})
         factory.protocol = protocol
-        _factoryOptions(factory)
-        endpoint = channelEndpoint(reactor, url, trustRoots=trustRoots)
+        linkOptions(factory)
+        endpoint = webSocketEndpoint(reactor, url, trustRoots=trustRoots)
         self._service = ClientService(
             endpoint, factory, retryPolicy=retryPolicy or backoff(maximum=10.0), clock=reactor
         )
@@ -455,7 +438,7 @@ class RemoteNode(MultiService):
     # -- INode -----------------------------------------------------------------------------------
 
     def load(self) -> int:
-        return sum(1 for s in self._statuses.values() if s.state in ACTIVE or s.state == "requested")
+        return sum(1 for s in self._statuses.values() if s.state in ACTIVE)
 
     def instances(self) -> list[InstanceStatus]:
         return list(self._statuses.values())
@@ -468,7 +451,7 @@ class RemoteNode(MultiService):
     ) -> Deferred[None]:
         if not self.connected or not self.accepting or self.load() >= self.capacity:
             raise NodeFull(f"node {self.nodeName} takes no instances now")
-        self._statuses[instance] = InstanceStatus(instance, "starting")
+        self._statuses[instance] = InstanceStatus(instance, State.STARTING)
         self._lost.discard(instance)
         params: dict[str, Any] = {"image": image, "port": port, "digest": digest}
         if token is not None:
@@ -513,7 +496,7 @@ class RemoteNode(MultiService):
     def _state(self, status: InstanceStatus) -> None:
         if status.instance in self._lost:
             return  # reported lost to the portal already; the report cleans it up
-        if status.state == "discarded":
+        if status.state == State.DISCARDED:
             self._statuses.pop(status.instance, None)
         else:
             self._statuses[status.instance] = status
@@ -576,8 +559,8 @@ class RemoteNode(MultiService):
         self._graceTimer = None
         why = f"The compute node {self.nodeName} is unreachable."
         for status in list(self._statuses.values()):
-            if status.state in ACTIVE or status.state == "requested":
-                lost = replace(status, state="errored", reason=why, url=None)
+            if status.state in ACTIVE:
+                lost = replace(status, state=State.ERRORED, reason=why, url=None)
                 self._statuses[status.instance] = lost
                 for observer in self._observers:
                     observer.instanceState(self, lost)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -27,68 +26,19 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
-from zope.interface import Attribute, Interface, implementer
+from zope.interface import implementer
 
+from dit4c.channel.interfaces import INode, INodeObserver, NodeFull
+from dit4c.channel.wire import InstanceStatus
 from dit4c.common.helperenv import HelperEnvironment, inherited
 from dit4c.common.keys import generate_private_key, public_jwk, save_private_key
+from dit4c.common.life import HOLDS_POD
 from dit4c.common.tokens import INSTANCE_ID_RE
 from dit4c.node.interfaces import IRuntime, PodSpec, RuntimeError_
 from dit4c.node.processes import PodProcess, removePodDirectory
-from dit4c.scheduler.channel import InstanceStatus
 from dit4c.upload.helper import progressFile
 
-__all__ = ["INode", "INodeObserver", "Node", "NodeFull"]
-
-#: States in which an instance holds a pod on its node.
-ACTIVE = frozenset({"starting", "running", "stopping", "saving", "uploading"})
-
-
-class NodeFull(Exception):
-    """The node takes no more instances (at capacity, or cooling down)."""
-
-
-class INodeObserver(Interface):
-    """Who hears what a node does: the scheduler."""
-
-    def instanceState(node: INode, status: InstanceStatus) -> None:
-        """An instance moved to a state."""
-
-    def instanceKey(node: INode, instance: str, jwk: dict[str, Any]) -> None:
-        """An instance's public key, once made."""
-
-
-class INode(Interface):
-    """A compute node as its scheduler sees it (in this process, or over the network)."""
-
-    nodeName = Attribute("The node's name, unique under its scheduler.")
-    capacity = Attribute("Instances it may run at once.")
-
-    def load() -> int:
-        """Instances it runs (or is starting) now."""
-
-    def start(
-        instance: str, image: str, port: int | None, digest: str | None = None, token: str | None = None
-    ) -> Deferred[None]:
-        """
-        Start an instance; fires once it is under way (states follow). A
-        saved ``image`` is an image server URL, read with ``token``.
-        """
-
-    def stop(instance: str) -> Deferred[None]:
-        """Stop it, keeping its files."""
-
-    def save(instance: str) -> Deferred[None]:
-        """Stop it and save its image."""
-
-    def discard(instance: str) -> Deferred[None]:
-        """Remove everything it has of the instance."""
-
-    def instances() -> list[InstanceStatus]:
-        """Every instance it knows."""
-
-    def subscribe(observer: INodeObserver) -> None:
-        """Tell ``observer`` of every state and key from now on."""
-
+__all__ = ["Node"]
 
 @dataclass(frozen=True)
 class _Record:
@@ -206,7 +156,7 @@ class Node(Service):
         pods = {pod.instance: pod for pod in await self.runtime.pods()}
         for record in list(self._records.values()):
             pod = pods.get(record.instance)
-            if record.state in ACTIVE:
+            if record.state in HOLDS_POD:
                 if pod is not None and pod.running:
                     self._set(record.instance, "running", None)
                     self.log.info("found {instance} running again", instance=record.instance)
@@ -218,7 +168,7 @@ class Node(Service):
     # -- INode --------------------------------------------------------------------------
 
     def load(self) -> int:
-        return sum(1 for r in self._records.values() if r.state in ACTIVE)
+        return sum(1 for r in self._records.values() if r.state in HOLDS_POD)
 
     def instances(self) -> list[InstanceStatus]:
         return [r.status() for r in self._records.values()]
@@ -228,7 +178,7 @@ class Node(Service):
 
     def publicKeys(self) -> dict[str, dict[str, Any]]:
         """Each active instance's public key (JWK), to publish again after a reconnect."""
-        return {r.instance: r.jwk for r in self._records.values() if r.state in ACTIVE and r.jwk is not None}
+        return {r.instance: r.jwk for r in self._records.values() if r.state in HOLDS_POD and r.jwk is not None}
 
     def start(
         self, instance: str, image: str, port: int | None, digest: str | None = None, token: str | None = None
@@ -236,7 +186,7 @@ class Node(Service):
         if INSTANCE_ID_RE.fullmatch(instance) is None:
             raise ValueError(f"not an instance id: {instance!r}")
         current = self._records.get(instance)
-        if current is not None and current.state in ACTIVE:
+        if current is not None and current.state in HOLDS_POD:
             return succeed(None)  # already under way: a repeated command
         if not self.accepting or self.load() >= self.capacity:
             raise NodeFull(f"node {self.nodeName} takes no more instances")
@@ -369,7 +319,7 @@ class Node(Service):
             # Unknown here: nothing to stop (the portal hears "stopped").
             self._emitStatus(InstanceStatus(instance, "stopped"))
             return
-        if record.state not in ACTIVE:
+        if record.state not in HOLDS_POD:
             self._emit(record)
             return
         self._set(instance, "stopping", None)
@@ -511,35 +461,3 @@ class Node(Service):
         super().stopService()
         self.runtime.forget()
         return succeed(None)
-
-
-def startFrom(node: INode, command: Any) -> Deferred[None]:
-    """Start what a ``start`` command (docs/protocols.md 7.3) asks for on ``node``."""
-    params = command.params
-
-    def text(name: str) -> str | None:
-        value = params.get(name)
-        return value if isinstance(value, str) else None
-
-    port = params.get("port")
-    return node.start(
-        command.instance,
-        text("image") or "",
-        port if isinstance(port, int) and not isinstance(port, bool) else None,
-        text("digest"),
-        text("token"),
-    )
-
-
-def observer(state: Callable[[INode, InstanceStatus], object], key: Callable[[INode, str, dict[str, Any]], object]) -> INodeObserver:
-    """An observer made of two functions."""
-
-    @implementer(INodeObserver)
-    class _Observer:
-        def instanceState(self, node: INode, status: InstanceStatus) -> None:
-            state(node, status)
-
-        def instanceKey(self, node: INode, instance: str, jwk: dict[str, Any]) -> None:
-            key(node, instance, jwk)
-
-    return _Observer()

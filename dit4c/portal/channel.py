@@ -2,7 +2,8 @@
 The scheduler channel, portal side: schedulers dial in over a WebSocket,
 prove who they are, take commands and report instance states
 (docs/protocols.md, "The scheduler channel"; the wire format itself is in
-:mod:`dit4c.scheduler.channel`, shared with the scheduler's end).
+:mod:`dit4c.channel.wire`, shared with the scheduler's end, and the
+handshake is :mod:`dit4c.channel.handshake`).
 
 :class:`ChannelHub` is what the rest of the portal uses:
 
@@ -21,13 +22,10 @@ only the offending channel.
 
 from __future__ import annotations
 
-import base64
 import json
-import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any, cast
 
 from autobahn.twisted.resource import WebSocketResource
@@ -40,26 +38,12 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
-from dit4c.common.keys import public_jwk
-from dit4c.common.service import IConnectionTransport, ListeningService
-from dit4c.common.tokens import (
-    MAX_TOKEN_LENGTH,
-    InvalidToken,
-    StaticKeySource,
-    TokenVerifier,
-    parse_jwks,
-)
-from dit4c.portal.store.errors import Conflict, NotFound, StoreError
-from dit4c.portal.store.interfaces import IStore
-from dit4c.portal.store.model import ACTIVE_STATES, Instance
-from dit4c.scheduler.channel import (
-    AUDIENCE,
+from dit4c.channel.handshake import PORTAL_LINK, AuthRefused, Dialled, Hello, Phase
+from dit4c.channel.wire import (
     HANDSHAKE_TIMEOUT,
-    MAX_MESSAGE,
     PATH,
     PING_INTERVAL,
     PING_TIMEOUT,
-    PROOF_LIFETIME,
     SUBPROTOCOL,
     CloseCode,
     Command,
@@ -68,44 +52,32 @@ from dit4c.scheduler.channel import (
     decode,
     encode,
     instanceField,
+    linkOptions,
     parseReport,
     parseStatus,
     privateMembers,
     text,
 )
+from dit4c.common.keys import public_jwk
+from dit4c.common.life import ACTIVE, IllegalMove, Life, State
+from dit4c.common.service import IConnectionTransport, ListeningService
+from dit4c.common.tokens import StaticKeySource, parse_jwks
+from dit4c.portal.store.errors import Conflict, NotFound, StoreError
+from dit4c.portal.store.interfaces import IStore
+from dit4c.portal.store.model import Instance
 
 __all__ = [
     "LOST_REASON",
-    "TRANSITIONS",
     "ChannelHub",
     "IInstanceEvents",
     "InstanceEvent",
-    "transitionAllowed",
 ]
 
 #: The reason an active instance gets when its scheduler's report leaves it out.
 LOST_REASON = "the compute node lost this instance"
 
-#: Which states an instance may move to from each state, as told by its
-#: scheduler (DESIGN.md, "Instance life"; steps may be skipped, never undone).
-#: Staying in a state is always allowed (the reason or URL may change).
-TRANSITIONS: dict[str, frozenset[str]] = {
-    "requested": frozenset({"starting", "running", "stopping", "stopped", "errored"}),
-    "starting": frozenset({"running", "stopping", "stopped", "errored"}),
-    "running": frozenset({"stopping", "saving", "stopped", "errored"}),
-    "stopping": frozenset({"saving", "uploading", "saved", "stopped", "errored"}),
-    "saving": frozenset({"uploading", "saved", "errored"}),
-    "uploading": frozenset({"saved", "errored"}),
-    "saved": frozenset({"discarded", "errored"}),
-    "stopped": frozenset({"discarded", "errored"}),
-    # An errored instance never comes back to life by itself: it can only be
-    # cleaned up.
-    "errored": frozenset({"stopping", "stopped", "discarded"}),
-    "discarded": frozenset(),
-}
-
 #: States in which an instance keeps the URL it had, when an update names none.
-_URL_STATES = frozenset({"starting", "running"})
+_URL_STATES = frozenset({State.STARTING, State.RUNNING})
 
 #: Messages a channel holds unhandled before it stops reading from the socket.
 _INBOX_HIGH = 64
@@ -113,11 +85,6 @@ _INBOX_LOW = 16
 
 #: Pending commands sent per store query.
 _PUMP_BATCH = 500
-
-
-def transitionAllowed(old: str, new: str) -> bool:
-    """Whether a scheduler may move an instance from ``old`` to ``new``."""
-    return new == old or new in TRANSITIONS.get(old, frozenset())
 
 
 @dataclass(frozen=True)
@@ -143,22 +110,18 @@ class IInstanceEvents(Interface):
         """
 
 
-class _Phase(Enum):
-    HELLO = "waiting for hello"
-    VERIFYING = "checking the proof"
-    OPEN = "open"
-    CLOSED = "closed"
-
-
 class _ChannelProtocol(WebSocketServerProtocol):
     """One scheduler's channel. Thin: the hub decides what each message does."""
 
     # Not "log": that name is autobahn's (txaio) logger.
     _log = Logger()
-    phase = _Phase.HELLO
     schedulerId: str | None = None
-    nonce = ""
+    handshake: Dialled | None = None
     _timer: IDelayedCall | None = None
+
+    @property
+    def phase(self) -> Phase:
+        return self.handshake.phase if self.handshake is not None else Phase.CHALLENGE
 
     @property
     def hub(self) -> ChannelHub:
@@ -183,9 +146,9 @@ class _ChannelProtocol(WebSocketServerProtocol):
         self.pumping = False
         self.pumpAgain = False
         self.truncated = False
-        self.nonce = base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode("ascii")
+        self.handshake = Dialled(PORTAL_LINK, hub.issuer)
         hub._opened(self)
-        self.sendJSON({"type": "challenge", "nonce": self.nonce, "portal": hub.issuer})
+        self.sendJSON(self.handshake.challenge())
         self._timer = hub.reactor.callLater(hub.handshakeTimeout, self._timedOut)
 
     def _timedOut(self) -> None:
@@ -198,27 +161,20 @@ class _ChannelProtocol(WebSocketServerProtocol):
         return f"{who} at {self.peer}"
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if self.phase is _Phase.CLOSED:
+        if self.handshake is None or self.phase is Phase.CLOSED:
             return
         try:
             message = decode(payload, isBinary)
-            kind = message["type"]
-            if self.phase is _Phase.HELLO:
-                if kind != "hello":
-                    raise ProtocolError(f"expected hello, not {kind!r}")
-                schedulerId = text(message, "scheduler")
-                proof = text(message, "proof", limit=MAX_TOKEN_LENGTH)
-                self.phase = _Phase.VERIFYING
-                self.hub._authenticate(self, schedulerId, proof)
-            elif self.phase is _Phase.VERIFYING:
-                raise ProtocolError(f"{kind} before the welcome")
+            hello = self.handshake.receive(message)
+            if hello is not None:
+                self.hub._authenticate(self, hello)
             else:
-                self.hub._received(self, kind, message)
+                self.hub._received(self, message["type"], message)
         except ProtocolError as e:
             self.fail(CloseCode.PROTOCOL_ERROR, e.reason)
 
     def sendJSON(self, message: Mapping[str, Any]) -> None:
-        if self.phase is not _Phase.CLOSED and self.state == self.STATE_OPEN:
+        if self.phase is not Phase.CLOSED and self.state == self.STATE_OPEN:
             self.sendMessage(encode(message), isBinary=False)
 
     def enqueue(self, work: Callable[[], Awaitable[None]]) -> None:
@@ -236,7 +192,7 @@ class _ChannelProtocol(WebSocketServerProtocol):
     async def _drain(self) -> None:
         self.busy = True
         try:
-            while self.inbox and self.phase is _Phase.OPEN:
+            while self.inbox and self.phase is Phase.OPEN:
                 work = self.inbox.popleft()
                 if self.paused and len(self.inbox) <= _INBOX_LOW:
                     self.paused = False
@@ -255,7 +211,7 @@ class _ChannelProtocol(WebSocketServerProtocol):
 
     def fail(self, code: CloseCode, reason: str, *, quiet: bool = False) -> None:
         """Close the channel for ``reason`` (logged)."""
-        if self.phase is _Phase.CLOSED:
+        if self.phase is Phase.CLOSED:
             return
         if quiet:
             self._log.info("closing the channel of {who}: {reason}", who=self.describe(), reason=reason)
@@ -265,7 +221,8 @@ class _ChannelProtocol(WebSocketServerProtocol):
         self.sendClose(int(code), reason)
 
     def _shut(self) -> None:
-        self.phase = _Phase.CLOSED
+        if self.handshake is not None:
+            self.handshake.close()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -275,7 +232,7 @@ class _ChannelProtocol(WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if not hasattr(self, "closed"):
             return  # the WebSocket never opened
-        if self.phase is not _Phase.CLOSED:
+        if self.phase is not Phase.CLOSED:
             if getattr(self, "closedByMe", False) and self.localCloseCode is not None:
                 # autobahn failed it (a message too big, say): say why, not what came back.
                 code, reason, by = self.localCloseCode, self.localCloseReason, "the portal"
@@ -356,18 +313,8 @@ class ChannelHub(MultiService):
         factory = _ChannelFactory(url, reactor=self.reactor)
         factory.protocol = _ChannelProtocol
         factory.hub = self
-        factory.noisy = False
-        factory.setProtocolOptions(
-            maxFramePayloadSize=MAX_MESSAGE,
-            maxMessagePayloadSize=MAX_MESSAGE,
-            # autobahn's timers round down to whole seconds: give its bound on the
-            # HTTP upgrade a second more (the channel's own timer is exact).
-            openHandshakeTimeout=self.handshakeTimeout + 1,
-            closeHandshakeTimeout=5,
-            # A violation (a message too big, 1009) is answered with a close frame saying so.
-            failByDrop=False,
-            autoPingInterval=self.pingInterval,
-            autoPingTimeout=self.pingTimeout,
+        linkOptions(
+            factory, handshakeTimeout=self.handshakeTimeout, pingInterval=self.pingInterval, pingTimeout=self.pingTimeout
         )
         return factory
 
@@ -396,7 +343,7 @@ class ChannelHub(MultiService):
     async def _send(self, schedulerId: str, op: str, instanceId: str, params: Mapping[str, Any]) -> str:
         command = await self.store.createCommand(schedulerId, instanceId, op, params)
         protocol = self._channels.get(schedulerId)
-        live = protocol is not None and protocol.phase is _Phase.OPEN
+        live = protocol is not None and protocol.phase is Phase.OPEN
         self.log.info(
             "command {id}: {op} {instance} on scheduler {scheduler} ({delivery})",
             id=command.id,
@@ -412,7 +359,7 @@ class ChannelHub(MultiService):
     def connected(self, scheduler_id: str) -> bool:
         """Whether the scheduler has a live (authenticated) channel to this portal process."""
         protocol = self._channels.get(scheduler_id)
-        return protocol is not None and protocol.phase is _Phase.OPEN
+        return protocol is not None and protocol.phase is Phase.OPEN
 
     def connectedSchedulers(self) -> list[str]:
         """The ids of the schedulers connected now."""
@@ -450,7 +397,7 @@ class ChannelHub(MultiService):
         if protocol.schedulerId is not None and self._channels.get(protocol.schedulerId) is protocol:
             del self._channels[protocol.schedulerId]
 
-    def _authenticate(self, protocol: _ChannelProtocol, schedulerId: str, proof: str) -> None:
+    def _authenticate(self, protocol: _ChannelProtocol, hello: Hello) -> None:
         def failed(failure: Any) -> None:
             if failure.check(StoreError):
                 self.log.warn("the store failed while checking a scheduler: {error}", error=failure.value.message)
@@ -458,13 +405,13 @@ class ChannelHub(MultiService):
                 self.log.failure("bug while checking a scheduler's proof", failure)
             protocol.fail(CloseCode.INTERNAL_ERROR, "the portal could not check the proof; reconnect later")
 
-        d = Deferred.fromCoroutine(self._verify(protocol, schedulerId, proof))
-        d.addCallback(lambda scheduler: self._verified(protocol, schedulerId, scheduler))
+        d = Deferred.fromCoroutine(self._verify(protocol, hello))
+        d.addCallback(lambda scheduler: self._verified(protocol, hello.peer, scheduler))
         d.addErrback(failed)
 
-    async def _verify(self, protocol: _ChannelProtocol, schedulerId: str, proof: str) -> str | Any:
+    async def _verify(self, protocol: _ChannelProtocol, hello: Hello) -> str | Any:
         """The scheduler record if the proof is good; otherwise why not (a string)."""
-        scheduler = await self.store.schedulerById(schedulerId)
+        scheduler = await self.store.schedulerById(hello.peer)
         if scheduler is None:
             return "unknown scheduler"
         if scheduler.disabled:
@@ -483,25 +430,17 @@ class ChannelHub(MultiService):
                 id=scheduler.id,
             )
             return "the scheduler's registered key is not usable"
-        verifier = TokenVerifier(
-            source, audience=AUDIENCE, leeway=self.leeway, clock=self.clock, scopedKeys=("scheduler",)
-        )
+        assert protocol.handshake is not None
         try:
-            claims = await verifier.verify(proof)
-        except InvalidToken as e:
-            return f"bad proof: {e.reason}"
-        if claims.get("sub") != schedulerId:
-            return "bad proof: it names another scheduler"
-        if claims.get("nonce") != protocol.nonce:
-            return "bad proof: it does not answer this challenge"
-        if claims.get("portal") != self.issuer:
-            return "bad proof: it is for another portal"
-        if claims["exp"] - claims["iat"] > PROOF_LIFETIME:
-            return f"bad proof: it is valid for longer than {PROOF_LIFETIME} s"
+            await protocol.handshake.check(
+                hello, source, clock=self.clock, leeway=self.leeway, scopedKeys=("scheduler",)
+            )
+        except AuthRefused as e:
+            return e.reason
         return scheduler
 
     def _verified(self, protocol: _ChannelProtocol, schedulerId: str, scheduler: str | Any) -> None:
-        if protocol.phase is not _Phase.VERIFYING:
+        if protocol.phase is not Phase.CHECKING or protocol.handshake is None:
             return  # closed meanwhile
         if isinstance(scheduler, str):
             protocol.fail(CloseCode.AUTH_FAILED, f"{scheduler} ({schedulerId})")
@@ -509,15 +448,15 @@ class ChannelHub(MultiService):
         if protocol._timer is not None and protocol._timer.active():
             protocol._timer.cancel()
         protocol._timer = None
-        protocol.phase = _Phase.OPEN
+        welcome = protocol.handshake.welcome(
+            schedulerId, {"scheduler": schedulerId, "ping": self.pingInterval, "timeout": self.pingTimeout}
+        )
         protocol.schedulerId = schedulerId
         old = self._channels.get(schedulerId)
         self._channels[schedulerId] = protocol
         if old is not None and old is not protocol:
             old.fail(CloseCode.REPLACED, "replaced by a newer channel of the same scheduler", quiet=True)
-        protocol.sendJSON(
-            {"type": "welcome", "scheduler": schedulerId, "ping": self.pingInterval, "timeout": self.pingTimeout}
-        )
+        protocol.sendJSON(welcome)
         self.log.info(
             "scheduler {name} ({id}) connected from {peer}", name=scheduler.name, id=schedulerId, peer=protocol.peer
         )
@@ -537,11 +476,11 @@ class ChannelHub(MultiService):
         schedulerId = protocol.schedulerId
         assert schedulerId is not None
         try:
-            while protocol.phase is _Phase.OPEN:
+            while protocol.phase is Phase.OPEN:
                 protocol.pumpAgain = False
                 pending = await self.store.pendingCommands(schedulerId, limit=_PUMP_BATCH)
                 for command in pending:
-                    if protocol.phase is not _Phase.OPEN:
+                    if protocol.phase is not Phase.OPEN:
                         return
                     if command.id not in protocol.sent:
                         protocol.sent.add(command.id)
@@ -563,7 +502,7 @@ class ChannelHub(MultiService):
 
     def _pollAll(self) -> Deferred[None]:
         for protocol in list(self._channels.values()):
-            if protocol.phase is _Phase.OPEN:
+            if protocol.phase is Phase.OPEN:
                 self._pump(protocol)
         return Deferred.fromCoroutine(self._prune())
 
@@ -666,7 +605,10 @@ class ChannelHub(MultiService):
             known = None
             if instance is None:
                 return
-            if not transitionAllowed(instance.state, status.state):
+            try:
+                # The portal's record of the instance is its life, in the state stored.
+                Life(instance.state).move(status.state)
+            except IllegalMove:
                 self.log.info(
                     "scheduler {scheduler} moved instance {instance} from {old} to {new}: not allowed; ignored",
                     scheduler=schedulerId,
@@ -696,7 +638,7 @@ class ChannelHub(MultiService):
         instance = await self._ours(schedulerId, instanceId, "a key")
         if instance is None:
             return
-        if instance.state == "discarded":
+        if instance.state == State.DISCARDED:
             self.log.info("key for discarded instance {instance} ignored", instance=instanceId)
             return
         serialized = json.dumps(jwk, sort_keys=True, separators=(",", ":"))
@@ -725,15 +667,15 @@ class ChannelHub(MultiService):
         lost = [
             i
             for i in instances.values()
-            if i.state in ACTIVE_STATES
+            if i.state in ACTIVE
             and i.id not in reported
             and not commanded.get(i.id, False)  # a command about it still on its way
-            and (i.state != "requested" or i.id in commanded)  # never told of it
+            and (i.state != State.REQUESTED or i.id in commanded)  # never told of it
         ]
         for instance in lost:
             try:
                 updated = await self.store.updateInstance(
-                    instance.id, state="errored", reason=LOST_REASON, url=None, expected_state=instance.state
+                    instance.id, state=State.ERRORED, reason=LOST_REASON, url=None, expected_state=instance.state
                 )
             except (Conflict, NotFound):
                 continue  # changed meanwhile: whatever changed it knows better

@@ -1,283 +1,61 @@
 """
-The scheduler channel: the scheduler's end, and the wire format both ends share.
+The scheduler's end of the scheduler channel (docs/protocols.md section 7).
 
 A scheduler dials out to the portal over a WebSocket (``ws://`` or
 ``wss://``), proves who it is by signing the portal's challenge with its
-registered key, and then keeps the channel open: commands come down, instance
-states and keys go up (docs/protocols.md, "The scheduler channel").
+registered key (:mod:`dit4c.channel.handshake`), and then keeps the channel
+open: commands come down, instance states and keys go up, in the messages
+of :mod:`dit4c.channel.wire`, which the portal's end shares.
 
-The first half of this module is the wire format (message names, limits,
-close codes, parsing and validation); the portal's end
-(:mod:`dit4c.portal.channel`) imports it from here, so the two ends cannot
-disagree. The second half is :class:`ChannelClient`, the reusable client a
-scheduler runs: a ``ClientService`` that reconnects with back-off and jitter,
-answers the challenge, sends a full report after every (re)connect, hands
-each command to an :class:`ISchedulerHandler` once (duplicates are acked,
-not re-run) and acknowledges it when handled, and queues state changes
-while the portal is away.
+:class:`ChannelClient` is the reusable client a scheduler runs: a
+``ClientService`` that reconnects with back-off and jitter, sends a full
+report after every (re)connect, hands each command to an
+:class:`ISchedulerHandler` once (duplicates are acked, not re-run) and
+acknowledges it when handled, and queues state changes while the portal is
+away.
 """
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from enum import Enum, IntEnum
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from hyperlink import URL
 from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
-from twisted.internet import ssl
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface
 
+from dit4c.channel.handshake import PORTAL_LINK, AuthRefused, Dialler, Phase, Welcome
+from dit4c.channel.wire import (
+    HANDSHAKE_TIMEOUT,
+    MAX_MESSAGE,
+    PATH,
+    PING_INTERVAL,
+    PING_TIMEOUT,
+    SUBPROTOCOL,
+    CloseCode,
+    Command,
+    ProtocolError,
+    decode,
+    encode,
+    instanceField,
+    linkOptions,
+    parseCommand,
+    parseStatus,
+    privateMembers,
+)
 from dit4c.common.keys import AnyKey, PrivateKey, public_jwk
-from dit4c.common.tokens import INSTANCE_ID_RE, TokenSigner
+from dit4c.common.websocket import webSocketEndpoint
 from dit4c.listener.service import backoff
 
-__all__ = [
-    "AUDIENCE",
-    "MAX_MESSAGE",
-    "OPS",
-    "PATH",
-    "STATES",
-    "SUBPROTOCOL",
-    "ChannelClient",
-    "CloseCode",
-    "Command",
-    "ISchedulerHandler",
-    "InstanceStatus",
-    "ProtocolError",
-    "channelEndpoint",
-    "channelURL",
-    "decode",
-    "encode",
-    "instanceField",
-    "parseCommand",
-    "parseReport",
-    "parseStatus",
-    "privateMembers",
-    "signProof",
-    "text",
-]
-
-# -- the wire format (both ends) -----------------------------------------------------------
-
-#: The WebSocket subprotocol both ends name; the portal refuses a client without it.
-SUBPROTOCOL = "dit4c-channel.1"
-#: Where the portal serves the channel.
-PATH = "/.dit4c/channel"
-#: The ``aud`` of a scheduler's proof.
-AUDIENCE = "dit4c-portal-channel"
-#: The largest message either end accepts (bytes); a larger one closes the channel (1009).
-MAX_MESSAGE = 1024 * 1024
-#: Seconds from the WebSocket opening to the end of the handshake (``welcome``).
-HANDSHAKE_TIMEOUT = 10.0
-#: Seconds between WebSocket pings, and without a pong before the peer is taken for dead.
-PING_INTERVAL = 10.0
-PING_TIMEOUT = 30.0
-#: The longest a proof may live (``exp - iat``), in seconds.
-PROOF_LIFETIME = 60
-#: Every instance state (DESIGN.md, "Instance life"); the same as the portal store's.
-STATES: tuple[str, ...] = (
-    "requested", "starting", "running", "stopping", "saving", "uploading",
-    "saved", "stopped", "discarded", "errored",
-)  # fmt: skip
-#: What a scheduler can be told to do.
-OPS: tuple[str, ...] = ("start", "stop", "save", "discard")
-#: JWK members that only a private key has (RFC 7518 section 6): never on the channel.
-PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
-
-MAX_ID = 128
-MAX_REASON = 1000
-MAX_URL = 2048
-MAX_NONCE = 256
-
-
-class CloseCode(IntEnum):
-    """WebSocket close codes (private range) the channel uses, beside 1000 and 1009."""
-
-    #: Malformed JSON, an unknown type, a field of the wrong kind, a message out of turn.
-    PROTOCOL_ERROR = 4000
-    #: The scheduler's proof (or the scheduler itself) was refused.
-    AUTH_FAILED = 4001
-    #: The handshake did not finish within ``HANDSHAKE_TIMEOUT``.
-    HANDSHAKE_TIMEOUT = 4002
-    #: A newer channel of the same scheduler took over.
-    REPLACED = 4003
-    #: The portal is stopping.
-    SHUTDOWN = 4004
-    #: A bug, or the portal's database failed: reconnect later.
-    INTERNAL_ERROR = 4005
-
-
-class ProtocolError(Exception):
-    """The peer broke the channel's protocol: the channel closes (``PROTOCOL_ERROR``)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-
-    @property
-    def reason(self) -> str:
-        return str(self.args[0])
-
-
-def encode(message: Mapping[str, Any]) -> bytes:
-    """A message as the UTF-8 JSON text of one WebSocket text frame."""
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
-
-
-def _noConstant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def decode(payload: bytes, isBinary: bool) -> dict[str, Any]:
-    """
-    A received message: a JSON object with a string ``type``.
-
-    :raises ProtocolError: anything else.
-    """
-    if isBinary:
-        raise ProtocolError("binary message (the channel speaks JSON text)")
-    try:
-        message = json.loads(payload.decode("utf-8"), parse_constant=_noConstant)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise ProtocolError("malformed JSON") from None
-    if not isinstance(message, dict):
-        raise ProtocolError("message is not a JSON object")
-    if not isinstance(message.get("type"), str):
-        raise ProtocolError("message without a type")
-    return message
-
-
-def text(message: Mapping[str, Any], name: str, *, limit: int = MAX_ID, optional: bool = False) -> Any:
-    """The string field ``name`` (None if ``optional`` and absent or null)."""
-    value = message.get(name)
-    if value is None and optional:
-        return None
-    if not isinstance(value, str) or not value:
-        raise ProtocolError(f"{message.get('type')}: {name} must be a non-empty string")
-    if len(value) > limit:
-        raise ProtocolError(f"{message.get('type')}: {name} longer than {limit} characters")
-    return value
-
-
-def instanceField(message: Mapping[str, Any], name: str = "instance") -> str:
-    """An instance id field: one DNS label."""
-    value = message.get(name)
-    if not isinstance(value, str) or INSTANCE_ID_RE.fullmatch(value) is None:
-        raise ProtocolError(f"{message.get('type')}: {name} is not an instance id")
-    return value
-
-
-def _url(message: Mapping[str, Any]) -> str | None:
-    value = text(message, "url", limit=MAX_URL, optional=True)
-    if value is None:
-        return None
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ProtocolError(f"{message.get('type')}: url must be an http(s) URL")
-    return str(value)
-
-
-@dataclass(frozen=True)
-class InstanceStatus:
-    """What a scheduler says about one instance: its state, why, and where to reach it."""
-
-    instance: str
-    #: One of ``STATES``.
-    state: str
-    #: Shown to the user: why it is in this state (chiefly for ``errored``).
-    reason: str | None = None
-    #: The tool's URL, once it works.
-    url: str | None = None
-
-    def toJSON(self) -> dict[str, Any]:
-        return {"instance": self.instance, "state": self.state, "reason": self.reason, "url": self.url}
-
-
-def parseStatus(message: Mapping[str, Any]) -> InstanceStatus:
-    """A ``state`` message, or one entry of a ``report``."""
-    if not isinstance(message, Mapping):
-        raise ProtocolError("report: each instance must be a JSON object")
-    state = message.get("state")
-    if state not in STATES:
-        raise ProtocolError(f"{message.get('type', 'report')}: state must be one of {', '.join(STATES)}")
-    return InstanceStatus(
-        instance=instanceField(message),
-        state=state,
-        reason=text(message, "reason", limit=MAX_REASON, optional=True),
-        url=_url(message),
-    )
-
-
-def parseReport(message: Mapping[str, Any]) -> list[InstanceStatus]:
-    """The instances of a ``report`` message."""
-    instances = message.get("instances")
-    if not isinstance(instances, list):
-        raise ProtocolError("report: instances must be a list")
-    return [parseStatus(each) for each in instances]
-
-
-@dataclass(frozen=True)
-class Command:
-    """An instruction from the portal about one instance."""
-
-    #: Unique; a command can arrive more than once (after a reconnect), with the same id.
-    id: str
-    #: One of ``OPS``.
-    op: str
-    instance: str
-    #: For ``start``: ``image`` (reference), ``port`` (or null), ``digest`` (or null).
-    params: Mapping[str, Any] = field(default_factory=dict)
-
-    def toJSON(self) -> dict[str, Any]:
-        return {"type": "command", "id": self.id, "op": self.op, "instance": self.instance, "params": dict(self.params)}
-
-
-def parseCommand(message: Mapping[str, Any]) -> Command:
-    op = message.get("op")
-    if op not in OPS:
-        raise ProtocolError(f"command: op must be one of {', '.join(OPS)}")
-    params = message.get("params", {})
-    if not isinstance(params, dict):
-        raise ProtocolError("command: params must be a JSON object")
-    return Command(text(message, "id"), op, instanceField(message), params)
-
-
-def privateMembers(jwk: Mapping[str, Any]) -> set[str]:
-    """The private-key members a JWK carries (it must carry none to cross the channel)."""
-    return {name for name in jwk if name in PRIVATE_JWK_MEMBERS}
-
-
-def signProof(
-    key: PrivateKey,
-    scheduler_id: str,
-    nonce: str,
-    portal: str,
-    *,
-    clock: IReactorTime | None = None,
-    lifetime: float = PROOF_LIFETIME,
-    audience: str = AUDIENCE,
-) -> str:
-    """
-    The ``proof`` of a ``hello``: a JWT signed with the scheduler's key, for
-    the portal's channel (``aud``), naming the scheduler (``sub``), the
-    portal (``portal``) and answering one challenge (``nonce``).
-    """
-    signer = TokenSigner(key, clock=clock)
-    claims = {"sub": scheduler_id, "nonce": nonce, "portal": portal}
-    return signer.sign(claims, audience=audience, lifetime=lifetime)
-
+__all__ = ["ChannelClient", "ISchedulerHandler", "channelURL"]
 
 # -- the scheduler's end -------------------------------------------------------------------
 
@@ -302,17 +80,9 @@ class ISchedulerHandler(Interface):
         """
 
 
-class _Phase(Enum):
-    CHALLENGE = "waiting for the challenge"
-    WELCOME = "waiting for the welcome"
-    OPEN = "open"
-    CLOSED = "closed"
-
-
 class _ClientProtocol(WebSocketClientProtocol):
     # Not "log": that name is autobahn's (txaio) logger.
     _log = Logger()
-    phase = _Phase.CHALLENGE
     #: Whether the portal welcomed this channel.
     welcomed = False
     _timer: IDelayedCall | None = None
@@ -323,60 +93,60 @@ class _ClientProtocol(WebSocketClientProtocol):
         return client
 
     def onOpen(self) -> None:
+        self.handshake = self.client._dialler()
         self._timer = self.client.reactor.callLater(self.client.handshakeTimeout, self._timedOut)
 
     def _timedOut(self) -> None:
         self._timer = None
         self.fail(CloseCode.HANDSHAKE_TIMEOUT, f"handshake not done within {self.client.handshakeTimeout} s")
 
+    @property
+    def closed(self) -> bool:
+        return not hasattr(self, "handshake") or self.handshake.phase is Phase.CLOSED
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if self.phase is _Phase.CLOSED:
+        if self.closed:
             return
         try:
             self._dispatch(decode(payload, isBinary))
         except ProtocolError as e:
             self.fail(CloseCode.PROTOCOL_ERROR, e.reason)
+        except AuthRefused as e:
+            self.fail(CloseCode.AUTH_FAILED, e.reason)
 
     def _dispatch(self, message: dict[str, Any]) -> None:
-        kind = message["type"]
-        if self.phase is _Phase.CHALLENGE:
-            if kind != "challenge":
-                raise ProtocolError(f"expected a challenge, not {kind!r}")
-            nonce = text(message, "nonce", limit=MAX_NONCE)
-            portal = text(message, "portal", limit=MAX_URL)
-            self.phase = _Phase.WELCOME
-            self.client._answer(self, nonce, portal)
-        elif self.phase is _Phase.WELCOME:
-            if kind != "welcome":
-                raise ProtocolError(f"expected a welcome, not {kind!r}")
+        step = self.handshake.receive(message)
+        if isinstance(step, Welcome):
             self._cancelTimer()
-            self.phase = _Phase.OPEN
             self.welcomed = True
             self.client._welcomed(self)
-        elif kind == "command":
+        elif step is not None:
+            self.sendJSON(step)  # the hello
+        elif message["type"] == "command":
             self.client._command(parseCommand(message))
         else:
-            raise ProtocolError(f"unknown message type {kind!r}")
+            raise ProtocolError(f"unknown message type {message['type']!r}")
 
     def sendJSON(self, message: Mapping[str, Any]) -> bool:
         """Send a message if the channel is up; whether it was sent."""
-        if self.phase is _Phase.CLOSED or self.state != self.STATE_OPEN:
+        if self.closed or self.state != self.STATE_OPEN:
             return False
         self.sendMessage(encode(message), isBinary=False)
         return True
 
     def fail(self, code: CloseCode, reason: str) -> None:
         """Close the channel for ``reason``, logged."""
-        if self.phase is _Phase.CLOSED:
+        if self.closed:
             return
         self._log.warn("closing the channel to the portal: {reason}", reason=reason)
-        self.phase = _Phase.CLOSED
+        self.handshake.close()
         self._cancelTimer()
         self.client._lastError = reason
         self.sendClose(int(code), reason)
 
     def abort(self) -> None:
-        self.phase = _Phase.CLOSED
+        if hasattr(self, "handshake"):
+            self.handshake.close()
         self._cancelTimer()
         self.dropConnection(abort=True)
 
@@ -386,21 +156,14 @@ class _ClientProtocol(WebSocketClientProtocol):
         self._timer = None
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        self.phase = _Phase.CLOSED
+        if hasattr(self, "handshake"):
+            self.handshake.close()
         self._cancelTimer()
         self.client._closed(self, self.welcomed, code, reason)
 
 
 class _ClientFactory(WebSocketClientFactory):
     client: ChannelClient
-
-
-def _trustRoot(path: str | Path | None) -> Any:
-    if not path:
-        return None
-    p = Path(path)
-    files = sorted(p.glob("*.pem")) + sorted(p.glob("*.crt")) if p.is_dir() else [p]
-    return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(f.read_bytes()) for f in files])
 
 
 def channelURL(url: str) -> str:
@@ -411,20 +174,6 @@ def channelURL(url: str) -> str:
     if not [segment for segment in parsed.path if segment]:
         parsed = parsed.replace(path=PATH.strip("/").split("/"))
     return str(parsed.to_text())
-
-
-def channelEndpoint(
-    reactor: Any, url: str, *, trustRoots: str | Path | None = None, timeout: float = 30
-) -> IStreamClientEndpoint:
-    """The endpoint that reaches a ``ws://`` or ``wss://`` URL (TLS checking the host name)."""
-    parsed = URL.from_text(url)
-    secure = parsed.scheme == "wss"
-    port = parsed.port or (443 if secure else 80)
-    endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, parsed.host, port, timeout=timeout)
-    if secure:
-        options = ssl.optionsForClientTLS(parsed.host, trustRoot=_trustRoot(trustRoots))
-        endpoint = wrapClientTLS(options, endpoint)
-    return endpoint
 
 
 class ChannelClient(MultiService):
@@ -481,7 +230,7 @@ class ChannelClient(MultiService):
         self._key = private_key
         if isinstance(portal, str):
             url = channelURL(portal)
-            endpoint = channelEndpoint(reactor, url, trustRoots=trustRoots, timeout=connectTimeout)
+            endpoint = webSocketEndpoint(reactor, url, trustRoots=trustRoots, timeout=connectTimeout)
         else:
             url = channelURL(url or f"ws://localhost{PATH}")
             endpoint = portal
@@ -501,19 +250,7 @@ class ChannelClient(MultiService):
         factory = _ClientFactory(url, protocols=[SUBPROTOCOL], reactor=reactor)
         factory.protocol = _ClientProtocol
         factory.client = self
-        factory.noisy = False
-        factory.setProtocolOptions(
-            maxFramePayloadSize=MAX_MESSAGE,
-            maxMessagePayloadSize=MAX_MESSAGE,
-            # autobahn's timers round down to whole seconds: give its bound on the
-            # HTTP upgrade a second more (the channel's own timer is exact).
-            openHandshakeTimeout=handshakeTimeout + 1,
-            closeHandshakeTimeout=5,
-            # A violation (a message too big, 1009) is answered with a close frame saying so.
-            failByDrop=False,
-            autoPingInterval=pingInterval,
-            autoPingTimeout=pingTimeout,
-        )
+        linkOptions(factory, handshakeTimeout=handshakeTimeout, pingInterval=pingInterval, pingTimeout=pingTimeout)
         self._service = ClientService(endpoint, factory, retryPolicy=self._retryDelay, clock=reactor)
         self._service.setServiceParent(self)
 
@@ -554,9 +291,10 @@ class ChannelClient(MultiService):
         :raises ValueError: not a state, instance id, reason or URL the
             portal would take.
         """
-        status = InstanceStatus(instance, state, reason, url)
+        message = {"type": "state", "instance": instance, "state": str(state), "reason": reason, "url": url}
         try:
-            parseStatus({"type": "state", **status.toJSON()})  # the portal would close the channel for a bad one
+            # Checked as the portal would: it would close the channel for a bad one.
+            status = parseStatus(message)
         except ProtocolError as e:
             raise ValueError(e.reason) from None
         self._send({"type": "state", **status.toJSON()})
@@ -602,12 +340,9 @@ class ChannelClient(MultiService):
 
     # -- the protocol's events ----------------------------------------------------------
 
-    def _answer(self, protocol: _ClientProtocol, nonce: str, portal: str) -> None:
-        if self.issuer is not None and portal != self.issuer:
-            protocol.fail(CloseCode.AUTH_FAILED, f"the challenge names portal {portal!r}, not {self.issuer!r}")
-            return
-        proof = signProof(self._key, self.schedulerId, nonce, portal, clock=self.reactor)
-        protocol.sendMessage(encode({"type": "hello", "scheduler": self.schedulerId, "proof": proof}), isBinary=False)
+    def _dialler(self) -> Dialler:
+        """A new connection's handshake: this scheduler, proving itself to ``issuer`` (or any portal)."""
+        return Dialler(PORTAL_LINK, self.schedulerId, self._key, clock=self.reactor, expected=self.issuer)
 
     def _welcomed(self, protocol: _ClientProtocol) -> None:
         self._failures = 0
@@ -710,7 +445,7 @@ class ChannelClient(MultiService):
     def stopService(self) -> Deferred[None]:
         protocol, self._protocol = self._protocol, None
         if protocol is not None:
-            protocol.phase = _Phase.CLOSED
+            protocol.handshake.close()
             protocol.sendClose(1000, "scheduler stopping")
         return maybeDeferred(super().stopService)
 

@@ -17,8 +17,10 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from dit4c.node.node import INode, INodeObserver, NodeFull, startFrom
-from dit4c.scheduler.channel import ChannelClient, Command, InstanceStatus, ISchedulerHandler
+from dit4c.channel.interfaces import INode, INodeObserver, NodeFull, startFrom
+from dit4c.channel.wire import Command, InstanceStatus
+from dit4c.common.life import State
+from dit4c.scheduler.channel import ChannelClient, ISchedulerHandler
 
 __all__ = ["Scheduler"]
 
@@ -61,7 +63,7 @@ class Scheduler(MultiService):
         # A node not linked yet (this scheduler just started) would leave its
         # instances out, and the portal would take them for lost: wait for
         # each to say what it holds, for a while.
-        waits = [node.whenReported() for node in self.nodes if hasattr(node, "whenReported")]
+        waits = [node.whenReported() for node in self.nodes]
         if waits and self.reactor is not None:
             for d in waits:
                 d.addTimeout(self.reportWait, self.reactor)
@@ -77,11 +79,11 @@ class Scheduler(MultiService):
                     return startFrom(candidate, command)
                 except NodeFull:
                     continue
-            self._tell(InstanceStatus(command.instance, "errored", "No compute node has room for this instance now."))
+            self._tell(InstanceStatus(command.instance, State.ERRORED, "No compute node has room for this instance now."))
             return succeed(None)
         if node is None:
             # No node holds it: whatever it was asked, nothing of it runs.
-            final = "discarded" if command.op == "discard" else "stopped"
+            final = State.DISCARDED if command.op == "discard" else State.STOPPED
             self._tell(InstanceStatus(command.instance, final))
             return succeed(None)
         action = {"stop": node.stop, "save": node.save, "discard": node.discard}[command.op]

@@ -10,7 +10,6 @@ listener picks WebSocket with an endpoint string like any other carrier.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from autobahn.twisted.websocket import (
@@ -21,9 +20,7 @@ from autobahn.twisted.websocket import (
 )
 from autobahn.websocket.types import ConnectionDeny
 from hyperlink import URL
-from twisted.internet import ssl
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (
     IConsumer,
@@ -37,6 +34,8 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from dit4c.common.websocket import configureFactory, webSocketEndpoint
 
 SUBPROTOCOL = "dit4c-tunnel.1"
 PATH = "/.dit4c/tunnel"
@@ -142,16 +141,8 @@ class _TunnelWebSocketServerFactory(WebSocketServerFactory):
 
 
 def _configure(factory: Any) -> None:
-    """The same limits on both ends: message size, and handshake timeouts."""
-    factory.noisy = False
-    factory.setProtocolOptions(
-        maxFramePayloadSize=MAX_MESSAGE,
-        maxMessagePayloadSize=MAX_MESSAGE,
-        # The tunnel has its own heartbeats; these bound the WebSocket's own
-        # opening and closing handshakes.
-        openHandshakeTimeout=10,
-        closeHandshakeTimeout=5,
-    )
+    """The same limits on both ends (the tunnel has heartbeats of its own: no WebSocket pings)."""
+    configureFactory(factory, maxMessage=MAX_MESSAGE, openHandshakeTimeout=10)
 
 
 def tunnelWebSocketFactory(tunnelFactory: Factory, url: str = "ws://localhost/") -> WebSocketServerFactory:
@@ -184,14 +175,6 @@ class _TunnelWebSocketClientFactory(WebSocketClientFactory):
     opened: Deferred[IProtocol]
 
 
-def _trustRoot(path: str | None) -> Any:
-    if not path:
-        return None
-    p = Path(path)
-    files = sorted(p.glob("*.pem")) + sorted(p.glob("*.crt")) if p.is_dir() else [p]
-    return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(f.read_bytes()) for f in files])
-
-
 @implementer(IStreamClientEndpoint)
 class WebSocketTunnelEndpoint:
     """
@@ -208,11 +191,7 @@ class WebSocketTunnelEndpoint:
         self.url = url
         self.host = parsed.host
         self.port = parsed.port or (443 if parsed.scheme == "wss" else 80)
-        endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, self.host, self.port, timeout=timeout)
-        if parsed.scheme == "wss":
-            options = ssl.optionsForClientTLS(self.host, trustRoot=_trustRoot(trustRoots))
-            endpoint = wrapClientTLS(options, endpoint)
-        self._endpoint = endpoint
+        self._endpoint = webSocketEndpoint(reactor, url, trustRoots=trustRoots, timeout=timeout)
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:
         factory = _TunnelWebSocketClientFactory(self.url, protocols=[SUBPROTOCOL])

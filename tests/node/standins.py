@@ -8,9 +8,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from dit4c.node.node import observer
+from dit4c.channel.interfaces import observer
+from dit4c.channel.wire import InstanceStatus
 from dit4c.node.process import Tool
-from dit4c.scheduler.channel import InstanceStatus
 from dit4c.testing import deferLater
 
 #: A stand-in helper: writes its environment to <role>.env in the pod directory, then waits.

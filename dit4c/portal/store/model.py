@@ -10,25 +10,11 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-#: Every state an instance can be in (DESIGN.md, "Instance life").
-INSTANCE_STATES: tuple[str, ...] = (
-    "requested",
-    "starting",
-    "running",
-    "stopping",
-    "saving",
-    "uploading",
-    "saved",
-    "stopped",
-    "discarded",
-    "errored",
-)
+from dit4c.common.life import ACTIVE, STATES, State
 
-#: The states in which an instance holds (or is about to hold) compute: these
-#: count against a user's quota.
-ACTIVE_STATES: frozenset[str] = frozenset(
-    {"requested", "starting", "running", "stopping", "saving", "uploading"}
-)
+#: Where the store checks states: the instance life's (:mod:`dit4c.common.life`).
+INSTANCE_STATES = STATES
+ACTIVE_STATES = ACTIVE
 
 
 @dataclass(frozen=True)
@@ -116,8 +102,7 @@ class Instance:
     owner_id: str
     image_id: str
     scheduler_id: str | None
-    #: One of ``INSTANCE_STATES``.
-    state: str
+    state: State
     #: Why it is in this state (shown to the user), chiefly for ``errored``.
     reason: str | None
     url: str | None
@@ -125,6 +110,10 @@ class Instance:
     public_jwk: str | None
     created: float
     updated: float
+
+    def __post_init__(self) -> None:
+        # The store hands states over by name; they are checked (and made States) here.
+        object.__setattr__(self, "state", State(self.state))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,105 @@
+"""
+A compute node as its scheduler sees it, whether it runs in the same
+process (:class:`dit4c.node.node.Node`) or across the node link
+(:class:`dit4c.node.link.RemoteNode`): the scheduler depends on this, not
+on either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from zope.interface import Attribute, Interface, implementer
+
+from dit4c.channel.wire import Command, InstanceStatus
+
+__all__ = ["INode", "INodeObserver", "NodeFull", "observer", "startFrom"]
+
+
+class NodeFull(Exception):
+    """The node takes no more instances (at capacity, or cooling down)."""
+
+
+class INodeObserver(Interface):
+    """Who hears what a node does: the scheduler."""
+
+    def instanceState(node: INode, status: InstanceStatus) -> None:
+        """An instance moved to a state."""
+
+    def instanceKey(node: INode, instance: str, jwk: dict[str, Any]) -> None:
+        """An instance's public key, once made."""
+
+
+class INode(Interface):
+    """A compute node as its scheduler sees it (in this process, or over the network)."""
+
+    nodeName = Attribute("The node's name, unique under its scheduler.")
+    capacity = Attribute("Instances it may run at once.")
+    accepting = Attribute("Whether it takes new instances (administrators cool a node down before removing it).")
+
+    def load() -> int:
+        """Instances it runs (or is starting) now."""
+
+    def start(
+        instance: str, image: str, port: int | None, digest: str | None = None, token: str | None = None
+    ) -> Deferred[None]:
+        """
+        Start an instance; fires once it is under way (states follow). A
+        saved ``image`` is an image server URL, read with ``token``.
+
+        :raises NodeFull: it takes no more instances.
+        """
+
+    def stop(instance: str) -> Deferred[None]:
+        """Stop it, keeping its files."""
+
+    def save(instance: str) -> Deferred[None]:
+        """Stop it and save its image."""
+
+    def discard(instance: str) -> Deferred[None]:
+        """Remove everything it has of the instance."""
+
+    def instances() -> list[InstanceStatus]:
+        """Every instance it knows."""
+
+    def whenReported() -> Deferred[None]:
+        """Fires once the node knows what it holds (after a restart, once it has looked)."""
+
+    def subscribe(observer: INodeObserver) -> None:
+        """Tell ``observer`` of every state and key from now on."""
+
+
+def startFrom(node: INode, command: Command) -> Deferred[None]:
+    """Start what a ``start`` command (docs/protocols.md 7.3) asks for on ``node``."""
+    params = command.params
+
+    def text(name: str) -> str | None:
+        value = params.get(name)
+        return value if isinstance(value, str) else None
+
+    port = params.get("port")
+    return node.start(
+        command.instance,
+        text("image") or "",
+        port if isinstance(port, int) and not isinstance(port, bool) else None,
+        text("digest"),
+        text("token"),
+    )
+
+
+def observer(
+    state: Callable[[INode, InstanceStatus], object], key: Callable[[INode, str, dict[str, Any]], object]
+) -> INodeObserver:
+    """An observer made of two functions."""
+
+    @implementer(INodeObserver)
+    class _Observer:
+        def instanceState(self, node: INode, status: InstanceStatus) -> None:
+            state(node, status)
+
+        def instanceKey(self, node: INode, instance: str, jwk: dict[str, Any]) -> None:
+            key(node, instance, jwk)
+
+    return _Observer()
