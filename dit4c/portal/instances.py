@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import Interface
 
-from dit4c.portal.store.errors import Conflict
+from dit4c.portal.store.errors import Conflict, QuotaReached
 from dit4c.portal.store.model import ACTIVE_STATES, Image, Instance, User
 
 
@@ -114,15 +114,19 @@ class Instances:
             raise NotFound("There is no such image.")
         if image.owner_id is not None and not await self.store.mayUseImage(user.id, image.id):
             raise Forbidden("That image is not yours and was not shared with you.")
-        running = await self.store.countRunningInstancesOf(user.id)
-        quota = self.quotaOf(user)
-        if running >= quota:
-            raise QuotaExceeded(
-                f"You may run {quota} instance{'s' if quota != 1 else ''} at once and have {running}; "
-                "stop one first."
-            )
         scheduler = await self._placement(user, scheduler_id)
-        instance = await self.store.createInstance(user.id, image.id, scheduler_id=scheduler)
+        try:
+            # The quota is checked and the instance claimed in one store
+            # transaction: requests racing (in this process or another)
+            # cannot together pass it.
+            instance = await self.store.createInstance(
+                user.id, image.id, scheduler_id=scheduler, quota=self.quotaOf(user)
+            )
+        except QuotaReached as e:
+            raise QuotaExceeded(
+                f"You may run {e.quota} instance{'s' if e.quota != 1 else ''} at once and have {e.active}; "
+                "stop one first."
+            ) from None
         self.events.publish(instance)
         params: dict[str, Any] = {"image": image.ref, "port": image.port, "digest": image.digest}
         if self.readToken is not None and image.owner_id is not None and image.ref.startswith(("http://", "https://")):

@@ -1,7 +1,7 @@
 """
 The little that differs between SQLite and PostgreSQL: placeholders, a few
-column types, how a write transaction starts, how migrations are locked, and
-which driver errors mean what.
+column types, how a write transaction starts, how rows and migrations are
+locked, and which driver errors mean what.
 
 SQL is written once, with ``?`` placeholders and no ``?`` or ``%`` anywhere
 else (no string literals holding them), and translated here.
@@ -35,6 +35,13 @@ class IDialect(Interface):
     def lockMigrations(cursor: Any) -> None:
         """Take, for this transaction, the lock that lets one process migrate at a time."""
 
+    def forUpdate(statement: str) -> str:
+        """
+        ``statement``, a SELECT, made to hold the rows it reads until the
+        transaction ends: another transaction doing the same waits for this
+        one, then sees what it wrote. Rows it does not read stay free.
+        """
+
     def classify(error: BaseException) -> type[StoreError] | None:
         """The store error a driver error means, or None if it is not a driver error."""
 
@@ -66,6 +73,11 @@ class SQLiteDialect:
         # BEGIN IMMEDIATE already made this the only writer.
         pass
 
+    def forUpdate(self, statement: str) -> str:
+        # BEGIN IMMEDIATE already made this the only writer: SQLite has no
+        # finer lock, and needs none.
+        return statement
+
     def classify(self, error: BaseException) -> type[StoreError] | None:
         if isinstance(error, sqlite3.IntegrityError):
             name = getattr(error, "sqlite_errorname", "")
@@ -94,6 +106,12 @@ class PostgreSQLDialect:
 
     def lockMigrations(self, cursor: Any) -> None:
         cursor.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
+
+    def forUpdate(self, statement: str) -> str:
+        # NO KEY UPDATE, not UPDATE: it does not block the key-share locks
+        # that inserting a row which refers to these (a session, an
+        # instance) takes, only others locking them the same way.
+        return statement + " FOR NO KEY UPDATE"
 
     def classify(self, error: BaseException) -> type[StoreError] | None:
         import psycopg

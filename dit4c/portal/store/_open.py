@@ -118,6 +118,17 @@ def _postgresPool(url: str, reactor: Any, poolSize: int) -> ConnectionPool:
     if "connect_timeout" not in given:
         # libpq would otherwise wait for ever on a server that does not answer.
         defaults["connect_timeout"] = POSTGRES_CONNECT_TIMEOUT
+
+    def prepare(connection: Any) -> None:
+        # The store's locking reads (a person's row before counting their
+        # instances, a scheduler's before numbering its commands) rely on
+        # each statement seeing what was committed before it ran: READ
+        # COMMITTED, whatever default the server or database was given.
+        # Under REPEATABLE READ a count after waiting for a lock would still
+        # see the snapshot from before the wait. psycopg says it in the
+        # BEGIN it sends anyway: no extra round trip.
+        connection.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+
     return ConnectionPool(
         "psycopg",
         url,
@@ -125,6 +136,7 @@ def _postgresPool(url: str, reactor: Any, poolSize: int) -> ConnectionPool:
         cp_min=1,
         cp_max=poolSize,
         cp_reconnect=True,
+        cp_openfun=prepare,
         cp_reactor=reactor,
     )
 

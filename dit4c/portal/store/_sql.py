@@ -21,13 +21,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from dit4c.common.life import ACTIVE, State
+
 from ._dialect import IDialect
-from .errors import Conflict, NotFound, StoreError
+from .errors import Conflict, NotFound, QuotaReached, StoreError
 from .ids import hashToken, newId, newInstanceId, newToken
 from .interfaces import COMMAND_OPS, MAX_COMMAND_PARAMS, Command, IStore, OAuthCode
 from .migrations import MIGRATIONS, Migration, applyNext
 from .model import (
-    ACTIVE_STATES,
     INSTANCE_STATES,
     UNSET,
     ApiToken,
@@ -65,6 +66,10 @@ _INSTANCE = (
     "id", "owner_id", "image_id", "scheduler_id", "state", "reason", "url", "public_jwk", "created", "updated",
 )  # fmt: skip
 _SHARE_LINK = ("id", "instance_id", "token_hash", "created", "revoked")
+
+
+#: The states that count against a person's quota, as the database holds them.
+_ACTIVE: tuple[str, ...] = tuple(sorted(state.value for state in ACTIVE))
 
 
 def _cols(columns: Sequence[str], alias: str | None = None) -> str:
@@ -665,17 +670,38 @@ class SQLStore:
         *,
         scheduler_id: str | None = None,
         public_jwk: str | None = None,
+        quota: int | None = None,
     ) -> Instance:
+        if quota is not None and quota < 0:
+            raise ValueError("a quota must not be negative")
         now = self._now()
         instance = Instance(
             id=newInstanceId(now), owner_id=owner_id, image_id=image_id, scheduler_id=scheduler_id,
-            state="requested", reason=None, url=None, public_jwk=public_jwk, created=now, updated=now,
+            state=State.REQUESTED, reason=None, url=None, public_jwk=public_jwk, created=now, updated=now,
         )  # fmt: skip
+        dialect = self._dialect
 
         def work(t: _Txn) -> Instance:
+            if quota is not None:
+                # The count and the insert are one claim: the owner's row is
+                # held first, so of concurrent claims for one person each
+                # counts what the ones before it made. Claims for other
+                # people lock other rows (PostgreSQL) and wait only for the
+                # one writer SQLite has anyway (BEGIN IMMEDIATE).
+                if t.one(dialect.forUpdate("SELECT id FROM users WHERE id = ?"), (owner_id,)) is None:
+                    raise NotFound(f"there is no user {owner_id!r}")
             image = t.one("SELECT deleted FROM images WHERE id = ?", (image_id,))
             if not image or image[0]:
                 raise NotFound(f"there is no image {image_id!r}")
+            if quota is not None:
+                active = int(
+                    t.one(
+                        f"SELECT COUNT(*) FROM instances WHERE owner_id = ? AND state IN ({_marks(len(_ACTIVE))})",
+                        (owner_id, *_ACTIVE),
+                    )[0]
+                )
+                if active >= quota:
+                    raise QuotaReached(quota, active)
             t.execute(
                 f"INSERT INTO instances ({_cols(_INSTANCE)}) VALUES ({_marks(len(_INSTANCE))})",
                 (
@@ -776,19 +802,6 @@ class SQLStore:
             return _instance(t.one(f"SELECT {_cols(_INSTANCE)} FROM instances WHERE id = ?", (instance_id,)))
 
         return await self._run(work, missing=f"there is no scheduler {scheduler_id!r}")
-
-    @_deferred
-    async def countRunningInstancesOf(self, user_id: str) -> int:
-        states = sorted(ACTIVE_STATES)
-
-        def work(t: _Txn) -> int:
-            row = t.one(
-                f"SELECT COUNT(*) FROM instances WHERE owner_id = ? AND state IN ({_marks(len(states))})",
-                (user_id, *states),
-            )
-            return int(row[0])
-
-        return await self._run(work)
 
     # -- sharing instances -----------------------------------------------------------------------------
 

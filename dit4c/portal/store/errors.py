@@ -25,3 +25,14 @@ class NotFound(StoreError):
 
 class Conflict(StoreError):
     """That conflicts with what the portal already holds: it exists already, or it changed meanwhile."""
+
+
+class QuotaReached(StoreError):
+    """That person already runs as many instances as they may."""
+
+    def __init__(self, quota: int, active: int) -> None:
+        super().__init__(f"{active} active instance{'s' if active != 1 else ''}, and the quota is {quota}")
+        #: How many instances the person may run at once.
+        self.quota = quota
+        #: How many they had when the claim was refused (``dit4c.common.life.ACTIVE``).
+        self.active = active

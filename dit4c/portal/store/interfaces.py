@@ -195,10 +195,19 @@ class IStore(Interface):
         *,
         scheduler_id: str | None = None,
         public_jwk: str | None = None,
+        quota: int | None = None,
     ) -> Deferred[Instance]:
         """
         A new instance, ``requested``, with a fresh time-sortable id.
         ``NotFound`` if the owner, image or scheduler does not exist.
+
+        With a ``quota`` this is a claim: the instance is made only if the
+        owner has fewer active instances (``dit4c.common.life.ACTIVE``)
+        than that, else ``QuotaReached`` says how many they have. The count
+        and the insert are one transaction, and concurrent claims for one
+        person are serialised (from any number of portal processes), so a
+        quota holds however many requests race; claims for different
+        people do not wait for each other beyond what the database needs.
         """
 
     def instanceById(instance_id: str) -> Deferred[Instance | None]:
@@ -233,9 +242,6 @@ class IStore(Interface):
         in that state at the moment of the change. ``NotFound`` if there
         is no such instance; ``ValueError`` for a state that is not one.
         """
-
-    def countRunningInstancesOf(user_id: str) -> Deferred[int]:
-        """How many of a user's instances hold compute (``ACTIVE_STATES``)."""
 
     # -- sharing instances ------------------------------------------------------------------------
 

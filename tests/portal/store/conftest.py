@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.defer import gatherResults
 from twisted.internet.task import Clock
 
 from dit4c.portal.store import IStore, openStore
@@ -170,6 +171,25 @@ async def store(storeURL: str, clock: Clock) -> Any:
     opened = await openStore(storeURL, reactor, clock=clock)
     yield opened
     await opened.close()
+
+
+#: How many portal processes ``stores`` stands for, and connections each has (PostgreSQL).
+PROCESSES = 4
+
+
+@pytest_twisted.async_yield_fixture
+async def stores(storeURL: str, clock: Clock) -> Any:
+    """
+    Several stores open on one fresh database, as several portal processes
+    would have them: work sent to different ones runs on different
+    connections at once (SQLite: one each; PostgreSQL: ``PROCESSES`` each).
+    """
+    opened = await gatherResults(
+        [openStore(storeURL, reactor, clock=clock, poolSize=PROCESSES) for _ in range(PROCESSES)]
+    )
+    yield opened
+    for each in opened:
+        await each.close()
 
 
 @pytest.fixture

@@ -9,9 +9,8 @@ import pytest
 import pytest_twisted
 from twisted.internet.task import Clock
 
+from dit4c.common.life import ACTIVE, State
 from dit4c.portal.store import (
-    ACTIVE_STATES,
-    INSTANCE_STATES,
     Conflict,
     Image,
     Instance,
@@ -20,6 +19,7 @@ from dit4c.portal.store import (
     User,
     hashToken,
 )
+from dit4c.portal.store.errors import QuotaReached
 
 JWK = json.dumps({"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"})
 
@@ -236,18 +236,44 @@ async def test_compareAndSetRace(store: IStore) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_countRunning(store: IStore) -> None:
+async def test_aQuotaCountsTheActiveStates(store: IStore) -> None:
+    """A claim counts the owner's instances in ``ACTIVE`` states, no others, and no one else's."""
     alice, image = await _setup(store)
     bob = await store.createUser("bob")
-    assert await store.countRunningInstancesOf(alice.id) == 0
-    for state in INSTANCE_STATES:
+    for state in (*sorted(ACTIVE), State.SAVED, State.STOPPED, State.ERRORED, State.DISCARDED):
         made = await store.createInstance(alice.id, image.id)
-        if state != "requested":
-            await store.updateInstance(made.id, state=state)
+        await store.updateInstance(made.id, state=state)
     await store.createInstance(bob.id, image.id)
-    assert await store.countRunningInstancesOf(alice.id) == len(ACTIVE_STATES) == 6
-    assert await store.countRunningInstancesOf(bob.id) == 1
-    assert await store.countRunningInstancesOf("nobody") == 0
+    before = await store.listInstancesOf(alice.id, includeDiscarded=True)
+    with pytest.raises(QuotaReached) as refused:
+        await store.createInstance(alice.id, image.id, quota=len(ACTIVE))
+    assert (refused.value.quota, refused.value.active) == (len(ACTIVE), len(ACTIVE))
+    assert str(refused.value) == f"{len(ACTIVE)} active instances, and the quota is {len(ACTIVE)}"
+    assert await store.listInstancesOf(alice.id, includeDiscarded=True) == before
+    claimed = await store.createInstance(alice.id, image.id, quota=len(ACTIVE) + 1)
+    assert claimed.state == State.REQUESTED and await store.instanceById(claimed.id) == claimed
+    with pytest.raises(QuotaReached) as refused:
+        await store.createInstance(alice.id, image.id, quota=len(ACTIVE) + 1)
+    assert refused.value.active == len(ACTIVE) + 1
+    await store.createInstance(bob.id, image.id, quota=2)
+    with pytest.raises(QuotaReached, match="2 active instances, and the quota is 2"):
+        await store.createInstance(bob.id, image.id, quota=2)
+    with pytest.raises(QuotaReached, match="0 active instances, and the quota is 0"):
+        await store.createInstance((await store.createUser("carol")).id, image.id, quota=0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_aClaimNeedsItsOwnerAndImage(store: IStore) -> None:
+    alice, image = await _setup(store)
+    with pytest.raises(NotFound, match="no user"):
+        await store.createInstance("nobody", image.id, quota=1)
+    with pytest.raises(NotFound, match="no image"):
+        await store.createInstance(alice.id, "nope", quota=1)
+    with pytest.raises(NotFound, match="no scheduler"):
+        await store.createInstance(alice.id, image.id, scheduler_id="nope", quota=1)
+    with pytest.raises(ValueError, match="negative"):
+        await store.createInstance(alice.id, image.id, quota=-1)
+    assert await store.listInstancesOf(alice.id) == []
 
 
 # -- sharing instances ---------------------------------------------------------------------------------
