@@ -33,12 +33,20 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from dit4c.common.keys import PrivateKey, generate_private_key, public_jwk
-from dit4c.listener.service import backoff
 from dit4c.channel.handshake import signProof
-from dit4c.channel.wire import AUDIENCE, PROOF_LIFETIME, SUBPROTOCOL, Command, InstanceStatus, decode, encode
+from dit4c.channel.wire import (
+    AUDIENCE,
+    PROOF_LIFETIME,
+    SUBPROTOCOL,
+    Command,
+    InstanceStatus,
+    decode,
+    encode,
+)
+from dit4c.common.keys import PrivateKey, generate_private_key, public_jwk
 from dit4c.common.life import State
 from dit4c.common.websocket import webSocketEndpoint
+from dit4c.listener.service import backoff
 from dit4c.scheduler.channel import ChannelClient, ISchedulerHandler, channelURL
 
 __all__ = ["RawChannel", "TestingScheduler", "registerScheduler"]

@@ -38,6 +38,7 @@ __all__ = [
     "HOLDS_POD",
     "LIFE",
     "MOVES",
+    "SAVING_IMAGE",
     "STATES",
     "TERMINAL",
     "TRANSIENT",
@@ -92,6 +93,10 @@ ACTIVE: frozenset[State] = frozenset(
 
 #: States in which a node holds a live (or half-made) pod for it.
 HOLDS_POD: frozenset[State] = ACTIVE - {State.REQUESTED}
+
+#: States in which an instance's helpers may report the image it saved (and
+#: the image server may take its bytes).
+SAVING_IMAGE: frozenset[State] = frozenset({State.SAVING, State.UPLOADING})
 
 #: States with nothing more to come.
 TERMINAL: frozenset[State] = frozenset({State.DISCARDED})
@@ -200,7 +205,7 @@ def toJSON() -> dict[str, object]:
         "active": sorted(s.value for s in ACTIVE),
         "transient": {s.value: DEADLINES[s] for s in STATES if s in DEADLINES},
         "actions": {name: sorted(s.value for s in a.allowedIn) for name, a in ACTIONS.items()},
-        "running": State.RUNNING.value,
+        "serving": State.RUNNING.value,
     }
 
 

@@ -163,6 +163,13 @@ class API:
 
         return self.reply(request, document(self.portal.config.publicURL))
 
+    @app.route("/life", methods=["GET"])
+    def life(self, request: IRequest) -> bytes:
+        """An instance's life (states, actions, deadlines), for clients that show or drive instances."""
+        from dit4c.common.life import toJSON
+
+        return self.reply(request, toJSON())
+
     @app.route("/me", methods=["GET"])
     async def me(self, request: IRequest) -> bytes:
         return self.reply(request, userJSON(await self.caller(request)))

@@ -23,6 +23,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
+from dit4c.common.life import ACTIVE
+from dit4c.common.life import toJSON as lifeJSON
 from dit4c.portal import security
 from dit4c.portal.keys import KeyRing
 from dit4c.portal.security import CookiePolicy
@@ -149,6 +151,8 @@ class Portal:
             # Templates ship with the package; no need to stat them per render.
             auto_reload=False,
         )
+        # The instance life, as pages and their script see it (states, actions, deadlines).
+        self.templates.globals["life"] = lifeJSON()
         from dit4c.portal.oauth import OAuthServer
 
         #: The OAuth 2 authorization server for the instances' auth helpers, at /oauth/.
@@ -507,8 +511,6 @@ class Portal:
         self._jwksCache = None
 
     async def _publishedKeys(self) -> list[dict[str, Any]]:
-        from dit4c.portal.store.model import ACTIVE_STATES
-
         published: list[dict[str, Any]] = []
         for scheduler in await self.store.listSchedulers():
             if scheduler.disabled:
@@ -517,7 +519,7 @@ class Portal:
             if key is not None:
                 published.append(key)
             for instance in await self.store.listInstancesOfScheduler(scheduler.id):
-                if instance.state in ACTIVE_STATES and instance.public_jwk:
+                if instance.state in ACTIVE and instance.public_jwk:
                     key = publicMembers(instance.public_jwk, f"instance:{instance.id}")
                     if key is not None:
                         published.append(key)

@@ -17,8 +17,9 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import Interface
 
+from dit4c.common.life import ACTIONS, ACTIVE, IllegalMove, Life, State
 from dit4c.portal.store.errors import Conflict, QuotaReached
-from dit4c.portal.store.model import ACTIVE_STATES, Image, Instance, User
+from dit4c.portal.store.model import Image, Instance, User
 
 
 class ICommandSink(Interface):
@@ -61,14 +62,6 @@ class NoScheduler(InstanceError):
 class WrongState(InstanceError):
     status = 409
     code = "state"
-
-
-#: state an action needs → the state it moves to, and the command it sends.
-_ACTIONS: dict[str, tuple[frozenset[str], str]] = {
-    "stop": (frozenset({"requested", "starting", "running"}), "stopping"),
-    "save": (frozenset({"running"}), "stopping"),
-    "discard": (frozenset({"stopped", "saved", "errored"}), "discarded"),
-}
 
 
 class Instances:
@@ -152,7 +145,7 @@ class Instances:
             return connected[0]
         if schedulers:
             # Commands wait for a scheduler that is away; the person sees
-            # "requested" until it comes back.
+            # the instance requested until it comes back.
             return schedulers[0].id
         raise NoScheduler("No cluster is available to you to run instances now.")
 
@@ -163,21 +156,32 @@ class Instances:
         return instance
 
     async def act(self, user: User, instance_id: str, action: str) -> Instance:
-        if action not in _ACTIONS:
+        """
+        A person's action on an instance, if its life allows it in the
+        state it is in: the instance moves on at once (compare-and-set on
+        that state, so two clicks cannot both win) and its scheduler is
+        told. An instance no scheduler holds has nothing to stop or
+        remove anywhere: it goes straight to where that would end.
+        """
+        if action not in ACTIONS:
             raise InstanceError(f"Unknown action {action!r}.")
         instance = await self.owned(user, instance_id)
-        allowed, next_state = _ACTIONS[action]
-        if instance.state not in allowed:
-            raise WrongState(f"Cannot {action} an instance that is {instance.state}.")
+        life = Life(instance.state)
+        try:
+            life.act(action)
+            if instance.scheduler_id is None and life.state in (State.STOPPING, State.DISCARDING):
+                life.move(State.STOPPED if life.state is State.STOPPING else State.DISCARDED)
+        except IllegalMove:
+            raise WrongState(f"Cannot {action} an instance that is {instance.state}.") from None
         try:
             updated: Instance = await self.store.updateInstance(
-                instance.id, state=next_state, reason=None, expected_state=tuple(allowed)
+                instance.id, state=life.state, reason=None, expected_state=instance.state
             )
         except Conflict:
             raise WrongState("The instance changed meanwhile; reload and try again.") from None
         self.events.publish(updated)
         if instance.scheduler_id is not None:
-            await self.commands.send(instance.scheduler_id, action, instance.id, {})
+            await self.commands.send(instance.scheduler_id, ACTIONS[action].op, instance.id, {})
         self.log.info("{user}: {action} {instance}", user=user.name, action=action, instance=instance.id)
         return updated
 
@@ -269,4 +273,4 @@ class Sharing:
 
 
 def isActive(instance: Instance) -> bool:
-    return instance.state in ACTIVE_STATES
+    return instance.state in ACTIVE

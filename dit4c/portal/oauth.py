@@ -39,6 +39,7 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from dit4c.common import tokens
+from dit4c.common.life import State
 from dit4c.common.tokens import TokenVerifier
 from dit4c.portal.keys import KeyRing, KeyRingKeySource
 
@@ -314,7 +315,7 @@ class OAuthServer:
         clientId = _clientId(params)
         redirectURI = _required(params, "redirect_uri")
         instance = await self.store.instanceById(clientId)
-        if instance is None or instance.state == "discarded":
+        if instance is None or instance.state == State.DISCARDED:
             raise UnknownClient("There is no such instance.")
         if instance.url is None:
             raise UnknownClient("The instance has no public address yet; try again when it is running.")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from dit4c.common.life import STATES
+
 
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
@@ -82,12 +84,14 @@ def document(publicURL: str) -> dict[str, Any]:
                         "id": {"type": "string", "description": "DNS-label-safe, time-sortable"},
                         "state": {
                             "type": "string",
-                            "enum": [
-                                "requested", "starting", "running", "stopping", "saving", "uploading",
-                                "saved", "stopped", "discarded", "errored",
-                            ],
+                            "enum": [state.value for state in STATES],
+                            "description": "The instance's life: GET /api/v1/life says which actions each state allows.",
                         },
-                        "reason": {"type": ["string", "null"]},
+                        "reason": {
+                            "type": ["string", "null"],
+                            "description": "Why it is in this state; for an errored instance, what went wrong "
+                            "and the last lines of the tool's output.",
+                        },
                         "url": {"type": ["string", "null"]},
                         "image": {"type": "string"},
                         "owner": {"type": "string"},
@@ -101,6 +105,25 @@ def document(publicURL: str) -> dict[str, Any]:
         },
         "paths": {
             "/me": {"get": _op("The caller", _json(_ref("User"), "The caller"))},
+            "/life": {
+                "get": _op(
+                    "An instance's life: its states, which states each action is allowed in, and the deadline "
+                    "(seconds) of each transient state, past which the instance becomes errored",
+                    _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "states": {"type": "array", "items": {"type": "string", "enum": [s.value for s in STATES]}},
+                                "active": {"type": "array", "items": {"type": "string"}},
+                                "transient": {"type": "object", "additionalProperties": {"type": "number"}},
+                                "actions": {"type": "object", "additionalProperties": {"type": "array"}},
+                                "serving": {"type": "string", "description": "The state in which the tool answers at its URL"},
+                            },
+                        },
+                        "The life",
+                    ),
+                )
+            },
             "/tokens": {
                 "get": _op("The caller's API tokens", _json({"type": "array"}, "Tokens (never their secrets)")),
                 "post": _op(
@@ -128,7 +151,9 @@ def document(publicURL: str) -> dict[str, Any]:
             "/instances/{id}": {"get": _op("One instance", instance, parameters=[_ID])},
             "/instances/{id}/stop": {"post": _op("Stop", instance, parameters=[_ID])},
             "/instances/{id}/save": {"post": _op("Stop and save as an image", instance, parameters=[_ID])},
-            "/instances/{id}/discard": {"post": _op("Discard a stopped instance", instance, parameters=[_ID])},
+            "/instances/{id}/discard": {
+                "post": _op("Discard a stopped, saved or errored instance: nothing of it is left", instance, parameters=[_ID])
+            },
             "/instances/{id}/shares": {
                 "post": _op(
                     "Let another person use this instance",

@@ -44,10 +44,11 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from dit4c.common import tokens
+from dit4c.common.life import ACTIVE, SAVING_IMAGE, states
 from dit4c.common.tokens import StaticKeySource, TokenVerifier
 from dit4c.portal.keys import KeyRing
 from dit4c.portal.store.errors import Conflict, NotFound
-from dit4c.portal.store.model import ACTIVE_STATES, Image, Instance, User
+from dit4c.portal.store.model import Image, Instance, User
 
 __all__ = [
     "DELETE_AUDIENCE",
@@ -57,7 +58,6 @@ __all__ = [
     "MAX_REPORT_LIFETIME",
     "READ_AUDIENCE",
     "REPORT_AUDIENCE",
-    "SAVE_STATES",
     "UPLOAD_AUDIENCE",
     "ReportError",
     "Reports",
@@ -90,7 +90,7 @@ READ_TOKEN_LIFETIME = 3600.0
 MAX_READ_TOKEN_LIFETIME = 86400.0
 
 #: Where an instance may report a saved image from: while it saves it.
-SAVE_STATES: tuple[str, ...] = ("saving", "uploading")
+SAVE_STATES: tuple[str, ...] = tuple(states(SAVING_IMAGE))
 
 #: The header with which the image server proves itself.
 IMAGE_SERVER_HEADER = b"x-dit4c-image-server"
@@ -500,13 +500,13 @@ class Reports:
         return self._json(request, {"instance": updated.id, "url": url, "state": updated.state})
 
     async def _setURL(self, instance: Instance, url: str) -> Instance:
-        if instance.state not in ACTIVE_STATES:
+        if instance.state not in ACTIVE:
             raise self._wrongState(instance, "active")
         if instance.url == url:
             return instance
         try:
             updated: Instance = await self.store.updateInstance(
-                instance.id, url=url, expected_state=ACTIVE_STATES
+                instance.id, url=url, expected_state=ACTIVE
             )
         except (Conflict, NotFound):
             now = await self.store.instanceById(instance.id)
@@ -763,7 +763,7 @@ class Reports:
         instance: Instance | None = await self.store.instanceById(instanceId)
         if instance is None:
             return _deny("The portal knows no such instance.")
-        if instance.state not in ACTIVE_STATES:
+        if instance.state not in ACTIVE:
             return _deny(f"Instance {instance.id} is {instance.state}, not active.")
         owner: User | None = await self.store.userById(instance.owner_id)
         if owner is None or owner.disabled:

@@ -62,11 +62,26 @@ async def test_start_stop_save_discard_with_quota(api: Portal) -> None:
     assert code == 409 and error["error"] == "state"
     await api.store.updateInstance(first["id"], state="stopped")
     code, gone = await alice.call("POST", f"/instances/{first['id']}/discard")
-    assert code == 200 and gone["state"] == "discarded"
+    # Discarding, until its node says nothing of it is left.
+    assert code == 200 and gone["state"] == "discarding"
     assert [op for _, op, _, _ in sent][2:] == ["stop", "discard"]
+    code, again = await alice.call("POST", f"/instances/{first['id']}/discard")
+    assert code == 409 and again["error"] == "state"
     # A stopped instance frees a place under the quota.
     code, _ = await alice.call("POST", "/instances", {"image": image})
     assert code == 201
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_life_is_published(api: Portal) -> None:
+    from dit4c.common.life import toJSON
+
+    alice = Client(api, await tokenFor(api, "alice", "correct horse battery"))
+    code, life = await alice.call("GET", "/life")
+    assert code == 200 and life == toJSON()
+    code, document = await alice.call("GET", "/openapi.json")
+    states = document["components"]["schemas"]["Instance"]["properties"]["state"]["enum"]
+    assert code == 200 and states == life["states"] and "discarding" in states
 
 
 @pytest_twisted.ensureDeferred

@@ -3,11 +3,9 @@
 (function () {
   "use strict";
   if (!window.EventSource) { return; }
-  var ACTIONS = {
-    stop: ["requested", "starting", "running"],
-    save: ["running"],
-    discard: ["stopped", "saved", "errored"]
-  };
+  // The instance life as the portal states it (dit4c.common.life): states, actions, deadlines.
+  var LIFE = JSON.parse(document.getElementById("dit4c-life").textContent);
+  var ACTIONS = LIFE.actions;
   var source = new EventSource("/events");
   source.addEventListener("instance", function (message) {
     var change = JSON.parse(message.data);
@@ -15,11 +13,17 @@
     if (!row) { window.location.reload(); return; }
     var state = row.querySelector(".state");
     state.dataset.state = change.state;
-    state.textContent = change.state + (change.reason ? ": " + change.reason : "");
+    state.textContent = change.state + (change.reason ? ": " : "");
+    if (change.reason) {
+      // The reason may hold the last lines of the tool's output: keep its lines.
+      var reason = document.createElement("pre");
+      reason.className = "reason"; reason.textContent = change.reason;
+      state.appendChild(reason);
+    }
     var url = row.querySelector(".url");
     if (url) {
       url.textContent = "";
-      if (change.url && change.state === "running") {
+      if (change.url && change.state === LIFE.serving) {
         var link = document.createElement("a");
         link.href = change.url; link.textContent = change.url;
         link.target = "_blank"; link.rel = "noopener";

@@ -13,8 +13,6 @@ from .ids import hashToken, newInstanceId
 from .interfaces import IStore
 from .migrations import MIGRATIONS
 from .model import (
-    ACTIVE_STATES,
-    INSTANCE_STATES,
     UNSET,
     ApiToken,
     Identity,
@@ -29,8 +27,6 @@ from .model import (
 )
 
 __all__ = [
-    "ACTIVE_STATES",
-    "INSTANCE_STATES",
     "MIGRATIONS",
     "UNSET",
     "ApiToken",

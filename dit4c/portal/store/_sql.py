@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from dit4c.common.life import ACTIVE, State
+from dit4c.common.life import ACTIVE, STATES, State
 
 from ._dialect import IDialect
 from .errors import Conflict, NotFound, QuotaReached, StoreError
@@ -29,7 +29,6 @@ from .ids import hashToken, newId, newInstanceId, newToken
 from .interfaces import COMMAND_OPS, MAX_COMMAND_PARAMS, Command, IStore, OAuthCode
 from .migrations import MIGRATIONS, Migration, applyNext
 from .model import (
-    INSTANCE_STATES,
     UNSET,
     ApiToken,
     Identity,
@@ -119,9 +118,10 @@ def _loginName(name: str) -> str:
 
 
 def _checkState(state: str) -> str:
-    if state not in INSTANCE_STATES:
-        raise ValueError(f"{state!r} is not an instance state (one of {', '.join(INSTANCE_STATES)})")
-    return state
+    try:
+        return State(state).value
+    except ValueError:
+        raise ValueError(f"{state!r} is not an instance state (one of {', '.join(STATES)})") from None
 
 
 def _given(**fields: Any) -> dict[str, Any]:

@@ -10,11 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from dit4c.common.life import ACTIVE, STATES, State
-
-#: Where the store checks states: the instance life's (:mod:`dit4c.common.life`).
-INSTANCE_STATES = STATES
-ACTIVE_STATES = ACTIVE
+from dit4c.common.life import State
 
 
 @dataclass(frozen=True)
