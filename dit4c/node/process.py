@@ -1,18 +1,40 @@
 """
-The ``process`` runtime: each pod is three local processes, the embedded
-default that needs no container engine.
+The ``process`` runtime: each pod is local processes (the tool, the auth
+helper, the listener, and the storage helper with shared storage), the
+embedded default that needs no container engine.
 
 The tool is a command from the node's tool table, run in the pod's own
-working directory and given a free loopback port; the auth helper listens on
-another free loopback port in front of it; the listener dials the routing
-server and forwards to the auth helper. Nothing isolates the tool from
-other local users here (it listens on loopback): that is what the
-``podman`` runtime is for.
+working directory (``<pod>/work``). It listens on a Unix socket,
+``<pod>/sock/tool.sock``, in a directory only the tool and the auth helper
+can enter (mode 0700, inside the node-private pod directory); the auth
+helper listens on a free loopback port in front of it and is the only way
+in; the listener dials the routing server and forwards to the auth helper.
+A tool table entry that only speaks TCP (``{port}``, no ``{socket}``) is
+given a free loopback port instead, which any local process can reach: such
+a tool is not confined as to who connects to it.
+
+Every tool is started through :mod:`dit4c.node.confine`, which keeps it
+from the node's files: new mount and PID namespaces where the node's data
+directory (and so every pod's key) is covered by an empty tmpfs, with only
+the tool's working directory, its socket directory and the person's
+storage bound back; the rest of the file system read-only; a ``/proc``
+showing the tool's own processes only. When the node runs as root the tool
+runs as a uid of its own, one per instance, from a range (default
+:data:`TOOL_UIDS`; the uid need not exist in ``/etc/passwd``), its working
+directory (a restored archive too) handed to that uid; the storage is
+mounted for it (sshfs ``allow_other`` with that uid as owner). When the
+node runs as an ordinary user the tool keeps the node's uid, in a user
+namespace of its own; where the kernel refuses one it runs unconfined, and
+the node's log says so once.
+
+The tool's own output goes to ``<pod>/tool.log``; when the tool exits by
+itself, the reason the node reports ends with that log's last lines.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import sys
@@ -23,42 +45,60 @@ from typing import Any, cast
 
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint, connectProtocol, quoteStringArgument
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from dit4c.common.helperenv import inherited
+from dit4c.node import confine
+from dit4c.node.confine import STORAGE_WAIT
 from dit4c.node.interfaces import IRuntime, PodSpec, PodStatus, RuntimeError_, helperCommand
 from dit4c.node.processes import PodProcess, removePodDirectory
 
-__all__ = ["ProcessRuntime", "Tool", "builtinTools", "toolsFromFile"]
+__all__ = ["TOOL_UIDS", "ProcessRuntime", "Tool", "builtinTools", "toolsFromFile"]
 
 
 @dataclass(frozen=True)
 class Tool:
-    """A command that serves a web tool on ``{port}`` (in ``{dir}``, its working directory)."""
+    """
+    A command that serves a web tool, in ``{dir}`` (its working directory):
+    on the Unix socket ``{socket}`` if the command or its environment names
+    it, else on the loopback TCP port ``{port}`` (also in ``$PORT``).
+    ``{python}`` is the node's own Python.
+    """
 
     name: str
     command: tuple[str, ...]
-    #: Extra environment for the tool (``{port}`` and ``{dir}`` are substituted).
+    #: Extra environment for the tool (``{port}``, ``{socket}`` and ``{dir}`` are substituted).
     environment: Mapping[str, str] | None = None
 
-    def argv(self, port: int, directory: Path) -> list[str]:
-        return [part.format(port=port, dir=directory, python=sys.executable) for part in self.command]
+    @property
+    def socket(self) -> bool:
+        """Whether the tool listens on the Unix socket it is given (rather than on TCP)."""
+        return any("{socket}" in part for part in (*self.command, *(self.environment or {}).values()))
+
+    def _fill(self, text: str, port: int | None, directory: Path, socket: Path | None) -> str:
+        return text.format(port=port, dir=directory, socket=socket, python=sys.executable)
+
+    def argv(self, port: int | None, directory: Path, socket: Path | None = None) -> list[str]:
+        return [self._fill(part, port, directory, socket) for part in self.command]
+
+    def env(self, port: int | None, directory: Path, socket: Path | None = None) -> dict[str, str]:
+        return {k: self._fill(v, port, directory, socket) for k, v in (self.environment or {}).items()}
 
 
 def builtinTools() -> dict[str, Tool]:
     """
     Tools that work on a fresh machine: ``dit4c/notes`` (part of DIT4C),
-    ``dit4c/static`` (the working directory as a static web site), and
-    ``jupyter/lab`` when JupyterLab is installed.
+    ``dit4c/static`` (the working directory as a static web site, also
+    DIT4C's own), and ``jupyter/lab`` when JupyterLab is installed. All
+    listen on the Unix socket they are given.
     """
     tools = {
-        "dit4c/notes": Tool("dit4c/notes", ("{python}", "-m", "dit4c.tools.notes", "--port", "{port}")),
-        # The instance's working directory as a plain static web site.
+        "dit4c/notes": Tool("dit4c/notes", ("{python}", "-m", "dit4c.tools.notes", "--socket", "{socket}")),
         "dit4c/static": Tool(
-            "dit4c/static", ("{python}", "-m", "http.server", "{port}", "--bind", "127.0.0.1", "--directory", "{dir}")
+            "dit4c/static", ("{python}", "-m", "dit4c.tools.static", "--socket", "{socket}", "--directory", "{dir}")
         ),
     }
     lab = shutil.which("jupyter-lab") or _besidePython("jupyter-lab")
@@ -66,11 +106,15 @@ def builtinTools() -> dict[str, Tool]:
         tools["jupyter/lab"] = Tool(
             "jupyter/lab",
             (
-                lab, "--no-browser", "--ip=127.0.0.1", "--port={port}", "--ServerApp.root_dir={dir}",
+                lab, "--no-browser", "--ServerApp.sock={socket}", "--ServerApp.root_dir={dir}",
                 # The auth helper in front decides who gets in; JupyterLab's own token would ask again.
                 "--IdentityProvider.token=", "--ServerApp.password=",
                 "--ServerApp.allow_remote_access=True", "--ServerApp.disable_check_xsrf=True",
+                # Kernels on Unix sockets too (in the runtime directory, mode 0700), not on loopback ports.
+                "--KernelManager.transport=ipc",
             ),
+            # A short path (a Unix socket's is at most 107 bytes): /tmp is the tool's own.
+            {"JUPYTER_RUNTIME_DIR": "/tmp/jupyter-runtime"},
         )  # fmt: skip
     return tools
 
@@ -83,6 +127,10 @@ def _besidePython(program: str) -> str | None:
 def toolsFromFile(path: str | Path) -> dict[str, Tool]:
     """
     A tool table from JSON: ``{"tools": {"name": {"command": [...], "environment": {...}}}}``.
+    The command and environment may use ``{socket}`` (a Unix socket to
+    listen on: the tool is then reachable only through its auth helper),
+    ``{port}`` (a loopback TCP port, for a tool that speaks only TCP),
+    ``{dir}`` and ``{python}``.
 
     :raises ValueError: the file is not such a table.
     """
@@ -92,7 +140,12 @@ def toolsFromFile(path: str | Path) -> dict[str, Tool]:
         command = entry["command"]
         if not isinstance(command, list) or not command or not all(isinstance(p, str) for p in command):
             raise ValueError(f"tool {name!r}: command must be a non-empty list of strings")
-        tools[name] = Tool(name, tuple(command), entry.get("environment"))
+        environment = entry.get("environment")
+        if environment is not None and (
+            not isinstance(environment, dict) or not all(isinstance(v, str) for v in environment.values())
+        ):
+            raise ValueError(f"tool {name!r}: environment must map names to strings")
+        tools[name] = Tool(name, tuple(command), environment)
     return tools
 
 
@@ -102,6 +155,62 @@ def freePort() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+#: The uids (and gids) of tools when the node runs as root: one per
+#: instance, the lowest free. Above the ranges ``/etc/subuid`` usually hands
+#: out first; none need exist in ``/etc/passwd``.
+TOOL_UIDS = range(1_000_000, 1_065_536)
+#: Where a tool listens, in the pod's directory: a directory only the tool
+#: (and the node's user: the auth helper) may enter, and the socket in it.
+SOCKET_DIRECTORY = "sock"
+SOCKET_NAME = "tool.sock"
+#: The longest path a Unix socket may have (``sun_path`` less its NUL).
+MAX_SOCKET_PATH = 107
+
+_probed: list[str | None] = []
+
+
+def _probe() -> str | None:
+    """Whether tools can be confined here (None), else why not; asked of the kernel once."""
+    if not _probed:
+        _probed.append(confine.probe())
+    return _probed[0]
+
+
+def _home() -> Path:
+    """The node's user's home directory (as the system knows it, not ``$HOME``)."""
+    import pwd
+
+    try:
+        return Path(pwd.getpwuid(os.getuid()).pw_dir)
+    except KeyError:
+        return Path(os.environ.get("HOME", "/"))
+
+
+def _exposed() -> list[str]:
+    """
+    What the built-in tools need of the node's installation: the Python
+    that runs them (a virtual environment and its base) and DIT4C itself,
+    bound back read-only where the tool could not otherwise reach them.
+    """
+    import dit4c
+
+    paths = {sys.prefix, sys.base_prefix, str(Path(dit4c.__file__).resolve().parent.parent)}
+    return sorted(str(Path(p).resolve()) for p in paths)
+
+
+def _own(paths: Sequence[Path], uid: int, gid: int) -> None:
+    """Blocking (runs in a thread): hand ``paths``, and all under them, to the tool's uid."""
+    for top in paths:
+        os.lchown(top, uid, gid)
+        for root, directories, files in os.walk(top):
+            for name in (*directories, *files):
+                os.lchown(os.path.join(root, name), uid, gid)
+
+
+def _unixEndpoint(path: Path) -> str:
+    return f"unix:path={quoteStringArgument(str(path))}"
 
 
 _ROLES = ("tool", "auth", "listener")
@@ -200,15 +309,43 @@ class ProcessRuntime:
         *,
         helpers: Mapping[str, Sequence[str]] | None = None,
         stopGrace: float = 5.0,
+        toolUids: range = TOOL_UIDS,
+        hide: Sequence[Path] | None = None,
+        storageWait: float = STORAGE_WAIT,
     ) -> None:
         """
         :param directory: where the node keeps pods (``<directory>/<instance>/``).
         :param tools: image name → tool (default :func:`builtinTools`).
         :param helpers: ``auth`` / ``listener`` → the command that runs it
             (default: the DIT4C helper plugins).
+        :param toolUids: when the node runs as root, the uids (and gids)
+            its tools run as, one per instance: a range no account uses.
+        :param hide: what tools must not see (default: the node's data
+            directory, the one holding ``directory``; and the node's home
+            directory when it is not root, since its tools share its uid).
+        :param storageWait: seconds a tool waits for the person's storage to
+            be mounted before it starts without it.
         """
         self.reactor = reactor
         self.directory = directory
+        self.root = os.geteuid() == 0
+        self.toolUids = toolUids
+        if hide is None:
+            hide = [directory.resolve().parent, *([] if self.root else [_home()])]
+        self.hide = [Path(path).resolve() for path in hide]
+        self.storageWait = storageWait
+        self._uids: dict[str, int] = {}
+        self.confined = _probe()
+        if self.confined is not None:
+            if self.root:
+                self.log.error("tools cannot be confined, so none will start: {why}", why=self.confined)
+            else:
+                self.log.warn(
+                    "tools run unconfined, as this user, and can read their instance's key: {why}. "
+                    "Allow unprivileged user namespaces (sysctl user.max_user_namespaces, "
+                    "kernel.unprivileged_userns_clone) to confine them.",
+                    why=self.confined,
+                )  # fmt: skip
         self.tools = dict(tools) if tools is not None else builtinTools()
         self.helpers = {
             "auth": list(helperCommand("dit4c-helper-auth")),
@@ -218,7 +355,8 @@ class ProcessRuntime:
         }
         self.stopGrace = stopGrace
         self._pods: dict[str, dict[str, PodProcess]] = {}
-        self._ports: dict[str, int] = {}
+        #: Where each tool answers: its Unix socket, or a loopback port.
+        self._ports: dict[str, int | Path] = {}
         self._authPorts: dict[str, int] = {}
         self._exitCallbacks: list[Callable[[str, str], object]] = []
 
@@ -243,7 +381,12 @@ class ProcessRuntime:
         return Deferred.fromCoroutine(self._start(spec))
 
     async def _start(self, spec: PodSpec) -> None:
+        if self.root and self.confined is not None:
+            raise RuntimeError_(f"This compute node cannot confine its tools, so it runs none: {self.confined}.")
         spec.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Only the node's user enters the pod: the key, and the storage
+        # mounted for another uid, are behind it.
+        os.chmod(spec.directory, 0o700)
         work = spec.directory / "work"
         work.mkdir(exist_ok=True)
         toolName = spec.image
@@ -252,7 +395,30 @@ class ProcessRuntime:
         tool = self.tools.get(toolName)
         if tool is None:
             raise RuntimeError_(f"This compute node has no tool called {toolName!r}.")
-        toolPort = spec.port if spec.port is not None else freePort()
+        owner = self._owner(spec.instance) if self.root else None
+        try:
+            await self._launch(spec, tool, work, owner)
+        finally:
+            # Held only until pod.json says whose uid it is.
+            self._uids.pop(spec.instance, None)
+
+    async def _launch(self, spec: PodSpec, tool: Tool, work: Path, owner: tuple[int, int] | None) -> None:
+        """The tool's socket directory, its files handed over, pod.json, and the pod's processes."""
+        sockets = spec.directory / SOCKET_DIRECTORY
+        socketPath = sockets / SOCKET_NAME if tool.socket else None
+        if socketPath is not None:
+            if len(os.fsencode(socketPath)) > MAX_SOCKET_PATH:
+                raise RuntimeError_(
+                    f"The pod's directory is too long a path for the tool's Unix socket ({socketPath}): "
+                    "the compute node needs a shorter data directory."
+                )
+            sockets.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(sockets, 0o700)
+            socketPath.unlink(missing_ok=True)
+        if owner is not None:
+            # A restored archive may hold many files: not on the reactor thread.
+            await threads.deferToThread(_own, [work, *([sockets] if socketPath else [])], *owner)
+        toolPort = None if socketPath is not None else (spec.port if spec.port is not None else freePort())
         authPort = freePort()
         # The person's shared storage, if the node has a file server: mounted
         # beside the working directory (never inside it: a save would copy it).
@@ -264,7 +430,7 @@ class ProcessRuntime:
         helperEnv = {
             **base,
             **spec.environment,
-            "DIT4C_TOOL": f"tcp:host=127.0.0.1:port={toolPort}",
+            "DIT4C_TOOL": _unixEndpoint(socketPath) if socketPath else f"tcp:host=127.0.0.1:port={toolPort}",
             "DIT4C_AUTH_LISTEN": f"tcp:{authPort}:interface=127.0.0.1",
             "DIT4C_AUTH": f"tcp:host=127.0.0.1:port={authPort}",
         }
@@ -273,15 +439,30 @@ class ProcessRuntime:
         toolEnv = {
             **base,
             **({"DIT4C_STORAGE": str(storage)} if storage is not None else {}),
-            "PORT": str(toolPort),
+            **({"PORT": str(toolPort)} if toolPort is not None else {}),
             "HOME": str(work),
-            **{k: v.format(port=toolPort, dir=work) for k, v in (tool.environment or {}).items()},
+            **tool.env(toolPort, work, socketPath),
         }
-        (spec.directory / "pod.json").write_text(json.dumps({"tool": toolPort, "auth": authPort, "image": tool.name}))
+        plan = confine.Plan(
+            tool.argv(toolPort, work, socketPath),
+            str(work),
+            uid=owner[0] if owner else None,
+            gid=owner[1] if owner else None,
+            hide=[str(path) for path in self.hide],
+            bind=[str(work), *([str(sockets)] if socketPath else [])],
+            expose=_exposed(),
+            storage=str(storage) if storage is not None else None,
+            storageWait=self.storageWait,
+        )
+        record = {"tool": toolPort, "socket": str(socketPath) if socketPath else None, "auth": authPort}
+        (spec.directory / "pod.json").write_text(
+            json.dumps({**record, "image": tool.name, "uid": owner[0] if owner else None})
+        )
+        storageCommand = [*self.helpers["storage"], *(["--owner", f"{owner[0]}:{owner[1]}"] if owner else [])]
         try:
             if storage is not None:
-                processes[_STORAGE].start(self.helpers["storage"], helperEnv)
-            processes["tool"].start(tool.argv(toolPort, work), toolEnv, cwd=work)
+                processes[_STORAGE].start(storageCommand, helperEnv)
+            processes["tool"].start(confine.command(sys.executable, plan), toolEnv, cwd=work)
             processes["auth"].start(self.helpers["auth"], helperEnv)
             processes["listener"].start(self.helpers["listener"], helperEnv)
         except OSError as e:
@@ -289,9 +470,31 @@ class ProcessRuntime:
                 process.stop()
             raise RuntimeError_(f"The tool could not be started: {e.strerror or e}.") from None
         self._pods[spec.instance] = processes
-        self._ports[spec.instance] = toolPort
+        self._ports[spec.instance] = socketPath or cast(int, toolPort)
         self._authPorts[spec.instance] = authPort
-        self.log.info("{instance}: {tool} on port {port}", instance=spec.instance, tool=tool.name, port=toolPort)
+        self.log.info(
+            "{instance}: {tool} on {where}, as uid {uid}",
+            instance=spec.instance, tool=tool.name, where=socketPath or f"port {toolPort}",
+            uid=owner[0] if owner else os.getuid(),
+        )  # fmt: skip
+
+    def _owner(self, instance: str) -> tuple[int, int]:
+        """The uid and gid the instance's tool runs as (a root node): its own, or the lowest free."""
+        taken: dict[int, str] = {uid: name for name, uid in self._uids.items()}
+        for record in self.directory.glob("*/pod.json"):
+            try:
+                uid = json.loads(record.read_text()).get("uid")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if isinstance(uid, int):
+                taken.setdefault(uid, record.parent.name)
+        mine = next((uid for uid, name in taken.items() if name == instance), None)
+        if mine is None:
+            mine = next((uid for uid in self.toolUids if uid not in taken), None)
+            if mine is None:
+                raise RuntimeError_("This compute node has no tool uid left for another instance.")
+        self._uids[instance] = mine
+        return mine, mine
 
     def capture(self, instance: str, archive: Path) -> Deferred[str | None]:
         """
@@ -306,20 +509,24 @@ class ProcessRuntime:
         return threads.deferToThread(_pack, directory / "work", archive, str(tool))
 
     def ready(self, instance: str) -> Deferred[bool]:
-        """Whether the tool, and the auth helper in front of it, accept connections."""
+        """Whether the tool (its Unix socket, or its port), and the auth helper in front of it, accept connections."""
         if instance not in self._ports:
             return succeed(False)
-        ports = [self._ports[instance], *([self._authPorts[instance]] if instance in self._authPorts else [])]
-        return Deferred.fromCoroutine(self._ready(ports))
+        targets = [self._ports[instance], *([self._authPorts[instance]] if instance in self._authPorts else [])]
+        return Deferred.fromCoroutine(self._ready(targets))
 
-    async def _ready(self, ports: list[int]) -> bool:
-        for port in ports:
-            if not await self._accepts(port):
+    async def _ready(self, targets: list[int | Path]) -> bool:
+        for target in targets:
+            if not await self._accepts(target):
                 return False
         return True
 
-    def _accepts(self, port: int) -> Deferred[bool]:
-        endpoint = TCP4ClientEndpoint(self.reactor, "127.0.0.1", port, timeout=2)
+    def _accepts(self, target: int | Path) -> Deferred[bool]:
+        endpoint: Any
+        if isinstance(target, Path):
+            endpoint = UNIXClientEndpoint(self.reactor, str(target), timeout=2)
+        else:
+            endpoint = TCP4ClientEndpoint(self.reactor, "127.0.0.1", target, timeout=2)
 
         def connected(protocol: Protocol) -> bool:
             if protocol.transport is not None:
@@ -327,6 +534,15 @@ class ProcessRuntime:
             return True
 
         return connectProtocol(endpoint, Protocol()).addCallbacks(connected, lambda _: False)
+
+    def _remember(self, instance: str, record: Path) -> None:
+        """Where a pod found again (after a node restart) answers, from its ``pod.json``."""
+        try:
+            pod = json.loads(record.read_text())
+            self._ports[instance] = Path(pod["socket"]) if pod.get("socket") else int(pod["tool"])
+            self._authPorts[instance] = int(pod["auth"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
 
     def stop(self, instance: str) -> Deferred[None]:
         processes = self._pods.get(instance, {})
@@ -357,12 +573,7 @@ class ProcessRuntime:
                 processes = self._processes(instance, record.parent)
                 alive = [role for role, p in processes.items() if p.adopt()]
                 self._pods[instance] = processes
-                try:
-                    ports = json.loads(record.read_text())
-                    self._ports[instance] = int(ports["tool"])
-                    self._authPorts[instance] = int(ports["auth"])
-                except (OSError, ValueError, KeyError):
-                    pass
+                self._remember(instance, record)
             else:
                 alive = [role for role, p in processes.items() if p.running]
             missing = [role for role in processes if role not in alive]

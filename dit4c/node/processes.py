@@ -31,12 +31,68 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-__all__ = ["PodProcess", "isMount", "killRecorded", "removePodDirectory", "startTime"]
+from dit4c.common.mounts import isMount, mountPoints
+
+__all__ = ["PodProcess", "exitReason", "isMount", "killRecorded", "logTail", "removePodDirectory", "startTime"]
 
 #: Seconds between SIGTERM and SIGKILL when stopping a process.
 STOP_GRACE = 5.0
 #: Seconds between checks on a process found again after a node restart.
 POLL_INTERVAL = 2.0
+#: Roles whose exit reason ends with the last lines of their log: the
+#: tool's own output, which the person sees (the helpers' logs are the
+#: operator's).
+TAIL_ROLES = frozenset({"tool"})
+#: The longest exit reason: what the scheduler channel carries (protocols 7.4).
+MAX_REASON = 1000
+#: How much of the end of a log is read for its last lines.
+_TAIL_BYTES = 8192
+
+
+def logTail(path: Path, limit: int) -> str:
+    """
+    The last lines of the log at ``path`` that fit in ``limit`` characters
+    (the last one cut at its start if it alone is longer), printable text
+    only: terminal escapes and other control characters are dropped.
+    """
+    try:
+        with path.open("rb") as f:
+            start = max(0, f.seek(0, os.SEEK_END) - _TAIL_BYTES)
+            f.seek(start)
+            data = f.read(_TAIL_BYTES)
+    except OSError:
+        return ""
+    if start > 0:
+        data = data.partition(b"\n")[2]  # the first line read is only the end of one
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", data.decode("utf-8", "replace"))
+    text = "".join(c for c in text.replace("\r\n", "\n") if c in "\n\t" or c.isprintable())
+    lines = [line.rstrip() for line in text.split("\n")]
+    while lines and not lines[-1]:
+        lines.pop()
+    kept: list[str] = []
+    used = 0
+    for line in reversed(lines):
+        if used + len(line) + (1 if kept else 0) > limit:
+            if not kept and limit > 1:
+                kept.append("…" + line[-(limit - 1) :])
+            break
+        kept.append(line)
+        used += len(line) + (1 if len(kept) > 1 else 0)
+    return "\n".join(reversed(kept))
+
+
+def exitReason(name: str, how: str, log: Path | None = None) -> str:
+    """
+    What the node reports when a pod's process ended by itself: ``The tool
+    exited with status 1.``, and, given its ``log``, the last lines of it,
+    the whole at most :data:`MAX_REASON` characters.
+    """
+    reason = f"The {name} {how}."
+    if log is None:
+        return reason
+    lead = " Its last output:\n"
+    tail = logTail(log, MAX_REASON - len(reason) - len(lead))
+    return f"{reason}{lead}{tail}" if tail else reason
 
 
 def startTime(pid: int) -> int | None:
@@ -184,7 +240,7 @@ class PodProcess:
         for d in waiting:
             d.callback(None)
         if not self._stopping and self._onExit is not None:
-            self._onExit(self, f"The {self.name} {how}.")
+            self._onExit(self, exitReason(self.name, how, self.logPath if self.name in TAIL_ROLES else None))
 
     # -- stopping ---------------------------------------------------------------------------
 
@@ -224,31 +280,6 @@ class PodProcess:
         self._forgotten = True
 
 
-def _mountPoints() -> set[str]:
-    """Every mount point, from ``/proc/self/mountinfo`` (bind mounts too, which ``ismount`` misses)."""
-    points: set[str] = set()
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return points
-    for line in lines:
-        fields = line.split()
-        if len(fields) > 4:
-            # Spaces and the like are octal escapes: \040.
-            points.add(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4]))
-    return points
-
-
-def isMount(path: Path, points: set[str] | None = None) -> bool:
-    """
-    Whether ``path`` is a mount point, from the kernel's list alone: no
-    ``stat`` of it, which on a FUSE mount waits for its server (and the
-    file server may be served by this very reactor: ``dit4c-dev``).
-    """
-    known = _mountPoints() if points is None else points
-    return os.path.abspath(path) in known
-
-
 def removePodDirectory(directory: Path) -> None:
     """
     Remove a pod's directory, never crossing into a mount inside it (the
@@ -262,7 +293,7 @@ def removePodDirectory(directory: Path) -> None:
     if not directory.exists():
         return
     mounts: list[Path] = []
-    points = _mountPoints()
+    points = mountPoints()
     for root, directories, _ in os.walk(directory):
         for name in list(directories):
             if isMount(Path(root) / name, points):
@@ -285,7 +316,7 @@ def killRecorded(directory: Path) -> list[int]:
     killed = []
     pidFiles: list[Path] = []
     mounts: list[Path] = []
-    points = _mountPoints()
+    points = mountPoints()
     for root, directories, files in os.walk(directory):
         # Never into a mount (the person's storage, perhaps dead by now).
         for name in list(directories):

@@ -33,6 +33,7 @@ class Options(usage.Options):
         ["data-dir", None, "data/node", "Where pods keep their files."],
         ["runtime", None, "process", "process (local processes) or podman (containers)."],
         ["tools", None, None, "process runtime: JSON file of tools (default: the built-in ones)."],
+        ["tool-uids", None, None, "process runtime, a node run as root: FIRST-LAST, the uids (and gids) tools run as, one per instance; no account may use them (default: 1000000-1065535)."],
         ["containers-conf", None, None, "podman runtime: the containers.conf to use (default: the one DIT4C ships)."],
         ["portal", None, None, "The portal's public URL (where browsers log in)."],
         ["portal-internal", None, None, "The portal's URL as pods reach it (default: --portal)."],
@@ -69,6 +70,11 @@ class Options(usage.Options):
             raise usage.UsageError(f"--scheduler-key: {e}") from None
         if self["file-server"] and not self["file-server-host-key"]:
             raise usage.UsageError("--file-server needs --file-server-host-key (the host key is pinned)")
+        if self["tool-uids"]:
+            first, sep, last = self["tool-uids"].partition("-")
+            if not sep or not first.isdigit() or not last.isdigit() or not 0 < int(first) <= int(last) < 2**32 - 1:
+                raise usage.UsageError("--tool-uids is FIRST-LAST, e.g. 1000000-1065535")
+            self["tool-uids"] = range(int(first), int(last) + 1)
         if self["tools"]:
             from dit4c.node.process import toolsFromFile
 
@@ -96,9 +102,9 @@ def makeService(config: Options, reactor: Any = None) -> IService:
 
         runtime = PodmanRuntime(reactor, containersConf=config["containers-conf"])
     else:
-        from dit4c.node.process import ProcessRuntime
+        from dit4c.node.process import TOOL_UIDS, ProcessRuntime
 
-        runtime = ProcessRuntime(reactor, pods, config["tools"] or None)
+        runtime = ProcessRuntime(reactor, pods, config["tools"] or None, toolUids=config["tool-uids"] or TOOL_UIDS)
     top = MultiService()
     node = Node(
         reactor,

@@ -182,11 +182,19 @@ class SSHFSMount(Service):
         sshfs: str = "sshfs",
         fusermount: str = "fusermount3",
         allowOther: bool = False,
+        owner: tuple[int, int] | None = None,
         workDir: str | Path | None = None,
         clock: Any = None,
         policy: Any = None,
     ) -> None:
-        """:param policy: attempt number → seconds to wait (default: 1 s doubling to 60 s, plus up to 1 s of jitter)."""
+        """
+        :param owner: the uid and gid of the tool that uses the storage, when
+            it is not the helper's own (a root node runs its tools as uids of
+            their own): every file shows as theirs, mode 0700 (``umask=077``),
+            and the kernel lets only them, and root, in (``allow_other``
+            with ``default_permissions``).
+        :param policy: attempt number → seconds to wait (default: 1 s doubling to 60 s, plus up to 1 s of jitter).
+        """
         self.reactor = reactor
         self.clock = clock if clock is not None else reactor
         self.instance = instance
@@ -197,6 +205,7 @@ class SSHFSMount(Service):
         self.sshfs = shutil.which(sshfs) or sshfs
         self.fusermount = shutil.which(fusermount) or shutil.which("fusermount") or fusermount
         self.allowOther = allowOther
+        self.owner = owner
         self.workDirBase = workDir
         self.workDir: Path | None = None
         self.policy = policy if policy is not None else backoffPolicy(initialDelay=1.0, maxDelay=60.0, factor=2.0)
@@ -251,7 +260,10 @@ class SSHFSMount(Service):
             # Several instances share the storage: keep caches short.
             "dcache_timeout=5",
         ]
-        if self.allowOther:
+        if self.owner is not None:
+            uid, gid = self.owner
+            options += ["allow_other", "default_permissions", f"uid={uid}", f"gid={gid}", "umask=077"]
+        elif self.allowOther:
             options.append("allow_other")
         return [
             "-f", "-F", "/dev/null", "-o", ",".join(options),

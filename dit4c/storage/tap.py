@@ -12,6 +12,13 @@ from dit4c.common.keys import KeyFileError, load_private_key
 from dit4c.storage.helper import SSHFSMount, StorageConfigError, parseFileServer, parseHostKey
 
 
+def _owner(value: str) -> tuple[int, int]:
+    uid, sep, gid = value.partition(":")
+    if not sep or not uid.isdigit() or not gid.isdigit():
+        raise ValueError(f"UID:GID (numbers), not {value!r}")
+    return int(uid), int(gid)
+
+
 class Options(usage.Options):
     synopsis = "[--file-server HOST:PORT] [--host-key KEY|FILE] [--mount DIR]"
     longdesc = (
@@ -28,6 +35,7 @@ class Options(usage.Options):
         ["mount", None, None, "Directory to mount the storage at. Default: $DIT4C_STORAGE_MOUNT."],
         ["work-dir", None, None, "Where to keep the converted key and known_hosts (a private temporary directory is made in it). Default: $DIT4C_STATE_DIR, else the system's temporary directory."],
         ["sshfs", None, "sshfs", "The sshfs program."],
+        ["owner", None, None, "UID:GID of the tool that uses the mount, if not the helper's own user (the helper runs as root): files show as theirs, mode 0700, and only they and root may enter.", _owner],
     ]
     optFlags = [
         ["allow-other", None, "Let users other than the helper's use the mount (FUSE allow_other)."],
@@ -78,6 +86,7 @@ def makeService(config: Options, reactor: Any = None) -> IService:
             mountPoint=helper.storageMount,
             sshfs=config["sshfs"],
             allowOther=bool(config["allow-other"]),
+            owner=config["owner"],
             workDir=config["work-dir"],
         )
     except StorageConfigError as e:

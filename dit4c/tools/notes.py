@@ -1,6 +1,6 @@
 """
-``python -m dit4c.tools.notes --port PORT``: a shared notepad, the tool that
-works on any machine DIT4C runs on.
+``python -m dit4c.tools.notes --socket PATH`` (or ``--port PORT``): a shared
+notepad, the tool that works on any machine DIT4C runs on.
 
 The page lists notes and takes new ones; every browser that has it open
 sees each new note at once over a WebSocket (``/ws``), and the notes are
@@ -14,17 +14,17 @@ from __future__ import annotations
 import argparse
 import html
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet import reactor
-from twisted.internet.endpoints import serverFromString
-from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
+from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
+
+from dit4c.tools.serve import addListenOptions, serve
 
 log = Logger()
 
@@ -135,20 +135,10 @@ def site(directory: Path) -> Site:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dit4c.tools.notes", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--interface", default="127.0.0.1")
+    addListenOptions(parser)
     parser.add_argument("--directory", type=Path, default=Path("."))
     options = parser.parse_args(argv)
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
-    endpoint = serverFromString(reactor, f"tcp:{options.port}:interface={options.interface}")
-
-    def failed(failure: Any) -> None:
-        log.failure("cannot listen on port {port}", failure, port=options.port)
-        reactor.stop()
-
-    endpoint.listen(site(options.directory)).addErrback(failed)
-    log.info("notes on {interface}:{port}", interface=options.interface, port=options.port)
-    reactor.run()
+    serve(reactor, options, site(options.directory), "notes")
 
 
 if __name__ == "__main__":
