@@ -40,6 +40,8 @@ class World:
     auth: AuthService | None = None
     authPort: int = 0
     services: list[Any] = field(default_factory=list)
+    #: What the world listens on (the tool, the portal), closed by :func:`closeWorld`.
+    ports: list[Any] = field(default_factory=list)
 
     @property
     def host(self) -> str:
@@ -84,6 +86,47 @@ class World:
             await defer.maybeDeferred(self.auth.stopService)
             self.services.remove(self.auth)
             self.auth = None
+
+
+async def makeWorld(tmp_path: Path) -> World:
+    """A real portal (SQLite store, its own keys, on loopback), alice, bob and carol, and an instance of alice's."""
+    from dit4c.common.keys import generate_private_key, save_private_key
+    from dit4c.common.life import State
+    from dit4c.portal import security
+    from dit4c.portal.app import PortalConfig
+    from dit4c.portal.keys import KeyRing
+    from dit4c.portal.store import openStore
+
+    # The portal learns its public URL only once it listens.
+    site = Site(Resource())
+    site.noisy = False
+    portalPort = reactor.listenTCP(0, site, interface="127.0.0.1")
+    portalURL = f"http://127.0.0.1:{portalPort.getHost().port}"
+    store = await openStore(f"sqlite:///{tmp_path / 'portal.db'}", reactor, clock=reactor)
+    keys = KeyRing(tmp_path / "keys", issuer=portalURL, clock=reactor)
+    portal = Portal(store, keys, PortalConfig(publicURL=portalURL, loginLimit=100), reactor)
+    site.resource = portal.app.resource()
+    users = {}
+    for name, password in PASSWORDS.items():
+        users[name] = await store.createUser(name, password_hash=await security.hashPassword(password))
+    image = await store.createImage("Tool", "tool:latest", owner_id=None, port=8888)
+    instance = await store.createInstance(users["alice"].id, image.id)
+    instance = await store.updateInstance(instance.id, state=State.RUNNING)
+    keyFile = tmp_path / "instance.pem"
+    save_private_key(generate_private_key(), keyFile)
+    seen: list[bytes] = []
+    toolPort = reactor.listenTCP(0, countingSite(seen), interface="127.0.0.1")
+    w = World(portal, portalURL, store, users, instance, keyFile, Backend(toolPort, backendSite()), seen)
+    w.ports = [toolPort, portalPort]
+    return w
+
+
+async def closeWorld(w: World) -> None:
+    for service in list(w.services):
+        await defer.maybeDeferred(service.stopService)
+    for port in w.ports:
+        await defer.maybeDeferred(port.stopListening)
+    await w.store.close()
 
 
 def countingSite(seen: list[bytes]) -> Site:
