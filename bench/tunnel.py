@@ -626,7 +626,7 @@ class Dit4cPath(BasePath):
         return dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{pp}" if pp else str(REPO))
 
     def _credentials(self) -> dict[str, Path]:
-        """Key, JWKS and token, made once per run with the `dit4c` command."""
+        """Key and JWKS, made once per run with the `dit4c` command (the listener signs its own tokens)."""
         cached = self.env.cache.get("dit4c-creds")
         if isinstance(cached, Skip):
             raise Skip(str(cached))
@@ -634,16 +634,11 @@ class Dit4cPath(BasePath):
             return cached
         d = self.env.tmp / "dit4c"
         d.mkdir(exist_ok=True)
-        key, jwks, token = d / "signing.key", d / "jwks.json", d / "token.jwt"
+        key, jwks = d / "signing.key", d / "jwks.json"
         exe = str(self.env.tools["dit4c"])
         steps: list[tuple[list[str], Path | None]] = [
             ([exe, "keygen", str(key)], None),
             ([exe, "jwks", str(key)], jwks),
-            (
-                [exe, "token", "--key", str(key), "--audience", "dit4c-routing",
-                 "--subject", "bench1", "--lifetime", "3600"],
-                token,
-            ),
         ]  # fmt: skip
         for argv, out in steps:
             rc, stdout, stderr = run_tool(argv, 60)
@@ -654,7 +649,7 @@ class Dit4cPath(BasePath):
                 raise err
             if out is not None:
                 out.write_text(stdout)
-        creds = {"key": key, "jwks": jwks, "token": token}
+        creds = {"key": key, "jwks": jwks}
         self.env.cache["dit4c-creds"] = creds
         return creds
 
@@ -709,7 +704,7 @@ class Dit4cPath(BasePath):
             [
                 twistd, "-n", "--pidfile=", "dit4c-helper-listener",
                 "--routing", routing,
-                "--token-file", str(creds["token"]),
+                "--key-file", str(creds["key"]), "--instance", "bench1",
                 "--target", f"tcp:host=127.0.0.1:port={target}",
             ],
             self.env.logs,

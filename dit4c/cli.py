@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,13 @@ from dit4c.common.keys import (
     load_public_key,
     save_private_key,
 )
-from dit4c.common.tokens import ROUTING_AUDIENCE, InvalidToken, TokenSigner, check_instance_id
+from dit4c.common.tokens import (
+    ROUTING_AUDIENCE,
+    ROUTING_MAX_LIFETIME,
+    InvalidToken,
+    TokenSigner,
+    check_instance_id,
+)
 
 __all__ = ["COMMANDS", "Command", "CommandError", "command", "main"]
 
@@ -148,6 +155,8 @@ def _claim(text: str) -> tuple[str, Any]:
     name, sep, value = text.partition("=")
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    if name == "jti":
+        raise argparse.ArgumentTypeError("'jti' is set afresh for every token (a routing server takes a token once)")
     if name in _RESERVED_CLAIMS:
         raise argparse.ArgumentTypeError(f"set {name!r} with {_RESERVED_CLAIMS[name]}")
     try:
@@ -182,9 +191,12 @@ def _tokenArguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--lifetime",
         type=_positive,
-        default=3600.0,
+        default=None,
         metavar="SECONDS",
-        help="seconds until the token expires (default: 3600)",
+        help=(
+            f"seconds until the token expires (default: {ROUTING_MAX_LIFETIME:g} for {ROUTING_AUDIENCE}, "
+            "and no more, as routing servers refuse longer ones; 3600 for other audiences)"
+        ),
     )
     parser.add_argument("--kid", help="the kid header (default: the key's RFC 7638 thumbprint)")
     parser.add_argument(
@@ -197,9 +209,15 @@ def _tokenArguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-@command("token", help="print a signed token (JWT)", arguments=_tokenArguments)
+@command("token", help="print a signed, single-use token (JWT with a fresh jti)", arguments=_tokenArguments)
 def token(args: argparse.Namespace, out: TextIO) -> int:
-    """Routing tokens are checked here too, so a typo fails now, not at connect time."""
+    """
+    Routing tokens are checked here too, so a typo fails now, not at
+    connect time. Every token carries a new random ``jti``: a routing
+    server accepts a token once, so one printed here serves one dial (a
+    listener that dials again and again signs its own, with --key-file).
+    """
+    lifetime: float | None = args.lifetime
     if args.audience == ROUTING_AUDIENCE:
         try:
             check_instance_id(args.subject)
@@ -209,6 +227,15 @@ def token(args: argparse.Namespace, out: TextIO) -> int:
                 "(lower-case letters, digits and '-', 1 to 63 characters, "
                 "not starting or ending with '-')"
             ) from None
+        if lifetime is None:
+            lifetime = ROUTING_MAX_LIFETIME
+        elif lifetime > ROUTING_MAX_LIFETIME:
+            raise CommandError(
+                f"--lifetime {lifetime:g}: routing servers refuse tokens that live longer than "
+                f"{ROUTING_MAX_LIFETIME:g} s (their --max-token-lifetime)"
+            )
+    elif lifetime is None:
+        lifetime = 3600.0
     try:
         key = load_private_key(args.key)
     except KeyFileError as e:
@@ -218,7 +245,8 @@ def token(args: argparse.Namespace, out: TextIO) -> int:
     signer = TokenSigner(key, issuer=args.issuer, kid=args.kid)
     claims = dict(args.claim)
     claims["sub"] = args.subject
-    out.write(signer.sign(claims, audience=args.audience, lifetime=args.lifetime) + "\n")
+    claims["jti"] = secrets.token_urlsafe(16)
+    out.write(signer.sign(claims, audience=args.audience, lifetime=lifetime) + "\n")
     return 0
 
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -193,7 +194,9 @@ class Signing:
     signer: TokenSigner
     audience: str = "dit4c-routing"
 
-    def token(self, instance: str, lifetime: float = 3600, **claims: Any) -> str:
+    def token(self, instance: str, lifetime: float = 120, **claims: Any) -> str:
+        """A single-use routing token (a fresh ``jti`` unless ``claims`` has one)."""
+        claims.setdefault("jti", secrets.token_urlsafe(16))
         return self.signer.sign(dict(claims, sub=instance), audience=self.audience, lifetime=lifetime)
 
     def verifier(self) -> TokenVerifier:

@@ -172,9 +172,31 @@ def test_token_refuses_bad_instance_id(tmp_path: Path, subject: str) -> None:
     assert "instance id" in err
 
 
+def test_routing_tokens_are_single_use_and_short(tmp_path: Path) -> None:
+    """Each token gets a new jti; a routing token lives 300 s unless told less, and never more."""
+    key = tmp_path / "key.pem"
+    save_private_key(generate_private_key(), key)
+    claims = []
+    for _ in range(2):
+        status, out, err = runMain("token", "--key", str(key), "--subject", "inst")
+        assert status == 0, err
+        claims.append(verified(out.strip(), key))
+    assert claims[0]["jti"] != claims[1]["jti"]
+    assert [c["exp"] - c["iat"] for c in claims] == [300, 300]
+
+    status, out, err = runMain("token", "--key", str(key), "--subject", "inst", "--lifetime", "3600")
+    assert (status, out) == (1, "")
+    assert "routing servers refuse tokens that live longer than 300 s" in err
+    # Other audiences keep their own default, and get a jti too.
+    status, out, _ = runMain("token", "--key", str(key), "--audience", "other", "--subject", "x", "--lifetime", "7200")
+    assert status == 0
+    assert verified(out.strip(), key, audience="other")["jti"]
+
+
 @pytest.mark.parametrize(
     "extra",
     [
+        ["--claim", "jti=chosen"],
         ["--claim", "exp=1"],
         ["--claim", "sub=other"],
         ["--claim", "aud=x"],

@@ -69,10 +69,14 @@ __all__ = [
     "IKeySource",
     "InvalidToken",
     "JWKSKeySource",
+    "MAX_TOKEN_ID",
+    "ROUTING_MAX_LIFETIME",
     "StaticKeySource",
     "TokenSigner",
     "TokenVerifier",
     "check_instance_id",
+    "check_lifetime",
+    "check_token_id",
     "parse_jwks",
 ]
 
@@ -81,6 +85,14 @@ ALGORITHMS: tuple[str, ...] = ("ES256", "EdDSA")
 
 #: The audience of routing tokens unless a routing server is told otherwise.
 ROUTING_AUDIENCE = "dit4c-routing"
+
+#: The longest lifetime (``exp - iat``, seconds) of a routing token that a
+#: routing server accepts unless told otherwise: a token only has to cross
+#: one handshake, and a short one is little use to whoever copies it.
+ROUTING_MAX_LIFETIME = 300.0
+
+#: The longest token id (``jti``) accepted; the ids are remembered, so they are bounded.
+MAX_TOKEN_ID = 255
 
 #: An instance id is one DNS label: it becomes ``<id>.<domain>``.
 INSTANCE_ID_RE: re.Pattern[str] = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
@@ -121,6 +133,41 @@ def check_instance_id(value: object) -> str:
     if not isinstance(value, str) or INSTANCE_ID_RE.fullmatch(value) is None:
         raise InvalidToken("bad instance id")
     return value
+
+
+def check_token_id(claims: Mapping[str, Any]) -> str:
+    """
+    The ``jti`` of verified ``claims``: a string of 1 to :data:`MAX_TOKEN_ID`
+    characters, the id under which a single-use token is remembered.
+
+    :raises InvalidToken: ``missing jti claim`` or ``bad jti claim``.
+    """
+    jti = claims.get("jti")
+    if jti is None:
+        raise InvalidToken("missing jti claim")
+    if not isinstance(jti, str) or not 0 < len(jti) <= MAX_TOKEN_ID:
+        raise InvalidToken("bad jti claim")
+    return jti
+
+
+def check_lifetime(claims: Mapping[str, Any], maximum: float) -> float:
+    """
+    The lifetime (``exp - iat``) of verified ``claims``, if it is more than 0
+    and at most ``maximum`` seconds: a token made to last is refused even
+    while it is still valid.
+
+    :raises InvalidToken: the lifetime is outside those bounds (the message
+        gives it, and the bound).
+    """
+    try:
+        lifetime = float(_numericDate(claims, "exp") - _numericDate(claims, "iat"))
+    except OverflowError:  # an int too big for a float: far too long anyway
+        lifetime = math.inf
+    if not lifetime > 0:
+        raise InvalidToken("token lifetime is not positive (exp not after iat)")
+    if lifetime > maximum:
+        raise InvalidToken(f"token lifetime {lifetime:g} s is longer than the {maximum:g} s allowed")
+    return lifetime
 
 
 # -- keys ------------------------------------------------------------------
@@ -435,8 +482,14 @@ class TokenSigner:
 # -- verifying -------------------------------------------------------------
 
 
+#: PyJWT 2.10 and later check that a ``jti`` is a string.
+_InvalidJTIError: Any = getattr(jwt.exceptions, "InvalidJTIError", ())
+
+
 def _reason(error: PyJWTError) -> str:
     """A short, token-free reason for PyJWT's refusal."""
+    if isinstance(error, _InvalidJTIError):
+        return "bad jti claim"
     if isinstance(error, InvalidAlgorithmError):
         return "algorithm not allowed"
     if isinstance(error, InvalidSignatureError):
@@ -500,7 +553,9 @@ class TokenVerifier:
         self._keys = keys
         self.audience = audience
         self.issuer = issuer
-        self._leeway = leeway
+        #: Seconds of clock skew allowed on ``exp``, ``iat`` and ``nbf``: a
+        #: token verifies until ``exp + leeway``.
+        self.leeway = leeway
         self._now = _clockFunction(clock)
         self._jwt = jwt.PyJWT()
         required = ["exp", "iat", "aud"] + (["iss"] if issuer is not None else [])
@@ -588,9 +643,9 @@ class TokenVerifier:
         exp = _numericDate(claims, "exp")
         iat = _numericDate(claims, "iat")
         # Arithmetic on ``now`` only: ``exp`` may be an int too big for a float.
-        if now - self._leeway >= exp:
+        if now - self.leeway >= exp:
             raise InvalidToken("token expired")
-        if iat > now + self._leeway:
+        if iat > now + self.leeway:
             raise InvalidToken("token not yet valid")
-        if "nbf" in claims and _numericDate(claims, "nbf") > now + self._leeway:
+        if "nbf" in claims and _numericDate(claims, "nbf") > now + self.leeway:
             raise InvalidToken("token not yet valid")

@@ -1,7 +1,8 @@
 """
-What a listener signs with its instance's key: its routing token (so no
-token has to be handed to it, or renewed), and the report of its public URL
-to the portal (docs/protocols.md sections 2 and 8.2).
+What a listener signs with its instance's key: its routing tokens (a new,
+single-use one for every dial, so no token has to be handed to it, or
+renewed), and the report of its public URL to the portal
+(docs/protocols.md sections 2 and 8.2).
 """
 
 from __future__ import annotations
@@ -17,32 +18,45 @@ from twisted.web.http_headers import Headers
 
 from dit4c.common.keys import PrivateKey
 from dit4c.common.portalhttp import portalHTTP
-from dit4c.common.tokens import TokenSigner
+from dit4c.common.tokens import ROUTING_AUDIENCE, TokenSigner
 from dit4c.listener.service import backoff
 
-__all__ = ["URLReporter", "routingToken", "REPORT_AUDIENCE"]
+__all__ = ["REPORT_AUDIENCE", "ROUTING_TOKEN_LIFETIME", "URLReporter", "routingToken"]
 
 REPORT_AUDIENCE = "dit4c-portal-report"
 #: Seconds a routing token the listener signs for itself lives: only long
-#: enough to cross the handshake (a new one is signed at every connect).
-ROUTING_TOKEN_LIFETIME = 300
+#: enough to cross one handshake (a new one is signed for every dial), with
+#: room for a listener's clock running behind the routing server's.
+ROUTING_TOKEN_LIFETIME = 120
 #: Seconds a report token lives (the portal takes at most 300).
 REPORT_LIFETIME = 120
 
 
 def routingToken(
-    key: PrivateKey, instance: str, *, audience: str = "dit4c-routing", clock: Any = None
+    key: PrivateKey,
+    instance: str,
+    *,
+    audience: str = ROUTING_AUDIENCE,
+    scoped: bool = True,
+    clock: Any = None,
 ) -> Callable[[], str]:
     """
     A token source for :class:`~dit4c.listener.service.ListenerService`: a
-    fresh routing token at every connect, signed with the instance's key
-    under the ``kid`` the portal publishes it by (``instance:<id>``), which
-    routing servers accept only for that instance's own name.
+    fresh routing token for every dial, each with a new random ``jti``, so
+    that no token is ever sent twice (a routing server refuses a ``jti`` it
+    has seen).
+
+    :param scoped: name the key by the ``kid`` the portal publishes an
+        instance's key under (``instance:<id>``), which routing servers
+        accept only for that instance's own name; if false, by the key's
+        RFC 7638 thumbprint, as ``dit4c jwks`` publishes a key given by hand.
     """
-    signer = TokenSigner(key, kid=f"instance:{instance}", clock=clock)
+    signer = TokenSigner(key, kid=f"instance:{instance}" if scoped else None, clock=clock)
 
     def token() -> str:
-        return signer.sign({"sub": instance}, audience=audience, lifetime=ROUTING_TOKEN_LIFETIME)
+        return signer.sign(
+            {"sub": instance, "jti": secrets.token_urlsafe(16)}, audience=audience, lifetime=ROUTING_TOKEN_LIFETIME
+        )
 
     return token
 

@@ -6,6 +6,15 @@ helper, or any local web server).
 The outbound link is a ``ClientService``: it reconnects with exponential
 back-off and jitter; ``whenRegistered`` waits for the WELCOME, so
 "registered" means reachable at the public URL.
+
+A tunnel the routing server replaced (``GOAWAY(REPLACED)``: another
+listener dialled with a valid token for the same instance) is left to
+finish its streams while a new ``ClientService`` dials again: at once the
+first time, so the genuine listener wins its name back; then after a
+growing back-off while it keeps being replaced, so two listeners of one
+instance (a stale duplicate) take turns slowly instead of flapping fast.
+Giving up is never right: the other listener may be gone a moment later,
+and the instance would answer 404 for good.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ from typing import Any
 from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IProtocol, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IProtocol, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -43,6 +52,39 @@ def backoff(initial: float = 0.5, maximum: float = 30.0, factor: float = 2.0) ->
     return policy
 
 
+class Replacements:
+    """
+    How soon to dial again after the routing server replaced this
+    listener's tunnel: at once the first time in a row, then after
+    ``policy(1)``, ``policy(2)``, ... A tunnel that held the name for
+    ``settled`` seconds before being replaced starts the count again.
+
+    Sans-I/O: it reads the clock and returns delays; the service keeps the
+    timers.
+    """
+
+    def __init__(self, clock: IReactorTime, policy: Callable[[int], float], *, settled: float) -> None:
+        self.clock = clock
+        self.policy = policy
+        self.settled = settled
+        #: Times replaced in a row.
+        self.count = 0
+        self._registeredAt: float | None = None
+
+    def registered(self) -> None:
+        """A tunnel of ours now holds the name."""
+        self._registeredAt = self.clock.seconds()
+
+    def replaced(self) -> float:
+        """Our tunnel lost the name: the seconds to wait before dialling again."""
+        now = self.clock.seconds()
+        if self._registeredAt is not None and now - self._registeredAt >= self.settled:
+            self.count = 0
+        self._registeredAt = None
+        self.count += 1
+        return 0.0 if self.count == 1 else self.policy(self.count - 1)
+
+
 class _TunnelFactory(Factory):
     noisy = False
 
@@ -51,12 +93,16 @@ class _TunnelFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> TunnelClientProtocol:
         listener = self.listener
+
+        def goneAway(code: int, reason: str) -> None:
+            listener.goneAway(tunnel, code, reason)
+
         tunnel = TunnelClientProtocol(
             listener.settings,
             listener.reactor,
             listener.token,
             listener.streamOpened,
-            listener.goneAway,
+            goneAway,
         )
         tunnel.ready.addCallbacks(
             lambda welcome: listener._registered(tunnel, welcome), listener._refused
@@ -71,6 +117,10 @@ class _TargetFactory(Factory):
     protocol = SpliceProtocol
 
 
+#: Replaced again and again, a listener waits at most this long to dial again.
+REPLACED_MAXIMUM = 60.0
+
+
 class ListenerService(MultiService):
     log = Logger()
 
@@ -83,10 +133,20 @@ class ListenerService(MultiService):
         *,
         settings: Settings | None = None,
         retryPolicy: Callable[[int], float] | None = None,
+        replacedPolicy: Callable[[int], float] | None = None,
         onRegistered: Callable[[dict[str, Any]], Any] | None = None,
     ) -> None:
+        """
+        :param token: called for every dial; must give a new token each
+            time (a routing server refuses one it has seen).
+        :param retryPolicy: seconds before the n-th dial in a row that failed
+            or was refused.
+        :param replacedPolicy: seconds before dialling again after being
+            replaced the (n+1)-th time in a row (the first time: at once).
+        """
         super().__init__()
         self.reactor = reactor
+        self.routing = routing
         self.target = target
         self.token = token
         self.settings = settings or Settings()
@@ -96,16 +156,24 @@ class ListenerService(MultiService):
         self.lastError: BaseException | None = None
         self.tunnel: TunnelClientProtocol | None = None
         self._policy = retryPolicy or backoff()
+        self.replacements = Replacements(
+            reactor,
+            replacedPolicy or backoff(initial=0.5, maximum=REPLACED_MAXIMUM),
+            settled=2 * REPLACED_MAXIMUM,
+        )
         self._refusals = 0
         self._waiting: list[Deferred[TunnelClientProtocol]] = []
+        self._redial: IDelayedCall | None = None
+        #: The link being kept now; a replaced one is retired once its tunnel closes.
+        self.client = self._newClient()
+        self.client.setServiceParent(self)
+
+    def _newClient(self) -> ClientService:
         # The handshake is not ClientService's prepareConnection: a connection
         # that prepareConnection rejects and that then closes upsets its
         # machine. A refused handshake is a connection that closes; the back-off
         # counts refusals in a row itself, so a bad token is not retried fast.
-        self.client = ClientService(
-            routing, _TunnelFactory(self), retryPolicy=self._retryDelay, clock=reactor
-        )
-        self.client.setServiceParent(self)
+        return ClientService(self.routing, _TunnelFactory(self), retryPolicy=self._retryDelay, clock=self.reactor)
 
     def _retryDelay(self, attempt: int) -> float:
         return self._policy(max(attempt, self._refusals))
@@ -115,6 +183,7 @@ class ListenerService(MultiService):
         self.lastError = None
         self.tunnel = tunnel
         self.welcome = welcome
+        self.replacements.registered()
         tunnel.closed.addCallback(self._tunnelClosed)
         self.log.info(
             "tunnel up: instance {instance} at {url}", instance=welcome.get("instance"), url=welcome.get("url")
@@ -143,6 +212,9 @@ class ListenerService(MultiService):
         return d
 
     def stopService(self) -> Deferred[Any]:
+        if self._redial is not None and self._redial.active():
+            self._redial.cancel()
+        self._redial = None
         # Say goodbye on the tunnel before ClientService drops it, so the
         # routing server hears why (and a TLS link is not left waiting on
         # its producer).
@@ -151,13 +223,41 @@ class ListenerService(MultiService):
             tunnel.session.close(ErrorCode.SHUTDOWN, "listener stopping")
         return super().stopService()
 
-    def goneAway(self, code: int, reason: str) -> None:
+    def goneAway(self, tunnel: TunnelClientProtocol, code: int, reason: str) -> None:
         self.log.info("routing server going away: {code} {reason}", code=codeName(code), reason=reason)
-        if code == ErrorCode.REPLACED:
-            # Another listener now holds this instance's name; redialling
-            # would only take it back and forth.
-            self.log.error("another listener took this instance's name; not reconnecting")
-            self.reactor.callLater(0, self.client.stopService)
+        if code == ErrorCode.REPLACED and tunnel is self.tunnel:
+            self._replaced(tunnel)
+
+    def _replaced(self, tunnel: TunnelClientProtocol) -> None:
+        """
+        Another listener took this instance's name. The replaced tunnel
+        finishes its streams on the link that carries it, which is then
+        stopped, never redialled; a new link dials after the delay.
+        """
+        self.tunnel = None
+        delay = self.replacements.replaced()
+        old = self.client
+        # Once the link is down (the next turn: ClientService hears of it
+        # after the tunnel does), so stopping it touches no dead transport.
+        tunnel.closed.addCallback(lambda _: self.reactor.callLater(0, self._retire, old))
+        self.client = self._newClient()
+        self.log.warn(
+            "another listener took this instance's name ({count} times in a row); dialling again in {delay:.1f} s",
+            count=self.replacements.count,
+            delay=delay,
+        )
+        if self._redial is not None and self._redial.active():
+            self._redial.cancel()
+        self._redial = self.reactor.callLater(delay, self._dialAgain)
+
+    def _dialAgain(self) -> None:
+        self._redial = None
+        if self.running and self.client.parent is None:
+            self.client.setServiceParent(self)
+
+    def _retire(self, client: ClientService) -> None:
+        if client.parent is self:
+            client.disownServiceParent()
 
     def streamOpened(self, stream: Stream) -> IProtocol:
         """A new public connection: dial the target and splice the two."""

@@ -13,9 +13,17 @@ from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import Logger
 
 from dit4c.common.service import ListeningService
-from dit4c.common.tokens import InvalidToken, TokenVerifier, check_instance_id
+from dit4c.common.tokens import (
+    ROUTING_MAX_LIFETIME,
+    InvalidToken,
+    TokenVerifier,
+    check_instance_id,
+    check_lifetime,
+    check_token_id,
+)
 from dit4c.routing.front import FrontLimits, Metrics, PublicHTTPFactory
 from dit4c.routing.registry import TunnelRegistry
+from dit4c.routing.replay import ReplayedToken, SeenTokens
 from dit4c.tunnel.errors import ErrorCode, HandshakeRefused
 from dit4c.tunnel.protocol import TunnelServerFactory, TunnelServerProtocol
 from dit4c.tunnel.session import Settings
@@ -26,6 +34,10 @@ class RoutingServer(MultiService):
     Owns the registry of tunnels and answers the two questions the tunnel
     and public sides ask: may this token open a tunnel (and under which host
     name), and which tunnel owns this host name.
+
+    A token opens one tunnel only: it must carry a ``jti``, live at most
+    ``maxTokenLifetime`` seconds, and not have been used before (``seen``),
+    so a copied token cannot take a name from the listener that holds it.
     """
 
     log = Logger()
@@ -40,11 +52,16 @@ class RoutingServer(MultiService):
         limits: FrontLimits | None = None,
         publicURL: str | None = None,
         drainTimeout: float = 10.0,
+        maxTokenLifetime: float = ROUTING_MAX_LIFETIME,
+        seen: SeenTokens | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
         self.clock: IReactorTime = reactor
         self.verifier = verifier
+        self.maxTokenLifetime = maxTokenLifetime
+        #: The ids of the tokens already accepted.
+        self.seen = seen if seen is not None else SeenTokens(reactor)
         self.registry = TunnelRegistry(domain)
         self.settings = settings or Settings()
         self.limits = limits or FrontLimits()
@@ -99,12 +116,32 @@ class RoutingServer(MultiService):
         return f"http://{host}/"
 
     async def authenticate(self, token: str, tunnel: TunnelServerProtocol) -> dict[str, Any]:
+        """
+        The registration for a HELLO's token, or :class:`HandshakeRefused`
+        (sent as ``GOAWAY(AUTH_FAILED)``). The id is spent last, once all
+        else holds, so a token refused for another reason is not used up.
+        Nothing here touches the registry: a refused token costs the
+        tunnel that holds the name nothing.
+        """
+        instance = None
         try:
             claims = await self.verifier.verify(token)
             instance = check_instance_id(claims.get("sub"))
+            jti = check_token_id(claims)
+            check_lifetime(claims, self.maxTokenLifetime)
+            self.seen.spend(instance, jti, claims["exp"] + self.verifier.leeway)
+        except ReplayedToken as e:
+            self.metrics.error("tunnel_auth")
+            self.metrics.error("tunnel_replay")
+            self.log.warn(
+                "a used token for {instance} came again from {peer}; refused",
+                instance=instance,
+                peer=tunnel.transport.getPeer(),
+            )
+            raise HandshakeRefused(e.reason) from None
         except InvalidToken as e:
             self.metrics.error("tunnel_auth")
-            raise HandshakeRefused(str(e)) from None
+            raise HandshakeRefused(e.reason) from None
         host = self.registry.hostFor(instance)
         return {"instance": instance, "host": host, "url": self.urlFor(host)}
 

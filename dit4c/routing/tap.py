@@ -9,8 +9,10 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from dit4c.common.options import endpointList, positiveFloat, positiveInt, verifierFromOptions
+from dit4c.common.tokens import ROUTING_MAX_LIFETIME
 from dit4c.routing.admin import adminSite
 from dit4c.routing.front import FrontLimits
+from dit4c.routing.replay import SeenTokens
 from dit4c.routing.server import RoutingServer
 from dit4c.tunnel.session import Settings
 
@@ -21,7 +23,9 @@ class Options(usage.Options):
         "Run a DIT4C routing server: listeners beside instances dial in over "
         "tunnels (TCP, TLS or WebSocket), and public HTTP(S) traffic for "
         "<instance>.<domain> is sent down the tunnel that owns that name. "
-        "Every address is a Twisted endpoint string; options marked "
+        "A tunnel token opens one tunnel only: it must carry a jti, live "
+        "no longer than --max-token-lifetime, and not have been seen "
+        "before. Every address is a Twisted endpoint string; options marked "
         "'repeatable' may be given several times."
     )
     optParameters = [
@@ -31,6 +35,8 @@ class Options(usage.Options):
         ["jwks-file", None, None, "File with the JWKS (or a PEM public key) that verifies tunnel tokens."],
         ["audience", None, "dit4c-routing", "Audience that tunnel tokens must name."],
         ["issuer", None, None, "Issuer that tunnel tokens must name (not checked if unset)."],
+        ["max-token-lifetime", None, ROUTING_MAX_LIFETIME, "Seconds a tunnel token may live at most (exp - iat); longer ones are refused.", positiveFloat],
+        ["max-seen-tokens", None, 100_000, "Most token ids (jti) remembered at once to refuse a second use; past it new tunnels are refused until old ids expire.", positiveInt],
         ["admin", None, None, "Endpoint for /health and /metrics, e.g. tcp:9090:interface=127.0.0.1."],
         ["heartbeat", None, 10.0, "Seconds between tunnel heartbeats.", positiveFloat],
         ["timeout", None, 30.0, "Seconds of silence after which a tunnel is taken for dead.", positiveFloat],
@@ -102,6 +108,8 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         limits=limits,
         publicURL=config["public-url"],
         drainTimeout=config["drain-timeout"],
+        maxTokenLifetime=config["max-token-lifetime"],
+        seen=SeenTokens(reactor, maxEntries=config["max-seen-tokens"]),
     )
     for description in config["tunnel"]:
         server.addTunnelEndpoint(serverFromString(reactor, description))

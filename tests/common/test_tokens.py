@@ -48,6 +48,8 @@ from dit4c.common.tokens import (
     TokenSigner,
     TokenVerifier,
     check_instance_id,
+    check_lifetime,
+    check_token_id,
     parse_jwks,
 )
 
@@ -626,6 +628,69 @@ def test_instance_id_valid(value: str) -> None:
 def test_instance_id_invalid(value: object) -> None:
     with pytest.raises(InvalidToken, match="bad instance id"):
         check_instance_id(value)
+
+
+# -- token ids and lifetimes ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["j", "x" * 255, "Zk3-_9"])
+def test_token_id_valid(value: str) -> None:
+    assert check_token_id({"jti": value}) == value
+
+
+@pytest.mark.parametrize(
+    "claims, reason",
+    [({}, "missing jti claim"), ({"jti": ""}, "bad jti claim"), ({"jti": "x" * 256}, "bad jti claim"),
+     ({"jti": 5}, "bad jti claim"), ({"jti": ["a"]}, "bad jti claim")],
+)  # fmt: skip
+def test_token_id_invalid(claims: dict[str, Any], reason: str) -> None:
+    with pytest.raises(InvalidToken) as info:
+        check_token_id(claims)
+    assert info.value.reason == reason
+
+
+def test_a_jti_that_is_no_string_is_refused_as_such(verifier: TokenVerifier, signer: TokenSigner) -> None:
+    result = fired(outcome(verifier.verify(sign(signer, jti=5))))
+    if isinstance(result, dict):  # PyJWT before 2.10 does not look at jti
+        with pytest.raises(InvalidToken, match="bad jti claim"):
+            check_token_id(result)
+    else:
+        assert result == "bad jti claim"
+
+
+@pytest.mark.parametrize("iat, exp, lifetime", [(NOW, NOW + 300, 300.0), (NOW, NOW + 0.5, 0.5), (0, 1, 1.0)])
+def test_lifetime_within_the_cap(iat: float, exp: float, lifetime: float) -> None:
+    assert check_lifetime({"iat": iat, "exp": exp}, 300) == lifetime
+
+
+@pytest.mark.parametrize(
+    "claims, reason",
+    [
+        ({"iat": NOW, "exp": NOW + 301}, "token lifetime 301 s is longer than the 300 s allowed"),
+        ({"iat": NOW, "exp": NOW + 10 * 365 * 86400}, "token lifetime 3.1536e+08 s is longer than the 300 s allowed"),
+        ({"iat": 0, "exp": 10**400}, "token lifetime inf s is longer than the 300 s allowed"),
+        ({"iat": 1.5, "exp": 10**400}, "token lifetime inf s is longer than the 300 s allowed"),
+        ({"iat": NOW, "exp": NOW}, "token lifetime is not positive (exp not after iat)"),
+        ({"iat": NOW, "exp": NOW - 5}, "token lifetime is not positive (exp not after iat)"),
+        ({"iat": "now", "exp": NOW}, "bad iat claim"),
+        ({"iat": NOW, "exp": float("nan")}, "bad exp claim"),
+    ],
+    ids=["301s", "ten-years", "huge-int", "huge-int-float", "zero", "negative", "string", "nan"],
+)
+def test_lifetime_refused(claims: dict[str, Any], reason: str) -> None:
+    with pytest.raises(InvalidToken) as info:
+        check_lifetime(claims, 300)
+    assert info.value.reason == reason
+
+
+def test_the_leeway_is_public(verifier: TokenVerifier, signer: TokenSigner, clock: Clock) -> None:
+    """A token verifies until ``exp + leeway``: what a memory of spent ids must cover."""
+    token = sign(signer)
+    assert verifier.leeway == LEEWAY
+    clock.advance(LIFETIME + verifier.leeway - 0.001)
+    claimsOf(verifier.verify(token))
+    clock.advance(0.001)
+    assert refusal(verifier.verify(token)) == "token expired"
 
 
 # -- static keys ---------------------------------------------------------------------

@@ -100,20 +100,28 @@ async def startListener(
     routing: Process,
     instance: str,
     target: str,
+    *,
+    tokens: Path | None = None,
+    name: str | None = None,
+    wait: bool = True,
 ) -> Process:
-    """``twistd dit4c-helper-listener`` for ``instance``; returns once it is registered."""
-    tokenFile = tmp_path / f"{instance}.token"
-    tokenFile.write_text(signing.token(instance) + "\n")
+    """
+    ``twistd dit4c-helper-listener`` for ``instance``, signing its own tokens
+    with the key the routing server trusts (as README says); returns once it
+    is registered. ``tokens`` instead names a token file.
+    """
     port = routing.port("tunnel")
+    how = ["--token-file", str(tokens)] if tokens else ["--key-file", str(signing.keyPath), "--instance", instance]
     proc: Process = processes(
         "dit4c-helper-listener",
         "--routing", f"tcp:host=127.0.0.1:port={port}",
-        "--token-file", str(tokenFile),
+        *how,
         "--target", target,
-        name=f"listener-{instance}",
+        name=name or f"listener-{instance}",
     )  # fmt: skip
-    await proc.waitForLog(rf"tunnel up: instance {instance} at http://{instance}\.localhost:\d+/")
-    await routing.waitForLog(rf"tunnel for {instance} from .* registered")
+    if wait:
+        await proc.waitForLog(rf"tunnel up: instance {instance} at http://{instance}\.localhost:\d+/")
+        await routing.waitForLog(rf"tunnel for {instance} from .* registered")
     return proc
 
 
@@ -399,9 +407,9 @@ async def test_help_documents_every_option(tmp_path: Path) -> None:
             RoutingOptions,
             {"tunnel", "tunnel-websocket", "http", "https", "admin", "jwks-file", "jwks-url", "audience",
              "issuer", "domain", "public-url", "heartbeat", "timeout", "max-streams", "head-timeout",
-             "idle-timeout", "drain-timeout"},
+             "idle-timeout", "drain-timeout", "max-token-lifetime", "max-seen-tokens"},
         ),
-        (listenerCode, listenerHelp, ListenerOptions, {"routing", "token-file", "target"}),
+        (listenerCode, listenerHelp, ListenerOptions, {"routing", "key-file", "instance", "token-file", "target"}),
     ):  # fmt: skip
         assert code == 0, text
         assert "Traceback" not in text
@@ -411,7 +419,14 @@ async def test_help_documents_every_option(tmp_path: Path) -> None:
             assert name in documented, f"--{name} missing from:\n{text}"
             assert documented[name], f"--{name} has no description in:\n{text}"
     assert "Repeatable" in routingHelp
-    assert "dit4c-helper-listener [--routing ENDPOINT] [--target ENDPOINT] [--token-file PATH]" in listenerHelp
+    assert (
+        "dit4c-helper-listener [--routing ENDPOINT] [--target ENDPOINT] [--key-file PATH --instance ID | --token-file PATH]"
+        in listenerHelp
+    )
+    # The token rules and the cap's default are said where an operator looks.
+    words = " ".join(routingHelp.split())
+    assert "(exp - iat); longer ones are refused. [default: 300.0]" in words
+    assert "not have been seen before" in words
     assert "DIT4C_INSTANCE_KEY" in listenerHelp  # run beside an instance, it reads the helper environment
 
 
@@ -426,18 +441,32 @@ BAD_ROUTING = [
     (["--tunnel", LOCAL, "--http", LOCAL, "--jwks-file", "{jwks}", "--heartbeat", "5", "--timeout", "2"],
      "--timeout must be longer than --heartbeat"),
     (["--tunnel", LOCAL, "--http", LOCAL, "--jwks-file", "{jwks}", "--no-such-option"], "no-such-option"),
+    (["--tunnel", LOCAL, "--http", LOCAL, "--jwks-file", "{jwks}", "--max-token-lifetime", "0"], "'0' must be positive"),
+    (["--tunnel", LOCAL, "--http", LOCAL, "--jwks-file", "{jwks}", "--max-seen-tokens", "many"],
+     "'many' is not a whole number"),
 ]  # fmt: skip
 
 BAD_LISTENER = [
     (["--target", "tcp:host=127.0.0.1:port=1", "--token-file", "{token}"], "--routing is required"),
     (["--routing", "tcp:host=127.0.0.1:port=1", "--token-file", "{token}"], "--target is required"),
-    (["--routing", "tcp:host=127.0.0.1:port=1", "--target", "tcp:host=127.0.0.1:port=2"], "--token-file is required"),
+    (["--routing", "tcp:host=127.0.0.1:port=1", "--target", "tcp:host=127.0.0.1:port=2"],
+     "--key-file with --instance (or --token-file) is required"),
     (["--routing", "tcp:host=127.0.0.1:port=1", "--target", "tcp:host=127.0.0.1:port=2", "--token-file", "{missing}"],
      "is not a file"),
     (["--routing", "tcp:host=127.0.0.1", "--target", "tcp:host=127.0.0.1:port=2", "--token-file", "{token}"],
      "--routing: bad endpoint"),
     (["--routing", "tcp:host=127.0.0.1:port=1", "--target", "nope:x", "--token-file", "{token}"],
      "--target: bad endpoint 'nope:x'"),
+    (["--routing", "tcp:host=127.0.0.1:port=1", "--target", "tcp:host=127.0.0.1:port=2", "--key-file", "{key}"],
+     "--key-file needs --instance"),
+    (["--routing", "tcp:host=127.0.0.1:port=1", "--target", "tcp:host=127.0.0.1:port=2", "--key-file", "{key}",
+      "--instance", "abc", "--token-file", "{token}"], "not both"),
+    (["--routing", "tcp:host=127.0.0.1:port=1", "--target", "tcp:host=127.0.0.1:port=2", "--key-file", "{key}",
+      "--instance", "Not_A_Label"], "--instance: not an instance id"),
+    (["--routing", "tcp:host=127.0.0.1:port=1", "--target", "tcp:host=127.0.0.1:port=2", "--key-file", "{missing}",
+      "--instance", "abc"], "--key-file: cannot read"),
+    (["--routing", "tcp:host=127.0.0.1:port=1", "--target", "tcp:host=127.0.0.1:port=2", "--key-file", "{token}",
+      "--instance", "abc"], "--key-file: "),
 ]  # fmt: skip
 
 
@@ -446,7 +475,12 @@ async def test_bad_options_are_usage_errors(tmp_path: Path, signing: Any) -> Non
     """Every mistake exits non-zero with the usage text and a one-line reason, no traceback."""
     token = tmp_path / "token"
     token.write_text(signing.token("abc"))
-    paths = {"jwks": str(signing.jwksPath), "token": str(token), "missing": str(tmp_path / "nope")}
+    paths = {
+        "jwks": str(signing.jwksPath),
+        "token": str(token),
+        "missing": str(tmp_path / "nope"),
+        "key": str(signing.keyPath),
+    }
     cases = [("dit4c-routing", args, phrase) for args, phrase in BAD_ROUTING]
     cases += [("dit4c-helper-listener", args, phrase) for args, phrase in BAD_LISTENER]
     results = await defer.gatherResults(
@@ -788,3 +822,121 @@ async def test_connection_closes_after_a_large_response(
     for r in open_:
         r.transport.abortConnection()
     assert not open_, f"{len(open_)} of {len(readers)} connections left open after the whole response"
+
+
+# -- 7. a token opens one tunnel; a name cannot be stolen by a replay ----------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_replayed_token_is_refused_and_the_listener_keeps_its_name(
+    processes: Any, signing: Any, backend: Any, tmp_path: Path, replay: Any
+) -> None:
+    """
+    The same token sent again in a HELLO from elsewhere: refused with a
+    reason, logged without the token, and the listener that sent it first
+    keeps the name and goes on answering.
+    """
+    routing = await startRouting(processes, signing, admin=True)
+    token = signing.token("kept")
+    tokenFile = tmp_path / "kept.token"
+    tokenFile.write_text(token + "\n")
+    listener = await startListener(processes, signing, tmp_path, routing, "kept", backend.endpoint, tokens=tokenFile)
+    port, admin = routing.port("public http"), routing.port("admin")
+    assert (await fetch(port, "kept.localhost", f"/bytes?n={SMALL}")).status() == 200
+    mark, listenerMark = len(routing.log()), len(listener.log())
+
+    refused = await replay(routing.port("tunnel"), token)
+    assert refused.reason == "token already used"
+    await routing.waitForLog(r"tunnel from .* refused: token already used", start=mark)
+    await routing.waitForLog(r"a used token for kept came again from", start=mark)
+    signature = token.rsplit(".", 1)[1]
+    assert signature not in routing.log() and signature not in listener.log()
+
+    answer = await fetch(port, "kept.localhost", f"/bytes?n={SMALL}")
+    assert answer.status() == 200
+    assert hashlib.sha256(answer.body()).hexdigest() == patternDigest(SMALL)
+    assert "going away" not in listener.log()[listenerMark:]
+    assert (await adminJSON(admin, "/health"))["tunnels"] == 1
+    metrics = await scrapeMetrics(admin)
+    assert metricValue(metrics, 'dit4c_routing_errors_total{kind="tunnel_replay"}') == 1
+    assertNoTraceback(routing, listener)
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_tokens_without_jti_or_living_too_long_are_refused(
+    processes: Any, signing: Any, backend: Any, tmp_path: Path
+) -> None:
+    """
+    A listener given a token file that something else writes: each token is
+    refused with its reason until a good one is there, which the listener
+    reads at its next dial.
+    """
+    routing = await startRouting(processes, signing)
+    tokenFile = tmp_path / "renewed.token"
+    noJti = signing.signer.sign({"sub": "renewed"}, audience="dit4c-routing", lifetime=60)
+    tenYears = signing.token("renewed", lifetime=10 * 365 * 86400)
+    tokenFile.write_text(noJti)
+    listener = await startListener(
+        processes, signing, tmp_path, routing, "renewed", backend.endpoint, tokens=tokenFile, wait=False
+    )
+    await listener.waitForLog(r"tunnel not established: missing jti claim")
+    await routing.waitForLog(r"tunnel from .* refused: missing jti claim")
+
+    tokenFile.write_text(tenYears)
+    await listener.waitForLog(r"tunnel not established: token lifetime 3\.1536e\+08 s is longer than the 300 s allowed")
+    await routing.waitForLog(r"refused: token lifetime 3\.1536e\+08 s is longer than the 300 s allowed")
+
+    tokenFile.write_text(signing.token("renewed"))
+    await listener.waitForLog(r"tunnel up: instance renewed at")
+    assert (await fetch(routing.port("public http"), "renewed.localhost", "/bytes?n=10")).status() == 200
+    for token in (noJti, tenYears):
+        assert token.rsplit(".", 1)[1] not in routing.log()
+    assertNoTraceback(routing, listener)
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_a_duplicate_listener_does_not_take_the_name_for_good(
+    processes: Any, signing: Any, backend: Any, tmp_path: Path
+) -> None:
+    """
+    A second listener for the same instance, with fresh tokens signed by
+    the same key (a stale duplicate; an attacker with only a copied token
+    cannot do this): the genuine listener dials again at once, then with a
+    growing back-off; requests are answered all along; once the duplicate
+    is gone one listener holds the name.
+    """
+    routing = await startRouting(processes, signing, admin=True)
+    port, admin = routing.port("public http"), routing.port("admin")
+    genuine = await startListener(processes, signing, tmp_path, routing, "twin", backend.endpoint, name="genuine")
+    duplicate = await startListener(
+        processes, signing, tmp_path, routing, "twin", backend.endpoint, name="duplicate", wait=False
+    )
+
+    statuses: list[int] = []
+    deadline = time.monotonic() + 30
+    while "(3 times in a row)" not in genuine.log():
+        assert time.monotonic() < deadline, genuine.log()
+        statuses.append((await fetch(port, "twin.localhost", "/bytes?n=1000")).status())
+    assert len(statuses) > 3 and set(statuses) == {200}
+    delays = [
+        float(d)
+        for d in re.findall(r"took this instance's name \(\d+ times in a row\); dialling again in ([\d.]+) s", genuine.log())
+    ]
+    assert delays[0] == 0.0 and 0 < delays[1] <= delays[2], delays
+    assert "tunnel up: instance twin" in duplicate.log()
+    print(f"\ntwo listeners of one instance: the genuine one dialled again after {delays} s; "
+          f"{len(statuses)} requests meanwhile, all answered")
+
+    duplicate.signal(signal.SIGTERM)
+    await waitForExit(duplicate)
+    await waitForStatus(port, "twin.localhost", "/bytes?n=10", 200, timeout=15.0)
+    deadline = time.monotonic() + 10
+    while (await adminJSON(admin, "/health"))["tunnels"] != 1:
+        assert time.monotonic() < deadline
+        await deferLater(0.1)
+    assert (await fetch(port, "twin.localhost", f"/bytes?n={SMALL}")).status() == 200
+    assert genuine.proc.poll() is None
+    assert "not reconnecting" not in genuine.log()
+    assertNoTraceback(routing, genuine, duplicate)

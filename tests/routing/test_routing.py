@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import pytest_twisted
 import treq
 from twisted.internet import defer, protocol, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, clientFromString, connectProtocol
+from twisted.logger import formatEvent, globalLogPublisher
 
+from dit4c.listener.report import routingToken
+from dit4c.listener.service import ListenerService, backoff
 from dit4c.routing.front import FrontLimits
 from dit4c.testing import (
     RawClient,
@@ -280,8 +284,11 @@ async def test_a_stalled_reader_does_not_slow_the_others(routing: Any, signing: 
         (lambda s: _algNone("x1"), "algorithm"),
         (lambda s: s.token("Not_A_Label"), "instance"),
         (lambda s: "not.a.token", ""),
+        (lambda s: s.signer.sign({"sub": "x1"}, audience="dit4c-routing", lifetime=60), "missing jti claim"),
+        (lambda s: s.token("x1", lifetime=301), "token lifetime 301 s is longer than the 300 s allowed"),
+        (lambda s: s.token("x1", lifetime=10 * 365 * 86400), "is longer than the 300 s allowed"),
     ],
-    ids=["expired", "audience", "forged", "alg-none", "bad-instance", "garbage"],
+    ids=["expired", "audience", "forged", "alg-none", "bad-instance", "garbage", "no-jti", "301s", "ten-years"],
 )
 @pytest_twisted.ensureDeferred
 async def test_bad_tokens_are_refused(routing: Any, signing: Any, backend: Any, make_token: Any, reason: str) -> None:
@@ -378,3 +385,127 @@ async def test_admin_health_and_metrics(signing: Any, backend: Any) -> None:
         assert float(out[0].split()[-1]) > 5000
     finally:
         await stopRouting(routing)
+
+
+# -- a token opens one tunnel only ---------------------------------------------------------
+
+
+class LogLines:
+    """Everything logged while it is installed, formatted."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.lines.append(formatEvent(event) or "")
+
+    def __enter__(self) -> LogLines:
+        globalLogPublisher.addObserver(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        globalLogPublisher.removeObserver(self)
+
+
+def recordingTokens(signing: Any, instance: str) -> tuple[Callable[[], str], list[str]]:
+    """The listener's own token source (a fresh token for every dial), keeping a copy of each."""
+    source = routingToken(signing.key, instance, scoped=False)
+    sent: list[str] = []
+
+    def token() -> str:
+        sent.append(source())
+        return sent[-1]
+
+    return token, sent
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_replayed_token_is_refused_and_the_tunnel_keeps_its_name(
+    routing: Any, signing: Any, backend: Any, replay: Any
+) -> None:
+    token, sent = recordingTokens(signing, "genuine")
+    listener = await routing.listen(token, backend.endpoint)
+    tunnel = await listener.whenRegistered()
+
+    with LogLines() as log:
+        refused = await replay(routing.tunnelPort, sent[0])
+    assert refused.code == ErrorCode.AUTH_FAILED
+    assert refused.reason == "token already used"
+    assert routing.server.metrics.errors == {"tunnel_auth": 1, "tunnel_replay": 1}
+    assert any("a used token for genuine came again from" in line for line in log.lines), log.lines
+    assert any("refused: token already used" in line for line in log.lines), log.lines
+    assert not any(sent[0].split(".")[2] in line for line in log.lines)  # never the token
+
+    # The genuine tunnel was not touched: it holds the name, was never told
+    # to go, and the instance answers through the routing server.
+    owner = routing.server.registry.resolve("genuine.localhost")
+    assert owner.peerAddress.port == tunnel.transport.getHost().port
+    assert listener.tunnel is tunnel and not tunnel.session.peerGoingAway
+    for _ in range(5):
+        response = await get(routing, "genuine.localhost", "/headers")
+        assert response.code == 200
+        await response.content()
+    assert len(sent) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_same_token_is_refused_even_after_its_tunnel_closed(
+    routing: Any, signing: Any, backend: Any, replay: Any
+) -> None:
+    token = signing.token("once")
+    first = await routing.listen(token, backend.endpoint)
+    await first.stopService()
+    while len(routing.server.registry):
+        await deferLater(0.01)
+    assert (await replay(routing.tunnelPort, token)).reason == "token already used"
+    assert len(routing.server.registry) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stale_duplicate_listener_does_not_take_the_name_for_good(
+    routing: Any, signing: Any, backend: Any
+) -> None:
+    """
+    Two listeners of one instance, each signing fresh tokens with its key
+    (as a stale duplicate would): each one replaced dials again, at once and
+    then more slowly; requests are answered throughout, and once the
+    duplicate stops the genuine one holds the name.
+    """
+
+    def start() -> tuple[ListenerService, list[str]]:
+        token, sent = recordingTokens(signing, "twin")
+        listener = ListenerService(
+            reactor,
+            clientFromString(reactor, routing.tunnelEndpoint()),
+            clientFromString(reactor, backend.endpoint),
+            token,
+            retryPolicy=backoff(initial=0.05, maximum=0.5),
+            replacedPolicy=backoff(initial=0.05, maximum=0.4),
+        )
+        listener.startService()
+        routing.listeners.append(listener)
+        return listener, sent
+
+    genuine, genuineSent = start()
+    await genuine.whenRegistered().addTimeout(10, reactor)
+    duplicate, duplicateSent = start()
+
+    answered: list[int] = []
+    while genuine.replacements.count < 3 or duplicate.replacements.count < 3:
+        response = await get(routing, "twin.localhost", "/headers")
+        answered.append(response.code)
+        await response.content()
+    assert len(answered) > 3 and set(answered) == {200}
+    # Every dial carried a token of its own.
+    assert len(set(genuineSent + duplicateSent)) == len(genuineSent) + len(duplicateSent) >= 6
+    assert routing.server.metrics.errors.get("tunnel_auth", 0) == 0
+
+    await duplicate.stopService()
+    await genuine.whenRegistered().addTimeout(10, reactor)
+    response = await get(routing, "twin.localhost", "/headers")
+    assert response.code == 200
+    await response.content()
+    tunnel = await genuine.whenRegistered()
+    assert len(routing.server.registry) == 1
+    owner = routing.server.registry.resolve("twin.localhost")
+    assert owner.peerAddress.port == tunnel.transport.getHost().port
