@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -59,6 +60,9 @@ from dit4c.node.processes import PodProcess, removePodDirectory
 __all__ = ["TOOL_UIDS", "ProcessRuntime", "Tool", "builtinTools", "toolsFromFile"]
 
 
+_PLACEHOLDER = re.compile(r"\{(port|dir|socket|python)\}")
+
+
 @dataclass(frozen=True)
 class Tool:
     """
@@ -70,7 +74,7 @@ class Tool:
 
     name: str
     command: tuple[str, ...]
-    #: Extra environment for the tool (``{port}``, ``{socket}`` and ``{dir}`` are substituted).
+    #: Extra environment for the tool (``{port}``, ``{socket}``, ``{dir}`` and ``{python}`` are substituted).
     environment: Mapping[str, str] | None = None
 
     @property
@@ -79,7 +83,9 @@ class Tool:
         return any("{socket}" in part for part in (*self.command, *(self.environment or {}).values()))
 
     def _fill(self, text: str, port: int | None, directory: Path, socket: Path | None) -> str:
-        return text.format(port=port, dir=directory, socket=socket, python=sys.executable)
+        values = {"port": port, "dir": directory, "socket": socket, "python": sys.executable}
+        # Only the placeholders: any other brace (a script, JSON) stays as it is.
+        return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), text)
 
     def argv(self, port: int | None, directory: Path, socket: Path | None = None) -> list[str]:
         return [self._fill(part, port, directory, socket) for part in self.command]

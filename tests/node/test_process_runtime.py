@@ -17,13 +17,14 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from confined import NOBODY, asUser, listeningInodes, snoopTool, socketInodes, systemPython, toolPid, treeOf, unixRequest
 from standins import HELPERS, TOOLS, Watcher
 from twisted.internet import reactor
 
 from dit4c.common.helperenv import fromEnvironment
 from dit4c.common.keys import load_private_key, public_jwk
 from dit4c.node.node import Node
-from dit4c.node.process import ProcessRuntime
+from dit4c.node.process import ProcessRuntime, Tool
 from dit4c.node.processes import startTime
 from dit4c.testing import deferLater
 
@@ -239,3 +240,145 @@ async def test_running_only_once_the_auth_helper_answers_too(tmp_path: Path) -> 
         assert "running" not in watcher.history("abc9")
     finally:
         await runtime.discard("abc9")
+
+
+# -- confined tools --------------------------------------------------------------------------
+
+
+def confinedNode(tmp_path: Path, tools: dict[str, Any], **options: Any) -> tuple[Node, ProcessRuntime, Watcher]:
+    runtime = ProcessRuntime(reactor, tmp_path / "node", tools, helpers=HELPERS, stopGrace=2)
+    node = Node(reactor, runtime, tmp_path / "node", portal="http://localhost:8000", **options)
+    watcher = Watcher()
+    node.subscribe(watcher.observer())
+    node.startService()
+    return node, runtime, watcher
+
+
+async def discardAll(runtime: ProcessRuntime) -> None:
+    for instance in list(runtime._pods):
+        await runtime.discard(instance)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_tool_cannot_reach_the_key_or_the_nodes_files(tmp_path: Path) -> None:
+    """A tool that tries: the key, the pod's other files, the node's processes, writing outside its own files."""
+    pod = tmp_path / "node" / "snp1"
+    outside = tmp_path / "node-files"
+    outside.mkdir(mode=0o777)
+    outside.chmod(0o777)  # writable by anyone: only the confinement stops the tool
+    node, runtime, watcher = confinedNode(tmp_path, {"snoop": snoopTool(pod / "instance.key", outside)})
+    try:
+        await node.start("snp1", "snoop", None)
+        await watcher.waitFor("snp1", "running")
+        seen = json.loads((pod / "work" / "snoop.json").read_text())
+        assert seen["key"][0] == "refused", seen
+        # The pod's directory holds only what was bound back: not the key, logs or helpers' state.
+        assert seen["pod"] == ["ok", ["sock", "work"]]
+        assert seen["outside"][0] == "refused" and not (outside / "planted").exists()
+        assert seen["work"][0] == "ok" and seen["tmp"][0] == "ok"
+        assert not Path("/tmp/scratch").exists() or Path("/tmp/scratch").stat().st_uid != seen["uid"]
+        # Its /proc shows its own processes only: the launcher's init, and itself.
+        assert seen["pids"] == [1, 2]
+        if os.geteuid() == 0:
+            record = json.loads((pod / "pod.json").read_text())
+            assert seen["uid"] == seen["gid"] == record["uid"] and seen["uid"] in runtime.toolUids
+            assert seen["groups"] == []
+            assert (pod / "work").stat().st_uid == seen["uid"]
+            assert (pod / "work" / "written-by-the-tool").stat().st_uid == seen["uid"]
+    finally:
+        await discardAll(runtime)
+
+
+@pytest_twisted.ensureDeferred
+async def test_only_the_auth_helper_reaches_the_tool(tmp_path: Path) -> None:
+    """Notes listens on a socket the auth helper is pointed at; nobody else connects, and no TCP port answers."""
+    from dit4c.node.process import builtinTools
+
+    node, runtime, watcher = confinedNode(tmp_path, builtinTools())
+    try:
+        await node.start("nts1", "dit4c/notes", None)
+        await watcher.waitFor("nts1", "running")
+        pod = tmp_path / "node" / "nts1"
+        socketPath = pod / "sock" / "tool.sock"
+        for _ in range(100):
+            if (pod / "auth.env").exists():
+                break
+            await deferLater(0.05)
+        auth = json.loads((pod / "auth.env").read_text())
+        assert auth["DIT4C_TOOL"] == f"unix:path={socketPath}"
+        assert stat.S_IMODE((pod / "sock").stat().st_mode) == 0o700
+        assert stat.S_IMODE(pod.stat().st_mode) == 0o700
+        # The node's user (the auth helper's) reaches it ...
+        page = await unixRequest(socketPath, b"GET / HTTP/1.0\r\nHost: tool\r\nX-DIT4C-User: alice\r\n\r\n")
+        assert b"200 OK" in page.split(b"\r\n")[0] and b"Hello, alice." in page
+        # ... another local user does not, even knowing the path.
+        tried = asUser(
+            NOBODY,
+            [systemPython(), "-c", f"import socket; socket.socket(socket.AF_UNIX).connect({str(socketPath)!r})"],
+        )
+        assert tried.returncode != 0 and "PermissionError" in tried.stderr, tried.stderr
+        # No process of the tool listens on any TCP port.
+        tool = treeOf(toolPid(pod))
+        assert len(tool) >= 3  # the launcher, its init, the tool
+        assert socketInodes(tool) & listeningInodes() == set()
+    finally:
+        await discardAll(runtime)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tool_that_exits_at_once_says_why(tmp_path: Path) -> None:
+    """The reason names the status and ends with the tool's last lines, within the channel's 1000 characters."""
+    script = "import sys\nfor i in range(200): print(f'line {i}: ' + 'x' * 40)\nprint('Error: no such notebook', file=sys.stderr)\nsys.exit(3)"
+    node, runtime, watcher = confinedNode(
+        tmp_path, {"fails": Tool("fails", ("{python}", "-u", "-c", script, "{socket}"))}, startTimeout=30
+    )
+    try:
+        await node.start("ext1", "fails", None)
+        errored = await watcher.waitFor("ext1", "errored")
+        assert errored.reason is not None
+        assert errored.reason.startswith("The tool exited with status 3. Its last output:\n")
+        assert errored.reason.endswith("line 199: " + "x" * 40 + "\nError: no such notebook")
+        assert len(errored.reason) <= 1000
+        assert "line 0:" not in errored.reason
+    finally:
+        await discardAll(runtime)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restored_archive_is_handed_to_the_tool(tmp_path: Path) -> None:
+    """Files unpacked from a saved image belong to the tool's uid, which differs from instance to instance."""
+    import io
+    import tarfile
+
+    from dit4c.node.interfaces import PodSpec
+    from dit4c.node.process import IMAGE_METADATA, builtinTools
+
+    if os.geteuid() != 0:
+        pytest.skip("tools run as uids of their own only under a root node")
+    archive = tmp_path / "saved.tar"
+    with tarfile.open(archive, "w") as tar:
+        for name, data in ((IMAGE_METADATA, b'{"format": "dit4c-process-archive/1", "tool": "dit4c/static"}'),
+                           ("results/run1.csv", b"a,b\n1,2\n")):  # fmt: skip
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    runtime = ProcessRuntime(reactor, tmp_path / "node", builtinTools(), helpers=HELPERS, stopGrace=2)
+    try:
+        for instance in ("rst1", "rst2"):
+            directory = tmp_path / "node" / instance
+            directory.mkdir(parents=True, mode=0o700)
+            environment = {"DIT4C_INSTANCE_KEY": str(directory / "instance.key")}
+            await runtime.start(PodSpec(instance, "", None, directory, environment, archive=archive))
+        uids = [json.loads((tmp_path / "node" / i / "pod.json").read_text())["uid"] for i in ("rst1", "rst2")]
+        assert uids[0] != uids[1]
+        for _ in range(100):
+            if [await runtime.ready(i) for i in ("rst1", "rst2")] == [True, True]:
+                break
+            await deferLater(0.1)
+        for instance, uid in zip(("rst1", "rst2"), uids):
+            work = tmp_path / "node" / instance / "work"
+            assert {p.stat().st_uid for p in [work, *work.rglob("*")]} == {uid}
+            page = await unixRequest(tmp_path / "node" / instance / "sock" / "tool.sock", b"GET /results/run1.csv HTTP/1.0\r\n\r\n")
+            assert page.endswith(b"\r\n\r\na,b\n1,2\n")
+    finally:
+        await discardAll(runtime)
