@@ -36,7 +36,7 @@ class Options(usage.Options):
         ["audience", None, "dit4c-routing", "Audience that tunnel tokens must name."],
         ["issuer", None, None, "Issuer that tunnel tokens must name (not checked if unset)."],
         ["max-token-lifetime", None, ROUTING_MAX_LIFETIME, "Seconds a tunnel token may live at most (exp - iat); longer ones are refused.", positiveFloat],
-        ["max-seen-tokens", None, 100_000, "Most token ids (jti) remembered at once to refuse a second use; past it new tunnels are refused until old ids expire.", positiveInt],
+        ["max-seen-tokens", None, 100_000, "Most token ids (jti) remembered at once to refuse a second use (about 200 bytes each); past it new tunnels are refused until old ids expire.", positiveInt],
         ["admin", None, None, "Endpoint for /health and /metrics, e.g. tcp:9090:interface=127.0.0.1."],
         ["heartbeat", None, 10.0, "Seconds between tunnel heartbeats.", positiveFloat],
         ["timeout", None, 30.0, "Seconds of silence after which a tunnel is taken for dead.", positiveFloat],
