@@ -46,7 +46,12 @@ from typing import Any, cast
 
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint, connectProtocol, quoteStringArgument
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    UNIXClientEndpoint,
+    connectProtocol,
+    quoteStringArgument,
+)
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -55,7 +60,7 @@ from dit4c.common.helperenv import inherited
 from dit4c.node import confine
 from dit4c.node.confine import STORAGE_WAIT
 from dit4c.node.interfaces import IRuntime, PodSpec, PodStatus, RuntimeError_, helperCommand
-from dit4c.node.processes import PodProcess, removePodDirectory
+from dit4c.node.processes import PodProcess, killRecorded, killStrays, removePodDirectory
 
 __all__ = ["TOOL_UIDS", "ProcessRuntime", "Tool", "builtinTools", "toolsFromFile"]
 
@@ -369,9 +374,10 @@ class ProcessRuntime:
     def onExit(self, callback: Callable[[str, str], object]) -> None:
         self._exitCallbacks.append(callback)
 
-    def _processes(self, instance: str, directory: Path) -> dict[str, PodProcess]:
-        roles = (*_ROLES, _STORAGE) if (directory / "mnt").is_dir() else _ROLES
+    def _processes(self, instance: str, directory: Path, storage: bool) -> dict[str, PodProcess]:
+        roles = (*_ROLES, _STORAGE) if storage else _ROLES
         processes = {role: PodProcess(self.reactor, role, directory, stopGrace=self.stopGrace) for role in roles}
+
         def exited(process: PodProcess, reason: str) -> None:
             self._exited(instance, reason)
 
@@ -431,7 +437,7 @@ class ProcessRuntime:
         storage = spec.directory / "mnt" if spec.environment.get("DIT4C_FILE_SERVER") else None
         if storage is not None:
             storage.mkdir(exist_ok=True)
-        processes = self._processes(spec.instance, spec.directory)
+        processes = self._processes(spec.instance, spec.directory, storage is not None)
         base = inherited()
         helperEnv = {
             **base,
@@ -462,7 +468,7 @@ class ProcessRuntime:
         )
         record = {"tool": toolPort, "socket": str(socketPath) if socketPath else None, "auth": authPort}
         (spec.directory / "pod.json").write_text(
-            json.dumps({**record, "image": tool.name, "uid": owner[0] if owner else None})
+            json.dumps({**record, "image": tool.name, "uid": owner[0] if owner else None, "storage": storage is not None})
         )
         storageCommand = [*self.helpers["storage"], *(["--owner", f"{owner[0]}:{owner[1]}"] if owner else [])]
         try:
@@ -541,17 +547,41 @@ class ProcessRuntime:
 
         return connectProtocol(endpoint, Protocol()).addCallbacks(connected, lambda _: False)
 
-    def _remember(self, instance: str, record: Path) -> None:
-        """Where a pod found again (after a node restart) answers, from its ``pod.json``."""
+    def _adopt(self, instance: str) -> dict[str, PodProcess] | None:
+        """
+        The pod's processes, found again from its ``pod.json`` and pid files
+        if this runtime did not start them (a node restart): each is
+        watched from now on. None if there is no such pod.
+
+        Whether the pod has a storage helper is read from ``pod.json`` (or
+        its pid file): never by looking at the mount point, which on a dead
+        FUSE mount fails, or waits for a file server that may be served by
+        this very process.
+        """
+        processes = self._pods.get(instance)
+        if processes is not None:
+            return processes
+        directory = self.directory / instance
         try:
-            pod = json.loads(record.read_text())
+            pod = json.loads((directory / "pod.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(pod, dict):
+            return None
+        storage = bool(pod.get("storage", (directory / f"{_STORAGE}.pid").exists()))
+        processes = self._processes(instance, directory, storage)
+        for process in processes.values():
+            process.adopt()
+        self._pods[instance] = processes
+        try:
             self._ports[instance] = Path(pod["socket"]) if pod.get("socket") else int(pod["tool"])
             self._authPorts[instance] = int(pod["auth"])
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        except (KeyError, ValueError, TypeError):
             pass
+        return processes
 
     def stop(self, instance: str) -> Deferred[None]:
-        processes = self._pods.get(instance, {})
+        processes = self._adopt(instance) or {}
         # The listener first, so no one reaches a tool that is going; the
         # storage last, once the tool cannot be writing to it.
         order = [processes[role] for role in ("listener", "auth", "tool") if role in processes]
@@ -561,12 +591,20 @@ class ProcessRuntime:
         return d.addCallback(lambda _: None)
 
     def discard(self, instance: str) -> Deferred[None]:
+        """
+        Stop the pod, then make sure nothing of it is left: every process a
+        pid file in its directory names, and any other process still in it
+        (working in its directory, or carrying its instance id), is killed,
+        what is mounted in it unmounted, and the directory removed.
+        """
+        directory = self.directory / instance
+
         def remove(_: object) -> Deferred[None]:
             self._pods.pop(instance, None)
             self._ports.pop(instance, None)
             self._authPorts.pop(instance, None)
-            # A working directory may hold gigabytes: not on the reactor thread.
-            return threads.deferToThread(removePodDirectory, self.directory / instance)
+            # Scanning processes and a working directory of gigabytes: not on the reactor thread.
+            return threads.deferToThread(_removeAll, directory, instance)
 
         return self.stop(instance).addCallback(remove)
 
@@ -574,15 +612,11 @@ class ProcessRuntime:
         found: list[PodStatus] = []
         for record in sorted(self.directory.glob("*/pod.json")):
             instance = record.parent.name
-            processes = self._pods.get(instance)
+            processes = self._adopt(instance)
             if processes is None:
-                processes = self._processes(instance, record.parent)
-                alive = [role for role, p in processes.items() if p.adopt()]
-                self._pods[instance] = processes
-                self._remember(instance, record)
-            else:
-                alive = [role for role, p in processes.items() if p.running]
-            missing = [role for role in processes if role not in alive]
+                found.append(PodStatus(instance, False, "Its pod record is unreadable."))
+                continue
+            missing = [role for role, p in processes.items() if not p.running]
             reason = f"Not running: {', '.join(missing)}." if missing else None
             found.append(PodStatus(instance, not missing, reason))
         return succeed(found)
@@ -592,3 +626,10 @@ class ProcessRuntime:
         for processes in self._pods.values():
             for process in processes.values():
                 process.forget()
+
+
+def _removeAll(directory: Path, instance: str) -> None:
+    """Blocking (a thread): nothing of the pod left, processes and mounts included; then its directory."""
+    killRecorded(directory)
+    killStrays(directory, instance)
+    removePodDirectory(directory)

@@ -33,7 +33,17 @@ from twisted.python.failure import Failure
 
 from dit4c.common.mounts import isMount, mountPoints
 
-__all__ = ["PodProcess", "exitReason", "isMount", "killRecorded", "logTail", "removePodDirectory", "startTime"]
+__all__ = [
+    "PodProcess",
+    "exitReason",
+    "isMount",
+    "killRecorded",
+    "killStrays",
+    "logTail",
+    "podProcesses",
+    "removePodDirectory",
+    "startTime",
+]
 
 #: Seconds between SIGTERM and SIGKILL when stopping a process.
 STOP_GRACE = 5.0
@@ -335,6 +345,51 @@ def killRecorded(directory: Path) -> list[int]:
             killed.append(pid)
     for mount in mounts:
         _unmount(mount)
+    return killed
+
+
+def podProcesses(directory: Path, instance: str) -> list[int]:
+    """
+    Every process (but this one) that belongs to a pod: it works in the
+    pod's directory (or below: a tool in its working directory), or its
+    command line names it, or its environment carries the instance's id
+    (``DIT4C_INSTANCE``, as every helper's does). From ``/proc``, without
+    touching anything inside the pod (a dead mount in it cannot stall this).
+    """
+    root = os.path.abspath(directory)
+    marker = f"DIT4C_INSTANCE={instance}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            cwd = ""
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            environ = Path(f"/proc/{entry}/environ").read_bytes()
+        except OSError:
+            continue
+        inside = cwd == root or cwd.startswith(root + "/")
+        if inside or os.fsencode(root) in cmdline or marker in environ.split(b"\0"):
+            found.append(int(entry))
+    return found
+
+
+def killStrays(directory: Path, instance: str) -> list[int]:
+    """
+    Kill (SIGKILL, with its process group) every process of a pod that is
+    still running (:func:`podProcesses`), for when its pid files do not
+    name them all; the pids killed.
+    """
+    killed = podProcesses(directory, instance)
+    for pid in killed:
+        _signalGroup(pid, signal.SIGKILL)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
     return killed
 
 

@@ -13,7 +13,10 @@ captured a saved instance's image (an archive, and its digest).
 
 Transient failures (the image server or portal away, a 5xx) are retried
 with back-off; anything else ends it. Exit status 0 means the portal has
-the image; the node reports ``saved`` only then.
+the image; the node reports ``saved`` only then. Before it exits the helper
+leaves its verdict beside the image (:func:`resultFile` on success,
+:func:`failureFile` with the reason otherwise), so a node restarted while
+it ran can tell how it ended.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from dit4c.common.tokens import TokenSigner
 from dit4c.listener.report import REPORT_AUDIENCE
 from dit4c.listener.service import backoff
 
-__all__ = ["upload", "UploadFailed", "UPLOAD_AUDIENCE"]
+__all__ = ["upload", "UploadFailed", "UPLOAD_AUDIENCE", "failureFile", "progressFile", "resultFile"]
 
 UPLOAD_AUDIENCE = "dit4c-image-upload"
 UPLOAD_TOKEN_LIFETIME = 300
@@ -57,6 +60,22 @@ class _Retry(Exception):
 def progressFile(imageFile: str) -> Path:
     """Where the helper keeps ``{"sent": bytes, "total": bytes}`` for the node to show."""
     return Path(imageFile + ".progress")
+
+
+def resultFile(imageFile: str) -> Path:
+    """Where the helper leaves ``{"url": ...}`` once the portal has the image."""
+    return Path(imageFile + ".done")
+
+
+def failureFile(imageFile: str) -> Path:
+    """Where the helper leaves why it failed (text)."""
+    return Path(imageFile + ".failed")
+
+
+def _leave(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
 
 
 class _Counting:
@@ -169,10 +188,18 @@ def main() -> None:
     async def run(reactor: Any) -> None:
         try:
             env = fromEnvironment()
-            url = await upload(reactor, env)
-        except (HelperEnvironmentError, UploadFailed) as e:
+        except HelperEnvironmentError as e:
             log.error("upload failed: {why}", why=e)
             raise SystemExit(1) from None
+        try:
+            url = await upload(reactor, env)
+        except UploadFailed as e:
+            log.error("upload failed: {why}", why=e)
+            if env.imageFile:
+                _leave(failureFile(env.imageFile), str(e))
+            raise SystemExit(1) from None
+        assert env.imageFile
+        _leave(resultFile(env.imageFile), json.dumps({"url": url}))
         log.info("saved image at {url}", url=url)
 
     react(lambda reactor: Deferred.fromCoroutine(run(reactor)))

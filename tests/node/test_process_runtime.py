@@ -190,7 +190,7 @@ async def test_a_restarted_node_finds_its_instances(nodes: Any, tmp_path: Path) 
         await deferLater(0.05)
     assert {s.instance: s.state for s in again.instances()} == {"abc8": "running", "abc9": "errored"}
     assert (await watcher2.waitFor("abc9", "errored")).reason == (
-        "The instance stopped while its compute node was restarting."
+        "The instance stopped while its compute node was restarting. Not running: tool."
     )
     # The found instance is under the new node's control: it stops it.
     pids = podPids(tmp_path / "node" / "abc8")
