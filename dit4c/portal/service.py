@@ -17,6 +17,7 @@ from twisted.web.server import Site
 from dit4c.common.service import ListeningService
 from dit4c.portal.app import Portal, PortalConfig
 from dit4c.portal.channel import ChannelHub
+from dit4c.portal.deadlines import DeadlineWatch
 from dit4c.portal.keys import KeyRing
 
 
@@ -88,6 +89,13 @@ class PortalService(MultiService):
             events.publish(event.instance)
 
         self.channels.subscribe(None, changed)
+
+        def expired(instance: Any) -> None:
+            portal.keysChanged()
+            events.publish(instance)
+
+        # Instances stuck in a transient state (their node or scheduler away) are errored.
+        DeadlineWatch(self.reactor, self.store, expired).setServiceParent(self)
         # Schedulers may also dial the portal's own web port (wss://.../.dit4c/channel).
         self.portal.channelResource = self.channels.resource()
         self.portal.reports.setImageServerSecret(self.imageServerSecret)

@@ -739,6 +739,22 @@ class SQLStore:
         return await self._listInstances("owner_id = ?", (user_id,), includeDiscarded)
 
     @_deferred
+    async def listInstancesIn(self, states: Iterable[str], updatedBefore: float) -> list[Instance]:
+        wanted = tuple(_checkState(state) for state in states)
+        if not wanted:
+            return []
+
+        def work(t: _Txn) -> list[Instance]:
+            rows = t.all(
+                f"SELECT {_cols(_INSTANCE)} FROM instances"
+                f" WHERE state IN ({_marks(len(wanted))}) AND updated < ? ORDER BY updated",
+                (*wanted, updatedBefore),
+            )
+            return [_instance(row) for row in rows]
+
+        return await self._run(work)
+
+    @_deferred
     async def listInstancesOfScheduler(self, scheduler_id: str, includeDiscarded: bool = False) -> list[Instance]:
         return await self._listInstances("scheduler_id = ?", (scheduler_id,), includeDiscarded)
 

@@ -10,7 +10,7 @@ Times come from the store's clock.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -218,6 +218,12 @@ class IStore(Interface):
 
     def listInstancesSharedWith(user_id: str) -> Deferred[list[Instance]]:
         """Instances others shared with this user (directly or by a link), not discarded."""
+
+    def listInstancesIn(states: Iterable[str], updatedBefore: float) -> Deferred[list[Instance]]:
+        """
+        The instances in any of ``states`` whose last change (``updated``)
+        was before ``updatedBefore``, longest unchanged first.
+        """
 
     def listInstancesOfScheduler(
         scheduler_id: str, includeDiscarded: bool = False

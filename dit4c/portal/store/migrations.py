@@ -207,6 +207,14 @@ MIGRATIONS: list[Migration] = [
             "CREATE INDEX scheduler_users_user ON scheduler_users (user_id)",
         ],
     ),
+    (
+        6,
+        [
+            # Instances stuck in a transient state past its deadline are
+            # found by state and last change (dit4c.portal.deadlines).
+            "CREATE INDEX instances_state_updated ON instances (state, updated)",
+        ],
+    ),
 ]
 
 _CREATE_VERSION_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (
