@@ -6,15 +6,18 @@ cookie-keeping client that follows no redirect by itself.
 
 from __future__ import annotations
 
+import json
 import re
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import treq
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer, reactor
-from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.endpoints import TCP4ClientEndpoint, clientFromString, serverFromString
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -242,3 +245,45 @@ async def logIn(browser: Browser, name: str, path: str = "/") -> Any:
 
 def loggedInURL(url: str, **params: str) -> str:
     return url + ("&" if "?" in url else "?") + urlencode(params)
+
+
+# -- a Jupyter kernel, over its WebSocket through the auth helper ------------------------------------
+
+
+class _Kernel(WebSocketClientProtocol):
+    def onOpen(self) -> None:
+        self.factory.opened.callback(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if isBinary:
+            return
+        message = json.loads(payload)
+        if message.get("msg_type") == "execute_result" and not self.factory.result.called:
+            self.factory.result.callback(message["content"]["data"]["text/plain"])
+
+
+async def execute(browser: Browser, kernel: str, code: str, timeout: float = 60) -> str:
+    """Run ``code`` in a Jupyter kernel over its WebSocket, as ``browser``'s person; its result as text."""
+    world = browser.world
+    session = uuid.uuid4().hex
+    cookie = "; ".join(f"{k}={v}" for k, v in browser.instanceCookies().items())
+    factory = WebSocketClientFactory(
+        f"ws://{world.host}/api/kernels/{kernel}/channels?session_id={session}", headers={"Cookie": cookie}
+    )
+    factory.protocol = _Kernel
+    factory.opened, factory.result = defer.Deferred(), defer.Deferred()
+    await TCP4ClientEndpoint(reactor, "127.0.0.1", world.authPort).connect(factory)
+    client = await factory.opened.addTimeout(30, reactor)
+    request = {
+        "header": {
+            "msg_id": uuid.uuid4().hex, "username": "alice", "session": session,
+            "msg_type": "execute_request", "version": "5.3", "date": "2026-01-01T00:00:00Z",
+        },
+        "parent_header": {}, "metadata": {}, "channel": "shell",
+        "content": {"code": code, "silent": False, "store_history": False, "user_expressions": {}, "allow_stdin": False},
+    }  # fmt: skip
+    client.sendMessage(json.dumps(request).encode())
+    try:
+        return str(await factory.result.addTimeout(timeout, reactor))
+    finally:
+        client.sendClose()

@@ -6,7 +6,6 @@ kernel's WebSocket, all through the helper.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -14,17 +13,13 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
 import treq
-from auth_client import Browser, logIn
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint
+from auth_client import Browser, execute, logIn
 
 from dit4c.testing import deferLater
 
@@ -88,18 +83,6 @@ async def jupyter(tmp_path: Path) -> Any:
         log.close()
 
 
-class _Kernel(WebSocketClientProtocol):
-    def onOpen(self) -> None:
-        self.factory.opened.callback(self)
-
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if isBinary:
-            return
-        message = json.loads(payload)
-        if message.get("msg_type") == "execute_result" and not self.factory.result.called:
-            self.factory.result.callback(message["content"]["data"]["text/plain"])
-
-
 @pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_jupyterlab_through_the_auth_helper(world: Any, jupyter: int) -> None:
@@ -124,26 +107,7 @@ async def test_jupyterlab_through_the_auth_helper(world: Any, jupyter: int) -> N
     response = await anonymous.get(world.instanceURL + f"api/kernels/{kernel}", accept="application/json")
     assert response.code == 401
 
-    session = uuid.uuid4().hex
-    cookie = "; ".join(f"{k}={v}" for k, v in alice.instanceCookies().items())
-    factory = WebSocketClientFactory(
-        f"ws://{world.host}/api/kernels/{kernel}/channels?session_id={session}", headers={"Cookie": cookie}
-    )
-    factory.protocol = _Kernel
-    factory.opened, factory.result = defer.Deferred(), defer.Deferred()
-    await TCP4ClientEndpoint(reactor, "127.0.0.1", world.authPort).connect(factory)
-    client = await factory.opened.addTimeout(30, reactor)
-    request = {
-        "header": {
-            "msg_id": uuid.uuid4().hex, "username": "alice", "session": session,
-            "msg_type": "execute_request", "version": "5.3", "date": "2026-01-01T00:00:00Z",
-        },
-        "parent_header": {}, "metadata": {}, "channel": "shell",
-        "content": {"code": "1+1", "silent": False, "store_history": False, "user_expressions": {}, "allow_stdin": False},
-    }  # fmt: skip
-    client.sendMessage(json.dumps(request).encode())
-    assert await factory.result.addTimeout(60, reactor) == "2"
-    client.sendClose()
+    assert await execute(alice, kernel, "1+1") == "2"
 
     response = await alice.request("DELETE", world.instanceURL + f"api/kernels/{kernel}", accept="application/json")
     assert response.code == 204
