@@ -266,7 +266,7 @@ class ThreadedReader:
         if not self._busy:
             self._close()
         if not self._done.called:
-            self._done.errback(Failure(CancelledError("stopped")))
+            self._done.errback(Failure(CancelledError("the reader stopped producing")))
 
 
 class SpoolingWriter:

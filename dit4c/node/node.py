@@ -237,8 +237,8 @@ class Node(Service):
             try:
                 await work()
             except Exception:
-                self.log.failure("{what} {instance} failed", what=what, instance=instance)
-                self._failed(instance, f"The compute node failed while {what} this instance.")
+                self.log.failure("could not {what} {instance}", what=what, instance=instance)
+                self._failed(instance, f"The compute node failed to {what} this instance.")
             finally:
                 lock.release()
                 if not lock.locked and not lock.waiting and self._locks.get(instance) is lock:
@@ -273,10 +273,10 @@ class Node(Service):
                 # Made by this node but not recorded (a discard that died half way):
                 # nothing can use it any more.
                 self.log.warn("discarding pod {instance}, which this node holds no record of", instance=instance)
-                self._spawn(instance, "discarding", partial(self._discardPod, instance))
+                self._spawn(instance, "discard", partial(self._discardPod, instance))
         for record in list(self._records.values()):
             self._arm(record)
-            self._spawn(record.instance, "taking back", partial(self._takeBack, record, pods.get(record.instance)))
+            self._spawn(record.instance, "take back", partial(self._takeBack, record, pods.get(record.instance)))
         if self._records:
             self.log.info("found {count} instances again", count=len(self._records))
 
@@ -355,7 +355,7 @@ class Node(Service):
         self._save(record)
         self._arm(record)
         self._emit(record)
-        self._spawn(instance, "starting", lambda: self._start(record, stale, token))
+        self._spawn(instance, "start", lambda: self._start(record, stale, token))
         return succeed(None)
 
     async def _start(self, record: _Record, stale: bool, token: str | None = None) -> None:
@@ -471,19 +471,19 @@ class Node(Service):
     def _stop(self, instance: str, *, save: bool) -> Deferred[None]:
         record = self._records.get(instance)
         if record is None:
-            # Unknown here: nothing to stop (the portal hears "stopped").
+            # Unknown here: nothing to stop (the portal hears that it is stopped).
             self._emitStatus(InstanceStatus(instance, State.STOPPED))
             return succeed(None)
         if record.state in (State.STARTING, State.RUNNING):
             if save and self.imageServer is None:
                 self._set(instance, State.STOPPING, None)
-                return self._spawn(instance, "stopping", lambda: self._noImageServer(instance))
+                return self._spawn(instance, "stop", lambda: self._noImageServer(instance))
             self._set(instance, State.STOPPING, None, saving=save)
-            return self._spawn(instance, "stopping", lambda: self._finishStop(instance))
+            return self._spawn(instance, "stop", lambda: self._finishStop(instance))
         if record.state is State.ERRORED:
             # Nothing of an errored instance may run on: whatever is left is stopped.
             self._emit(record)
-            return self._spawn(instance, "stopping", lambda: self.runtime.stop(instance))
+            return self._spawn(instance, "stop", lambda: self.runtime.stop(instance))
         # Under way, or at rest already: say where it is.
         self._emit(record)
         return succeed(None)
@@ -619,7 +619,7 @@ class Node(Service):
         if upload is not None:
             # An upload under way holds the instance's turn until it ends: end it now.
             upload.stop()
-        return self._spawn(instance, "discarding", lambda: self._discard(instance))
+        return self._spawn(instance, "discard", lambda: self._discard(instance))
 
     async def _discard(self, instance: str) -> None:
         try:
@@ -647,7 +647,7 @@ class Node(Service):
         self.log.warn("{instance} stopped by itself: {reason}", instance=instance, reason=reason)
         self._set(instance, State.ERRORED, reason)
         # What is left of the pod (the helpers, when the tool ended) goes too.
-        self._spawn(instance, "stopping", lambda: self.runtime.stop(instance))
+        self._spawn(instance, "stop", lambda: self.runtime.stop(instance))
 
     # -- deadlines -------------------------------------------------------------------------------
 
@@ -678,7 +678,7 @@ class Node(Service):
         if upload is not None:
             upload.stop()  # its watcher, which holds the instance's turn, then ends
         if state in (State.STARTING, State.STOPPING):
-            self._spawn(instance, "stopping", lambda: self.runtime.stop(instance))
+            self._spawn(instance, "stop", lambda: self.runtime.stop(instance))
 
     # -- records -------------------------------------------------------------------------------
 

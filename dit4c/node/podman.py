@@ -25,6 +25,7 @@ timeout; the reactor is never blocked. The layout is described in
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import re
@@ -80,14 +81,28 @@ class PodmanError(RuntimeError_):
     """A podman command failed."""
 
 
+class _Phase(enum.Enum):
+    """Where one pod is, as this runtime sees it (the instance's own life is the node's)."""
+
+    MAKING = "being made"
+    UP = "up"
+    #: Its tool or a helper ended by itself.
+    ENDED = "ended by itself"
+    GOING = "being stopped"
+    DOWN = "down"
+
+
+#: podman's word (``podman ps``) for a container that runs.
+_CONTAINER_UP = "running"
+
+
 @dataclass
 class _Pod:
     """What this node holds of one pod."""
 
     instance: str
     directory: Path
-    #: starting, running, exited (by itself), stopping, stopped
-    state: str
+    state: _Phase
     processes: dict[str, PodProcess] = field(default_factory=dict)
     #: The tool's port in the pod, and the pid of a process in its network namespace.
     toolPort: int | None = None
@@ -410,7 +425,7 @@ class PodmanRuntime:
             if not argv or shutil.which(argv[0]) is None:
                 program = argv[0] if argv else ""
                 raise RuntimeError_(f"the {role}'s program {program!r} is not installed on this node")
-        pod = _Pod(instance, Path(spec.directory), "starting")
+        pod = _Pod(instance, Path(spec.directory), _Phase.MAKING)
         self._pods[instance] = pod
         made = False
         try:
@@ -453,7 +468,7 @@ class PodmanRuntime:
                 raise RuntimeError_(pod.failure)
         except BaseException as e:
             self.log.warn("pod {instance} did not start: {error}", instance=instance, error=str(e))
-            pod.state = "stopping"
+            pod.state = _Phase.GOING
             try:
                 await self._removeAll(pod, removePod=made, removeDirectory=False)
             except Exception as cleanup:
@@ -465,7 +480,7 @@ class PodmanRuntime:
             if isinstance(e, Exception):
                 raise RuntimeError_(f"the pod could not start: {e}") from e
             raise
-        pod.state = "running"
+        pod.state = _Phase.UP
         self.log.info("pod {instance} started (host port {port})", instance=instance, port=hostPort)
         self._watch()
 
@@ -541,7 +556,7 @@ class PodmanRuntime:
 
     async def _ready(self, instance: str) -> bool:
         pod = self._pods.get(instance)
-        if pod is None or pod.state != "running" or pod.toolPort is None:
+        if pod is None or pod.state is not _Phase.UP or pod.toolPort is None:
             return False
         if pod.infraPid is None or not Path(f"/proc/{pod.infraPid}").exists():
             try:
@@ -624,12 +639,12 @@ class PodmanRuntime:
     def _exited(self, pod: _Pod, reason: str) -> None:
         if self._forgotten or self._pods.get(pod.instance) is not pod:
             return
-        if pod.state == "starting":
+        if pod.state is _Phase.MAKING:
             pod.failure = pod.failure or reason
             return
-        if pod.state != "running":
+        if pod.state is not _Phase.UP:
             return
-        pod.state = "exited"
+        pod.state = _Phase.ENDED
         self.log.info("pod {instance} stopped by itself: {reason}", instance=pod.instance, reason=reason)
         for callback in list(self._callbacks):
             try:
@@ -646,7 +661,7 @@ class PodmanRuntime:
             )
 
     def _pollOnce(self) -> Deferred[None] | None:
-        if not any(pod.state == "running" for pod in self._pods.values()):
+        if not any(pod.state is _Phase.UP for pod in self._pods.values()):
             if self._poll is not None and self._poll.running:
                 self._poll.stop()
             self._poll = None
@@ -663,12 +678,12 @@ class PodmanRuntime:
             if labels.get(LABEL_ROLE) == "tool" and LABEL_INSTANCE in labels:
                 tools[labels[LABEL_INSTANCE]] = c
         for pod in list(self._pods.values()):
-            if pod.state != "running":
+            if pod.state is not _Phase.UP:
                 continue
             c = tools.get(pod.instance)
             if c is None:
                 self._exited(pod, "The tool's container is gone.")
-            elif c.get("State") != "running":
+            elif c.get("State") != _CONTAINER_UP:
                 self._exited(pod, f"The tool exited with status {c.get('ExitCode')}.")
 
     # -- finding again ----------------------------------------------------------------------
@@ -688,13 +703,15 @@ class PodmanRuntime:
         return self._adopt(instance, labels, info.get("State") == "Running")
 
     def _adopt(self, instance: str, labels: dict[str, str], running: bool) -> _Pod:
-        pod = _Pod(instance, Path(labels.get(LABEL_DIRECTORY, "")), "running" if running else "stopped")
+        pod = _Pod(instance, Path(labels.get(LABEL_DIRECTORY, "")), _Phase.UP if running else _Phase.DOWN)
         port = labels.get(LABEL_TOOL_PORT, "")
         pod.toolPort = int(port) if port.isdigit() else None
         self._pods[instance] = pod
         if labels.get(LABEL_DIRECTORY):
             for name in ("auth", "listener", "storage"):
-                if name == "storage" and not (pod.directory / "mnt").is_dir():
+                # Never a stat of the mount point (a dead FUSE mount fails, or waits
+                # for a file server this very process may serve): its pid file says.
+                if name == "storage" and not (pod.directory / "storage.pid").exists():
                     continue
                 process = self._process(pod, name)
                 if not process.adopt():
@@ -716,14 +733,14 @@ class PodmanRuntime:
             if pod is None:
                 pod = self._adopt(instance, labels, podRunning)
             statuses.append(self._status(pod, entry, podRunning))
-        if any(pod.state == "running" for pod in self._pods.values()):
+        if any(pod.state is _Phase.UP for pod in self._pods.values()):
             self._watch()
         return statuses
 
     def _status(self, pod: _Pod, entry: dict[str, Any], podRunning: bool) -> PodStatus:
-        if pod.state == "starting":
+        if pod.state is _Phase.MAKING:
             return PodStatus(pod.instance, False, "The pod is starting.")
-        if pod.state == "stopping":
+        if pod.state is _Phase.GOING:
             return PodStatus(pod.instance, False, "The pod is stopping.")
         if not podRunning:
             status = entry.get("Status") or "unknown"
@@ -741,14 +758,14 @@ class PodmanRuntime:
                 return PodStatus(pod.instance, False, f"The {name} helper is not running.")
         if pod.state == "exited":
             return PodStatus(pod.instance, False, "The pod stopped by itself.")
-        pod.state = "running"
+        pod.state = _Phase.UP
         return PodStatus(pod.instance, True)
 
     # -- stopping and removing ----------------------------------------------------------------
 
     async def _stopHelpers(self, pod: _Pod) -> None:
         """The listener first, so that no one reaches a tool that is going; then the auth helper."""
-        pod.state = "stopping"
+        pod.state = _Phase.GOING
         for name in ("listener", "auth"):
             process = pod.processes.get(name)
             if process is not None:
@@ -771,7 +788,7 @@ class PodmanRuntime:
             what="stopping the pod",
         )  # fmt: skip
         await self._stopStorage(pod)
-        pod.state = "stopped"
+        pod.state = _Phase.DOWN
         self.log.info("pod {instance} stopped", instance=instance)
 
     async def _discard(self, instance: str) -> None:
@@ -807,4 +824,4 @@ class PodmanRuntime:
                 timeout=self.stopTimeout + self.commandTimeout,
                 what="removing the pod",
             )  # fmt: skip
-        pod.state = "stopped"
+        pod.state = _Phase.DOWN

@@ -52,6 +52,7 @@ from dit4c.channel.wire import (
     privateMembers,
 )
 from dit4c.common.keys import AnyKey, PrivateKey, public_jwk
+from dit4c.common.life import State
 from dit4c.common.websocket import webSocketEndpoint
 from dit4c.listener.service import backoff
 
@@ -431,7 +432,7 @@ class ChannelClient(MultiService):
             instance=command.instance,
             id=command.id,
         )
-        self.sendState(command.instance, "errored", f"The compute service could not {command.op} this instance.")
+        self.sendState(command.instance, State.ERRORED, f"The compute service could not {command.op} this instance.")
         self._done(command)
 
     def _ack(self, commandId: str) -> None:

@@ -726,7 +726,7 @@ class SQLStore:
     def _listInstances(self, where: str, params: tuple[Any, ...], includeDiscarded: bool) -> Deferred[list[Instance]]:
         if not includeDiscarded:
             where += " AND state <> ?"
-            params += ("discarded",)
+            params += (State.DISCARDED.value,)
 
         def work(t: _Txn) -> list[Instance]:
             rows = t.all(f"SELECT {_cols(_INSTANCE)} FROM instances WHERE {where} ORDER BY id", params)
@@ -772,7 +772,7 @@ class SQLStore:
                 "  WHERE g.user_id = ? AND l.revoked = 0)"
                 " AND i.state <> ? AND i.owner_id <> ?"
                 " ORDER BY i.id",
-                (user_id, user_id, "discarded", user_id),
+                (user_id, user_id, State.DISCARDED.value, user_id),
             )
             return [_instance(row) for row in rows]
 
