@@ -80,14 +80,18 @@ def systemPython() -> str:
     pytest.skip(f"no system Python {sys.version_info[0]}.{sys.version_info[1]} for another user to run")
 
 
+def importPath() -> list[str]:
+    """Where this test run's Python finds DIT4C's dependencies (for another Python to find them too)."""
+    return [p for p in sys.path if p.endswith("site-packages") and os.path.isdir(p)]
+
+
 def asUser(uid: int, argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` as ``uid`` (and the same gid, no other groups), DIT4C importable."""
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("running as another user needs root and setpriv")
-    sitePackages = [p for p in sys.path if p.endswith("site-packages") and os.path.isdir(p)]
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), *sitePackages]),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), *importPath()]),
         "HOME": "/nonexistent",
         "LANG": "C.UTF-8",
         **kwargs.pop("env", {}),

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from confined import NOBODY, ROOT, asUser, systemPython
+from confined import NOBODY, ROOT, asUser, importPath, systemPython
 
 from dit4c.node.confine import Plan, command
 
@@ -126,7 +126,7 @@ def test_where_the_kernel_refuses_user_namespaces_the_tool_runs_unconfined_and_s
     python = systemPython()
     data, directory, key = pod(shared, NOBODY)
     refusing = [sys.executable, "-c", REFUSING]
-    env = dict(os.environ, PYTHONPATH=asUserPath())
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *importPath()]))
     probe = subprocess.run(
         [*refusing, python, "-c", "from dit4c.node.confine import probe; print(probe())"],
         capture_output=True, text=True, env=env, timeout=60,
@@ -142,10 +142,6 @@ def test_where_the_kernel_refuses_user_namespaces_the_tool_runs_unconfined_and_s
     assert "the tool runs unconfined" in result.stderr
     seen = json.loads(result.stdout)
     assert seen["uid"] == NOBODY and seen["key"] == "the instance key"
-
-
-def asUserPath() -> str:
-    return os.pathsep.join([str(ROOT), *[p for p in sys.path if p.endswith("site-packages") and os.path.isdir(p)]])
 
 
 def test_the_exit_status_is_passed_on_and_the_tools_processes_end_with_it(shared: Path) -> None:

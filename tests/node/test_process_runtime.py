@@ -8,10 +8,13 @@ keys, the helper environment, and what is left after stop and discard.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import stat
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -263,9 +266,9 @@ async def discardAll(runtime: ProcessRuntime) -> None:
 async def test_the_tool_cannot_reach_the_key_or_the_nodes_files(tmp_path: Path) -> None:
     """A tool that tries: the key, the pod's other files, the node's processes, writing outside its own files."""
     pod = tmp_path / "node" / "snp1"
-    outside = tmp_path / "node-files"
-    outside.mkdir(mode=0o777)
-    outside.chmod(0o777)  # writable by anyone: only the confinement stops the tool
+    # Writable by anyone, and not under /tmp (the tool's /tmp is its own): only the read-only file system stops it.
+    outside = Path(tempfile.mkdtemp(prefix="dit4c-outside-", dir="/var/tmp"))
+    outside.chmod(0o777)
     node, runtime, watcher = confinedNode(tmp_path, {"snoop": snoopTool(pod / "instance.key", outside)})
     try:
         await node.start("snp1", "snoop", None)
@@ -274,7 +277,7 @@ async def test_the_tool_cannot_reach_the_key_or_the_nodes_files(tmp_path: Path) 
         assert seen["key"][0] == "refused", seen
         # The pod's directory holds only what was bound back: not the key, logs or helpers' state.
         assert seen["pod"] == ["ok", ["sock", "work"]]
-        assert seen["outside"][0] == "refused" and not (outside / "planted").exists()
+        assert seen["outside"] == ["refused", errno.EROFS] and not (outside / "planted").exists()
         assert seen["work"][0] == "ok" and seen["tmp"][0] == "ok"
         assert not Path("/tmp/scratch").exists() or Path("/tmp/scratch").stat().st_uid != seen["uid"]
         # Its /proc shows its own processes only: the launcher's init, and itself.
@@ -287,6 +290,7 @@ async def test_the_tool_cannot_reach_the_key_or_the_nodes_files(tmp_path: Path) 
             assert (pod / "work" / "written-by-the-tool").stat().st_uid == seen["uid"]
     finally:
         await discardAll(runtime)
+        shutil.rmtree(outside)
 
 
 @pytest_twisted.ensureDeferred
