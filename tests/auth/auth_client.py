@@ -262,6 +262,16 @@ class _Kernel(WebSocketClientProtocol):
             self.factory.result.callback(message["content"]["data"]["text/plain"])
 
 
+async def startKernel(browser: Browser) -> str:
+    """Start a Jupyter kernel through the auth helper, as ``browser``'s person; its id."""
+    response = await browser.request(
+        "POST", browser.world.instanceURL + "api/kernels", data=b"{}", accept="application/json",
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    assert response.code == 201, await response.text()
+    return str((await response.json())["id"])
+
+
 async def execute(browser: Browser, kernel: str, code: str, timeout: float = 60) -> str:
     """Run ``code`` in a Jupyter kernel over its WebSocket, as ``browser``'s person; its result as text."""
     world = browser.world

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
-from auth_client import Browser, execute, logIn
+from auth_client import Browser, execute, logIn, startKernel
 
 from dit4c.testing import deferLater
 
@@ -95,12 +95,7 @@ async def test_jupyterlab_through_the_auth_helper(world: Any, jupyter: int) -> N
     assert response.code == 200
     assert "started" in await response.json()
 
-    response = await alice.request(
-        "POST", world.instanceURL + "api/kernels", data=b"{}", accept="application/json",
-        headers={"Content-Type": "application/json"},
-    )  # fmt: skip
-    assert response.code == 201, await response.text()
-    kernel = (await response.json())["id"]
+    kernel = await startKernel(alice)
 
     # Without the session, the kernel's WebSocket is refused.
     anonymous = Browser(world)

@@ -64,15 +64,17 @@ def launch(python: str, data: Path, directory: Path, argv: list[str], uid: int |
     return command(python, plan)
 
 
-def test_a_root_node_runs_the_tool_as_its_uid(shared: Path) -> None:
+def rootLaunch(shared: Path, uid: int, code: str) -> list[str]:
+    """The launcher's command, as a root node runs it, for a tool (Python ``code``, given the key's path) as ``uid``."""
     if os.geteuid() != 0:
         pytest.skip("needs root")
     data, directory, key = pod(shared, 0)
-    os.chown(directory / "work", 1_000_123, 1_000_123)
-    result = subprocess.run(
-        launch(sys.executable, data, directory, [sys.executable, "-c", REPORT, str(key)], uid=1_000_123),
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    os.chown(directory / "work", uid, uid)
+    return launch(sys.executable, data, directory, [sys.executable, "-c", code, str(key)], uid=uid)
+
+
+def test_a_root_node_runs_the_tool_as_its_uid(shared: Path) -> None:
+    result = subprocess.run(rootLaunch(shared, 1_000_123, REPORT), capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout)
     assert seen["uid"] == 1_000_123
@@ -146,10 +148,6 @@ def test_where_the_kernel_refuses_user_namespaces_the_tool_runs_unconfined_and_s
 
 def test_the_exit_status_is_passed_on_and_the_tools_processes_end_with_it(shared: Path) -> None:
     """A tool that leaves a process behind in a session of its own (as Jupyter's kernels are): it goes too."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    data, directory, key = pod(shared, 0)
-    os.chown(directory / "work", 1_000_124, 1_000_124)
     leaves = (
         "import subprocess, sys\n"
         "child = subprocess.Popen(['sleep', '300'], start_new_session=True)\n"
@@ -157,10 +155,7 @@ def test_the_exit_status_is_passed_on_and_the_tools_processes_end_with_it(shared
         "sys.exit(7)\n"
     )
     before = _sleepers()
-    result = subprocess.run(
-        launch(sys.executable, data, directory, [sys.executable, "-c", leaves], uid=1_000_124),
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    result = subprocess.run(rootLaunch(shared, 1_000_124, leaves), capture_output=True, text=True, timeout=60)
     assert result.returncode == 7, result.stderr
     for _ in range(50):
         if not _sleepers() - before:
@@ -183,10 +178,6 @@ def _sleepers() -> set[int]:
 
 def test_a_signal_to_the_group_reaches_the_tool_once(shared: Path) -> None:
     """The node stops a tool with SIGTERM to its process group; the tool sees it once, and its status comes back."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    data, directory, key = pod(shared, 0)
-    os.chown(directory / "work", 1_000_125, 1_000_125)
     counts = (
         "import signal, sys, time\n"
         "got = []\n"
@@ -198,7 +189,7 @@ def test_a_signal_to_the_group_reaches_the_tool_once(shared: Path) -> None:
         "sys.exit(0)\n"
     )
     process = subprocess.Popen(
-        launch(sys.executable, data, directory, [sys.executable, "-c", counts], uid=1_000_125),
+        rootLaunch(shared, 1_000_125, counts),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     assert process.stdout is not None

@@ -28,7 +28,7 @@ from dit4c.testing import deferLater
 
 # The auth helper's tests' world (a real portal, alice, her instance), reused as it is.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "auth"))
-from auth_client import Browser, closeWorld, execute, logIn, makeWorld  # noqa: E402
+from auth_client import Browser, closeWorld, execute, logIn, makeWorld, startKernel  # noqa: E402
 
 
 @pytest_twisted.async_yield_fixture
@@ -80,12 +80,7 @@ async def test_jupyterlab_as_its_own_uid_through_the_auth_helper(world: Any, tmp
         response = await alice.get(world.instanceURL + "api/status", accept="application/json")
         assert response.code == 200 and "started" in await response.json()
 
-        response = await alice.request(
-            "POST", world.instanceURL + "api/kernels", data=b"{}", accept="application/json",
-            headers={"Content-Type": "application/json"},
-        )  # fmt: skip
-        assert response.code == 201, await response.text()
-        kernel = (await response.json())["id"]
+        kernel = await startKernel(alice)
         # The kernel answers: JupyterLab reaches it over its Unix sockets.
         assert await execute(alice, kernel, "import os; os.getuid()") == str(record["uid"])
         # JupyterLab and its kernel talk over Unix sockets. The one TCP port of

@@ -20,7 +20,17 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from confined import NOBODY, asUser, listeningInodes, snoopTool, socketInodes, systemPython, toolPid, treeOf, unixRequest
+from confined import (
+    NOBODY,
+    asUser,
+    listeningInodes,
+    snoopTool,
+    socketInodes,
+    systemPython,
+    toolPid,
+    treeOf,
+    unixRequest,
+)
 from standins import HELPERS, TOOLS, Watcher
 from twisted.internet import reactor
 
@@ -379,7 +389,7 @@ async def test_a_restored_archive_is_handed_to_the_tool(tmp_path: Path) -> None:
             if [await runtime.ready(i) for i in ("rst1", "rst2")] == [True, True]:
                 break
             await deferLater(0.1)
-        for instance, uid in zip(("rst1", "rst2"), uids):
+        for instance, uid in zip(("rst1", "rst2"), uids, strict=True):
             work = tmp_path / "node" / instance / "work"
             assert {p.stat().st_uid for p in [work, *work.rglob("*")]} == {uid}
             page = await unixRequest(tmp_path / "node" / instance / "sock" / "tool.sock", b"GET /results/run1.csv HTTP/1.0\r\n\r\n")
