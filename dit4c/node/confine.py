@@ -180,10 +180,11 @@ def probe() -> str | None:
     """
     root = os.geteuid() == 0
     flags = _flags(root)
+    libc = _lib()  # loaded before the fork: the child of a threaded process must not load libraries
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         code = 0
-        if _lib().unshare(flags) != 0:
+        if libc.unshare(flags) != 0:
             code = ctypes.get_errno() or 255
         os._exit(code)
     _, status = os.waitpid(pid, 0)
@@ -276,7 +277,7 @@ def _arrange(plan: Plan, root: bool) -> list[str]:
         if os.path.isdir(scratch):
             covers[scratch] = 0o1777
     for path in plan.hide:
-        if os.path.isdir(path):
+        if os.path.isdir(path) and path != "/":
             covers.setdefault(path, 0o755)
     writable = [*plan.bind, *([plan.storage] if plan.storage else [])]
     binds: dict[str, bool] = {path: True for path in writable if os.path.isdir(path)}

@@ -396,3 +396,30 @@ async def test_a_restored_archive_is_handed_to_the_tool(tmp_path: Path) -> None:
             assert page.endswith(b"\r\n\r\na,b\n1,2\n")
     finally:
         await discardAll(runtime)
+
+
+def test_a_tool_table_names_where_the_tool_listens(tmp_path: Path) -> None:
+    from dit4c.node.process import toolsFromFile
+
+    table = tmp_path / "tools.json"
+    table.write_text(
+        json.dumps(
+            {
+                "tools": {
+                    "socket": {"command": ["serve", "--socket={socket}", '{"json": true}'], "environment": {"H": "{dir}"}},
+                    "tcp": {"command": ["serve", "--port={port}"]},
+                }
+            }
+        )
+    )
+    tools = toolsFromFile(table)
+    assert tools["socket"].socket and not tools["tcp"].socket
+    # Only the placeholders are filled in: other braces (a script, JSON) stay as they are.
+    assert tools["socket"].argv(None, Path("/w"), Path("/p/sock/tool.sock")) == [
+        "serve", "--socket=/p/sock/tool.sock", '{"json": true}',
+    ]  # fmt: skip
+    assert tools["socket"].env(None, Path("/w"), Path("/p/sock/tool.sock")) == {"H": "/w"}
+    assert tools["tcp"].argv(8080, Path("/w")) == ["serve", "--port=8080"]
+    table.write_text(json.dumps({"tools": {"bad": {"command": ["serve"], "environment": {"N": 1}}}}))
+    with pytest.raises(ValueError, match="environment must map names to strings"):
+        toolsFromFile(table)
