@@ -75,9 +75,10 @@ async def openTool(browser: Any, url: str, greeting: str, timeout: float = 60) -
 class Dev:
     """A running ``twistd dit4c-dev`` and what it printed."""
 
-    def __init__(self, process: Any, dataDir: Path, portalPort: int, httpPort: int) -> None:
+    def __init__(self, process: Any, dataDir: Path, arguments: list[str], portalPort: int, httpPort: int) -> None:
         self.process = process
         self.dataDir = dataDir
+        self.arguments = arguments
         self.portal = f"http://localhost:{portalPort}"
         self.httpPort = httpPort
 
@@ -85,10 +86,17 @@ class Dev:
         match = await self.process.waitForLog(r"password:\s+(\S+)", timeout=30)
         return str(match.group(1))
 
+    async def restart(self, processes: Any, how: int) -> None:
+        """Stop it with signal ``how`` (``SIGINT``, ``SIGKILL``) and start it again as it was."""
+        self.process.signal(how)
+        await threads.deferToThread(self.process.proc.wait, 60)
+        self.process = processes(*self.arguments, name="dev")
+        await self.process.waitForLog("DIT4C is up", timeout=60)
+
 
 async def startDev(processes: Any, dataDir: Path, *extra: str) -> Dev:
     portalPort, httpPort, tunnelPort, imagePort, filePort = (freePort() for _ in range(5))
-    process = processes(
+    arguments = [
         "dit4c-dev",
         "--data-dir", str(dataDir),
         "--portal-port", str(portalPort),
@@ -97,10 +105,10 @@ async def startDev(processes: Any, dataDir: Path, *extra: str) -> Dev:
         "--image-port", str(imagePort),
         "--file-port", str(filePort),
         *extra,
-        name="dev",
-    )  # fmt: skip
+    ]  # fmt: skip
+    process = processes(*arguments, name="dev")
     await process.waitForLog("DIT4C is up", timeout=60)
-    return Dev(process, dataDir, portalPort, httpPort)
+    return Dev(process, dataDir, arguments, portalPort, httpPort)
 
 
 async def addPerson(browser: Any, portal: str, name: str) -> str:
