@@ -14,6 +14,13 @@ rules are in docs/protocols.md section 10.
 While a head's check is under way (a key fetch, a question to the portal)
 reading from the client is paused and what was already read is queued, so
 nothing a client sends later can overtake a check.
+
+Half-close is carried across as a direct connection to the tool would see
+it: a client that has sent all it will (EOF after a forwarded request, or
+in a raw pipe) has the tool hear EOF too, in order after what it sent, and
+still gets the answer; the tool's EOF in a raw pipe reaches the client the
+same way. The protocol runs over a TCP connection or, in the pod helper,
+directly on a tunnel stream (``dit4c.podhelper``): both half-close.
 """
 
 from __future__ import annotations
@@ -26,10 +33,11 @@ from urllib.parse import parse_qsl, urlencode
 
 import httptools
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from dit4c.auth import pages
 from dit4c.auth.gate import ALLOWED, FORBIDDEN, Sessions, Verdict
@@ -58,6 +66,7 @@ from dit4c.common.httpfront import (
 )
 from dit4c.common.service import IConnectionTransport, noDelay
 from dit4c.common.tokens import InvalidToken, TokenVerifier
+from dit4c.tunnel.splice import halfClose
 
 __all__ = ["AuthConfig", "AuthProxyFactory", "AuthProxyProtocol", "USER_HEADER"]
 
@@ -98,6 +107,7 @@ class _Request:
     forward: bool = False
 
 
+@implementer(IHalfCloseableProtocol)
 class _ToolSide(Protocol):
     """The connection to the tool: whatever it answers goes to the client as is."""
 
@@ -105,6 +115,8 @@ class _ToolSide(Protocol):
 
     def __init__(self, proxy: AuthProxyProtocol) -> None:
         self.proxy = proxy
+        self.readClosed = False
+        self.writeClosed = False
 
     def connectionMade(self) -> None:
         noDelay(self.transport)
@@ -112,10 +124,20 @@ class _ToolSide(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.proxy.fromTool(data)
 
+    def readConnectionLost(self) -> None:
+        self.readClosed = True
+        self.proxy.toolFinished(self)
+
+    def writeConnectionLost(self) -> None:
+        self.writeClosed = True
+        if self.readClosed:
+            self.transport.loseConnection()
+
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.proxy.toolLost(self)
 
 
+@implementer(IHalfCloseableProtocol)
 class AuthProxyProtocol(Protocol):
     log = Logger()
     transport: IConnectionTransport
@@ -143,6 +165,11 @@ class AuthProxyProtocol(Protocol):
         self._headTimer: IDelayedCall | None = None
         self._idleTimer: IDelayedCall | None = None
         self.lastActivity = 0.0
+        #: The client sent EOF; our own EOF to it has gone.
+        self._readClosed = False
+        self._writeClosed = False
+        #: A request head has begun and is not complete.
+        self._partialHead = False
 
     # -- connection life -------------------------------------------------------------------------
 
@@ -204,6 +231,36 @@ class AuthProxyProtocol(Protocol):
         if close:
             self._close()
 
+    # -- half-close ----------------------------------------------------------------------------------
+
+    def readConnectionLost(self) -> None:
+        """The client has sent all it will: the tool hears so once what came before is through (see ``eof``)."""
+        self._readClosed = True
+        if self._closing:
+            return
+        self._events.append(("eof", None))
+        self._pump()
+
+    def writeConnectionLost(self) -> None:
+        self._writeClosed = True
+        if self._readClosed:
+            self._close()
+
+    def _clientDone(self) -> None:
+        """
+        The client's EOF, in its turn: passed to the tool when the tool
+        has its request (or the pipe is raw); otherwise nobody is left to
+        answer, or a request was cut short, and the connection closes once
+        our answers are written.
+        """
+        request = self._current
+        tool = self._tool
+        forwarded = self._raw or (request is not None and request.forward and not self._partialHead)
+        if forwarded and tool is not None and tool.transport is not None:
+            halfClose(tool.transport)
+        else:
+            self._close()
+
     # -- bytes from the client ---------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
@@ -245,6 +302,7 @@ class AuthProxyProtocol(Protocol):
 
     def on_message_begin(self) -> None:
         self._inHead = True
+        self._partialHead = True
         self._headBytes = 0
         self._head = RequestHead(self.limits)
         if self._headTimer is None:
@@ -258,6 +316,7 @@ class AuthProxyProtocol(Protocol):
 
     def on_headers_complete(self) -> None:
         self._inHead = False
+        self._partialHead = False
         if self._headTimer is not None:
             if self._headTimer.active():
                 self._headTimer.cancel()
@@ -318,6 +377,8 @@ class AuthProxyProtocol(Protocol):
                 elif kind == "raw":
                     if self._raw:
                         self._toTool(value)
+                elif kind == "eof":
+                    self._clientDone()
                 elif kind == "refuse":
                     self.log.info("request refused: {status} {why}", status=value.status, why=value.message)
                     self._answer(pages.page(value.status, value.title, value.message, close=True), close=True)
@@ -534,6 +595,19 @@ class AuthProxyProtocol(Protocol):
         self.lastActivity = self.clock.seconds()
         if self.transport is not None and not self._closing:
             self.transport.write(data)
+
+    def toolFinished(self, tool: _ToolSide) -> None:
+        """
+        The tool sent EOF. In a raw pipe the client hears EOF too and may
+        still send; otherwise its answer is complete and the connection
+        ends (as :meth:`toolLost` says).
+        """
+        if tool is self._tool and self._raw and not self._closing:
+            halfClose(self.transport)
+            if tool.writeClosed or self._readClosed:
+                tool.transport.loseConnection()
+        else:
+            tool.transport.loseConnection()
 
     def toolLost(self, tool: _ToolSide) -> None:
         if tool is not self._tool:

@@ -1,7 +1,10 @@
 """
 The listener helper: keeps a tunnel open to a routing server and turns each
 stream the routing server opens into a connection to the target (the auth
-helper, or any local web server).
+helper, or any local web server), or, where the target runs in this very
+process (the pod helper, ``dit4c.podhelper``), hands the stream itself to
+the target's protocol: the stream is its transport, so back-pressure and
+half-close are the stream's own, with no loopback connection between.
 
 The outbound link is a ``ClientService``: it reconnects with exponential
 back-off and jitter; ``whenRegistered`` waits for the WELCOME, so
@@ -26,7 +29,13 @@ from typing import Any
 from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IProtocol, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -128,7 +137,7 @@ class ListenerService(MultiService):
         self,
         reactor: Any,
         routing: IStreamClientEndpoint,
-        target: IStreamClientEndpoint,
+        target: IStreamClientEndpoint | IProtocolFactory,
         token: Callable[[], str],
         *,
         settings: Settings | None = None,
@@ -137,6 +146,9 @@ class ListenerService(MultiService):
         onRegistered: Callable[[dict[str, Any]], Any] | None = None,
     ) -> None:
         """
+        :param target: where each stream goes: an endpoint, dialled once
+            per stream and spliced to it; or a protocol factory in this
+            process, whose protocol runs on the stream itself.
         :param token: called for every dial; must give a new token each
             time (a routing server refuses one it has seen).
         :param retryPolicy: seconds before the n-th dial in a row that failed
@@ -259,8 +271,11 @@ class ListenerService(MultiService):
         if client.parent is self:
             client.disownServiceParent()
 
-    def streamOpened(self, stream: Stream) -> IProtocol:
-        """A new public connection: dial the target and splice the two."""
+    def streamOpened(self, stream: Stream) -> IProtocol | None:
+        """A new public connection: to the target's protocol in this process, or dial the target and splice the two."""
+        if IProtocolFactory.providedBy(self.target):
+            factory: IProtocolFactory = self.target
+            return factory.buildProtocol(stream.getPeer())
         inbound = SpliceProtocol()
 
         def connected(outbound: SpliceProtocol) -> None:
@@ -275,5 +290,6 @@ class ListenerService(MultiService):
             )
             stream.reset(ErrorCode.CONNECT_FAILED, failure.getErrorMessage())
 
-        self.target.connect(_TargetFactory()).addCallbacks(connected, failed)
+        endpoint: IStreamClientEndpoint = self.target
+        endpoint.connect(_TargetFactory()).addCallbacks(connected, failed)
         return inbound

@@ -1,7 +1,17 @@
 """
-The ``process`` runtime: each pod is local processes (the tool, the auth
-helper, the listener, and the storage helper with shared storage), the
-embedded default that needs no container engine.
+The ``process`` runtime: each pod is two local processes, the tool and one
+helper process (``dit4c-helper-pod``: the listener, the auth helper, and the
+storage helper with shared storage, in one process), the embedded default
+that needs no container engine.
+
+The helper process is forked from the node's fork server
+(:mod:`dit4c.podhelper.forkserver`), which has imported what a helper runs
+once: each pod's helpers then share those pages and own only what they
+change, a fraction of a process started afresh (docs/performance.md).
+``podHelpers="separate"`` runs a pod's listener, auth helper and storage
+helper as three processes instead, as before; pods started that way (or by
+an older node) are found again and stopped as they were started, by the
+roles their ``pod.json`` names.
 
 The tool is a command from the node's tool table, run in the pod's own
 working directory (``<pod>/work``). It listens on a Unix socket,
@@ -61,6 +71,7 @@ from dit4c.node import confine
 from dit4c.node.confine import STORAGE_WAIT
 from dit4c.node.interfaces import IRuntime, PodSpec, PodStatus, RuntimeError_, helperCommand
 from dit4c.node.processes import PodProcess, killRecorded, killStrays, removePodDirectory
+from dit4c.podhelper.forkserver import ForkServer
 
 __all__ = ["TOOL_UIDS", "ProcessRuntime", "Tool", "builtinTools", "toolsFromFile"]
 
@@ -224,9 +235,21 @@ def _unixEndpoint(path: Path) -> str:
     return f"unix:path={quoteStringArgument(str(path))}"
 
 
-_ROLES = ("tool", "auth", "listener")
-#: Started only when the node has a file server.
+#: A pod's processes: the tool and its one helper process.
+_ROLES = ("tool", "helpers")
+_HELPERS = "helpers"
+#: A pod's processes with ``podHelpers="separate"`` (and every pod before
+#: there was one helper process): the storage helper too with a file server.
+_SEPARATE_ROLES = ("tool", "auth", "listener")
 _STORAGE = "storage"
+_KNOWN_ROLES = frozenset((*_ROLES, *_SEPARATE_ROLES, _STORAGE))
+#: How a pod's helpers run: forked from the node's fork server (one process
+#: per pod), started afresh (one process per pod), or three processes.
+POD_HELPERS = ("forked", "one", "separate")
+#: Seconds a pod's helper process may take to stop beyond waiting for the
+#: tool: unmounting the storage (``fusermount``, then sshfs's end: 5 s,
+#: SIGTERM and 5 s, SIGKILL and 5 s).
+STORAGE_STOP = 20.0
 
 #: The member of a saved archive that says which tool it is.
 IMAGE_METADATA = ".dit4c-image.json"
@@ -323,12 +346,19 @@ class ProcessRuntime:
         toolUids: range = TOOL_UIDS,
         hide: Sequence[Path] | None = None,
         storageWait: float = STORAGE_WAIT,
+        podHelpers: str = "forked",
     ) -> None:
         """
         :param directory: where the node keeps pods (``<directory>/<instance>/``).
         :param tools: image name → tool (default :func:`builtinTools`).
-        :param helpers: ``auth`` / ``listener`` → the command that runs it
-            (default: the DIT4C helper plugins).
+        :param helpers: ``helpers`` (or, with ``podHelpers="separate"``,
+            ``auth`` / ``listener`` / ``storage``) → the command that runs
+            it (default: the DIT4C helper plugins). A ``helpers`` command
+            given here is started as it is, not forked.
+        :param podHelpers: ``forked`` (one helper process per pod, forked
+            from the node's fork server), ``one`` (one helper process per
+            pod, started afresh) or ``separate`` (the listener, the auth
+            helper and the storage helper, a process each).
         :param toolUids: when the node runs as root, the uids (and gids)
             its tools run as, one per instance: a range no account uses.
         :param hide: what tools must not see (default: the node's data
@@ -358,7 +388,15 @@ class ProcessRuntime:
                     why=self.confined,
                 )  # fmt: skip
         self.tools = dict(tools) if tools is not None else builtinTools()
+        if podHelpers not in POD_HELPERS:
+            raise ValueError(f"podHelpers is one of {', '.join(POD_HELPERS)}, not {podHelpers!r}")
+        self.podHelpers = podHelpers
+        #: Fork pod helpers, unless a command for them was given.
+        self.forkServer: ForkServer | None = None
+        if podHelpers == "forked" and _HELPERS not in (helpers or {}):
+            self.forkServer = ForkServer(reactor, directory / "helpers.sock", directory / "helpers-forkserver.log")
         self.helpers = {
+            _HELPERS: list(helperCommand("dit4c-helper-pod")),
             "auth": list(helperCommand("dit4c-helper-auth")),
             "listener": list(helperCommand("dit4c-helper-listener")),
             "storage": list(helperCommand("dit4c-helper-storage")),
@@ -374,9 +412,25 @@ class ProcessRuntime:
     def onExit(self, callback: Callable[[str, str], object]) -> None:
         self._exitCallbacks.append(callback)
 
-    def _processes(self, instance: str, directory: Path, storage: bool) -> dict[str, PodProcess]:
-        roles = (*_ROLES, _STORAGE) if storage else _ROLES
-        processes = {role: PodProcess(self.reactor, role, directory, stopGrace=self.stopGrace) for role in roles}
+    def _roles(self, storage: bool) -> tuple[str, ...]:
+        """The processes a new pod has."""
+        if self.podHelpers == "separate":
+            return (*_SEPARATE_ROLES, _STORAGE) if storage else _SEPARATE_ROLES
+        return _ROLES
+
+    @property
+    def _hold(self) -> float:
+        """Seconds a stopping helper process keeps the storage mounted, waiting for the tool (stopped by then)."""
+        return self.stopGrace + 5.0
+
+    def _processes(self, instance: str, directory: Path, roles: Sequence[str]) -> dict[str, PodProcess]:
+        processes = {
+            role: PodProcess(
+                self.reactor, role, directory,
+                stopGrace=self._hold + STORAGE_STOP if role == _HELPERS else self.stopGrace,
+            )
+            for role in roles
+        }  # fmt: skip
 
         def exited(process: PodProcess, reason: str) -> None:
             self._exited(instance, reason)
@@ -437,7 +491,8 @@ class ProcessRuntime:
         storage = spec.directory / "mnt" if spec.environment.get("DIT4C_FILE_SERVER") else None
         if storage is not None:
             storage.mkdir(exist_ok=True)
-        processes = self._processes(spec.instance, spec.directory, storage is not None)
+        roles = self._roles(storage is not None)
+        processes = self._processes(spec.instance, spec.directory, roles)
         base = inherited()
         helperEnv = {
             **base,
@@ -468,15 +523,26 @@ class ProcessRuntime:
         )
         record = {"tool": toolPort, "socket": str(socketPath) if socketPath else None, "auth": authPort}
         (spec.directory / "pod.json").write_text(
-            json.dumps({**record, "image": tool.name, "uid": owner[0] if owner else None, "storage": storage is not None})
-        )
-        storageCommand = [*self.helpers["storage"], *(["--owner", f"{owner[0]}:{owner[1]}"] if owner else [])]
+            json.dumps({
+                **record, "image": tool.name, "uid": owner[0] if owner else None, "storage": storage is not None,
+                "roles": list(roles),
+            })
+        )  # fmt: skip
+        ownerOption = ["--owner", f"{owner[0]}:{owner[1]}"] if owner and storage is not None else []
         try:
-            if storage is not None:
-                processes[_STORAGE].start(storageCommand, helperEnv)
+            if _HELPERS in processes:
+                # First, so that the storage is being mounted as the tool starts.
+                await self._startHelpers(
+                    processes[_HELPERS],
+                    [*ownerOption, "--tool-pid-file", str(processes["tool"].pidPath), "--hold", str(self._hold)],
+                    helperEnv,
+                )
+            elif storage is not None:
+                processes[_STORAGE].start([*self.helpers["storage"], *ownerOption], helperEnv)
             processes["tool"].start(confine.command(sys.executable, plan), toolEnv, cwd=work)
-            processes["auth"].start(self.helpers["auth"], helperEnv)
-            processes["listener"].start(self.helpers["listener"], helperEnv)
+            if _HELPERS not in processes:
+                processes["auth"].start(self.helpers["auth"], helperEnv)
+                processes["listener"].start(self.helpers["listener"], helperEnv)
         except OSError as e:
             for process in processes.values():
                 process.stop()
@@ -489,6 +555,24 @@ class ProcessRuntime:
             instance=spec.instance, tool=tool.name, where=socketPath or f"port {toolPort}",
             uid=owner[0] if owner else os.getuid(),
         )  # fmt: skip
+
+    async def _startHelpers(self, process: PodProcess, arguments: list[str], environment: Mapping[str, str]) -> None:
+        """
+        The pod's helper process: forked by the fork server, or, without
+        one (or if it fails), started afresh.
+
+        :raises OSError: it could not be started, or ended at once.
+        """
+        if self.forkServer is not None:
+            try:
+                pid = await self.forkServer.spawn(arguments, environment, process.directory, process.logPath)
+            except Exception as e:
+                self.log.warn("pod helpers cannot be forked ({why}): starting them afresh", why=e)
+            else:
+                if not process.watch(pid, ["dit4c-helper-pod", *arguments]):
+                    raise OSError(f"the pod's helper process ended at once (see {process.logPath})")
+                return
+        process.start([*self.helpers[_HELPERS], *arguments], environment)
 
     def _owner(self, instance: str) -> tuple[int, int]:
         """The uid and gid the instance's tool runs as (a root node): its own, or the lowest free."""
@@ -553,10 +637,12 @@ class ProcessRuntime:
         if this runtime did not start them (a node restart): each is
         watched from now on. None if there is no such pod.
 
-        Whether the pod has a storage helper is read from ``pod.json`` (or
-        its pid file): never by looking at the mount point, which on a dead
-        FUSE mount fails, or waits for a file server that may be served by
-        this very process.
+        Which processes the pod has is read from ``pod.json`` (its
+        ``roles``; a pod started before there was one helper process has
+        none, and a storage helper if ``storage`` or its pid file says so):
+        never by looking at the mount point, which on a dead FUSE mount
+        fails, or waits for a file server that may be served by this very
+        process.
         """
         processes = self._pods.get(instance)
         if processes is not None:
@@ -568,8 +654,11 @@ class ProcessRuntime:
             return None
         if not isinstance(pod, dict):
             return None
-        storage = bool(pod.get("storage", (directory / f"{_STORAGE}.pid").exists()))
-        processes = self._processes(instance, directory, storage)
+        roles = pod.get("roles")
+        if not isinstance(roles, list) or not roles or not all(role in _KNOWN_ROLES for role in roles):
+            storage = bool(pod.get("storage", (directory / f"{_STORAGE}.pid").exists()))
+            roles = [*_SEPARATE_ROLES, *([_STORAGE] if storage else [])]
+        processes = self._processes(instance, directory, roles)
         for process in processes.values():
             process.adopt()
         self._pods[instance] = processes
@@ -582,6 +671,12 @@ class ProcessRuntime:
 
     def stop(self, instance: str) -> Deferred[None]:
         processes = self._adopt(instance) or {}
+        if _HELPERS in processes:
+            # The helper process first: its tunnel and auth helper close at
+            # once, so no one reaches a tool that is going; it unmounts the
+            # storage only once the tool has ended (--tool-pid-file).
+            both = [processes[role].stop() for role in (_HELPERS, "tool") if role in processes]
+            return DeferredList(both, consumeErrors=True).addCallback(lambda _: None)
         # The listener first, so no one reaches a tool that is going; the
         # storage last, once the tool cannot be writing to it.
         order = [processes[role] for role in ("listener", "auth", "tool") if role in processes]
@@ -626,6 +721,8 @@ class ProcessRuntime:
         for processes in self._pods.values():
             for process in processes.values():
                 process.forget()
+        if self.forkServer is not None:
+            self.forkServer.stop()
 
 
 def _removeAll(directory: Path, instance: str) -> None:

@@ -198,8 +198,25 @@ class PodProcess:
         self.pid = transport.pid
         self._started = startTime(transport.pid) if transport.pid else None
         self._stopping = False
-        self.pidPath.write_text(json.dumps({"pid": self.pid, "started": self._started, "argv": list(argv)}))
+        self._record(argv)
         self.log.info("{name} started (pid {pid})", name=self.name, pid=self.pid)
+
+    def _record(self, argv: Sequence[str]) -> None:
+        self.pidPath.write_text(json.dumps({"pid": self.pid, "started": self._started, "argv": list(argv)}))
+
+    def watch(self, pid: int, argv: Sequence[str]) -> bool:
+        """
+        Take on a process of this role that another process started (a
+        fork server): recorded in the pid file and polled from now on, as one
+        found again after a restart is. Whether it is running.
+        """
+        started = startTime(pid)
+        if started is None:
+            return False
+        self.pid, self._started, self._stopping = pid, started, False
+        self._record(argv)
+        self.log.info("{name} started (pid {pid})", name=self.name, pid=pid)
+        return self.adopt()
 
     def adopt(self) -> bool:
         """

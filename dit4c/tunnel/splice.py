@@ -53,7 +53,7 @@ class SpliceProtocol(Protocol):
         if partner is None or partner.transport is None:
             self._pendingEOF = True
         else:
-            _halfClose(partner.transport)
+            halfClose(partner.transport)
         if self._writeClosed:
             # Both halves are shut: a half-closeable protocol closes itself.
             self.transport.loseConnection()
@@ -86,10 +86,11 @@ class SpliceProtocol(Protocol):
             if pending:
                 side.transport.resumeProducing()
             if side._pendingEOF:
-                _halfClose(other.transport)
+                halfClose(other.transport)
 
 
-def _halfClose(transport: Any) -> None:
+def halfClose(transport: Any) -> None:
+    """Send EOF on ``transport`` and keep reading (close it outright if it cannot half-close)."""
     loseWrite = getattr(transport, "loseWriteConnection", None)
     if loseWrite is not None:
         loseWrite()

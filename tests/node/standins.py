@@ -13,21 +13,26 @@ from dit4c.channel.wire import InstanceStatus
 from dit4c.node.process import Tool
 from dit4c.testing import deferLater
 
-#: A stand-in helper: writes its environment to <role>.env in the pod directory, then waits.
-#: (The auth stand-in also listens where it is told, as the real one does:
+#: A stand-in helper: writes its environment to <role>.env (and its arguments
+#: to <role>.argv) in the pod directory, then waits. (The auth stand-in, and
+#: the pod helper's, also listens where it is told, as the real one does:
 #: the node counts a pod ready once its auth helper accepts connections.)
 RECORD_ENV = (
     "import json, os, pathlib, socket, sys, time;"
     "d = pathlib.Path(os.environ['DIT4C_INSTANCE_KEY']).parent;"
     "(d / (sys.argv[1] + '.env')).write_text(json.dumps(dict(os.environ)));"
-    "listen = os.environ.get('DIT4C_AUTH_LISTEN') if sys.argv[1] == 'auth' else None;"
+    "(d / (sys.argv[1] + '.argv')).write_text(json.dumps(sys.argv[2:]));"
+    "listen = os.environ.get('DIT4C_AUTH_LISTEN') if sys.argv[1] in ('auth', 'helpers') else None;"
     "s = socket.create_server(('127.0.0.1', int(listen.split(':')[1]))) if listen else None;"
     "time.sleep(3600)"
 )
+#: Stand-ins for the auth helper and the listener (``podHelpers="separate"``).
 HELPERS = {
     "auth": [sys.executable, "-c", RECORD_ENV, "auth"],
     "listener": [sys.executable, "-c", RECORD_ENV, "listener"],
 }
+#: A stand-in for a pod's one helper process (given, it is started rather than forked).
+POD_HELPER = {"helpers": [sys.executable, "-c", RECORD_ENV, "helpers"]}
 TOOLS = {
     "web": Tool("web", ("{python}", "-m", "http.server", "{port}", "--bind", "127.0.0.1")),
     "quits": Tool("quits", ("{python}", "-c", "import time; time.sleep(0.5)")),

@@ -3,7 +3,8 @@ The compute node with the ``process`` runtime: real processes, real ports.
 
 The helpers here are stand-ins (a program that records its environment and
 waits), so these tests are about the node and the runtime: instance life,
-keys, the helper environment, and what is left after stop and discard.
+keys, the helper environment, and what is left after stop and discard. (The
+real pod helper, forked, is tested in tests/podhelper.)
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from confined import (
     treeOf,
     unixRequest,
 )
-from standins import HELPERS, TOOLS, Watcher
+from standins import HELPERS, POD_HELPER, RECORD_ENV, TOOLS, Watcher
 from twisted.internet import reactor
 
 from dit4c.common.helperenv import fromEnvironment
@@ -43,7 +44,7 @@ from dit4c.testing import deferLater
 
 
 def makeNode(directory: Path, **options: Any) -> tuple[Node, ProcessRuntime, Watcher]:
-    runtime = ProcessRuntime(reactor, directory, TOOLS, helpers=HELPERS, stopGrace=2)
+    runtime = ProcessRuntime(reactor, directory, TOOLS, helpers=POD_HELPER, stopGrace=2)
     node = Node(
         reactor,
         runtime,
@@ -104,22 +105,23 @@ async def test_start_runs_the_tool_and_its_helpers(nodes: Any, tmp_path: Path) -
     assert watcher.keys["abc1"] == public_jwk(load_private_key(keyFile))
     assert "d" not in watcher.keys["abc1"]
 
-    # The helpers got the helper environment (docs/protocols.md section 9).
+    # The one helper process got the helper environment (docs/protocols.md section 9).
     for _ in range(100):
-        if (pod / "auth.env").exists() and (pod / "listener.env").exists():
+        if (pod / "helpers.argv").exists():
             break
         await deferLater(0.05)
-    auth = json.loads((pod / "auth.env").read_text())
+    auth = json.loads((pod / "helpers.env").read_text())
     helper = fromEnvironment(auth)
     assert helper.instance == "abc1"
     assert helper.keyFile == str(keyFile)
     assert helper.portal == "http://localhost:8000"
     assert helper.portalBase == "http://127.0.0.1:8000"
     assert helper.routing == ("tcp:host=127.0.0.1:port=8001",)
-    listener = fromEnvironment(json.loads((pod / "listener.env").read_text()))
-    # The listener's target is where the auth helper listens, and the auth helper fronts the tool.
+    # It answers where the node checks it, fronts the tool, and waits for the tool before unmounting storage.
     authPort = int(auth["DIT4C_AUTH_LISTEN"].split(":")[1])
-    assert listener.auth == f"tcp:host=127.0.0.1:port={authPort}"
+    assert json.loads((pod / "pod.json").read_text())["auth"] == authPort
+    assert json.loads((pod / "helpers.argv").read_text()) == ["--tool-pid-file", str(pod / "tool.pid"), "--hold", "7.0"]
+    assert sorted(p.name for p in pod.glob("*.pid")) == ["helpers.pid", "tool.pid"]
     toolPort = int(helper.tool.rsplit("=", 1)[1])  # type: ignore[union-attr]
     assert b"Directory listing" in await fetch(toolPort)
 
@@ -131,7 +133,7 @@ async def test_stop_and_discard_leave_nothing(nodes: Any, tmp_path: Path) -> Non
     await watcher.waitFor("abc2", "running")
     pod = tmp_path / "node" / "abc2"
     pids = podPids(pod)
-    assert len(pids) == 3 and all(alive(pid) for pid in pids)
+    assert len(pids) == 2 and all(alive(pid) for pid in pids)
 
     await node.stop("abc2")
     assert watcher.history("abc2")[-2:] == ["stopping", "stopped"]
@@ -240,7 +242,7 @@ def test_removing_a_pod_never_deletes_through_a_mount(tmp_path: Path) -> None:
 @pytest_twisted.ensureDeferred
 async def test_running_only_once_the_auth_helper_answers_too(tmp_path: Path) -> None:
     """A tool that answers behind an auth helper that does not is not running: nobody could reach it."""
-    deaf = {**HELPERS, "auth": [sys.executable, "-c", "import time; time.sleep(3600)"]}
+    deaf = {"helpers": [sys.executable, "-c", "import time; time.sleep(3600)"]}
     runtime = ProcessRuntime(reactor, tmp_path / "node", TOOLS, helpers=deaf, stopGrace=2)
     node = Node(reactor, runtime, tmp_path / "node", portal="http://localhost:8000", startTimeout=1.5)
     watcher = Watcher()
@@ -259,7 +261,7 @@ async def test_running_only_once_the_auth_helper_answers_too(tmp_path: Path) -> 
 
 
 def confinedNode(tmp_path: Path, tools: dict[str, Any], **options: Any) -> tuple[Node, ProcessRuntime, Watcher]:
-    runtime = ProcessRuntime(reactor, tmp_path / "node", tools, helpers=HELPERS, stopGrace=2)
+    runtime = ProcessRuntime(reactor, tmp_path / "node", tools, helpers=POD_HELPER, stopGrace=2)
     node = Node(reactor, runtime, tmp_path / "node", portal="http://localhost:8000", **options)
     watcher = Watcher()
     node.subscribe(watcher.observer())
@@ -315,10 +317,10 @@ async def test_only_the_auth_helper_reaches_the_tool(tmp_path: Path) -> None:
         pod = tmp_path / "node" / "nts1"
         socketPath = pod / "sock" / "tool.sock"
         for _ in range(100):
-            if (pod / "auth.env").exists():
+            if (pod / "helpers.env").exists():
                 break
             await deferLater(0.05)
-        auth = json.loads((pod / "auth.env").read_text())
+        auth = json.loads((pod / "helpers.env").read_text())
         assert auth["DIT4C_TOOL"] == f"unix:path={socketPath}"
         assert stat.S_IMODE((pod / "sock").stat().st_mode) == 0o700
         assert stat.S_IMODE(pod.stat().st_mode) == 0o700
@@ -376,7 +378,7 @@ async def test_a_restored_archive_is_handed_to_the_tool(tmp_path: Path) -> None:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    runtime = ProcessRuntime(reactor, tmp_path / "node", builtinTools(), helpers=HELPERS, stopGrace=2)
+    runtime = ProcessRuntime(reactor, tmp_path / "node", builtinTools(), helpers=POD_HELPER, stopGrace=2)
     try:
         for instance in ("rst1", "rst2"):
             directory = tmp_path / "node" / instance
@@ -423,3 +425,50 @@ def test_a_tool_table_names_where_the_tool_listens(tmp_path: Path) -> None:
     table.write_text(json.dumps({"tools": {"bad": {"command": ["serve"], "environment": {"N": 1}}}}))
     with pytest.raises(ValueError, match="environment must map names to strings"):
         toolsFromFile(table)
+
+
+# -- pods whose helpers are three processes -------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pod_with_separate_helpers_is_found_again_and_stopped(tmp_path: Path) -> None:
+    """
+    A pod an older node started (no ``roles`` in its pod.json: the auth
+    helper, the listener and the storage helper as processes of their own)
+    is watched and stopped by a node that starts one helper process per pod.
+    """
+    from dit4c.node.interfaces import PodSpec
+
+    directory = tmp_path / "node"
+    standIns = {**HELPERS, "storage": [sys.executable, "-c", RECORD_ENV, "storage"]}
+    before = ProcessRuntime(reactor, directory, TOOLS, helpers=standIns, podHelpers="separate", stopGrace=2)
+    pod = directory / "old1"
+    pod.mkdir(parents=True, mode=0o700)
+    environment = {"DIT4C_INSTANCE_KEY": str(pod / "instance.key"), "DIT4C_FILE_SERVER": "127.0.0.1:1"}
+    await before.start(PodSpec("old1", "web", None, pod, environment))
+    record = json.loads((pod / "pod.json").read_text())
+    assert record["roles"] == ["tool", "auth", "listener", "storage"]
+    del record["roles"]  # as an older node wrote it
+    (pod / "pod.json").write_text(json.dumps(record))
+    before.forget()
+    pids = {role: json.loads((pod / f"{role}.pid").read_text())["pid"] for role in ("tool", "auth", "listener", "storage")}
+
+    after = ProcessRuntime(reactor, directory, TOOLS, helpers=POD_HELPER, stopGrace=2)
+    try:
+        for _ in range(100):
+            if await after.ready("old1"):
+                break
+            await deferLater(0.1)
+        assert [(s.instance, s.running) for s in await after.pods()] == [("old1", True)]
+        os.killpg(pids["listener"], 9)
+        for _ in range(100):
+            if not alive(pids["listener"]):
+                break
+            await deferLater(0.05)
+        assert [s.reason for s in await after.pods()] == ["Not running: listener."]
+        await after.stop("old1")
+        assert not any(alive(pid) for pid in pids.values())
+    finally:
+        await after.discard("old1")
+        after.forget()
+    assert not pod.exists()

@@ -1,0 +1,135 @@
+"""
+One process for all of a pod's helpers: the existing services, composed.
+
+- The auth helper (:class:`~dit4c.auth.service.AuthService`) in front of
+  the tool; it also listens on ``DIT4C_AUTH_LISTEN`` (the node's check that
+  the pod answers, and local access).
+- The listener (:class:`~dit4c.listener.service.ListenerService`), whose
+  target is the auth proxy's factory itself: each stream the routing server
+  opens becomes an auth proxy protocol running on the stream as its
+  transport. No loopback connection, no second copy of each byte; the
+  stream's flow control is the proxy's back-pressure, per stream.
+- The storage helper (:class:`~dit4c.storage.helper.SSHFSMount`), when the
+  node has a file server, held by :class:`StorageAfterTool`: on stop the
+  person's files stay mounted until the tool has ended, so that nothing the
+  tool still writes is lost, and only then unmounted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger
+
+from dit4c.auth.service import AuthService
+from dit4c.common.helperenv import HelperEnvironment
+from dit4c.common.keys import PrivateKey
+from dit4c.listener.service import ListenerService
+
+__all__ = ["PodHelperService", "StorageAfterTool", "instanceListener"]
+
+#: Seconds the storage stays mounted after a stop, waiting for the tool to end.
+HOLD = 30.0
+
+
+def instanceListener(reactor: Any, helper: HelperEnvironment, key: PrivateKey, target: Any) -> ListenerService:
+    """
+    The listener of an instance a node runs: a fresh routing token signed
+    with the instance key for every dial (the ``instance:<id>`` kid the
+    portal publishes), to the nearest of the routing servers, and the public
+    URL reported to the portal after every (re)connect.
+    """
+    from twisted.internet.endpoints import clientFromString
+
+    from dit4c.listener.nearest import NearestEndpoint
+    from dit4c.listener.report import URLReporter, routingToken
+
+    reporter = URLReporter(reactor, helper.portalBase, helper.instance, key)
+
+    def registered(welcome: dict[str, Any]) -> None:
+        if welcome.get("url"):
+            reporter.report(welcome["url"])
+
+    return ListenerService(
+        reactor,
+        NearestEndpoint(reactor, [(d, clientFromString(reactor, d)) for d in helper.routing]),
+        target,
+        routingToken(key, helper.instance, audience=helper.routingAudience, clock=reactor),
+        onRegistered=registered,
+    )
+
+
+class StorageAfterTool(Service):
+    """
+    The storage service, whose stop waits for the tool to end (at most
+    ``hold`` seconds): the tool is found by its pid file (pid and start
+    time, as the node wrote it: :class:`~dit4c.node.processes.PodProcess`),
+    so an unrelated process given the same pid later is not waited for.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, storage: IService, toolPidFile: Path | None, hold: float = HOLD) -> None:
+        self.reactor = reactor
+        self.storage = storage
+        self.toolPidFile = toolPidFile
+        self.hold = hold
+
+    def startService(self) -> None:
+        super().startService()
+        self.storage.startService()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self.toolPidFile is not None:
+            await self._toolEnded(self.toolPidFile)
+        await maybeDeferred(self.storage.stopService)
+
+    def _toolEnded(self, pidFile: Path) -> Deferred[None]:
+        from dit4c.node.processes import PodProcess
+
+        tool = PodProcess(self.reactor, pidFile.stem, pidFile.parent, pollInterval=0.1)
+        ended: Deferred[None] = Deferred()
+        if not tool.adopt():
+            ended.callback(None)
+            return ended
+        self.log.info("keeping the storage mounted until the tool has ended")
+
+        def done(*_: object) -> None:
+            if not ended.called:
+                if timer.active():
+                    timer.cancel()
+                tool.forget()
+                ended.callback(None)
+
+        def expired() -> None:
+            self.log.warn("the tool still runs after {hold} s: unmounting the storage anyway", hold=self.hold)
+            done()
+
+        timer = self.reactor.callLater(self.hold, expired)
+        tool.onExit(done)
+        return ended
+
+
+class PodHelperService(MultiService):
+    """
+    A pod's helpers: ``auth``, and ``listener`` (if given routing servers)
+    and ``storage`` (if given one) beside it. Started storage first (the
+    tool waits for its mount); stopped all at once, the storage last of all
+    (see :class:`StorageAfterTool`).
+    """
+
+    def __init__(self, auth: AuthService, listener: ListenerService | None, storage: StorageAfterTool | None) -> None:
+        super().__init__()
+        self.auth = auth
+        self.listener = listener
+        self.storage = storage
+        for service in (storage, auth, listener):
+            if service is not None:
+                service.setServiceParent(self)
