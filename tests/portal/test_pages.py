@@ -113,3 +113,79 @@ async def test_start_watch_and_stop_an_instance_in_a_browser(tmp_path: Path, bro
         if scheduler is not None:
             await scheduler.stop()
         await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_errored_instance_shows_why_and_can_be_discarded(tmp_path: Path, browser: Any) -> None:
+    """
+    A tool that fails: the page shows, live, the reason with the tool's last
+    output lines as they are (lines kept), the API says the same, and the
+    only action the page offers is discard, which leaves nothing.
+    """
+    import json
+
+    import treq
+
+    from dit4c.testing_scheduler import TestingScheduler, registerScheduler
+
+    service = PortalService(
+        reactor,
+        database=f"sqlite:///{tmp_path / 'portal.db'}",
+        dataDir=tmp_path / "data",
+        config=PortalConfig(publicURL="http://portal.localhost"),
+        endpoints=[serverFromString(reactor, "tcp:0:interface=127.0.0.1")],
+    )
+    service.startService()
+    portal = await service.ready
+    scheduler = None
+    reason = (
+        "The tool exited with status 1.\n"
+        "Traceback (most recent call last):\n"
+        '  File "tool.py", line 3, in <module>\n'
+        "PermissionError: [Errno 13] Permission denied: '/data/<results>'"
+    )
+    try:
+        store = portal.store
+        alice = await store.createUser("alice", password_hash=await security.hashPassword("correct horse battery"))
+        await store.createImage("Notebook", "notebook:1", owner_id=None, port=8888)
+        registered, key = await registerScheduler(store, "cluster")
+        port = service.ports[0].port.getHost().port  # type: ignore[union-attr]
+        scheduler = TestingScheduler(reactor, failures={"start": reason})
+        client = scheduler.connect(f"ws://127.0.0.1:{port}/.dit4c/channel", registered.id, key, issuer="http://portal.localhost")
+        await client.whenConnected()
+
+        base = f"http://portal.localhost:{port}"
+        await browser.get(base + "/login")
+        await browser.fill("#username", "alice")
+        await browser.fill("#password", "correct horse battery")
+        await browser.click("#submit")
+        await browser.waitFor("#start-button", 10)
+        await browser.click("#start-button")
+        await browser.waitFor('td.state[data-state="errored"] pre.reason', 15)
+        shown = await browser.execute("return document.querySelector('td.state pre.reason').textContent")
+        assert shown == reason  # every line, as the tool wrote it (and escaped: no markup)
+        buttons = await browser.execute(
+            "return Object.fromEntries([...document.querySelectorAll('td.actions button')]"
+            ".filter(b => ['stop', 'save', 'discard'].some(a => b.classList.contains(a)))"
+            ".map(b => [b.className.split(' ').pop(), b.disabled]))"
+        )
+        assert buttons == {"stop": True, "save": True, "discard": False}
+
+        [instance] = await store.listInstancesOf(alice.id)
+        token = (await store.createApiToken(alice.id, "test"))[1]
+        response = await treq.get(
+            f"http://127.0.0.1:{port}/api/v1/instances/{instance.id}",
+            headers={"Authorization": f"Bearer {token}", "Host": f"portal.localhost:{port}"},
+        )
+        assert json.loads(await response.text())["reason"] == reason
+
+        # Discard it: nothing is left.
+        await browser.get(base + "/")
+        await browser.click("button.discard")
+        await browser.waitFor("#no-instances", 15)
+        assert (await store.instanceById(instance.id)).state == "discarded"
+        assert [c.op for c in scheduler.handled] == ["start", "discard"]
+    finally:
+        if scheduler is not None:
+            await scheduler.stop()
+        await service.stopService()
