@@ -13,11 +13,23 @@ first answer: p50, p90, min, max. It never passes or fails.
 
     python bench/start.py                 # both runtimes, 20 starts each
     python bench/start.py --runtime process --runs 5
+    python bench/start.py --memory-only   # only the helpers' memory (below)
 
 The process runtime starts the built-in notes tool (a Python program); the
 podman runtime a container from a tiny image built here (a static C
 WebSocket tool on busybox, dit4c.testing_podman), so the figures are the
 system's own cost, not a big tool's start-up.
+
+Then it measures what a pod's helpers cost in memory under the process
+runtime: PSS (``/proc/<pid>/smaps_rollup``) of all of a pod's helper
+processes together, per instance, at 1 and at 20 instances, with the
+helpers as three processes (``podHelpers="separate"``, as before) and as
+one process per pod forked from the node's fork server (the default), side
+by side. Each pod runs the notes tool under a real ``ProcessRuntime``; its
+helpers dial a routing server in this process (which trusts the instances'
+keys) and hold their tunnels; the portal they would report to is absent (no
+shared storage, so no storage helper in either mode). The fork server's own
+PSS is printed too: the node pays it once, shared by every pod.
 """
 
 from __future__ import annotations
@@ -210,11 +222,123 @@ def summary(name: str, values: list[float]) -> str:
     )
 
 
+# -- the helpers' memory ---------------------------------------------------------------------------
+
+
+def pss(pid: int) -> int:
+    """The process's proportional set size, in KiB (0 if it is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0
+    return int(re.search(r"^Pss:\s+(\d+)", text, re.M).group(1))  # type: ignore[union-attr]
+
+
+HELPER_ROLES = ("helpers", "auth", "listener", "storage")
+
+
+def helperMemory(podHelpers: str, counts: list[int], directory: Path) -> dict[int, tuple[float, float | None]]:
+    """count → (MiB of a pod's helper processes, per instance; MiB of the fork server), in a reactor of its own."""
+    code = f"""
+import json, sys
+from pathlib import Path
+sys.path.insert(0, {str(ROOT)!r})
+from twisted.internet import defer, reactor, task
+from twisted.internet.endpoints import serverFromString
+from dit4c.common.keys import generate_private_key, public_jwk, save_private_key
+from dit4c.common.tokens import StaticKeySource, TokenVerifier
+from dit4c.node.interfaces import PodSpec
+from dit4c.node.process import ProcessRuntime, builtinTools
+from dit4c.routing.server import RoutingServer
+sys.path.insert(0, {str(ROOT / "bench")!r})
+from start import HELPER_ROLES, pss
+
+async def main(reactor):
+    instances = [f"mem{{n}}" for n in range(max({counts!r}))]
+    privates = {{instance: generate_private_key() for instance in instances}}
+    keys = [{{**public_jwk(key), "kid": f"instance:{{instance}}"}} for instance, key in privates.items()]
+    routing = RoutingServer(reactor, TokenVerifier(StaticKeySource({{"keys": keys}}), audience="dit4c-routing"), "localhost")
+    tunnel = routing.addTunnelEndpoint(serverFromString(reactor, "tcp:0:interface=127.0.0.1"))
+    routing.startService()
+    port = tunnel.port.getHost().port
+    directory = Path({str(directory)!r})
+    runtime = ProcessRuntime(reactor, directory, builtinTools(), podHelpers={podHelpers!r})
+    started, results = [], {{}}
+    try:
+        for count in {counts!r}:
+            while len(started) < count:
+                instance = instances[len(started)]
+                pod = directory / instance
+                pod.mkdir(parents=True, mode=0o700)
+                save_private_key(privates[instance], pod / "instance.key")
+                environment = {{
+                    "DIT4C_INSTANCE": instance, "DIT4C_INSTANCE_KEY": str(pod / "instance.key"),
+                    "DIT4C_PORTAL": "http://127.0.0.1:9", "DIT4C_ROUTING": f"tcp:host=127.0.0.1:port={{port}}",
+                }}
+                await runtime.start(PodSpec(instance, "dit4c/notes", None, pod, environment))
+                started.append(instance)
+            for _ in range(600):
+                ready = [await runtime.ready(i) for i in started]
+                if all(ready) and len(routing.registry) >= count:
+                    break
+                await task.deferLater(reactor, 0.1, lambda: None)
+            else:
+                raise RuntimeError(f"{{count}} pods never all answered and registered")
+            await task.deferLater(reactor, 3, lambda: None)
+            total = 0
+            for instance in started:
+                for role in HELPER_ROLES:
+                    record = directory / instance / f"{{role}}.pid"
+                    if record.exists():
+                        total += pss(json.loads(record.read_text())["pid"])
+            server = runtime.forkServer._process.pid if runtime.forkServer and runtime.forkServer._process else None
+            results[count] = [total / count / 1024, pss(server) / 1024 if server else None]
+    finally:
+        for instance in started:
+            await runtime.discard(instance)
+        runtime.forget()
+        await routing.stopService()
+    print(json.dumps(results))
+
+task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError(f"the memory run ({podHelpers}) failed:\n{out.stderr[-3000:]}")
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    return {int(count): (value[0], value[1]) for count, value in results.items()}
+
+
+def memoryTable(directory: Path, counts: list[int]) -> list[str]:
+    before = helperMemory("separate", counts, directory / "separate")
+    after = helperMemory("forked", counts, directory / "forked")
+    rows = [
+        "| MiB of PSS per instance | " + " | ".join(f"{n} instance{'s' if n > 1 else ''}" for n in counts) + " |",
+        "| --- |" + " ---: |" * len(counts),
+        "| separate helpers: auth and listener, two processes per pod | " + " | ".join(f"{before[n][0]:.1f}" for n in counts) + " |",
+        "| one helper process per pod, forked: the pod's own | " + " | ".join(f"{after[n][0]:.1f}" for n in counts) + " |",
+        "| the fork server (one per node), its share | " + " | ".join(f"{(after[n][1] or 0) / n:.1f}" for n in counts) + " |",
+        "| one helper process per pod, forked: with the server's share | "
+        + " | ".join(f"{after[n][0] + (after[n][1] or 0) / n:.1f}" for n in counts) + " |",
+    ]
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runtime", action="append", choices=["process", "podman"])
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--memory-only", action="store_true", help="only the helpers' memory")
+    parser.add_argument("--memory-counts", default="1,20", help="instances to measure the helpers' memory at")
     options = parser.parse_args()
+    if options.memory_only:
+        directory = Path(tempfile.mkdtemp(prefix="dit4c-bench-memory-"))
+        try:
+            rows = memoryTable(directory, [int(n) for n in options.memory_counts.split(",")])
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+        print("\n".join(rows))
+        return
     runtimes = options.runtime or ["process", "podman"]
     directory = Path(tempfile.mkdtemp(prefix="dit4c-bench-start-"))
     rows = []
@@ -253,6 +377,13 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
         print(row)
+    directory = Path(tempfile.mkdtemp(prefix="dit4c-bench-memory-"))
+    try:
+        memory = memoryTable(directory, [int(n) for n in options.memory_counts.split(",")])
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    print()
+    print("\n".join(memory))
 
 
 if __name__ == "__main__":
