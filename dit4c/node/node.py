@@ -281,8 +281,12 @@ class Node(Service):
             self.log.info("found {count} instances again", count=len(self._records))
 
     async def _discardPod(self, instance: str) -> None:
-        await self.runtime.discard(instance)
-        await threads.deferToThread(removePodDirectory, self._podDirectory(instance))
+        try:
+            await self.runtime.discard(instance)
+            await threads.deferToThread(removePodDirectory, self._podDirectory(instance))
+        except (OSError, RuntimeError_) as e:
+            # Tried again at the next restart: it is still a pod with no record.
+            self.log.warn("could not discard pod {instance}: {error}", instance=instance, error=str(e))
 
     async def _takeBack(self, record: _Record, pod: PodStatus | None) -> None:
         """Carry on from where ``record`` was when the node stopped."""
@@ -522,7 +526,10 @@ class Node(Service):
             if digest is None:
                 digest = await threads.deferToThread(_hashFile, archive)
         except Exception as e:
-            self.log.failure("could not capture {instance}", instance=instance)
+            if isinstance(e, (OSError, RuntimeError_)):
+                self.log.warn("could not capture {instance}: {error}", instance=instance, error=str(e))
+            else:
+                self.log.failure("could not capture {instance}", instance=instance)
             await removeFile(archive)
             self._failed(instance, f"The instance could not be saved: {e}", during=State.SAVING)
             return
@@ -626,8 +633,8 @@ class Node(Service):
             await self.runtime.discard(instance)
             # What the runtime left (it may have failed half way); a thread: it may be big.
             await threads.deferToThread(removePodDirectory, self._podDirectory(instance))
-        except Exception as e:
-            self.log.failure("could not discard {instance}", instance=instance)
+        except (OSError, RuntimeError_) as e:
+            self.log.warn("could not discard {instance}: {error}", instance=instance, error=str(e))
             # Kept, so that discarding it again tries again.
             why = f"The compute node could not remove everything of this instance: {e}"
             self._failed(instance, why, during=State.DISCARDING)
