@@ -34,6 +34,7 @@ from dit4c.channel.wire import (
     MAX_NONCE,
     MAX_URL,
     PROOF_LIFETIME,
+    LinkError,
     ProtocolError,
     text,
 )
@@ -95,15 +96,8 @@ NODE_LINK = Link(
 )
 
 
-class AuthRefused(Exception):
-    """The other side failed to prove itself: the link closes (4001) with this reason."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-
-    @property
-    def reason(self) -> str:
-        return str(self.args[0])
+class AuthRefused(LinkError):
+    """The other side failed to prove itself: the link closes (``AUTH_FAILED``) with this reason."""
 
 
 def newNonce() -> str:

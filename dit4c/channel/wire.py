@@ -39,6 +39,7 @@ __all__ = [
     "CloseCode",
     "Command",
     "InstanceStatus",
+    "LinkError",
     "ProtocolError",
     "decode",
     "encode",
@@ -94,8 +95,8 @@ class CloseCode(IntEnum):
     INTERNAL_ERROR = 4005
 
 
-class ProtocolError(Exception):
-    """The peer broke the channel's protocol: the channel closes (``PROTOCOL_ERROR``)."""
+class LinkError(Exception):
+    """What closes one link (only that one); ``reason`` says why, in the close frame and the log."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -103,6 +104,10 @@ class ProtocolError(Exception):
     @property
     def reason(self) -> str:
         return str(self.args[0])
+
+
+class ProtocolError(LinkError):
+    """The peer broke the channel's protocol: the channel closes (``PROTOCOL_ERROR``)."""
 
 
 def encode(message: Mapping[str, Any]) -> bytes:

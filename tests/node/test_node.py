@@ -268,28 +268,28 @@ async def test_a_deadline_outlives_a_restart(h: Harness) -> None:
     assert h.watcher.states[-1].reason == expiredReason(State.STOPPING)
 
 
+@pytest.mark.parametrize(
+    "verdict, text, state, reason",
+    [
+        ("done", '{"url": "http://images.test/images/x"}', "saved", None),
+        ("failed", "the image server refused it: 507", "errored",
+         "The saved image could not be uploaded: the image server refused it: 507"),
+    ],
+    ids=["finished", "failed"],
+)  # fmt: skip
 @pytest_twisted.ensureDeferred
-async def test_an_upload_that_finished_while_the_node_was_away(h: Harness) -> None:
+async def test_an_upload_that_ended_while_the_node_was_away(
+    h: Harness, verdict: str, text: str, state: str, reason: str | None
+) -> None:
+    """Judged by the verdict the upload helper left; the archive and the verdict are removed."""
     _recorded(h, "up", "uploading", captured="sha256:" + "0" * 64)
     (h.directory / "up" / "saved-image.tar").write_bytes(b"saved")
-    (h.directory / "up" / "saved-image.tar.done").write_text('{"url": "http://images.test/images/x"}')
+    (h.directory / "up" / f"saved-image.tar.{verdict}").write_text(text)
     h.node.startService()
     await h.node.whenReported()
     await h.node.whenIdle()
-    assert h.states("up")[-1] == "saved"
-    assert sorted(p.name for p in (h.directory / "up").iterdir()) == ["instance.json"]
-
-
-@pytest_twisted.ensureDeferred
-async def test_an_upload_that_failed_while_the_node_was_away(h: Harness) -> None:
-    _recorded(h, "up", "uploading", captured="sha256:" + "0" * 64)
-    (h.directory / "up" / "saved-image.tar").write_bytes(b"saved")
-    (h.directory / "up" / "saved-image.tar.failed").write_text("the image server refused it: 507")
-    h.node.startService()
-    await h.node.whenReported()
-    await h.node.whenIdle()
-    assert h.states("up")[-1] == "errored"
-    assert h.watcher.states[-1].reason == "The saved image could not be uploaded: the image server refused it: 507"
+    assert h.states("up")[-1] == state
+    assert h.watcher.states[-1].reason == reason
     assert sorted(p.name for p in (h.directory / "up").iterdir()) == ["instance.json"]
 
 

@@ -5,6 +5,8 @@ does, with the portal serving on a real loopback socket.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -61,12 +63,12 @@ async def test_log_in_and_out_in_a_browser(running: str, browser: Any, tmp_path:
     await browser.waitFor("#username", 10)  # logged out for real
 
 
-@pytest_twisted.ensureDeferred
-async def test_start_watch_and_stop_an_instance_in_a_browser(tmp_path: Path, browser: Any) -> None:
+@asynccontextmanager
+async def portalAndScheduler(tmp_path: Path, browser: Any, **scheduler: Any) -> AsyncIterator[tuple[Any, Any, str]]:
     """
-    Log in, start a tool against a scheduler stand-in that speaks the real
-    channel, watch its state reach running on the page without reloading,
-    then stop it.
+    A portal with alice and a catalogue entry, a scheduler stand-in that
+    speaks the real channel (``scheduler``: its options), and ``browser``
+    logged in as alice: the portal, the scheduler, and the page's base URL.
     """
     from dit4c.testing_scheduler import TestingScheduler, registerScheduler
 
@@ -79,23 +81,39 @@ async def test_start_watch_and_stop_an_instance_in_a_browser(tmp_path: Path, bro
     )
     service.startService()
     portal = await service.ready
-    scheduler = None
+    stand_in = None
     try:
         store = portal.store
         await store.createUser("alice", password_hash=await security.hashPassword("correct horse battery"))
         await store.createImage("Notebook", "notebook:1", owner_id=None, port=8888)
         registered, key = await registerScheduler(store, "cluster")
         port = service.ports[0].port.getHost().port  # type: ignore[union-attr]
-        scheduler = TestingScheduler(reactor, delays={"start": 1.0, "stop": 0.5})
-        client = scheduler.connect(f"ws://127.0.0.1:{port}/.dit4c/channel", registered.id, key, issuer="http://portal.localhost")
+        stand_in = TestingScheduler(reactor, **scheduler)
+        client = stand_in.connect(
+            f"ws://127.0.0.1:{port}/.dit4c/channel", registered.id, key, issuer="http://portal.localhost"
+        )
         await client.whenConnected()
-
         base = f"http://portal.localhost:{port}"
         await browser.get(base + "/login")
         await browser.fill("#username", "alice")
         await browser.fill("#password", "correct horse battery")
         await browser.click("#submit")
         await browser.waitFor("#start-button", 10)
+        yield portal, stand_in, base
+    finally:
+        if stand_in is not None:
+            await stand_in.stop()
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_start_watch_and_stop_an_instance_in_a_browser(tmp_path: Path, browser: Any) -> None:
+    """
+    Log in, start a tool against a scheduler stand-in that speaks the real
+    channel, watch its state reach running on the page without reloading,
+    then stop it.
+    """
+    async with portalAndScheduler(tmp_path, browser, delays={"start": 1.0, "stop": 0.5}) as (portal, scheduler, _):
         await browser.click("#start-button")
         await browser.waitFor('td.state[data-state="requested"], td.state[data-state="starting"]', 10)
         # Mark the page: a reload would lose the mark.
@@ -106,19 +124,15 @@ async def test_start_watch_and_stop_an_instance_in_a_browser(tmp_path: Path, bro
 
         await browser.click("button.stop")
         await browser.waitFor('td.state[data-state="stopped"]', 15)
-        [instance] = await store.listInstancesOf((await store.userByName("alice")).id)
+        [instance] = await portal.store.listInstancesOf((await portal.store.userByName("alice")).id)
         assert instance.state == "stopped"
         assert [op for op in (c.op for c in scheduler.handled)] == ["start", "stop"]
-    finally:
-        if scheduler is not None:
-            await scheduler.stop()
-        await service.stopService()
 
 
 @pytest_twisted.ensureDeferred
 async def test_an_errored_instance_shows_why_and_can_be_discarded(tmp_path: Path, browser: Any) -> None:
     """
-    A tool that fails: the page shows, live, the reason with the tool's last
+    A tool that fails: the page shows the reason with the tool's last
     output lines as they are (lines kept), the API says the same, and the
     only action the page offers is discard, which leaves nothing.
     """
@@ -126,40 +140,14 @@ async def test_an_errored_instance_shows_why_and_can_be_discarded(tmp_path: Path
 
     import treq
 
-    from dit4c.testing_scheduler import TestingScheduler, registerScheduler
-
-    service = PortalService(
-        reactor,
-        database=f"sqlite:///{tmp_path / 'portal.db'}",
-        dataDir=tmp_path / "data",
-        config=PortalConfig(publicURL="http://portal.localhost"),
-        endpoints=[serverFromString(reactor, "tcp:0:interface=127.0.0.1")],
-    )
-    service.startService()
-    portal = await service.ready
-    scheduler = None
     reason = (
         "The tool exited with status 1.\n"
         "Traceback (most recent call last):\n"
         '  File "tool.py", line 3, in <module>\n'
         "PermissionError: [Errno 13] Permission denied: '/data/<results>'"
     )
-    try:
+    async with portalAndScheduler(tmp_path, browser, failures={"start": reason}) as (portal, scheduler, base):
         store = portal.store
-        alice = await store.createUser("alice", password_hash=await security.hashPassword("correct horse battery"))
-        await store.createImage("Notebook", "notebook:1", owner_id=None, port=8888)
-        registered, key = await registerScheduler(store, "cluster")
-        port = service.ports[0].port.getHost().port  # type: ignore[union-attr]
-        scheduler = TestingScheduler(reactor, failures={"start": reason})
-        client = scheduler.connect(f"ws://127.0.0.1:{port}/.dit4c/channel", registered.id, key, issuer="http://portal.localhost")
-        await client.whenConnected()
-
-        base = f"http://portal.localhost:{port}"
-        await browser.get(base + "/login")
-        await browser.fill("#username", "alice")
-        await browser.fill("#password", "correct horse battery")
-        await browser.click("#submit")
-        await browser.waitFor("#start-button", 10)
         await browser.click("#start-button")
         await browser.waitFor('td.state[data-state="errored"] pre.reason', 15)
         shown = await browser.execute("return document.querySelector('td.state pre.reason').textContent")
@@ -171,11 +159,12 @@ async def test_an_errored_instance_shows_why_and_can_be_discarded(tmp_path: Path
         )
         assert buttons == {"stop": True, "save": True, "discard": False}
 
+        alice = await store.userByName("alice")
         [instance] = await store.listInstancesOf(alice.id)
         token = (await store.createApiToken(alice.id, "test"))[1]
         response = await treq.get(
-            f"http://127.0.0.1:{port}/api/v1/instances/{instance.id}",
-            headers={"Authorization": f"Bearer {token}", "Host": f"portal.localhost:{port}"},
+            base.replace("portal.localhost", "127.0.0.1") + f"/api/v1/instances/{instance.id}",
+            headers={"Authorization": f"Bearer {token}", "Host": base.split("//")[1]},
         )
         assert json.loads(await response.text())["reason"] == reason
 
@@ -185,7 +174,3 @@ async def test_an_errored_instance_shows_why_and_can_be_discarded(tmp_path: Path
         await browser.waitFor("#no-instances", 15)
         assert (await store.instanceById(instance.id)).state == "discarded"
         assert [c.op for c in scheduler.handled] == ["start", "discard"]
-    finally:
-        if scheduler is not None:
-            await scheduler.stop()
-        await service.stopService()
