@@ -482,8 +482,14 @@ class ProcessRuntime:
             os.chmod(sockets, 0o700)
             socketPath.unlink(missing_ok=True)
         if owner is not None:
-            # A restored archive may hold many files: not on the reactor thread.
-            await threads.deferToThread(_own, [work, *([sockets] if socketPath else [])], *owner)
+            handed = [work, *([sockets] if socketPath else [])]
+            if spec.archive is not None:
+                # A restored archive may hold many files: not on the reactor thread.
+                await threads.deferToThread(_own, handed, *owner)
+            else:
+                # Two new directories: at once, so that a new pod's processes are
+                # started (and known to stop or discard) before anything else runs.
+                _own(handed, *owner)
         toolPort = None if socketPath is not None else (spec.port if spec.port is not None else freePort())
         authPort = freePort()
         # The person's shared storage, if the node has a file server: mounted

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from confined import listeningInodes, snoopTool, socketInodes, toolPid, treeOf, unixRequest
-from standins import HELPERS
+from standins import POD_HELPER
 from twisted.internet import task
 
 from dit4c.node.interfaces import PodSpec
@@ -31,7 +31,7 @@ async def main(reactor: Any, base: str) -> None:
     outside = Path(tempfile.mkdtemp(prefix="dit4c-outside-", dir="/var/tmp"))
     key = directory / "snp1" / "instance.key"
     tools = {"dit4c/notes": builtinTools()["dit4c/notes"], "snoop": snoopTool(key, outside)}
-    runtime = ProcessRuntime(reactor, directory, tools, helpers=HELPERS, stopGrace=2)
+    runtime = ProcessRuntime(reactor, directory, tools, helpers=POD_HELPER, stopGrace=2)
     found: dict[str, Any] = {"confined": runtime.confined, "uid": os.getuid()}
     try:
         for instance, tool in (("nts1", "dit4c/notes"), ("snp1", "snoop")):

@@ -47,7 +47,9 @@ async def test_jupyterlab_as_its_own_uid_through_the_auth_helper(world: Any, tmp
     if "jupyter/lab" not in tools:
         pytest.skip("jupyter-lab is not installed")
     # The real auth helper (the runtime's default), a stand-in listener.
-    runtime = ProcessRuntime(reactor, tmp_path / "node", tools, helpers={"listener": HELPERS["listener"]}, stopGrace=5)
+    runtime = ProcessRuntime(
+        reactor, tmp_path / "node", tools, helpers={"listener": HELPERS["listener"]}, podHelpers="separate", stopGrace=5
+    )
     instance = world.instance.id
     pod = tmp_path / "node" / instance
     pod.mkdir(parents=True, mode=0o700)

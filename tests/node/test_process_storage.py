@@ -76,7 +76,8 @@ async def world(tmp_path: Path) -> Any:
 async def test_the_tool_uses_the_storage_as_its_own_uid(world: Any, fuse: None, tmp_path: Path) -> None:
     w = world
     tools = {"writer": Tool("writer", ("{python}", "-c", WRITER), {"SOCKET": "{socket}"})}
-    runtime = ProcessRuntime(reactor, tmp_path / "node", tools, helpers=HELPERS, stopGrace=5)
+    # The real storage helper (separate from the stand-in auth helper and listener).
+    runtime = ProcessRuntime(reactor, tmp_path / "node", tools, helpers=HELPERS, podHelpers="separate", stopGrace=5)
     instance = w.a.id
     pod = tmp_path / "node" / instance
     pod.mkdir(parents=True, mode=0o700)
