@@ -104,29 +104,49 @@ def field(html: bytes, name: str) -> str:
 
 
 class Dev:
-    def __init__(self, runtime: str, directory: Path) -> None:
+    """
+    ``twistd dit4c-dev`` as a user runs it, from ``source`` (a checkout of
+    DIT4C: this one, or another revision's, to compare with).
+    """
+
+    def __init__(
+        self, runtime: str, directory: Path, source: Path = ROOT, name: str | None = None, extra: tuple[str, ...] = ()
+    ) -> None:
         self.runtime = runtime
+        self.source = source
         self.portalPort, self.httpPort, self.tunnelPort, self.imagePort, self.filePort = (freePort() for _ in range(5))
         self.portal = f"http://localhost:{self.portalPort}"
         self.prefix = f"dit4c-bench{os.getpid()}"
-        self.log = directory / f"dev-{runtime}.log"
-        self.directory = directory / runtime
-        command = [
+        self.log = directory / f"dev-{name or runtime}.log"
+        self.directory = directory / (name or runtime)
+        self.command = [
             sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "dit4c-dev",
             "--data-dir", str(self.directory), "--portal-port", str(self.portalPort),
             "--http-port", str(self.httpPort), "--tunnel-port", str(self.tunnelPort),
             "--image-port", str(self.imagePort), "--file-port", str(self.filePort),
-            "--runtime", runtime, "--podman-prefix", self.prefix,
+            "--runtime", runtime, "--podman-prefix", self.prefix, *extra,
         ]  # fmt: skip
-        self.process = subprocess.Popen(
-            command, stdout=self.log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
-        )
+        self._launch()
         deadline = time.monotonic() + 60
         while "DIT4C is up" not in self.log.read_text(errors="replace"):
             if time.monotonic() > deadline or self.process.poll() is not None:
                 raise RuntimeError(f"dit4c-dev did not start:\n{self.log.read_text(errors='replace')}")
             time.sleep(0.1)
         self.password = re.search(r"password:\s+(\S+)", self.log.read_text()).group(1)  # type: ignore[union-attr]
+
+    def _launch(self) -> None:
+        # The source's own code, for dit4c-dev and (inherited) every process it starts.
+        env = {**os.environ, "PYTHONPATH": str(self.source)}
+        self.process = subprocess.Popen(
+            self.command, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, cwd=self.source, env=env,
+            start_new_session=True,
+        )  # fmt: skip
+
+    def restart(self, how: int) -> None:
+        """Stop it with signal ``how`` (its pods run on) and start it again as it was, at once."""
+        os.killpg(self.process.pid, how)
+        self.process.wait(60)
+        self._launch()
 
     def stop(self) -> None:
         os.killpg(self.process.pid, signal.SIGTERM)
