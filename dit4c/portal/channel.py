@@ -656,7 +656,10 @@ class ChannelHub(MultiService):
         After a (re)connect: apply what the scheduler reports, and mark
         errored every active instance it left out, unless it cannot know of
         it yet: a command about it is still on its way, or (``requested``)
-        it was never told of it.
+        it was never told of it. An instance being discarded that it left
+        out is discarded: no node holds anything of it, and the node's word
+        that it finished was lost (it came while the scheduler or its link
+        to the portal was away).
         """
         instances = {i.id: i for i in await self.store.listInstancesOfScheduler(schedulerId)}
         reported: set[str] = set()
@@ -672,18 +675,26 @@ class ChannelHub(MultiService):
             and not commanded.get(i.id, False)  # a command about it still on its way
             and (i.state != State.REQUESTED or i.id in commanded)  # never told of it
         ]
-        for instance in lost:
+        gone = [
+            i
+            for i in instances.values()
+            if i.state == State.DISCARDING and i.id not in reported and not commanded.get(i.id, False)
+        ]
+        for instance, state, reason in [(i, State.ERRORED, LOST_REASON) for i in lost] + [
+            (i, State.DISCARDED, None) for i in gone
+        ]:
             try:
                 updated = await self.store.updateInstance(
-                    instance.id, state=State.ERRORED, reason=LOST_REASON, url=None, expected_state=instance.state
+                    instance.id, state=state, reason=reason, url=None, expected_state=instance.state
                 )
             except (Conflict, NotFound):
                 continue  # changed meanwhile: whatever changed it knows better
             self.log.warn(
-                "instance {instance} ({state}) is missing from scheduler {scheduler}'s report: errored",
+                "instance {instance} ({old}) is missing from scheduler {scheduler}'s report: {new}",
                 instance=instance.id,
-                state=instance.state,
+                old=instance.state,
                 scheduler=schedulerId,
+                new=state.value,
             )
             self._publish(InstanceEvent(updated, instance, "state"))
         self.log.info(

@@ -23,6 +23,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from dit4c.channel.handshake import signProof
 from dit4c.channel.wire import MAX_MESSAGE, CloseCode
 from dit4c.common.keys import generate_private_key, public_jwk
+from dit4c.common.life import State
 from dit4c.portal.channel import (
     LOST_REASON,
     ChannelHub,
@@ -585,6 +586,29 @@ async def test_report_applies_states(portal: Harness) -> None:
     assert (await portal.store.instanceById(third.id)).reason == LOST_REASON
     # Requested, and no command about it ever made: the scheduler cannot know of it.
     assert (await portal.store.instanceById(untold.id)).state == "requested"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_discard_the_report_leaves_out_is_finished(portal: Harness, logged: list[str]) -> None:
+    """
+    The node's word that a discard finished came while the scheduler (or its
+    channel) was away: its report, which names every instance its nodes
+    hold, leaves the instance out, and the portal takes it as discarded.
+    """
+    scheduler, key = await portal.scheduler()
+    finished, commanded, underWay = [await portal.instance(scheduler.id) for _ in range(3)]
+    for instance in (finished, commanded, underWay):
+        await portal.store.updateInstance(instance.id, state=State.DISCARDING)
+    # A discard command about one is still on its way: the scheduler may not know of it yet.
+    await portal.hub.send(scheduler.id, "discard", commanded.id)
+    raw = await portal.authenticated(scheduler, key)
+    raw.send({"type": "report", "instances": [{"instance": underWay.id, "state": State.DISCARDING.value}]})
+
+    await until(lambda: any(f"scheduler {scheduler.id} reported 1 instances" in line for line in logged))
+    assert (await portal.store.instanceById(finished.id)).state == State.DISCARDED
+    assert (await portal.store.instanceById(commanded.id)).state == State.DISCARDING
+    assert (await portal.store.instanceById(underWay.id)).state == State.DISCARDING
+    assert any(f"instance {finished.id} (discarding) is missing" in line for line in logged)
 
 
 # -- protocol violations cost only their channel -----------------------------------------------
