@@ -529,6 +529,12 @@ class RemoteNode(MultiService):
             if previous.get(status.instance) != status:
                 for observer in self._observers:
                     observer.instanceState(self, status)
+        for instance, status in previous.items():
+            if instance not in known and status.state == State.DISCARDING:
+                # The node finished discarding it while the link was down (a
+                # restarted node, before the link was back): its word was lost.
+                for observer in self._observers:
+                    observer.instanceState(self, InstanceStatus(instance, State.DISCARDED))
         self._reported = True
         waiting, self._reportWaiters = self._reportWaiters, []
         for d in waiting:

@@ -11,9 +11,11 @@ from typing import Any
 import pytest_twisted
 from standins import HELPERS, TOOLS, Watcher
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 
 from dit4c.common.keys import generate_private_key
+from dit4c.common.life import State
 from dit4c.common.tokens import StaticKeySource
 from dit4c.listener.service import backoff
 from dit4c.node.link import NodeLinkServer, RemoteNode
@@ -36,8 +38,10 @@ class Link:
         self.server: NodeLinkServer | None = None
         self.port = 0
 
-    async def startNode(self, schedulerKey: Any = SCHEDULER_KEY, port: int = 0) -> None:
-        runtime = ProcessRuntime(reactor, self.directory, TOOLS, helpers=HELPERS, stopGrace=2)
+    async def startNode(
+        self, schedulerKey: Any = SCHEDULER_KEY, port: int = 0, runtimeClass: type[ProcessRuntime] = ProcessRuntime
+    ) -> None:
+        runtime = runtimeClass(reactor, self.directory, TOOLS, helpers=HELPERS, stopGrace=2)
         self.runtimes.append(runtime)
         self.node = Node(reactor, runtime, self.directory, name="n1", portal="http://localhost:8000", capacity=2)
         self.server = NodeLinkServer(reactor, self.node, NODE_KEY, StaticKeySource.fromKeys(schedulerKey))
@@ -172,6 +176,54 @@ async def test_a_short_absence_loses_nothing(link: Link) -> None:
     await eventually(lambda: any(s.instance == "abc3" for s in remote.instances()))
     assert [s.state for s in remote.instances()] == ["running"]
     assert "errored" not in watcher.history("abc3")
+
+
+class HeldDiscards(ProcessRuntime):
+    """A process runtime whose discards wait until ``going`` fires."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.going: Deferred[None] = Deferred()
+
+    def discard(self, instance: str) -> Deferred[None]:
+        async def held() -> None:
+            await self.going
+            await ProcessRuntime.discard(self, instance)
+
+        return Deferred.fromCoroutine(held())
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_discard_finished_while_the_link_was_down_is_passed_on(link: Link) -> None:
+    """
+    The node finishes a discard while its link is down (a restarted node
+    does, before the scheduler has dialled it again): its word is lost, and
+    its next report leaves the instance out. The scheduler passes it on as
+    discarded rather than leaving it discarding.
+    """
+    await link.startNode(runtimeClass=HeldDiscards)
+    remote, watcher = link.remote(name="n1", grace=30)
+    await remote.whenConnected()
+    await remote.start("abc5", "web", None)
+    await watcher.waitFor("abc5", State.RUNNING)
+    await remote.stop("abc5")
+    await watcher.waitFor("abc5", State.STOPPED)
+    await remote.discard("abc5")
+    await watcher.waitFor("abc5", State.DISCARDING)
+    node, runtime, port = link.node, link.runtimes[-1], link.port
+    assert node is not None and isinstance(runtime, HeldDiscards)
+
+    await link.stopNode()
+    await eventually(lambda: not remote.connected and link.server is not None and link.server.link is None)
+    runtime.going.callback(None)
+    await node.whenIdle()
+    assert not (link.directory / "abc5").exists()
+    assert State.DISCARDED not in watcher.history("abc5")
+
+    await link.startNode(port=port)
+    await remote.whenConnected()
+    await watcher.waitFor("abc5", State.DISCARDED)
+    assert remote.instances() == []
 
 
 @pytest_twisted.ensureDeferred
