@@ -16,6 +16,7 @@ server. Only the addresses are fixed to loopback.
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import shutil
 import sys
@@ -35,6 +36,7 @@ from dit4c.imageserver.service import ImageServerService
 from dit4c.node.interfaces import IRuntime
 from dit4c.node.node import Node
 from dit4c.node.process import ProcessRuntime, Tool, builtinTools
+from dit4c.node.processes import STOP_GRACE
 from dit4c.portal import security
 from dit4c.portal.app import PortalConfig
 from dit4c.portal.service import PortalService
@@ -73,6 +75,8 @@ class DevConfig:
     runtime: str = "process"
     #: Names the podman pods (``<prefix>-<instance>``): this service sees only its own.
     podmanPrefix: str = "dit4c-dev"
+    #: Seconds a tool has to end after SIGTERM before it is killed (None: the runtime's default).
+    stopGrace: float | None = None
 
     @property
     def publicURL(self) -> str:
@@ -152,13 +156,14 @@ class DevService(MultiService):
         self.routing.setServiceParent(self)
         runtime: IRuntime
         if config.runtime == "podman":
-            from dit4c.node.podman import PodmanRuntime
+            from dit4c.node.podman import STOP_TIMEOUT, PodmanRuntime
 
             self.tools: dict[str, Tool] = {}
-            runtime = PodmanRuntime(reactor, prefix=config.podmanPrefix)
+            stopTimeout = math.ceil(config.stopGrace) if config.stopGrace else STOP_TIMEOUT
+            runtime = PodmanRuntime(reactor, prefix=config.podmanPrefix, stopTimeout=stopTimeout)
         else:
             self.tools = config.tools if config.tools is not None else builtinTools()
-            runtime = ProcessRuntime(reactor, dataDir / "node", self.tools)
+            runtime = ProcessRuntime(reactor, dataDir / "node", self.tools, stopGrace=config.stopGrace or STOP_GRACE)
         self.node = Node(
             reactor,
             runtime,

@@ -8,8 +8,9 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from dit4c.common.options import positiveInt
+from dit4c.common.options import positiveFloat, positiveInt
 from dit4c.dev.service import DevConfig, DevService
+from dit4c.node.tap import toolTable
 
 
 def _port(value: str) -> int:
@@ -42,6 +43,8 @@ class Options(usage.Options):
         ["admin", None, "admin", "Name of the first administrator."],
         ["runtime", None, "process", "process (each tool as local processes) or podman (containers; add images to the catalogue at /admin/)."],
         ["podman-prefix", None, "dit4c-dev", "podman runtime: pods are named <prefix>-<instance>."],
+        ["tools", None, None, "process runtime: JSON file of tools in place of the built-in ones (as twistd dit4c-node --tools); those named as built-in ones join the catalogue, add the others at /admin/."],
+        ["stop-grace", None, None, "Seconds an instance's tool has to end after SIGTERM before it is killed (as twistd dit4c-node --stop-grace).", positiveFloat],
     ]
 
     def postOptions(self) -> None:
@@ -50,6 +53,8 @@ class Options(usage.Options):
             raise usage.UsageError("--portal-port, --http-port, --tunnel-port, --image-port and --file-port must differ")
         if self["runtime"] not in ("process", "podman"):
             raise usage.UsageError("--runtime is process or podman")
+        if self["tools"]:
+            self["tools"] = toolTable(self["tools"])
 
 
 def makeService(config: Options, reactor: Any = None) -> IService:
@@ -69,5 +74,7 @@ def makeService(config: Options, reactor: Any = None) -> IService:
             adminName=config["admin"],
             runtime=config["runtime"],
             podmanPrefix=config["podman-prefix"],
+            tools=config["tools"] or None,
+            stopGrace=config["stop-grace"],
         ),
     )

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import serverFromString
@@ -12,6 +13,19 @@ from twisted.python import usage
 from dit4c.common.keys import KeyFileError, load_or_create_private_key
 from dit4c.common.options import endpointList, positiveFloat, positiveInt
 from dit4c.common.tokens import StaticKeySource
+
+if TYPE_CHECKING:
+    from dit4c.node.process import Tool
+
+
+def toolTable(path: str) -> dict[str, Tool]:
+    """The tool table in ``path`` (``--tools``), or a usage error saying what is wrong with it."""
+    from dit4c.node.process import toolsFromFile
+
+    try:
+        return toolsFromFile(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise usage.UsageError(f"--tools: {e}") from None
 
 
 class Options(usage.Options):
@@ -42,6 +56,7 @@ class Options(usage.Options):
         ["file-server-host-key", None, None, "The file server's SSH host key: a key line, or a file holding one."],
         ["capacity", None, 8, "Instances this node runs at once.", positiveInt],
         ["start-timeout", None, 300.0, "Seconds a tool has to answer after it starts.", positiveFloat],
+        ["stop-grace", None, None, "Seconds a pod's tool has to end after SIGTERM (saving its work, say) before it is killed; default 5 (process runtime) or 10 (podman)", positiveFloat],
     ]
 
     def __init__(self) -> None:
@@ -76,12 +91,7 @@ class Options(usage.Options):
                 raise usage.UsageError("--tool-uids is FIRST-LAST, e.g. 1000000-1065535")
             self["tool-uids"] = range(int(first), int(last) + 1)
         if self["tools"]:
-            from dit4c.node.process import toolsFromFile
-
-            try:
-                self["tools"] = toolsFromFile(self["tools"])
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise usage.UsageError(f"--tools: {e}") from None
+            self["tools"] = toolTable(self["tools"])
 
 
 def makeService(config: Options, reactor: Any = None) -> IService:
@@ -98,13 +108,18 @@ def makeService(config: Options, reactor: Any = None) -> IService:
     pods = dataDir / "pods"
     runtime: Any
     if config["runtime"] == "podman":
-        from dit4c.node.podman import PodmanRuntime
+        from dit4c.node.podman import STOP_TIMEOUT, PodmanRuntime
 
-        runtime = PodmanRuntime(reactor, containersConf=config["containers-conf"])
+        stopTimeout = math.ceil(config["stop-grace"]) if config["stop-grace"] else STOP_TIMEOUT
+        runtime = PodmanRuntime(reactor, containersConf=config["containers-conf"], stopTimeout=stopTimeout)
     else:
         from dit4c.node.process import TOOL_UIDS, ProcessRuntime
+        from dit4c.node.processes import STOP_GRACE
 
-        runtime = ProcessRuntime(reactor, pods, config["tools"] or None, toolUids=config["tool-uids"] or TOOL_UIDS)
+        runtime = ProcessRuntime(
+            reactor, pods, config["tools"] or None,
+            toolUids=config["tool-uids"] or TOOL_UIDS, stopGrace=config["stop-grace"] or STOP_GRACE,
+        )  # fmt: skip
     top = MultiService()
     node = Node(
         reactor,

@@ -1,9 +1,13 @@
 """
 A DIT4C installation of separate processes, as a site runs it: ``twistd
 dit4c-portal``, ``dit4c-routing``, ``dit4c-scheduler`` and ``dit4c-node``
-(with the ``process`` runtime), each a real process that a test can kill
-and start again with the same configuration. The scheduler and the node can
-be put in a network namespace (behind NAT: they dial out, nothing dials in).
+(with the ``process`` runtime), and optionally ``dit4c-imageserver`` and
+``dit4c-fileserver`` (whose storage every pod then mounts), each a real
+process that a test can kill and start again with the same configuration.
+The scheduler and the node can be put in a network namespace (behind NAT:
+they dial out, nothing dials in). The same installation can be had as one
+``twistd dit4c-dev`` process instead (``allInOne``), for a test that treats
+both alike.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import json
 import secrets
 import signal
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from twisted.internet import reactor
 
@@ -35,6 +41,10 @@ class Cluster:
         hostAddress: str = "127.0.0.1",
         nodes: tuple[str, ...] = ("n1",),
         images: bool = False,
+        files: bool = False,
+        nodeOptions: tuple[str, ...] = (),
+        catalogue: Mapping[str, str] | None = None,
+        allInOne: bool = False,
     ) -> None:
         """
         :param netns: run the scheduler and the node (and so every pod) in
@@ -44,13 +54,25 @@ class Cluster:
         :param nodes: the compute nodes' names (the first one's process is
             ``node``, the others' ``node-<name>``).
         :param images: run an image server too, where the nodes save.
+        :param files: run a file server too, whose storage every pod mounts.
+        :param nodeOptions: more options for every node (``--tools FILE``,
+            ``--stop-grace``, ``--upload-command``; ``dit4c-dev`` takes them too).
+        :param catalogue: more catalogue entries (name → image reference),
+            their ids in :attr:`imageIds`.
+        :param allInOne: one ``twistd dit4c-dev`` process (``dev``) instead
+            of separate servers: with an image server and a file server, and
+            one node.
         """
         self.directory = directory
         self.netns = netns
         self.hostAddress = hostAddress
         self.nodes = nodes
-        self.images = images
-        self.portalPort, self.httpPort, self.tunnelPort, self.imagePort = (freePort() for _ in range(4))
+        self.allInOne = allInOne
+        self.images = images or allInOne
+        self.files = files or allInOne
+        self.nodeOptions = nodeOptions
+        self.catalogue = dict(catalogue or {})
+        self.portalPort, self.httpPort, self.tunnelPort, self.imagePort, self.filePort = (freePort() for _ in range(5))
         self.nodePorts = {name: freePort() for name in nodes}
         self.nodePort = self.nodePorts[nodes[0]]
         self.portal = f"http://localhost:{self.portalPort}"
@@ -58,6 +80,8 @@ class Cluster:
         self._runs = 0
         self.schedulerId = ""
         self.imageId = ""
+        #: Image reference → catalogue id, of every catalogue entry made here.
+        self.imageIds: dict[str, str] = {}
 
     # -- processes ---------------------------------------------------------------------------
 
@@ -76,6 +100,8 @@ class Cluster:
             listen += ["--listen", f"tcp:{self.portalPort}:interface={self.hostAddress}"]
         if self.images:
             listen += ["--image-server-secret-file", str(self.directory / "image-server.secret")]
+        if self.files:
+            listen += ["--file-server-secret-file", str(self.directory / "file-server.secret")]
         return self._start(
             "portal", "dit4c-portal", *listen,
             "--data-dir", str(self.directory / "portal"),
@@ -90,6 +116,27 @@ class Cluster:
             "--portal", f"http://127.0.0.1:{self.portalPort}",
             "--secret-file", str(self.directory / "image-server.secret"),
             "--public-url", f"http://{self.hostAddress}:{self.imagePort}",
+        )  # fmt: skip
+
+    def startFiles(self) -> Process:
+        return self._start(
+            "files", "dit4c-fileserver",
+            "--listen", f"tcp:{self.filePort}:interface={self.hostAddress}",
+            "--data-dir", str(self.directory / "files"),
+            "--portal", f"http://127.0.0.1:{self.portalPort}",
+            "--secret-file", str(self.directory / "file-server.secret"),
+        )  # fmt: skip
+
+    def startDev(self) -> Process:
+        return self._start(
+            "dev", "dit4c-dev",
+            "--data-dir", str(self.directory / "dev"),
+            "--portal-port", str(self.portalPort),
+            "--http-port", str(self.httpPort),
+            "--tunnel-port", str(self.tunnelPort),
+            "--image-port", str(self.imagePort),
+            "--file-port", str(self.filePort),
+            *self.nodeOptions,
         )  # fmt: skip
 
     def nodeDirectory(self, name: str | None = None) -> Path:
@@ -108,6 +155,11 @@ class Cluster:
     def startNode(self, name: str | None = None) -> Process:
         name = name or self.nodes[0]
         images = ["--image-server", f"http://{self.hostAddress}:{self.imagePort}"] if self.images else []
+        if self.files:
+            images += [
+                "--file-server", f"{self.hostAddress}:{self.filePort}",
+                "--file-server-host-key", str(self.directory / "files" / "host_key.pub"),
+            ]  # fmt: skip
         return self._start(
             self.nodeDirectory(name).name, "dit4c-node",
             "--listen", f"tcp:{self.nodePorts[name]}",
@@ -119,6 +171,7 @@ class Cluster:
             "--portal", self.portal,
             "--portal-internal", f"http://{self.hostAddress}:{self.portalPort}",
             "--routing", f"tcp:host={self.hostAddress}:port={self.tunnelPort}",
+            *self.nodeOptions,
             netns=True,
         )  # fmt: skip
 
@@ -139,31 +192,70 @@ class Cluster:
             netns=True,
         )  # fmt: skip
 
+    @property
+    def servers(self) -> tuple[str, ...]:
+        """The names of the processes this installation runs, in the order they start."""
+        if self.allInOne:
+            return ("dev",)
+        extra = (("images",) if self.images else ()) + (("files",) if self.files else ())
+        nodes = tuple(self.nodeDirectory(name).name for name in self.nodes)
+        return ("portal", "routing", *extra, *nodes, "scheduler")
+
+    @property
+    def dataDirectory(self) -> Path:
+        """Where the portal, the image server and the file server keep their data (``portal/``, ``images/``, ``files/``)."""
+        return self.directory / "dev" if self.allInOne else self.directory
+
+    def podsDirectory(self, node: str | None = None) -> Path:
+        """Where a node keeps its pods (``<pods>/<instance>/``)."""
+        if self.allInOne:
+            return self.directory / "dev" / "node"
+        return self.nodeDirectory(node) / "pods"
+
+    def openStore(self) -> Any:
+        """The portal's store (SQLite, shared with the running portal); close it after use."""
+        return openStore(f"sqlite:///{self.dataDirectory / 'portal' / 'portal.db'}", reactor)
+
     async def start(self) -> None:
-        """Everything up, with alice and bob registered and the notes tool in the catalogue."""
+        """Everything up, with alice and bob registered and the notes tool (and ``catalogue``) in the catalogue."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        if self.images:
-            (self.directory / "image-server.secret").write_text(secrets.token_urlsafe(32))
-        for name in ("scheduler", *self.nodes):
-            key = generate_private_key()
-            save_private_key(key, self.directory / f"{name}.pem")
-            (self.directory / f"{name}.jwks").write_text(json.dumps(jwks(key)))
-        await self.startPortal().waitForLog("portal listening", 30)
-        store = await openStore(f"sqlite:///{self.directory / 'portal' / 'portal.db'}", reactor)
+        if self.allInOne:
+            await self.startDev().waitForLog(self.READY["dev"], 60)
+        else:
+            await self._startServers()
+        store = await self.openStore()
         try:
             for name in ("alice", "bob"):
                 await store.createUser(name, password_hash=await security.hashPassword(PASSWORD))
             self.imageId = (await store.createImage("Notes", "dit4c/notes")).id
+            for label, ref in self.catalogue.items():
+                self.imageIds[ref] = (await store.createImage(label, ref)).id
+        finally:
+            await store.close()
+
+    async def _startServers(self) -> None:
+        for secret in (["image-server.secret"] if self.images else []) + (["file-server.secret"] if self.files else []):
+            (self.directory / secret).write_text(secrets.token_urlsafe(32))
+        for name in ("scheduler", *self.nodes):
+            key = generate_private_key()
+            save_private_key(key, self.directory / f"{name}.pem")
+            (self.directory / f"{name}.jwks").write_text(json.dumps(jwks(key)))
+        await self.startPortal().waitForLog(self.READY["portal"], 30)
+        store = await self.openStore()
+        try:
             schedulerKey = json.loads((self.directory / "scheduler.jwks").read_text())["keys"][0]
             self.schedulerId = (await store.createScheduler("cluster", json.dumps(schedulerKey))).id
         finally:
             await store.close()
-        await self.startRouting().waitForLog("public http listening", 30)
+        await self.startRouting().waitForLog(self.READY["routing"], 30)
         if self.images:
-            await self.startImages().waitForLog("listening", 30)
+            await self.startImages().waitForLog(self.READY["images"], 30)
+        if self.files:
+            # Before the nodes: they pin its host key, made as it first starts.
+            await self.startFiles().waitForLog(self.READY["files"], 30)
         for name in self.nodes:
-            await self.startNode(name).waitForLog("node link listening", 30)
-        await self.startScheduler().waitForLog("channel to the portal open", 30)
+            await self.startNode(name).waitForLog(self.READY["node"], 30)
+        await self.startScheduler().waitForLog(self.READY["scheduler"], 30)
 
     def kill(self, name: str) -> None:
         """Kill a server at once (SIGKILL), as a crash would."""
@@ -175,8 +267,11 @@ class Cluster:
     READY = {
         "portal": "portal listening",
         "routing": "public http listening",
+        "images": "image server listening",
+        "files": r"file server \(SFTP\) listening",
         "node": "node link listening",
         "scheduler": "channel to the portal open",
+        "dev": "DIT4C is up",
     }
 
     async def startAgain(self, name: str) -> Process:
@@ -185,9 +280,25 @@ class Cluster:
         await process.waitForLog(self.READY[name], 60)
         return process
 
+    def running(self, name: str) -> bool:
+        """Whether the server ``name`` runs (it was started and has not ended)."""
+        process = self.processes.get(name)
+        return process is not None and process.proc.poll() is None
+
+    async def apiToken(self, user: str, **fields: Any) -> str:
+        """A personal API token of ``user``, a person made (with ``fields``: ``max_instances=1``) if new."""
+        store = await self.openStore()
+        try:
+            record = await store.userByName(user)
+            if record is None:
+                record = await store.createUser(user, **fields)
+            return str((await store.createApiToken(record.id, "tests"))[1])
+        finally:
+            await store.close()
+
     async def instanceState(self, instance: str) -> tuple[str, str | None]:
         """The portal's state and URL of an instance, from its store."""
-        store = await openStore(f"sqlite:///{self.directory / 'portal' / 'portal.db'}", reactor)
+        store = await self.openStore()
         try:
             record = await store.instanceById(instance)
             return record.state, record.url
@@ -196,8 +307,16 @@ class Cluster:
 
     def nodeState(self, instance: str, node: str | None = None) -> str:
         """The node's state of an instance, from its record."""
-        record = json.loads((self.nodeDirectory(node) / "pods" / instance / "instance.json").read_text())
+        record = json.loads((self.podsDirectory(node) / instance / "instance.json").read_text())
         return str(record["state"])
+
+    def nodeRecord(self, instance: str, node: str | None = None) -> dict[str, Any] | None:
+        """The node's record of an instance, or None if it holds none."""
+        try:
+            record: dict[str, Any] = json.loads((self.podsDirectory(node) / instance / "instance.json").read_text())
+        except FileNotFoundError:
+            return None
+        return record
 
     async def waitForStates(self, instance: str, state: str, timeout: float = 60) -> None:
         """Until the portal and the node agree that the instance is in ``state``."""
@@ -213,7 +332,7 @@ class Cluster:
         for process in self.processes.values():
             process.stop()
         for name in self.nodes:
-            killRecorded(self.nodeDirectory(name))
+            killRecorded(self.podsDirectory(name))
 
 
 class Namespace:
