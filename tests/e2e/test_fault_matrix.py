@@ -66,7 +66,7 @@ from portal_client import Client  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-SERVERS = ("portal", "scheduler", "routing", "images", "files")
+SERVERS = ("portal", "scheduler", "node", "routing", "images", "files")
 STEPS = (State.STARTING, State.RUNNING, State.STOPPING, State.SAVING, State.UPLOADING, State.DISCARDING)
 
 #: The tool whose life the test holds, as the node's tool table names it.
