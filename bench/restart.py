@@ -139,7 +139,7 @@ def main() -> None:
         node = before / "dit4c" / "node" / "node.py"
         node.write_text(node.read_text().replace("capacity: int = 8,", f"capacity: int = {options.instances},"))
         rows += measure("before", before, directory, options.instances, hows, options.timeout, ())
-        capacity = ("--capacity", str(options.instances)) if options.instances > 8 else ()
+        capacity = ("--capacity", str(options.instances))
         rows += measure("after", ROOT, directory, options.instances, hows, options.timeout, capacity)
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)], capture_output=True)

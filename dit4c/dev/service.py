@@ -77,6 +77,8 @@ class DevConfig:
     podmanPrefix: str = "dit4c-dev"
     #: Seconds a tool has to end after SIGTERM before it is killed (None: the runtime's default).
     stopGrace: float | None = None
+    #: Instances the compute node runs at once.
+    capacity: int = 8
 
     @property
     def publicURL(self) -> str:
@@ -174,6 +176,7 @@ class DevService(MultiService):
             imageServer=imageServer,
             fileServer=f"127.0.0.1:{config.filePort}" if self.files is not None else None,
             fileServerHostKey=self.files.hostKeyLine if self.files is not None else None,
+            capacity=config.capacity,
         )
         self.node.setServiceParent(self)
         self.scheduler = Scheduler([self.node], reactor=reactor)

@@ -44,6 +44,7 @@ class Options(usage.Options):
         ["runtime", None, "process", "process (each tool as local processes) or podman (containers; add images to the catalogue at /admin/)."],
         ["podman-prefix", None, "dit4c-dev", "podman runtime: pods are named <prefix>-<instance>."],
         ["tools", None, None, "process runtime: JSON file of tools in place of the built-in ones (as twistd dit4c-node --tools); those named as built-in ones join the catalogue, add the others at /admin/."],
+        ["capacity", None, 8, "Instances the compute node runs at once (each person may run their quota, 4 unless an administrator sets it).", positiveInt],
         ["stop-grace", None, None, "Seconds an instance's tool has to end after SIGTERM before it is killed (as twistd dit4c-node --stop-grace).", positiveFloat],
     ]
 
@@ -76,5 +77,6 @@ def makeService(config: Options, reactor: Any = None) -> IService:
             podmanPrefix=config["podman-prefix"],
             tools=config["tools"] or None,
             stopGrace=config["stop-grace"],
+            capacity=config["capacity"],
         ),
     )
