@@ -30,11 +30,13 @@ Each step is held deterministically, never by a race: the tool
 ends on SIGTERM only once its ``end`` file exists (stopping: the node's stop
 grace is a minute); a capture reads every file of the working directory, and
 one of them is under a write lease of the test, so its ``open`` waits until
-the lease is let go (saving); the upload helper, once its request is under
-way, writes how much it has sent to a file that is under a lease, and waits
-there with its request open (uploading); a discard reads the pod's pid files
-(to kill what they name) before it removes anything, and the tool's is under
-a lease (discarding).
+the lease is let go (saving); the upload helper, once connected to the image
+server, writes how much of the image it has sent (nothing yet) to a file
+that is under a lease, and waits there (uploading); a discard reads the
+pod's pid files (to kill what they name) before it removes anything, and the
+tool's is under a lease (discarding). A kill with part of an image sent is
+not held so (nothing the helper does between two chunks waits on a file):
+the image server's spool is checked all the same.
 
 One installation per server kind serves its six steps.
 """
@@ -66,7 +68,7 @@ from portal_client import Client  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-SERVERS = ("portal", "scheduler", "node", "routing", "images", "files")
+SERVERS = ("dev", "portal", "scheduler", "node", "routing", "images", "files")
 STEPS = (State.STARTING, State.RUNNING, State.STOPPING, State.SAVING, State.UPLOADING, State.DISCARDING)
 
 #: The tool whose life the test holds, as the node's tool table names it.
@@ -247,7 +249,7 @@ class Matrix:
             await self.until("the capture reached the held file", lambda: lease.waited, 60)
             await self.waitFor(instance, State.SAVING, 30)
         elif step is State.UPLOADING:
-            # What the upload helper writes its progress to (then renames) as it sends the image.
+            # What the upload helper writes its progress to (then renames) as it starts sending the image.
             lease = self.leases[instance] = Lease(progressFile(str(pod / ARCHIVE)).with_suffix(".tmp"))
             await self.act(instance, "save")
             await self.until("the upload helper sending", lambda: lease.waited, 60)
