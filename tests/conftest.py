@@ -6,6 +6,7 @@ helpers to run the real ``twistd`` plugins as separate processes.
 
 from __future__ import annotations
 
+import os
 import resource
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,8 +50,31 @@ def failOnLoggedErrors(request: pytest.FixtureRequest) -> Iterator[list[Any]]:
         pytest.fail("errors were logged:\n" + "\n".join(formatEvent(e) for e in errors))
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "allow_logged_errors: the test expects errors in the log")
+    if config.option.basetemp is None:
+        # Short temporary paths: a pod's Unix socket (<pod>/sock/tool.sock)
+        # must fit in sun_path's 107 bytes, and pytest's own base
+        # (/tmp/pytest-of-<user>/pytest-<n>) grows with every run.
+        config.option.basetemp = f"/tmp/d4t-{os.getpid()}"
+        config.stash[_SHORT_BASE] = config.option.basetemp
+
+
+_SHORT_BASE = pytest.StashKey[str]()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    base = session.config.stash.get(_SHORT_BASE, None)
+    if base is None or exitstatus != 0:
+        return  # kept when something failed, to look at
+    from dit4c.common.mounts import mountPoints
+
+    if any(point == base or point.startswith(base + "/") for point in mountPoints()):
+        return  # never through a mount left behind
+    import shutil
+
+    shutil.rmtree(base, ignore_errors=True)
 
 
 # -- keys and tokens ---------------------------------------------------------------

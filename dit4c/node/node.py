@@ -59,7 +59,7 @@ from dit4c.common.life import (
 )
 from dit4c.common.tokens import INSTANCE_ID_RE
 from dit4c.node.interfaces import IRuntime, PodSpec, PodStatus, RuntimeError_
-from dit4c.node.processes import PodProcess, removePodDirectory
+from dit4c.node.processes import RECORD, PodProcess, removePodDirectory
 from dit4c.upload.helper import failureFile, progressFile, resultFile
 
 __all__ = ["Node"]
@@ -256,7 +256,7 @@ class Node(Service):
         return d
 
     async def _recover(self) -> None:
-        for path in sorted(self.directory.glob("*/instance.json")):
+        for path in sorted(self.directory.glob(f"*/{RECORD}")):
             try:
                 record = _Record.fromJSON(json.loads(path.read_text()))
             except (OSError, ValueError, TypeError, KeyError):
@@ -728,7 +728,7 @@ class Node(Service):
     def _save(self, record: _Record) -> None:
         directory = self._podDirectory(record.instance)
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = directory / "instance.json"
+        path = directory / RECORD
         temporary = path.with_suffix(".tmp")
         temporary.write_text(json.dumps(record.toJSON()))
         temporary.replace(path)

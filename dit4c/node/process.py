@@ -70,7 +70,13 @@ from dit4c.common.helperenv import inherited
 from dit4c.node import confine
 from dit4c.node.confine import STORAGE_WAIT
 from dit4c.node.interfaces import IRuntime, PodSpec, PodStatus, RuntimeError_, helperCommand
-from dit4c.node.processes import PodProcess, killRecorded, killStrays, removePodDirectory
+from dit4c.node.processes import (
+    POD_RECORD,
+    PodProcess,
+    killRecorded,
+    killStrays,
+    removePodDirectory,
+)
 from dit4c.podhelper.forkserver import ForkServer
 
 __all__ = ["TOOL_UIDS", "ProcessRuntime", "Tool", "builtinTools", "toolsFromFile"]
@@ -528,7 +534,7 @@ class ProcessRuntime:
             storageWait=self.storageWait,
         )
         record = {"tool": toolPort, "socket": str(socketPath) if socketPath else None, "auth": authPort}
-        (spec.directory / "pod.json").write_text(
+        (spec.directory / POD_RECORD).write_text(
             json.dumps({
                 **record, "image": tool.name, "uid": owner[0] if owner else None, "storage": storage is not None,
                 "roles": list(roles),
@@ -583,7 +589,7 @@ class ProcessRuntime:
     def _owner(self, instance: str) -> tuple[int, int]:
         """The uid and gid the instance's tool runs as (a root node): its own, or the lowest free."""
         taken: dict[int, str] = {uid: name for name, uid in self._uids.items()}
-        for record in self.directory.glob("*/pod.json"):
+        for record in self.directory.glob(f"*/{POD_RECORD}"):
             try:
                 uid = json.loads(record.read_text()).get("uid")
             except (OSError, ValueError, AttributeError):
@@ -605,7 +611,7 @@ class ProcessRuntime:
         """
         directory = self.directory / instance
         try:
-            tool = json.loads((directory / "pod.json").read_text())["image"]
+            tool = json.loads((directory / POD_RECORD).read_text())["image"]
         except (OSError, ValueError, KeyError) as e:
             raise RuntimeError_(f"Nothing to save: the instance has no pod here ({e}).") from None
         return threads.deferToThread(_pack, directory / "work", archive, str(tool))
@@ -655,7 +661,7 @@ class ProcessRuntime:
             return processes
         directory = self.directory / instance
         try:
-            pod = json.loads((directory / "pod.json").read_text())
+            pod = json.loads((directory / POD_RECORD).read_text())
         except (OSError, ValueError):
             return None
         if not isinstance(pod, dict):
@@ -711,7 +717,7 @@ class ProcessRuntime:
 
     def pods(self) -> Deferred[list[PodStatus]]:
         found: list[PodStatus] = []
-        for record in sorted(self.directory.glob("*/pod.json")):
+        for record in sorted(self.directory.glob(f"*/{POD_RECORD}")):
             instance = record.parent.name
             processes = self._adopt(instance)
             if processes is None:

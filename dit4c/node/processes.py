@@ -307,6 +307,12 @@ class PodProcess:
         self._forgotten = True
 
 
+#: The node's record of an instance, in its pod's directory.
+RECORD = "instance.json"
+#: The runtime's record of a pod, in its directory.
+POD_RECORD = "pod.json"
+
+
 def removePodDirectory(directory: Path) -> None:
     """
     Remove a pod's directory, never crossing into a mount inside it (the
@@ -330,7 +336,18 @@ def removePodDirectory(directory: Path) -> None:
         _unmount(mount)
         if isMount(mount):
             raise OSError(f"{mount} is still mounted: not removing {directory}")
-    shutil.rmtree(directory)
+    # The node's record goes last: a node that dies half way through still
+    # knows the instance when it starts again, and discards the rest.
+    record = directory / RECORD
+    for child in directory.iterdir():
+        if child == record:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    record.unlink(missing_ok=True)
+    directory.rmdir()
 
 
 def killRecorded(directory: Path) -> list[int]:
@@ -339,6 +356,11 @@ def killRecorded(directory: Path) -> list[int]:
     ``directory`` records that still runs, then unmount (lazily) what is
     mounted under it (the storage their sshfs held); the pids killed. For
     cleaning up after a node that can no longer do it itself.
+
+    Only a pod's own pid files count: those at the top of its directory
+    (one holding ``pod.json`` or the node's record). Nothing below a pod is
+    read, least of all its working directory, where the tool writes: a
+    tool must not be able to name a process for a root node to kill.
     """
     killed = []
     pidFiles: list[Path] = []
@@ -351,6 +373,8 @@ def killRecorded(directory: Path) -> list[int]:
                 mounts.append(Path(root) / name)
                 directories.remove(name)
         pidFiles.extend(Path(root) / name for name in files if name.endswith(".pid"))
+        if POD_RECORD in files or RECORD in files:
+            directories.clear()  # a pod: its own pid files are these
     for pidFile in pidFiles:
         try:
             record = json.loads(pidFile.read_text())

@@ -239,6 +239,64 @@ def test_removing_a_pod_never_deletes_through_a_mount(tmp_path: Path) -> None:
     assert (storage / "thesis.tex").read_text() == "years of work"
 
 
+def test_a_discard_cut_short_leaves_the_nodes_record_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The node dies half way through removing a pod: its record of the instance is still there."""
+    import shutil
+
+    from dit4c.node.processes import RECORD, removePodDirectory
+
+    pod = tmp_path / "pod"
+    for name in ("work", "state", "sock"):
+        (pod / name).mkdir(parents=True)
+    (pod / "pod.json").write_text("{}")
+    (pod / RECORD).write_text('{"state": "discarding"}')
+    removed: list[str] = []
+    real = shutil.rmtree
+
+    def dies(path: Any, *args: Any, **kwargs: Any) -> None:
+        if removed:
+            raise KeyboardInterrupt("the node is killed")
+        removed.append(Path(path).name)
+        real(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", dies)
+    with pytest.raises(KeyboardInterrupt):
+        removePodDirectory(pod)
+    assert (pod / RECORD).read_text() == '{"state": "discarding"}'
+    monkeypatch.setattr(shutil, "rmtree", real)
+    removePodDirectory(pod)  # the restarted node discards it again
+    assert not pod.exists()
+
+
+def test_only_a_pods_own_pid_files_name_what_is_killed(tmp_path: Path) -> None:
+    """
+    A tool writes in its working directory: a pid file it plants there,
+    naming another process (with the right start time), must not make the
+    node kill that process.
+    """
+    import json
+    import signal
+    import subprocess
+
+    from dit4c.node.processes import killRecorded, startTime
+
+    bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    ours = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        pod = tmp_path / "pods" / "abc"
+        (pod / "work").mkdir(parents=True)
+        (pod / "pod.json").write_text("{}")
+        for path, pid in ((pod / "work" / "innocent.pid", bystander.pid), (pod / "tool.pid", ours.pid)):
+            path.write_text(json.dumps({"pid": pid, "started": startTime(pid)}))
+        assert killRecorded(tmp_path / "pods") == [ours.pid]
+        assert ours.wait(10) == -signal.SIGKILL
+        assert bystander.poll() is None
+    finally:
+        for process in (bystander, ours):
+            process.kill()
+            process.wait()
+
+
 @pytest_twisted.ensureDeferred
 async def test_running_only_once_the_auth_helper_answers_too(tmp_path: Path) -> None:
     """A tool that answers behind an auth helper that does not is not running: nobody could reach it."""
