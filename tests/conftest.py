@@ -77,6 +77,23 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(base, ignore_errors=True)
 
 
+def requireFuse() -> None:
+    """Skip (fail under CI) where FUSE mounts cannot be made: no sshfs, or no /dev/fuse."""
+    import shutil
+
+    missing = [what for what, ok in (("sshfs", shutil.which("sshfs")), ("/dev/fuse", os.path.exists("/dev/fuse"))) if not ok]
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"FUSE mounts cannot be tested: no {', '.join(missing)}")
+        pytest.skip(f"FUSE mounts cannot be tested: no {', '.join(missing)}")
+
+
+@pytest.fixture
+def fuse() -> None:
+    """Tests that mount the person's storage (sshfs) need FUSE."""
+    requireFuse()
+
+
 # -- keys and tokens ---------------------------------------------------------------
 
 

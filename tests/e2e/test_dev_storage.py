@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,11 +24,7 @@ from dit4c.testing import deferLater
 
 
 @pytest.fixture
-def devDir(tmp_path: Path) -> Iterator[Path]:
-    if shutil.which("sshfs") is None or not Path("/dev/fuse").exists():
-        if os.environ.get("CI"):
-            pytest.fail("sshfs and /dev/fuse are needed")
-        pytest.skip("sshfs and /dev/fuse are needed")
+def devDir(tmp_path: Path, fuse: None) -> Iterator[Path]:
     yield tmp_path / "dev"
     killRecorded(tmp_path / "dev")
 

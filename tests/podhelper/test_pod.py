@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,15 +40,6 @@ TOOL = (
     "reactor.listenTCP(int(sys.argv[1]), backendSite(), interface='127.0.0.1'); reactor.run()"
 )
 SECRET = "file-server-secret-for-the-pod-test"
-
-
-@pytest.fixture
-def fuse() -> None:
-    missing = [what for what, ok in (("sshfs", shutil.which("sshfs")), ("/dev/fuse", os.path.exists("/dev/fuse"))) if not ok]
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"FUSE mounts cannot be tested: no {', '.join(missing)}")
-        pytest.skip(f"FUSE mounts cannot be tested: no {', '.join(missing)}")
 
 
 @pytest_twisted.async_yield_fixture
