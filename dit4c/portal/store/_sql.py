@@ -103,11 +103,13 @@ def _shareLink(row: Sequence[Any]) -> ShareLink:
     return ShareLink(row[0], row[1], row[2], row[3], bool(row[4]))
 
 
-_OAUTH_CODE = ("code_hash", "client_id", "redirect_uri", "user_id", "code_challenge", "created", "expires", "used")
+_OAUTH_CODE = (
+    "code_hash", "client_id", "redirect_uri", "user_id", "code_challenge", "created", "expires", "used", "session_hash",
+)  # fmt: skip
 
 
 def _oauthCode(row: Sequence[Any]) -> OAuthCode:
-    return OAuthCode(row[0], row[1], row[2], row[3], row[4], row[5], row[6], bool(row[7]))
+    return OAuthCode(row[0], row[1], row[2], row[3], row[4], row[5], row[6], bool(row[7]), row[8])
 
 
 def _loginName(name: str) -> str:
@@ -429,6 +431,20 @@ class SQLStore:
             t.execute("DELETE FROM sessions WHERE token_hash = ?", (hashToken(token),))
 
         await self._run(work)
+
+    @_deferred
+    async def sessionLive(self, token_hash: str) -> bool:
+        now = self._now()
+
+        def work(t: _Txn) -> bool:
+            row = t.one(
+                "SELECT 1 FROM sessions s JOIN users u ON u.id = s.user_id"
+                " WHERE s.token_hash = ? AND s.expires > ? AND u.disabled = 0",
+                (token_hash, now),
+            )
+            return row is not None
+
+        return await self._run(work)
 
     @_deferred
     async def deleteSessionsOfUser(self, user_id: str) -> int:
@@ -966,6 +982,7 @@ class SQLStore:
         user_id: str,
         code_challenge: str,
         lifetime: float,
+        session: str | None = None,
     ) -> tuple[OAuthCode, str]:
         if not lifetime > 0:
             raise ValueError("lifetime must be positive")
@@ -974,6 +991,7 @@ class SQLStore:
         record = OAuthCode(
             code_hash=hashToken(code), client_id=client_id, redirect_uri=redirect_uri, user_id=user_id,
             code_challenge=code_challenge, created=now, expires=now + lifetime, used=False,
+            session_hash=hashToken(session) if session is not None else None,
         )  # fmt: skip
 
         def work(t: _Txn) -> tuple[OAuthCode, str]:
@@ -984,7 +1002,7 @@ class SQLStore:
                 f"INSERT INTO oauth_codes ({_cols(_OAUTH_CODE)}) VALUES ({_marks(len(_OAUTH_CODE))})",
                 (
                     record.code_hash, client_id, redirect_uri, user_id, code_challenge,
-                    now, record.expires, 0,
+                    now, record.expires, 0, record.session_hash,
                 ),
             )  # fmt: skip
             return record, code

@@ -102,6 +102,12 @@ class IStore(Interface):
     def deleteSession(token: str) -> Deferred[None]:
         """Log a session out."""
 
+    def sessionLive(token_hash: str) -> Deferred[bool]:
+        """
+        Whether the session whose secret hashes to ``token_hash`` (what
+        ``Session.id``'s hash is) exists, is unexpired and its person enabled.
+        """
+
     def deleteSessionsOfUser(user_id: str) -> Deferred[int]:
         """Log a user out everywhere; fires with how many sessions ended."""
 
@@ -307,13 +313,16 @@ class IStore(Interface):
         user_id: str,
         code_challenge: str,
         lifetime: float,
+        session: str | None = None,
     ) -> Deferred[tuple[OAuthCode, str]]:
         """
         A new one-time authorization code for ``user_id`` at the client
         (instance) ``client_id``, valid for ``lifetime`` seconds: the record,
         and the code itself (handed out once, never stored: the store keeps
-        only its hash). Codes expired already are forgotten on the way.
-        ``NotFound`` if there is no such instance or user.
+        only its hash). ``session``: the browser session (its secret) the
+        code was asked for in; the record keeps only its hash. Codes expired
+        already are forgotten on the way. ``NotFound`` if there is no such
+        instance or user.
         """
 
     def redeemOAuthCode(code: str) -> Deferred[OAuthCode | None]:
@@ -430,6 +439,8 @@ class OAuthCode:
     created: float
     expires: float
     used: bool
+    #: The hash of the portal session the code was issued in (None: none).
+    session_hash: str | None = None
 
 
 #: What a scheduler can be told to do with an instance.

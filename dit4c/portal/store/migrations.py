@@ -215,6 +215,15 @@ MIGRATIONS: list[Migration] = [
             "CREATE INDEX instances_state_updated ON instances (state, updated)",
         ],
     ),
+    (
+        7,
+        [
+            # The portal session a code was issued in: the instance access
+            # token made from it lasts only as long as that session
+            # (docs/protocols.md 6.4), so a logout ends it.
+            "ALTER TABLE oauth_codes ADD COLUMN session_hash TEXT",
+        ],
+    ),
 ]
 
 _CREATE_VERSION_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (
