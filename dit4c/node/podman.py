@@ -30,7 +30,6 @@ import json
 import os
 import re
 import shutil
-import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,14 +183,6 @@ def listening(pid: int, port: int) -> bool:
             if len(fields) > 3 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
                 return True
     return False
-
-
-def freePort() -> int:
-    """A TCP port free on the host's loopback now (podman reserves it once the pod starts)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def firewallRules(authPort: int, ipv6: bool = False) -> bytes:
@@ -514,12 +505,13 @@ class PodmanRuntime:
 
     async def _createPod(self, pod: _Pod, authPort: int, toolPort: int) -> int:
         """
-        Create and start the pod (its infra container) publishing a free
-        host port; a few tries, as another program may take the port
-        between choosing and binding it.
+        Create and start the pod (its infra container) publishing the auth
+        port on a host loopback port podman chooses; that port, as podman
+        reports it. A few tries: podman chooses the port as it creates the
+        pod and binds it as it starts it, and another program may take it
+        in between.
         """
         for attempt in range(3):
-            hostPort = freePort()
             try:
                 await self._run(
                     "pod", "create",
@@ -528,7 +520,7 @@ class PodmanRuntime:
                     "--label", f"{LABEL_INSTANCE}={pod.instance}",
                     "--label", f"{LABEL_DIRECTORY}={pod.directory}",
                     "--label", f"{LABEL_TOOL_PORT}={toolPort}",
-                    "--publish", f"127.0.0.1:{hostPort}:{authPort}",
+                    "--publish", f"127.0.0.1::{authPort}",
                     what="creating the pod",
                 )  # fmt: skip
                 await self._run("pod", "start", self.podName(pod.instance), what="starting the pod")
@@ -537,8 +529,20 @@ class PodmanRuntime:
                     await self._run("pod", "rm", "--ignore", "--force", self.podName(pod.instance))
                     continue
                 raise
-            return hostPort
+            return await self._hostPort(pod.instance, authPort)
         raise AssertionError("unreachable")
+
+    async def _hostPort(self, instance: str, authPort: int) -> int:
+        """The host port the pod publishes ``authPort`` on (``podman pod inspect``: its infra container's bindings)."""
+        info = await self._json("pod", "inspect", self.podName(instance), what="inspecting the pod")
+        if isinstance(info, list):
+            info = info[0] if info else {}
+        bindings = ((info.get("InfraConfig") or {}).get("PortBindings") or {}).get(f"{authPort}/tcp") or []
+        for binding in bindings:
+            port = str(binding.get("HostPort", ""))
+            if port.isdigit() and int(port) > 0:
+                return int(port)
+        raise RuntimeError_(f"podman published the auth port {authPort} on no host port")
 
     async def _infraPid(self, instance: str) -> int:
         """The pid of the pod's infra container, which holds the pod's network namespace."""

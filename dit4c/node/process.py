@@ -17,11 +17,19 @@ The tool is a command from the node's tool table, run in the pod's own
 working directory (``<pod>/work``). It listens on a Unix socket,
 ``<pod>/sock/tool.sock``, in a directory only the tool and the auth helper
 can enter (mode 0700, inside the node-private pod directory); the auth
-helper listens on a free loopback port in front of it and is the only way
-in; the listener dials the routing server and forwards to the auth helper.
+helper in front of it is the only way in; the listener dials the routing
+server and hands each stream to the auth helper. The auth helper also
+listens on a Unix socket, ``<pod>/auth.sock`` (mode 0600, in the pod
+directory only the node's user enters): the node's readiness check, and
+the listener's target when the helpers run as separate processes. No
+helper of a pod listens on TCP.
+
 A tool table entry that only speaks TCP (``{port}``, no ``{socket}``) is
-given a free loopback port instead, which any local process can reach: such
-a tool is not confined as to who connects to it.
+given a free loopback port instead (:func:`freePort`), which any local
+process can reach: such a tool is not confined as to who connects to it.
+It is the one port the node chooses and another program binds later: the
+tool is a program DIT4C does not control, and it takes a number, not a
+socket.
 
 Every tool is started through :mod:`dit4c.node.confine`, which keeps it
 from the node's files: new mount and PID namespaces where the node's data
@@ -178,7 +186,13 @@ def toolsFromFile(path: str | Path) -> dict[str, Tool]:
 
 
 def freePort() -> int:
-    """A TCP port free on loopback now (the process given it binds it soon after)."""
+    """
+    A TCP port free on loopback now, for a tool that only speaks TCP (the
+    tool binds it soon after; another process may take it meanwhile, and
+    the tool then fails to start, saying so in its log). The one port the
+    node picks for another program: every server of DIT4C's own listens on
+    port 0 or on a Unix socket instead.
+    """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
@@ -193,6 +207,8 @@ TOOL_UIDS = range(1_000_000, 1_065_536)
 #: (and the node's user: the auth helper) may enter, and the socket in it.
 SOCKET_DIRECTORY = "sock"
 SOCKET_NAME = "tool.sock"
+#: Where the pod's auth helper listens, in the pod's directory (mode 0600).
+AUTH_SOCKET = "auth.sock"
 #: The longest path a Unix socket may have (``sun_path`` less its NUL).
 MAX_SOCKET_PATH = 107
 
@@ -239,6 +255,25 @@ def _own(paths: Sequence[Path], uid: int, gid: int) -> None:
 
 def _unixEndpoint(path: Path) -> str:
     return f"unix:path={quoteStringArgument(str(path))}"
+
+
+def _unixServerEndpoint(path: Path) -> str:
+    """A server endpoint on the Unix socket ``path``, mode 0600 (the node removes a stale one first)."""
+    return f"unix:address={quoteStringArgument(str(path))}:mode=600:lockfile=0"
+
+
+def _socketPath(path: Path, what: str) -> Path:
+    """
+    ``path``, if it fits a Unix socket's address.
+
+    :raises RuntimeError_: it is too long, naming what would listen there.
+    """
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise RuntimeError_(
+            f"The pod's directory is too long a path for {what}'s Unix socket ({path}): "
+            "the compute node needs a shorter data directory."
+        )
+    return path
 
 
 #: A pod's processes: the tool and its one helper process.
@@ -412,7 +447,9 @@ class ProcessRuntime:
         self._pods: dict[str, dict[str, PodProcess]] = {}
         #: Where each tool answers: its Unix socket, or a loopback port.
         self._ports: dict[str, int | Path] = {}
-        self._authPorts: dict[str, int] = {}
+        #: Where each pod's auth helper answers: its Unix socket (a loopback
+        #: port for a pod an older node started).
+        self._auth: dict[str, int | Path] = {}
         self._exitCallbacks: list[Callable[[str, str], object]] = []
 
     def onExit(self, callback: Callable[[str, str], object]) -> None:
@@ -477,13 +514,11 @@ class ProcessRuntime:
     async def _launch(self, spec: PodSpec, tool: Tool, work: Path, owner: tuple[int, int] | None) -> None:
         """The tool's socket directory, its files handed over, pod.json, and the pod's processes."""
         sockets = spec.directory / SOCKET_DIRECTORY
-        socketPath = sockets / SOCKET_NAME if tool.socket else None
+        socketPath = _socketPath(sockets / SOCKET_NAME, "the tool") if tool.socket else None
+        authPath = _socketPath(spec.directory / AUTH_SOCKET, "the auth helper")
+        # Left by a pod that ended without removing it: the auth helper binds afresh.
+        authPath.unlink(missing_ok=True)
         if socketPath is not None:
-            if len(os.fsencode(socketPath)) > MAX_SOCKET_PATH:
-                raise RuntimeError_(
-                    f"The pod's directory is too long a path for the tool's Unix socket ({socketPath}): "
-                    "the compute node needs a shorter data directory."
-                )
             sockets.mkdir(mode=0o700, exist_ok=True)
             os.chmod(sockets, 0o700)
             socketPath.unlink(missing_ok=True)
@@ -497,7 +532,6 @@ class ProcessRuntime:
                 # started (and known to stop or discard) before anything else runs.
                 _own(handed, *owner)
         toolPort = None if socketPath is not None else (spec.port if spec.port is not None else freePort())
-        authPort = freePort()
         # The person's shared storage, if the node has a file server: mounted
         # beside the working directory (never inside it: a save would copy it).
         storage = spec.directory / "mnt" if spec.environment.get("DIT4C_FILE_SERVER") else None
@@ -510,8 +544,8 @@ class ProcessRuntime:
             **base,
             **spec.environment,
             "DIT4C_TOOL": _unixEndpoint(socketPath) if socketPath else f"tcp:host=127.0.0.1:port={toolPort}",
-            "DIT4C_AUTH_LISTEN": f"tcp:{authPort}:interface=127.0.0.1",
-            "DIT4C_AUTH": f"tcp:host=127.0.0.1:port={authPort}",
+            "DIT4C_AUTH_LISTEN": _unixServerEndpoint(authPath),
+            "DIT4C_AUTH": _unixEndpoint(authPath),
         }
         if storage is not None:
             helperEnv["DIT4C_STORAGE_MOUNT"] = str(storage)
@@ -533,7 +567,7 @@ class ProcessRuntime:
             storage=str(storage) if storage is not None else None,
             storageWait=self.storageWait,
         )
-        record = {"tool": toolPort, "socket": str(socketPath) if socketPath else None, "auth": authPort}
+        record = {"tool": toolPort, "socket": str(socketPath) if socketPath else None, "auth": str(authPath)}
         (spec.directory / POD_RECORD).write_text(
             json.dumps({
                 **record, "image": tool.name, "uid": owner[0] if owner else None, "storage": storage is not None,
@@ -561,7 +595,7 @@ class ProcessRuntime:
             raise RuntimeError_(f"The tool could not be started: {e.strerror or e}.") from None
         self._pods[spec.instance] = processes
         self._ports[spec.instance] = socketPath or cast(int, toolPort)
-        self._authPorts[spec.instance] = authPort
+        self._auth[spec.instance] = authPath
         self.log.info(
             "{instance}: {tool} on {where}, as uid {uid}",
             instance=spec.instance, tool=tool.name, where=socketPath or f"port {toolPort}",
@@ -617,10 +651,10 @@ class ProcessRuntime:
         return threads.deferToThread(_pack, directory / "work", archive, str(tool))
 
     def ready(self, instance: str) -> Deferred[bool]:
-        """Whether the tool (its Unix socket, or its port), and the auth helper in front of it, accept connections."""
+        """Whether the tool (its Unix socket, or its port), and the auth helper in front of it (its socket), accept connections."""
         if instance not in self._ports:
             return succeed(False)
-        targets = [self._ports[instance], *([self._authPorts[instance]] if instance in self._authPorts else [])]
+        targets = [self._ports[instance], *([self._auth[instance]] if instance in self._auth else [])]
         return Deferred.fromCoroutine(self._ready(targets))
 
     async def _ready(self, targets: list[int | Path]) -> bool:
@@ -676,7 +710,9 @@ class ProcessRuntime:
         self._pods[instance] = processes
         try:
             self._ports[instance] = Path(pod["socket"]) if pod.get("socket") else int(pod["tool"])
-            self._authPorts[instance] = int(pod["auth"])
+            auth = pod["auth"]
+            # A path; a port number in a pod an older node started.
+            self._auth[instance] = Path(auth) if isinstance(auth, str) else int(auth)
         except (KeyError, ValueError, TypeError):
             pass
         return processes
@@ -709,7 +745,7 @@ class ProcessRuntime:
         def remove(_: object) -> Deferred[None]:
             self._pods.pop(instance, None)
             self._ports.pop(instance, None)
-            self._authPorts.pop(instance, None)
+            self._auth.pop(instance, None)
             # Scanning processes and a working directory of gigabytes: not on the reactor thread.
             return threads.deferToThread(_removeAll, directory, instance)
 

@@ -16,14 +16,16 @@ from dit4c.testing import deferLater
 #: A stand-in helper: writes its environment to <role>.env (and its arguments
 #: to <role>.argv) in the pod directory, then waits. (The auth stand-in, and
 #: the pod helper's, also listens where it is told, as the real one does:
-#: the node counts a pod ready once its auth helper accepts connections.)
+#: on its Unix socket: the node counts a pod ready once its auth helper
+#: accepts connections.)
 RECORD_ENV = (
     "import json, os, pathlib, socket, sys, time;"
     "d = pathlib.Path(os.environ['DIT4C_INSTANCE_KEY']).parent;"
     "(d / (sys.argv[1] + '.env')).write_text(json.dumps(dict(os.environ)));"
     "(d / (sys.argv[1] + '.argv')).write_text(json.dumps(sys.argv[2:]));"
     "listen = os.environ.get('DIT4C_AUTH_LISTEN') if sys.argv[1] in ('auth', 'helpers') else None;"
-    "s = socket.create_server(('127.0.0.1', int(listen.split(':')[1]))) if listen else None;"
+    "s = socket.socket(socket.AF_UNIX) if listen else None;"
+    "s and s.bind(listen.split(':')[1].split('=', 1)[1]); s and s.listen();"
     "time.sleep(3600)"
 )
 #: Stand-ins for the auth helper and the listener (``podHelpers="separate"``).

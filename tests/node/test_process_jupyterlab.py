@@ -24,7 +24,7 @@ from twisted.internet import reactor
 from dit4c.common.keys import load_private_key, save_private_key
 from dit4c.node.interfaces import PodSpec
 from dit4c.node.process import ProcessRuntime, builtinTools
-from dit4c.testing import deferLater
+from dit4c.testing import Signing, deferLater, startRouting, stopRouting
 
 # The auth helper's tests' world (a real portal, alice, her instance), reused as it is.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "auth"))
@@ -40,7 +40,7 @@ async def world(tmp_path: Path) -> Any:
 
 @pytest.mark.slow
 @pytest_twisted.ensureDeferred
-async def test_jupyterlab_as_its_own_uid_through_the_auth_helper(world: Any, tmp_path: Path) -> None:
+async def test_jupyterlab_as_its_own_uid_through_the_auth_helper(world: Any, signing: Signing, tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("a root node is what runs tools as uids of their own")
     tools = builtinTools()
@@ -60,6 +60,7 @@ async def test_jupyterlab_as_its_own_uid_through_the_auth_helper(world: Any, tmp
         "DIT4C_PORTAL": world.portalURL,
         "DIT4C_STATE_DIR": str(pod / "state"),
     }
+    stack: list[Any] = []
     try:
         await runtime.start(PodSpec(instance, "jupyter/lab", None, pod, environment))
         for _ in range(600):
@@ -75,7 +76,12 @@ async def test_jupyterlab_as_its_own_uid_through_the_auth_helper(world: Any, tmp
         assert "--allow-root" not in " ".join(json.loads((pod / "tool.pid").read_text())["argv"])
         assert "Running as root" not in log
 
-        world.authPort = record["auth"]
+        # The auth helper listens on the pod's Unix socket: people reach it through a routing server.
+        assert record["auth"] == str(pod / "auth.sock")
+        routing = await startRouting(signing)
+        stack.append(routing)
+        await routing.listen(signing.token(instance), f"unix:path={record['auth']}")
+        world.authPort = routing.httpPort
         world.instance = await world.store.updateInstance(instance, url=world.instanceURL)
         alice = Browser(world)
         assert (await logIn(alice, "alice", "/lab")).code == 303
@@ -93,4 +99,6 @@ async def test_jupyterlab_as_its_own_uid_through_the_auth_helper(world: Any, tmp
         owners = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in tree if socketInodes({pid}) & listening]
         assert len(listening) <= 1 and all(b"ipykernel_launcher" in owner for owner in owners), owners
     finally:
+        for routing in stack:
+            await stopRouting(routing)
         await runtime.discard(instance)

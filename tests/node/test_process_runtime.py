@@ -118,8 +118,9 @@ async def test_start_runs_the_tool_and_its_helpers(nodes: Any, tmp_path: Path) -
     assert helper.portalBase == "http://127.0.0.1:8000"
     assert helper.routing == ("tcp:host=127.0.0.1:port=8001",)
     # It answers where the node checks it, fronts the tool, and waits for the tool before unmounting storage.
-    authPort = int(auth["DIT4C_AUTH_LISTEN"].split(":")[1])
-    assert json.loads((pod / "pod.json").read_text())["auth"] == authPort
+    assert auth["DIT4C_AUTH_LISTEN"] == f"unix:address={pod / 'auth.sock'}:mode=600:lockfile=0"
+    assert auth["DIT4C_AUTH"] == f"unix:path={pod / 'auth.sock'}"
+    assert json.loads((pod / "pod.json").read_text())["auth"] == str(pod / "auth.sock")
     assert json.loads((pod / "helpers.argv").read_text()) == ["--tool-pid-file", str(pod / "tool.pid"), "--hold", "7.0"]
     assert sorted(p.name for p in pod.glob("*.pid")) == ["helpers.pid", "tool.pid"]
     toolPort = int(helper.tool.rsplit("=", 1)[1])  # type: ignore[union-attr]
@@ -530,3 +531,74 @@ async def test_a_pod_with_separate_helpers_is_found_again_and_stopped(tmp_path: 
         await after.discard("old1")
         after.forget()
     assert not pod.exists()
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_no_helper_of_a_pod_listens_on_tcp(tmp_path: Path) -> None:
+    """
+    A pod of the real helper process (forked, with its listener dialling a
+    routing server): it answers on its Unix socket, mode 0600, and through
+    its tunnel; no process of its helpers listens on any TCP port.
+    """
+    from twisted.internet.endpoints import serverFromString
+
+    from dit4c.common.keys import generate_private_key, save_private_key
+    from dit4c.common.tokens import StaticKeySource, TokenVerifier
+    from dit4c.node.interfaces import PodSpec
+    from dit4c.routing.server import RoutingServer
+    from dit4c.testing import rawRequest
+
+    instance = "tcp0"
+    pod = tmp_path / "node" / instance
+    pod.mkdir(parents=True, mode=0o700)
+    key = generate_private_key()
+    save_private_key(key, pod / "instance.key")
+    # A routing server that trusts the instance's key, as the portal would publish it.
+    verifier = TokenVerifier(
+        StaticKeySource({"keys": [{**public_jwk(key), "kid": f"instance:{instance}"}]}), audience="dit4c-routing"
+    )
+    routing = RoutingServer(reactor, verifier, "localhost")
+    tunnel = routing.addTunnelEndpoint(serverFromString(reactor, "tcp:0:interface=127.0.0.1"))
+    public = routing.addPublicEndpoint(serverFromString(reactor, "tcp:0:interface=127.0.0.1"), "http")
+    routing.startService()
+    environment = {
+        "DIT4C_INSTANCE": instance,
+        "DIT4C_INSTANCE_KEY": str(pod / "instance.key"),
+        "DIT4C_PORTAL": "http://localhost:8000",
+        "DIT4C_ROUTING": f"tcp:host=127.0.0.1:port={tunnel.port.getHost().port}",  # type: ignore[union-attr]
+    }
+    runtime = ProcessRuntime(reactor, tmp_path / "node", {"dit4c/notes": builtinNotes()}, stopGrace=2)
+    try:
+        await runtime.start(PodSpec(instance, "dit4c/notes", None, pod, environment))
+        for _ in range(300):
+            if await runtime.ready(instance) and routing.registry.hostFor(instance) is not None:
+                break
+            await deferLater(0.1)
+        else:
+            raise AssertionError((pod / "helpers.log").read_text()[-3000:])
+        socket = pod / "auth.sock"
+        assert json.loads((pod / "pod.json").read_text())["auth"] == str(socket)
+        assert stat.S_ISSOCK(socket.stat().st_mode) and stat.S_IMODE(socket.stat().st_mode) == 0o600
+        # The auth helper answers on its socket (a stranger without a session is refused) ...
+        request = f"GET / HTTP/1.0\r\nHost: {instance}.localhost\r\n\r\n".encode()
+        answer = await unixRequest(socket, request)
+        assert answer.startswith(b"HTTP/1.1 401 ") and b'WWW-Authenticate: DIT4C realm="dit4c"' in answer, answer[:300]
+        # ... and through the tunnel, the same way.
+        answer = await rawRequest(public.port.getHost().port, request)  # type: ignore[union-attr]
+        assert answer.startswith(b"HTTP/1.1 401 ") and b'WWW-Authenticate: DIT4C realm="dit4c"' in answer, answer[:300]
+        # No process of the pod's helpers listens on TCP (nor does the tool).
+        helpers = treeOf(int(json.loads((pod / "helpers.pid").read_text())["pid"]))
+        assert socketInodes(helpers), "the helper process holds no socket at all"
+        assert socketInodes(helpers) & listeningInodes() == set()
+        assert socketInodes(treeOf(toolPid(pod))) & listeningInodes() == set()
+    finally:
+        await runtime.discard(instance)
+        runtime.forget()
+        await routing.stopService()
+
+
+def builtinNotes() -> Tool:
+    from dit4c.node.process import builtinTools
+
+    return builtinTools()["dit4c/notes"]
