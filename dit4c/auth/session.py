@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from dit4c.common.keys import load_private_key
+from dit4c.common.nextpath import safeNext
 
 __all__ = [
     "CALLBACK_PATH",
@@ -54,8 +55,6 @@ LOCAL_PREFIX = b"/.dit4c/"
 CALLBACK_PATH = b"/.dit4c/callback"
 #: Seconds a login may take, from the redirect to the portal to the callback.
 FLOW_LIFETIME = 600
-#: The longest original path a flow remembers; a longer one returns to ``/``.
-MAX_NEXT = 2048
 
 _FLOW_VERSION = "v1"
 
@@ -232,21 +231,6 @@ def clearCookie(name: bytes, *, secure: bool) -> bytes:
 
 
 # -- requests --------------------------------------------------------------------------------------
-
-
-def safeNext(value: str | None) -> str:
-    """A local path to return to after login; anything else (another site, too long) is ``/``."""
-    if (
-        not value
-        or not value.startswith("/")
-        or value.startswith("//")
-        or "\\" in value
-        or len(value) > MAX_NEXT
-        or not value.isascii()
-        or any(c < " " or c == "\x7f" for c in value)
-    ):
-        return "/"
-    return value
 
 
 def isNavigation(method: bytes, headers: list[tuple[bytes, bytes]], upgrade: bool) -> bool:

@@ -13,21 +13,23 @@ import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 from urllib.parse import quote
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from klein import Klein
 from twisted.internet.defer import Deferred
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from dit4c.common.life import ACTIVE
 from dit4c.common.life import toJSON as lifeJSON
+from dit4c.common.nextpath import safeNext
 from dit4c.portal import security
+from dit4c.portal.events import AccessChange
 from dit4c.portal.keys import KeyRing
 from dit4c.portal.security import CookiePolicy
+from dit4c.portal.store.ids import hashToken
 
 
 @dataclass(frozen=True)
@@ -101,13 +103,6 @@ def publicMembers(text: str | None, kid: str) -> dict[str, Any] | None:
     return key
 
 
-def safeNext(value: str | None) -> str:
-    """A local path to go to after login; anything else (another site) is ``/``."""
-    if not value or not value.startswith("/") or value.startswith("//") or "\\" in value:
-        return "/"
-    return value
-
-
 class NoChannel:
     """A portal without schedulers: commands are refused, nothing is connected."""
 
@@ -127,7 +122,7 @@ class Portal:
     def __init__(
         self, store: Any, keys: KeyRing, config: PortalConfig, clock: Any, commands: Any = None
     ) -> None:
-        from dit4c.portal.events import InstanceEvents
+        from dit4c.portal.events import EventStreams, InstanceEvents
         from dit4c.portal.instances import Instances, Sharing
 
         self.store = store
@@ -136,6 +131,8 @@ class Portal:
         self.clock = clock
         #: Where instance commands go (the scheduler channel).
         self.events = InstanceEvents()
+        #: The pages' event streams (GET /events).
+        self.streams = EventStreams(store, self.events, clock)
         self.instances = Instances(
             store,
             commands or NoChannel(),
@@ -275,37 +272,15 @@ class Portal:
     @app.route("/events", methods=["GET"])
     async def eventStream(self, request: IRequest) -> None | bytes:
         """
-        Server-Sent Events: every change to an instance this person owns or
-        may use, as ``event: instance`` with a JSON body, while they watch.
+        Server-Sent Events: every change to an instance this person may see
+        at the time of the change, while they watch and while their session
+        lasts (``dit4c.portal.events.EventStreams``).
         """
         who = await self.loggedIn(request)
         if who is None:
             request.setResponseCode(401)
             return b""
-        userId = who.user.id
-        visible = {i.id for i in await self.store.listInstancesSharedWith(userId)}
-        request.setHeader(b"content-type", b"text/event-stream")
-        request.setHeader(b"cache-control", b"no-store")
-        request.setHeader(b"x-accel-buffering", b"no")
-        request.write(b"retry: 3000\n: watching\n\n")
-
-        def changed(instance: Any) -> None:
-            if instance.owner_id == userId or instance.id in visible:
-                body = {"id": instance.id, "state": instance.state, "reason": instance.reason, "url": instance.url}
-                request.write(b"event: instance\ndata: " + json.dumps(body).encode() + b"\n\n")
-
-        # A comment line now and then keeps proxies from closing a quiet stream.
-        keepalive = LoopingCall(request.write, b": keepalive\n\n")
-        keepalive.clock = self.clock
-        keepalive.start(15, now=False)
-        unsubscribe = self.events.subscribe(changed)
-        try:
-            await cast(Any, request).notifyFinish()
-        except Exception:
-            pass  # the browser went away: that is how a stream ends
-        finally:
-            unsubscribe()
-            keepalive.stop()
+        await self.streams.serve(request, who)
         return None
 
     @app.route("/share/<token>", methods=["GET"])
@@ -452,6 +427,7 @@ class Portal:
                 request.setResponseCode(400)
                 return b"Bad CSRF token"
             await self.store.deleteSession(who.token)
+            self.events.accessChanged(AccessChange(user=who.user.id, session=hashToken(who.token)))
         self.cookies.clear(request, security.SESSION_COOKIE)
         return self.redirect(request, "/login")
 
@@ -601,4 +577,4 @@ class Portal:
         )
 
 
-__all__ = ["Portal", "PortalConfig", "quote"]
+__all__ = ["Portal", "PortalConfig", "quote", "safeNext"]

@@ -53,18 +53,12 @@ from twisted.internet.defer import Deferred, DeferredLock
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
+from dit4c.common.nextpath import safeNext
 from dit4c.portal import security
 from dit4c.portal.store.errors import Conflict
 
 if TYPE_CHECKING:
     from dit4c.portal.app import Portal
-
-
-def safeNext(value: str | None) -> str:
-    """The portal's own check of a ``next`` path (imported late: app.py may import this module)."""
-    from dit4c.portal.app import safeNext as check
-
-    return check(value)
 
 
 __all__ = [
