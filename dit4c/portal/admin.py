@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from dit4c.portal import security
+from dit4c.portal.events import AccessChange
 from dit4c.portal.store.errors import StoreError
 
 if TYPE_CHECKING:
@@ -155,6 +156,7 @@ class AdminPages:
             await self.store.updateUser(user_id, **changes)
             if changes.get("disabled"):
                 await self.store.deleteSessionsOfUser(user_id)
+                self.portal.events.accessChanged(AccessChange(user=user_id))
         except StoreError as e:
             return await self.page(request, who, 400, error=str(e))
         self.log.info("{admin} changed user {id}: {action}", admin=who.user.name, id=user_id, action=action)

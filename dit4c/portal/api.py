@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from dit4c.portal import security
+from dit4c.portal.events import AccessChange
 from dit4c.portal.instances import InstanceError
 from dit4c.portal.store.errors import StoreError
 
@@ -327,6 +328,7 @@ class API:
         user = await self.store.updateUser(user_id, **body)
         if body.get("disabled"):
             await self.store.deleteSessionsOfUser(user_id)
+            self.portal.events.accessChanged(AccessChange(user=user_id))
         return self.reply(request, userJSON(user))
 
     @app.route("/admin/schedulers/<scheduler_id>/users", methods=["PUT"])

@@ -1,22 +1,92 @@
 """
-Instance changes as they happen, for everyone in this portal process who
-watches: the pages' Server-Sent Events stream subscribes, and whatever
-changes an instance (a person's action, the scheduler channel) publishes.
+Changes as they happen, and the streams that carry them out of this portal
+process.
 
-This bus is in-process. Several portal processes behind a load balancer
-each see the changes made through themselves; carrying changes between
+:class:`InstanceEvents` is the in-process bus: whatever changes an instance
+(a person's action, the scheduler channel) publishes it, and whatever ends
+or grants someone's access (an unshare, a revoked share link, a disabled
+person, a logout) publishes an :class:`AccessChange`. Two kinds of stream
+subscribe:
+
+- :class:`EventStreams`: the pages' Server-Sent Events (``GET /events``).
+  Each event is checked, when it is sent, against what the person may see
+  then, not when the stream opened; a stream ends when its portal session
+  does (logout, a disabled person, expiry); a person has at most
+  ``perPerson`` streams open.
+- :class:`InstanceWatches`: the auth helpers' watches
+  (``GET /oauth/watch``, docs/protocols.md 6.6). A helper is told that an
+  access to its instance changed, and asks the portal again (6.5) about
+  the sessions it holds open.
+
+The bus is in-process. Several portal processes behind a load balancer
+each see the changes made through themselves; a change made through
+another reaches a page at its next event (each is checked in the store)
+and an auth helper at its next periodic recheck. Carrying changes between
 processes (PostgreSQL LISTEN/NOTIFY) is the path at scale.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
 
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.web.iweb import IRequest
 
+from dit4c.portal.store.ids import hashToken
 from dit4c.portal.store.model import Instance
 
+__all__ = [
+    "AccessChange",
+    "EventStreams",
+    "InstanceEvents",
+    "InstanceWatches",
+    "STREAMS_PER_PERSON",
+    "WATCHES_PER_INSTANCE",
+    "WATCH_KEEPALIVE",
+]
+
 Subscriber = Callable[[Instance], None]
+
+#: Event streams one person may hold open at once (tabs, windows, browsers).
+STREAMS_PER_PERSON = 8
+#: Seconds between comment lines on a quiet event stream (proxies close silent ones).
+STREAM_KEEPALIVE = 15.0
+#: What a stream closed to make room asks its browser to wait before it comes back (ms).
+STREAM_RETRY_REPLACED = 60000
+#: Checks a stream may have waiting before it is judged stuck and closed.
+STREAM_MAX_PENDING = 256
+
+#: Watches one instance may hold open at once (a helper reconnecting while
+#: the portal still holds its old, silently dropped one).
+WATCHES_PER_INSTANCE = 2
+#: Seconds between keepalive lines on a watch; a helper that hears nothing
+#: for three times this reconnects.
+WATCH_KEEPALIVE = 5.0
+
+
+@dataclass(frozen=True)
+class AccessChange:
+    """
+    Someone's leave to use instances may have changed. What changed is
+    looked up again in the store by whoever cares; this only says where
+    to look.
+    """
+
+    #: Whose access: a user id, or None for anyone's (a share link revoked).
+    user: str | None = None
+    #: Which instance, or None for every instance of theirs (disabled, logged out).
+    instance: str | None = None
+    #: The hash of the portal session that ended (a logout), if that is the change.
+    session: str | None = None
+
+
+AccessSubscriber = Callable[[AccessChange], None]
 
 
 class InstanceEvents:
@@ -24,6 +94,7 @@ class InstanceEvents:
 
     def __init__(self) -> None:
         self._subscribers: list[Subscriber] = []
+        self._access: list[AccessSubscriber] = []
 
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
         """Call ``callback`` with every changed instance until the returned function is called."""
@@ -45,3 +116,304 @@ class InstanceEvents:
     @property
     def subscribers(self) -> int:
         return len(self._subscribers)
+
+    def subscribeAccess(self, callback: AccessSubscriber) -> Callable[[], None]:
+        """Call ``callback`` with every :class:`AccessChange` until the returned function is called."""
+        self._access.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._access:
+                self._access.remove(callback)
+
+        return unsubscribe
+
+    def accessChanged(self, change: AccessChange) -> None:
+        """Publish ``change``: call it once the store holds the change."""
+        for callback in list(self._access):
+            try:
+                callback(change)
+            except Exception:
+                self.log.failure("access change subscriber failed")
+
+
+def _finish(request: IRequest) -> None:
+    """End a streamed answer (the browser or helper may be gone already)."""
+    if not cast(Any, request).finished and not cast(Any, request)._disconnected:
+        request.finish()
+
+
+# -- the pages' event streams ----------------------------------------------------------------------
+
+
+class _Stream:
+    """
+    One page's ``GET /events``: what it may show is looked up again for
+    every event, in order (a chain of checks, at most
+    ``STREAM_MAX_PENDING`` waiting).
+    """
+
+    log = Logger()
+
+    def __init__(self, hub: EventStreams, request: IRequest, who: Any) -> None:
+        self.hub = hub
+        self.request = request
+        self.user: str = who.user.id
+        self.name: str = who.user.name
+        self.sessionToken: str = who.token
+        self.sessionHash = hashToken(who.token)
+        #: Instances shared with the person (their own are known by owner).
+        self.visible: set[str] = set()
+        self.closed = False
+        self._tail: Deferred[None] = succeed(None)
+        self._pending = 0
+
+    # -- what arrives ----------------------------------------------------------------------------
+
+    def instanceChanged(self, instance: Instance) -> None:
+        if self.closed or (instance.owner_id != self.user and instance.id not in self.visible):
+            return
+        self._then(lambda: self._send(instance))
+
+    def accessChanged(self, change: AccessChange) -> None:
+        if self.closed or change.user not in (None, self.user):
+            return
+        if change.session is not None:
+            if change.session == self.sessionHash:
+                self.close("its portal session ended")
+            return
+        if change.instance is None:
+            self._then(self._checkSession)
+        elif change.user is not None or change.instance in self.visible:
+            instanceId = change.instance
+            self._then(lambda: self._refresh(instanceId))
+
+    # -- checks, in order ----------------------------------------------------------------------------
+
+    def _then(self, work: Callable[[], Any]) -> None:
+        if self._pending >= STREAM_MAX_PENDING:
+            self.close("too many events waiting")
+            return
+        self._pending += 1
+
+        async def step(_: object) -> None:
+            self._pending -= 1
+            if not self.closed:
+                await work()
+
+        def failed(failure: Any) -> None:
+            self.log.failure("event stream check failed", failure)
+            self.close("a check failed")
+
+        self._tail = self._tail.addCallback(lambda r: Deferred.fromCoroutine(step(r))).addErrback(failed)
+
+    async def _checkSession(self) -> bool:
+        if await self.hub.store.sessionLive(self.sessionHash):
+            return True
+        self.close("its portal session ended")
+        return False
+
+    async def _refresh(self, instanceId: str) -> None:
+        if await self.hub.store.mayUseInstance(self.user, instanceId):
+            self.visible.add(instanceId)
+        else:
+            self.visible.discard(instanceId)
+
+    async def _send(self, instance: Instance) -> None:
+        if not await self._checkSession():
+            return
+        if instance.owner_id != self.user:
+            if not await self.hub.store.mayUseInstance(self.user, instance.id):
+                self.visible.discard(instance.id)
+                return
+        if self.closed:
+            return
+        body = {"id": instance.id, "state": instance.state, "reason": instance.reason, "url": instance.url}
+        self.request.write(b"event: instance\ndata: " + json.dumps(body).encode() + b"\n\n")
+
+    # -- the end ---------------------------------------------------------------------------------------
+
+    def close(self, why: str, retry: int | None = None) -> None:
+        """End the stream now; ``retry`` (ms) asks the browser to wait that long before it comes back."""
+        if self.closed:
+            return
+        self.closed = True
+        self.log.info("event stream of {name} closed: {why}", name=self.name, why=why)
+        if retry is not None and not cast(Any, self.request).finished:
+            self.request.write(b"retry: %d\n\n" % retry)
+        _finish(self.request)
+
+
+class EventStreams:
+    """
+    The pages' Server-Sent Events (``GET /events``): every change to an
+    instance the person owns or may use, as ``event: instance`` with a JSON
+    body, while they watch and while they may.
+
+    A person has at most ``perPerson`` streams; opening one more closes
+    their oldest (which is told to wait a minute before it comes back). The
+    oldest, not the newest: a stream whose browser went away silently (a
+    laptop closed, a network lost) is only found out when a write fails,
+    minutes later, and refusing the newest would lock the person's live tab
+    out in favour of such dead ones. A person with more live tabs than the
+    cap sees one of them catch up a minute later, never all of them cycle.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        store: Any,
+        events: InstanceEvents,
+        clock: IReactorTime,
+        *,
+        perPerson: int = STREAMS_PER_PERSON,
+        keepalive: float = STREAM_KEEPALIVE,
+    ) -> None:
+        self.store = store
+        self.events = events
+        self.clock = clock
+        self.perPerson = perPerson
+        self.keepalive = keepalive
+        self._byPerson: dict[str, list[_Stream]] = {}
+
+    def open(self, user: str) -> int:
+        """How many streams ``user`` holds open now."""
+        return len(self._byPerson.get(user, ()))
+
+    async def serve(self, request: IRequest, who: Any) -> None:
+        """Stream to ``request`` for ``who`` (a ``LoggedIn``) until the browser goes or access ends."""
+        stream = _Stream(self, request, who)
+        stream.visible = {i.id for i in await self.store.listInstancesSharedWith(stream.user)}
+        mine = self._byPerson.setdefault(stream.user, [])
+        while len(mine) >= self.perPerson:
+            mine.pop(0).close(f"more than {self.perPerson} streams open", retry=STREAM_RETRY_REPLACED)
+        mine.append(stream)
+        request.setHeader(b"content-type", b"text/event-stream")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"x-accel-buffering", b"no")
+        request.write(b"retry: 3000\n: watching\n\n")
+        # A comment line now and then keeps proxies from closing a quiet stream.
+        keepalive = LoopingCall(request.write, b": keepalive\n\n")
+        keepalive.clock = self.clock
+        keepalive.start(self.keepalive, now=False)
+        expiry: IDelayedCall = self.clock.callLater(
+            max(who.session.expires - self.clock.seconds(), 0), stream.close, "its portal session expired"
+        )
+        unsubscribe = self.events.subscribe(stream.instanceChanged)
+        unsubscribeAccess = self.events.subscribeAccess(stream.accessChanged)
+        try:
+            await cast(Any, request).notifyFinish()
+        except Exception:
+            pass  # the browser went away: that is how a stream ends
+        finally:
+            stream.closed = True
+            unsubscribe()
+            unsubscribeAccess()
+            keepalive.stop()
+            if expiry.active():
+                expiry.cancel()
+            if stream in mine:
+                mine.remove(stream)
+            if not mine and self._byPerson.get(stream.user) is mine:
+                del self._byPerson[stream.user]
+
+
+# -- the auth helpers' watches -----------------------------------------------------------------------
+
+
+class InstanceWatches:
+    """
+    The open ``GET /oauth/watch`` answers, by instance: each hears, as one
+    JSON line, every access change to its instance (docs/protocols.md 6.6).
+    One keepalive timer serves them all; an instance holds at most
+    ``perInstance`` watches, its oldest closed to make room (a helper that
+    reconnects after a silent drop must get in; its old watch is dead).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        store: Any,
+        events: InstanceEvents,
+        clock: IReactorTime,
+        *,
+        perInstance: int = WATCHES_PER_INSTANCE,
+        keepalive: float = WATCH_KEEPALIVE,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.perInstance = perInstance
+        self.keepalive = keepalive
+        self._byInstance: dict[str, list[IRequest]] = {}
+        self._keepalive: LoopingCall | None = None
+        events.subscribeAccess(self._accessChanged)
+
+    def watching(self, instanceId: str) -> int:
+        """How many watches ``instanceId`` holds open now."""
+        return len(self._byInstance.get(instanceId, ()))
+
+    @staticmethod
+    def _line(request: IRequest, message: dict[str, Any]) -> None:
+        request.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+
+    async def serve(self, request: IRequest, instanceId: str) -> None:
+        """Hold ``request`` open as a watch of ``instanceId`` until the helper goes."""
+        mine = self._byInstance.setdefault(instanceId, [])
+        while len(mine) >= self.perInstance:
+            old = mine.pop(0)
+            self.log.info("closing the oldest watch of instance {instance}", instance=instanceId)
+            _finish(old)
+        mine.append(request)
+        request.setHeader(b"content-type", b"application/x-ndjson")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"x-accel-buffering", b"no")
+        self._line(request, {"type": "watching", "keepalive": self.keepalive})
+        if self._keepalive is None:
+            self._keepalive = LoopingCall(self._ping)
+            self._keepalive.clock = self.clock
+            self._keepalive.start(self.keepalive, now=False)
+        try:
+            await cast(Any, request).notifyFinish()
+        except Exception:
+            pass  # the helper went away
+        finally:
+            if request in mine:
+                mine.remove(request)
+            if not mine and self._byInstance.get(instanceId) is mine:
+                del self._byInstance[instanceId]
+            if not self._byInstance and self._keepalive is not None:
+                self._keepalive.stop()
+                self._keepalive = None
+
+    def _ping(self) -> None:
+        for requests in list(self._byInstance.values()):
+            for request in list(requests):
+                self._line(request, {"type": "keepalive"})
+
+    def _notify(self, instanceId: str, user: str | None) -> None:
+        message: dict[str, Any] = {"type": "changed"}
+        if user is not None:
+            message["sub"] = user
+        for request in list(self._byInstance.get(instanceId, ())):
+            self._line(request, message)
+
+    def _accessChanged(self, change: AccessChange) -> None:
+        if not self._byInstance:
+            return
+        if change.instance is not None:
+            self._notify(change.instance, change.user)
+        elif change.user is not None:
+            user = change.user
+
+            async def theirs() -> None:
+                # Every instance the person owns or may use; those are the
+                # only helpers that can hold a session of theirs.
+                owned = await self.store.listInstancesOf(user)
+                shared = await self.store.listInstancesSharedWith(user)
+                for instanceId in {i.id for i in owned} | {i.id for i in shared}:
+                    self._notify(instanceId, user)
+
+            Deferred.fromCoroutine(theirs()).addErrback(
+                lambda f: self.log.failure("could not tell the helpers of an access change", f)
+            )

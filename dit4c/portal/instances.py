@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from zope.interface import Interface
 
 from dit4c.common.life import ACTIONS, ACTIVE, IllegalMove, Life, State
+from dit4c.portal.events import AccessChange
 from dit4c.portal.store.errors import Conflict, QuotaReached
 from dit4c.portal.store.model import Image, Instance, User
 
@@ -191,12 +192,19 @@ class Instances:
         if other is None or other.disabled:
             raise NotFound(f"There is nobody called {name!r}.")
         await self.store.shareInstance(instance.id, other.id)
+        self.events.accessChanged(AccessChange(user=other.id, instance=instance.id))
 
     async def unshare(self, user: User, instance_id: str, name: str) -> None:
+        """
+        Take the instance back from ``name``: published, so that their open
+        connections through its auth helper close and their pages stop
+        hearing of it within seconds (docs/protocols.md 6.6).
+        """
         instance = await self.owned(user, instance_id)
         other = await self.store.userByName(name.strip().lower())
         if other is not None:
             await self.store.unshareInstance(instance.id, other.id)
+            self.events.accessChanged(AccessChange(user=other.id, instance=instance.id))
 
 
 class Sharing:
@@ -235,6 +243,8 @@ class Sharing:
         if link_id not in {link.id for link in await self.store.listShareLinks(instance.id)}:
             raise NotFound("There is no such link to this instance.")
         await self.store.revokeShareLink(link_id)
+        # Whoever came in through the link may have lost the instance.
+        self.instances.events.accessChanged(AccessChange(instance=instance.id))
 
     async def ownedImage(self, user: User, image_id: str) -> Image:
         image = await self.store.imageById(image_id)

@@ -16,8 +16,13 @@ It is the authorization code flow (RFC 6749 section 4.1) with PKCE
   and its PKCE verifier for an access token: a JWT signed by the portal for
   the audience ``dit4c-instance:<id>``;
 - ``GET /oauth/userinfo?instance=<id>`` checks such a token and asks the
-  store again, now, whether its person may use the instance, so that a
-  share revoked takes effect at the helper's next check.
+  store again, now, whether its person may use the instance and whether
+  the portal session the token was issued in still lives;
+- ``GET /oauth/watch`` (the helper, signed with the instance's key) stays
+  open and tells the helper, as it happens, that an access to its instance
+  changed, so that it asks ``userinfo`` again at once: a share revoked, a
+  person disabled or logged out loses the instance within seconds
+  (``dit4c.portal.events.InstanceWatches``).
 
 ``OAuthServer`` is a Klein app of its own, mounted by the portal at
 ``/oauth/``; it uses the portal's store, keys, login sessions and pages.
@@ -54,6 +59,7 @@ __all__ = [
     "OAuthServer",
     "UnknownClient",
     "UnsupportedGrantType",
+    "WATCH_AUDIENCE",
     "audienceFor",
     "codeChallenge",
     "redirectURIFor",
@@ -61,6 +67,9 @@ __all__ = [
 
 #: An access token for instance ``X`` has the audience ``dit4c-instance:X``.
 AUDIENCE_PREFIX = "dit4c-instance:"
+
+#: The audience of the token a helper signs with its instance's key to watch (6.6).
+WATCH_AUDIENCE = "dit4c-portal-watch"
 
 #: Where, under an instance's public URL, its auth helper takes the code.
 CALLBACK_PATH = ".dit4c/callback"
@@ -239,6 +248,8 @@ class PortalPages(Protocol):
     store: Any
     keys: KeyRing
     clock: Any
+    events: Any
+    reports: Any
 
     def loggedIn(self, request: IRequest) -> Awaitable[Any]: ...
 
@@ -270,6 +281,10 @@ class OAuthServer:
         self.codeLifetime = codeLifetime
         self.tokenLifetime = tokenLifetime
         self.keySource = KeyRingKeySource(portal.keys)
+        from dit4c.portal.events import InstanceWatches
+
+        #: The helpers' open watches, told of every access change to their instance.
+        self.watches = InstanceWatches(portal.store, portal.events, portal.clock)
 
     # -- answers ------------------------------------------------------------------------------
 
@@ -384,7 +399,11 @@ class OAuthServer:
                     },
                 ),
             )
-        _, code = await self.store.createOAuthCode(clientId, redirectURI, user.id, challenge, self.codeLifetime)
+        # The code remembers the portal session it was asked in: the access
+        # token made from it lasts only as long as that session (6.4).
+        _, code = await self.store.createOAuthCode(
+            clientId, redirectURI, user.id, challenge, self.codeLifetime, session=who.session.id
+        )
         return self._redirect(request, withQuery(redirectURI, {"code": code, "state": state}))
 
     # -- token endpoint ---------------------------------------------------------------------------
@@ -423,9 +442,13 @@ class OAuthServer:
             raise InvalidGrant("The person this code was issued to can no longer log in.")
         if not await self.store.mayUseInstance(user.id, clientId):
             raise InvalidGrant("The person this code was issued to may no longer use this instance.")
+        if grant.session_hash is None or not await self.store.sessionLive(grant.session_hash):
+            raise InvalidGrant("The portal session this code was issued in has ended; log in again.")
 
         accessToken = self.keys.signer().sign(
-            {"sub": user.id, "name": user.name}, audience=audienceFor(clientId), lifetime=self.tokenLifetime
+            {"sub": user.id, "name": user.name, "sid": grant.session_hash},
+            audience=audienceFor(clientId),
+            lifetime=self.tokenLifetime,
         )
         self.log.info("{name} may use instance {instance}: access token issued", name=user.name, instance=clientId)
         return {"access_token": accessToken, "token_type": "Bearer", "expires_in": int(self.tokenLifetime)}
@@ -460,9 +483,58 @@ class OAuthServer:
         if not isinstance(subject, str):
             raise InvalidToken("The access token names nobody.")
         user = await self.store.userById(subject)
-        if user is None or user.disabled or not await self.store.mayUseInstance(subject, instanceId):
+        if user is None or user.disabled:
+            raise AccessDenied()
+        session = claims.get("sid")
+        if not isinstance(session, str) or not await self.store.sessionLive(session):
+            # Logged out (or the session expired): the person logs in again.
+            raise InvalidToken("The portal session this access token was issued in has ended.")
+        if not await self.store.mayUseInstance(subject, instanceId):
             raise AccessDenied()
         return {"sub": subject, "name": user.name, "instance": instanceId, "allowed": True}
+
+    # -- the helpers' watches -------------------------------------------------------------------------
+
+    @app.route("/watch", methods=["GET"])
+    async def watch(self, request: IRequest) -> bytes | None:
+        """
+        An auth helper's watch of its instance (docs/protocols.md 6.6): a
+        token signed with the instance's own key, then one JSON line per
+        access change to the instance, for as long as the helper listens.
+        """
+        try:
+            instanceId = await self._watcher(request)
+        except OAuthError as e:
+            self.log.info("watch refused: {reason}", reason=e.description)
+            return self._jsonError(request, e)
+        self._noStore(request)
+        await self.watches.serve(request, instanceId)
+        return None
+
+    async def _watcher(self, request: IRequest) -> str:
+        """The instance whose helper signed the watch request: its key, its audience, a fresh ``jti``."""
+        from dit4c.portal.reports import LEEWAY, MAX_JTI, ReportError
+
+        if request.args:
+            raise InvalidRequest("The watch takes no parameters.")
+        header = (request.getHeader(b"authorization") or b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise InvalidToken("A Bearer token signed with the instance's key is required.")
+        try:
+            # The same check as an instance's reports (docs/protocols.md 8.1), for another audience.
+            instance, claims = await self.portal.reports._instanceToken(token, WATCH_AUDIENCE)
+        except ReportError as e:
+            raise InvalidToken(e.reason) from None
+        if instance.state == State.DISCARDED:
+            raise AccessDenied("The instance is discarded.")
+        jti = claims.get("jti")
+        if not isinstance(jti, str) or not 0 < len(jti) <= MAX_JTI:
+            raise InvalidToken(f"The token needs a jti claim of 1 to {MAX_JTI} characters.")
+        if not await self.store.spendTokenId(instance.id, jti, float(claims["exp"]) + LEEWAY):
+            raise InvalidToken("This token was used before: its jti is spent.")
+        return str(instance.id)
 
     # -- everything else ----------------------------------------------------------------------------
 
