@@ -12,12 +12,13 @@ from typing import Any
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.web.server import Site
 
+from dit4c.common.httpsite import SiteLimits
 from dit4c.common.service import ListeningService
 from dit4c.portal.app import Portal, PortalConfig
 from dit4c.portal.channel import ChannelHub
 from dit4c.portal.deadlines import DeadlineWatch
+from dit4c.portal.http import portalSite
 from dit4c.portal.keys import KeyRing
 
 
@@ -36,6 +37,7 @@ class PortalService(MultiService):
         loginProviders: Sequence[Any] = (),
         imageServerSecret: str | None = None,
         fileServerSecret: str | None = None,
+        limits: SiteLimits | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -49,6 +51,8 @@ class PortalService(MultiService):
         self.loginProviders = list(loginProviders)
         self.imageServerSecret = imageServerSecret
         self.fileServerSecret = fileServerSecret
+        #: Deadlines and limits of the web port's connections (dit4c.portal.http).
+        self.limits = limits
         #: The scheduler channel (``ChannelHub``), once started.
         self.channels: ChannelHub | None = None
         self.store: Any = None
@@ -109,9 +113,7 @@ class PortalService(MultiService):
             self.portal.upstream = UpstreamLogin(
                 self.portal, self.loginProviders, HTTPClient(Agent(self.reactor))
             )
-        site = Site(self.portal.app.resource())
-        site.displayTracebacks = False
-        site.timeOut = 60
+        site = portalSite(self.portal.app.resource(), self.reactor, self.limits)
         for endpoint in self.endpoints:
             service = ListeningService(endpoint, site, "portal")
             service.setServiceParent(self)

@@ -65,9 +65,10 @@ async def logIn(browser: Browser, name: str = "alice", password: str = "correct 
 
 
 def serve(portal: Portal) -> Any:
-    from twisted.web.server import Site
+    """The portal on a loopback port, behind its HTTP channel as ``twistd dit4c-portal`` serves it."""
+    from dit4c.portal.http import portalSite
 
-    port = reactor.listenTCP(0, Site(portal.app.resource()), interface="127.0.0.1")
+    port = reactor.listenTCP(0, portalSite(portal.app.resource(), reactor), interface="127.0.0.1")
     portal.testURL = f"http://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]
     return port
 
