@@ -305,6 +305,10 @@ class ChannelHub(MultiService):
         self._subscribers: dict[str | None, list[Callable[[InstanceEvent], object]]] = {}
         self._poll: LoopingCall | None = None
         self._lastPrune: float | None = None
+        #: What a stored command's params become as the pump sends it
+        #: ``(op, instance id, params)``: the portal makes there what must
+        #: not be stored (a saved image's read token); as stored if unset.
+        self.paramsToSend: Callable[[str, str, Mapping[str, Any]], Awaitable[Mapping[str, Any]]] | None = None
 
     # -- serving ----------------------------------------------------------------------------
 
@@ -483,8 +487,13 @@ class ChannelHub(MultiService):
                     if protocol.phase is not Phase.OPEN:
                         return
                     if command.id not in protocol.sent:
+                        params = command.params
+                        if self.paramsToSend is not None:
+                            params = await self.paramsToSend(command.op, command.instance_id, params)
+                            if protocol.phase is not Phase.OPEN:
+                                return
                         protocol.sent.add(command.id)
-                        message = Command(command.id, command.op, command.instance_id, command.params)
+                        message = Command(command.id, command.op, command.instance_id, params)
                         protocol.sendJSON(message.toJSON())
                 protocol.truncated = len(pending) >= _PUMP_BATCH
                 if not protocol.pumpAgain:

@@ -10,7 +10,7 @@ refusal is an :class:`InstanceError` whose message a person can act on.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -65,6 +65,11 @@ class WrongState(InstanceError):
     code = "state"
 
 
+def _atImageServer(image: Image) -> bool:
+    """A saved image, kept at the image server (reading it takes a read token)."""
+    return image.owner_id is not None and image.ref.startswith(("http://", "https://"))
+
+
 class Instances:
     log = Logger()
 
@@ -80,7 +85,8 @@ class Instances:
         """
         :param readToken: makes the token a node fetches a saved image with
             from the image server (docs/protocols.md 8.5); it goes in the
-            ``start`` command of an instance started from a saved image.
+            ``start`` command of an instance started from a saved image,
+            as the command is sent (:meth:`paramsToSend`).
         """
         from dit4c.portal.events import InstanceEvents
 
@@ -122,13 +128,32 @@ class Instances:
                 "stop one first."
             ) from None
         self.events.publish(instance)
+        # A saved image's read token is not stored with the command: it is
+        # made as the command is sent (paramsToSend).
         params: dict[str, Any] = {"image": image.ref, "port": image.port, "digest": image.digest}
-        if self.readToken is not None and image.owner_id is not None and image.ref.startswith(("http://", "https://")):
-            # A saved image, at the image server: the node needs leave to read it.
-            params["token"] = self.readToken(image)
         await self.commands.send(scheduler, "start", instance.id, params)
         self.log.info("{user} started {instance} from {image}", user=user.name, instance=instance.id, image=image.name)
         return instance
+
+    async def paramsToSend(self, op: str, instance_id: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        """
+        A stored command's params as they go to the scheduler: a ``start``
+        from a saved image at the image server gets a read token made now
+        (docs/protocols.md 7.3, 8.5), so that no usable token is kept in the
+        store and a command that waited for its scheduler carries a fresh
+        one. None if the image was deleted meanwhile (the node's fetch is
+        then refused, and the instance errs).
+        """
+        sent = dict(params)
+        sent.pop("token", None)
+        if op != "start" or self.readToken is None:
+            return sent
+        instance = await self.store.instanceById(instance_id)
+        image = await self.store.imageById(instance.image_id) if instance is not None else None
+        if image is not None and not image.deleted and _atImageServer(image):
+            # The node needs leave to read it.
+            sent["token"] = self.readToken(image)
+        return sent
 
     async def _placement(self, user: User, wanted: str | None) -> str:
         """

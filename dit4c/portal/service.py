@@ -83,6 +83,8 @@ class PortalService(MultiService):
             self.channels.listen(endpoint)
         self.channels.setServiceParent(self)
         self.portal = Portal(self.store, keys, self.config, self.reactor, commands=self.channels)
+        # A saved image's read token is made as its start command is sent, never stored.
+        self.channels.paramsToSend = self.portal.instances.paramsToSend
         # What schedulers report reaches the pages' live streams too.
         events = self.portal.events
         portal = self.portal

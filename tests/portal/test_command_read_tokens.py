@@ -1,0 +1,158 @@
+"""
+A saved image's read token (docs/protocols.md 7.3, 8.5) is made as its
+``start`` command is sent down the scheduler channel, never stored: the
+portal runs as ``PortalService`` on a loopback port, the testing scheduler
+(the real channel client) dials ``/.dit4c/channel`` on it, and the image
+server's question (``POST /reports/image-access``) is asked as the image
+server asks it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest_twisted
+import treq
+from twisted.internet import reactor
+from twisted.internet.endpoints import serverFromString
+
+from dit4c.portal.app import PortalConfig
+from dit4c.portal.service import PortalService
+from dit4c.testing import deferLater
+from dit4c.testing_scheduler import TestingScheduler, registerScheduler
+
+ISSUER = "http://portal.test"
+SECRET = "image-server-secret-0123456789"
+DIGEST = "sha256:" + "ab" * 32
+
+
+@dataclass
+class World:
+    service: PortalService
+    database: Path
+    base: str
+    alice: Any
+    saved: Any
+    scheduler: Any
+    key: Any
+    sims: list[TestingScheduler]
+
+    @property
+    def portal(self) -> Any:
+        return self.service.portal
+
+    async def connect(self) -> TestingScheduler:
+        sim = TestingScheduler(reactor)
+        self.sims.append(sim)
+        client = sim.connect(self.base.replace("http", "ws") + "/.dit4c/channel", self.scheduler.id, self.key, issuer=ISSUER)
+        await client.whenConnected().addTimeout(10, reactor)
+        return sim
+
+    async def reads(self, token: str) -> tuple[int, Any]:
+        """What the portal answers the image server asking whether ``token`` may read the saved image."""
+        response = await treq.post(
+            self.base + "/reports/image-access",
+            data=json.dumps({"method": "GET", "image": DIGEST, "headers": {"authorization": f"Bearer {token}"}}).encode(),
+            headers={"X-DIT4C-Image-Server": SECRET, "Content-Type": "application/json"},
+        )
+        return response.code, await response.json()
+
+    def storedCommands(self) -> list[tuple[str, str]]:
+        with sqlite3.connect(self.database) as db:
+            return [(op, params) for op, params in db.execute("SELECT op, params FROM commands ORDER BY seq")]
+
+
+@pytest_twisted.async_yield_fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    database = tmp_path / "portal.db"
+    service = PortalService(
+        reactor,
+        database=f"sqlite:///{database}",
+        dataDir=tmp_path / "data",
+        config=PortalConfig(publicURL=ISSUER),
+        endpoints=[serverFromString(reactor, "tcp:0:interface=127.0.0.1")],
+        imageServerSecret=SECRET,
+    )
+    service.startService()
+    w: World | None = None
+    try:
+        portal = await service.ready
+        store = portal.store
+        alice = await store.createUser("alice")
+        saved = await store.createImage("Saved", f"http://images.test/images/{DIGEST}", owner_id=alice.id, digest=DIGEST)
+        scheduler, key = await registerScheduler(store, "cluster")
+        port = service.ports[0].port.getHost().port  # type: ignore[union-attr]
+        w = World(service, database, f"http://127.0.0.1:{port}", alice, saved, scheduler, key, [])
+        yield w
+    finally:
+        for sim in w.sims if w else []:
+            await sim.stop()
+        await service.stopService()
+
+
+async def startCommand(sim: TestingScheduler, timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        starts = [c for c in sim.handled if c.op == "start"]
+        if starts:
+            return starts[0]
+        assert time.monotonic() < deadline, sim.handled
+        await deferLater(0.02)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_scheduler_gets_a_read_token_the_store_never_holds(world: World) -> None:
+    sim = await world.connect()
+    await world.portal.instances.start(world.alice, world.saved.id)
+    command = await startCommand(sim)
+    token = command.params["token"]
+    assert command.params["image"] == world.saved.ref and command.params["digest"] == DIGEST
+
+    # The token the node gets reads the image ...
+    code, answer = await world.reads(token)
+    assert (code, answer["allowed"], answer["via"]) == (200, True, "read-token")
+
+    # ... and the store keeps no token at all: nothing there reads the image.
+    stored = world.storedCommands()
+    assert [op for op, _ in stored] == ["start"]
+    params = json.loads(stored[0][1])
+    assert params == {"image": world.saved.ref, "port": world.saved.port, "digest": DIGEST}
+    assert token not in stored[0][1] and "eyJ" not in stored[0][1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_command_that_waited_gets_its_token_when_it_is_sent(world: World) -> None:
+    """Started while the scheduler is away: the token is made as it connects, not when the command was stored."""
+    await world.portal.instances.start(world.alice, world.saved.id)
+    stored = time.time()
+    await deferLater(1.2)
+    sim = await world.connect()
+    command = await startCommand(sim)
+    claims = jwt.decode(command.params["token"], options={"verify_signature": False})
+    assert claims["iat"] >= int(stored) + 1 and claims["image"] == world.saved.id
+    assert "token" not in json.loads(world.storedCommands()[0][1])
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_token_for_a_catalogue_image(world: World) -> None:
+    catalogue = await world.portal.store.createImage("Notebook", "quay.io/jupyter/base-notebook", port=8888)
+    sim = await world.connect()
+    await world.portal.instances.start(world.alice, catalogue.id)
+    command = await startCommand(sim)
+    assert "token" not in command.params
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_image_deleted_before_the_command_went_gets_no_token(world: World) -> None:
+    await world.portal.instances.start(world.alice, world.saved.id)
+    await world.portal.store.deleteImage(world.saved.id)
+    sim = await world.connect()
+    command = await startCommand(sim)
+    assert "token" not in command.params
