@@ -1,7 +1,9 @@
 """
 Who is at the browser: a session cookie (the portal's access token) checked
 locally against the portal's published keys, and re-checked with the portal
-at most every ``recheck`` seconds per session.
+at most every ``recheck`` seconds per session while the portal's changes
+are watched (``unwatchedRecheck`` while they are not), and at once when the
+portal says that a person's access changed (:meth:`Sessions.changed`).
 
 No session is kept in memory that a restart would lose: the cookie itself
 is the session. Memory holds only a bounded cache of recent answers.
@@ -14,6 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+import jwt
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -42,6 +45,11 @@ class _Entry:
     verdict: Verdict
     checkedAt: float
     expires: float
+    #: The person's user id (the token's ``sub``).
+    sub: str | None = None
+    #: Bumped whenever the portal says this person's access changed: an
+    #: answer to a question asked before then is not taken as fresh.
+    epoch: int = 0
 
 
 class Sessions:
@@ -56,6 +64,7 @@ class Sessions:
         clock: IReactorTime,
         *,
         recheck: float = 30.0,
+        unwatchedRecheck: float = 5.0,
         retryAfterFailure: float = 5.0,
         maxEntries: int = 10000,
     ) -> None:
@@ -63,14 +72,52 @@ class Sessions:
         self.portal = portal
         self.clock = clock
         self.recheck = recheck
+        self.unwatchedRecheck = unwatchedRecheck
+        #: Whether the portal's changes to this instance's access are
+        #: watched now (``dit4c.auth.connections.Revocations`` says).
+        self.watched = False
         self.retryAfterFailure = retryAfterFailure
         self.maxEntries = maxEntries
         self._cache: OrderedDict[bytes, _Entry] = OrderedDict()
-        self._pending: dict[bytes, Deferred[Verdict]] = {}
+        self._pending: dict[bytes, tuple[int, Deferred[Verdict]]] = {}
+
+    @property
+    def interval(self) -> float:
+        """
+        How long the portal's answer stands: ``recheck`` while the portal
+        tells of every change as it happens, else the shorter
+        ``unwatchedRecheck``, so that a revocation still takes effect soon.
+        """
+        return self.recheck if self.watched else min(self.recheck, self.unwatchedRecheck)
 
     def remember(self, token: str, name: str, expires: float) -> None:
-        """A token the portal has just issued: allowed, checked now."""
-        self._store(self._key(token), _Entry(Verdict(ALLOWED, name), self.clock.seconds(), expires))
+        """
+        A token the portal has just issued, and the caller has just
+        verified: allowed, checked now. (Its ``sub`` is read from it
+        unverified for that reason alone.)
+        """
+        try:
+            sub = jwt.decode(token, options={"verify_signature": False}).get("sub")
+        except jwt.PyJWTError:
+            sub = None
+        entry = _Entry(Verdict(ALLOWED, name), self.clock.seconds(), expires, sub if isinstance(sub, str) else None)
+        self._store(self._key(token), entry)
+
+    def changed(self, sub: str | None) -> None:
+        """
+        The portal says the access of the person ``sub`` (None: anyone)
+        changed: their answers are no longer fresh, and an answer to a
+        question already under way will not count as fresh either.
+        """
+        for entry in self._cache.values():
+            if sub is None or entry.sub is None or entry.sub == sub:
+                entry.checkedAt = float("-inf")
+                entry.epoch += 1
+
+    def subjectOf(self, token: str) -> str | None:
+        """The user id of ``token``'s person, if its answer is in memory."""
+        entry = self._cache.get(self._key(token))
+        return entry.sub if entry is not None else None
 
     @staticmethod
     def _key(token: str) -> bytes:
@@ -99,21 +146,25 @@ class Sessions:
             except InvalidToken as e:
                 self.log.info("session refused: {reason}", reason=e.reason)
                 return Verdict(UNAUTHENTICATED)
-            name = claims.get("name")
+            name, sub = claims.get("name"), claims.get("sub")
             entry = _Entry(
                 Verdict(ALLOWED, name if isinstance(name, str) else None),
                 checkedAt=float("-inf"),
                 expires=float(claims["exp"]),
+                sub=sub if isinstance(sub, str) else None,
             )
             self._store(key, entry)
-        if now - entry.checkedAt < self.recheck:
+        if now - entry.checkedAt < self.interval:
             self._cache.move_to_end(key)
             return entry.verdict
-        pending = self._pending.get(key)
-        if pending is None:
-            pending = Deferred.fromCoroutine(self._ask(key, token, entry))
-            self._pending[key] = pending
-            pending.addBoth(self._askDone, key)
+        asked = self._pending.get(key)
+        if asked is not None and asked[0] == entry.epoch:
+            pending = asked[1]
+        else:
+            # No question under way, or one asked before the latest change.
+            pending = Deferred.fromCoroutine(self._ask(key, token, entry, entry.epoch))
+            self._pending[key] = (entry.epoch, pending)
+            pending.addBoth(self._askDone, key, pending)
         # Every waiter gets its own Deferred chained to the one question.
         waiter: Deferred[Verdict] = Deferred()
 
@@ -124,11 +175,13 @@ class Sessions:
         pending.addBoth(relay)
         return await waiter
 
-    def _askDone(self, result: Any, key: bytes) -> Any:
-        self._pending.pop(key, None)
+    def _askDone(self, result: Any, key: bytes, pending: Deferred[Verdict]) -> Any:
+        asked = self._pending.get(key)
+        if asked is not None and asked[1] is pending:
+            del self._pending[key]
         return result
 
-    async def _ask(self, key: bytes, token: str, entry: _Entry) -> Verdict:
+    async def _ask(self, key: bytes, token: str, entry: _Entry, epoch: int) -> Verdict:
         try:
             info: UserInfo = await self.portal.userinfo(token)
         except Exception as e:
@@ -137,7 +190,8 @@ class Sessions:
             # again soon.
             why = str(e) if isinstance(e, PortalUnreachable) else type(e).__name__
             self.log.warn("could not ask the portal about a session ({why}); keeping the last answer", why=why)
-            entry.checkedAt = self.clock.seconds() - self.recheck + self.retryAfterFailure
+            if entry.epoch == epoch:
+                entry.checkedAt = self.clock.seconds() - self.interval + self.retryAfterFailure
             return entry.verdict
         if info.verdict == "allowed":
             verdict = Verdict(ALLOWED, info.name)
@@ -145,6 +199,10 @@ class Sessions:
             verdict = Verdict(FORBIDDEN)
         else:
             verdict = Verdict(UNAUTHENTICATED)
+        if entry.epoch != epoch:
+            # Access changed while the question was under way: the answer
+            # may be from before the change. The next check asks again.
+            return verdict
         if verdict.kind != entry.verdict.kind:
             self.log.info("the portal now says {verdict} for {name}", verdict=verdict.kind, name=entry.verdict.name)
         entry.verdict = verdict

@@ -1,12 +1,14 @@
 """
 The auth helper's calls to the portal, server to server (docs/protocols.md
-6.3 and 6.5): exchange a code for an access token, and ask whether a token's
-person may still use the instance. Every call has a timeout; no answer ever
-quotes a code or a token.
+6.3, 6.5 and 6.6): exchange a code for an access token, ask whether a
+token's person may still use the instance, and open the watch that tells of
+every access change to it. Every call has a timeout (the watch: until its
+answer's head); no answer ever quotes a code or a token.
 """
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -16,11 +18,16 @@ from twisted.internet.defer import Deferred
 from twisted.web.http_headers import Headers
 
 from dit4c.common.portalhttp import portalHTTP, readJSON
+from dit4c.common.tokens import TokenSigner
 
-__all__ = ["PortalClient", "PortalRefused", "PortalUnreachable", "UserInfo"]
+__all__ = ["WATCH_AUDIENCE", "PortalClient", "PortalRefused", "PortalUnreachable", "UserInfo"]
 
 #: The largest answer read from the portal (a token answer is about 1 KiB).
 MAX_ANSWER = 64 * 1024
+#: The audience of the token that opens a watch (docs/protocols.md 6.6).
+WATCH_AUDIENCE = "dit4c-portal-watch"
+#: Its lifetime: it is spent once, when the watch opens.
+WATCH_TOKEN_LIFETIME = 60.0
 
 
 class PortalUnreachable(Exception):
@@ -54,11 +61,14 @@ class PortalClient:
         *,
         timeout: float = 10.0,
         http: HTTPClient | None = None,
+        signer: TokenSigner | None = None,
     ) -> None:
+        """:param signer: signs with the instance's own key; needed only to watch."""
         self._reactor = reactor
         self.base = base.rstrip("/")
         self.instance = instance
         self.timeout = timeout
+        self.signer = signer
         if http is None:
             http, self.base = portalHTTP(reactor, self.base, timeout=timeout)
         self._http = http
@@ -123,3 +133,35 @@ class PortalClient:
         if status == 401:
             return UserInfo("invalid")
         raise PortalUnreachable(f"the portal's userinfo endpoint answered {status}")
+
+    def watch(self) -> Deferred[Any]:
+        """
+        Open the watch of this instance (6.6): fires with the response
+        (an ``IResponse``, its body not read) once its head arrived, within
+        the timeout. The caller reads a ``200``'s body as it streams.
+        """
+        return self._timed(self._watch())
+
+    async def _watch(self) -> Any:
+        if self.signer is None:
+            raise PortalUnreachable("no instance key to sign the watch with")
+        token = self.signer.sign(
+            {"sub": self.instance, "jti": secrets.token_urlsafe(16)},
+            audience=WATCH_AUDIENCE,
+            lifetime=WATCH_TOKEN_LIFETIME,
+        )
+        return await self._http.get(
+            self.base + "/oauth/watch",
+            headers=Headers({b"Authorization": [f"Bearer {token}".encode("ascii")], b"Accept": [b"application/x-ndjson"]}),
+            unbuffered=True,
+        )
+
+    async def refusal(self, response: Any) -> str:
+        """Why the portal refused a watch: its ``error_description`` (or status), at most 200 characters."""
+        try:
+            status, answer = await self._read(response)
+        except PortalUnreachable as e:
+            return str(e)
+        if isinstance(answer, dict) and isinstance(answer.get("error_description"), str):
+            return f"{status}: {answer['error_description'][:200]}"
+        return str(status)

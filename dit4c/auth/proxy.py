@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dit4c.auth import pages
+from dit4c.auth.connections import Connections
 from dit4c.auth.gate import ALLOWED, FORBIDDEN, Sessions, Verdict
 from dit4c.auth.portal import PortalClient, PortalRefused
 from dit4c.auth.session import (
@@ -93,6 +94,8 @@ class AuthConfig:
     tool: IStreamClientEndpoint
     clock: IReactorTime
     limits: FrontLimits
+    #: Connections by the session they forward for: closed when it is revoked.
+    connections: Connections = field(default_factory=Connections)
 
 
 @dataclass
@@ -181,6 +184,7 @@ class AuthProxyProtocol(Protocol):
         self._idleTimer = self.clock.callLater(self.limits.idleTimeout, self._checkIdle)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.config.connections.ended(self)
         self._closing = True
         self._cancelTimers()
         self._parser = None
@@ -452,6 +456,7 @@ class AuthProxyProtocol(Protocol):
             return
         if verdict.kind == ALLOWED and verdict.name:
             request.forward = True
+            self.config.connections.forwarding(self, self._sessionCookie(request), self._revoked)
             self._forward(request, verdict.name)
             return
         if verdict.kind == FORBIDDEN:
@@ -459,6 +464,13 @@ class AuthProxyProtocol(Protocol):
         else:
             self._unauthenticated(request, hadCookie=True)
         self._resume()
+
+    def _revoked(self) -> None:
+        """The portal no longer allows the session this connection forwards for: cut both legs now."""
+        self._closed = self._closing = True
+        self._cancelTimers()
+        self._events.clear()
+        self.transport.abortConnection()
 
     def _endsConnection(self, request: _Request) -> bool:
         """Whether an answer of ours to ``request`` must close: its body is not read."""

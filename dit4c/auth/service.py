@@ -7,14 +7,17 @@ from typing import Any
 from twisted.application.service import MultiService
 from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
 
+from dit4c.auth.connections import Connections, Revocations
 from dit4c.auth.gate import Sessions
 from dit4c.auth.portal import PortalClient
 from dit4c.auth.proxy import AuthConfig, AuthProxyFactory
 from dit4c.auth.session import FlowCookies, deriveKey
+from dit4c.auth.watch import AccessWatch
 from dit4c.common.httpfront import FrontLimits
+from dit4c.common.keys import load_private_key
 from dit4c.common.portalhttp import portalHTTP
 from dit4c.common.service import ListeningService
-from dit4c.common.tokens import JWKSKeySource, TokenVerifier
+from dit4c.common.tokens import JWKSKeySource, TokenSigner, TokenVerifier
 
 __all__ = ["AuthService", "audienceFor"]
 
@@ -45,6 +48,7 @@ class AuthService(MultiService):
         listen: IStreamServerEndpoint,
         tool: IStreamClientEndpoint,
         recheck: float = 30.0,
+        unwatchedRecheck: float = 5.0,
         timeout: float = 10.0,
         limits: FrontLimits | None = None,
         clock: Any = None,
@@ -57,8 +61,16 @@ class AuthService(MultiService):
             internal + "/.well-known/jwks.json", reactor=reactor, timeout=timeout, clock=clock, http_client=http
         )
         verifier = TokenVerifier(keys, audience=audienceFor(instance), issuer=portal, clock=clock)
-        client = PortalClient(reactor, internal, instance, timeout=timeout, http=http)
-        self.sessions = Sessions(verifier, client, clock, recheck=recheck)
+        signer = TokenSigner(load_private_key(keyFile), clock=clock)
+        client = PortalClient(reactor, internal, instance, timeout=timeout, http=http, signer=signer)
+        self.sessions = Sessions(verifier, client, clock, recheck=recheck, unwatchedRecheck=unwatchedRecheck)
+        #: Every connection that forwards for a session, so that a revoked one is closed.
+        self.connections = Connections()
+        self.revocations = Revocations(self.sessions, self.connections, clock)
+        self.revocations.setServiceParent(self)
+        #: The watch at the portal that tells of every access change (docs/protocols.md 6.6).
+        self.watch = AccessWatch(client, self.revocations, clock)
+        self.watch.setServiceParent(self)
         self.config = AuthConfig(
             instance=instance,
             portal=portal,
@@ -69,6 +81,7 @@ class AuthService(MultiService):
             tool=tool,
             clock=clock,
             limits=limits or FrontLimits(),
+            connections=self.connections,
         )
         self.listening = ListeningService(listen, AuthProxyFactory(self.config), "auth helper")
         self.listening.setServiceParent(self)

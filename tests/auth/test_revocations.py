@@ -1,0 +1,231 @@
+"""
+What the auth helper does when the portal says a person's access changed,
+on a test clock: the sessions concerned are asked about again at once (and
+only they), their open connections close if the portal refuses them, an
+answer given before the change never counts as fresh, and the sweep's
+pace follows whether the portal's changes are watched.
+
+The portal here is a stand-in whose answers the test gives; the tokens are
+real (signed, checked against the key). The real portal and real sockets
+are in tests/security/test_revocation.py.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest_twisted
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.task import Clock
+
+from dit4c.auth.connections import Connections, Revocations
+from dit4c.auth.gate import ALLOWED, FORBIDDEN, UNAUTHENTICATED, Sessions
+from dit4c.auth.portal import PortalUnreachable, UserInfo
+from dit4c.common.keys import generate_private_key
+from dit4c.common.tokens import StaticKeySource, TokenSigner, TokenVerifier
+
+ISSUER = "http://portal.test"
+AUDIENCE = "dit4c-instance:abc"
+
+
+class Portal:
+    """Answers userinfo as told, one Deferred per question, and counts the questions per person."""
+
+    def __init__(self) -> None:
+        self.asked: dict[str, list[Deferred[UserInfo]]] = defaultdict(list)
+        self.subOf: dict[str, str] = {}
+
+    def userinfo(self, token: str) -> Deferred[UserInfo]:
+        d: Deferred[UserInfo] = Deferred()
+        self.asked[self.subOf[token]].append(d)
+        return d
+
+    def answer(self, sub: str, verdict: str) -> None:
+        """Answer every open question about ``sub``."""
+        for d in self.asked[sub]:
+            if not d.called:
+                d.callback(UserInfo(verdict, sub, sub) if verdict == "allowed" else UserInfo(verdict))
+
+    def waiting(self, sub: str) -> int:
+        return sum(1 for d in self.asked[sub] if not d.called)
+
+
+class World:
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        key = generate_private_key()
+        self.signer = TokenSigner(key, issuer=ISSUER, clock=self.clock)
+        verifier = TokenVerifier(
+            StaticKeySource.fromKeys(key.public_key()), audience=AUDIENCE, issuer=ISSUER, clock=self.clock
+        )
+        self.portal = Portal()
+        self.sessions = Sessions(verifier, self.portal, self.clock, recheck=30, unwatchedRecheck=5)  # type: ignore[arg-type]
+        self.connections = Connections()
+        self.revocations = Revocations(self.sessions, self.connections, self.clock)
+        self.closed: list[str] = []
+
+    def token(self, sub: str) -> str:
+        token = self.signer.sign({"sub": sub, "name": sub, "sid": "s"}, audience=AUDIENCE, lifetime=3600)
+        self.portal.subOf[token] = sub
+        return token
+
+    async def connected(self, token: str, name: str) -> None:
+        """A connection that forwarded a request for ``token`` (checked and allowed first, as the proxy does)."""
+        check = self.sessions.check(token)
+        self.portal.answer(self.portal.subOf[token], "allowed")
+        assert (await check).kind == ALLOWED
+        self.connections.forwarding(name, token, lambda: self.closed.append(name))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_change_closes_the_refused_persons_connections_and_no_one_elses() -> None:
+    w = World()
+    bob, carol = w.token("bob"), w.token("carol")
+    await w.connected(bob, "bob-ws")
+    await w.connected(bob, "bob-xhr")
+    await w.connected(carol, "carol-ws")
+    w.sessions.watched = True
+
+    done = w.revocations.changed("bob")
+    # Only bob's session is asked about, once for his two connections.
+    assert (w.portal.waiting("bob"), w.portal.waiting("carol")) == (1, 0)
+    w.portal.answer("bob", "forbidden")
+    await done
+    assert sorted(w.closed) == ["bob-ws", "bob-xhr"]
+    assert (w.connections.count(bob), w.connections.count(carol)) == (0, 1)
+    # His next request is refused without asking again; carol's is allowed from memory.
+    assert (await w.sessions.check(bob)).kind == FORBIDDEN
+    assert (await w.sessions.check(carol)).kind == ALLOWED
+    assert (w.portal.waiting("bob"), w.portal.waiting("carol")) == (0, 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_change_for_anyone_asks_about_every_open_session_and_a_logout_is_a_401() -> None:
+    w = World()
+    bob, carol = w.token("bob"), w.token("carol")
+    await w.connected(bob, "bob-ws")
+    await w.connected(carol, "carol-ws")
+    w.sessions.watched = True
+    done = w.revocations.changed(None)  # a share link revoked: whoever came through it
+    assert (w.portal.waiting("bob"), w.portal.waiting("carol")) == (1, 1)
+    w.portal.answer("bob", "invalid")  # his portal session ended
+    w.portal.answer("carol", "allowed")
+    await done
+    assert w.closed == ["bob-ws"]
+    assert (await w.sessions.check(bob)).kind == UNAUTHENTICATED
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_answer_given_before_the_change_is_not_fresh() -> None:
+    w = World()
+    bob = w.token("bob")
+    await w.connected(bob, "bob-ws")
+    w.sessions.watched = True
+    w.clock.advance(31)
+    # A page load asks the portal; the answer ("allowed") is on its way ...
+    early = w.sessions.check(bob)
+    assert w.portal.waiting("bob") == 1
+    # ... when the portal says bob's access changed: a new question is asked.
+    done = w.revocations.changed("bob")
+    assert w.portal.waiting("bob") == 2
+    first, second = w.portal.asked["bob"][-2:]
+    first.callback(UserInfo("allowed", "bob", "bob"))
+    assert (await early).kind == ALLOWED  # the request that asked before the change
+    assert w.closed == []
+    second.callback(UserInfo("forbidden"))
+    await done
+    assert w.closed == ["bob-ws"]
+    assert (await w.sessions.check(bob)).kind == FORBIDDEN
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_stale_answer_alone_cannot_make_a_session_fresh() -> None:
+    w = World()
+    bob = w.token("bob")
+    await w.connected(bob, "bob-ws")
+    w.sessions.watched = True
+    w.clock.advance(31)
+    early = w.sessions.check(bob)
+    w.sessions.changed("bob")
+    w.portal.answer("bob", "allowed")
+    await early
+    # Asked before the change: the next check asks again.
+    w.sessions.check(bob)
+    assert w.portal.waiting("bob") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_sweep_follows_the_watch() -> None:
+    w = World()
+    bob = w.token("bob")
+    await w.connected(bob, "bob-ws")
+    w.revocations.startService()
+    try:
+        # Not watched: answers stand 5 s, and open sessions are asked about every 5 s.
+        assert w.sessions.interval == 5
+        w.clock.advance(5)
+        assert w.portal.waiting("bob") == 1
+        w.portal.answer("bob", "allowed")
+        w.clock.advance(5)
+        assert w.portal.waiting("bob") == 1
+        w.portal.answer("bob", "allowed")
+
+        # The watch comes up: everything is asked about once (changes may have been missed) ...
+        w.revocations.watching(True)
+        assert w.portal.waiting("bob") == 1
+        w.portal.answer("bob", "allowed")
+        # ... then only every 30 s.
+        w.clock.advance(29)
+        assert w.portal.waiting("bob") == 0
+        w.clock.advance(1)
+        assert w.portal.waiting("bob") == 1
+        w.portal.answer("bob", "forbidden")
+        assert w.closed == ["bob-ws"]
+
+        # An instance with no open connection asks nothing.
+        w.clock.advance(300)
+        assert w.portal.waiting("bob") == 0
+    finally:
+        w.revocations.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unreachable_portal_closes_nothing() -> None:
+    w = World()
+    bob = w.token("bob")
+    await w.connected(bob, "bob-ws")
+    w.sessions.watched = True
+    w.portal.userinfo = lambda token: fail(PortalUnreachable("down"))  # type: ignore[method-assign]
+    await w.revocations.changed("bob")
+    # The last answer stands while the portal cannot be asked (docs/protocols.md 10.1).
+    assert w.closed == [] and w.connections.count(bob) == 1
+
+
+def test_the_registry_follows_each_connection() -> None:
+    connections = Connections()
+    closed: list[str] = []
+    connections.forwarding("c1", "tok-a", lambda: closed.append("c1"))
+    connections.forwarding("c2", "tok-a", lambda: closed.append("c2"))
+    connections.forwarding("c1", "tok-a", lambda: closed.append("never"))  # again: no change
+    assert connections.count("tok-a") == 2
+    # A keep-alive connection that now forwards for another session moves.
+    connections.forwarding("c2", "tok-b", lambda: closed.append("c2"))
+    assert (connections.count("tok-a"), connections.count("tok-b")) == (1, 1)
+    connections.ended("c2")
+    connections.ended("c2")
+    connections.ended("never seen")
+    assert sorted(connections.sessions()) == ["tok-a"]
+    assert connections.close("tok-a") == 1 and closed == ["c1"]
+    assert connections.count() == 0 and connections.close("tok-a") == 0
+    connections.ended("c1")  # its connectionLost, after the close
+
+
+def test_answers_stand_for_less_while_the_portal_is_not_watched() -> None:
+    w = World()
+    assert w.sessions.interval == 5
+    w.sessions.watched = True
+    assert w.sessions.interval == 30
+    w.sessions.recheck = 2
+    w.sessions.watched = False
+    assert w.sessions.interval == 2
