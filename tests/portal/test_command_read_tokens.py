@@ -60,7 +60,7 @@ class World:
         response = await treq.post(
             self.base + "/reports/image-access",
             data=json.dumps({"method": "GET", "image": DIGEST, "headers": {"authorization": f"Bearer {token}"}}).encode(),
-            headers={"X-DIT4C-Image-Server": SECRET, "Content-Type": "application/json"},
+            headers={b"X-DIT4C-Image-Server": SECRET.encode(), b"Content-Type": b"application/json"},
         )
         return response.code, await response.json()
 

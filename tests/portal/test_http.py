@@ -1,0 +1,205 @@
+"""
+The portal's HTTP channel (dit4c.portal.http) on a real loopback port, as
+``PortalService`` serves it: malformed heads refused, every route's body
+limit applied before the body is read, and the long-lived connections (the
+scheduler channel's WebSocket, the pages' event stream) kept past every
+deadline of the channel. The channel's own rules, byte by byte on a test
+clock, are tests/common/test_httpsite.py; the attacks on a real ``twistd
+dit4c-portal`` (2 GB bodies, slow clients, generated heads) are
+tests/security/.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from portal_client import Browser, csrfOf, logIn
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
+
+from dit4c.common.httpfront import FrontLimits
+from dit4c.common.httpsite import SiteLimits
+from dit4c.portal import api, oauth, reports, security
+from dit4c.portal.app import PortalConfig
+from dit4c.portal.http import BODY_LIMITS, FORM_BODY, bodyLimit
+from dit4c.portal.service import PortalService
+from dit4c.testing import RawClient, deferLater, rawRequest
+from dit4c.testing_scheduler import TestingScheduler, registerScheduler
+
+ISSUER = "http://portal.localhost"
+
+#: Deadlines short enough that a test outlives each of them many times over.
+SHORT = SiteLimits(front=FrontLimits(headTimeout=0.3, idleTimeout=0.3), bodyTimeout=0.3, lingerTime=0.3)
+
+
+async def startPortal(tmp_path: Path, limits: SiteLimits | None = None) -> tuple[PortalService, Any, int]:
+    service = PortalService(
+        reactor,
+        database=f"sqlite:///{tmp_path / 'portal.db'}",
+        dataDir=tmp_path / "data",
+        config=PortalConfig(publicURL=ISSUER),
+        endpoints=[serverFromString(reactor, "tcp:0:interface=127.0.0.1")],
+        limits=limits,
+    )
+    service.startService()
+    portal = await service.ready
+    await portal.store.createUser("alice", password_hash=await security.hashPassword("correct horse battery"))
+    port = service.ports[0].port.getHost().port  # type: ignore[union-attr]
+    portal.testURL = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
+    return service, portal, port
+
+
+@pytest_twisted.async_yield_fixture
+async def portalPort(tmp_path: Path) -> AsyncIterator[int]:
+    service, _, port = await startPortal(tmp_path)
+    yield port
+    await service.stopService()
+
+
+def status(answer: bytes) -> int:
+    match = re.match(rb"HTTP/1\.1 (\d{3}) ", answer)
+    assert match, answer[:200]
+    return int(match.group(1))
+
+
+HOST = b"Host: portal.localhost\r\n"
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /health HTTP/1.1\r\n" + HOST + b"X-Folded: a\r\n b\r\n\r\n",
+        b"GET /health HTTP/1.1\r\n" + HOST + b"Host: other.example\r\n\r\n",
+        b"GET /health HTTP/1.1\r\n\r\n",
+    ],
+    ids=["obs-fold", "two-hosts", "no-host"],
+)
+@pytest_twisted.ensureDeferred
+async def test_malformed_heads_are_refused(portalPort: int, head: bytes) -> None:
+    answer = await rawRequest(portalPort, head)
+    assert status(answer) == 400
+    assert answer.count(b"HTTP/1.1") == 1 and b'{"status": "ok"}' not in answer
+    # The same request, well formed, is answered.
+    good = await rawRequest(portalPort, b"GET /health HTTP/1.1\r\n" + HOST + b"Connection: close\r\n\r\n")
+    assert status(good) == 200
+
+
+ROUTES = [(prefix.decode() + ("x" if prefix.endswith(b"/") else ""), limit) for prefix, limit in BODY_LIMITS] + [
+    ("/login", FORM_BODY),
+    ("/instances/abc/stop", FORM_BODY),
+]
+
+
+@pytest.mark.parametrize("path, limit", ROUTES)
+@pytest_twisted.ensureDeferred
+async def test_each_route_refuses_a_body_over_its_limit_before_reading_it(portalPort: int, path: str, limit: int) -> None:
+    head = f"POST {path} HTTP/1.1\r\n".encode() + HOST + b"Connection: close\r\nContent-Length: %d\r\n\r\n"
+    # One byte over: refused at once, without the body ever being sent.
+    answer = await rawRequest(portalPort, head % (limit + 1))
+    assert status(answer) == 413 and b"limited to %d bytes" % limit in answer
+    # At the limit: the body is read and the route answers (whatever it thinks of it).
+    answer = await rawRequest(portalPort, head % limit + b"x" * limit)
+    assert status(answer) != 413
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_chunked_body_is_cut_at_the_routes_limit(portalPort: int) -> None:
+    chunk = b"a" * 4096
+    body = b"".join(b"1000\r\n" + chunk + b"\r\n" for _ in range(oauth.MAX_TOKEN_REQUEST // 4096 + 1)) + b"0\r\n\r\n"
+    answer = await rawRequest(portalPort, b"POST /oauth/token HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n\r\n" + body)
+    assert status(answer) == 413
+    # Within it, the token endpoint reads the form and answers for itself.
+    answer = await rawRequest(
+        portalPort,
+        b"POST /oauth/token HTTP/1.1\r\n" + HOST + b"Connection: close\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\n\r\n5\r\na=b&c\r\n0\r\n\r\n",
+    )
+    assert status(answer) == 400 and b"invalid_request" in answer
+
+
+def test_every_route_has_the_limit_of_what_it_reads() -> None:
+    """Each Klein route of the portal, under the path it is mounted at, gets the limit its handler reads up to."""
+    from dit4c.portal.admin import AdminPages
+    from dit4c.portal.api import API
+    from dit4c.portal.app import Portal
+    from dit4c.portal.oauth import OAuthServer
+    from dit4c.portal.reports import Reports
+    from dit4c.portal.upstream import UpstreamLogin
+
+    mounts: list[tuple[str, Any, int | None]] = [
+        ("", Portal.app, None),
+        ("/api/v1", API.app, api.MAX_BODY),
+        ("/admin", AdminPages.app, 64 * 1024),
+        ("/oauth", OAuthServer.app, None),
+        ("/reports", Reports.app, reports.MAX_BODY),
+        ("/login", UpstreamLogin.app, FORM_BODY),
+    ]
+    seen = 0
+    for mount, app, expected in mounts:
+        for rule in app.url_map.iter_rules():
+            path = mount + re.sub(r"<[^>]+>", "x", rule.rule)
+            if not mount and any(path.startswith(m + "/") for m, _, _ in mounts if m):
+                continue  # the branch a mounted app's routes come through
+            limit = bodyLimit(b"POST", path.encode())
+            seen += 1
+            if path == "/oauth/token":
+                assert limit == oauth.MAX_TOKEN_REQUEST
+            elif path in ("/events", "/.dit4c/channel"):
+                assert limit == 0  # no body: a stream, a WebSocket upgrade
+            elif expected is not None:
+                assert limit == expected, path
+            else:
+                assert 0 < limit <= FORM_BODY, path
+    assert seen > 50  # every route was looked at
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_websocket_and_the_event_stream_outlive_every_deadline(tmp_path: Path) -> None:
+    service, portal, port = await startPortal(tmp_path, SHORT)
+    sim = TestingScheduler(reactor)
+    stream = RawClient()
+    try:
+        image = await portal.store.createImage("Notebook", "notebook:1", port=8888)
+        scheduler, key = await registerScheduler(portal.store, "cluster")
+        client = sim.connect(f"ws://127.0.0.1:{port}/.dit4c/channel", scheduler.id, key, issuer=ISSUER)
+        await client.whenConnected().addTimeout(10, reactor)
+        alice = Browser(portal)
+        await logIn(alice)
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), stream)
+        cookie = alice._headers()["Cookie"]
+        stream.transport.write(f"GET /events HTTP/1.1\r\nHost: portal.localhost\r\nCookie: {cookie}\r\n\r\n".encode())
+        while b"watching" not in stream.received:
+            await deferLater(0.01)
+
+        # Many times every deadline of the channel later, both still work.
+        await deferLater(2.0)
+        assert not stream.done.called and service.channels is not None and service.channels.connected(scheduler.id)
+        _, page = await alice.get("/")
+        await alice.post("/instances", {"csrf": csrfOf(page), "image": image.id})
+        while not any(c.op == "start" for c in sim.handled):
+            await deferLater(0.01)
+        while b"event: instance" not in stream.received:
+            await deferLater(0.01)
+    finally:
+        if stream.transport is not None:
+            stream.transport.loseConnection()
+        await sim.stop()
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_kept_alive_connection_is_closed_when_idle(tmp_path: Path) -> None:
+    service, _, port = await startPortal(tmp_path, SHORT)
+    try:
+        # No Connection: close: the portal closes the connection once it is idle.
+        exchange = Deferred.fromCoroutine(rawRequest(port, b"GET /health HTTP/1.1\r\n" + HOST + b"\r\n"))
+        answer = await exchange.addTimeout(10, reactor)
+        assert status(answer) == 200 and answer.count(b"HTTP/1.1") == 1
+    finally:
+        await service.stopService()
