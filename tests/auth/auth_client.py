@@ -61,6 +61,7 @@ class World:
         tool: str | None = None,
         portalInternal: str | None = None,
         recheck: float = 30.0,
+        unwatchedRecheck: float = 5.0,
         timeout: float = 5.0,
         limits: FrontLimits | None = None,
     ) -> AuthService:
@@ -73,6 +74,7 @@ class World:
             listen=serverFromString(reactor, f"tcp:{port}:interface=127.0.0.1"),
             tool=clientFromString(reactor, tool or self.tool.endpoint),  # type: ignore[arg-type]
             recheck=recheck,
+            unwatchedRecheck=unwatchedRecheck,
             timeout=timeout,
             limits=limits,
         )

@@ -1,0 +1,207 @@
+"""
+The pages' event streams (``GET /events``) over real sockets, with the
+portal's store on SQLite and its clock a test clock: each event is checked
+when it is sent against what the person may see then, a stream ends with
+its portal session (logout, a disabled person, expiry), and a person holds
+at most ``STREAMS_PER_PERSON`` of them, the oldest closed to make room.
+
+Instance changes are published as the scheduler channel publishes them
+(``portal.events.publish`` of the instance the store now holds); access
+ends the way people end it, through the pages and the API.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest_twisted
+from portal_client import Browser, Client, csrfOf, logIn, tokenFor
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+from dit4c.common.life import State
+from dit4c.portal.app import Portal
+from dit4c.portal.events import STREAM_RETRY_REPLACED, STREAMS_PER_PERSON
+from dit4c.testing import RawClient, deferLater
+
+END = b"\r\n0\r\n\r\n"
+
+
+async def openStream(portal: Portal, browser: Browser) -> RawClient:
+    stream = RawClient()
+    port = int(portal.testURL.rsplit(":", 1)[1])  # type: ignore[attr-defined]
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), stream)
+    cookie = browser._headers()["Cookie"]
+    stream.transport.write(f"GET /events HTTP/1.1\r\nHost: portal\r\nCookie: {cookie}\r\n\r\n".encode())
+    await until(lambda: b"watching" in stream.received, stream)
+    return stream
+
+
+def received(stream: RawClient) -> list[dict[str, Any]]:
+    """The ``event: instance`` bodies the stream carried, in order."""
+    text = bytes(stream.received)
+    return [
+        json.loads(line.split(b"data: ", 1)[1])
+        for line in text.split(b"\n")
+        if line.startswith(b"data: ")
+    ]
+
+
+def ended(stream: RawClient) -> bool:
+    return stream.received.endswith(END) or stream.done.called
+
+
+async def until(condition: Any, stream: RawClient) -> None:
+    for _ in range(1000):
+        if condition():
+            return
+        await deferLater(0.01)
+    raise AssertionError(bytes(stream.received[-400:]))
+
+
+async def changed(portal: Portal, instance: Any, state: State) -> Any:
+    """A new state for ``instance``, as the scheduler channel would report it."""
+    updated = await portal.store.updateInstance(instance.id, state=state)
+    portal.events.publish(updated)
+    return updated
+
+
+async def people(portal: Portal) -> tuple[Browser, Browser, Any, Any]:
+    alice, bob = Browser(portal), Browser(portal)
+    await logIn(alice)
+    await logIn(bob, "bob", "bobs password!")
+    return alice, bob, await portal.store.userByName("alice"), await portal.store.userByName("bob")
+
+
+async def form(portal: Portal, browser: Browser, path: str, **fields: str) -> None:
+    _, page = await browser.get("/")
+    response, page = await browser.post(path, {"csrf": csrfOf(page), **fields})
+    assert response.code == 303, page
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_instance_is_streamed_only_while_it_may_be_seen(api: Portal) -> None:
+    alice, bob, aliceUser, bobUser = await people(api)
+    image = api.image  # type: ignore[attr-defined]
+    shared = await api.store.createInstance(aliceUser.id, image.id)
+    private = await api.store.createInstance(aliceUser.id, image.id)
+    bobs = await api.store.createInstance(bobUser.id, image.id)
+    await form(api, alice, f"/instances/{shared.id}/share", user="bob")
+    stream = await openStream(api, bob)
+
+    await changed(api, shared, State.RUNNING)
+    await changed(api, private, State.RUNNING)  # alice's, never shared: never bob's
+    await changed(api, bobs, State.RUNNING)
+    await until(lambda: len(received(stream)) == 2, stream)
+    assert [(e["id"], e["state"]) for e in received(stream)] == [(shared.id, "running"), (bobs.id, "running")]
+
+    await form(api, alice, f"/instances/{shared.id}/unshare", user="bob")
+    await changed(api, shared, State.STOPPING)
+    await changed(api, bobs, State.STOPPING)
+    await until(lambda: len(received(stream)) == 3, stream)
+    await deferLater(0.1)
+    assert [e["id"] for e in received(stream)] == [shared.id, bobs.id, bobs.id]
+
+    # Shared again while the stream is open: it is seen again.
+    await form(api, alice, f"/instances/{shared.id}/share", user="bob")
+    await changed(api, shared, State.STOPPED)
+    await until(lambda: len(received(stream)) == 4, stream)
+    assert received(stream)[-1]["id"] == shared.id
+    assert not ended(stream)
+    stream.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_event_is_checked_when_it_is_sent(api: Portal) -> None:
+    """An unshare this process never heard of (made through another portal process) still holds."""
+    alice, bob, aliceUser, bobUser = await people(api)
+    shared = await api.store.createInstance(aliceUser.id, api.image.id)  # type: ignore[attr-defined]
+    bobs = await api.store.createInstance(bobUser.id, api.image.id)  # type: ignore[attr-defined]
+    await api.store.shareInstance(shared.id, bobUser.id)
+    stream = await openStream(api, bob)
+    await changed(api, shared, State.RUNNING)
+    await until(lambda: len(received(stream)) == 1, stream)
+
+    await api.store.unshareInstance(shared.id, bobUser.id)  # no event published
+    await changed(api, shared, State.STOPPING)
+    await changed(api, bobs, State.RUNNING)
+    await until(lambda: len(received(stream)) == 2, stream)
+    await deferLater(0.1)
+    assert [e["id"] for e in received(stream)] == [shared.id, bobs.id]
+    stream.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_logout_ends_that_sessions_streams_only(api: Portal) -> None:
+    _, bob, _, bobUser = await people(api)
+    laptop = Browser(api)
+    await logIn(laptop, "bob", "bobs password!")
+    bobs = await api.store.createInstance(bobUser.id, api.image.id)  # type: ignore[attr-defined]
+    here, there = await openStream(api, bob), await openStream(api, laptop)
+
+    await form(api, bob, "/logout")
+    await until(lambda: ended(here), here)
+    await changed(api, bobs, State.RUNNING)
+    await until(lambda: len(received(there)) == 1, there)
+    assert not ended(there) and received(here) == []
+    # Logged out: a new stream is refused.
+    response, _ = await bob.get("/events")
+    assert response.code == 401
+    there.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_disabled_person_loses_every_stream(api: Portal) -> None:
+    _, bob, _, bobUser = await people(api)
+    laptop = Browser(api)
+    await logIn(laptop, "bob", "bobs password!")
+    here, there = await openStream(api, bob), await openStream(api, laptop)
+    root = Client(api, await tokenFor(api, "root", "root password!"))
+    status, _ = await root.call("PATCH", f"/admin/users/{bobUser.id}", {"disabled": True})
+    assert status == 200
+    await until(lambda: ended(here), here)
+    await until(lambda: ended(there), there)
+    assert api.streams.open(bobUser.id) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_ends_when_its_session_expires(api: Portal) -> None:
+    _, bob, _, bobUser = await people(api)
+    stream = await openStream(api, bob)
+    api.clock.advance(api.config.sessionLifetime - 1)
+    await deferLater(0.05)
+    assert not ended(stream)
+    api.clock.advance(1)
+    await until(lambda: ended(stream), stream)
+    assert api.streams.open(bobUser.id) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_at_most_so_many_streams_per_person_the_oldest_closed(api: Portal) -> None:
+    alice, bob, aliceUser, bobUser = await people(api)
+    streams = [await openStream(api, bob) for _ in range(STREAMS_PER_PERSON)]
+    assert api.streams.open(bobUser.id) == STREAMS_PER_PERSON
+    aliceStream = await openStream(api, alice)
+
+    newest = await openStream(api, bob)
+    oldest = streams.pop(0)
+    await until(lambda: ended(oldest), oldest)
+    # Told to wait a minute before coming back, so that tabs over the cap do not cycle.
+    assert b"retry: %d\n" % STREAM_RETRY_REPLACED in bytes(oldest.received)
+    assert api.streams.open(bobUser.id) == STREAMS_PER_PERSON
+    assert not any(ended(s) for s in [*streams, newest, aliceStream])
+    # Another person's streams are not counted with bob's.
+    assert api.streams.open(aliceUser.id) == 1
+
+    bobs = await api.store.createInstance(bobUser.id, api.image.id)  # type: ignore[attr-defined]
+    await changed(api, bobs, State.RUNNING)
+    for stream in [*streams, newest]:
+        await until(lambda s=stream: len(received(s)) == 1, stream)  # type: ignore[misc]
+    for stream in [*streams, newest, aliceStream]:
+        stream.transport.loseConnection()
+    for _ in range(500):
+        if api.streams.open(bobUser.id) == 0 and api.events.subscribers == 0:
+            break
+        await deferLater(0.01)
+    assert api.streams.open(bobUser.id) == 0 and api.events.subscribers == 0
