@@ -36,9 +36,20 @@ from dit4c.portal.store.ids import hashToken
 class PortalConfig:
     #: The portal's public base URL, e.g. ``https://portal.example.org`` (no trailing slash).
     publicURL: str
-    #: Failed logins allowed per user name, and per client address, in ``loginWindow`` seconds.
+    #: Failed logins from one address that go back to back; after them, each
+    #: attempt from there waits ``loginDelay`` seconds after the previous one,
+    #: doubling with every further failure up to ``loginMaxDelay``
+    #: (``security.LoginThrottle``).
     loginLimit: int = 10
-    loginWindow: float = 900.0
+    #: The same, for one user name from one address.
+    loginNameLimit: int = 3
+    loginDelay: float = 1.0
+    loginMaxDelay: float = 900.0
+    #: Seconds after an address's (or a name's at it) latest attempt that its failures are forgotten.
+    loginWindow: float = 3600.0
+    #: Reverse proxies whose ``X-Forwarded-For`` names the client: addresses,
+    #: networks (``10.0.0.0/8``) or ``unix`` (``security.TrustedProxies``).
+    trustedProxies: tuple[str, ...] = ()
     sessionLifetime: float = 12 * 3600.0
     #: Instances a person may run at once unless an administrator set theirs.
     defaultQuota: int = 4
@@ -142,6 +153,18 @@ class Portal:
         )
         self.sharing = Sharing(self.instances, config.publicURL, removeBytes=self._removeImageBytes)
         self.cookies = CookiePolicy(secure=config.secure, sessionLifetime=config.sessionLifetime)
+        #: Who sent a request (behind trusted reverse proxies too).
+        self.proxies = security.TrustedProxies(config.trustedProxies)
+        #: Failed logins slow down the address they came from, never the account.
+        self.throttle = security.LoginThrottle(
+            store,
+            clock,
+            addressLimit=config.loginLimit,
+            nameLimit=config.loginNameLimit,
+            firstDelay=config.loginDelay,
+            maxDelay=config.loginMaxDelay,
+            forget=config.loginWindow,
+        )
         self.templates = Environment(
             loader=PackageLoader("dit4c.portal", "templates"),
             autoescape=select_autoescape(default=True),
@@ -390,24 +413,16 @@ class Portal:
             return self.loginForm(request, "Your login form expired; please try again.", 400)
         name = (self.arg(request, "username") or "").strip().lower()
         password = self.arg(request, "password") or ""
-        now = self.clock.seconds()
-        address = str(getattr(request.getClientAddress(), "host", "unknown"))
-        window = self.config.loginWindow
-        attempts = max(
-            await self.store.recordLoginAttempt(f"user:{name}", now, window),
-            await self.store.recordLoginAttempt(f"addr:{address}", now, window),
-        )
-        if attempts > self.config.loginLimit:
-            self.log.warn("login rate limit reached for {name} from {address}", name=name, address=address)
-            minutes = int(window // 60)
-            return self.loginForm(
-                request, f"Too many login attempts. Try again in {minutes} minutes.", 429, name
-            )
+        address = self.proxies.clientAddress(request)
+        wait = await self.throttle.claim(name, address)
+        if wait > 0:
+            return self.tooManyFailures(request, wait, address, name)
         user = await self.store.userByName(name) if name else None
         ok = await security.verifyPassword(user.password_hash if user else None, password)
         if not ok or user is None or user.disabled:
+            self.log.info("failed login for {name} from {address}", name=name, address=address)
             return self.loginForm(request, "Wrong user name or password.", 401, name)
-        await self.store.clearLoginAttempts(f"user:{name}")
+        await self.throttle.succeeded(name, address)
         # A fresh session at every login: a session id planted before login
         # is worth nothing after it.
         old = request.getCookie(security.SESSION_COOKIE)
@@ -418,6 +433,19 @@ class Portal:
         self.cookies.clear(request, security.LOGIN_CSRF_COOKIE)
         self.log.info("{name} logged in from {address}", name=user.name, address=address)
         return self.redirect(request, safeNext(self.arg(request, "next")))
+
+    def tooManyFailures(self, request: IRequest, wait: float, address: str, name: str = "") -> bytes:
+        """The login form, refused for now (429, with ``Retry-After``): too many recent failures from here."""
+        self.log.warn(
+            "login from {address} throttled for {wait:.0f} s after failures", address=address, wait=wait
+        )
+        security.setRetryAfter(request, wait)
+        return self.loginForm(
+            request,
+            f"Too many failed logins from here. Try again in {security.waitText(wait)}.",
+            429,
+            name,
+        )
 
     @app.route("/logout", methods=["POST"])
     async def logout(self, request: IRequest) -> bytes:

@@ -1,6 +1,7 @@
 """
-What keeps the portal's pages safe: password hashing, login rate limits,
-session cookies and CSRF tokens.
+What keeps the portal's pages safe: password hashing, login throttling,
+the client's address behind trusted proxies, session cookies and CSRF
+tokens.
 
 Passwords are hashed with Argon2id (argon2-cffi, the reference binding),
 off the reactor thread because hashing is deliberately slow. Session and
@@ -9,8 +10,11 @@ CSRF tokens are random 256-bit values; the store keeps only their hashes.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import ipaddress
 import secrets
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,3 +87,216 @@ class CookiePolicy:
 
     def clear(self, request: Any, name: bytes) -> None:
         self.set(request, name, "", maxAge=0)
+
+
+# -- the client's address ----------------------------------------------------------------------------
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: How a peer on a Unix socket is named: it has no IP address.
+UNIX_PEER = "unix"
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An IP address as written in ``X-Forwarded-For`` (``[v6]:port`` and ``v4:port`` too), or None."""
+    text = text.strip()
+    if text.startswith("[") and "]" in text:
+        text = text[1 : text.index("]")]
+    elif text.count(":") == 1:
+        text = text.split(":", 1)[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+class TrustedProxies:
+    """
+    The reverse proxies whose ``X-Forwarded-For`` the portal believes:
+    addresses or networks (``10.0.0.0/8``, ``::1``), and ``unix`` for a
+    proxy that connects over a Unix socket. With none, the client is the
+    peer of the connection and ``X-Forwarded-For`` is ignored, since anyone
+    can send it.
+    """
+
+    def __init__(self, specs: Iterable[str] = ()) -> None:
+        self.networks: list[IPNetwork] = []
+        self.unix = False
+        for spec in specs:
+            if spec.strip().lower() == UNIX_PEER:
+                self.unix = True
+                continue
+            try:
+                self.networks.append(ipaddress.ip_network(spec.strip(), strict=False))
+            except ValueError:
+                raise ValueError(
+                    f"{spec!r} is not an IP address or network (e.g. 10.0.0.0/8), nor 'unix'"
+                ) from None
+
+    def trusts(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        return any(address in network for network in self.networks)
+
+    def clientAddress(self, request: Any) -> str:
+        """
+        The address a request came from: the peer, unless the peer is a
+        trusted proxy; then ``X-Forwarded-For`` is read from the right
+        (each proxy appends the address it was reached from), skipping
+        trusted proxies, and the first address that is not one is the
+        client. Entries to the left of it were written by the client and
+        are never looked at. If every entry is a trusted proxy, the
+        leftmost is the client; an entry that is no address stops the walk
+        at the proxy that passed it on.
+        """
+        peer = request.getClientAddress()
+        host = getattr(peer, "host", None)
+        if host is None:
+            if not self.unix:
+                return UNIX_PEER
+            hop: str = UNIX_PEER
+        else:
+            address = _address(str(host))
+            if address is None:
+                return str(host)
+            if not self.trusts(address):
+                return str(address)
+            hop = str(address)
+        values = request.requestHeaders.getRawHeaders(b"x-forwarded-for", [])
+        entries = [e for v in values for e in v.decode("latin-1").split(",") if e.strip()]
+        for entry in reversed(entries):
+            address = _address(entry)
+            if address is None:
+                return hop
+            hop = str(address)
+            if not self.trusts(address):
+                return hop
+        return hop
+
+
+# -- login throttling ----------------------------------------------------------------------------------
+
+
+def doublingDelay(free: int, first: float, maximum: float) -> Callable[[int], float]:
+    """
+    ``free`` failures back to back, then ``first`` seconds between
+    attempts, doubling with each further failure up to ``maximum``.
+    """
+
+    def delay(failures: int) -> float:
+        if failures < free:
+            return 0.0
+        return min(first * 2.0 ** min(failures - free, 64), maximum)
+
+    return delay
+
+
+def throttleAddress(address: str) -> str:
+    """
+    What an address is throttled as: itself, or for IPv6 its /64 (one
+    person usually has a whole /64 to choose addresses from).
+    """
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(parsed, ipaddress.IPv6Address):
+        return str(ipaddress.ip_network(f"{parsed}/64", strict=False))
+    return str(parsed)
+
+
+class LoginThrottle:
+    """
+    Slows down password guessing without locking anyone out.
+
+    Only failures count, and only against the address they came from and
+    the name tried from that address: ``addressLimit`` failures from an
+    address, or ``nameLimit`` for one name from it, go back to back; after
+    that each attempt from there waits ``firstDelay`` seconds after the
+    previous one, doubling with every further failure up to ``maxDelay``.
+    Failures are forgotten ``forget`` seconds after the latest attempt. A
+    success clears the name's failures at that address and is not counted.
+    So wrong passwords for a name from other addresses never slow its owner
+    down, and a correct password from an address with no recent failures is
+    always let through.
+
+    The counts are in the store, so every portal process sees them. An
+    attempt is counted as a failure before the password is checked (the
+    check is slow; guesses sent at once would otherwise all go through
+    before any counted) and taken back when it succeeds.
+    """
+
+    #: Seconds between purges of forgotten keys (per portal process).
+    PURGE_INTERVAL = 600.0
+
+    def __init__(
+        self,
+        store: Any,
+        clock: Any,
+        *,
+        addressLimit: int,
+        nameLimit: int,
+        firstDelay: float,
+        maxDelay: float,
+        forget: float,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.forget = forget
+        self.addressDelay = doublingDelay(addressLimit, firstDelay, maxDelay)
+        self.nameDelay = doublingDelay(nameLimit, firstDelay, maxDelay)
+        self._purged = float("-inf")
+
+    @staticmethod
+    def keys(name: str | None, address: str) -> tuple[str, str | None]:
+        """
+        The store's keys for an address and for a name at it. The name is
+        hashed: people type passwords into the name field by mistake.
+        """
+        where = throttleAddress(address)
+        if name is None:
+            return f"addr:{where}", None
+        digest = hashlib.sha256(name.encode("utf-8")).hexdigest()
+        return f"addr:{where}", f"name:{where}:{digest}"
+
+    async def claim(self, name: str | None, address: str) -> float:
+        """
+        0 if an attempt for ``name`` (None: no name, e.g. a provider's
+        answer) from ``address`` may go ahead, now counted as a failure;
+        else the seconds to wait, and nothing is counted.
+        """
+        now = self.clock.seconds()
+        if now - self._purged >= self.PURGE_INTERVAL:
+            self._purged = now
+            await self.store.forgetLoginFailures(now - self.forget)
+        addressKey, nameKey = self.keys(name, address)
+        delays = {addressKey: self.addressDelay}
+        if nameKey is not None:
+            delays[nameKey] = self.nameDelay
+        wait: float = await self.store.claimLoginAttempt(delays, now, self.forget)
+        return wait
+
+    async def succeeded(self, name: str | None, address: str) -> None:
+        """The attempt ``claim`` let through succeeded: it is not a failure."""
+        addressKey, nameKey = self.keys(name, address)
+        await self.store.loginSucceeded(
+            clear=[nameKey] if nameKey is not None else [], takeBack=[addressKey]
+        )
+
+
+def waitText(seconds: float) -> str:
+    """How long to wait, for a person: "5 seconds", "2 minutes"."""
+    whole = _wholeSeconds(seconds)
+    if whole < 120:
+        return f"{whole} second{'s' if whole != 1 else ''}"
+    return f"{-(-whole // 60)} minutes"
+
+
+def setRetryAfter(request: Any, seconds: float) -> None:
+    """``Retry-After``: whole seconds, at least one."""
+    request.setHeader(b"retry-after", b"%d" % _wholeSeconds(seconds))
+
+
+def _wholeSeconds(seconds: float) -> int:
+    return max(1, -int(-seconds // 1))

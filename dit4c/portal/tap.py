@@ -28,8 +28,10 @@ class Options(usage.Options):
         ["data-dir", None, "data/portal", "Directory for the portal's keys (and SQLite database)."],
         ["database", None, None, "sqlite:///PATH or postgresql://USER@HOST/DB. Default: SQLite in the data directory."],
         ["public-url", None, "http://localhost:8000", "The portal's public base URL (https:// makes cookies Secure)."],
-        ["login-limit", None, 10, "Failed logins allowed per user name and per address in the window.", positiveInt],
-        ["login-window", None, 900.0, "Seconds over which failed logins are counted.", positiveFloat],
+        ["login-limit", None, 10, "Failed logins from one address before its attempts are spaced out (1 s, doubling with each failure).", positiveInt],
+        ["login-name-limit", None, 3, "The same, for one user name from one address.", positiveInt],
+        ["login-max-delay", None, 900.0, "The longest wait between login attempts from one address, in seconds.", positiveFloat],
+        ["login-window", None, 3600.0, "Seconds after an address's latest login attempt that its failures are forgotten.", positiveFloat],
         ["session-lifetime", None, 43200.0, "Seconds a login lasts.", positiveFloat],
         ["default-quota", None, 4, "Instances a person may run at once unless set for them.", positiveInt],
         ["login-providers", None, None, "JSON file of GitHub / OpenID Connect login providers (docs/protocols.md)."],
@@ -41,10 +43,21 @@ class Options(usage.Options):
         super().__init__()
         self["listen"] = []
         self["channel"] = []
+        self["trusted-proxy"] = []
 
     def opt_channel(self, value: str) -> None:
         """Extra endpoint where schedulers dial in (they can also use wss://PORTAL/.dit4c/channel). Repeatable."""
         self["channel"].append(value)
+
+    def opt_trusted_proxy(self, value: str) -> None:
+        """A reverse proxy whose X-Forwarded-For names the client: an address, a network (10.0.0.0/8) or 'unix'. Repeatable; without it X-Forwarded-For is ignored."""
+        from dit4c.portal.security import TrustedProxies
+
+        try:
+            TrustedProxies([value])
+        except ValueError as e:
+            raise usage.UsageError(f"--trusted-proxy: {e}") from None
+        self["trusted-proxy"].append(value)
 
     def opt_listen(self, value: str) -> None:
         """Endpoint to serve the portal on, e.g. tcp:8000:interface=127.0.0.1. Repeatable."""
@@ -93,7 +106,10 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         config=PortalConfig(
             publicURL=config["public-url"],
             loginLimit=config["login-limit"],
+            loginNameLimit=config["login-name-limit"],
+            loginMaxDelay=config["login-max-delay"],
             loginWindow=config["login-window"],
+            trustedProxies=tuple(config["trusted-proxy"]),
             sessionLifetime=config["session-lifetime"],
             defaultQuota=config["default-quota"],
         ),

@@ -76,6 +76,7 @@ __all__ = [
     "ProviderRefused",
     "ProviderUnavailable",
     "StateMismatch",
+    "TooManyFailures",
     "UnknownProvider",
     "UpstreamIdentity",
     "UpstreamLogin",
@@ -152,6 +153,9 @@ class UpstreamLoginError(Exception):
     status = 400
     #: The error page's title.
     title = "Login failed"
+    #: Whether this answer counts as a failed login from its address
+    #: (``security.LoginThrottle``): one that was forged, stale or replayed.
+    failure = False
 
     def __init__(self, message: str = "", *, reason: str = "") -> None:
         super().__init__(message or (self.__doc__ or "").strip())
@@ -183,17 +187,25 @@ class FlowExpired(UpstreamLoginError):
     start again.
     """
 
+    failure = True
+
 
 class StateMismatch(UpstreamLoginError):
     """This answer from the login provider does not belong to the login you started. Please start again."""
+
+    failure = True
 
 
 class FlowReplayed(UpstreamLoginError):
     """This answer from the login provider was used already. Please start again."""
 
+    failure = True
+
 
 class CodeRejected(UpstreamLoginError):
     """The login provider did not accept this login any more. Please start again."""
+
+    failure = True
 
 
 class ProviderUnavailable(UpstreamLoginError):
@@ -206,6 +218,7 @@ class InvalidIdentity(UpstreamLoginError):
     """The login provider's answer could not be verified, so you were not logged in."""
 
     status = 403
+    failure = True
 
 
 class _UnknownSigningKey(InvalidIdentity):
@@ -227,6 +240,21 @@ class AccountDisabled(UpstreamLoginError):
 
     status = 403
     title = "Account disabled"
+
+
+class TooManyFailures(UpstreamLoginError):
+    """Too many failed logins from here. Please wait a little and try again."""
+
+    status = 429
+    title = "Too many failed logins"
+
+    def __init__(self, wait: float) -> None:
+        super().__init__(
+            f"Too many failed logins from here. Try again in {security.waitText(wait)}.",
+            reason=f"throttled for {wait:.0f} s",
+        )
+        #: Seconds until an attempt from here goes ahead.
+        self.wait = wait
 
 
 class ConfigError(ValueError):
@@ -974,7 +1002,30 @@ class UpstreamLogin:
 
     @app.route("/<name>/callback", methods=["GET"])
     async def callback(self, request: IRequest, name: str) -> bytes:
+        """
+        The provider's answer, throttled as password logins are: an answer
+        that was forged, stale or replayed counts as a failed login from
+        its address (``UpstreamLoginError.failure``), and an address with
+        too many of them waits before its next answer is even read.
+        """
         backend = self._backend(name)
+        throttle, address = self.portal.throttle, self.portal.proxies.clientAddress(request)
+        wait = await throttle.claim(None, address)
+        if wait > 0:
+            raise TooManyFailures(wait)
+        try:
+            page = await self._finish(request, name, backend)
+        except UpstreamLoginError as e:
+            if not e.failure:
+                await throttle.succeeded(None, address)
+            raise
+        except BaseException:
+            await throttle.succeeded(None, address)  # the portal failed, not the person
+            raise
+        await throttle.succeeded(None, address)
+        return page
+
+    async def _finish(self, request: IRequest, name: str, backend: _Backend) -> bytes:
         flow = self._takeFlow(request, backend.config)
         state = self._param(request, "state")
         if not security.tokensEqual(state, flow["s"]):
@@ -1137,6 +1188,8 @@ class UpstreamLogin:
             request, "error.html", error.status, title=error.title, message=error.message
         )
         request.setHeader(b"referrer-policy", b"no-referrer")
+        if isinstance(error, TooManyFailures):
+            security.setRetryAfter(request, error.wait)
         return body
 
     @app.handle_errors(Exception)

@@ -17,16 +17,26 @@ from dit4c.portal.app import Portal
 
 
 class Browser:
-    """An HTTP client that keeps cookies, as a browser would."""
+    """
+    An HTTP client that keeps cookies, as a browser would. ``source``: the
+    loopback address it connects from (any of 127.0.0.0/8), so that a test
+    can be several people, or several attackers, on real sockets.
+    ``headers``: sent with every request.
+    """
 
-    def __init__(self, portal: Portal) -> None:
+    def __init__(self, portal: Portal, source: str | None = None, headers: dict[str, str] | None = None) -> None:
+        from treq.client import HTTPClient
+        from twisted.web.client import Agent
+
         self.base = portal.testURL  # type: ignore[attr-defined]
         self.cookies: dict[str, str] = {}
+        self.extra = dict(headers or {})
+        self.http = HTTPClient(Agent(reactor, bindAddress=(source, 0) if source else None))
 
     def _headers(self) -> dict[str, str]:
         if not self.cookies:
-            return {}
-        return {"Cookie": "; ".join(f"{k}={v}" for k, v in self.cookies.items())}
+            return dict(self.extra)
+        return {**self.extra, "Cookie": "; ".join(f"{k}={v}" for k, v in self.cookies.items())}
 
     def _keep(self, response: Any) -> list[str]:
         setCookies = response.headers.getRawHeaders("set-cookie", [])
@@ -40,12 +50,12 @@ class Browser:
         return setCookies  # type: ignore[no-any-return]
 
     async def get(self, path: str) -> tuple[Any, str]:
-        response = await treq.get(self.base + path, headers=self._headers(), allow_redirects=False)
+        response = await self.http.get(self.base + path, headers=self._headers(), allow_redirects=False)
         self._keep(response)
         return response, (await response.text())
 
     async def post(self, path: str, data: dict[str, str]) -> tuple[Any, str]:
-        response = await treq.post(self.base + path, data=data, headers=self._headers(), allow_redirects=False)
+        response = await self.http.post(self.base + path, data=data, headers=self._headers(), allow_redirects=False)
         self._keep(response)
         return response, (await response.text())
 

@@ -181,9 +181,11 @@ async def env(served: Served, tmp_path: Path) -> Any:
 class Browser:
     """A cookie-keeping HTTP client (cookies by host and path, as a browser keeps them)."""
 
-    def __init__(self) -> None:
+    def __init__(self, source: str | None = None) -> None:
+        """``source``: the loopback address to connect from (any of 127.0.0.0/8)."""
         self.jar = CookieJar()
-        self.http = HTTPClient(Agent(reactor), cookiejar=cast(Any, self.jar))
+        agent = Agent(reactor, bindAddress=(source, 0) if source else None)
+        self.http = HTTPClient(agent, cookiejar=cast(Any, self.jar))
 
     async def get(self, url: str, cookies: dict[str, str] | None = None) -> tuple[Any, str]:
         response = await self.http.get(url, allow_redirects=False, cookies=cookies)
@@ -624,6 +626,39 @@ async def test_a_replayed_callback_is_refused(env: Env, oidc: OIDCProvider) -> N
     response, page = await thief.get(callback, cookies={FLOW: flowCookie})
     assert response.code == 400 and "used already" in page
     assert thief.cookie(SESSION) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_forged_callbacks_slow_down_their_address_only(env: Env, oidc: OIDCProvider) -> None:
+    """
+    The callback is throttled as password logins are: forged answers count
+    as failures of the address they came from (ten back to back, then 1 s,
+    2 s ... between attempts). Someone elsewhere logs in meanwhile; a real
+    answer from the throttled address waits, unspent, and goes through once
+    the wait is over.
+    """
+    env.mount([oidc.config("op")])
+    attacker = Browser(source="127.0.0.77")
+    forged = env.url + "/login/op/callback?state=forged&code=forged"
+    for _ in range(10):
+        response, _ = await attacker.get(forged)
+        assert response.code == 400
+    response, page = await attacker.get(forged)
+    assert response.code == 429 and response.headers.getRawHeaders("retry-after") == ["1"]
+    assert "Too many failed logins" in page
+
+    elsewhere = Browser()
+    response, _ = await logInVia(elsewhere, env)
+    assert response.code == 303 and elsewhere.cookie(SESSION) is not None
+
+    person = Browser(source="127.0.0.77")
+    authorize = await startLogin(person, env, "/login/op")
+    callback = await atProvider(person, authorize, env.url + "/login/")
+    response, _ = await person.get(callback)
+    assert response.code == 429 and person.cookie(SESSION) is None
+    env.clock.advance(1)
+    response, _ = await person.get(callback)
+    assert response.code == 303 and person.cookie(SESSION) is not None
 
 
 @pytest_twisted.ensureDeferred

@@ -1,6 +1,6 @@
 """
 The portal's store: users, sessions, API tokens, schedulers, images,
-instances, shares and login attempts, in SQLite (one file, the embedded
+instances, shares and failed logins, in SQLite (one file, the embedded
 default) or PostgreSQL (several portal processes), behind ``IStore``.
 
     store = await openStore("sqlite:///var/lib/dit4c/portal.db", reactor)
@@ -18,7 +18,7 @@ from .model import (
     Identity,
     Image,
     Instance,
-    LoginAttempt,
+    LoginFailures,
     Scheduler,
     Session,
     Share,
@@ -35,7 +35,7 @@ __all__ = [
     "Identity",
     "Image",
     "Instance",
-    "LoginAttempt",
+    "LoginFailures",
     "NotFound",
     "SQLStore",
     "Scheduler",

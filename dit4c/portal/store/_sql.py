@@ -34,6 +34,7 @@ from .model import (
     Identity,
     Image,
     Instance,
+    LoginFailures,
     Scheduler,
     Session,
     ShareLink,
@@ -936,33 +937,73 @@ class SQLStore:
 
         return await self._run(work)
 
-    # -- login rate limiting ---------------------------------------------------------------------------
+    # -- login throttling ------------------------------------------------------------------------------
 
     @_deferred
-    async def recordLoginAttempt(self, key: str, now: float, window: float) -> int:
-        def work(t: _Txn) -> int:
-            # One statement, so concurrent attempts (several portal processes)
-            # each count: the row lock (PostgreSQL) or the write lock (SQLite)
-            # orders them. SET expressions all see the row as it was.
-            t.execute(
-                "INSERT INTO login_attempts (key, window_start, count) VALUES (?, ?, 1)"
-                " ON CONFLICT (key) DO UPDATE SET"
-                " count = CASE WHEN login_attempts.window_start + ? <= ? THEN 1"
-                "  ELSE login_attempts.count + 1 END,"
-                " window_start = CASE WHEN login_attempts.window_start + ? <= ? THEN ?"
-                "  ELSE login_attempts.window_start END",
-                (key, now, window, now, window, now, now),
-            )
-            return int(t.one("SELECT count FROM login_attempts WHERE key = ?", (key,))[0])
+    async def claimLoginAttempt(
+        self, delays: Mapping[str, Callable[[int], float]], now: float, forget: float
+    ) -> float:
+        # Rows are locked in one order (sorted keys), so two claims sharing
+        # keys wait for each other instead of deadlocking.
+        keys = sorted(delays)
+
+        def work(t: _Txn) -> float:
+            counted: dict[str, int] = {}
+            wait = 0.0
+            for key in keys:
+                # The upsert locks the row (PostgreSQL) whether it was there or not.
+                t.execute(
+                    "INSERT INTO login_failures (key, failures, latest) VALUES (?, 0, ?)"
+                    " ON CONFLICT (key) DO UPDATE SET latest = login_failures.latest",
+                    (key, now),
+                )
+                failures, latest = t.one(
+                    "SELECT failures, latest FROM login_failures WHERE key = ?", (key,)
+                )
+                if latest + forget <= now:
+                    failures = 0
+                counted[key] = failures
+                wait = max(wait, latest + delays[key](failures) - now)
+            if wait > 0:
+                return wait
+            for key in keys:
+                t.execute(
+                    "UPDATE login_failures SET failures = ?, latest = ? WHERE key = ?",
+                    (counted[key] + 1, now, key),
+                )
+            return 0.0
 
         return await self._run(work)
 
     @_deferred
-    async def clearLoginAttempts(self, key: str) -> None:
+    async def loginSucceeded(self, clear: Sequence[str], takeBack: Sequence[str]) -> None:
         def work(t: _Txn) -> None:
-            t.execute("DELETE FROM login_attempts WHERE key = ?", (key,))
+            for key in sorted(set(clear) | set(takeBack)):
+                if key in clear:
+                    t.execute("DELETE FROM login_failures WHERE key = ?", (key,))
+                else:
+                    t.execute(
+                        "UPDATE login_failures SET failures = failures - 1 WHERE key = ? AND failures > 0",
+                        (key,),
+                    )
+                    t.execute("DELETE FROM login_failures WHERE key = ? AND failures = 0", (key,))
 
         await self._run(work)
+
+    @_deferred
+    async def loginFailures(self, key: str) -> LoginFailures | None:
+        def work(t: _Txn) -> LoginFailures | None:
+            row = t.one("SELECT key, failures, latest FROM login_failures WHERE key = ?", (key,))
+            return LoginFailures(row[0], int(row[1]), float(row[2])) if row else None
+
+        return await self._run(work)
+
+    @_deferred
+    async def forgetLoginFailures(self, before: float) -> int:
+        def work(t: _Txn) -> int:
+            return t.execute("DELETE FROM login_failures WHERE latest < ?", (before,))
+
+        return await self._run(work)
 
     # -- the store ------------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ Times come from the store's clock.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ from .model import (
     Identity,
     Image,
     Instance,
+    LoginFailures,
     Scheduler,
     Session,
     ShareLink,
@@ -288,17 +289,36 @@ class IStore(Interface):
         them, or they redeemed a share link to it that is not revoked.
         """
 
-    # -- login rate limiting -------------------------------------------------------------------------
+    # -- login throttling (dit4c.portal.security.LoginThrottle) ------------------------------------
 
-    def recordLoginAttempt(key: str, now: float, window: float) -> Deferred[int]:
+    def claimLoginAttempt(
+        delays: Mapping[str, Callable[[int], float]], now: float, forget: float
+    ) -> Deferred[float]:
         """
-        Count an attempt for ``key`` in a fixed window of ``window`` seconds
-        (a new window starts at the first attempt after the last one ended);
-        fires with the count in the current window, this attempt included.
+        Let a login attempt through, or not, for every key of ``delays`` at
+        once (an address, a name at that address). A key's failures are
+        forgotten ``forget`` seconds after its latest attempt. If, for some
+        key, ``delays[key](failures)`` seconds have not passed since its
+        latest attempt, fires with the seconds still to wait and counts
+        nothing. Otherwise counts the attempt as a failure of every key, its
+        latest attempt now (``loginSucceeded`` takes that back), and fires
+        with 0. One transaction with the keys' rows locked: attempts at the
+        same time, in several portal processes too, are let through one by
+        one, each seeing the failures before it.
         """
 
-    def clearLoginAttempts(key: str) -> Deferred[None]:
-        """Forget the attempts for ``key`` (after a successful login)."""
+    def loginSucceeded(clear: Sequence[str], takeBack: Sequence[str]) -> Deferred[None]:
+        """
+        An attempt let through by ``claimLoginAttempt`` succeeded: the
+        failures of ``clear`` are forgotten, and each key of ``takeBack``
+        loses the failure the attempt was counted as.
+        """
+
+    def loginFailures(key: str) -> Deferred[LoginFailures | None]:
+        """What is counted for ``key``, or None."""
+
+    def forgetLoginFailures(before: float) -> Deferred[int]:
+        """Forget every key whose latest attempt was before ``before``; how many."""
 
     # -- the store ------------------------------------------------------------------------------------
 

@@ -224,6 +224,22 @@ MIGRATIONS: list[Migration] = [
             "ALTER TABLE oauth_codes ADD COLUMN session_hash TEXT",
         ],
     ),
+    (
+        8,
+        [
+            # Login throttling (dit4c.portal.security.LoginThrottle): failed
+            # attempts per key (an address, a name at an address) and the
+            # time of the key's latest attempt. What login_attempts counted
+            # (every attempt, good ones too) is not carried over.
+            "DROP TABLE login_attempts",
+            """CREATE TABLE login_failures (
+                key TEXT PRIMARY KEY,
+                failures INTEGER NOT NULL,
+                latest {timestamp} NOT NULL
+            )""",
+            "CREATE INDEX login_failures_latest ON login_failures (latest)",
+        ],
+    ),
 ]
 
 _CREATE_VERSION_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (

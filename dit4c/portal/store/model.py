@@ -133,12 +133,13 @@ class ShareLink:
 
 
 @dataclass(frozen=True)
-class LoginAttempt:
-    """Failed attempts counted for one key (a user name, an address) in a fixed window."""
+class LoginFailures:
+    """Failed logins counted for one key (an address, a name at an address)."""
 
     key: str
-    window_start: float
-    count: int
+    failures: int
+    #: When the key's latest attempt was let through.
+    latest: float
 
 
 class Unset(enum.Enum):

@@ -1,4 +1,4 @@
-"""Users, external identities, sessions, API tokens and login attempts."""
+"""Users, external identities, sessions, API tokens and failed logins."""
 
 from __future__ import annotations
 
@@ -237,27 +237,45 @@ async def test_apiTokenOfDisabledUser(store: IStore) -> None:
     assert await store.userByApiToken(token) is None
 
 
-# -- login attempts -----------------------------------------------------------------------------------
+# -- failed logins ---------------------------------------------------------------------------------
+
+
+def _after(free: int) -> Any:
+    """``free`` failures back to back, then 10 s between attempts."""
+    return lambda failures: 0.0 if failures < free else 10.0
 
 
 @pytest_twisted.ensureDeferred
-async def test_loginAttempts(store: IStore) -> None:
+async def test_loginFailures(store: IStore) -> None:
     t = 1000.0
-    assert [await store.recordLoginAttempt("alice", t + i, 60) for i in range(5)] == [1, 2, 3, 4, 5]
-    assert await store.recordLoginAttempt("10.0.0.1", t + 5, 60) == 1
-    # The window runs from the first attempt in it: at t + 60 a new one starts.
-    assert await store.recordLoginAttempt("alice", t + 59.5, 60) == 6
-    assert await store.recordLoginAttempt("alice", t + 60, 60) == 1
-    assert await store.recordLoginAttempt("alice", t + 61, 60) == 2
-    await store.clearLoginAttempts("alice")
-    assert await store.recordLoginAttempt("alice", t + 62, 60) == 1
-    assert await store.recordLoginAttempt("10.0.0.1", t + 62, 60) == 2
-    await store.clearLoginAttempts("nobody")
+    both = {"addr": _after(5), "pair": _after(2)}
+    assert [await store.claimLoginAttempt(both, t + i, 60) for i in range(2)] == [0, 0]
+    assert (await store.loginFailures("pair")).failures == 2  # type: ignore[union-attr]
+    # The pair's delay holds for both keys, and a refused attempt counts nothing.
+    assert await store.claimLoginAttempt(both, t + 2, 60) == 9.0
+    assert (await store.loginFailures("addr")).failures == 2  # type: ignore[union-attr]
+    assert await store.claimLoginAttempt({"addr": _after(5)}, t + 2, 60) == 0
+    assert await store.claimLoginAttempt(both, t + 11, 60) == 0
+    assert (await store.loginFailures("addr")).failures == 4  # type: ignore[union-attr]
+    # A success clears one key and takes its own failure back from the other.
+    await store.loginSucceeded(clear=["pair"], takeBack=["addr"])
+    assert await store.loginFailures("pair") is None
+    assert (await store.loginFailures("addr")).failures == 3  # type: ignore[union-attr]
+    # Failures are forgotten ``forget`` seconds after the latest attempt.
+    assert await store.claimLoginAttempt(both, t + 71, 60) == 0
+    assert (await store.loginFailures("addr")).failures == 1  # type: ignore[union-attr]
+    assert await store.forgetLoginFailures(t + 71) == 0
+    assert await store.forgetLoginFailures(t + 72) == 2
+    assert await store.loginFailures("addr") is None
+    await store.loginSucceeded(clear=["nobody"], takeBack=["nobody either"])
 
 
 @pytest_twisted.ensureDeferred
-async def test_loginAttemptsConcurrent(storeURL: str) -> None:
-    """Attempts from several portal processes at once all count."""
+async def test_loginFailuresConcurrent(storeURL: str) -> None:
+    """
+    Attempts from several portal processes at once are let through one by
+    one: of 30 at the same moment with 4 free, 4 go ahead and 26 wait.
+    """
     from twisted.internet import reactor
     from twisted.internet.defer import gatherResults
 
@@ -265,10 +283,11 @@ async def test_loginAttemptsConcurrent(storeURL: str) -> None:
 
     stores = await gatherResults([openStore(storeURL, reactor, poolSize=3) for _ in range(3)])
     try:
-        counts = await gatherResults(
-            [s.recordLoginAttempt("alice", 1000.0, 60) for s in stores for _ in range(10)]
+        waits = await gatherResults(
+            [s.claimLoginAttempt({"a": _after(4), "b": _after(6)}, 1000.0, 60) for s in stores for _ in range(10)]
         )
-        assert sorted(counts) == list(range(1, 31))
+        assert sorted(waits) == [0.0] * 4 + [10.0] * 26
+        assert (await stores[0].loginFailures("a")).failures == 4  # type: ignore[union-attr]
     finally:
         for s in stores:
             await s.close()
