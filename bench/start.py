@@ -52,7 +52,8 @@ from urllib.parse import urlencode, urljoin, urlsplit
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dit4c.node.process import freePort  # noqa: E402
+from dit4c.dev.tap import PORTS  # noqa: E402
+from dit4c.testing import announcedPort  # noqa: E402
 
 
 class Browser:
@@ -114,25 +115,34 @@ class Dev:
     ) -> None:
         self.runtime = runtime
         self.source = source
-        self.portalPort, self.httpPort, self.tunnelPort, self.imagePort, self.filePort = (freePort() for _ in range(5))
-        self.portal = f"http://localhost:{self.portalPort}"
         self.prefix = f"dit4c-bench{os.getpid()}"
         self.log = directory / f"dev-{name or runtime}.log"
         self.directory = directory / (name or runtime)
-        self.command = [
-            sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "dit4c-dev",
-            "--data-dir", str(self.directory), "--portal-port", str(self.portalPort),
-            "--http-port", str(self.httpPort), "--tunnel-port", str(self.tunnelPort),
-            "--image-port", str(self.imagePort), "--file-port", str(self.filePort),
-            "--runtime", runtime, "--podman-prefix", self.prefix, *extra,
-        ]  # fmt: skip
+        self.extra = extra
+        # Every port 0, read back once it is up; another revision's dit4c-dev
+        # may take no port 0, and is given ports free a moment before.
+        self.ports = {option: 0 if source == ROOT else _freePort() for option in PORTS}
         self._launch()
         deadline = time.monotonic() + 60
         while "DIT4C is up" not in self.log.read_text(errors="replace"):
             if time.monotonic() > deadline or self.process.poll() is not None:
                 raise RuntimeError(f"dit4c-dev did not start:\n{self.log.read_text(errors='replace')}")
             time.sleep(0.1)
-        self.password = re.search(r"password:\s+(\S+)", self.log.read_text()).group(1)  # type: ignore[union-attr]
+        log = self.log.read_text(errors="replace")
+        for option, what in PORTS.items():
+            self.ports[option] = announcedPort(log, what) or self.ports[option]
+        self.portal = f"http://localhost:{self.ports['--portal-port']}"
+        self.password = re.search(r"password:\s+(\S+)", log).group(1)  # type: ignore[union-attr]
+
+    @property
+    def command(self) -> list[str]:
+        """``twistd dit4c-dev`` on its ports (started again: on the ones it got)."""
+        return [
+            sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "dit4c-dev",
+            "--data-dir", str(self.directory),
+            *(argument for option, port in self.ports.items() for argument in (option, str(port))),
+            "--runtime", self.runtime, "--podman-prefix", self.prefix, *self.extra,
+        ]  # fmt: skip
 
     def _launch(self) -> None:
         # The source's own code, for dit4c-dev and (inherited) every process it starts.
@@ -167,6 +177,15 @@ class Dev:
             ).stdout.split()  # fmt: skip
             for pod in out:
                 subprocess.run(["podman", "pod", "rm", "-f", "-t", "0", pod], env=env, capture_output=True)
+
+
+def _freePort() -> int:
+    """A loopback port free a moment ago (for a dit4c-dev of a revision that takes no port 0)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def logIn(browser: Browser, dev: Dev) -> str:

@@ -15,9 +15,12 @@ import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -298,15 +301,31 @@ class RawClient(Protocol):
         self.done.callback(bytes(self.received))
 
 
-async def rawRequest(port: int, data: bytes, host: str = "127.0.0.1") -> bytes:
-    """Send ``data`` to ``host:port`` and return all that comes back until close."""
+async def rawRequest(port: int | Path, data: bytes, host: str = "127.0.0.1") -> bytes:
+    """Send ``data`` to ``host:port`` (or to the Unix socket at a path) and return all that comes back until close."""
     from twisted.internet import reactor
-    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+    from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint, connectProtocol
 
     client = RawClient()
-    await connectProtocol(TCP4ClientEndpoint(reactor, host, port), client)
+    endpoint: Any = (
+        UNIXClientEndpoint(reactor, str(port), timeout=5) if isinstance(port, Path) else TCP4ClientEndpoint(reactor, host, port)
+    )
+    await connectProtocol(endpoint, client)
     client.transport.write(data)
     return await client.done
+
+
+@contextmanager
+def refusedPort(host: str = "127.0.0.1") -> Iterator[int]:
+    """
+    A port on ``host`` that refuses every connection while the block runs:
+    bound by this process and never listening (without ``SO_REUSEADDR``,
+    so no other socket can bind it meanwhile), for a test of what happens
+    when nobody answers.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind((host, 0))
+        yield int(held.getsockname()[1])
 
 
 def makeCertificate(directory: Path, *names: str) -> tuple[Path, Path]:
@@ -371,20 +390,81 @@ class RecordingCommands:
 # -- real processes --------------------------------------------------------------------
 
 
+#: Puts the listening sockets it is given (``argv[1]``: how many, then
+#: their descriptors) at descriptors 3, 4, ... with ``LISTEN_PID`` and
+#: ``LISTEN_FDS`` set, as systemd's socket activation does, and becomes the
+#: command that follows (the same process: ``LISTEN_PID`` stays true).
+_HANDOVER = """
+import fcntl, os, sys
+count = int(sys.argv[1])
+given, argv = [int(fd) for fd in sys.argv[2:2 + count]], sys.argv[2 + count:]
+high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 3 + count) for fd in given]
+for fd in given:
+    os.close(fd)
+for index, fd in enumerate(high):
+    os.dup2(fd, 3 + index)
+    os.close(fd)
+os.environ.update(
+    LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(count),
+    LISTEN_FDNAMES=":".join(f"socket{index}" for index in range(count)),
+)
+os.execvp(argv[0], argv)
+"""
+
+
+def _announced(what: str, host: str | None) -> str:
+    """The log line of a server listening on a TCP port (:class:`dit4c.common.service.ListeningService`'s)."""
+    address = re.escape(host) if host is not None else "[^']*"
+    return rf"{what} listening on IPv4Address\(type='TCP', host='{address}', port=(\d+)\)"
+
+
+def announcedPort(log: str, what: str, start: int = 0, host: str | None = None) -> int | None:
+    """
+    The port a server announced in ``log`` (``<what> listening on
+    IPv4Address(type='TCP', host=..., port=N)``, as every server here logs
+    it), from ``start`` on; the first, or the first on ``host``; None if
+    none. ``what`` is a regular expression.
+    """
+    match = re.compile(_announced(what, host)).search(log, start)
+    return int(match.group(1)) if match else None
+
+
 class Process:
     """A ``twistd -n`` child (or any command), its log, and the addresses it announced."""
 
-    def __init__(self, args: list[str], logPath: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        logPath: Path,
+        env: dict[str, str] | None = None,
+        sockets: Sequence[socket.socket] = (),
+    ) -> None:
+        """
+        :param sockets: listening sockets handed to the child as systemd
+            would (socket activation: it serves the first on the endpoint
+            ``systemd:domain=INET:index=0``, the next on ``index=1``...),
+            for a server whose own arguments name its port. They are closed
+            here once the child holds them: the port closes when it ends.
+        """
         self.args = args
         self.logPath = logPath
         self._log = open(logPath, "ab")
-        self.proc = subprocess.Popen(
-            args,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=dict(os.environ, **(env or {})),
-            start_new_session=True,
-        )
+        command = args
+        descriptors = [sock.fileno() for sock in sockets]
+        if descriptors:
+            command = [sys.executable, "-c", _HANDOVER, str(len(descriptors)), *map(str, descriptors), *args]
+        try:
+            self.proc = subprocess.Popen(
+                command,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                env=dict(os.environ, **(env or {})),
+                start_new_session=True,
+                pass_fds=descriptors,
+            )
+        finally:
+            for sock in sockets:
+                sock.close()
 
     @property
     def pid(self) -> int:
@@ -407,12 +487,15 @@ class Process:
                 raise AssertionError(f"timed out waiting for {pattern!r} in:\n{self.log()}")
             await deferLater(0.05)
 
-    def port(self, what: str, start: int = 0) -> int:
-        match = re.compile(rf"{what} listening on IPv4Address\(type='TCP', host='[^']*', port=(\d+)\)").search(
-            self.log(), start
-        )
-        assert match, f"no {what} port in log:\n{self.log()}"
-        return int(match.group(1))
+    def port(self, what: str, start: int = 0, host: str | None = None) -> int:
+        """The port the server announced (:func:`announcedPort`) in its log."""
+        port = announcedPort(self.log(), what, start, host)
+        assert port is not None, f"no {what} port{f' on {host}' if host else ''} in log:\n{self.log()}"
+        return port
+
+    async def waitForPort(self, what: str, timeout: float = 20.0, host: str | None = None) -> int:
+        """:meth:`port`, once the server has announced it (waiting, as :meth:`waitForLog` does)."""
+        return int((await self.waitForLog(_announced(what, host), timeout)).group(1))
 
     def signal(self, sig: int) -> None:
         if self.proc.poll() is None:

@@ -11,6 +11,12 @@ be across machines: the scheduler dials the portal's channel over a real
 WebSocket, the routing server checks tokens against the portal's JWKS over
 HTTP, and each instance's helpers are real processes dialling the routing
 server. Only the addresses are fixed to loopback.
+
+Every port may be 0 (any free one): the service listens on each port
+first, then makes its URLs (the portal's public URL, the instances' URLs,
+the image server's, the routing server's tunnel address the node dials)
+from the ports it got, and each part logs ``<what> listening on
+IPv4Address(..., port=N)`` as the separate servers do.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import math
 import secrets
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +36,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
 from dit4c.common.keys import load_or_create_private_key, public_jwk
+from dit4c.common.listening import adopted, listeningSocket
 from dit4c.common.tokens import JWKSKeySource, TokenVerifier
 from dit4c.fileserver.service import FileServerService
 from dit4c.imageserver.service import ImageServerService
@@ -58,14 +65,16 @@ SCHEDULER_NAME = "local"
 
 @dataclass(frozen=True)
 class DevConfig:
+    """What ``dit4c-dev`` runs; every port on loopback, 0 for any free one."""
+
     dataDir: Path
     portalPort: int = 8000
     httpPort: int = 8080
     tunnelPort: int = 8001
     #: Loopback port of the image server (saved instances).
     imagePort: int = 8002
-    #: Loopback port of the file server (each person's storage, mounted in their instances); 0: none.
-    filePort: int = 8003
+    #: Loopback port of the file server (each person's storage, mounted in their instances); None: none.
+    filePort: int | None = 8003
     #: The host name browsers use; instances are ``<id>.<host>``.
     host: str = "localhost"
     #: The first administrator's name (made, with a password printed once, on a fresh data directory).
@@ -95,10 +104,20 @@ class DevService(MultiService):
     def __init__(self, reactor: Any, config: DevConfig, *, out: Any = None) -> None:
         super().__init__()
         self.reactor = reactor
-        self.config = config
         self.out: Any = out if out is not None else sys.__stdout__
         dataDir = config.dataDir
-        endpoints = [serverFromString(reactor, f"tcp:{config.portalPort}:interface=127.0.0.1")]
+        # Shared storage needs sshfs (FUSE) to mount it in each instance.
+        files = config.filePort is not None and shutil.which("sshfs") is not None
+        if config.filePort is not None and not files:
+            self.log.warn("shared storage is off: install sshfs to mount each person's storage in their instances")
+        # Listen first, then make the URLs from the ports got (port 0: any free one).
+        ports = {"portalPort": config.portalPort, "httpPort": config.httpPort, "tunnelPort": config.tunnelPort}
+        ports["imagePort"] = config.imagePort
+        if files and config.filePort is not None:
+            ports["filePort"] = config.filePort
+        sockets = _listenAll(ports)
+        self.config = config = replace(config, **{name: sock.getsockname()[1] for name, sock in sockets.items()})
+        endpoints: list[Any] = [adopted(reactor, sockets["portalPort"])]
         portalInternal = config.internalURL
         if config.runtime == "podman":
             # A pod's auth helper lives in the pod's network namespace, where
@@ -110,10 +129,7 @@ class DevService(MultiService):
         # The image server proves itself to the portal with a secret they
         # share; in one process, a fresh one at every start will do.
         imageSecret = secrets.token_urlsafe(32)
-        # Shared storage needs sshfs (FUSE) to mount it in each instance.
-        fileSecret = secrets.token_urlsafe(32) if config.filePort and shutil.which("sshfs") else None
-        if config.filePort and fileSecret is None:
-            self.log.warn("shared storage is off: install sshfs to mount each person's storage in their instances")
+        fileSecret = secrets.token_urlsafe(32) if files else None
         self.portal = PortalService(
             reactor,
             database="sqlite:///" + str((dataDir / "portal" / "portal.db").resolve()),
@@ -127,7 +143,7 @@ class DevService(MultiService):
         imageServer = f"http://127.0.0.1:{config.imagePort}"
         self.images = ImageServerService(
             reactor,
-            endpoints=[serverFromString(reactor, f"tcp:{config.imagePort}:interface=127.0.0.1")],
+            endpoints=[adopted(reactor, sockets["imagePort"])],
             portal=config.internalURL,
             secret=imageSecret,
             dataDir=dataDir / "images",
@@ -138,7 +154,7 @@ class DevService(MultiService):
         if fileSecret is not None:
             self.files = FileServerService(
                 reactor,
-                endpoints=[serverFromString(reactor, f"tcp:{config.filePort}:interface=127.0.0.1")],
+                endpoints=[adopted(reactor, sockets["filePort"])],
                 dataDir=dataDir / "files",
                 portal=config.internalURL,
                 secret=fileSecret,
@@ -152,8 +168,8 @@ class DevService(MultiService):
             TokenVerifier(keys, audience="dit4c-routing", clock=reactor),
             config.host,
         )
-        self.routing.addTunnelEndpoint(serverFromString(reactor, f"tcp:{config.tunnelPort}:interface=127.0.0.1"))
-        self.routing.addPublicEndpoint(serverFromString(reactor, f"tcp:{config.httpPort}:interface=127.0.0.1"), "http")
+        self.routing.addTunnelEndpoint(adopted(reactor, sockets["tunnelPort"]))
+        self.routing.addPublicEndpoint(adopted(reactor, sockets["httpPort"]), "http")
         self.routing.publicURL = f"http://{{host}}:{config.httpPort}/"
         self.routing.setServiceParent(self)
         runtime: IRuntime
@@ -254,6 +270,19 @@ class DevService(MultiService):
                     scheduler = await store.updateScheduler(scheduler.id, public_jwk=jwk, disabled=False)
                 return scheduler
         return await store.createScheduler(SCHEDULER_NAME, jwk)
+
+
+def _listenAll(ports: dict[str, int]) -> dict[str, Any]:
+    """A listening loopback socket for each port (0: any free one); none left open if one fails."""
+    sockets: dict[str, Any] = {}
+    try:
+        for name, port in ports.items():
+            sockets[name] = listeningSocket(port=port)
+    except BaseException:
+        for sock in sockets.values():
+            sock.close()
+        raise
+    return sockets
 
 
 def defaultDataDir() -> Path:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import threads
 
-from dit4c.node.process import freePort
-from dit4c.testing import deferLater
+from dit4c.dev.tap import PORTS as DEV_PORTS
+from dit4c.testing import announcedPort, deferLater
 
 
 async def logIn(browser: Any, portal: str, name: str, password: str) -> None:
@@ -72,15 +73,30 @@ async def openTool(browser: Any, url: str, greeting: str, timeout: float = 60) -
             await deferLater(0.5)
 
 
-class Dev:
-    """A running ``twistd dit4c-dev`` and what it printed."""
+def devArguments(dataDir: Path, ports: Mapping[str, int], *extra: str) -> list[str]:
+    """``dit4c-dev``'s arguments: each port from ``ports`` (by option), else 0 (any free one)."""
+    chosen = [argument for option in DEV_PORTS for argument in (option, str(ports.get(option, 0)))]
+    return ["dit4c-dev", "--data-dir", str(dataDir), *chosen, *extra]
 
-    def __init__(self, process: Any, dataDir: Path, arguments: list[str], portalPort: int, httpPort: int) -> None:
+
+async def devPorts(process: Any) -> dict[str, int]:
+    """The ports a ``dit4c-dev`` that is up got, by option (no file port if it runs no file server)."""
+    await process.waitForLog("DIT4C is up", timeout=60)
+    announced = {option: announcedPort(process.log(), what) for option, what in DEV_PORTS.items()}
+    return {option: port for option, port in announced.items() if port is not None}
+
+
+class Dev:
+    """A running ``twistd dit4c-dev``, the ports it got, and what it printed."""
+
+    def __init__(self, process: Any, dataDir: Path, extra: tuple[str, ...], ports: dict[str, int]) -> None:
         self.process = process
         self.dataDir = dataDir
-        self.arguments = arguments
-        self.portal = f"http://localhost:{portalPort}"
-        self.httpPort = httpPort
+        self.ports = ports
+        #: To start it again as it was: on the ports it got (its instances' URLs name them).
+        self.arguments = devArguments(dataDir, ports, *extra)
+        self.portal = f"http://localhost:{ports['--portal-port']}"
+        self.httpPort = ports["--http-port"]
 
     async def adminPassword(self) -> str:
         match = await self.process.waitForLog(r"password:\s+(\S+)", timeout=30)
@@ -91,24 +107,13 @@ class Dev:
         self.process.signal(how)
         await threads.deferToThread(self.process.proc.wait, 60)
         self.process = processes(*self.arguments, name="dev")
-        await self.process.waitForLog("DIT4C is up", timeout=60)
+        assert await devPorts(self.process) == self.ports, "dit4c-dev came back on other ports"
 
 
 async def startDev(processes: Any, dataDir: Path, *extra: str) -> Dev:
-    portalPort, httpPort, tunnelPort, imagePort, filePort = (freePort() for _ in range(5))
-    arguments = [
-        "dit4c-dev",
-        "--data-dir", str(dataDir),
-        "--portal-port", str(portalPort),
-        "--http-port", str(httpPort),
-        "--tunnel-port", str(tunnelPort),
-        "--image-port", str(imagePort),
-        "--file-port", str(filePort),
-        *extra,
-    ]  # fmt: skip
-    process = processes(*arguments, name="dev")
-    await process.waitForLog("DIT4C is up", timeout=60)
-    return Dev(process, dataDir, arguments, portalPort, httpPort)
+    """``twistd dit4c-dev`` on ports of its own (every port 0), once it is up; the ports it got."""
+    process = processes(*devArguments(dataDir, {}, *extra), name="dev")
+    return Dev(process, dataDir, extra, await devPorts(process))
 
 
 async def addPerson(browser: Any, portal: str, name: str) -> str:

@@ -12,16 +12,27 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
-from flows import addPerson, logIn, openTool, otherBrowser, refused, startDev, startTool, submit
+from flows import (
+    DEV_PORTS,
+    addPerson,
+    logIn,
+    openTool,
+    otherBrowser,
+    refused,
+    startDev,
+    startTool,
+    submit,
+)
 
 from dit4c.node.processes import killRecorded, startTime
-from dit4c.testing import deferLater
+from dit4c.testing import RawClient, deferLater, rawRequest
 
 
 def podProcesses(dataDir: Path) -> list[int]:
@@ -141,3 +152,53 @@ async def test_save_and_start_again_in_the_browser(processes: Any, browser: Any,
     await submit(browser, "#saved-images button.delete-image")
     names = await browser.execute("return [...document.querySelectorAll('#image option')].map(o => o.text)")
     assert not [name for name in names if "(saved" in name], names
+
+
+async def banner(port: int) -> bytes:
+    """What a server says first, unasked (an SSH server's version line)."""
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    client = RawClient()
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5), client)
+    for _ in range(100):
+        if b"\n" in client.received:
+            break
+        await deferLater(0.05)
+    client.transport.loseConnection()
+    return bytes(client.received)
+
+
+async def serves(ports: dict[str, int]) -> None:
+    """Each part of dit4c-dev answers on the port it reported, as what it is."""
+    portal = await rawRequest(ports["--portal-port"], b"GET /.well-known/jwks.json HTTP/1.0\r\nHost: localhost\r\n\r\n")
+    assert re.match(rb"HTTP/1\.[01] 200 ", portal) and b'"keys"' in portal, portal[:300]
+    routing = await rawRequest(ports["--http-port"], b"GET / HTTP/1.1\r\nHost: nobody.localhost\r\n\r\n")
+    assert routing.startswith(b"HTTP/1.1 404 ") and b"nobody.localhost" in routing, routing[:300]
+    images = await rawRequest(ports["--image-port"], b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")
+    assert re.match(rb"HTTP/1\.[01] 200 ", images) and b'"ok"' in images, images[:300]
+    # The tunnel port speaks the tunnel protocol: an HTTP request is no HELLO, and is dropped.
+    assert not (await rawRequest(ports["--tunnel-port"], b"GET / HTTP/1.0\r\n\r\n")).startswith(b"HTTP/")
+    if "--file-port" in ports:
+        assert (await banner(ports["--file-port"])).startswith(b"SSH-2.0-")
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_port_0_serves_and_reports_its_ports(processes: Any, devDir: Path) -> None:
+    """
+    ``dit4c-dev`` with every port 0: each part listens on a port of its own,
+    logs it as the separate servers do, serves there, and the URLs name the
+    ports got; started again with those ports, it comes back on them.
+    """
+    dev = await startDev(processes, devDir)
+    given = dev.process.args
+    assert all(given[given.index(option) + 1] == "0" for option in DEV_PORTS)
+    ports = dev.ports
+    assert set(ports) >= {"--portal-port", "--http-port", "--tunnel-port", "--image-port"}
+    assert 0 not in ports.values() and len(set(ports.values())) == len(ports), ports
+    portal, http = ports["--portal-port"], ports["--http-port"]
+    assert f"DIT4C is up: open http://localhost:{portal} (instances at http://<id>.localhost:{http}/)" in dev.process.log()
+    await serves(ports)
+
+    await dev.restart(processes, signal.SIGINT)  # asserts it came back on the same ports
+    await serves(ports)

@@ -69,10 +69,15 @@ def test_a_bad_tool_table_is_a_usage_error(tmp_path: Path) -> None:
         nodeService(tmp_path, "--tools", str(tmp_path / "missing.json"))
 
 
+PORTS = ("--portal-port", "--http-port", "--tunnel-port", "--image-port", "--file-port")
+
+
 def test_dit4c_dev_passes_them_to_its_node(tmp_path: Path) -> None:
     config = devTap.Options()
     config.parseOptions([
         "--data-dir", str(tmp_path / "dev"), "--stop-grace", "30", "--tools", str(toolTable(tmp_path)),
+        # It listens as it is made: on ports of its own, not the defaults another may hold.
+        *(argument for option in PORTS for argument in (option, "0")),
     ])  # fmt: skip
     service = devTap.makeService(config, reactor)
     assert service.node.runtime.stopGrace == 30.0
