@@ -37,8 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from start import Browser, Dev, api, logIn  # noqa: E402
 
-from dit4c.node.process import freePort  # noqa: E402
-
 
 def waitFor(browser: Browser, dev: Dev, csrf: str, instance: str, states: set[str], limit: float = 1800) -> str:
     began = time.monotonic()
@@ -98,13 +96,14 @@ def plain(directory: Path, mib: int) -> tuple[float, float, float]:
     subprocess.run(f"tar -C {work} -cf - . | tee {archive} | sha256sum > /dev/null", shell=True, check=True)
     packed = time.monotonic() - began
 
-    port = freePort()
+    # Port 0; it says which it got ("Serving HTTP on 127.0.0.1 port N ...") once it listens.
     server = subprocess.Popen(
-        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(directory)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory", str(directory)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     try:
-        time.sleep(0.5)
+        assert server.stdout is not None
+        port = int(server.stdout.readline().split(" port ")[1].split()[0])
         began = time.monotonic()
         subprocess.run(
             ["curl", "-sf", "-o", str(directory / "fetched.tar"), f"http://127.0.0.1:{port}/plain.tar"], check=True

@@ -7,9 +7,9 @@ kernel's WebSocket, all through the helper.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,18 +18,11 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-import treq
 from auth_client import Browser, execute, logIn, startKernel
 
-from dit4c.testing import deferLater
+from dit4c.testing import deferLater, rawRequest
 
 pytest.importorskip("jupyterlab")
-
-
-def _freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest_twisted.async_yield_fixture
@@ -37,8 +30,9 @@ async def jupyter(tmp_path: Path) -> Any:
     executable = shutil.which("jupyter-lab", path=str(Path(sys.executable).parent)) or shutil.which("jupyter-lab")
     if executable is None:
         pytest.skip("jupyter-lab is not installed")
-    port = _freePort()
     home = tmp_path / "jupyter"
+    # On a Unix socket, as a node runs it (and no port to choose).
+    sock = tmp_path / "lab.sock"
     (home / "work").mkdir(parents=True)
     env = dict(
         os.environ,
@@ -53,7 +47,7 @@ async def jupyter(tmp_path: Path) -> Any:
         [
             executable, "--no-browser", "--ServerApp.token=", "--ServerApp.password=",
             "--ServerApp.disable_check_xsrf=True", "--ServerApp.allow_remote_access=True",
-            "--ServerApp.port_retries=0", f"--port={port}", "--ip=127.0.0.1", "--allow-root",
+            f"--ServerApp.sock={sock}", "--allow-root",
             f"--ServerApp.root_dir={home / 'work'}",
         ],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
@@ -63,15 +57,14 @@ async def jupyter(tmp_path: Path) -> Any:
         while True:
             assert proc.poll() is None, (tmp_path / "jupyter.log").read_text()
             try:
-                response = await treq.get(f"http://127.0.0.1:{port}/api/status", timeout=2)
-                await response.content()
-                if response.code == 200:
+                status = await rawRequest(sock, b"GET /api/status HTTP/1.0\r\nHost: localhost\r\n\r\n")
+                if re.match(rb"HTTP/1\.[01] 200 ", status):
                     break
             except Exception:
                 pass
             assert time.monotonic() < deadline, (tmp_path / "jupyter.log").read_text()
             await deferLater(0.2)
-        yield port
+        yield sock
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -85,8 +78,8 @@ async def jupyter(tmp_path: Path) -> Any:
 
 @pytest.mark.slow
 @pytest_twisted.ensureDeferred
-async def test_jupyterlab_through_the_auth_helper(world: Any, jupyter: int) -> None:
-    await world.startAuth(tool=f"tcp:host=127.0.0.1:port={jupyter}")
+async def test_jupyterlab_through_the_auth_helper(world: Any, jupyter: Path) -> None:
+    await world.startAuth(tool=f"unix:path={jupyter}")
     alice = Browser(world)
     response = await logIn(alice, "alice", "/lab")
     assert response.code == 303

@@ -8,6 +8,14 @@ The scheduler and the node can be put in a network namespace (behind NAT:
 they dial out, nothing dials in). The same installation can be had as one
 ``twistd dit4c-dev`` process instead (``allInOne``), for a test that treats
 both alike.
+
+Every server listens on port 0 and the harness reads back the port it got
+(``Process.port``), starting them in order so that each is given the ports
+of those before it. The portal, whose public URL names its own port, is
+handed a socket the harness bound on port 0 (systemd's socket activation:
+``--listen systemd:domain=INET:index=0``). A server started again (the
+fault tests kill them) comes back on the ports it had: instance URLs and
+OAuth redirect URIs name them.
 """
 
 from __future__ import annotations
@@ -20,16 +28,25 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from flows import devArguments, devPorts
 from twisted.internet import reactor
 
 from dit4c.common.keys import generate_private_key, jwks, save_private_key
-from dit4c.node.process import freePort
+from dit4c.common.listening import listeningSocket
 from dit4c.node.processes import killRecorded
 from dit4c.portal import security
 from dit4c.portal.store import openStore
 from dit4c.testing import TWISTD, Process, deferLater
 
 PASSWORD = "correct horse battery"
+#: dit4c-dev's port options, and where the installation keeps each port.
+DEV_ATTRIBUTES = {
+    "--portal-port": "portalPort",
+    "--http-port": "httpPort",
+    "--tunnel-port": "tunnelPort",
+    "--image-port": "imagePort",
+    "--file-port": "filePort",
+}
 
 
 class Cluster:
@@ -72,10 +89,11 @@ class Cluster:
         self.files = files or allInOne
         self.nodeOptions = nodeOptions
         self.catalogue = dict(catalogue or {})
-        self.portalPort, self.httpPort, self.tunnelPort, self.imagePort, self.filePort = (freePort() for _ in range(5))
-        self.nodePorts = {name: freePort() for name in nodes}
-        self.nodePort = self.nodePorts[nodes[0]]
-        self.portal = f"http://localhost:{self.portalPort}"
+        #: The ports each server got (0 until it first listens), which it keeps when started again.
+        #: The portal's on loopback (its public URL's), and where the namespace reaches it.
+        self.portalPort = self.portalHostPort = 0
+        self.httpPort = self.tunnelPort = self.imagePort = self.filePort = 0
+        self.nodePorts = {name: 0 for name in nodes}
         self.processes: dict[str, Process] = {}
         self._runs = 0
         self.schedulerId = ""
@@ -85,19 +103,34 @@ class Cluster:
 
     # -- processes ---------------------------------------------------------------------------
 
-    def _start(self, name: str, plugin: str, *args: str, netns: bool = False) -> Process:
+    @property
+    def portal(self) -> str:
+        """The portal's public URL."""
+        return f"http://localhost:{self.portalPort}"
+
+    @property
+    def nodePort(self) -> int:
+        """The first node's port."""
+        return self.nodePorts[self.nodes[0]]
+
+    def _start(self, name: str, plugin: str, *args: str, netns: bool = False, sockets: list[Any] | None = None) -> Process:
         self._runs += 1
         command = [*TWISTD, "-n", "--pidfile=", plugin, *args]
         if netns and self.netns:
             command = ["ip", "netns", "exec", self.netns, *command]
-        process = Process(command, self.directory / f"{name}-{self._runs}.log")
+        process = Process(command, self.directory / f"{name}-{self._runs}.log", sockets=sockets or [])
         self.processes[name] = process
         return process
 
     def startPortal(self) -> Process:
-        listen = ["--listen", f"tcp:{self.portalPort}:interface=127.0.0.1"]
+        # Its public URL names its port: the port is had before it starts,
+        # from a socket bound here (on port 0 the first time) and handed over.
+        sockets = [listeningSocket("127.0.0.1", self.portalPort)]
+        listen = ["--listen", "systemd:domain=INET:index=0"]
         if self.hostAddress != "127.0.0.1":
-            listen += ["--listen", f"tcp:{self.portalPort}:interface={self.hostAddress}"]
+            sockets.append(listeningSocket(self.hostAddress, self.portalHostPort))
+            listen += ["--listen", "systemd:domain=INET:index=1"]
+        self.portalPort, self.portalHostPort = (sock.getsockname()[1] for sock in (sockets[0], sockets[-1]))
         if self.images:
             listen += ["--image-server-secret-file", str(self.directory / "image-server.secret")]
         if self.files:
@@ -106,16 +139,17 @@ class Cluster:
             "portal", "dit4c-portal", *listen,
             "--data-dir", str(self.directory / "portal"),
             "--public-url", self.portal,
+            sockets=sockets,
         )  # fmt: skip
 
     def startImages(self) -> Process:
+        # Its public URL (where nodes fetch saved images): http://<host address>:<the port it got>.
         return self._start(
             "images", "dit4c-imageserver",
             "--listen", f"tcp:{self.imagePort}:interface={self.hostAddress}",
             "--data-dir", str(self.directory / "images"),
             "--portal", f"http://127.0.0.1:{self.portalPort}",
             "--secret-file", str(self.directory / "image-server.secret"),
-            "--public-url", f"http://{self.hostAddress}:{self.imagePort}",
         )  # fmt: skip
 
     def startFiles(self) -> Process:
@@ -128,16 +162,8 @@ class Cluster:
         )  # fmt: skip
 
     def startDev(self) -> Process:
-        return self._start(
-            "dev", "dit4c-dev",
-            "--data-dir", str(self.directory / "dev"),
-            "--portal-port", str(self.portalPort),
-            "--http-port", str(self.httpPort),
-            "--tunnel-port", str(self.tunnelPort),
-            "--image-port", str(self.imagePort),
-            "--file-port", str(self.filePort),
-            *self.nodeOptions,
-        )  # fmt: skip
+        ports = {option: getattr(self, attribute) for option, attribute in DEV_ATTRIBUTES.items()}
+        return self._start("dev", *devArguments(self.directory / "dev", ports, *self.nodeOptions))
 
     def nodeDirectory(self, name: str | None = None) -> Path:
         name = name or self.nodes[0]
@@ -169,7 +195,7 @@ class Cluster:
             "--data-dir", str(self.nodeDirectory(name)),
             *images,
             "--portal", self.portal,
-            "--portal-internal", f"http://{self.hostAddress}:{self.portalPort}",
+            "--portal-internal", f"http://{self.hostAddress}:{self.portalHostPort}",
             "--routing", f"tcp:host={self.hostAddress}:port={self.tunnelPort}",
             *self.nodeOptions,
             netns=True,
@@ -178,7 +204,7 @@ class Cluster:
     def startScheduler(self) -> Process:
         return self._start(
             "scheduler", "dit4c-scheduler",
-            "--portal", f"ws://{self.hostAddress}:{self.portalPort}",
+            "--portal", f"ws://{self.hostAddress}:{self.portalHostPort}",
             "--id", self.schedulerId,
             "--key", str(self.directory / "scheduler.pem"),
             *(
@@ -220,7 +246,7 @@ class Cluster:
         """Everything up, with alice and bob registered and the notes tool (and ``catalogue``) in the catalogue."""
         self.directory.mkdir(parents=True, exist_ok=True)
         if self.allInOne:
-            await self.startDev().waitForLog(self.READY["dev"], 60)
+            await self._up("dev", self.startDev(), 60)
         else:
             await self._startServers()
         store = await self.openStore()
@@ -240,22 +266,52 @@ class Cluster:
             key = generate_private_key()
             save_private_key(key, self.directory / f"{name}.pem")
             (self.directory / f"{name}.jwks").write_text(json.dumps(jwks(key)))
-        await self.startPortal().waitForLog(self.READY["portal"], 30)
+        await self._up("portal", self.startPortal())
         store = await self.openStore()
         try:
             schedulerKey = json.loads((self.directory / "scheduler.jwks").read_text())["keys"][0]
             self.schedulerId = (await store.createScheduler("cluster", json.dumps(schedulerKey))).id
         finally:
             await store.close()
-        await self.startRouting().waitForLog(self.READY["routing"], 30)
+        # In order: each is given the ports of those before it.
+        await self._up("routing", self.startRouting())
         if self.images:
-            await self.startImages().waitForLog(self.READY["images"], 30)
+            await self._up("images", self.startImages())
         if self.files:
             # Before the nodes: they pin its host key, made as it first starts.
-            await self.startFiles().waitForLog(self.READY["files"], 30)
+            await self._up("files", self.startFiles())
         for name in self.nodes:
-            await self.startNode(name).waitForLog(self.READY["node"], 30)
-        await self.startScheduler().waitForLog(self.READY["scheduler"], 30)
+            await self._up("node", self.startNode(name), node=name)
+        await self._up("scheduler", self.startScheduler())
+
+    async def _up(self, name: str, process: Process, timeout: float = 30, node: str | None = None) -> Process:
+        """
+        Until the server ``name`` is up; the ports it got, read back from its
+        log: learnt the first time, the same ever after.
+        """
+        await process.waitForLog(self.READY[name], timeout)
+        got: dict[str, int] = {}
+        if name == "portal":
+            got["portalPort"] = process.port("portal", host="127.0.0.1")
+        elif name == "routing":
+            got["tunnelPort"] = process.port("tunnel", host=self.hostAddress)
+            got["httpPort"] = process.port("public http")
+        elif name == "images":
+            got["imagePort"] = process.port("image server")
+        elif name == "files":
+            got["filePort"] = process.port(r"file server \(SFTP\)")
+        elif name == "dev":
+            ports = await devPorts(process)
+            got = {DEV_ATTRIBUTES[option]: port for option, port in ports.items()}
+        elif name == "node":
+            node = node or self.nodes[0]
+            port = process.port("node link")
+            assert self.nodePorts[node] in (0, port), f"node {node} came back on port {port}"
+            self.nodePorts[node] = port
+        for attribute, port in got.items():
+            assert getattr(self, attribute) in (0, port), f"{name} came back on port {port} ({attribute})"
+            setattr(self, attribute, port)
+        return process
 
     def kill(self, name: str) -> None:
         """Kill a server at once (SIGKILL), as a crash would."""
@@ -276,9 +332,7 @@ class Cluster:
 
     async def startAgain(self, name: str) -> Process:
         """Start a server (killed before) with the same configuration; fires once it is up."""
-        process: Process = getattr(self, f"start{name.capitalize()}")()
-        await process.waitForLog(self.READY[name], 60)
-        return process
+        return await self._up(name, getattr(self, f"start{name.capitalize()}")(), 60)
 
     def running(self, name: str) -> bool:
         """Whether the server ``name`` runs (it was started and has not ended)."""

@@ -1,6 +1,6 @@
 """
 The WebSocket tool for end-to-end tests (``tests/e2e/tool/wstool.c``) in its
-image, run with plain ``podman run -p 127.0.0.1:<port>:8080``: its page
+image, run with plain ``podman run -p 127.0.0.1::8080`` (podman chooses the port): its page
 greets ``X-DIT4C-User``, ``/ws`` echoes text and binary messages (7-, 16- and
 64-bit lengths, fragmented, up to 1 MiB), and no malformed request or frame
 stops it from serving the next one.
@@ -31,7 +31,6 @@ from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
 
-from dit4c.node.podman import freePort
 from dit4c.testing_podman import (
     WSTOOL_PORT,
     buildWebSocketToolImage,
@@ -81,12 +80,15 @@ class Tool:
 async def wstool() -> AsyncIterator[Tool]:
     image = await buildWebSocketToolImage()
     name = f"dit4c-test-wstool-{os.getpid()}-{secrets.token_hex(2)}"
-    port = freePort()
     _, err, code = await podman(
-        "run", "--detach", "--pull=never", "--name", name, "-p", f"127.0.0.1:{port}:{WSTOOL_PORT}", image
+        "run", "--detach", "--pull=never", "--name", name, "-p", f"127.0.0.1::{WSTOOL_PORT}", image
     )
     try:
         assert code == 0, f"podman run failed: {err}"
+        # The host port podman chose: "127.0.0.1:<port>".
+        out, err, code = await podman("port", name, f"{WSTOOL_PORT}/tcp")
+        assert code == 0, f"podman port failed: {err}"
+        port = int(out.strip().rsplit(":", 1)[1])
         tool = Tool(name, image, port)
         deadline = time.monotonic() + 20
         while True:

@@ -13,8 +13,7 @@ from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
 from dit4c.listener.nearest import NearestEndpoint
-from dit4c.node.process import freePort
-from dit4c.testing import deferLater
+from dit4c.testing import deferLater, refusedPort
 
 
 class Counting(Factory):
@@ -71,22 +70,24 @@ async def test_the_nearest_is_dialled(servers: Any) -> None:
 @pytest_twisted.ensureDeferred
 async def test_one_that_does_not_answer_comes_last(servers: Any) -> None:
     (port, server), _ = servers
-    closed = TCP4ClientEndpoint(reactor, "127.0.0.1", freePort())
-    endpoint = NearestEndpoint(reactor, [("gone", closed), ("up", local(port))])
-    protocol = await endpoint.connect(Factory.forProtocol(Protocol))
+    with refusedPort() as gone:
+        closed = TCP4ClientEndpoint(reactor, "127.0.0.1", gone)
+        endpoint = NearestEndpoint(reactor, [("gone", closed), ("up", local(port))])
+        protocol = await endpoint.connect(Factory.forProtocol(Protocol))
     assert endpoint.chosen == "up"
     protocol.transport.loseConnection()
 
 
 @pytest_twisted.ensureDeferred
 async def test_none_answering_fails_as_the_last_one_did() -> None:
-    endpoint = NearestEndpoint(
-        reactor, [(f"gone{i}", TCP4ClientEndpoint(reactor, "127.0.0.1", freePort())) for i in range(2)]
-    )
     from twisted.internet.error import ConnectionRefusedError
 
-    with pytest.raises(ConnectionRefusedError):
-        await endpoint.connect(Factory.forProtocol(Protocol))
+    with refusedPort() as first, refusedPort() as second:
+        endpoint = NearestEndpoint(
+            reactor, [(f"gone{i}", TCP4ClientEndpoint(reactor, "127.0.0.1", port)) for i, port in enumerate((first, second))]
+        )
+        with pytest.raises(ConnectionRefusedError):
+            await endpoint.connect(Factory.forProtocol(Protocol))
     assert endpoint.chosen is None
 
 

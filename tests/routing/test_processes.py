@@ -125,13 +125,6 @@ async def startListener(
     return proc
 
 
-def freePort() -> int:
-    """A port that was free a moment ago (for a server that must come back on it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def waitForExit(proc: Process, timeout: float = 15.0) -> int:
     deadline = time.monotonic() + timeout
     while proc.proc.poll() is None:
@@ -642,13 +635,13 @@ async def test_frozen_listener_is_noticed_by_heartbeat(
 async def test_listener_reconnects_to_restarted_routing_server(
     processes: Any, signing: Any, backend: Any, tmp_path: Path
 ) -> None:
-    tunnelPort, httpPort = freePort(), freePort()
+    first = await startRouting(processes, signing, name="routing-first")
+    # Started again on the ports it got: the listener dials the same address.
+    tunnelPort, httpPort = first.port("tunnel"), first.port("public http")
     ports = {
         "tunnel": f"tcp:{tunnelPort}:interface=127.0.0.1",
         "http": f"tcp:{httpPort}:interface=127.0.0.1",
     }
-    first = await startRouting(processes, signing, **ports, name="routing-first")
-    assert (first.port("tunnel"), first.port("public http")) == (tunnelPort, httpPort)
     listener = await startListener(processes, signing, tmp_path, first, "phoenix", backend.endpoint)
     host = "phoenix.localhost"
     assert (await fetch(httpPort, host, "/bytes?n=10")).status() == 200
