@@ -54,7 +54,15 @@ from twisted.web.iweb import IAccessLogFormatter
 from twisted.web.server import Request, Site
 from zope.interface import provider
 
-from dit4c.common.httpfront import FrontLimits, HeadError, RequestHead, Upgraded, errorPage, feedParser, hostName
+from dit4c.common.httpfront import (
+    FrontLimits,
+    HeadError,
+    RequestHead,
+    Upgraded,
+    errorPage,
+    feedParser,
+    hostName,
+)
 
 __all__ = [
     "SECRET_PARAMETERS",
@@ -75,8 +83,9 @@ class SiteLimits:
 
     #: The request-head limits and deadlines every public front shares.
     front: FrontLimits = field(default_factory=FrontLimits)
-    #: Seconds, after its head, for a body within its limit to arrive whole.
-    bodyTimeout: float = 30.0
+    #: Seconds, after its head, for a body within its limit to arrive whole
+    #: (with the head's 10 s: a request is in within 30 s, or refused).
+    bodyTimeout: float = 20.0
     #: After a refusal: seconds, and bytes, of what the client still sends that are read and dropped.
     lingerTime: float = 2.0
     lingerBytes: int = 1024 * 1024

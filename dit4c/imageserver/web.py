@@ -35,8 +35,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import NOT_DONE_YET, Request
 
+from dit4c.common.httpfront import FrontLimits
+from dit4c.common.httpsite import FrontSite, SiteLimits
 from dit4c.imageserver.errors import (
     ImageServerError,
     MethodNotAllowed,
@@ -612,16 +614,27 @@ class ImageResource(Resource):
         return self._json(request, error.status, error.body())
 
 
-class ImageSite(Site):
-    """The image server's site: :class:`ImageRequest` for every request, and a timeout for idle connections."""
+class ImageSite(FrontSite):
+    """
+    The image server's site: :class:`ImageRequest` for every request, behind
+    the public-front rules (dit4c.common.httpsite: a head complete within
+    10 s of its first byte, ``timeout`` for an idle connection or a stalled
+    upload, httptools' head rules). Bodies are the requests' own: an
+    upload's goes to the storage as it arrives, any other is refused past a
+    little. HTTP/1.1 only: an upload's body is taken over at the end of its
+    head (ImageRequest.gotLength), which HTTP/2 streams do differently.
+    """
 
     def __init__(self, server: ImageServer, *, timeout: float = 60.0) -> None:
-        super().__init__(ImageResource(server), requestFactory=ImageRequest, timeout=timeout)
+        super().__init__(
+            ImageResource(server),
+            reactor=server.reactor,
+            requestFactory=ImageRequest,
+            limits=SiteLimits(
+                front=FrontLimits(idleTimeout=timeout), lingerTime=server.lingerTime, lingerBytes=server.lingerBytes
+            ),
+            serverName="DIT4C image server",
+        )
         self.server = server
         self.noisy = False
-
-    def acceptableProtocols(self) -> list[bytes]:
-        # HTTP/1.1 only: an upload's body is taken over at the end of its
-        # head (ImageRequest.gotLength), which HTTP/2 streams do differently.
-        return [b"http/1.1"]
 

@@ -22,6 +22,7 @@ import pytest_twisted
 import treq
 from twisted.internet import reactor
 from twisted.internet.endpoints import serverFromString
+from twisted.web.http_headers import Headers
 
 from dit4c.portal.app import PortalConfig
 from dit4c.portal.service import PortalService
@@ -60,7 +61,7 @@ class World:
         response = await treq.post(
             self.base + "/reports/image-access",
             data=json.dumps({"method": "GET", "image": DIGEST, "headers": {"authorization": f"Bearer {token}"}}).encode(),
-            headers={b"X-DIT4C-Image-Server": SECRET.encode(), b"Content-Type": b"application/json"},
+            headers=Headers({"X-DIT4C-Image-Server": [SECRET], "Content-Type": ["application/json"]}),
         )
         return response.code, await response.json()
 

@@ -1,0 +1,91 @@
+"""
+Slow clients at every public HTTP port, each server a real process: a
+connection that sends its request head one byte every half second (so that
+no idle timeout ever fires) is cut within 30 s by the portal, the routing
+server's public HTTP, the auth helper and the image server; 300 of them at
+once do not keep the portal from answering someone else; and a body sent as
+slowly is cut too. 30 s is the bound the fronts promise (docs/security.md);
+the servers' own deadlines are shorter.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from security_world import (
+    RunningPortal,
+    drip,
+    exchange,
+    slowHead,
+    startAuthHelper,
+    startImageServer,
+    startPortal,
+    startRouting,
+    status,
+)
+
+from dit4c.testing import Process
+
+#: Every public port cuts a client that is this slow within this many seconds.
+BOUND = 30.0
+
+
+@pytest_twisted.async_yield_fixture
+async def portal(processes: Any, tmp_path: Path) -> Any:
+    yield await startPortal(processes, tmp_path)
+
+
+@pytest_twisted.async_yield_fixture
+async def helpers() -> Any:
+    started: list[Process] = []
+    yield started
+    for proc in started:
+        proc.stop()
+
+
+@pytest.mark.parametrize("server", ["portal", "routing", "auth helper", "image server"])
+@pytest_twisted.ensureDeferred
+async def test_a_head_sent_a_byte_at_a_time_is_cut(
+    server: str, portal: RunningPortal, processes: Any, signing: Any, tmp_path: Path, helpers: list[Process]
+) -> None:
+    if server == "portal":
+        port = portal.port
+    elif server == "routing":
+        port = await startRouting(processes, signing)
+    elif server == "auth helper":
+        port = await startAuthHelper(tmp_path, portal.url, helpers)
+    else:
+        port = await startImageServer(processes, tmp_path, portal.url)
+    from twisted.internet import threads
+
+    cut = await threads.deferToThread(drip, port, slowHead(), 3, 0.5, BOUND + 5)
+    assert max(cut) < BOUND, cut
+
+
+@pytest_twisted.ensureDeferred
+async def test_300_slow_clients_do_not_keep_the_portal_from_answering(portal: RunningPortal) -> None:
+    answered: list[tuple[int, int]] = []
+
+    def meanwhile(stillOpen: int) -> None:
+        answer = exchange(portal.port, b"GET /health HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n", timeout=10)
+        answered.append((stillOpen, status(answer)))
+
+    from twisted.internet import threads
+
+    cut = await threads.deferToThread(drip, portal.port, slowHead(), 300, 0.5, BOUND + 5, meanwhile)
+    # Answered while all 300 were still holding a connection each ...
+    assert answered == [(300, 200)]
+    # ... and every one of them was cut.
+    assert max(cut) < BOUND, sorted(cut)[-5:]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_sent_a_byte_at_a_time_is_cut(portal: RunningPortal) -> None:
+    from twisted.internet import threads
+
+    head = b"POST /login HTTP/1.1\r\nHost: p\r\nContent-Length: 1000\r\n\r\n"
+    cut = await threads.deferToThread(drip, portal.port, head + b"u" * 1000, 1, 0.05, BOUND + 5)
+    assert max(cut) < BOUND, cut
