@@ -234,3 +234,21 @@ async def test_logging_out_of_the_portal_ends_the_instance_session_too(world: An
     assert not aliceEvents.received.endswith(b"\r\n0\r\n\r\n") and not aliceEvents.done.called
     await aliceStillIn(alice, aliceSocket)
     aliceEvents.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_the_watch_the_helper_asks_often_and_still_closes(world: Any) -> None:
+    """A portal that refuses the watch (here: it holds no key for the instance): open sessions are asked about every ``unwatchedRecheck`` seconds."""
+    await world.store.updateInstance(world.instance.id, public_jwk=None)
+    await world.store.shareInstance(world.instance.id, world.users["bob"].id)
+    await world.startAuth(recheck=3600, unwatchedRecheck=1)
+    alice, bob = Browser(world), Browser(world)
+    assert (await logIn(alice, "alice")).code == 303
+    assert (await logIn(bob, "bob")).code == 303
+    aliceSocket, bobSocket = await openSocket(alice), await openSocket(bob)
+    assert world.auth.watch.state != "watching"
+
+    await api(world, await apiToken(world, "alice"), "DELETE", f"/instances/{world.instance.id}/shares/bob")
+    await bobSocket.closed.addTimeout(BOUND, reactor)
+    await refused(bob, 403)
+    await aliceStillIn(alice, aliceSocket)
