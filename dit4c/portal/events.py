@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -50,8 +50,6 @@ __all__ = [
     "WATCHES_PER_INSTANCE",
     "WATCH_KEEPALIVE",
 ]
-
-Subscriber = Callable[[Instance], None]
 
 #: Event streams one person may hold open at once (tabs, windows, browsers).
 STREAMS_PER_PERSON = 8
@@ -86,54 +84,63 @@ class AccessChange:
     session: str | None = None
 
 
-AccessSubscriber = Callable[[AccessChange], None]
+T = TypeVar("T")
+
+
+class _Subscribers(Generic[T]):
+    """Callbacks that each hear every value published, in order; one failing costs only itself."""
+
+    log = Logger()
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._callbacks: list[Callable[[T], None]] = []
+
+    def subscribe(self, callback: Callable[[T], None]) -> Callable[[], None]:
+        self._callbacks.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._callbacks:
+                self._callbacks.remove(callback)
+
+        return unsubscribe
+
+    def publish(self, value: T) -> None:
+        for callback in list(self._callbacks):
+            try:
+                callback(value)
+            except Exception:
+                self.log.failure("{what} subscriber failed", what=self.what)
+
+    def __len__(self) -> int:
+        return len(self._callbacks)
 
 
 class InstanceEvents:
-    log = Logger()
+    """The in-process bus (see the module docstring): instance changes, and access changes."""
 
     def __init__(self) -> None:
-        self._subscribers: list[Subscriber] = []
-        self._access: list[AccessSubscriber] = []
+        self._instances: _Subscribers[Instance] = _Subscribers("instance event")
+        self._access: _Subscribers[AccessChange] = _Subscribers("access change")
 
-    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+    def subscribe(self, callback: Callable[[Instance], None]) -> Callable[[], None]:
         """Call ``callback`` with every changed instance until the returned function is called."""
-        self._subscribers.append(callback)
-
-        def unsubscribe() -> None:
-            if callback in self._subscribers:
-                self._subscribers.remove(callback)
-
-        return unsubscribe
+        return self._instances.subscribe(callback)
 
     def publish(self, instance: Instance) -> None:
-        for callback in list(self._subscribers):
-            try:
-                callback(instance)
-            except Exception:
-                self.log.failure("instance event subscriber failed")
+        self._instances.publish(instance)
 
     @property
     def subscribers(self) -> int:
-        return len(self._subscribers)
+        return len(self._instances)
 
-    def subscribeAccess(self, callback: AccessSubscriber) -> Callable[[], None]:
+    def subscribeAccess(self, callback: Callable[[AccessChange], None]) -> Callable[[], None]:
         """Call ``callback`` with every :class:`AccessChange` until the returned function is called."""
-        self._access.append(callback)
-
-        def unsubscribe() -> None:
-            if callback in self._access:
-                self._access.remove(callback)
-
-        return unsubscribe
+        return self._access.subscribe(callback)
 
     def accessChanged(self, change: AccessChange) -> None:
         """Publish ``change``: call it once the store holds the change."""
-        for callback in list(self._access):
-            try:
-                callback(change)
-            except Exception:
-                self.log.failure("access change subscriber failed")
+        self._access.publish(change)
 
 
 def _finish(request: IRequest) -> None:

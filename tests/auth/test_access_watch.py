@@ -139,12 +139,18 @@ def watch() -> tuple[AccessWatch, Portal, Revocations, Clock]:
     return service, portal, revocations, clock
 
 
-def test_changes_are_handed_on_while_watching() -> None:
+def answered() -> tuple[AccessWatch, Response, Portal, Revocations, Clock]:
+    """A watch started, and the portal's ``200`` to it (nothing of its body yet)."""
     service, portal, revocations, clock = watch()
     service.startService()
-    assert service.state == "connecting" and len(portal.attempts) == 1
     response = Response(200)
     portal.attempts[0].callback(response)
+    return service, response, portal, revocations, clock
+
+
+def test_changes_are_handed_on_while_watching() -> None:
+    service, response, portal, revocations, clock = answered()
+    assert len(portal.attempts) == 1
     # Nothing counts before the portal says it is watching.
     response.send(b'{"type":"changed","sub":"u-1"}\n')
     assert revocations.said == []
@@ -158,10 +164,7 @@ def test_changes_are_handed_on_while_watching() -> None:
 
 
 def test_a_silent_watch_is_opened_again() -> None:
-    service, portal, revocations, clock = watch()
-    service.startService()
-    response = Response(200)
-    portal.attempts[0].callback(response)
+    service, response, portal, revocations, clock = answered()
     response.send(b'{"type":"watching","keepalive":5}\n')
     for _ in range(10):
         clock.advance(14)
@@ -208,10 +211,7 @@ def test_a_refused_or_failed_watch_backs_off_and_tries_again() -> None:
 
 
 def test_garbage_from_the_portal_drops_the_watch() -> None:
-    service, portal, revocations, clock = watch()
-    service.startService()
-    response = Response(200)
-    portal.attempts[0].callback(response)
+    service, response, portal, revocations, clock = answered()
     response.send(b'{"type":"watching"}\n<html>oops</html>\n')
     assert response.protocol is None and service.state == "waiting"
     service.stopService()

@@ -133,26 +133,14 @@ async def test_an_answer_given_before_the_change_is_not_fresh() -> None:
     first.callback(UserInfo("allowed", "bob", "bob"))
     assert (await early).kind == ALLOWED  # the request that asked before the change
     assert w.closed == []
+    # That answer made nothing fresh: the next request waits for the new question.
+    later = w.sessions.check(bob)
+    assert not later.called and w.portal.waiting("bob") == 1
     second.callback(UserInfo("forbidden"))
     await done
     assert w.closed == ["bob-ws"]
+    assert (await later).kind == FORBIDDEN
     assert (await w.sessions.check(bob)).kind == FORBIDDEN
-
-
-@pytest_twisted.ensureDeferred
-async def test_the_stale_answer_alone_cannot_make_a_session_fresh() -> None:
-    w = World()
-    bob = w.token("bob")
-    await w.connected(bob, "bob-ws")
-    w.sessions.watched = True
-    w.clock.advance(31)
-    early = w.sessions.check(bob)
-    w.sessions.changed("bob")
-    w.portal.answer("bob", "allowed")
-    await early
-    # Asked before the change: the next check asks again.
-    w.sessions.check(bob)
-    assert w.portal.waiting("bob") == 1
 
 
 @pytest_twisted.ensureDeferred

@@ -66,6 +66,13 @@ def csrfOf(page: str) -> str:
     return match.group(1)
 
 
+async def submit(browser: Browser, path: str, **fields: str) -> None:
+    """Post a form of the home page (with its CSRF token) to ``path``, as the page's button does; it must be taken (303)."""
+    _, page = await browser.get("/")
+    response, answer = await browser.post(path, {"csrf": csrfOf(page), **fields})
+    assert response.code == 303, answer
+
+
 async def logIn(browser: Browser, name: str = "alice", password: str = "correct horse battery") -> Any:
     _, page = await browser.get("/login")
     response, _ = await browser.post(

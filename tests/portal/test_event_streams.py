@@ -16,7 +16,7 @@ import json
 from typing import Any
 
 import pytest_twisted
-from portal_client import Browser, Client, csrfOf, logIn, tokenFor
+from portal_client import Browser, Client, logIn, submit, tokenFor
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
@@ -67,17 +67,19 @@ async def changed(portal: Portal, instance: Any, state: State) -> Any:
     return updated
 
 
+async def bobTwice(portal: Portal) -> tuple[Browser, Browser, Any]:
+    """Bob logged in in two browsers (two portal sessions), and his user."""
+    _, bob, _, bobUser = await people(portal)
+    laptop = Browser(portal)
+    await logIn(laptop, "bob", "bobs password!")
+    return bob, laptop, bobUser
+
+
 async def people(portal: Portal) -> tuple[Browser, Browser, Any, Any]:
     alice, bob = Browser(portal), Browser(portal)
     await logIn(alice)
     await logIn(bob, "bob", "bobs password!")
     return alice, bob, await portal.store.userByName("alice"), await portal.store.userByName("bob")
-
-
-async def form(portal: Portal, browser: Browser, path: str, **fields: str) -> None:
-    _, page = await browser.get("/")
-    response, page = await browser.post(path, {"csrf": csrfOf(page), **fields})
-    assert response.code == 303, page
 
 
 @pytest_twisted.ensureDeferred
@@ -87,7 +89,7 @@ async def test_an_instance_is_streamed_only_while_it_may_be_seen(api: Portal) ->
     shared = await api.store.createInstance(aliceUser.id, image.id)
     private = await api.store.createInstance(aliceUser.id, image.id)
     bobs = await api.store.createInstance(bobUser.id, image.id)
-    await form(api, alice, f"/instances/{shared.id}/share", user="bob")
+    await submit(alice, f"/instances/{shared.id}/share", user="bob")
     stream = await openStream(api, bob)
 
     await changed(api, shared, State.RUNNING)
@@ -96,7 +98,7 @@ async def test_an_instance_is_streamed_only_while_it_may_be_seen(api: Portal) ->
     await until(lambda: len(received(stream)) == 2, stream)
     assert [(e["id"], e["state"]) for e in received(stream)] == [(shared.id, "running"), (bobs.id, "running")]
 
-    await form(api, alice, f"/instances/{shared.id}/unshare", user="bob")
+    await submit(alice, f"/instances/{shared.id}/unshare", user="bob")
     await changed(api, shared, State.STOPPING)
     await changed(api, bobs, State.STOPPING)
     await until(lambda: len(received(stream)) == 3, stream)
@@ -104,7 +106,7 @@ async def test_an_instance_is_streamed_only_while_it_may_be_seen(api: Portal) ->
     assert [e["id"] for e in received(stream)] == [shared.id, bobs.id, bobs.id]
 
     # Shared again while the stream is open: it is seen again.
-    await form(api, alice, f"/instances/{shared.id}/share", user="bob")
+    await submit(alice, f"/instances/{shared.id}/share", user="bob")
     await changed(api, shared, State.STOPPED)
     await until(lambda: len(received(stream)) == 4, stream)
     assert received(stream)[-1]["id"] == shared.id
@@ -134,13 +136,11 @@ async def test_each_event_is_checked_when_it_is_sent(api: Portal) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_a_logout_ends_that_sessions_streams_only(api: Portal) -> None:
-    _, bob, _, bobUser = await people(api)
-    laptop = Browser(api)
-    await logIn(laptop, "bob", "bobs password!")
+    bob, laptop, bobUser = await bobTwice(api)
     bobs = await api.store.createInstance(bobUser.id, api.image.id)  # type: ignore[attr-defined]
     here, there = await openStream(api, bob), await openStream(api, laptop)
 
-    await form(api, bob, "/logout")
+    await submit(bob, "/logout")
     await until(lambda: ended(here), here)
     await changed(api, bobs, State.RUNNING)
     await until(lambda: len(received(there)) == 1, there)
@@ -153,9 +153,7 @@ async def test_a_logout_ends_that_sessions_streams_only(api: Portal) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_a_disabled_person_loses_every_stream(api: Portal) -> None:
-    _, bob, _, bobUser = await people(api)
-    laptop = Browser(api)
-    await logIn(laptop, "bob", "bobs password!")
+    bob, laptop, bobUser = await bobTwice(api)
     here, there = await openStream(api, bob), await openStream(api, laptop)
     root = Client(api, await tokenFor(api, "root", "root password!"))
     status, _ = await root.call("PATCH", f"/admin/users/{bobUser.id}", {"disabled": True})

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest_twisted
 import treq
-from portal_client import Browser, Client, csrfOf, logIn, tokenFor
+from portal_client import Browser, Client, logIn, submit, tokenFor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 
@@ -90,12 +90,6 @@ async def keyed(portal: Portal, owner: Any) -> tuple[Any, Any]:
     return instance, key
 
 
-async def form(browser: Browser, path: str, **fields: str) -> None:
-    _, page = await browser.get("/")
-    response, page = await browser.post(path, {"csrf": csrfOf(page), **fields})
-    assert response.code == 303, page
-
-
 @pytest_twisted.ensureDeferred
 async def test_a_watch_hears_every_access_change_to_its_instance_and_no_other(api: Portal) -> None:
     alice, bob = Browser(api), Browser(api)
@@ -106,9 +100,9 @@ async def test_a_watch_hears_every_access_change_to_its_instance_and_no_other(ap
     b, keyB = await keyed(api, aliceUser)
     watchA, watchB = await openWatch(api, keyA, a.id), await openWatch(api, keyB, b.id)
 
-    await form(alice, f"/instances/{a.id}/share", user="bob")
+    await submit(alice, f"/instances/{a.id}/share", user="bob")
     assert await watchA.until(1) == [bobUser.id]
-    await form(alice, f"/instances/{a.id}/unshare", user="bob")
+    await submit(alice, f"/instances/{a.id}/unshare", user="bob")
     assert await watchA.until(2) == [bobUser.id] * 2
 
     aliceAPI = Client(api, await tokenFor(api, "alice", "correct horse battery"))
@@ -119,10 +113,10 @@ async def test_a_watch_hears_every_access_change_to_its_instance_and_no_other(ap
     assert await watchA.until(3) == [bobUser.id, bobUser.id, None]  # whoever came through the link
 
     # A person's logout or being disabled reaches the instances they may use.
-    await form(alice, f"/instances/{a.id}/share", user="bob")
-    await form(bob, "/logout")
+    await submit(alice, f"/instances/{a.id}/share", user="bob")
+    await submit(bob, "/logout")
     assert (await watchA.until(5))[3:] == [bobUser.id, bobUser.id]
-    await form(alice, "/logout")
+    await submit(alice, "/logout")
     assert (await watchA.until(6))[5:] == [aliceUser.id]
     root = Client(api, await tokenFor(api, "root", "root password!"))
     status, _ = await root.call("PATCH", f"/admin/users/{bobUser.id}", {"disabled": True})
