@@ -149,6 +149,55 @@ def _finish(request: IRequest) -> None:
         request.finish()
 
 
+async def _stream(request: IRequest, contentType: bytes, first: bytes) -> None:
+    """
+    Start a streamed answer of ``contentType`` with ``first``, and wait
+    until it ends: finished here, or its reader gone (that is how a stream
+    ends, not an error).
+    """
+    request.setHeader(b"content-type", contentType)
+    request.setHeader(b"cache-control", b"no-store")
+    request.setHeader(b"x-accel-buffering", b"no")
+    request.write(first)
+    try:
+        await cast(Any, request).notifyFinish()
+    except Exception:
+        pass
+
+
+class _Held(Generic[T]):
+    """Open streams by key (a person, an instance), at most ``cap`` per key, oldest first."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._byKey: dict[str, list[T]] = {}
+
+    def add(self, key: str, item: T) -> list[T]:
+        """Hold ``item`` under ``key``; the oldest ones it displaces, for the caller to close."""
+        held = self._byKey.setdefault(key, [])
+        displaced = []
+        while len(held) >= self.cap:
+            displaced.append(held.pop(0))
+        held.append(item)
+        return displaced
+
+    def remove(self, key: str, item: T) -> None:
+        held = self._byKey.get(key)
+        if held is not None and item in held:
+            held.remove(item)
+            if not held:
+                del self._byKey[key]
+
+    def of(self, key: str) -> list[T]:
+        return list(self._byKey.get(key, ()))
+
+    def all(self) -> list[T]:
+        return [item for held in self._byKey.values() for item in held]
+
+    def __len__(self) -> int:
+        return sum(len(held) for held in self._byKey.values())
+
+
 # -- the pages' event streams ----------------------------------------------------------------------
 
 
@@ -281,24 +330,18 @@ class EventStreams:
         self.clock = clock
         self.perPerson = perPerson
         self.keepalive = keepalive
-        self._byPerson: dict[str, list[_Stream]] = {}
+        self._byPerson: _Held[_Stream] = _Held(perPerson)
 
     def open(self, user: str) -> int:
         """How many streams ``user`` holds open now."""
-        return len(self._byPerson.get(user, ()))
+        return len(self._byPerson.of(user))
 
     async def serve(self, request: IRequest, who: Any) -> None:
         """Stream to ``request`` for ``who`` (a ``LoggedIn``) until the browser goes or access ends."""
         stream = _Stream(self, request, who)
         stream.visible = {i.id for i in await self.store.listInstancesSharedWith(stream.user)}
-        mine = self._byPerson.setdefault(stream.user, [])
-        while len(mine) >= self.perPerson:
-            mine.pop(0).close(f"more than {self.perPerson} streams open", retry=STREAM_RETRY_REPLACED)
-        mine.append(stream)
-        request.setHeader(b"content-type", b"text/event-stream")
-        request.setHeader(b"cache-control", b"no-store")
-        request.setHeader(b"x-accel-buffering", b"no")
-        request.write(b"retry: 3000\n: watching\n\n")
+        for old in self._byPerson.add(stream.user, stream):
+            old.close(f"more than {self.perPerson} streams open", retry=STREAM_RETRY_REPLACED)
         # A comment line now and then keeps proxies from closing a quiet stream.
         keepalive = LoopingCall(request.write, b": keepalive\n\n")
         keepalive.clock = self.clock
@@ -309,9 +352,7 @@ class EventStreams:
         unsubscribe = self.events.subscribe(stream.instanceChanged)
         unsubscribeAccess = self.events.subscribeAccess(stream.accessChanged)
         try:
-            await cast(Any, request).notifyFinish()
-        except Exception:
-            pass  # the browser went away: that is how a stream ends
+            await _stream(request, b"text/event-stream", b"retry: 3000\n: watching\n\n")
         finally:
             stream.closed = True
             unsubscribe()
@@ -319,10 +360,7 @@ class EventStreams:
             keepalive.stop()
             if expiry.active():
                 expiry.cancel()
-            if stream in mine:
-                mine.remove(stream)
-            if not mine and self._byPerson.get(stream.user) is mine:
-                del self._byPerson[stream.user]
+            self._byPerson.remove(stream.user, stream)
 
 
 # -- the auth helpers' watches -----------------------------------------------------------------------
@@ -352,57 +390,48 @@ class InstanceWatches:
         self.clock = clock
         self.perInstance = perInstance
         self.keepalive = keepalive
-        self._byInstance: dict[str, list[IRequest]] = {}
+        self._byInstance: _Held[IRequest] = _Held(perInstance)
         self._keepalive: LoopingCall | None = None
         events.subscribeAccess(self._accessChanged)
 
     def watching(self, instanceId: str) -> int:
         """How many watches ``instanceId`` holds open now."""
-        return len(self._byInstance.get(instanceId, ()))
+        return len(self._byInstance.of(instanceId))
 
     @staticmethod
-    def _line(request: IRequest, message: dict[str, Any]) -> None:
-        request.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+    def _encode(message: dict[str, Any]) -> bytes:
+        return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+    def _line(self, request: IRequest, message: dict[str, Any]) -> None:
+        request.write(self._encode(message))
 
     async def serve(self, request: IRequest, instanceId: str) -> None:
         """Hold ``request`` open as a watch of ``instanceId`` until the helper goes."""
-        mine = self._byInstance.setdefault(instanceId, [])
-        while len(mine) >= self.perInstance:
-            old = mine.pop(0)
+        for old in self._byInstance.add(instanceId, request):
             self.log.info("closing the oldest watch of instance {instance}", instance=instanceId)
             _finish(old)
-        mine.append(request)
-        request.setHeader(b"content-type", b"application/x-ndjson")
-        request.setHeader(b"cache-control", b"no-store")
-        request.setHeader(b"x-accel-buffering", b"no")
-        self._line(request, {"type": "watching", "keepalive": self.keepalive})
         if self._keepalive is None:
             self._keepalive = LoopingCall(self._ping)
             self._keepalive.clock = self.clock
             self._keepalive.start(self.keepalive, now=False)
         try:
-            await cast(Any, request).notifyFinish()
-        except Exception:
-            pass  # the helper went away
+            first = self._encode({"type": "watching", "keepalive": self.keepalive})
+            await _stream(request, b"application/x-ndjson", first)
         finally:
-            if request in mine:
-                mine.remove(request)
-            if not mine and self._byInstance.get(instanceId) is mine:
-                del self._byInstance[instanceId]
+            self._byInstance.remove(instanceId, request)
             if not self._byInstance and self._keepalive is not None:
                 self._keepalive.stop()
                 self._keepalive = None
 
     def _ping(self) -> None:
-        for requests in list(self._byInstance.values()):
-            for request in list(requests):
-                self._line(request, {"type": "keepalive"})
+        for request in self._byInstance.all():
+            self._line(request, {"type": "keepalive"})
 
     def _notify(self, instanceId: str, user: str | None) -> None:
         message: dict[str, Any] = {"type": "changed"}
         if user is not None:
             message["sub"] = user
-        for request in list(self._byInstance.get(instanceId, ())):
+        for request in self._byInstance.of(instanceId):
             self._line(request, message)
 
     def _accessChanged(self, change: AccessChange) -> None:

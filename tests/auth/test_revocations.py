@@ -78,14 +78,20 @@ class World:
         self.connections.forwarding(name, token, lambda: self.closed.append(name))
 
 
+async def connected(*names: str, watched: bool = True) -> tuple[World, list[str]]:
+    """A world where each of ``names`` holds a connection (``<name>-ws``) for a session of theirs; their tokens."""
+    w = World()
+    tokens = [w.token(name) for name in names]
+    for name, token in zip(names, tokens, strict=True):
+        await w.connected(token, f"{name}-ws")
+    w.sessions.watched = watched
+    return w, tokens
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_change_closes_the_refused_persons_connections_and_no_one_elses() -> None:
-    w = World()
-    bob, carol = w.token("bob"), w.token("carol")
-    await w.connected(bob, "bob-ws")
+    w, (bob, carol) = await connected("bob", "carol")
     await w.connected(bob, "bob-xhr")
-    await w.connected(carol, "carol-ws")
-    w.sessions.watched = True
 
     done = w.revocations.changed("bob")
     # Only bob's session is asked about, once for his two connections.
@@ -102,11 +108,7 @@ async def test_a_change_closes_the_refused_persons_connections_and_no_one_elses(
 
 @pytest_twisted.ensureDeferred
 async def test_a_change_for_anyone_asks_about_every_open_session_and_a_logout_is_a_401() -> None:
-    w = World()
-    bob, carol = w.token("bob"), w.token("carol")
-    await w.connected(bob, "bob-ws")
-    await w.connected(carol, "carol-ws")
-    w.sessions.watched = True
+    w, (bob, carol) = await connected("bob", "carol")
     done = w.revocations.changed(None)  # a share link revoked: whoever came through it
     assert (w.portal.waiting("bob"), w.portal.waiting("carol")) == (1, 1)
     w.portal.answer("bob", "invalid")  # his portal session ended
@@ -118,10 +120,7 @@ async def test_a_change_for_anyone_asks_about_every_open_session_and_a_logout_is
 
 @pytest_twisted.ensureDeferred
 async def test_an_answer_given_before_the_change_is_not_fresh() -> None:
-    w = World()
-    bob = w.token("bob")
-    await w.connected(bob, "bob-ws")
-    w.sessions.watched = True
+    w, (bob,) = await connected("bob")
     w.clock.advance(31)
     # A page load asks the portal; the answer ("allowed") is on its way ...
     early = w.sessions.check(bob)
@@ -145,9 +144,7 @@ async def test_an_answer_given_before_the_change_is_not_fresh() -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_the_sweep_follows_the_watch() -> None:
-    w = World()
-    bob = w.token("bob")
-    await w.connected(bob, "bob-ws")
+    w, (bob,) = await connected("bob", watched=False)
     w.revocations.startService()
     try:
         # Not watched: answers stand 5 s, and open sessions are asked about every 5 s.
@@ -180,10 +177,7 @@ async def test_the_sweep_follows_the_watch() -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_an_unreachable_portal_closes_nothing() -> None:
-    w = World()
-    bob = w.token("bob")
-    await w.connected(bob, "bob-ws")
-    w.sessions.watched = True
+    w, (bob,) = await connected("bob")
     w.portal.userinfo = lambda token: fail(PortalUnreachable("down"))  # type: ignore[method-assign]
     await w.revocations.changed("bob")
     # The last answer stands while the portal cannot be asked (docs/protocols.md 10.1).
