@@ -123,6 +123,9 @@ class IFrontRules(Interface):
     def cut(reason: Failure | None) -> bool:
         """Whether the upstream ended abnormally, so the client's connection is aborted rather than closed."""
 
+    def ended() -> None:
+        """The client's connection has ended (closed by either side)."""
+
 
 class IFrontIO(Interface):
     """Where the machine's actions go: the two connections (:class:`FrontProtocol`)."""
@@ -226,8 +229,11 @@ TRANSITIONS: dict[tuple[Phase, Event], Phase] = {
     **{(p, _E.LOST): _P.CLOSED for p in Phase},
 }
 
-#: Phases in which the client's later requests wait (and it is not read).
+#: Phases in which the client's later requests wait.
 HOLDING = frozenset((_P.CHECKING, _P.AWAITING, _P.SWITCHING, _P.CLOSING))
+#: Phases in which the client is not read meanwhile. (A closing connection
+#: is read, and what comes dropped, so that a client that goes away is seen.)
+UNREAD = frozenset((_P.CHECKING, _P.AWAITING, _P.SWITCHING))
 
 # The hot path compares phases often: module names are faster than the class's.
 HEAD, CHECKING, FORWARDING, AWAITING = _P.HEAD, _P.CHECKING, _P.FORWARDING, _P.AWAITING
@@ -241,6 +247,10 @@ _BODY, _END, _HEAD, _REFUSE, _EOF = range(5)
 
 #: How far past the head limit httptools may hold a header line before the callbacks can count it.
 _HEAD_SLACK = 65536
+
+class _Stopped(Exception):
+    """Raised in a request callback once the machine reads no more requests: it stops the parser."""
+
 
 class _Responses:
     """
@@ -287,7 +297,7 @@ class FrontConnection:
         "rules", "io", "clock", "limits", "metrics", "phase",
         "_parser", "_head", "_inHead", "_headBytes", "_events", "_pumping", "_held", "_heldEOF",
         "_request", "_pending", "_responses", "_answering", "_upstream", "_connecting",
-        "_awaited", "_final", "_headTimer", "_idleTimer", "lastActivity", "_clientEOF",
+        "_awaited", "_final", "_headTimer", "_idleTimer", "lastActivity", "_clientEOF", "_sentEOF",
     )  # fmt: skip
 
     def __init__(
@@ -329,6 +339,8 @@ class FrontConnection:
         self._idleTimer: IDelayedCall | None = None
         self.lastActivity = clock.seconds()
         self._clientEOF = False
+        #: The upstream has been sent the client's EOF.
+        self._sentEOF = False
 
     def _move(self, event: Event) -> Phase:
         new = TRANSITIONS.get((self.phase, event))
@@ -347,11 +359,19 @@ class FrontConnection:
         self._idleTimer = self.clock.callLater(self.limits.idleTimeout, self._checkIdle)
 
     def clientLost(self) -> None:
-        """The client's connection is gone: so is everything of it."""
+        """
+        The client's connection is gone: so is everything of it. An upstream
+        that already had the client's EOF is cut (nothing it still sends can
+        reach anyone); otherwise it hears EOF after what it was sent.
+        """
         if self.phase is CLOSED:
             return
         self._end()
-        self.io.closeUpstream(False)
+        self.io.closeUpstream(self._sentEOF)
+
+    def _sendEOF(self) -> None:
+        self._sentEOF = True
+        self.io.halfCloseUpstream()
 
     def _end(self) -> None:
         self.metrics.open -= 1
@@ -361,6 +381,7 @@ class FrontConnection:
         connecting, self._connecting = self._connecting, None
         if connecting is not None:
             connecting.cancel()
+        self.rules.ended()
 
     def _forget(self) -> None:
         """Drop what only an HTTP connection needs (a raw pipe keeps little per connection)."""
@@ -426,8 +447,10 @@ class FrontConnection:
             self._parser = None
             self._event(_REFUSE, e)
         except httptools.HttpParserCallbackError as e:
-            self._parser = None
             cause = e.__context__
+            if isinstance(cause, _Stopped):
+                return
+            self._parser = None
             if isinstance(cause, HeadError):
                 self._event(_REFUSE, cause)
             else:
@@ -448,7 +471,7 @@ class FrontConnection:
         self._clientEOF = True
         phase = self.phase
         if phase is RAW:
-            self.io.halfCloseUpstream()
+            self._sendEOF()
         elif phase is CLOSING or phase is CLOSED:
             return
         elif self._parser is None and self._held is not None:
@@ -459,7 +482,12 @@ class FrontConnection:
 
     # -- httptools' request callbacks ----------------------------------------------------------------------
 
+    # The machine may stop reading requests inside a callback (a refusal,
+    # an answer that closes): the parser then stops at its next callback.
+
     def on_message_begin(self) -> None:
+        if self._parser is None:
+            raise _Stopped()
         self._inHead = True
         self._headBytes = 0
         self._head = RequestHead(self.limits)
@@ -473,6 +501,8 @@ class FrontConnection:
         self._head.onHeader(name, value)  # type: ignore[union-attr]
 
     def on_headers_complete(self) -> None:
+        if self._parser is None:
+            raise _Stopped()
         self._inHead = False
         timer = self._headTimer
         if timer is not None:
@@ -485,9 +515,13 @@ class FrontConnection:
         self._event(_HEAD, head)
 
     def on_body(self, body: bytes) -> None:
+        if self._parser is None:
+            raise _Stopped()
         self._event(_BODY, body)
 
     def on_message_complete(self) -> None:
+        if self._parser is None:
+            raise _Stopped()
         self._event(_END, None)
 
     # -- taking the client's requests in order -------------------------------------------------------------
@@ -526,7 +560,7 @@ class FrontConnection:
     def _settle(self) -> None:
         """Hold the client while the machine waits, read it again when it does not."""
         if self.phase is not CLOSED:
-            self.io.holdClient(self.phase in HOLDING)
+            self.io.holdClient(self.phase in UNREAD)
 
     def _handle(self, kind: int, value: Any) -> None:
         phase = self.phase
@@ -696,7 +730,7 @@ class FrontConnection:
         if phase is FORWARDING or (phase is HEAD and not self._inHead and self._upstream):
             # The upstream has what the client sent (a request, perhaps cut
             # short in its body): it hears EOF too, and may still answer.
-            self.io.halfCloseUpstream()
+            self._sendEOF()
             self._finish(None)
         elif phase is HEAD:
             # Nobody is left to answer, or a head was cut short.
@@ -809,7 +843,7 @@ class FrontConnection:
             if data:
                 self.io.writeUpstream(data)
         if eof:
-            self.io.halfCloseUpstream()
+            self._sendEOF()
 
     def _badResponse(self, why: str) -> None:
         """The upstream broke HTTP: what it sent is passed on, and the connection ends."""

@@ -119,6 +119,9 @@ class RoutingRules:
     def cut(self, reason: Failure | None) -> bool:
         return reason is not None and isinstance(reason.value, StreamReset)
 
+    def ended(self) -> None:
+        pass
+
 
 class PublicHTTPFactory(Factory):
     noisy = False
