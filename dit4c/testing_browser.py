@@ -83,9 +83,19 @@ def startBrowser(
     chromium: str = CHROMIUM,
     chromedriver: str = CHROMEDRIVER,
     windowSize: tuple[int, int] = WINDOW_SIZE,
+    *,
+    hostResolverRules: str | None = None,
+    ignoreCertificateErrors: bool = False,
 ) -> Browser:
     """
     Start headless Chromium under chromedriver with a fresh profile.
+
+    ``hostResolverRules``: Chromium's ``--host-resolver-rules``, e.g.
+    ``"MAP *.example.org 127.0.0.1"``, so that a test can use real-looking
+    names (several hosts under one parent domain, as a site deploys them)
+    for servers on loopback. ``ignoreCertificateErrors``: accept any TLS
+    certificate (a test's own, from ``dit4c.testing.makeCertificate``);
+    only for a test that needs https, since nothing else is checked then.
 
     This blocks for a second or so; from the reactor thread call it as
     ``await threads.deferToThread(startBrowser)``.
@@ -104,6 +114,10 @@ def startBrowser(
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={profile / 'profile'}")
     options.add_argument(f"--window-size={windowSize[0]},{windowSize[1]}")
+    if hostResolverRules:
+        options.add_argument(f"--host-resolver-rules={hostResolverRules}")
+    if ignoreCertificateErrors:
+        options.add_argument("--ignore-certificate-errors")
     if any(os.environ.get(name) for name in _PROXY_VARIABLES):
         # Talk to chromedriver on loopback directly, whatever *_proxy says
         # (the only switch for it that webdriver.Chrome takes, deprecated).

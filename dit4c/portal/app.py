@@ -21,6 +21,7 @@ from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
+from werkzeug.exceptions import Forbidden
 
 from dit4c.common.life import ACTIVE
 from dit4c.common.life import toJSON as lifeJSON
@@ -57,6 +58,12 @@ class PortalConfig:
     @property
     def secure(self) -> bool:
         return self.publicURL.startswith("https://")
+
+
+class CrossSiteRequest(Forbidden):
+    """A state-changing request that another site sent (``security.crossSite``)."""
+
+    description = "This request was sent from another site, so it was refused. Use the portal's own pages."
 
 
 class LoggedIn:
@@ -153,6 +160,10 @@ class Portal:
         )
         self.sharing = Sharing(self.instances, config.publicURL, removeBytes=self._removeImageBytes)
         self.cookies = CookiePolicy(secure=config.secure, sessionLifetime=config.sessionLifetime)
+        #: The portal's own origin, which state-changing requests must come from.
+        self.origin = security.origin(config.publicURL)
+        #: The login form's CSRF tokens, bound to a pre-login cookie.
+        self.loginForms = security.LoginForms(keys, self.cookies)
         #: Who sent a request (behind trusted reverse proxies too).
         self.proxies = security.TrustedProxies(config.trustedProxies)
         #: Failed logins slow down the address they came from, never the account.
@@ -233,7 +244,13 @@ class Portal:
             return None
 
     async def loggedIn(self, request: IRequest) -> LoggedIn | None:
-        token = request.getCookie(security.SESSION_COOKIE)
+        """
+        The person whose session cookie came with ``request``, if any.
+        Every use of a session goes through here, so here a state-changing
+        request sent by another site is refused (403), whatever it carries.
+        """
+        self.refuseCrossSite(request)
+        token = self.cookies.get(request, security.SESSION_COOKIE)
         if not token:
             return None
         try:
@@ -252,6 +269,18 @@ class Portal:
         request.setResponseCode(303)
         request.setHeader(b"location", location.encode())
         return b""
+
+    def refuseCrossSite(self, request: IRequest) -> None:
+        """Raise ``CrossSiteRequest`` (403) for a state-changing request another site sent (``security.crossSite``)."""
+        why = security.crossSite(request, self.origin)
+        if why is not None:
+            self.log.warn(
+                "refused {method} {path} from another site ({why})",
+                method=request.method.decode("latin-1"),
+                path=request.path.decode("latin-1"),
+                why=why,
+            )
+            raise CrossSiteRequest()
 
     def csrfOK(self, request: IRequest, expected: str) -> bool:
         return security.tokensEqual(self.arg(request, "csrf"), expected)
@@ -390,15 +419,11 @@ class Portal:
         return self.loginForm(request, error=None)
 
     def loginForm(self, request: IRequest, error: str | None, status: int = 200, name: str = "") -> bytes:
-        # Before there is a session, CSRF is a double-submit token: a
-        # SameSite=Strict cookie that the form must repeat.
-        csrf = security.newToken()
-        self.cookies.set(request, security.LOGIN_CSRF_COOKIE, csrf, maxAge=3600, sameSite=b"Strict")
         return self.render(
             request,
             "login.html",
             status,
-            csrf=csrf,
+            csrf=self.loginForms.token(request),
             error=error,
             name=name,
             next=safeNext(self.arg(request, "next")),
@@ -408,8 +433,11 @@ class Portal:
 
     @app.route("/login", methods=["POST"])
     async def login(self, request: IRequest) -> bytes:
-        cookie = request.getCookie(security.LOGIN_CSRF_COOKIE)
-        if not security.tokensEqual(self.arg(request, "csrf"), cookie):
+        try:
+            self.refuseCrossSite(request)
+        except CrossSiteRequest:
+            return self.loginForm(request, "This login form was sent from another site. Log in here.", 403)
+        if not await self.loginForms.check(request, self.arg(request, "csrf")):
             return self.loginForm(request, "Your login form expired; please try again.", 400)
         name = (self.arg(request, "username") or "").strip().lower()
         password = self.arg(request, "password") or ""
@@ -425,12 +453,12 @@ class Portal:
         await self.throttle.succeeded(name, address)
         # A fresh session at every login: a session id planted before login
         # is worth nothing after it.
-        old = request.getCookie(security.SESSION_COOKIE)
+        old = self.cookies.get(request, security.SESSION_COOKIE)
         if old:
             await self.store.deleteSession(old.decode("ascii", "replace"))
         session = await self.store.createSession(user.id, self.config.sessionLifetime)
         self.cookies.set(request, security.SESSION_COOKIE, session.id, maxAge=self.config.sessionLifetime)
-        self.cookies.clear(request, security.LOGIN_CSRF_COOKIE)
+        self.cookies.clear(request, security.LOGIN_COOKIE)
         self.log.info("{name} logged in from {address}", name=user.name, address=address)
         return self.redirect(request, safeNext(self.arg(request, "next")))
 

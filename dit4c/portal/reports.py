@@ -653,7 +653,9 @@ class Reports:
                 reasons.append("the API token is not valid")
             else:
                 found.append((user, "api-token"))
-        session = _cookie(headers.get("cookie"), SESSION_COOKIE)
+        # A portal on https names it __Host-dit4c_session (security.CookiePolicy).
+        cookies = headers.get("cookie")
+        session = _cookie(cookies, "__Host-" + SESSION_COOKIE) or _cookie(cookies, SESSION_COOKIE)
         if session is not None:
             held = await self.store.sessionByToken(session)
             user = await self.store.userById(held.user_id) if held is not None else None

@@ -22,8 +22,16 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from twisted.internet.threads import deferToThread
 
+#: Cookie names as the portal sets them over http; over https each is
+#: ``__Host-`` + the name (``CookiePolicy.name``).
 SESSION_COOKIE = b"dit4c_session"
-LOGIN_CSRF_COOKIE = b"dit4c_login_csrf"
+#: Before login: the browser's pre-login id, which the login form's token is bound to.
+LOGIN_COOKIE = b"dit4c_login"
+
+#: The audience of the login form's token (``LoginForms``): it is good for nothing else.
+LOGIN_FORM_AUDIENCE = "dit4c-login-form"
+#: Seconds a login form may be left open before it is sent.
+LOGIN_FORM_LIFETIME = 3600.0
 
 _hasher = PasswordHasher()
 #: Verified against when a user does not exist, so that a login for an
@@ -72,21 +80,148 @@ def passwordProblem(password: str) -> str | None:
 
 @dataclass(frozen=True)
 class CookiePolicy:
-    """How session cookies are set: Secure when the portal is served over TLS."""
+    """
+    How the portal's cookies are set and read: host-only (no ``Domain``),
+    ``Path=/``, HttpOnly, and when the portal is served over TLS, Secure and
+    named ``__Host-<name>``. A browser takes a ``__Host-`` cookie only from
+    a secure page of the portal's own host, never with a ``Domain``: another
+    host under the same parent domain (an instance at
+    ``*.apps.example.org`` beside ``portal.example.org``) cannot plant one,
+    though it can plant a cookie of any other name for the whole parent
+    domain. So the portal reads only the names it sets.
+    """
 
     secure: bool
     sessionLifetime: float = 12 * 3600.0
 
-    def set(self, request: Any, name: bytes, value: str, *, maxAge: float | None, sameSite: bytes = b"Lax") -> None:
-        parts = [name + b"=" + value.encode(), b"Path=/", b"HttpOnly", b"SameSite=" + sameSite]
+    def name(self, base: bytes) -> bytes:
+        return b"__Host-" + base if self.secure else base
+
+    def get(self, request: Any, base: bytes) -> bytes | None:
+        value: bytes | None = request.getCookie(self.name(base))
+        return value
+
+    def set(self, request: Any, base: bytes, value: str, *, maxAge: float | None, sameSite: bytes = b"Lax") -> None:
+        parts = [self.name(base) + b"=" + value.encode(), b"Path=/", b"HttpOnly", b"SameSite=" + sameSite]
         if maxAge is not None:
             parts.append(b"Max-Age=%d" % int(maxAge))
         if self.secure:
             parts.append(b"Secure")
         request.responseHeaders.addRawHeader(b"set-cookie", b"; ".join(parts))
 
-    def clear(self, request: Any, name: bytes) -> None:
-        self.set(request, name, "", maxAge=0)
+    def clear(self, request: Any, base: bytes) -> None:
+        self.set(request, base, "", maxAge=0)
+
+
+class LoginForms:
+    """
+    CSRF for the login form, before there is a session. The browser gets a
+    pre-login id (a random 256-bit value) in the ``LOGIN_COOKIE`` cookie
+    (``__Host-`` over https, SameSite=Strict); the form carries a token the
+    portal signs (ES256, audience ``LOGIN_FORM_AUDIENCE``, an hour) over
+    that id's SHA-256. A login is taken only with a token that the portal
+    signed for the very id the cookie holds, so a form another site posts
+    needs the victim's own cookie, which it can neither read nor (with
+    ``__Host-``) plant. The binding is checked with the portal's keys: any
+    portal process checks a form another made, and nothing is stored.
+    """
+
+    def __init__(self, keys: Any, cookies: CookiePolicy) -> None:
+        from dit4c.common.tokens import TokenVerifier
+        from dit4c.portal.keys import KeyRingKeySource
+
+        self.keys = keys
+        self.cookies = cookies
+        # Checked by the clock the keys sign with.
+        self.verifier = TokenVerifier(
+            KeyRingKeySource(keys), audience=LOGIN_FORM_AUDIENCE, issuer=keys.issuer, clock=keys.clock
+        )
+
+    @staticmethod
+    def _preLoginId(value: bytes | None) -> str | None:
+        if not value or len(value) != 43:
+            return None
+        try:
+            text = value.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+        return text if all(c.isalnum() or c in "-_" for c in text) else None
+
+    @staticmethod
+    def _bound(preLogin: str) -> str:
+        return hashlib.sha256(b"dit4c pre-login:" + preLogin.encode("ascii")).hexdigest()
+
+    def token(self, request: Any) -> str:
+        """The token for a login form in answer to ``request``, setting the pre-login cookie if it has none."""
+        preLogin = self._preLoginId(self.cookies.get(request, LOGIN_COOKIE))
+        if preLogin is None:
+            preLogin = newToken()
+        # Set again each time, so the cookie lasts as long as the newest form.
+        self.cookies.set(request, LOGIN_COOKIE, preLogin, maxAge=LOGIN_FORM_LIFETIME, sameSite=b"Strict")
+        signer = self.keys.signer()
+        return str(signer.sign({"sub": self._bound(preLogin)}, audience=LOGIN_FORM_AUDIENCE, lifetime=LOGIN_FORM_LIFETIME))
+
+    async def check(self, request: Any, token: str | None) -> bool:
+        """Whether ``token`` (the form's) was made by the portal for this browser's pre-login id."""
+        from dit4c.common.tokens import InvalidToken
+
+        preLogin = self._preLoginId(self.cookies.get(request, LOGIN_COOKIE))
+        if preLogin is None or not token:
+            return False
+        try:
+            claims = await self.verifier.verify(token)
+        except InvalidToken:
+            return False
+        return tokensEqual(str(claims.get("sub", "")), self._bound(preLogin))
+
+
+# -- requests from other sites ---------------------------------------------------------------------------
+
+#: Methods that change nothing: never refused for where they came from.
+SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})
+
+
+def origin(url: str) -> str:
+    """The origin of ``url`` as a browser writes it in ``Origin``: ``scheme://host[:port]``."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"
+    port = parts.port
+    if port is None or (scheme, port) in (("http", 80), ("https", 443)):
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{port}"
+
+
+def crossSite(request: Any, ownOrigin: str) -> str | None:
+    """
+    Why a state-changing request is refused as sent by another site, or
+    None. The browser says where a request comes from: ``Sec-Fetch-Site``
+    must be ``same-origin`` (or ``none``, the person's own doing); a
+    ``same-site`` request, from a sibling host under the same parent
+    domain, is refused like a ``cross-site`` one. A browser that sends no
+    ``Sec-Fetch-Site`` sends ``Origin`` on every POST: it must be the
+    portal's. A request with neither (not from a browser, or a very old
+    one) passes this check and meets the CSRF token alone.
+    """
+    if request.method in SAFE_METHODS:
+        return None
+    site = request.getHeader(b"sec-fetch-site")
+    if site is not None:
+        site = site.strip().lower()
+        if site in (b"same-origin", b"none"):
+            return None
+        return f"Sec-Fetch-Site: {site.decode('latin-1')[:32]}"
+    sent = request.getHeader(b"origin")
+    if sent is not None:
+        text = sent.decode("latin-1").strip().lower()
+        if text == ownOrigin:
+            return None
+        return f"Origin: {text[:200]}"
+    return None
 
 
 # -- the client's address ----------------------------------------------------------------------------

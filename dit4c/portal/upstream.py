@@ -8,8 +8,8 @@ ID token, verified with PyJWT against the issuer's JWKS:
 
 - ``GET /login/<provider>?next=/path`` makes a fresh ``state``, ``nonce`` and
   PKCE verifier, keeps them in a short-lived cookie signed by the portal
-  (HttpOnly, SameSite=Lax, Secure under https, 10 minutes) and redirects the
-  browser to the provider;
+  (HttpOnly, SameSite=Lax, Secure and named ``__Host-`` under https, 10
+  minutes) and redirects the browser to the provider;
 - ``GET /login/<provider>/callback`` checks that the answer belongs to that
   cookie (so to this browser, and to a login it started), that it is not a
   replay, exchanges the code with the verifier, verifies the ID token
@@ -1051,7 +1051,7 @@ class UpstreamLogin:
 
     def _takeFlow(self, request: IRequest, config: ProviderConfig) -> dict[str, Any]:
         """The flow this browser started (its cookie, now spent), or ``FlowExpired``."""
-        raw = request.getCookie(FLOW_COOKIE)
+        raw = self.portal.cookies.get(request, FLOW_COOKIE)
         if not raw:
             raise FlowExpired(reason="no flow cookie")
         self.portal.cookies.clear(request, FLOW_COOKIE)
@@ -1158,14 +1158,14 @@ class UpstreamLogin:
     async def _logIn(self, request: IRequest, user: Any) -> None:
         """A fresh session, exactly as the local login makes one."""
         portal = self.portal
-        old = request.getCookie(security.SESSION_COOKIE)
+        old = portal.cookies.get(request, security.SESSION_COOKIE)
         if old:
             await portal.store.deleteSession(old.decode("ascii", "replace"))
         session = await portal.store.createSession(user.id, portal.config.sessionLifetime)
         portal.cookies.set(
             request, security.SESSION_COOKIE, session.id, maxAge=portal.config.sessionLifetime
         )
-        portal.cookies.clear(request, security.LOGIN_CSRF_COOKIE)
+        portal.cookies.clear(request, security.LOGIN_COOKIE)
 
     def _redirect(self, request: IRequest, location: str) -> bytes:
         request.setHeader(b"cache-control", b"no-store")

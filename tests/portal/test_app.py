@@ -52,8 +52,14 @@ async def test_cookies_are_secure_when_the_portal_is_on_https(tmp_path: Path) ->
         try:
             browser = Browser(portal)
             response = await logIn(browser, "bob", "bobs password!")
+            assert response.code == 303
             cookies = response.headers.getRawHeaders("set-cookie")
             assert all("Secure" in c for c in cookies)
+            # Named __Host-: a browser takes them only from this host, never for a parent domain.
+            assert {c.split("=", 1)[0] for c in cookies} == {"__Host-dit4c_session", "__Host-dit4c_login"}
+            assert all("Path=/" in c and "Domain" not in c for c in cookies)
+            response, _ = await browser.get("/")
+            assert response.code == 200
         finally:
             await port.stopListening()
     finally:

@@ -995,8 +995,11 @@ async def test_the_flow_cookie_is_secure_on_https(tmp_path: Path) -> None:
         target = location(response)
         assert target.startswith("https://github.com/login/oauth/authorize?")
         assert query(target)["redirect_uri"] == "https://p.test/login/github/callback"
-        cookie = setCookie(response, FLOW)
+        # Named __Host-: no other host under the same parent domain can plant one.
+        assert setCookie(response, FLOW) is None
+        cookie = setCookie(response, "__Host-" + FLOW)
         assert cookie and "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Lax" in cookie
+        assert "Path=/" in cookie and "Domain" not in cookie
     finally:
         await store.close()
 
