@@ -952,6 +952,8 @@ class FrontProtocol(Protocol):
         self.machine: FrontConnection = None  # type: ignore[assignment]
         self.rules: IFrontRules = None  # type: ignore[assignment]
         self.upstream: UpstreamProtocol | None = None
+        #: The upstream whose transport and ours are each other's producers.
+        self._paired: UpstreamProtocol | None = None
         self._paused = 0
         self._readClosed = False
         self._writeClosed = False
@@ -1029,24 +1031,33 @@ class FrontProtocol(Protocol):
         # upstream, a slow upstream pauses reading from the client.
         self.transport.registerProducer(upstream, True)
         upstream.transport.registerProducer(self, True)
+        self._paired = upstream
         self.machine.upstreamConnected()
+
+    def _unpair(self) -> None:
+        """
+        Each transport was the other's producer: unregister them before a
+        close, or a paused producer would be resumed instead of the close.
+        """
+        paired, self._paired = self._paired, None
+        if paired is not None:
+            self.transport.unregisterProducer()
+            if paired.transport is not None:
+                paired.transport.unregisterProducer()
 
     def upstreamGone(self, upstream: UpstreamProtocol, reason: Failure | None) -> None:
         if upstream is not self.upstream:
             return
         self.upstream = None
-        if self.transport is not None:
-            self.transport.unregisterProducer()
+        self._unpair()
         self.machine.upstreamLost(reason)
 
     def holdClient(self, hold: bool) -> None:
         self._pause(_HELD, hold)
 
     def closeClient(self, abort: bool) -> None:
-        # The upstream was the transport's producer: unregister it first, or
-        # a paused producer would be resumed instead of the close.
+        self._unpair()
         transport = self.transport
-        transport.unregisterProducer()
         if abort:
             transport.abortConnection()
         else:
@@ -1059,7 +1070,7 @@ class FrontProtocol(Protocol):
         upstream, self.upstream = self.upstream, None
         if upstream is None or upstream.transport is None:
             return
-        upstream.transport.unregisterProducer()
+        self._unpair()
         if abort:
             upstream.transport.abortConnection()
         else:
