@@ -11,14 +11,11 @@ from urllib.parse import unquote, urlencode
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from dit4c.common.nextpath import MAX_NEXT, isLocalPath, safeNext
+from dit4c.testing_nextpath import browserOrigin, nextValues
 
 BASE = "https://portal.example.org/"
-
-#: Where a browser goes from ``location`` on ``base``: its own URL parser decides.
-RESOLVE = "try { return new URL(arguments[0], arguments[1]).origin } catch (e) { return 'invalid' }"
 
 #: The forms that reached another site at some time, and their relatives.
 HOSTILE = [
@@ -71,21 +68,6 @@ def test_local_paths_are_kept(value: str) -> None:
     assert safeNext(value) == value
 
 
-#: Pieces that parsers disagree on, to build values from.
-PIECES = [
-    "/", "//", "\\", "%2F", "%2f", "%5C", "%5c", "%09", "%0A", "%0d", "%00", "%7F", "%25", "%2509",
-    "%252F", "%255C", "\t", "\n", "\r", " ", "\x00", "\x7f", "\x85", "\u200b", "\u202e", "\u2028",
-    "\u3002", "\uff0f", "\uff3c", "%E3%80%82", "%EF%BC%8F", "evil.example", ".", "..", ":", "@",
-    "?", "#", "http:", "https:", "javascript:", "a", "%", "%%", "%2", "%C3%A9",
-]  # fmt: skip
-
-#: Mostly values that start as a path does, since that is what the check looks at first.
-nextValues = st.tuples(
-    st.sampled_from(["/", "/", "/", ""]),
-    st.lists(st.one_of(st.sampled_from(PIECES), st.text(max_size=3)), min_size=1, max_size=6),
-).map(lambda parts: parts[0] + "".join(parts[1]))
-
-
 def decodings(value: str) -> list[str]:
     seen = [value]
     while len(seen) < 8 and unquote(seen[-1]) != seen[-1]:
@@ -94,10 +76,10 @@ def decodings(value: str) -> list[str]:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(value=nextValues)
+@given(value=nextValues())
 def test_what_passes_stays_on_the_site_in_a_browser(value: str, browser: Any) -> None:
     result = safeNext(value)
     assert result in ("/", value)
     for form in decodings(result):
-        origin = browser.driver.execute_script(RESOLVE, form, BASE)
+        origin = browserOrigin(browser, form, BASE)
         assert origin == "https://portal.example.org", (value, form, origin)
