@@ -146,6 +146,16 @@ def attackPage(s: Sites, cookies: list[str], action: str, fields: dict[str, str]
     ).encode()
 
 
+async def postMallorysLogin(s: Sites, browser: Any, theirs: dict[str, str], planted: list[str]) -> None:
+    """The attacker's page plants ``planted`` and posts the attacker's login: refused as sent from another site."""
+    s.evil.html = attackPage(
+        s, planted, "/login",
+        {"csrf": theirs["token"], "username": "mallory", "password": PASSWORDS["mallory"], "next": "/"},
+    )  # fmt: skip
+    await browser.get(s.evilURL)
+    await browser.waitForText("#error", "sent from another site", 10)
+
+
 async def logInWithChromium(browser: Any, s: Sites, name: str) -> None:
     await browser.get(s.url + "/login")
     await browser.fill("#username", name)
@@ -180,12 +190,7 @@ async def test_a_sibling_host_cannot_log_its_visitor_in_as_the_attacker(tmp_path
                 ("__Host-dit4c_session", session.id),
             ]
         ]
-        s.evil.html = attackPage(
-            s, planted, "/login",
-            {"csrf": theirs["token"], "username": "mallory", "password": PASSWORDS["mallory"], "next": "/"},
-        )  # fmt: skip
-        await browser.get(s.evilURL)
-        await browser.waitForText("#error", "sent from another site", 10)
+        await postMallorysLogin(s, browser, theirs, planted)
 
         # What the browser holds for the portal: the parent domain's plants,
         # but no __Host- cookie of the attacker's.
@@ -228,12 +233,7 @@ async def test_over_http_the_origin_header_refuses_the_sibling(tmp_path: Path) -
     async with sites(tmp_path, scheme="http") as s, chromium() as browser:
         theirs = await mallorysLogin(s)
         planted = [f"dit4c_login={theirs['preLogin']}; domain=example.org; path=/"]
-        s.evil.html = attackPage(
-            s, planted, "/login",
-            {"csrf": theirs["token"], "username": "mallory", "password": PASSWORDS["mallory"], "next": "/"},
-        )  # fmt: skip
-        await browser.get(s.evilURL)
-        await browser.waitForText("#error", "sent from another site", 10)
+        await postMallorysLogin(s, browser, theirs, planted)
         await browser.get(s.url + "/")
         await browser.waitFor("#username", 10)
 
