@@ -448,7 +448,10 @@ class Portal:
         user = await self.store.userByName(name) if name else None
         ok = await security.verifyPassword(user.password_hash if user else None, password)
         if not ok or user is None or user.disabled:
-            self.log.info("failed login for {name} from {address}", name=name, address=address)
+            # Only a name that exists is logged: a password typed into the name field is not.
+            self.log.info(
+                "failed login for {name} from {address}", name=user.name if user else "(no such user)", address=address
+            )
             return self.loginForm(request, "Wrong user name or password.", 401, name)
         await self.throttle.succeeded(name, address)
         # A fresh session at every login: a session id planted before login

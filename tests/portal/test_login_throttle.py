@@ -229,3 +229,26 @@ def test_ipv6_clients_are_throttled_by_their_64() -> None:
     assert a == b != c
     _, name = LoginThrottle.keys("my password by mistake", "192.0.2.1")
     assert name is not None and "password" not in name
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_password_typed_as_the_name_is_not_logged(portalWith: Any) -> None:
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    portal = await portalWith()
+    logged: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        logged.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        for _ in range(4):
+            await attempt(portal, "Tr0ub4dor&3 secret", "x")
+        assert (await attempt(portal, "alice", "wrong")).code == 401
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert not [line for line in logged if "tr0ub4dor" in line.lower()]
+    assert [line for line in logged if "failed login for alice from 127.0.0.1" in line]
+    # Counted all the same, under its hash (names are compared in lower case).
+    assert await portal.store.loginFailures(portal.throttle.keys("tr0ub4dor&3 secret", "127.0.0.1")[1]) is not None
