@@ -203,3 +203,70 @@ async def test_a_kept_alive_connection_is_closed_when_idle(tmp_path: Path) -> No
         assert status(answer) == 200 and answer.count(b"HTTP/1.1") == 1
     finally:
         await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_secrets_in_targets_never_reach_the_log(tmp_path: Path) -> None:
+    """
+    A share link followed the way a browser follows it (sent to log in,
+    back to the link, redeemed), and an upstream login's callback: every
+    request is in the access log, and no token, code or state is.
+    """
+    import treq
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    messages: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        messages.append(formatEvent(event))
+
+    observer: Any = observe
+    service, portal, port = await startPortal(tmp_path)
+    globalLogPublisher.addObserver(observer)
+    try:
+        store = portal.store
+        await store.createUser("bob", password_hash=await security.hashPassword("bobs password!"))
+        alice = await store.userByName("alice")
+        image = await store.createImage("Notebook", "notebook:1", port=8888)
+        scheduler, _ = await registerScheduler(store, "cluster")
+        instance = await store.createInstance(alice.id, image.id, scheduler_id=scheduler.id)
+        owner = Browser(portal)
+        await logIn(owner)
+        _, home = await owner.get("/")
+        _, page = await owner.post(f"/instances/{instance.id}/link", {"csrf": csrfOf(home)})
+        match = re.search(r"/share/([A-Za-z0-9_-]{16,})", page)
+        assert match, page
+        token = match.group(1)
+
+        bob = Browser(portal)
+        response, _ = await bob.get(f"/share/{token}")
+        assert response.code == 303
+        [location] = response.headers.getRawHeaders("location")
+        assert token in location  # to the login page, and back to the link after it
+        _, form = await bob.get(location)
+        response = await treq.post(
+            portal.testURL + "/login",
+            data={"csrf": csrfOf(form), "username": "bob", "password": "bobs password!", "next": f"/share/{token}"},
+            headers={**bob._headers(), "Referer": portal.testURL + location},  # type: ignore[arg-type]
+            allow_redirects=False,
+        )
+        bob._keep(response)
+        assert response.headers.getRawHeaders("location") == [f"/share/{token}"]
+        response, _ = await bob.get(f"/share/{token}")
+        assert response.code == 303
+        assert [i.id for i in await store.listInstancesSharedWith((await store.userByName("bob")).id)] == [instance.id]
+
+        code, state = "c0de-" + token[:10], "st4te-" + token[:10]
+        response = await treq.get(f"{portal.testURL}/login/github/callback?code={code}&state={state}")
+        await response.content()
+        await deferLater(0.1)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+        await service.stopService()
+    access = [m for m in messages if '"GET /' in m or '"POST /' in m]
+    assert sum('"GET /share/[redacted] HTTP/1.1" 303' in m for m in access) == 2
+    assert any('"GET /login?next=[redacted] HTTP/1.1" 200' in m for m in access)
+    assert any('"POST /login HTTP/1.1" 303' in m and "/login?next=[redacted]" in m for m in access)
+    assert any("/login/github/callback?code=[redacted]&state=[redacted]" in m for m in access)
+    for secret in (token, code, state):
+        assert not [m for m in messages if secret in m]
