@@ -61,7 +61,6 @@ from dit4c.common.httpfront import (
     Upgraded,
     errorPage,
     feedParser,
-    hostName,
 )
 
 __all__ = [
@@ -257,8 +256,9 @@ class FrontChannel(HTTPChannel):
     def _headComplete(self) -> None:
         """
         The head's last line came: apply the rules httptools' callbacks
-        cannot (a ``Host`` header, the route's body limit) and start the
-        body's deadline, before twisted.web reads a byte of the body.
+        cannot (those every front shares, and the route's body limit) and
+        start the body's deadline, before twisted.web reads a byte of the
+        body.
         """
         reader, parser = self._head, self._parser
         self._head = self._parser = None
@@ -266,11 +266,9 @@ class FrontChannel(HTTPChannel):
         if not reader.complete:
             raise HeadError(400, "Bad Request", "Malformed request: the head ended early.")
         head = reader.head
-        hostName(head.hostHeader)
-        method = parser.get_method()
-        if method == b"CONNECT":
-            raise HeadError(405, "Method Not Allowed", "CONNECT is not supported.")
-        limit = self.site.bodyLimit(method, head.target)
+        # The rules every front shares: a Host, no CONNECT, no body on an upgrade.
+        head.complete(parser)
+        limit = self.site.bodyLimit(head.method, head.target)
         lengths = head.values(b"content-length")
         length = int(lengths[0]) if lengths else 0
         if limit is not None and length > limit:

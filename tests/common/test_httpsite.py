@@ -259,12 +259,13 @@ def test_bodies_are_never_spooled_to_a_file(monkeypatch: pytest.MonkeyPatch) -> 
         (b"GET /\x01 HTTP/1.1\r\n" + HOST + b"\r\n", 400),
         (b"GET / HTTP/1.1\r\n" + HOST + b"X : b\r\n\r\n", 400),
         (b"CONNECT example.org:443 HTTP/1.1\r\n" + HOST + b"\r\n", 405),
+        (b"GET / HTTP/1.1\r\n" + HOST + b"Upgrade: websocket\r\nConnection: Upgrade\r\nContent-Length: 5\r\n\r\n", 400),
         (b"GET / HTTP/1.1\r\n" + HOST + b"".join(b"X-%d: a\r\n" % i for i in range(100)) + b"\r\n", 431),
         (b"GET / HTTP/1.1\r\n" + HOST + b"X-Big: " + b"a" * (64 * 1024) + b"\r\n\r\n", 431),
         (b"GET /" + b"a" * (70 * 1024), 431),
     ],
     ids=["obs-fold", "two-hosts", "no-host", "no-host-1.0", "host-not-ascii", "bare-lf", "two-lengths",
-         "length-and-chunked", "chunked-not-last", "control-in-target", "space-before-colon", "connect",
+         "length-and-chunked", "chunked-not-last", "control-in-target", "space-before-colon", "connect", "upgrade-with-body",
          "too-many-headers", "header-too-large", "line-too-long"],
 )  # fmt: skip
 def test_malformed_heads_are_refused(head: bytes, expected: int) -> None:
