@@ -45,6 +45,8 @@ class RunningPortal:
     database: Path
     #: A personal API token of alice's.
     token: str
+    #: The port schedulers may dial besides the web port (``--channel``).
+    channelPort: int
 
     @property
     def url(self) -> str:
@@ -74,10 +76,11 @@ async def startPortal(processes: Any, tmp_path: Path) -> RunningPortal:
     spool.mkdir()
     data = tmp_path / "portal"
     proc: Process = processes(
-        "dit4c-portal", "--listen", LOCAL, "--data-dir", str(data), "--public-url", "http://portal.localhost",
-        name="portal", env={"TMPDIR": str(spool)},
+        "dit4c-portal", "--listen", LOCAL, "--channel", LOCAL, "--data-dir", str(data),
+        "--public-url", "http://portal.localhost", name="portal", env={"TMPDIR": str(spool)},
     )  # fmt: skip
     await proc.waitForLog(r"portal listening on IPv4Address", 30)
+    await proc.waitForLog(r"scheduler channel listening on IPv4Address", 30)
     database = data / "portal.db"
     store = await openStore(f"sqlite:///{database}", reactor)
     try:
@@ -85,17 +88,18 @@ async def startPortal(processes: Any, tmp_path: Path) -> RunningPortal:
         _, token = await store.createApiToken(alice.id, "tests")
     finally:
         await store.close()
-    return RunningPortal(proc, proc.port("portal"), spool, database, token)
+    return RunningPortal(proc, proc.port("portal"), spool, database, token, proc.port("scheduler channel"))
 
 
-async def startRouting(processes: Any, signing: Any) -> int:
-    """``twistd dit4c-routing``: its public HTTP port."""
+async def startRouting(processes: Any, signing: Any) -> Process:
+    """``twistd dit4c-routing``, once its tunnel port and public HTTP port are bound."""
     proc: Process = processes(
         "dit4c-routing", "--tunnel", LOCAL, "--http", LOCAL,
         "--jwks-file", str(signing.jwksPath), "--domain", "localhost", name="routing",
     )  # fmt: skip
+    await proc.waitForLog(r"tunnel listening on IPv4Address", 30)
     await proc.waitForLog(r"public http listening on IPv4Address", 30)
-    return proc.port("public http")
+    return proc
 
 
 async def startAuthHelper(tmp_path: Path, portal: str, started: list[Process]) -> int:
@@ -281,6 +285,13 @@ def drip(
             s.close()
 
 
-def slowHead(host: bytes = b"localhost") -> bytes:
+def slowHead(host: bytes = b"localhost", path: bytes = b"/") -> bytes:
     """A request head that never ends (an endless header line), to send one byte at a time."""
-    return b"GET / HTTP/1.1\r\nHost: " + host + b"\r\nX-Slow: " + b"a" * 4096
+    return b"GET " + path + b" HTTP/1.1\r\nHost: " + host + b"\r\nX-Slow: " + b"a" * 4096
+
+
+def slowTunnelHello() -> bytes:
+    """A tunnel's preface and the start of a ``HELLO`` frame that never ends (docs/protocols.md 1.2)."""
+    from dit4c.tunnel.frames import PREFACE, encodeHeader
+
+    return PREFACE + encodeHeader(0, 0, 4096) + b'{"version": 1, "token": "' + b"a" * 4000

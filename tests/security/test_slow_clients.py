@@ -1,10 +1,11 @@
 """
-Slow clients at every public HTTP port, each server a real process: a
-connection that sends its request head one byte every half second (so that
-no idle timeout ever fires) is cut within 30 s by the portal, the routing
-server's public HTTP, the auth helper and the image server; 300 of them at
-once do not keep the portal from answering someone else; and a body sent as
-slowly is cut too. 30 s is the bound the fronts promise (docs/security.md);
+Slow clients at every public port, each server a real process: a
+connection that sends its request head (or the tunnel's hello) one byte
+every half second, so that no idle timeout ever fires, is cut within 30 s
+by the portal (its web port and its scheduler channel port), the routing
+server (its public HTTP and its tunnel port), the auth helper and the image
+server; 300 of them at once do not keep the portal from answering someone
+else; and a body sent as slowly is cut too. 30 s is the bound the fronts promise (docs/security.md);
 the servers' own deadlines are shorter.
 """
 
@@ -20,6 +21,7 @@ from security_world import (
     drip,
     exchange,
     slowHead,
+    slowTunnelHello,
     startAuthHelper,
     startImageServer,
     startPortal,
@@ -46,22 +48,32 @@ async def helpers() -> Any:
         proc.stop()
 
 
-@pytest.mark.parametrize("server", ["portal", "routing", "auth helper", "image server"])
+@pytest.mark.parametrize(
+    "server",
+    ["portal", "portal scheduler channel", "routing public http", "routing tunnel", "auth helper", "image server"],
+)
 @pytest_twisted.ensureDeferred
 async def test_a_head_sent_a_byte_at_a_time_is_cut(
     server: str, portal: RunningPortal, processes: Any, signing: Any, tmp_path: Path, helpers: list[Process]
 ) -> None:
+    slow = slowHead()
     if server == "portal":
         port = portal.port
-    elif server == "routing":
-        port = await startRouting(processes, signing)
+    elif server == "portal scheduler channel":
+        port, slow = portal.channelPort, slowHead(path=b"/.dit4c/channel")
+    elif server.startswith("routing"):
+        routing = await startRouting(processes, signing)
+        if server == "routing tunnel":
+            port, slow = routing.port("tunnel"), slowTunnelHello()
+        else:
+            port = routing.port("public http")
     elif server == "auth helper":
         port = await startAuthHelper(tmp_path, portal.url, helpers)
     else:
         port = await startImageServer(processes, tmp_path, portal.url)
     from twisted.internet import threads
 
-    cut = await threads.deferToThread(drip, port, slowHead(), 3, 0.5, BOUND + 5)
+    cut = await threads.deferToThread(drip, port, slow, 3, 0.5, BOUND + 5)
     assert max(cut) < BOUND, cut
 
 
