@@ -50,7 +50,14 @@ from dit4c.auth.session import (
     setCookie,
     stripCookies,
 )
-from dit4c.common.frontconn import Answer, Forward, FrontMetrics, FrontProtocol, IFrontRules, UpstreamProtocol
+from dit4c.common.frontconn import (
+    Answer,
+    Forward,
+    FrontMetrics,
+    FrontProtocol,
+    IFrontRules,
+    UpstreamProtocol,
+)
 from dit4c.common.httpfront import FrontLimits, HeadError, RequestHead
 from dit4c.common.tokens import InvalidToken, TokenVerifier
 

@@ -23,7 +23,13 @@ from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from dit4c.common.frontconn import Forward, FrontMetrics, FrontProtocol, IFrontRules, UpstreamProtocol
+from dit4c.common.frontconn import (
+    Forward,
+    FrontMetrics,
+    FrontProtocol,
+    IFrontRules,
+    UpstreamProtocol,
+)
 from dit4c.common.httpfront import FrontLimits, HeadError, RequestHead, errorPage
 from dit4c.tunnel.errors import ErrorCode, StreamReset, TunnelError
 
