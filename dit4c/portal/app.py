@@ -630,7 +630,9 @@ class Portal:
             code = failure.value.code
             title = failure.value.name
             return self.render(request, "error.html", code, title=title, message=failure.value.description)
-        self.log.failure("portal request failed: {uri}", failure, uri=request.uri)
+        from dit4c.portal.http import loggableTarget
+
+        self.log.failure("portal request failed: {uri}", failure, uri=loggableTarget(request.uri))
         return self.render(
             request, "error.html", 500, title="Something went wrong", message="The portal failed; try again."
         )

@@ -30,10 +30,10 @@ import re
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-from dit4c.common.httpsite import SECRET_PARAMETERS, FrontSite, SiteLimits
+from dit4c.common.httpsite import SECRET_PARAMETERS, FrontSite, SiteLimits, redactTarget
 from dit4c.portal import api, oauth, reports
 
-__all__ = ["BODY_LIMITS", "FORM_BODY", "SECRET_PATHS", "bodyLimit", "portalSite"]
+__all__ = ["BODY_LIMITS", "FORM_BODY", "SECRET_PATHS", "bodyLimit", "loggableTarget", "portalSite"]
 
 #: A page's form: log in, start an instance, share it ... (a few hundred bytes each).
 FORM_BODY = 16 * 1024
@@ -61,6 +61,11 @@ def bodyLimit(method: bytes, target: bytes) -> int:
         if path == base or path.startswith(base + b"/"):
             return limit
     return FORM_BODY
+
+
+def loggableTarget(target: bytes) -> str:
+    """A request target as the portal may log it: its secrets redacted, as in the access log."""
+    return redactTarget(target, SECRET_PATHS).decode("latin-1")
 
 
 def portalSite(resource: Any, reactor: Any, limits: SiteLimits | None = None) -> FrontSite:

@@ -551,7 +551,9 @@ class OAuthServer:
             if error.code == 405:
                 description = f"{request.method.decode('ascii', 'replace')} is not allowed here."
             return self._json(request, {"error": "invalid_request", "error_description": description}, error.code)
-        self.log.failure("OAuth request failed: {uri}", failure, uri=request.uri)
+        from dit4c.portal.http import loggableTarget
+
+        self.log.failure("OAuth request failed: {uri}", failure, uri=loggableTarget(request.uri))
         return self._json(
             request, {"error": "server_error", "error_description": "The portal failed; try again."}, 500
         )

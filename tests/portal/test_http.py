@@ -270,3 +270,36 @@ async def test_secrets_in_targets_never_reach_the_log(tmp_path: Path) -> None:
     assert any("/login/github/callback?code=[redacted]&state=[redacted]" in m for m in access)
     for secret in (token, code, state):
         assert not [m for m in messages if secret in m]
+
+
+@pytest.mark.allow_logged_errors
+@pytest_twisted.ensureDeferred
+async def test_a_failing_route_logs_its_target_without_secrets(portal: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug while following a share link, or in the OAuth server, is logged with the target, redacted."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    async def broken(*args: Any) -> Any:
+        raise RuntimeError("the store broke")
+
+    messages: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        messages.append(formatEvent(event))
+
+    observer: Any = observe
+    alice = Browser(portal)
+    await logIn(alice)
+    monkeypatch.setattr(portal.store, "redeemShareLink", broken)
+    monkeypatch.setattr(portal.oauth, "_checkClient", broken)
+    globalLogPublisher.addObserver(observer)
+    try:
+        response, _ = await alice.get("/share/s3cr3t-t0ken")
+        assert response.code == 500
+        response, _ = await alice.get("/oauth/authorize?client_id=x&state=s3cr3t-st4te&code_challenge=c")
+        assert response.code == 500
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    failures = [m for m in messages if "request failed" in m]
+    assert any("portal request failed: /share/[redacted]" in m for m in failures), failures
+    assert any("OAuth request failed: /oauth/authorize?client_id=x&state=[redacted]" in m for m in failures), failures
+    assert not [m for m in messages if "s3cr3t" in m]

@@ -16,7 +16,17 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from security_world import GiB, MiB, RunningPortal, chunkedBody, exchange, lengthBody, push, startPortal, status
+from security_world import (
+    GiB,
+    MiB,
+    RunningPortal,
+    chunkedBody,
+    exchange,
+    lengthBody,
+    push,
+    startPortal,
+    status,
+)
 
 from dit4c.portal.http import bodyLimit
 
