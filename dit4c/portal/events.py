@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from inspect import isawaitable
 from typing import Any, Generic, TypeVar, cast
 
 from twisted.internet.defer import Deferred, succeed
@@ -203,9 +204,22 @@ class _Held(Generic[T]):
 
 class _Stream:
     """
-    One page's ``GET /events``: what it may show is looked up again for
-    every event, in order (a chain of checks, at most
-    ``STREAM_MAX_PENDING`` waiting).
+    One page's ``GET /events``, and what it may show now:
+
+    - an instance shared with the person: looked up in the store for every
+      event, when it is sent (an unshare made through another portal
+      process holds from its next event);
+    - the person's own instance: sent at once, as long as their portal
+      session is known to live: checked in the store when the stream opens,
+      at every keepalive (15 s), and at once on every access change of
+      theirs; an event that comes while a check is under way waits for it.
+      (A store question per event would hold the page's own action back:
+      the event that shows a started instance would reach the page after
+      the request that started it, and the page, reloading on an instance
+      it does not show, would abort that request.)
+
+    Checks and the events behind them run in order, at most
+    ``STREAM_MAX_PENDING`` waiting.
     """
 
     log = Logger()
@@ -226,9 +240,21 @@ class _Stream:
     # -- what arrives ----------------------------------------------------------------------------
 
     def instanceChanged(self, instance: Instance) -> None:
-        if self.closed or (instance.owner_id != self.user and instance.id not in self.visible):
+        if self.closed:
             return
-        self._then(lambda: self._send(instance))
+        if instance.owner_id == self.user:
+            if self._pending:
+                self._then(lambda: self._write(instance))
+            else:
+                self._write(instance)
+        elif instance.id in self.visible:
+            self._then(lambda: self._sendShared(instance))
+
+    def keepalive(self) -> None:
+        """A comment line (proxies close quiet streams), and the session looked up again."""
+        if not self.closed:
+            self.request.write(b": keepalive\n\n")
+            self._then(self._checkSession)
 
     def accessChanged(self, change: AccessChange) -> None:
         if self.closed or change.user not in (None, self.user):
@@ -252,9 +278,13 @@ class _Stream:
         self._pending += 1
 
         async def step(_: object) -> None:
-            self._pending -= 1
-            if not self.closed:
-                await work()
+            try:
+                if not self.closed:
+                    done = work()
+                    if isawaitable(done):
+                        await done
+            finally:
+                self._pending -= 1
 
         def failed(failure: Any) -> None:
             self.log.failure("event stream check failed", failure)
@@ -274,13 +304,15 @@ class _Stream:
         else:
             self.visible.discard(instanceId)
 
-    async def _send(self, instance: Instance) -> None:
+    async def _sendShared(self, instance: Instance) -> None:
         if not await self._checkSession():
             return
-        if instance.owner_id != self.user:
-            if not await self.hub.store.mayUseInstance(self.user, instance.id):
-                self.visible.discard(instance.id)
-                return
+        if not await self.hub.store.mayUseInstance(self.user, instance.id):
+            self.visible.discard(instance.id)
+            return
+        self._write(instance)
+
+    def _write(self, instance: Instance) -> None:
         if self.closed:
             return
         body = {"id": instance.id, "state": instance.state, "reason": instance.reason, "url": instance.url}
@@ -342,8 +374,7 @@ class EventStreams:
         stream.visible = {i.id for i in await self.store.listInstancesSharedWith(stream.user)}
         for old in self._byPerson.add(stream.user, stream):
             old.close(f"more than {self.perPerson} streams open", retry=STREAM_RETRY_REPLACED)
-        # A comment line now and then keeps proxies from closing a quiet stream.
-        keepalive = LoopingCall(request.write, b": keepalive\n\n")
+        keepalive = LoopingCall(stream.keepalive)
         keepalive.clock = self.clock
         keepalive.start(self.keepalive, now=False)
         expiry: IDelayedCall = self.clock.callLater(

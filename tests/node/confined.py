@@ -14,11 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet import reactor
-from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 
 from dit4c.node.process import Tool
-from dit4c.testing import RawClient
 
 ROOT = Path(__file__).resolve().parents[2]
 NOBODY = 65534
@@ -54,14 +51,6 @@ Server(os.environ["SOCKET"], http.server.SimpleHTTPRequestHandler).serve_forever
 
 def snoopTool(key: Path, outside: Path, python: str = "{python}") -> Tool:
     return Tool("snoop", (python, "-c", SNOOP, str(key), str(outside)), {"SOCKET": "{socket}"})
-
-
-async def unixRequest(path: Path | str, data: bytes = b"GET / HTTP/1.0\r\nHost: tool\r\n\r\n") -> bytes:
-    """Send ``data`` to the Unix socket at ``path``; all that comes back until close."""
-    client = RawClient()
-    await connectProtocol(UNIXClientEndpoint(reactor, str(path), timeout=5), client)
-    client.transport.write(data)
-    return await client.done
 
 
 def systemPython() -> str:

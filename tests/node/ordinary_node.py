@@ -16,13 +16,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from confined import listeningInodes, snoopTool, socketInodes, toolPid, treeOf, unixRequest
+from confined import listeningInodes, snoopTool, socketInodes, toolPid, treeOf
 from standins import POD_HELPER
 from twisted.internet import task
 
 from dit4c.node.interfaces import PodSpec
 from dit4c.node.process import ProcessRuntime, builtinTools
-from dit4c.testing import deferLater
+from dit4c.testing import deferLater, rawRequest
 
 
 async def main(reactor: Any, base: str) -> None:
@@ -50,7 +50,7 @@ async def main(reactor: Any, base: str) -> None:
                 "tcp": len(socketInodes(treeOf(toolPid(pod))) & listeningInodes()),
                 "log": (pod / "tool.log").read_text()[-1000:],
             }
-        page = await unixRequest(directory / "nts1" / "sock" / "tool.sock", b"GET / HTTP/1.0\r\nX-DIT4C-User: alice\r\n\r\n")
+        page = await rawRequest(directory / "nts1" / "sock" / "tool.sock", b"GET / HTTP/1.0\r\nX-DIT4C-User: alice\r\n\r\n")
         found["nts1"]["greets"] = b"Hello, alice." in page
         found["snp1"]["seen"] = json.loads((directory / "snp1" / "work" / "snoop.json").read_text())
         found["snp1"]["planted"] = (outside / "planted").exists()

@@ -30,7 +30,6 @@ from confined import (
     systemPython,
     toolPid,
     treeOf,
-    unixRequest,
 )
 from standins import HELPERS, POD_HELPER, RECORD_ENV, TOOLS, Watcher
 from twisted.internet import reactor
@@ -40,7 +39,7 @@ from dit4c.common.keys import load_private_key, public_jwk
 from dit4c.node.node import Node
 from dit4c.node.process import ProcessRuntime, Tool
 from dit4c.node.processes import startTime
-from dit4c.testing import deferLater
+from dit4c.testing import deferLater, rawRequest
 
 
 def makeNode(directory: Path, **options: Any) -> tuple[Node, ProcessRuntime, Watcher]:
@@ -384,7 +383,7 @@ async def test_only_the_auth_helper_reaches_the_tool(tmp_path: Path) -> None:
         assert stat.S_IMODE((pod / "sock").stat().st_mode) == 0o700
         assert stat.S_IMODE(pod.stat().st_mode) == 0o700
         # The node's user (the auth helper's) reaches it ...
-        page = await unixRequest(socketPath, b"GET / HTTP/1.0\r\nHost: tool\r\nX-DIT4C-User: alice\r\n\r\n")
+        page = await rawRequest(socketPath, b"GET / HTTP/1.0\r\nHost: tool\r\nX-DIT4C-User: alice\r\n\r\n")
         assert b"200 OK" in page.split(b"\r\n")[0] and b"Hello, alice." in page
         # ... another local user does not, even knowing the path.
         tried = asUser(
@@ -453,7 +452,7 @@ async def test_a_restored_archive_is_handed_to_the_tool(tmp_path: Path) -> None:
         for instance, uid in zip(("rst1", "rst2"), uids, strict=True):
             work = tmp_path / "node" / instance / "work"
             assert {p.stat().st_uid for p in [work, *work.rglob("*")]} == {uid}
-            page = await unixRequest(tmp_path / "node" / instance / "sock" / "tool.sock", b"GET /results/run1.csv HTTP/1.0\r\n\r\n")
+            page = await rawRequest(tmp_path / "node" / instance / "sock" / "tool.sock", b"GET /results/run1.csv HTTP/1.0\r\n\r\n")
             assert page.endswith(b"\r\n\r\na,b\n1,2\n")
     finally:
         await discardAll(runtime)
@@ -547,7 +546,6 @@ async def test_no_helper_of_a_pod_listens_on_tcp(tmp_path: Path) -> None:
     from dit4c.common.tokens import StaticKeySource, TokenVerifier
     from dit4c.node.interfaces import PodSpec
     from dit4c.routing.server import RoutingServer
-    from dit4c.testing import rawRequest
 
     instance = "tcp0"
     pod = tmp_path / "node" / instance
@@ -582,7 +580,7 @@ async def test_no_helper_of_a_pod_listens_on_tcp(tmp_path: Path) -> None:
         assert stat.S_ISSOCK(socket.stat().st_mode) and stat.S_IMODE(socket.stat().st_mode) == 0o600
         # The auth helper answers on its socket (a stranger without a session is refused) ...
         request = f"GET / HTTP/1.0\r\nHost: {instance}.localhost\r\n\r\n".encode()
-        answer = await unixRequest(socket, request)
+        answer = await rawRequest(socket, request)
         assert answer.startswith(b"HTTP/1.1 401 ") and b'WWW-Authenticate: DIT4C realm="dit4c"' in answer, answer[:300]
         # ... and through the tunnel, the same way.
         answer = await rawRequest(public.port.getHost().port, request)  # type: ignore[union-attr]

@@ -1,13 +1,14 @@
 """
 Clients for the portal's tests: one that keeps cookies as a browser does
 (with helpers to log in and read CSRF tokens), and one that carries a
-personal API token.
+personal API token; and the portal served on a loopback port.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import treq
@@ -88,6 +89,32 @@ def serve(portal: Portal) -> Any:
     port = reactor.listenTCP(0, portalSite(portal.app.resource(), reactor), interface="127.0.0.1")
     portal.testURL = f"http://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]
     return port
+
+
+async def startService(tmp_path: Path, publicURL: str, **options: Any) -> Any:
+    """
+    ``PortalService`` as ``twistd dit4c-portal`` builds it (``options``: its
+    keyword arguments), with an SQLite store in ``tmp_path`` and its web port
+    on loopback port 0; fires with the service once it serves, its portal's
+    ``testURL`` set. Stop it with ``stopService()``.
+    """
+    from twisted.internet.endpoints import serverFromString
+
+    from dit4c.portal.app import PortalConfig
+    from dit4c.portal.service import PortalService
+
+    service = PortalService(
+        reactor,
+        database=f"sqlite:///{tmp_path / 'portal.db'}",
+        dataDir=tmp_path / "data",
+        config=PortalConfig(publicURL=publicURL),
+        endpoints=[serverFromString(reactor, "tcp:0:interface=127.0.0.1")],
+        **options,
+    )
+    service.startService()
+    portal = await service.ready
+    portal.testURL = f"http://127.0.0.1:{service.ports[0].port.getHost().port}"  # type: ignore[union-attr,attr-defined]
+    return service
 
 
 class Client:

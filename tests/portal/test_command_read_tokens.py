@@ -20,11 +20,10 @@ from typing import Any
 import jwt
 import pytest_twisted
 import treq
+from portal_client import startService
 from twisted.internet import reactor
-from twisted.internet.endpoints import serverFromString
 from twisted.web.http_headers import Headers
 
-from dit4c.portal.app import PortalConfig
 from dit4c.portal.service import PortalService
 from dit4c.testing import deferLater
 from dit4c.testing_scheduler import TestingScheduler, registerScheduler
@@ -72,25 +71,15 @@ class World:
 
 @pytest_twisted.async_yield_fixture
 async def world(tmp_path: Path) -> AsyncIterator[World]:
-    database = tmp_path / "portal.db"
-    service = PortalService(
-        reactor,
-        database=f"sqlite:///{database}",
-        dataDir=tmp_path / "data",
-        config=PortalConfig(publicURL=ISSUER),
-        endpoints=[serverFromString(reactor, "tcp:0:interface=127.0.0.1")],
-        imageServerSecret=SECRET,
-    )
-    service.startService()
+    service = await startService(tmp_path, ISSUER, imageServerSecret=SECRET)
     w: World | None = None
     try:
-        portal = await service.ready
+        portal = service.portal
         store = portal.store
         alice = await store.createUser("alice")
         saved = await store.createImage("Saved", f"http://images.test/images/{DIGEST}", owner_id=alice.id, digest=DIGEST)
         scheduler, key = await registerScheduler(store, "cluster")
-        port = service.ports[0].port.getHost().port  # type: ignore[union-attr]
-        w = World(service, database, f"http://127.0.0.1:{port}", alice, saved, scheduler, key, [])
+        w = World(service, tmp_path / "portal.db", portal.testURL, alice, saved, scheduler, key, [])
         yield w
     finally:
         for sim in w.sims if w else []:

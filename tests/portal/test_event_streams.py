@@ -21,8 +21,9 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 from dit4c.common.life import State
+from dit4c.portal import security
 from dit4c.portal.app import Portal
-from dit4c.portal.events import STREAM_RETRY_REPLACED, STREAMS_PER_PERSON
+from dit4c.portal.events import STREAM_KEEPALIVE, STREAM_RETRY_REPLACED, STREAMS_PER_PERSON
 from dit4c.testing import RawClient, deferLater
 
 END = b"\r\n0\r\n\r\n"
@@ -149,6 +150,20 @@ async def test_a_logout_ends_that_sessions_streams_only(api: Portal) -> None:
     response, _ = await bob.get("/events")
     assert response.code == 401
     there.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_session_ended_where_this_process_did_not_hear_ends_the_stream_at_the_next_keepalive(api: Portal) -> None:
+    """A logout through another portal process: this one finds out at the stream's next keepalive (15 s)."""
+    _, bob, _, bobUser = await people(api)
+    bobs = await api.store.createInstance(bobUser.id, api.image.id)  # type: ignore[attr-defined]
+    stream = await openStream(api, bob)
+    await api.store.deleteSession(bob.cookies[security.SESSION_COOKIE.decode()])
+    api.clock.advance(STREAM_KEEPALIVE)
+    await until(lambda: ended(stream), stream)
+    await changed(api, bobs, State.RUNNING)
+    await deferLater(0.05)
+    assert received(stream) == []
 
 
 @pytest_twisted.ensureDeferred

@@ -18,15 +18,14 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from portal_client import Browser, csrfOf, logIn
+from portal_client import Browser, csrfOf, logIn, startService
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 from dit4c.common.httpfront import FrontLimits
 from dit4c.common.httpsite import SiteLimits
 from dit4c.portal import api, oauth, reports, security
-from dit4c.portal.app import PortalConfig
 from dit4c.portal.http import BODY_LIMITS, FORM_BODY, bodyLimit
 from dit4c.portal.service import PortalService
 from dit4c.testing import RawClient, deferLater, rawRequest
@@ -39,20 +38,10 @@ SHORT = SiteLimits(front=FrontLimits(headTimeout=0.3, idleTimeout=0.3), bodyTime
 
 
 async def startPortal(tmp_path: Path, limits: SiteLimits | None = None) -> tuple[PortalService, Any, int]:
-    service = PortalService(
-        reactor,
-        database=f"sqlite:///{tmp_path / 'portal.db'}",
-        dataDir=tmp_path / "data",
-        config=PortalConfig(publicURL=ISSUER),
-        endpoints=[serverFromString(reactor, "tcp:0:interface=127.0.0.1")],
-        limits=limits,
-    )
-    service.startService()
-    portal = await service.ready
+    service = await startService(tmp_path, ISSUER, limits=limits)
+    portal = service.portal
     await portal.store.createUser("alice", password_hash=await security.hashPassword("correct horse battery"))
-    port = service.ports[0].port.getHost().port  # type: ignore[union-attr]
-    portal.testURL = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
-    return service, portal, port
+    return service, portal, service.ports[0].port.getHost().port
 
 
 @pytest_twisted.async_yield_fixture
