@@ -112,7 +112,11 @@ class AuthRules:
         token = self._sessionCookie(head)
         if token is None:
             return self._unauthenticated(head, hadCookie=False)
-        return self.config.sessions.check(token).addCallback(self._checked, head, token)
+        sessions = self.config.sessions
+        verdict = sessions.known(token)
+        if verdict is not None:
+            return self._checked(verdict, head, token)
+        return sessions.check(token).addCallback(self._checked, head, token)
 
     @staticmethod
     def _sessionCookie(head: RequestHead) -> str | None:

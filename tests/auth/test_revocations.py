@@ -211,3 +211,23 @@ def test_answers_stand_for_less_while_the_portal_is_not_watched() -> None:
     w.sessions.recheck = 2
     w.sessions.watched = False
     assert w.sessions.interval == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_verdict_is_known_without_asking_only_while_it_is_fresh() -> None:
+    """What every request of a live session takes: the answer in memory, while it stands, and never after a change."""
+    w, (bob, carol) = await connected("bob", "carol")
+    stranger = w.token("dave")
+    assert w.sessions.known(bob) is not None and w.sessions.known(bob).kind == ALLOWED  # type: ignore[union-attr]
+    assert w.sessions.known(stranger) is None  # never asked about
+    w.sessions.changed("bob")
+    assert w.sessions.known(bob) is None and w.sessions.known(carol) is not None
+    w.clock.advance(30)  # the recheck interval (watched)
+    assert w.sessions.known(carol) is None
+    w.sessions.watched = False
+    check = w.sessions.check(carol)
+    w.portal.answer("carol", "allowed")
+    await check
+    w.clock.advance(5)  # unwatched, an answer stands 5 s
+    assert w.sessions.known(carol) is None
+    assert w.portal.waiting("bob") == 0  # knowing asks nothing
