@@ -8,6 +8,14 @@ Paths (client -> ... -> backend, everything on 127.0.0.1):
   chp        client -> configurable-http-proxy (node) -> backend
   dit4c-tcp  client -> dit4c routing server -> tunnel over TCP -> listener -> backend
   dit4c-tls  the same with the tunnel over TLS
+  dit4c-full the path people use: client -> routing server -> tunnel over TCP ->
+             the pod's helper process (twistd dit4c-helper-pod, as a node runs
+             it: the listener hands each stream to the auth helper in the same
+             process) -> backend, with a session of a real portal's (every
+             request carries its cookie, and is checked)
+
+With --before REV, every dit4c path also runs from a git worktree of REV (as
+dit4c-tcp-before, dit4c-full-before...), in the same run, to compare.
 
 Measurements (see bench/README.md for what each figure means):
 
@@ -22,6 +30,7 @@ skipped with the reason.
 
     python bench/tunnel.py --quick
     python bench/tunnel.py --paths direct,ssh --only bulk,rps --json out.json
+    python bench/tunnel.py --paths ssh,chp,dit4c-tcp,dit4c-full --only bulk,rps --before HEAD~5
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from urllib.parse import urlencode
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +63,7 @@ import psutil
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 HOST = "bench1.localhost"
-ALL_PATHS = ["direct", "ssh", "chp", "dit4c-tcp", "dit4c-tls"]
+ALL_PATHS = ["direct", "ssh", "chp", "dit4c-tcp", "dit4c-tls", "dit4c-full"]
 ALL_TESTS = ["bulk", "rps", "latency", "idle"]
 MB = 1e6
 MIB = 1024 * 1024
@@ -135,9 +145,9 @@ def kill_all() -> None:
             log(f"cleanup of pid {p.pid} failed: {e}")
 
 
-def run_tool(argv: list[str], timeout: float) -> tuple[int, str, str]:
-    """Run a short-lived tool in its own process group; (rc, stdout, stderr)."""
-    p = spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def run_tool(argv: list[str], timeout: float, **options: Any) -> tuple[int, str, str]:
+    """Run a short-lived tool in its own process group; (rc, stdout, stderr). ``options``: Popen's (env, cwd)."""
+    p = spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **options)
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -240,10 +250,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http_status(port: int, path: str, host: str = HOST, timeout: float = 2.0) -> int | None:
+def http_status(
+    port: int, path: str, host: str = HOST, timeout: float = 2.0, headers: dict[str, str] | None = None
+) -> int | None:
     try:
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-        c.request("GET", path, headers={"Host": host})
+        c.request("GET", path, headers={"Host": host, **(headers or {})})
         r = c.getresponse()
         r.read()
         c.close()
@@ -336,6 +348,8 @@ class Env:
     ws_port: int = 0
     big: Path = field(default_factory=Path)
     cache: dict[str, Any] = field(default_factory=dict)
+    #: A worktree of the revision to compare with (--before), if any.
+    before: Path | None = None
 
     @property
     def logs(self) -> Path:
@@ -448,11 +462,16 @@ class BasePath:
     fds_per_conn = 1  # file descriptors per proxied connection in its busiest process
     server_label = ""  # whose RSS is "server side" in the idle test
     client_label = ""
+    #: The measurements this path can take.
+    tests = tuple(ALL_TESTS)
 
     def __init__(self, env: Env) -> None:
         self.env = env
         self.services: list[Service] = []
         self.port = 0
+        #: The Host header, and further headers, of every request sent through it.
+        self.host = HOST
+        self.headers: dict[str, str] = {}
 
     def check(self) -> None:
         """Raise Skip if this path's tools are missing."""
@@ -609,10 +628,12 @@ class Dit4cPath(BasePath):
     server_label = "routing server"
     client_label = "listener"
 
-    def __init__(self, env: Env, tls: bool) -> None:
+    def __init__(self, env: Env, tls: bool, source: Path = REPO, suffix: str = "") -> None:
         super().__init__(env)
         self.tls = tls
-        self.name = "dit4c-tls" if tls else "dit4c-tcp"
+        self.name = ("dit4c-tls" if tls else "dit4c-tcp") + suffix
+        #: The checkout whose code runs (this one, or another revision's worktree).
+        self.source = source
 
     def check(self) -> None:
         if not self.env.tools["dit4c"]:
@@ -621,9 +642,9 @@ class Dit4cPath(BasePath):
             raise Skip("twistd not found (pip install twisted)")
 
     def _env(self) -> dict[str, str]:
-        # run the working tree's code and twisted plugins
+        # run the source's code and twisted plugins
         pp = os.environ.get("PYTHONPATH")
-        return dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{pp}" if pp else str(REPO))
+        return dict(os.environ, PYTHONPATH=f"{self.source}{os.pathsep}{pp}" if pp else str(self.source))
 
     def _credentials(self) -> dict[str, Path]:
         """Key and JWKS, made once per run with the `dit4c` command (the listener signs its own tokens)."""
@@ -653,6 +674,19 @@ class Dit4cPath(BasePath):
         self.env.cache["dit4c-creds"] = creds
         return creds
 
+    def _token(self, key: Path) -> Path:
+        """A routing token for bench1 signed with ``key`` (5 minutes: read once, at the connect), in a file."""
+        argv = [
+            str(self.env.tools["dit4c"]), "token", "--key", str(key), "--audience", "dit4c-routing",
+            "--subject", "bench1", "--lifetime", "300",
+        ]  # fmt: skip
+        rc, stdout, stderr = run_tool(argv, 60)
+        if rc != 0 or not stdout.strip():
+            raise Skip(f"`{shlex.join(argv)}` failed (exit {rc}): {(stderr or stdout).strip()[-300:]}")
+        token = key.with_name("token.jwt")
+        token.write_text(stdout)
+        return token
+
     def _tls_files(self) -> dict[str, Path]:
         cached = self.env.cache.get("tls")
         if cached:
@@ -669,7 +703,27 @@ class Dit4cPath(BasePath):
 
     def start(self, target: int) -> None:
         creds = self._credentials()
-        tport, self.port, aport = free_port(), free_port(), free_port()
+        routing = self._routing(["--jwks-file", str(creds["jwks"])])
+        if '"key-file"' in (self.source / "dit4c" / "listener" / "tap.py").read_text():
+            signing = ["--key-file", str(creds["key"]), "--instance", "bench1"]
+        else:  # a revision whose listener signed no token of its own when run by hand
+            signing = ["--token-file", str(self._token(creds["key"]))]
+        listener = Service(
+            "listener" + self.name[len("dit4c-tcp"):],
+            [
+                str(self.env.tools["twistd"]), "-n", "--pidfile=", "dit4c-helper-listener",
+                "--routing", routing, *signing,
+                "--target", f"tcp:host=127.0.0.1:port={target}",
+            ],
+            self.env.logs,
+            env=self._env(),
+            cwd=self.source,
+        )  # fmt: skip
+        self.services.append(listener)
+
+    def _routing(self, keys: list[str]) -> str:
+        """Start ``twistd dit4c-routing`` (tunnel tokens checked with ``keys``): the tunnel's client endpoint."""
+        tport, self.port, self.adminPort = free_port(), free_port(), free_port()
         if self.tls:
             t = self._tls_files()
             tunnel = f"ssl:{tport}:interface=127.0.0.1:privateKey={t['key']}:certKey={t['cert']}"
@@ -677,47 +731,174 @@ class Dit4cPath(BasePath):
         else:
             tunnel = f"tcp:{tport}:interface=127.0.0.1"
             routing = f"tcp:host=127.0.0.1:port={tport}"
-        twistd = str(self.env.tools["twistd"])
         server = Service(
-            "routing",
+            "routing-" + self.name,
             [
-                twistd, "-n", "--pidfile=", "dit4c-routing",
+                str(self.env.tools["twistd"]), "-n", "--pidfile=", "dit4c-routing",
                 "--tunnel", tunnel,
                 "--http", f"tcp:{self.port}:interface=127.0.0.1",
                 "--domain", "localhost",
-                "--jwks-file", str(creds["jwks"]),
-                "--admin", f"tcp:{aport}:interface=127.0.0.1",
+                *keys,
+                "--admin", f"tcp:{self.adminPort}:interface=127.0.0.1",
             ],
             self.env.logs,
             env=self._env(),
-            cwd=REPO,
+            cwd=self.source,
         )  # fmt: skip
         self.services.append(server)
         wait_for(
-            lambda: http_status(aport, "/health", host=f"127.0.0.1:{aport}") == 200,
+            lambda: http_status(self.adminPort, "/health", host=f"127.0.0.1:{self.adminPort}") == 200,
             "routing server /health",
             30,
             [server],
         )
-        listener = Service(
-            "listener",
-            [
-                twistd, "-n", "--pidfile=", "dit4c-helper-listener",
-                "--routing", routing,
-                "--key-file", str(creds["key"]), "--instance", "bench1",
-                "--target", f"tcp:host=127.0.0.1:port={target}",
-            ],
-            self.env.logs,
-            env=self._env(),
-            cwd=REPO,
-        )  # fmt: skip
-        self.services.append(listener)
+        return routing
 
     def server_procs(self) -> list[psutil.Process]:
         return self.services[0].procs() if self.services else []
 
     def client_procs(self) -> list[psutil.Process]:
         return self.services[1].procs() if len(self.services) > 1 else []
+
+
+#: Run with the source's code (``python -c SEED db keyfile password``): alice,
+#: an image and a running instance of hers on a scheduler (with the instance
+#: key's public half, as its node sends it up, so the portal publishes it for
+#: the routing server) in a portal's store; prints the instance id.
+SEED = """
+import json, sys
+from twisted.internet import defer, task
+from dit4c.common.keys import load_private_key, public_jwk
+from dit4c.portal import security
+from dit4c.portal.store import openStore
+from dit4c.testing_scheduler import registerScheduler
+
+async def seed(reactor):
+    database, keyFile, password = sys.argv[1:4]
+    store = await openStore(f"sqlite:///{database}", reactor)
+    try:
+        alice = await store.createUser("alice", password_hash=await security.hashPassword(password))
+        image = await store.createImage("nginx", "nginx:bench", owner_id=None, port=80)
+        instance = await store.createInstance(alice.id, image.id)
+        scheduler, _ = await registerScheduler(store, "bench")
+        key = json.dumps(public_jwk(load_private_key(keyFile)))
+        await store.updateInstance(instance.id, state="running", public_jwk=key, scheduler_id=scheduler.id)
+    finally:
+        await store.close()
+    print(instance.id)
+
+task.react(lambda reactor: defer.Deferred.fromCoroutine(seed(reactor)))
+"""
+
+
+class Dit4cFullPath(Dit4cPath):
+    """
+    The path people use: the routing server, the tunnel, and the pod's one
+    helper process (``twistd dit4c-helper-pod`` with the helper environment,
+    as a node's process runtime runs it: the listener hands each stream to
+    the auth helper in the same process), in front of the backend as the
+    tool; a real portal (``twistd dit4c-portal``) issues the session, and
+    every request carries its cookie and is checked.
+    """
+
+    server_label = "routing server"
+    client_label = "pod helper"
+    tests = ("bulk", "rps")
+
+    def __init__(self, env: Env, source: Path = REPO, suffix: str = "") -> None:
+        super().__init__(env, tls=False, source=source, suffix=suffix)
+        self.name = "dit4c-full" + suffix
+
+    def start(self, target: int) -> None:
+        from start import Browser, field  # bench/start.py: a browser by hand
+
+        d = self.env.tmp / self.name
+        d.mkdir(exist_ok=True)
+        key = d / "instance.pem"
+        rc, _, err = run_tool([str(self.env.tools["dit4c"]), "keygen", str(key)], 60)
+        if rc != 0:
+            raise Skip(f"dit4c keygen failed: {err.strip()}")
+        twistd = str(self.env.tools["twistd"])
+        pport = free_port()
+        portal = f"http://127.0.0.1:{pport}"
+        server = Service(
+            "portal-" + self.name,
+            [
+                twistd, "-n", "--pidfile=", "dit4c-portal",
+                "--listen", f"tcp:{pport}:interface=127.0.0.1",
+                "--data-dir", str(d / "portal"), "--public-url", portal,
+            ],
+            self.env.logs,
+            env=self._env(),
+            cwd=self.source,
+        )  # fmt: skip
+        self.services.append(server)
+        wait_for(lambda: http_status(pport, "/login", host=f"127.0.0.1:{pport}") == 200, "portal /login", 60, [server])
+        password = secrets.token_urlsafe(12)
+        argv = [sys.executable, "-c", SEED, str(d / "portal" / "portal.db"), str(key), password]
+        rc, out, err = run_tool(argv, 60, env=self._env(), cwd=self.source)
+        if rc != 0 or not out.strip():
+            raise Skip(f"could not seed the portal: {(err or out).strip()[-500:]}")
+        instance = out.strip().splitlines()[-1]
+        # The routing server checks tunnel tokens with the keys the portal publishes.
+        routing = self._routing(["--jwks-url", portal + "/.well-known/jwks.json"])
+        self.services.reverse()  # the routing server first: its RSS is the "server" side
+        aport = free_port()
+        helper = {
+            "DIT4C_INSTANCE": instance,
+            "DIT4C_INSTANCE_KEY": str(key),
+            "DIT4C_PORTAL": portal,
+            "DIT4C_TOOL": f"tcp:host=127.0.0.1:port={target}",
+            "DIT4C_AUTH_LISTEN": f"tcp:{aport}:interface=127.0.0.1",
+            "DIT4C_ROUTING": routing,
+        }
+        # A revision from before the one pod helper ran the listener and the
+        # auth helper as two processes, the listener dialling the auth helper.
+        separate = not (self.source / "dit4c" / "podhelper").is_dir()
+        plugins = ["dit4c-helper-auth", "dit4c-helper-listener"] if separate else ["dit4c-helper-pod"]
+        for at, plugin in enumerate(plugins, start=1):
+            extra = {"DIT4C_AUTH": f"tcp:host=127.0.0.1:port={aport}"} if plugin == "dit4c-helper-listener" else {}
+            self.services.insert(at, Service(
+                f"{plugin[len('dit4c-'):]}-{self.name}",
+                [twistd, "-n", "--pidfile=", plugin],
+                self.env.logs,
+                env={**self._env(), **helper, **extra},
+                cwd=self.source,
+            ))  # fmt: skip
+
+        def registered() -> bool:
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", self.adminPort, timeout=2)
+                c.request("GET", "/health", headers={"Host": f"127.0.0.1:{self.adminPort}"})
+                tunnels = json.loads(c.getresponse().read()).get("tunnels", 0)
+                c.close()
+                return bool(tunnels)
+            except (OSError, ValueError, http.client.HTTPException):
+                return False
+
+        wait_for(registered, "the pod helper's tunnel", 60, self.services)
+        # Log in as a browser would, through the whole path: the instance sends
+        # the browser to the portal, which sends it back with a code.
+        self.host = f"{instance}.localhost:{self.port}"
+        browser = Browser()
+        # (the portal lets the instance's helper in once the listener's URL report arrived)
+        deadline = time.monotonic() + 30
+        while True:
+            status, url, page = browser.request("GET", f"http://{self.host}/")
+            if "/login" in url or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        if "/login" not in url:
+            raise Skip(f"the instance did not send the browser to log in: {status} {url}")
+        form = {"username": "alice", "password": password, "csrf": field(page, "csrf"), "next": field(page, "next")}
+        status, url, _ = browser.request(
+            "POST", portal + "/login", urlencode(form).encode(),
+            {"Content-Type": "application/x-www-form-urlencoded", "Origin": portal},
+        )  # fmt: skip
+        cookie = browser.cookies.get(f"{instance}.localhost", {}).get("dit4c_auth")
+        if not cookie:
+            raise Skip(f"no session after logging in: {status} {url}")
+        self.headers = {"Cookie": f"dit4c_auth={cookie}"}
 
 
 def make_self_signed(hostname: str) -> tuple[bytes, bytes]:
@@ -775,6 +956,14 @@ def make_self_signed(hostname: str) -> tuple[bytes, bytes]:
 
 
 def make_path(name: str, env: Env) -> BasePath:
+    if name.endswith("-before"):
+        assert env.before is not None
+        base = name[: -len("-before")]
+        if base == "dit4c-full":
+            return Dit4cFullPath(env, env.before, "-before")
+        return Dit4cPath(env, base == "dit4c-tls", env.before, "-before")
+    if name == "dit4c-full":
+        return Dit4cFullPath(env)
     if name == "direct":
         return DirectPath(env)
     if name == "ssh":
@@ -791,8 +980,8 @@ def make_path(name: str, env: Env) -> BasePath:
 def bring_up(path: BasePath, target: int, probe: str) -> None:
     path.start(target)
     wait_for(
-        lambda: http_status(path.port, probe) == 200,
-        f"{path.name}: GET {probe} with Host: {HOST}",
+        lambda: http_status(path.port, probe, path.host, headers=path.headers) == 200,
+        f"{path.name}: GET {probe} with Host: {path.host}",
         30,
         path.services,
     )
@@ -804,9 +993,16 @@ def bring_up(path: BasePath, target: int, probe: str) -> None:
 CURL_FMT = "%{http_code} %{size_download} %{size_upload} %{time_total}\\n"
 
 
-def curl_argv(env: Env, url: str, upload: Path | None = None) -> list[str]:
+def header_args(host: str, headers: dict[str, str]) -> list[str]:
+    """``-H`` options (curl, wrk) for the Host header and ``headers``."""
+    return [a for name, value in (("Host", host), *headers.items()) for a in ("-H", f"{name}: {value}")]
+
+
+def curl_argv(
+    env: Env, url: str, upload: Path | None = None, host: str = HOST, headers: dict[str, str] | None = None
+) -> list[str]:
     argv = [
-        str(env.tools["curl"]), "-s", "-o", "/dev/null", "-H", f"Host: {HOST}",
+        str(env.tools["curl"]), "-s", "-o", "/dev/null", *header_args(host, headers or {}),
         "--max-time", f"{env.settings.bulk_cap:g}", "-w", CURL_FMT,
     ]  # fmt: skip
     if upload is not None:
@@ -829,7 +1025,7 @@ def measure_bulk(env: Env, path: BasePath) -> dict[str, Any]:
     url = f"http://127.0.0.1:{path.port}/big"
     timeout = s.bulk_cap + 30
 
-    argv = curl_argv(env, url)
+    argv = curl_argv(env, url, host=path.host, headers=path.headers)
     res["commands"] = {"download": shlex.join(argv)}
     rc, out, err = run_tool(argv, timeout)
     one = _parse_curl(out, rc)
@@ -879,7 +1075,7 @@ def measure_bulk(env: Env, path: BasePath) -> dict[str, Any]:
     res[f"download_{s.parallel}"] = par
     log(f"  {path.name} download {s.parallel} streams: {fmt_mb(par)}")
 
-    argv = curl_argv(env, f"http://127.0.0.1:{path.port}/upload", upload=env.big)
+    argv = curl_argv(env, f"http://127.0.0.1:{path.port}/upload", upload=env.big, host=path.host, headers=path.headers)
     res["commands"]["upload"] = shlex.join(argv)
     rc, out, err = run_tool(argv, timeout)
     up = _parse_curl(out, rc)
@@ -910,7 +1106,7 @@ def measure_rps(env: Env, path: BasePath) -> dict[str, Any]:
     s = env.settings
     argv = [
         str(env.tools["wrk"]), "-t1", f"-c{s.rps_connections}", f"-d{s.rps_seconds}s",
-        "--latency", "-H", f"Host: {HOST}", f"http://127.0.0.1:{path.port}/small",
+        "--latency", *header_args(path.host, path.headers), f"http://127.0.0.1:{path.port}/small",
     ]  # fmt: skip
     rc, out, err = run_tool(argv, s.rps_seconds + 60)
     res: dict[str, Any] = {"command": shlex.join(argv)}
@@ -1320,6 +1516,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs, configs)")
     p.add_argument("--dit4c", help="dit4c command (default: beside python, or on PATH)")
     p.add_argument("--twistd", help="twistd command (default: beside python, or on PATH)")
+    p.add_argument(
+        "--before", metavar="REV",
+        help="also run every dit4c path from a git worktree of REV (named dit4c-...-before), to compare",
+    )  # fmt: skip
     args = p.parse_args(argv)
     for name, allowed in (("paths", ALL_PATHS), ("only", ALL_TESTS)):
         items = [x.strip() for x in getattr(args, name).split(",") if x.strip()]
@@ -1327,6 +1527,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if bad or not items:
             p.error(f"--{name}: unknown {bad}; choose from {','.join(allowed)}")
         setattr(args, name, items)
+    if args.before:
+        # each dit4c path right after its own, from the other revision
+        args.paths = [q for x in args.paths for q in ((x, x + "-before") if x.startswith("dit4c-") else (x,))]
     return args
 
 
@@ -1384,6 +1587,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         log(f"temp dir {tmp}; making a {s.big_size // MIB} MiB file")
         make_files(env)
+        if args.before:
+            env.before = tmp / "before-tree"
+            log(f"a worktree of {args.before} at {env.before}")
+            subprocess.run(
+                ["git", "-C", str(REPO), "worktree", "add", "--detach", str(env.before), args.before],
+                check=True, capture_output=True,
+            )  # fmt: skip
         backends = start_backends(env)
         log(f"nginx on 127.0.0.1:{env.nginx_port}, WebSocket echo on 127.0.0.1:{env.ws_port}")
         http_tests = [t for t in args.only if t != "idle"]
@@ -1401,12 +1611,15 @@ def main(argv: list[str] | None = None) -> int:
                     bring_up(path, env.nginx_port, "/small")
                     r["processes"] = path.describe()
                     for t in http_tests:
+                        if t not in path.tests:
+                            r[t] = {"error": f"not measured on {name}"}
+                            continue
                         fn = {"bulk": measure_bulk, "rps": measure_rps, "latency": measure_latency}[
                             t
                         ]
                         r[t] = fn(env, path)
                     path.stop()
-                if "idle" in args.only:
+                if "idle" in args.only and "idle" in path.tests:
                     bring_up(path, env.ws_port, "/")
                     r["processes_idle"] = path.describe()
                     r["idle"] = measure_idle(env, path, hard_nofile)
@@ -1430,6 +1643,8 @@ def main(argv: list[str] | None = None) -> int:
         log("interrupted; cleaning up")
     finally:
         kill_all()
+        if env.before is not None:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(env.before)], capture_output=True)
         if args.keep_tmp:
             log(f"kept {tmp}")
         else:
