@@ -43,7 +43,6 @@ from dit4c.auth.session import (
     FlowCookies,
     InvalidFlow,
     clearCookie,
-    codeChallenge,
     isNavigation,
     parseCookies,
     publicBase,
@@ -59,6 +58,7 @@ from dit4c.common.frontconn import (
     UpstreamProtocol,
 )
 from dit4c.common.httpfront import FrontLimits, HeadError, RequestHead
+from dit4c.common.pkce import codeChallenge
 from dit4c.common.tokens import InvalidToken, TokenVerifier
 
 __all__ = ["AuthConfig", "AuthProxyFactory", "AuthRules", "USER_HEADER"]
@@ -106,7 +106,7 @@ class AuthRules:
 
     # -- deciding ----------------------------------------------------------------------------------
 
-    def check(self, head: RequestHead) -> Answer | Deferred[Any]:
+    def check(self, head: RequestHead) -> Forward | Answer | Deferred[Any]:
         if head.target.startswith(LOCAL_PREFIX):
             return Deferred.fromCoroutine(self._local(head))
         token = self._sessionCookie(head)

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from dit4c.common.keys import load_private_key
 from dit4c.common.nextpath import safeNext
+from dit4c.common.pkce import newVerifier
 
 __all__ = [
     "CALLBACK_PATH",
@@ -35,10 +36,8 @@ __all__ = [
     "FlowCookies",
     "InvalidFlow",
     "clearCookie",
-    "codeChallenge",
     "deriveKey",
     "isNavigation",
-    "newVerifier",
     "parseCookies",
     "safeNext",
     "setCookie",
@@ -65,19 +64,6 @@ def _b64(data: bytes) -> str:
 
 def _unb64(text: str) -> bytes:
     return urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-# -- PKCE ----------------------------------------------------------------------------------------
-
-
-def newVerifier() -> str:
-    """A fresh PKCE code verifier: 256 random bits, 43 base64url characters."""
-    return secrets.token_urlsafe(32)
-
-
-def codeChallenge(verifier: str) -> str:
-    """RFC 7636 ``S256``: ``BASE64URL(SHA256(ASCII(code_verifier)))``, unpadded."""
-    return _b64(hashlib.sha256(verifier.encode("ascii")).digest())
 
 
 # -- keys ----------------------------------------------------------------------------------------

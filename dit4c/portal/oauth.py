@@ -30,11 +30,9 @@ It is the authorization code flow (RFC 6749 section 4.1) with PKCE
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import re
-from base64 import urlsafe_b64encode
 from collections.abc import Awaitable, Mapping
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlencode
@@ -45,6 +43,7 @@ from twisted.web.iweb import IRequest
 
 from dit4c.common import tokens
 from dit4c.common.life import State
+from dit4c.common.pkce import codeChallenge
 from dit4c.common.tokens import TokenVerifier
 from dit4c.portal.keys import KeyRing, KeyRingKeySource
 
@@ -61,7 +60,6 @@ __all__ = [
     "UnsupportedGrantType",
     "WATCH_AUDIENCE",
     "audienceFor",
-    "codeChallenge",
     "redirectURIFor",
 ]
 
@@ -153,12 +151,6 @@ class AccessDenied(OAuthError):
 
 
 # -- the rules, without I/O ----------------------------------------------------------------------
-
-
-def codeChallenge(verifier: str) -> str:
-    """RFC 7636 ``S256``: ``BASE64URL(SHA256(ASCII(code_verifier)))``, unpadded."""
-    digest = hashlib.sha256(verifier.encode("ascii")).digest()
-    return urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
 def audienceFor(instanceId: str) -> str:

@@ -37,7 +37,7 @@ import json
 import re
 import secrets
 import unicodedata
-from base64 import b64encode, urlsafe_b64encode
+from base64 import b64encode
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +54,7 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from dit4c.common.nextpath import safeNext
+from dit4c.common.pkce import codeChallenge
 from dit4c.portal import security
 from dit4c.portal.store.errors import Conflict
 
@@ -82,7 +83,6 @@ __all__ = [
     "UpstreamLogin",
     "UpstreamLoginError",
     "baseLoginName",
-    "codeChallenge",
     "loginLinks",
     "providersFromFile",
     "verifyIDToken",
@@ -463,13 +463,6 @@ def loginLinks(
 
 
 # -- the pieces of the flow ----------------------------------------------------------------------
-
-
-def codeChallenge(verifier: str) -> str:
-    """RFC 7636 ``S256``: ``BASE64URL(SHA256(verifier))`` without padding."""
-    return (
-        urlsafe_b64encode(hashlib.sha256(verifier.encode("ascii")).digest()).rstrip(b"=").decode()
-    )
 
 
 @dataclass(frozen=True)

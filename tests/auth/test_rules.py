@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -12,10 +10,8 @@ from dit4c.auth.session import (
     FlowCookies,
     InvalidFlow,
     clearCookie,
-    codeChallenge,
     deriveKey,
     isNavigation,
-    newVerifier,
     parseCookies,
     publicBase,
     safeNext,
@@ -23,18 +19,8 @@ from dit4c.auth.session import (
     stripCookies,
 )
 from dit4c.common.keys import generate_private_key, save_private_key
-from dit4c.portal.oauth import codeChallenge as portalChallenge
 
 KEY = b"k" * 32
-
-
-def test_pkce_matches_the_portal_and_rfc7636() -> None:
-    verifier = "a" * 43
-    digest = hashlib.sha256(verifier.encode()).digest()
-    assert codeChallenge(verifier) == base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
-    verifier = newVerifier()
-    assert 43 <= len(verifier) <= 128
-    assert codeChallenge(verifier) == portalChallenge(verifier)
 
 
 def test_flow_cookie_round_trip() -> None:

@@ -48,6 +48,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.pages import notFound
 from twisted.web.server import Site
 
+from dit4c.common.pkce import codeChallenge
 from dit4c.portal import security
 from dit4c.portal.app import Portal, PortalConfig
 from dit4c.portal.keys import KeyRing
@@ -60,7 +61,6 @@ from dit4c.portal.upstream import (
     ProviderConfig,
     UpstreamLogin,
     baseLoginName,
-    codeChallenge,
     loginLinks,
     providersFromFile,
     verifyIDToken,
