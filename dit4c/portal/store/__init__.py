@@ -1,7 +1,9 @@
 """
 The portal's store: users, sessions, API tokens, schedulers, images,
 instances, shares and failed logins, in SQLite (one file, the embedded
-default) or PostgreSQL (several portal processes), behind ``IStore``.
+default) or PostgreSQL (several portal processes), behind ``IStore``: one
+interface per area (``IPeople``, ``ISessions``, ``IInstances``, ...), so a
+part of the portal can ask for only the area it uses.
 
     store = await openStore("sqlite:///var/lib/dit4c/portal.db", reactor)
 """
@@ -10,7 +12,19 @@ from ._open import openStore
 from ._sql import SQLStore
 from .errors import Conflict, NotFound, StoreError
 from .ids import hashToken, newInstanceId
-from .interfaces import IStore
+from .interfaces import (
+    IApiTokens,
+    ICommands,
+    IImages,
+    IInstances,
+    ILoginFailures,
+    IOAuthCodes,
+    IPeople,
+    IReports,
+    ISchedulers,
+    ISessions,
+    IStore,
+)
 from .migrations import MIGRATIONS
 from .model import (
     UNSET,
@@ -31,6 +45,16 @@ __all__ = [
     "UNSET",
     "ApiToken",
     "Conflict",
+    "IApiTokens",
+    "ICommands",
+    "IImages",
+    "IInstances",
+    "ILoginFailures",
+    "IOAuthCodes",
+    "IPeople",
+    "IReports",
+    "ISchedulers",
+    "ISessions",
     "IStore",
     "Identity",
     "Image",

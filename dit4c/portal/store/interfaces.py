@@ -1,5 +1,8 @@
 """
-``IStore``: everything the portal keeps, behind one interface.
+``IStore``: everything the portal keeps, one interface per area (people,
+failed logins, sessions, API tokens, OAuth codes, schedulers, their
+commands, images, instances, reports), which ``IStore`` brings together. A
+part of the portal that uses one area can ask for that interface alone.
 
 Every method returns a ``Deferred``; the database work runs off the reactor
 thread. Lookups fire with None when there is nothing to find; changes to a
@@ -11,19 +14,22 @@ Times come from the store's clock.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from zope.interface import Interface
 
 from .model import (
+    COMMAND_OPS,
+    MAX_COMMAND_PARAMS,
     UNSET,
     ApiToken,
+    Command,
     Identity,
     Image,
     Instance,
     LoginFailures,
+    OAuthCode,
     Scheduler,
     Session,
     ShareLink,
@@ -31,9 +37,29 @@ from .model import (
     User,
 )
 
+# The commands' records and limits and ``OAuthCode`` are ``model``'s, and
+# named here as well, beside the interfaces that use them.
+__all__ = [
+    "COMMAND_OPS",
+    "MAX_COMMAND_PARAMS",
+    "Command",
+    "IApiTokens",
+    "ICommands",
+    "IImages",
+    "IInstances",
+    "ILoginFailures",
+    "IOAuthCodes",
+    "IPeople",
+    "IReports",
+    "ISchedulers",
+    "ISessions",
+    "IStore",
+    "OAuthCode",
+]
 
-class IStore(Interface):
-    # -- users and external identities ---------------------------------------------
+
+class IPeople(Interface):
+    """People: the users, and the external logins (OIDC, GitHub) linked to them."""
 
     def createUser(
         name: str,
@@ -86,7 +112,42 @@ class IStore(Interface):
     ) -> Deferred[User]:
         """Change the fields given; fires with the user as it now is."""
 
-    # -- browser sessions -----------------------------------------------------------------
+
+class ILoginFailures(Interface):
+    """Failed logins counted per key, for ``dit4c.portal.security.LoginThrottle``."""
+
+    def claimLoginAttempt(
+        delays: Mapping[str, Callable[[int], float]], now: float, forget: float
+    ) -> Deferred[float]:
+        """
+        Let a login attempt through, or not, for every key of ``delays`` at
+        once (an address, a name at that address). A key's failures are
+        forgotten ``forget`` seconds after its latest attempt. If, for some
+        key, ``delays[key](failures)`` seconds have not passed since its
+        latest attempt, fires with the seconds still to wait and counts
+        nothing. Otherwise counts the attempt as a failure of every key, its
+        latest attempt now (``loginSucceeded`` takes that back), and fires
+        with 0. One transaction with the keys' rows locked: attempts at the
+        same time, in several portal processes too, are let through one by
+        one, each seeing the failures before it.
+        """
+
+    def loginSucceeded(clear: Sequence[str], takeBack: Sequence[str]) -> Deferred[None]:
+        """
+        An attempt let through by ``claimLoginAttempt`` succeeded: the
+        failures of ``clear`` are forgotten, and each key of ``takeBack``
+        loses the failure the attempt was counted as.
+        """
+
+    def loginFailures(key: str) -> Deferred[LoginFailures | None]:
+        """What is counted for ``key``, or None."""
+
+    def forgetLoginFailures(before: float) -> Deferred[int]:
+        """Forget every key whose latest attempt was before ``before``; how many."""
+
+
+class ISessions(Interface):
+    """Browser sessions: the store keeps only the hash of each session's secret."""
 
     def createSession(user_id: str, lifetime: float) -> Deferred[Session]:
         """
@@ -115,7 +176,9 @@ class IStore(Interface):
     def deleteExpiredSessions() -> Deferred[int]:
         """Forget sessions past their expiry; fires with how many."""
 
-    # -- API tokens -------------------------------------------------------------------------
+
+class IApiTokens(Interface):
+    """Personal API tokens: the store keeps only the hash of each token."""
 
     def createApiToken(user_id: str, name: str) -> Deferred[tuple[ApiToken, str]]:
         """A new API token: the record, and the token itself (shown once, never stored)."""
@@ -135,7 +198,39 @@ class IStore(Interface):
     def listApiTokens(user_id: str) -> Deferred[list[ApiToken]]:
         """A user's tokens, revoked ones too, oldest first."""
 
-    # -- schedulers --------------------------------------------------------------------------
+
+class IOAuthCodes(Interface):
+    """OAuth 2 authorization codes, for ``dit4c.portal.oauth``."""
+
+    def createOAuthCode(
+        client_id: str,
+        redirect_uri: str,
+        user_id: str,
+        code_challenge: str,
+        lifetime: float,
+        session: str | None = None,
+    ) -> Deferred[tuple[OAuthCode, str]]:
+        """
+        A new one-time authorization code for ``user_id`` at the client
+        (instance) ``client_id``, valid for ``lifetime`` seconds: the record,
+        and the code itself (handed out once, never stored: the store keeps
+        only its hash). ``session``: the browser session (its secret) the
+        code was asked for in; the record keeps only its hash. Codes expired
+        already are forgotten on the way. ``NotFound`` if there is no such
+        instance or user.
+        """
+
+    def redeemOAuthCode(code: str) -> Deferred[OAuthCode | None]:
+        """
+        Use a code: a compare-and-set that marks it used, so that of any
+        number of concurrent attempts exactly one wins. Fires with the code's
+        record (now marked used) for that one, and with None for a code that
+        is unknown, expired or used already. Nothing else changes.
+        """
+
+
+class ISchedulers(Interface):
+    """Schedulers (clusters) with their keys, and who may run instances on each."""
 
     def createScheduler(name: str, public_jwk: str, *, id: str | None = None) -> Deferred[Scheduler]:
         """Register a scheduler and its public key. ``Conflict`` if the name or id is taken."""
@@ -155,7 +250,64 @@ class IStore(Interface):
     ) -> Deferred[Scheduler]:
         """Change the fields given; fires with the scheduler as it now is."""
 
-    # -- images ---------------------------------------------------------------------------------
+    # -- who may run where ------------------------------------------------------------------------
+
+    def setSchedulerUsers(scheduler_id: str, user_ids: Collection[str]) -> Deferred[None]:
+        """
+        Restrict a scheduler (a cluster) to these people; an empty collection
+        opens it to everyone again. ``NotFound`` if there is no such scheduler.
+        """
+
+    def schedulerUsers(scheduler_id: str) -> Deferred[list[str]]:
+        """The ids of the people a scheduler is restricted to; empty when it is open to all."""
+
+    def schedulersFor(user_id: str) -> Deferred[list[Scheduler]]:
+        """The enabled schedulers this person may run instances on, by name."""
+
+
+class ICommands(Interface):
+    """
+    The commands kept for a scheduler until it acknowledges them, for
+    ``dit4c.portal.channel``.
+    """
+
+    def createCommand(
+        scheduler_id: str, instance_id: str, op: str, params: Mapping[str, Any] | None = None
+    ) -> Deferred[Command]:
+        """
+        A new pending command for a scheduler about one of its instances,
+        after every earlier command of that scheduler (``seq``). ``op`` is one
+        of ``COMMAND_OPS``; ``params`` a JSON object (at most
+        ``MAX_COMMAND_PARAMS`` bytes as JSON). ``NotFound`` if there is no
+        such scheduler or instance; ``Conflict`` if the instance is not
+        placed on that scheduler; ``ValueError`` for a bad op or params.
+        """
+
+    def pendingCommands(scheduler_id: str, limit: int = 1000) -> Deferred[list[Command]]:
+        """A scheduler's commands not yet acknowledged, in the order they were made."""
+
+    def ackCommand(scheduler_id: str, command_id: str) -> Deferred[bool]:
+        """
+        The scheduler acknowledged a command: fires with True if that
+        changed it from pending, False if it was acknowledged already, is
+        another scheduler's, or does not exist.
+        """
+
+    def commandById(command_id: str) -> Deferred[Command | None]:
+        """The command with this id."""
+
+    def commandedInstances(scheduler_id: str) -> Deferred[dict[str, bool]]:
+        """
+        Every instance the scheduler has (or had) commands about, by id:
+        True if one of them is not yet acknowledged, False if all are.
+        """
+
+    def deleteAckedCommands(before: float) -> Deferred[int]:
+        """Forget commands acknowledged before ``before``; fires with how many."""
+
+
+class IImages(Interface):
+    """Images: the catalogue, people's own, and those shared with them."""
 
     def createImage(
         name: str,
@@ -194,7 +346,9 @@ class IStore(Interface):
     def mayUseImage(user_id: str, image_id: str) -> Deferred[bool]:
         """Whether a user may start an image: a catalogue entry, their own, or shared with them."""
 
-    # -- instances -------------------------------------------------------------------------------
+
+class IInstances(Interface):
+    """Instances, their life, and whom they are shared with (directly or by links)."""
 
     def createInstance(
         owner_id: str,
@@ -289,107 +443,9 @@ class IStore(Interface):
         them, or they redeemed a share link to it that is not revoked.
         """
 
-    # -- login throttling (dit4c.portal.security.LoginThrottle) ------------------------------------
 
-    def claimLoginAttempt(
-        delays: Mapping[str, Callable[[int], float]], now: float, forget: float
-    ) -> Deferred[float]:
-        """
-        Let a login attempt through, or not, for every key of ``delays`` at
-        once (an address, a name at that address). A key's failures are
-        forgotten ``forget`` seconds after its latest attempt. If, for some
-        key, ``delays[key](failures)`` seconds have not passed since its
-        latest attempt, fires with the seconds still to wait and counts
-        nothing. Otherwise counts the attempt as a failure of every key, its
-        latest attempt now (``loginSucceeded`` takes that back), and fires
-        with 0. One transaction with the keys' rows locked: attempts at the
-        same time, in several portal processes too, are let through one by
-        one, each seeing the failures before it.
-        """
-
-    def loginSucceeded(clear: Sequence[str], takeBack: Sequence[str]) -> Deferred[None]:
-        """
-        An attempt let through by ``claimLoginAttempt`` succeeded: the
-        failures of ``clear`` are forgotten, and each key of ``takeBack``
-        loses the failure the attempt was counted as.
-        """
-
-    def loginFailures(key: str) -> Deferred[LoginFailures | None]:
-        """What is counted for ``key``, or None."""
-
-    def forgetLoginFailures(before: float) -> Deferred[int]:
-        """Forget every key whose latest attempt was before ``before``; how many."""
-
-    # -- the store ------------------------------------------------------------------------------------
-
-    def close() -> Deferred[None]:
-        """Close every database connection; the store is unusable afterwards."""
-
-    # -- OAuth 2 authorization codes (dit4c.portal.oauth) ------------------------------------------
-
-    def createOAuthCode(
-        client_id: str,
-        redirect_uri: str,
-        user_id: str,
-        code_challenge: str,
-        lifetime: float,
-        session: str | None = None,
-    ) -> Deferred[tuple[OAuthCode, str]]:
-        """
-        A new one-time authorization code for ``user_id`` at the client
-        (instance) ``client_id``, valid for ``lifetime`` seconds: the record,
-        and the code itself (handed out once, never stored: the store keeps
-        only its hash). ``session``: the browser session (its secret) the
-        code was asked for in; the record keeps only its hash. Codes expired
-        already are forgotten on the way. ``NotFound`` if there is no such
-        instance or user.
-        """
-
-    def redeemOAuthCode(code: str) -> Deferred[OAuthCode | None]:
-        """
-        Use a code: a compare-and-set that marks it used, so that of any
-        number of concurrent attempts exactly one wins. Fires with the code's
-        record (now marked used) for that one, and with None for a code that
-        is unknown, expired or used already. Nothing else changes.
-        """
-
-    # -- scheduler commands (dit4c.portal.channel) -------------------------------------------------
-
-    def createCommand(
-        scheduler_id: str, instance_id: str, op: str, params: Mapping[str, Any] | None = None
-    ) -> Deferred[Command]:
-        """
-        A new pending command for a scheduler about one of its instances,
-        after every earlier command of that scheduler (``seq``). ``op`` is one
-        of ``COMMAND_OPS``; ``params`` a JSON object (at most
-        ``MAX_COMMAND_PARAMS`` bytes as JSON). ``NotFound`` if there is no
-        such scheduler or instance; ``Conflict`` if the instance is not
-        placed on that scheduler; ``ValueError`` for a bad op or params.
-        """
-
-    def pendingCommands(scheduler_id: str, limit: int = 1000) -> Deferred[list[Command]]:
-        """A scheduler's commands not yet acknowledged, in the order they were made."""
-
-    def ackCommand(scheduler_id: str, command_id: str) -> Deferred[bool]:
-        """
-        The scheduler acknowledged a command: fires with True if that
-        changed it from pending, False if it was acknowledged already, is
-        another scheduler's, or does not exist.
-        """
-
-    def commandById(command_id: str) -> Deferred[Command | None]:
-        """The command with this id."""
-
-    def commandedInstances(scheduler_id: str) -> Deferred[dict[str, bool]]:
-        """
-        Every instance the scheduler has (or had) commands about, by id:
-        True if one of them is not yet acknowledged, False if all are.
-        """
-
-    def deleteAckedCommands(before: float) -> Deferred[int]:
-        """Forget commands acknowledged before ``before``; fires with how many."""
-
-    # -- reports from instances and the image server (dit4c.portal.reports) ------------------------
+class IReports(Interface):
+    """What instances and the image server report, for ``dit4c.portal.reports``."""
 
     def spendTokenId(issuer: str, jti: str, expires: float) -> Deferred[bool]:
         """
@@ -426,66 +482,20 @@ class IStore(Interface):
         otherwise, ``NotFound`` if there is no such instance.
         """
 
-    # -- who may run where ------------------------------------------------------------------------
 
-    def setSchedulerUsers(scheduler_id: str, user_ids: Collection[str]) -> Deferred[None]:
-        """
-        Restrict a scheduler (a cluster) to these people; an empty collection
-        opens it to everyone again. ``NotFound`` if there is no such scheduler.
-        """
+class IStore(
+    IPeople,
+    ILoginFailures,
+    ISessions,
+    IApiTokens,
+    IOAuthCodes,
+    ISchedulers,
+    ICommands,
+    IImages,
+    IInstances,
+    IReports,
+):
+    """Everything the portal keeps: every area's interface, and closing the store."""
 
-    def schedulerUsers(scheduler_id: str) -> Deferred[list[str]]:
-        """The ids of the people a scheduler is restricted to; empty when it is open to all."""
-
-    def schedulersFor(user_id: str) -> Deferred[list[Scheduler]]:
-        """The enabled schedulers this person may run instances on, by name."""
-
-
-@dataclass(frozen=True)
-class OAuthCode:
-    """
-    A one-time OAuth 2 authorization code (RFC 6749 section 4.1), bound to
-    the client, redirect URI, user and PKCE challenge it was issued for. The
-    code itself is never stored, only its hash.
-    """
-
-    code_hash: str
-    #: The instance the code is for.
-    client_id: str
-    redirect_uri: str
-    user_id: str
-    #: ``BASE64URL(SHA256(code_verifier))`` (RFC 7636, method ``S256``).
-    code_challenge: str
-    created: float
-    expires: float
-    used: bool
-    #: The hash of the portal session the code was issued in (None: none).
-    session_hash: str | None = None
-
-
-#: What a scheduler can be told to do with an instance.
-COMMAND_OPS: tuple[str, ...] = ("start", "stop", "save", "discard")
-
-#: The most a command's parameters may take, as JSON text.
-MAX_COMMAND_PARAMS = 64 * 1024
-
-
-@dataclass(frozen=True)
-class Command:
-    """
-    An instruction for a scheduler about one instance, kept (and re-sent
-    after every reconnect) until the scheduler acknowledges it.
-    """
-
-    id: str
-    scheduler_id: str
-    instance_id: str
-    #: Orders one scheduler's commands: later commands have larger numbers.
-    seq: int
-    #: One of ``COMMAND_OPS``.
-    op: str
-    #: A JSON object: the image reference and port for ``start``, say.
-    params: Mapping[str, Any]
-    created: float
-    #: When the scheduler acknowledged it; None while it is pending.
-    acked: float | None
+    def close() -> Deferred[None]:
+        """Close every database connection; the store is unusable afterwards."""

@@ -8,7 +8,9 @@ flags are ``bool``; ids are URL-safe strings.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from dit4c.common.life import State
 
@@ -150,3 +152,53 @@ class Unset(enum.Enum):
 
 #: "Leave this field as it is" in ``update*`` calls, where None means "clear it".
 UNSET = Unset.UNSET
+
+
+@dataclass(frozen=True)
+class OAuthCode:
+    """
+    A one-time OAuth 2 authorization code (RFC 6749 section 4.1), bound to
+    the client, redirect URI, user and PKCE challenge it was issued for. The
+    code itself is never stored, only its hash.
+    """
+
+    code_hash: str
+    #: The instance the code is for.
+    client_id: str
+    redirect_uri: str
+    user_id: str
+    #: ``BASE64URL(SHA256(code_verifier))`` (RFC 7636, method ``S256``).
+    code_challenge: str
+    created: float
+    expires: float
+    used: bool
+    #: The hash of the portal session the code was issued in (None: none).
+    session_hash: str | None = None
+
+
+#: What a scheduler can be told to do with an instance.
+COMMAND_OPS: tuple[str, ...] = ("start", "stop", "save", "discard")
+
+#: The most a command's parameters may take, as JSON text.
+MAX_COMMAND_PARAMS = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Command:
+    """
+    An instruction for a scheduler about one instance, kept (and re-sent
+    after every reconnect) until the scheduler acknowledges it.
+    """
+
+    id: str
+    scheduler_id: str
+    instance_id: str
+    #: Orders one scheduler's commands: later commands have larger numbers.
+    seq: int
+    #: One of ``COMMAND_OPS``.
+    op: str
+    #: A JSON object: the image reference and port for ``start``, say.
+    params: Mapping[str, Any]
+    created: float
+    #: When the scheduler acknowledged it; None while it is pending.
+    acked: float | None

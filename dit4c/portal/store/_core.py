@@ -1,0 +1,198 @@
+"""
+What every area of ``SQLStore`` shares: the connection pool, the clock,
+one transaction at a time (``SQLCore._run``), the schema's migrations at
+open, and the helpers that turn rows into records.
+
+Each area's public method is a coroutine turned into a ``Deferred``
+(``_deferred``): it reads the clock and checks its arguments on the
+reactor thread, then runs one transaction in a pool thread.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+from twisted.enterprise.adbapi import ConnectionLost, ConnectionPool
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from dit4c.common.life import STATES, State
+
+from ._dialect import IDialect
+from .errors import Conflict, NotFound, StoreError
+from .migrations import MIGRATIONS, Migration, applyNext
+from .model import UNSET, Image, Instance, Scheduler, User
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _deferred(f: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Deferred[T]]:
+    """Make an ``async def`` method return a ``Deferred``."""
+
+    @functools.wraps(f)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
+        return Deferred.fromCoroutine(f(*args, **kwargs))
+
+    return wrapper
+
+
+# -- rows to records, for the tables several areas read -----------------------------------------------
+
+_USER = ("id", "name", "email", "password_hash", "display_name", "is_admin", "max_instances", "created", "disabled")
+_SCHEDULER = ("id", "name", "public_jwk", "created", "disabled")
+_IMAGE = ("id", "name", "ref", "digest", "owner_id", "port", "created", "deleted")
+_INSTANCE = (
+    "id", "owner_id", "image_id", "scheduler_id", "state", "reason", "url", "public_jwk", "created", "updated",
+)  # fmt: skip
+
+
+def _cols(columns: Sequence[str], alias: str | None = None) -> str:
+    return ", ".join(f"{alias}.{c}" if alias else c for c in columns)
+
+
+def _marks(n: int) -> str:
+    return ", ".join("?" * n)
+
+
+def _user(row: Sequence[Any]) -> User:
+    return User(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6], row[7], bool(row[8]))
+
+
+def _scheduler(row: Sequence[Any]) -> Scheduler:
+    return Scheduler(row[0], row[1], row[2], row[3], bool(row[4]))
+
+
+def _image(row: Sequence[Any]) -> Image:
+    return Image(row[0], row[1], row[2], row[3], row[4], row[5], row[6], bool(row[7]))
+
+
+def _instance(row: Sequence[Any]) -> Instance:
+    return Instance(*row)
+
+
+def _checkState(state: str) -> str:
+    try:
+        return State(state).value
+    except ValueError:
+        raise ValueError(f"{state!r} is not an instance state (one of {', '.join(STATES)})") from None
+
+
+def _given(**fields: Any) -> dict[str, Any]:
+    """The fields that are not ``UNSET``, flags as 0/1 (PostgreSQL will not take a bool for INTEGER)."""
+    return {
+        name: int(value) if isinstance(value, bool) else value
+        for name, value in fields.items()
+        if value is not UNSET
+    }
+
+
+class _Txn:
+    """One transaction's cursor, taking SQL with ``?`` placeholders. Used in a pool thread."""
+
+    def __init__(self, cursor: Any, dialect: IDialect) -> None:
+        self._cursor = cursor
+        self._dialect = dialect
+
+    def execute(self, sql: str, params: Iterable[Any] = ()) -> int:
+        """Run a statement; the number of rows it changed."""
+        self._cursor.execute(self._dialect.sql(sql), tuple(params))
+        return int(self._cursor.rowcount)
+
+    def one(self, sql: str, params: Iterable[Any] = ()) -> Any:
+        self.execute(sql, params)
+        return self._cursor.fetchone()
+
+    def all(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
+        self.execute(sql, params)
+        return list(self._cursor.fetchall())
+
+    def update(self, table: str, key: str, keyValue: Any, fields: dict[str, Any]) -> int:
+        """``UPDATE table SET fields WHERE key = keyValue`` (names from code only)."""
+        if not fields:
+            return len(self.all(f"SELECT {key} FROM {table} WHERE {key} = ?", (keyValue,)))
+        sets = ", ".join(f"{name} = ?" for name in fields)
+        return self.execute(f"UPDATE {table} SET {sets} WHERE {key} = ?", (*fields.values(), keyValue))
+
+
+class SQLCore:
+    """
+    The part of ``SQLStore`` every area uses: the pool, the dialect, the
+    clock, and ``_run`` for one transaction. Each area is a subclass, and
+    ``SQLStore`` all of them.
+    """
+
+    log = Logger()
+
+    def __init__(self, pool: ConnectionPool, dialect: IDialect, clock: IReactorTime) -> None:
+        self._pool = pool
+        self._dialect = dialect
+        self._clock = clock
+        self._closed = False
+
+    @property
+    def dialect(self) -> IDialect:
+        return self._dialect
+
+    def _now(self) -> float:
+        return self._clock.seconds()
+
+    def _run(
+        self,
+        work: Callable[[_Txn], T],
+        *,
+        conflict: str | None = None,
+        missing: str | None = None,
+    ) -> Deferred[T]:
+        """
+        Run ``work`` in one transaction in a pool thread. Driver errors
+        become store errors: ``conflict`` and ``missing`` are the messages
+        for a uniqueness and a reference violation.
+        """
+        if self._closed:
+            raise StoreError("the store is closed")
+        dialect = self._dialect
+
+        def interaction(cursor: Any) -> T:
+            dialect.begin(cursor)
+            return work(_Txn(cursor, dialect))
+
+        def translate(failure: Failure) -> Failure:
+            error = failure.value
+            if error is None or isinstance(error, StoreError):
+                return failure
+            if isinstance(error, ConnectionLost):
+                raise StoreError("lost the connection to the database: try again") from error
+            kind = dialect.classify(error)
+            if kind is None:
+                return failure
+            if kind is Conflict:
+                raise Conflict(conflict or "") from error
+            if kind is NotFound:
+                raise NotFound(missing or "") from error
+            raise kind(f"the database failed: {error}") from error
+
+        d: Deferred[T] = self._pool.runInteraction(interaction)
+        d.addErrback(translate)
+        return d
+
+    async def _migrate(self, migrations: Sequence[Migration] = MIGRATIONS) -> None:
+        """Apply, one transaction each, the migrations the database lacks."""
+        dialect = self._dialect
+        while True:
+            applied = await self._pool.runInteraction(applyNext, dialect, migrations, self._now())
+            if applied is None:
+                return
+            self.log.info("store schema migrated to version {version}", version=applied)
+
+    # -- closing ------------------------------------------------------------------------------------
+
+    def close(self) -> Deferred[None]:
+        if not self._closed:
+            self._closed = True
+            self._pool.close()
+        return succeed(None)

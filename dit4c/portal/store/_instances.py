@@ -1,0 +1,304 @@
+"""
+Instances in ``SQLStore``: their records and life (a claim against a
+person's quota, compare-and-set changes of state), and how they are
+shared, with people directly or by links.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from zope.interface import implementer
+
+from dit4c.common.life import ACTIVE, State
+
+from ._core import (
+    _INSTANCE,
+    SQLCore,
+    _checkState,
+    _cols,
+    _deferred,
+    _given,
+    _instance,
+    _marks,
+    _Txn,
+)
+from .errors import Conflict, NotFound, QuotaReached
+from .ids import hashToken, newId, newInstanceId, newToken
+from .interfaces import IInstances
+from .model import UNSET, Instance, ShareLink, Unset
+
+_SHARE_LINK = ("id", "instance_id", "token_hash", "created", "revoked")
+
+#: The states that count against a person's quota, as the database holds them.
+_ACTIVE: tuple[str, ...] = tuple(sorted(state.value for state in ACTIVE))
+
+
+def _shareLink(row: Sequence[Any]) -> ShareLink:
+    return ShareLink(row[0], row[1], row[2], row[3], bool(row[4]))
+
+
+@implementer(IInstances)
+class SQLInstances(SQLCore):
+    """``IInstances`` in SQL."""
+
+    # -- instances --------------------------------------------------------------------------------------
+
+    @_deferred
+    async def createInstance(
+        self,
+        owner_id: str,
+        image_id: str,
+        *,
+        scheduler_id: str | None = None,
+        public_jwk: str | None = None,
+        quota: int | None = None,
+    ) -> Instance:
+        if quota is not None and quota < 0:
+            raise ValueError("a quota must not be negative")
+        now = self._now()
+        instance = Instance(
+            id=newInstanceId(now), owner_id=owner_id, image_id=image_id, scheduler_id=scheduler_id,
+            state=State.REQUESTED, reason=None, url=None, public_jwk=public_jwk, created=now, updated=now,
+        )  # fmt: skip
+        dialect = self._dialect
+
+        def work(t: _Txn) -> Instance:
+            if quota is not None:
+                # The count and the insert are one claim: the owner's row is
+                # held first, so of concurrent claims for one person each
+                # counts what the ones before it made. Claims for other
+                # people lock other rows (PostgreSQL) and wait only for the
+                # one writer SQLite has anyway (BEGIN IMMEDIATE).
+                if t.one(dialect.forUpdate("SELECT id FROM users WHERE id = ?"), (owner_id,)) is None:
+                    raise NotFound(f"there is no user {owner_id!r}")
+            image = t.one("SELECT deleted FROM images WHERE id = ?", (image_id,))
+            if not image or image[0]:
+                raise NotFound(f"there is no image {image_id!r}")
+            if quota is not None:
+                active = int(
+                    t.one(
+                        f"SELECT COUNT(*) FROM instances WHERE owner_id = ? AND state IN ({_marks(len(_ACTIVE))})",
+                        (owner_id, *_ACTIVE),
+                    )[0]
+                )
+                if active >= quota:
+                    raise QuotaReached(quota, active)
+            t.execute(
+                f"INSERT INTO instances ({_cols(_INSTANCE)}) VALUES ({_marks(len(_INSTANCE))})",
+                (
+                    instance.id, owner_id, image_id, scheduler_id, instance.state, None, None,
+                    public_jwk, now, now,
+                ),
+            )  # fmt: skip
+            return instance
+
+        return await self._run(
+            work, missing=f"there is no user {owner_id!r}" + (f" or no scheduler {scheduler_id!r}" if scheduler_id else "")
+        )
+
+    @_deferred
+    async def instanceById(self, instance_id: str) -> Instance | None:
+        def work(t: _Txn) -> Instance | None:
+            row = t.one(f"SELECT {_cols(_INSTANCE)} FROM instances WHERE id = ?", (instance_id,))
+            return _instance(row) if row else None
+
+        return await self._run(work)
+
+    def _listInstances(self, where: str, params: tuple[Any, ...], includeDiscarded: bool) -> Deferred[list[Instance]]:
+        if not includeDiscarded:
+            where += " AND state <> ?"
+            params += (State.DISCARDED.value,)
+
+        def work(t: _Txn) -> list[Instance]:
+            rows = t.all(f"SELECT {_cols(_INSTANCE)} FROM instances WHERE {where} ORDER BY id", params)
+            return [_instance(row) for row in rows]
+
+        return self._run(work)
+
+    @_deferred
+    async def listInstancesOf(self, user_id: str, includeDiscarded: bool = False) -> list[Instance]:
+        return await self._listInstances("owner_id = ?", (user_id,), includeDiscarded)
+
+    @_deferred
+    async def listInstancesIn(self, states: Iterable[str], updatedBefore: float) -> list[Instance]:
+        wanted = tuple(_checkState(state) for state in states)
+        if not wanted:
+            return []
+
+        def work(t: _Txn) -> list[Instance]:
+            rows = t.all(
+                f"SELECT {_cols(_INSTANCE)} FROM instances"
+                f" WHERE state IN ({_marks(len(wanted))}) AND updated < ? ORDER BY updated",
+                (*wanted, updatedBefore),
+            )
+            return [_instance(row) for row in rows]
+
+        return await self._run(work)
+
+    @_deferred
+    async def listInstancesOfScheduler(self, scheduler_id: str, includeDiscarded: bool = False) -> list[Instance]:
+        return await self._listInstances("scheduler_id = ?", (scheduler_id,), includeDiscarded)
+
+    @_deferred
+    async def listInstancesSharedWith(self, user_id: str) -> list[Instance]:
+        def work(t: _Txn) -> list[Instance]:
+            # Start from this person's shares and grants (indexed by user),
+            # not from every instance: the cost follows what is shared with
+            # them, not the size of the portal.
+            rows = t.all(
+                f"SELECT {_cols(_INSTANCE, 'i')} FROM instances i"
+                " WHERE i.id IN ("
+                "  SELECT s.instance_id FROM instance_shares s WHERE s.user_id = ?"
+                "  UNION SELECT l.instance_id FROM share_link_grants g JOIN share_links l ON l.id = g.link_id"
+                "  WHERE g.user_id = ? AND l.revoked = 0)"
+                " AND i.state <> ? AND i.owner_id <> ?"
+                " ORDER BY i.id",
+                (user_id, user_id, State.DISCARDED.value, user_id),
+            )
+            return [_instance(row) for row in rows]
+
+        return await self._run(work)
+
+    @_deferred
+    async def updateInstance(
+        self,
+        instance_id: str,
+        *,
+        state: str | Unset = UNSET,
+        reason: str | None | Unset = UNSET,
+        url: str | None | Unset = UNSET,
+        public_jwk: str | None | Unset = UNSET,
+        scheduler_id: str | None | Unset = UNSET,
+        expected_state: str | Collection[str] | None = None,
+    ) -> Instance:
+        if not isinstance(state, Unset):
+            _checkState(state)
+        expected: tuple[str, ...] | None = None
+        if expected_state is not None:
+            expected = (expected_state,) if isinstance(expected_state, str) else tuple(expected_state)
+            for each in expected:
+                _checkState(each)
+            if not expected:
+                raise ValueError("expected_state must name at least one state")
+        fields = _given(state=state, reason=reason, url=url, public_jwk=public_jwk, scheduler_id=scheduler_id)
+        fields["updated"] = self._now()
+        sets = ", ".join(f"{name} = ?" for name in fields)
+
+        def work(t: _Txn) -> Instance:
+            where, params = "id = ?", [instance_id]
+            if expected is not None:
+                where += f" AND state IN ({_marks(len(expected))})"
+                params += expected
+            if not t.execute(f"UPDATE instances SET {sets} WHERE {where}", (*fields.values(), *params)):
+                row = t.one("SELECT state FROM instances WHERE id = ?", (instance_id,))
+                if row is None:
+                    raise NotFound(f"there is no instance {instance_id!r}")
+                raise Conflict(
+                    f"instance {instance_id} is {row[0]}, not {' or '.join(expected or ())}"
+                )
+            return _instance(t.one(f"SELECT {_cols(_INSTANCE)} FROM instances WHERE id = ?", (instance_id,)))
+
+        return await self._run(work, missing=f"there is no scheduler {scheduler_id!r}")
+    # -- sharing instances -----------------------------------------------------------------------------
+
+    @_deferred
+    async def shareInstance(self, instance_id: str, user_id: str) -> None:
+        now = self._now()
+
+        def work(t: _Txn) -> None:
+            t.execute(
+                "INSERT INTO instance_shares (instance_id, user_id, created) VALUES (?, ?, ?)"
+                " ON CONFLICT (instance_id, user_id) DO NOTHING",
+                (instance_id, user_id, now),
+            )
+
+        await self._run(work, missing=f"there is no instance {instance_id!r} or no user {user_id!r}")
+
+    @_deferred
+    async def unshareInstance(self, instance_id: str, user_id: str) -> None:
+        def work(t: _Txn) -> None:
+            t.execute("DELETE FROM instance_shares WHERE instance_id = ? AND user_id = ?", (instance_id, user_id))
+
+        await self._run(work)
+
+    @_deferred
+    async def listInstanceShares(self, instance_id: str) -> list[str]:
+        def work(t: _Txn) -> list[str]:
+            rows = t.all(
+                "SELECT user_id FROM instance_shares WHERE instance_id = ? ORDER BY created, user_id",
+                (instance_id,),
+            )
+            return [row[0] for row in rows]
+
+        return await self._run(work)
+
+    @_deferred
+    async def createShareLink(self, instance_id: str) -> tuple[ShareLink, str]:
+        token = newToken()
+        link = ShareLink(newId(), instance_id, hashToken(token), self._now(), False)
+
+        def work(t: _Txn) -> tuple[ShareLink, str]:
+            t.execute(
+                f"INSERT INTO share_links ({_cols(_SHARE_LINK)}) VALUES ({_marks(len(_SHARE_LINK))})",
+                (link.id, instance_id, link.token_hash, link.created, 0),
+            )
+            return link, token
+
+        return await self._run(work, missing=f"there is no instance {instance_id!r}")
+
+    @_deferred
+    async def redeemShareLink(self, token: str, user_id: str) -> str | None:
+        now = self._now()
+
+        def work(t: _Txn) -> str | None:
+            row = t.one(
+                "SELECT id, instance_id FROM share_links WHERE token_hash = ? AND revoked = 0",
+                (hashToken(token),),
+            )
+            if row is None:
+                return None
+            t.execute(
+                "INSERT INTO share_link_grants (link_id, user_id, created) VALUES (?, ?, ?)"
+                " ON CONFLICT (link_id, user_id) DO NOTHING",
+                (row[0], user_id, now),
+            )
+            return str(row[1])
+
+        return await self._run(work, missing=f"there is no user {user_id!r}")
+
+    @_deferred
+    async def revokeShareLink(self, link_id: str) -> None:
+        def work(t: _Txn) -> None:
+            if not t.execute("UPDATE share_links SET revoked = 1 WHERE id = ?", (link_id,)):
+                raise NotFound(f"there is no share link {link_id!r}")
+
+        await self._run(work)
+
+    @_deferred
+    async def listShareLinks(self, instance_id: str) -> list[ShareLink]:
+        def work(t: _Txn) -> list[ShareLink]:
+            rows = t.all(
+                f"SELECT {_cols(_SHARE_LINK)} FROM share_links WHERE instance_id = ? ORDER BY created, id",
+                (instance_id,),
+            )
+            return [_shareLink(row) for row in rows]
+
+        return await self._run(work)
+
+    @_deferred
+    async def mayUseInstance(self, user_id: str, instance_id: str) -> bool:
+        def work(t: _Txn) -> bool:
+            row = t.one(
+                "SELECT 1 FROM instances i WHERE i.id = ? AND ("
+                " i.owner_id = ?"
+                " OR EXISTS (SELECT 1 FROM instance_shares s WHERE s.instance_id = i.id AND s.user_id = ?)"
+                " OR EXISTS (SELECT 1 FROM share_link_grants g JOIN share_links l ON l.id = g.link_id"
+                "  WHERE l.instance_id = i.id AND l.revoked = 0 AND g.user_id = ?))",
+                (instance_id, user_id, user_id, user_id),
+            )
+            return row is not None
+
+        return await self._run(work)
