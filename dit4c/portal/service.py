@@ -110,10 +110,20 @@ class PortalService(MultiService):
             from treq.client import HTTPClient
             from twisted.web.client import Agent
 
-            from dit4c.portal.upstream import UpstreamLogin
+            from dit4c.portal.upstream import LoginDoors, UpstreamLogin
 
-            self.portal.upstream = UpstreamLogin(
-                self.portal, self.loginProviders, HTTPClient(Agent(self.reactor))
+            doors = LoginDoors(
+                store=portal.store,
+                cookies=portal.cookies,
+                throttle=portal.throttle,
+                proxies=portal.proxies,
+                config=portal.config,
+                clock=portal.clock,
+                loggedIn=portal.loggedIn,
+                render=portal.render,
+            )
+            portal.upstream = UpstreamLogin(
+                doors, self.loginProviders, HTTPClient(Agent(self.reactor))
             )
         site = portalSite(self.portal.app.resource(), self.reactor, self.limits)
         for endpoint in self.endpoints:

@@ -1,0 +1,139 @@
+"""
+What the upstream login uses of the portal it is mounted in, and nothing
+more (``LoginHost``): the people and sessions of its store, its cookie
+policy, its login throttle, who sent a request, its public URL and session
+lifetime, its clock, who is logged in already, and its error page.
+
+``LoginHost`` is a structural ``Protocol`` rather than a zope
+``Interface``: the portal (``dit4c.portal.app.Portal``) has these members
+already and need not declare them, and the portal's service hands the
+login a ``LoginDoors`` that holds only them, so the login cannot come to
+depend on anything else of the portal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.iweb import IRequest
+
+from dit4c.portal.store.model import Identity, Session, User
+
+__all__ = [
+    "ClientAddresses",
+    "Cookies",
+    "LoginDoors",
+    "LoginHost",
+    "People",
+    "Renderer",
+    "SessionSettings",
+    "Throttle",
+]
+
+
+class People(Protocol):
+    """The store's people and sessions, as far as a login goes (a part of ``IStore``)."""
+
+    def userByIdentity(self, provider: str, subject: str) -> Deferred[User | None]: ...
+
+    def userByName(self, name: str) -> Deferred[User | None]: ...
+
+    def createUser(
+        self, name: str, *, email: str | None = None, display_name: str | None = None
+    ) -> Deferred[User]: ...
+
+    def linkIdentity(self, user_id: str, provider: str, subject: str) -> Deferred[Identity]: ...
+
+    def updateUser(self, user_id: str, *, disabled: bool) -> Deferred[User]: ...
+
+    def createSession(self, user_id: str, lifetime: float) -> Deferred[Session]: ...
+
+    def deleteSession(self, token: str) -> Deferred[None]: ...
+
+
+class Cookies(Protocol):
+    """How the portal names, sets and reads its cookies (``security.CookiePolicy``)."""
+
+    def get(self, request: Any, base: bytes) -> bytes | None: ...
+
+    def set(self, request: Any, base: bytes, value: str, *, maxAge: float | None) -> None: ...
+
+    def clear(self, request: Any, base: bytes) -> None: ...
+
+
+class Throttle(Protocol):
+    """Failed logins slow down their address (``security.LoginThrottle``)."""
+
+    async def claim(self, name: str | None, address: str) -> float: ...
+
+    async def succeeded(self, name: str | None, address: str) -> None: ...
+
+
+class ClientAddresses(Protocol):
+    """Who sent a request, behind trusted reverse proxies too (``security.TrustedProxies``)."""
+
+    def clientAddress(self, request: Any) -> str: ...
+
+
+class SessionSettings(Protocol):
+    """The portal's settings a login reads (``PortalConfig``)."""
+
+    @property
+    def publicURL(self) -> str: ...
+
+    @property
+    def sessionLifetime(self) -> float: ...
+
+
+class Renderer(Protocol):
+    """A page of the portal's from one of its templates (``Portal.render``)."""
+
+    def __call__(
+        self, request: IRequest, template: str, status: int = 200, **context: Any
+    ) -> bytes: ...
+
+
+class LoginHost(Protocol):
+    """The portal, as the upstream login sees it."""
+
+    @property
+    def store(self) -> People: ...
+
+    @property
+    def cookies(self) -> Cookies: ...
+
+    @property
+    def throttle(self) -> Throttle: ...
+
+    @property
+    def proxies(self) -> ClientAddresses: ...
+
+    @property
+    def config(self) -> SessionSettings: ...
+
+    @property
+    def clock(self) -> IReactorTime: ...
+
+    def loggedIn(self, request: IRequest) -> Awaitable[object | None]:
+        """Who is logged in with ``request`` (None: nobody); refuses a cross-site request."""
+
+    def render(self, request: IRequest, template: str, status: int = 200, **context: Any) -> bytes:
+        """A page from a template (the error page, for a login that failed)."""
+
+
+@dataclass(frozen=True)
+class LoginDoors:
+    """A ``LoginHost`` that holds just those members, taken from the portal."""
+
+    store: People
+    cookies: Cookies
+    throttle: Throttle
+    proxies: ClientAddresses
+    config: SessionSettings
+    clock: IReactorTime
+    loggedIn: Callable[[IRequest], Awaitable[object | None]]
+    render: Renderer
