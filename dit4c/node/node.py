@@ -26,7 +26,6 @@ writes or hashes a big file on the reactor thread.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -58,7 +57,7 @@ from dit4c.common.life import (
     expiredReason,
 )
 from dit4c.common.tokens import INSTANCE_ID_RE
-from dit4c.node.interfaces import IRuntime, PodSpec, PodStatus, RuntimeError_
+from dit4c.node.interfaces import IRuntime, PodSpec, PodStatus, RuntimeError_, helperCommand
 from dit4c.node.processes import RECORD, PodProcess, removePodDirectory
 from dit4c.upload.helper import failureFile, progressFile, resultFile
 
@@ -146,7 +145,7 @@ class Node(Service):
             made, before its start counts as failed.
         :param imageServer: the image server's base URL, as this node
             reaches it: where saved images go. None: this node cannot save.
-        :param uploadCommand: runs the upload helper (``python -m dit4c.upload``).
+        :param uploadCommand: runs the upload helper (``helperCommand("dit4c-helper-upload")``).
         :param fileServer: the file server (``host:port``) whose storage
             each pod mounts (the storage helper), and ``fileServerHostKey``
             its SSH host key, pinned. None: no shared storage.
@@ -167,7 +166,7 @@ class Node(Service):
         self.imageServer = imageServer
         self.fileServer = fileServer
         self.fileServerHostKey = fileServerHostKey
-        self.uploadCommand = uploadCommand or [sys.executable, "-m", "dit4c.upload"]
+        self.uploadCommand = uploadCommand or helperCommand("dit4c-helper-upload")
         self.deadlines: Mapping[State, float] = {**DEADLINES, **(deadlines or {})}
         #: Whether it takes new instances (administrators cool a node down before removing it).
         self.accepting = True

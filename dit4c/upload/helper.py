@@ -1,6 +1,6 @@
 """
-``python -m dit4c.upload``: the upload helper, run by the node once it has
-captured a saved instance's image (an archive, and its digest).
+``twistd dit4c-helper-upload``: the upload helper, run by the node once it
+has captured a saved instance's image (an archive, and its digest).
 
 1. ``PUT <image server>/images/<digest>``, the archive streamed from its
    file, with ``Authorization: Bearer <upload token>``: a token it signs with
@@ -12,11 +12,12 @@ captured a saved instance's image (an archive, and its digest).
    never before the bytes are stored.
 
 Transient failures (the image server or portal away, a 5xx) are retried
-with back-off; anything else ends it. Exit status 0 means the portal has
-the image; the node reports ``saved`` only then. Before it exits the helper
-leaves its verdict beside the image (:func:`resultFile` on success,
-:func:`failureFile` with the reason otherwise), so a node restarted while
-it ran can tell how it ended.
+with back-off; anything else ends it. Unlike the other helpers it is a
+service that ends by itself (:class:`UploadService`): exit status 0 means
+the portal has the image; the node reports ``saved`` only then. Before it
+exits the helper leaves its verdict beside the image (:func:`resultFile` on
+success, :func:`failureFile` with the reason otherwise), so a node
+restarted while it ran can tell how it ended.
 """
 
 from __future__ import annotations
@@ -28,20 +29,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater, react
-from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
 from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
 
-from dit4c.common.helperenv import HelperEnvironment, HelperEnvironmentError, fromEnvironment
-from dit4c.common.keys import load_private_key
+from dit4c.common.helperenv import HelperEnvironment
+from dit4c.common.keys import KeyFileError, load_private_key
 from dit4c.common.portalhttp import portalHTTP
 from dit4c.common.tokens import TokenSigner
 from dit4c.listener.report import REPORT_AUDIENCE
 from dit4c.listener.service import backoff
 
-__all__ = ["upload", "UploadFailed", "UPLOAD_AUDIENCE", "failureFile", "progressFile", "resultFile"]
+__all__ = ["upload", "UploadFailed", "UploadService", "UPLOAD_AUDIENCE", "failureFile", "progressFile", "resultFile"]
 
 UPLOAD_AUDIENCE = "dit4c-image-upload"
 UPLOAD_TOKEN_LIFETIME = 300
@@ -168,7 +170,11 @@ async def upload(
         raise UploadFailed("DIT4C_IMAGE_SERVER, DIT4C_IMAGE_FILE and DIT4C_IMAGE_DIGEST must be set")
     if not Path(env.imageFile).is_file():
         raise UploadFailed(f"no image at {env.imageFile}")
-    signer = TokenSigner(load_private_key(env.keyFile), clock=reactor)
+    try:
+        key = load_private_key(env.keyFile)
+    except (OSError, KeyFileError) as e:
+        raise UploadFailed(f"DIT4C_INSTANCE_KEY: {getattr(e, 'strerror', None) or e}") from None
+    signer = TokenSigner(key, clock=reactor)
     policy = retryPolicy or backoff(initial=1.0, maximum=30.0)
     for attempt in range(attempts):
         try:
@@ -182,24 +188,62 @@ async def upload(
     raise UploadFailed("no attempt made")
 
 
-def main() -> None:
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
+class UploadService(Service):
+    """
+    One upload, then the end of the process: started, it runs
+    :func:`upload`, leaves its verdict beside the image, and stops the
+    reactor; the process then exits with status 0 if the portal has the
+    image, 1 otherwise (the node reads either, :mod:`dit4c.node.node`).
+    Stopped before that (the node gave the upload up), the process ends as
+    any stopped helper does.
+    """
 
-    async def run(reactor: Any) -> None:
+    def __init__(self, reactor: Any, env: HelperEnvironment, **options: Any) -> None:
+        """:param options: passed to :func:`upload` (``attempts``, ``timeout``, ``retryPolicy``)."""
+        self.reactor = reactor
+        self.env = env
+        self.options = options
+        #: The exit status, once the verdict is left.
+        self.status: int | None = None
+        #: Fires with the exit status once the verdict is left.
+        self.finished: Deferred[int] = Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        self.reactor.addSystemEventTrigger("after", "shutdown", self._exit)
+        Deferred.fromCoroutine(self._run())
+
+    async def _run(self) -> None:
+        env = self.env
         try:
-            env = fromEnvironment()
-        except HelperEnvironmentError as e:
-            log.error("upload failed: {why}", why=e)
-            raise SystemExit(1) from None
-        try:
-            url = await upload(reactor, env)
-        except UploadFailed as e:
-            log.error("upload failed: {why}", why=e)
+            url = await upload(self.reactor, env, **self.options)
+        except Exception as e:
+            if isinstance(e, UploadFailed):
+                log.error("upload failed: {why}", why=e)
+            else:
+                log.failure("upload failed")
             if env.imageFile:
                 _leave(failureFile(env.imageFile), str(e))
-            raise SystemExit(1) from None
+            self._end(1)
+            return
         assert env.imageFile
         _leave(resultFile(env.imageFile), json.dumps({"url": url}))
         log.info("saved image at {url}", url=url)
+        self._end(0)
 
-    react(lambda reactor: Deferred.fromCoroutine(run(reactor)))
+    def _end(self, status: int) -> None:
+        self.status = status
+        self.finished.callback(status)
+        # twistd starts the service before its reactor runs: an upload that
+        # ends at once (no image) stops the reactor once it is running.
+        self.reactor.callWhenRunning(self.reactor.stop)
+
+    def _exit(self) -> None:
+        """
+        After the reactor's shutdown: a failed upload ends the process with
+        status 1 (twistd itself would exit with 0 once its reactor stops).
+        """
+        if self.status:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(self.status)

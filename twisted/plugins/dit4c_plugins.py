@@ -23,6 +23,9 @@ node = ServiceMaker(
 imageserver = ServiceMaker("DIT4C image server", "dit4c.imageserver.tap", "Store saved instance images, asking the portal about every request.", "dit4c-imageserver")
 fileserver = ServiceMaker("DIT4C file server", "dit4c.fileserver.tap", "Serve each person's persistent storage (SFTP) to their instances.", "dit4c-fileserver")
 storage = ServiceMaker("DIT4C storage helper", "dit4c.storage.tap", "Mount the instance owner's storage from the file server (sshfs).", "dit4c-helper-storage")
+upload = ServiceMaker(
+    "DIT4C upload helper", "dit4c.upload.tap", "Store a saved instance's image at the image server and report it, then exit.", "dit4c-helper-upload"
+)
 pod = ServiceMaker("DIT4C pod helper", "dit4c.podhelper.tap", "All of an instance's helpers (listener, auth, storage) in one process.", "dit4c-helper-pod")
 dev = ServiceMaker(
     "DIT4C all in one", "dit4c.dev.tap", "Portal, routing, scheduler, a compute node, image and file servers in one process on loopback.", "dit4c-dev"

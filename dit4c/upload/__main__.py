@@ -1,3 +1,0 @@
-from dit4c.upload.helper import main
-
-main()
