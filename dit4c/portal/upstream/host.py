@@ -36,7 +36,11 @@ __all__ = [
 
 
 class People(Protocol):
-    """The store's people and sessions, as far as a login goes (a part of ``IStore``)."""
+    """
+    The store's people and sessions, as far as a login goes: the part of
+    ``IPeople`` and ``ISessions`` it uses (any ``IStore`` fits, as mypy
+    checks against those interfaces).
+    """
 
     def userByIdentity(self, provider: str, subject: str) -> Deferred[User | None]: ...
 
