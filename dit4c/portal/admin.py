@@ -11,49 +11,43 @@ from __future__ import annotations
 
 import json
 import secrets
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from klein import Klein
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from dit4c.portal import security
-from dit4c.portal.events import AccessChange
+from dit4c.portal.events import AccessChange, EventBus
+from dit4c.portal.interfaces import KeyRotation, PageRenderer, SessionLookup
+from dit4c.portal.jwks import publicJWKProblem
+from dit4c.portal.sessions import LoggedIn
 from dit4c.portal.store.errors import StoreError
-
-if TYPE_CHECKING:
-    from dit4c.portal.app import LoggedIn, Portal
-
-
-def publicJWKProblem(text: str) -> tuple[dict[str, Any] | None, str | None]:
-    """Parse a scheduler's public JWK; refuse anything private or unusable."""
-    try:
-        jwk = json.loads(text)
-    except ValueError:
-        return None, "The key is not JSON."
-    if not isinstance(jwk, dict):
-        return None, "The key must be a JSON object (a JWK)."
-    if any(member in jwk for member in ("d", "p", "q", "dp", "dq", "qi", "k")):
-        return None, "That is a private key. Register the public key only."
-    from dit4c.common.tokens import parse_jwks
-
-    if not parse_jwks({"keys": [dict(jwk, kid=jwk.get("kid", "k"))]}):
-        return None, "The key must be an EC P-256 or Ed25519 public key."
-    return jwk, None
+from dit4c.portal.store.interfaces import IStore
+from dit4c.portal.web import arg, csrfOK, redirect
 
 
 class AdminPages:
     app = Klein()
     log = Logger()
 
-    def __init__(self, portal: Portal) -> None:
-        self.portal = portal
-        self.store = portal.store
+    def __init__(
+        self, store: IStore, *, sessions: SessionLookup, pages: PageRenderer, events: EventBus, keys: KeyRotation
+    ) -> None:
+        """
+        :param events: where a person's access that ends here (disabled) is told.
+        :param keys: the portal's signing keys, which an administrator may rotate.
+        """
+        self.store = store
+        self.sessions = sessions
+        self.pages = pages
+        self.events = events
+        self.keys = keys
 
     async def admin(self, request: IRequest) -> LoggedIn | None:
-        who = await self.portal.loggedIn(request)
+        who = await self.sessions.loggedIn(request)
         if who is None:
-            self.portal.redirect(request, "/login?next=/admin/")
+            redirect(request, "/login?next=/admin/")
             return None
         if not who.user.is_admin:
             request.setResponseCode(403)
@@ -68,7 +62,7 @@ class AdminPages:
         restricted = {
             s.id: ", ".join(names.get(i, i) for i in await self.store.schedulerUsers(s.id)) for s in schedulers
         }
-        return self.portal.render(
+        return self.pages.render(
             request,
             "admin.html",
             status,
@@ -86,9 +80,9 @@ class AdminPages:
         who = await self.admin(request)
         if who is None:
             return self.forbidden(request)
-        if not self.portal.csrfOK(request, who.session.csrf):
+        if not csrfOK(request, who.session.csrf):
             request.setResponseCode(400)
-            return self.portal.render(
+            return self.pages.render(
                 request, "error.html", 400, title="Form expired", message="Reload the page and try again."
             )
         return who
@@ -96,7 +90,7 @@ class AdminPages:
     def forbidden(self, request: IRequest) -> bytes:
         if request.code == 303:  # type: ignore[attr-defined]
             return b""
-        return self.portal.render(
+        return self.pages.render(
             request, "error.html", 403, title="Forbidden", message="Only administrators may see this page."
         )
 
@@ -112,7 +106,6 @@ class AdminPages:
         who = await self.guarded(request)
         if isinstance(who, bytes):
             return who
-        arg = self.portal.arg
         name = (arg(request, "name") or "").strip().lower()
         password = secrets.token_urlsafe(15)
         try:
@@ -134,7 +127,6 @@ class AdminPages:
         who = await self.guarded(request)
         if isinstance(who, bytes):
             return who
-        arg = self.portal.arg
         changes: dict[str, Any] = {}
         action = arg(request, "action")
         if action in ("disable", "enable"):
@@ -156,7 +148,7 @@ class AdminPages:
             await self.store.updateUser(user_id, **changes)
             if changes.get("disabled"):
                 await self.store.deleteSessionsOfUser(user_id)
-                self.portal.events.accessChanged(AccessChange(user=user_id))
+                self.events.accessChanged(AccessChange(user=user_id))
         except StoreError as e:
             return await self.page(request, who, 400, error=str(e))
         self.log.info("{admin} changed user {id}: {action}", admin=who.user.name, id=user_id, action=action)
@@ -167,7 +159,6 @@ class AdminPages:
         who = await self.guarded(request)
         if isinstance(who, bytes):
             return who
-        arg = self.portal.arg
         name = (arg(request, "name") or "").strip()
         ref = (arg(request, "ref") or "").strip()
         rawPort = (arg(request, "port") or "").strip()
@@ -194,8 +185,8 @@ class AdminPages:
         who = await self.guarded(request)
         if isinstance(who, bytes):
             return who
-        name = (self.portal.arg(request, "name") or "").strip()
-        jwk, problem = publicJWKProblem(self.portal.arg(request, "public_jwk") or "")
+        name = (arg(request, "name") or "").strip()
+        jwk, problem = publicJWKProblem(arg(request, "public_jwk") or "")
         if problem or not name:
             return await self.page(request, who, 400, error=problem or "A scheduler needs a name.")
         try:
@@ -210,7 +201,7 @@ class AdminPages:
         who = await self.guarded(request)
         if isinstance(who, bytes):
             return who
-        kid = self.portal.keys.rotate()
+        kid = self.keys.rotate()
         self.log.info("{admin} rotated the portal's signing key; now {kid}", admin=who.user.name, kid=kid)
         return await self.page(request, who, message=f"The portal now signs with key {kid}.")
 
@@ -219,9 +210,9 @@ class AdminPages:
         who = await self.guarded(request)
         if isinstance(who, bytes):
             return who
-        action = self.portal.arg(request, "action")
+        action = arg(request, "action")
         if action == "restrict":
-            names = [n.strip().lower() for n in (self.portal.arg(request, "users") or "").split(",") if n.strip()]
+            names = [n.strip().lower() for n in (arg(request, "users") or "").split(",") if n.strip()]
             ids = []
             for name in names:
                 person = await self.store.userByName(name)

@@ -13,20 +13,23 @@ from __future__ import annotations
 import json
 import secrets
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from klein import Klein
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException
 
+from dit4c.common.life import toJSON as lifeJSON
 from dit4c.portal import security
-from dit4c.portal.events import AccessChange
-from dit4c.portal.instances import InstanceError
-from dit4c.portal.store.errors import StoreError
-
-if TYPE_CHECKING:
-    from dit4c.portal.app import Portal
-    from dit4c.portal.store.model import Instance, User
+from dit4c.portal.events import AccessChange, EventBus
+from dit4c.portal.instances import InstanceError, Instances, Sharing
+from dit4c.portal.interfaces import KeyRotation, SessionLookup
+from dit4c.portal.jwks import publicJWKProblem
+from dit4c.portal.openapi import document
+from dit4c.portal.store.errors import Conflict, NotFound, StoreError
+from dit4c.portal.store.interfaces import IStore
+from dit4c.portal.store.model import Instance, User
 
 MAX_BODY = 64 * 1024
 
@@ -67,10 +70,30 @@ class API:
     app = Klein()
     log = Logger()
 
-    def __init__(self, portal: Portal) -> None:
-        self.portal = portal
-        self.store = portal.store
-        self.instances = portal.instances
+    def __init__(
+        self,
+        store: IStore,
+        *,
+        sessions: SessionLookup,
+        instances: Instances,
+        sharing: Sharing,
+        events: EventBus,
+        keys: KeyRotation,
+        publicURL: str,
+    ) -> None:
+        """
+        :param sessions: who is logged in, for calls from the portal's own pages.
+        :param events: where a person's access that ends here (disabled) is told.
+        :param keys: the portal's signing keys, which an administrator may rotate.
+        :param publicURL: the portal's public base URL (the OpenAPI document names it).
+        """
+        self.store = store
+        self.sessions = sessions
+        self.instances = instances
+        self.sharing = sharing
+        self.events = events
+        self.keys = keys
+        self.publicURL = publicURL
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -84,7 +107,7 @@ class API:
             if user is None:
                 raise APIError(401, "unauthenticated", "That API token is not valid.")
             return user
-        who = await self.portal.loggedIn(request)
+        who = await self.sessions.loggedIn(request)
         if who is None:
             raise APIError(401, "unauthenticated", "Log in, or send an API token.")
         if request.method not in (b"GET", b"HEAD") and not security.tokensEqual(
@@ -141,15 +164,11 @@ class API:
 
     @app.handle_errors(StoreError)
     def storeError(self, request: IRequest, failure: Any) -> bytes:
-        from dit4c.portal.store.errors import Conflict, NotFound
-
         status = 404 if failure.check(NotFound) else 409 if failure.check(Conflict) else 400
         return self.reply(request, {"error": "store", "reason": str(failure.value)}, status)
 
     @app.handle_errors(Exception)
     def failed(self, request: IRequest, failure: Any) -> bytes:
-        from werkzeug.exceptions import HTTPException
-
         if failure.check(HTTPException):
             e = failure.value
             return self.reply(request, {"error": "http", "reason": e.description}, e.code)
@@ -160,16 +179,12 @@ class API:
 
     @app.route("/openapi.json", methods=["GET"])
     def openapi(self, request: IRequest) -> bytes:
-        from dit4c.portal.openapi import document
-
-        return self.reply(request, document(self.portal.config.publicURL))
+        return self.reply(request, document(self.publicURL))
 
     @app.route("/life", methods=["GET"])
     def life(self, request: IRequest) -> bytes:
         """An instance's life (states, actions, deadlines), for clients that show or drive instances."""
-        from dit4c.common.life import toJSON
-
-        return self.reply(request, toJSON())
+        return self.reply(request, lifeJSON())
 
     @app.route("/me", methods=["GET"])
     async def me(self, request: IRequest) -> bytes:
@@ -253,37 +268,37 @@ class API:
     @app.route("/instances/<instance_id>/links", methods=["GET"])
     async def links(self, request: IRequest, instance_id: str) -> bytes:
         user = await self.caller(request)
-        links = await self.portal.sharing.links(user, instance_id)
+        links = await self.sharing.links(user, instance_id)
         return self.reply(request, [{"id": k.id, "created": k.created, "revoked": k.revoked} for k in links])
 
     @app.route("/instances/<instance_id>/links", methods=["POST"])
     async def newLink(self, request: IRequest, instance_id: str) -> bytes:
         user = await self.caller(request)
-        link, url = await self.portal.sharing.createLink(user, instance_id)
+        link, url = await self.sharing.createLink(user, instance_id)
         return self.reply(request, {"id": link.id, "url": url}, 201)
 
     @app.route("/instances/<instance_id>/links/<link_id>", methods=["DELETE"])
     async def revokeLink(self, request: IRequest, instance_id: str, link_id: str) -> bytes:
         user = await self.caller(request)
-        await self.portal.sharing.revokeLink(user, instance_id, link_id)
+        await self.sharing.revokeLink(user, instance_id, link_id)
         return self.reply(request, {"revoked": link_id})
 
     @app.route("/images/<image_id>/shares", methods=["POST"])
     async def shareImage(self, request: IRequest, image_id: str) -> bytes:
         user = await self.caller(request)
-        await self.portal.sharing.shareImage(user, image_id, str(self.field(self.body(request), "user")))
+        await self.sharing.shareImage(user, image_id, str(self.field(self.body(request), "user")))
         return self.reply(request, {"shared": image_id})
 
     @app.route("/images/<image_id>/shares/<name>", methods=["DELETE"])
     async def unshareImage(self, request: IRequest, image_id: str, name: str) -> bytes:
         user = await self.caller(request)
-        await self.portal.sharing.unshareImage(user, image_id, name)
+        await self.sharing.unshareImage(user, image_id, name)
         return self.reply(request, {"unshared": image_id})
 
     @app.route("/images/<image_id>", methods=["DELETE"])
     async def deleteImage(self, request: IRequest, image_id: str) -> bytes:
         user = await self.caller(request)
-        await self.portal.sharing.deleteImage(user, image_id)
+        await self.sharing.deleteImage(user, image_id)
         return self.reply(request, {"deleted": image_id})
 
     @app.route("/instances/<instance_id>/shares/<name>", methods=["DELETE"])
@@ -328,7 +343,7 @@ class API:
         user = await self.store.updateUser(user_id, **body)
         if body.get("disabled"):
             await self.store.deleteSessionsOfUser(user_id)
-            self.portal.events.accessChanged(AccessChange(user=user_id))
+            self.events.accessChanged(AccessChange(user=user_id))
         return self.reply(request, userJSON(user))
 
     @app.route("/admin/schedulers/<scheduler_id>/users", methods=["PUT"])
@@ -349,7 +364,7 @@ class API:
     @app.route("/admin/keys/rotate", methods=["POST"])
     async def rotateKey(self, request: IRequest) -> bytes:
         caller = await self.admin(request)
-        kid = self.portal.keys.rotate()
+        kid = self.keys.rotate()
         self.log.info("{admin} rotated the portal's signing key (API); now {kid}", admin=caller.name, kid=kid)
         return self.reply(request, {"kid": kid})
 
@@ -367,8 +382,6 @@ class API:
 
     @app.route("/admin/schedulers", methods=["POST"])
     async def addScheduler(self, request: IRequest) -> bytes:
-        from dit4c.portal.admin import publicJWKProblem
-
         await self.admin(request)
         body = self.body(request)
         jwk = body.get("public_jwk")

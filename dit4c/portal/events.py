@@ -31,7 +31,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from inspect import isawaitable
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -44,6 +44,7 @@ from dit4c.portal.store.model import Instance
 
 __all__ = [
     "AccessChange",
+    "EventBus",
     "EventStreams",
     "InstanceEvents",
     "InstanceWatches",
@@ -115,6 +116,25 @@ class _Subscribers(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._callbacks)
+
+
+class EventBus(Protocol):
+    """The one in-process bus of instance and access changes."""
+
+    def publish(self, instance: Instance) -> None:
+        """``instance`` changed (the store holds it so)."""
+
+    def subscribe(self, callback: Callable[[Instance], None]) -> Callable[[], None]:
+        """Hear every changed instance until the returned function is called."""
+        ...
+
+    def accessChanged(self, change: AccessChange) -> None:
+        """Someone's leave to use instances may have changed (the store holds it so)."""
+
+    def subscribeAccess(self, callback: Callable[[AccessChange], None]) -> Callable[[], None]:
+        """Hear every access change until the returned function is called."""
+        ...
+
 
 
 class InstanceEvents:
@@ -351,7 +371,7 @@ class EventStreams:
     def __init__(
         self,
         store: Any,
-        events: InstanceEvents,
+        events: EventBus,
         clock: IReactorTime,
         *,
         perPerson: int = STREAMS_PER_PERSON,
@@ -411,7 +431,7 @@ class InstanceWatches:
     def __init__(
         self,
         store: Any,
-        events: InstanceEvents,
+        events: EventBus,
         clock: IReactorTime,
         *,
         perInstance: int = WATCHES_PER_INSTANCE,

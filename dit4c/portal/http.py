@@ -30,10 +30,11 @@ import re
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-from dit4c.common.httpsite import SECRET_PARAMETERS, FrontSite, SiteLimits, redactTarget
+from dit4c.common.httpsite import SECRET_PARAMETERS, FrontSite, SiteLimits
 from dit4c.portal import api, oauth, reports
+from dit4c.portal.web import SECRET_PATHS
 
-__all__ = ["BODY_LIMITS", "FORM_BODY", "SECRET_PATHS", "bodyLimit", "loggableTarget", "portalSite"]
+__all__ = ["BODY_LIMITS", "FORM_BODY", "bodyLimit", "portalSite"]
 
 #: A page's form: log in, start an instance, share it ... (a few hundred bytes each).
 FORM_BODY = 16 * 1024
@@ -48,9 +49,6 @@ BODY_LIMITS: tuple[tuple[bytes, int], ...] = (
     (b"/events", 0),
 )
 
-#: Paths whose rest is a secret: a share link's token (only its hash is stored).
-SECRET_PATHS = ("/share/",)
-
 
 def bodyLimit(method: bytes, target: bytes) -> int:
     """The largest body the portal takes for a request to ``target`` (any method)."""
@@ -61,11 +59,6 @@ def bodyLimit(method: bytes, target: bytes) -> int:
         if path == base or path.startswith(base + b"/"):
             return limit
     return FORM_BODY
-
-
-def loggableTarget(target: bytes) -> str:
-    """A request target as the portal may log it: its secrets redacted, as in the access log."""
-    return redactTarget(target, SECRET_PATHS).decode("latin-1")
 
 
 def portalSite(resource: Any, reactor: Any, limits: SiteLimits | None = None) -> FrontSite:

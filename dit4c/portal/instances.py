@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from zope.interface import Interface
 
 from dit4c.common.life import ACTIONS, ACTIVE, IllegalMove, Life, State
-from dit4c.portal.events import AccessChange
+from dit4c.portal.events import AccessChange, InstanceEvents
 from dit4c.portal.store.errors import Conflict, QuotaReached
 from dit4c.portal.store.model import Image, Instance, User
 
@@ -65,6 +65,16 @@ class WrongState(InstanceError):
     code = "state"
 
 
+class NoChannel:
+    """The commands of a portal without schedulers: refused; nothing is connected."""
+
+    def send(self, scheduler_id: str, op: str, instance_id: str, params: dict[str, Any]) -> Deferred[str]:
+        raise NoScheduler("This portal has no scheduler channel.")
+
+    def connected(self, scheduler_id: str) -> bool:
+        return False
+
+
 def _atImageServer(image: Image) -> bool:
     """A saved image, kept at the image server (reading it takes a read token)."""
     return image.owner_id is not None and image.ref.startswith(("http://", "https://"))
@@ -88,8 +98,6 @@ class Instances:
             ``start`` command of an instance started from a saved image,
             as the command is sent (:meth:`paramsToSend`).
         """
-        from dit4c.portal.events import InstanceEvents
-
         self.readToken = readToken
         self.store = store
         self.commands = commands

@@ -33,19 +33,24 @@ from __future__ import annotations
 import hmac
 import json
 import re
-from collections.abc import Awaitable, Mapping
-from typing import Any, Protocol
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from klein import Klein
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException
 
 from dit4c.common import tokens
 from dit4c.common.life import State
 from dit4c.common.pkce import codeChallenge
 from dit4c.common.tokens import TokenVerifier
-from dit4c.portal.keys import KeyRing, KeyRingKeySource
+from dit4c.portal.events import InstanceWatches
+from dit4c.portal.interfaces import Basics, InstanceTokenCheck, PageRenderer, SessionLookup
+from dit4c.portal.keys import KeyRingKeySource
+from dit4c.portal.reports import LEEWAY, MAX_JTI, ReportError
+from dit4c.portal.web import loggableTarget
 
 __all__ = [
     "AUDIENCE_PREFIX",
@@ -234,20 +239,6 @@ def _clientId(params: Mapping[str, str]) -> str:
 # -- the server ----------------------------------------------------------------------------------
 
 
-class PortalPages(Protocol):
-    """What the OAuth server uses of the portal (``dit4c.portal.app.Portal``)."""
-
-    store: Any
-    keys: KeyRing
-    clock: Any
-    events: Any
-    reports: Any
-
-    def loggedIn(self, request: IRequest) -> Awaitable[Any]: ...
-
-    def render(self, request: IRequest, template: str, status: int = 200, **context: Any) -> bytes: ...
-
-
 class OAuthServer:
     """
     The authorization, token and userinfo endpoints, as a Klein app to
@@ -259,24 +250,32 @@ class OAuthServer:
 
     def __init__(
         self,
-        portal: PortalPages,
+        basics: Basics,
         *,
+        sessions: SessionLookup,
+        pages: PageRenderer,
+        instanceTokens: InstanceTokenCheck,
         mountedAt: str = "/oauth",
         codeLifetime: float = CODE_LIFETIME,
         tokenLifetime: float = TOKEN_LIFETIME,
     ) -> None:
-        self.portal = portal
-        self.store = portal.store
-        self.keys = portal.keys
-        self.clock = portal.clock
+        """
+        :param sessions: who is logged in at the browser (authorization).
+        :param pages: the pages a refused authorization is shown on.
+        :param instanceTokens: the check of a watch's token, signed with the instance's key.
+        """
+        self.store = basics.store
+        self.keys = basics.keys
+        self.clock = basics.clock
+        self.sessions = sessions
+        self.pages = pages
+        self.instanceTokens = instanceTokens
         self.mountedAt = mountedAt
         self.codeLifetime = codeLifetime
         self.tokenLifetime = tokenLifetime
-        self.keySource = KeyRingKeySource(portal.keys)
-        from dit4c.portal.events import InstanceWatches
-
+        self.keySource = KeyRingKeySource(basics.keys)
         #: The helpers' open watches, told of every access change to their instance.
-        self.watches = InstanceWatches(portal.store, portal.events, portal.clock)
+        self.watches = InstanceWatches(basics.store, basics.events, basics.clock)
 
     # -- answers ------------------------------------------------------------------------------
 
@@ -302,7 +301,7 @@ class OAuthServer:
         return self._json(request, {"error": error.error, "error_description": error.description}, error.status)
 
     def _errorPage(self, request: IRequest, error: OAuthError) -> bytes:
-        return self.portal.render(
+        return self.pages.render(
             request, "error.html", error.status, title="This link to an instance is not valid",
             message=error.description,
         )  # fmt: skip
@@ -362,7 +361,7 @@ class OAuthServer:
             self.log.info("authorization request refused: {reason}", reason=e.description)
             return self._errorPage(request, e)
 
-        who = await self.portal.loggedIn(request)
+        who = await self.sessions.loggedIn(request)
         if who is None:
             again = {
                 "response_type": "code",
@@ -505,8 +504,6 @@ class OAuthServer:
 
     async def _watcher(self, request: IRequest) -> str:
         """The instance whose helper signed the watch request: its key, its audience, a fresh ``jti``."""
-        from dit4c.portal.reports import LEEWAY, MAX_JTI, ReportError
-
         if request.args:
             raise InvalidRequest("The watch takes no parameters.")
         header = (request.getHeader(b"authorization") or b"").decode("latin-1")
@@ -516,7 +513,7 @@ class OAuthServer:
             raise InvalidToken("A Bearer token signed with the instance's key is required.")
         try:
             # The same check as an instance's reports (docs/protocols.md 8.1), for another audience.
-            instance, claims = await self.portal.reports._instanceToken(token, WATCH_AUDIENCE)
+            instance, claims = await self.instanceTokens.check(token, WATCH_AUDIENCE)
         except ReportError as e:
             raise InvalidToken(e.reason) from None
         if instance.state == State.DISCARDED:
@@ -532,8 +529,6 @@ class OAuthServer:
 
     @app.handle_errors(Exception)
     def failed(self, request: IRequest, failure: Any) -> bytes:
-        from werkzeug.exceptions import HTTPException
-
         if failure.check(HTTPException):
             error = failure.value
             for name, value in error.get_headers():
@@ -543,8 +538,6 @@ class OAuthServer:
             if error.code == 405:
                 description = f"{request.method.decode('ascii', 'replace')} is not allowed here."
             return self._json(request, {"error": "invalid_request", "error_description": description}, error.code)
-        from dit4c.portal.http import loggableTarget
-
         self.log.failure("OAuth request failed: {uri}", failure, uri=loggableTarget(request.uri))
         return self._json(
             request, {"error": "server_error", "error_description": "The portal failed; try again."}, 500

@@ -39,15 +39,22 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import jwt
+import treq
 from klein import Klein
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException
 
 from dit4c.common import tokens
 from dit4c.common.life import ACTIVE, SAVING_IMAGE, states
 from dit4c.common.tokens import StaticKeySource, TokenVerifier
-from dit4c.portal.keys import KeyRing
+from dit4c.portal.events import EventBus
+from dit4c.portal.keys import KeyRing, KeyRingKeySource
 from dit4c.portal.store.errors import Conflict, NotFound
+from dit4c.portal.store.interfaces import IStore
 from dit4c.portal.store.model import Image, Instance, User
 
 __all__ = [
@@ -59,12 +66,16 @@ __all__ = [
     "READ_AUDIENCE",
     "REPORT_AUDIENCE",
     "UPLOAD_AUDIENCE",
+    "InstanceTokens",
     "ReportError",
     "Reports",
     "checkImageURL",
     "checkInstanceURL",
     "imageReadToken",
+    "removeImageBytes",
 ]
+
+_log = Logger()
 
 #: The audience of an instance's reports to the portal.
 REPORT_AUDIENCE = "dit4c-portal-report"
@@ -254,10 +265,17 @@ def _cookie(header: str | None, name: str) -> str | None:
     return None
 
 
-def imageReadToken(portal: Any, image: Image, lifetime: float = READ_TOKEN_LIFETIME) -> str:
+class HoldsKeys(Protocol):
+    """Whatever holds the portal's key ring (``interfaces.Basics``, the portal)."""
+
+    @property
+    def keys(self) -> KeyRing: ...
+
+
+def imageReadToken(holder: HoldsKeys, image: Image, lifetime: float = READ_TOKEN_LIFETIME) -> str:
     """
     A read token for ``image``: a JWT signed by the portal's current key
-    (``portal.keys``) for the audience ``dit4c-image-read``, with the claim
+    (``holder.keys``) for the audience ``dit4c-image-read``, with the claim
     ``image`` (its id; ``ref`` and ``digest`` too, for the reader). A
     scheduler gives it to the node that starts an instance from a saved
     image; the image server passes it on to ``/reports/image-access``, where
@@ -269,20 +287,88 @@ def imageReadToken(portal: Any, image: Image, lifetime: float = READ_TOKEN_LIFET
     if not 0 < lifetime <= MAX_READ_TOKEN_LIFETIME:
         raise ValueError(f"lifetime must be more than 0 and at most {MAX_READ_TOKEN_LIFETIME} s")
     claims = {"sub": image.id, "image": image.id, "ref": image.ref, "digest": image.digest}
-    token: str = portal.keys.signer().sign(claims, audience=READ_AUDIENCE, lifetime=lifetime)
+    token: str = holder.keys.signer().sign(claims, audience=READ_AUDIENCE, lifetime=lifetime)
     return token
+
+
+def removeImageBytes(keys: KeyRing, image: Image) -> Deferred[None]:
+    """
+    ``DELETE`` a deleted saved image's bytes at the image server, with a
+    delete token the portal signs for that digest (60 s); the image
+    server asks the portal, which allows it only while no saved image
+    has that digest (docs/protocols.md 8.4).
+    """
+    token = keys.signer().sign({"sub": image.digest, "digest": image.digest}, audience=DELETE_AUDIENCE, lifetime=60)
+
+    async def remove() -> None:
+        response = await treq.delete(image.ref, headers=Headers({"Authorization": [f"Bearer {token}"]}), timeout=10)
+        await response.content()
+        if response.code not in (204, 404):
+            raise RuntimeError(f"the image server answered {response.code}")
+        _log.info("removed the bytes of deleted image {image} ({digest})", image=image.id, digest=image.digest)
+
+    return Deferred.fromCoroutine(remove())
+
+
+class InstanceTokens:
+    """
+    Tokens an instance's helpers sign with the instance's own key: its
+    reports here, an upload's proof, and its auth helper's watch
+    (``dit4c.portal.oauth``), each for its own audience.
+    """
+
+    log = Logger()
+
+    def __init__(self, store: IStore, clock: IReactorTime) -> None:
+        self.store = store
+        self.clock = clock
+
+    async def check(self, token: str, audience: str) -> tuple[Instance, dict[str, Any]]:
+        """
+        The instance that signed ``token`` for ``audience``, and the token's
+        claims: signature by the key the store holds for the instance named
+        by ``sub`` (ES256/EdDSA only), ``exp`` at most 5 minutes after
+        ``iat``, and not expired (30 s leeway).
+        """
+        subject = _unverifiedSubject(token)
+        instance: Instance | None = await self.store.instanceById(subject)
+        if instance is None or not instance.public_jwk:
+            raise _badToken("The instance is unknown, or has no key yet.")
+        try:
+            keys = StaticKeySource({"keys": [json.loads(instance.public_jwk)]})
+        except (ValueError, TypeError):
+            self.log.warn("instance {instance} has an unusable public key", instance=instance.id)
+            raise _badToken("The instance has no usable key.") from None
+        verifier = TokenVerifier(keys, audience=audience, leeway=LEEWAY, clock=self.clock)
+        try:
+            claims = await verifier.verify(token)
+        except tokens.InvalidToken as e:
+            raise _badToken(f"The token was refused: {e.reason}.") from None
+        if claims.get("sub") != instance.id:
+            raise _badToken("The token's sub claim must be an instance id.")
+        if not 0 < claims["exp"] - claims["iat"] <= MAX_REPORT_LIFETIME:
+            raise _badToken(f"The token's exp must be at most {int(MAX_REPORT_LIFETIME)} s after its iat.")
+        return instance, claims
 
 
 # -- the endpoints ----------------------------------------------------------------------------------
 
 
-class PortalParts(Protocol):
-    """What the reports use of the portal (``dit4c.portal.app.Portal``)."""
+class ReportsParts(Protocol):
+    """
+    What the reports use (``dit4c.portal.interfaces.Basics``): the store,
+    the portal's keys (its read and delete tokens), the clock, and the
+    event bus the instances they change are published on.
+    """
 
-    store: Any
-    keys: KeyRing
-    clock: Any
-    events: Any
+    @property
+    def store(self) -> IStore: ...
+    @property
+    def keys(self) -> KeyRing: ...
+    @property
+    def clock(self) -> IReactorTime: ...
+    @property
+    def events(self) -> EventBus: ...
 
 
 class Decision:
@@ -330,8 +416,9 @@ class Reports:
 
     def __init__(
         self,
-        portal: PortalParts,
+        parts: ReportsParts,
         *,
+        instanceTokens: InstanceTokens | None = None,
         imageServerSecret: str | bytes | None = None,
         imageServerURLs: Iterable[str] | None = None,
         instanceDomains: Iterable[str] | None = None,
@@ -345,9 +432,11 @@ class Reports:
         :param instanceDomains: the routing domains: a reported instance URL
             must be ``<id>.<one of them>``. None: any domain.
         """
-        self.portal = portal
-        self.store = portal.store
-        self.clock = portal.clock
+        self.store = parts.store
+        self.clock = parts.clock
+        self.events = parts.events
+        #: The check of tokens signed with an instance's own key (shared with the OAuth server's watch).
+        self.instanceTokens = instanceTokens or InstanceTokens(parts.store, parts.clock)
         self.imageServerURLs = (
             None if imageServerURLs is None
             else tuple(url if url.endswith("/") else url + "/" for url in imageServerURLs)
@@ -356,14 +445,12 @@ class Reports:
         self._secretHash: bytes | None = None
         self.setImageServerSecret(imageServerSecret)
         self._fileSecretHash: bytes | None = None
-        from dit4c.portal.keys import KeyRingKeySource
-
         self._readTokens = TokenVerifier(
-            KeyRingKeySource(portal.keys), audience=READ_AUDIENCE, issuer=portal.keys.issuer,
+            KeyRingKeySource(parts.keys), audience=READ_AUDIENCE, issuer=parts.keys.issuer,
             leeway=LEEWAY, clock=self.clock,
         )  # fmt: skip
         self._deleteTokens = TokenVerifier(
-            KeyRingKeySource(portal.keys), audience=DELETE_AUDIENCE, issuer=portal.keys.issuer,
+            KeyRingKeySource(parts.keys), audience=DELETE_AUDIENCE, issuer=parts.keys.issuer,
             leeway=LEEWAY, clock=self.clock,
         )  # fmt: skip
 
@@ -409,8 +496,6 @@ class Reports:
 
     @app.handle_errors(Exception)
     def failed(self, request: IRequest, failure: Any) -> bytes:
-        from werkzeug.exceptions import HTTPException
-
         if failure.check(HTTPException):
             e = failure.value
             error = {404: "not_found", 405: "method_not_allowed"}.get(e.code, "invalid_request")
@@ -447,36 +532,9 @@ class Reports:
 
     # -- instance tokens ----------------------------------------------------------------------------
 
-    async def _instanceToken(self, token: str, audience: str) -> tuple[Instance, dict[str, Any]]:
-        """
-        The instance that signed ``token`` for ``audience``, and the token's
-        claims: signature by the key the store holds for the instance named
-        by ``sub`` (ES256/EdDSA only), ``exp`` at most 5 minutes after
-        ``iat``, and not expired (30 s leeway).
-        """
-        subject = _unverifiedSubject(token)
-        instance: Instance | None = await self.store.instanceById(subject)
-        if instance is None or not instance.public_jwk:
-            raise _badToken("The instance is unknown, or has no key yet.")
-        try:
-            keys = StaticKeySource({"keys": [json.loads(instance.public_jwk)]})
-        except (ValueError, TypeError):
-            self.log.warn("instance {instance} has an unusable public key", instance=instance.id)
-            raise _badToken("The instance has no usable key.") from None
-        verifier = TokenVerifier(keys, audience=audience, leeway=LEEWAY, clock=self.clock)
-        try:
-            claims = await verifier.verify(token)
-        except tokens.InvalidToken as e:
-            raise _badToken(f"The token was refused: {e.reason}.") from None
-        if claims.get("sub") != instance.id:
-            raise _badToken("The token's sub claim must be an instance id.")
-        if not 0 < claims["exp"] - claims["iat"] <= MAX_REPORT_LIFETIME:
-            raise _badToken(f"The token's exp must be at most {int(MAX_REPORT_LIFETIME)} s after its iat.")
-        return instance, claims
-
     async def _report(self, request: IRequest) -> tuple[Instance, dict[str, Any]]:
         """A report's instance and claims, its ``jti`` spent: a replay is refused."""
-        instance, claims = await self._instanceToken(self._token(request), REPORT_AUDIENCE)
+        instance, claims = await self.instanceTokens.check(self._token(request), REPORT_AUDIENCE)
         jti = claims.get("jti")
         if not isinstance(jti, str) or not 0 < len(jti) <= MAX_JTI:
             raise _badToken(f"The token needs a jti claim of 1 to {MAX_JTI} characters.")
@@ -511,7 +569,7 @@ class Reports:
         except (Conflict, NotFound):
             now = await self.store.instanceById(instance.id)
             raise self._wrongState(now or instance, "active") from None
-        self.portal.events.publish(updated)
+        self.events.publish(updated)
         return updated
 
     @staticmethod
@@ -559,7 +617,7 @@ class Reports:
                 instance=instance.id, image=image.id, digest=digest,
             )  # fmt: skip
         latest = await self.store.instanceById(instance.id)
-        self.portal.events.publish(latest or instance)
+        self.events.publish(latest or instance)
         return image, created
 
     # -- POST /reports/image-access -----------------------------------------------------------------------
@@ -630,7 +688,7 @@ class Reports:
         if token is None:
             return _deny("Writes need a Bearer upload token signed by the instance that saves the image.")
         try:
-            instance, claims = await self._instanceToken(token, UPLOAD_AUDIENCE)
+            instance, claims = await self.instanceTokens.check(token, UPLOAD_AUDIENCE)
             digest = _checkDigest(claims.get("digest"))
         except ReportError as e:
             return _deny(f"Upload token: {e.reason}")

@@ -17,10 +17,14 @@ import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from twisted.internet.threads import deferToThread
+
+from dit4c.common.tokens import InvalidToken, TokenVerifier
+from dit4c.portal.keys import KeyRing, KeyRingKeySource
 
 #: Cookie names as the portal sets them over http; over https each is
 #: ``__Host-`` + the name (``CookiePolicy.name``).
@@ -126,10 +130,7 @@ class LoginForms:
     portal process checks a form another made, and nothing is stored.
     """
 
-    def __init__(self, keys: Any, cookies: CookiePolicy) -> None:
-        from dit4c.common.tokens import TokenVerifier
-        from dit4c.portal.keys import KeyRingKeySource
-
+    def __init__(self, keys: KeyRing, cookies: CookiePolicy) -> None:
         self.keys = keys
         self.cookies = cookies
         # Checked by the clock the keys sign with.
@@ -163,8 +164,6 @@ class LoginForms:
 
     async def check(self, request: Any, token: str | None) -> bool:
         """Whether ``token`` (the form's) was made by the portal for this browser's pre-login id."""
-        from dit4c.common.tokens import InvalidToken
-
         preLogin = self._preLoginId(self.cookies.get(request, LOGIN_COOKIE))
         if preLogin is None or not token:
             return False
@@ -183,8 +182,6 @@ SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 
 def origin(url: str) -> str:
     """The origin of ``url`` as a browser writes it in ``Origin``: ``scheme://host[:port]``."""
-    from urllib.parse import urlsplit
-
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     host = (parts.hostname or "").lower()
