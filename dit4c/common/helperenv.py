@@ -4,9 +4,10 @@ The node → helper contract: environment variables (docs/protocols.md,
 
 A compute node starts each instance's helpers (listener, auth, and later
 storage and upload) with these variables set, whatever the runtime; every
-helper reads them through :func:`fromEnvironment`, so there is one list of
-names and one set of checks. Command-line options of each helper override
-the environment, so a helper can also be run by hand.
+helper reads them through :func:`fromEnvironment`, and the node writes them
+through :func:`toEnvironment`, so there is one list of names and one set of
+checks. Command-line options of each helper override the environment, so
+a helper can also be run by hand.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 from dit4c.common.portalhttp import isPortalAddress
 from dit4c.common.tokens import INSTANCE_ID_RE
 
-__all__ = ["HelperEnvironment", "HelperEnvironmentError", "fromEnvironment", "inherited", "PREFIX"]
+__all__ = ["HelperEnvironment", "HelperEnvironmentError", "fromEnvironment", "toEnvironment", "inherited", "PREFIX", "VARIABLES"]
 
 PREFIX = "DIT4C_"
 
@@ -42,6 +43,9 @@ _VARIABLES: dict[str, tuple[str, bool]] = {
     "DIT4C_FILE_SERVER_HOST_KEY": ("fileServerHostKey", False),
     "DIT4C_STORAGE_MOUNT": ("storageMount", False),
 }
+
+#: attribute → name: where a runtime looks a variable up in a pod's environment.
+VARIABLES: dict[str, str] = {attribute: name for name, (attribute, _) in _VARIABLES.items()}
 
 
 class HelperEnvironmentError(ValueError):
@@ -92,27 +96,29 @@ class HelperEnvironment:
         """Where the helpers themselves talk to the portal."""
         return self.portalInternal or self.portal
 
-    def toEnvironment(self) -> dict[str, str]:
-        """The variables to start a helper with (the node's side)."""
-        values: dict[str, Any] = {
-            "DIT4C_INSTANCE": self.instance,
-            "DIT4C_INSTANCE_KEY": self.keyFile,
-            "DIT4C_PORTAL": self.portal,
-            "DIT4C_PORTAL_INTERNAL": self.portalInternal or None,
-            "DIT4C_TOOL": self.tool,
-            "DIT4C_AUTH_LISTEN": self.authListen,
-            "DIT4C_AUTH": self.auth,
-            "DIT4C_ROUTING": " ".join(self.routing) or None,
-            "DIT4C_ROUTING_AUDIENCE": self.routingAudience,
-            "DIT4C_STATE_DIR": self.stateDir,
-            "DIT4C_IMAGE_SERVER": self.imageServer,
-            "DIT4C_IMAGE_FILE": self.imageFile,
-            "DIT4C_IMAGE_DIGEST": self.imageDigest,
-            "DIT4C_FILE_SERVER": self.fileServer,
-            "DIT4C_FILE_SERVER_HOST_KEY": self.fileServerHostKey,
-            "DIT4C_STORAGE_MOUNT": self.storageMount,
-        }
-        return {name: str(value) for name, value in values.items() if value is not None}
+
+def toEnvironment(helper: HelperEnvironment | None = None, /, **values: Any) -> dict[str, str]:
+    """
+    The variables to start a helper with (the node's side; the inverse of
+    :func:`fromEnvironment`): those of ``helper``, and ``values`` by
+    attribute name over them, which is how a runtime adds what it chooses
+    (``tool=``, ``authListen=``, ``auth=``, ``storageMount=``) to a pod's
+    environment. None and empty values are left out.
+    """
+    attributes: dict[str, Any] = {}
+    if helper is not None:
+        attributes = {name: getattr(helper, name) for name in VARIABLES}
+    unknown = set(values) - set(VARIABLES)
+    if unknown:
+        raise TypeError(f"not a helper environment attribute: {', '.join(sorted(unknown))}")
+    attributes.update(values)
+    environment: dict[str, str] = {}
+    for attribute, value in attributes.items():
+        if isinstance(value, (tuple, list)):
+            value = " ".join(value)
+        if value is not None and value != "":
+            environment[VARIABLES[attribute]] = str(value)
+    return environment
 
 
 def _url(name: str, value: str) -> str:

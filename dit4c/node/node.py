@@ -45,7 +45,7 @@ from zope.interface import implementer
 from dit4c.channel.interfaces import INode, INodeObserver, NodeFull
 from dit4c.channel.wire import MAX_REASON, InstanceStatus
 from dit4c.common.files import receiveToFile, removeFile
-from dit4c.common.helperenv import HelperEnvironment, inherited
+from dit4c.common.helperenv import HelperEnvironment, inherited, toEnvironment
 from dit4c.common.keys import generate_private_key, public_jwk, save_private_key
 from dit4c.common.life import (
     DEADLINES,
@@ -379,17 +379,19 @@ class Node(Service):
             self._update(instance, jwk=jwk)
             for observer in self._observers:
                 observer.instanceKey(self, instance, jwk)
-            environment = HelperEnvironment(
-                instance=instance,
-                keyFile=str(keyFile),
-                portal=self.portal,
-                portalInternal=self.portalInternal or "",
-                routing=self.routing,
-                routingAudience=self.routingAudience,
-                stateDir=str(directory / "state"),
-                fileServer=self.fileServer,
-                fileServerHostKey=self.fileServerHostKey if self.fileServer else None,
-            ).toEnvironment()
+            environment = toEnvironment(
+                HelperEnvironment(
+                    instance=instance,
+                    keyFile=str(keyFile),
+                    portal=self.portal,
+                    portalInternal=self.portalInternal or "",
+                    routing=self.routing,
+                    routingAudience=self.routingAudience,
+                    stateDir=str(directory / "state"),
+                    fileServer=self.fileServer,
+                    fileServerHostKey=self.fileServerHostKey if self.fileServer else None,
+                )
+            )
             archive = None
             if record.image.startswith(("http://", "https://")):
                 archive = await self._fetch(record, directory / _FETCHED, token)
@@ -563,15 +565,17 @@ class Node(Service):
                     return
                 await removeFile(resultFile(str(archive)))
                 await removeFile(failureFile(str(archive)))
-                environment = HelperEnvironment(
-                    instance=instance,
-                    keyFile=str(directory / "instance.key"),
-                    portal=self.portal,
-                    portalInternal=self.portalInternal or "",
-                    imageServer=self.imageServer,
-                    imageFile=str(archive),
-                    imageDigest=record.captured,
-                ).toEnvironment()
+                environment = toEnvironment(
+                    HelperEnvironment(
+                        instance=instance,
+                        keyFile=str(directory / "instance.key"),
+                        portal=self.portal,
+                        portalInternal=self.portalInternal or "",
+                        imageServer=self.imageServer,
+                        imageFile=str(archive),
+                        imageDigest=record.captured,
+                    )
+                )
                 try:
                     process.start(self.uploadCommand, {**inherited(), **environment})
                 except OSError as e:

@@ -44,6 +44,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from dit4c.common.helperenv import VARIABLES, toEnvironment
 from dit4c.node.interfaces import IRuntime, PodSpec, PodStatus, RuntimeError_, helperCommand
 from dit4c.node.processes import PodProcess, isMount, removePodDirectory
 
@@ -438,7 +439,7 @@ class PodmanRuntime:
             netns = f"/proc/{pod.infraPid}/ns/net"
             await self._firewall(netns, authPort)
             volumes: list[str] = []
-            if spec.environment.get("DIT4C_FILE_SERVER"):
+            if spec.environment.get(VARIABLES["fileServer"]):
                 # The person's storage, mounted on the host by the storage
                 # helper, then bound into the tool's container at /mnt.
                 mount = await self._mountStorage(pod, spec)
@@ -585,10 +586,11 @@ class PodmanRuntime:
                 what="closing the pod's network to all but the auth helper (IPv6)",
             )
 
-    def _helperEnv(self, spec: PodSpec, extra: dict[str, str]) -> dict[str, str]:
+    def _helperEnv(self, spec: PodSpec, **chosen: str) -> dict[str, str]:
+        """A helper's environment: the pod's, and what this runtime chose (helper environment attributes)."""
         env = {k: os.environ[k] for k in INHERITED if k in os.environ}
         env.update(spec.environment)
-        env.update(extra)
+        env.update(toEnvironment(**chosen))
         return env
 
     def _process(self, pod: _Pod, name: str) -> PodProcess:
@@ -606,17 +608,13 @@ class PodmanRuntime:
             auth.start(
                 [nsenter, f"--net={netns}", "--", *self.authCommand],
                 self._helperEnv(
-                    spec,
-                    {
-                        "DIT4C_TOOL": f"tcp:host=127.0.0.1:port={toolPort}",
-                        "DIT4C_AUTH_LISTEN": f"tcp:{authPort}:interface=0.0.0.0",
-                    },
+                    spec, tool=f"tcp:host=127.0.0.1:port={toolPort}", authListen=f"tcp:{authPort}:interface=0.0.0.0"
                 ),
             )
             listener = self._process(pod, "listener")
             listener.start(
                 self.listenerCommand,
-                self._helperEnv(spec, {"DIT4C_AUTH": f"tcp:host=127.0.0.1:port={hostPort}"}),
+                self._helperEnv(spec, auth=f"tcp:host=127.0.0.1:port={hostPort}"),
             )
         except OSError as e:
             raise RuntimeError_(f"a helper could not start: {e.strerror or e}") from None
@@ -626,7 +624,7 @@ class PodmanRuntime:
         mount.mkdir(exist_ok=True)
         storage = self._process(pod, "storage")
         try:
-            storage.start(self.storageCommand, self._helperEnv(spec, {"DIT4C_STORAGE_MOUNT": str(mount)}))
+            storage.start(self.storageCommand, self._helperEnv(spec, storageMount=str(mount)))
         except OSError as e:
             raise RuntimeError_(f"the storage helper could not start: {e.strerror or e}") from None
         deadline = self.reactor.seconds() + self.mountTimeout

@@ -74,7 +74,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from dit4c.common.helperenv import inherited
+from dit4c.common.helperenv import VARIABLES, inherited, toEnvironment
 from dit4c.node import confine
 from dit4c.node.confine import STORAGE_WAIT
 from dit4c.node.interfaces import IRuntime, PodSpec, PodStatus, RuntimeError_, helperCommand
@@ -534,7 +534,7 @@ class ProcessRuntime:
         toolPort = None if socketPath is not None else (spec.port if spec.port is not None else freePort())
         # The person's shared storage, if the node has a file server: mounted
         # beside the working directory (never inside it: a save would copy it).
-        storage = spec.directory / "mnt" if spec.environment.get("DIT4C_FILE_SERVER") else None
+        storage = spec.directory / "mnt" if spec.environment.get(VARIABLES["fileServer"]) else None
         if storage is not None:
             storage.mkdir(exist_ok=True)
         roles = self._roles(storage is not None)
@@ -543,12 +543,13 @@ class ProcessRuntime:
         helperEnv = {
             **base,
             **spec.environment,
-            "DIT4C_TOOL": _unixEndpoint(socketPath) if socketPath else f"tcp:host=127.0.0.1:port={toolPort}",
-            "DIT4C_AUTH_LISTEN": _unixServerEndpoint(authPath),
-            "DIT4C_AUTH": _unixEndpoint(authPath),
+            **toEnvironment(
+                tool=_unixEndpoint(socketPath) if socketPath else f"tcp:host=127.0.0.1:port={toolPort}",
+                authListen=_unixServerEndpoint(authPath),
+                auth=_unixEndpoint(authPath),
+                storageMount=str(storage) if storage is not None else None,
+            ),
         }
-        if storage is not None:
-            helperEnv["DIT4C_STORAGE_MOUNT"] = str(storage)
         toolEnv = {
             **base,
             **({"DIT4C_STORAGE": str(storage)} if storage is not None else {}),

@@ -19,7 +19,7 @@ import pytest
 import pytest_twisted
 from auth_client import Browser, logIn
 
-from dit4c.common.helperenv import HelperEnvironment
+from dit4c.common.helperenv import HelperEnvironment, toEnvironment
 from dit4c.testing import deferLater
 
 TWIST = [sys.executable, "-m", "twisted", "--log-format=text", "dit4c-helper-auth"]
@@ -93,13 +93,15 @@ class _Child:
 @pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_the_real_process_lets_alice_in(world: Any, tmp_path: Path) -> None:
-    env = HelperEnvironment(
-        instance=world.instance.id,
-        keyFile=str(world.keyFile),
-        portal=world.portalURL,
-        tool=world.tool.endpoint,
-        authListen="tcp:0:interface=127.0.0.1",
-    ).toEnvironment()
+    env = toEnvironment(
+        HelperEnvironment(
+            instance=world.instance.id,
+            keyFile=str(world.keyFile),
+            portal=world.portalURL,
+            tool=world.tool.endpoint,
+            authListen="tcp:0:interface=127.0.0.1",
+        )
+    )
     child = _Child(TWIST, _environ(**env), tmp_path / "auth.log")
     try:
         world.authPort = await child.port()

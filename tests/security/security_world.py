@@ -24,7 +24,7 @@ from typing import Any
 import psutil
 from twisted.internet import reactor
 
-from dit4c.common.helperenv import HelperEnvironment
+from dit4c.common.helperenv import HelperEnvironment, toEnvironment
 from dit4c.common.keys import generate_private_key, save_private_key
 from dit4c.portal import security
 from dit4c.portal.store import openStore
@@ -106,13 +106,15 @@ async def startAuthHelper(tmp_path: Path, portal: str, started: list[Process]) -
     """The auth helper of an instance, as a node starts it (``python -m twisted``, the helper environment): its port."""
     key = tmp_path / "instance.pem"
     save_private_key(generate_private_key(), key)
-    env = HelperEnvironment(
-        instance="hm8nsrkm2namn9hm3",
-        keyFile=str(key),
-        portal=portal,
-        tool="tcp:host=127.0.0.1:port=9",
-        authListen=LOCAL,
-    ).toEnvironment()
+    env = toEnvironment(
+        HelperEnvironment(
+            instance="hm8nsrkm2namn9hm3",
+            keyFile=str(key),
+            portal=portal,
+            tool="tcp:host=127.0.0.1:port=9",
+            authListen=LOCAL,
+        )
+    )
     proc = Process(
         [sys.executable, "-m", "twisted", "--log-format=text", "dit4c-helper-auth"], tmp_path / "auth.log", env
     )

@@ -26,7 +26,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from dit4c.common.helperenv import HelperEnvironment, inherited
+from dit4c.common.helperenv import HelperEnvironment, inherited, toEnvironment
 from dit4c.common.keys import generate_private_key, save_private_key
 from dit4c.listener.report import REPORT_AUDIENCE
 from dit4c.testing import TWISTD
@@ -131,7 +131,7 @@ async def runHelper(environment: dict[str, str], *args: str) -> tuple[str, int]:
 async def test_stores_the_image_then_tells_the_portal_and_exits_0(servers: Any, pod: Any) -> None:
     base, recorded = servers
     directory, key = pod
-    log, code = await runHelper(helperEnv(directory, base).toEnvironment())
+    log, code = await runHelper(toEnvironment(helperEnv(directory, base)))
     assert code == 0, log
     image = str(directory / "saved-image.tar")
     assert json.loads(resultFile(image).read_text()) == {"url": f"https://images.example/images/{DIGEST}"}
@@ -157,7 +157,7 @@ async def test_a_refused_image_is_a_failed_verdict_and_status_1(servers: Any, po
     base, recorded = servers
     directory, _ = pod
     recorded.imageAnswers = [403]
-    log, code = await runHelper(helperEnv(directory, base).toEnvironment())
+    log, code = await runHelper(toEnvironment(helperEnv(directory, base)))
     assert code == 1, log
     image = str(directory / "saved-image.tar")
     assert failureFile(image).read_text().startswith("the image server refused the image: 403")
@@ -171,7 +171,7 @@ async def test_a_server_error_is_tried_again(servers: Any, pod: Any) -> None:
     base, recorded = servers
     directory, _ = pod
     recorded.imageAnswers = [503]
-    log, code = await runHelper(helperEnv(directory, base).toEnvironment())
+    log, code = await runHelper(toEnvironment(helperEnv(directory, base)))
     assert code == 0, log
     assert "the image server answered 503; trying again" in log
     assert [body for _, _, body in recorded.puts] == [IMAGE, IMAGE]
@@ -183,7 +183,7 @@ async def test_a_missing_image_is_said_in_the_verdict(servers: Any, pod: Any) ->
     base, recorded = servers
     directory, _ = pod
     (directory / "saved-image.tar").unlink()
-    log, code = await runHelper(helperEnv(directory, base).toEnvironment())
+    log, code = await runHelper(toEnvironment(helperEnv(directory, base)))
     assert code == 1, log
     assert failureFile(str(directory / "saved-image.tar")).read_text() == f"no image at {directory / 'saved-image.tar'}"
     assert recorded.puts == []
@@ -199,7 +199,7 @@ async def test_without_the_helper_environment_it_says_what_is_missing(tmp_path: 
 
 def test_options_override_the_environment(pod: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     directory, _ = pod
-    for name, value in helperEnv(directory, "http://127.0.0.1:1").toEnvironment().items():
+    for name, value in toEnvironment(helperEnv(directory, "http://127.0.0.1:1")).items():
         monkeypatch.setenv(name, value)
     config = Options()
     config.parseOptions(["--image-server", "http://images.test/", "--image", "/elsewhere.tar", "--digest", "sha256:00"])
