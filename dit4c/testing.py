@@ -10,6 +10,7 @@ hundreds of megabytes through a tunnel measures the tunnel, not this.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -19,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -282,6 +283,33 @@ def deferLater(seconds: float) -> defer.Deferred[None]:
     from twisted.internet.task import deferLater as _deferLater
 
     return _deferLater(reactor, seconds, lambda: None)
+
+
+async def eventually(
+    predicate: Callable[[], Any],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    what: str | Callable[[], str] | None = None,
+) -> Any:
+    """
+    Wait (without blocking the reactor) until ``predicate()`` is true, and
+    return what it returned; ``predicate`` may return an awaitable, whose
+    result counts. A test waits for the event it needs this way rather
+    than sleeping for a guessed time: fast when the event comes soon, and
+    a clear failure (``what`` was awaited, or its text now) at the
+    deadline when it never does.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            detail = what() if callable(what) else what or getattr(predicate, "__qualname__", repr(predicate))
+            raise AssertionError(f"not so within {timeout} s: {detail}")
+        await deferLater(interval)
 
 
 

@@ -18,7 +18,7 @@ from twisted.internet.endpoints import (
 )
 
 from dit4c.routing.server import RoutingServer
-from dit4c.testing import RawClient, Routing, deferLater, makeCertificate, stopRouting
+from dit4c.testing import RawClient, Routing, eventually, makeCertificate, stopRouting
 
 DOMAIN = "dit4c.test"
 
@@ -85,8 +85,7 @@ async def test_tls_tunnel_checks_the_routing_servers_name(signing: Any, backend:
             routing=f"tls:127.0.0.1:{routing.tunnelPort}:trustRoots={trust}",
             wait=False,
         )
-        while listener.lastError is None:
-            await deferLater(0.02)
+        await eventually(lambda: listener.lastError is not None)
         assert len(routing.server.registry) == 0
         assert listener.welcome is None
         # And a certificate that nobody trusts is refused too.
@@ -98,8 +97,7 @@ async def test_tls_tunnel_checks_the_routing_servers_name(signing: Any, backend:
             routing=f"tls:localhost:{routing.tunnelPort}:trustRoots={other}",
             wait=False,
         )
-        while stranger.lastError is None:
-            await deferLater(0.02)
+        await eventually(lambda: stranger.lastError is not None)
         assert len(routing.server.registry) == 0
         assert stranger.welcome is None
     finally:

@@ -22,9 +22,10 @@ from dit4c.listener.service import ListenerService, backoff
 from dit4c.routing.front import FrontLimits
 from dit4c.testing import (
     RawClient,
-    deferLater,
+    eventually,
     patternDigest,
     rawRequest,
+    refusedPort,
     startRouting,
     stopRouting,
 )
@@ -161,12 +162,9 @@ async def test_idle_keepalive_connection_is_closed(signing: Any, backend: Any) -
 
 @pytest_twisted.ensureDeferred
 async def test_502_when_the_tool_refuses(routing: Any, signing: Any) -> None:
-    # A port with nothing listening.
-    port = reactor.listenTCP(0, protocol.Factory(), interface="127.0.0.1")
-    closed = port.getHost().port
-    await port.stopListening()
-    await routing.listen(signing.token("down"), f"tcp:host=127.0.0.1:port={closed}")
-    answer = await rawRequest(routing.httpPort, b"GET / HTTP/1.1\r\nHost: down.localhost\r\n\r\n")
+    with refusedPort() as closed:
+        await routing.listen(signing.token("down"), f"tcp:host=127.0.0.1:port={closed}")
+        answer = await rawRequest(routing.httpPort, b"GET / HTTP/1.1\r\nHost: down.localhost\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 502 Bad Gateway")
     assert b"not answering" in answer
 
@@ -181,8 +179,7 @@ async def test_502_when_the_tunnel_goes_away_before_an_answer(routing: Any, sign
         client = RawClient()
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", routing.httpPort), client)
         client.transport.write(b"GET / HTTP/1.1\r\nHost: gone.localhost\r\n\r\n")
-        while routing.server.registry.resolve("gone.localhost").streamCount == 0:
-            await deferLater(0.01)
+        await eventually(lambda: routing.server.registry.resolve("gone.localhost").streamCount)
         await listener.stopService()
         answer = await client.done
         assert answer.startswith(b"HTTP/1.1 502 Bad Gateway")
@@ -229,9 +226,13 @@ async def test_a_thousand_concurrent_streams_on_one_tunnel(routing: Any, signing
         c.transport.write(b"GET /bytes?n=20000 HTTP/1.1\r\nHost: many.localhost\r\nConnection: close\r\n\r\n")
     session = routing.server.registry.resolve("many.localhost")
     peak = 0
-    while not all(c.done.called for c in clients):
-        peak = max(peak, session.streamCount)
-        await deferLater(0.005)
+
+    def finished() -> bool:
+        nonlocal peak
+        peak = max(peak, session.streamCount)  # sampled as the streams run
+        return all(c.done.called for c in clients)
+
+    await eventually(finished, timeout=120, interval=0.005, what=lambda: f"{sum(c.done.called for c in clients)} of {n} done")
     from collections import Counter
 
     outcomes = Counter(
@@ -253,8 +254,7 @@ async def test_a_stalled_reader_does_not_slow_the_others(routing: Any, signing: 
     size = 64 * 1024 * 1024
     stalled.transport.write(f"GET /bytes?n={size} HTTP/1.1\r\nHost: stall.localhost\r\n\r\n".encode())
     session = routing.server.registry.resolve("stall.localhost")
-    while session.streamCount == 0 or session.bytesIn < 1024 * 1024:
-        await deferLater(0.01)
+    await eventually(lambda: session.streamCount and session.bytesIn >= 1024 * 1024)
 
     # Another download on the same tunnel completes in full meanwhile.
     response = await get(routing, "stall.localhost", "/bytes?n=30000000")
@@ -270,8 +270,7 @@ async def test_a_stalled_reader_does_not_slow_the_others(routing: Any, signing: 
 
     # And the stalled one resumes and completes correctly.
     stalled.transport.resumeProducing()
-    while len(stalled.received) < size:
-        await deferLater(0.02)
+    await eventually(lambda: len(stalled.received) >= size, timeout=60)
     head, body = bytes(stalled.received).split(b"\r\n\r\n", 1)
     assert hashlib.sha256(body).hexdigest() == patternDigest(size)
     stalled.transport.loseConnection()
@@ -295,8 +294,7 @@ async def test_a_stalled_reader_does_not_slow_the_others(routing: Any, signing: 
 @pytest_twisted.ensureDeferred
 async def test_bad_tokens_are_refused(routing: Any, signing: Any, backend: Any, make_token: Any, reason: str) -> None:
     listener = await routing.listen(make_token(signing), backend.endpoint, wait=False)
-    while listener.lastError is None:
-        await deferLater(0.01)
+    await eventually(lambda: listener.lastError is not None)
     error = listener.lastError
     assert isinstance(error, HandshakeRefused)
     info = pytest.ExceptionInfo.from_exc_info((type(error), error, None))
@@ -457,8 +455,7 @@ async def test_the_same_token_is_refused_even_after_its_tunnel_closed(
     token = signing.token("once")
     first = await routing.listen(token, backend.endpoint)
     await first.stopService()
-    while len(routing.server.registry):
-        await deferLater(0.01)
+    await eventually(lambda: len(routing.server.registry) == 0)
     assert (await replay(routing.tunnelPort, token)).reason == "token already used"
     assert len(routing.server.registry) == 0
 
