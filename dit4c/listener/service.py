@@ -26,7 +26,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from twisted.application.internet import ClientService
+from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
@@ -49,14 +49,18 @@ from dit4c.tunnel.stream import Stream
 
 def backoff(initial: float = 0.5, maximum: float = 30.0, factor: float = 2.0) -> Callable[[int], float]:
     """
-    Exponential back-off with jitter (each delay drawn from half to the full
-    figure), so that a routing server coming back is not met by every
-    listener at the same instant.
+    Twisted's exponential back-off (``backoffPolicy``) with jitter in
+    proportion: each delay drawn from half to the full figure, so that a
+    routing server coming back is not met by every listener at the same
+    instant. (``backoffPolicy``'s own jitter adds up to a second whatever
+    the delay: too little to spread a 30 s wait, too much for the tenths
+    of a second tests wait.)
     """
+    nominal = backoffPolicy(initialDelay=initial, maxDelay=maximum, factor=factor, jitter=lambda: 0.0)
 
     def policy(attempt: int) -> float:
-        delay = min(initial * factor ** min(attempt, 32), maximum)
-        return delay * (0.5 + random.random() / 2)
+        delay: float = nominal(attempt) * (0.5 + random.random() / 2)
+        return delay
 
     return policy
 
