@@ -35,6 +35,7 @@ from dit4c.common.pkce import codeChallenge
 from dit4c.portal import security
 from dit4c.portal.store.errors import Conflict
 from dit4c.portal.store.model import User
+from dit4c.portal.web import arg, redirect
 
 from .backend import Backend, ProviderHTTP, UpstreamIdentity
 from .config import ProviderConfig, loginLinks
@@ -68,12 +69,6 @@ FLOW_LIFETIME = 600.0
 MAX_PARAMETER = 2048
 
 _ERROR_CODE = re.compile(r"[a-z_]{1,64}")
-
-
-def _seeOther(request: IRequest, location: str) -> bytes:
-    request.setResponseCode(303)
-    request.setHeader(b"location", location.encode())
-    return b""
 
 
 class UpstreamLogin:
@@ -138,12 +133,12 @@ class UpstreamLogin:
 
     @app.route("/", methods=["GET"])
     def index(self, request: IRequest) -> bytes:
-        return _seeOther(request, "/login")
+        return redirect(request, "/login")
 
     @app.route("/<name>", methods=["GET"])
     async def start(self, request: IRequest, name: str) -> bytes:
         backend = self._backend(name)
-        target = safeNext(self._param(request, "next", first=True))
+        target = safeNext(arg(request, "next"))
         if await self.host.loggedIn(request) is not None:
             return self._redirect(request, target)
         state, nonce, verifier = (
@@ -249,14 +244,10 @@ class UpstreamLogin:
         self._used[state] = expires
 
     @staticmethod
-    def _param(request: IRequest, name: str, *, first: bool = False) -> str | None:
-        """
-        A query parameter as text: None if it is missing, not UTF-8, longer
-        than ``MAX_PARAMETER`` or given more than once (with ``first``, the
-        first one given).
-        """
+    def _param(request: IRequest, name: str) -> str | None:
+        """A callback parameter: None if missing, repeated, longer than ``MAX_PARAMETER`` or not UTF-8."""
         values = request.args.get(name.encode())
-        if not values or (len(values) != 1 and not first) or len(values[0]) > MAX_PARAMETER:
+        if not values or len(values) != 1 or len(values[0]) > MAX_PARAMETER:
             return None
         try:
             return values[0].decode("utf-8")
@@ -340,7 +331,7 @@ class UpstreamLogin:
         request.setHeader(b"cache-control", b"no-store")
         # The callback's URL holds a code: it goes to no one else.
         request.setHeader(b"referrer-policy", b"no-referrer")
-        return _seeOther(request, location)
+        return redirect(request, location)
 
     # -- errors ---------------------------------------------------------------------------------------
 
