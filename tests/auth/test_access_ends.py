@@ -30,7 +30,7 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-from dit4c.testing import RawClient, deferLater
+from dit4c.testing import RawClient, eventually
 
 #: Seconds from the portal's answer to the request that ended the access
 #: to bob's connections closed (docs/protocols.md 6.6).
@@ -93,20 +93,17 @@ async def openEvents(browser: Browser) -> RawClient:
     stream = RawClient()
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", int(host.rsplit(":", 1)[1])), stream)
     stream.transport.write(f"GET /events HTTP/1.1\r\nHost: {host}\r\nCookie: {cookies}\r\n\r\n".encode())
-    for _ in range(500):
-        if b"watching" in stream.received:
-            return stream
-        await deferLater(0.01)
-    raise AssertionError(bytes(stream.received))
+    await eventually(lambda: b"watching" in stream.received, what=lambda: repr(bytes(stream.received)))
+    return stream
 
 
 async def ended(stream: RawClient) -> None:
     """Until the event stream's answer is complete (its last chunk), within the bound."""
-    for _ in range(int(BOUND / 0.01)):
-        if stream.received.endswith(b"\r\n0\r\n\r\n") or stream.done.called:
-            return
-        await deferLater(0.01)
-    raise AssertionError(f"the event stream did not end: {bytes(stream.received[-200:])!r}")
+    await eventually(
+        lambda: stream.received.endswith(b"\r\n0\r\n\r\n") or stream.done.called,
+        BOUND,
+        what=lambda: f"the event stream to end: {bytes(stream.received[-200:])!r}",
+    )
 
 
 async def api(world: Any, token: str, method: str, path: str, body: Any = None) -> Any:
@@ -128,11 +125,9 @@ async def apiToken(world: Any, name: str) -> str:
 
 async def watching(world: Any) -> None:
     """Until the helper's watch at the portal is open."""
-    for _ in range(500):
-        if world.auth.watch.state == "watching":
-            return
-        await deferLater(0.01)
-    raise AssertionError(f"the helper never watched: {world.auth.watch.state}")
+    await eventually(
+        lambda: world.auth.watch.state == "watching", what=lambda: f"the helper to watch: {world.auth.watch.state}"
+    )
 
 
 async def bobAndAliceConnected(world: Any) -> tuple[Browser, Socket, Browser, Socket]:

@@ -15,7 +15,7 @@ from auth_client import Browser, location, logIn, query, startLogin
 from dit4c.auth.service import audienceFor
 from dit4c.common.keys import generate_private_key
 from dit4c.common.tokens import TokenSigner
-from dit4c.testing import deferLater
+from dit4c.testing import eventually
 
 
 async def headersSeen(browser: Browser, **headers: str) -> dict[str, list[str]]:
@@ -86,7 +86,10 @@ async def test_bob_is_refused_until_shared_and_again_after_unshare(world: Any) -
     assert (await headersSeen(bob))["x-dit4c-user"] == ["bob"]
 
     await world.store.unshareInstance(world.instance.id, world.users["bob"].id)
-    await deferLater(0.4)
+    # Until the helper's answer for bob's session is no longer fresh (the
+    # recheck is due, or the portal told of the change): the next request asks.
+    session = bob.instanceCookies()["dit4c_auth"]
+    await eventually(lambda: world.auth.sessions.known(session) is None, what="bob's answer to go stale")
     response = await bob.get(world.instanceURL + "headers")
     assert response.code == 403
     assert "You may not use this instance" in await response.text()

@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import pytest
 import pytest_twisted
 from auth_client import Browser, execute, logIn, startKernel
 
-from dit4c.testing import deferLater, rawRequest
+from dit4c.testing import eventually, rawRequest
 
 pytest.importorskip("jupyterlab")
 
@@ -53,17 +52,16 @@ async def jupyter(tmp_path: Path) -> Any:
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while True:
+
+        async def serving() -> bool:
             assert proc.poll() is None, (tmp_path / "jupyter.log").read_text()
             try:
                 status = await rawRequest(sock, b"GET /api/status HTTP/1.0\r\nHost: localhost\r\n\r\n")
-                if re.match(rb"HTTP/1\.[01] 200 ", status):
-                    break
             except Exception:
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "jupyter.log").read_text()
-            await deferLater(0.2)
+                return False  # not listening yet
+            return re.match(rb"HTTP/1\.[01] 200 ", status) is not None
+
+        await eventually(serving, 60, 0.2, lambda: (tmp_path / "jupyter.log").read_text())
         yield sock
     finally:
         if proc.poll() is None:
