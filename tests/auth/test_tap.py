@@ -7,11 +7,9 @@ process, through a whole login; ``--help``; and usage errors.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,7 @@ import pytest_twisted
 from auth_client import Browser, logIn
 
 from dit4c.common.helperenv import HelperEnvironment, toEnvironment
-from dit4c.testing import deferLater
+from dit4c.testing import announcedPort, eventually
 
 TWIST = [sys.executable, "-m", "twisted", "--log-format=text", "dit4c-helper-auth"]
 
@@ -69,15 +67,13 @@ class _Child:
         return self.logPath.read_text(errors="replace")
 
     async def port(self, timeout: float = 30.0) -> int:
-        deadline = time.monotonic() + timeout
-        pattern = re.compile(r"auth helper listening on IPv4Address\(type='TCP', host='[^']*', port=(\d+)\)")
-        while True:
-            match = pattern.search(self.log())
-            if match:
-                return int(match.group(1))
+        """The port the helper announced, once it has."""
+
+        def announced() -> int | None:
             assert self.proc.poll() is None, self.log()
-            assert time.monotonic() < deadline, self.log()
-            await deferLater(0.05)
+            return announcedPort(self.log(), "auth helper")
+
+        return int(await eventually(announced, timeout, 0.05, self.log))
 
     def stop(self) -> None:
         if self.proc.poll() is None:
