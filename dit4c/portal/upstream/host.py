@@ -2,7 +2,9 @@
 What the upstream login uses of the portal it is mounted in, and nothing
 more (``LoginHost``): the people and sessions of its store, its cookie
 policy, its login throttle, who sent a request, its public URL and session
-lifetime, its clock, who is logged in already, and its error page.
+lifetime, its clock, who is logged in already and its error page (the
+doors every room has: ``dit4c.portal.interfaces.SessionLookup`` and
+``PageRenderer``).
 
 ``LoginHost`` is a structural ``Protocol`` rather than a zope
 ``Interface``: the portal (``dit4c.portal.app.Portal``) has these members
@@ -21,6 +23,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import IRequest
 
+from dit4c.portal.interfaces import PageRenderer, SessionLookup
+from dit4c.portal.sessions import LoggedIn
 from dit4c.portal.store.model import Identity, Session, User
 
 __all__ = [
@@ -94,15 +98,24 @@ class SessionSettings(Protocol):
 
 
 class Renderer(Protocol):
-    """A page of the portal's from one of its templates (``Portal.render``)."""
+    """``PageRenderer.render`` on its own (``web.Pages.render``)."""
 
     def __call__(
-        self, request: IRequest, template: str, status: int = 200, **context: Any
+        self,
+        request: IRequest,
+        template: str,
+        status: int = 200,
+        *,
+        formTargets: tuple[str, ...] = (),
+        **context: Any,
     ) -> bytes: ...
 
 
-class LoginHost(Protocol):
-    """The portal, as the upstream login sees it."""
+class LoginHost(SessionLookup, PageRenderer, Protocol):
+    """
+    The portal, as the upstream login sees it: who is logged in already
+    (``SessionLookup``), the error page (``PageRenderer``), and these.
+    """
 
     @property
     def store(self) -> People: ...
@@ -122,12 +135,6 @@ class LoginHost(Protocol):
     @property
     def clock(self) -> IReactorTime: ...
 
-    def loggedIn(self, request: IRequest) -> Awaitable[object | None]:
-        """Who is logged in with ``request`` (None: nobody); refuses a cross-site request."""
-
-    def render(self, request: IRequest, template: str, status: int = 200, **context: Any) -> bytes:
-        """A page from a template (the error page, for a login that failed)."""
-
 
 @dataclass(frozen=True)
 class LoginDoors:
@@ -139,5 +146,7 @@ class LoginDoors:
     proxies: ClientAddresses
     config: SessionSettings
     clock: IReactorTime
-    loggedIn: Callable[[IRequest], Awaitable[object | None]]
+    #: ``SessionLookup.loggedIn`` (``sessions.LoginSessions``).
+    loggedIn: Callable[[IRequest], Awaitable[LoggedIn | None]]
+    #: ``PageRenderer.render`` (``web.Pages``).
     render: Renderer
