@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +12,12 @@ from fileserver_world import SECRET, World, portOf
 from twisted.conch.ssh import filetransfer
 from twisted.internet import protocol, reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock
 from twisted.python import usage
 
+from dit4c.fileserver.service import FileServerService
 from dit4c.fileserver.tap import Options
+from dit4c.testing import eventually
 
 
 class Raw(protocol.Protocol):
@@ -24,13 +25,13 @@ class Raw(protocol.Protocol):
 
     def __init__(self) -> None:
         self.received = b""
-        self.lost: Deferred[float] = Deferred()
+        self.lost: Deferred[None] = Deferred()
 
     def dataReceived(self, data: bytes) -> None:
         self.received += data
 
     def connectionLost(self, reason: Any = None) -> None:
-        self.lost.callback(time.monotonic())
+        self.lost.callback(None)
 
 
 async def raw(port: int) -> Raw:
@@ -39,8 +40,21 @@ async def raw(port: int) -> Raw:
     return client
 
 
-async def settle() -> None:
-    await deferLater(reactor, 0.2, lambda: None)
+async def greeted(*clients: Raw) -> None:
+    """Until the server has said its version to each: it holds their connections."""
+    await eventually(lambda: all(c.received.startswith(b"SSH-2.0-") for c in clients))
+
+
+def closing(service: FileServerService) -> list[bool]:
+    """Whether the server is closing each of its connections."""
+    return [bool(t.transport.disconnecting) for t in service.factory.live]
+
+
+def startedAt() -> Clock:
+    """The file server's clock, for its timeouts: moved by the test."""
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    return clock
 
 
 @pytest_twisted.ensureDeferred
@@ -48,8 +62,7 @@ async def test_connections_past_the_limit_are_closed(world: World) -> None:
     w = world
     port = portOf(w.startServer(maxConnections=2))
     first, second = await raw(port), await raw(port)
-    await settle()
-    assert first.received.startswith(b"SSH-2.0-") and second.received.startswith(b"SSH-2.0-")
+    await greeted(first, second)
     third = await raw(port)
     await third.lost
     assert third.received == b""
@@ -65,26 +78,38 @@ async def test_connections_past_the_limit_are_closed(world: World) -> None:
 @pytest_twisted.ensureDeferred
 async def test_idle_connections_are_closed(world: World) -> None:
     w = world
-    port = portOf(w.startServer(idleTimeout=0.5))
-    started = time.monotonic()
+    clock = startedAt()
+    service = w.startServer(idleTimeout=0.5, clock=clock)
+    port = portOf(service)
     silent = await raw(port)
-    ended = await silent.lost
-    assert 0.4 <= ended - started < 5
+    await greeted(silent)
+    clock.advance(0.4)
+    assert closing(service) == [False]
+    clock.advance(0.1)
+    assert closing(service) == [True]
+    await silent.lost.addTimeout(10, reactor)
     # A logged-in SFTP session that goes quiet too.
     session, client = await connect(port, w.a.id, w.keyA, w.hostKey)
-    await session.closed
+    clock.advance(0.4)
+    assert closing(service) == [False]
+    clock.advance(0.1)
+    await session.closed.addTimeout(10, reactor)
 
 
 @pytest_twisted.ensureDeferred
 async def test_slow_logins_are_closed(world: World) -> None:
     w = world
-    port = portOf(w.startServer(loginTimeout=0.5))
-    client = await raw(port)
+    clock = startedAt()
+    service = w.startServer(loginTimeout=0.5, clock=clock)
+    client = await raw(portOf(service))
     # Key exchange only would need a real client: say the version and wait.
     client.transport.write(b"SSH-2.0-test\r\n")
-    started = time.monotonic()
-    ended = await client.lost
-    assert ended - started < 10
+    await greeted(client)
+    clock.advance(0.4)
+    assert closing(service) == [False]
+    clock.advance(0.1)
+    assert closing(service) == [True]
+    await client.lost.addTimeout(10, reactor)
 
 
 @pytest_twisted.ensureDeferred
