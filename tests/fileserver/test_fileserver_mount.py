@@ -12,19 +12,17 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
 from fileserver_world import World
-from twisted.internet import reactor
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from dit4c.common.keys import save_private_key
 from dit4c.storage.helper import isMounted
+from dit4c.testing import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,14 +44,6 @@ def fuse() -> None:
         if os.environ.get("CI"):
             pytest.fail(f"FUSE mounts cannot be tested: {missing}")
         pytest.skip(f"FUSE mounts cannot be tested: {missing}")
-
-
-async def _until(check: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await deferLater(reactor, 0.1, lambda: None)
 
 
 class Helper:
@@ -79,14 +69,14 @@ class Helper:
         )  # fmt: skip
 
     async def mounted(self) -> None:
-        await _until(lambda: isMounted(self.mount) or self.process.poll() is not None, 20, "the mount")
+        await eventually(lambda: isMounted(self.mount) or self.process.poll() is not None, 20, 0.1, "the mount")
         assert self.process.poll() is None, self.output()
         assert isMounted(self.mount)
 
     async def stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-            await _until(lambda: self.process.poll() is not None, 20, "the helper to end")
+            await eventually(lambda: self.process.poll() is not None, 20, 0.1, "the helper to end")
         self.log.close()
 
     def output(self) -> str:
@@ -157,7 +147,13 @@ async def test_a_helper_with_a_wrong_host_key_mounts_nothing(world: World, fuse:
     (w.tmp / "files" / "host_key.pub").write_text(other.read_text())
     helper = Helper(w, w.a, w.keyA, "wrong")
     try:
-        await deferLater(reactor, 3.0, lambda: None)
+        # Until it has been refused and is about to try again.
+        await eventually(
+            lambda: "Host key verification failed" in helper.output() and "mounting again" in helper.output(),
+            20,
+            0.1,
+            helper.output,
+        )
         assert not isMounted(helper.mount)
         assert helper.process.poll() is None  # it keeps trying, with back-off
         await helper.stop()

@@ -87,17 +87,19 @@ async def test_an_instance_that_is_not_active_is_refused(world: World) -> None:
 @pytest_twisted.ensureDeferred
 async def test_an_open_connection_loses_access_when_the_instance_stops(world: World) -> None:
     w = world
-    server = w.startServer(accessCache=0.2)
     from fileserver_world import portOf
     from twisted.internet import reactor
-    from twisted.internet.task import deferLater
+    from twisted.internet.task import Clock
 
+    clock = Clock()  # the file server's: how long its answer on access stands
+    clock.advance(1_800_000_000)
+    server = w.startServer(accessCache=0.2, clock=clock)
     session, a = await connect(portOf(server), w.a.id, w.keyA, w.hostKey)
     await writeFile(a, "x", b"1")
     await w.store.updateInstance(w.a.id, state="stopped")
-    await deferLater(reactor, 0.3, lambda: None)
+    clock.advance(0.2)  # the answer is due to be asked again
     assert await refused(readFile(a, "x")) == FX_PERMISSION_DENIED
-    await session.closed  # the server closes the connection
+    await session.closed.addTimeout(10, reactor)  # the server closes the connection
 
 
 @pytest_twisted.ensureDeferred
