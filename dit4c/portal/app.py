@@ -98,7 +98,6 @@ def continuationOrigins(next: str) -> tuple[str, ...]:
     return (f"{parts.scheme}://{host}{port}",)
 
 
-
 class Portal:
     app = Klein()
     log = Logger()
@@ -156,8 +155,10 @@ class Portal:
             maxDelay=config.loginMaxDelay,
             forget=config.loginWindow,
         )
-        #: The public keys others check tokens with (/.well-known/jwks.json).
+        #: The public keys others check tokens with (/.well-known/jwks.json), read afresh after
+        #: every change from outside a request (a key published, an instance no longer active).
         self.keyDirectory = KeyDirectory(store, keys, clock)
+        self.events.subscribeChanges(None, lambda _: self.keyDirectory.keysChanged())
         instanceTokens = InstanceTokens(store, clock)
         #: The OAuth 2 authorization server for the instances' auth helpers, at /oauth/.
         self.oauth = OAuthServer(self.basics, sessions=self.sessions, pages=self.pages, instanceTokens=instanceTokens)

@@ -13,7 +13,9 @@ handshake is :mod:`dit4c.channel.handshake`).
   it;
 - ``connected(scheduler_id)`` says whether a scheduler has a live channel;
 - ``subscribe(user_id or instance_id, callback)`` streams the instance
-  changes the channel applies (:class:`InstanceEvent`), for the pages.
+  changes the channel applies (``dit4c.portal.events.InstanceEvent``): they
+  go on the portal's one event bus (``events.InstanceEvents``), which the
+  hub is given, and this subscribes there.
 
 Each channel handles its messages one at a time, in order, so that one
 scheduler's reports are applied as it sent them; a protocol violation closes
@@ -25,7 +27,6 @@ from __future__ import annotations
 import json
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any, cast
 
 from autobahn.twisted.resource import WebSocketResource
@@ -62,6 +63,7 @@ from dit4c.common.keys import public_jwk
 from dit4c.common.life import ACTIVE, IllegalMove, Life, State
 from dit4c.common.service import IConnectionTransport, ListeningService
 from dit4c.common.tokens import StaticKeySource, parse_jwks
+from dit4c.portal.events import InstanceEvent, InstanceEvents
 from dit4c.portal.store.errors import Conflict, NotFound, StoreError
 from dit4c.portal.store.interfaces import IStore
 from dit4c.portal.store.model import Instance
@@ -70,7 +72,6 @@ __all__ = [
     "LOST_REASON",
     "ChannelHub",
     "IInstanceEvents",
-    "InstanceEvent",
 ]
 
 #: The reason an active instance gets when its scheduler's report leaves it out.
@@ -85,18 +86,6 @@ _INBOX_LOW = 16
 
 #: Pending commands sent per store query.
 _PUMP_BATCH = 500
-
-
-@dataclass(frozen=True)
-class InstanceEvent:
-    """An instance changed through the channel."""
-
-    #: The instance as it now is.
-    instance: Instance
-    #: The instance as it was.
-    previous: Instance
-    #: ``"state"`` (its state, reason or URL) or ``"key"`` (its public key).
-    change: str
 
 
 class IInstanceEvents(Interface):
@@ -270,6 +259,7 @@ class ChannelHub(MultiService):
         store: IStore,
         *,
         issuer: str,
+        events: InstanceEvents | None = None,
         clock: IReactorTime | None = None,
         handshakeTimeout: float = HANDSHAKE_TIMEOUT,
         pingInterval: float = PING_INTERVAL,
@@ -281,6 +271,8 @@ class ChannelHub(MultiService):
         """
         :param issuer: the portal's public URL; challenges name it and
             proofs must too.
+        :param events: the portal's event bus, where every change the
+            channel applies is published (None: one of the hub's own).
         :param clock: judges proofs' times (default: ``reactor``).
         :param leeway: clock skew allowed when checking a proof's times.
         :param pollInterval: seconds between looks at the store for commands
@@ -302,7 +294,8 @@ class ChannelHub(MultiService):
         self.keepAcked = keepAcked
         self._channels: dict[str, _ChannelProtocol] = {}
         self._open: set[_ChannelProtocol] = set()
-        self._subscribers: dict[str | None, list[Callable[[InstanceEvent], object]]] = {}
+        #: The bus every change applied here goes on.
+        self.events = events if events is not None else InstanceEvents()
         self._poll: LoopingCall | None = None
         self._lastPrune: float | None = None
         #: What a stored command's params become as the pump sends it
@@ -370,26 +363,10 @@ class ChannelHub(MultiService):
         return sorted(s for s in self._channels if self.connected(s))
 
     def subscribe(self, key: str | None, callback: Callable[[InstanceEvent], object]) -> Callable[[], None]:
-        callbacks = self._subscribers.setdefault(key, [])
-        callbacks.append(callback)
-
-        def unsubscribe() -> None:
-            current = self._subscribers.get(key)
-            if current is not None and callback in current:
-                current.remove(callback)
-                if not current:
-                    del self._subscribers[key]
-
-        return unsubscribe
+        return self.events.subscribeChanges(key, callback)
 
     def _publish(self, event: InstanceEvent) -> None:
-        keys = dict.fromkeys((event.instance.id, event.instance.owner_id, None))
-        for key in keys:
-            for callback in list(self._subscribers.get(key, ())):
-                try:
-                    callback(event)
-                except Exception:
-                    self.log.failure("an instance event subscriber failed")
+        self.events.changed(event)
 
     # -- channels coming and going ---------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from dit4c.common.life import DEADLINES, TRANSIENT, Life, State, expiredReason
+from dit4c.portal.events import InstanceEvent, InstanceEvents
 from dit4c.portal.store.errors import Conflict, NotFound, StoreError
 from dit4c.portal.store.model import Instance
 
@@ -43,19 +44,23 @@ class DeadlineWatch(Service):
         self,
         reactor: Any,
         store: Any,
-        publish: Callable[[Instance], object],
+        publish: Callable[[Instance], object] | None = None,
         *,
+        events: InstanceEvents | None = None,
         interval: float = 30.0,
         grace: float = 60.0,
         deadlines: Mapping[State, float] | None = None,
     ) -> None:
         """
-        :param publish: called with every instance this errors (the pages,
-            and the key directory, hear of it).
+        :param publish: called with every instance this errors.
+        :param events: the portal's event bus, told of every instance this
+            errors as an ``InstanceEvent`` (the pages, and the key
+            directory, hear of it there).
         """
         self.reactor = reactor
         self.store = store
         self.publish = publish
+        self.events = events
         self.interval = interval
         self.grace = grace
         self.deadlines: Mapping[State, float] = {**DEADLINES, **(deadlines or {})}
@@ -110,5 +115,8 @@ class DeadlineWatch(Service):
             state=state.value,
             reason=reason,
         )
-        self.publish(updated)
+        if self.events is not None:
+            self.events.changed(InstanceEvent(updated, instance, "state"))
+        if self.publish is not None:
+            self.publish(updated)
         return updated

@@ -2,11 +2,15 @@
 Changes as they happen, and the streams that carry them out of this portal
 process.
 
-:class:`InstanceEvents` is the in-process bus: whatever changes an instance
-(a person's action, the scheduler channel) publishes it, and whatever ends
-or grants someone's access (an unshare, a revoked share link, a disabled
-person, a logout) publishes an :class:`AccessChange`. Two kinds of stream
-subscribe:
+:class:`InstanceEvents` is the portal's one in-process bus: whatever
+changes an instance publishes it (a person's action, an instance's report),
+and what changes an instance from outside a request (the scheduler channel,
+an expired deadline) publishes the whole :class:`InstanceEvent`, which the
+bus passes on to those who subscribed to such changes (by instance, owner,
+or all: the key directory) and, as an instance, to everyone else; whatever
+ends or grants someone's access (an unshare, a revoked share link, a
+disabled person, a logout) publishes an :class:`AccessChange`. Two kinds of
+stream subscribe:
 
 - :class:`EventStreams`: the pages' Server-Sent Events (``GET /events``).
   Each event is checked, when it is sent, against what the person may see
@@ -45,6 +49,7 @@ from dit4c.portal.store.model import Instance
 __all__ = [
     "AccessChange",
     "EventBus",
+    "InstanceEvent",
     "EventStreams",
     "InstanceEvents",
     "InstanceWatches",
@@ -86,6 +91,18 @@ class AccessChange:
     session: str | None = None
 
 
+@dataclass(frozen=True)
+class InstanceEvent:
+    """An instance changed from outside a request: the scheduler channel, or a deadline that passed."""
+
+    #: The instance as it now is.
+    instance: Instance
+    #: The instance as it was.
+    previous: Instance
+    #: ``"state"`` (its state, reason or URL) or ``"key"`` (its public key).
+    change: str
+
+
 T = TypeVar("T")
 
 
@@ -96,9 +113,9 @@ class _Subscribers(Generic[T]):
 
     def __init__(self, what: str) -> None:
         self.what = what
-        self._callbacks: list[Callable[[T], None]] = []
+        self._callbacks: list[Callable[[T], object]] = []
 
-    def subscribe(self, callback: Callable[[T], None]) -> Callable[[], None]:
+    def subscribe(self, callback: Callable[[T], object]) -> Callable[[], None]:
         self._callbacks.append(callback)
 
         def unsubscribe() -> None:
@@ -143,6 +160,7 @@ class InstanceEvents:
     def __init__(self) -> None:
         self._instances: _Subscribers[Instance] = _Subscribers("instance event")
         self._access: _Subscribers[AccessChange] = _Subscribers("access change")
+        self._changes: dict[str | None, _Subscribers[InstanceEvent]] = {}
 
     def subscribe(self, callback: Callable[[Instance], None]) -> Callable[[], None]:
         """Call ``callback`` with every changed instance until the returned function is called."""
@@ -158,6 +176,30 @@ class InstanceEvents:
     def subscribeAccess(self, callback: Callable[[AccessChange], None]) -> Callable[[], None]:
         """Call ``callback`` with every :class:`AccessChange` until the returned function is called."""
         return self._access.subscribe(callback)
+
+    def subscribeChanges(self, key: str | None, callback: Callable[[InstanceEvent], object]) -> Callable[[], None]:
+        """
+        Call ``callback`` with every :class:`InstanceEvent` of an instance
+        whose id or owner's id is ``key`` (every instance's, for None) until
+        the returned function is called.
+        """
+        subscribers = self._changes.setdefault(key, _Subscribers("instance change"))
+        unsubscribe = subscribers.subscribe(callback)
+
+        def unsubscribeAndForget() -> None:
+            unsubscribe()
+            if not subscribers and self._changes.get(key) is subscribers:
+                del self._changes[key]
+
+        return unsubscribeAndForget
+
+    def changed(self, event: InstanceEvent) -> None:
+        """Publish ``event`` to its subscribers, then its instance to every instance subscriber."""
+        for key in dict.fromkeys((event.instance.id, event.instance.owner_id, None)):
+            subscribers = self._changes.get(key)
+            if subscribers is not None:
+                subscribers.publish(event)
+        self.publish(event.instance)
 
     def accessChanged(self, change: AccessChange) -> None:
         """Publish ``change``: call it once the store holds the change."""

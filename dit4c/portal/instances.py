@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from zope.interface import Interface
 
 from dit4c.common.life import ACTIONS, ACTIVE, IllegalMove, Life, State
-from dit4c.portal.events import AccessChange, InstanceEvents
+from dit4c.portal.events import AccessChange, EventBus, InstanceEvents
 from dit4c.portal.store.errors import Conflict, QuotaReached
 from dit4c.portal.store.model import Image, Instance, User
 
@@ -89,7 +89,7 @@ class Instances:
         commands: Any,
         *,
         defaultQuota: int = 4,
-        events: Any = None,
+        events: EventBus | None = None,
         readToken: Callable[[Image], str] | None = None,
     ) -> None:
         """
@@ -103,7 +103,7 @@ class Instances:
         self.commands = commands
         self.defaultQuota = defaultQuota
         #: Where every change made here is published (the pages watch it).
-        self.events = events if events is not None else InstanceEvents()
+        self.events: EventBus = events if events is not None else InstanceEvents()
 
     def quotaOf(self, user: User) -> int:
         return user.max_instances if user.max_instances is not None else self.defaultQuota

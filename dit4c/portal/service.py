@@ -18,8 +18,10 @@ from dit4c.common.service import ListeningService
 from dit4c.portal.app import Portal, PortalConfig
 from dit4c.portal.channel import ChannelHub
 from dit4c.portal.deadlines import DeadlineWatch
+from dit4c.portal.events import InstanceEvents
 from dit4c.portal.http import portalSite
 from dit4c.portal.keys import KeyRing
+from dit4c.portal.store import openStore
 
 
 class PortalService(MultiService):
@@ -73,35 +75,21 @@ class PortalService(MultiService):
         d.addErrback(failed)
 
     async def _start(self) -> None:
-        from dit4c.portal.store import openStore
-
         self.dataDir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = await openStore(self.database, self.reactor)
         keys = KeyRing(self.dataDir / "keys", issuer=self.config.publicURL, clock=self.reactor)
-        self.channels = ChannelHub(self.reactor, self.store, issuer=self.config.publicURL)
+        # The one bus: what schedulers report and deadlines that pass reach
+        # the pages' live streams, the helpers' watches and the key directory there.
+        events = InstanceEvents()
+        self.channels = ChannelHub(self.reactor, self.store, issuer=self.config.publicURL, events=events)
         for endpoint in self.channelEndpoints:
             self.channels.listen(endpoint)
         self.channels.setServiceParent(self)
-        self.portal = Portal(self.store, keys, self.config, self.reactor, commands=self.channels)
+        self.portal = portal = Portal(self.store, keys, self.config, self.reactor, commands=self.channels, events=events)
         # A saved image's read token is made as its start command is sent, never stored.
-        self.channels.paramsToSend = self.portal.instances.paramsToSend
-        # What schedulers report reaches the pages' live streams too.
-        events = self.portal.events
-        portal = self.portal
-
-        def changed(event: Any) -> None:
-            # A key published, or an instance no longer active (its key withdrawn).
-            portal.keysChanged()
-            events.publish(event.instance)
-
-        self.channels.subscribe(None, changed)
-
-        def expired(instance: Any) -> None:
-            portal.keysChanged()
-            events.publish(instance)
-
+        self.channels.paramsToSend = portal.instances.paramsToSend
         # Instances stuck in a transient state (their node or scheduler away) are errored.
-        DeadlineWatch(self.reactor, self.store, expired).setServiceParent(self)
+        DeadlineWatch(self.reactor, self.store, events=events).setServiceParent(self)
         # Schedulers may also dial the portal's own web port (wss://.../.dit4c/channel).
         self.portal.channelResource = self.channels.resource()
         self.portal.reports.setImageServerSecret(self.imageServerSecret)

@@ -28,8 +28,8 @@ from dit4c.portal.channel import (
     LOST_REASON,
     ChannelHub,
     IInstanceEvents,
-    InstanceEvent,
 )
+from dit4c.portal.events import InstanceEvent
 from dit4c.portal.store import Conflict, Instance, openStore
 from dit4c.testing import deferLater
 from dit4c.testing_scheduler import RawChannel, TestingScheduler, registerScheduler
