@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import resource
-import socket
-from typing import Any
 
 import pytest_twisted
 import treq
@@ -31,17 +29,9 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 from dit4c.common.keys import generate_private_key
 from dit4c.portal.reports import imageReadToken
-from dit4c.testing import PATTERN, RawClient, deferLater
+from dit4c.testing import PATTERN, RawClient, eventually, refusedPort
 
 MiB = 1024 * 1024
-
-
-async def waitFor(condition: Any, timeout: float = 5.0) -> None:
-    for _ in range(int(timeout / 0.02)):
-        if condition():
-            return
-        await deferLater(0.02)
-    assert condition()
 
 
 # -- uploads --------------------------------------------------------------------------------------
@@ -147,10 +137,10 @@ async def test_an_upload_that_breaks_off_stores_nothing(world: World, logged: li
     for _ in range(32):
         client.transport.write(PATTERN)
     # The upload is under way: its temporary file is there.
-    await waitFor(lambda: any(name.startswith("tmp/") for name in stored(server)))
+    await eventually(lambda: any(name.startswith("tmp/") for name in stored(server)))
     client.transport.abortConnection()  # type: ignore[attr-defined]
     await client.done
-    await waitFor(lambda: stored(server) == [])
+    await eventually(lambda: stored(server) == [])
     assert any("broke off after" in line for line in logged)
 
 
@@ -168,7 +158,7 @@ async def test_too_large(world: World) -> None:
     response, answer = await put(server, body.digest, body, w.uploadToken(body.digest))
     assert (response.code, answer["error"]) == (413, "too_large")
     assert body.produced < 16 * MiB
-    await waitFor(lambda: stored(server) == [])
+    await eventually(lambda: stored(server) == [])
     # Up to the limit is fine.
     body = PatternBody(MiB)
     response, _ = await put(server, body.digest, body, w.uploadToken(body.digest))
@@ -197,7 +187,7 @@ async def test_uploads_the_portal_refuses_are_refused_after_their_head(world: Wo
         assert answer["reason"], case
         # Answered long before the client could send it all.
         assert body.produced < 32 * MiB, (case, body.produced)
-    await waitFor(lambda: stored(server) == [])
+    await eventually(lambda: stored(server) == [])
 
 
 @pytest_twisted.ensureDeferred
@@ -215,7 +205,7 @@ async def test_expect_100_continue_waits_for_the_portal(world: World) -> None:
             f"PUT /images/{digest} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n"
             f"Expect: 100-continue\r\nConnection: close\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
         )
-        await waitFor(lambda: b"\r\n\r\n" in client.received)
+        await eventually(lambda: b"\r\n\r\n" in client.received)
         if client.received.startswith(b"HTTP/1.1 100"):
             client.transport.write(data)
         return await client.done
@@ -274,18 +264,15 @@ async def test_reads_and_deletes_as_the_portal_says(world: World) -> None:
 @pytest_twisted.ensureDeferred
 async def test_the_portal_down_or_confused_is_503(world: World) -> None:
     w = world
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    closed = probe.getsockname()[1]
-    probe.close()
-    down = await w.imageServer(portal=f"http://127.0.0.1:{closed}", name="down")
-    digest = PatternBody(1).digest
-    response, _, _ = await get(down, digest)
-    assert response.code == 503
-    body = PatternBody(64 * MiB)
-    response, answer = await put(down, body.digest, body, w.uploadToken(body.digest))
-    assert (response.code, answer["error"]) == (503, "portal_unavailable")
-    assert body.produced < 32 * MiB
+    with refusedPort() as closed:
+        down = await w.imageServer(portal=f"http://127.0.0.1:{closed}", name="down")
+        digest = PatternBody(1).digest
+        response, _, _ = await get(down, digest)
+        assert response.code == 503
+        body = PatternBody(64 * MiB)
+        response, answer = await put(down, body.digest, body, w.uploadToken(body.digest))
+        assert (response.code, answer["error"]) == (503, "portal_unavailable")
+        assert body.produced < 32 * MiB
     # A portal that does not know this server's secret answers, but not the question.
     w.portal.reports.setImageServerSecret("another secret, sixteen bytes or more")
     confused = await w.imageServer(name="confused")

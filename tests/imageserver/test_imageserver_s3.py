@@ -8,7 +8,7 @@ behaviours as the directory storage's, and the plugin's S3 options.
 from __future__ import annotations
 
 import hashlib
-import socket
+import re
 import subprocess
 import sys
 import threading
@@ -45,7 +45,7 @@ from dit4c.imageserver.errors import DigestMismatch, NotFound
 from dit4c.imageserver.s3 import S3Storage
 from dit4c.imageserver.storage import IImageStorage, IImageWriter
 from dit4c.imageserver.tap import Options, makeService
-from dit4c.testing import PATTERN, RawClient, deferLater, patternDigest
+from dit4c.testing import PATTERN, RawClient, eventually, patternDigest, refusedPort
 
 MiB = 1024 * 1024
 ACCESS_KEY = "dit4c-access-" + uuid.uuid4().hex
@@ -53,27 +53,22 @@ SECRET_KEY = "dit4c-secret-" + uuid.uuid4().hex
 
 
 @pytest.fixture(scope="session")
-def s3endpoint() -> Iterator[str]:
-    """moto's S3 server, in its own process (its memory is not this process's)."""
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+def s3endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """moto's S3 server, in its own process (its memory is not this process's), on the port it got."""
+    logPath = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(logPath, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-u", "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     try:
+        # A plain (session) fixture: the wait blocks, with a deadline.
         deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("moto's S3 server did not start") from None
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
+        while not (running := re.search(r"Running on (http://127\.0\.0\.1:\d+)", logPath.read_text(errors="replace"))):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"moto's S3 server did not start:\n{logPath.read_text(errors='replace')}")
+            time.sleep(0.1)
+        yield running.group(1)
     finally:
         proc.terminate()
         proc.wait(10)
@@ -125,14 +120,6 @@ def s3(s3endpoint: str, tmp_path: Path) -> Iterator[Any]:
     yield make
     for storage in made:
         storage.close()
-
-
-async def waitFor(condition: Any, timeout: float = 10.0) -> None:
-    for _ in range(int(timeout / 0.05)):
-        if condition():
-            return
-        await deferLater(0.05)
-    assert condition()
 
 
 # -- the storage on its own ----------------------------------------------------------------------
@@ -269,7 +256,7 @@ async def test_upload_download_range_and_delete(world: World, s3: Any, logged: l
     client.transport.write(
         f"GET /images/{body.digest} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {aliceToken}\r\n\r\n".encode()
     )
-    await waitFor(lambda: len(client.received) > MiB)
+    await eventually(lambda: len(client.received) > MiB)
     client.transport.abortConnection()  # type: ignore[attr-defined]
     await client.done
 
@@ -318,10 +305,10 @@ async def test_an_upload_that_breaks_off_stores_nothing(world: World, s3: Any, l
     for _ in range(32):
         client.transport.write(PATTERN)
     # The upload is under way: spooled to a local temporary file.
-    await waitFor(lambda: any(name.startswith("tmp/") for name in stored(server)))
+    await eventually(lambda: any(name.startswith("tmp/") for name in stored(server)))
     client.transport.abortConnection()  # type: ignore[attr-defined]
     await client.done
-    await waitFor(lambda: stored(server) == [])
+    await eventually(lambda: stored(server) == [])
     assert any("broke off after" in line for line in logged)
 
 
@@ -329,24 +316,21 @@ async def test_an_upload_that_breaks_off_stores_nothing(world: World, s3: Any, l
 @pytest_twisted.ensureDeferred
 async def test_a_store_that_cannot_be_reached_is_a_500(world: World, tmp_path: Path, logged: list[str]) -> None:
     w = world
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    closed = probe.getsockname()[1]
-    probe.close()
-    storage = S3Storage(
-        reactor, bucket="dit4c-images", spool=tmp_path / "spool", endpoint=f"http://127.0.0.1:{closed}",
-        accessKey=ACCESS_KEY, secretKey=SECRET_KEY,
-    )  # fmt: skip
-    try:
-        server = await w.imageServer(storage=storage)
-        # Start-up says so (and serves anyway: the store may come back).
-        await waitFor(lambda: any("cannot be used" in line for line in logged))
-        body = PatternBody(1000)
-        response, answer = await put(server, body.digest, body, w.uploadToken(body.digest))
-        assert (response.code, answer["error"]) == (500, "server_error")
-        assert list(storage.spool.iterdir()) == []
-    finally:
-        storage.close()
+    with refusedPort() as closed:
+        storage = S3Storage(
+            reactor, bucket="dit4c-images", spool=tmp_path / "spool", endpoint=f"http://127.0.0.1:{closed}",
+            accessKey=ACCESS_KEY, secretKey=SECRET_KEY,
+        )  # fmt: skip
+        try:
+            server = await w.imageServer(storage=storage)
+            # Start-up says so (and serves anyway: the store may come back).
+            await eventually(lambda: any("cannot be used" in line for line in logged))
+            body = PatternBody(1000)
+            response, answer = await put(server, body.digest, body, w.uploadToken(body.digest))
+            assert (response.code, answer["error"]) == (500, "server_error")
+            assert list(storage.spool.iterdir()) == []
+        finally:
+            storage.close()
     text = "\n".join(logged)
     assert SECRET_KEY not in text
 
@@ -419,7 +403,7 @@ async def test_the_plugin_serves_from_s3(world: World, s3endpoint: str, logged: 
     assert SECRET_KEY not in repr(service.storage)
     service.startService()
     w.servers.append(service)
-    await waitFor(lambda: any("storing images in" in line for line in logged))
+    await eventually(lambda: any("storing images in" in line for line in logged))
     body = PatternBody(MiB + 1)
     response, answer = await put(service, body.digest, body, w.uploadToken(body.digest))
     assert response.code == 201, answer
