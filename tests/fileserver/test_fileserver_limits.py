@@ -45,9 +45,19 @@ async def greeted(*clients: Raw) -> None:
     await eventually(lambda: all(c.received.startswith(b"SSH-2.0-") for c in clients))
 
 
-def closing(service: FileServerService) -> list[bool]:
-    """Whether the server is closing each of its connections."""
-    return [bool(t.transport.disconnecting) for t in service.factory.live]
+def closedWhenDue(clock: Clock, service: FileServerService, due: float) -> None:
+    """
+    Move ``clock`` to just before ``due`` seconds: the server's one
+    connection is still open; then to ``due``: the server is closing it.
+    """
+
+    def closing() -> list[bool]:
+        return [bool(t.transport.disconnecting) for t in service.factory.live]
+
+    clock.advance(due - 0.1)
+    assert closing() == [False]
+    clock.advance(0.1)
+    assert closing() == [True]
 
 
 def startedAt() -> Clock:
@@ -83,16 +93,11 @@ async def test_idle_connections_are_closed(world: World) -> None:
     port = portOf(service)
     silent = await raw(port)
     await greeted(silent)
-    clock.advance(0.4)
-    assert closing(service) == [False]
-    clock.advance(0.1)
-    assert closing(service) == [True]
+    closedWhenDue(clock, service, 0.5)
     await silent.lost.addTimeout(10, reactor)
     # A logged-in SFTP session that goes quiet too.
     session, client = await connect(port, w.a.id, w.keyA, w.hostKey)
-    clock.advance(0.4)
-    assert closing(service) == [False]
-    clock.advance(0.1)
+    closedWhenDue(clock, service, 0.5)
     await session.closed.addTimeout(10, reactor)
 
 
@@ -105,10 +110,7 @@ async def test_slow_logins_are_closed(world: World) -> None:
     # Key exchange only would need a real client: say the version and wait.
     client.transport.write(b"SSH-2.0-test\r\n")
     await greeted(client)
-    clock.advance(0.4)
-    assert closing(service) == [False]
-    clock.advance(0.1)
-    assert closing(service) == [True]
+    closedWhenDue(clock, service, 0.5)
     await client.lost.addTimeout(10, reactor)
 
 
