@@ -37,7 +37,8 @@ from dit4c.portal.interfaces import Basics
 from dit4c.portal.jwks import KeyDirectory
 from dit4c.portal.keys import KeyRing
 from dit4c.portal.oauth import OAuthServer
-from dit4c.portal.reports import InstanceTokens, Reports, imageReadToken, removeImageBytes
+from dit4c.portal.reportrules import InstanceTokens, imageReadToken, removeImageBytes
+from dit4c.portal.reports import Reports
 from dit4c.portal.security import CookiePolicy
 from dit4c.portal.sessions import CrossSiteRequest, LoggedIn, LoginSessions
 from dit4c.portal.store.ids import hashToken

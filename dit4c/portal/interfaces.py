@@ -5,16 +5,16 @@ the others, as small protocols. ``dit4c.portal.app.Portal`` builds the
 parts and hands each only the collaborators it names; no part imports the
 app, and none holds the whole portal.
 
-============================  ===========================================  ==========================
+============================  ===========================================  =============================
 door                          what it gives                                made by
-============================  ===========================================  ==========================
+============================  ===========================================  =============================
 :class:`SessionLookup`        who is logged in behind a request            ``sessions.LoginSessions``
 :class:`PageRenderer`         an HTML page from the templates              ``web.Pages``
 ``events.EventBus``           instance and access changes, as they happen  ``events.InstanceEvents``
 :class:`KeyRotation`          a new signing key for the portal             ``keys.KeyRing``
-:class:`InstanceTokenCheck`   a token an instance signed with its own key  ``reports.InstanceTokens``
+:class:`InstanceTokenCheck`   a token an instance signed with its own key  ``reportrules.InstanceTokens``
 :class:`Basics`               the store, the key ring, the clock, the bus  ``app.Portal``
-============================  ===========================================  ==========================
+============================  ===========================================  =============================
 
 Who gets which: the API a session lookup, the instance and sharing
 services, the bus and key rotation; the administrators' pages a session

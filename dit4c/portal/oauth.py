@@ -49,7 +49,7 @@ from dit4c.common.tokens import TokenVerifier
 from dit4c.portal.events import InstanceWatches
 from dit4c.portal.interfaces import Basics, InstanceTokenCheck, PageRenderer, SessionLookup
 from dit4c.portal.keys import KeyRingKeySource
-from dit4c.portal.reports import LEEWAY, MAX_JTI, ReportError
+from dit4c.portal.reportrules import LEEWAY, MAX_JTI, ReportError
 from dit4c.portal.web import loggableTarget
 
 __all__ = [

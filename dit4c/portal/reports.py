@@ -24,7 +24,9 @@ Its ``jti`` is spent in the store, so no report is accepted twice, by any
 portal process.
 
 Nothing here logs a token, a cookie, an API token or the image server's
-secret: only instance ids, image ids and short reasons.
+secret: only instance ids, image ids and short reasons. What reports and
+questions are checked against, without the endpoints, is in
+:mod:`dit4c.portal.reportrules`.
 """
 
 from __future__ import annotations
@@ -32,323 +34,67 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
-import jwt
-import treq
 from klein import Klein
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
 from dit4c.common import tokens
-from dit4c.common.life import ACTIVE, SAVING_IMAGE, states
-from dit4c.common.tokens import StaticKeySource, TokenVerifier
+from dit4c.common.life import ACTIVE
+from dit4c.common.tokens import TokenVerifier
 from dit4c.portal.events import EventBus
 from dit4c.portal.keys import KeyRing, KeyRingKeySource
+from dit4c.portal.reportrules import (
+    API_TOKEN_PREFIX,
+    DELETE_AUDIENCE,
+    FILE_SERVER_HEADER,
+    IMAGE_SERVER_HEADER,
+    LEEWAY,
+    MAX_JTI,
+    MAX_NAME,
+    MAX_URL,
+    METHODS,
+    MIN_SECRET,
+    READ_AUDIENCE,
+    READ_METHODS,
+    REPORT_AUDIENCE,
+    SAVE_STATES,
+    SESSION_COOKIE,
+    UPLOAD_AUDIENCE,
+    WRITE_METHODS,
+    InstanceTokens,
+    ReportError,
+    badRequest,
+    badToken,
+    bearerToken,
+    checkDigest,
+    checkImageURL,
+    checkInstanceURL,
+    checkName,
+    cookieValue,
+    imageReadToken,
+)
 from dit4c.portal.store.errors import Conflict, NotFound
 from dit4c.portal.store.interfaces import IStore
 from dit4c.portal.store.model import Image, Instance, User
 
 __all__ = [
+    # Those of dit4c.portal.reportrules that the image server's tests take from here.
     "DELETE_AUDIENCE",
-    "FILE_SERVER_HEADER",
-    "IMAGE_SERVER_HEADER",
     "MAX_BODY",
-    "MAX_REPORT_LIFETIME",
-    "READ_AUDIENCE",
-    "REPORT_AUDIENCE",
     "UPLOAD_AUDIENCE",
-    "InstanceTokens",
     "ReportError",
     "Reports",
-    "checkImageURL",
-    "checkInstanceURL",
     "imageReadToken",
-    "removeImageBytes",
 ]
-
-_log = Logger()
-
-#: The audience of an instance's reports to the portal.
-REPORT_AUDIENCE = "dit4c-portal-report"
-#: The audience of the tokens the upload helper shows the image server.
-UPLOAD_AUDIENCE = "dit4c-image-upload"
-#: The audience of the read tokens the portal signs for a scheduler / node.
-READ_AUDIENCE = "dit4c-image-read"
-#: The ``aud`` of the token the portal signs to have a deleted image's bytes removed.
-DELETE_AUDIENCE = "dit4c-image-delete"
 
 #: The largest request body read: a report is a JWT of a few hundred bytes.
 MAX_BODY = 16 * 1024
-#: ``exp`` of an instance's token may be at most this many seconds after its ``iat``.
-MAX_REPORT_LIFETIME = 300.0
-#: Clock skew allowed on ``exp`` and ``iat``, in seconds.
-LEEWAY = 30.0
-MAX_URL = 2048
-MAX_NAME = 200
-#: The longest ``jti`` accepted (the store remembers it).
-MAX_JTI = 255
-#: Read tokens are valid for this long unless asked otherwise, and never longer than a day.
-READ_TOKEN_LIFETIME = 3600.0
-MAX_READ_TOKEN_LIFETIME = 86400.0
-
-#: Where an instance may report a saved image from: while it saves it.
-SAVE_STATES: tuple[str, ...] = tuple(states(SAVING_IMAGE))
-
-#: The header with which the image server proves itself.
-IMAGE_SERVER_HEADER = b"x-dit4c-image-server"
-#: The header with which the file server proves itself.
-FILE_SERVER_HEADER = b"x-dit4c-file-server"
-#: The shortest image server (or file server) secret accepted (bytes).
-MIN_SECRET = 16
-
-#: Personal API tokens look like this (``IStore.createApiToken``); anything else is taken for a JWT.
-API_TOKEN_PREFIX = "dit4c_"
-SESSION_COOKIE = "dit4c_session"
-
-READ_METHODS = frozenset({"GET", "HEAD"})
-WRITE_METHODS = frozenset({"PUT", "POST"})
-METHODS = READ_METHODS | WRITE_METHODS | {"DELETE"}
-
-_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
-_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
-
-
-class ReportError(Exception):
-    """A refusal: answered as JSON ``{"error", "reason"}`` with ``status``."""
-
-    def __init__(self, status: int, error: str, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.error = error
-
-    @property
-    def reason(self) -> str:
-        """Safe to show and to log: never token text."""
-        return str(self.args[0])
-
-
-def _badRequest(reason: str) -> ReportError:
-    return ReportError(400, "invalid_request", reason)
-
-
-def _badToken(reason: str) -> ReportError:
-    return ReportError(401, "invalid_token", reason)
-
-
-# -- the rules, without I/O ----------------------------------------------------------------------
-
-
-def _checkHTTPURL(value: object, what: str) -> tuple[str, Any]:
-    """``value`` if it is a plain http(s) URL (no user info, query or fragment), and its parts."""
-    if not isinstance(value, str) or not value:
-        raise _badRequest(f"The {what} claim is missing.")
-    if len(value) > MAX_URL or not value.isascii() or any(c <= " " or c == "\x7f" for c in value):
-        raise _badRequest(f"The {what} claim must be an ASCII URL of at most {MAX_URL} characters.")
-    try:
-        parts = urlsplit(value)
-        port = parts.port
-    except ValueError:
-        raise _badRequest(f"The {what} claim is not a URL.") from None
-    if parts.scheme not in ("http", "https"):
-        raise _badRequest(f"The {what} claim must be an http or https URL.")
-    if "?" in value or "#" in value:
-        raise _badRequest(f"The {what} claim must have no query or fragment.")
-    host = parts.hostname
-    # The host as written, in lower case, and a port only if there is one:
-    # no user info, no "host:" with an empty port, no upper case.
-    if not host or parts.netloc not in (host, f"{host}:{port}"):
-        raise _badRequest(f"The {what} claim must be http(s)://host[:port]/path, in lower case.")
-    if parts.path and not parts.path.startswith("/"):
-        raise _badRequest(f"The {what} claim is not a URL.")
-    return value, parts
-
-
-def checkInstanceURL(value: object, instanceId: str, domains: Sequence[str] | None = None) -> str:
-    """
-    ``value`` if it may be the public URL of instance ``instanceId``: http
-    or https, and a host name that is the instance id followed by a domain
-    (``<id>.<domain>``), so that no instance can claim another's name. With
-    ``domains``, the domain must be one of them.
-
-    :raises ReportError: 400 for what is not such a URL, 403 for the URL of
-        another host name.
-    """
-    url, parts = _checkHTTPURL(value, "url")
-    host: str = parts.hostname
-    labels = host.split(".")
-    if len(host) > 253 or any(_LABEL.fullmatch(label) is None for label in labels):
-        raise _badRequest("The url claim's host must be a DNS name.")
-    if labels[0] != instanceId or len(labels) < 2:
-        raise ReportError(403, "wrong_host", f"The URL's host name must be {instanceId}.<domain>.")
-    domain = ".".join(labels[1:])
-    if domains is not None and domain not in domains:
-        raise ReportError(403, "wrong_host", "The URL's domain is not one of this portal's routing domains.")
-    return url
-
-
-def checkImageURL(value: object, prefixes: Sequence[str] | None = None) -> str:
-    """
-    ``value`` if it may be where an image server stored a saved image: an
-    http(s) URL, and (with ``prefixes``) under one of the image servers'
-    base URLs.
-    """
-    url, _ = _checkHTTPURL(value, "image_url")
-    if prefixes is not None and not any(url.startswith(prefix) for prefix in prefixes):
-        raise ReportError(403, "wrong_image_server", "The image_url is not at one of this portal's image servers.")
-    return url
-
-
-def _checkDigest(value: object) -> str:
-    if not isinstance(value, str) or _DIGEST.fullmatch(value) is None:
-        raise _badRequest("The digest claim must be sha256: and 64 lower-case hexadecimal digits.")
-    return value
-
-
-def _checkName(value: object) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise _badRequest("The name claim must be a string.")
-    value = value.strip()
-    if not value:
-        return None
-    if len(value) > MAX_NAME or not value.isprintable():
-        raise _badRequest(f"The name claim must be at most {MAX_NAME} printable characters.")
-    return value
-
-
-def _unverifiedSubject(token: str) -> str:
-    """
-    The ``sub`` of a token not checked yet: only to find the instance whose
-    key will check it. Nothing else is read before the signature holds.
-    """
-    if len(token) > tokens.MAX_TOKEN_LENGTH:
-        raise _badToken("The token was refused: token too long.")
-    try:
-        payload = jwt.decode(token, options={"verify_signature": False})
-    except Exception:
-        raise _badToken("The token was refused: malformed token.") from None
-    subject = payload.get("sub") if isinstance(payload, dict) else None
-    if not isinstance(subject, str) or tokens.INSTANCE_ID_RE.fullmatch(subject) is None:
-        raise _badToken("The token's sub claim must be an instance id.")
-    return subject
-
-
-def _bearer(header: str | None) -> str | None:
-    if not header:
-        return None
-    scheme, _, value = header.strip().partition(" ")
-    value = value.strip()
-    if scheme.lower() != "bearer" or not value:
-        return None
-    return value
-
-
-def _cookie(header: str | None, name: str) -> str | None:
-    """The value of cookie ``name`` in a ``Cookie`` header (RFC 6265 section 5.4)."""
-    if not header:
-        return None
-    for pair in header.split(";"):
-        key, sep, value = pair.strip().partition("=")
-        if sep and key.strip() == name:
-            value = value.strip().strip('"')
-            return value or None
-    return None
-
-
-class HoldsKeys(Protocol):
-    """Whatever holds the portal's key ring (``interfaces.Basics``, the portal)."""
-
-    @property
-    def keys(self) -> KeyRing: ...
-
-
-def imageReadToken(holder: HoldsKeys, image: Image, lifetime: float = READ_TOKEN_LIFETIME) -> str:
-    """
-    A read token for ``image``: a JWT signed by the portal's current key
-    (``holder.keys``) for the audience ``dit4c-image-read``, with the claim
-    ``image`` (its id; ``ref`` and ``digest`` too, for the reader). A
-    scheduler gives it to the node that starts an instance from a saved
-    image; the image server passes it on to ``/reports/image-access``, where
-    it allows reads (GET, HEAD) of that image, and of nothing else, until it
-    expires, or the image is deleted.
-    """
-    if image.deleted:
-        raise ValueError("a deleted image cannot be read")
-    if not 0 < lifetime <= MAX_READ_TOKEN_LIFETIME:
-        raise ValueError(f"lifetime must be more than 0 and at most {MAX_READ_TOKEN_LIFETIME} s")
-    claims = {"sub": image.id, "image": image.id, "ref": image.ref, "digest": image.digest}
-    token: str = holder.keys.signer().sign(claims, audience=READ_AUDIENCE, lifetime=lifetime)
-    return token
-
-
-def removeImageBytes(keys: KeyRing, image: Image) -> Deferred[None]:
-    """
-    ``DELETE`` a deleted saved image's bytes at the image server, with a
-    delete token the portal signs for that digest (60 s); the image
-    server asks the portal, which allows it only while no saved image
-    has that digest (docs/protocols.md 8.4).
-    """
-    token = keys.signer().sign({"sub": image.digest, "digest": image.digest}, audience=DELETE_AUDIENCE, lifetime=60)
-
-    async def remove() -> None:
-        response = await treq.delete(image.ref, headers=Headers({"Authorization": [f"Bearer {token}"]}), timeout=10)
-        await response.content()
-        if response.code not in (204, 404):
-            raise RuntimeError(f"the image server answered {response.code}")
-        _log.info("removed the bytes of deleted image {image} ({digest})", image=image.id, digest=image.digest)
-
-    return Deferred.fromCoroutine(remove())
-
-
-class InstanceTokens:
-    """
-    Tokens an instance's helpers sign with the instance's own key: its
-    reports here, an upload's proof, and its auth helper's watch
-    (``dit4c.portal.oauth``), each for its own audience.
-    """
-
-    log = Logger()
-
-    def __init__(self, store: IStore, clock: IReactorTime) -> None:
-        self.store = store
-        self.clock = clock
-
-    async def check(self, token: str, audience: str) -> tuple[Instance, dict[str, Any]]:
-        """
-        The instance that signed ``token`` for ``audience``, and the token's
-        claims: signature by the key the store holds for the instance named
-        by ``sub`` (ES256/EdDSA only), ``exp`` at most 5 minutes after
-        ``iat``, and not expired (30 s leeway).
-        """
-        subject = _unverifiedSubject(token)
-        instance: Instance | None = await self.store.instanceById(subject)
-        if instance is None or not instance.public_jwk:
-            raise _badToken("The instance is unknown, or has no key yet.")
-        try:
-            keys = StaticKeySource({"keys": [json.loads(instance.public_jwk)]})
-        except (ValueError, TypeError):
-            self.log.warn("instance {instance} has an unusable public key", instance=instance.id)
-            raise _badToken("The instance has no usable key.") from None
-        verifier = TokenVerifier(keys, audience=audience, leeway=LEEWAY, clock=self.clock)
-        try:
-            claims = await verifier.verify(token)
-        except tokens.InvalidToken as e:
-            raise _badToken(f"The token was refused: {e.reason}.") from None
-        if claims.get("sub") != instance.id:
-            raise _badToken("The token's sub claim must be an instance id.")
-        if not 0 < claims["exp"] - claims["iat"] <= MAX_REPORT_LIFETIME:
-            raise _badToken(f"The token's exp must be at most {int(MAX_REPORT_LIFETIME)} s after its iat.")
-        return instance, claims
 
 
 # -- the endpoints ----------------------------------------------------------------------------------
@@ -525,9 +271,9 @@ class Reports:
         try:
             token = raw.decode("ascii")
         except UnicodeDecodeError:
-            raise _badToken("The token was refused: malformed token.") from None
+            raise badToken("The token was refused: malformed token.") from None
         if not token:
-            raise _badToken("The body must be a JWT.")
+            raise badToken("The body must be a JWT.")
         return token
 
     # -- instance tokens ----------------------------------------------------------------------------
@@ -537,7 +283,7 @@ class Reports:
         instance, claims = await self.instanceTokens.check(self._token(request), REPORT_AUDIENCE)
         jti = claims.get("jti")
         if not isinstance(jti, str) or not 0 < len(jti) <= MAX_JTI:
-            raise _badToken(f"The token needs a jti claim of 1 to {MAX_JTI} characters.")
+            raise badToken(f"The token needs a jti claim of 1 to {MAX_JTI} characters.")
         # Remembered for as long as the token could still verify.
         if not await self.store.spendTokenId(instance.id, jti, float(claims["exp"]) + LEEWAY):
             raise ReportError(401, "replayed", "This report was made before: its jti is used.")
@@ -591,8 +337,8 @@ class Reports:
 
     async def _saveImage(self, instance: Instance, claims: Mapping[str, Any]) -> tuple[Image, bool]:
         ref = checkImageURL(claims.get("image_url"), self.imageServerURLs)
-        digest = _checkDigest(claims.get("digest"))
-        name = _checkName(claims.get("name"))
+        digest = checkDigest(claims.get("digest"))
+        name = checkName(claims.get("name"))
         if instance.state not in SAVE_STATES:
             raise self._wrongState(instance, "saving or uploading")
         if name is None:
@@ -651,22 +397,22 @@ class Reports:
         try:
             body = json.loads(raw)
         except (ValueError, RecursionError):
-            raise _badRequest("The body is not JSON.") from None
+            raise badRequest("The body is not JSON.") from None
         if not isinstance(body, dict):
-            raise _badRequest("The body must be a JSON object.")
+            raise badRequest("The body must be a JSON object.")
         method = body.get("method")
         if not isinstance(method, str) or method.upper() not in METHODS:
-            raise _badRequest(f"method must be one of {', '.join(sorted(METHODS))}.")
+            raise badRequest(f"method must be one of {', '.join(sorted(METHODS))}.")
         reference = body.get("image")
         if not isinstance(reference, str) or not 0 < len(reference) <= MAX_URL:
-            raise _badRequest(f"image must be an image reference, id or digest of at most {MAX_URL} characters.")
+            raise badRequest(f"image must be an image reference, id or digest of at most {MAX_URL} characters.")
         given = body.get("headers", {})
         if given is None:
             given = {}
         if not isinstance(given, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in given.items()
         ):
-            raise _badRequest("headers must be an object of strings.")
+            raise badRequest("headers must be an object of strings.")
         return method.upper(), reference, {k.lower(): v for k, v in given.items()}
 
     async def _decide(self, method: str, reference: str, headers: Mapping[str, str]) -> Decision:
@@ -684,12 +430,12 @@ class Reports:
         return await self._mayDelete(images, headers)
 
     async def _mayWrite(self, reference: str, authorization: str | None) -> Decision:
-        token = _bearer(authorization)
+        token = bearerToken(authorization)
         if token is None:
             return _deny("Writes need a Bearer upload token signed by the instance that saves the image.")
         try:
             instance, claims = await self.instanceTokens.check(token, UPLOAD_AUDIENCE)
-            digest = _checkDigest(claims.get("digest"))
+            digest = checkDigest(claims.get("digest"))
         except ReportError as e:
             return _deny(f"Upload token: {e.reason}")
         if reference != digest:
@@ -704,7 +450,7 @@ class Reports:
     async def _people(self, headers: Mapping[str, str], reasons: list[str]) -> list[tuple[User, str]]:
         """The people the credentials show (API token, then session cookie); why others showed nobody."""
         found: list[tuple[User, str]] = []
-        token = _bearer(headers.get("authorization"))
+        token = bearerToken(headers.get("authorization"))
         if token is not None and token.startswith(API_TOKEN_PREFIX):
             user = await self.store.userByApiToken(token)
             if user is None:
@@ -713,7 +459,7 @@ class Reports:
                 found.append((user, "api-token"))
         # A portal on https names it __Host-dit4c_session (security.CookiePolicy).
         cookies = headers.get("cookie")
-        session = _cookie(cookies, "__Host-" + SESSION_COOKIE) or _cookie(cookies, SESSION_COOKIE)
+        session = cookieValue(cookies, "__Host-" + SESSION_COOKIE) or cookieValue(cookies, SESSION_COOKIE)
         if session is not None:
             held = await self.store.sessionByToken(session)
             user = await self.store.userById(held.user_id) if held is not None else None
@@ -725,7 +471,7 @@ class Reports:
 
     async def _mayRead(self, images: list[Image], headers: Mapping[str, str]) -> Decision:
         reasons: list[str] = []
-        token = _bearer(headers.get("authorization"))
+        token = bearerToken(headers.get("authorization"))
         if token is not None and not token.startswith(API_TOKEN_PREFIX):
             try:
                 claims = await self._readTokens.verify(token)
@@ -749,7 +495,7 @@ class Reports:
         bytes are to go): allowed for its digest while no saved image has
         that digest. None: not such a token.
         """
-        token = _bearer(authorization)
+        token = bearerToken(authorization)
         if token is None or token.startswith(API_TOKEN_PREFIX):
             return None
         try:
@@ -804,10 +550,10 @@ class Reports:
         try:
             body = json.loads(raw)
         except (ValueError, RecursionError):
-            raise _badRequest("The body is not JSON.") from None
+            raise badRequest("The body is not JSON.") from None
         subject = body.get("instance") if isinstance(body, dict) else None
         if not isinstance(subject, str) or tokens.INSTANCE_ID_RE.fullmatch(subject) is None:
-            raise _badRequest("instance must be an instance id.")
+            raise badRequest("instance must be an instance id.")
         decision = await self._mayReachFiles(subject)
         self.log.info(
             "file server: instance {instance}: {answer} ({reason})",

@@ -27,14 +27,14 @@ from dit4c.common.keys import generate_private_key, public_jwk
 from dit4c.common.tokens import TokenSigner
 from dit4c.portal.app import Portal, PortalConfig
 from dit4c.portal.keys import KeyRing
-from dit4c.portal.reports import (
+from dit4c.portal.reportrules import (
     READ_AUDIENCE,
     REPORT_AUDIENCE,
     UPLOAD_AUDIENCE,
-    Reports,
     checkInstanceURL,
     imageReadToken,
 )
+from dit4c.portal.reports import Reports
 from dit4c.portal.store import openStore
 
 BASE = "http://portal.test"
