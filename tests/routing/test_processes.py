@@ -10,9 +10,10 @@ killed with SIGKILL mid-download, and the admin endpoint. The last tests
 guard against two bugs found here (connections left open after a large
 response; an unreadable JWKS file reported with a traceback).
 
-Every address is ``tcp:...:interface=127.0.0.1`` and ports are learnt from
-the logs (or, where a restart must reuse them, picked free beforehand). The
-reactor is never blocked: waits go through ``waitForLog``/``deferLater``.
+Every address is ``tcp:0:interface=127.0.0.1`` and ports are learnt from
+the logs (where a restart must keep the tunnel's address, it is a Unix
+socket). The reactor is never blocked: waits go through ``waitForLog`` and
+``eventually``.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ async def startRouting(
     if admin:
         args += ["--admin", LOCAL]
     proc: Process = processes("dit4c-routing", *args, *extra, name=name)
-    await proc.waitForLog(r"tunnel listening on IPv4Address")
+    await proc.waitForLog(r"tunnel listening on (IPv4|UNIX)Address")
     await proc.waitForLog(r"public http listening on IPv4Address")
     if admin:
         await proc.waitForLog(r"admin listening on IPv4Address")
@@ -99,17 +100,18 @@ async def startListener(
     tokens: Path | None = None,
     name: str | None = None,
     wait: bool = True,
+    dial: str | None = None,
 ) -> Process:
     """
     ``twistd dit4c-helper-listener`` for ``instance``, signing its own tokens
     with the key the routing server trusts (as README says); returns once it
-    is registered. ``tokens`` instead names a token file.
+    is registered. ``tokens`` instead names a token file; ``dial``, the
+    routing server's tunnel endpoint (default: its TCP port).
     """
-    port = routing.port("tunnel")
     how = ["--token-file", str(tokens)] if tokens else ["--key-file", str(signing.keyPath), "--instance", instance]
     proc: Process = processes(
         "dit4c-helper-listener",
-        "--routing", f"tcp:host=127.0.0.1:port={port}",
+        "--routing", dial or f"tcp:host=127.0.0.1:port={routing.port('tunnel')}",
         *how,
         "--target", target,
         name=name or f"listener-{instance}",
@@ -631,14 +633,14 @@ async def test_frozen_listener_is_noticed_by_heartbeat(
 async def test_listener_reconnects_to_restarted_routing_server(
     processes: Any, signing: Any, backend: Any, tmp_path: Path
 ) -> None:
-    first = await startRouting(processes, signing, name="routing-first")
-    # Started again on the ports it got: the listener dials the same address.
-    tunnelPort, httpPort = first.port("tunnel"), first.port("public http")
-    ports = {
-        "tunnel": f"tcp:{tunnelPort}:interface=127.0.0.1",
-        "http": f"tcp:{httpPort}:interface=127.0.0.1",
-    }
-    listener = await startListener(processes, signing, tmp_path, first, "phoenix", backend.endpoint)
+    # The tunnel on a Unix socket: the address the listener dials stays the
+    # routing server's across the restart (a TCP port, once closed, is anyone's).
+    tunnel = tmp_path / "tunnel.sock"
+    first = await startRouting(processes, signing, tunnel=f"unix:{tunnel}", name="routing-first")
+    httpPort = first.port("public http")
+    listener = await startListener(
+        processes, signing, tmp_path, first, "phoenix", backend.endpoint, dial=f"unix:path={tunnel}"
+    )
     host = "phoenix.localhost"
     assert (await fetch(httpPort, host, "/bytes?n=10")).status() == 200
 
@@ -652,9 +654,8 @@ async def test_listener_reconnects_to_restarted_routing_server(
         await rawConnect(httpPort, b"")
 
     mark = len(listener.log())
-    second = await startRouting(processes, signing, **ports, name="routing-second")
-    assert (second.port("tunnel"), second.port("public http")) == (tunnelPort, httpPort)
-    took = await waitForStatus(httpPort, host, "/bytes?n=10", 200, timeout=15.0)
+    second = await startRouting(processes, signing, tunnel=f"unix:{tunnel}", name="routing-second")
+    took = await waitForStatus(second.port("public http"), host, "/bytes?n=10", 200, timeout=15.0)
     await listener.waitForLog(r"tunnel up: instance phoenix at", start=mark)
     print(f"\nrouting server restarted: traffic again {time.monotonic() - stoppedAt:.1f}s after it stopped "
           f"({took:.1f}s after the new one bound its ports)")
