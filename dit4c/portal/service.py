@@ -107,8 +107,8 @@ class PortalService(MultiService):
                 proxies=portal.proxies,
                 config=portal.config,
                 clock=portal.clock,
-                loggedIn=portal.loggedIn,
-                render=portal.render,
+                loggedIn=portal.sessions.loggedIn,
+                render=portal.pages.render,
             )
             portal.upstream = UpstreamLogin(
                 doors, self.loginProviders, HTTPClient(Agent(self.reactor))
