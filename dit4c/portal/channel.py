@@ -18,7 +18,8 @@ handshake is :mod:`dit4c.channel.handshake`).
   hub is given, and this subscribes there.
 
 Each channel handles its messages one at a time, in order, so that one
-scheduler's reports are applied as it sent them; a protocol violation closes
+scheduler's reports are applied as it sent them
+(:mod:`dit4c.portal.channelupdates` applies them); a protocol violation closes
 only the offending channel.
 """
 
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
 from autobahn.twisted.resource import WebSocketResource
@@ -48,7 +49,6 @@ from dit4c.channel.wire import (
     SUBPROTOCOL,
     CloseCode,
     Command,
-    InstanceStatus,
     ProtocolError,
     decode,
     encode,
@@ -60,25 +60,17 @@ from dit4c.channel.wire import (
     text,
 )
 from dit4c.common.keys import public_jwk
-from dit4c.common.life import ACTIVE, IllegalMove, Life, State
 from dit4c.common.service import IConnectionTransport, ListeningService
 from dit4c.common.tokens import StaticKeySource, parse_jwks
+from dit4c.portal.channelupdates import InstanceUpdates
 from dit4c.portal.events import InstanceEvent, InstanceEvents
-from dit4c.portal.store.errors import Conflict, NotFound, StoreError
+from dit4c.portal.store.errors import StoreError
 from dit4c.portal.store.interfaces import IStore
-from dit4c.portal.store.model import Instance
 
 __all__ = [
-    "LOST_REASON",
     "ChannelHub",
     "IInstanceEvents",
 ]
-
-#: The reason an active instance gets when its scheduler's report leaves it out.
-LOST_REASON = "the compute node lost this instance"
-
-#: States in which an instance keeps the URL it had, when an update names none.
-_URL_STATES = frozenset({State.STARTING, State.RUNNING})
 
 #: Messages a channel holds unhandled before it stops reading from the socket.
 _INBOX_HIGH = 64
@@ -296,6 +288,8 @@ class ChannelHub(MultiService):
         self._open: set[_ChannelProtocol] = set()
         #: The bus every change applied here goes on.
         self.events = events if events is not None else InstanceEvents()
+        #: What schedulers report, applied to the store and published on the bus.
+        self.updates = InstanceUpdates(store, self.events)
         self._poll: LoopingCall | None = None
         self._lastPrune: float | None = None
         #: What a stored command's params become as the pump sends it
@@ -364,9 +358,6 @@ class ChannelHub(MultiService):
 
     def subscribe(self, key: str | None, callback: Callable[[InstanceEvent], object]) -> Callable[[], None]:
         return self.events.subscribeChanges(key, callback)
-
-    def _publish(self, event: InstanceEvent) -> None:
-        self.events.changed(event)
 
     # -- channels coming and going ---------------------------------------------------------------
 
@@ -513,10 +504,10 @@ class ChannelHub(MultiService):
         assert schedulerId is not None
         if kind == "state":
             status = parseStatus(message)
-            protocol.enqueue(lambda: self._applyStatus(schedulerId, status))
+            protocol.enqueue(lambda: self.updates.applyStatus(schedulerId, status))
         elif kind == "report":
             statuses = parseReport(message)
-            protocol.enqueue(lambda: self._reconcile(schedulerId, statuses))
+            protocol.enqueue(lambda: self.updates.reconcile(schedulerId, statuses))
         elif kind == "instance-key":
             instanceId = instanceField(message)
             jwk = message.get("jwk")
@@ -542,7 +533,7 @@ class ChannelHub(MultiService):
                 )
                 return
             published = public_jwk(next(iter(usable.values())).key)
-            protocol.enqueue(lambda: self._applyKey(schedulerId, instanceId, published))
+            protocol.enqueue(lambda: self.updates.applyKey(schedulerId, instanceId, published))
         elif kind == "ack":
             commandId = text(message, "id")
             protocol.enqueue(lambda: self._ack(protocol, commandId))
@@ -562,133 +553,6 @@ class ChannelHub(MultiService):
                 scheduler=schedulerId,
                 id=commandId,
             )
-
-    async def _ours(self, schedulerId: str, instanceId: str, what: str) -> Instance | None:
-        """The instance if it is this scheduler's; otherwise None (logged)."""
-        instance: Instance | None = await self.store.instanceById(instanceId)
-        if instance is None:
-            self.log.info(
-                "scheduler {scheduler} sent {what} for unknown instance {instance}; ignored",
-                scheduler=schedulerId,
-                what=what,
-                instance=instanceId,
-            )
-            return None
-        if instance.scheduler_id != schedulerId:
-            self.log.warn(
-                "scheduler {scheduler} sent {what} for instance {instance}, which is not placed on it; ignored",
-                scheduler=schedulerId,
-                what=what,
-                instance=instanceId,
-            )
-            return None
-        return instance
-
-    async def _applyStatus(self, schedulerId: str, status: InstanceStatus, known: Instance | None = None) -> None:
-        """Apply a state the scheduler reported, if it is a legal move (compare-and-set)."""
-        for _ in range(5):
-            instance = known or await self._ours(schedulerId, status.instance, f"state {status.state}")
-            known = None
-            if instance is None:
-                return
-            try:
-                # The portal's record of the instance is its life, in the state stored.
-                Life(instance.state).move(status.state)
-            except IllegalMove:
-                self.log.info(
-                    "scheduler {scheduler} moved instance {instance} from {old} to {new}: not allowed; ignored",
-                    scheduler=schedulerId,
-                    instance=instance.id,
-                    old=instance.state,
-                    new=status.state,
-                )
-                return
-            url = status.url
-            if url is None and status.state in _URL_STATES:
-                url = instance.url
-            if (instance.state, instance.reason, instance.url) == (status.state, status.reason, url):
-                return
-            try:
-                updated = await self.store.updateInstance(
-                    instance.id, state=status.state, reason=status.reason, url=url, expected_state=instance.state
-                )
-            except Conflict:
-                continue  # it changed meanwhile: judge the move again
-            except NotFound:
-                return
-            self._publish(InstanceEvent(updated, instance, "state"))
-            return
-        self.log.warn("instance {instance} kept changing; state {state} not applied", instance=status.instance, state=status.state)
-
-    async def _applyKey(self, schedulerId: str, instanceId: str, jwk: dict[str, Any]) -> None:
-        instance = await self._ours(schedulerId, instanceId, "a key")
-        if instance is None:
-            return
-        if instance.state == State.DISCARDED:
-            self.log.info("key for discarded instance {instance} ignored", instance=instanceId)
-            return
-        serialized = json.dumps(jwk, sort_keys=True, separators=(",", ":"))
-        if instance.public_jwk == serialized:
-            return
-        try:
-            updated = await self.store.updateInstance(instanceId, public_jwk=serialized)
-        except NotFound:
-            return
-        self.log.info("instance {instance} has key {kid}", instance=instanceId, kid=jwk.get("kid"))
-        self._publish(InstanceEvent(updated, instance, "key"))
-
-    async def _reconcile(self, schedulerId: str, statuses: Iterable[InstanceStatus]) -> None:
-        """
-        After a (re)connect: apply what the scheduler reports, and mark
-        errored every active instance it left out, unless it cannot know of
-        it yet: a command about it is still on its way, or (``requested``)
-        it was never told of it. An instance being discarded that it left
-        out is discarded: no node holds anything of it, and the node's word
-        that it finished was lost (it came while the scheduler or its link
-        to the portal was away).
-        """
-        instances = {i.id: i for i in await self.store.listInstancesOfScheduler(schedulerId)}
-        reported: set[str] = set()
-        for status in statuses:
-            reported.add(status.instance)
-            await self._applyStatus(schedulerId, status, known=instances.get(status.instance))
-        commanded = await self.store.commandedInstances(schedulerId)
-        lost = [
-            i
-            for i in instances.values()
-            if i.state in ACTIVE
-            and i.id not in reported
-            and not commanded.get(i.id, False)  # a command about it still on its way
-            and (i.state != State.REQUESTED or i.id in commanded)  # never told of it
-        ]
-        gone = [
-            i
-            for i in instances.values()
-            if i.state == State.DISCARDING and i.id not in reported and not commanded.get(i.id, False)
-        ]
-        for instance, state, reason in [(i, State.ERRORED, LOST_REASON) for i in lost] + [
-            (i, State.DISCARDED, None) for i in gone
-        ]:
-            try:
-                updated = await self.store.updateInstance(
-                    instance.id, state=state, reason=reason, url=None, expected_state=instance.state
-                )
-            except (Conflict, NotFound):
-                continue  # changed meanwhile: whatever changed it knows better
-            self.log.warn(
-                "instance {instance} ({old}) is missing from scheduler {scheduler}'s report: {new}",
-                instance=instance.id,
-                old=instance.state,
-                scheduler=schedulerId,
-                new=state.value,
-            )
-            self._publish(InstanceEvent(updated, instance, "state"))
-        self.log.info(
-            "scheduler {scheduler} reported {count} instances ({lost} lost)",
-            scheduler=schedulerId,
-            count=len(reported),
-            lost=len(lost),
-        )
 
     # -- the service ---------------------------------------------------------------------------
 

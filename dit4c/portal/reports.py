@@ -84,12 +84,11 @@ from dit4c.portal.store.interfaces import IStore
 from dit4c.portal.store.model import Image, Instance, User
 
 __all__ = [
-    # Those of dit4c.portal.reportrules that the image server's tests take from here.
-    "DELETE_AUDIENCE",
     "MAX_BODY",
-    "UPLOAD_AUDIENCE",
-    "ReportError",
     "Reports",
+    # Of dit4c.portal.reportrules, these the image server's tests take from here.
+    "DELETE_AUDIENCE",
+    "UPLOAD_AUDIENCE",
     "imageReadToken",
 ]
 

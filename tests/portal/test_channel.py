@@ -25,10 +25,10 @@ from dit4c.channel.wire import MAX_MESSAGE, CloseCode
 from dit4c.common.keys import generate_private_key, public_jwk
 from dit4c.common.life import State
 from dit4c.portal.channel import (
-    LOST_REASON,
     ChannelHub,
     IInstanceEvents,
 )
+from dit4c.portal.channelupdates import LOST_REASON
 from dit4c.portal.events import InstanceEvent
 from dit4c.portal.store import Conflict, Instance, openStore
 from dit4c.testing import deferLater
