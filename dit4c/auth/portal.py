@@ -15,6 +15,7 @@ from urllib.parse import urlencode
 
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from dit4c.common.portalhttp import portalHTTP, readJSON
@@ -74,8 +75,17 @@ class PortalClient:
         self._http = http
 
     def _timed(self, coroutine: Any) -> Deferred[Any]:
+        """
+        ``coroutine``, failing with a ``TimeoutError`` past ``timeout``
+        whatever the cancelled request failed with (treq's own error wraps
+        the cancellation), so callers can say "no answer in time".
+        """
         d: Deferred[Any] = Deferred.fromCoroutine(coroutine)
-        d.addTimeout(self.timeout, self._reactor)
+
+        def timedOut(result: Any, timeout: float) -> Failure:
+            return Failure(TimeoutError(f"no answer within {timeout:g} s"))
+
+        d.addTimeout(self.timeout, self._reactor, onTimeoutCancel=timedOut)
         return d
 
     async def _read(self, response: Any) -> tuple[int, Any]:

@@ -219,7 +219,7 @@ class AccessWatch(Service):
         if failure.check(CancelledError) and not self.running:
             return
         why = failure.getErrorMessage() or repr(failure.value)
-        if failure.check(defer.TimeoutError, CancelledError):
+        if failure.check(defer.TimeoutError, TimeoutError, CancelledError):
             why = "no answer in time"
         self._lost(why)
 

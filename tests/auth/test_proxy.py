@@ -192,8 +192,10 @@ async def test_an_unreachable_portal_at_the_callback_gets_a_502_page(world: Any,
             ).addTimeout(10, reactor)
             assert response.code == 502
             text = await response.text()
-            # Answered (a portal that hangs: once the helper's timeout is up).
-            assert "portal" in text and "Traceback" not in text
+            # Answered (a portal that hangs: once the helper's timeout is up), saying why in words.
+            assert "portal" in text and "Traceback" not in text and "Failure" not in text
+            if how == "hangs":
+                assert "no answer in time" in text
         finally:
             if silent is not None:
                 await silent.stopListening()
