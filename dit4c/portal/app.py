@@ -183,7 +183,11 @@ class Portal:
         #: The scheduler channel's WebSocket resource, served at /.dit4c/channel.
         self.channelResource: Any = None
 
-    # -- helpers (the upstream login, ``dit4c.portal.upstream``, takes them from here) -------------
+    # -- the portal as the upstream login's host (``upstream.LoginHost``) ------------------------
+
+    def loggedIn(self, request: IRequest) -> Awaitable[LoggedIn | None]:
+        """The person behind ``request`` (``sessions.LoginSessions.loggedIn``)."""
+        return self.sessions.loggedIn(request)
 
     def render(
         self, request: IRequest, template: str, status: int = 200, *, formTargets: tuple[str, ...] = (), **context: Any
@@ -195,18 +199,6 @@ class Portal:
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"application/json")
         return json.dumps(body).encode()
-
-    arg = staticmethod(arg)
-    redirect = staticmethod(redirect)
-    csrfOK = staticmethod(csrfOK)
-
-    def loggedIn(self, request: IRequest) -> Awaitable[LoggedIn | None]:
-        """The person behind ``request`` (``sessions.LoginSessions.loggedIn``)."""
-        return self.sessions.loggedIn(request)
-
-    def refuseCrossSite(self, request: IRequest) -> None:
-        """Raise ``CrossSiteRequest`` (403) for a state-changing request another site sent."""
-        self.sessions.refuseCrossSite(request)
 
     # -- pages -------------------------------------------------------------------------
 
