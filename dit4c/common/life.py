@@ -206,6 +206,7 @@ def toJSON() -> dict[str, object]:
         "transient": {s.value: DEADLINES[s] for s in STATES if s in DEADLINES},
         "actions": {name: sorted(s.value for s in a.allowedIn) for name, a in ACTIONS.items()},
         "serving": State.RUNNING.value,
+        "terminal": sorted(s.value for s in TERMINAL),
     }
 
 

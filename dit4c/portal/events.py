@@ -212,16 +212,26 @@ def _finish(request: IRequest) -> None:
         request.finish()
 
 
+def _startStream(request: IRequest, contentType: bytes, first: bytes) -> None:
+    """Start a streamed answer of ``contentType`` with ``first``."""
+    request.setHeader(b"content-type", contentType)
+    request.setHeader(b"cache-control", b"no-store")
+    request.setHeader(b"x-accel-buffering", b"no")
+    request.write(first)
+
+
 async def _stream(request: IRequest, contentType: bytes, first: bytes) -> None:
     """
     Start a streamed answer of ``contentType`` with ``first``, and wait
     until it ends: finished here, or its reader gone (that is how a stream
     ends, not an error).
     """
-    request.setHeader(b"content-type", contentType)
-    request.setHeader(b"cache-control", b"no-store")
-    request.setHeader(b"x-accel-buffering", b"no")
-    request.write(first)
+    _startStream(request, contentType, first)
+    await _untilFinished(request)
+
+
+async def _untilFinished(request: IRequest) -> None:
+    """Wait until a streamed answer ends: finished here, or its reader gone."""
     try:
         await cast(Any, request).notifyFinish()
     except Exception:
@@ -374,11 +384,23 @@ class _Stream:
             return
         self._write(instance)
 
-    def _write(self, instance: Instance) -> None:
+    async def snapshot(self) -> None:
+        """
+        Where every instance the person may see stands now, as ``event:
+        snapshot``: what changed between the page's load and this stream's
+        start (or while the browser was away, reconnecting) is not lost.
+        """
+        own = await self.hub.store.listInstancesOf(self.user)
+        shared = await self.hub.store.listInstancesSharedWith(self.user)
+        self.visible = {i.id for i in shared}
+        for instance in [*own, *shared]:
+            self._write(instance, b"snapshot")
+
+    def _write(self, instance: Instance, event: bytes = b"instance") -> None:
         if self.closed:
             return
         body = {"id": instance.id, "state": instance.state, "reason": instance.reason, "url": instance.url}
-        self.request.write(b"event: instance\ndata: " + json.dumps(body).encode() + b"\n\n")
+        self.request.write(b"event: " + event + b"\ndata: " + json.dumps(body).encode() + b"\n\n")
 
     # -- the end ---------------------------------------------------------------------------------------
 
@@ -433,7 +455,6 @@ class EventStreams:
     async def serve(self, request: IRequest, who: Any) -> None:
         """Stream to ``request`` for ``who`` (a ``LoggedIn``) until the browser goes or access ends."""
         stream = _Stream(self, request, who)
-        stream.visible = {i.id for i in await self.store.listInstancesSharedWith(stream.user)}
         for old in self._byPerson.add(stream.user, stream):
             old.close(f"more than {self.perPerson} streams open", retry=STREAM_RETRY_REPLACED)
         keepalive = LoopingCall(stream.keepalive)
@@ -445,7 +466,11 @@ class EventStreams:
         unsubscribe = self.events.subscribe(stream.instanceChanged)
         unsubscribeAccess = self.events.subscribeAccess(stream.accessChanged)
         try:
-            await _stream(request, b"text/event-stream", b"retry: 3000\n: watching\n\n")
+            _startStream(request, b"text/event-stream", b"retry: 3000\n: watching\n\n")
+            # Heard from now on, and first where everything stands: the
+            # snapshot goes before any change heard after it was asked for.
+            stream._then(stream.snapshot)
+            await _untilFinished(request)
         finally:
             stream.closed = True
             unsubscribe()

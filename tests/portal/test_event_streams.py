@@ -39,14 +39,14 @@ async def openStream(portal: Portal, browser: Browser) -> RawClient:
     return stream
 
 
-def received(stream: RawClient) -> list[dict[str, Any]]:
-    """The ``event: instance`` bodies the stream carried, in order."""
-    text = bytes(stream.received)
-    return [
-        json.loads(line.split(b"data: ", 1)[1])
-        for line in text.split(b"\n")
-        if line.startswith(b"data: ")
-    ]
+def received(stream: RawClient, event: bytes = b"instance") -> list[dict[str, Any]]:
+    """The bodies of the stream's events named ``event`` (changes as they happen), in order."""
+    found = []
+    for block in bytes(stream.received).split(b"\n\n"):
+        lines = block.split(b"\n")
+        if b"event: " + event in lines:
+            found += [json.loads(line[len(b"data: ") :]) for line in lines if line.startswith(b"data: ")]
+    return found
 
 
 def ended(stream: RawClient) -> bool:
@@ -112,6 +112,39 @@ async def test_an_instance_is_streamed_only_while_it_may_be_seen(api: Portal) ->
     await until(lambda: len(received(stream)) == 4, stream)
     assert received(stream)[-1]["id"] == shared.id
     assert not ended(stream)
+    stream.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_starts_with_where_every_visible_instance_stands(api: Portal) -> None:
+    """
+    A change between the page's load and its stream's start (or while the
+    browser reconnects) is not lost: the stream starts with a snapshot of
+    the person's own and shared instances as they stand, before any change
+    heard after it; nobody else's, and nothing discarded.
+    """
+    alice, bob, aliceUser, bobUser = await people(api)
+    image = api.image  # type: ignore[attr-defined]
+    shared = await api.store.createInstance(aliceUser.id, image.id)
+    await api.store.createInstance(aliceUser.id, image.id)  # alice's, never shared
+    bobs = await api.store.createInstance(bobUser.id, image.id)
+    gone = await api.store.createInstance(bobUser.id, image.id)
+    await api.store.shareInstance(shared.id, bobUser.id)
+    # Changed with nobody told (as if between a page load and its stream).
+    await api.store.updateInstance(bobs.id, state=State.ERRORED, reason="The tool exited with status 1.")
+    await api.store.updateInstance(gone.id, state=State.DISCARDED)
+    stream = await openStream(api, bob)
+    await until(lambda: len(received(stream, b"snapshot")) == 2, stream)
+    assert {(e["id"], e["state"], e["reason"]) for e in received(stream, b"snapshot")} == {
+        (shared.id, shared.state, None),
+        (bobs.id, "errored", "The tool exited with status 1."),
+    }
+    # Then the changes, as they happen.
+    await changed(api, bobs, State.DISCARDED)
+    await until(lambda: len(received(stream)) == 1, stream)
+    text = bytes(stream.received)
+    assert text.rindex(b"event: snapshot") < text.index(b"event: instance")
+    assert [(e["id"], e["state"]) for e in received(stream)] == [(bobs.id, "discarded")]
     stream.transport.loseConnection()
 
 

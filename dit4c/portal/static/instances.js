@@ -7,10 +7,22 @@
   var LIFE = JSON.parse(document.getElementById("dit4c-life").textContent);
   var ACTIONS = LIFE.actions;
   var source = new EventSource("/events");
-  source.addEventListener("instance", function (message) {
-    var change = JSON.parse(message.data);
-    var row = document.querySelector('tr[data-instance="' + change.id + '"]');
-    if (!row) { window.location.reload(); return; }
+  // "instance": a change as it happens; "snapshot": where an instance stands
+  // when the stream (re)starts, so nothing changed meanwhile is missed.
+  function show(live) {
+    return function (message) {
+      var change = JSON.parse(message.data);
+      var row = document.querySelector('tr[data-instance="' + change.id + '"]');
+      // A new instance (a start elsewhere, a share) needs the page again; an
+      // instance that is gone leaves it.
+      if (!row) { if (live) { window.location.reload(); } return; }
+      if (LIFE.terminal.indexOf(change.state) >= 0) { window.location.reload(); return; }
+      update(row, change);
+    };
+  }
+  source.addEventListener("instance", show(true));
+  source.addEventListener("snapshot", show(false));
+  function update(row, change) {
     var state = row.querySelector(".state");
     state.dataset.state = change.state;
     state.textContent = change.state + (change.reason ? ": " : "");
@@ -34,5 +46,5 @@
       var button = row.querySelector("button." + action);
       if (button) { button.disabled = ACTIONS[action].indexOf(change.state) < 0; }
     });
-  });
+  }
 })();
