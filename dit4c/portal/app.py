@@ -23,7 +23,9 @@ from urllib.parse import parse_qs, quote, urlsplit
 from klein import Klein
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
 from twisted.web.static import File
 from werkzeug.exceptions import HTTPException, NotFound
 
@@ -32,7 +34,7 @@ from dit4c.portal import security
 from dit4c.portal.admin import AdminPages
 from dit4c.portal.api import API
 from dit4c.portal.events import AccessChange, EventStreams, InstanceEvents
-from dit4c.portal.instances import InstanceError, Instances, NoChannel, Sharing
+from dit4c.portal.instances import ICommandSink, InstanceError, Instances, NoChannel, Sharing
 from dit4c.portal.interfaces import Basics
 from dit4c.portal.jwks import KeyDirectory
 from dit4c.portal.keys import KeyRing
@@ -42,6 +44,8 @@ from dit4c.portal.reports import Reports
 from dit4c.portal.security import CookiePolicy
 from dit4c.portal.sessions import CrossSiteRequest, LoggedIn, LoginSessions
 from dit4c.portal.store.ids import hashToken
+from dit4c.portal.store.interfaces import IStore
+from dit4c.portal.upstream import UpstreamLogin
 from dit4c.portal.web import Pages, arg, csrfOK, loggableTarget, redirect
 
 
@@ -105,11 +109,11 @@ class Portal:
 
     def __init__(
         self,
-        store: Any,
+        store: IStore,
         keys: KeyRing,
         config: PortalConfig,
         clock: IReactorTime,
-        commands: Any = None,
+        commands: ICommandSink | None = None,
         events: InstanceEvents | None = None,
     ) -> None:
         """
@@ -179,9 +183,9 @@ class Portal:
         self.admin = AdminPages(store, sessions=self.sessions, pages=self.pages, events=self.events, keys=keys)
         #: Login through GitHub / OpenID Connect providers, at /login/<provider>
         #: (a ``dit4c.portal.upstream.UpstreamLogin``), or None for none.
-        self.upstream: Any = None
+        self.upstream: UpstreamLogin | None = None
         #: The scheduler channel's WebSocket resource, served at /.dit4c/channel.
-        self.channelResource: Any = None
+        self.channelResource: IResource | None = None
 
     # -- the portal as the upstream login's host (``upstream.LoginHost``) ------------------------
 
@@ -195,7 +199,7 @@ class Portal:
         """A page from a template (``web.Pages.render``)."""
         return self.pages.render(request, template, status, formTargets=formTargets, **context)
 
-    def json(self, request: IRequest, body: Any, status: int = 200) -> bytes:
+    def json(self, request: IRequest, body: object, status: int = 200) -> bytes:
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"application/json")
         return json.dumps(body).encode()
@@ -439,35 +443,35 @@ class Portal:
         )
 
     @app.route("/static/", branch=True, methods=["GET"])
-    def static(self, request: IRequest) -> Any:
+    def static(self, request: IRequest) -> IResource:
         return File(str(Path(__file__).parent / "static"))
 
     @app.route("/api/v1/", branch=True)
-    def apiResource(self, request: IRequest) -> Any:
+    def apiResource(self, request: IRequest) -> IResource:
         return self.api.app.resource()
 
     @app.route("/admin/", branch=True)
-    def adminPages(self, request: IRequest) -> Any:
+    def adminPages(self, request: IRequest) -> IResource:
         return self.admin.app.resource()
 
     @app.route("/.dit4c/channel", methods=["GET"])
-    def channel(self, request: IRequest) -> Any:
+    def channel(self, request: IRequest) -> IResource:
         if self.channelResource is None:
             raise NotFound()
         return self.channelResource
 
     @app.route("/login/", branch=True)
-    def upstreamLogin(self, request: IRequest) -> Any:
+    def upstreamLogin(self, request: IRequest) -> IResource:
         if self.upstream is None:
             raise NotFound()
         return self.upstream.app.resource()
 
     @app.route("/oauth/", branch=True)
-    def oauthServer(self, request: IRequest) -> Any:
+    def oauthServer(self, request: IRequest) -> IResource:
         return self.oauth.app.resource()
 
     @app.route("/reports/", branch=True)
-    def reportEndpoints(self, request: IRequest) -> Any:
+    def reportEndpoints(self, request: IRequest) -> IResource:
         return self.reports.app.resource()
 
     @app.route("/health", methods=["GET"])
@@ -475,11 +479,10 @@ class Portal:
         return self.json(request, {"status": "ok"})
 
     @app.handle_errors(Exception)
-    def failed(self, request: IRequest, failure: Any) -> bytes:
-        if failure.check(HTTPException):
-            code = failure.value.code
-            title = failure.value.name
-            return self.pages.render(request, "error.html", code, title=title, message=failure.value.description)
+    def failed(self, request: IRequest, failure: Failure) -> bytes:
+        if isinstance(failure.value, HTTPException):
+            http = failure.value
+            return self.pages.render(request, "error.html", http.code or 500, title=http.name, message=http.description)
         self.log.failure("portal request failed: {uri}", failure, uri=loggableTarget(request.uri))
         return self.pages.render(
             request, "error.html", 500, title="Something went wrong", message="The portal failed; try again."

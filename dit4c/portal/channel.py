@@ -32,12 +32,13 @@ from typing import Any, cast
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from autobahn.websocket.types import ConnectionDeny
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, TimeoutError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from dit4c.channel.handshake import PORTAL_LINK, AuthRefused, Dialled, Hello, Phase
@@ -64,8 +65,10 @@ from dit4c.common.service import IConnectionTransport, ListeningService
 from dit4c.common.tokens import StaticKeySource, parse_jwks
 from dit4c.portal.channelupdates import InstanceUpdates
 from dit4c.portal.events import InstanceEvent, InstanceEvents
+from dit4c.portal.instances import ICommandSink
 from dit4c.portal.store.errors import StoreError
 from dit4c.portal.store.interfaces import IStore
+from dit4c.portal.store.model import Scheduler
 
 __all__ = [
     "ChannelHub",
@@ -109,7 +112,7 @@ class _ChannelProtocol(WebSocketServerProtocol):
         hub: ChannelHub = self.factory.hub
         return hub
 
-    def onConnect(self, request: Any) -> str:
+    def onConnect(self, request: ConnectionRequest) -> str:
         if request.path != PATH:
             raise ConnectionDeny(404, "not the scheduler channel")
         if SUBPROTOCOL not in request.protocols:
@@ -234,7 +237,7 @@ class _ChannelFactory(WebSocketServerFactory):
     hub: ChannelHub
 
 
-@implementer(IInstanceEvents)
+@implementer(IInstanceEvents, ICommandSink)
 class ChannelHub(MultiService):
     """
     Every scheduler channel of this portal process, and the portal's API to them.
@@ -247,7 +250,7 @@ class ChannelHub(MultiService):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTime,
         store: IStore,
         *,
         issuer: str,
@@ -370,8 +373,8 @@ class ChannelHub(MultiService):
             del self._channels[protocol.schedulerId]
 
     def _authenticate(self, protocol: _ChannelProtocol, hello: Hello) -> None:
-        def failed(failure: Any) -> None:
-            if failure.check(StoreError):
+        def failed(failure: Failure) -> None:
+            if isinstance(failure.value, StoreError):
                 self.log.warn("the store failed while checking a scheduler: {error}", error=failure.value.message)
             else:
                 self.log.failure("bug while checking a scheduler's proof", failure)
@@ -381,7 +384,7 @@ class ChannelHub(MultiService):
         d.addCallback(lambda scheduler: self._verified(protocol, hello.peer, scheduler))
         d.addErrback(failed)
 
-    async def _verify(self, protocol: _ChannelProtocol, hello: Hello) -> str | Any:
+    async def _verify(self, protocol: _ChannelProtocol, hello: Hello) -> str | Scheduler:
         """The scheduler record if the proof is good; otherwise why not (a string)."""
         scheduler = await self.store.schedulerById(hello.peer)
         if scheduler is None:
@@ -411,7 +414,7 @@ class ChannelHub(MultiService):
             return e.reason
         return scheduler
 
-    def _verified(self, protocol: _ChannelProtocol, schedulerId: str, scheduler: str | Any) -> None:
+    def _verified(self, protocol: _ChannelProtocol, schedulerId: str, scheduler: str | Scheduler) -> None:
         if protocol.phase is not Phase.CHECKING or protocol.handshake is None:
             return  # closed meanwhile
         if isinstance(scheduler, str):
@@ -578,7 +581,7 @@ class ChannelHub(MultiService):
         for protocol in channels:
             protocol.fail(CloseCode.SHUTDOWN, "the portal is stopping", quiet=True)
         if closing:
-            done: Deferred[Any] = DeferredList(closing)
+            done: Deferred[list[tuple[bool, None]]] = DeferredList(closing)
             done.addTimeout(6, self.reactor)
             try:
                 await done

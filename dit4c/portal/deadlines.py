@@ -20,16 +20,17 @@ save whose upload keeps reporting progress is not stuck.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from dit4c.common.life import DEADLINES, TRANSIENT, Life, State, expiredReason
 from dit4c.portal.events import InstanceEvent, InstanceEvents
 from dit4c.portal.store.errors import Conflict, NotFound, StoreError
+from dit4c.portal.store.interfaces import IInstances
 from dit4c.portal.store.model import Instance
 
 __all__ = ["DeadlineWatch"]
@@ -42,8 +43,8 @@ class DeadlineWatch(Service):
 
     def __init__(
         self,
-        reactor: Any,
-        store: Any,
+        reactor: IReactorTime,
+        store: IInstances,
         publish: Callable[[Instance], object] | None = None,
         *,
         events: InstanceEvents | None = None,

@@ -32,7 +32,7 @@ processes (PostgreSQL LISTEN/NOTIFY) is the path at scale.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from inspect import isawaitable
 from typing import Any, Generic, Protocol, TypeVar, cast
@@ -41,9 +41,13 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import Request
 from twisted.web.iweb import IRequest
 
+from dit4c.portal.sessions import LoggedIn
 from dit4c.portal.store.ids import hashToken
+from dit4c.portal.store.interfaces import IInstances, IStore
 from dit4c.portal.store.model import Instance
 
 __all__ = [
@@ -206,9 +210,17 @@ class InstanceEvents:
         self._access.publish(change)
 
 
+def _served(request: IRequest) -> Request:
+    """
+    ``request`` as the web server made it: what a stream needs to know of
+    its end (finished, disconnected, ``notifyFinish``) is not in ``IRequest``.
+    """
+    return cast(Request, request)
+
+
 def _finish(request: IRequest) -> None:
     """End a streamed answer (the browser or helper may be gone already)."""
-    if not cast(Any, request).finished and not cast(Any, request)._disconnected:
+    if not _served(request).finished and not _served(request)._disconnected:
         request.finish()
 
 
@@ -233,7 +245,7 @@ async def _stream(request: IRequest, contentType: bytes, first: bytes) -> None:
 async def _untilFinished(request: IRequest) -> None:
     """Wait until a streamed answer ends: finished here, or its reader gone."""
     try:
-        await cast(Any, request).notifyFinish()
+        await _served(request).notifyFinish()
     except Exception:
         pass
 
@@ -296,7 +308,7 @@ class _Stream:
 
     log = Logger()
 
-    def __init__(self, hub: EventStreams, request: IRequest, who: Any) -> None:
+    def __init__(self, hub: EventStreams, request: IRequest, who: LoggedIn) -> None:
         self.hub = hub
         self.request = request
         self.user: str = who.user.id
@@ -343,7 +355,7 @@ class _Stream:
 
     # -- checks, in order ----------------------------------------------------------------------------
 
-    def _then(self, work: Callable[[], Any]) -> None:
+    def _then(self, work: Callable[[], Awaitable[object] | None]) -> None:
         if self._pending >= STREAM_MAX_PENDING:
             self.close("too many events waiting")
             return
@@ -358,7 +370,7 @@ class _Stream:
             finally:
                 self._pending -= 1
 
-        def failed(failure: Any) -> None:
+        def failed(failure: Failure) -> None:
             self.log.failure("event stream check failed", failure)
             self.close("a check failed")
 
@@ -410,7 +422,7 @@ class _Stream:
             return
         self.closed = True
         self.log.info("event stream of {name} closed: {why}", name=self.name, why=why)
-        if retry is not None and not cast(Any, self.request).finished:
+        if retry is not None and not _served(self.request).finished:
             self.request.write(b"retry: %d\n\n" % retry)
         _finish(self.request)
 
@@ -434,7 +446,7 @@ class EventStreams:
 
     def __init__(
         self,
-        store: Any,
+        store: IStore,
         events: EventBus,
         clock: IReactorTime,
         *,
@@ -452,7 +464,7 @@ class EventStreams:
         """How many streams ``user`` holds open now."""
         return len(self._byPerson.of(user))
 
-    async def serve(self, request: IRequest, who: Any) -> None:
+    async def serve(self, request: IRequest, who: LoggedIn) -> None:
         """Stream to ``request`` for ``who`` (a ``LoggedIn``) until the browser goes or access ends."""
         stream = _Stream(self, request, who)
         for old in self._byPerson.add(stream.user, stream):
@@ -497,7 +509,7 @@ class InstanceWatches:
 
     def __init__(
         self,
-        store: Any,
+        store: IInstances,
         events: EventBus,
         clock: IReactorTime,
         *,

@@ -15,12 +15,13 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from zope.interface import Interface
+from zope.interface import Interface, implementer
 
 from dit4c.common.life import ACTIONS, ACTIVE, IllegalMove, Life, State
 from dit4c.portal.events import AccessChange, EventBus, InstanceEvents
 from dit4c.portal.store.errors import Conflict, QuotaReached
-from dit4c.portal.store.model import Image, Instance, User
+from dit4c.portal.store.interfaces import IStore
+from dit4c.portal.store.model import Image, Instance, ShareLink, User
 
 
 class ICommandSink(Interface):
@@ -65,6 +66,7 @@ class WrongState(InstanceError):
     code = "state"
 
 
+@implementer(ICommandSink)
 class NoChannel:
     """The commands of a portal without schedulers: refused; nothing is connected."""
 
@@ -85,8 +87,8 @@ class Instances:
 
     def __init__(
         self,
-        store: Any,
-        commands: Any,
+        store: IStore,
+        commands: ICommandSink,
         *,
         defaultQuota: int = 4,
         events: EventBus | None = None,
@@ -208,7 +210,7 @@ class Instances:
         except IllegalMove:
             raise WrongState(f"Cannot {action} an instance that is {instance.state}.") from None
         try:
-            updated: Instance = await self.store.updateInstance(
+            updated = await self.store.updateInstance(
                 instance.id, state=life.state, reason=None, expected_state=instance.state
             )
         except Conflict:
@@ -261,13 +263,13 @@ class Sharing:
         self.publicURL = publicURL
         self.removeBytes = removeBytes
 
-    async def createLink(self, user: User, instance_id: str) -> tuple[Any, str]:
+    async def createLink(self, user: User, instance_id: str) -> tuple[ShareLink, str]:
         """A new link (shown once) that lets whoever follows it, logged in, use the instance."""
         instance = await self.instances.owned(user, instance_id)
         link, token = await self.store.createShareLink(instance.id)
         return link, f"{self.publicURL}/share/{token}"
 
-    async def links(self, user: User, instance_id: str) -> list[Any]:
+    async def links(self, user: User, instance_id: str) -> list[ShareLink]:
         instance = await self.instances.owned(user, instance_id)
         return list(await self.store.listShareLinks(instance.id))
 

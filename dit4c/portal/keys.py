@@ -17,10 +17,12 @@ from typing import Any
 
 from jwt import PyJWK
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from dit4c.common.keys import (
+    PrivateKey,
     generate_private_key,
     key_id,
     load_private_key,
@@ -33,13 +35,13 @@ from dit4c.common.tokens import IKeySource, StaticKeySource, TokenSigner
 class KeyRing:
     log = Logger()
 
-    def __init__(self, directory: Path, *, issuer: str, clock: Any = None, retain: float = 7 * 86400.0) -> None:
+    def __init__(self, directory: Path, *, issuer: str, clock: IReactorTime | None = None, retain: float = 7 * 86400.0) -> None:
         self.directory = Path(directory)
         self.issuer = issuer
         self.clock = clock
         self.retain = retain
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._keys: list[tuple[float, Any]] = []
+        self._keys: list[tuple[float, PrivateKey]] = []
         self._load()
         if not self._keys:
             self.rotate()
@@ -48,7 +50,7 @@ class KeyRing:
         return self.clock.seconds() if self.clock is not None else time.time()
 
     def _load(self) -> None:
-        keys = []
+        keys: list[tuple[float, PrivateKey]] = []
         for path in sorted(self.directory.glob("portal-*.pem")):
             keys.append((path.stat().st_mtime, load_private_key(path)))
         keys.sort(key=lambda pair: pair[0])
@@ -70,7 +72,7 @@ class KeyRing:
     def _expire(self, now: float) -> None:
         # Every key but the current one is dropped once it has been
         # superseded for longer than ``retain``.
-        keep = []
+        keep: list[tuple[float, PrivateKey]] = []
         for i, (created, key) in enumerate(self._keys):
             superseded = self._keys[i + 1][0] if i + 1 < len(self._keys) else None
             if superseded is not None and now - superseded > self.retain:
@@ -82,7 +84,7 @@ class KeyRing:
         self._keys = keep
 
     @property
-    def current(self) -> Any:
+    def current(self) -> PrivateKey:
         return self._keys[-1][1]
 
     def signer(self) -> TokenSigner:

@@ -16,15 +16,17 @@ import ipaddress
 import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlsplit
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThread
+from twisted.web.iweb import IRequest
 
 from dit4c.common.tokens import InvalidToken, TokenVerifier
 from dit4c.portal.keys import KeyRing, KeyRingKeySource
+from dit4c.portal.store.interfaces import ILoginFailures
 
 #: Cookie names as the portal sets them over http; over https each is
 #: ``__Host-`` + the name (``CookiePolicy.name``).
@@ -101,11 +103,11 @@ class CookiePolicy:
     def name(self, base: bytes) -> bytes:
         return b"__Host-" + base if self.secure else base
 
-    def get(self, request: Any, base: bytes) -> bytes | None:
+    def get(self, request: IRequest, base: bytes) -> bytes | None:
         value: bytes | None = request.getCookie(self.name(base))
         return value
 
-    def set(self, request: Any, base: bytes, value: str, *, maxAge: float | None, sameSite: bytes = b"Lax") -> None:
+    def set(self, request: IRequest, base: bytes, value: str, *, maxAge: float | None, sameSite: bytes = b"Lax") -> None:
         parts = [self.name(base) + b"=" + value.encode(), b"Path=/", b"HttpOnly", b"SameSite=" + sameSite]
         if maxAge is not None:
             parts.append(b"Max-Age=%d" % int(maxAge))
@@ -113,7 +115,7 @@ class CookiePolicy:
             parts.append(b"Secure")
         request.responseHeaders.addRawHeader(b"set-cookie", b"; ".join(parts))
 
-    def clear(self, request: Any, base: bytes) -> None:
+    def clear(self, request: IRequest, base: bytes) -> None:
         self.set(request, base, "", maxAge=0)
 
 
@@ -152,7 +154,7 @@ class LoginForms:
     def _bound(preLogin: str) -> str:
         return hashlib.sha256(b"dit4c pre-login:" + preLogin.encode("ascii")).hexdigest()
 
-    def token(self, request: Any) -> str:
+    def token(self, request: IRequest) -> str:
         """The token for a login form in answer to ``request``, setting the pre-login cookie if it has none."""
         preLogin = self._preLoginId(self.cookies.get(request, LOGIN_COOKIE))
         if preLogin is None:
@@ -162,7 +164,7 @@ class LoginForms:
         signer = self.keys.signer()
         return str(signer.sign({"sub": self._bound(preLogin)}, audience=LOGIN_FORM_AUDIENCE, lifetime=LOGIN_FORM_LIFETIME))
 
-    async def check(self, request: Any, token: str | None) -> bool:
+    async def check(self, request: IRequest, token: str | None) -> bool:
         """Whether ``token`` (the form's) was made by the portal for this browser's pre-login id."""
         preLogin = self._preLoginId(self.cookies.get(request, LOGIN_COOKIE))
         if preLogin is None or not token:
@@ -193,7 +195,7 @@ def origin(url: str) -> str:
     return f"{scheme}://{host}:{port}"
 
 
-def crossSite(request: Any, ownOrigin: str) -> str | None:
+def crossSite(request: IRequest, ownOrigin: str) -> str | None:
     """
     Why a state-changing request is refused as sent by another site, or
     None. The browser says where a request comes from: ``Sec-Fetch-Site``
@@ -271,7 +273,7 @@ class TrustedProxies:
     def trusts(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         return any(address in network for network in self.networks)
 
-    def clientAddress(self, request: Any) -> str:
+    def clientAddress(self, request: IRequest) -> str:
         """
         The address a request came from: the peer, unless the peer is a
         trusted proxy; then ``X-Forwarded-For`` is read from the right
@@ -364,8 +366,8 @@ class LoginThrottle:
 
     def __init__(
         self,
-        store: Any,
-        clock: Any,
+        store: ILoginFailures,
+        clock: IReactorTime,
         *,
         addressLimit: int,
         nameLimit: int,
@@ -406,8 +408,7 @@ class LoginThrottle:
         delays = {addressKey: self.addressDelay}
         if nameKey is not None:
             delays[nameKey] = self.nameDelay
-        wait: float = await self.store.claimLoginAttempt(delays, now, self.forget)
-        return wait
+        return await self.store.claimLoginAttempt(delays, now, self.forget)
 
     async def succeeded(self, name: str | None, address: str) -> None:
         """The attempt ``claim`` let through succeeded: it is not a failure."""
@@ -425,7 +426,7 @@ def waitText(seconds: float) -> str:
     return f"{-(-whole // 60)} minutes"
 
 
-def setRetryAfter(request: Any, seconds: float) -> None:
+def setRetryAfter(request: IRequest, seconds: float) -> None:
     """``Retry-After``: whole seconds, at least one."""
     request.setHeader(b"retry-after", b"%d" % _wholeSeconds(seconds))
 

@@ -246,7 +246,7 @@ class UpstreamLogin:
     @staticmethod
     def _param(request: IRequest, name: str) -> str | None:
         """A callback parameter: None if missing, repeated, longer than ``MAX_PARAMETER`` or not UTF-8."""
-        values = request.args.get(name.encode())
+        values: list[bytes] | None = request.args.get(name.encode())
         if not values or len(values) != 1 or len(values[0]) > MAX_PARAMETER:
             return None
         try:
