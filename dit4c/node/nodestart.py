@@ -1,0 +1,164 @@
+"""
+How a node starts an instance: a fresh pod directory and key pair, the
+public half handed to whoever watches, the helper environment, a saved
+image fetched from the image server (written and checked off the reactor
+thread), the runtime's pod, and then waiting for the tool to answer.
+
+A start is given up the moment the instance stops being ``starting`` (a
+stop, a discard or its deadline came first): what was made is stopped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import treq
+from twisted.internet.defer import Deferred, succeed
+from twisted.web.http_headers import Headers
+
+from dit4c.channel.interfaces import NodeFull
+from dit4c.common.files import receiveToFile, removeFile
+from dit4c.common.helperenv import HelperEnvironment, toEnvironment
+from dit4c.common.keys import generate_private_key, public_jwk, save_private_key
+from dit4c.common.life import HOLDS_POD, State
+from dit4c.common.tokens import INSTANCE_ID_RE
+from dit4c.node.interfaces import PodSpec, RuntimeError_
+from dit4c.node.noderecords import InstanceRecord, NodeRecords
+
+__all__ = ["FETCHED", "NodeStarting"]
+
+#: A saved image fetched for a start.
+FETCHED = "image.tar"
+
+
+class NodeStarting(NodeRecords):
+    """Starting instances (a part of :class:`dit4c.node.node.Node`, which sets what is declared here)."""
+
+    nodeName: str
+    portal: str
+    portalInternal: str | None
+    routing: tuple[str, ...]
+    routingAudience: str
+    capacity: int
+    startTimeout: float
+    readyInterval: float
+    fileServer: str | None
+    fileServerHostKey: str | None
+    accepting: bool
+
+    def start(
+        self, instance: str, image: str, port: int | None, digest: str | None = None, token: str | None = None
+    ) -> Deferred[None]:
+        if INSTANCE_ID_RE.fullmatch(instance) is None:
+            raise ValueError(f"not an instance id: {instance!r}")
+        current = self._records.get(instance)
+        if current is not None and current.state in HOLDS_POD:
+            return succeed(None)  # already under way: a repeated command
+        if current is not None and current.state is State.DISCARDING:
+            return succeed(None)  # it is going: a start for it is a stale command
+        if not self.accepting or self.load() >= self.capacity:
+            raise NodeFull(f"node {self.nodeName} takes no more instances")
+        stale = current is not None or self._podDirectory(instance).exists()
+        record = InstanceRecord(instance, image, port, digest, State.STARTING, since=self.reactor.seconds())
+        self._records[instance] = record
+        self._writeRecord(record)
+        self._arm(record)
+        self._emit(record)
+        self._spawn(instance, "start", lambda: self._start(record, stale, token))
+        return succeed(None)
+
+    async def _start(self, record: InstanceRecord, stale: bool, token: str | None = None) -> None:
+        instance = record.instance
+        directory = self._podDirectory(instance)
+        try:
+            if stale:
+                # A new life for an instance stopped here before: a fresh pod.
+                await self.runtime.discard(instance)
+                directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+                self._writeRecord(self._records.get(instance, record))
+            key = generate_private_key()
+            keyFile = directory / "instance.key"
+            save_private_key(key, keyFile)
+            jwk = public_jwk(key)
+            if not self._still(instance, State.STARTING):
+                return
+            self._update(instance, jwk=jwk)
+            for observer in self._observers:
+                observer.instanceKey(self._node, instance, jwk)
+            environment = toEnvironment(
+                HelperEnvironment(
+                    instance=instance,
+                    keyFile=str(keyFile),
+                    portal=self.portal,
+                    portalInternal=self.portalInternal or "",
+                    routing=self.routing,
+                    routingAudience=self.routingAudience,
+                    stateDir=str(directory / "state"),
+                    fileServer=self.fileServer,
+                    fileServerHostKey=self.fileServerHostKey if self.fileServer else None,
+                )
+            )
+            archive = None
+            if record.image.startswith(("http://", "https://")):
+                archive = await self._fetch(record, directory / FETCHED, token)
+                if not self._still(instance, State.STARTING):
+                    await removeFile(archive)
+                    return
+            spec = PodSpec(instance, record.image, record.port, directory, environment, record.digest, archive)
+            await self.runtime.start(spec)
+            if archive is not None:
+                await removeFile(archive)
+        except RuntimeError_ as e:
+            self._failed(instance, str(e), during=State.STARTING)
+            return
+        except Exception:
+            self.log.failure("could not start {instance}", instance=instance)
+            self._failed(instance, "The compute node could not start this instance.", during=State.STARTING)
+            return
+        if not self._still(instance, State.STARTING):
+            # Stopped or expired meanwhile (the work after it waits its turn): what was made stops.
+            self.log.info("{instance} was started after it was given up: stopping it", instance=instance)
+            await self.runtime.stop(instance)
+            return
+        await self._waitUntilReady(instance, self.reactor.seconds() + self.startTimeout)
+
+    async def _fetch(self, record: InstanceRecord, path: Path, token: str | None) -> Path:
+        """A saved image from the image server, written (and hashed) off the reactor thread, checked."""
+        if not record.digest or not record.digest.startswith("sha256:"):
+            raise RuntimeError_("The saved image has no digest to check it against.")
+        headers = Headers({"Authorization": [f"Bearer {token}"]} if token else {})
+        try:
+            response = await treq.get(record.image, headers=headers, reactor=self.reactor, timeout=60)
+        except Exception as e:
+            raise RuntimeError_(f"The image server could not be reached: {e}.") from None
+        if response.code != 200:
+            await response.content()
+            raise RuntimeError_(f"The image server would not give the saved image ({response.code}).")
+        temporary = path.with_name(path.name + ".partial")
+        try:
+            digest = await receiveToFile(self.reactor, response, temporary)
+        except Exception as e:
+            raise RuntimeError_(f"The saved image could not be fetched: {e}.") from None
+        if digest != record.digest:
+            await removeFile(temporary)
+            raise RuntimeError_("The saved image does not match its digest; it was not started.")
+        temporary.replace(path)
+        return path
+
+    async def _waitUntilReady(self, instance: str, deadline: float) -> None:
+        while self._state(instance) is State.STARTING:
+            try:
+                if await self.runtime.ready(instance):
+                    if self._state(instance) is State.STARTING:
+                        self._set(instance, State.RUNNING, None)
+                    return
+            except Exception:
+                self.log.failure("checking whether {instance} answers", instance=instance)
+            if self.reactor.seconds() >= deadline:
+                if self._state(instance) is State.STARTING:
+                    self._failed(instance, f"The tool did not answer within {self.startTimeout:g} s.")
+                    await self.runtime.stop(instance)
+                return
+            d: Deferred[None] = Deferred()
+            self.reactor.callLater(self.readyInterval, d.callback, None)
+            await d
