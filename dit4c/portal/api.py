@@ -17,6 +17,7 @@ from typing import Any
 
 from klein import Klein
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
@@ -146,32 +147,34 @@ class API:
             raise APIError(400, "bad_field", f"The field {name!r} has the wrong type.")
         return value
 
-    def reply(self, request: IRequest, body: Any, status: int = 200) -> bytes:
+    def reply(self, request: IRequest, body: object, status: int = 200) -> bytes:
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
         return json.dumps(body).encode()
 
     @app.handle_errors(APIError)
-    def apiError(self, request: IRequest, failure: Any) -> bytes:
+    def apiError(self, request: IRequest, failure: Failure) -> bytes:
         e = failure.value
+        assert isinstance(e, APIError)
         return self.reply(request, {"error": e.code, "reason": e.reason}, e.status)
 
     @app.handle_errors(InstanceError)
-    def instanceError(self, request: IRequest, failure: Any) -> bytes:
+    def instanceError(self, request: IRequest, failure: Failure) -> bytes:
         e = failure.value
+        assert isinstance(e, InstanceError)
         return self.reply(request, {"error": e.code, "reason": str(e)}, e.status)
 
     @app.handle_errors(StoreError)
-    def storeError(self, request: IRequest, failure: Any) -> bytes:
+    def storeError(self, request: IRequest, failure: Failure) -> bytes:
         status = 404 if failure.check(NotFound) else 409 if failure.check(Conflict) else 400
         return self.reply(request, {"error": "store", "reason": str(failure.value)}, status)
 
     @app.handle_errors(Exception)
-    def failed(self, request: IRequest, failure: Any) -> bytes:
-        if failure.check(HTTPException):
+    def failed(self, request: IRequest, failure: Failure) -> bytes:
+        if isinstance(failure.value, HTTPException):
             e = failure.value
-            return self.reply(request, {"error": "http", "reason": e.description}, e.code)
+            return self.reply(request, {"error": "http", "reason": e.description}, e.code or 500)
         self.log.failure("API request failed: {uri}", failure, uri=request.uri)
         return self.reply(request, {"error": "internal", "reason": "The portal failed."}, 500)
 

@@ -27,8 +27,10 @@ slashes as one; the route's own code still checks what it reads.
 from __future__ import annotations
 
 import re
-from typing import Any
 from urllib.parse import unquote_to_bytes
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.resource import IResource
 
 from dit4c.common.httpsite import SECRET_PARAMETERS, FrontSite, SiteLimits
 from dit4c.portal import api, oauth, reports
@@ -61,7 +63,7 @@ def bodyLimit(method: bytes, target: bytes) -> int:
     return FORM_BODY
 
 
-def portalSite(resource: Any, reactor: Any, limits: SiteLimits | None = None) -> FrontSite:
+def portalSite(resource: IResource, reactor: IReactorTime, limits: SiteLimits | None = None) -> FrontSite:
     """The portal's site: ``resource`` (the Klein app's) behind the portal's HTTP channel."""
     site = FrontSite(
         resource,

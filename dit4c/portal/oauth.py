@@ -39,6 +39,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from klein import Klein
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
@@ -284,7 +285,7 @@ class OAuthServer:
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"pragma", b"no-cache")
 
-    def _json(self, request: IRequest, body: Any, status: int = 200) -> bytes:
+    def _json(self, request: IRequest, body: object, status: int = 200) -> bytes:
         self._noStore(request)
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"application/json")
@@ -528,8 +529,8 @@ class OAuthServer:
     # -- everything else ----------------------------------------------------------------------------
 
     @app.handle_errors(Exception)
-    def failed(self, request: IRequest, failure: Any) -> bytes:
-        if failure.check(HTTPException):
+    def failed(self, request: IRequest, failure: Failure) -> bytes:
+        if isinstance(failure.value, HTTPException):
             error = failure.value
             for name, value in error.get_headers():
                 if name.lower() == "allow":
@@ -537,7 +538,9 @@ class OAuthServer:
             description = f"{error.name}."
             if error.code == 405:
                 description = f"{request.method.decode('ascii', 'replace')} is not allowed here."
-            return self._json(request, {"error": "invalid_request", "error_description": description}, error.code)
+            return self._json(
+                request, {"error": "invalid_request", "error_description": description}, error.code or 500
+            )
         self.log.failure("OAuth request failed: {uri}", failure, uri=loggableTarget(request.uri))
         return self._json(
             request, {"error": "server_error", "error_description": "The portal failed; try again."}, 500

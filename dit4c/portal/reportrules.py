@@ -136,8 +136,8 @@ def badToken(reason: str) -> ReportError:
 # -- the rules, without I/O ----------------------------------------------------------------------
 
 
-def _checkHTTPURL(value: object, what: str) -> tuple[str, Any]:
-    """``value`` if it is a plain http(s) URL (no user info, query or fragment), and its parts."""
+def _checkHTTPURL(value: object, what: str) -> tuple[str, str]:
+    """``value`` if it is a plain http(s) URL (no user info, query or fragment), and its host."""
     if not isinstance(value, str) or not value:
         raise badRequest(f"The {what} claim is missing.")
     if len(value) > MAX_URL or not value.isascii() or any(c <= " " or c == "\x7f" for c in value):
@@ -158,7 +158,7 @@ def _checkHTTPURL(value: object, what: str) -> tuple[str, Any]:
         raise badRequest(f"The {what} claim must be http(s)://host[:port]/path, in lower case.")
     if parts.path and not parts.path.startswith("/"):
         raise badRequest(f"The {what} claim is not a URL.")
-    return value, parts
+    return value, host
 
 
 def checkInstanceURL(value: object, instanceId: str, domains: Sequence[str] | None = None) -> str:
@@ -171,8 +171,7 @@ def checkInstanceURL(value: object, instanceId: str, domains: Sequence[str] | No
     :raises ReportError: 400 for what is not such a URL, 403 for the URL of
         another host name.
     """
-    url, parts = _checkHTTPURL(value, "url")
-    host: str = parts.hostname
+    url, host = _checkHTTPURL(value, "url")
     labels = host.split(".")
     if len(host) > 253 or any(_LABEL.fullmatch(label) is None for label in labels):
         raise badRequest("The url claim's host must be a DNS name.")

@@ -41,6 +41,7 @@ from typing import Any, Protocol
 from klein import Klein
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
@@ -228,25 +229,27 @@ class Reports:
     # -- answers ------------------------------------------------------------------------------
 
     @staticmethod
-    def _json(request: IRequest, body: Any, status: int = 200) -> bytes:
+    def _json(request: IRequest, body: object, status: int = 200) -> bytes:
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
         return json.dumps(body).encode()
 
     @app.handle_errors(ReportError)
-    def refused(self, request: IRequest, failure: Any) -> bytes:
-        e: ReportError = failure.value
+    def refused(self, request: IRequest, failure: Failure) -> bytes:
+        e = failure.value
+        assert isinstance(e, ReportError)
         return self._json(request, {"error": e.error, "reason": e.reason}, e.status)
 
     @app.handle_errors(Exception)
-    def failed(self, request: IRequest, failure: Any) -> bytes:
-        if failure.check(HTTPException):
+    def failed(self, request: IRequest, failure: Failure) -> bytes:
+        if isinstance(failure.value, HTTPException):
             e = failure.value
-            error = {404: "not_found", 405: "method_not_allowed"}.get(e.code, "invalid_request")
-            if e.code == 405:
+            code = e.code or 500
+            error = {404: "not_found", 405: "method_not_allowed"}.get(code, "invalid_request")
+            if code == 405:
                 request.setHeader(b"allow", b"POST")
-            return self._json(request, {"error": error, "reason": f"{e.name}."}, e.code)
+            return self._json(request, {"error": error, "reason": f"{e.name}."}, code)
         self.log.failure("report request failed: {uri}", failure, uri=request.uri)
         return self._json(request, {"error": "server_error", "reason": "The portal failed; try again."}, 500)
 

@@ -11,7 +11,9 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from dit4c.common.httpsite import SiteLimits
 from dit4c.common.service import ListeningService
@@ -21,7 +23,8 @@ from dit4c.portal.deadlines import DeadlineWatch
 from dit4c.portal.events import InstanceEvents
 from dit4c.portal.http import portalSite
 from dit4c.portal.keys import KeyRing
-from dit4c.portal.store import openStore
+from dit4c.portal.store import IStore, openStore
+from dit4c.portal.upstream.config import ProviderConfig
 
 
 class PortalService(MultiService):
@@ -34,9 +37,9 @@ class PortalService(MultiService):
         database: str,
         dataDir: Path,
         config: PortalConfig,
-        endpoints: list[Any],
-        channelEndpoints: Sequence[Any] = (),
-        loginProviders: Sequence[Any] = (),
+        endpoints: list[IStreamServerEndpoint],
+        channelEndpoints: Sequence[IStreamServerEndpoint] = (),
+        loginProviders: Sequence[ProviderConfig] = (),
         imageServerSecret: str | None = None,
         fileServerSecret: str | None = None,
         limits: SiteLimits | None = None,
@@ -57,7 +60,7 @@ class PortalService(MultiService):
         self.limits = limits
         #: The scheduler channel (``ChannelHub``), once started.
         self.channels: ChannelHub | None = None
-        self.store: Any = None
+        self.store: IStore | None = None
         self.portal: Portal | None = None
         self.ready: Deferred[Portal] = Deferred()
         self.ports: list[ListeningService] = []
@@ -66,7 +69,7 @@ class PortalService(MultiService):
         super().startService()
         d = Deferred.fromCoroutine(self._start())
 
-        def failed(f: Any) -> None:
+        def failed(f: Failure) -> None:
             self.log.failure("the portal could not start", f)
             if not self.ready.called:
                 self.ready.errback(f)

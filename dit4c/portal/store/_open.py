@@ -12,7 +12,7 @@ from urllib.parse import unquote, urlsplit
 
 from twisted.enterprise.adbapi import ConnectionPool
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorCore, IReactorTime
 
 from ._dialect import IDialect, PostgreSQLDialect, SQLiteDialect
 from ._sql import SQLStore
@@ -77,7 +77,7 @@ def _switchToWAL(connection: sqlite3.Connection, timeout: float = SQLITE_BUSY_TI
             pause = min(pause * 2, 0.25)
 
 
-def _sqlitePool(path: str, reactor: Any) -> ConnectionPool:
+def _sqlitePool(path: str, reactor: IReactorCore) -> ConnectionPool:
     def prepare(connection: sqlite3.Connection) -> None:
         # Autocommit mode: the dialect's BEGIN IMMEDIATE opens every transaction.
         connection.isolation_level = None
@@ -101,7 +101,7 @@ def _sqlitePool(path: str, reactor: Any) -> ConnectionPool:
     )
 
 
-def _postgresPool(url: str, reactor: Any, poolSize: int) -> ConnectionPool:
+def _postgresPool(url: str, reactor: IReactorCore, poolSize: int) -> ConnectionPool:
     try:
         import psycopg
     except ImportError as e:
@@ -114,12 +114,12 @@ def _postgresPool(url: str, reactor: Any, poolSize: int) -> ConnectionPool:
         given = conninfo_to_dict(url)
     except psycopg.ProgrammingError as e:
         raise ValueError(f"not a PostgreSQL URL: {describe(url)!r}") from e
-    defaults: dict[str, Any] = {"application_name": "dit4c-portal"}
+    defaults: dict[str, str | int] = {"application_name": "dit4c-portal"}
     if "connect_timeout" not in given:
         # libpq would otherwise wait for ever on a server that does not answer.
         defaults["connect_timeout"] = POSTGRES_CONNECT_TIMEOUT
 
-    def prepare(connection: Any) -> None:
+    def prepare(connection: psycopg.Connection[tuple[object, ...]]) -> None:
         # The store's locking reads (a person's row before counting their
         # instances, a scheduler's before numbering its commands) rely on
         # each statement seeing what was committed before it ran: READ
@@ -154,7 +154,7 @@ def describe(url: str) -> str:
 
 async def _open(
     url: str,
-    reactor: Any,
+    reactor: IReactorCore,
     clock: IReactorTime,
     poolSize: int,
     migrations: Sequence[Migration],

@@ -17,6 +17,7 @@ from urllib.parse import quote
 import treq
 from treq.client import HTTPClient
 from twisted.internet.interfaces import IReactorTime
+from twisted.web.iweb import IResponse
 
 from .config import ProviderConfig
 from .errors import CodeRejected, ProviderUnavailable, UpstreamLoginError
@@ -44,7 +45,7 @@ class UpstreamIdentity:
     email: str | None = None
 
 
-async def _readJSON(response: Any, what: str) -> Any:
+async def _readJSON(response: IResponse, what: str) -> Any:
     """A provider's JSON answer, at most ``MAX_RESPONSE`` bytes."""
     chunks: list[bytes] = []
     size = 0

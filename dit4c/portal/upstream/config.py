@@ -13,7 +13,6 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from dit4c.common.nextpath import safeNext
@@ -90,7 +89,7 @@ class ProviderConfig:
     tokenAuth: str = ""
 
     def __post_init__(self) -> None:
-        def default(name: str, value: Any) -> None:
+        def default(name: str, value: object) -> None:
             object.__setattr__(self, name, value)
 
         if not isinstance(self.name, str) or _PROVIDER_NAME.fullmatch(self.name) is None:
