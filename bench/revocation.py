@@ -41,6 +41,8 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# The tests' harnesses (tests/support): ``support.*``.
+sys.path.insert(0, str(ROOT / "tests"))
 
 
 # -- the portal's side (``--serve DIR``) -----------------------------------------------------------
@@ -209,11 +211,11 @@ async def watches(server: Server, idle: float) -> dict[str, float]:
 async def bound(server: Server, rounds: int) -> list[float]:
     import treq
     from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+    from support.backend import backendSite
     from twisted.internet import defer, reactor
     from twisted.internet.endpoints import TCP4ClientEndpoint, clientFromString, serverFromString
 
     from dit4c.auth.service import AuthService
-    from dit4c.testing import backendSite
 
     info = server.info
     instance = info["instances"][0]

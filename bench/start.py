@@ -17,7 +17,7 @@ first answer: p50, p90, min, max. It never passes or fails.
 
 The process runtime starts the built-in notes tool (a Python program); the
 podman runtime a container from a tiny image built here (a static C
-WebSocket tool on busybox, dit4c.testing_podman), so the figures are the
+WebSocket tool on busybox, tests/support/podman.py), so the figures are the
 system's own cost, not a big tool's start-up.
 
 Then it measures what a pod's helpers cost in memory under the process
@@ -51,9 +51,12 @@ from urllib.parse import urlencode, urljoin, urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# The tests' harnesses (tests/support): ``support.*``.
+sys.path.insert(0, str(ROOT / "tests"))
+
+from support.processes import announcedPort  # noqa: E402
 
 from dit4c.dev.tap import PORTS  # noqa: E402
-from dit4c.testing import announcedPort  # noqa: E402
 
 
 class Browser:
@@ -168,7 +171,7 @@ class Dev:
 
         killRecorded(self.directory)
         if self.runtime == "podman":
-            from dit4c.testing_podman import podmanEnv
+            from support.podman import podmanEnv
 
             env = podmanEnv()
             out = subprocess.run(
@@ -210,7 +213,7 @@ def api(browser: Browser, dev: Dev, csrf: str, method: str, path: str, body: obj
 
 def imageFor(browser: Browser, dev: Dev, csrf: str) -> str:
     if dev.runtime == "podman":
-        from dit4c.testing_podman import buildWebSocketToolImageSync
+        from support.podman import buildWebSocketToolImageSync
 
         reference = buildWebSocketToolImageSync()
         created = api(browser, dev, csrf, "POST", "/admin/images", {"name": "WS tool", "ref": reference})

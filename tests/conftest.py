@@ -14,12 +14,14 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from support.backend import startBackend
+from support.processes import TWISTD, Process
+from support.routing import Signing, startRouting, stopRouting
 from twisted.internet import reactor
 from twisted.logger import LogLevel, globalLogPublisher
 
 from dit4c.common.keys import generate_private_key, jwks, save_private_key
 from dit4c.common.tokens import TokenSigner
-from dit4c.testing import TWISTD, Process, Signing, startBackend, startRouting, stopRouting
 
 # Many tests open thousands of sockets.
 _soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -132,9 +134,8 @@ async def routing(signing: Signing) -> Any:
 @pytest_twisted.async_yield_fixture
 async def browser() -> Any:
     """Headless Chromium (skipped where there is none, failed under CI)."""
+    from support.browser import requireBrowser, startBrowser
     from twisted.internet import threads
-
-    from dit4c.testing_browser import requireBrowser, startBrowser
 
     requireBrowser()
     started = await threads.deferToThread(startBrowser)

@@ -1,5 +1,5 @@
 """
-The browser harness (dit4c.testing_browser) against a tiny twisted.web site
+The browser harness (support.browser) against a tiny twisted.web site
 on 127.0.0.1: a form, Server-Sent Events, cookies, screenshots, and cleanup.
 
 Without chromium, chromium-driver or selenium these tests are skipped, or
@@ -16,13 +16,12 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from support.browser import Browser, browserAvailable, requireBrowser, startBrowser
 from twisted.internet import reactor, task, threads
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.web import pages
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
-
-from dit4c.testing_browser import Browser, browserAvailable, requireBrowser, startBrowser
 
 PAGE = b"""<!doctype html>
 <html><head><meta charset="utf-8"><title>harness</title></head>
@@ -250,9 +249,9 @@ def test_missing_browser_skips_here_and_fails_on_ci(monkeypatch: pytest.MonkeyPa
     assert reason is not None
     assert "chromium-driver" in reason and "/nonexistent/chromium" in reason
 
-    import dit4c.testing_browser
+    import support.browser
 
-    monkeypatch.setattr(dit4c.testing_browser, "browserAvailable", lambda: reason)
+    monkeypatch.setattr(support.browser, "browserAvailable", lambda: reason)
     monkeypatch.delenv("CI", raising=False)
     with pytest.raises(pytest.skip.Exception, match="chromium-driver"):
         requireBrowser()

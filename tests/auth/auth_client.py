@@ -16,6 +16,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import treq
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from support.backend import Backend, backendSite
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, clientFromString, serverFromString
 from twisted.web.resource import Resource
@@ -24,7 +25,6 @@ from twisted.web.server import Site
 from dit4c.auth.service import AuthService
 from dit4c.common.httpfront import FrontLimits
 from dit4c.portal.app import Portal
-from dit4c.testing import Backend, backendSite
 
 PASSWORDS = {"alice": "correct horse battery", "bob": "bobs password!", "carol": "carols password!"}
 

@@ -27,10 +27,10 @@ import pytest_twisted
 import treq
 from auth_client import Browser, location, logIn
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from support.sockets import RawClient
+from support.waiting import eventually
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-
-from dit4c.testing import RawClient, eventually
 
 #: Seconds from the portal's answer to the request that ended the access
 #: to bob's connections closed (docs/protocols.md 6.6).

@@ -15,8 +15,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from auth_client import Browser, logIn
-
-from dit4c.testing import rawRequest
+from support.sockets import rawRequest
 
 
 async def aliceIn(world: Any) -> str:

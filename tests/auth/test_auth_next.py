@@ -14,10 +14,9 @@ from typing import Any
 import pytest_twisted
 from auth_client import Browser, location
 from hypothesis import given, settings
+from support.nextpath import browserOrigin, inReactor, nextValues
+from support.sockets import rawRequest
 from twisted.internet import threads
-
-from dit4c.testing import rawRequest
-from dit4c.testing_nextpath import browserOrigin, inReactor, nextValues
 
 KNOWN = [
     b"/%09/evil.example/",

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest_twisted
 from auth_client import Browser, location, logIn, query, startLogin
+from support.waiting import eventually
 
 from dit4c.auth.service import audienceFor
 from dit4c.common.keys import generate_private_key
 from dit4c.common.tokens import TokenSigner
-from dit4c.testing import eventually
 
 
 async def headersSeen(browser: Browser, **headers: str) -> dict[str, list[str]]:

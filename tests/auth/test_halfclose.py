@@ -10,13 +10,12 @@ from typing import Any
 
 import pytest_twisted
 from auth_client import Browser, logIn
+from support.sockets import RawClient
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
-
-from dit4c.testing import RawClient
 
 
 @implementer(IHalfCloseableProtocol)

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import pytest_twisted
 from auth_client import Browser, execute, logIn, startKernel
-
-from dit4c.testing import eventually, rawRequest
+from support.sockets import rawRequest
+from support.waiting import eventually
 
 pytest.importorskip("jupyterlab")
 

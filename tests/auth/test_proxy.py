@@ -15,11 +15,13 @@ import pytest_twisted
 import treq
 from auth_client import Browser, logIn, query, startLogin
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from support.backend import patternDigest
+from support.sockets import RawClient, rawRequest, refusedPort
+from support.waiting import deferLater, eventually
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 from dit4c.common.httpfront import FrontLimits
-from dit4c.testing import RawClient, deferLater, eventually, patternDigest, rawRequest, refusedPort
 
 
 async def aliceIn(world: Any, **auth: Any) -> Browser:

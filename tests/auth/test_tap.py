@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 import pytest_twisted
 from auth_client import Browser, logIn
+from support.processes import announcedPort
+from support.waiting import eventually
 
 from dit4c.common.helperenv import HelperEnvironment, toEnvironment
-from dit4c.testing import announcedPort, eventually
 
 TWIST = [sys.executable, "-m", "twisted", "--log-format=text", "dit4c-helper-auth"]
 

@@ -23,6 +23,8 @@ import httptools
 import pytest_twisted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.nextpath import inReactor
+from support.sockets import RawClient
 from twisted.internet import reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -31,8 +33,6 @@ from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 
 from dit4c.auth.session import stripCookies
-from dit4c.testing import RawClient
-from dit4c.testing_nextpath import inReactor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "auth"))
 from auth_client import Browser, closeWorld, logIn, makeWorld  # noqa: E402

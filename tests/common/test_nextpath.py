@@ -11,9 +11,9 @@ from urllib.parse import unquote, urlencode
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from support.nextpath import browserOrigin, nextValues
 
 from dit4c.common.nextpath import MAX_NEXT, isLocalPath, safeNext
-from dit4c.testing_nextpath import browserOrigin, nextValues
 
 BASE = "https://portal.example.org/"
 

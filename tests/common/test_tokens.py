@@ -25,6 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.sockets import refusedPort
+from support.waiting import eventually
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
@@ -54,7 +56,6 @@ from dit4c.common.tokens import (
     check_token_id,
     parse_jwks,
 )
-from dit4c.testing import eventually, refusedPort
 
 NOW = 1_700_000_000.0
 LIFETIME = 300.0

@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from flows import devArguments, devPorts
+from support.processes import TWISTD, Process
+from support.waiting import deferLater
 from twisted.internet import reactor
 
 from dit4c.common.keys import generate_private_key, jwks, save_private_key
@@ -36,7 +38,6 @@ from dit4c.common.listening import listeningSocket
 from dit4c.node.processes import killRecorded
 from dit4c.portal import security
 from dit4c.portal.store import openStore
-from dit4c.testing import TWISTD, Process, deferLater
 
 PASSWORD = "correct horse battery"
 #: dit4c-dev's port options, and where the installation keeps each port.

@@ -6,10 +6,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from support.processes import announcedPort
+from support.waiting import deferLater
 from twisted.internet import threads
 
 from dit4c.dev.tap import PORTS as DEV_PORTS
-from dit4c.testing import announcedPort, deferLater
 
 
 async def logIn(browser: Any, portal: str, name: str, password: str) -> None:
@@ -51,7 +52,7 @@ async def startTool(browser: Any, portal: str, toolName: str) -> str:
 
 
 async def otherBrowser() -> Any:
-    from dit4c.testing_browser import startBrowser
+    from support.browser import startBrowser
 
     return await threads.deferToThread(startBrowser)
 

@@ -30,9 +30,10 @@ from flows import (
     startTool,
     submit,
 )
+from support.sockets import RawClient, rawRequest
+from support.waiting import deferLater
 
 from dit4c.node.processes import killRecorded, startTime
-from dit4c.testing import RawClient, deferLater, rawRequest
 
 
 def podProcesses(dataDir: Path) -> list[int]:

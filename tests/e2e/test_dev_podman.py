@@ -17,17 +17,17 @@ from typing import Any
 import pytest
 import pytest_twisted
 from flows import addPerson, logIn, openTool, refused, startDev, startTool, submit
-from twisted.internet import reactor
-
-from dit4c.node.processes import killRecorded
-from dit4c.testing import deferLater
-from dit4c.testing_podman import (
+from support.podman import (
     buildWebSocketToolImage,
     gccUnavailable,
     podmanEnv,
     podmanUnavailable,
     removePods,
 )
+from support.waiting import deferLater
+from twisted.internet import reactor
+
+from dit4c.node.processes import killRecorded
 
 PREFIX = f"dit4c-e2e{os.getpid()}"
 

@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 import pytest_twisted
 from flows import logIn, openTool, startDev, startTool
+from support.waiting import deferLater
 from test_dev_storage import mounted
 
 from dit4c.common.mounts import mountPoints
 from dit4c.node.process import builtinTools
 from dit4c.node.processes import killRecorded, podProcesses
-from dit4c.testing import deferLater
 
 
 @pytest.fixture

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 import pytest_twisted
 from flows import addPerson, logIn, otherBrowser, startDev, startTool
+from support.waiting import deferLater
 
 from dit4c.node.processes import killRecorded
-from dit4c.testing import deferLater
 
 
 @pytest.fixture

@@ -56,11 +56,11 @@ from typing import Any
 import pytest
 import pytest_twisted
 from cluster import Cluster
+from support.waiting import deferLater
 
 from dit4c.common.life import ACTIVE, HOLDS_POD, TRANSIENT, State
 from dit4c.common.mounts import mountPoints
 from dit4c.node.processes import podProcesses
-from dit4c.testing import deferLater
 from dit4c.upload.helper import progressFile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "portal"))

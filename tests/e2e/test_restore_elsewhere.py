@@ -15,8 +15,7 @@ import pytest
 import pytest_twisted
 from cluster import PASSWORD, Cluster
 from flows import logIn, openTool, startTool
-
-from dit4c.testing import deferLater
+from support.waiting import deferLater
 
 
 @pytest.fixture

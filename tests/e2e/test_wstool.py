@@ -24,14 +24,7 @@ import pytest
 import pytest_twisted
 import treq
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol, connectionDone
-from twisted.internet.task import deferLater
-from twisted.internet.utils import getProcessOutputAndValue
-from twisted.python.failure import Failure
-
-from dit4c.testing_podman import (
+from support.podman import (
     WSTOOL_PORT,
     buildWebSocketToolImage,
     compileWebSocketToolSync,
@@ -39,6 +32,12 @@ from dit4c.testing_podman import (
     podmanEnv,
     podmanUnavailable,
 )
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import deferLater
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.python.failure import Failure
 
 _unavailable = podmanUnavailable() or gccUnavailable()
 if _unavailable is not None:

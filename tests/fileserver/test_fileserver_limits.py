@@ -9,6 +9,7 @@ import pytest
 import pytest_twisted
 from fileserver_client import FXF_CREAT, FXF_WRITE, connect
 from fileserver_world import SECRET, World, portOf
+from support.waiting import eventually
 from twisted.conch.ssh import filetransfer
 from twisted.internet import protocol, reactor
 from twisted.internet.defer import Deferred
@@ -17,7 +18,6 @@ from twisted.python import usage
 
 from dit4c.fileserver.service import FileServerService
 from dit4c.fileserver.tap import Options
-from dit4c.testing import eventually
 
 
 class Raw(protocol.Protocol):

@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 import pytest_twisted
 from fileserver_world import World
+from support.waiting import eventually
 from twisted.internet.threads import deferToThread
 
 from dit4c.common.keys import save_private_key
 from dit4c.storage.helper import isMounted
-from dit4c.testing import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 

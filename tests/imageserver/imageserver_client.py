@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import treq
+from support.backend import PATTERN, patternDigest
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
@@ -27,7 +28,6 @@ from dit4c.common.tokens import TokenSigner
 from dit4c.imageserver.service import ImageServerService
 from dit4c.portal.app import Portal
 from dit4c.portal.reports import UPLOAD_AUDIENCE
-from dit4c.testing import PATTERN, patternDigest
 
 BASE = "http://portal.test"
 SECRET = "image-server-" + secrets.token_urlsafe(24)
@@ -81,7 +81,7 @@ class World:
 @implementer(IBodyProducer)
 class PatternBody:
     """
-    ``n`` bytes of :data:`dit4c.testing.PATTERN`, produced as the
+    ``n`` bytes of :data:`support.backend.PATTERN`, produced as the
     connection takes them (never held in memory); ``chunked`` sends them
     with no length. ``produced`` counts what was handed to the connection.
     """

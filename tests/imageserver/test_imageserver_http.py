@@ -24,12 +24,14 @@ from imageserver_client import (
     stored,
     urlOf,
 )
+from support.backend import PATTERN
+from support.sockets import RawClient, refusedPort
+from support.waiting import eventually
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 from dit4c.common.keys import generate_private_key
 from dit4c.portal.reports import imageReadToken
-from dit4c.testing import PATTERN, RawClient, eventually, refusedPort
 
 MiB = 1024 * 1024
 

@@ -36,6 +36,9 @@ from imageserver_client import (
     stored,
     urlOf,
 )
+from support.backend import PATTERN, patternDigest
+from support.sockets import RawClient, refusedPort
+from support.waiting import eventually
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.python import usage
@@ -45,7 +48,6 @@ from dit4c.imageserver.errors import DigestMismatch, NotFound
 from dit4c.imageserver.s3 import S3Storage
 from dit4c.imageserver.storage import IImageStorage, IImageWriter
 from dit4c.imageserver.tap import Options, makeService
-from dit4c.testing import PATTERN, RawClient, eventually, patternDigest, refusedPort
 
 MiB = 1024 * 1024
 ACCESS_KEY = "dit4c-access-" + uuid.uuid4().hex

@@ -13,9 +13,9 @@ import pytest
 import pytest_twisted
 import treq
 from imageserver_client import SECRET, PatternBody, World, bearer, get, peakRSS, put, resetPeakRSS
+from support.processes import Process
 
 from dit4c.imageserver.storage import DirectoryStorage
-from dit4c.testing import Process
 
 MiB = 1024 * 1024
 

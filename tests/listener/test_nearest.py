@@ -6,6 +6,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from support.sockets import refusedPort
+from support.waiting import deferLater
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -13,7 +15,6 @@ from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
 from dit4c.listener.nearest import NearestEndpoint
-from dit4c.testing import deferLater, refusedPort
 
 
 class Counting(Factory):

@@ -18,11 +18,12 @@ from typing import Any
 
 from confined import listeningInodes, snoopTool, socketInodes, toolPid, treeOf
 from standins import POD_HELPER
+from support.sockets import rawRequest
+from support.waiting import deferLater
 from twisted.internet import task
 
 from dit4c.node.interfaces import PodSpec
 from dit4c.node.process import ProcessRuntime, builtinTools
-from dit4c.testing import deferLater, rawRequest
 
 
 async def main(reactor: Any, base: str) -> None:

@@ -8,10 +8,11 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from support.waiting import deferLater
+
 from dit4c.channel.interfaces import observer
 from dit4c.channel.wire import InstanceStatus
 from dit4c.node.process import Tool
-from dit4c.testing import deferLater
 
 #: A stand-in helper: writes its environment to <role>.env (and its arguments
 #: to <role>.argv) in the pod directory, then waits. (The auth stand-in, and

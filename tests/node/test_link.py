@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest_twisted
 from standins import HELPERS, TOOLS, Watcher
+from support.waiting import deferLater
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
@@ -21,7 +22,6 @@ from dit4c.listener.service import backoff
 from dit4c.node.link import NodeLinkServer, RemoteNode
 from dit4c.node.node import Node
 from dit4c.node.process import ProcessRuntime
-from dit4c.testing import deferLater
 
 SCHEDULER_KEY = generate_private_key()
 NODE_KEY = generate_private_key()

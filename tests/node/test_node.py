@@ -200,7 +200,7 @@ async def test_discard_of_a_running_instance_the_portal_gave_up_on(h: Harness) -
 
 async def until(condition: Any, timeout: float = 10) -> None:
     """Until ``condition()`` (work done in threads comes back through the real reactor)."""
-    from dit4c.testing import deferLater
+    from support.waiting import deferLater
 
     for _ in range(int(timeout / 0.01)):
         if condition():

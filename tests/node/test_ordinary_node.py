@@ -34,7 +34,7 @@ def test_an_ordinary_users_node_confines_its_tools(nobodysDirectory: Path) -> No
     python = systemPython()
     result = asUser(
         NOBODY, [python, str(HERE / "ordinary_node.py"), str(nobodysDirectory)],
-        env={"PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT), *importPath()])}, timeout=120,
+        env={"PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent), str(ROOT), *importPath()])}, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     found = json.loads(result.stdout.strip().splitlines()[-1])

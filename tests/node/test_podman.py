@@ -1,7 +1,7 @@
 """
 The ``podman`` runtime with real pods: rootful podman, a busybox image made
 here (no registry is reachable), busybox ``httpd`` as the tool, and stand-in
-helpers (``dit4c.testing_podman``) as host processes: the auth stand-in
+helpers (``support.podman``) as host processes: the auth stand-in
 forwards the pod's published port to the tool from inside the pod's network
 namespace, as the real auth helper does.
 
@@ -26,6 +26,14 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
+from support.podman import (
+    buildBusyboxImage,
+    podmanEnv,
+    podmanUnavailable,
+    removePods,
+    standInAuthCommand,
+    standInListenerCommand,
+)
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectError
@@ -37,14 +45,6 @@ from zope.interface.verify import verifyObject
 from dit4c.node.interfaces import IRuntime, PodSpec, RuntimeError_
 from dit4c.node.podman import LABEL_PREFIX, PodmanRuntime, firewallRules, summarise
 from dit4c.node.processes import startTime
-from dit4c.testing_podman import (
-    buildBusyboxImage,
-    podmanEnv,
-    podmanUnavailable,
-    removePods,
-    standInAuthCommand,
-    standInListenerCommand,
-)
 
 _unavailable = podmanUnavailable()
 if _unavailable is not None:

@@ -19,12 +19,13 @@ import pytest
 import pytest_twisted
 from confined import listeningInodes, socketInodes, toolPid, treeOf
 from standins import HELPERS
+from support.routing import Signing, startRouting, stopRouting
+from support.waiting import deferLater
 from twisted.internet import reactor
 
 from dit4c.common.keys import load_private_key, save_private_key
 from dit4c.node.interfaces import PodSpec
 from dit4c.node.process import ProcessRuntime, builtinTools
-from dit4c.testing import Signing, deferLater, startRouting, stopRouting
 
 # The auth helper's tests' world (a real portal, alice, her instance), reused as it is.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "auth"))

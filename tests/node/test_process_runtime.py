@@ -32,6 +32,8 @@ from confined import (
     treeOf,
 )
 from standins import HELPERS, POD_HELPER, RECORD_ENV, TOOLS, Watcher
+from support.sockets import rawRequest
+from support.waiting import deferLater
 from twisted.internet import reactor
 
 from dit4c.common.helperenv import fromEnvironment
@@ -39,7 +41,6 @@ from dit4c.common.keys import load_private_key, public_jwk
 from dit4c.node.node import Node
 from dit4c.node.process import ProcessRuntime, Tool
 from dit4c.node.processes import startTime
-from dit4c.testing import deferLater, rawRequest
 
 
 def makeNode(directory: Path, **options: Any) -> tuple[Node, ProcessRuntime, Watcher]:

@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 import pytest_twisted
 from standins import HELPERS
+from support.waiting import deferLater
 from twisted.internet import reactor
 
 from dit4c.common.keys import save_private_key
 from dit4c.node.interfaces import PodSpec
 from dit4c.node.process import ProcessRuntime, Tool
-from dit4c.testing import deferLater
 
 # The file server's tests' world (a portal, alice's instances and keys, a file server), reused as it is.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fileserver"))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
+from support.waiting import deferLater
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, clientFromString, connectProtocol
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
@@ -22,7 +23,6 @@ from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
 from dit4c.listener.service import ListenerService, backoff
-from dit4c.testing import deferLater
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "auth"))
 from auth_client import Browser, closeWorld, logIn, makeWorld  # noqa: E402

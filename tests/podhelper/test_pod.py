@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from support.waiting import deferLater
 from twisted.internet import defer, reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 
@@ -28,7 +29,6 @@ from dit4c.node.process import ProcessRuntime, Tool
 from dit4c.node.processes import podProcesses, startTime
 from dit4c.routing.server import RoutingServer
 from dit4c.storage.helper import isMounted
-from dit4c.testing import deferLater
 
 # The auth helper's tests' world (a real portal, alice, her instance), reused as it is.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "auth"))
@@ -36,7 +36,8 @@ from auth_client import Browser, closeWorld, logIn, makeWorld  # noqa: E402
 
 #: The test backend (``/headers``, ``/ws`` echo) on the loopback port it is given.
 TOOL = (
-    "import sys; from twisted.internet import reactor; from dit4c.testing import backendSite;"
+    f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r});"
+    "from twisted.internet import reactor; from support.backend import backendSite;"
     "reactor.listenTCP(int(sys.argv[1]), backendSite(), interface='127.0.0.1'); reactor.run()"
 )
 SECRET = "file-server-secret-for-the-pod-test"

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest_twisted
 from portal_client import serve
+from support.portal import RecordingCommands
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 
@@ -19,7 +20,6 @@ from dit4c.portal import security
 from dit4c.portal.app import Portal, PortalConfig
 from dit4c.portal.keys import KeyRing
 from dit4c.portal.store import openStore
-from dit4c.testing import RecordingCommands
 
 BASE = "http://portal.test"
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from support.waiting import deferLater
 from twisted.internet import reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import Clock
@@ -31,7 +32,6 @@ from dit4c.portal.channel import (
 from dit4c.portal.channelupdates import LOST_REASON
 from dit4c.portal.events import InstanceEvent
 from dit4c.portal.store import Conflict, Instance, openStore
-from dit4c.testing import deferLater
 from dit4c.testing_scheduler import RawChannel, TestingScheduler, registerScheduler
 
 ISSUER = "http://portal.test"

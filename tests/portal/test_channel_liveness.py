@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 
 import pytest_twisted
+from support.waiting import deferLater
 from twisted.internet import reactor
 from twisted.internet.endpoints import serverFromString
 
 from dit4c.portal.channel import ChannelHub
 from dit4c.portal.store import openStore
-from dit4c.testing import deferLater
 from dit4c.testing_scheduler import RawChannel, registerScheduler
 
 

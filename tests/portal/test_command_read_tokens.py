@@ -21,11 +21,11 @@ import jwt
 import pytest_twisted
 import treq
 from portal_client import startService
+from support.waiting import deferLater
 from twisted.internet import reactor
 from twisted.web.http_headers import Headers
 
 from dit4c.portal.service import PortalService
-from dit4c.testing import deferLater
 from dit4c.testing_scheduler import TestingScheduler, registerScheduler
 
 ISSUER = "http://portal.test"

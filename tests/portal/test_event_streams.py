@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest_twisted
 from portal_client import Browser, Client, logIn, submit, tokenFor
+from support.sockets import RawClient
+from support.waiting import deferLater
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
@@ -24,7 +26,6 @@ from dit4c.common.life import State
 from dit4c.portal import security
 from dit4c.portal.app import Portal
 from dit4c.portal.events import STREAM_KEEPALIVE, STREAM_RETRY_REPLACED, STREAMS_PER_PERSON
-from dit4c.testing import RawClient, deferLater
 
 END = b"\r\n0\r\n\r\n"
 

@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 import pytest_twisted
 from portal_client import Browser, csrfOf, logIn, startService
+from support.sockets import RawClient, rawRequest
+from support.waiting import deferLater
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -28,7 +30,6 @@ from dit4c.common.httpsite import SiteLimits
 from dit4c.portal import api, oauth, reports, security
 from dit4c.portal.http import BODY_LIMITS, FORM_BODY, bodyLimit
 from dit4c.portal.service import PortalService
-from dit4c.testing import RawClient, deferLater, rawRequest
 from dit4c.testing_scheduler import TestingScheduler, registerScheduler
 
 ISSUER = "http://portal.localhost"

@@ -65,10 +65,10 @@ async def test_forms_without_csrf_do_nothing(api: Portal) -> None:
 async def test_changes_stream_to_the_page_as_server_sent_events(api: Portal) -> None:
     import json
 
+    from support.sockets import RawClient
+    from support.waiting import deferLater
     from twisted.internet import reactor
     from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-
-    from dit4c.testing import RawClient, deferLater
 
     alice = Browser(api)
     await logIn(alice)

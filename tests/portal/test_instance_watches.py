@@ -16,6 +16,7 @@ from typing import Any
 import pytest_twisted
 import treq
 from portal_client import Browser, Client, logIn, submit, tokenFor
+from support.waiting import deferLater
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 
@@ -26,7 +27,6 @@ from dit4c.common.tokens import TokenSigner
 from dit4c.portal.app import Portal
 from dit4c.portal.events import WATCH_KEEPALIVE, WATCHES_PER_INSTANCE
 from dit4c.portal.oauth import WATCH_AUDIENCE
-from dit4c.testing import deferLater
 
 
 class Watch(Protocol):

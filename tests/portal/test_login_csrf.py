@@ -25,6 +25,7 @@ from typing import Any
 import pytest_twisted
 import treq
 from portal_client import Browser, Client, csrfOf, serve, tokenFor
+from support.tls import makeCertificate
 from twisted.internet import reactor, ssl, threads
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -33,7 +34,6 @@ from dit4c.portal import security
 from dit4c.portal.app import Portal, PortalConfig
 from dit4c.portal.keys import KeyRing
 from dit4c.portal.store import openStore
-from dit4c.testing import makeCertificate
 
 PASSWORDS = {"alice": "correct horse battery", "mallory": "mallorys password"}
 
@@ -97,7 +97,7 @@ async def sites(tmp_path: Path, scheme: str = "https") -> AsyncIterator[Sites]:
 @asynccontextmanager
 async def chromium() -> AsyncIterator[Any]:
     """Chromium that resolves every ``*.example.org`` to loopback and takes the test's certificate."""
-    from dit4c.testing_browser import requireBrowser, startBrowser
+    from support.browser import requireBrowser, startBrowser
 
     requireBrowser()
     browser = await threads.deferToThread(

@@ -15,6 +15,7 @@ from urllib.parse import quote, urlencode, urlsplit
 import pytest_twisted
 from hypothesis import given, settings
 from portal_client import Browser, csrfOf, logIn
+from support.nextpath import browserOrigin, inReactor, nextValues
 from treq.client import HTTPClient
 from twisted.internet import reactor, threads
 from twisted.internet.endpoints import serverFromString
@@ -24,7 +25,6 @@ from dit4c.portal import security
 from dit4c.portal.app import Portal, PortalConfig
 from dit4c.portal.service import PortalService
 from dit4c.portal.upstream import ProviderConfig, UpstreamLogin
-from dit4c.testing_nextpath import browserOrigin, inReactor, nextValues
 
 #: As written in the query string of ``/login?next=...``.
 KNOWN = [

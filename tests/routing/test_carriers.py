@@ -9,6 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
+from support.routing import Routing, stopRouting
+from support.sockets import RawClient
+from support.tls import makeCertificate
+from support.waiting import eventually
 from twisted.internet import reactor, ssl
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
@@ -18,7 +22,6 @@ from twisted.internet.endpoints import (
 )
 
 from dit4c.routing.server import RoutingServer
-from dit4c.testing import RawClient, Routing, eventually, makeCertificate, stopRouting
 
 DOMAIN = "dit4c.test"
 
@@ -118,7 +121,7 @@ async def test_tunnel_over_websocket(signing: Any, backend: Any, tmp_path: Path)
         assert head.startswith(b"HTTP/1.1 200")
         from hashlib import sha256
 
-        from dit4c.testing import patternDigest
+        from support.backend import patternDigest
 
         assert sha256(body).hexdigest() == patternDigest(3000000)
     finally:

@@ -1,7 +1,7 @@
 """
 The real programs, as separate processes: ``twistd dit4c-routing`` and
 ``twistd dit4c-helper-listener`` started the way an operator starts them,
-with the backend web tool (``dit4c.testing``) in this process.
+with the backend web tool (``support.backend``) in this process.
 
 These tests watch what only a real process shows: option parsing and usage
 errors, peak memory while hundreds of megabytes pass, a peer frozen with
@@ -31,6 +31,8 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
+from support.backend import patternDigest
+from support.waiting import eventually
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
@@ -43,7 +45,6 @@ from zope.interface import implementer
 
 from dit4c.listener.tap import Options as ListenerOptions
 from dit4c.routing.tap import Options as RoutingOptions
-from dit4c.testing import eventually, patternDigest
 
 #: A child started by the ``processes`` fixture (tests/conftest.py ``Process``).
 Process = Any

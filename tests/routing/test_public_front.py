@@ -14,8 +14,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-
-from dit4c.testing import rawRequest
+from support.sockets import rawRequest
 
 HOST = "front.localhost"
 

@@ -13,6 +13,10 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
+from support.backend import patternDigest
+from support.routing import startRouting, stopRouting
+from support.sockets import RawClient, rawRequest, refusedPort
+from support.waiting import eventually
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, clientFromString, connectProtocol
 from twisted.logger import formatEvent, globalLogPublisher
@@ -20,15 +24,6 @@ from twisted.logger import formatEvent, globalLogPublisher
 from dit4c.listener.report import routingToken
 from dit4c.listener.service import ListenerService, backoff
 from dit4c.routing.front import FrontLimits
-from dit4c.testing import (
-    RawClient,
-    eventually,
-    patternDigest,
-    rawRequest,
-    refusedPort,
-    startRouting,
-    stopRouting,
-)
 from dit4c.tunnel.errors import ErrorCode, HandshakeRefused
 
 

@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 import pytest_twisted
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from support.tls import makeCertificate
+from support.waiting import eventually
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
@@ -42,7 +44,6 @@ from dit4c.common.keys import generate_private_key, public_jwk
 from dit4c.common.tokens import InvalidToken, StaticKeySource, TokenVerifier
 from dit4c.portal.store.interfaces import COMMAND_OPS
 from dit4c.scheduler.channel import ChannelClient, ISchedulerHandler, channelURL
-from dit4c.testing import eventually, makeCertificate
 from dit4c.testing_scheduler import TestingScheduler
 
 PORTAL = "https://portal.example"

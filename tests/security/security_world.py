@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from support.processes import Process
 from twisted.internet import reactor
 
 from dit4c.common.helperenv import HelperEnvironment, toEnvironment
 from dit4c.common.keys import generate_private_key, save_private_key
 from dit4c.portal import security
 from dit4c.portal.store import openStore
-from dit4c.testing import Process
 
 LOCAL = "tcp:0:interface=127.0.0.1"
 MiB = 1024 * 1024

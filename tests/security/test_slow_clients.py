@@ -28,8 +28,7 @@ from security_world import (
     startRouting,
     status,
 )
-
-from dit4c.testing import Process
+from support.processes import Process
 
 #: Every public port cuts a client that is this slow within this many seconds.
 BOUND = 30.0

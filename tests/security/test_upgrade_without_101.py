@@ -22,11 +22,11 @@ from typing import Any
 import pytest
 import pytest_twisted
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from support.sockets import rawRequest
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, clientFromString
 
 from dit4c.listener.service import ListenerService, backoff
-from dit4c.testing import rawRequest
 from dit4c.tools.notes import site as notesSite
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "auth"))

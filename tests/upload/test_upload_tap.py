@@ -19,6 +19,7 @@ from typing import Any
 import jwt
 import pytest
 import pytest_twisted
+from support.processes import TWISTD
 from twisted.internet import reactor
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
@@ -29,7 +30,6 @@ from twisted.web.server import Request, Site
 from dit4c.common.helperenv import HelperEnvironment, inherited, toEnvironment
 from dit4c.common.keys import generate_private_key, save_private_key
 from dit4c.listener.report import REPORT_AUDIENCE
-from dit4c.testing import TWISTD
 from dit4c.upload.helper import UPLOAD_AUDIENCE, failureFile, progressFile, resultFile
 from dit4c.upload.tap import Options
 

@@ -105,7 +105,7 @@ async def test_the_watch_looks_while_it_runs(store: IStore, clock: Clock) -> Non
 
 async def _settled(clock: Clock) -> None:
     # The sweep runs against a real database: let its queries finish.
-    from dit4c.testing import deferLater
+    from support.waiting import deferLater
 
     for _ in range(100):
         await deferLater(0.02)

@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import pytest_twisted
 from portal_client import Client, serve, tokenFor
+from support.portal import RecordingCommands
+from support.waiting import deferLater
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.internet.task import Clock
@@ -27,7 +29,6 @@ from dit4c.portal.keys import KeyRing
 from dit4c.portal.store import Image, IStore, newInstanceId, openStore
 from dit4c.portal.store._open import sqlitePath
 from dit4c.portal.store.errors import QuotaReached
-from dit4c.testing import RecordingCommands, deferLater
 
 #: Claims sent at once in each race.
 RACERS = 16

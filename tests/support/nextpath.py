@@ -2,8 +2,6 @@
 Test helpers for the "next" check (``dit4c.common.nextpath``): values of
 ``next`` built from the pieces URL parsers disagree on, and a real
 browser's URL parser as the judge of where a ``Location`` leads.
-
-Only tests import this (it needs hypothesis, a test extra).
 """
 
 from __future__ import annotations
@@ -49,7 +47,7 @@ _RESOLVE = "try { return new URL(arguments[0], arguments[1]).origin } catch (e) 
 def browserOrigin(browser: Any, location: str, base: str) -> str:
     """
     The origin Chromium goes to for a ``Location`` of ``location`` on a page
-    at ``base`` (``dit4c.testing_browser.Browser``; the call blocks).
+    at ``base`` (:class:`support.browser.Browser`; the call blocks).
     """
     return str(browser.driver.execute_script(_RESOLVE, location, base))
 

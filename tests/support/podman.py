@@ -1,5 +1,5 @@
 """
-Test doubles and fixtures' building blocks for the ``podman`` runtime.
+Building blocks of the ``podman`` runtime's tests: images and stand-in helpers.
 
 No registry is reachable from the test machines, so images are made here:
 :func:`buildBusyboxImage` imports a tar of a directory holding the host's
@@ -271,7 +271,7 @@ def standInListenerCommand() -> list[str]:
 # -- a web tool with a WebSocket: wstool ------------------------------------------------
 
 #: The WebSocket tool's source: one C file, libc only.
-WSTOOL_SOURCE = Path(__file__).resolve().parent.parent / "tests" / "e2e" / "tool" / "wstool.c"
+WSTOOL_SOURCE = Path(__file__).resolve().parents[1] / "e2e" / "tool" / "wstool.c"
 #: The port the tool's image serves on (and exposes).
 WSTOOL_PORT = 8080
 _GCC_FLAGS = ("-O2", "-static", "-Wall")

@@ -94,7 +94,7 @@ def startBrowser(
     ``"MAP *.example.org 127.0.0.1"``, so that a test can use real-looking
     names (several hosts under one parent domain, as a site deploys them)
     for servers on loopback. ``ignoreCertificateErrors``: accept any TLS
-    certificate (a test's own, from ``dit4c.testing.makeCertificate``);
+    certificate (a test's own, from ``support.tls.makeCertificate``);
     only for a test that needs https, since nothing else is checked then.
 
     This blocks for a second or so; from the reactor thread call it as
