@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 
 from dit4c.common.life import STATES, State
 
-from ._dialect import IDialect
+from ._dialect import Cursor, IDialect, Row
 from .errors import Conflict, NotFound, StoreError
 from .migrations import MIGRATIONS, Migration, applyNext
 from .model import UNSET, Image, Instance, Scheduler, User
@@ -59,19 +59,19 @@ def _marks(n: int) -> str:
     return ", ".join("?" * n)
 
 
-def _user(row: Sequence[Any]) -> User:
+def _user(row: Row) -> User:
     return User(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6], row[7], bool(row[8]))
 
 
-def _scheduler(row: Sequence[Any]) -> Scheduler:
+def _scheduler(row: Row) -> Scheduler:
     return Scheduler(row[0], row[1], row[2], row[3], bool(row[4]))
 
 
-def _image(row: Sequence[Any]) -> Image:
+def _image(row: Row) -> Image:
     return Image(row[0], row[1], row[2], row[3], row[4], row[5], row[6], bool(row[7]))
 
 
-def _instance(row: Sequence[Any]) -> Instance:
+def _instance(row: Row) -> Instance:
     return Instance(*row)
 
 
@@ -82,7 +82,7 @@ def _checkState(state: str) -> str:
         raise ValueError(f"{state!r} is not an instance state (one of {', '.join(STATES)})") from None
 
 
-def _given(**fields: Any) -> dict[str, Any]:
+def _given(**fields: object) -> dict[str, object]:
     """The fields that are not ``UNSET``, flags as 0/1 (PostgreSQL will not take a bool for INTEGER)."""
     return {
         name: int(value) if isinstance(value, bool) else value
@@ -94,24 +94,35 @@ def _given(**fields: Any) -> dict[str, Any]:
 class _Txn:
     """One transaction's cursor, taking SQL with ``?`` placeholders. Used in a pool thread."""
 
-    def __init__(self, cursor: Any, dialect: IDialect) -> None:
+    def __init__(self, cursor: Cursor, dialect: IDialect) -> None:
         self._cursor = cursor
         self._dialect = dialect
 
-    def execute(self, sql: str, params: Iterable[Any] = ()) -> int:
+    def execute(self, sql: str, params: Iterable[object] = ()) -> int:
         """Run a statement; the number of rows it changed."""
         self._cursor.execute(self._dialect.sql(sql), tuple(params))
         return int(self._cursor.rowcount)
 
-    def one(self, sql: str, params: Iterable[Any] = ()) -> Any:
+    def one(self, sql: str, params: Iterable[object] = ()) -> Row | None:
+        """The first row a query finds, None if none."""
         self.execute(sql, params)
         return self._cursor.fetchone()
 
-    def all(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
+    def must(self, sql: str, params: Iterable[object] = ()) -> Row:
+        """
+        The first row of a query that cannot come back empty: an aggregate,
+        or a row this transaction wrote or holds.
+        """
+        row = self.one(sql, params)
+        if row is None:
+            raise StoreError(f"the database found no row where one must be: {sql}")
+        return row
+
+    def all(self, sql: str, params: Iterable[object] = ()) -> list[Row]:
         self.execute(sql, params)
         return list(self._cursor.fetchall())
 
-    def update(self, table: str, key: str, keyValue: Any, fields: dict[str, Any]) -> int:
+    def update(self, table: str, key: str, keyValue: object, fields: dict[str, object]) -> int:
         """``UPDATE table SET fields WHERE key = keyValue`` (names from code only)."""
         if not fields:
             return len(self.all(f"SELECT {key} FROM {table} WHERE {key} = ?", (keyValue,)))
@@ -157,7 +168,7 @@ class SQLCore:
             raise StoreError("the store is closed")
         dialect = self._dialect
 
-        def interaction(cursor: Any) -> T:
+        def interaction(cursor: Cursor) -> T:
             dialect.begin(cursor)
             return work(_Txn(cursor, dialect))
 

@@ -10,11 +10,34 @@ else (no string literals holding them), and translated here.
 from __future__ import annotations
 
 import sqlite3
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol, TypeAlias
 
 from zope.interface import Interface, implementer
 
 from .errors import Conflict, NotFound, StoreError
+
+#: A row as the driver gives it: the columns' values in the order the
+#: statement named them (their types are the columns', known to the query).
+Row: TypeAlias = Sequence[Any]
+
+
+class Cursor(Protocol):
+    """
+    What the store uses of a DB-API 2 cursor (sqlite3's, psycopg's): the
+    ``Transaction`` that ``adbapi.ConnectionPool.runInteraction`` hands over
+    passes these through to it.
+    """
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def execute(self, sql: str, params: Sequence[object] = (), /) -> object: ...
+
+    def fetchone(self) -> Row | None: ...
+
+    def fetchall(self) -> Sequence[Row]: ...
+
 
 #: ``pg_advisory_xact_lock`` key serialising migrations across portal processes ("DIT4").
 MIGRATION_LOCK = 0x44495434
@@ -29,10 +52,10 @@ class IDialect(Interface):
     def ddl(statement: str) -> str:
         """A migration statement (run without parameters) with its ``{type}`` fields filled in."""
 
-    def begin(cursor: Any) -> None:
+    def begin(cursor: Cursor) -> None:
         """Start a write transaction on ``cursor``'s connection (if the driver does not)."""
 
-    def lockMigrations(cursor: Any) -> None:
+    def lockMigrations(cursor: Cursor) -> None:
         """Take, for this transaction, the lock that lets one process migrate at a time."""
 
     def forUpdate(statement: str) -> str:
@@ -62,14 +85,14 @@ class SQLiteDialect:
     def ddl(self, statement: str) -> str:
         return statement.format(**_SQLITE_TYPES)
 
-    def begin(self, cursor: Any) -> None:
+    def begin(self, cursor: Cursor) -> None:
         # The connection runs in autocommit mode (isolation_level None) so that
         # this, not the driver's guess, opens every transaction. IMMEDIATE
         # takes the write lock now: a second process waits (busy timeout)
         # instead of failing half way through.
         cursor.execute("BEGIN IMMEDIATE")
 
-    def lockMigrations(self, cursor: Any) -> None:
+    def lockMigrations(self, cursor: Cursor) -> None:
         # BEGIN IMMEDIATE already made this the only writer.
         pass
 
@@ -100,11 +123,11 @@ class PostgreSQLDialect:
     def ddl(self, statement: str) -> str:
         return statement.format(**_POSTGRES_TYPES)
 
-    def begin(self, cursor: Any) -> None:
+    def begin(self, cursor: Cursor) -> None:
         # psycopg opens a transaction before the first statement.
         pass
 
-    def lockMigrations(self, cursor: Any) -> None:
+    def lockMigrations(self, cursor: Cursor) -> None:
         cursor.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
 
     def forUpdate(self, statement: str) -> str:

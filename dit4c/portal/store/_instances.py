@@ -6,8 +6,7 @@ shared, with people directly or by links.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
-from typing import Any
+from collections.abc import Collection, Iterable
 
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
@@ -25,6 +24,7 @@ from ._core import (
     _marks,
     _Txn,
 )
+from ._dialect import Row
 from .errors import Conflict, NotFound, QuotaReached
 from .ids import hashToken, newId, newInstanceId, newToken
 from .interfaces import IInstances
@@ -36,7 +36,7 @@ _SHARE_LINK = ("id", "instance_id", "token_hash", "created", "revoked")
 _ACTIVE: tuple[str, ...] = tuple(sorted(state.value for state in ACTIVE))
 
 
-def _shareLink(row: Sequence[Any]) -> ShareLink:
+def _shareLink(row: Row) -> ShareLink:
     return ShareLink(row[0], row[1], row[2], row[3], bool(row[4]))
 
 
@@ -79,7 +79,7 @@ class SQLInstances(SQLCore):
                 raise NotFound(f"there is no image {image_id!r}")
             if quota is not None:
                 active = int(
-                    t.one(
+                    t.must(
                         f"SELECT COUNT(*) FROM instances WHERE owner_id = ? AND state IN ({_marks(len(_ACTIVE))})",
                         (owner_id, *_ACTIVE),
                     )[0]
@@ -107,7 +107,7 @@ class SQLInstances(SQLCore):
 
         return await self._run(work)
 
-    def _listInstances(self, where: str, params: tuple[Any, ...], includeDiscarded: bool) -> Deferred[list[Instance]]:
+    def _listInstances(self, where: str, params: tuple[object, ...], includeDiscarded: bool) -> Deferred[list[Instance]]:
         if not includeDiscarded:
             where += " AND state <> ?"
             params += (State.DISCARDED.value,)
@@ -199,7 +199,7 @@ class SQLInstances(SQLCore):
                 raise Conflict(
                     f"instance {instance_id} is {row[0]}, not {' or '.join(expected or ())}"
                 )
-            return _instance(t.one(f"SELECT {_cols(_INSTANCE)} FROM instances WHERE id = ?", (instance_id,)))
+            return _instance(t.must(f"SELECT {_cols(_INSTANCE)} FROM instances WHERE id = ?", (instance_id,)))
 
         return await self._run(work, missing=f"there is no scheduler {scheduler_id!r}")
     # -- sharing instances -----------------------------------------------------------------------------

@@ -140,7 +140,7 @@ class SQLPeople(SQLCore):
     @_deferred
     async def countUsers(self) -> int:
         def work(t: _Txn) -> int:
-            return int(t.one("SELECT COUNT(*) FROM users")[0])
+            return int(t.must("SELECT COUNT(*) FROM users")[0])
 
         return await self._run(work)
 
@@ -172,7 +172,7 @@ class SQLPeople(SQLCore):
         def work(t: _Txn) -> User:
             if not t.update("users", "id", user_id, fields):
                 raise NotFound(f"there is no user {user_id!r}")
-            return _user(t.one(f"SELECT {_cols(_USER)} FROM users WHERE id = ?", (user_id,)))
+            return _user(t.must(f"SELECT {_cols(_USER)} FROM users WHERE id = ?", (user_id,)))
 
         return await self._run(work, conflict=f"the login name {name!r} is taken")
     # -- login throttling ------------------------------------------------------------------------------
@@ -195,7 +195,7 @@ class SQLPeople(SQLCore):
                     " ON CONFLICT (key) DO UPDATE SET latest = login_failures.latest",
                     (key, now),
                 )
-                failures, latest = t.one(
+                failures, latest = t.must(
                     "SELECT failures, latest FROM login_failures WHERE key = ?", (key,)
                 )
                 if latest + forget <= now:

@@ -89,7 +89,7 @@ class SQLReports(SQLCore):
                 if row is None:
                     raise NotFound(f"there is no instance {instance_id!r}")
                 raise Conflict(f"instance {instance_id} is {row[0]}, not {' or '.join(expected)}")
-            ownerId, port = t.one(
+            ownerId, port = t.must(
                 "SELECT i.owner_id, m.port FROM instances i JOIN images m ON m.id = i.image_id WHERE i.id = ?",
                 (instance_id,),
             )

@@ -7,12 +7,13 @@ it acknowledges them.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from zope.interface import implementer
 
 from ._core import _SCHEDULER, SQLCore, _cols, _deferred, _given, _marks, _scheduler, _Txn
+from ._dialect import Row
 from .errors import Conflict, NotFound
 from .ids import newId
 from .interfaces import ICommands, ISchedulers
@@ -21,7 +22,7 @@ from .model import COMMAND_OPS, MAX_COMMAND_PARAMS, UNSET, Command, Scheduler, U
 _COMMAND = ("id", "scheduler_id", "instance_id", "seq", "op", "params", "created", "acked")
 
 
-def _command(row: Sequence[Any]) -> Command:
+def _command(row: Row) -> Command:
     return Command(row[0], row[1], row[2], int(row[3]), row[4], json.loads(row[5]), row[6], row[7])
 
 
@@ -73,7 +74,7 @@ class SQLSchedulers(SQLCore):
         def work(t: _Txn) -> Scheduler:
             if not t.update("schedulers", "id", scheduler_id, fields):
                 raise NotFound(f"there is no scheduler {scheduler_id!r}")
-            return _scheduler(t.one(f"SELECT {_cols(_SCHEDULER)} FROM schedulers WHERE id = ?", (scheduler_id,)))
+            return _scheduler(t.must(f"SELECT {_cols(_SCHEDULER)} FROM schedulers WHERE id = ?", (scheduler_id,)))
 
         return await self._run(work, conflict=f"a scheduler named {name!r} exists")
     # -- who may run where ------------------------------------------------------------------------
@@ -150,7 +151,7 @@ class SQLSchedulers(SQLCore):
                 raise NotFound(f"there is no instance {instance_id!r}")
             if row[0] != scheduler_id:
                 raise Conflict(f"instance {instance_id} is not placed on scheduler {scheduler_id}")
-            seq = int(t.one("SELECT COALESCE(MAX(seq), 0) + 1 FROM commands WHERE scheduler_id = ?", (scheduler_id,))[0])
+            seq = int(t.must("SELECT COALESCE(MAX(seq), 0) + 1 FROM commands WHERE scheduler_id = ?", (scheduler_id,))[0])
             t.execute(
                 f"INSERT INTO commands ({columns}) VALUES ({_marks(len(_COMMAND))})",
                 (commandId, scheduler_id, instance_id, seq, op, text, now, None),

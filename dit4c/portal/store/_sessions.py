@@ -5,12 +5,10 @@ tokens, and the OAuth 2 authorization codes the portal hands instances.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 from zope.interface import implementer
 
 from ._core import _USER, SQLCore, _cols, _deferred, _marks, _Txn, _user
+from ._dialect import Row
 from .errors import NotFound
 from .ids import hashToken, newId, newToken
 from .interfaces import IApiTokens, IOAuthCodes, ISessions
@@ -23,11 +21,11 @@ _OAUTH_CODE = (
 )  # fmt: skip
 
 
-def _apiToken(row: Sequence[Any]) -> ApiToken:
+def _apiToken(row: Row) -> ApiToken:
     return ApiToken(row[0], row[1], row[2], row[3], row[4], row[5], bool(row[6]))
 
 
-def _oauthCode(row: Sequence[Any]) -> OAuthCode:
+def _oauthCode(row: Row) -> OAuthCode:
     return OAuthCode(row[0], row[1], row[2], row[3], row[4], row[5], row[6], bool(row[7]), row[8])
 
 
@@ -72,7 +70,7 @@ class SQLSessions(SQLCore):
     @_deferred
     async def touchSession(self, token: str, expires: float | None = None) -> None:
         now = self._now()
-        fields: dict[str, Any] = {"last_seen": now}
+        fields: dict[str, object] = {"last_seen": now}
         if expires is not None:
             fields["expires"] = expires
 
@@ -228,7 +226,7 @@ class SQLSessions(SQLCore):
                 (codeHash, now),
             ):
                 return None
-            row = t.one(f"SELECT {_cols(_OAUTH_CODE)} FROM oauth_codes WHERE code_hash = ?", (codeHash,))
+            row = t.must(f"SELECT {_cols(_OAUTH_CODE)} FROM oauth_codes WHERE code_hash = ?", (codeHash,))
             return _oauthCode(row)
 
         return await self._run(work)

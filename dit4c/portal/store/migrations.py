@@ -14,11 +14,10 @@ no autoincrement to differ.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from twisted.logger import Logger
 
-from ._dialect import IDialect
+from ._dialect import Cursor, IDialect
 from .errors import StoreError
 
 Migration = tuple[int, Sequence[str]]
@@ -259,7 +258,7 @@ def checkMigrations(migrations: Sequence[Migration]) -> None:
         raise ValueError(f"migrations must be numbered 1, 2, 3... in order, not {versions}")
 
 
-def applyNext(cursor: Any, dialect: IDialect, migrations: Sequence[Migration], now: float) -> int | None:
+def applyNext(cursor: Cursor, dialect: IDialect, migrations: Sequence[Migration], now: float) -> int | None:
     """
     In one transaction (the caller's): take the migration lock, and apply the
     first migration this database lacks. Returns its version, or None when
