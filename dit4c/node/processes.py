@@ -155,7 +155,8 @@ class PodProcess:
         self._started: int | None = None
         self._stopping = False
         self._onExit: Callable[[PodProcess, str], object] | None = None
-        self._ended_d: list[Deferred[None]] = []
+        #: Who waits for the process to end (each stop under way).
+        self._endWaiters: list[Deferred[None]] = []
         self._poll: LoopingCall | None = None
         self._kill: IDelayedCall | None = None
         self._forgotten = False
@@ -263,7 +264,7 @@ class PodProcess:
         else:
             how = "ended"
         self.log.info("{name} {how}", name=self.name, how=how)
-        waiting, self._ended_d = self._ended_d, []
+        waiting, self._endWaiters = self._endWaiters, []
         for d in waiting:
             d.callback(None)
         if not self._stopping and self._onExit is not None:
@@ -278,7 +279,7 @@ class PodProcess:
         self._stopping = True
         self._forgotten = False
         d: Deferred[None] = Deferred()
-        self._ended_d.append(d)
+        self._endWaiters.append(d)
         pid = self.pid
         _signalGroup(pid, signal.SIGTERM)
         # A child of this process is reported by the reactor; one found
