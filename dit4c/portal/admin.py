@@ -24,7 +24,7 @@ from dit4c.portal.jwks import publicJWKProblem
 from dit4c.portal.sessions import LoggedIn
 from dit4c.portal.store.errors import StoreError
 from dit4c.portal.store.interfaces import IStore
-from dit4c.portal.web import arg, csrfOK, redirect
+from dit4c.portal.web import arg, csrfOK, redirect, served
 
 
 class AdminPages:
@@ -88,7 +88,7 @@ class AdminPages:
         return who
 
     def forbidden(self, request: IRequest) -> bytes:
-        if request.code == 303:  # type: ignore[attr-defined]
+        if served(request).code == 303:
             return b""
         return self.pages.render(
             request, "error.html", 403, title="Forbidden", message="Only administrators may see this page."

@@ -35,20 +35,20 @@ import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from inspect import isawaitable
-from typing import Any, Generic, Protocol, TypeVar, cast
+from typing import Any, Generic, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import Request
 from twisted.web.iweb import IRequest
 
 from dit4c.portal.sessions import LoggedIn
 from dit4c.portal.store.ids import hashToken
 from dit4c.portal.store.interfaces import IInstances, IStore
 from dit4c.portal.store.model import Instance
+from dit4c.portal.web import served
 
 __all__ = [
     "AccessChange",
@@ -210,17 +210,9 @@ class InstanceEvents:
         self._access.publish(change)
 
 
-def _served(request: IRequest) -> Request:
-    """
-    ``request`` as the web server made it: what a stream needs to know of
-    its end (finished, disconnected, ``notifyFinish``) is not in ``IRequest``.
-    """
-    return cast(Request, request)
-
-
 def _finish(request: IRequest) -> None:
     """End a streamed answer (the browser or helper may be gone already)."""
-    if not _served(request).finished and not _served(request)._disconnected:
+    if not served(request).finished and not served(request)._disconnected:
         request.finish()
 
 
@@ -245,7 +237,7 @@ async def _stream(request: IRequest, contentType: bytes, first: bytes) -> None:
 async def _untilFinished(request: IRequest) -> None:
     """Wait until a streamed answer ends: finished here, or its reader gone."""
     try:
-        await _served(request).notifyFinish()
+        await served(request).notifyFinish()
     except Exception:
         pass
 
@@ -422,7 +414,7 @@ class _Stream:
             return
         self.closed = True
         self.log.info("event stream of {name} closed: {why}", name=self.name, why=why)
-        if retry is not None and not _served(self.request).finished:
+        if retry is not None and not served(self.request).finished:
             self.request.write(b"retry: %d\n\n" % retry)
         _finish(self.request)
 

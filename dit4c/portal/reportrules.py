@@ -29,7 +29,7 @@ from dit4c.common import tokens
 from dit4c.common.life import SAVING_IMAGE, states
 from dit4c.common.tokens import StaticKeySource, TokenVerifier
 from dit4c.portal.keys import KeyRing
-from dit4c.portal.store.interfaces import IStore
+from dit4c.portal.store.interfaces import IInstances
 from dit4c.portal.store.model import Image, Instance
 
 __all__ = [
@@ -307,7 +307,7 @@ class InstanceTokens:
 
     log = Logger()
 
-    def __init__(self, store: IStore, clock: IReactorTime) -> None:
+    def __init__(self, store: IInstances, clock: IReactorTime) -> None:
         self.store = store
         self.clock = clock
 
@@ -319,7 +319,7 @@ class InstanceTokens:
         ``iat``, and not expired (30 s leeway).
         """
         subject = _unverifiedSubject(token)
-        instance: Instance | None = await self.store.instanceById(subject)
+        instance = await self.store.instanceById(subject)
         if instance is None or not instance.public_jwk:
             raise badToken("The instance is unknown, or has no key yet.")
         try:

@@ -44,6 +44,12 @@ class PortalService(MultiService):
         fileServerSecret: str | None = None,
         limits: SiteLimits | None = None,
     ) -> None:
+        """
+        :param reactor: the process's reactor: its clock (``IReactorTime``),
+            the store's threads (``IReactorCore``) and the upstream logins'
+            connections (``IReactorTCP``). Typed ``Any``: one value that
+            provides several interfaces is more than mypy can say.
+        """
         super().__init__()
         self.reactor = reactor
         self.database = database

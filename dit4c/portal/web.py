@@ -10,16 +10,17 @@ share them without reaching into ``dit4c.portal.app.Portal``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from jinja2 import Environment, PackageLoader, select_autoescape
+from twisted.web.http import Request
 from twisted.web.iweb import IRequest
 
 from dit4c.common.httpsite import redactTarget
 from dit4c.common.life import toJSON as lifeJSON
 from dit4c.portal import security
 
-__all__ = ["SECRET_PATHS", "Pages", "arg", "csrfOK", "loggableTarget", "redirect"]
+__all__ = ["SECRET_PATHS", "Pages", "arg", "csrfOK", "loggableTarget", "redirect", "served"]
 
 #: Paths whose rest is a secret: a share link's token (only its hash is stored).
 SECRET_PATHS = ("/share/",)
@@ -35,6 +36,15 @@ def arg(request: IRequest, name: str) -> str | None:
     except UnicodeDecodeError:
         return None
     return value
+
+
+def served(request: IRequest) -> Request:
+    """
+    ``request`` as the web server made it (Klein hands routes the
+    ``twisted.web`` request): what ``IRequest`` does not declare, such as the
+    status set so far or whether the answer finished, is read here.
+    """
+    return cast(Request, request)
 
 
 def redirect(request: IRequest, location: str) -> bytes:
