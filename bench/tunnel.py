@@ -53,10 +53,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from urllib.parse import urlencode
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import psutil
 
@@ -771,7 +771,7 @@ from twisted.internet import defer, task
 from dit4c.common.keys import load_private_key, public_jwk
 from dit4c.portal import security
 from dit4c.portal.store import openStore
-from dit4c.testing_scheduler import registerScheduler
+from dit4c.testing.scheduler import registerScheduler
 
 async def seed(reactor):
     database, keyFile, password = sys.argv[1:4]

@@ -32,7 +32,7 @@ from dit4c.portal.channel import (
 from dit4c.portal.channelupdates import LOST_REASON
 from dit4c.portal.events import InstanceEvent
 from dit4c.portal.store import Conflict, Instance, openStore
-from dit4c.testing_scheduler import RawChannel, TestingScheduler, registerScheduler
+from dit4c.testing.scheduler import RawChannel, TestingScheduler, registerScheduler
 
 ISSUER = "http://portal.test"
 

@@ -16,7 +16,7 @@ from twisted.internet.endpoints import serverFromString
 
 from dit4c.portal.channel import ChannelHub
 from dit4c.portal.store import openStore
-from dit4c.testing_scheduler import RawChannel, registerScheduler
+from dit4c.testing.scheduler import RawChannel, registerScheduler
 
 
 @pytest_twisted.ensureDeferred

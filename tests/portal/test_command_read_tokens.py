@@ -26,7 +26,7 @@ from twisted.internet import reactor
 from twisted.web.http_headers import Headers
 
 from dit4c.portal.service import PortalService
-from dit4c.testing_scheduler import TestingScheduler, registerScheduler
+from dit4c.testing.scheduler import TestingScheduler, registerScheduler
 
 ISSUER = "http://portal.test"
 SECRET = "image-server-secret-0123456789"

@@ -30,7 +30,7 @@ from dit4c.common.httpsite import SiteLimits
 from dit4c.portal import api, oauth, reports, security
 from dit4c.portal.http import BODY_LIMITS, FORM_BODY, bodyLimit
 from dit4c.portal.service import PortalService
-from dit4c.testing_scheduler import TestingScheduler, registerScheduler
+from dit4c.testing.scheduler import TestingScheduler, registerScheduler
 
 ISSUER = "http://portal.localhost"
 

@@ -70,7 +70,7 @@ async def portalAndScheduler(tmp_path: Path, browser: Any, **scheduler: Any) -> 
     speaks the real channel (``scheduler``: its options), and ``browser``
     logged in as alice: the portal, the scheduler, and the page's base URL.
     """
-    from dit4c.testing_scheduler import TestingScheduler, registerScheduler
+    from dit4c.testing.scheduler import TestingScheduler, registerScheduler
 
     service = PortalService(
         reactor,

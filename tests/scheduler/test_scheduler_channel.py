@@ -44,7 +44,7 @@ from dit4c.common.keys import generate_private_key, public_jwk
 from dit4c.common.tokens import InvalidToken, StaticKeySource, TokenVerifier
 from dit4c.portal.store.interfaces import COMMAND_OPS
 from dit4c.scheduler.channel import ChannelClient, ISchedulerHandler, channelURL
-from dit4c.testing_scheduler import TestingScheduler
+from dit4c.testing.scheduler import TestingScheduler
 
 PORTAL = "https://portal.example"
 SCHEDULER = "sched-1"

@@ -1,6 +1,7 @@
 """
-Public test doubles for the scheduler channel, for the portal's tests (and
-anyone building on DIT4C):
+A stand-in scheduler that speaks the real scheduler channel
+(``docs/protocols.md``, section 7), for tests of a portal and of what talks
+to one (see :mod:`dit4c.testing`):
 
 - :class:`TestingScheduler`, a scheduler stand-in that speaks the real
   channel (:class:`dit4c.scheduler.channel.ChannelClient`) and simulates
@@ -15,8 +16,7 @@ anyone building on DIT4C):
 
     scheduler, key = await registerScheduler(store, "hpc")
     sim = TestingScheduler(reactor, delays={"start": 0.2})
-    sim.connect("ws://127.0.0.1:8001/.dit4c/channel", scheduler.id, key)
-    await sim.client.whenConnected()
+    await sim.connect("ws://127.0.0.1:8001", scheduler.id, key).whenConnected()
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionLost
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -47,6 +47,7 @@ from dit4c.common.keys import PrivateKey, generate_private_key, public_jwk
 from dit4c.common.life import State
 from dit4c.common.websocket import webSocketEndpoint
 from dit4c.listener.service import backoff
+from dit4c.portal.store import ISchedulers, Scheduler
 from dit4c.scheduler.channel import ChannelClient, ISchedulerHandler, channelURL
 
 __all__ = ["RawChannel", "TestingScheduler", "registerScheduler"]
@@ -103,8 +104,15 @@ class TestingScheduler:
 
     # -- the channel --------------------------------------------------------------------
 
-    def connect(self, portal: Any, scheduler_id: str, private_key: PrivateKey, **options: Any) -> ChannelClient:
-        """Start a channel client for this scheduler (fast retries unless ``retryPolicy`` is given)."""
+    def connect(
+        self, portal: str | IStreamClientEndpoint, scheduler_id: str, private_key: PrivateKey, **options: Any
+    ) -> ChannelClient:
+        """
+        Start a channel client for this scheduler, to the portal's URL (or
+        endpoint), with fast retries unless ``retryPolicy`` is given;
+        ``options`` are :class:`ChannelClient`'s. The client is also
+        ``self.client``; its ``whenConnected()`` fires once it is up.
+        """
         options.setdefault("retryPolicy", backoff(initial=0.05, maximum=0.5))
         self.client = ChannelClient(self.reactor, portal, scheduler_id, private_key, self, **options)
         self.client.startService()
@@ -386,8 +394,14 @@ class RawChannel:
         await self.closed
 
 
-async def registerScheduler(store: Any, name: str, key: PrivateKey | None = None) -> tuple[Any, PrivateKey]:
-    """Register a scheduler (and its public key) in a portal store; its record and private key."""
+async def registerScheduler(
+    store: ISchedulers, name: str, key: PrivateKey | None = None
+) -> tuple[Scheduler, PrivateKey]:
+    """
+    Register a scheduler (and the public half of ``key``, a fresh key by
+    default) in a portal store: its record (``.id`` is what it connects
+    as) and its private key.
+    """
     key = key if key is not None else generate_private_key()
     scheduler = await store.createScheduler(name, json.dumps(public_jwk(key)))
     return scheduler, key
