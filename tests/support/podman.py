@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,17 +143,20 @@ def _plan(
     return reference, changes
 
 
-async def _buildBusyboxImage(
-    name: str, files: Mapping[str, bytes], expose: int | Sequence[int] | None, cmd: Sequence[str] | None
-) -> str:
-    reference, changes = _plan(name, files, expose, cmd)
+async def _imported(reference: str, changes: Sequence[str], content: Callable[[], Awaitable[bytes]]) -> str:
+    """
+    ``reference``, made once (in this process, and on this host) by ``podman
+    import`` of the tar ``content()`` gives, only if no image of that name
+    exists yet.
+    """
     if reference in _built:
         return reference
     env = podmanEnv()
     _, _, code = await getProcessOutputAndValue("podman", ["image", "exists", reference], env=env)
     if code != 0:
+        data = await content()
         with tempfile.NamedTemporaryFile(suffix=".tar") as tar:
-            tar.write(_imageTar(files))
+            tar.write(data)
             tar.flush()
             _, err, code = await getProcessOutputAndValue(
                 "podman", ["import", "--quiet", *changes, tar.name, reference], env=env
@@ -162,6 +165,36 @@ async def _buildBusyboxImage(
             raise RuntimeError(f"podman import of {reference} failed: {summarise(err)}")
     _built[reference] = reference
     return reference
+
+
+def _importedSync(reference: str, changes: Sequence[str], content: Callable[[], bytes]) -> str:
+    """:func:`_imported`, blocking: for use where no reactor runs."""
+    if reference in _built:
+        return reference
+    env = podmanEnv()
+    if subprocess.run(["podman", "image", "exists", reference], env=env).returncode != 0:
+        result = subprocess.run(
+            ["podman", "import", "--quiet", *changes, "-", reference],
+            input=content(),
+            env=env,
+            capture_output=True,
+            timeout=120,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"podman import of {reference} failed: {summarise(result.stderr)}")
+    _built[reference] = reference
+    return reference
+
+
+async def _buildBusyboxImage(
+    name: str, files: Mapping[str, bytes], expose: int | Sequence[int] | None, cmd: Sequence[str] | None
+) -> str:
+    reference, changes = _plan(name, files, expose, cmd)
+
+    async def content() -> bytes:
+        return _imageTar(files)
+
+    return await _imported(reference, changes, content)
 
 
 def buildBusyboxImage(
@@ -191,21 +224,7 @@ def buildBusyboxImageSync(
     """:func:`buildBusyboxImage`, blocking: for use where no reactor runs."""
     files = dict(files or {})
     reference, changes = _plan(name, files, expose, cmd)
-    if reference in _built:
-        return reference
-    env = podmanEnv()
-    if subprocess.run(["podman", "image", "exists", reference], env=env).returncode != 0:
-        result = subprocess.run(
-            ["podman", "import", "--quiet", *changes, "-", reference],
-            input=_imageTar(files),
-            env=env,
-            capture_output=True,
-            timeout=120,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"podman import of {reference} failed: {summarise(result.stderr)}")
-    _built[reference] = reference
-    return reference
+    return _importedSync(reference, changes, lambda: _imageTar(files))
 
 
 async def removePods(reactor: Any, prefix: str) -> None:
@@ -377,22 +396,11 @@ def _wstoolTar(binary: Path) -> bytes:
 
 async def _buildWebSocketToolImage(source: Path) -> str:
     reference, _, changes = _wstoolPlan(source)
-    if reference in _built:
-        return reference
-    env = podmanEnv()
-    _, _, code = await getProcessOutputAndValue("podman", ["image", "exists", reference], env=env)
-    if code != 0:
-        binary = await _compileWebSocketTool(source)
-        with tempfile.NamedTemporaryFile(suffix=".tar") as tar:
-            tar.write(_wstoolTar(binary))
-            tar.flush()
-            _, err, code = await getProcessOutputAndValue(
-                "podman", ["import", "--quiet", *changes, tar.name, reference], env=env
-            )
-        if code != 0:
-            raise RuntimeError(f"podman import of {reference} failed: {summarise(err)}")
-    _built[reference] = reference
-    return reference
+
+    async def content() -> bytes:
+        return _wstoolTar(await _compileWebSocketTool(source))
+
+    return await _imported(reference, changes, content)
 
 
 def buildWebSocketToolImage(source: Path = WSTOOL_SOURCE) -> Deferred[str]:
@@ -412,19 +420,4 @@ def buildWebSocketToolImage(source: Path = WSTOOL_SOURCE) -> Deferred[str]:
 def buildWebSocketToolImageSync(source: Path = WSTOOL_SOURCE) -> str:
     """:func:`buildWebSocketToolImage`, blocking: for use where no reactor runs."""
     reference, _, changes = _wstoolPlan(source)
-    if reference in _built:
-        return reference
-    env = podmanEnv()
-    if subprocess.run(["podman", "image", "exists", reference], env=env).returncode != 0:
-        binary = compileWebSocketToolSync(source)
-        result = subprocess.run(
-            ["podman", "import", "--quiet", *changes, "-", reference],
-            input=_wstoolTar(binary),
-            env=env,
-            capture_output=True,
-            timeout=120,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"podman import of {reference} failed: {summarise(result.stderr)}")
-    _built[reference] = reference
-    return reference
+    return _importedSync(reference, changes, lambda: _wstoolTar(compileWebSocketToolSync(source)))
