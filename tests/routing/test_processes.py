@@ -23,7 +23,6 @@ import os
 import re
 import signal
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import pytest
 import pytest_twisted
 import treq
 from support.backend import patternDigest
+from support.processes import TWISTD, Process
 from support.waiting import eventually
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -45,11 +45,6 @@ from zope.interface import implementer
 
 from dit4c.listener.tap import Options as ListenerOptions
 from dit4c.routing.tap import Options as RoutingOptions
-
-#: A child started by the ``processes`` fixture (tests/conftest.py ``Process``).
-Process = Any
-#: ``twistd`` as a user runs it, with this interpreter (as tests/conftest.py does).
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 MiB = 1024 * 1024
 LOCAL = "tcp:0:interface=127.0.0.1"
