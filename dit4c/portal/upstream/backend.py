@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from base64 import b64encode
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote
@@ -100,17 +101,24 @@ class ProviderHTTP:
         self.client = client
         self.clock = clock
 
-    async def request(self, method: str, url: str, what: str, **kwargs: Any) -> tuple[int, Any]:
-        headers = {
-            "Accept": "application/json",
-            "User-Agent": "dit4c-portal",
-            **kwargs.pop("headers", {}),
-        }
+    async def request(
+        self,
+        method: str,
+        url: str,
+        what: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        data: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
+        """The status and JSON body of ``method url`` (``what`` names it in errors)."""
+        sent: dict[bytes | str, bytes | str] = {"Accept": "application/json", "User-Agent": "dit4c-portal"}
+        sent.update((headers or {}).items())
         try:
-            # treq takes the clock for the timeout alone (``callLater``).
+            # treq takes the clock for the timeout alone (``callLater``),
+            # though its type asks for a whole reactor (treq's ``_ITreqReactor``).
             clock: Any = self.clock
             response = await self.client.request(
-                method, url, headers=headers, timeout=HTTP_TIMEOUT, reactor=clock, **kwargs
+                method, url, headers=sent, data=data, timeout=HTTP_TIMEOUT, reactor=clock
             )
             body = await _readJSON(response, what)
         except UpstreamLoginError:
