@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from support.processes import announcedPort
-from support.waiting import deferLater
+from support.waiting import deferLater, eventually
 from twisted.internet import threads
 
 from dit4c.dev.tap import PORTS as DEV_PORTS
@@ -37,13 +37,15 @@ async def startTool(browser: Any, portal: str, toolName: str) -> str:
     )
     assert chosen, f"no {toolName} in the catalogue"
     await browser.click("#start-button")
-    await browser.waitFor("#instances", 15)
-    instance = await browser.execute(
-        "return [...document.querySelectorAll('#instances tr[data-instance]')]"
-        ".map(r => r.dataset.instance).find(i => !arguments[0].includes(i)) || null",
-        before or [],
+    instance = await eventually(
+        lambda: browser.execute(
+            "return [...document.querySelectorAll('#instances tr[data-instance]')]"
+            ".map(r => r.dataset.instance).find(i => !arguments[0].includes(i)) || null",
+            before or [],
+        ),
+        15,
+        what="a new instance on the page",
     )
-    assert instance, "no new instance on the page"
     row = f'#instances tr[data-instance="{instance}"]'
     await browser.waitFor(f'{row} td.state[data-state="running"]', 90)
     await browser.waitFor(f"{row} td.url a", 30)

@@ -266,10 +266,31 @@ class Browser:
 
         return await self.run(self.driver.find_element, By.CSS_SELECTOR, css)
 
-    async def click(self, css: str) -> None:
+    async def click(self, css: str, timeout: float = 10.0) -> None:
+        """
+        Click the element matching ``css``, found again if the page is redrawn
+        between finding and clicking it (the home page reloads itself when an
+        instance comes or goes), as a person clicks what the page shows now.
+        """
+        from selenium.common.exceptions import (
+            NoSuchElementException,
+            StaleElementReferenceException,
+        )
         from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
 
-        await self.run(lambda: self.driver.find_element(By.CSS_SELECTOR, css).click())
+        def attempt(driver: Any) -> bool:
+            try:
+                driver.find_element(By.CSS_SELECTOR, css).click()
+            except (NoSuchElementException, StaleElementReferenceException):
+                return False
+            return True
+
+        await self.run(
+            lambda: WebDriverWait(self.driver, timeout, poll_frequency=0.05).until(
+                attempt, f"could not click {css!r} within {timeout}s"
+            )
+        )
 
     async def fill(self, css: str, text: str) -> None:
         """Clear the field matching ``css`` and type ``text`` into it."""
