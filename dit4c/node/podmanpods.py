@@ -268,7 +268,7 @@ class PodmanPods(PodmanCommands):
             process = pod.processes.get(name)
             if process is None or not process.running:
                 return PodStatus(pod.instance, False, f"The {name} helper is not running.")
-        if pod.state == "exited":
+        if pod.state is PodPhase.ENDED:
             return PodStatus(pod.instance, False, "The pod stopped by itself.")
         pod.state = PodPhase.UP
         return PodStatus(pod.instance, True)
