@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from hypothesis import settings
 from support.backend import startBackend
 from support.processes import TWISTD, Process
 from support.routing import Signing, startRouting, stopRouting
@@ -26,6 +27,12 @@ from dit4c.common.tokens import TokenSigner
 # Many tests open thousands of sockets.
 _soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (_hard, _hard))
+
+# Generated examples are judged by what they do, never by how long one
+# takes: hypothesis' per-example deadline is a wall-clock assertion, and
+# fails on a loaded machine.
+settings.register_profile("dit4c", deadline=None)
+settings.load_profile("dit4c")
 
 
 # -- logged errors fail the test (as magic-wormhole's suite does) -----------------
