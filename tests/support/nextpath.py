@@ -32,7 +32,10 @@ def nextValues(exclude: str = "", *, ascii: bool = False) -> st.SearchStrategy[s
     ASCII (what an HTTP server takes in a request target).
     """
     pieces = [p for p in PIECES if not any(c in p for c in exclude) and (p.isascii() or not ascii)]
-    characters = st.characters(blacklist_characters=exclude, max_codepoint=127 if ascii else None)
+    # No lone surrogates: no browser or URL can carry one.
+    characters = st.characters(
+        blacklist_characters=exclude, blacklist_categories=("Cs",), max_codepoint=127 if ascii else None
+    )
     text = st.text(alphabet=characters, max_size=3)
     return st.tuples(
         st.sampled_from(["/", "/", "/", ""]),
