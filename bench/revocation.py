@@ -53,7 +53,7 @@ def serve(directory: Path, instances: int) -> None:
     from twisted.web.resource import Resource
     from twisted.web.server import Site
 
-    from dit4c.common.keys import generate_private_key, public_jwk, save_private_key
+    from dit4c.common.keys import generatePrivateKey, publicJWK, savePrivateKey
     from dit4c.common.life import State
     from dit4c.portal import security
     from dit4c.portal.app import Portal, PortalConfig
@@ -77,9 +77,9 @@ def serve(directory: Path, instances: int) -> None:
         session = await store.createSession(bob.id, 24 * 3600)
         ids = []
         for n in range(instances):
-            key = generate_private_key()
-            save_private_key(key, directory / f"instance-{n}.pem")
-            instance = await store.createInstance(alice.id, image.id, public_jwk=json.dumps(public_jwk(key)))
+            key = generatePrivateKey()
+            savePrivateKey(key, directory / f"instance-{n}.pem")
+            instance = await store.createInstance(alice.id, image.id, public_jwk=json.dumps(publicJWK(key)))
             await store.updateInstance(instance.id, state=State.RUNNING)
             await store.shareInstance(instance.id, bob.id)
             ids.append(instance.id)
@@ -171,7 +171,7 @@ async def watches(server: Server, idle: float) -> dict[str, float]:
     from twisted.internet import defer, reactor
     from twisted.internet.protocol import Protocol
 
-    from dit4c.common.keys import load_private_key
+    from dit4c.common.keys import loadPrivateKey
     from dit4c.common.tokens import TokenSigner
     from dit4c.portal.oauth import WATCH_AUDIENCE
 
@@ -184,7 +184,7 @@ async def watches(server: Server, idle: float) -> dict[str, float]:
             bodies.append(self)
 
     async def open(n: int, instance: str) -> None:
-        signer = TokenSigner(load_private_key(server.directory / f"instance-{n}.pem"))
+        signer = TokenSigner(loadPrivateKey(server.directory / f"instance-{n}.pem"))
         token = signer.sign({"sub": instance, "jti": secrets.token_urlsafe(16)}, audience=WATCH_AUDIENCE, lifetime=60)
         response = await treq.get(
             f"{info['url']}/oauth/watch", headers={"Authorization": f"Bearer {token}"}, unbuffered=True, persistent=False

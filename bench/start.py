@@ -287,7 +287,7 @@ from pathlib import Path
 sys.path.insert(0, {str(ROOT)!r})
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import serverFromString
-from dit4c.common.keys import generate_private_key, public_jwk, save_private_key
+from dit4c.common.keys import generatePrivateKey, publicJWK, savePrivateKey
 from dit4c.common.tokens import StaticKeySource, TokenVerifier
 from dit4c.node.interfaces import PodSpec
 from dit4c.node.process import ProcessRuntime, builtinTools
@@ -297,8 +297,8 @@ from start import HELPER_ROLES, pss
 
 async def main(reactor):
     instances = [f"mem{{n}}" for n in range(max({counts!r}))]
-    privates = {{instance: generate_private_key() for instance in instances}}
-    keys = [{{**public_jwk(key), "kid": f"instance:{{instance}}"}} for instance, key in privates.items()]
+    privates = {{instance: generatePrivateKey() for instance in instances}}
+    keys = [{{**publicJWK(key), "kid": f"instance:{{instance}}"}} for instance, key in privates.items()]
     routing = RoutingServer(reactor, TokenVerifier(StaticKeySource({{"keys": keys}}), audience="dit4c-routing"), "localhost")
     tunnel = routing.addTunnelEndpoint(serverFromString(reactor, "tcp:0:interface=127.0.0.1"))
     routing.startService()
@@ -312,7 +312,7 @@ async def main(reactor):
                 instance = instances[len(started)]
                 pod = directory / instance
                 pod.mkdir(parents=True, mode=0o700)
-                save_private_key(privates[instance], pod / "instance.key")
+                savePrivateKey(privates[instance], pod / "instance.key")
                 environment = {{
                     "DIT4C_INSTANCE": instance, "DIT4C_INSTANCE_KEY": str(pod / "instance.key"),
                     "DIT4C_PORTAL": "http://127.0.0.1:9", "DIT4C_ROUTING": f"tcp:host=127.0.0.1:port={{port}}",

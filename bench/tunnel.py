@@ -768,7 +768,7 @@ class Dit4cPath(BasePath):
 SEED = """
 import json, sys
 from twisted.internet import defer, task
-from dit4c.common.keys import load_private_key, public_jwk
+from dit4c.common.keys import loadPrivateKey, publicJWK
 from dit4c.portal import security
 from dit4c.portal.store import openStore
 from dit4c.testing.scheduler import registerScheduler
@@ -781,7 +781,7 @@ async def seed(reactor):
         image = await store.createImage("nginx", "nginx:bench", owner_id=None, port=80)
         instance = await store.createInstance(alice.id, image.id)
         scheduler, _ = await registerScheduler(store, "bench")
-        key = json.dumps(public_jwk(load_private_key(keyFile)))
+        key = json.dumps(publicJWK(loadPrivateKey(keyFile)))
         await store.updateInstance(instance.id, state="running", public_jwk=key, scheduler_id=scheduler.id)
     finally:
         await store.close()

@@ -19,18 +19,18 @@ from typing import Any, TextIO
 
 from dit4c.common.keys import (
     KeyFileError,
-    generate_private_key,
+    generatePrivateKey,
     jwks,
-    load_private_key,
-    load_public_key,
-    save_private_key,
+    loadPrivateKey,
+    loadPublicKey,
+    savePrivateKey,
 )
 from dit4c.common.tokens import (
     ROUTING_AUDIENCE,
     ROUTING_MAX_LIFETIME,
     InvalidToken,
     TokenSigner,
-    check_instance_id,
+    checkInstanceID,
 )
 
 __all__ = ["COMMANDS", "Command", "CommandError", "command", "main"]
@@ -100,9 +100,9 @@ def keygen(args: argparse.Namespace, out: TextIO) -> int:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as e:
         raise CommandError(f"cannot write {path}: {e.strerror}") from None
-    key = generate_private_key()
+    key = generatePrivateKey()
     try:
-        save_private_key(key, path, overwrite=args.force)
+        savePrivateKey(key, path, overwrite=args.force)
     except FileExistsError:
         raise CommandError(f"{path} exists; use --force to replace it") from None
     except OSError as e:
@@ -129,7 +129,7 @@ def printJWKS(args: argparse.Namespace, out: TextIO) -> int:
     keys = []
     for path in args.paths:
         try:
-            keys.append(load_public_key(path))
+            keys.append(loadPublicKey(path))
         except KeyFileError as e:
             raise CommandError(str(e)) from None
         except OSError as e:
@@ -220,7 +220,7 @@ def token(args: argparse.Namespace, out: TextIO) -> int:
     lifetime: float | None = args.lifetime
     if args.audience == ROUTING_AUDIENCE:
         try:
-            check_instance_id(args.subject)
+            checkInstanceID(args.subject)
         except InvalidToken:
             raise CommandError(
                 f"--subject {args.subject!r} is not an instance id "
@@ -237,7 +237,7 @@ def token(args: argparse.Namespace, out: TextIO) -> int:
     elif lifetime is None:
         lifetime = 3600.0
     try:
-        key = load_private_key(args.key)
+        key = loadPrivateKey(args.key)
     except KeyFileError as e:
         raise CommandError(str(e)) from None
     except OSError as e:

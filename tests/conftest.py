@@ -21,7 +21,7 @@ from support.routing import Signing, startRouting, stopRouting
 from twisted.internet import reactor
 from twisted.logger import LogLevel, globalLogPublisher
 
-from dit4c.common.keys import generate_private_key, jwks, save_private_key
+from dit4c.common.keys import generatePrivateKey, jwks, savePrivateKey
 from dit4c.common.tokens import TokenSigner
 
 # Many tests open thousands of sockets.
@@ -110,9 +110,9 @@ def fuse() -> None:
 def signing(tmp_path: Path) -> Signing:
     import json
 
-    key = generate_private_key()
+    key = generatePrivateKey()
     keyPath = tmp_path / "signing.pem"
-    save_private_key(key, keyPath)
+    savePrivateKey(key, keyPath)
     jwksPath = tmp_path / "jwks.json"
     jwksPath.write_text(json.dumps(jwks(key)))
     return Signing(key, keyPath, jwksPath, TokenSigner(key))

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from twisted.python.failure import Failure
 
 from dit4c.cli import COMMANDS, main
-from dit4c.common.keys import generate_private_key, key_id, load_private_key, save_private_key
+from dit4c.common.keys import generatePrivateKey, keyID, loadPrivateKey, savePrivateKey
 from dit4c.common.tokens import ROUTING_AUDIENCE, StaticKeySource, TokenVerifier
 
 
@@ -68,9 +68,9 @@ def test_keygen_jwks_token(tmp_path: Path) -> None:
     path = tmp_path / "keys" / "portal.pem"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     document = json.loads(keygen.stdout)
-    key = load_private_key(path)
+    key = loadPrivateKey(path)
     [jwk] = document["keys"]
-    assert jwk["kid"] == key_id(key.public_key())
+    assert jwk["kid"] == keyID(key.public_key())
     assert jwk["alg"] == "ES256" and jwk["crv"] == "P-256"
     assert "d" not in jwk
 
@@ -131,14 +131,14 @@ def test_keygen_refuses_to_overwrite(tmp_path: Path) -> None:
     forced = dit4c(tmp_path, "keygen", "--force", str(path))
     assert forced.returncode == 0, forced.stderr
     assert path.read_bytes() != before
-    assert json.loads(forced.stdout)["keys"][0]["kid"] == key_id(load_private_key(path))
+    assert json.loads(forced.stdout)["keys"][0]["kid"] == keyID(loadPrivateKey(path))
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
 def test_token_other_audience(tmp_path: Path) -> None:
     """Only routing tokens need an instance id as subject."""
     key = tmp_path / "key.pem"
-    save_private_key(generate_private_key(), key)
+    savePrivateKey(generatePrivateKey(), key)
     issued = dit4c(
         tmp_path, "token", "--key", "key.pem", "--audience", "dit4c-imageserver", "--subject", "Bob"
     )
@@ -150,8 +150,8 @@ def test_token_other_audience(tmp_path: Path) -> None:
 
 
 def test_jwks_several_files(tmp_path: Path) -> None:
-    a, b = generate_private_key(), generate_private_key()
-    save_private_key(a, tmp_path / "a.pem")
+    a, b = generatePrivateKey(), generatePrivateKey()
+    savePrivateKey(a, tmp_path / "a.pem")
     (tmp_path / "b.pub").write_bytes(
         b.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -159,13 +159,13 @@ def test_jwks_several_files(tmp_path: Path) -> None:
     )
     status, out, err = runMain("jwks", str(tmp_path / "a.pem"), str(tmp_path / "b.pub"))
     assert status == 0, err
-    assert [k["kid"] for k in json.loads(out)["keys"]] == [key_id(a), key_id(b)]
+    assert [k["kid"] for k in json.loads(out)["keys"]] == [keyID(a), keyID(b)]
     assert '"d"' not in out
 
 
 @pytest.mark.parametrize("subject", ["ABC", "-abc", "a.b", "a" * 64, ""])
 def test_token_refuses_bad_instance_id(tmp_path: Path, subject: str) -> None:
-    save_private_key(generate_private_key(), tmp_path / "key.pem")
+    savePrivateKey(generatePrivateKey(), tmp_path / "key.pem")
     status, out, err = runMain("token", "--key", str(tmp_path / "key.pem"), f"--subject={subject}")
     assert status == 1
     assert out == ""
@@ -175,7 +175,7 @@ def test_token_refuses_bad_instance_id(tmp_path: Path, subject: str) -> None:
 def test_routing_tokens_are_single_use_and_short(tmp_path: Path) -> None:
     """Each token gets a new jti; a routing token lives 300 s unless told less, and never more."""
     key = tmp_path / "key.pem"
-    save_private_key(generate_private_key(), key)
+    savePrivateKey(generatePrivateKey(), key)
     claims = []
     for _ in range(2):
         status, out, err = runMain("token", "--key", str(key), "--subject", "inst")
@@ -209,7 +209,7 @@ def test_routing_tokens_are_single_use_and_short(tmp_path: Path) -> None:
     ],
 )
 def test_token_usage_errors(tmp_path: Path, extra: list[str]) -> None:
-    save_private_key(generate_private_key(), tmp_path / "key.pem")
+    savePrivateKey(generatePrivateKey(), tmp_path / "key.pem")
     status, out, _ = runMain("token", "--key", str(tmp_path / "key.pem"), "--subject", "a", *extra)
     assert status == 2
     assert out == ""
@@ -217,7 +217,7 @@ def test_token_usage_errors(tmp_path: Path, extra: list[str]) -> None:
 
 def test_claim_values(tmp_path: Path) -> None:
     key = tmp_path / "key.pem"
-    save_private_key(generate_private_key(), key)
+    savePrivateKey(generatePrivateKey(), key)
     status, out, err = runMain(
         "token",
         "--key",

@@ -14,7 +14,7 @@ from dit4c.auth.proxy import AuthConfig, AuthProxyFactory
 from dit4c.auth.session import FlowCookies, deriveKey
 from dit4c.auth.watch import AccessWatch
 from dit4c.common.httpfront import FrontLimits
-from dit4c.common.keys import load_private_key
+from dit4c.common.keys import loadPrivateKey
 from dit4c.common.portalhttp import portalHTTP
 from dit4c.common.service import ListeningService
 from dit4c.common.tokens import JWKSKeySource, TokenSigner, TokenVerifier
@@ -61,7 +61,7 @@ class AuthService(MultiService):
             internal + "/.well-known/jwks.json", reactor=reactor, timeout=timeout, clock=clock, http_client=http
         )
         verifier = TokenVerifier(keys, audience=audienceFor(instance), issuer=portal, clock=clock)
-        signer = TokenSigner(load_private_key(keyFile), clock=clock)
+        signer = TokenSigner(loadPrivateKey(keyFile), clock=clock)
         client = PortalClient(reactor, internal, instance, timeout=timeout, http=http, signer=signer)
         self.sessions = Sessions(verifier, client, clock, recheck=recheck, unwatchedRecheck=unwatchedRecheck)
         #: Every connection that forwards for a session, so that a revoked one is closed.

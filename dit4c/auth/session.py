@@ -22,7 +22,7 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from dit4c.common.keys import load_private_key
+from dit4c.common.keys import loadPrivateKey
 from dit4c.common.nextpath import safeNext
 from dit4c.common.pkce import newVerifier
 
@@ -76,7 +76,7 @@ def deriveKey(keyFile: str | Path, instance: str, purpose: str) -> bytes:
     and only it, has the same one. The private key itself is never used to
     MAC anything.
     """
-    key = load_private_key(keyFile)
+    key = loadPrivateKey(keyFile)
     material = key.private_bytes(
         serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )

@@ -9,7 +9,7 @@ from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.python import usage
 
 from dit4c.common.helperenv import HelperEnvironmentError, fromEnvironment
-from dit4c.common.keys import KeyFileError, load_private_key
+from dit4c.common.keys import KeyFileError, loadPrivateKey
 from dit4c.common.options import endpointList, positiveFloat
 
 
@@ -52,7 +52,7 @@ class Options(usage.Options):
         endpointList([env.authListen], server=True, option="listen")
         endpointList([env.tool], server=False, option="tool")
         try:
-            load_private_key(env.keyFile)
+            loadPrivateKey(env.keyFile)
         except (OSError, KeyFileError) as e:
             raise usage.UsageError(f"--key-file: {e}") from None
         self.env = env

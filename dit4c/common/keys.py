@@ -36,16 +36,16 @@ __all__ = [
     "PrivateKey",
     "PublicKey",
     "UnsupportedKey",
-    "algorithm_for",
-    "generate_private_key",
+    "algorithmFor",
+    "generatePrivateKey",
     "jwks",
-    "key_id",
-    "load_or_create_private_key",
-    "load_private_key",
-    "load_public_key",
-    "public_jwk",
-    "public_key_from_pem",
-    "save_private_key",
+    "keyID",
+    "loadOrCreatePrivateKey",
+    "loadPrivateKey",
+    "loadPublicKey",
+    "publicJWK",
+    "publicKeyFromPEM",
+    "savePrivateKey",
 ]
 
 PrivateKey: TypeAlias = ec.EllipticCurvePrivateKey | Ed25519PrivateKey
@@ -67,7 +67,7 @@ class UnsupportedKey(KeyFileError):
     """The key is neither EC P-256 nor Ed25519, the only types DIT4C signs with."""
 
 
-def _check_type(key: object, where: str) -> None:
+def _checkType(key: object, where: str) -> None:
     """
     Refuse every key that is not P-256 or Ed25519, so that nothing signed
     here can need an algorithm outside the pinned list.
@@ -87,12 +87,12 @@ def _public(key: AnyKey) -> PublicKey:
     return key
 
 
-def generate_private_key() -> ec.EllipticCurvePrivateKey:
+def generatePrivateKey() -> ec.EllipticCurvePrivateKey:
     """A fresh EC P-256 key: ES256 is what every JOSE library can check."""
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _fsync_directory(directory: Path) -> None:
+def _fsyncDirectory(directory: Path) -> None:
     """Make a rename durable; some platforms cannot open directories."""
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -106,7 +106,7 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def save_private_key(key: PrivateKey, path: str | Path, *, overwrite: bool = True) -> None:
+def savePrivateKey(key: PrivateKey, path: str | Path, *, overwrite: bool = True) -> None:
     """
     Write ``key`` to ``path`` as unencrypted PEM PKCS#8, mode 0600.
 
@@ -116,7 +116,7 @@ def save_private_key(key: PrivateKey, path: str | Path, *, overwrite: bool = Tru
     fails with :class:`FileExistsError` if ``path`` exists: two processes
     creating the same key file cannot both win.
     """
-    _check_type(key, str(path))
+    _checkType(key, str(path))
     path = Path(path)
     pem = key.private_bytes(
         serialization.Encoding.PEM,
@@ -145,7 +145,7 @@ def save_private_key(key: PrivateKey, path: str | Path, *, overwrite: bool = Tru
                 _writeExclusive(path, pem)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_directory(path.parent)
+    _fsyncDirectory(path.parent)
 
 
 def _writeExclusive(path: Path, data: bytes) -> None:
@@ -156,19 +156,19 @@ def _writeExclusive(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _private_key_from_pem(data: bytes, where: str) -> PrivateKey:
+def _privateKeyFromPEM(data: bytes, where: str) -> PrivateKey:
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError as e:
         raise KeyFileError(f"{where}: encrypted private keys are not supported") from e
     except (ValueError, UnsupportedAlgorithm) as e:
         raise KeyFileError(f"{where}: not a PEM private key") from e
-    _check_type(key, where)
+    _checkType(key, where)
     assert isinstance(key, ec.EllipticCurvePrivateKey | Ed25519PrivateKey)
     return key
 
 
-def load_private_key(path: str | Path) -> PrivateKey:
+def loadPrivateKey(path: str | Path) -> PrivateKey:
     """
     Read a PEM private key (EC P-256 or Ed25519) from ``path``.
 
@@ -177,7 +177,7 @@ def load_private_key(path: str | Path) -> PrivateKey:
     """
     path = Path(path)
     data = path.read_bytes()
-    key = _private_key_from_pem(data, str(path))
+    key = _privateKeyFromPEM(data, str(path))
     try:
         mode = path.stat().st_mode
     except OSError:
@@ -191,7 +191,7 @@ def load_private_key(path: str | Path) -> PrivateKey:
     return key
 
 
-def public_key_from_pem(data: bytes, where: str = "key") -> PublicKey:
+def publicKeyFromPEM(data: bytes, where: str = "key") -> PublicKey:
     """
     The public key in PEM ``data``: a public key, or the public half of a
     private key, so that a verifier can be pointed at either file.
@@ -201,19 +201,19 @@ def public_key_from_pem(data: bytes, where: str = "key") -> PublicKey:
     try:
         public = serialization.load_pem_public_key(data)
     except (ValueError, UnsupportedAlgorithm):
-        return _private_key_from_pem(data, where).public_key()
-    _check_type(public, where)
+        return _privateKeyFromPEM(data, where).public_key()
+    _checkType(public, where)
     assert isinstance(public, ec.EllipticCurvePublicKey | Ed25519PublicKey)
     return public
 
 
-def load_public_key(path: str | Path) -> PublicKey:
+def loadPublicKey(path: str | Path) -> PublicKey:
     """Read a PEM public key, or the public half of a PEM private key."""
     path = Path(path)
-    return public_key_from_pem(path.read_bytes(), str(path))
+    return publicKeyFromPEM(path.read_bytes(), str(path))
 
 
-def load_or_create_private_key(path: str | Path) -> PrivateKey:
+def loadOrCreatePrivateKey(path: str | Path) -> PrivateKey:
     """
     Load the key at ``path``, creating it (and its directory, mode 0700)
     the first time, so that a component keeps its identity across restarts
@@ -221,64 +221,64 @@ def load_or_create_private_key(path: str | Path) -> PrivateKey:
     """
     path = Path(path)
     try:
-        return load_private_key(path)
+        return loadPrivateKey(path)
     except FileNotFoundError:
         pass
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    key = generate_private_key()
+    key = generatePrivateKey()
     try:
-        save_private_key(key, path, overwrite=False)
+        savePrivateKey(key, path, overwrite=False)
     except FileExistsError:
         # Another process created it first: theirs is the key.
-        return load_private_key(path)
-    _log.info("created a new private key {path} with key id {kid}", path=str(path), kid=key_id(key))
+        return loadPrivateKey(path)
+    _log.info("created a new private key {path} with key id {kid}", path=str(path), kid=keyID(key))
     return key
 
 
-def _jwk_members(key: AnyKey) -> dict[str, Any]:
+def _jwkMembers(key: AnyKey) -> dict[str, Any]:
     """The public JWK members PyJWT derives for ``key`` (never ``d``)."""
-    _check_type(key, "key")
+    _checkType(key, "key")
     public = _public(key)
     if isinstance(public, ec.EllipticCurvePublicKey):
         return ECAlgorithm.to_jwk(public, as_dict=True)
     return OKPAlgorithm.to_jwk(public, as_dict=True)
 
 
-def key_id(public_key: AnyKey) -> str:
+def keyID(public_key: AnyKey) -> str:
     """
     The RFC 7638 JWK thumbprint (SHA-256, base64url) of the key's public half.
 
     A key id derived from the key itself needs no registry: the same key has
     the same id in the portal, in a JWKS file and in a token header.
     """
-    members = _jwk_members(public_key)
+    members = _jwkMembers(public_key)
     required = {name: members[name] for name in _THUMBPRINT_MEMBERS[members["kty"]]}
     canonical = json.dumps(required, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return base64url_encode(hashlib.sha256(canonical.encode("utf-8")).digest()).decode("ascii")
 
 
-def algorithm_for(key: AnyKey) -> str:
+def algorithmFor(key: AnyKey) -> str:
     """The JWS algorithm for ``key``: ``ES256`` for P-256, ``EdDSA`` for Ed25519."""
-    _check_type(key, "key")
+    _checkType(key, "key")
     if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
         return "ES256"
     return "EdDSA"
 
 
-def public_jwk(key: AnyKey, kid: str | None = None) -> dict[str, Any]:
+def publicJWK(key: AnyKey, kid: str | None = None) -> dict[str, Any]:
     """
     The public JWK for ``key`` (private or public), fit to publish.
 
     Only public members are included, whatever ``key`` is, so passing a
     private key here cannot leak it.
     """
-    jwk = _jwk_members(key)
-    jwk["kid"] = kid if kid is not None else key_id(key)
-    jwk["alg"] = algorithm_for(key)
+    jwk = _jwkMembers(key)
+    jwk["kid"] = kid if kid is not None else keyID(key)
+    jwk["alg"] = algorithmFor(key)
     jwk["use"] = "sig"
     return jwk
 
 
 def jwks(*keys: AnyKey) -> dict[str, Any]:
     """A JWKS document (RFC 7517 section 5) publishing the public halves of ``keys``."""
-    return {"keys": [public_jwk(k) for k in keys]}
+    return {"keys": [publicJWK(k) for k in keys]}

@@ -26,10 +26,10 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from zope.interface import Interface, implementer
 
-from dit4c.common.keys import KeyFileError, jwks, key_id, public_key_from_pem
+from dit4c.common.keys import KeyFileError, jwks, keyID, publicKeyFromPEM
 from dit4c.common.tokenclaims import InvalidToken
 
-__all__ = ["MAX_JWKS_SIZE", "IKeySource", "JWKSKeySource", "StaticKeySource", "parse_jwks"]
+__all__ = ["MAX_JWKS_SIZE", "IKeySource", "JWKSKeySource", "StaticKeySource", "parseJWKS"]
 
 #: A JWKS document larger than this is refused (a handful of keys is < 4 KiB).
 MAX_JWKS_SIZE = 1024 * 1024
@@ -41,7 +41,7 @@ _KEY_ALGORITHMS: dict[tuple[str, str], str] = {
 }
 
 
-def _usable_key(data: object) -> tuple[str, PyJWK] | None:
+def _usableKey(data: object) -> tuple[str, PyJWK] | None:
     """
     The (kid, key) for one JWKS member, or None when it cannot verify a
     token here: a key type outside the pinned list, an ``alg`` or ``use``
@@ -65,13 +65,13 @@ def _usable_key(data: object) -> tuple[str, PyJWK] | None:
     try:
         key = PyJWK(members, algorithm=alg)
         if kid is None:
-            kid = key_id(key.key)
+            kid = keyID(key.key)
         return kid, PyJWK({**members, "kid": kid}, algorithm=alg)
     except Exception:
         return None
 
 
-def parse_jwks(document: object) -> dict[str, PyJWK]:
+def parseJWKS(document: object) -> dict[str, PyJWK]:
     """
     The usable keys of a JWKS document, by key id.
 
@@ -85,7 +85,7 @@ def parse_jwks(document: object) -> dict[str, PyJWK]:
         raise ValueError('not a JWKS document (no "keys" list)')
     found: dict[str, PyJWK] = {}
     for member in document["keys"]:
-        usable = _usable_key(member)
+        usable = _usableKey(member)
         if usable is not None:
             found.setdefault(*usable)
     return found
@@ -124,7 +124,7 @@ class StaticKeySource:
         :raises ValueError: the document is not a JWKS or has no usable key
             (a verifier that can accept nothing is a configuration mistake).
         """
-        self._keys = parse_jwks(jwks_document)
+        self._keys = parseJWKS(jwks_document)
         if not self._keys:
             raise ValueError("the JWKS has no usable (ES256 or EdDSA) key")
 
@@ -147,7 +147,7 @@ class StaticKeySource:
                 return cls(document)
             except ValueError as e:
                 raise KeyFileError(f"{path}: {e}") from e
-        return cls.fromKeys(public_key_from_pem(data, str(path)))
+        return cls.fromKeys(publicKeyFromPEM(data, str(path)))
 
     @classmethod
     def fromKeys(cls, *keys: Any) -> StaticKeySource:
@@ -268,7 +268,7 @@ class JWKSKeySource:
         except (ValueError, RecursionError):
             raise _FetchError("not JSON") from None
         try:
-            keys = parse_jwks(document)
+            keys = parseJWKS(document)
         except ValueError as e:
             raise _FetchError(str(e)) from None
         if not keys:

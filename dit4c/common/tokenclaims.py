@@ -25,9 +25,9 @@ __all__ = [
     "ROUTING_AUDIENCE",
     "ROUTING_MAX_LIFETIME",
     "InvalidToken",
-    "check_instance_id",
-    "check_lifetime",
-    "check_token_id",
+    "checkInstanceID",
+    "checkLifetime",
+    "checkTokenID",
     "numericDate",
 ]
 
@@ -65,7 +65,7 @@ class InvalidToken(Exception):
         return str(self.args[0])
 
 
-def check_instance_id(value: object) -> str:
+def checkInstanceID(value: object) -> str:
     """
     Return ``value`` if it is a valid instance id (one DNS label), so the
     host name built from it cannot name another instance or another domain.
@@ -77,7 +77,7 @@ def check_instance_id(value: object) -> str:
     return value
 
 
-def check_token_id(claims: Mapping[str, Any]) -> str:
+def checkTokenID(claims: Mapping[str, Any]) -> str:
     """
     The ``jti`` of verified ``claims``: a string of 1 to :data:`MAX_TOKEN_ID`
     characters, the id under which a single-use token is remembered.
@@ -92,7 +92,7 @@ def check_token_id(claims: Mapping[str, Any]) -> str:
     return jti
 
 
-def check_lifetime(claims: Mapping[str, Any], maximum: float) -> float:
+def checkLifetime(claims: Mapping[str, Any], maximum: float) -> float:
     """
     The lifetime (``exp - iat``) of verified ``claims``, if it is more than 0
     and at most ``maximum`` seconds: a token made to last is refused even

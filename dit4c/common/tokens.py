@@ -47,13 +47,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from dit4c.common.keys import PrivateKey, algorithm_for, key_id
+from dit4c.common.keys import PrivateKey, algorithmFor, keyID
 from dit4c.common.keysources import (
     MAX_JWKS_SIZE,
     IKeySource,
     JWKSKeySource,
     StaticKeySource,
-    parse_jwks,
+    parseJWKS,
 )
 from dit4c.common.tokenclaims import (
     ALGORITHMS,
@@ -63,9 +63,9 @@ from dit4c.common.tokenclaims import (
     ROUTING_AUDIENCE,
     ROUTING_MAX_LIFETIME,
     InvalidToken,
-    check_instance_id,
-    check_lifetime,
-    check_token_id,
+    checkInstanceID,
+    checkLifetime,
+    checkTokenID,
     numericDate,
 )
 
@@ -83,10 +83,10 @@ __all__ = [
     "StaticKeySource",
     "TokenSigner",
     "TokenVerifier",
-    "check_instance_id",
-    "check_lifetime",
-    "check_token_id",
-    "parse_jwks",
+    "checkInstanceID",
+    "checkLifetime",
+    "checkTokenID",
+    "parseJWKS",
 ]
 
 # -- signing ---------------------------------------------------------------
@@ -108,8 +108,8 @@ class TokenSigner:
         clock: IReactorTime | None = None,
     ) -> None:
         self._key = private_key
-        self.algorithm = algorithm_for(private_key)
-        self.kid = kid if kid is not None else key_id(private_key.public_key())
+        self.algorithm = algorithmFor(private_key)
+        self.kid = kid if kid is not None else keyID(private_key.public_key())
         self.issuer = issuer
         self._now = _clockFunction(clock)
 

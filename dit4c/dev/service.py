@@ -35,7 +35,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
-from dit4c.common.keys import load_or_create_private_key, public_jwk
+from dit4c.common.keys import loadOrCreatePrivateKey, publicJWK
 from dit4c.common.listening import adopted, listeningSocket
 from dit4c.common.tokens import JWKSKeySource, TokenVerifier
 from dit4c.fileserver.service import FileServerService
@@ -217,7 +217,7 @@ class DevService(MultiService):
         store = self.portal.store
         await self._firstAdministrator(store)
         await self._catalogue(store)
-        key = load_or_create_private_key(self.config.dataDir / "scheduler.key")
+        key = loadOrCreatePrivateKey(self.config.dataDir / "scheduler.key")
         scheduler = await self._registerScheduler(store, key)
         self.channel = ChannelClient(
             self.reactor,
@@ -263,7 +263,7 @@ class DevService(MultiService):
                 self.log.info("catalogue: added {label}", label=label)
 
     async def _registerScheduler(self, store: Any, key: Any) -> Any:
-        jwk = json.dumps(public_jwk(key))
+        jwk = json.dumps(publicJWK(key))
         for scheduler in await store.listSchedulers():
             if scheduler.name == SCHEDULER_NAME:
                 if scheduler.public_jwk != jwk or scheduler.disabled:

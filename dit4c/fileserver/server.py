@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
-from dit4c.common.keys import load_or_create_private_key
+from dit4c.common.keys import loadOrCreatePrivateKey
 from dit4c.fileserver.access import Access, InstanceKeyChecker
 from dit4c.fileserver.jail import Jail
 from dit4c.fileserver.sftp import MAX_HANDLES, JailedSFTPServer, SFTPSubsystem
@@ -44,7 +44,7 @@ def loadHostKey(dataDir: Path) -> keys.Key:
     ``<data dir>/host_key.pem``; its public half is written to
     ``host_key.pub`` (an OpenSSH public key line) for the storage helpers.
     """
-    key = keys.Key(load_or_create_private_key(dataDir / "host_key.pem"))
+    key = keys.Key(loadOrCreatePrivateKey(dataDir / "host_key.pem"))
     public = key.public().toString("openssh").decode("ascii") + "\n"
     pub = dataDir / "host_key.pub"
     if not pub.exists() or pub.read_text() != public:

@@ -13,7 +13,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from dit4c.common.helperenv import HelperEnvironmentError, fromEnvironment
-from dit4c.common.keys import KeyFileError, load_private_key
+from dit4c.common.keys import KeyFileError, loadPrivateKey
 from dit4c.common.options import endpointList
 from dit4c.common.tokens import INSTANCE_ID_RE, ROUTING_AUDIENCE
 from dit4c.listener.nearest import NearestEndpoint
@@ -92,7 +92,7 @@ class Options(usage.Options):
         self["key"] = None
         if keyFile is not None:
             try:
-                self["key"] = load_private_key(keyFile)
+                self["key"] = loadPrivateKey(keyFile)
             except KeyFileError as e:
                 raise usage.UsageError(f"{option}: {e}") from None
             except OSError as e:

@@ -19,7 +19,7 @@ from twisted.web.http_headers import Headers
 from dit4c.channel.interfaces import NodeFull
 from dit4c.common.files import receiveToFile, removeFile
 from dit4c.common.helperenv import HelperEnvironment, toEnvironment
-from dit4c.common.keys import generate_private_key, public_jwk, save_private_key
+from dit4c.common.keys import generatePrivateKey, publicJWK, savePrivateKey
 from dit4c.common.life import HOLDS_POD, State
 from dit4c.common.tokens import INSTANCE_ID_RE
 from dit4c.node.interfaces import PodSpec, RuntimeError_
@@ -76,10 +76,10 @@ class NodeStarting(NodeRecords):
                 await self.runtime.discard(instance)
                 directory.mkdir(parents=True, exist_ok=True, mode=0o700)
                 self._writeRecord(self._records.get(instance, record))
-            key = generate_private_key()
+            key = generatePrivateKey()
             keyFile = directory / "instance.key"
-            save_private_key(key, keyFile)
-            jwk = public_jwk(key)
+            savePrivateKey(key, keyFile)
+            jwk = publicJWK(key)
             if not self._still(instance, State.STARTING):
                 return
             self._update(instance, jwk=jwk)

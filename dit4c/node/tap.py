@@ -10,7 +10,7 @@ from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
-from dit4c.common.keys import KeyFileError, load_or_create_private_key
+from dit4c.common.keys import KeyFileError, loadOrCreatePrivateKey
 from dit4c.common.options import endpointList, positiveFloat, positiveInt
 from dit4c.common.tokens import StaticKeySource
 
@@ -104,7 +104,7 @@ def makeService(config: Options, reactor: Any = None) -> IService:
 
     dataDir = Path(config["data-dir"]).resolve()
     dataDir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    key = load_or_create_private_key(config["key"] or dataDir / "node.key")
+    key = loadOrCreatePrivateKey(config["key"] or dataDir / "node.key")
     pods = dataDir / "pods"
     runtime: Any
     if config["runtime"] == "podman":

@@ -9,7 +9,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from dit4c.common.helperenv import HelperEnvironmentError, fromEnvironment
-from dit4c.common.keys import KeyFileError, load_private_key
+from dit4c.common.keys import KeyFileError, loadPrivateKey
 from dit4c.common.options import endpointList, positiveFloat
 from dit4c.podhelper.service import HOLD
 
@@ -50,7 +50,7 @@ class Options(usage.Options):
         if helper.routing:
             endpointList(list(helper.routing), server=False, option="DIT4C_ROUTING")
         try:
-            self.key = load_private_key(helper.keyFile)
+            self.key = loadPrivateKey(helper.keyFile)
         except (OSError, KeyFileError) as e:
             raise usage.UsageError(f"DIT4C_INSTANCE_KEY: {getattr(e, 'strerror', None) or e}") from None
         self.storage = None

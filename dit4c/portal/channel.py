@@ -60,9 +60,9 @@ from dit4c.channel.wire import (
     privateMembers,
     text,
 )
-from dit4c.common.keys import public_jwk
+from dit4c.common.keys import publicJWK
 from dit4c.common.service import IConnectionTransport, ListeningService
-from dit4c.common.tokens import StaticKeySource, parse_jwks
+from dit4c.common.tokens import StaticKeySource, parseJWKS
 from dit4c.portal.channelupdates import InstanceUpdates
 from dit4c.portal.events import InstanceEvent, InstanceEvents
 from dit4c.portal.instances import ICommandSink
@@ -526,7 +526,7 @@ class ChannelHub(MultiService):
                     members=", ".join(sorted(leaked)),
                 )
                 return
-            usable = parse_jwks({"keys": [jwk]})
+            usable = parseJWKS({"keys": [jwk]})
             if not usable:
                 self.log.warn(
                     "refused the key of instance {instance} from scheduler {scheduler}: "
@@ -535,7 +535,7 @@ class ChannelHub(MultiService):
                     scheduler=schedulerId,
                 )
                 return
-            published = public_jwk(next(iter(usable.values())).key)
+            published = publicJWK(next(iter(usable.values())).key)
             protocol.enqueue(lambda: self.updates.applyKey(schedulerId, instanceId, published))
         elif kind == "ack":
             commandId = text(message, "id")

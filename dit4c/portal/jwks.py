@@ -13,7 +13,7 @@ from typing import Any
 from twisted.internet.interfaces import IReactorTime
 
 from dit4c.common.life import ACTIVE
-from dit4c.common.tokens import parse_jwks
+from dit4c.common.tokens import parseJWKS
 from dit4c.portal.keys import KeyRing
 from dit4c.portal.store.interfaces import IStore
 
@@ -49,7 +49,7 @@ def publicJWKProblem(text: str) -> tuple[dict[str, Any] | None, str | None]:
         return None, "The key must be a JSON object (a JWK)."
     if any(member in jwk for member in ("d", "p", "q", "dp", "dq", "qi", "k")):
         return None, "That is a private key. Register the public key only."
-    if not parse_jwks({"keys": [dict(jwk, kid=jwk.get("kid", "k"))]}):
+    if not parseJWKS({"keys": [dict(jwk, kid=jwk.get("kid", "k"))]}):
         return None, "The key must be an EC P-256 or Ed25519 public key."
     return jwk, None
 

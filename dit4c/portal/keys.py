@@ -23,11 +23,11 @@ from zope.interface import implementer
 
 from dit4c.common.keys import (
     PrivateKey,
-    generate_private_key,
-    key_id,
-    load_private_key,
-    public_jwk,
-    save_private_key,
+    generatePrivateKey,
+    keyID,
+    loadPrivateKey,
+    publicJWK,
+    savePrivateKey,
 )
 from dit4c.common.tokens import IKeySource, StaticKeySource, TokenSigner
 
@@ -52,16 +52,16 @@ class KeyRing:
     def _load(self) -> None:
         keys: list[tuple[float, PrivateKey]] = []
         for path in sorted(self.directory.glob("portal-*.pem")):
-            keys.append((path.stat().st_mtime, load_private_key(path)))
+            keys.append((path.stat().st_mtime, loadPrivateKey(path)))
         keys.sort(key=lambda pair: pair[0])
         self._keys = keys
 
     def rotate(self) -> str:
         """Make a new signing key current; returns its key id."""
-        key = generate_private_key()
-        kid = key_id(key.public_key())
+        key = generatePrivateKey()
+        kid = keyID(key.public_key())
         path = self.directory / f"portal-{kid}.pem"
-        save_private_key(key, path)
+        savePrivateKey(key, path)
         now = self._now()
         os.utime(path, (now, now))
         self._keys.append((now, key))
@@ -76,7 +76,7 @@ class KeyRing:
         for i, (created, key) in enumerate(self._keys):
             superseded = self._keys[i + 1][0] if i + 1 < len(self._keys) else None
             if superseded is not None and now - superseded > self.retain:
-                kid = key_id(key.public_key())
+                kid = keyID(key.public_key())
                 (self.directory / f"portal-{kid}.pem").unlink(missing_ok=True)
                 self.log.info("portal signing key {kid} retired", kid=kid)
             else:
@@ -92,7 +92,7 @@ class KeyRing:
 
     def publicJWKs(self) -> list[dict[str, Any]]:
         self._expire(self._now())
-        return [public_jwk(key) for _, key in self._keys]
+        return [publicJWK(key) for _, key in self._keys]
 
 
 @implementer(IKeySource)

@@ -17,9 +17,9 @@ from dit4c.common.tokens import (
     ROUTING_MAX_LIFETIME,
     InvalidToken,
     TokenVerifier,
-    check_instance_id,
-    check_lifetime,
-    check_token_id,
+    checkInstanceID,
+    checkLifetime,
+    checkTokenID,
 )
 from dit4c.routing.front import FrontLimits, Metrics, PublicHTTPFactory
 from dit4c.routing.registry import TunnelRegistry
@@ -126,9 +126,9 @@ class RoutingServer(MultiService):
         instance = None
         try:
             claims = await self.verifier.verify(token)
-            instance = check_instance_id(claims.get("sub"))
-            jti = check_token_id(claims)
-            check_lifetime(claims, self.maxTokenLifetime)
+            instance = checkInstanceID(claims.get("sub"))
+            jti = checkTokenID(claims)
+            checkLifetime(claims, self.maxTokenLifetime)
             self.seen.spend(instance, jti, claims["exp"] + self.verifier.leeway)
         except ReplayedToken as e:
             self.metrics.error("tunnel_auth")

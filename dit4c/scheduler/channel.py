@@ -51,7 +51,7 @@ from dit4c.channel.wire import (
     parseStatus,
     privateMembers,
 )
-from dit4c.common.keys import AnyKey, PrivateKey, public_jwk
+from dit4c.common.keys import AnyKey, PrivateKey, publicJWK
 from dit4c.common.life import State
 from dit4c.common.websocket import webSocketEndpoint
 from dit4c.listener.service import backoff
@@ -312,7 +312,7 @@ class ChannelClient(MultiService):
                 raise ValueError(f"refusing to send private key members {sorted(leaked)}")
             jwk = dict(key)
         else:
-            jwk = public_jwk(key)
+            jwk = publicJWK(key)
         try:
             instanceField({"type": "instance-key", "instance": instance})
         except ProtocolError as e:

@@ -7,7 +7,7 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from dit4c.common.keys import KeyFileError, load_private_key
+from dit4c.common.keys import KeyFileError, loadPrivateKey
 from dit4c.common.tokens import StaticKeySource
 
 
@@ -61,7 +61,7 @@ class Options(usage.Options):
         if not self["nodes"]:
             raise usage.UsageError("at least one --node is required")
         try:
-            self["private-key"] = load_private_key(self["key"])
+            self["private-key"] = loadPrivateKey(self["key"])
         except (OSError, KeyFileError) as e:
             raise usage.UsageError(f"--key: {e}") from None
         for node in self["nodes"]:

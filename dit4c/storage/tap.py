@@ -8,7 +8,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from dit4c.common.helperenv import HelperEnvironmentError, fromEnvironment
-from dit4c.common.keys import KeyFileError, load_private_key
+from dit4c.common.keys import KeyFileError, loadPrivateKey
 from dit4c.storage.helper import SSHFSMount, StorageConfigError, parseFileServer, parseHostKey
 
 
@@ -62,7 +62,7 @@ class Options(usage.Options):
         except StorageConfigError as e:
             raise usage.UsageError(str(e)) from None
         try:
-            self["key"] = load_private_key(helper.keyFile)
+            self["key"] = loadPrivateKey(helper.keyFile)
         except (OSError, KeyFileError) as e:
             raise usage.UsageError(f"DIT4C_INSTANCE_KEY: {getattr(e, 'strerror', None) or e}") from None
         self["helper"] = helper

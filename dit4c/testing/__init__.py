@@ -37,7 +37,7 @@ A stand-in scheduler on a portal in the test's own process::
     await sim.stop()
 
 Against a portal running on its own (``twistd -n dit4c-portal``), register
-the key's public JWK (:func:`dit4c.common.keys.public_jwk`) at ``/admin/``
+the key's public JWK (:func:`dit4c.common.keys.publicJWK`) at ``/admin/``
 or with ``POST /api/v1/admin/schedulers`` and connect with the id the
 portal gave. Your own scheduler is tested the same way: its
 :class:`~dit4c.scheduler.channel.ChannelClient` (with your handler) in

@@ -43,7 +43,7 @@ from dit4c.channel.wire import (
     decode,
     encode,
 )
-from dit4c.common.keys import PrivateKey, generate_private_key, public_jwk
+from dit4c.common.keys import PrivateKey, generatePrivateKey, publicJWK
 from dit4c.common.life import State
 from dit4c.common.websocket import webSocketEndpoint
 from dit4c.listener.service import backoff
@@ -208,7 +208,7 @@ class TestingScheduler:
                 self.setState(instance, State.ERRORED, self.failures["start"])
                 return
             if self.instanceKeys:
-                key = generate_private_key()
+                key = generatePrivateKey()
                 self.keys[instance] = key
                 if self.client is not None:
                     self.client.sendInstanceKey(instance, key)
@@ -402,6 +402,6 @@ async def registerScheduler(
     default) in a portal store: its record (``.id`` is what it connects
     as) and its private key.
     """
-    key = key if key is not None else generate_private_key()
-    scheduler = await store.createScheduler(name, json.dumps(public_jwk(key)))
+    key = key if key is not None else generatePrivateKey()
+    scheduler = await store.createScheduler(name, json.dumps(publicJWK(key)))
     return scheduler, key

@@ -37,7 +37,7 @@ from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
 
 from dit4c.common.helperenv import HelperEnvironment
-from dit4c.common.keys import KeyFileError, load_private_key
+from dit4c.common.keys import KeyFileError, loadPrivateKey
 from dit4c.common.portalhttp import portalHTTP
 from dit4c.common.tokens import TokenSigner
 from dit4c.listener.report import REPORT_AUDIENCE
@@ -171,7 +171,7 @@ async def upload(
     if not Path(env.imageFile).is_file():
         raise UploadFailed(f"no image at {env.imageFile}")
     try:
-        key = load_private_key(env.keyFile)
+        key = loadPrivateKey(env.keyFile)
     except (OSError, KeyFileError) as e:
         raise UploadFailed(f"DIT4C_INSTANCE_KEY: {getattr(e, 'strerror', None) or e}") from None
     signer = TokenSigner(key, clock=reactor)

@@ -95,7 +95,7 @@ class World:
 
 async def makeWorld(tmp_path: Path) -> World:
     """A real portal (SQLite store, its own keys, on loopback), alice, bob and carol, and an instance of alice's."""
-    from dit4c.common.keys import generate_private_key, public_jwk, save_private_key
+    from dit4c.common.keys import generatePrivateKey, publicJWK, savePrivateKey
     from dit4c.common.life import State
     from dit4c.portal import security
     from dit4c.portal.app import PortalConfig
@@ -117,10 +117,10 @@ async def makeWorld(tmp_path: Path) -> World:
     image = await store.createImage("Tool", "tool:latest", owner_id=None, port=8888)
     instance = await store.createInstance(users["alice"].id, image.id)
     keyFile = tmp_path / "instance.pem"
-    key = generate_private_key()
-    save_private_key(key, keyFile)
+    key = generatePrivateKey()
+    savePrivateKey(key, keyFile)
     # The instance's public key, as its node sends it up (the helper signs its watch with it).
-    instance = await store.updateInstance(instance.id, state=State.RUNNING, public_jwk=json.dumps(public_jwk(key)))
+    instance = await store.updateInstance(instance.id, state=State.RUNNING, public_jwk=json.dumps(publicJWK(key)))
     seen: list[bytes] = []
     toolPort = reactor.listenTCP(0, countingSite(seen), interface="127.0.0.1")
     w = World(portal, portalURL, store, users, instance, keyFile, Backend(toolPort, backendSite()), seen)

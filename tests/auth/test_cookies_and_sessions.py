@@ -14,7 +14,7 @@ from auth_client import Browser, location, logIn, query, startLogin
 from support.waiting import eventually
 
 from dit4c.auth.service import audienceFor
-from dit4c.common.keys import generate_private_key
+from dit4c.common.keys import generatePrivateKey
 from dit4c.common.tokens import TokenSigner
 
 
@@ -126,7 +126,7 @@ async def test_forged_tampered_and_foreign_tokens_are_refused(world: Any) -> Non
     other = world.portal.keys.signer().sign(
         {"sub": world.users["alice"].id, "name": "alice"}, audience=audienceFor("someoneelse"), lifetime=600
     )
-    forger = TokenSigner(generate_private_key(), issuer=world.portalURL)
+    forger = TokenSigner(generatePrivateKey(), issuer=world.portalURL)
     forged = forger.sign({"sub": world.users["alice"].id, "name": "alice"}, audience=audienceFor(world.instance.id), lifetime=600)
     for bad in ("garbage", tampered, other, forged, good + "x"):
         browser = Browser(world)

@@ -21,7 +21,7 @@ from twisted.internet.task import Clock
 from dit4c.auth.connections import Connections, Revocations
 from dit4c.auth.gate import ALLOWED, FORBIDDEN, UNAUTHENTICATED, Sessions
 from dit4c.auth.portal import PortalUnreachable, UserInfo
-from dit4c.common.keys import generate_private_key
+from dit4c.common.keys import generatePrivateKey
 from dit4c.common.tokens import StaticKeySource, TokenSigner, TokenVerifier
 
 ISSUER = "http://portal.test"
@@ -54,7 +54,7 @@ class World:
     def __init__(self) -> None:
         self.clock = Clock()
         self.clock.advance(1_800_000_000)
-        key = generate_private_key()
+        key = generatePrivateKey()
         self.signer = TokenSigner(key, issuer=ISSUER, clock=self.clock)
         verifier = TokenVerifier(
             StaticKeySource.fromKeys(key.public_key()), audience=AUDIENCE, issuer=ISSUER, clock=self.clock

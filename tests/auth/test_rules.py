@@ -18,7 +18,7 @@ from dit4c.auth.session import (
     setCookie,
     stripCookies,
 )
-from dit4c.common.keys import generate_private_key, save_private_key
+from dit4c.common.keys import generatePrivateKey, savePrivateKey
 
 KEY = b"k" * 32
 
@@ -59,8 +59,8 @@ def test_a_flow_cookie_from_another_key_is_refused() -> None:
 
 def test_keys_derive_from_the_instance_key(tmp_path: Path) -> None:
     a, b = tmp_path / "a.pem", tmp_path / "b.pem"
-    save_private_key(generate_private_key(), a)
-    save_private_key(generate_private_key(), b)
+    savePrivateKey(generatePrivateKey(), a)
+    savePrivateKey(generatePrivateKey(), b)
     assert deriveKey(a, "i1", "flow-cookie") == deriveKey(a, "i1", "flow-cookie")
     assert len(deriveKey(a, "i1", "flow-cookie")) == 32
     assert deriveKey(a, "i1", "flow-cookie") != deriveKey(a, "i2", "flow-cookie")

@@ -16,15 +16,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from dit4c.common.keys import (
     KeyFileError,
     UnsupportedKey,
-    algorithm_for,
-    generate_private_key,
+    algorithmFor,
+    generatePrivateKey,
     jwks,
-    key_id,
-    load_or_create_private_key,
-    load_private_key,
-    load_public_key,
-    public_jwk,
-    save_private_key,
+    keyID,
+    loadOrCreatePrivateKey,
+    loadPrivateKey,
+    loadPublicKey,
+    publicJWK,
+    savePrivateKey,
 )
 
 
@@ -62,58 +62,58 @@ def writePEM(path: Path, key: object) -> None:
 
 
 def test_generate_is_p256() -> None:
-    key = generate_private_key()
+    key = generatePrivateKey()
     assert isinstance(key.curve, ec.SECP256R1)
-    assert algorithm_for(key) == "ES256"
-    assert algorithm_for(key.public_key()) == "ES256"
+    assert algorithmFor(key) == "ES256"
+    assert algorithmFor(key.public_key()) == "ES256"
 
 
 def test_save_load_round_trip(tmp_path: Path) -> None:
-    key = generate_private_key()
+    key = generatePrivateKey()
     path = tmp_path / "key.pem"
-    save_private_key(key, path)
+    savePrivateKey(key, path)
     assert path.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
-    loaded = load_private_key(path)
+    loaded = loadPrivateKey(path)
     assert publicBytes(loaded) == publicBytes(key)
-    assert key_id(loaded.public_key()) == key_id(key.public_key())
+    assert keyID(loaded.public_key()) == keyID(key.public_key())
     # Only the key file is left behind: no temporary files.
     assert [p.name for p in tmp_path.iterdir()] == ["key.pem"]
 
 
 def test_saved_file_mode_0600(tmp_path: Path) -> None:
     path = tmp_path / "key.pem"
-    save_private_key(generate_private_key(), path)
+    savePrivateKey(generatePrivateKey(), path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     # Replacing keeps the mode too (the new file is a new inode).
-    save_private_key(generate_private_key(), path)
+    savePrivateKey(generatePrivateKey(), path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
 def test_save_without_overwrite_refuses(tmp_path: Path) -> None:
     path = tmp_path / "key.pem"
-    first = generate_private_key()
-    save_private_key(first, path)
+    first = generatePrivateKey()
+    savePrivateKey(first, path)
     with pytest.raises(FileExistsError):
-        save_private_key(generate_private_key(), path, overwrite=False)
-    assert publicBytes(load_private_key(path)) == publicBytes(first)
+        savePrivateKey(generatePrivateKey(), path, overwrite=False)
+    assert publicBytes(loadPrivateKey(path)) == publicBytes(first)
     assert [p.name for p in tmp_path.iterdir()] == ["key.pem"]
 
 
 def test_save_overwrite_replaces(tmp_path: Path) -> None:
     path = tmp_path / "key.pem"
-    save_private_key(generate_private_key(), path)
-    second = generate_private_key()
-    save_private_key(second, path)
-    assert publicBytes(load_private_key(path)) == publicBytes(second)
+    savePrivateKey(generatePrivateKey(), path)
+    second = generatePrivateKey()
+    savePrivateKey(second, path)
+    assert publicBytes(loadPrivateKey(path)) == publicBytes(second)
 
 
 def test_load_or_create(tmp_path: Path) -> None:
     path = tmp_path / "deep" / "dir" / "key.pem"
-    created = load_or_create_private_key(path)
+    created = loadOrCreatePrivateKey(path)
     assert path.exists()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
-    again = load_or_create_private_key(path)
+    again = loadOrCreatePrivateKey(path)
     assert publicBytes(again) == publicBytes(created)
 
 
@@ -121,11 +121,11 @@ def test_load_ed25519(tmp_path: Path) -> None:
     key = Ed25519PrivateKey.generate()
     path = tmp_path / "ed.pem"
     writePEM(path, key)
-    loaded = load_private_key(path)
+    loaded = loadPrivateKey(path)
     assert isinstance(loaded, Ed25519PrivateKey)
     assert publicBytes(loaded) == publicBytes(key)
-    assert algorithm_for(loaded) == "EdDSA"
-    jwk = public_jwk(loaded)
+    assert algorithmFor(loaded) == "EdDSA"
+    jwk = publicJWK(loaded)
     assert jwk["kty"] == "OKP" and jwk["crv"] == "Ed25519" and jwk["alg"] == "EdDSA"
     assert "y" not in jwk and "d" not in jwk
 
@@ -133,8 +133,8 @@ def test_load_ed25519(tmp_path: Path) -> None:
 def test_save_ed25519(tmp_path: Path) -> None:
     key = Ed25519PrivateKey.generate()
     path = tmp_path / "ed.pem"
-    save_private_key(key, path)
-    assert publicBytes(load_private_key(path)) == publicBytes(key)
+    savePrivateKey(key, path)
+    assert publicBytes(loadPrivateKey(path)) == publicBytes(key)
 
 
 @pytest.mark.parametrize(
@@ -150,50 +150,50 @@ def test_load_refuses_other_key_types(tmp_path: Path, key: object) -> None:
     path = tmp_path / "other.pem"
     writePEM(path, key())  # type: ignore[operator]
     with pytest.raises(UnsupportedKey):
-        load_private_key(path)
+        loadPrivateKey(path)
     with pytest.raises(UnsupportedKey):
-        load_public_key(path)
+        loadPublicKey(path)
 
 
 def test_load_refuses_garbage(tmp_path: Path) -> None:
     path = tmp_path / "garbage.pem"
     path.write_bytes(b"not a key\n")
     with pytest.raises(KeyFileError):
-        load_private_key(path)
+        loadPrivateKey(path)
     with pytest.raises(KeyFileError):
-        load_public_key(path)
+        loadPublicKey(path)
 
 
 def test_load_refuses_encrypted(tmp_path: Path) -> None:
     path = tmp_path / "enc.pem"
     path.write_bytes(
-        generate_private_key().private_bytes(
+        generatePrivateKey().private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.BestAvailableEncryption(b"secret"),
         )
     )
     with pytest.raises(KeyFileError, match="encrypted"):
-        load_private_key(path)
+        loadPrivateKey(path)
 
 
 def test_load_missing_is_oserror(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
-        load_private_key(tmp_path / "nope.pem")
+        loadPrivateKey(tmp_path / "nope.pem")
 
 
 def test_load_public_key_from_public_or_private_pem(tmp_path: Path) -> None:
-    key = generate_private_key()
+    key = generatePrivateKey()
     private = tmp_path / "key.pem"
     public = tmp_path / "key.pub"
-    save_private_key(key, private)
+    savePrivateKey(key, private)
     public.write_bytes(
         key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
     )
-    assert key_id(load_public_key(private)) == key_id(key.public_key())
-    assert key_id(load_public_key(public)) == key_id(key.public_key())
+    assert keyID(loadPublicKey(private)) == keyID(key.public_key())
+    assert keyID(loadPublicKey(public)) == keyID(key.public_key())
 
 
 def test_key_id_is_rfc7638_thumbprint_ec() -> None:
@@ -201,15 +201,15 @@ def test_key_id_is_rfc7638_thumbprint_ec() -> None:
     Computed here independently of PyJWT: the required members of an EC
     key, in lexicographic order, no whitespace, SHA-256, base64url.
     """
-    key = generate_private_key()
+    key = generatePrivateKey()
     numbers = key.public_key().public_numbers()
     x = b64url(numbers.x.to_bytes(32, "big"))
     y = b64url(numbers.y.to_bytes(32, "big"))
     canonical = '{"crv":"P-256","kty":"EC","x":"' + x + '","y":"' + y + '"}'
     expected = b64url(hashlib.sha256(canonical.encode("ascii")).digest())
-    assert key_id(key.public_key()) == expected
-    assert key_id(key) == expected
-    jwk = public_jwk(key)
+    assert keyID(key.public_key()) == expected
+    assert keyID(key) == expected
+    jwk = publicJWK(key)
     assert jwk["x"] == x and jwk["y"] == y and jwk["kid"] == expected
 
 
@@ -217,30 +217,30 @@ def test_key_id_rfc8037_vector() -> None:
     """RFC 8037 appendix A.3: the thumbprint of the example Ed25519 key."""
     d = base64.urlsafe_b64decode("nWGxne_9WmC6hEr0kuwsxERJxWl7MmkZcDusAxyuf2A=")
     key = Ed25519PrivateKey.from_private_bytes(d)
-    assert public_jwk(key)["x"] == "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"
-    assert key_id(key.public_key()) == "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k"
+    assert publicJWK(key)["x"] == "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"
+    assert keyID(key.public_key()) == "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k"
 
 
-@pytest.mark.parametrize("make", [generate_private_key, Ed25519PrivateKey.generate])
+@pytest.mark.parametrize("make", [generatePrivateKey, Ed25519PrivateKey.generate])
 def test_public_jwk_never_private(make: object) -> None:
     key = make()  # type: ignore[operator]
-    for jwk in (public_jwk(key), public_jwk(key.public_key()), jwks(key)["keys"][0]):
+    for jwk in (publicJWK(key), publicJWK(key.public_key()), jwks(key)["keys"][0]):
         assert "d" not in jwk
         assert jwk["use"] == "sig"
-        assert jwk["kid"] == key_id(key.public_key())
+        assert jwk["kid"] == keyID(key.public_key())
         assert set(jwk) <= {"kty", "crv", "x", "y", "kid", "alg", "use"}
     # Even serialised, the private scalar appears nowhere.
     assert privateScalar(key) not in json.dumps(jwks(key))
 
 
 def test_public_jwk_explicit_kid() -> None:
-    key = generate_private_key()
-    assert public_jwk(key, kid="k1")["kid"] == "k1"
+    key = generatePrivateKey()
+    assert publicJWK(key, kid="k1")["kid"] == "k1"
 
 
 def test_jwks_several_keys() -> None:
-    a, b = generate_private_key(), Ed25519PrivateKey.generate()
+    a, b = generatePrivateKey(), Ed25519PrivateKey.generate()
     document = jwks(a, b.public_key())
-    assert [k["kid"] for k in document["keys"]] == [key_id(a), key_id(b)]
+    assert [k["kid"] for k in document["keys"]] == [keyID(a), keyID(b)]
     assert [k["alg"] for k in document["keys"]] == ["ES256", "EdDSA"]
     json.dumps(document)  # serialisable as is

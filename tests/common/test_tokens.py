@@ -39,7 +39,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from dit4c.common.keys import generate_private_key, jwks, key_id, public_jwk, save_private_key
+from dit4c.common.keys import generatePrivateKey, jwks, keyID, publicJWK, savePrivateKey
 from dit4c.common.tokens import (
     ALGORITHMS,
     INSTANCE_ID_RE,
@@ -51,10 +51,10 @@ from dit4c.common.tokens import (
     StaticKeySource,
     TokenSigner,
     TokenVerifier,
-    check_instance_id,
-    check_lifetime,
-    check_token_id,
-    parse_jwks,
+    checkInstanceID,
+    checkLifetime,
+    checkTokenID,
+    parseJWKS,
 )
 
 NOW = 1_700_000_000.0
@@ -62,8 +62,8 @@ LIFETIME = 300.0
 LEEWAY = 30.0
 
 # One key of each type for the whole module: key generation is the slow part.
-KEY = generate_private_key()
-OTHER = generate_private_key()
+KEY = generatePrivateKey()
+OTHER = generatePrivateKey()
 ED_KEY = Ed25519PrivateKey.generate()
 
 
@@ -171,8 +171,8 @@ def test_valid_token(signer: TokenSigner, verifier: TokenVerifier) -> None:
 def test_header(signer: TokenSigner) -> None:
     header = jwt.get_unverified_header(sign(signer))
     assert header["alg"] == "ES256"
-    assert header["kid"] == key_id(KEY.public_key())
-    assert signer.kid == key_id(KEY.public_key())
+    assert header["kid"] == keyID(KEY.public_key())
+    assert signer.kid == keyID(KEY.public_key())
 
 
 def test_bytes_token(signer: TokenSigner, verifier: TokenVerifier) -> None:
@@ -228,7 +228,7 @@ def test_verifier_default_clock_is_wall_time() -> None:
 
 def test_forged_same_kid(clock: Clock, verifier: TokenVerifier) -> None:
     forger = TokenSigner(
-        OTHER, kid=key_id(KEY.public_key()), issuer="https://portal.example", clock=clock
+        OTHER, kid=keyID(KEY.public_key()), issuer="https://portal.example", clock=clock
     )
     assert refusal(verifier.verify(sign(forger))) == "bad signature"
 
@@ -297,7 +297,7 @@ def test_issuer_not_checked_when_unset(clock: Clock, signer: TokenSigner) -> Non
 def test_missing_required_claim(verifier: TokenVerifier, claim: str) -> None:
     payload = goodPayload()
     del payload[claim]
-    token = jwt.encode(payload, KEY, algorithm="ES256", headers={"kid": key_id(KEY)})
+    token = jwt.encode(payload, KEY, algorithm="ES256", headers={"kid": keyID(KEY)})
     assert refusal(verifier.verify(token)) == f"missing {claim} claim"
 
 
@@ -305,13 +305,13 @@ def test_missing_required_claim(verifier: TokenVerifier, claim: str) -> None:
     "value", ["tomorrow", None, True, [1], {"a": 1}, float("inf"), float("nan")]
 )
 def test_bad_exp_type(verifier: TokenVerifier, value: object) -> None:
-    token = jwt.encode(goodPayload(exp=value), KEY, algorithm="ES256", headers={"kid": key_id(KEY)})
+    token = jwt.encode(goodPayload(exp=value), KEY, algorithm="ES256", headers={"kid": keyID(KEY)})
     assert refusal(verifier.verify(token)) in {"bad exp claim", "missing exp claim"}
 
 
 def test_huge_exp_is_fine(verifier: TokenVerifier) -> None:
     token = jwt.encode(
-        goodPayload(exp=10**400), KEY, algorithm="ES256", headers={"kid": key_id(KEY)}
+        goodPayload(exp=10**400), KEY, algorithm="ES256", headers={"kid": keyID(KEY)}
     )
     claimsOf(verifier.verify(token))
 
@@ -321,13 +321,13 @@ def test_huge_exp_is_fine(verifier: TokenVerifier) -> None:
     [
         {"alg": "none"},
         {"alg": "none", "typ": "JWT"},
-        {"alg": "none", "kid": key_id(KEY)},
-        {"alg": "None", "kid": key_id(KEY)},
-        {"alg": "NONE", "kid": key_id(KEY)},
-        {"kid": key_id(KEY)},
-        {"alg": "", "kid": key_id(KEY)},
-        {"alg": None, "kid": key_id(KEY)},
-        {"alg": ["ES256"], "kid": key_id(KEY)},
+        {"alg": "none", "kid": keyID(KEY)},
+        {"alg": "None", "kid": keyID(KEY)},
+        {"alg": "NONE", "kid": keyID(KEY)},
+        {"kid": keyID(KEY)},
+        {"alg": "", "kid": keyID(KEY)},
+        {"alg": None, "kid": keyID(KEY)},
+        {"alg": ["ES256"], "kid": keyID(KEY)},
     ],
 )
 def test_alg_none(verifier: TokenVerifier, header: dict[str, Any]) -> None:
@@ -352,14 +352,14 @@ def publicPEM(key: ec.EllipticCurvePrivateKey) -> bytes:
     "secret",
     [
         pytest.param(publicPEM(KEY), id="pem"),
-        pytest.param(json.dumps(public_jwk(KEY)).encode(), id="jwk"),
+        pytest.param(json.dumps(publicJWK(KEY)).encode(), id="jwk"),
         pytest.param(publicPEM(KEY).strip(), id="pem-stripped"),
     ],
 )
 def test_hmac_key_confusion(verifier: TokenVerifier, alg: str, digest: Any, secret: bytes) -> None:
     """The classic attack: HMAC with the (public) verification key as secret."""
     signingInput = (
-        f"{b64json({'alg': alg, 'typ': 'JWT', 'kid': key_id(KEY)})}.{b64json(goodPayload())}"
+        f"{b64json({'alg': alg, 'typ': 'JWT', 'kid': keyID(KEY)})}.{b64json(goodPayload())}"
     )
     signature = hmac.new(secret, signingInput.encode("ascii"), digest).digest()
     token = f"{signingInput}.{b64url(signature)}"
@@ -369,14 +369,14 @@ def test_hmac_key_confusion(verifier: TokenVerifier, alg: str, digest: Any, secr
 def test_alg_must_match_key_type(clock: Clock, verifier: TokenVerifier) -> None:
     """An EdDSA header naming the EC key's kid is refused before any crypto."""
     confused = TokenSigner(
-        ED_KEY, kid=key_id(KEY.public_key()), issuer="https://portal.example", clock=clock
+        ED_KEY, kid=keyID(KEY.public_key()), issuer="https://portal.example", clock=clock
     )
     assert refusal(verifier.verify(sign(confused))) == "algorithm does not match key"
 
 
 @pytest.mark.parametrize("alg", ["RS256", "PS256", "ES384", "ES512", "ES256K", "HS384"])
 def test_other_algorithms_refused(verifier: TokenVerifier, alg: str) -> None:
-    token = handMade({"alg": alg, "kid": key_id(KEY)}, goodPayload(), b"\x00" * 64)
+    token = handMade({"alg": alg, "kid": keyID(KEY)}, goodPayload(), b"\x00" * 64)
     assert refusal(verifier.verify(token)) == "algorithm not allowed"
 
 
@@ -418,9 +418,9 @@ def partyVerifier(clock: Clock, **options: Any) -> TokenVerifier:
     """A verifier over a JWKS like the portal's: its own key, an instance's and a scheduler's."""
     document = {
         "keys": [
-            public_jwk(KEY),
-            public_jwk(ED_KEY, kid="instance:abc123"),
-            public_jwk(OTHER, kid="scheduler:hpc"),
+            publicJWK(KEY),
+            publicJWK(ED_KEY, kid="instance:abc123"),
+            publicJWK(OTHER, kid="scheduler:hpc"),
         ]
     }
     return TokenVerifier(StaticKeySource(document), audience=ROUTING_AUDIENCE, clock=clock, **options)
@@ -470,12 +470,12 @@ GARBAGE = [
     f"{b64url(b'not json')}.{b64json({})}.",
     f"{b64json([1, 2])}.{b64json({})}.",
     f"{b64json('ES256')}.{b64json({})}.",
-    f"{b64json({'alg': 'ES256', 'kid': key_id(KEY)})}.{b64url(b'not json')}.AAAA",
-    f"{b64json({'alg': 'ES256', 'kid': key_id(KEY)})}.{b64json([1])}.AAAA",
-    f"{b64json({'alg': 'ES256', 'kid': key_id(KEY)})}.{b64json(goodPayload())}.",
-    f"{b64json({'alg': 'ES256', 'kid': key_id(KEY)})}.{b64json(goodPayload())}.!!",
-    f"{b64json({'alg': 'ES256', 'crit': ['exp'], 'kid': key_id(KEY)})}.{b64json(goodPayload())}.AAAA",
-    f"{b64json({'alg': 'ES256', 'b64': False, 'kid': key_id(KEY)})}.{b64json(goodPayload())}.AAAA",
+    f"{b64json({'alg': 'ES256', 'kid': keyID(KEY)})}.{b64url(b'not json')}.AAAA",
+    f"{b64json({'alg': 'ES256', 'kid': keyID(KEY)})}.{b64json([1])}.AAAA",
+    f"{b64json({'alg': 'ES256', 'kid': keyID(KEY)})}.{b64json(goodPayload())}.",
+    f"{b64json({'alg': 'ES256', 'kid': keyID(KEY)})}.{b64json(goodPayload())}.!!",
+    f"{b64json({'alg': 'ES256', 'crit': ['exp'], 'kid': keyID(KEY)})}.{b64json(goodPayload())}.AAAA",
+    f"{b64json({'alg': 'ES256', 'b64': False, 'kid': keyID(KEY)})}.{b64json(goodPayload())}.AAAA",
     "x" * (MAX_TOKEN_LENGTH + 1),
     "é.é.é",
     "\x00.\x00.\x00",
@@ -518,7 +518,7 @@ CLAIMS = st.dictionaries(
 )
 HEADERS = st.dictionaries(
     st.sampled_from(["alg", "kid", "typ", "crit", "b64", "jku", "x5u"]),
-    JSON | st.sampled_from(["ES256", "EdDSA", "none", "HS256", key_id(KEY)]),
+    JSON | st.sampled_from(["ES256", "EdDSA", "none", "HS256", keyID(KEY)]),
     max_size=5,
 )
 
@@ -585,7 +585,7 @@ def test_random_signed_claims(verifier: TokenVerifier, claims: dict[str, Any]) -
     """Correctly signed but arbitrary claims: accepted or InvalidToken, nothing else."""
     # PyJWS signs any bytes; PyJWT.encode would refuse some claim values.
     payload = json.dumps(claims).encode("utf-8")
-    token = jwt.PyJWS().encode(payload, KEY, algorithm="ES256", headers={"kid": key_id(KEY)})
+    token = jwt.PyJWS().encode(payload, KEY, algorithm="ES256", headers={"kid": keyID(KEY)})
     refusesOrAccepts(verifier, token)
 
 
@@ -594,7 +594,7 @@ def test_random_signed_claims(verifier: TokenVerifier, claims: dict[str, Any]) -
 def test_random_signed_payloads(verifier: TokenVerifier, payload: object) -> None:
     """Correctly signed payloads that need not even be objects."""
     data = json.dumps(payload).encode("utf-8")
-    token = jwt.PyJWS().encode(data, KEY, algorithm="ES256", headers={"kid": key_id(KEY)})
+    token = jwt.PyJWS().encode(data, KEY, algorithm="ES256", headers={"kid": keyID(KEY)})
     result = fired(verifier.verify(token))
     assert isinstance(result, Failure) and result.check(InvalidToken), result
 
@@ -621,7 +621,7 @@ def test_unexpected_error_fails_closed(
 
 @pytest.mark.parametrize("value", ["a", "0", "abc-123", "a" * 63, "01hqz6y4d7-x"])
 def test_instance_id_valid(value: str) -> None:
-    assert check_instance_id(value) == value
+    assert checkInstanceID(value) == value
     assert INSTANCE_ID_RE.fullmatch(value)
 
 
@@ -631,7 +631,7 @@ def test_instance_id_valid(value: str) -> None:
 )
 def test_instance_id_invalid(value: object) -> None:
     with pytest.raises(InvalidToken, match="bad instance id"):
-        check_instance_id(value)
+        checkInstanceID(value)
 
 
 # -- token ids and lifetimes ----------------------------------------------------------
@@ -639,7 +639,7 @@ def test_instance_id_invalid(value: object) -> None:
 
 @pytest.mark.parametrize("value", ["j", "x" * 255, "Zk3-_9"])
 def test_token_id_valid(value: str) -> None:
-    assert check_token_id({"jti": value}) == value
+    assert checkTokenID({"jti": value}) == value
 
 
 @pytest.mark.parametrize(
@@ -649,7 +649,7 @@ def test_token_id_valid(value: str) -> None:
 )  # fmt: skip
 def test_token_id_invalid(claims: dict[str, Any], reason: str) -> None:
     with pytest.raises(InvalidToken) as info:
-        check_token_id(claims)
+        checkTokenID(claims)
     assert info.value.reason == reason
 
 
@@ -657,14 +657,14 @@ def test_a_jti_that_is_no_string_is_refused_as_such(verifier: TokenVerifier, sig
     result = fired(outcome(verifier.verify(sign(signer, jti=5))))
     if isinstance(result, dict):  # PyJWT before 2.10 does not look at jti
         with pytest.raises(InvalidToken, match="bad jti claim"):
-            check_token_id(result)
+            checkTokenID(result)
     else:
         assert result == "bad jti claim"
 
 
 @pytest.mark.parametrize("iat, exp, lifetime", [(NOW, NOW + 300, 300.0), (NOW, NOW + 0.5, 0.5), (0, 1, 1.0)])
 def test_lifetime_within_the_cap(iat: float, exp: float, lifetime: float) -> None:
-    assert check_lifetime({"iat": iat, "exp": exp}, 300) == lifetime
+    assert checkLifetime({"iat": iat, "exp": exp}, 300) == lifetime
 
 
 @pytest.mark.parametrize(
@@ -683,7 +683,7 @@ def test_lifetime_within_the_cap(iat: float, exp: float, lifetime: float) -> Non
 )
 def test_lifetime_refused(claims: dict[str, Any], reason: str) -> None:
     with pytest.raises(InvalidToken) as info:
-        check_lifetime(claims, 300)
+        checkLifetime(claims, 300)
     assert info.value.reason == reason
 
 
@@ -710,13 +710,13 @@ def test_algorithms_pinned() -> None:
 
 def test_from_file_variants(tmp_path: Path, signer: TokenSigner, clock: Clock) -> None:
     private = tmp_path / "key.pem"
-    save_private_key(KEY, private)
+    savePrivateKey(KEY, private)
     public = tmp_path / "key.pub"
     public.write_bytes(publicPEM(KEY))
     document = tmp_path / "jwks.json"
     document.write_text(json.dumps(jwks(KEY, ED_KEY)))
     single = tmp_path / "jwk.json"
-    single.write_text(json.dumps(public_jwk(KEY)))
+    single.write_text(json.dumps(publicJWK(KEY)))
     token = sign(signer)
     for path in (private, public, document, single):
         verifier = TokenVerifier(
@@ -736,8 +736,8 @@ def test_from_file_refuses(tmp_path: Path, content: bytes) -> None:
 
 
 def test_parse_jwks_skips_unusable_keys() -> None:
-    good = public_jwk(KEY)
-    ed = public_jwk(ED_KEY)
+    good = publicJWK(KEY)
+    ed = publicJWK(ED_KEY)
     p384 = ec.generate_private_key(ec.SECP384R1())
     p384jwk = jwt.algorithms.ECAlgorithm.to_jwk(p384.public_key(), as_dict=True)
     document = {
@@ -755,23 +755,23 @@ def test_parse_jwks_skips_unusable_keys() -> None:
             {k: v for k, v in ed.items() if k != "kid"},
         ]
     }
-    keys = parse_jwks(document)
-    assert set(keys) == {good["kid"], key_id(ED_KEY)}
+    keys = parseJWKS(document)
+    assert set(keys) == {good["kid"], keyID(ED_KEY)}
     assert keys[good["kid"]].algorithm_name == "ES256"
-    assert keys[key_id(ED_KEY)].algorithm_name == "EdDSA"
+    assert keys[keyID(ED_KEY)].algorithm_name == "EdDSA"
 
 
 def test_parse_jwks_drops_private_members() -> None:
     private = jwt.algorithms.ECAlgorithm.to_jwk(KEY, as_dict=True)
     assert "d" in private
-    keys = parse_jwks({"keys": [{**private, "kid": "k"}]})
+    keys = parseJWKS({"keys": [{**private, "kid": "k"}]})
     assert isinstance(keys["k"].key, ec.EllipticCurvePublicKey)
 
 
 @pytest.mark.parametrize("document", [None, [], {}, {"keys": None}, {"keys": {}}])
 def test_parse_jwks_refuses_non_jwks(document: object) -> None:
     with pytest.raises(ValueError):
-        parse_jwks(document)
+        parseJWKS(document)
 
 
 # -- JWKS over HTTP -----------------------------------------------------------------
@@ -988,7 +988,7 @@ async def test_failed_refetch_keeps_old_keys(
     elif problem == "no-usable-keys":
         server.document = {"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}
     elif problem == "too-large":
-        server.document = {"keys": [public_jwk(KEY)], "padding": "x" * 10_000}
+        server.document = {"keys": [publicJWK(KEY)], "padding": "x" * 10_000}
     else:
         server.hang = True
 

@@ -33,7 +33,7 @@ from support.processes import TWISTD, Process
 from support.waiting import deferLater
 from twisted.internet import reactor
 
-from dit4c.common.keys import generate_private_key, jwks, save_private_key
+from dit4c.common.keys import generatePrivateKey, jwks, savePrivateKey
 from dit4c.common.listening import listeningSocket
 from dit4c.node.processes import killRecorded
 from dit4c.portal import security
@@ -264,8 +264,8 @@ class Cluster:
         for secret in (["image-server.secret"] if self.images else []) + (["file-server.secret"] if self.files else []):
             (self.directory / secret).write_text(secrets.token_urlsafe(32))
         for name in ("scheduler", *self.nodes):
-            key = generate_private_key()
-            save_private_key(key, self.directory / f"{name}.pem")
+            key = generatePrivateKey()
+            savePrivateKey(key, self.directory / f"{name}.pem")
             (self.directory / f"{name}.jwks").write_text(json.dumps(jwks(key)))
         await self._up("portal", self.startPortal())
         store = await self.openStore()

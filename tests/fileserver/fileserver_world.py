@@ -17,7 +17,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import Clock
 from twisted.web.server import Site
 
-from dit4c.common.keys import generate_private_key, public_jwk
+from dit4c.common.keys import generatePrivateKey, publicJWK
 from dit4c.fileserver.service import FileServerService
 from dit4c.portal.app import Portal, PortalConfig
 from dit4c.portal.keys import KeyRing
@@ -83,11 +83,11 @@ async def makeWorld(tmp_path: Path) -> Any:
     w.portal.reports.setFileServerSecret(SECRET)
     w.alice = await store.createUser("alice")
     w.bob = await store.createUser("bob")
-    scheduler = await store.createScheduler("cluster", json.dumps(public_jwk(generate_private_key())))
+    scheduler = await store.createScheduler("cluster", json.dumps(publicJWK(generatePrivateKey())))
     image = await store.createImage("Tool", "tool:latest", port=8888)
     for name, owner, state in (("a", w.alice, "running"), ("b", w.alice, "running"), ("c", w.bob, "running"), ("d", w.alice, "stopped")):
-        key = generate_private_key()
-        instance = await store.createInstance(owner.id, image.id, scheduler_id=scheduler.id, public_jwk=json.dumps(public_jwk(key)))
+        key = generatePrivateKey()
+        instance = await store.createInstance(owner.id, image.id, scheduler_id=scheduler.id, public_jwk=json.dumps(publicJWK(key)))
         instance = await store.updateInstance(instance.id, state=state)
         setattr(w, name, instance)
         setattr(w, "key" + name.upper(), key)

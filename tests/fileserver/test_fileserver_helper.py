@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from dit4c.common.keys import generate_private_key, save_private_key
+from dit4c.common.keys import generatePrivateKey, savePrivateKey
 from dit4c.storage.helper import (
     HOST_ALIAS,
     FileServerAddress,
@@ -27,7 +27,7 @@ from dit4c.storage.helper import (
 )
 from dit4c.storage.tap import Options
 
-HOST_KEY = keys.Key(generate_private_key()).public().toString("openssh").decode()
+HOST_KEY = keys.Key(generatePrivateKey()).public().toString("openssh").decode()
 
 
 def test_file_server_addresses() -> None:
@@ -93,7 +93,7 @@ class FakeReactor:
 def test_sshfs_runs_pinned_and_mounts_again_with_back_off(tmp_path: Path) -> None:
     clock = Clock()
     reactor = FakeReactor(clock)
-    key = generate_private_key()
+    key = generatePrivateKey()
     mount = SSHFSMount(
         reactor, instance="abc123", key=key, server=FileServerAddress("127.0.0.1", 8700), hostKey=HOST_KEY,
         mountPoint=tmp_path / "mnt", workDir=tmp_path / "state", clock=clock,
@@ -146,7 +146,7 @@ def test_sshfs_runs_pinned_and_mounts_again_with_back_off(tmp_path: Path) -> Non
 
 def test_options_from_the_helper_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     keyFile = tmp_path / "instance.key"
-    save_private_key(generate_private_key(), keyFile)
+    savePrivateKey(generatePrivateKey(), keyFile)
     (tmp_path / "host.pub").write_text(HOST_KEY + "\n")
     for name, value in {
         "DIT4C_INSTANCE": "abc123", "DIT4C_INSTANCE_KEY": str(keyFile), "DIT4C_PORTAL": "http://127.0.0.1:8000",

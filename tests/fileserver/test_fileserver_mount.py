@@ -21,7 +21,7 @@ from fileserver_world import World
 from support.waiting import eventually
 from twisted.internet.threads import deferToThread
 
-from dit4c.common.keys import save_private_key
+from dit4c.common.keys import savePrivateKey
 from dit4c.storage.helper import isMounted
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,7 +50,7 @@ class Helper:
     def __init__(self, w: World, instance: Any, key: Any, name: str) -> None:
         self.mount = w.tmp / f"mnt-{name}"
         keyFile = w.tmp / f"{name}.key"
-        save_private_key(key, keyFile)
+        savePrivateKey(key, keyFile)
         environment = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "PYTHONPATH": str(ROOT),
@@ -140,9 +140,9 @@ async def test_a_helper_with_a_wrong_host_key_mounts_nothing(world: World, fuse:
     other = tmp_path / "other.pub"
     from twisted.conch.ssh import keys
 
-    from dit4c.common.keys import generate_private_key
+    from dit4c.common.keys import generatePrivateKey
 
-    other.write_text(keys.Key(generate_private_key()).public().toString("openssh").decode() + "\n")
+    other.write_text(keys.Key(generatePrivateKey()).public().toString("openssh").decode() + "\n")
     (w.tmp / "files" / "host_key.pub").rename(w.tmp / "files" / "host_key.real")
     (w.tmp / "files" / "host_key.pub").write_text(other.read_text())
     helper = Helper(w, w.a, w.keyA, "wrong")

@@ -14,7 +14,7 @@ from fileserver_client import LoginRefused, connect, listDirectory, readFile, sy
 from fileserver_world import World
 from twisted.conch.ssh import filetransfer
 
-from dit4c.common.keys import generate_private_key
+from dit4c.common.keys import generatePrivateKey
 
 FX_NO_SUCH_FILE = filetransfer.FX_NO_SUCH_FILE
 FX_PERMISSION_DENIED = filetransfer.FX_PERMISSION_DENIED
@@ -57,7 +57,7 @@ async def test_one_persons_instances_share_storage_and_others_do_not_see_it(worl
 async def test_a_key_that_is_not_the_instances_is_refused(world: World) -> None:
     w = world
     with pytest.raises(LoginRefused):
-        await connect(w.port, w.a.id, generate_private_key(), w.hostKey)
+        await connect(w.port, w.a.id, generatePrivateKey(), w.hostKey)
     # Bob's instance's key in the name of alice's instance, and alice's key
     # in the name of bob's instance.
     with pytest.raises(LoginRefused):

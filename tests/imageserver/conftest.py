@@ -19,7 +19,7 @@ from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.server import Site
 
-from dit4c.common.keys import generate_private_key, public_jwk
+from dit4c.common.keys import generatePrivateKey, publicJWK
 from dit4c.portal.app import Portal, PortalConfig
 from dit4c.portal.keys import KeyRing
 from dit4c.portal.store import openStore
@@ -39,10 +39,10 @@ async def world(tmp_path: Path) -> Any:
     w.alice = await store.createUser("alice")
     w.bob = await store.createUser("bob")
     w.source = await store.createImage("Jupyter", "quay.io/jupyter/base-notebook:latest", port=8888)
-    w.keyA, w.keyB = generate_private_key(), generate_private_key()
-    w.a = await store.createInstance(w.alice.id, w.source.id, public_jwk=json.dumps(public_jwk(w.keyA)))
+    w.keyA, w.keyB = generatePrivateKey(), generatePrivateKey()
+    w.a = await store.createInstance(w.alice.id, w.source.id, public_jwk=json.dumps(publicJWK(w.keyA)))
     w.a = await store.updateInstance(w.a.id, state="uploading")
-    w.b = await store.createInstance(w.alice.id, w.source.id, public_jwk=json.dumps(public_jwk(w.keyB)))
+    w.b = await store.createInstance(w.alice.id, w.source.id, public_jwk=json.dumps(publicJWK(w.keyB)))
     w.b = await store.updateInstance(w.b.id, state="running")
     site = Site(w.portal.app.resource())
     site.noisy = False

@@ -30,7 +30,7 @@ from support.waiting import eventually
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-from dit4c.common.keys import generate_private_key
+from dit4c.common.keys import generatePrivateKey
 from dit4c.portal.reports import imageReadToken
 
 MiB = 1024 * 1024
@@ -175,7 +175,7 @@ async def test_uploads_the_portal_refuses_are_refused_after_their_head(world: Wo
     other = PatternBody(1).digest
     cases = {
         "no token": None,
-        "a forged token (another key)": w.uploadToken(digest, key=generate_private_key()),
+        "a forged token (another key)": w.uploadToken(digest, key=generatePrivateKey()),
         "another instance's key in a's name": w.uploadToken(digest, key=w.keyB),
         "a token for another digest": w.uploadToken(other),
         "an instance that is not saving": w.uploadToken(digest, key=w.keyB, instance=w.b),
@@ -212,7 +212,7 @@ async def test_expect_100_continue_waits_for_the_portal(world: World) -> None:
             client.transport.write(data)
         return await client.done
 
-    refused = await send(w.uploadToken(digest, key=generate_private_key()))
+    refused = await send(w.uploadToken(digest, key=generatePrivateKey()))
     assert refused.startswith(b"HTTP/1.1 403 ")
     assert b"100 Continue" not in refused
     allowed = await send(w.uploadToken(digest))
@@ -360,7 +360,7 @@ async def test_deleting_a_saved_image_removes_its_bytes_unless_another_has_them(
     await w.portal.sharing.deleteImage(w.alice, alices.id)
     assert stored(server) == [digest[7:]]
     # A delete token signed by anyone but the portal is no delete token.
-    forged = TokenSigner(generate_private_key(), issuer=w.portal.keys.issuer, clock=w.clock).sign(
+    forged = TokenSigner(generatePrivateKey(), issuer=w.portal.keys.issuer, clock=w.clock).sign(
         {"sub": digest, "digest": digest}, audience=DELETE_AUDIENCE, lifetime=60
     )
     await w.store.deleteImage(bobs.id)

@@ -16,8 +16,8 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 
-from dit4c.common.keys import generate_private_key, jwks, save_private_key
-from dit4c.common.tokens import StaticKeySource, TokenVerifier, check_lifetime, check_token_id
+from dit4c.common.keys import generatePrivateKey, jwks, savePrivateKey
+from dit4c.common.tokens import StaticKeySource, TokenVerifier, checkLifetime, checkTokenID
 from dit4c.listener.tap import Options, TokenFile, makeService
 
 ROUTING = ["--routing", "tcp:host=127.0.0.1:port=1", "--target", "tcp:host=127.0.0.1:port=2"]
@@ -26,7 +26,7 @@ ROUTING = ["--routing", "tcp:host=127.0.0.1:port=1", "--target", "tcp:host=127.0
 @pytest.fixture
 def keyFile(tmp_path: Path) -> Path:
     path = tmp_path / "listener.pem"
-    save_private_key(generate_private_key(), path)
+    savePrivateKey(generatePrivateKey(), path)
     return path
 
 
@@ -38,10 +38,10 @@ def options(*args: str) -> Options:
 
 def verify(token: str, keyFile: Path, clock: Clock) -> dict[str, Any]:
     """As a routing server given ``dit4c jwks KEY`` as its --jwks-file checks it."""
-    from dit4c.common.keys import load_private_key
+    from dit4c.common.keys import loadPrivateKey
 
     verifier = TokenVerifier(
-        StaticKeySource(jwks(load_private_key(keyFile))), audience="dit4c-routing", clock=clock
+        StaticKeySource(jwks(loadPrivateKey(keyFile))), audience="dit4c-routing", clock=clock
     )
     results: list[Any] = []
     verifier.verify(token).addBoth(results.append)
@@ -58,9 +58,9 @@ def test_key_file_signs_a_new_token_for_every_dial(
     listener = makeService(options(*ROUTING, "--key-file", str(keyFile), "--instance", "byhand"), reactor=clock)
     tokens = [listener.token() for _ in range(3)]  # type: ignore[attr-defined]
     claims = [verify(t, keyFile, clock) for t in tokens]
-    assert len({check_token_id(c) for c in claims}) == 3
+    assert len({checkTokenID(c) for c in claims}) == 3
     assert {c["sub"] for c in claims} == {"byhand"}
-    assert all(check_lifetime(c, 300) <= 300 for c in claims)
+    assert all(checkLifetime(c, 300) <= 300 for c in claims)
 
 
 def test_the_helper_environment_signs_with_the_instance_key(

@@ -17,7 +17,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from dit4c.common.keys import generate_private_key
+from dit4c.common.keys import generatePrivateKey
 from dit4c.listener.report import ROUTING_TOKEN_LIFETIME, routingToken
 from dit4c.listener.service import ListenerService, Replacements, backoff
 from dit4c.tunnel.errors import ErrorCode
@@ -78,13 +78,13 @@ def test_the_default_back_off_grows_and_is_bounded() -> None:
 def test_every_token_is_new_and_short() -> None:
     clock = Clock()
     clock.advance(1_700_000_000)
-    source = routingToken(generate_private_key(), "inst", scoped=False, clock=clock)
+    source = routingToken(generatePrivateKey(), "inst", scoped=False, clock=clock)
     tokens = [source() for _ in range(50)]
     claims = [jwt.decode(t, options={"verify_signature": False}) for t in tokens]
     assert len({c["jti"] for c in claims}) == 50
     assert all(c["exp"] - c["iat"] == ROUTING_TOKEN_LIFETIME <= 300 for c in claims)
     assert {c["sub"] for c in claims} == {"inst"}
-    scoped = routingToken(generate_private_key(), "inst", clock=clock)()
+    scoped = routingToken(generatePrivateKey(), "inst", clock=clock)()
     assert jwt.get_unverified_header(scoped)["kid"] == "instance:inst"
     assert jwt.get_unverified_header(tokens[0])["kid"] != "instance:inst"
 

@@ -15,7 +15,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 
-from dit4c.common.keys import generate_private_key
+from dit4c.common.keys import generatePrivateKey
 from dit4c.common.life import State
 from dit4c.common.tokens import StaticKeySource
 from dit4c.listener.service import backoff
@@ -23,8 +23,8 @@ from dit4c.node.link import NodeLinkServer, RemoteNode
 from dit4c.node.node import Node
 from dit4c.node.process import ProcessRuntime
 
-SCHEDULER_KEY = generate_private_key()
-NODE_KEY = generate_private_key()
+SCHEDULER_KEY = generatePrivateKey()
+NODE_KEY = generatePrivateKey()
 
 
 class Link:
@@ -118,7 +118,7 @@ async def test_link_starts_and_stops_an_instance(link: Link) -> None:
 @pytest_twisted.ensureDeferred
 async def test_node_refuses_an_unknown_scheduler(link: Link) -> None:
     await link.startNode()
-    remote, _ = link.remote(key=generate_private_key())
+    remote, _ = link.remote(key=generatePrivateKey())
     await eventually(lambda: remote.lastError is not None)
     assert remote.lastError == "4001 bad proof: unknown key"
     assert not remote.connected
@@ -127,7 +127,7 @@ async def test_node_refuses_an_unknown_scheduler(link: Link) -> None:
 @pytest_twisted.ensureDeferred
 async def test_scheduler_refuses_a_node_with_another_key(link: Link) -> None:
     await link.startNode()
-    remote, _ = link.remote(nodeKey=generate_private_key())
+    remote, _ = link.remote(nodeKey=generatePrivateKey())
     await eventually(lambda: remote.lastError is not None)
     assert remote.lastError is not None and remote.lastError.startswith("the node's proof was refused")
     assert not remote.connected

@@ -13,7 +13,7 @@ import pytest
 from twisted.internet import reactor
 from twisted.python import usage
 
-from dit4c.common.keys import generate_private_key, jwks
+from dit4c.common.keys import generatePrivateKey, jwks
 from dit4c.dev import tap as devTap
 from dit4c.node import tap as nodeTap
 from dit4c.node.processes import STOP_GRACE
@@ -27,7 +27,7 @@ def toolTable(directory: Path) -> Path:
 
 def nodeService(directory: Path, *extra: str) -> Any:
     schedulerKey = directory / "scheduler.jwks"
-    schedulerKey.write_text(json.dumps(jwks(generate_private_key())))
+    schedulerKey.write_text(json.dumps(jwks(generatePrivateKey())))
     config = nodeTap.Options()
     config.parseOptions([
         "--scheduler-key", str(schedulerKey), "--portal", "http://portal.test", "--routing", "tcp:host=127.0.0.1:port=1",

@@ -23,7 +23,7 @@ from support.routing import Signing, startRouting, stopRouting
 from support.waiting import deferLater
 from twisted.internet import reactor
 
-from dit4c.common.keys import load_private_key, save_private_key
+from dit4c.common.keys import loadPrivateKey, savePrivateKey
 from dit4c.node.interfaces import PodSpec
 from dit4c.node.process import ProcessRuntime, builtinTools
 
@@ -54,7 +54,7 @@ async def test_jupyterlab_as_its_own_uid_through_the_auth_helper(world: Any, sig
     instance = world.instance.id
     pod = tmp_path / "node" / instance
     pod.mkdir(parents=True, mode=0o700)
-    save_private_key(load_private_key(world.keyFile), pod / "instance.key")
+    savePrivateKey(loadPrivateKey(world.keyFile), pod / "instance.key")
     environment = {
         "DIT4C_INSTANCE": instance,
         "DIT4C_INSTANCE_KEY": str(pod / "instance.key"),

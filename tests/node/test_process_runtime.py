@@ -37,7 +37,7 @@ from support.waiting import deferLater
 from twisted.internet import reactor
 
 from dit4c.common.helperenv import fromEnvironment
-from dit4c.common.keys import load_private_key, public_jwk
+from dit4c.common.keys import loadPrivateKey, publicJWK
 from dit4c.node.node import Node
 from dit4c.node.process import ProcessRuntime, Tool
 from dit4c.node.processes import startTime
@@ -102,7 +102,7 @@ async def test_start_runs_the_tool_and_its_helpers(nodes: Any, tmp_path: Path) -
     # The key pair: the private half in the pod, mode 0600; the public half went to the observer.
     keyFile = pod / "instance.key"
     assert stat.S_IMODE(keyFile.stat().st_mode) == 0o600
-    assert watcher.keys["abc1"] == public_jwk(load_private_key(keyFile))
+    assert watcher.keys["abc1"] == publicJWK(loadPrivateKey(keyFile))
     assert "d" not in watcher.keys["abc1"]
 
     # The one helper process got the helper environment (docs/protocols.md section 9).
@@ -543,7 +543,7 @@ async def test_no_helper_of_a_pod_listens_on_tcp(tmp_path: Path) -> None:
     """
     from twisted.internet.endpoints import serverFromString
 
-    from dit4c.common.keys import generate_private_key, save_private_key
+    from dit4c.common.keys import generatePrivateKey, savePrivateKey
     from dit4c.common.tokens import StaticKeySource, TokenVerifier
     from dit4c.node.interfaces import PodSpec
     from dit4c.routing.server import RoutingServer
@@ -551,11 +551,11 @@ async def test_no_helper_of_a_pod_listens_on_tcp(tmp_path: Path) -> None:
     instance = "tcp0"
     pod = tmp_path / "node" / instance
     pod.mkdir(parents=True, mode=0o700)
-    key = generate_private_key()
-    save_private_key(key, pod / "instance.key")
+    key = generatePrivateKey()
+    savePrivateKey(key, pod / "instance.key")
     # A routing server that trusts the instance's key, as the portal would publish it.
     verifier = TokenVerifier(
-        StaticKeySource({"keys": [{**public_jwk(key), "kid": f"instance:{instance}"}]}), audience="dit4c-routing"
+        StaticKeySource({"keys": [{**publicJWK(key), "kid": f"instance:{instance}"}]}), audience="dit4c-routing"
     )
     routing = RoutingServer(reactor, verifier, "localhost")
     tunnel = routing.addTunnelEndpoint(serverFromString(reactor, "tcp:0:interface=127.0.0.1"))

@@ -21,7 +21,7 @@ from standins import HELPERS
 from support.waiting import deferLater
 from twisted.internet import reactor
 
-from dit4c.common.keys import save_private_key
+from dit4c.common.keys import savePrivateKey
 from dit4c.node.interfaces import PodSpec
 from dit4c.node.process import ProcessRuntime, Tool
 
@@ -75,7 +75,7 @@ async def test_the_tool_uses_the_storage_as_its_own_uid(world: Any, rootFuse: No
     instance = w.a.id
     pod = tmp_path / "node" / instance
     pod.mkdir(parents=True, mode=0o700)
-    save_private_key(w.keyA, pod / "instance.key")
+    savePrivateKey(w.keyA, pod / "instance.key")
     environment = {
         "DIT4C_INSTANCE": instance,
         "DIT4C_INSTANCE_KEY": str(pod / "instance.key"),

@@ -22,7 +22,7 @@ from support.waiting import deferLater
 from twisted.internet import defer, reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 
-from dit4c.common.keys import generate_private_key, load_private_key, public_jwk, save_private_key
+from dit4c.common.keys import generatePrivateKey, loadPrivateKey, publicJWK, savePrivateKey
 from dit4c.common.tokens import JWKSKeySource, TokenVerifier
 from dit4c.node.interfaces import PodSpec
 from dit4c.node.process import ProcessRuntime, Tool
@@ -50,9 +50,9 @@ async def world(tmp_path: Path, fuse: None) -> Any:
 
     w = await makeWorld(tmp_path)
     # The portal publishes an instance's key (routing servers and the file server trust it) once a scheduler has it.
-    scheduler = await w.store.createScheduler("cluster", json.dumps(public_jwk(generate_private_key())))
+    scheduler = await w.store.createScheduler("cluster", json.dumps(publicJWK(generatePrivateKey())))
     w.instance = await w.store.updateInstance(
-        w.instance.id, public_jwk=json.dumps(public_jwk(load_private_key(w.keyFile))), scheduler_id=scheduler.id
+        w.instance.id, public_jwk=json.dumps(publicJWK(loadPrivateKey(w.keyFile))), scheduler_id=scheduler.id
     )
     w.portal.keysChanged()
     w.portal.reports.setFileServerSecret(SECRET)
@@ -124,7 +124,7 @@ async def test_one_helper_process_fronts_the_tool_holds_the_storage_and_outlives
     directory = tmp_path / "node"
     pod = directory / instance
     pod.mkdir(parents=True, mode=0o700)
-    save_private_key(load_private_key(w.keyFile), pod / "instance.key")
+    savePrivateKey(loadPrivateKey(w.keyFile), pod / "instance.key")
     environment = {
         "DIT4C_INSTANCE": instance,
         "DIT4C_INSTANCE_KEY": str(pod / "instance.key"),

@@ -8,7 +8,7 @@ import re
 import pytest_twisted
 from portal_client import Browser, csrfOf, logIn
 
-from dit4c.common.keys import generate_private_key, public_jwk
+from dit4c.common.keys import generatePrivateKey, publicJWK
 from dit4c.portal import security
 from dit4c.portal.app import Portal
 
@@ -90,9 +90,9 @@ async def test_catalogue_and_schedulers(portal: Portal) -> None:
     [image] = await portal.store.listCatalogue()
     assert (image.name, image.ref, image.port) == ("JupyterLab", "jupyter", 8888)
 
-    key = generate_private_key()
+    key = generatePrivateKey()
     response, page = await admin.post(
-        "/admin/schedulers", {"csrf": csrf, "name": "cluster-a", "public_jwk": json.dumps(public_jwk(key))}
+        "/admin/schedulers", {"csrf": csrf, "name": "cluster-a", "public_jwk": json.dumps(publicJWK(key))}
     )
     assert response.code == 200
     [scheduler] = await portal.store.listSchedulers()

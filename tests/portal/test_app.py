@@ -193,17 +193,17 @@ async def test_unknown_page_is_a_404_page(portal: Portal) -> None:
 async def test_jwks_publishes_scheduler_and_live_instance_keys(portal: Portal) -> None:
     import json
 
-    from dit4c.common.keys import generate_private_key, public_jwk
+    from dit4c.common.keys import generatePrivateKey, publicJWK
     from dit4c.common.tokens import TokenSigner
 
     store = portal.store
-    schedulerKey = generate_private_key()
-    scheduler = await store.createScheduler("hpc", json.dumps(public_jwk(schedulerKey)))
+    schedulerKey = generatePrivateKey()
+    scheduler = await store.createScheduler("hpc", json.dumps(publicJWK(schedulerKey)))
     alice = await store.userByName("alice")
     image = await store.createImage("Tool", "tool", owner_id=None)
-    instanceKey = generate_private_key()
+    instanceKey = generatePrivateKey()
     instance = await store.createInstance(
-        alice.id, image.id, scheduler_id=scheduler.id, public_jwk=json.dumps(public_jwk(instanceKey))
+        alice.id, image.id, scheduler_id=scheduler.id, public_jwk=json.dumps(publicJWK(instanceKey))
     )
     await store.updateInstance(instance.id, state="running")
 
@@ -224,7 +224,7 @@ async def test_jwks_publishes_scheduler_and_live_instance_keys(portal: Portal) -
 
     # The document is kept 10 s, but a key coming (told by the channel) is published at once.
     second = await store.createInstance(
-        alice.id, image.id, scheduler_id=scheduler.id, public_jwk=json.dumps(public_jwk(generate_private_key()))
+        alice.id, image.id, scheduler_id=scheduler.id, public_jwk=json.dumps(publicJWK(generatePrivateKey()))
     )
     await store.updateInstance(second.id, state="starting")
     _, body = await Browser(portal).get("/.well-known/jwks.json")

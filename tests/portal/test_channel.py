@@ -23,7 +23,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from dit4c.channel.handshake import signProof
 from dit4c.channel.wire import MAX_MESSAGE, CloseCode
-from dit4c.common.keys import generate_private_key, public_jwk
+from dit4c.common.keys import generatePrivateKey, publicJWK
 from dit4c.common.life import State
 from dit4c.portal.channel import (
     ChannelHub,
@@ -176,7 +176,7 @@ async def _refused(portal: Harness, raw: RawChannel, reason: str, logged: list[s
 @pytest_twisted.ensureDeferred
 async def test_unknown_scheduler_refused(portal: Harness, logged: list[str]) -> None:
     raw = await portal.raw()
-    await raw.hello("nobody", generate_private_key())
+    await raw.hello("nobody", generatePrivateKey())
     await _refused(portal, raw, "unknown scheduler", logged)
 
 
@@ -193,7 +193,7 @@ async def test_disabled_scheduler_refused(portal: Harness, logged: list[str]) ->
 async def test_wrong_key_refused(portal: Harness, logged: list[str]) -> None:
     scheduler, _ = await portal.scheduler()
     raw = await portal.raw()
-    await raw.hello(scheduler.id, generate_private_key())
+    await raw.hello(scheduler.id, generatePrivateKey())
     await _refused(portal, raw, "bad proof: unknown key", logged)
 
 
@@ -433,7 +433,7 @@ async def test_states_reach_store_and_subscribers(portal: Harness) -> None:
     await until(lambda: any(e.instance.state == "running" for e in byUser))
     stored = await portal.store.instanceById(instance.id)
     assert (stored.state, stored.url) == ("running", f"http://{instance.id}.localhost/")
-    assert json.loads(stored.public_jwk) == public_jwk(sim.keys[instance.id])
+    assert json.loads(stored.public_jwk) == publicJWK(sim.keys[instance.id])
     assert [(e.change, e.instance.state) for e in byUser] == [
         ("state", "starting"),
         ("key", "starting"),
@@ -492,7 +492,7 @@ async def test_unknown_and_foreign_instances_ignored(portal: Harness, logged: li
     raw = await portal.authenticated(scheduler, key)
     raw.send({"type": "state", "instance": theirs.id, "state": "errored", "reason": "mine now"})
     raw.send({"type": "state", "instance": "hzzzzzzzzzzzzzzzz", "state": "running"})
-    raw.send({"type": "instance-key", "instance": theirs.id, "jwk": public_jwk(generate_private_key())})
+    raw.send({"type": "instance-key", "instance": theirs.id, "jwk": publicJWK(generatePrivateKey())})
     raw.send({"type": "state", "instance": ours.id, "state": "starting"})
     await until(stateIs(portal.store, ours.id, "starting"))
     assert (await portal.store.instanceById(theirs.id)) == theirs
@@ -506,8 +506,8 @@ async def test_instance_keys(portal: Harness, logged: list[str]) -> None:
     scheduler, key = await portal.scheduler()
     instance = await portal.instance(scheduler.id)
     raw = await portal.authenticated(scheduler, key)
-    instanceKey = generate_private_key()
-    private = dict(public_jwk(instanceKey))
+    instanceKey = generatePrivateKey()
+    private = dict(publicJWK(instanceKey))
     private["d"] = "c2VjcmV0"
     raw.send({"type": "instance-key", "instance": instance.id, "jwk": private})
     raw.send({"type": "instance-key", "instance": instance.id, "jwk": {"kty": "RSA", "n": "AQAB", "e": "AQAB"}})
@@ -518,12 +518,12 @@ async def test_instance_keys(portal: Harness, logged: list[str]) -> None:
     assert not any("c2VjcmV0" in line for line in logged)
     assert any("not an EC P-256 or Ed25519 public key" in line for line in logged)
     # The public half alone is published (with its thumbprint as kid).
-    bare = {k: v for k, v in public_jwk(instanceKey).items() if k in ("kty", "crv", "x", "y")}
+    bare = {k: v for k, v in publicJWK(instanceKey).items() if k in ("kty", "crv", "x", "y")}
     raw.send({"type": "instance-key", "instance": instance.id, "jwk": bare})
 
     async def published() -> bool:
         stored = await portal.store.instanceById(instance.id)
-        return stored.public_jwk is not None and json.loads(stored.public_jwk) == public_jwk(instanceKey)
+        return stored.public_jwk is not None and json.loads(stored.public_jwk) == publicJWK(instanceKey)
 
     await until(published)
     assert portal.hub.connected(scheduler.id)
@@ -766,8 +766,8 @@ async def test_channel_mounted_in_a_web_site(portal: Harness) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_registered_key_with_its_own_kid(portal: Harness) -> None:
-    key = generate_private_key()
-    scheduler = await portal.store.createScheduler("hpc", json.dumps({**public_jwk(key), "kid": "hpc-2024"}))
+    key = generatePrivateKey()
+    scheduler = await portal.store.createScheduler("hpc", json.dumps({**publicJWK(key), "kid": "hpc-2024"}))
     await portal.authenticated(scheduler, key)
     assert portal.hub.connected(scheduler.id)
 
@@ -776,6 +776,6 @@ async def test_registered_key_with_its_own_kid(portal: Harness) -> None:
 async def test_unusable_registered_key(portal: Harness, logged: list[str]) -> None:
     scheduler = await portal.store.createScheduler("hpc", json.dumps({"kty": "RSA", "n": "AQAB", "e": "AQAB"}))
     raw = await portal.raw()
-    await raw.hello(scheduler.id, generate_private_key())
+    await raw.hello(scheduler.id, generatePrivateKey())
     await _refused(portal, raw, "registered key is not usable", logged)
     assert any("has no usable registered key" in line for line in logged)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest_twisted
 from portal_client import Browser
 
-from dit4c.common.keys import generate_private_key, public_jwk
+from dit4c.common.keys import generatePrivateKey, publicJWK
 from dit4c.common.life import DEADLINES, State
 from dit4c.portal.app import Portal
 from dit4c.portal.channel import ChannelHub
@@ -27,9 +27,9 @@ async def _instance(portal: Portal, state: State, scheduler: str = "hpc") -> Ins
     store = portal.store
     alice = await store.userByName("alice")
     image = await store.createImage("Tool", "tool", owner_id=None)
-    placed = await store.createScheduler(scheduler, json.dumps(public_jwk(generate_private_key())))
+    placed = await store.createScheduler(scheduler, json.dumps(publicJWK(generatePrivateKey())))
     instance: Instance = await store.createInstance(
-        alice.id, image.id, scheduler_id=placed.id, public_jwk=json.dumps(public_jwk(generate_private_key()))
+        alice.id, image.id, scheduler_id=placed.id, public_jwk=json.dumps(publicJWK(generatePrivateKey()))
     )
     updated: Instance = await store.updateInstance(instance.id, state=state)
     return updated

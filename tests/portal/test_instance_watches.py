@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 
 from dit4c.auth.watch import Notice, NoticeParser
-from dit4c.common.keys import generate_private_key, public_jwk
+from dit4c.common.keys import generatePrivateKey, publicJWK
 from dit4c.common.life import State
 from dit4c.common.tokens import TokenSigner
 from dit4c.portal.app import Portal
@@ -84,8 +84,8 @@ async def openWatch(portal: Portal, key: Any, instance: str) -> Watch:
 
 
 async def keyed(portal: Portal, owner: Any) -> tuple[Any, Any]:
-    key = generate_private_key()
-    instance = await portal.store.createInstance(owner.id, portal.image.id, public_jwk=json.dumps(public_jwk(key)))  # type: ignore[attr-defined]
+    key = generatePrivateKey()
+    instance = await portal.store.createInstance(owner.id, portal.image.id, public_jwk=json.dumps(publicJWK(key)))  # type: ignore[attr-defined]
     instance = await portal.store.updateInstance(instance.id, state=State.RUNNING)
     return instance, key
 
@@ -148,7 +148,7 @@ async def test_nothing_is_watched_without_a_good_token(api: Portal) -> None:
     cases: list[tuple[str | None, int]] = [
         (None, 401),
         ("not-a-token", 401),
-        (watchToken(api, generate_private_key(), a.id), 401),  # not the instance's key
+        (watchToken(api, generatePrivateKey(), a.id), 401),  # not the instance's key
         (watchToken(api, key, a.id, audience="dit4c-portal-report"), 401),
         (watchToken(api, key, a.id, lifetime=3600), 401),  # too long-lived
         (watchToken(api, key, a.id, jti=""), 401),

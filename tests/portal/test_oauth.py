@@ -22,7 +22,7 @@ from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.web.server import Site
 
-from dit4c.common.keys import generate_private_key
+from dit4c.common.keys import generatePrivateKey
 from dit4c.common.tokens import StaticKeySource, TokenSigner, TokenVerifier
 from dit4c.portal import security
 from dit4c.portal.app import Portal, PortalConfig, safeNext
@@ -548,7 +548,7 @@ async def test_userinfo_refuses_tokens_for_other_instances_and_expired_ones(worl
     assert (await userinfo(w, forA, None))[0] == 400
     assert (await userinfo(w, forA, "Not An Id"))[0] == 400
     # Signed by a key that is not the portal's, however well formed.
-    forged = TokenSigner(generate_private_key(), issuer=BASE, clock=w.clock).sign(
+    forged = TokenSigner(generatePrivateKey(), issuer=BASE, clock=w.clock).sign(
         {"sub": w.alice.id, "name": "alice"}, audience=f"dit4c-instance:{w.a.id}", lifetime=3600
     )
     assert (await userinfo(w, forged, w.a.id))[0] == 401

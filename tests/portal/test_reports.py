@@ -23,7 +23,7 @@ from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.server import Site
 
-from dit4c.common.keys import generate_private_key, public_jwk
+from dit4c.common.keys import generatePrivateKey, publicJWK
 from dit4c.common.tokens import TokenSigner
 from dit4c.portal.app import Portal, PortalConfig
 from dit4c.portal.keys import KeyRing
@@ -79,10 +79,10 @@ async def world(tmp_path: Path) -> Any:
     w.bob = await store.createUser("bob")
     w.carol = await store.createUser("carol")
     w.source = await store.createImage("Jupyter", "quay.io/jupyter/base-notebook:latest", port=8888)
-    w.keyA, w.keyB = generate_private_key(), generate_private_key()
-    w.a = await store.createInstance(w.alice.id, w.source.id, public_jwk=json.dumps(public_jwk(w.keyA)))
+    w.keyA, w.keyB = generatePrivateKey(), generatePrivateKey()
+    w.a = await store.createInstance(w.alice.id, w.source.id, public_jwk=json.dumps(publicJWK(w.keyA)))
     w.a = await store.updateInstance(w.a.id, state="running")
-    w.b = await store.createInstance(w.alice.id, w.source.id, public_jwk=json.dumps(public_jwk(w.keyB)))
+    w.b = await store.createInstance(w.alice.id, w.source.id, public_jwk=json.dumps(publicJWK(w.keyB)))
     w.b = await store.updateInstance(w.b.id, state="running")
     w.events = []
     unsubscribe = w.portal.events.subscribe(w.events.append)
@@ -150,7 +150,7 @@ async def test_an_instance_reports_its_url(world: World) -> None:
 @pytest_twisted.ensureDeferred
 async def test_a_forged_report_is_refused(world: World) -> None:
     w = world
-    forged = sign(w, generate_private_key(), w.a, url=urlOf(w.a))
+    forged = sign(w, generatePrivateKey(), w.a, url=urlOf(w.a))
     status, body = await reportURL(w, forged)
     assert status == 401 and body["error"] == "invalid_token", body
     assert "unknown key" in body["reason"]
@@ -240,7 +240,7 @@ async def test_unsigned_and_badly_made_tokens_are_refused(world: World) -> None:
     cases = {
         "alg none": (jwt.encode(claims, None, algorithm="none"), "algorithm not allowed"),  # type: ignore[arg-type]
         "HS256 with the public key as secret": (
-            hs256(claims, json.dumps(public_jwk(w.keyA)).encode()), "algorithm not allowed"
+            hs256(claims, json.dumps(publicJWK(w.keyA)).encode()), "algorithm not allowed"
         ),
         "no exp": (es256(exp=None), "missing exp claim"),
         "exp more than 5 minutes after iat": (es256(exp=now + 301), "at most 300 s after its iat"),
@@ -433,7 +433,7 @@ async def test_image_reports_are_checked(world: World) -> None:
         assert (status, body["error"]) == (400, "invalid_request"), (claims, body)
     # Signed by another instance, or by nobody in particular.
     assert (await reportImage(w, sign(w, w.keyB, w.a, **imageClaims())))[0] == 401
-    assert (await reportImage(w, sign(w, generate_private_key(), w.a, **imageClaims())))[0] == 401
+    assert (await reportImage(w, sign(w, generatePrivateKey(), w.a, **imageClaims())))[0] == 401
     # Only a report token: an upload token is for the image server.
     assert (await reportImage(w, sign(w, w.keyA, w.a, audience=UPLOAD_AUDIENCE, **imageClaims())))[0] == 401
     assert await w.store.listImagesOf(w.alice.id) == []
@@ -553,7 +553,7 @@ async def test_a_read_token_from_the_portal_reads_its_image_only(world: World, s
     assert (await ask(w, "PUT", DIGEST, bearer(token)))[0] == 403
     assert (await ask(w, "DELETE", DIGEST, bearer(token)))[0] == 403
     # Not one signed by another key, for another audience, or expired.
-    forged = TokenSigner(generate_private_key(), issuer=BASE, clock=w.clock).sign(
+    forged = TokenSigner(generatePrivateKey(), issuer=BASE, clock=w.clock).sign(
         {"image": s.image.id}, audience=READ_AUDIENCE, lifetime=600
     )
     status, body = await ask(w, "GET", DIGEST, bearer(forged))
@@ -592,7 +592,7 @@ async def test_writes_need_the_saving_instance(world: World, saved: Saved) -> No
     refusals = {
         "for another digest": (OTHER_DIGEST, bearer(upload)),
         "named by id, not digest": (s.image.id, bearer(upload)),
-        "signed by another key": (DIGEST, bearer(sign(w, generate_private_key(), w.a, audience=UPLOAD_AUDIENCE, digest=DIGEST))),
+        "signed by another key": (DIGEST, bearer(sign(w, generatePrivateKey(), w.a, audience=UPLOAD_AUDIENCE, digest=DIGEST))),
         "signed by another instance": (DIGEST, bearer(sign(w, w.keyB, w.a, audience=UPLOAD_AUDIENCE, digest=DIGEST))),
         "a report token": (DIGEST, bearer(sign(w, w.keyA, w.a, digest=DIGEST))),
         "a long-lived token": (DIGEST, bearer(sign(w, w.keyA, w.a, audience=UPLOAD_AUDIENCE, lifetime=301, digest=DIGEST))),

@@ -21,7 +21,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.web.server import Site
 
-from dit4c.common.keys import generate_private_key, public_jwk
+from dit4c.common.keys import generatePrivateKey, publicJWK
 from dit4c.portal.app import Portal, PortalConfig
 from dit4c.portal.keys import KeyRing
 from dit4c.portal.store import openStore
@@ -55,7 +55,7 @@ async def fworld(tmp_path: Path) -> Any:
     w.alice = await store.createUser("alice")
     w.bob = await store.createUser("bob")
     image = await store.createImage("Tool", "tool:latest", port=8888)
-    jwk = json.dumps(public_jwk(generate_private_key()))
+    jwk = json.dumps(publicJWK(generatePrivateKey()))
     w.a = await store.createInstance(w.alice.id, image.id, public_jwk=jwk)
     w.a = await store.updateInstance(w.a.id, state="running")
     w.c = await store.createInstance(w.bob.id, image.id, public_jwk=jwk)

@@ -14,7 +14,7 @@ import pytest_twisted
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from dit4c.common.keys import generate_private_key, jwks
+from dit4c.common.keys import generatePrivateKey, jwks
 from dit4c.common.tokens import StaticKeySource, TokenSigner, TokenVerifier
 from dit4c.routing.replay import ReplayedToken, SeenTokens, TooManyTokens
 from dit4c.routing.server import RoutingServer
@@ -138,7 +138,7 @@ class Keyed:
 
 @pytest.fixture
 def keyed(clock: Clock) -> Keyed:
-    key = generate_private_key()
+    key = generatePrivateKey()
     verifier = TokenVerifier(StaticKeySource(jwks(key)), audience="dit4c-routing", leeway=30, clock=clock)
     return Keyed(RoutingServer(clock, verifier, "localhost", maxTokenLifetime=300), TokenSigner(key, clock=clock))
 

@@ -311,10 +311,10 @@ def _expired(signing: Any, instance: str) -> str:
 
 
 def _forged(instance: str) -> str:
-    from dit4c.common.keys import generate_private_key
+    from dit4c.common.keys import generatePrivateKey
     from dit4c.common.tokens import TokenSigner
 
-    return TokenSigner(generate_private_key()).sign({"sub": instance}, audience="dit4c-routing", lifetime=60)
+    return TokenSigner(generatePrivateKey()).sign({"sub": instance}, audience="dit4c-routing", lifetime=60)
 
 
 def _algNone(instance: str) -> str:

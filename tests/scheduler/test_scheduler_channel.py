@@ -40,7 +40,7 @@ from dit4c.channel.wire import (
     parseStatus,
     privateMembers,
 )
-from dit4c.common.keys import generate_private_key, public_jwk
+from dit4c.common.keys import generatePrivateKey, publicJWK
 from dit4c.common.tokens import InvalidToken, StaticKeySource, TokenVerifier
 from dit4c.portal.store.interfaces import COMMAND_OPS
 from dit4c.scheduler.channel import ChannelClient, ISchedulerHandler, channelURL
@@ -116,9 +116,9 @@ def test_parse_command() -> None:
 
 
 def test_private_members() -> None:
-    key = generate_private_key()
-    assert privateMembers(public_jwk(key)) == set()
-    assert privateMembers({**public_jwk(key), "d": "x"}) == {"d"}
+    key = generatePrivateKey()
+    assert privateMembers(publicJWK(key)) == set()
+    assert privateMembers({**publicJWK(key), "d": "x"}) == {"d"}
     assert privateMembers({"kty": "oct", "k": "secret"}) == {"k"}
 
 
@@ -132,7 +132,7 @@ def test_channel_url() -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_sign_proof() -> None:
-    key = generate_private_key()
+    key = generatePrivateKey()
     clock = Clock()
     clock.advance(1_700_000_000)
     proof = signProof(key, SCHEDULER, "n0nce", PORTAL, clock=clock)
@@ -141,7 +141,7 @@ async def test_sign_proof() -> None:
     assert claims["sub"] == SCHEDULER and claims["nonce"] == "n0nce" and claims["portal"] == PORTAL
     assert claims["exp"] - claims["iat"] == 60
     with pytest.raises(InvalidToken):
-        await TokenVerifier(StaticKeySource.fromKeys(generate_private_key()), audience=AUDIENCE).verify(proof)
+        await TokenVerifier(StaticKeySource.fromKeys(generatePrivateKey()), audience=AUDIENCE).verify(proof)
 
 
 # -- a scripted portal -------------------------------------------------------------------------
@@ -301,7 +301,7 @@ async def _listen(portal: FakePortal, description: str) -> Any:
 
 @pytest_twisted.async_yield_fixture
 async def setup() -> Any:
-    key = generate_private_key()
+    key = generatePrivateKey()
     portal = FakePortal(key)
     port = await _listen(portal, "tcp:0:interface=127.0.0.1")
     s = Setup(portal, f"ws://127.0.0.1:{port.getHost().port}", key)
@@ -341,7 +341,7 @@ async def test_handshake_and_report(setup: Setup) -> None:
 async def test_states_wait_for_the_portal(setup: Setup, logged: list[str]) -> None:
     handler = Handler()
     client = setup.client(handler, queueLimit=3)
-    key = generate_private_key()
+    key = generatePrivateKey()
     for state in ("requested", "starting", "running"):
         client.sendState("abc", state)
     client.sendInstanceKey("abc", key)
@@ -352,7 +352,7 @@ async def test_states_wait_for_the_portal(setup: Setup, logged: list[str]) -> No
     # The oldest was dropped (the limit is 3); what waited goes before the report.
     assert [m["type"] for m in received] == ["hello", "state", "state", "instance-key", "report"]
     assert [m["state"] for m in received if m["type"] == "state"] == ["starting", "running"]
-    assert received[3]["jwk"] == public_jwk(key)
+    assert received[3]["jwk"] == publicJWK(key)
     assert any("dropping the oldest" in line for line in logged)
     assert any("1 messages were dropped" in line for line in logged)
     # Once up, a state goes at once.
@@ -362,19 +362,19 @@ async def test_states_wait_for_the_portal(setup: Setup, logged: list[str]) -> No
 
 
 def test_sending_refuses_bad_input() -> None:
-    client = ChannelClient(reactor, "ws://127.0.0.1:9/", SCHEDULER, generate_private_key(), Handler())
+    client = ChannelClient(reactor, "ws://127.0.0.1:9/", SCHEDULER, generatePrivateKey(), Handler())
     with pytest.raises(ValueError, match="state must be one of"):
         client.sendState("abc", "paused")
     with pytest.raises(ValueError, match="not an instance id"):
         client.sendState("../etc", "running")
-    key = generate_private_key()
+    key = generatePrivateKey()
     with pytest.raises(ValueError, match=r"private key members \['d'\]"):
-        client.sendInstanceKey("abc", {**public_jwk(key), "d": "secret"})
+        client.sendInstanceKey("abc", {**publicJWK(key), "d": "secret"})
     with pytest.raises(ValueError, match="not an instance id"):
         client.sendInstanceKey("A B", key)
     client.sendInstanceKey("abc", key)  # a private key object: only its public half goes
     [message] = client._queue
-    assert message["jwk"] == public_jwk(key) and "d" not in message["jwk"]
+    assert message["jwk"] == publicJWK(key) and "d" not in message["jwk"]
 
 
 @pytest_twisted.ensureDeferred
@@ -485,7 +485,7 @@ async def test_handshake_timeout(setup: Setup) -> None:
 
 def test_retry_delay_counts_refusals() -> None:
     client = ChannelClient(
-        reactor, "ws://127.0.0.1:9/", SCHEDULER, generate_private_key(), Handler(), retryPolicy=lambda n: float(n)
+        reactor, "ws://127.0.0.1:9/", SCHEDULER, generatePrivateKey(), Handler(), retryPolicy=lambda n: float(n)
     )
     assert client._retryDelay(2) == 2.0
     client._failures = 5  # five refusals in a row: wait as long as after five failed attempts
@@ -506,7 +506,7 @@ async def test_stop_closes_the_channel(setup: Setup) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_wss_checks_the_portal_certificate(tmp_path: Path) -> None:
-    key = generate_private_key()
+    key = generatePrivateKey()
     portal = FakePortal(key)
     keyPath, certPath = makeCertificate(tmp_path / "ca", "localhost")
     port = await _listen(portal, f"ssl:0:interface=127.0.0.1:privateKey={keyPath}:certKey={certPath}")

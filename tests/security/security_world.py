@@ -26,7 +26,7 @@ from support.processes import Process
 from twisted.internet import reactor
 
 from dit4c.common.helperenv import HelperEnvironment, toEnvironment
-from dit4c.common.keys import generate_private_key, save_private_key
+from dit4c.common.keys import generatePrivateKey, savePrivateKey
 from dit4c.portal import security
 from dit4c.portal.store import openStore
 
@@ -105,7 +105,7 @@ async def startRouting(processes: Any, signing: Any) -> Process:
 async def startAuthHelper(tmp_path: Path, portal: str, started: list[Process]) -> int:
     """The auth helper of an instance, as a node starts it (``python -m twisted``, the helper environment): its port."""
     key = tmp_path / "instance.pem"
-    save_private_key(generate_private_key(), key)
+    savePrivateKey(generatePrivateKey(), key)
     env = toEnvironment(
         HelperEnvironment(
             instance="hm8nsrkm2namn9hm3",

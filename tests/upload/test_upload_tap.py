@@ -28,7 +28,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from dit4c.common.helperenv import HelperEnvironment, inherited, toEnvironment
-from dit4c.common.keys import generate_private_key, save_private_key
+from dit4c.common.keys import generatePrivateKey, savePrivateKey
 from dit4c.listener.report import REPORT_AUDIENCE
 from dit4c.upload.helper import UPLOAD_AUDIENCE, failureFile, progressFile, resultFile
 from dit4c.upload.tap import Options
@@ -97,8 +97,8 @@ async def servers() -> Any:
 @pytest.fixture
 def pod(tmp_path: Path) -> Iterator[tuple[Path, Any]]:
     """An instance's directory with its key and a captured image."""
-    key = generate_private_key()
-    save_private_key(key, tmp_path / "instance.key")
+    key = generatePrivateKey()
+    savePrivateKey(key, tmp_path / "instance.key")
     (tmp_path / "saved-image.tar").write_bytes(IMAGE)
     yield tmp_path, key
 
