@@ -8,8 +8,11 @@ request it receives (docs/protocols.md sections 8.4 and 12).
   default); :mod:`~dit4c.imageserver.s3`: an S3-compatible object store
   (``--storage s3``, the ``s3`` extra);
 - :mod:`~dit4c.imageserver.portal`: the question to the portal;
-- :mod:`~dit4c.imageserver.web`: the HTTP side, which streams uploads to
-  storage chunk by chunk and asks before it reads an upload's body;
+- :mod:`~dit4c.imageserver.web`: the HTTP side (the resource and site), over
+  :mod:`~dit4c.imageserver.server` (what every connection shares: the
+  limits, the credentials, the routes) and
+  :mod:`~dit4c.imageserver.uploads` (each request: an upload streamed to
+  storage chunk by chunk, asked about before its body is read);
 - :mod:`~dit4c.imageserver.service` and :mod:`~dit4c.imageserver.tap`: the
   twistd plugin.
 """
