@@ -9,13 +9,12 @@ tool's; and heads no front can pass on safely are refused.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
 import pytest_twisted
 from auth_client import Browser, logIn
-from support.sockets import rawRequest
+from support.sockets import rawRequest, responses, seenHeaders
 
 
 async def aliceIn(world: Any) -> str:
@@ -24,31 +23,6 @@ async def aliceIn(world: Any) -> str:
     alice = Browser(world)
     assert (await logIn(alice, "alice")).code == 303
     return "; ".join(f"{k}={v}" for k, v in alice.instanceCookies().items())
-
-
-def responses(data: bytes) -> list[tuple[int, bytes]]:
-    """Each response in ``data`` (status, body), read with httptools' response parser."""
-    import httptools
-
-    found: list[list[Any]] = []
-
-    class Collect:
-        def on_message_begin(self) -> None:
-            found.append([0, b""])
-
-        def on_headers_complete(self) -> None:
-            found[-1][0] = parser.get_status_code()
-
-        def on_body(self, body: bytes) -> None:
-            found[-1][1] += body
-
-    parser = httptools.HttpResponseParser(Collect())
-    parser.feed_data(data)
-    return [(status, body) for status, body in found]
-
-
-def toolSaw(body: bytes) -> dict[str, list[str]]:
-    return {k.lower(): v for k, v in json.loads(body)["headers"].items()}
 
 
 @pytest_twisted.ensureDeferred
@@ -66,7 +40,7 @@ async def test_an_upgrade_answered_200_leaves_every_later_request_checked(world:
     got = responses(answer)
     assert [status for status, _ in got] == [200, 200, 200]
     for _, body in got:
-        seen = toolSaw(body)
+        seen = seenHeaders(body)
         assert seen["x-dit4c-user"] == ["alice"]
         assert seen["cookie"] == ["theirs=kept"]
     assert b"IMPERSONATED" not in answer and b"dit4c_auth" not in answer
@@ -103,7 +77,7 @@ async def test_own_answers_come_in_order_among_the_tools(world: Any) -> None:
     got = responses(answer)
     assert [status for status, _ in got] == [200, 401, 404, 200]
     assert len(got[0][1]) == 200000
-    assert toolSaw(got[3][1])["x-dit4c-user"] == ["alice"]
+    assert seenHeaders(got[3][1])["x-dit4c-user"] == ["alice"]
 
 
 @pytest.mark.parametrize(

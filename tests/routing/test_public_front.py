@@ -14,35 +14,9 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from support.sockets import rawRequest
+from support.sockets import rawRequest, responses, seenHeaders
 
 HOST = "front.localhost"
-
-
-def responses(data: bytes) -> list[tuple[int, bytes]]:
-    """Each response in ``data`` (status, body), read with httptools' response parser."""
-    import httptools
-
-    found: list[list[Any]] = []
-
-    class Collect:
-        def on_message_begin(self) -> None:
-            found.append([0, b""])
-
-        def on_headers_complete(self) -> None:
-            found[-1][0] = parser.get_status_code()
-
-        def on_body(self, body: bytes) -> None:
-            found[-1][1] += body
-
-    parser = httptools.HttpResponseParser(Collect())
-    parser.feed_data(data)
-    return [(status, body) for status, body in found]
-
-
-def seenHeaders(body: bytes) -> dict[str, list[str]]:
-    """The headers the backend's ``/headers`` saw, by lower-case name."""
-    return {k.lower(): v for k, v in json.loads(body)["headers"].items()}
 
 
 FORGED = "X-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.example\r\nForwarded: for=6.6.6.6\r\n"

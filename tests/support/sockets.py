@@ -1,9 +1,11 @@
 """
-Raw TCP (or Unix socket) clients, and a port that refuses connections.
+Raw TCP (or Unix socket) clients, what came back on them read as HTTP
+responses, and a port that refuses connections.
 """
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,3 +58,29 @@ def refusedPort(host: str = "127.0.0.1") -> Iterator[int]:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
         held.bind((host, 0))
         yield int(held.getsockname()[1])
+
+
+def responses(data: bytes) -> list[tuple[int, bytes]]:
+    """Each response in ``data`` (status, body), read with httptools' response parser."""
+    import httptools
+
+    found: list[list[Any]] = []
+
+    class Collect:
+        def on_message_begin(self) -> None:
+            found.append([0, b""])
+
+        def on_headers_complete(self) -> None:
+            found[-1][0] = parser.get_status_code()
+
+        def on_body(self, body: bytes) -> None:
+            found[-1][1] += body
+
+    parser = httptools.HttpResponseParser(Collect())
+    parser.feed_data(data)
+    return [(status, body) for status, body in found]
+
+
+def seenHeaders(body: bytes) -> dict[str, list[str]]:
+    """The headers the test backend's ``/headers`` saw (its answer's body), by lower-case name."""
+    return {k.lower(): v for k, v in json.loads(body)["headers"].items()}
