@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
-from portal_client import serve
+from portal_client import serve, startService
 from support.portal import RecordingCommands
 from twisted.internet import reactor
 from twisted.internet.task import Clock
@@ -37,6 +37,17 @@ async def portal(tmp_path: Path) -> Any:
     yield portal
     await port.stopListening()
     await store.close()
+
+
+@pytest_twisted.async_yield_fixture
+async def running(tmp_path: Path) -> Any:
+    """The portal as ``twistd dit4c-portal`` makes it, at ``http://portal.localhost:PORT``, with alice."""
+    service = await startService(tmp_path, "http://portal.localhost")
+    await service.portal.store.createUser(
+        "alice", password_hash=await security.hashPassword("correct horse battery"), display_name="Alice A."
+    )
+    yield f"http://portal.localhost:{service.ports[0].port.getHost().port}"
+    await service.stopService()
 
 
 @pytest_twisted.async_yield_fixture

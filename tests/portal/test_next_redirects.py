@@ -8,7 +8,6 @@ of a person logged in already, the upstream login's start), each
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -18,12 +17,9 @@ from portal_client import Browser, csrfOf, logIn
 from support.nextpath import browserOrigin, inReactor, nextValues
 from treq.client import HTTPClient
 from twisted.internet import reactor, threads
-from twisted.internet.endpoints import serverFromString
 from twisted.web.client import Agent
 
-from dit4c.portal import security
-from dit4c.portal.app import Portal, PortalConfig
-from dit4c.portal.service import PortalService
+from dit4c.portal.app import Portal
 from dit4c.portal.upstream import ProviderConfig, UpstreamLogin
 
 #: As written in the query string of ``/login?next=...``.
@@ -38,26 +34,6 @@ KNOWN = [
     "https://evil.example/",
     "/%E3%80%82/evil.example/",
 ]
-
-
-@pytest_twisted.async_yield_fixture
-async def running(tmp_path: Path) -> Any:
-    """The portal as ``twistd dit4c-portal`` makes it, at ``http://portal.localhost:PORT``, with alice."""
-    service = PortalService(
-        reactor,
-        database=f"sqlite:///{tmp_path / 'portal.db'}",
-        dataDir=tmp_path / "data",
-        config=PortalConfig(publicURL="http://portal.localhost"),
-        endpoints=[serverFromString(reactor, "tcp:0:interface=127.0.0.1")],
-    )
-    service.startService()
-    portal = await service.ready
-    await portal.store.createUser(
-        "alice", password_hash=await security.hashPassword("correct horse battery"), display_name="Alice A."
-    )
-    port = service.ports[0].port.getHost().port  # type: ignore[union-attr]
-    yield f"http://portal.localhost:{port}"
-    await service.stopService()
 
 
 @pytest_twisted.ensureDeferred

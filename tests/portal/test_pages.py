@@ -19,25 +19,6 @@ from dit4c.portal.app import PortalConfig
 from dit4c.portal.service import PortalService
 
 
-@pytest_twisted.async_yield_fixture
-async def running(tmp_path: Path) -> Any:
-    service = PortalService(
-        reactor,
-        database=f"sqlite:///{tmp_path / 'portal.db'}",
-        dataDir=tmp_path / "data",
-        config=PortalConfig(publicURL="http://portal.localhost"),
-        endpoints=[serverFromString(reactor, "tcp:0:interface=127.0.0.1")],
-    )
-    service.startService()
-    portal = await service.ready
-    await portal.store.createUser(
-        "alice", password_hash=await security.hashPassword("correct horse battery"), display_name="Alice A."
-    )
-    port = service.ports[0].port.getHost().port  # type: ignore[union-attr]
-    yield f"http://portal.localhost:{port}"
-    await service.stopService()
-
-
 @pytest_twisted.ensureDeferred
 async def test_log_in_and_out_in_a_browser(running: str, browser: Any, tmp_path: Path) -> None:
     await browser.get(running + "/")
