@@ -214,9 +214,27 @@ def push(port: int, head: bytes, body: Iterator[bytes], watch: Any = None, timeo
                     if watch is not None and sent >= nextWatch:
                         watch()
                         nextWatch += 4 * MiB
+        if reading:
+            # The answer may have come with the reset, after the last look:
+            # it is still in the socket's buffer (what a browser would show).
+            answer += drain(s)
         return Pushed(answer, sent, cut)
     finally:
         s.close()
+
+
+def drain(s: socket.socket, wait: float = 1.0) -> bytes:
+    """What is left to read on ``s`` until its end, a reset or ``wait`` seconds of silence."""
+    s.settimeout(wait)
+    got = b""
+    while True:
+        try:
+            more = s.recv(65536)
+        except (OSError, socket.timeout):
+            return got
+        if not more:
+            return got
+        got += more
 
 
 def lengthBody(total: int, piece: int = 256 * 1024) -> Iterator[bytes]:
