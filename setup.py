@@ -31,6 +31,8 @@ setup(
         "argon2-cffi>=23.1",
         # Templates with autoescaping for the portal's pages.
         "jinja2>=3.1",
+        # Signed, timed cookie values (the auth helper's login flow): the well-kept library for them.
+        "itsdangerous>=2.2",
     ],
     extras_require={
         "test": [
