@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import re
 import secrets
-from base64 import urlsafe_b64decode, urlsafe_b64encode
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from itsdangerous import (
+    BadData,
+    BadSignature,
+    SignatureExpired,
+    TimestampSigner,
+    URLSafeTimedSerializer,
+    want_bytes,
+)
 
 from dit4c.common.keys import loadPrivateKey
 from dit4c.common.nextpath import safeNext
@@ -56,14 +61,8 @@ CALLBACK_PATH = b"/.dit4c/callback"
 FLOW_LIFETIME = 600
 
 _FLOW_VERSION = "v1"
-
-
-def _b64(data: bytes) -> str:
-    return urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _unb64(text: str) -> bytes:
-    return urlsafe_b64decode(text + "=" * (-len(text) % 4))
+#: itsdangerous' salt for the flow cookie: its signing key is HMAC-SHA256(key, salt).
+_FLOW_SALT = b"dit4c-helper-auth.flow-cookie." + _FLOW_VERSION.encode("ascii")
 
 
 # -- keys ----------------------------------------------------------------------------------------
@@ -110,12 +109,34 @@ class Flow:
     expires: int
 
 
+class _FlowSigner(TimestampSigner):
+    """
+    itsdangerous' timestamped HMAC signer, with SHA-256 and HMAC key
+    derivation pinned, reading the time it is given instead of the global
+    clock (the module's rules take time as a number), and comparing the
+    signature as text: itsdangerous decodes it first, and base64 ignores
+    the spare bits of its last character, so four spellings of one
+    signature would pass; compared as text, exactly one cookie is ours.
+    """
+
+    def __init__(self, secretKey: bytes, salt: bytes, now: float) -> None:
+        super().__init__(secretKey, salt=salt, key_derivation="hmac", digest_method=hashlib.sha256)
+        self._now = now
+
+    def get_timestamp(self) -> int:
+        return int(self._now)
+
+    def verify_signature(self, value: str | bytes, sig: str | bytes) -> bool:
+        return hmac.compare_digest(want_bytes(sig), self.get_signature(value))
+
+
 class FlowCookies:
     """
-    Makes and checks flow cookies: ``v1.<payload>.<mac>``, where payload is
-    base64url(JSON ``{"s": state, "v": verifier, "n": next, "e": expiry}``)
-    and mac is base64url(HMAC-SHA256(key, ``v1.<payload>``)), compared in
-    constant time.
+    Makes and checks flow cookies: ``v1.<token>``, where token is
+    itsdangerous' URL-safe timed serialization of the JSON ``{"s": state,
+    "v": verifier, "n": next}``, signed with HMAC-SHA256 (docs/protocols.md
+    10.1). The version names the salt, so a token is never read under
+    another version's rules.
     """
 
     def __init__(self, key: bytes, lifetime: int = FLOW_LIFETIME) -> None:
@@ -124,8 +145,10 @@ class FlowCookies:
         self._key = key
         self.lifetime = lifetime
 
-    def _mac(self, signed: str) -> str:
-        return _b64(hmac.new(self._key, signed.encode("ascii"), hashlib.sha256).digest())
+    def _serializer(self, now: float) -> URLSafeTimedSerializer:
+        return URLSafeTimedSerializer(
+            self._key, salt=_FLOW_SALT, signer=_FlowSigner, signer_kwargs={"now": now}
+        )
 
     def start(self, next: str, now: float) -> tuple[Flow, bytes]:
         """A fresh flow returning to ``next``, and its cookie value."""
@@ -135,14 +158,8 @@ class FlowCookies:
             next=safeNext(next),
             expires=int(now) + self.lifetime,
         )
-        payload = _b64(
-            json.dumps(
-                {"s": flow.state, "v": flow.verifier, "n": flow.next, "e": flow.expires},
-                separators=(",", ":"),
-            ).encode()
-        )
-        signed = f"{_FLOW_VERSION}.{payload}"
-        return flow, f"{signed}.{self._mac(signed)}".encode("ascii")
+        token = self._serializer(now).dumps({"s": flow.state, "v": flow.verifier, "n": flow.next})
+        return flow, f"{_FLOW_VERSION}.{token}".encode("ascii")
 
     def check(self, value: bytes | None, state: str | None, now: float) -> Flow:
         """
@@ -154,21 +171,31 @@ class FlowCookies:
         if not value:
             raise InvalidFlow("There is no login in progress in this browser.")
         try:
-            text = value.decode("ascii")
-            version, payload, mac = text.split(".")
-        except (UnicodeDecodeError, ValueError):
+            version, dot, token = value.decode("ascii").partition(".")
+        except UnicodeDecodeError:
             raise InvalidFlow("The login cookie is malformed.") from None
-        if version != _FLOW_VERSION or not hmac.compare_digest(
-            mac.encode("ascii"), self._mac(f"{version}.{payload}").encode("ascii")
-        ):
+        if not dot:
+            raise InvalidFlow("The login cookie is malformed.")
+        if version != _FLOW_VERSION:
             raise InvalidFlow("The login cookie was not made here.")
         try:
-            data: Any = json.loads(_unb64(payload))
-            flow = Flow(str(data["s"]), str(data["v"]), safeNext(str(data["n"])), int(data["e"]))
-        except (ValueError, KeyError, TypeError):
+            # A flow made at t is good while now < t + lifetime; itsdangerous
+            # refuses once its age (whole seconds) is over max_age.
+            data, signed = self._serializer(now).loads(
+                token, max_age=self.lifetime - 1, return_timestamp=True
+            )
+            flow = Flow(
+                str(data["s"]),
+                str(data["v"]),
+                safeNext(str(data["n"])),
+                int(signed.timestamp()) + self.lifetime,
+            )
+        except SignatureExpired:
+            raise InvalidFlow("The login took too long.") from None
+        except BadSignature:
+            raise InvalidFlow("The login cookie was not made here.") from None
+        except (BadData, KeyError, TypeError, ValueError):
             raise InvalidFlow("The login cookie is malformed.") from None
-        if now >= flow.expires:
-            raise InvalidFlow("The login took too long.")
         if not state or not hmac.compare_digest(state.encode("utf-8"), flow.state.encode("ascii")):
             raise InvalidFlow("The answer from the portal does not belong to the login started in this browser.")
         return flow
