@@ -21,7 +21,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from dit4c.auth.portal import PortalClient, PortalUnreachable, UserInfo
+from dit4c.auth.errors import PortalUnreachable
+from dit4c.auth.portal import PortalClient, UserInfo
 from dit4c.common.tokens import InvalidToken, TokenVerifier
 
 __all__ = ["ALLOWED", "FORBIDDEN", "UNAUTHENTICATED", "Sessions", "Verdict"]

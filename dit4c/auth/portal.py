@@ -18,10 +18,11 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
+from dit4c.auth.errors import PortalRefused, PortalUnreachable
 from dit4c.common.portalhttp import portalHTTP, readJSON
 from dit4c.common.tokens import TokenSigner
 
-__all__ = ["WATCH_AUDIENCE", "PortalClient", "PortalRefused", "PortalUnreachable", "UserInfo"]
+__all__ = ["WATCH_AUDIENCE", "PortalClient", "UserInfo"]
 
 #: The largest answer read from the portal (a token answer is about 1 KiB).
 MAX_ANSWER = 64 * 1024
@@ -29,18 +30,6 @@ MAX_ANSWER = 64 * 1024
 WATCH_AUDIENCE = "dit4c-portal-watch"
 #: Its lifetime: it is spent once, when the watch opens.
 WATCH_TOKEN_LIFETIME = 60.0
-
-
-class PortalUnreachable(Exception):
-    """The portal did not answer, or answered something that makes no sense."""
-
-
-class PortalRefused(Exception):
-    """The portal refused the code (its OAuth ``error`` code is the message)."""
-
-    def __init__(self, error: str) -> None:
-        super().__init__(error)
-        self.error = error
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,9 @@ from zope.interface import implementer
 
 from dit4c.auth import pages
 from dit4c.auth.connections import Connections
+from dit4c.auth.errors import PortalRefused
 from dit4c.auth.gate import ALLOWED, FORBIDDEN, Sessions, Verdict
-from dit4c.auth.portal import PortalClient, PortalRefused
+from dit4c.auth.portal import PortalClient
 from dit4c.auth.session import (
     CALLBACK_PATH,
     FLOW_COOKIE,

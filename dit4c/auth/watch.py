@@ -30,9 +30,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dit4c.auth.connections import Revocations
+from dit4c.auth.errors import WatchError
 from dit4c.auth.portal import PortalClient
 
-__all__ = ["MAX_LINE", "AccessWatch", "Notice", "NoticeParser", "WatchError"]
+__all__ = ["MAX_LINE", "AccessWatch", "Notice", "NoticeParser"]
 
 #: The longest line a watch may send (a real one is under 100 bytes).
 MAX_LINE = 4096
@@ -40,10 +41,6 @@ MAX_LINE = 4096
 DEFAULT_KEEPALIVE = 5.0
 #: Silence, in keepalive periods, after which the watch is judged dead.
 SILENT_PERIODS = 3
-
-
-class WatchError(Exception):
-    """The portal sent something that is not a watch (the watch is opened again)."""
 
 
 @dataclass(frozen=True)

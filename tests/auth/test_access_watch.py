@@ -17,7 +17,8 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
-from dit4c.auth.watch import MAX_LINE, AccessWatch, Notice, NoticeParser, WatchError
+from dit4c.auth.errors import WatchError
+from dit4c.auth.watch import MAX_LINE, AccessWatch, Notice, NoticeParser
 
 # -- the wire format ----------------------------------------------------------------------------
 

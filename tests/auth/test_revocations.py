@@ -19,8 +19,9 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 
 from dit4c.auth.connections import Connections, Revocations
+from dit4c.auth.errors import PortalUnreachable
 from dit4c.auth.gate import ALLOWED, FORBIDDEN, UNAUTHENTICATED, Sessions
-from dit4c.auth.portal import PortalUnreachable, UserInfo
+from dit4c.auth.portal import UserInfo
 from dit4c.common.keys import generatePrivateKey
 from dit4c.common.tokens import StaticKeySource, TokenSigner, TokenVerifier
 
