@@ -109,7 +109,8 @@ class Session:
     The established tunnel. It is the link transport's producer: when the
     link's buffer is full it stops sending stream data (control frames still
     go) and each stream's own high-water mark then pauses that stream's
-    producer, so nothing buffers without bound.
+    producer, so nothing buffers without bound. Its streams see it as a
+    :class:`~dit4c.tunnel.stream.StreamHost`.
     """
 
     log = Logger()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
@@ -29,13 +29,72 @@ from twisted.internet.interfaces import (
     IPushProducer,
     ITransport,
 )
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dit4c.tunnel.errors import ErrorCode, FlowControlError, ProtocolError, StreamReset
 
-if TYPE_CHECKING:
-    from dit4c.tunnel.session import Session
+
+class StreamLimits(Protocol):
+    """The tunnel's figures a stream sizes its windows and buffers by."""
+
+    @property
+    def window(self) -> int:
+        """The receive window a stream starts with."""
+
+    @property
+    def maxWindow(self) -> int:
+        """A stream's receive window never grows beyond this."""
+
+    @property
+    def sendHighWater(self) -> int:
+        """Bytes buffered to send past which a stream pauses its producer."""
+
+
+class StreamHost(Protocol):
+    """
+    What a stream needs of the tunnel it runs in (the session provides it):
+    the tunnel's figures and addresses, the shared window growth budget, and
+    the calls that put its frames on the link and account for its buffers.
+    Streams are written against this, not against the session, so the
+    session can depend on streams without streams depending back on it.
+    """
+
+    #: Window growth still available to the tunnel's streams (a stream takes
+    #: from it as its window grows; the session gives it back when it ends).
+    growthAvailable: int
+
+    @property
+    def settings(self) -> StreamLimits: ...
+
+    @property
+    def peerWindow(self) -> int:
+        """The send window the peer grants each new stream."""
+
+    @property
+    def peerAddress(self) -> IAddress | None: ...
+
+    @property
+    def hostAddress(self) -> IAddress | None: ...
+
+    @property
+    def log(self) -> Logger: ...
+
+    def _wantSend(self, stream: Stream) -> None:
+        """``stream`` has something to send."""
+
+    def _sendReset(self, streamId: int, code: int, reason: str) -> None:
+        """Tell the peer stream ``streamId`` is reset."""
+
+    def _credit(self, stream: Stream) -> None:
+        """``stream``'s reader consumed data: return window credit to the peer."""
+
+    def _buffered(self, stream: Stream, delta: int) -> None:
+        """``stream`` holds ``delta`` more (or fewer) bytes for a paused reader."""
+
+    def _streamEnded(self, stream: Stream) -> None:
+        """``stream`` is closed both ways: forget it."""
 
 
 class State(enum.Enum):
@@ -120,7 +179,7 @@ class Stream:
         "_finAfterBuffer",
     )
 
-    def __init__(self, session: Session, streamId: int, metadata: dict[str, Any]) -> None:
+    def __init__(self, session: StreamHost, streamId: int, metadata: dict[str, Any]) -> None:
         self.id = streamId
         self.session = session
         self.metadata = metadata
