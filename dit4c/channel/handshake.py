@@ -28,16 +28,8 @@ from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 
-from dit4c.channel.wire import (
-    AUDIENCE,
-    MAX_ID,
-    MAX_NONCE,
-    MAX_URL,
-    PROOF_LIFETIME,
-    LinkError,
-    ProtocolError,
-    text,
-)
+from dit4c.channel.errors import AuthRefused, ProtocolError
+from dit4c.channel.wire import AUDIENCE, MAX_ID, MAX_NONCE, MAX_URL, PROOF_LIFETIME, text
 from dit4c.common.keys import PrivateKey
 from dit4c.common.tokens import (
     MAX_TOKEN_LENGTH,
@@ -50,7 +42,6 @@ from dit4c.common.tokens import (
 __all__ = [
     "NODE_LINK",
     "PORTAL_LINK",
-    "AuthRefused",
     "Dialled",
     "Dialler",
     "Hello",
@@ -94,10 +85,6 @@ NODE_LINK = Link(
     welcomeAudience="dit4c-scheduler",
     nameLimit=MAX_ID,
 )
-
-
-class AuthRefused(LinkError):
-    """The other side failed to prove itself: the link closes (``AUTH_FAILED``) with this reason."""
 
 
 def newNonce() -> str:

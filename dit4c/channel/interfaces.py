@@ -15,11 +15,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from dit4c.channel.wire import Command, InstanceStatus
 
-__all__ = ["INode", "INodeObserver", "NodeFull", "observer", "startFrom"]
-
-
-class NodeFull(Exception):
-    """The node takes no more instances (at capacity, or cooling down)."""
+__all__ = ["INode", "INodeObserver", "observer", "startFrom"]
 
 
 class INodeObserver(Interface):

@@ -18,6 +18,7 @@ from enum import IntEnum
 from typing import Any
 from urllib.parse import urlsplit
 
+from dit4c.channel.errors import ProtocolError
 from dit4c.common.life import ACTIONS, STATES, State
 from dit4c.common.tokens import INSTANCE_ID_RE
 from dit4c.common.websocket import configureFactory
@@ -39,8 +40,6 @@ __all__ = [
     "CloseCode",
     "Command",
     "InstanceStatus",
-    "LinkError",
-    "ProtocolError",
     "decode",
     "encode",
     "instanceField",
@@ -93,21 +92,6 @@ class CloseCode(IntEnum):
     SHUTDOWN = 4004
     #: A bug, or the portal's database failed: reconnect later.
     INTERNAL_ERROR = 4005
-
-
-class LinkError(Exception):
-    """What closes one link (only that one); ``reason`` says why, in the close frame and the log."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-
-    @property
-    def reason(self) -> str:
-        return str(self.args[0])
-
-
-class ProtocolError(LinkError):
-    """The peer broke the channel's protocol: the channel closes (``PROTOCOL_ERROR``)."""
 
 
 def encode(message: Mapping[str, Any]) -> bytes:

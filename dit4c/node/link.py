@@ -36,21 +36,13 @@ from twisted.internet.interfaces import IDelayedCall, IStreamServerEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from dit4c.channel.handshake import (
-    NODE_LINK,
-    AuthRefused,
-    Dialled,
-    Dialler,
-    Hello,
-    Phase,
-    Welcome,
-)
-from dit4c.channel.interfaces import INode, INodeObserver, NodeFull, startFrom
+from dit4c.channel.errors import AuthRefused, NodeFull, ProtocolError
+from dit4c.channel.handshake import NODE_LINK, Dialled, Dialler, Hello, Phase, Welcome
+from dit4c.channel.interfaces import INode, INodeObserver, startFrom
 from dit4c.channel.wire import (
     CloseCode,
     Command,
     InstanceStatus,
-    ProtocolError,
     decode,
     encode,
     instanceField,

@@ -16,7 +16,7 @@ import treq
 from twisted.internet.defer import Deferred, succeed
 from twisted.web.http_headers import Headers
 
-from dit4c.channel.interfaces import NodeFull
+from dit4c.channel.errors import NodeFull
 from dit4c.common.files import receiveToFile, removeFile
 from dit4c.common.helperenv import HelperEnvironment, toEnvironment
 from dit4c.common.keys import generatePrivateKey, publicJWK, savePrivateKey

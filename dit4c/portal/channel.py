@@ -41,7 +41,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from dit4c.channel.handshake import PORTAL_LINK, AuthRefused, Dialled, Hello, Phase
+from dit4c.channel.errors import AuthRefused, ProtocolError
+from dit4c.channel.handshake import PORTAL_LINK, Dialled, Hello, Phase
 from dit4c.channel.wire import (
     HANDSHAKE_TIMEOUT,
     PATH,
@@ -50,7 +51,6 @@ from dit4c.channel.wire import (
     SUBPROTOCOL,
     CloseCode,
     Command,
-    ProtocolError,
     decode,
     encode,
     instanceField,

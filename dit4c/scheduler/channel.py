@@ -32,7 +32,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface
 
-from dit4c.channel.handshake import PORTAL_LINK, AuthRefused, Dialler, Phase, Welcome
+from dit4c.channel.errors import AuthRefused, ProtocolError
+from dit4c.channel.handshake import PORTAL_LINK, Dialler, Phase, Welcome
 from dit4c.channel.wire import (
     HANDSHAKE_TIMEOUT,
     MAX_MESSAGE,
@@ -42,7 +43,6 @@ from dit4c.channel.wire import (
     SUBPROTOCOL,
     CloseCode,
     Command,
-    ProtocolError,
     decode,
     encode,
     instanceField,

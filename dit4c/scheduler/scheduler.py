@@ -17,7 +17,8 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from dit4c.channel.interfaces import INode, INodeObserver, NodeFull, startFrom
+from dit4c.channel.errors import NodeFull
+from dit4c.channel.interfaces import INode, INodeObserver, startFrom
 from dit4c.channel.wire import Command, InstanceStatus
 from dit4c.common.life import State
 from dit4c.scheduler.channel import ChannelClient, ISchedulerHandler

@@ -173,7 +173,7 @@ async def test_unknown_tool_and_start_timeout(nodes: Any) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_capacity(nodes: Any) -> None:
-    from dit4c.channel.interfaces import NodeFull
+    from dit4c.channel.errors import NodeFull
 
     node, runtime, watcher = nodes(capacity=1)
     await node.start("abc6", "web", None)

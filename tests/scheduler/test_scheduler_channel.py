@@ -23,6 +23,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from dit4c.channel.errors import ProtocolError
 from dit4c.channel.handshake import signProof
 from dit4c.channel.wire import (
     AUDIENCE,
@@ -32,7 +33,6 @@ from dit4c.channel.wire import (
     CloseCode,
     Command,
     InstanceStatus,
-    ProtocolError,
     decode,
     encode,
     parseCommand,
