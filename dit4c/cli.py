@@ -17,21 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from dit4c.common.errors import InvalidToken, KeyFileError
 from dit4c.common.keys import (
-    KeyFileError,
     generatePrivateKey,
     jwks,
     loadPrivateKey,
     loadPublicKey,
     savePrivateKey,
 )
-from dit4c.common.tokens import (
-    ROUTING_AUDIENCE,
-    ROUTING_MAX_LIFETIME,
-    InvalidToken,
-    TokenSigner,
-    checkInstanceID,
-)
+from dit4c.common.tokens import ROUTING_AUDIENCE, ROUTING_MAX_LIFETIME, TokenSigner, checkInstanceID
 
 __all__ = ["COMMANDS", "Command", "CommandError", "command", "main"]
 

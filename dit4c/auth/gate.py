@@ -23,7 +23,8 @@ from twisted.logger import Logger
 
 from dit4c.auth.errors import PortalUnreachable
 from dit4c.auth.portal import PortalClient, UserInfo
-from dit4c.common.tokens import InvalidToken, TokenVerifier
+from dit4c.common.errors import InvalidToken
+from dit4c.common.tokens import TokenVerifier
 
 __all__ = ["ALLOWED", "FORBIDDEN", "UNAUTHENTICATED", "Sessions", "Verdict"]
 

@@ -50,6 +50,7 @@ from dit4c.auth.session import (
     setCookie,
     stripCookies,
 )
+from dit4c.common.errors import HeadError, InvalidToken
 from dit4c.common.frontconn import (
     Answer,
     Forward,
@@ -58,9 +59,9 @@ from dit4c.common.frontconn import (
     IFrontRules,
     UpstreamProtocol,
 )
-from dit4c.common.httpfront import FrontLimits, HeadError, RequestHead
+from dit4c.common.httpfront import FrontLimits, RequestHead
 from dit4c.common.pkce import codeChallenge
-from dit4c.common.tokens import InvalidToken, TokenVerifier
+from dit4c.common.tokens import TokenVerifier
 
 __all__ = ["AuthConfig", "AuthProxyFactory", "AuthRules", "USER_HEADER"]
 

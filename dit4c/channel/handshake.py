@@ -30,14 +30,9 @@ from twisted.internet.interfaces import IReactorTime
 
 from dit4c.channel.errors import AuthRefused, ProtocolError
 from dit4c.channel.wire import AUDIENCE, MAX_ID, MAX_NONCE, MAX_URL, PROOF_LIFETIME, text
+from dit4c.common.errors import InvalidToken
 from dit4c.common.keys import PrivateKey
-from dit4c.common.tokens import (
-    MAX_TOKEN_LENGTH,
-    IKeySource,
-    InvalidToken,
-    TokenSigner,
-    TokenVerifier,
-)
+from dit4c.common.tokens import MAX_TOKEN_LENGTH, IKeySource, TokenSigner, TokenVerifier
 
 __all__ = [
     "NODE_LINK",

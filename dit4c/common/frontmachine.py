@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from dit4c.common.errors import HeadError
 from dit4c.common.frontmetrics import FrontMetrics
 from dit4c.common.frontmoves import (
     CHECKING,
@@ -44,7 +45,7 @@ from dit4c.common.frontmoves import (
 )
 from dit4c.common.frontresponses import ResponseTracking
 from dit4c.common.frontrules import Answer, Forward, IFrontIO, IRequestRules, Verdict
-from dit4c.common.httpfront import HEAD_TOO_LARGE, FrontLimits, HeadError, RequestHead
+from dit4c.common.httpfront import HEAD_TOO_LARGE, FrontLimits, RequestHead
 
 __all__ = ["FrontConnection"]
 

@@ -17,10 +17,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from dit4c.common.errors import HelperEnvironmentError
 from dit4c.common.portalhttp import isPortalAddress
 from dit4c.common.tokens import INSTANCE_ID_RE
 
-__all__ = ["HelperEnvironment", "HelperEnvironmentError", "fromEnvironment", "toEnvironment", "inherited", "PREFIX", "VARIABLES"]
+__all__ = ["HelperEnvironment", "fromEnvironment", "toEnvironment", "inherited", "PREFIX", "VARIABLES"]
 
 PREFIX = "DIT4C_"
 
@@ -46,10 +47,6 @@ _VARIABLES: dict[str, tuple[str, bool]] = {
 
 #: attribute → name: where a runtime looks a variable up in a pod's environment.
 VARIABLES: dict[str, str] = {attribute: name for name, (attribute, _) in _VARIABLES.items()}
-
-
-class HelperEnvironmentError(ValueError):
-    """A variable is missing or malformed; the message names it."""
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,9 @@ from typing import Any
 
 import httptools
 
-__all__ = ["FrontLimits", "HeadError", "RequestHead", "errorPage", "feedParser", "hostName"]
+from dit4c.common.errors import HeadError, Upgraded
+
+__all__ = ["FrontLimits", "RequestHead", "errorPage", "feedParser", "hostName"]
 
 
 @dataclass(frozen=True)
@@ -54,17 +56,6 @@ def errorPage(
         b"Content-Length: %d\r\nConnection: close\r\nCache-Control: no-store\r\n%s\r\n%s"
         % (status, title.encode(), len(body), headers, body)
     )
-
-
-class HeadError(Exception):
-    """
-    A request head the server answers itself (with ``status``) and then
-    closes; ``kind`` names the trouble in a server's error counters.
-    """
-
-    def __init__(self, status: int, title: str, message: str, kind: str = "") -> None:
-        super().__init__(message)
-        self.status, self.title, self.message, self.kind = status, title, message, kind
 
 
 HEAD_TOO_LARGE = (431, "Request Header Fields Too Large", "The request head is too large.", "head_too_large")
@@ -196,14 +187,6 @@ def hostName(raw: bytes | None) -> str:
     else:
         host = host.partition(":")[0]
     return host.rstrip(".")
-
-
-class Upgraded(Exception):
-    """The parser stopped at an ``Upgrade``: ``rest`` is what followed the head."""
-
-    def __init__(self, rest: bytes) -> None:
-        super().__init__("upgraded")
-        self.rest = rest
 
 
 def feedParser(parser: Any, data: bytes) -> None:

@@ -54,14 +54,8 @@ from twisted.web.iweb import IAccessLogFormatter
 from twisted.web.server import Request, Site
 from zope.interface import provider
 
-from dit4c.common.httpfront import (
-    FrontLimits,
-    HeadError,
-    RequestHead,
-    Upgraded,
-    errorPage,
-    feedParser,
-)
+from dit4c.common.errors import HeadError, Upgraded
+from dit4c.common.httpfront import FrontLimits, RequestHead, errorPage, feedParser
 
 __all__ = [
     "SECRET_PARAMETERS",

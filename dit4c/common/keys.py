@@ -31,11 +31,11 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm
 from jwt.utils import base64url_encode
 from twisted.logger import Logger
 
+from dit4c.common.errors import KeyFileError, UnsupportedKey
+
 __all__ = [
-    "KeyFileError",
     "PrivateKey",
     "PublicKey",
-    "UnsupportedKey",
     "algorithmFor",
     "generatePrivateKey",
     "jwks",
@@ -57,14 +57,6 @@ _log = Logger(namespace="dit4c.common.keys")
 # RFC 7638 section 3.2: the required members of each key type, the only ones
 # that go into a thumbprint.
 _THUMBPRINT_MEMBERS = {"EC": ("crv", "kty", "x", "y"), "OKP": ("crv", "kty", "x")}
-
-
-class KeyFileError(ValueError):
-    """The file does not hold a usable key (a PEM EC P-256 or Ed25519 key)."""
-
-
-class UnsupportedKey(KeyFileError):
-    """The key is neither EC P-256 nor Ed25519, the only types DIT4C signs with."""
 
 
 def _checkType(key: object, where: str) -> None:

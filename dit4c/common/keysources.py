@@ -26,8 +26,8 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from zope.interface import Interface, implementer
 
-from dit4c.common.keys import KeyFileError, jwks, keyID, publicKeyFromPEM
-from dit4c.common.tokenclaims import InvalidToken
+from dit4c.common.errors import InvalidToken, KeyFileError
+from dit4c.common.keys import jwks, keyID, publicKeyFromPEM
 
 __all__ = ["MAX_JWKS_SIZE", "IKeySource", "JWKSKeySource", "StaticKeySource", "parseJWKS"]
 

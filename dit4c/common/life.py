@@ -18,7 +18,7 @@ node's record. The table below is the whole behaviour:
 :data:`LIFE` is the state machine built from the table (automat): the
 portal's and the node's records are instances of it, started in the
 state they hold, so an illegal move is refused in one place
-(:class:`IllegalMove`).
+(:class:`dit4c.common.errors.IllegalMove`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from typing import Protocol
 from automat import NoTransition, TypeMachine, TypeMachineBuilder
 from automat._typed import TypedState
 
+from dit4c.common.errors import IllegalMove
+
 __all__ = [
     "ACTIONS",
     "ACTIVE",
@@ -42,7 +44,6 @@ __all__ = [
     "STATES",
     "TERMINAL",
     "TRANSIENT",
-    "IllegalMove",
     "Life",
     "LifeInputs",
     "State",
@@ -211,15 +212,6 @@ def toJSON() -> dict[str, object]:
 
 
 # -- the state machine ---------------------------------------------------------------------------
-
-
-class IllegalMove(Exception):
-    """A move or action the instance's life does not allow from its state."""
-
-    def __init__(self, state: State, what: str) -> None:
-        super().__init__(f"{what} is not allowed from {state.value}")
-        self.state = state
-        self.what = what
 
 
 class LifeInputs(Protocol):

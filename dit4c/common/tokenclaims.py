@@ -1,8 +1,8 @@
 """
 What a DIT4C token must be, apart from its signature: the pinned
 algorithms, the audiences and bounds, the checks on its claims (an
-instance id, a token id, a lifetime), and the one refusal,
-:class:`InvalidToken`.
+instance id, a token id, a lifetime). Their one refusal is
+:class:`dit4c.common.errors.InvalidToken`.
 
 These are shared by whoever signs or verifies (:mod:`dit4c.common.tokens`),
 finds keys (:mod:`dit4c.common.keysources`) or reads claims after a
@@ -17,6 +17,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from dit4c.common.errors import InvalidToken
+
 __all__ = [
     "ALGORITHMS",
     "INSTANCE_ID_RE",
@@ -24,7 +26,6 @@ __all__ = [
     "MAX_TOKEN_LENGTH",
     "ROUTING_AUDIENCE",
     "ROUTING_MAX_LIFETIME",
-    "InvalidToken",
     "checkInstanceID",
     "checkLifetime",
     "checkTokenID",
@@ -51,18 +52,6 @@ INSTANCE_ID_RE: re.Pattern[str] = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])
 #: Tokens longer than this are refused before any parsing: DIT4C's tokens are
 #: a few hundred bytes, and a verifier should not spend effort on a flood.
 MAX_TOKEN_LENGTH = 8192
-
-
-class InvalidToken(Exception):
-    """The token was refused."""
-
-    def __init__(self, reason: str = "") -> None:
-        super().__init__(reason or (self.__doc__ or "").strip())
-
-    @property
-    def reason(self) -> str:
-        """The short reason: safe to log or show, never any token text."""
-        return str(self.args[0])
 
 
 def checkInstanceID(value: object) -> str:

@@ -18,9 +18,10 @@ portal telling a routing server which instance may take which host name
   contains token text, so it can be logged and shown.
 
 All JOSE encoding and signature checking is PyJWT's. What a token's claims
-must be, and the refusal, are in :mod:`dit4c.common.tokenclaims`; where the
-keys come from, in :mod:`dit4c.common.keysources`. Every name of both is
-importable from here too.
+must be is in :mod:`dit4c.common.tokenclaims`; where the keys come from, in
+:mod:`dit4c.common.keysources`; the refusal, :class:`InvalidToken`, in
+:mod:`dit4c.common.errors`. Every name of the first two, and the refusal,
+is importable from here too, so that a verifier's user needs one module.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from dit4c.common.errors import InvalidToken
 from dit4c.common.keys import PrivateKey, algorithmFor, keyID
 from dit4c.common.keysources import (
     MAX_JWKS_SIZE,
@@ -62,7 +64,6 @@ from dit4c.common.tokenclaims import (
     MAX_TOKEN_LENGTH,
     ROUTING_AUDIENCE,
     ROUTING_MAX_LIFETIME,
-    InvalidToken,
     checkInstanceID,
     checkLifetime,
     checkTokenID,

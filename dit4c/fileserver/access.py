@@ -33,8 +33,9 @@ from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
+from dit4c.common.errors import InvalidToken
 from dit4c.common.portalhttp import portalHTTP, readJSON
-from dit4c.common.tokens import INSTANCE_ID_RE, IKeySource, InvalidToken
+from dit4c.common.tokens import INSTANCE_ID_RE, IKeySource
 from dit4c.fileserver.sftp import IAccess
 
 __all__ = ["ACCESS_PATH", "SECRET_HEADER", "Access", "AccessRefused", "InstanceKeyChecker", "PortalAsker", "PortalUnavailable"]

@@ -12,8 +12,9 @@ from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from dit4c.common.helperenv import HelperEnvironmentError, fromEnvironment
-from dit4c.common.keys import KeyFileError, loadPrivateKey
+from dit4c.common.errors import HelperEnvironmentError, KeyFileError
+from dit4c.common.helperenv import fromEnvironment
+from dit4c.common.keys import loadPrivateKey
 from dit4c.common.options import endpointList
 from dit4c.common.tokens import INSTANCE_ID_RE, ROUTING_AUDIENCE
 from dit4c.listener.nearest import NearestEndpoint

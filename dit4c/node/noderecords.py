@@ -25,7 +25,8 @@ from twisted.logger import Logger
 
 from dit4c.channel.interfaces import INode, INodeObserver
 from dit4c.channel.wire import MAX_REASON, InstanceStatus
-from dit4c.common.life import HOLDS_POD, TRANSIENT, IllegalMove, Life, State, expiredReason
+from dit4c.common.errors import IllegalMove
+from dit4c.common.life import HOLDS_POD, TRANSIENT, Life, State, expiredReason
 from dit4c.node.interfaces import IRuntime
 from dit4c.node.processes import RECORD, PodProcess
 

@@ -10,7 +10,8 @@ from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
-from dit4c.common.keys import KeyFileError, loadOrCreatePrivateKey
+from dit4c.common.errors import KeyFileError
+from dit4c.common.keys import loadOrCreatePrivateKey
 from dit4c.common.options import endpointList, positiveFloat, positiveInt
 from dit4c.common.tokens import StaticKeySource
 

@@ -19,7 +19,8 @@ from typing import Any
 from twisted.logger import Logger
 
 from dit4c.channel.wire import InstanceStatus
-from dit4c.common.life import ACTIVE, IllegalMove, Life, State
+from dit4c.common.errors import IllegalMove
+from dit4c.common.life import ACTIVE, Life, State
 from dit4c.portal.events import InstanceEvent, InstanceEvents
 from dit4c.portal.store.errors import Conflict, NotFound
 from dit4c.portal.store.interfaces import IStore

@@ -17,7 +17,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
-from dit4c.common.life import ACTIONS, ACTIVE, IllegalMove, Life, State
+from dit4c.common.errors import IllegalMove
+from dit4c.common.life import ACTIONS, ACTIVE, Life, State
 from dit4c.portal.events import AccessChange, EventBus, InstanceEvents
 from dit4c.portal.store.errors import Conflict, QuotaReached
 from dit4c.portal.store.interfaces import IStore

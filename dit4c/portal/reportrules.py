@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
 from dit4c.common import tokens
+from dit4c.common.errors import InvalidToken
 from dit4c.common.life import SAVING_IMAGE, states
 from dit4c.common.tokens import StaticKeySource, TokenVerifier
 from dit4c.portal.keys import KeyRing
@@ -330,7 +331,7 @@ class InstanceTokens:
         verifier = TokenVerifier(keys, audience=audience, leeway=LEEWAY, clock=self.clock)
         try:
             claims = await verifier.verify(token)
-        except tokens.InvalidToken as e:
+        except InvalidToken as e:
             raise badToken(f"The token was refused: {e.reason}.") from None
         if claims.get("sub") != instance.id:
             raise badToken("The token's sub claim must be an instance id.")

@@ -46,6 +46,7 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
 from dit4c.common import tokens
+from dit4c.common.errors import InvalidToken
 from dit4c.common.life import ACTIVE
 from dit4c.common.tokens import TokenVerifier
 from dit4c.portal.events import EventBus
@@ -477,7 +478,7 @@ class Reports:
         if token is not None and not token.startswith(API_TOKEN_PREFIX):
             try:
                 claims = await self._readTokens.verify(token)
-            except tokens.InvalidToken as e:
+            except InvalidToken as e:
                 reasons.append(f"the read token was refused: {e.reason}")
             else:
                 if claims.get("image") in {image.id for image in images}:
@@ -502,7 +503,7 @@ class Reports:
             return None
         try:
             claims = await self._deleteTokens.verify(token)
-        except tokens.InvalidToken:
+        except InvalidToken:
             return None  # perhaps another kind of token: the other rules decide
         if claims.get("digest") != reference:
             return _deny("The delete token is for another digest.")

@@ -24,7 +24,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThread
 from twisted.web.iweb import IRequest
 
-from dit4c.common.tokens import InvalidToken, TokenVerifier
+from dit4c.common.errors import InvalidToken
+from dit4c.common.tokens import TokenVerifier
 from dit4c.portal.keys import KeyRing, KeyRingKeySource
 from dit4c.portal.store.interfaces import ILoginFailures
 

@@ -23,6 +23,7 @@ from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from dit4c.common.errors import HeadError
 from dit4c.common.frontconn import (
     Forward,
     FrontMetrics,
@@ -30,7 +31,7 @@ from dit4c.common.frontconn import (
     IFrontRules,
     UpstreamProtocol,
 )
-from dit4c.common.httpfront import FrontLimits, HeadError, RequestHead, errorPage
+from dit4c.common.httpfront import FrontLimits, RequestHead, errorPage
 from dit4c.tunnel.errors import ErrorCode, StreamReset, TunnelError
 
 if TYPE_CHECKING:

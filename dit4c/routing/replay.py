@@ -24,7 +24,7 @@ from collections import Counter
 
 from twisted.internet.interfaces import IReactorTime
 
-from dit4c.common.tokens import InvalidToken
+from dit4c.common.errors import InvalidToken
 
 __all__ = ["ReplayedToken", "SeenTokens", "TooManyTokens"]
 

@@ -12,10 +12,10 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import Logger
 
+from dit4c.common.errors import InvalidToken
 from dit4c.common.service import ListeningService
 from dit4c.common.tokens import (
     ROUTING_MAX_LIFETIME,
-    InvalidToken,
     TokenVerifier,
     checkInstanceID,
     checkLifetime,

@@ -7,7 +7,8 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from dit4c.common.keys import KeyFileError, loadPrivateKey
+from dit4c.common.errors import KeyFileError
+from dit4c.common.keys import loadPrivateKey
 from dit4c.common.tokens import StaticKeySource
 
 

@@ -7,8 +7,9 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from dit4c.common.helperenv import HelperEnvironmentError, fromEnvironment
-from dit4c.common.keys import KeyFileError, loadPrivateKey
+from dit4c.common.errors import HelperEnvironmentError, KeyFileError
+from dit4c.common.helperenv import fromEnvironment
+from dit4c.common.keys import loadPrivateKey
 from dit4c.storage.helper import SSHFSMount, StorageConfigError, parseFileServer, parseHostKey
 
 

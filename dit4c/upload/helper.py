@@ -36,8 +36,9 @@ from twisted.logger import Logger
 from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
 
+from dit4c.common.errors import KeyFileError
 from dit4c.common.helperenv import HelperEnvironment
-from dit4c.common.keys import KeyFileError, loadPrivateKey
+from dit4c.common.keys import loadPrivateKey
 from dit4c.common.portalhttp import portalHTTP
 from dit4c.common.tokens import TokenSigner
 from dit4c.listener.report import REPORT_AUDIENCE

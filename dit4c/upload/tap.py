@@ -7,7 +7,8 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from dit4c.common.helperenv import HelperEnvironmentError, fromEnvironment
+from dit4c.common.errors import HelperEnvironmentError
+from dit4c.common.helperenv import fromEnvironment
 from dit4c.upload.helper import UploadService
 
 

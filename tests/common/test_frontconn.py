@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from dit4c.common.errors import HeadError
 from dit4c.common.frontconn import (
     TRANSITIONS,
     Answer,
@@ -29,7 +30,7 @@ from dit4c.common.frontconn import (
     IFrontRules,
     Phase,
 )
-from dit4c.common.httpfront import FrontLimits, HeadError, RequestHead, errorPage
+from dit4c.common.httpfront import FrontLimits, RequestHead, errorPage
 
 OWN = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nown"
 LIMITS = FrontLimits(headTimeout=10, idleTimeout=60)

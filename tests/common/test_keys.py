@@ -13,9 +13,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from dit4c.common.errors import KeyFileError, UnsupportedKey
 from dit4c.common.keys import (
-    KeyFileError,
-    UnsupportedKey,
     algorithmFor,
     generatePrivateKey,
     jwks,

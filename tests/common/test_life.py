@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from dit4c.common.errors import IllegalMove
 from dit4c.common.life import (
     ACTIONS,
     ACTIVE,
@@ -12,7 +13,6 @@ from dit4c.common.life import (
     MOVES,
     STATES,
     TRANSIENT,
-    IllegalMove,
     Life,
     State,
     actionAllowed,

@@ -12,7 +12,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from twisted.web.static import Data
 
-from dit4c.common.helperenv import HelperEnvironmentError, fromEnvironment
+from dit4c.common.errors import HelperEnvironmentError
+from dit4c.common.helperenv import fromEnvironment
 from dit4c.common.portalhttp import portalHTTP
 
 BASE = {"DIT4C_INSTANCE": "abc", "DIT4C_INSTANCE_KEY": "/k", "DIT4C_PORTAL": "http://localhost:8000"}

@@ -39,6 +39,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from dit4c.common.errors import InvalidToken
 from dit4c.common.keys import generatePrivateKey, jwks, keyID, publicJWK, savePrivateKey
 from dit4c.common.tokens import (
     ALGORITHMS,
@@ -46,7 +47,6 @@ from dit4c.common.tokens import (
     MAX_TOKEN_LENGTH,
     ROUTING_AUDIENCE,
     IKeySource,
-    InvalidToken,
     JWKSKeySource,
     StaticKeySource,
     TokenSigner,

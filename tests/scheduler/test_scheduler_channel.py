@@ -40,8 +40,9 @@ from dit4c.channel.wire import (
     parseStatus,
     privateMembers,
 )
+from dit4c.common.errors import InvalidToken
 from dit4c.common.keys import generatePrivateKey, publicJWK
-from dit4c.common.tokens import InvalidToken, StaticKeySource, TokenVerifier
+from dit4c.common.tokens import StaticKeySource, TokenVerifier
 from dit4c.portal.store.interfaces import COMMAND_OPS
 from dit4c.scheduler.channel import ChannelClient, ISchedulerHandler, channelURL
 from dit4c.testing.scheduler import TestingScheduler
