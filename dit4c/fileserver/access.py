@@ -36,23 +36,16 @@ from zope.interface import implementer
 from dit4c.common.errors import InvalidToken
 from dit4c.common.portalhttp import portalHTTP, readJSON
 from dit4c.common.tokens import INSTANCE_ID_RE, IKeySource
+from dit4c.fileserver.errors import AccessRefused, PortalUnavailable
 from dit4c.fileserver.sftp import IAccess
 
-__all__ = ["ACCESS_PATH", "SECRET_HEADER", "Access", "AccessRefused", "InstanceKeyChecker", "PortalAsker", "PortalUnavailable"]
+__all__ = ["ACCESS_PATH", "SECRET_HEADER", "Access", "InstanceKeyChecker", "PortalAsker"]
 
 ACCESS_PATH = "/reports/file-access"
 SECRET_HEADER = b"X-DIT4C-File-Server"
 MAX_ANSWER = 64 * 1024
 #: What a user id must look like to name a directory (the portal's ids are 16 URL-safe characters).
 USER_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
-
-
-class AccessRefused(Exception):
-    """The portal says no; the message is its reason."""
-
-
-class PortalUnavailable(Exception):
-    """The portal gave no answer that counts."""
 
 
 class PortalAsker:

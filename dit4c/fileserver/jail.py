@@ -25,7 +25,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["Escape", "Jail", "Resolved", "MAX_LINKS", "MAX_PATH", "checkLinkTarget", "splitPath"]
+from dit4c.fileserver.errors import Escape
+
+__all__ = ["Jail", "Resolved", "MAX_LINKS", "MAX_PATH", "checkLinkTarget", "splitPath"]
 
 #: Symbolic links followed while resolving one path (Linux's own limit).
 MAX_LINKS = 40
@@ -34,13 +36,6 @@ MAX_PATH = 4096
 MAX_NAME = 255
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-class Escape(PermissionError):
-    """The path leads out of the person's directory."""
-
-    def __init__(self, what: str = "The path leads out of your storage.") -> None:
-        super().__init__(errno.EACCES, what)
 
 
 def splitPath(path: bytes) -> list[bytes]:
