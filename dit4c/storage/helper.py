@@ -39,6 +39,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dit4c.common.keys import PrivateKey
+from dit4c.storage.errors import StorageConfigError
 
 __all__ = ["HOST_ALIAS", "FileServerAddress", "SSHFSMount", "isMounted", "parseFileServer", "parseHostKey"]
 
@@ -50,10 +51,6 @@ STABLE_AFTER = 60.0
 STOP_GRACE = 5.0
 
 _HOST_PORT = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+)):(?P<port>[0-9]{1,5})")
-
-
-class StorageConfigError(ValueError):
-    """The file server, its host key or the mount point is not usable; the message says which."""
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ from twisted.python import usage
 from dit4c.common.errors import HelperEnvironmentError, KeyFileError
 from dit4c.common.helperenv import fromEnvironment
 from dit4c.common.keys import loadPrivateKey
-from dit4c.storage.helper import SSHFSMount, StorageConfigError, parseFileServer, parseHostKey
+from dit4c.storage.errors import StorageConfigError
+from dit4c.storage.helper import SSHFSMount, parseFileServer, parseHostKey
 
 
 def _owner(value: str) -> tuple[int, int]:

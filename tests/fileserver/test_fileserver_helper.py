@@ -16,11 +16,11 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from dit4c.common.keys import generatePrivateKey, savePrivateKey
+from dit4c.storage.errors import StorageConfigError
 from dit4c.storage.helper import (
     HOST_ALIAS,
     FileServerAddress,
     SSHFSMount,
-    StorageConfigError,
     isMounted,
     parseFileServer,
     parseHostKey,
