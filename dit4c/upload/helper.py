@@ -43,17 +43,14 @@ from dit4c.common.portalhttp import portalHTTP
 from dit4c.common.tokens import TokenSigner
 from dit4c.listener.report import REPORT_AUDIENCE
 from dit4c.listener.service import backoff
+from dit4c.upload.errors import UploadFailed
 
-__all__ = ["upload", "UploadFailed", "UploadService", "UPLOAD_AUDIENCE", "failureFile", "progressFile", "resultFile"]
+__all__ = ["upload", "UploadService", "UPLOAD_AUDIENCE", "failureFile", "progressFile", "resultFile"]
 
 UPLOAD_AUDIENCE = "dit4c-image-upload"
 UPLOAD_TOKEN_LIFETIME = 300
 
 log = Logger()
-
-
-class UploadFailed(Exception):
-    """The image could not be stored or reported; the message says why."""
 
 
 class _Retry(Exception):
