@@ -13,6 +13,8 @@ request it receives (docs/protocols.md sections 8.4 and 12).
   limits, the credentials, the routes) and
   :mod:`~dit4c.imageserver.uploads` (each request: an upload streamed to
   storage chunk by chunk, asked about before its body is read);
+- :mod:`~dit4c.imageserver.errors`: what a client is refused with, and the
+  object store's failure;
 - :mod:`~dit4c.imageserver.service` and :mod:`~dit4c.imageserver.tap`: the
   twistd plugin.
 """

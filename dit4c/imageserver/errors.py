@@ -1,4 +1,15 @@
-"""The image server's refusals: each one a status, an error code and a reason a person may read."""
+"""
+What can go wrong in the image server.
+
+- ``ImageServerError`` and its kinds: the refusals a client is answered
+  with, each a status, an error code and a reason a person may read;
+  nothing was stored.
+- ``S3Error``: the S3 object store failed (unreachable, refused the
+  credentials, ...). It is an :class:`OSError`, as any failure of an image
+  store is (:class:`~dit4c.imageserver.storage.IImageStorage`); the client
+  is answered 500 "could not be stored" or "could not be read", nothing is
+  stored, and its message holds no secret.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +23,7 @@ __all__ = [
     "NotFound",
     "PortalUnavailable",
     "Refused",
+    "S3Error",
     "TooLarge",
 ]
 
@@ -86,3 +98,7 @@ class PortalUnavailable(ImageServerError):
 
     status = 503
     error = "portal_unavailable"
+
+
+class S3Error(OSError):
+    """The object store failed (unreachable, refused the credentials, ...)."""

@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from dit4c.imageserver.errors import NotFound
+from dit4c.imageserver.errors import NotFound, S3Error
 from dit4c.imageserver.storage import (
     Committed,
     IImageStorage,
@@ -38,17 +38,13 @@ from dit4c.imageserver.storage import (
     parseDigest,
 )
 
-__all__ = ["S3Error", "S3Storage"]
+__all__ = ["S3Storage"]
 
 MiB = 1024 * 1024
 #: Parts of a multipart upload: at least this large...
 PART_SIZE = 16 * MiB
 #: ... and never more than this many (S3 allows 10,000).
 MAX_PARTS = 9000
-
-
-class S3Error(OSError):
-    """The object store failed (unreachable, refused the credentials, ...)."""
 
 
 def _missing(error: Exception) -> bool:
