@@ -24,17 +24,9 @@ from collections import Counter
 
 from twisted.internet.interfaces import IReactorTime
 
-from dit4c.common.errors import InvalidToken
+from dit4c.routing.errors import ReplayedToken, TooManyTokens
 
-__all__ = ["ReplayedToken", "SeenTokens", "TooManyTokens"]
-
-
-class ReplayedToken(InvalidToken):
-    """token already used"""
-
-
-class TooManyTokens(InvalidToken):
-    """too many recent tunnel tokens; try again later"""
+__all__ = ["SeenTokens"]
 
 
 def _digest(instance: str, jti: str) -> bytes:

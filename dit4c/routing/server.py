@@ -21,9 +21,10 @@ from dit4c.common.tokens import (
     checkLifetime,
     checkTokenID,
 )
+from dit4c.routing.errors import ReplayedToken
 from dit4c.routing.front import FrontLimits, Metrics, PublicHTTPFactory
 from dit4c.routing.registry import TunnelRegistry
-from dit4c.routing.replay import ReplayedToken, SeenTokens
+from dit4c.routing.replay import SeenTokens
 from dit4c.tunnel.errors import ErrorCode, HandshakeRefused
 from dit4c.tunnel.protocol import TunnelServerFactory, TunnelServerProtocol
 from dit4c.tunnel.session import Settings

@@ -16,7 +16,8 @@ from twisted.internet.testing import StringTransport
 
 from dit4c.common.keys import generatePrivateKey, jwks
 from dit4c.common.tokens import StaticKeySource, TokenSigner, TokenVerifier
-from dit4c.routing.replay import ReplayedToken, SeenTokens, TooManyTokens
+from dit4c.routing.errors import ReplayedToken, TooManyTokens
+from dit4c.routing.replay import SeenTokens
 from dit4c.routing.server import RoutingServer
 from dit4c.tunnel.errors import HandshakeRefused
 
