@@ -20,11 +20,11 @@ from pathlib import Path
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
+# A runtime's failure, named here too: IRuntime's methods fail with it
+# (docs/protocols.md 9.1), and a runtime written elsewhere needs only this module.
+from dit4c.node.errors import RuntimeError_
+
 __all__ = ["IRuntime", "PodSpec", "PodStatus", "RuntimeError_", "helperCommand"]
-
-
-class RuntimeError_(Exception):
-    """A pod could not be made or changed; the message is shown to the person."""
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ from twisted.internet import threads
 
 from dit4c.common.files import removeFile
 from dit4c.common.life import State
-from dit4c.node.interfaces import PodStatus, RuntimeError_
+from dit4c.node.errors import RuntimeError_
+from dit4c.node.interfaces import PodStatus
 from dit4c.node.noderecords import InstanceRecord
 from dit4c.node.nodestart import FETCHED, NodeStarting
 from dit4c.node.nodestop import NodeStopping

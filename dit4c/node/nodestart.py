@@ -22,7 +22,8 @@ from dit4c.common.helperenv import HelperEnvironment, toEnvironment
 from dit4c.common.keys import generatePrivateKey, publicJWK, savePrivateKey
 from dit4c.common.life import HOLDS_POD, State
 from dit4c.common.tokens import INSTANCE_ID_RE
-from dit4c.node.interfaces import PodSpec, RuntimeError_
+from dit4c.node.errors import RuntimeError_
+from dit4c.node.interfaces import PodSpec
 from dit4c.node.noderecords import InstanceRecord, NodeRecords
 
 __all__ = ["FETCHED", "NodeStarting"]

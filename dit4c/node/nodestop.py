@@ -22,7 +22,7 @@ from dit4c.channel.wire import InstanceStatus
 from dit4c.common.files import removeFile
 from dit4c.common.helperenv import HelperEnvironment, inherited, toEnvironment
 from dit4c.common.life import Life, State
-from dit4c.node.interfaces import RuntimeError_
+from dit4c.node.errors import RuntimeError_
 from dit4c.node.noderecords import NodeRecords
 from dit4c.node.processes import PodProcess, removePodDirectory
 from dit4c.upload.helper import failureFile, progressFile, resultFile

@@ -43,7 +43,7 @@ from zope.interface import implementer
 
 from dit4c.node.interfaces import IRuntime, PodSpec, PodStatus, helperCommand
 from dit4c.node.podmanbuild import INHERITED, PodBuilding, firewallRules
-from dit4c.node.podmancommand import PodmanError, summarise
+from dit4c.node.podmancommand import summarise
 from dit4c.node.podmanpods import (
     LABEL_DIRECTORY,
     LABEL_INSTANCE,
@@ -63,7 +63,6 @@ __all__ = [
     "LABEL_PREFIX",
     "LABEL_ROLE",
     "LABEL_TOOL_PORT",
-    "PodmanError",
     "PodmanRuntime",
     "firewallRules",
     "listening",

@@ -17,8 +17,8 @@ from pathlib import Path
 from twisted.internet.task import deferLater
 
 from dit4c.common.helperenv import VARIABLES, toEnvironment
-from dit4c.node.interfaces import PodSpec, RuntimeError_
-from dit4c.node.podmancommand import PodmanError
+from dit4c.node.errors import PodmanError, RuntimeError_
+from dit4c.node.interfaces import PodSpec
 from dit4c.node.podmanimages import PodmanImages
 from dit4c.node.podmanpods import (
     INSTANCE_NAME,

@@ -21,14 +21,9 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from dit4c.node.interfaces import RuntimeError_
+from dit4c.node.errors import PodmanError, RuntimeError_
 
-__all__ = ["PodmanCommands", "PodmanError", "summarise"]
-
-
-class PodmanError(RuntimeError_):
-    """A podman command failed."""
-
+__all__ = ["PodmanCommands", "summarise"]
 
 
 class _Collect(ProcessProtocol):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dit4c.node.interfaces import RuntimeError_
-from dit4c.node.podmancommand import PodmanCommands, PodmanError, summarise
+from dit4c.node.errors import PodmanError, RuntimeError_
+from dit4c.node.podmancommand import PodmanCommands, summarise
 
 __all__ = ["PodmanImages"]
 

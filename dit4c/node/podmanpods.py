@@ -19,7 +19,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 
-from dit4c.node.interfaces import PodStatus, RuntimeError_
+from dit4c.node.errors import RuntimeError_
+from dit4c.node.interfaces import PodStatus
 from dit4c.node.podmancommand import PodmanCommands
 from dit4c.node.processes import PodProcess, removePodDirectory
 

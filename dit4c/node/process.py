@@ -71,7 +71,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from dit4c.node.confine import STORAGE_WAIT
-from dit4c.node.interfaces import IRuntime, RuntimeError_, helperCommand
+from dit4c.node.errors import RuntimeError_
+from dit4c.node.interfaces import IRuntime, helperCommand
 from dit4c.node.processarchive import IMAGE_FORMAT, IMAGE_METADATA, packArchive
 
 # Its name before the archives had a module of their own, still imported by that name.

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, cast
 
-from dit4c.node.interfaces import RuntimeError_
+from dit4c.node.errors import RuntimeError_
 
 __all__ = ["IMAGE_FORMAT", "IMAGE_METADATA", "packArchive", "unpackArchive"]
 

@@ -23,7 +23,8 @@ from twisted.internet.endpoints import quoteStringArgument
 
 from dit4c.common.helperenv import VARIABLES, inherited, toEnvironment
 from dit4c.node import confine
-from dit4c.node.interfaces import PodSpec, RuntimeError_
+from dit4c.node.errors import RuntimeError_
+from dit4c.node.interfaces import PodSpec
 from dit4c.node.processarchive import unpackArchive
 from dit4c.node.processes import POD_RECORD, PodProcess
 from dit4c.node.processpods import HELPERS, STORAGE, PodProcesses

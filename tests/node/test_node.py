@@ -21,7 +21,8 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from dit4c.common.life import DEADLINES, State, expiredReason
-from dit4c.node.interfaces import IRuntime, PodSpec, PodStatus, RuntimeError_
+from dit4c.node.errors import RuntimeError_
+from dit4c.node.interfaces import IRuntime, PodSpec, PodStatus
 from dit4c.node.node import Node
 
 

@@ -42,7 +42,8 @@ from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from zope.interface.verify import verifyObject
 
-from dit4c.node.interfaces import IRuntime, PodSpec, RuntimeError_
+from dit4c.node.errors import RuntimeError_
+from dit4c.node.interfaces import IRuntime, PodSpec
 from dit4c.node.podman import LABEL_PREFIX, PodmanRuntime, firewallRules, summarise
 from dit4c.node.processes import startTime
 

@@ -23,7 +23,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from twisted.web.static import File
 
-from dit4c.node.interfaces import PodSpec, RuntimeError_
+from dit4c.node.errors import RuntimeError_
+from dit4c.node.interfaces import PodSpec
 from dit4c.node.node import Node
 from dit4c.node.process import IMAGE_METADATA, ProcessRuntime, _unpack
 
