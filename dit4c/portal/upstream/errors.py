@@ -3,6 +3,11 @@ What can go wrong in a login through a provider, as the person at the
 browser is told (``message``, ``title``, ``status``) and as the log and the
 login throttle see it (``reason``, ``failure``); and ``ConfigError`` for a
 wrong providers' configuration.
+
+``UnknownSigningKey`` is an ``InvalidIdentity`` that the OIDC client
+catches once: no key of the issuer's JWKS fits the ID token, so the keys
+are fetched again (the issuer may have rolled them) and the token checked
+once more; only then is it the person's refusal.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ __all__ = [
     "StateMismatch",
     "TooManyFailures",
     "UnknownProvider",
+    "UnknownSigningKey",
     "UpstreamLoginError",
 ]
 
@@ -99,6 +105,10 @@ class InvalidIdentity(UpstreamLoginError):
 
     status = 403
     failure = True
+
+
+class UnknownSigningKey(InvalidIdentity):
+    """No key of the issuer's JWKS fits the ID token (yet: the issuer may have new keys)."""
 
 
 class NotRegistered(UpstreamLoginError):

@@ -24,9 +24,9 @@ from jwt import PyJWK
 
 from dit4c.portal import security
 
-from .errors import InvalidIdentity
+from .errors import InvalidIdentity, UnknownSigningKey
 
-__all__ = ["ALLOWED_ALGORITHMS", "LEEWAY", "UnknownSigningKey", "verifyIDToken"]
+__all__ = ["ALLOWED_ALGORITHMS", "LEEWAY", "verifyIDToken"]
 
 #: ID token signature algorithms the portal accepts at all; a provider's own
 #: list (its discovery document) narrows them further. No ``HS*`` (the
@@ -43,10 +43,6 @@ _KEY_TYPES: Mapping[str, tuple[str, str | None]] = {
 
 #: Clock skew allowed between the portal and a provider, in seconds.
 LEEWAY = 60.0
-
-
-class UnknownSigningKey(InvalidIdentity):
-    """No key of the issuer's JWKS fits the ID token (yet: the issuer may have new keys)."""
 
 
 def verifyIDToken(

@@ -17,8 +17,14 @@ from twisted.logger import Logger
 
 from .backend import ProviderHTTP, UpstreamIdentity
 from .config import ProviderConfig, checkURL
-from .errors import ConfigError, InvalidIdentity, ProviderUnavailable, StateMismatch
-from .idtoken import ALLOWED_ALGORITHMS, UnknownSigningKey, verifyIDToken
+from .errors import (
+    ConfigError,
+    InvalidIdentity,
+    ProviderUnavailable,
+    StateMismatch,
+    UnknownSigningKey,
+)
+from .idtoken import ALLOWED_ALGORITHMS, verifyIDToken
 
 __all__ = ["DISCOVERY_LIFETIME", "JWKS_REFETCH_INTERVAL", "OpenIDConnect"]
 
