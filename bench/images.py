@@ -35,10 +35,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from plumbing import Service  # noqa: E402
 from start import Browser, Dev, api, logIn  # noqa: E402
+from tables import markdown  # noqa: E402
 
 
-def waitFor(browser: Browser, dev: Dev, csrf: str, instance: str, states: set[str], limit: float = 1800) -> str:
+def waitForState(browser: Browser, dev: Dev, csrf: str, instance: str, states: set[str], limit: float = 1800) -> str:
     began = time.monotonic()
     while True:
         state = api(browser, dev, csrf, "GET", f"/instances/{instance}")
@@ -61,25 +63,25 @@ def ours(dev: Dev, browser: Browser, csrf: str, mib: int) -> tuple[float, float]
     images = api(browser, dev, csrf, "GET", "/images")
     notes = next(i["id"] for i in images if i["name"].startswith("Notes"))
     instance = api(browser, dev, csrf, "POST", "/instances", {"image": notes})["id"]
-    waitFor(browser, dev, csrf, instance, {"running"})
+    waitForState(browser, dev, csrf, instance, {"running"})
     makeData(dev.directory / "node" / instance / "work" / "data.bin", mib)
     subprocess.run(["sync"], check=True)
 
     began = time.monotonic()
     api(browser, dev, csrf, "POST", f"/instances/{instance}/save")
-    waitFor(browser, dev, csrf, instance, {"saved"})
+    waitForState(browser, dev, csrf, instance, {"saved"})
     saved = time.monotonic() - began
 
     mine = [i for i in api(browser, dev, csrf, "GET", "/images") if i["mine"]]
     image = mine[-1]["id"]
     began = time.monotonic()
     restored = api(browser, dev, csrf, "POST", "/instances", {"image": image})["id"]
-    waitFor(browser, dev, csrf, restored, {"running"})
+    waitForState(browser, dev, csrf, restored, {"running"})
     restoredIn = time.monotonic() - began
     assert (dev.directory / "node" / restored / "work" / "data.bin").stat().st_size == mib * 1024 * 1024
 
     api(browser, dev, csrf, "POST", f"/instances/{restored}/stop")
-    waitFor(browser, dev, csrf, restored, {"stopped"})
+    waitForState(browser, dev, csrf, restored, {"stopped"})
     for each in (restored, instance):
         api(browser, dev, csrf, "POST", f"/instances/{each}/discard")
     api(browser, dev, csrf, "DELETE", f"/images/{image}")
@@ -97,21 +99,20 @@ def plain(directory: Path, mib: int) -> tuple[float, float, float]:
     packed = time.monotonic() - began
 
     # Port 0; it says which it got ("Serving HTTP on 127.0.0.1 port N ...") once it listens.
-    server = subprocess.Popen(
+    server = Service(
+        "http.server",
         [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory", str(directory)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
+        directory,
+    )
     try:
-        assert server.stdout is not None
-        port = int(server.stdout.readline().split(" port ")[1].split()[0])
+        port = int(server.waitForLog(r"Serving HTTP on \S+ port (\d+)").group(1))
         began = time.monotonic()
         subprocess.run(
             ["curl", "-sf", "-o", str(directory / "fetched.tar"), f"http://127.0.0.1:{port}/plain.tar"], check=True
         )
         fetched = time.monotonic() - began
     finally:
-        server.terminate()
-        server.wait()
+        server.stop()
     out = directory / "plain-out"
     out.mkdir()
     began = time.monotonic()
@@ -136,7 +137,7 @@ def storage(dev: Dev, browser: Browser, csrf: str, mib: int, directory: Path) ->
     images = api(browser, dev, csrf, "GET", "/images")
     notes = next(i["id"] for i in images if i["name"].startswith("Notes"))
     instance = api(browser, dev, csrf, "POST", "/instances", {"image": notes})["id"]
-    waitFor(browser, dev, csrf, instance, {"running"})
+    waitForState(browser, dev, csrf, instance, {"running"})
     mount = dev.directory / "node" / instance / "mnt"
     for _ in range(300):
         if os.path.ismount(mount):
@@ -157,7 +158,7 @@ def storage(dev: Dev, browser: Browser, csrf: str, mib: int, directory: Path) ->
     local.unlink()
     random.unlink()
     api(browser, dev, csrf, "POST", f"/instances/{instance}/stop")
-    waitFor(browser, dev, csrf, instance, {"stopped"})
+    waitForState(browser, dev, csrf, instance, {"stopped"})
     api(browser, dev, csrf, "POST", f"/instances/{instance}/discard")
     return written, read, localWritten, localRead
 
@@ -198,26 +199,29 @@ def main() -> None:
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
-    def row(name: str, values: list[float]) -> str:
+    def row(name: str, values: list[float]) -> list[str]:
         median = statistics.median(values)
-        return f"| {name} | {median:.1f} | {megabytes / median:.0f} | {min(values):.1f} | {max(values):.1f} |"
+        return [name, f"{median:.1f}", f"{megabytes / median:.0f}", f"{min(values):.1f}", f"{max(values):.1f}"]
 
-    print(f"| {mib} MiB, {options.runs} runs | median s | MB/s | min s | max s |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    print(row("dit4c save: click to `saved` (capture, hash, upload, report)", saves))
-    print(row("dit4c restore: start to `running` (fetch, check, unpack, start)", restores))
-    print(row("plain: tar piped to tee and sha256sum, same directory", packs))
-    print(row("plain: curl from python -m http.server", fetches))
-    print(row("plain: tar -x of the archive", unpacks))
-    print(row("plain: curl + tar -x (a restore's floor)", [f + u for f, u in zip(fetches, unpacks, strict=True)]))
+    def table(what: str, rows: list[list[str]]) -> None:
+        print("\n".join(markdown([f"{mib} MiB{what}, {options.runs} runs", "median s", "MB/s", "min s", "max s"], rows, "lrrrr")))
+
+    table("", [
+        row("dit4c save: click to `saved` (capture, hash, upload, report)", saves),
+        row("dit4c restore: start to `running` (fetch, check, unpack, start)", restores),
+        row("plain: tar piped to tee and sha256sum, same directory", packs),
+        row("plain: curl from python -m http.server", fetches),
+        row("plain: tar -x of the archive", unpacks),
+        row("plain: curl + tar -x (a restore's floor)", [f + u for f, u in zip(fetches, unpacks, strict=True)]),
+    ])  # fmt: skip
     if mountWrites:
         print()
-        print(f"| {mib} MiB with dd, {options.runs} runs | median s | MB/s | min s | max s |")
-        print("| --- | ---: | ---: | ---: | ---: |")
-        print(row("write through the storage mount (sshfs to the file server), fsync", mountWrites))
-        print(row("write to the local disk, fsync", diskWrites))
-        print(row("read through the storage mount (caches dropped)", mountReads))
-        print(row("read from the local disk (caches dropped)", diskReads))
+        table(" with dd", [
+            row("write through the storage mount (sshfs to the file server), fsync", mountWrites),
+            row("write to the local disk, fsync", diskWrites),
+            row("read through the storage mount (caches dropped)", mountReads),
+            row("read from the local disk (caches dropped)", diskReads),
+        ])  # fmt: skip
 
 
 if __name__ == "__main__":

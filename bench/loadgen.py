@@ -356,8 +356,9 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def arguments(description: str | None) -> argparse.ArgumentParser:
+    """The options of :func:`run`, for this command and for the ones that wrap it."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--host-header", default=None, help="Host header (default: --host)")
@@ -368,6 +369,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--timeout", type=float, default=5.0, help="drain time after the last send")
     p.add_argument("--no-timerfd", action="store_true", help="clock sends with epoll timeouts")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = arguments(__doc__)
     p.add_argument("--text", action="store_true", help="print a text summary, not JSON")
     args = p.parse_args(argv)
     res = run(args)

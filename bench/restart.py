@@ -22,21 +22,23 @@ from __future__ import annotations
 import argparse
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from plumbing import worktree  # noqa: E402
 from start import ROOT, Browser, Dev, api, imageFor, logIn  # noqa: E402
+from tables import markdown  # noqa: E402
 
 #: The revision before a restarted node stopped stat'ing mount points and took every pod back.
 BEFORE = "b690800"
 
 
-def waitUntil(predicate, timeout: float, interval: float = 0.05) -> float | None:  # type: ignore[no-untyped-def]
+def waitUntil(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> float | None:
     """Seconds until ``predicate()`` holds, or None if it did not within ``timeout``."""
     began = time.monotonic()
     while time.monotonic() - began < timeout:
@@ -129,27 +131,22 @@ def main() -> None:
     options = parser.parse_args()
     hows = [int(getattr(signal, name.strip())) for name in options.how.split(",")]
     directory = Path(tempfile.mkdtemp(prefix="dit4c-bench-restart-"))
-    before = directory / "before-tree"
     rows: list[list[str]] = []
     try:
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(before), options.before],
-                       check=True, capture_output=True)  # fmt: skip
-        # The earlier revision's node takes 8 instances and dit4c-dev cannot say
-        # otherwise: its default capacity alone is raised to the count asked for.
-        node = before / "dit4c" / "node" / "node.py"
-        node.write_text(node.read_text().replace("capacity: int = 8,", f"capacity: int = {options.instances},"))
-        rows += measure("before", before, directory, options.instances, hows, options.timeout, ())
-        capacity = ("--capacity", str(options.instances))
-        rows += measure("after", ROOT, directory, options.instances, hows, options.timeout, capacity)
+        with worktree(options.before, directory / "before-tree") as before:
+            # The earlier revision's node takes 8 instances and dit4c-dev cannot say
+            # otherwise: its default capacity alone is raised to the count asked for.
+            node = before / "dit4c" / "node" / "node.py"
+            node.write_text(node.read_text().replace("capacity: int = 8,", f"capacity: int = {options.instances},"))
+            rows += measure("before", before, directory, options.instances, hows, options.timeout, ())
+            capacity = ("--capacity", str(options.instances))
+            rows += measure("after", ROOT, directory, options.instances, hows, options.timeout, capacity)
     finally:
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)], capture_output=True)
         shutil.rmtree(directory, ignore_errors=True)
     print(f"dit4c-dev restarted with {options.instances} running instances using storage (before = {options.before}):")
     print()
-    print("| code | restarted with | instances | portal answers (s) | every instance taken back and answering (s) |")
-    print("| --- | --- | ---: | ---: | ---: |")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    head = ["code", "restarted with", "instances", "portal answers (s)", "every instance taken back and answering (s)"]
+    print("\n".join(markdown(head, rows, "llrrr")))
 
 
 if __name__ == "__main__":

@@ -41,8 +41,6 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-# The tests' harnesses (tests/support): ``support.*``.
-sys.path.insert(0, str(ROOT / "tests"))
 
 
 # -- the portal's side (``--serve DIR``) -----------------------------------------------------------
@@ -211,7 +209,6 @@ async def watches(server: Server, idle: float) -> dict[str, float]:
 async def bound(server: Server, rounds: int) -> list[float]:
     import treq
     from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-    from support.backend import backendSite
     from twisted.internet import defer, reactor
     from twisted.internet.endpoints import TCP4ClientEndpoint, clientFromString, serverFromString
 
@@ -219,7 +216,9 @@ async def bound(server: Server, rounds: int) -> list[float]:
 
     info = server.info
     instance = info["instances"][0]
-    tool = reactor.listenTCP(0, backendSite(), interface="127.0.0.1")
+    from wsecho import echoFactory  # bench/wsecho.py: the tool, a WebSocket echo server
+
+    tool = reactor.listenTCP(0, echoFactory(), interface="127.0.0.1")
     helper = AuthService(
         reactor,
         instance=instance,
@@ -296,15 +295,17 @@ def main() -> None:
             times = await bound(server, options.rounds)
         finally:
             server.stop()
-        print(f"| measure | value ({options.instances} instances) |\n| --- | --- |")
-        print(f"| `GET /oauth/userinfo`, 16 at once | {asked['rps']:.0f} req/s, {asked['cpu_ms']:.2f} ms portal CPU each |")
-        print(f"| open watches (`GET /oauth/watch`) | {held['watches']:.0f}: {held['kib_each']:.1f} KiB portal memory each |")
-        print(f"| portal CPU while they idle ({options.idle:.0f} s) | {held['cpu_pct']:.2f} % of a core |")
+        from tables import markdown  # bench/tables.py
+
         ms = sorted(1000 * t for t in times)
-        print(
-            f"| unshare answered → WebSocket closed ({len(ms)} rounds) | "
-            f"median {statistics.median(ms):.0f} ms, max {ms[-1]:.0f} ms |"
-        )
+        rows = [
+            ["`GET /oauth/userinfo`, 16 at once", f"{asked['rps']:.0f} req/s, {asked['cpu_ms']:.2f} ms portal CPU each"],
+            ["open watches (`GET /oauth/watch`)", f"{held['watches']:.0f}: {held['kib_each']:.1f} KiB portal memory each"],
+            [f"portal CPU while they idle ({options.idle:.0f} s)", f"{held['cpu_pct']:.2f} % of a core"],
+            [f"unshare answered → WebSocket closed ({len(ms)} rounds)",
+             f"median {statistics.median(ms):.0f} ms, max {ms[-1]:.0f} ms"],
+        ]  # fmt: skip
+        print("\n".join(markdown(["measure", f"value ({options.instances} instances)"], rows)))
 
     task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
 

@@ -17,6 +17,7 @@ import secrets
 import time
 import tracemalloc
 
+from tables import markdown  # bench/tables.py
 from twisted.internet.task import Clock
 
 from dit4c.routing.replay import ReplayedToken, SeenTokens
@@ -56,12 +57,10 @@ def main() -> None:
             pass
     replay = (time.perf_counter() - started) / len(jtis)
 
-    print("| ids held | instances | memory held | per id | spend a new id | refuse a replayed id |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
-    print(
-        f"| {len(seen)} | {args.instances} | {held / 2**20:.1f} MiB | {held / len(seen):.0f} B "
-        f"| {spend * 1e6:.1f} µs | {replay * 1e6:.1f} µs |"
-    )
+    head = ["ids held", "instances", "memory held", "per id", "spend a new id", "refuse a replayed id"]
+    row = [str(len(seen)), str(args.instances), f"{held / 2**20:.1f} MiB", f"{held / len(seen):.0f} B",
+           f"{spend * 1e6:.1f} µs", f"{replay * 1e6:.1f} µs"]  # fmt: skip
+    print("\n".join(markdown(head, [row], "rrrrrr")))
 
 
 if __name__ == "__main__":

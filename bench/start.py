@@ -40,23 +40,34 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlencode, urljoin, urlsplit
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-# The tests' harnesses (tests/support): ``support.*``.
-sys.path.insert(0, str(ROOT / "tests"))
+from plumbing import REPO as ROOT
+from plumbing import TWISTD, Service, announcedPort, freePort, sourceEnv
+from tables import markdown
 
-from support.processes import announcedPort  # noqa: E402
+sys.path.insert(0, str(ROOT))
 
 from dit4c.dev.tap import PORTS  # noqa: E402
+
+
+def podmanHarness() -> Any:
+    """
+    ``tests/support/podman.py``, for the podman runtime alone: the one part
+    of the tests' harness a bench still uses (podman's environment here, and
+    the tiny WebSocket tool image, compiled from C): it is not copied here.
+    """
+    sys.path.insert(0, str(ROOT / "tests"))
+    import support.podman
+
+    return support.podman
 
 
 class Browser:
@@ -119,19 +130,16 @@ class Dev:
         self.runtime = runtime
         self.source = source
         self.prefix = f"dit4c-bench{os.getpid()}"
-        self.log = directory / f"dev-{name or runtime}.log"
+        self.name = f"dev-{name or runtime}"
+        self.logs = directory
         self.directory = directory / (name or runtime)
         self.extra = extra
         # Every port 0, read back once it is up; another revision's dit4c-dev
         # may take no port 0, and is given ports free a moment before.
-        self.ports = {option: 0 if source == ROOT else _freePort() for option in PORTS}
+        self.ports = {option: 0 if source == ROOT else freePort() for option in PORTS}
         self._launch()
-        deadline = time.monotonic() + 60
-        while "DIT4C is up" not in self.log.read_text(errors="replace"):
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                raise RuntimeError(f"dit4c-dev did not start:\n{self.log.read_text(errors='replace')}")
-            time.sleep(0.1)
-        log = self.log.read_text(errors="replace")
+        self.service.waitForLog("DIT4C is up", 60)
+        log = self.service.log()
         for option, what in PORTS.items():
             self.ports[option] = announcedPort(log, what) or self.ports[option]
         self.portal = f"http://localhost:{self.ports['--portal-port']}"
@@ -141,7 +149,7 @@ class Dev:
     def command(self) -> list[str]:
         """``twistd dit4c-dev`` on its ports (started again: on the ones it got)."""
         return [
-            sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "dit4c-dev",
+            *TWISTD, "-n", "--pidfile=", "dit4c-dev",
             "--data-dir", str(self.directory),
             *(argument for option, port in self.ports.items() for argument in (option, str(port))),
             "--runtime", self.runtime, "--podman-prefix", self.prefix, *self.extra,
@@ -149,46 +157,26 @@ class Dev:
 
     def _launch(self) -> None:
         # The source's own code, for dit4c-dev and (inherited) every process it starts.
-        env = {**os.environ, "PYTHONPATH": str(self.source)}
-        self.process = subprocess.Popen(
-            self.command, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, cwd=self.source, env=env,
-            start_new_session=True,
-        )  # fmt: skip
+        self.service = Service(self.name, self.command, self.logs, env=sourceEnv(self.source), cwd=self.source)
 
     def restart(self, how: int) -> None:
         """Stop it with signal ``how`` (its pods run on) and start it again as it was, at once."""
-        os.killpg(self.process.pid, how)
-        self.process.wait(60)
+        self.service.end(how, 60)
         self._launch()
 
     def stop(self) -> None:
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
+        self.service.stop(grace=20)
         from dit4c.node.processes import killRecorded
 
         killRecorded(self.directory)
         if self.runtime == "podman":
-            from support.podman import podmanEnv
-
-            env = podmanEnv()
+            env = podmanHarness().podmanEnv()
             out = subprocess.run(
                 ["podman", "pod", "ps", "-q", "--filter", f"label=dit4c.prefix={self.prefix}"],
                 env=env, capture_output=True, text=True,
             ).stdout.split()  # fmt: skip
             for pod in out:
                 subprocess.run(["podman", "pod", "rm", "-f", "-t", "0", pod], env=env, capture_output=True)
-
-
-def _freePort() -> int:
-    """A loopback port free a moment ago (for a dit4c-dev of a revision that takes no port 0)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def logIn(browser: Browser, dev: Dev) -> str:
@@ -213,9 +201,7 @@ def api(browser: Browser, dev: Dev, csrf: str, method: str, path: str, body: obj
 
 def imageFor(browser: Browser, dev: Dev, csrf: str) -> str:
     if dev.runtime == "podman":
-        from support.podman import buildWebSocketToolImageSync
-
-        reference = buildWebSocketToolImageSync()
+        reference = podmanHarness().buildWebSocketToolImageSync()
         created = api(browser, dev, csrf, "POST", "/admin/images", {"name": "WS tool", "ref": reference})
         return str(created["id"])
     images = api(browser, dev, csrf, "GET", "/images")
@@ -256,12 +242,10 @@ def oneStart(browser: Browser, dev: Dev, csrf: str, image: str) -> tuple[float, 
     return running or answered, answered
 
 
-def summary(name: str, values: list[float]) -> str:
+def summary(name: str, values: list[float]) -> list[str]:
     ordered = sorted(values)
     p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
-    return (
-        f"| {name} | {len(values)} | {statistics.median(values):.2f} | {p90:.2f} | {ordered[0]:.2f} | {ordered[-1]:.2f} |"
-    )
+    return [name, str(len(values)), *(f"{v:.2f}" for v in (statistics.median(values), p90, ordered[0], ordered[-1]))]
 
 
 # -- the helpers' memory ---------------------------------------------------------------------------
@@ -354,16 +338,15 @@ task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))
 def memoryTable(directory: Path, counts: list[int]) -> list[str]:
     before = helperMemory("separate", counts, directory / "separate")
     after = helperMemory("forked", counts, directory / "forked")
+    head = ["MiB of PSS per instance", *(f"{n} instance{'s' if n > 1 else ''}" for n in counts)]
     rows = [
-        "| MiB of PSS per instance | " + " | ".join(f"{n} instance{'s' if n > 1 else ''}" for n in counts) + " |",
-        "| --- |" + " ---: |" * len(counts),
-        "| separate helpers: auth and listener, two processes per pod | " + " | ".join(f"{before[n][0]:.1f}" for n in counts) + " |",
-        "| one helper process per pod, forked: the pod's own | " + " | ".join(f"{after[n][0]:.1f}" for n in counts) + " |",
-        "| the fork server (one per node), its share | " + " | ".join(f"{(after[n][1] or 0) / n:.1f}" for n in counts) + " |",
-        "| one helper process per pod, forked: with the server's share | "
-        + " | ".join(f"{after[n][0] + (after[n][1] or 0) / n:.1f}" for n in counts) + " |",
-    ]
-    return rows
+        ["separate helpers: auth and listener, two processes per pod", *(f"{before[n][0]:.1f}" for n in counts)],
+        ["one helper process per pod, forked: the pod's own", *(f"{after[n][0]:.1f}" for n in counts)],
+        ["the fork server (one per node), its share", *(f"{(after[n][1] or 0) / n:.1f}" for n in counts)],
+        ["one helper process per pod, forked: with the server's share",
+         *(f"{after[n][0] + (after[n][1] or 0) / n:.1f}" for n in counts)],
+    ]  # fmt: skip
+    return markdown(head, rows, "l" + "r" * len(counts))
 
 
 def main() -> None:
@@ -376,14 +359,14 @@ def main() -> None:
     if options.memory_only:
         directory = Path(tempfile.mkdtemp(prefix="dit4c-bench-memory-"))
         try:
-            rows = memoryTable(directory, [int(n) for n in options.memory_counts.split(",")])
+            memory = memoryTable(directory, [int(n) for n in options.memory_counts.split(",")])
         finally:
             shutil.rmtree(directory, ignore_errors=True)
-        print("\n".join(rows))
+        print("\n".join(memory))
         return
     runtimes = options.runtime or ["process", "podman"]
     directory = Path(tempfile.mkdtemp(prefix="dit4c-bench-start-"))
-    rows = []
+    rows: list[list[str]] = []
     failed = False
     try:
         for runtime in runtimes:
@@ -415,10 +398,7 @@ def main() -> None:
             print(f"logs kept in {directory}", file=sys.stderr)
         else:
             shutil.rmtree(directory, ignore_errors=True)
-    print("| seconds from start | runs | p50 | p90 | min | max |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for row in rows:
-        print(row)
+    print("\n".join(markdown(["seconds from start", "runs", "p50", "p90", "min", "max"], rows, "lrrrrr")))
     directory = Path(tempfile.mkdtemp(prefix="dit4c-bench-memory-"))
     try:
         memory = memoryTable(directory, [int(n) for n in options.memory_counts.split(",")])

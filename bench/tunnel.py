@@ -36,21 +36,17 @@ skipped with the reason.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
-import http.client
 import json
 import os
-import platform
-import re
+import pwd
 import resource
 import secrets
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,9 +55,30 @@ from typing import Any
 from urllib.parse import urlencode
 
 import psutil
+import wrk
+from plumbing import (
+    BENCH,
+    REPO,
+    Run,
+    Service,
+    Skip,
+    attempt,
+    findExe,
+    freePort,
+    httpGet,
+    httpStatus,
+    kill,
+    listeningSocket,
+    log,
+    raiseNofile,
+    runTool,
+    sourceEnv,
+    spawn,
+    waitFor,
+    worktree,
+)
+from tables import Row, dig, heading, machine, sideBySide
 
-BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
 HOST = "bench1.localhost"
 ALL_PATHS = ["direct", "ssh", "chp", "dit4c-tcp", "dit4c-tls", "dit4c-full"]
 ALL_TESTS = ["bulk", "rps", "latency", "idle"]
@@ -69,229 +86,26 @@ MB = 1e6
 MIB = 1024 * 1024
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-class Skip(Exception):
-    """This path cannot run here; the message says why."""
-
-
-# --------------------------------------------------------------------------
-# processes
-
-
-def _raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def _child_setup() -> None:
-    # own process group, so that a group kill reaches everything it forks and a
-    # Ctrl-C at the terminal reaches only the harness (which then cleans up)
-    os.setpgid(0, 0)
-    _raise_nofile()
-
-
-_LIVE: dict[int, subprocess.Popen[Any]] = {}
-
-
-def spawn(argv: list[str], **kw: Any) -> subprocess.Popen[Any]:
-    kw.setdefault("stdin", subprocess.DEVNULL)
-    p = subprocess.Popen(argv, preexec_fn=_child_setup, close_fds=True, **kw)
-    _LIVE[p.pid] = p
-    return p
-
-
-def kill(p: subprocess.Popen[Any], grace: float = 3.0) -> None:
-    """End ``p``, its process group and every descendant (some, like sshd's
-    per-connection children, leave the group with setsid)."""
-    try:
-        descendants = psutil.Process(p.pid).children(recursive=True)
-    except psutil.Error:
-        descendants = []
-    if p.poll() is None:
+def _total(procs: list[psutil.Process], read: Callable[[psutil.Process], int]) -> int | None:
+    """The sum of ``read`` over ``procs``, or None if none of them can be read."""
+    total, seen = 0, False
+    for p in procs:
         try:
-            os.killpg(p.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            p.wait(grace)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait(5)
-    else:
-        try:  # the leader is gone; its group may not be
-            os.killpg(p.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    for d in descendants:
-        try:
-            d.kill()
+            total += read(p)
+            seen = True
         except psutil.Error:
             pass
-    _LIVE.pop(p.pid, None)
-
-
-def kill_all() -> None:
-    for p in list(_LIVE.values())[::-1]:
-        try:
-            kill(p, grace=2.0)
-        except Exception as e:  # noqa: BLE001 - clean up as much as possible
-            log(f"cleanup of pid {p.pid} failed: {e}")
-
-
-def run_tool(argv: list[str], timeout: float, **options: Any) -> tuple[int, str, str]:
-    """Run a short-lived tool in its own process group; (rc, stdout, stderr). ``options``: Popen's (env, cwd)."""
-    p = spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **options)
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill(p)
-        out, err = p.communicate()
-        return -999, out or "", (err or "") + f"\n(killed after {timeout:.0f} s)"
-    finally:
-        if p.poll() is not None:
-            _LIVE.pop(p.pid, None)
-    return p.returncode, out, err
-
-
-class Service:
-    """A long-running process of a path, its output in a log file."""
-
-    def __init__(
-        self,
-        name: str,
-        argv: list[str],
-        logdir: Path,
-        env: dict[str, str] | None = None,
-        cwd: Path | None = None,
-        stdout: Any = None,
-        stdin: Any = subprocess.DEVNULL,
-    ) -> None:
-        self.name = name
-        self.argv = argv
-        self.logpath = logdir / f"{name}.log"
-        self._logf = open(self.logpath, "ab")
-        log(f"  start {name}: {shlex.join(argv)}")
-        try:
-            self.popen = spawn(
-                argv,
-                stdin=stdin,
-                stdout=stdout if stdout is not None else self._logf,
-                stderr=self._logf,
-                env=env,
-                cwd=cwd,
-            )
-        except OSError as e:
-            self._logf.close()
-            raise Skip(f"{name}: cannot run {argv[0]}: {e}") from e
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def tail(self, lines: int = 12) -> str:
-        try:
-            text = self.logpath.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.strip().splitlines()[-lines:])
-
-    def dead_reason(self) -> str:
-        return f"{self.name} exited with status {self.popen.returncode}:\n{self.tail()}".rstrip()
-
-    def procs(self, include_self: bool = True) -> list[psutil.Process]:
-        try:
-            me = psutil.Process(self.pid)
-            kids = me.children(recursive=True)
-        except psutil.Error:
-            return []
-        return ([me] if include_self else []) + kids
-
-    def stop(self) -> None:
-        kill(self.popen)
-        self._logf.close()
+    return total if seen else None
 
 
 def rss(procs: list[psutil.Process]) -> int | None:
     """Sum of VmRSS in bytes, or None if none of them can be read."""
-    total, seen = 0, False
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-            seen = True
-        except psutil.Error:
-            pass
-    return total if seen else None
+    return _total(procs, lambda p: int(p.memory_info().rss))
 
 
 def nfds(procs: list[psutil.Process]) -> int | None:
-    total, seen = 0, False
-    for p in procs:
-        try:
-            total += p.num_fds()
-            seen = True
-        except psutil.Error:
-            pass
-    return total if seen else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http_status(
-    port: int, path: str, host: str = HOST, timeout: float = 2.0, headers: dict[str, str] | None = None
-) -> int | None:
-    try:
-        c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-        c.request("GET", path, headers={"Host": host, **(headers or {})})
-        r = c.getresponse()
-        r.read()
-        c.close()
-        return r.status
-    except (OSError, http.client.HTTPException):
-        return None
-
-
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-def wait_for(cond: Callable[[], bool], what: str, timeout: float, services: list[Service]) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        for s in services:
-            if not s.alive():
-                raise Skip(f"{what}: {s.dead_reason()}")
-        if cond():
-            return
-        if time.monotonic() > deadline:
-            tails = "\n".join(f"--- {s.name} log:\n{s.tail()}" for s in services)
-            raise Skip(f"{what}: not ready after {timeout:.0f} s\n{tails}".rstrip())
-        time.sleep(0.1)
-
-
-def find_exe(name: str) -> str | None:
-    """Prefer the script beside this interpreter (skips pyenv shims)."""
-    beside = Path(sys.executable).parent / name
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    return shutil.which(name)
+    """Sum of open descriptors, or None if none of them can be read."""
+    return _total(procs, lambda p: int(p.num_fds()))
 
 
 # --------------------------------------------------------------------------
@@ -374,9 +188,14 @@ def make_files(env: Env) -> None:
             left -= len(chunk)
 
 
+#: nginx takes no port 0: it is handed a socket bound here on port 0
+#: (``NGINX=<fd>;``, as for its binary upgrade), which its ``listen`` names;
+#: it takes one only with its master process, which serves nothing. Its
+#: worker runs as the bench's user (a root master would make it nobody's).
 NGINX_CONF = """\
 daemon off;
-master_process off;
+master_process on;
+user {user};
 worker_processes 1;
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;
@@ -419,23 +238,29 @@ http {{
 def start_backends(env: Env) -> list[Service]:
     d = env.tmp / "nginx"
     d.mkdir()
-    env.nginx_port = free_port()
+    sock, env.nginx_port = listeningSocket()
     conf = d / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(d=d, port=env.nginx_port, www=env.tmp / "www"))
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    conf.write_text(NGINX_CONF.format(d=d, port=env.nginx_port, www=env.tmp / "www", user=user))
     nginx = env.tools["nginx"]
     if not nginx:
         raise SystemExit("nginx not found (Debian: apt-get install nginx)")
-    svc = [
-        Service(
-            "nginx", [nginx, "-p", str(d), "-c", str(conf), "-e", str(d / "error.log")], env.logs
-        )
-    ]
-    wait_for(lambda: http_status(env.nginx_port, "/small") == 200, "nginx", 10, svc)
+    fd = sock.fileno()
+    try:
+        svc = [
+            Service(
+                "nginx", [nginx, "-p", str(d), "-c", str(conf), "-e", str(d / "error.log")], env.logs,
+                env=dict(os.environ, NGINX=f"{fd};"), passFds=[fd],
+            )
+        ]  # fmt: skip
+    finally:
+        sock.close()
+    waitFor(lambda: httpStatus(env.nginx_port, "/small", HOST) == 200, "nginx", 10, svc)
     # the first upload after start is several times slower (temp-file pages
     # being allocated for the first time): take that hit before any path
     if env.tools["curl"]:
-        run_tool(curl_argv(env, f"http://127.0.0.1:{env.nginx_port}/upload", upload=env.big), 120)
-        run_tool(curl_argv(env, f"http://127.0.0.1:{env.nginx_port}/big"), 120)
+        runTool(curl_argv(env, f"http://127.0.0.1:{env.nginx_port}/upload", upload=env.big), 120)
+        runTool(curl_argv(env, f"http://127.0.0.1:{env.nginx_port}/big"), 120)
 
     ws = Service(
         "wsecho",
@@ -449,7 +274,7 @@ def start_backends(env: Env) -> list[Service]:
     if not line.startswith("PORT "):
         raise SystemExit(f"WebSocket echo backend did not start: {line!r}\n{ws.tail()}")
     env.ws_port = int(line.split()[1])
-    wait_for(lambda: http_status(env.ws_port, "/") == 200, "wsecho", 10, [ws])
+    waitFor(lambda: httpStatus(env.ws_port, "/", HOST) == 200, "wsecho", 10, [ws])
     return svc
 
 
@@ -501,6 +326,21 @@ class DirectPath(BasePath):
         self.port = target
 
 
+#: sshd takes no port 0 and no socket handed to it, but serves one connection
+#: as inetd starts it (``sshd -i``): this accepts on the socket it is handed
+#: (its descriptor in argv[1], bound on port 0) and starts argv[2:] on each
+#: connection, as inetd would. The sshd processes are its children, as they
+#: are a listening sshd's.
+INETD = """
+import socket, subprocess, sys
+listener = socket.socket(fileno=int(sys.argv[1]))
+while True:
+    connection, _ = listener.accept()
+    subprocess.Popen(sys.argv[2:], stdin=connection, stdout=connection)
+    connection.close()
+"""
+
+
 class SshPath(BasePath):
     name = "ssh"
     server_label = "sshd children"
@@ -518,9 +358,7 @@ class SshPath(BasePath):
             kg = self.env.tools["ssh-keygen"]
             assert kg
             for name in ("host_ed25519", "client_ed25519"):
-                rc, _, err = run_tool(
-                    [kg, "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], 30
-                )
+                rc, _, err = runTool([kg, "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], 30)
                 if rc != 0:
                     raise Skip(f"ssh-keygen failed: {err.strip()}")
             (d / "authorized_keys").write_text((d / "client_ed25519.pub").read_text())
@@ -530,15 +368,11 @@ class SshPath(BasePath):
 
     def start(self, target: int) -> None:
         d = self._keys()
-        sshd_port, self.port = free_port(), free_port()
         conf = d / "sshd_config"
         conf.write_text(
             "\n".join(
                 [
-                    f"Port {sshd_port}",
-                    "ListenAddress 127.0.0.1",
                     f"HostKey {d / 'host_ed25519'}",
-                    f"PidFile {d / 'sshd.pid'}",
                     f"AuthorizedKeysFile {d / 'authorized_keys'}",
                     "PermitRootLogin yes",
                     "StrictModes no",
@@ -556,11 +390,16 @@ class SshPath(BasePath):
                 ]
             )
         )
-        sshd = Service(
-            "sshd", [str(self.env.tools["sshd"]), "-D", "-e", "-f", str(conf)], self.env.logs
-        )
+        sock, sshd_port = listeningSocket()
+        fd = sock.fileno()
+        try:
+            sshd = Service(
+                "sshd", [sys.executable, "-c", INETD, str(fd), str(self.env.tools["sshd"]), "-i", "-e", "-f", str(conf)],
+                self.env.logs, passFds=[fd],
+            )  # fmt: skip
+        finally:
+            sock.close()
         self.services.append(sshd)
-        wait_for(lambda: port_open(sshd_port), "sshd", 10, [sshd])
         ssh = Service(
             "ssh",
             [
@@ -573,17 +412,19 @@ class SshPath(BasePath):
                 "-o", "UserKnownHostsFile=/dev/null",
                 "-o", "BatchMode=yes",
                 "-o", "ExitOnForwardFailure=yes",
-                "-o", "LogLevel=ERROR",
-                "-R", f"127.0.0.1:{self.port}:127.0.0.1:{target}",
+                "-o", "LogLevel=INFO",
+                "-R", f"127.0.0.1:0:127.0.0.1:{target}",
                 "-p", str(sshd_port),
                 "root@127.0.0.1",
             ],
             self.env.logs,
         )  # fmt: skip
         self.services.append(ssh)
+        # the forward's port, on 0, is the one sshd got: ssh says which (at LogLevel INFO)
+        self.port = int(ssh.waitForLog(r"Allocated port (\d+) for remote forward", 10).group(1))
 
     def server_procs(self) -> list[psutil.Process]:
-        return self.services[0].procs(include_self=False) if self.services else []
+        return self.services[0].procs(includeSelf=False) if self.services else []
 
     def client_procs(self) -> list[psutil.Process]:
         return self.services[1].procs() if len(self.services) > 1 else []
@@ -602,7 +443,8 @@ class ChpPath(BasePath):
             )
 
     def start(self, target: int) -> None:
-        self.port, api = free_port(), free_port()
+        # It takes no port 0 (0 counts as not given: 8000) and no socket handed to it.
+        self.port, api = freePort(), freePort()
         env = dict(os.environ, CONFIGPROXY_AUTH_TOKEN=secrets.token_hex(16))
         chp = Service(
             "chp",
@@ -641,11 +483,6 @@ class Dit4cPath(BasePath):
         if not self.env.tools["twistd"]:
             raise Skip("twistd not found (pip install twisted)")
 
-    def _env(self) -> dict[str, str]:
-        # run the source's code and twisted plugins
-        pp = os.environ.get("PYTHONPATH")
-        return dict(os.environ, PYTHONPATH=f"{self.source}{os.pathsep}{pp}" if pp else str(self.source))
-
     def _credentials(self) -> dict[str, Path]:
         """Key and JWKS, made once per run with the `dit4c` command (the listener signs its own tokens)."""
         cached = self.env.cache.get("dit4c-creds")
@@ -662,7 +499,7 @@ class Dit4cPath(BasePath):
             ([exe, "jwks", str(key)], jwks),
         ]  # fmt: skip
         for argv, out in steps:
-            rc, stdout, stderr = run_tool(argv, 60)
+            rc, stdout, stderr = runTool(argv, 60)
             if rc != 0 or (out is not None and not stdout.strip()):
                 tail = "\n".join((stderr or stdout).strip().splitlines()[-6:])
                 err = Skip(f"`{shlex.join(argv)}` failed (exit {rc}):\n{tail}".rstrip())
@@ -680,7 +517,7 @@ class Dit4cPath(BasePath):
             str(self.env.tools["dit4c"]), "token", "--key", str(key), "--audience", "dit4c-routing",
             "--subject", "bench1", "--lifetime", "300",
         ]  # fmt: skip
-        rc, stdout, stderr = run_tool(argv, 60)
+        rc, stdout, stderr = runTool(argv, 60)
         if rc != 0 or not stdout.strip():
             raise Skip(f"`{shlex.join(argv)}` failed (exit {rc}): {(stderr or stdout).strip()[-300:]}")
         token = key.with_name("token.jwt")
@@ -716,43 +553,40 @@ class Dit4cPath(BasePath):
                 "--target", f"tcp:host=127.0.0.1:port={target}",
             ],
             self.env.logs,
-            env=self._env(),
+            env=sourceEnv(self.source),
             cwd=self.source,
         )  # fmt: skip
         self.services.append(listener)
 
     def _routing(self, keys: list[str]) -> str:
         """Start ``twistd dit4c-routing`` (tunnel tokens checked with ``keys``): the tunnel's client endpoint."""
-        tport, self.port, self.adminPort = free_port(), free_port(), free_port()
         if self.tls:
             t = self._tls_files()
-            tunnel = f"ssl:{tport}:interface=127.0.0.1:privateKey={t['key']}:certKey={t['cert']}"
-            routing = f"tls:localhost:{tport}:trustRoots={t['roots']}"
+            tunnel = f"ssl:0:interface=127.0.0.1:privateKey={t['key']}:certKey={t['cert']}"
         else:
-            tunnel = f"tcp:{tport}:interface=127.0.0.1"
-            routing = f"tcp:host=127.0.0.1:port={tport}"
+            tunnel = "tcp:0:interface=127.0.0.1"
         server = Service(
             "routing-" + self.name,
             [
                 str(self.env.tools["twistd"]), "-n", "--pidfile=", "dit4c-routing",
                 "--tunnel", tunnel,
-                "--http", f"tcp:{self.port}:interface=127.0.0.1",
+                "--http", "tcp:0:interface=127.0.0.1",
                 "--domain", "localhost",
                 *keys,
-                "--admin", f"tcp:{self.adminPort}:interface=127.0.0.1",
+                "--admin", "tcp:0:interface=127.0.0.1",
             ],
             self.env.logs,
-            env=self._env(),
+            env=sourceEnv(self.source),
             cwd=self.source,
         )  # fmt: skip
         self.services.append(server)
-        wait_for(
-            lambda: http_status(self.adminPort, "/health", host=f"127.0.0.1:{self.adminPort}") == 200,
-            "routing server /health",
-            30,
-            [server],
-        )
-        return routing
+        self.adminPort = server.waitForPort("admin")
+        self.port = server.waitForPort("public http")
+        tport = server.waitForPort("tunnel")
+        waitFor(lambda: httpStatus(self.adminPort, "/health") == 200, "routing server /health", 30, [server])
+        if self.tls:
+            return f"tls:localhost:{tport}:trustRoots={t['roots']}"
+        return f"tcp:host=127.0.0.1:port={tport}"
 
     def server_procs(self) -> list[psutil.Process]:
         return self.services[0].procs() if self.services else []
@@ -815,41 +649,42 @@ class Dit4cFullPath(Dit4cPath):
         d = self.env.tmp / self.name
         d.mkdir(exist_ok=True)
         key = d / "instance.pem"
-        rc, _, err = run_tool([str(self.env.tools["dit4c"]), "keygen", str(key)], 60)
+        rc, _, err = runTool([str(self.env.tools["dit4c"]), "keygen", str(key)], 60)
         if rc != 0:
             raise Skip(f"dit4c keygen failed: {err.strip()}")
         twistd = str(self.env.tools["twistd"])
-        pport = free_port()
+        # Its public URL names its port: a socket bound here on port 0, handed over.
+        sock, pport = listeningSocket()
         portal = f"http://127.0.0.1:{pport}"
         server = Service(
             "portal-" + self.name,
             [
                 twistd, "-n", "--pidfile=", "dit4c-portal",
-                "--listen", f"tcp:{pport}:interface=127.0.0.1",
+                "--listen", "systemd:domain=INET:index=0",
                 "--data-dir", str(d / "portal"), "--public-url", portal,
             ],
             self.env.logs,
-            env=self._env(),
+            env=sourceEnv(self.source),
             cwd=self.source,
+            systemd=sock,
         )  # fmt: skip
         self.services.append(server)
-        wait_for(lambda: http_status(pport, "/login", host=f"127.0.0.1:{pport}") == 200, "portal /login", 60, [server])
+        waitFor(lambda: httpStatus(pport, "/login") == 200, "portal /login", 60, [server])
         password = secrets.token_urlsafe(12)
         argv = [sys.executable, "-c", SEED, str(d / "portal" / "portal.db"), str(key), password]
-        rc, out, err = run_tool(argv, 60, env=self._env(), cwd=self.source)
+        rc, out, err = runTool(argv, 60, env=sourceEnv(self.source), cwd=self.source)
         if rc != 0 or not out.strip():
             raise Skip(f"could not seed the portal: {(err or out).strip()[-500:]}")
         instance = out.strip().splitlines()[-1]
         # The routing server checks tunnel tokens with the keys the portal publishes.
         routing = self._routing(["--jwks-url", portal + "/.well-known/jwks.json"])
         self.services.reverse()  # the routing server first: its RSS is the "server" side
-        aport = free_port()
         helper = {
             "DIT4C_INSTANCE": instance,
             "DIT4C_INSTANCE_KEY": str(key),
             "DIT4C_PORTAL": portal,
             "DIT4C_TOOL": f"tcp:host=127.0.0.1:port={target}",
-            "DIT4C_AUTH_LISTEN": f"tcp:{aport}:interface=127.0.0.1",
+            "DIT4C_AUTH_LISTEN": "tcp:0:interface=127.0.0.1",
             "DIT4C_ROUTING": routing,
         }
         # A revision from before the one pod helper ran the listener and the
@@ -857,26 +692,25 @@ class Dit4cFullPath(Dit4cPath):
         separate = not (self.source / "dit4c" / "podhelper").is_dir()
         plugins = ["dit4c-helper-auth", "dit4c-helper-listener"] if separate else ["dit4c-helper-pod"]
         for at, plugin in enumerate(plugins, start=1):
-            extra = {"DIT4C_AUTH": f"tcp:host=127.0.0.1:port={aport}"} if plugin == "dit4c-helper-listener" else {}
-            self.services.insert(at, Service(
+            service = Service(
                 f"{plugin[len('dit4c-'):]}-{self.name}",
                 [twistd, "-n", "--pidfile=", plugin],
                 self.env.logs,
-                env={**self._env(), **helper, **extra},
+                env={**sourceEnv(self.source), **helper},
                 cwd=self.source,
-            ))  # fmt: skip
+            )
+            self.services.insert(at, service)
+            if plugin == "dit4c-helper-auth":
+                helper["DIT4C_AUTH"] = f"tcp:host=127.0.0.1:port={service.waitForPort('auth helper')}"
 
         def registered() -> bool:
+            status, body = httpGet(self.adminPort, "/health", {"Host": f"127.0.0.1:{self.adminPort}"}, 2)
             try:
-                c = http.client.HTTPConnection("127.0.0.1", self.adminPort, timeout=2)
-                c.request("GET", "/health", headers={"Host": f"127.0.0.1:{self.adminPort}"})
-                tunnels = json.loads(c.getresponse().read()).get("tunnels", 0)
-                c.close()
-                return bool(tunnels)
-            except (OSError, ValueError, http.client.HTTPException):
+                return status == 200 and bool(json.loads(body).get("tunnels", 0))
+            except ValueError:
                 return False
 
-        wait_for(registered, "the pod helper's tunnel", 60, self.services)
+        waitFor(registered, "the pod helper's tunnel", 60, self.services)
         # Log in as a browser would, through the whole path: the instance sends
         # the browser to the portal, which sends it back with a code.
         self.host = f"{instance}.localhost:{self.port}"
@@ -979,8 +813,8 @@ def make_path(name: str, env: Env) -> BasePath:
 
 def bring_up(path: BasePath, target: int, probe: str) -> None:
     path.start(target)
-    wait_for(
-        lambda: http_status(path.port, probe, path.host, headers=path.headers) == 200,
+    waitFor(
+        lambda: httpStatus(path.port, probe, path.host, headers=path.headers) == 200,
         f"{path.name}: GET {probe} with Host: {path.host}",
         30,
         path.services,
@@ -1019,6 +853,22 @@ def _parse_curl(out: str, rc: int) -> dict[str, Any]:
     return {"http": code, "down": down, "up": up, "seconds": secs, "rc": rc}
 
 
+def _transfer(env: Env, argv: list[str], timeout: float, moved: str) -> dict[str, Any]:
+    """One curl transfer (``moved``: ``down`` or ``up``), its rate and whether it moved the whole file."""
+    rc, out, err = runTool(argv, timeout)
+    r = _parse_curl(out, rc)
+    if "error" in r:
+        r["error"] += " " + err.strip()[-200:]
+        return r
+    return {
+        "MBps": r[moved] / r["seconds"] / MB if r["seconds"] else None,
+        "bytes": r[moved],
+        "seconds": r["seconds"],
+        "complete": rc == 0 and r["http"] == 200 and r[moved] == env.settings.big_size,
+        "http": r["http"],
+    }
+
+
 def measure_bulk(env: Env, path: BasePath) -> dict[str, Any]:
     s = env.settings
     res: dict[str, Any] = {}
@@ -1027,18 +877,7 @@ def measure_bulk(env: Env, path: BasePath) -> dict[str, Any]:
 
     argv = curl_argv(env, url, host=path.host, headers=path.headers)
     res["commands"] = {"download": shlex.join(argv)}
-    rc, out, err = run_tool(argv, timeout)
-    one = _parse_curl(out, rc)
-    if "error" not in one:
-        one = {
-            "MBps": one["down"] / one["seconds"] / MB if one["seconds"] else None,
-            "bytes": one["down"],
-            "seconds": one["seconds"],
-            "complete": rc == 0 and one["http"] == 200 and one["down"] == s.big_size,
-            "http": one["http"],
-        }
-    else:
-        one["error"] += " " + err.strip()[-200:]
+    one = _transfer(env, argv, timeout, "down")
     res["download_1"] = one
     log(f"  {path.name} download 1 stream: {fmt_mb(one)}")
 
@@ -1053,7 +892,7 @@ def measure_bulk(env: Env, path: BasePath) -> dict[str, Any]:
             kill(p)
             o = ""
         outs.append(_parse_curl(o, p.returncode))
-        _LIVE.pop(p.pid, None)
+        kill(p)
     wall = time.monotonic() - t0
     good = [o for o in outs if "error" not in o]
     if good:
@@ -1077,29 +916,10 @@ def measure_bulk(env: Env, path: BasePath) -> dict[str, Any]:
 
     argv = curl_argv(env, f"http://127.0.0.1:{path.port}/upload", upload=env.big, host=path.host, headers=path.headers)
     res["commands"]["upload"] = shlex.join(argv)
-    rc, out, err = run_tool(argv, timeout)
-    up = _parse_curl(out, rc)
-    if "error" not in up:
-        up = {
-            "MBps": up["up"] / up["seconds"] / MB if up["seconds"] else None,
-            "bytes": up["up"],
-            "seconds": up["seconds"],
-            "complete": rc == 0 and up["http"] == 200 and up["up"] == s.big_size,
-            "http": up["http"],
-        }
-    else:
-        up["error"] += " " + err.strip()[-200:]
+    up = _transfer(env, argv, timeout, "up")
     res["upload_1"] = up
     log(f"  {path.name} upload 1 stream: {fmt_mb(up)}")
     return res
-
-
-_WRK_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
-
-
-def _wrk_ms(text: str) -> float | None:
-    m = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text.strip())
-    return float(m.group(1)) * _WRK_UNITS[m.group(2)] if m else None
 
 
 def measure_rps(env: Env, path: BasePath) -> dict[str, Any]:
@@ -1108,26 +928,13 @@ def measure_rps(env: Env, path: BasePath) -> dict[str, Any]:
         str(env.tools["wrk"]), "-t1", f"-c{s.rps_connections}", f"-d{s.rps_seconds}s",
         "--latency", *header_args(path.host, path.headers), f"http://127.0.0.1:{path.port}/small",
     ]  # fmt: skip
-    rc, out, err = run_tool(argv, s.rps_seconds + 60)
+    rc, out, err = runTool(argv, s.rps_seconds + 60)
     res: dict[str, Any] = {"command": shlex.join(argv)}
-    m = re.search(r"Requests/sec:\s*([\d.]+)", out)
-    if rc != 0 or not m:
+    parsed = wrk.parse(out)
+    if rc != 0 or "rps" not in parsed:
         res["error"] = f"wrk exit {rc}: {(err or out).strip()[-300:]}"
         return res
-    res["rps"] = float(m.group(1))
-    for q in ("50", "75", "90", "99"):
-        mm = re.search(rf"^\s*{q}%\s+(\S+)", out, re.M)
-        res[f"p{q}_ms"] = _wrk_ms(mm.group(1)) if mm else None
-    mm = re.search(r"(\d+) requests in ([\d.]+)(\w+)", out)
-    res["requests"] = int(mm.group(1)) if mm else None
-    errors = 0
-    mm = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", out)
-    if mm:
-        errors += int(mm.group(1))
-    mm = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    if mm:
-        errors += sum(int(x) for x in mm.groups())
-    res["errors"] = errors
+    res.update(parsed)
     res["raw"] = out
     log(
         f"  {path.name} rps: {res['rps']:.0f} req/s, p50 {res['p50_ms']} ms, p99 {res['p99_ms']} ms"
@@ -1145,7 +952,7 @@ def measure_latency(env: Env, path: BasePath) -> dict[str, Any]:
             "--duration", f"{s.lat_seconds:g}", "--warmup", f"{s.lat_warmup:g}",
             "--connections", str(s.lat_connections),
         ]  # fmt: skip
-        rc, out, err = run_tool(argv, s.lat_seconds + s.lat_warmup + 60)
+        rc, out, err = runTool(argv, s.lat_seconds + s.lat_warmup + 60)
         try:
             r = json.loads(out.strip().splitlines()[-1])
         except (ValueError, IndexError):
@@ -1178,7 +985,7 @@ def measure_idle(env: Env, path: BasePath, hard_nofile: int) -> dict[str, Any]:
         "--host-header", HOST, "--path", "/", "--concurrency", str(s.idle_concurrency),
     ]  # fmt: skip
     # warm up the code paths (lazy imports, buffers) before the baseline
-    rc, out, err = run_tool(base + ["-n", "20", "--hold", "0"], 60)
+    rc, out, err = runTool(base + ["-n", "20", "--hold", "0"], 60)
     try:
         warm = json.loads(out.strip().splitlines()[0])
     except (ValueError, IndexError):
@@ -1260,26 +1067,11 @@ def fmt_mib(v: int | None) -> str:
     return "—" if v is None else f"{v / MIB:.1f}"
 
 
-def ratio(a: float | None, b: float | None) -> str:
-    if a is None or b is None or b == 0:
-        return "—"
-    return f"{a / b:.2f}×"
-
-
-Row = tuple[str, dict[str, str], dict[str, float | None]]  # label, cells, raw values
-
-
 def table(
     title: str, paths: list[str], rows: list[Row], peers: list[tuple[str, str]], notes: list[str]
 ) -> str:
-    peers = [(a, b) for a, b in peers if a in paths and b in paths]
-    head = ["", *paths, *[f"{a} ÷ {b}" for a, b in peers]]
-    out = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, cells, raw in rows:
-        line = [label, *[cells.get(p, "—") for p in paths]]
-        line += [ratio(raw.get(a), raw.get(b)) for a, b in peers]
-        out.append("| " + " | ".join(line) + " |")
-    out.append("")
+    """A table of figures, a column a path (and the ratios of ``peers``), under ``title``, with ``notes`` under it."""
+    out = [f"### {title}", "", *sideBySide(paths, rows, peers), ""]
     out += [n for n in notes if n]
     return "\n".join(out) + "\n"
 
@@ -1289,12 +1081,7 @@ def report(results: dict[str, Any], paths: list[str], tests: list[str], s: Setti
     parts: list[str] = []
 
     def get(p: str, *keys: str) -> Any:
-        v: Any = results[p]
-        for k in keys:
-            if not isinstance(v, dict):
-                return None
-            v = v.get(k)
-        return v
+        return dig(results[p], *keys)
 
     def first_cmd(*keys: str) -> str:
         for p in ok:
@@ -1458,40 +1245,17 @@ def report(results: dict[str, Any], paths: list[str], tests: list[str], s: Setti
 
 
 def versions(tools: dict[str, str | None]) -> dict[str, str]:
-    out: dict[str, str] = {"python": platform.python_version(), "kernel": platform.release()}
-    cmds = {
-        "nginx": [tools["nginx"], "-v"],
-        "openssh": [tools["ssh"], "-V"],
-        "curl": [tools["curl"], "--version"],
-        "wrk": [tools["wrk"], "-v"],
-        "configurable-http-proxy": [tools["configurable-http-proxy"], "--version"],
-        "node": [shutil.which("node"), "--version"],
-    }
-    for name, argv in cmds.items():
-        if not argv[0]:
-            continue
-        try:
-            p = subprocess.run(argv, capture_output=True, text=True, timeout=20)  # type: ignore[arg-type]
-            text = (p.stdout + p.stderr).strip().splitlines()
-            line = text[0].strip() if text else "?"
-            if name in ("curl", "wrk"):
-                line = " ".join(line.split()[:2])
-            out[name] = line.replace("nginx version: ", "")
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-    try:
-        import twisted
-
-        out["twisted"] = twisted.__version__
-    except ImportError:
-        pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            m = re.search(r"model name\s*:\s*(.*)", f.read())
-        out["cpu"] = f"{os.cpu_count()} x {m.group(1).strip() if m else '?'}"
-    except OSError:
-        pass
-    return out
+    return machine(
+        {
+            "nginx": ([tools["nginx"], "-v"], -1),
+            "openssh": ([tools["ssh"], "-V"], None),
+            "curl": ([tools["curl"], "--version"], 2),
+            "wrk": ([tools["wrk"], "-v"], 2),
+            "configurable-http-proxy": ([tools["configurable-http-proxy"], "--version"], None),
+            "node": ([shutil.which("node"), "--version"], None),
+        },
+        packages=["twisted"],
+    )
 
 
 # --------------------------------------------------------------------------
@@ -1533,26 +1297,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _on_signal(signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     s = Settings.make(args)
-    command = shlex.join(["python", os.path.relpath(sys.argv[0]) if sys.argv[0] else "bench/tunnel.py",
-                          *(sys.argv[1:] if argv is None else argv)])  # fmt: skip
-    # explicit, so that Ctrl-C also works where SIGINT was inherited ignored
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGHUP, _on_signal)
-    _raise_nofile()
+    raiseNofile()
     hard_nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard_nofile == resource.RLIM_INFINITY:
         hard_nofile = 1 << 20
 
     tools = {
-        t: find_exe(t) if t in ("dit4c", "twistd") else shutil.which(t)
+        t: findExe(t) if t in ("dit4c", "twistd") else shutil.which(t)
         for t in ("nginx", "sshd", "ssh", "ssh-keygen", "curl", "wrk",
                   "configurable-http-proxy", "dit4c", "twistd")
     }  # fmt: skip
@@ -1569,31 +1323,14 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
 
-    # a RAM-backed temp dir when there is room: the big file and upload
-    # bodies then cost no disk I/O on any path
-    base = None
-    try:
-        if shutil.disk_usage("/dev/shm").free > 3 * s.big_size + 512 * MIB:
-            base = "/dev/shm"
-    except OSError:
-        pass
-    tmp = Path(tempfile.mkdtemp(prefix="dit4c-bench-", dir=base))
-    env = Env(settings=s, tmp=tmp, tools=tools)
-    env.logs.mkdir()
     results: dict[str, Any] = {}
-    started = datetime.datetime.now().astimezone()
-    t_start = time.monotonic()
-    interrupted = False
-    try:
-        log(f"temp dir {tmp}; making a {s.big_size // MIB} MiB file")
+    run = Run("bench/tunnel.py", argv, "dit4c-bench-", 3 * s.big_size + 512 * MIB, keep=args.keep_tmp)
+    with run, contextlib.ExitStack() as stack:
+        env = Env(settings=s, tmp=run.tmp, tools=tools)
+        log(f"making a {s.big_size // MIB} MiB file")
         make_files(env)
         if args.before:
-            env.before = tmp / "before-tree"
-            log(f"a worktree of {args.before} at {env.before}")
-            subprocess.run(
-                ["git", "-C", str(REPO), "worktree", "add", "--detach", str(env.before), args.before],
-                check=True, capture_output=True,
-            )  # fmt: skip
+            env.before = stack.enter_context(worktree(args.before, run.tmp / "before-tree"))
         backends = start_backends(env)
         log(f"nginx on 127.0.0.1:{env.nginx_port}, WebSocket echo on 127.0.0.1:{env.ws_port}")
         http_tests = [t for t in args.only if t != "idle"]
@@ -1605,18 +1342,17 @@ def main(argv: list[str] | None = None) -> int:
             }
             results[name] = r
             log(f"== {name}")
-            try:
+
+            def measure(path: BasePath = path, r: dict[str, Any] = r) -> None:
                 path.check()
                 if http_tests:
                     bring_up(path, env.nginx_port, "/small")
                     r["processes"] = path.describe()
                     for t in http_tests:
                         if t not in path.tests:
-                            r[t] = {"error": f"not measured on {name}"}
+                            r[t] = {"error": f"not measured on {path.name}"}
                             continue
-                        fn = {"bulk": measure_bulk, "rps": measure_rps, "latency": measure_latency}[
-                            t
-                        ]
+                        fn = {"bulk": measure_bulk, "rps": measure_rps, "latency": measure_latency}[t]
                         r[t] = fn(env, path)
                     path.stop()
                 if "idle" in args.only and "idle" in path.tests:
@@ -1624,63 +1360,24 @@ def main(argv: list[str] | None = None) -> int:
                     r["processes_idle"] = path.describe()
                     r["idle"] = measure_idle(env, path, hard_nofile)
                     path.stop()
-                r["status"] = "ok"
-            except Skip as e:
-                r["status"] = "skipped"
-                r["skip_reason"] = str(e)
-                log(f"  SKIP {name}: {e}")
-            except Exception as e:  # noqa: BLE001 - report it and go on with the next path
-                r["status"] = "ok" if any(k in r for k in ALL_TESTS) else "skipped"
-                r["error"] = f"{type(e).__name__}: {e}"
-                r.setdefault("skip_reason", r["error"])
-                log(f"  ERROR {name}: {type(e).__name__}: {e}")
+
+            try:
+                attempt(name, r, measure, ALL_TESTS)
             finally:
                 path.stop()
         for b in backends:
             b.stop()
-    except KeyboardInterrupt:
-        interrupted = True
-        log("interrupted; cleaning up")
-    finally:
-        kill_all()
-        if env.before is not None:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(env.before)], capture_output=True)
-        if args.keep_tmp:
-            log(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-    if interrupted and not results:
+    if run.interrupted and not results:
         return 130
 
     paths = [p for p in args.paths if p in results]
     vers = versions(tools)
-    header = [
-        "## DIT4C tunnel benchmark",
-        "",
-        f"Run: `{command}` at {started:%Y-%m-%d %H:%M %Z}, {time.monotonic() - t_start:.0f} s"
-        + (" (interrupted)" if interrupted else ""),
-        "",
-        "Machine: " + "; ".join(f"{k} {v}" for k, v in vers.items()),
-        "",
+    about = [
         f"Every path reaches the same nginx (1 worker) on 127.0.0.1 with `Host: {HOST}`; "
-        "clients, proxies and servers share the machine's CPUs.",
-        "",
+        "clients, proxies and servers share the machine's CPUs."
     ]
-    text = "\n".join(header) + "\n" + report(results, paths, args.only, s)
-    print(text)
-    if args.json:
-        doc = {
-            "command": command,
-            "started": started.isoformat(),
-            "seconds": round(time.monotonic() - t_start, 1),
-            "interrupted": interrupted,
-            "settings": s.__dict__,
-            "versions": vers,
-            "results": results,
-        }
-        Path(args.json).write_text(json.dumps(doc, indent=2, default=str) + "\n")
-        log(f"wrote {args.json}")
-    return 130 if interrupted else 0
+    head = heading("DIT4C tunnel benchmark", run, vers, about)
+    return run.publish(head, report(results, paths, args.only, s), args.json, s.__dict__, vers, results)
 
 
 if __name__ == "__main__":

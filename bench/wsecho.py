@@ -11,6 +11,21 @@ from __future__ import annotations
 import argparse
 import resource
 import sys
+from typing import Any
+
+
+def echoFactory() -> Any:
+    """The echo server's factory (autobahn's, on any path), for this process's reactor."""
+    from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+
+    class Echo(WebSocketServerProtocol):
+        def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802, N803
+            self.sendMessage(payload, isBinary)
+
+    factory = WebSocketServerFactory()
+    factory.protocol = Echo
+    factory.setProtocolOptions(openHandshakeTimeout=120, closeHandshakeTimeout=5)
+    return factory
 
 
 def main() -> int:
@@ -22,17 +37,9 @@ def main() -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
-    from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
     from twisted.internet import reactor
 
-    class Echo(WebSocketServerProtocol):
-        def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802, N803
-            self.sendMessage(payload, isBinary)
-
-    factory = WebSocketServerFactory()
-    factory.protocol = Echo
-    factory.setProtocolOptions(openHandshakeTimeout=120, closeHandshakeTimeout=5)
-    port = reactor.listenTCP(args.port, factory, backlog=4096, interface=args.interface)
+    port = reactor.listenTCP(args.port, echoFactory(), backlog=4096, interface=args.interface)
     print(f"PORT {port.getHost().port}", flush=True)  # type: ignore[attr-defined]
     reactor.run()
     return 0

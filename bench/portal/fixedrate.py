@@ -15,7 +15,6 @@ headers, so secrets do not end up in results).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -26,10 +25,8 @@ import loadgen  # noqa: E402  (bench/loadgen.py)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--host-header", default=None, help="Host header (default: --host:--port)")
+    p = loadgen.arguments(__doc__)
+    p.set_defaults(path="/", rate=100.0, connections=16)
     p.add_argument(
         "--header",
         action="append",
@@ -37,13 +34,6 @@ def main(argv: list[str] | None = None) -> int:
         metavar="'NAME: VALUE'",
         help="extra header (repeatable)",
     )
-    p.add_argument("--path", default="/")
-    p.add_argument("--rate", type=float, default=100.0, help="requests per second")
-    p.add_argument("--duration", type=float, default=10.0, help="measured seconds")
-    p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
-    p.add_argument("--connections", type=int, default=16)
-    p.add_argument("--timeout", type=float, default=5.0, help="drain time after the last send")
-    p.add_argument("--no-timerfd", action="store_true", help="clock sends with epoll timeouts")
     args = p.parse_args(argv)
     for h in args.header:
         name, sep, _ = h.partition(":")

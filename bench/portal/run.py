@@ -24,16 +24,12 @@ JSON). See bench/portal/README.md.
 from __future__ import annotations
 
 import argparse
-import datetime
-import http.client
 import json
 import os
-import platform
 import pwd
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -51,18 +47,24 @@ BENCH = HERE.parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
-from tunnel import (  # noqa: E402  (bench/tunnel.py: process handling shared with the tunnel benchmark)
+from plumbing import (  # noqa: E402  (bench/plumbing.py: the process plumbing every bench shares)
+    Run,
     Service,
     Skip,
-    _wrk_ms,
-    find_exe,
-    free_port,
+    attempt,
+    findExe,
+    httpGet,
+    httpStatus,
     kill,
-    kill_all,
+    listeningSocket,
     log,
-    run_tool,
+    runTool,
+    sourceEnv,
     spawn,
+    waitFor,
 )
+from tables import dig, heading, machine, markdown, ratio  # noqa: E402
+from wrk import parse as parseWrk  # noqa: E402
 
 ALL_DATABASES = ["sqlite", "postgresql"]
 ENDPOINTS = {"page": "/", "api": "/api/v1/instances"}
@@ -158,11 +160,11 @@ class Postgres:
             shutil.chown(self.base, "postgres", "postgres")
         self.data = self.base / "data"
         self.logfile = logdir / "postgresql.log"
-        self.port = free_port()  # only names the socket file
+        self.port = 5432  # only names the socket file, in a directory of its own
         self.started = False
 
     def _tool(self, argv: list[str], what: str, timeout: float = 120) -> None:
-        rc, out, err = run_tool([*self.as_user, *argv], timeout)
+        rc, out, err = runTool([*self.as_user, *argv], timeout)
         if rc != 0:
             raise Skip(f"{what} failed ({rc}): {(err or out).strip()[-600:]}")
 
@@ -224,35 +226,12 @@ class Postgres:
     def stop(self) -> None:
         if self.started:
             self.started = False
-            rc, _, err = run_tool(
-                [
-                    *self.as_user,
-                    str(self.bin / "pg_ctl"),
-                    "-D",
-                    str(self.data),
-                    "-m",
-                    "fast",
-                    "-w",
-                    "-t",
-                    "30",
-                    "stop",
-                ],
-                60,
-            )
-            if rc != 0:
-                rc, _, err = run_tool(
-                    [
-                        *self.as_user,
-                        str(self.bin / "pg_ctl"),
-                        "-D",
-                        str(self.data),
-                        "-m",
-                        "immediate",
-                        "-w",
-                        "stop",
-                    ],
-                    60,
-                )
+            rc = 1
+            for mode in ("fast", "immediate"):
+                pgctl = [*self.as_user, str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "-t", "30"]
+                rc, _, _ = runTool([*pgctl, "stop"], 60)
+                if rc == 0:
+                    break
             if rc != 0:
                 # pg_ctl could not: kill the postmaster (its children follow it)
                 for p in self.procs()[:1]:
@@ -317,23 +296,9 @@ def wait_quiet(max_wait: float) -> tuple[float, float]:
             return busy, waited
 
 
-def fetch(
-    port: int, path: str, headers: dict[str, str], timeout: float = 10.0
-) -> tuple[int | None, bytes]:
-    try:
-        c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-        c.request("GET", path, headers=headers)
-        r = c.getresponse()
-        body = r.read()
-        c.close()
-        return r.status, body
-    except (OSError, http.client.HTTPException):
-        return None, b""
-
-
 def probe(port: int, endpoint: str, headers: dict[str, str]) -> dict[str, Any]:
     """What one request returns: status, size, and how many instances it lists."""
-    status, body = fetch(port, ENDPOINTS[endpoint], headers)
+    status, body = httpGet(port, ENDPOINTS[endpoint], headers)
     res: dict[str, Any] = {"status": status, "bytes": len(body)}
     if status == 200:
         if endpoint == "page":
@@ -350,35 +315,21 @@ class Portal:
     """``twistd -n dit4c-portal`` on one database."""
 
     def __init__(self, twistd: str, database: str, tmp: Path, logdir: Path, name: str) -> None:
-        self.port = free_port()
+        # Its public URL names its port: a socket bound here on port 0, handed over.
+        sock, self.port = listeningSocket()
         self.datadir = tmp / f"portal-{name}"
         self.datadir.mkdir(exist_ok=True)
         argv = [
             twistd, "-n", "--pidfile=", "dit4c-portal",
-            "--listen", f"tcp:{self.port}:interface=127.0.0.1",
+            "--listen", "systemd:domain=INET:index=0",
             "--data-dir", str(self.datadir), "--database", database,
             "--public-url", f"http://127.0.0.1:{self.port}",
         ]  # fmt: skip
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(REPO) + (
-            os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
-        )
-        self.service = Service(f"portal-{name}", argv, logdir, env=env, cwd=self.datadir)
+        self.service = Service(f"portal-{name}", argv, logdir, env=sourceEnv(REPO), cwd=self.datadir, systemd=sock)
         self.argv = argv
 
     def wait(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if not self.service.alive():
-                raise Skip(f"the portal died: {self.service.dead_reason()}")
-            status, _ = fetch(self.port, "/health", {}, timeout=2)
-            if status == 200:
-                return
-            if time.monotonic() > deadline:
-                raise Skip(
-                    f"the portal did not answer /health in {timeout:.0f} s:\n{self.service.tail()}"
-                )
-            time.sleep(0.2)
+        waitFor(lambda: httpStatus(self.port, "/health") == 200, "the portal's /health", timeout, [self.service])
 
     @property
     def pid(self) -> int:
@@ -399,31 +350,6 @@ def redact(argv: list[str], secrets_: dict[str, str]) -> str:
     for secret, name in secrets_.items():
         text = text.replace(secret, name)
     return text
-
-
-def parse_wrk(out: str) -> dict[str, Any]:
-    res: dict[str, Any] = {}
-    m = re.search(r"Requests/sec:\s*([\d.]+)", out)
-    if not m:
-        return res
-    res["rps"] = float(m.group(1))
-    for q in ("50", "75", "90", "99"):
-        mm = re.search(rf"^\s*{q}%\s+(\S+)", out, re.M)
-        res[f"p{q}_ms"] = _wrk_ms(mm.group(1)) if mm else None
-    mm = re.search(r"(\d+) requests in ([\d.]+)(\w+), ([\d.]+)(\w+) read", out)
-    if mm:
-        res["requests"] = int(mm.group(1))
-        scale = {"B": 1, "KB": 1024, "MB": MIB, "GB": 1024 * MIB}.get(mm.group(5), 1)
-        res["bytes_per_response"] = float(mm.group(4)) * scale / max(1, int(mm.group(1)))
-    errors = 0
-    mm = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", out)
-    if mm:
-        errors += int(mm.group(1))
-    mm = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    if mm:
-        errors += sum(int(x) for x in mm.groups())
-    res["errors"] = errors
-    return res
 
 
 # --------------------------------------------------------------------------
@@ -452,7 +378,7 @@ def wrk_argv(
 
 def measure_closed(s: Settings, wrk: str, t: Target, endpoint: str) -> dict[str, Any]:
     # a short warm-up (imports, templates, connection pool) that is not counted
-    run_tool(wrk_argv(wrk, t, endpoint, 1, s.wrk_connections, latency=False), 60)
+    runTool(wrk_argv(wrk, t, endpoint, 1, s.wrk_connections, latency=False), 60)
     background, waited = wait_quiet(s.quiet_wait)
     argv = wrk_argv(wrk, t, endpoint, s.wrk_seconds, s.wrk_connections)
     portal_before = cpu_seconds(t.portal.proc())
@@ -461,7 +387,7 @@ def measure_closed(s: Settings, wrk: str, t: Target, endpoint: str) -> dict[str,
     xact_before = t.pg.xact_commits() if t.pg else None
     machine_before = psutil.cpu_times()
     t0 = time.monotonic()
-    rc, out, err = run_tool(argv, s.wrk_seconds + 60)
+    rc, out, err = runTool(argv, s.wrk_seconds + 60)
     elapsed = time.monotonic() - t0
     machine_after = psutil.cpu_times()
     portal_cpu = cpu_delta(portal_before, cpu_seconds(t.portal.proc()))
@@ -472,7 +398,7 @@ def measure_closed(s: Settings, wrk: str, t: Target, endpoint: str) -> dict[str,
         "background_busy_pct": background,
         "waited_for_quiet_s": waited,
     }
-    parsed = parse_wrk(out)
+    parsed = parseWrk(out)
     if rc != 0 or "rps" not in parsed:
         res["error"] = f"wrk exit {rc}: {(err or out).strip()[-300:]}"
         return res
@@ -529,7 +455,7 @@ def measure_open(s: Settings, t: Target, endpoint: str) -> dict[str, Any]:
         ]  # fmt: skip
         for name, value in t.headers[endpoint].items():
             argv += ["--header", f"{name}: {value}"]
-        rc, out, err = run_tool(argv, s.lat_seconds + s.lat_warmup + 60)
+        rc, out, err = runTool(argv, s.lat_seconds + s.lat_warmup + 60)
         try:
             r = json.loads(out.strip().splitlines()[-1])
         except (ValueError, IndexError):
@@ -566,7 +492,7 @@ def measure_profile(
         time.sleep(1.0)
         argv = [pyspy, "record", "-p", str(t.portal.pid), "-d", str(s.profile_seconds), "-r", "200",
                 "-f", "raw", "-o", str(out), "--nonblocking"]  # fmt: skip
-        rc, so, se = run_tool(argv, s.profile_seconds + 60)
+        rc, so, se = runTool(argv, s.profile_seconds + 60)
     finally:
         kill(load)
     res: dict[str, Any] = {"command": shlex.join(argv), "file": str(out)}
@@ -676,7 +602,7 @@ def run_database(
     ]  # fmt: skip
     log(f"  seeding: {shlex.join(seed_argv)}")
     t0 = time.monotonic()
-    rc, out, err = run_tool(seed_argv, 600)
+    rc, out, err = runTool(seed_argv, 600)
     if rc != 0:
         raise Skip(f"seeding failed ({rc}): {(err or out).strip()[-800:]}")
     seeded = json.loads(out.strip().splitlines()[-1])
@@ -746,26 +672,6 @@ def fmt_num(v: float | None, digits: int = 0) -> str:
     return "—" if v is None else f"{v:,.{digits}f}"
 
 
-def ratio(a: float | None, b: float | None) -> str:
-    if a is None or b is None or b == 0:
-        return "—"
-    return f"{a / b:.2f}×"
-
-
-def md_table(head: list[str], rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return out
-
-
-def get(d: Any, *keys: str) -> Any:
-    for k in keys:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(k)
-    return d
-
-
 def report(results: dict[str, Any], dbs: list[str], s: Settings, args: argparse.Namespace) -> str:
     ok = [d for d in dbs if results[d].get("status") == "ok"]
     cols = [DB_LABELS[d] for d in ok]
@@ -774,11 +680,11 @@ def report(results: dict[str, Any], dbs: list[str], s: Settings, args: argparse.
     parts: list[str] = []
 
     def row(label: str, keys: tuple[str, ...], f: Any, with_ratio: bool = True) -> list[str]:
-        vals = [get(results[d], *keys) for d in ok]
+        vals = [dig(results[d], *keys) for d in ok]
         cells = [label, *[f(v) for v in vals]]
         if both:
             cells.append(
-                ratio(get(results["postgresql"], *keys), get(results["sqlite"], *keys))
+                ratio(dig(results["postgresql"], *keys), dig(results["sqlite"], *keys))
                 if with_ratio
                 else "—"
             )
@@ -806,7 +712,7 @@ def report(results: dict[str, Any], dbs: list[str], s: Settings, args: argparse.
             row("ANALYZE (s)", ("seed", "seconds", "analyze"), lambda v: fmt_num(v, 3), False),
             row("seed.py total incl. session, token, store timings (s)", ("seed", "wall_seconds"), lambda v: fmt_num(v, 2)),
         ]  # fmt: skip
-        parts += md_table(head_r, table) + [""]
+        parts += markdown(head_r, table) + [""]
 
     if "closed" in args.only and ok:
         parts += [
@@ -868,7 +774,7 @@ def report(results: dict[str, Any], dbs: list[str], s: Settings, args: argparse.
                     False,
                 ),
             ]
-        parts += md_table(head_r, table)
+        parts += markdown(head_r, table)
         parts += [
             "",
             "CPU is user + system time of the portal process (all its threads) and of every PostgreSQL "
@@ -896,7 +802,7 @@ def report(results: dict[str, Any], dbs: list[str], s: Settings, args: argparse.
                 ]
                 cells = [f"{L}: achieved req/s / failures"]
                 for d in ok:
-                    r = get(results[d], *o)
+                    r = dig(results[d], *o)
                     cells.append(
                         "—"
                         if not r or "error" in r
@@ -913,9 +819,9 @@ def report(results: dict[str, Any], dbs: list[str], s: Settings, args: argparse.
                         False,
                     )
                 )
-        parts += md_table(head_r, table) + [""]
+        parts += markdown(head_r, table) + [""]
 
-    if ok and any(get(results[d], "seed", "timings") for d in ok):
+    if ok and any(dig(results[d], "seed", "timings") for d in ok):
         parts += [
             f"### Store calls behind the two pages (the typical person, one at a time, {s.timings} calls each, "
             "through the store's thread pool)",
@@ -934,10 +840,10 @@ def report(results: dict[str, Any], dbs: list[str], s: Settings, args: argparse.
             used = ", ".join(LABELS["page"] if p == "/" else LABELS["api"] for p in any_t["pages"])
             table.append(
                 [f"`{m}`", used, str(any_t["rows"])]
-                + [fmt_ms(get(per[d], "mean_ms")) for d in ok]
-                + [fmt_ms(get(per[d], "p99_ms")) for d in ok]
+                + [fmt_ms(dig(per[d], "mean_ms")) for d in ok]
+                + [fmt_ms(dig(per[d], "p99_ms")) for d in ok]
             )
-        parts += md_table(head, table) + [""]
+        parts += markdown(head, table) + [""]
         slow = []
         for d in ok:
             for t in results[d]["seed"]["timings"]:
@@ -960,7 +866,7 @@ def report(results: dict[str, Any], dbs: list[str], s: Settings, args: argparse.
         ]
         for d in ok:
             for ep in ENDPOINTS:
-                pr = get(results[d], ep, "profile")
+                pr = dig(results[d], ep, "profile")
                 if not pr:
                     continue
                 if "error" in pr:
@@ -985,7 +891,7 @@ def report(results: dict[str, Any], dbs: list[str], s: Settings, args: argparse.
                     b = incl[i] if i < len(incl) else ("", 0, None)
                     rows_.append([f"`{a[0]}`" if a[0] else "", fmt_num(a[2], 1) if a[2] is not None else "",
                                   f"`{b[0]}`" if b[0] else "", fmt_num(b[2], 1) if b[2] is not None else ""])  # fmt: skip
-                parts += md_table(head, rows_) + [""]
+                parts += markdown(head, rows_) + [""]
 
     cmd_lines = []
     for d in ok:
@@ -994,10 +900,10 @@ def report(results: dict[str, Any], dbs: list[str], s: Settings, args: argparse.
         cmd_lines.append(f"- {DB_LABELS[d]} portal: `{r['portal_command']}`")
     for ep in ENDPOINTS:
         for d in ok[:1]:
-            c = get(results[d], ep, "closed", "command")
+            c = dig(results[d], ep, "closed", "command")
             if c:
                 cmd_lines.append(f"- {LABELS[ep]} closed loop: `{c}`")
-            o = get(results[d], ep, "open")
+            o = dig(results[d], ep, "open")
             if o:
                 first = next(iter(o.values()))
                 cmd_lines.append(f"- {LABELS[ep]} open loop: `{first['command']}` (once per rate)")
@@ -1016,50 +922,24 @@ def report(results: dict[str, Any], dbs: list[str], s: Settings, args: argparse.
         if results[d].get("error"):
             parts.append(f"- **{DB_LABELS[d]}** stopped early: {results[d]['error']}")
         for ep in ENDPOINTS:
-            e = get(results[d], ep, "error")
+            e = dig(results[d], ep, "error")
             if e:
                 parts.append(f"- **{DB_LABELS[d]} {LABELS[ep]}**: {e}")
-            after = get(results[d], ep, "probe_after", "status")
+            after = dig(results[d], ep, "probe_after", "status")
             if after not in (None, 200):
                 parts.append(f"- **{DB_LABELS[d]} {LABELS[ep]}** answered {after} after the runs")
     return "\n".join(parts) + "\n"
 
 
 def versions(tools: dict[str, str | None], results: dict[str, Any]) -> dict[str, str]:
-    out: dict[str, str] = {"python": platform.python_version(), "kernel": platform.release()}
-    try:
-        import twisted
-
-        out["twisted"] = twisted.__version__
-    except ImportError:
-        pass
-    for mod in ("klein", "jinja2", "psycopg"):
-        try:
-            from importlib.metadata import version
-
-            out[mod] = version(mod)
-        except Exception:  # noqa: BLE001
-            pass
     import sqlite3
 
-    out["sqlite"] = sqlite3.sqlite_version
-    pgv = get(results, "postgresql", "server_version")
+    more = {"sqlite": sqlite3.sqlite_version}
+    pgv = dig(results, "postgresql", "server_version")
     if pgv:
-        out["postgresql"] = pgv
-    wrk = tools.get("wrk")
-    if wrk:
-        try:
-            p = subprocess.run([wrk, "-v"], capture_output=True, text=True, timeout=10)
-            out["wrk"] = " ".join((p.stdout + p.stderr).strip().split()[:2])
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            m = re.search(r"model name\s*:\s*(.*)", f.read())
-        out["cpu"] = f"{os.cpu_count()} x {m.group(1).strip() if m else '?'}"
-    except OSError:
-        pass
-    return out
+        more["postgresql"] = pgv
+    commands = {"wrk": ([tools["wrk"], "-v"], 2)} if tools.get("wrk") else {}
+    return machine(commands, packages=["twisted", "klein", "jinja2", "psycopg"], more=more)
 
 
 # --------------------------------------------------------------------------
@@ -1115,22 +995,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _on_signal(signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     s = Settings.make(args)
-    command = shlex.join(["python", os.path.relpath(sys.argv[0]) if sys.argv[0] else "bench/portal/run.py",
-                          *(sys.argv[1:] if argv is None else argv)])  # fmt: skip
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGHUP, _on_signal)
     tools: dict[str, str | None] = {
         "wrk": shutil.which("wrk"),
-        "twistd": args.twistd or find_exe("twistd"),
-        "py-spy": find_exe("py-spy"),
+        "twistd": args.twistd or findExe("twistd"),
+        "py-spy": findExe("py-spy"),
     }
     missing = [t for t in ("wrk", "twistd") if not tools[t]]
     if missing:
@@ -1138,89 +1009,37 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.profile:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
-    parent = args.tmp_dir
-    if parent is None:
-        try:
-            if shutil.disk_usage("/dev/shm").free > 1024 * MIB:
-                parent = "/dev/shm"
-        except OSError:
-            pass
-    tmp = Path(tempfile.mkdtemp(prefix="dit4c-bench-portal-", dir=parent))
-    logdir = tmp / "logs"
-    logdir.mkdir()
     results: dict[str, Any] = {}
     pg_holder: dict[str, Postgres] = {}
-    started = datetime.datetime.now().astimezone()
-    t_start = time.monotonic()
-    interrupted = False
-    try:
-        log(f"temp dir {tmp}")
-        for db in args.databases:
-            log(f"== {db}")
-            r: dict[str, Any] = {}
-            results[db] = r
-            try:
-                r.update(run_database(db, s, tools, tmp, logdir, args, pg_holder))
-                r["status"] = "ok"
-            except Skip as e:
-                r["status"] = "skipped"
-                r["skip_reason"] = str(e)
-                log(f"  SKIP {db}: {e}")
-            except KeyboardInterrupt:
-                r.setdefault("status", "skipped")
-                r.setdefault("skip_reason", "interrupted")
-                raise
-            except Exception as e:  # noqa: BLE001 - report it and go on
-                r["status"] = "ok" if "seed" in r else "skipped"
-                r["error"] = f"{type(e).__name__}: {e}"
-                r.setdefault("skip_reason", r["error"])
-                log(f"  ERROR {db}: {type(e).__name__}: {e}")
-    except KeyboardInterrupt:
-        interrupted = True
-        log("interrupted; cleaning up")
-    finally:
-        kill_all()
-        pg = pg_holder.pop("pg", None)
-        if pg is not None:
-            pg.stop()
-        if args.keep_tmp:
-            log(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-    if interrupted and not results:
+    run = Run("bench/portal/run.py", argv, "dit4c-bench-portal-", 1024 * MIB, args.tmp_dir, args.keep_tmp)
+    with run:
+        try:
+            for db in args.databases:
+                log(f"== {db}")
+                r: dict[str, Any] = {}
+                results[db] = r
+
+                def measure(db: str = db, r: dict[str, Any] = r) -> None:
+                    r.update(run_database(db, s, tools, run.tmp, run.logs, args, pg_holder))
+
+                attempt(db, r, measure, ["seed"])
+        finally:
+            pg = pg_holder.pop("pg", None)
+            if pg is not None:
+                pg.stop()
+    if run.interrupted and not results:
         return 130
     dbs = [d for d in args.databases if d in results]
     vers = versions(tools, results)
-    header = [
-        "## DIT4C portal benchmark",
-        "",
-        f"Run: `{command}` at {started:%Y-%m-%d %H:%M %Z}, {time.monotonic() - t_start:.0f} s"
-        + (" (interrupted)" if interrupted else ""),
-        "",
-        "Machine: " + "; ".join(f"{k} {v}" for k, v in vers.items()),
-        "",
-        f"Databases and the portal's data dir in {parent or tempfile.gettempdir()}"
-        + (" (tmpfs: commits cost no disk flush)" if parent == "/dev/shm" else "")
+    about = [
+        f"Databases and the portal's data dir in {run.parent or tempfile.gettempdir()}"
+        + (" (tmpfs: commits cost no disk flush)" if run.parent == "/dev/shm" else "")
         + "; SQLite as the portal opens it (WAL, synchronous=NORMAL, one connection), "
         "PostgreSQL with its defaults on a Unix socket (the portal's pool: up to 5 connections). "
-        "The portal, the database, wrk and the load generator share the machine's cores.",
-        "",
+        "The portal, the database, wrk and the load generator share the machine's cores."
     ]
-    text = "\n".join(header) + "\n" + report(results, dbs, s, args)
-    print(text)
-    if args.json:
-        doc = {
-            "command": command,
-            "started": started.isoformat(),
-            "seconds": round(time.monotonic() - t_start, 1),
-            "interrupted": interrupted,
-            "settings": s.__dict__,
-            "versions": vers,
-            "results": results,
-        }
-        Path(args.json).write_text(json.dumps(doc, indent=2, default=str) + "\n")
-        log(f"wrote {args.json}")
-    return 130 if interrupted else 0
+    head = heading("DIT4C portal benchmark", run, vers, about)
+    return run.publish(head, report(results, dbs, s, args), args.json, s.__dict__, vers, results)
 
 
 if __name__ == "__main__":

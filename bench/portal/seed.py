@@ -37,7 +37,7 @@ from twisted.internet.defer import Deferred, ensureDeferred  # noqa: E402
 from twisted.internet.task import react  # noqa: E402
 
 from dit4c.portal.store import (  # noqa: E402
-    _sql,  # noqa: E402
+    _core,  # noqa: E402
     hashToken,
     newInstanceId,
     openStore,
@@ -193,7 +193,7 @@ def analyze(cursor: Any, dialect: Any) -> None:
 
 #: Statements sent through ``_Txn.execute`` while tracing, as (sql, params).
 _TRACE: list[tuple[str, tuple[Any, ...]]] | None = None
-_origExecute = _sql._Txn.execute
+_origExecute = _core._Txn.execute
 
 
 def _tracedExecute(self: Any, sql: str, params: Any = ()) -> int:
@@ -203,7 +203,7 @@ def _tracedExecute(self: Any, sql: str, params: Any = ()) -> int:
     return _origExecute(self, sql, params)
 
 
-_sql._Txn.execute = _tracedExecute  # type: ignore[method-assign]
+_core._Txn.execute = _tracedExecute  # type: ignore[method-assign]
 
 
 def explain(cursor: Any, dialect: Any, sql: str, params: tuple[Any, ...]) -> list[str]:
