@@ -602,10 +602,16 @@ class Dit4cPath(BasePath):
 SEED = """
 import json, sys
 from twisted.internet import defer, task
-from dit4c.common.keys import loadPrivateKey, publicJWK
+try:
+    from dit4c.common.keys import loadPrivateKey, publicJWK
+except ImportError:  # a revision from before they were named in camelCase
+    from dit4c.common.keys import load_private_key as loadPrivateKey, public_jwk as publicJWK
 from dit4c.portal import security
 from dit4c.portal.store import openStore
-from dit4c.testing.scheduler import registerScheduler
+try:
+    from dit4c.testing.scheduler import registerScheduler
+except ImportError:  # a revision from before the test doubles were a package
+    from dit4c.testing_scheduler import registerScheduler
 
 async def seed(reactor):
     database, keyFile, password = sys.argv[1:4]
