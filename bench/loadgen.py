@@ -27,12 +27,13 @@ import ctypes.util
 import json
 import math
 import os
-import resource
 import select
 import socket
 import sys
 import time
 from collections import deque
+
+from plumbing import raiseNofile  # bench/plumbing.py
 
 CLOCK_MONOTONIC = 1
 TFD_TIMER_ABSTIME = 1
@@ -167,9 +168,7 @@ def summarize(values: list[int]) -> dict[str, float | None]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raiseNofile()
     request = (
         f"GET {args.path} HTTP/1.1\r\nHost: {args.host_header or args.host}\r\n"
         "User-Agent: dit4c-bench-loadgen\r\nAccept: */*\r\n\r\n"

@@ -9,9 +9,10 @@ of its own once listening, then echoes every message. A plain HTTP GET without
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 from typing import Any
+
+from plumbing import raiseNofile  # bench/plumbing.py
 
 
 def echoFactory() -> Any:
@@ -33,9 +34,7 @@ def main() -> int:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--interface", default="127.0.0.1")
     args = p.parse_args()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raiseNofile()
 
     from twisted.internet import reactor
 

@@ -20,10 +20,11 @@ import base64
 import hashlib
 import json
 import os
-import resource
 import struct
 import sys
 import time
+
+from plumbing import raiseNofile  # bench/plumbing.py
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -138,9 +139,7 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=30.0, help="per connection")
     p.add_argument("--hold", type=float, default=None, help="hold seconds instead of stdin")
     args = p.parse_args()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raiseNofile()
     return asyncio.run(amain(args))
 
 
