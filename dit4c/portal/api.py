@@ -23,8 +23,9 @@ from werkzeug.exceptions import HTTPException
 
 from dit4c.common.life import toJSON as lifeJSON
 from dit4c.portal import security
+from dit4c.portal.errors import APIError, InstanceError
 from dit4c.portal.events import AccessChange, EventBus
-from dit4c.portal.instances import InstanceError, Instances, Sharing
+from dit4c.portal.instances import Instances, Sharing
 from dit4c.portal.interfaces import KeyRotation, SessionLookup
 from dit4c.portal.jwks import publicJWKProblem
 from dit4c.portal.openapi import document
@@ -33,12 +34,6 @@ from dit4c.portal.store.interfaces import IStore
 from dit4c.portal.store.model import Instance, User
 
 MAX_BODY = 64 * 1024
-
-
-class APIError(Exception):
-    def __init__(self, status: int, code: str, reason: str) -> None:
-        super().__init__(reason)
-        self.status, self.code, self.reason = status, code, reason
 
 
 def instanceJSON(instance: Instance) -> dict[str, Any]:

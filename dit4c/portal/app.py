@@ -33,8 +33,9 @@ from dit4c.common.nextpath import safeNext
 from dit4c.portal import security
 from dit4c.portal.admin import AdminPages
 from dit4c.portal.api import API
+from dit4c.portal.errors import CrossSiteRequest, InstanceError
 from dit4c.portal.events import AccessChange, EventStreams, InstanceEvents
-from dit4c.portal.instances import ICommandSink, InstanceError, Instances, NoChannel, Sharing
+from dit4c.portal.instances import ICommandSink, Instances, NoChannel, Sharing
 from dit4c.portal.interfaces import Basics
 from dit4c.portal.jwks import KeyDirectory
 from dit4c.portal.keys import KeyRing
@@ -42,7 +43,7 @@ from dit4c.portal.oauth import OAuthServer
 from dit4c.portal.reportrules import InstanceTokens, imageReadToken, removeImageBytes
 from dit4c.portal.reports import Reports
 from dit4c.portal.security import CookiePolicy
-from dit4c.portal.sessions import CrossSiteRequest, LoggedIn, LoginSessions
+from dit4c.portal.sessions import LoggedIn, LoginSessions
 from dit4c.portal.store.ids import hashToken
 from dit4c.portal.store.interfaces import IStore
 from dit4c.portal.upstream import UpstreamLogin

@@ -19,6 +19,14 @@ from zope.interface import Interface, implementer
 
 from dit4c.common.errors import IllegalMove
 from dit4c.common.life import ACTIONS, ACTIVE, Life, State
+from dit4c.portal.errors import (
+    Forbidden,
+    InstanceError,
+    NoScheduler,
+    NotFound,
+    QuotaExceeded,
+    WrongState,
+)
 from dit4c.portal.events import AccessChange, EventBus, InstanceEvents
 from dit4c.portal.store.errors import Conflict, QuotaReached
 from dit4c.portal.store.interfaces import IStore
@@ -33,38 +41,6 @@ class ICommandSink(Interface):
 
     def connected(scheduler_id: str) -> bool:
         """Whether that scheduler has a live channel now."""
-
-
-class InstanceError(Exception):
-    """An action on an instance was refused; the message says why."""
-
-    status = 400
-    code = "refused"
-
-
-class NotFound(InstanceError):
-    status = 404
-    code = "not_found"
-
-
-class Forbidden(InstanceError):
-    status = 403
-    code = "forbidden"
-
-
-class QuotaExceeded(InstanceError):
-    status = 409
-    code = "quota"
-
-
-class NoScheduler(InstanceError):
-    status = 503
-    code = "no_scheduler"
-
-
-class WrongState(InstanceError):
-    status = 409
-    code = "state"
 
 
 @implementer(ICommandSink)

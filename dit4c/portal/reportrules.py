@@ -1,7 +1,8 @@
 """
 What an instance's reports, and the image and file servers' questions, are
 checked against, without the endpoints (``dit4c.portal.reports``): the
-tokens' audiences and limits, the refusals (:class:`ReportError`), the
+tokens' audiences and limits, the refusals (:class:`ReportError`, in
+:mod:`dit4c.portal.errors`), the
 rules for a reported URL, digest or name, the check of a token an instance
 signed with its own key (:class:`InstanceTokens`, which the OAuth server's
 watch uses too), and the tokens the portal signs for the image server (a
@@ -29,6 +30,7 @@ from dit4c.common import tokens
 from dit4c.common.errors import InvalidToken
 from dit4c.common.life import SAVING_IMAGE, states
 from dit4c.common.tokens import StaticKeySource, TokenVerifier
+from dit4c.portal.errors import ReportError
 from dit4c.portal.keys import KeyRing
 from dit4c.portal.store.interfaces import IInstances
 from dit4c.portal.store.model import Image, Instance
@@ -54,6 +56,7 @@ __all__ = [
     "WRITE_METHODS",
     "HoldsKeys",
     "InstanceTokens",
+    # Re-exported: dit4c.portal.oauth takes it from here with the token rules it uses.
     "ReportError",
     "badRequest",
     "badToken",
@@ -110,20 +113,6 @@ METHODS = READ_METHODS | WRITE_METHODS | {"DELETE"}
 
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
-
-
-class ReportError(Exception):
-    """A refusal: answered as JSON ``{"error", "reason"}`` with ``status``."""
-
-    def __init__(self, status: int, error: str, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.error = error
-
-    @property
-    def reason(self) -> str:
-        """Safe to show and to log: never token text."""
-        return str(self.args[0])
 
 
 def badRequest(reason: str) -> ReportError:

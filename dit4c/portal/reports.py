@@ -49,6 +49,7 @@ from dit4c.common import tokens
 from dit4c.common.errors import InvalidToken
 from dit4c.common.life import ACTIVE
 from dit4c.common.tokens import TokenVerifier
+from dit4c.portal.errors import ReportError
 from dit4c.portal.events import EventBus
 from dit4c.portal.keys import KeyRing, KeyRingKeySource
 from dit4c.portal.reportrules import (
@@ -70,7 +71,6 @@ from dit4c.portal.reportrules import (
     UPLOAD_AUDIENCE,
     WRITE_METHODS,
     InstanceTokens,
-    ReportError,
     badRequest,
     badToken,
     bearerToken,

@@ -9,20 +9,14 @@ from __future__ import annotations
 
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
-from werkzeug.exceptions import Forbidden
 
 from dit4c.portal import security
+from dit4c.portal.errors import CrossSiteRequest
 from dit4c.portal.security import CookiePolicy
 from dit4c.portal.store.interfaces import IStore
 from dit4c.portal.store.model import Session, User
 
-__all__ = ["CrossSiteRequest", "LoggedIn", "LoginSessions"]
-
-
-class CrossSiteRequest(Forbidden):
-    """A state-changing request that another site sent (``security.crossSite``)."""
-
-    description = "This request was sent from another site, so it was refused. Use the portal's own pages."
+__all__ = ["LoggedIn", "LoginSessions"]
 
 
 class LoggedIn:
