@@ -20,7 +20,8 @@ import tracemalloc
 from tables import markdown  # bench/tables.py
 from twisted.internet.task import Clock
 
-from dit4c.routing.replay import ReplayedToken, SeenTokens
+from dit4c.routing.errors import ReplayedToken
+from dit4c.routing.replay import SeenTokens
 
 
 def main() -> None:
