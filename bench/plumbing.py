@@ -13,13 +13,17 @@ handed a socket their own way (nginx, sshd in ``tunnel.py``).
 :func:`freePort` is for a server that takes neither (configurable-http-proxy,
 another revision's ``dit4c-dev``).
 
-Only the standard library and psutil: a bench imports nothing from
-``tests/``.
+Only the standard library and psutil, and nothing from ``tests/``: the
+tests' harness reads the same announcement (``support.processes``); one
+reader for both would sit beside the line it reads, in
+``dit4c.common.service``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import http.client
 import json
 import os
 import re
@@ -319,8 +323,6 @@ def httpStatus(
 
 def httpGet(port: int, path: str, headers: dict[str, str], timeout: float = 10.0) -> tuple[int | None, bytes]:
     """``GET path`` at 127.0.0.1:``port``: the status and body; (None, b"") if it got no answer."""
-    import http.client
-
     try:
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
         c.request("GET", path, headers=headers)
@@ -387,8 +389,6 @@ class Run:
         self.tmp = Path(tempfile.mkdtemp(prefix=self.prefix, dir=self.parent))
         self.logs = self.tmp / "logs"
         self.logs.mkdir()
-        import datetime
-
         self.started = datetime.datetime.now().astimezone()
         self._began = time.monotonic()
         log(f"temp dir {self.tmp}")
