@@ -309,6 +309,8 @@ class _Stream:
         self.sessionHash = hashToken(who.token)
         #: Instances shared with the person (their own are known by owner).
         self.visible: set[str] = set()
+        #: Whether ``visible`` has been read (by the snapshot) yet.
+        self.known = False
         self.closed = False
         self._tail: Deferred[None] = succeed(None)
         self._pending = 0
@@ -323,7 +325,10 @@ class _Stream:
                 self._then(lambda: self._write(instance))
             else:
                 self._write(instance)
-        elif instance.id in self.visible:
+        elif instance.id in self.visible or not self.known:
+            # Before the snapshot has read what is shared, any instance may
+            # be: the check in turn after it says (a change committed while
+            # the snapshot read is not lost between the two).
             self._then(lambda: self._sendShared(instance))
 
     def keepalive(self) -> None:
@@ -397,6 +402,7 @@ class _Stream:
         own = await self.hub.store.listInstancesOf(self.user)
         shared = await self.hub.store.listInstancesSharedWith(self.user)
         self.visible = {i.id for i in shared}
+        self.known = True
         for instance in [*own, *shared]:
             self._write(instance, b"snapshot")
 

@@ -20,6 +20,7 @@ from portal_client import Browser, Client, logIn, submit, tokenFor
 from support.sockets import RawClient
 from support.waiting import deferLater
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 from dit4c.common.life import State
@@ -146,6 +147,34 @@ async def test_a_stream_starts_with_where_every_visible_instance_stands(api: Por
     text = bytes(stream.received)
     assert text.rindex(b"event: snapshot") < text.index(b"event: instance")
     assert [(e["id"], e["state"]) for e in received(stream)] == [(bobs.id, "discarded")]
+    stream.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_shared_instances_change_while_the_snapshot_is_read_is_not_lost(api: Portal, monkeypatch: Any) -> None:
+    """
+    The snapshot reads what is shared with the person; a change committed
+    and published while that read is under way (the read saw it or not) is
+    still sent after the snapshot, checked as every shared event is.
+    """
+    _, bob, aliceUser, bobUser = await people(api)
+    shared = await api.store.createInstance(aliceUser.id, api.image.id)  # type: ignore[attr-defined]
+    await api.store.shareInstance(shared.id, bobUser.id)
+    gate: Deferred[None] = Deferred()
+    reading = api.store.listInstancesSharedWith
+
+    async def slowRead(user: str) -> Any:
+        found = await reading(user)  # read before the change below commits
+        await gate
+        return found
+
+    monkeypatch.setattr(api.store, "listInstancesSharedWith", slowRead)
+    stream = await openStream(api, bob)
+    await changed(api, shared, State.RUNNING)
+    gate.callback(None)
+    await until(lambda: len(received(stream)) == 1, stream)
+    assert [(e["id"], e["state"]) for e in received(stream, b"snapshot")] == [(shared.id, "requested")]
+    assert [(e["id"], e["state"]) for e in received(stream)] == [(shared.id, "running")]
     stream.transport.loseConnection()
 
 

@@ -230,7 +230,7 @@ def drain(s: socket.socket, wait: float = 1.0) -> bytes:
     while True:
         try:
             more = s.recv(65536)
-        except (OSError, socket.timeout):
+        except OSError:  # a reset, or no more within ``wait``
             return got
         if not more:
             return got
