@@ -7,13 +7,15 @@ What can go wrong in the auth helper's talk with the portal.
   soon.
 - ``PortalRefused``: the portal answered and said no to a login code; the
   person is sent to log in again.
+- ``InvalidFlow``: a login's flow cookie is missing, forged, expired or
+  from another browser or tab; the person is sent to log in again.
 - ``WatchError``: the portal's watch of access changes sent something that
   is not a watch; the watch is opened again, with back-off.
 """
 
 from __future__ import annotations
 
-__all__ = ["PortalRefused", "PortalUnreachable", "WatchError"]
+__all__ = ["InvalidFlow", "PortalRefused", "PortalUnreachable", "WatchError"]
 
 
 class PortalUnreachable(Exception):
@@ -30,3 +32,7 @@ class PortalRefused(Exception):
 
 class WatchError(Exception):
     """The portal sent something that is not a watch (the watch is opened again)."""
+
+
+class InvalidFlow(Exception):
+    """The login took too long, or was started in another browser or tab."""

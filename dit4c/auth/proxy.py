@@ -33,7 +33,7 @@ from zope.interface import implementer
 
 from dit4c.auth import pages
 from dit4c.auth.connections import Connections
-from dit4c.auth.errors import PortalRefused
+from dit4c.auth.errors import InvalidFlow, PortalRefused
 from dit4c.auth.gate import ALLOWED, FORBIDDEN, Sessions, Verdict
 from dit4c.auth.portal import PortalClient
 from dit4c.auth.session import (
@@ -42,7 +42,6 @@ from dit4c.auth.session import (
     LOCAL_PREFIX,
     SESSION_COOKIE,
     FlowCookies,
-    InvalidFlow,
     clearCookie,
     isNavigation,
     parseCookies,

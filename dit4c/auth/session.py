@@ -27,6 +27,7 @@ from itsdangerous import (
     want_bytes,
 )
 
+from dit4c.auth.errors import InvalidFlow
 from dit4c.common.keys import loadPrivateKey
 from dit4c.common.nextpath import safeNext
 from dit4c.common.pkce import newVerifier
@@ -39,7 +40,6 @@ __all__ = [
     "SESSION_COOKIE",
     "Flow",
     "FlowCookies",
-    "InvalidFlow",
     "clearCookie",
     "deriveKey",
     "isNavigation",
@@ -89,10 +89,6 @@ def deriveKey(keyFile: str | Path, instance: str, purpose: str) -> bytes:
 
 
 # -- the flow cookie -----------------------------------------------------------------------------
-
-
-class InvalidFlow(Exception):
-    """The login took too long, or was started in another browser or tab."""
 
 
 @dataclass(frozen=True)

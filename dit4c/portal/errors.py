@@ -15,12 +15,15 @@ server-to-server endpoints answer it.
   a signed token or a secret (an instance's reports, the image server's
   and the file server's questions), answered ``{"error", "reason"}`` with
   ``status``; its ``reason`` never holds token text, so it may be logged.
+- ``OAuthError`` and its kinds: the OAuth 2 server (``/oauth/*``) refused
+  a request, answered with its RFC 6749 / RFC 6750 ``error`` code and
+  ``status``; the description never holds a code, verifier or token.
 - ``CrossSiteRequest``: a state-changing request another site sent; it is
   refused (403) whatever it carries, and nothing is done.
 
 What the store refuses is in :mod:`dit4c.portal.store.errors`; what goes
 wrong in a login through a provider, in :mod:`dit4c.portal.upstream.errors`;
-the OAuth 2 server's refusals are in :mod:`dit4c.portal.oauth`.
+the OAuth 2 server's refusals are below.
 """
 
 from __future__ import annotations
@@ -29,13 +32,20 @@ from werkzeug.exceptions import Forbidden as HTTPForbidden
 
 __all__ = [
     "APIError",
+    "AccessDenied",
     "CrossSiteRequest",
     "Forbidden",
     "InstanceError",
+    "InvalidAccessToken",
+    "InvalidGrant",
+    "InvalidRequest",
     "NoScheduler",
     "NotFound",
+    "OAuthError",
     "QuotaExceeded",
     "ReportError",
+    "UnknownClient",
+    "UnsupportedGrantType",
     "WrongState",
 ]
 
@@ -110,6 +120,63 @@ class ReportError(Exception):
     def reason(self) -> str:
         """Safe to show and to log: never token text."""
         return str(self.args[0])
+
+
+# -- the OAuth 2 server --------------------------------------------------------------------------
+
+
+class OAuthError(Exception):
+    """The request was refused."""
+
+    #: The RFC 6749 / RFC 6750 error code.
+    error = "invalid_request"
+    #: The HTTP status of the answer.
+    status = 400
+
+    def __init__(self, description: str = "") -> None:
+        super().__init__(description or (self.__doc__ or "").strip())
+
+    @property
+    def description(self) -> str:
+        """Safe to show and to log: never a code, verifier or token."""
+        return str(self.args[0])
+
+
+class InvalidRequest(OAuthError):
+    """The request is missing a parameter, or one is malformed or given twice."""
+
+
+class UnknownClient(OAuthError):
+    """
+    The request does not come from an instance this portal knows, or does
+    not name that instance's own callback address.
+    """
+
+
+class InvalidGrant(OAuthError):
+    """The authorization code is unknown, expired, used already, or was issued for another request."""
+
+    error = "invalid_grant"
+
+
+class UnsupportedGrantType(OAuthError):
+    """Only ``grant_type=authorization_code`` is supported."""
+
+    error = "unsupported_grant_type"
+
+
+class InvalidAccessToken(OAuthError):
+    """The access token is missing, expired, or not for this instance."""
+
+    error = "invalid_token"
+    status = 401
+
+
+class AccessDenied(OAuthError):
+    """This person may not use this instance."""
+
+    error = "access_denied"
+    status = 403
 
 
 # -- requests from other sites -------------------------------------------------------------------

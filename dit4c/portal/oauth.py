@@ -81,23 +81,26 @@ from dit4c.common import tokens
 from dit4c.common.life import State
 from dit4c.common.pkce import codeChallenge
 from dit4c.common.tokens import TokenVerifier
+from dit4c.portal.errors import (
+    AccessDenied,
+    InvalidAccessToken,
+    InvalidGrant,
+    InvalidRequest,
+    OAuthError,
+    ReportError,
+    UnknownClient,
+    UnsupportedGrantType,
+)
 from dit4c.portal.events import InstanceWatches
 from dit4c.portal.interfaces import Basics, InstanceTokenCheck, PageRenderer, SessionLookup
 from dit4c.portal.keys import KeyRingKeySource
-from dit4c.portal.reportrules import LEEWAY, MAX_JTI, ReportError
+from dit4c.portal.reportrules import LEEWAY, MAX_JTI
 from dit4c.portal.web import loggableTarget
 
 __all__ = [
     "AUDIENCE_PREFIX",
     "CALLBACK_PATH",
-    "AccessDenied",
-    "InvalidGrant",
-    "InvalidRequest",
-    "InvalidToken",
-    "OAuthError",
     "OAuthServer",
-    "UnknownClient",
-    "UnsupportedGrantType",
     "WATCH_AUDIENCE",
     "audienceFor",
     "redirectURIFor",
@@ -131,63 +134,6 @@ _VERIFIER = re.compile(r"[A-Za-z0-9._~-]{43,128}")
 #: RFC 7636 section 4.2: ``S256`` gives 32 bytes, 43 base64url characters.
 _CHALLENGE = re.compile(r"[A-Za-z0-9_-]{43}")
 _CODE = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_CODE}}}")
-
-
-# -- errors ------------------------------------------------------------------------------------
-
-
-class OAuthError(Exception):
-    """The request was refused."""
-
-    #: The RFC 6749 / RFC 6750 error code.
-    error = "invalid_request"
-    #: The HTTP status of the answer.
-    status = 400
-
-    def __init__(self, description: str = "") -> None:
-        super().__init__(description or (self.__doc__ or "").strip())
-
-    @property
-    def description(self) -> str:
-        """Safe to show and to log: never a code, verifier or token."""
-        return str(self.args[0])
-
-
-class InvalidRequest(OAuthError):
-    """The request is missing a parameter, or one is malformed or given twice."""
-
-
-class UnknownClient(OAuthError):
-    """
-    The request does not come from an instance this portal knows, or does
-    not name that instance's own callback address.
-    """
-
-
-class InvalidGrant(OAuthError):
-    """The authorization code is unknown, expired, used already, or was issued for another request."""
-
-    error = "invalid_grant"
-
-
-class UnsupportedGrantType(OAuthError):
-    """Only ``grant_type=authorization_code`` is supported."""
-
-    error = "unsupported_grant_type"
-
-
-class InvalidToken(OAuthError):
-    """The access token is missing, expired, or not for this instance."""
-
-    error = "invalid_token"
-    status = 401
-
-
-class AccessDenied(OAuthError):
-    """This person may not use this instance."""
-
-    error = "access_denied"
-    status = 403
 
 
 # -- the rules, without I/O ----------------------------------------------------------------------
@@ -326,7 +272,7 @@ class OAuthServer:
         return json.dumps(body).encode()
 
     def _jsonError(self, request: IRequest, error: OAuthError) -> bytes:
-        if isinstance(error, InvalidToken):
+        if isinstance(error, InvalidAccessToken):
             # RFC 6750 section 3.
             request.setHeader(
                 b"www-authenticate",
@@ -497,24 +443,24 @@ class OAuthServer:
         scheme, _, accessToken = header.partition(" ")
         accessToken = accessToken.strip()
         if scheme.lower() != "bearer" or not accessToken:
-            raise InvalidToken("A Bearer access token is required.")
+            raise InvalidAccessToken("A Bearer access token is required.")
         verifier = TokenVerifier(
             self.keySource, audience=audienceFor(instanceId), issuer=self.keys.issuer, clock=self.clock
         )
         try:
             claims = await verifier.verify(accessToken)
         except tokens.InvalidToken as e:
-            raise InvalidToken(f"The access token was refused: {e.reason}.") from None
+            raise InvalidAccessToken(f"The access token was refused: {e.reason}.") from None
         subject = claims.get("sub")
         if not isinstance(subject, str):
-            raise InvalidToken("The access token names nobody.")
+            raise InvalidAccessToken("The access token names nobody.")
         user = await self.store.userById(subject)
         if user is None or user.disabled:
             raise AccessDenied()
         session = claims.get("sid")
         if not isinstance(session, str) or not await self.store.sessionLive(session):
             # Logged out (or the session expired): the person logs in again.
-            raise InvalidToken("The portal session this access token was issued in has ended.")
+            raise InvalidAccessToken("The portal session this access token was issued in has ended.")
         if not await self.store.mayUseInstance(subject, instanceId):
             raise AccessDenied()
         return {"sub": subject, "name": user.name, "instance": instanceId, "allowed": True}
@@ -545,19 +491,19 @@ class OAuthServer:
         scheme, _, token = header.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            raise InvalidToken("A Bearer token signed with the instance's key is required.")
+            raise InvalidAccessToken("A Bearer token signed with the instance's key is required.")
         try:
             # The same check as an instance's reports (docs/protocols.md 8.1), for another audience.
             instance, claims = await self.instanceTokens.check(token, WATCH_AUDIENCE)
         except ReportError as e:
-            raise InvalidToken(e.reason) from None
+            raise InvalidAccessToken(e.reason) from None
         if instance.state == State.DISCARDED:
             raise AccessDenied("The instance is discarded.")
         jti = claims.get("jti")
         if not isinstance(jti, str) or not 0 < len(jti) <= MAX_JTI:
-            raise InvalidToken(f"The token needs a jti claim of 1 to {MAX_JTI} characters.")
+            raise InvalidAccessToken(f"The token needs a jti claim of 1 to {MAX_JTI} characters.")
         if not await self.store.spendTokenId(instance.id, jti, float(claims["exp"]) + LEEWAY):
-            raise InvalidToken("This token was used before: its jti is spent.")
+            raise InvalidAccessToken("This token was used before: its jti is spent.")
         return str(instance.id)
 
     # -- everything else ----------------------------------------------------------------------------

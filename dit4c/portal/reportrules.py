@@ -56,8 +56,6 @@ __all__ = [
     "WRITE_METHODS",
     "HoldsKeys",
     "InstanceTokens",
-    # Re-exported: dit4c.portal.oauth takes it from here with the token rules it uses.
-    "ReportError",
     "badRequest",
     "badToken",
     "bearerToken",

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from dit4c.auth.errors import InvalidFlow
 from dit4c.auth.session import (
     FlowCookies,
-    InvalidFlow,
     clearCookie,
     deriveKey,
     isNavigation,
