@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
+from dit4c.common.completes import completes
 from dit4c.common.errors import IllegalMove
 from dit4c.common.life import ACTIONS, ACTIVE, Life, State
 from dit4c.portal.errors import (
@@ -60,6 +61,14 @@ def _atImageServer(image: Image) -> bool:
 
 
 class Instances:
+    """
+    What people do with instances, for the pages and the REST API alike.
+    Each action that changes several things in turn (claim, store the
+    command, tell the scheduler; share or unshare, tell every watcher) runs
+    to its end once begun (:func:`~dit4c.common.completes.completes`), even
+    if the browser that asked goes away meanwhile.
+    """
+
     log = Logger()
 
     def __init__(
@@ -95,6 +104,7 @@ class Instances:
             + list(await self.store.listImagesSharedWith(user.id))
         )
 
+    @completes
     async def start(self, user: User, image_id: str, scheduler_id: str | None = None) -> Instance:
         image = await self.store.imageById(image_id)
         if image is None or image.deleted:
@@ -168,6 +178,7 @@ class Instances:
             raise NotFound("There is no such instance of yours.")
         return instance
 
+    @completes
     async def act(self, user: User, instance_id: str, action: str) -> Instance:
         """
         A person's action on an instance, if its life allows it in the
@@ -198,6 +209,7 @@ class Instances:
         self.log.info("{user}: {action} {instance}", user=user.name, action=action, instance=instance.id)
         return updated
 
+    @completes
     async def share(self, user: User, instance_id: str, name: str) -> None:
         instance = await self.owned(user, instance_id)
         other = await self.store.userByName(name.strip().lower())
@@ -206,6 +218,7 @@ class Instances:
         await self.store.shareInstance(instance.id, other.id)
         self.events.accessChanged(AccessChange(user=other.id, instance=instance.id))
 
+    @completes
     async def unshare(self, user: User, instance_id: str, name: str) -> None:
         """
         Take the instance back from ``name``: published, so that their open
@@ -250,6 +263,7 @@ class Sharing:
         instance = await self.instances.owned(user, instance_id)
         return list(await self.store.listShareLinks(instance.id))
 
+    @completes
     async def revokeLink(self, user: User, instance_id: str, link_id: str) -> None:
         instance = await self.instances.owned(user, instance_id)
         if link_id not in {link.id for link in await self.store.listShareLinks(instance.id)}:
@@ -277,6 +291,7 @@ class Sharing:
         if other is not None:
             await self.store.unshareImage(image.id, other.id)
 
+    @completes
     async def deleteImage(self, user: User, image_id: str) -> None:
         image = await self.ownedImage(user, image_id)
         await self.store.deleteImage(image.id)

@@ -7,6 +7,11 @@
   var LIFE = JSON.parse(document.getElementById("dit4c-life").textContent);
   var ACTIONS = LIFE.actions;
   var source = new EventSource("/events");
+  // Once a form is sent, its answer is the next page: a reload now would
+  // abort it (the portal finishes the action anyway, but its message is lost).
+  var leaving = false;
+  document.addEventListener("submit", function () { leaving = true; });
+  function reload() { if (!leaving) { window.location.reload(); } }
   // "instance": a change as it happens; "snapshot": where an instance stands
   // when the stream (re)starts, so nothing changed meanwhile is missed.
   function show(live) {
@@ -15,8 +20,8 @@
       var row = document.querySelector('tr[data-instance="' + change.id + '"]');
       // A new instance (a start elsewhere, a share) needs the page again; an
       // instance that is gone leaves it.
-      if (!row) { if (live) { window.location.reload(); } return; }
-      if (LIFE.terminal.indexOf(change.state) >= 0) { window.location.reload(); return; }
+      if (!row) { if (live) { reload(); } return; }
+      if (LIFE.terminal.indexOf(change.state) >= 0) { reload(); return; }
       update(row, change);
     };
   }
