@@ -62,10 +62,11 @@ def failOnLoggedErrors(request: pytest.FixtureRequest) -> Iterator[list[Any]]:
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "allow_logged_errors: the test expects errors in the log")
-    if config.option.basetemp is None:
+    if config.option.basetemp is None or hasattr(config, "workerinput"):
         # Short temporary paths: a pod's Unix socket (<pod>/sock/tool.sock)
         # must fit in sun_path's 107 bytes, and pytest's own base
-        # (/tmp/pytest-of-<user>/pytest-<n>) grows with every run.
+        # (/tmp/pytest-of-<user>/pytest-<n>) grows with every run, as does
+        # the one pytest-xdist gives each of its workers (<base>/popen-gw<n>).
         config.option.basetemp = f"/tmp/d4t-{os.getpid()}"
         config.stash[_SHORT_BASE] = config.option.basetemp
 
