@@ -18,7 +18,8 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from dit4c.portal import security
-from dit4c.portal.events import AccessChange, EventBus
+from dit4c.portal.access import changePerson
+from dit4c.portal.events import EventBus
 from dit4c.portal.interfaces import KeyRotation, PageRenderer, SessionLookup
 from dit4c.portal.jwks import publicJWKProblem
 from dit4c.portal.sessions import LoggedIn
@@ -145,10 +146,7 @@ class AdminPages:
         else:
             return await self.page(request, who, 400, error="Unknown action.")
         try:
-            await self.store.updateUser(user_id, **changes)
-            if changes.get("disabled"):
-                await self.store.deleteSessionsOfUser(user_id)
-                self.events.accessChanged(AccessChange(user=user_id))
+            await changePerson(self.store, self.events, user_id, **changes)
         except StoreError as e:
             return await self.page(request, who, 400, error=str(e))
         self.log.info("{admin} changed user {id}: {action}", admin=who.user.name, id=user_id, action=action)

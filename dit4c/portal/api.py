@@ -23,8 +23,9 @@ from werkzeug.exceptions import HTTPException
 
 from dit4c.common.life import toJSON as lifeJSON
 from dit4c.portal import security
+from dit4c.portal.access import changePerson
 from dit4c.portal.errors import APIError, InstanceError
-from dit4c.portal.events import AccessChange, EventBus
+from dit4c.portal.events import EventBus
 from dit4c.portal.instances import Instances, Sharing
 from dit4c.portal.interfaces import KeyRotation, SessionLookup
 from dit4c.portal.jwks import publicJWKProblem
@@ -338,10 +339,7 @@ class API:
             raise APIError(400, "bad_field", f"Unknown fields: {', '.join(sorted(unknown))}.")
         if user_id == caller.id and ({"is_admin", "disabled"} & set(body)):
             raise APIError(400, "refused", "You cannot change your own rights or disable yourself.")
-        user = await self.store.updateUser(user_id, **body)
-        if body.get("disabled"):
-            await self.store.deleteSessionsOfUser(user_id)
-            self.events.accessChanged(AccessChange(user=user_id))
+        user = await changePerson(self.store, self.events, user_id, **body)
         return self.reply(request, userJSON(user))
 
     @app.route("/admin/schedulers/<scheduler_id>/users", methods=["PUT"])

@@ -31,10 +31,11 @@ from werkzeug.exceptions import HTTPException, NotFound
 
 from dit4c.common.nextpath import safeNext
 from dit4c.portal import security
+from dit4c.portal.access import endSession
 from dit4c.portal.admin import AdminPages
 from dit4c.portal.api import API
 from dit4c.portal.errors import CrossSiteRequest, InstanceError
-from dit4c.portal.events import AccessChange, EventStreams, InstanceEvents
+from dit4c.portal.events import EventStreams, InstanceEvents
 from dit4c.portal.instances import ICommandSink, Instances, NoChannel, Sharing
 from dit4c.portal.interfaces import Basics
 from dit4c.portal.jwks import KeyDirectory
@@ -44,7 +45,6 @@ from dit4c.portal.reportrules import InstanceTokens, imageReadToken, removeImage
 from dit4c.portal.reports import Reports
 from dit4c.portal.security import CookiePolicy
 from dit4c.portal.sessions import LoggedIn, LoginSessions
-from dit4c.portal.store.ids import hashToken
 from dit4c.portal.store.interfaces import IStore
 from dit4c.portal.upstream import UpstreamLogin
 from dit4c.portal.web import Pages, arg, csrfOK, loggableTarget, redirect
@@ -403,8 +403,7 @@ class Portal:
             if not csrfOK(request, who.session.csrf):
                 request.setResponseCode(400)
                 return b"Bad CSRF token"
-            await self.store.deleteSession(who.token)
-            self.events.accessChanged(AccessChange(user=who.user.id, session=hashToken(who.token)))
+            await endSession(self.store, self.events, who)
         self.cookies.clear(request, security.SESSION_COOKIE)
         return redirect(request, "/login")
 

@@ -10,12 +10,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 from portal_client import serve, startService
 from support.portal import RecordingCommands
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 
+from dit4c.common.httpsite import FrontRequest
 from dit4c.portal import security
 from dit4c.portal.app import Portal, PortalConfig
 from dit4c.portal.keys import KeyRing
@@ -74,3 +76,17 @@ async def api(tmp_path: Path) -> Any:
     yield portal
     await port.stopListening()
     await store.close()
+
+
+@pytest.fixture
+def requestsLost(monkeypatch: Any) -> list[object]:
+    """The portal's requests whose client went away before their answer, as the portal notices it."""
+    lost: list[object] = []
+    noticed = FrontRequest.connectionLost
+
+    def connectionLost(request: FrontRequest, reason: Any) -> None:
+        lost.append(request)
+        noticed(request, reason)
+
+    monkeypatch.setattr(FrontRequest, "connectionLost", connectionLost)
+    return lost

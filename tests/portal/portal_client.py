@@ -10,9 +10,14 @@ import json
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import treq
+from support.sockets import RawClient
+from support.waiting import eventually
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 from dit4c.portal.app import Portal
 
@@ -144,3 +149,48 @@ async def tokenFor(portal: Portal, name: str, password: str) -> str:
     )
     assert response.code == 201
     return (await response.json())["token"]  # type: ignore[no-any-return]
+
+
+class Held:
+    """Calls to a coroutine function held until :meth:`release`, then made."""
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+        self.waiting: list[Deferred[None]] = []
+        self.made: list[Any] = []
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        waiter: Deferred[None] = Deferred()
+        self.waiting.append(waiter)
+        await waiter
+        self.made.append(args)
+        return await self.call(*args, **kwargs)
+
+    def release(self) -> None:
+        for waiter in self.waiting:
+            if not waiter.called:
+                waiter.callback(None)
+
+
+async def postAndLeave(
+    portal: Portal, browser: Browser, path: str, held: Held, lost: list[object], **fields: str
+) -> None:
+    """
+    Post the home page's form to ``path`` and close the connection while
+    ``held`` holds the action; let it go once the portal has noticed.
+    """
+    _, page = await browser.get("/")
+    body = urlencode({"csrf": csrfOf(page), **fields}).encode()
+    cookie = "; ".join(f"{k}={v}" for k, v in browser.cookies.items())
+    client = RawClient()
+    port = int(portal.testURL.rsplit(":", 1)[1])  # type: ignore[attr-defined]
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+    client.transport.write(
+        f"POST {path} HTTP/1.1\r\nHost: portal.test\r\nCookie: {cookie}\r\n"
+        f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    await eventually(lambda: held.waiting)
+    client.transport.loseConnection()
+    await eventually(lambda: lost)
+    held.release()
