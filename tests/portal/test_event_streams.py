@@ -160,16 +160,19 @@ async def test_a_shared_instances_change_while_the_snapshot_is_read_is_not_lost(
     _, bob, aliceUser, bobUser = await people(api)
     shared = await api.store.createInstance(aliceUser.id, api.image.id)  # type: ignore[attr-defined]
     await api.store.shareInstance(shared.id, bobUser.id)
+    read: Deferred[None] = Deferred()
     gate: Deferred[None] = Deferred()
     reading = api.store.listInstancesSharedWith
 
     async def slowRead(user: str) -> Any:
-        found = await reading(user)  # read before the change below commits
+        found = await reading(user)
+        read.callback(None)
         await gate
         return found
 
     monkeypatch.setattr(api.store, "listInstancesSharedWith", slowRead)
     stream = await openStream(api, bob)
+    await read  # the snapshot has read what is shared: before the change below
     await changed(api, shared, State.RUNNING)
     gate.callback(None)
     await until(lambda: len(received(stream)) == 1, stream)
