@@ -38,6 +38,9 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-twisted>=1.14",
+            # The suite in parallel worker processes: its tests wait on real
+            # servers' deadlines more than they use the CPU.
+            "pytest-xdist>=3.6",
             "hypothesis>=6.100",
             "psutil>=5.9",
             # The store's tests run against a real PostgreSQL too.
