@@ -16,7 +16,7 @@ from typing import Any
 import pytest_twisted
 import treq
 from portal_client import Browser, Client, logIn, submit, tokenFor
-from support.waiting import deferLater
+from support.waiting import eventually
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 
@@ -48,13 +48,28 @@ class Watch(Protocol):
         return [n.sub for n in self.notices if n.type == "changed"]
 
     async def until(self, count: int) -> list[str | None]:
-        """The subjects of the first ``count`` changes, once heard (and nothing more after a moment)."""
-        for _ in range(500):
-            if len(self.changes()) >= count:
-                break
-            await deferLater(0.01)
-        await deferLater(0.05)
+        """
+        The subjects of the changes heard, once there are ``count``: the
+        caller compares the whole list, so one too many that comes before
+        a later step's changes fails there, and :func:`keepalive` is the
+        barrier for the last.
+        """
+        await eventually(lambda: len(self.changes()) >= count, what=lambda: f"{count} changes, heard {self.notices}")
         return self.changes()
+
+
+async def keepalive(portal: Portal, *watches: Watch) -> None:
+    """
+    A keepalive, heard on each of ``watches``: it is written after every
+    change written before it, so what the portal sent them until now has come.
+    """
+    heard = {id(w): len(w.notices) for w in watches}
+    portal.clock.advance(WATCH_KEEPALIVE)
+
+    def allHeard() -> bool:
+        return all(Notice("keepalive") in w.notices[heard[id(w)] :] for w in watches)
+
+    await eventually(allHeard, what=lambda: f"a keepalive on each, heard {[w.notices for w in watches]}")
 
 
 def watchToken(portal: Portal, key: Any, instance: str, **claims: Any) -> str:
@@ -75,10 +90,7 @@ async def openWatch(portal: Portal, key: Any, instance: str) -> Watch:
     assert response.headers.getRawHeaders("content-type") == ["application/x-ndjson"]
     watch = Watch()
     response.deliverBody(watch)
-    for _ in range(500):
-        if watch.notices:
-            break
-        await deferLater(0.01)
+    await eventually(lambda: watch.notices, what="the watch's first line")
     assert watch.notices[0] == Notice("watching", keepalive=WATCH_KEEPALIVE)
     return watch
 
@@ -110,35 +122,34 @@ async def test_a_watch_hears_every_access_change_to_its_instance_and_no_other(ap
     assert status == 201
     status, _ = await aliceAPI.call("DELETE", f"/instances/{a.id}/links/{link['id']}")
     assert status == 200
-    assert await watchA.until(3) == [bobUser.id, bobUser.id, None]  # whoever came through the link
+    heard = [bobUser.id, bobUser.id, None]  # None: whoever came through the link
+    assert await watchA.until(3) == heard
 
     # A person's logout or being disabled reaches the instances they may use.
     await submit(alice, f"/instances/{a.id}/share", user="bob")
     await submit(bob, "/logout")
-    assert (await watchA.until(5))[3:] == [bobUser.id, bobUser.id]
+    heard += [bobUser.id, bobUser.id]
+    assert await watchA.until(5) == heard
     await submit(alice, "/logout")
-    assert (await watchA.until(6))[5:] == [aliceUser.id]
+    heard += [aliceUser.id]
+    assert await watchA.until(6) == heard
     root = Client(api, await tokenFor(api, "root", "root password!"))
     status, _ = await root.call("PATCH", f"/admin/users/{bobUser.id}", {"disabled": True})
     assert status == 200
-    assert (await watchA.until(7))[6:] == [bobUser.id]
+    heard += [bobUser.id]
+    assert await watchA.until(7) == heard
 
-    # B is alice's too: only her logout concerned it.
-    assert watchB.changes() == [aliceUser.id]
-
-    # A keepalive every few seconds, to each.
-    api.clock.advance(WATCH_KEEPALIVE)
-    await deferLater(0.05)
+    # A keepalive every few seconds, to each; after it, all each was sent
+    # has come: nothing more for A, and for B (alice's too) only her logout.
+    await keepalive(api, watchA, watchB)
     assert watchA.notices[-1] == watchB.notices[-1] == Notice("keepalive")
+    assert watchA.changes() == heard
+    assert watchB.changes() == [aliceUser.id]
     assert api.oauth.watches.watching(a.id) == 1
     watchA.close()
     watchB.close()
     await watchA.ended
-    for _ in range(500):
-        if not api.oauth.watches.watching(a.id):
-            break
-        await deferLater(0.01)
-    assert api.oauth.watches.watching(a.id) == 0
+    await eventually(lambda: api.oauth.watches.watching(a.id) == 0, what="the closed watch forgotten")
 
 
 @pytest_twisted.ensureDeferred
