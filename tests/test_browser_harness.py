@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import pytest_twisted
 from support.browser import Browser, browserAvailable, requireBrowser, startBrowser
-from twisted.internet import reactor, task, threads
+from support.waiting import eventually
+from twisted.internet import reactor, threads
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.web import pages
 from twisted.web.resource import Resource
@@ -164,12 +165,15 @@ async def site() -> AsyncIterator[HarnessSite]:
         for call in state.calls:
             if call.active():
                 call.cancel()
+        aborted = []
         for protocol in factory.protocols:
             transport = getattr(protocol, "transport", None)
             if transport is not None and transport.connected:
                 transport.abortConnection()
+                aborted.append(transport)
         await port.stopListening()
-        await task.deferLater(reactor, 0, lambda: None)  # let connectionLost run
+        # An aborted connection is lost in a later turn of the reactor.
+        await eventually(lambda: not any(t.connected for t in aborted), what="the aborted connections were lost")
 
 
 @pytest_twisted.ensureDeferred

@@ -13,13 +13,14 @@ import shutil
 import stat
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from confined import listeningInodes, snoopTool, socketInodes, toolPid, treeOf
 from standins import POD_HELPER
 from support.sockets import rawRequest
-from support.waiting import deferLater
+from support.waiting import eventually
 from twisted.internet import task
 
 from dit4c.node.interfaces import PodSpec
@@ -41,10 +42,8 @@ async def main(reactor: Any, base: str) -> None:
             (pod / "instance.key").write_text("the instance key")
             (pod / "instance.key").chmod(0o600)
             await runtime.start(PodSpec(instance, tool, None, pod, {"DIT4C_INSTANCE_KEY": str(pod / "instance.key")}))
-            for _ in range(300):
-                if await runtime.ready(instance):
-                    break
-                await deferLater(0.1)
+            log = pod / "tool.log"
+            await eventually(partial(runtime.ready, instance), timeout=30, what=lambda: log.read_text()[-3000:])  # noqa: B023 (awaited in this turn)
             found[instance] = {
                 "ready": await runtime.ready(instance),
                 "socketDirectory": oct(stat.S_IMODE((pod / "sock").stat().st_mode)),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from support.waiting import deferLater
+from support.waiting import eventually
 
 from dit4c.channel.interfaces import observer
 from dit4c.channel.wire import InstanceStatus
@@ -58,11 +58,10 @@ class Watcher:
         return [s.state for s in self.states if s.instance == instance]
 
     async def waitFor(self, instance: str, state: str, timeout: float = 20) -> InstanceStatus:
-        for _ in range(int(timeout / 0.05)):
-            for status in self.states:
-                if status.instance == instance and status.state == state:
-                    return status
-            await deferLater(0.05)
-        raise AssertionError(f"{instance} never {state}: {self.history(instance)}")
+        def reached() -> InstanceStatus | None:
+            return next((s for s in self.states if s.instance == instance and s.state == state), None)
 
-
+        found: InstanceStatus = await eventually(
+            reached, timeout, what=lambda: f"{instance} {state}: {self.history(instance)}"
+        )
+        return found

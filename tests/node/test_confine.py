@@ -14,12 +14,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import pytest_twisted
 from confined import NOBODY, ROOT, asUser, importPath, systemPython
+from support.waiting import eventually
 
 from dit4c.node.confine import Plan, command
 
@@ -146,7 +147,8 @@ def test_where_the_kernel_refuses_user_namespaces_the_tool_runs_unconfined_and_s
     assert seen["uid"] == NOBODY and seen["key"] == "the instance key"
 
 
-def test_the_exit_status_is_passed_on_and_the_tools_processes_end_with_it(shared: Path) -> None:
+@pytest_twisted.ensureDeferred
+async def test_the_exit_status_is_passed_on_and_the_tools_processes_end_with_it(shared: Path) -> None:
     """A tool that leaves a process behind in a session of its own (as Jupyter's kernels are): it goes too."""
     leaves = (
         "import subprocess, sys\n"
@@ -157,11 +159,7 @@ def test_the_exit_status_is_passed_on_and_the_tools_processes_end_with_it(shared
     before = _sleepers()
     result = subprocess.run(rootLaunch(shared, 1_000_124, leaves), capture_output=True, text=True, timeout=60)
     assert result.returncode == 7, result.stderr
-    for _ in range(50):
-        if not _sleepers() - before:
-            break
-        time.sleep(0.1)
-    assert _sleepers() - before == set()
+    await eventually(lambda: not _sleepers() - before, what=lambda: f"left running: {_sleepers() - before}")
 
 
 def _sleepers() -> set[int]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest_twisted
 from standins import HELPERS, TOOLS, Watcher
-from support.waiting import deferLater
+from support.waiting import eventually
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
@@ -85,14 +85,6 @@ async def link(tmp_path: Path) -> Any:
     for runtime in made.runtimes:
         for instance in list(runtime._pods):
             await runtime.discard(instance)
-
-
-async def eventually(check: Any, timeout: float = 10) -> None:
-    for _ in range(int(timeout / 0.05)):
-        if check():
-            return
-        await deferLater(0.05)
-    raise AssertionError("condition never held")
 
 
 @pytest_twisted.ensureDeferred

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from standins import Watcher
+from support.waiting import eventually
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from zope.interface import implementer
@@ -199,17 +200,6 @@ async def test_discard_of_a_running_instance_the_portal_gave_up_on(h: Harness) -
     assert h.states("abc")[-1] == "discarded"
 
 
-async def until(condition: Any, timeout: float = 10) -> None:
-    """Until ``condition()`` (work done in threads comes back through the real reactor)."""
-    from support.waiting import deferLater
-
-    for _ in range(int(timeout / 0.01)):
-        if condition():
-            return
-        await deferLater(0.01)
-    raise AssertionError("never")
-
-
 def _recorded(h: Harness, instance: str, state: str, **more: Any) -> None:
     directory = h.directory / instance
     directory.mkdir(parents=True)
@@ -241,7 +231,8 @@ async def test_a_restarted_node_takes_every_pod_back_on_its_own(h: Harness) -> N
     assert [s.reason for s in h.watcher.states if s.instance == "died"] == [
         "The instance stopped while its compute node was restarting. Not running: tool."
     ]
-    await until(lambda: ("stop", "capturing") in h.runtime.calls)  # after its partial archive is removed (a thread)
+    # After its partial archive is removed (work done in a thread comes back through the real reactor).
+    await eventually(lambda: ("stop", "capturing") in h.runtime.calls, what=lambda: f"stopped: {h.runtime.calls}")
     calls = sorted(h.runtime.calls)
     assert ("discard", "stranger") in calls  # nothing can use it any more
     assert ("stop", "died") in calls and ("stop", "broken") in calls and ("stop", "halted") in calls

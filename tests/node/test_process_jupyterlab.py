@@ -20,7 +20,7 @@ import pytest_twisted
 from confined import listeningInodes, socketInodes, toolPid, treeOf
 from standins import HELPERS
 from support.routing import Signing, startRouting, stopRouting
-from support.waiting import deferLater
+from support.waiting import eventually
 from twisted.internet import reactor
 
 from dit4c.common.keys import loadPrivateKey, savePrivateKey
@@ -64,13 +64,14 @@ async def test_jupyterlab_as_its_own_uid_through_the_auth_helper(world: Any, sig
     stack: list[Any] = []
     try:
         await runtime.start(PodSpec(instance, "jupyter/lab", None, pod, environment))
-        for _ in range(600):
+
+        async def ready() -> bool:
             if await runtime.ready(instance):
-                break
+                return True
             assert runtime._pods[instance]["tool"].running, (pod / "tool.log").read_text()[-3000:]
-            await deferLater(0.1)
-        else:
-            raise AssertionError((pod / "tool.log").read_text()[-3000:])
+            return False
+
+        await eventually(ready, timeout=60, what=lambda: (pod / "tool.log").read_text()[-3000:])
         record = json.loads((pod / "pod.json").read_text())
         assert record["uid"] in runtime.toolUids
         log = (pod / "tool.log").read_text()

@@ -33,7 +33,7 @@ from confined import (
 )
 from standins import HELPERS, POD_HELPER, RECORD_ENV, TOOLS, Watcher
 from support.sockets import rawRequest
-from support.waiting import deferLater
+from support.waiting import eventually
 from twisted.internet import reactor
 
 from dit4c.common.helperenv import fromEnvironment
@@ -106,10 +106,7 @@ async def test_start_runs_the_tool_and_its_helpers(nodes: Any, tmp_path: Path) -
     assert "d" not in watcher.keys["abc1"]
 
     # The one helper process got the helper environment (docs/protocols.md section 9).
-    for _ in range(100):
-        if (pod / "helpers.argv").exists():
-            break
-        await deferLater(0.05)
+    await eventually(lambda: (pod / "helpers.argv").exists(), what="the helper wrote its arguments")
     auth = json.loads((pod / "helpers.env").read_text())
     helper = fromEnvironment(auth)
     assert helper.instance == "abc1"
@@ -155,11 +152,9 @@ async def test_a_tool_that_exits_errors_the_instance(nodes: Any, tmp_path: Path)
     await node.start("abc3", "quits", None)
     errored = await watcher.waitFor("abc3", "errored")
     assert errored.reason == "The tool exited with status 0."
-    for _ in range(100):
-        if not any(alive(pid) for pid in podPids(tmp_path / "node" / "abc3")):
-            break
-        await deferLater(0.05)
-    assert not any(alive(pid) for pid in podPids(tmp_path / "node" / "abc3")), "its helpers were stopped too"
+    await eventually(
+        lambda: not any(alive(pid) for pid in podPids(tmp_path / "node" / "abc3")), what="its helpers were stopped too"
+    )
 
 
 @pytest_twisted.ensureDeferred
@@ -194,16 +189,10 @@ async def test_a_restarted_node_finds_its_instances(nodes: Any, tmp_path: Path) 
     # abc9's tool dies while no node watches it.
     toolPid = json.loads((tmp_path / "node" / "abc9" / "tool.pid").read_text())["pid"]
     os.killpg(toolPid, 9)
-    for _ in range(100):
-        if not alive(toolPid):
-            break
-        await deferLater(0.05)
+    await eventually(lambda: not alive(toolPid), what="abc9's tool ended")
 
     again, runtime2, watcher2 = nodes()
-    for _ in range(100):
-        if len(watcher2.states) >= 2:
-            break
-        await deferLater(0.05)
+    await eventually(lambda: len(watcher2.states) >= 2, what=lambda: f"the new node told of both: {watcher2.states}")
     assert {s.instance: s.state for s in again.instances()} == {"abc8": "running", "abc9": "errored"}
     assert (await watcher2.waitFor("abc9", "errored")).reason == (
         "The instance stopped while its compute node was restarting. Not running: tool."
@@ -375,10 +364,7 @@ async def test_only_the_auth_helper_reaches_the_tool(tmp_path: Path) -> None:
         await watcher.waitFor("nts1", "running")
         pod = tmp_path / "node" / "nts1"
         socketPath = pod / "sock" / "tool.sock"
-        for _ in range(100):
-            if (pod / "helpers.env").exists():
-                break
-            await deferLater(0.05)
+        await eventually(lambda: (pod / "helpers.env").exists(), what="the helper wrote its environment")
         auth = json.loads((pod / "helpers.env").read_text())
         assert auth["DIT4C_TOOL"] == f"unix:path={socketPath}"
         assert stat.S_IMODE((pod / "sock").stat().st_mode) == 0o700
@@ -446,10 +432,11 @@ async def test_a_restored_archive_is_handed_to_the_tool(tmp_path: Path) -> None:
             await runtime.start(PodSpec(instance, "", None, directory, environment, archive=archive))
         uids = [json.loads((tmp_path / "node" / i / "pod.json").read_text())["uid"] for i in ("rst1", "rst2")]
         assert uids[0] != uids[1]
-        for _ in range(100):
-            if [await runtime.ready(i) for i in ("rst1", "rst2")] == [True, True]:
-                break
-            await deferLater(0.1)
+
+        async def bothReady() -> bool:
+            return [await runtime.ready(i) for i in ("rst1", "rst2")] == [True, True]
+
+        await eventually(bothReady, what="both restored tools answer")
         for instance, uid in zip(("rst1", "rst2"), uids, strict=True):
             work = tmp_path / "node" / instance / "work"
             assert {p.stat().st_uid for p in [work, *work.rglob("*")]} == {uid}
@@ -512,18 +499,16 @@ async def test_a_pod_with_separate_helpers_is_found_again_and_stopped(tmp_path: 
     before.forget()
     pids = {role: json.loads((pod / f"{role}.pid").read_text())["pid"] for role in ("tool", "auth", "listener", "storage")}
 
+    # The stand-in helpers are up (each wrote its environment): the listener is in a process group of its own.
+    await eventually(
+        lambda: all((pod / f"{role}.env").exists() for role in ("auth", "listener", "storage")), what="the helpers started"
+    )
+
     after = ProcessRuntime(reactor, directory, TOOLS, helpers=POD_HELPER, stopGrace=2)
     try:
-        for _ in range(100):
-            if await after.ready("old1"):
-                break
-            await deferLater(0.1)
         assert [(s.instance, s.running) for s in await after.pods()] == [("old1", True)]
         os.killpg(pids["listener"], 9)
-        for _ in range(100):
-            if not alive(pids["listener"]):
-                break
-            await deferLater(0.05)
+        await eventually(lambda: not alive(pids["listener"]), what="the listener ended")
         assert [s.reason for s in await after.pods()] == ["Not running: listener."]
         await after.stop("old1")
         assert not any(alive(pid) for pid in pids.values())
@@ -570,12 +555,11 @@ async def test_no_helper_of_a_pod_listens_on_tcp(tmp_path: Path) -> None:
     runtime = ProcessRuntime(reactor, tmp_path / "node", {"dit4c/notes": builtinNotes()}, stopGrace=2)
     try:
         await runtime.start(PodSpec(instance, "dit4c/notes", None, pod, environment))
-        for _ in range(300):
-            if await runtime.ready(instance) and routing.registry.hostFor(instance) is not None:
-                break
-            await deferLater(0.1)
-        else:
-            raise AssertionError((pod / "helpers.log").read_text()[-3000:])
+
+        async def up() -> bool:
+            return await runtime.ready(instance) and routing.registry.hostFor(instance) is not None
+
+        await eventually(up, timeout=30, what=lambda: (pod / "helpers.log").read_text()[-3000:])
         socket = pod / "auth.sock"
         assert json.loads((pod / "pod.json").read_text())["auth"] == str(socket)
         assert stat.S_ISSOCK(socket.stat().st_mode) and stat.S_IMODE(socket.stat().st_mode) == 0o600

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from standins import HELPERS
-from support.waiting import deferLater
+from support.waiting import eventually
 from twisted.internet import reactor
 
 from dit4c.common.keys import savePrivateKey
@@ -86,12 +86,14 @@ async def test_the_tool_uses_the_storage_as_its_own_uid(world: Any, rootFuse: No
     }
     try:
         await runtime.start(PodSpec(instance, "writer", None, pod, environment))
-        for _ in range(300):
-            if (pod / "work" / "storage.json").exists() and await runtime.ready(instance):
-                break
-            await deferLater(0.1)
-        else:
-            raise AssertionError((pod / "tool.log").read_text()[-2000:] + (pod / "storage.log").read_text()[-2000:])
+
+        async def written() -> bool:
+            return (pod / "work" / "storage.json").exists() and await runtime.ready(instance)
+
+        await eventually(
+            written, timeout=30,
+            what=lambda: (pod / "tool.log").read_text()[-2000:] + (pod / "storage.log").read_text()[-2000:],
+        )  # fmt: skip
         seen = json.loads((pod / "work" / "storage.json").read_text())
         uid = json.loads((pod / "pod.json").read_text())["uid"]
         assert seen["uid"] == uid and "error" not in seen, seen
