@@ -18,7 +18,7 @@ from typing import Any
 import pytest_twisted
 from portal_client import Browser, Client, logIn, submit, tokenFor
 from support.sockets import RawClient
-from support.waiting import deferLater
+from support.waiting import eventually
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -56,11 +56,23 @@ def ended(stream: RawClient) -> bool:
 
 
 async def until(condition: Any, stream: RawClient) -> None:
-    for _ in range(1000):
-        if condition():
-            return
-        await deferLater(0.01)
-    raise AssertionError(bytes(stream.received[-400:]))
+    await eventually(condition, what=lambda: repr(bytes(stream.received[-400:])))
+
+
+def heard(stream: RawClient) -> list[tuple[str, str]]:
+    """(id, state) of the stream's changes, in order."""
+    return [(e["id"], e["state"]) for e in received(stream)]
+
+
+async def roundTrip(stream: RawClient) -> None:
+    """
+    Once the stream has ended: a request on its connection (kept alive),
+    answered. What the portal wrote on that connection before the answer
+    has come.
+    """
+    answered = len(stream.received)
+    stream.transport.write(b"GET /events HTTP/1.1\r\nHost: portal\r\n\r\n")
+    await until(lambda: b"\r\n\r\n" in stream.received[answered:] and b"HTTP/1.1 " in stream.received[answered:], stream)
 
 
 async def changed(portal: Portal, instance: Any, state: State) -> Any:
@@ -104,9 +116,9 @@ async def test_an_instance_is_streamed_only_while_it_may_be_seen(api: Portal) ->
     await submit(alice, f"/instances/{shared.id}/unshare", user="bob")
     await changed(api, shared, State.STOPPING)
     await changed(api, bobs, State.STOPPING)
-    await until(lambda: len(received(stream)) == 3, stream)
-    await deferLater(0.1)
-    assert [e["id"] for e in received(stream)] == [shared.id, bobs.id, bobs.id]
+    # Bob's own change is sent after the check of the shared one before it.
+    await until(lambda: (bobs.id, "stopping") in heard(stream), stream)
+    assert heard(stream) == [(shared.id, "running"), (bobs.id, "running"), (bobs.id, "stopping")]
 
     # Shared again while the stream is open: it is seen again.
     await submit(alice, f"/instances/{shared.id}/share", user="bob")
@@ -195,9 +207,9 @@ async def test_each_event_is_checked_when_it_is_sent(api: Portal) -> None:
     await api.store.unshareInstance(shared.id, bobUser.id)  # no event published
     await changed(api, shared, State.STOPPING)
     await changed(api, bobs, State.RUNNING)
-    await until(lambda: len(received(stream)) == 2, stream)
-    await deferLater(0.1)
-    assert [e["id"] for e in received(stream)] == [shared.id, bobs.id]
+    # Bob's own change is sent after the check of the shared one before it.
+    await until(lambda: (bobs.id, "running") in heard(stream), stream)
+    assert heard(stream) == [(shared.id, "running"), (bobs.id, "running")]
     stream.transport.loseConnection()
 
 
@@ -228,7 +240,7 @@ async def test_a_session_ended_where_this_process_did_not_hear_ends_the_stream_a
     api.clock.advance(STREAM_KEEPALIVE)
     await until(lambda: ended(stream), stream)
     await changed(api, bobs, State.RUNNING)
-    await deferLater(0.05)
+    await roundTrip(stream)
     assert received(stream) == []
 
 
@@ -247,9 +259,12 @@ async def test_a_disabled_person_loses_every_stream(api: Portal) -> None:
 @pytest_twisted.ensureDeferred
 async def test_a_stream_ends_when_its_session_expires(api: Portal) -> None:
     _, bob, _, bobUser = await people(api)
+    bobs = await api.store.createInstance(bobUser.id, api.image.id)  # type: ignore[attr-defined]
     stream = await openStream(api, bob)
     api.clock.advance(api.config.sessionLifetime - 1)
-    await deferLater(0.05)
+    # Still served a second before: a change comes (a closed stream sends none).
+    await changed(api, bobs, State.RUNNING)
+    await until(lambda: heard(stream) == [(bobs.id, "running")], stream)
     assert not ended(stream)
     api.clock.advance(1)
     await until(lambda: ended(stream), stream)
@@ -279,8 +294,7 @@ async def test_at_most_so_many_streams_per_person_the_oldest_closed(api: Portal)
         await until(lambda s=stream: len(received(s)) == 1, stream)  # type: ignore[misc]
     for stream in [*streams, newest, aliceStream]:
         stream.transport.loseConnection()
-    for _ in range(500):
-        if api.streams.open(bobUser.id) == 0 and api.events.subscribers == 0:
-            break
-        await deferLater(0.01)
-    assert api.streams.open(bobUser.id) == 0 and api.events.subscribers == 0
+    await eventually(
+        lambda: api.streams.open(bobUser.id) == 0 and api.events.subscribers == 0,
+        what=lambda: f"no stream left: {api.streams.open(bobUser.id)} open, {api.events.subscribers} subscribers",
+    )
