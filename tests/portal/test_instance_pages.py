@@ -66,7 +66,7 @@ async def test_changes_stream_to_the_page_as_server_sent_events(api: Portal) -> 
     import json
 
     from support.sockets import RawClient
-    from support.waiting import deferLater
+    from support.waiting import eventually
     from twisted.internet import reactor
     from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
@@ -79,8 +79,7 @@ async def test_changes_stream_to_the_page_as_server_sent_events(api: Portal) -> 
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), stream)
     cookie = alice._headers()["Cookie"]
     stream.transport.write(f"GET /events HTTP/1.1\r\nHost: portal\r\nCookie: {cookie}\r\n\r\n".encode())
-    while b"watching" not in stream.received:
-        await deferLater(0.01)
+    await eventually(lambda: b"watching" in stream.received, what=lambda: repr(bytes(stream.received)))
     assert b"content-type: text/event-stream" in bytes(stream.received).lower()
 
     _, page = await alice.get("/")
@@ -90,8 +89,8 @@ async def test_changes_stream_to_the_page_as_server_sent_events(api: Portal) -> 
     _, bobsPage = await bob.get("/")
     await bob.post("/instances", {"csrf": csrfOf(bobsPage), "image": api.image.id})  # type: ignore[attr-defined]
     await alice.post(f"/instances/{instance.id}/stop", {"csrf": csrfOf(page)})
-    while stream.received.count(b"event: instance") < 2:
-        await deferLater(0.01)
+    # Alice's stop is published after bob's start: bob's would have come before it.
+    await eventually(lambda: stream.received.count(b"event: instance") >= 2, what=lambda: repr(bytes(stream.received)))
     events = [
         json.loads(line.split(b"data: ", 1)[1])
         for line in bytes(stream.received).split(b"\n")
@@ -103,8 +102,7 @@ async def test_changes_stream_to_the_page_as_server_sent_events(api: Portal) -> 
     assert api.events.subscribers == 1
     stream.transport.loseConnection()
     await stream.done
-    while api.events.subscribers:
-        await deferLater(0.01)
+    await eventually(lambda: api.events.subscribers == 0, what="the stream's subscription ended")
 
 
 @pytest_twisted.ensureDeferred
