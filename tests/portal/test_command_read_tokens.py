@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jwt
+import pytest
 import pytest_twisted
 import treq
 from portal_client import startService
-from support.waiting import deferLater
+from support.waiting import eventually
 from twisted.internet import reactor
+from twisted.internet.task import Clock
 from twisted.web.http_headers import Headers
 
 from dit4c.portal.service import PortalService
@@ -87,14 +88,9 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         await service.stopService()
 
 
-async def startCommand(sim: TestingScheduler, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        starts = [c for c in sim.handled if c.op == "start"]
-        if starts:
-            return starts[0]
-        assert time.monotonic() < deadline, sim.handled
-        await deferLater(0.02)
+async def startCommand(sim: TestingScheduler) -> Any:
+    starts = await eventually(lambda: [c for c in sim.handled if c.op == "start"], what=lambda: repr(sim.handled))
+    return starts[0]
 
 
 @pytest_twisted.ensureDeferred
@@ -118,15 +114,17 @@ async def test_the_scheduler_gets_a_read_token_the_store_never_holds(world: Worl
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_command_that_waited_gets_its_token_when_it_is_sent(world: World) -> None:
+async def test_a_command_that_waited_gets_its_token_when_it_is_sent(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """Started while the scheduler is away: the token is made as it connects, not when the command was stored."""
     await world.portal.instances.start(world.alice, world.saved.id)
-    stored = time.time()
-    await deferLater(1.2)
+    # A minute on for the portal's keys, after the command was stored.
+    later = Clock()
+    later.advance(reactor.seconds() + 60)
+    monkeypatch.setattr(world.portal.keys, "clock", later)
     sim = await world.connect()
     command = await startCommand(sim)
     claims = jwt.decode(command.params["token"], options={"verify_signature": False})
-    assert claims["iat"] >= int(stored) + 1 and claims["image"] == world.saved.id
+    assert claims["iat"] == int(later.seconds()) and claims["image"] == world.saved.id
     assert "token" not in json.loads(world.storedCommands()[0][1])
 
 
