@@ -396,8 +396,9 @@ class _Stream:
     async def snapshot(self) -> None:
         """
         Where every instance the person may see stands now, as ``event:
-        snapshot``: what changed between the page's load and this stream's
-        start (or while the browser was away, reconnecting) is not lost.
+        snapshot``, then ``event: snapshot-end`` with their ids: what changed
+        between the page's load and this stream's start (or while the
+        browser was away, reconnecting) is not lost, nor what ended meanwhile.
         """
         own = await self.hub.store.listInstancesOf(self.user)
         shared = await self.hub.store.listInstancesSharedWith(self.user)
@@ -405,6 +406,11 @@ class _Stream:
         self.known = True
         for instance in [*own, *shared]:
             self._write(instance, b"snapshot")
+        # Which instances stand at all: a page's row that is not among them
+        # was discarded (or unshared) before the stream started.
+        if not self.closed:
+            ids = [i.id for i in [*own, *shared]]
+            self.request.write(b"event: snapshot-end\ndata: " + json.dumps({"ids": ids}).encode() + b"\n\n")
 
     def _write(self, instance: Instance, event: bytes = b"instance") -> None:
         if self.closed:

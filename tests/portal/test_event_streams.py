@@ -153,6 +153,10 @@ async def test_a_stream_starts_with_where_every_visible_instance_stands(api: Por
         (shared.id, shared.state, None),
         (bobs.id, "errored", "The tool exited with status 1."),
     }
+    # And which stand at all: the discarded one is known gone.
+    await until(lambda: received(stream, b"snapshot-end"), stream)
+    [end] = received(stream, b"snapshot-end")
+    assert sorted(end["ids"]) == sorted([shared.id, bobs.id])
     # Then the changes, as they happen.
     await changed(api, bobs, State.DISCARDED)
     await until(lambda: len(received(stream)) == 1, stream)

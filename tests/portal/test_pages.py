@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 
+from dit4c.common.life import State
 from dit4c.portal import security
 from dit4c.portal.app import PortalConfig
 from dit4c.portal.service import PortalService
@@ -108,6 +110,34 @@ async def test_start_watch_and_stop_an_instance_in_a_browser(tmp_path: Path, bro
         [instance] = await portal.store.listInstancesOf((await portal.store.userByName("alice")).id)
         assert instance.state == "stopped"
         assert [op for op in (c.op for c in scheduler.handled)] == ["start", "stop"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_row_discarded_before_the_pages_stream_started_leaves_the_page(
+    tmp_path: Path, browser: Any, monkeypatch: Any
+) -> None:
+    """
+    The page shows an instance; it is discarded (say, from another tab)
+    before the page's event stream starts: the stream's snapshot no longer
+    names it, and the page loads again without it.
+    """
+    async with portalAndScheduler(tmp_path, browser) as (portal, _, base):
+        alice = await portal.store.userByName("alice")
+        [image] = await portal.instances.images(alice)
+        instance = await portal.store.createInstance(alice.id, image.id)
+        gate: Deferred[None] = Deferred()
+        serve = portal.streams.serve
+
+        async def heldBack(request: Any, who: Any) -> None:
+            await gate
+            await serve(request, who)
+
+        monkeypatch.setattr(portal.streams, "serve", heldBack)
+        await browser.get(base + "/")
+        await browser.waitFor(f'tr[data-instance="{instance.id}"]', 10)
+        await portal.store.updateInstance(instance.id, state=State.DISCARDED)
+        gate.callback(None)
+        await browser.waitFor("#no-instances", 15)
 
 
 @pytest_twisted.ensureDeferred

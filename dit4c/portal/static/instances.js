@@ -27,6 +27,15 @@
   }
   source.addEventListener("instance", show(true));
   source.addEventListener("snapshot", show(false));
+  // After the snapshot: a row of an instance that no longer stands (it was
+  // discarded, or taken back, before the stream started) leaves the page.
+  source.addEventListener("snapshot-end", function (message) {
+    var standing = JSON.parse(message.data).ids;
+    var rows = document.querySelectorAll("tr[data-instance]");
+    for (var i = 0; i < rows.length; i++) {
+      if (standing.indexOf(rows[i].dataset.instance) < 0) { reload(); return; }
+    }
+  });
   function update(row, change) {
     var state = row.querySelector(".state");
     state.dataset.state = change.state;
