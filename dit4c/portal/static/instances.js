@@ -10,7 +10,7 @@
   // Once a form is sent, its answer is the next page: a reload now would
   // abort it (the portal finishes the action anyway, but its message is lost).
   var leaving = false;
-  document.addEventListener("submit", function () { leaving = true; });
+  document.addEventListener("submit", function (e) { if (!e.defaultPrevented) { leaving = true; } });
   function reload() { if (!leaving) { window.location.reload(); } }
   // "instance": a change as it happens; "snapshot": where an instance stands
   // when the stream (re)starts, so nothing changed meanwhile is missed.
