@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from support.waiting import deferLater
+from support.waiting import eventually
 from twisted.internet import reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import Clock
@@ -116,20 +116,6 @@ def logged() -> Iterator[list[str]]:
     globalLogPublisher.removeObserver(observer)
 
 
-async def until(check: Callable[[], Awaitable[bool] | bool], timeout: float = 5.0) -> None:
-    """Wait (on the reactor) until ``check`` holds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        await deferLater(0.01)
-
-
 def stateIs(store: Any, instance_id: str, state: str) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
         instance = await store.instanceById(instance_id)
@@ -162,7 +148,7 @@ async def test_testing_scheduler_connects(portal: Harness) -> None:
     assert sim.client is not None and sim.client.connected
     assert portal.hub.connected(scheduler.id)
     await sim.stop()
-    await until(lambda: not portal.hub.connected(scheduler.id))
+    await eventually(lambda: not portal.hub.connected(scheduler.id))
 
 
 async def _refused(portal: Harness, raw: RawChannel, reason: str, logged: list[str]) -> None:
@@ -219,7 +205,7 @@ async def test_replayed_proof_refused(portal: Harness, logged: list[str], firstS
     assert (await first.next())["type"] == "welcome"
     if not firstStillOpen:
         await first.close()
-        await until(lambda: not portal.hub.connected(scheduler.id))
+        await eventually(lambda: not portal.hub.connected(scheduler.id))
     second = await portal.raw()
     await second.next()
     second.send({"type": "hello", "scheduler": scheduler.id, "proof": proof})
@@ -267,14 +253,21 @@ async def test_bad_hello_is_a_protocol_error(portal: Harness, logged: list[str],
 
 @pytest_twisted.ensureDeferred
 async def test_handshake_timeout(portal: Harness, logged: list[str]) -> None:
-    portal.hub.handshakeTimeout = 0.2
-    raw = await portal.raw()
-    assert (await raw.next())["type"] == "challenge"
-    started = time.monotonic()
-    code, text = await raw.closed.addTimeout(5, reactor)
-    assert code == CloseCode.HANDSHAKE_TIMEOUT
-    assert time.monotonic() - started < 2
-    assert any("no valid hello within 0.2 s" in line for line in logged)
+    """A peer that sends no hello is closed once the hub's handshake timeout (on its clock) has passed."""
+    ticks = Clock()
+    hub = ChannelHub(ticks, portal.store, issuer=ISSUER, clock=reactor, handshakeTimeout=0.2, pollInterval=None)
+    listening = hub.listen(serverFromString(reactor, "tcp:0:interface=127.0.0.1"))
+    hub.startService()
+    try:
+        raw = await RawChannel.connect(reactor, f"ws://127.0.0.1:{listening.port.getHost().port}")  # type: ignore[union-attr]
+        portal.raws.append(raw)
+        assert (await raw.next())["type"] == "challenge"
+        ticks.advance(0.2)
+        code, text = await raw.closed.addTimeout(5, reactor)
+        assert code == CloseCode.HANDSHAKE_TIMEOUT
+        assert any("no valid hello within 0.2 s" in line for line in logged)
+    finally:
+        await hub.stopService()
 
 
 @pytest_twisted.ensureDeferred
@@ -307,7 +300,7 @@ async def _acked(portal: Harness, commandId: str) -> None:
         command = await portal.store.commandById(commandId)
         return command is not None and command.acked is not None
 
-    await until(acked)
+    await eventually(acked)
 
 
 @pytest_twisted.ensureDeferred
@@ -375,7 +368,7 @@ async def test_commands_sent_while_away_reach_the_testing_scheduler(portal: Harn
         await _acked(portal, commandId)
     assert [c.id for c in sim.handled] == ids
     for instance in instances:
-        await until(stateIs(portal.store, instance.id, "running"))
+        await eventually(stateIs(portal.store, instance.id, "running"))
 
 
 @pytest_twisted.ensureDeferred
@@ -400,7 +393,7 @@ async def test_duplicate_delivery_handled_once(portal: Harness, logged: list[str
     # Delivered twice (before and after the reconnect), handled once.
     assert [c.id for c in sim.handled] == [commandId]
     assert sum("channel to the portal open" in line for line in logged) == 2
-    await until(stateIs(portal.store, instance.id, "running"))
+    await eventually(stateIs(portal.store, instance.id, "running"))
     assert sim.history.count((instance.id, "starting")) == 1
 
 
@@ -430,7 +423,7 @@ async def test_states_reach_store_and_subscribers(portal: Harness) -> None:
     portal.hub.subscribe(None, everything.append)
     sim = await portal.connect(scheduler, key, sim=TestingScheduler(reactor, delays={"save": 0.01}))
     await portal.hub.send(scheduler.id, "start", instance.id, {"image": "x"})
-    await until(lambda: any(e.instance.state == "running" for e in byUser))
+    await eventually(lambda: any(e.instance.state == "running" for e in byUser))
     stored = await portal.store.instanceById(instance.id)
     assert (stored.state, stored.url) == ("running", f"http://{instance.id}.localhost/")
     assert json.loads(stored.public_jwk) == publicJWK(sim.keys[instance.id])
@@ -444,14 +437,14 @@ async def test_states_reach_store_and_subscribers(portal: Harness) -> None:
 
     unsubscribe()
     await portal.hub.send(scheduler.id, "save", instance.id)
-    await until(stateIs(portal.store, instance.id, "saved"))
-    await until(lambda: byUser[-1].instance.state == "saved")
+    await eventually(stateIs(portal.store, instance.id, "saved"))
+    await eventually(lambda: byUser[-1].instance.state == "saved")
     assert [e.instance.state for e in byUser[3:]] == ["stopping", "saving", "uploading", "saved"]
     assert byUser[-1].instance.url is None  # a saved instance has no URL
     assert len(byInstance) == 3
 
     await portal.hub.send(scheduler.id, "discard", instance.id)
-    await until(stateIs(portal.store, instance.id, "discarded"))
+    await eventually(stateIs(portal.store, instance.id, "discarded"))
 
 
 @pytest_twisted.ensureDeferred
@@ -461,7 +454,7 @@ async def test_failures_reach_the_store(portal: Harness) -> None:
     sim = TestingScheduler(reactor, failures={"start": "the image could not be pulled"})
     await portal.connect(scheduler, key, sim=sim)
     await portal.hub.send(scheduler.id, "start", instance.id, {"image": "x"})
-    await until(stateIs(portal.store, instance.id, "errored"))
+    await eventually(stateIs(portal.store, instance.id, "errored"))
     stored = await portal.store.instanceById(instance.id)
     assert stored.reason == "the image could not be pulled"
 
@@ -474,12 +467,12 @@ async def test_illegal_transitions_ignored(portal: Harness, logged: list[str]) -
     raw = await portal.authenticated(scheduler, key)
     raw.send({"type": "state", "instance": instance.id, "state": "running", "url": "http://x.localhost/"})
     raw.send({"type": "state", "instance": instance.id, "state": "discarded"})
-    await until(stateIs(portal.store, instance.id, "discarded"))
+    await eventually(stateIs(portal.store, instance.id, "discarded"))
     assert any("from saved to running: not allowed; ignored" in line for line in logged)
     # Nothing comes back from the dead.
     raw.send({"type": "state", "instance": instance.id, "state": "errored", "reason": "boom"})
     raw.send({"type": "report", "instances": []})
-    await until(lambda: any("reported 0 instances" in line for line in logged))
+    await eventually(lambda: any("reported 0 instances" in line for line in logged))
     assert (await portal.store.instanceById(instance.id)).state == "discarded"
 
 
@@ -494,7 +487,7 @@ async def test_unknown_and_foreign_instances_ignored(portal: Harness, logged: li
     raw.send({"type": "state", "instance": "hzzzzzzzzzzzzzzzz", "state": "running"})
     raw.send({"type": "instance-key", "instance": theirs.id, "jwk": publicJWK(generatePrivateKey())})
     raw.send({"type": "state", "instance": ours.id, "state": "starting"})
-    await until(stateIs(portal.store, ours.id, "starting"))
+    await eventually(stateIs(portal.store, ours.id, "starting"))
     assert (await portal.store.instanceById(theirs.id)) == theirs
     assert any(f"instance {theirs.id}, which is not placed on it; ignored" in line for line in logged)
     assert any("unknown instance hzzzzzzzzzzzzzzzz; ignored" in line for line in logged)
@@ -512,7 +505,7 @@ async def test_instance_keys(portal: Harness, logged: list[str]) -> None:
     raw.send({"type": "instance-key", "instance": instance.id, "jwk": private})
     raw.send({"type": "instance-key", "instance": instance.id, "jwk": {"kty": "RSA", "n": "AQAB", "e": "AQAB"}})
     raw.send({"type": "state", "instance": instance.id, "state": "starting"})
-    await until(stateIs(portal.store, instance.id, "starting"))
+    await eventually(stateIs(portal.store, instance.id, "starting"))
     assert (await portal.store.instanceById(instance.id)).public_jwk is None
     assert any("private key members (d)" in line for line in logged)
     assert not any("c2VjcmV0" in line for line in logged)
@@ -525,7 +518,7 @@ async def test_instance_keys(portal: Harness, logged: list[str]) -> None:
         stored = await portal.store.instanceById(instance.id)
         return stored.public_jwk is not None and json.loads(stored.public_jwk) == publicJWK(instanceKey)
 
-    await until(published)
+    await eventually(published)
     assert portal.hub.connected(scheduler.id)
 
 
@@ -539,11 +532,11 @@ async def test_reconciliation_after_reconnect(portal: Harness, logged: list[str]
     sim = await portal.connect(scheduler, key)
     for instance in (kept, lost, stopped):
         await portal.hub.send(scheduler.id, "start", instance.id, {"image": "x"})
-        await until(stateIs(portal.store, instance.id, "running"))
+        await eventually(stateIs(portal.store, instance.id, "running"))
     await portal.hub.send(scheduler.id, "stop", stopped.id)
-    await until(stateIs(portal.store, stopped.id, "stopped"))
+    await eventually(stateIs(portal.store, stopped.id, "stopped"))
     await sim.stop()
-    await until(lambda: not portal.hub.connected(scheduler.id))
+    await eventually(lambda: not portal.hub.connected(scheduler.id))
 
     # While the scheduler is away: the node loses one instance, and a
     # command for another waits in the portal.
@@ -554,10 +547,10 @@ async def test_reconciliation_after_reconnect(portal: Harness, logged: list[str]
     portal.hub.subscribe(portal.user.id, events.append)
     await portal.connect(scheduler, key, sim=sim)
 
-    await until(stateIs(portal.store, lost.id, "errored"))
+    await eventually(stateIs(portal.store, lost.id, "errored"))
     stored = await portal.store.instanceById(lost.id)
     assert (stored.reason, stored.url) == (LOST_REASON, None)
-    await until(stateIs(portal.store, waiting.id, "running"))
+    await eventually(stateIs(portal.store, waiting.id, "running"))
     assert (await portal.store.instanceById(kept.id)).state == "running"
     # Not active: not lost.
     assert (await portal.store.instanceById(stopped.id)).state == "stopped"
@@ -580,7 +573,7 @@ async def test_report_applies_states(portal: Harness) -> None:
             ],
         }
     )
-    await until(stateIs(portal.store, third.id, "errored"))
+    await eventually(stateIs(portal.store, third.id, "errored"))
     assert (await portal.store.instanceById(first.id)).url == "https://a.example/"
     assert (await portal.store.instanceById(second.id)).state == "stopped"
     assert (await portal.store.instanceById(third.id)).reason == LOST_REASON
@@ -604,7 +597,7 @@ async def test_a_discard_the_report_leaves_out_is_finished(portal: Harness, logg
     raw = await portal.authenticated(scheduler, key)
     raw.send({"type": "report", "instances": [{"instance": underWay.id, "state": State.DISCARDING.value}]})
 
-    await until(lambda: any(f"scheduler {scheduler.id} reported 1 instances" in line for line in logged))
+    await eventually(lambda: any(f"scheduler {scheduler.id} reported 1 instances" in line for line in logged))
     assert (await portal.store.instanceById(finished.id)).state == State.DISCARDED
     assert (await portal.store.instanceById(commanded.id)).state == State.DISCARDING
     assert (await portal.store.instanceById(underWay.id)).state == State.DISCARDING
@@ -668,7 +661,8 @@ async def test_oversized_message_closes_the_channel(portal: Harness, logged: lis
 @pytest_twisted.ensureDeferred
 async def test_stopping_closes_channels(tmp_path: Path) -> None:
     store = await openStore(f"sqlite://{tmp_path}/portal.db", reactor)
-    hub = ChannelHub(reactor, store, issuer=ISSUER, pollInterval=0.05)
+    ticks = Clock()  # the hub's timers: its polls run as the test moves it on
+    hub = ChannelHub(ticks, store, issuer=ISSUER, clock=reactor, pollInterval=0.05)
     listening = hub.listen(serverFromString(reactor, "tcp:0:interface=127.0.0.1"))
     hub.startService()
     assert IInstanceEvents.providedBy(hub)
@@ -676,8 +670,19 @@ async def test_stopping_closes_channels(tmp_path: Path) -> None:
     raw = await RawChannel.connect(reactor, f"ws://127.0.0.1:{listening.port.getHost().port}")  # type: ignore[union-attr]
     await raw.hello(scheduler.id, key)
     assert (await raw.next())["type"] == "welcome"
-    await deferLater(0.12)  # a poll or two: nothing pending, nothing sent
-    assert raw.messages[2:] == []
+    ticks.advance(0.05)  # a poll: nothing pending, nothing sent
+    # A command made elsewhere then: the polls send it, after anything the first sent.
+    user = await store.createUser("alice")
+    image = await store.createImage("Jupyter", "quay.io/jupyter/base-notebook", port=8888)
+    instance = await store.createInstance(user.id, image.id, scheduler_id=scheduler.id)
+    command = await store.createCommand(scheduler.id, instance.id, "start", {"image": "x"})
+
+    def polled() -> list[Any]:
+        ticks.advance(0.05)
+        return raw.messages[2:]
+
+    await eventually(polled, what="the command sent by a poll")
+    assert [(m.get("type"), m.get("id")) for m in raw.messages[2:]] == [("command", command.id)]
     await hub.stopService()
     code, text = await raw.closed
     assert (code, text) == (CloseCode.SHUTDOWN, "the portal is stopping")
