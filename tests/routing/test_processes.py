@@ -38,6 +38,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.iweb import IBodyProducer
@@ -456,24 +457,46 @@ BAD_LISTENER = [
 ]  # fmt: skip
 
 
-@pytest_twisted.ensureDeferred
-async def test_bad_options_are_usage_errors(tmp_path: Path, signing: Any) -> None:
-    """Every mistake exits non-zero with the usage text and a one-line reason, no traceback."""
+@pytest.mark.parametrize(
+    "plugin, options, args, phrase",
+    [("dit4c-routing", RoutingOptions, args, phrase) for args, phrase in BAD_ROUTING]
+    + [("dit4c-helper-listener", ListenerOptions, args, phrase) for args, phrase in BAD_LISTENER],
+)
+def test_bad_options_are_usage_errors(
+    tmp_path: Path, signing: Any, plugin: str, options: Any, args: list[str], phrase: str
+) -> None:
+    """
+    Every mistake is refused while the options are read, with a one-line
+    reason: a ``UsageError``, which twistd prints under the usage text and
+    exits non-zero for, with no traceback (as the test below shows with
+    the real command, once per plugin).
+    """
+    with pytest.raises(usage.UsageError) as refused:
+        options().parseOptions([a.format(**badPaths(tmp_path, signing)) for a in args])
+    assert phrase in str(refused.value)
+    assert "\n" not in str(refused.value).strip()
+
+
+def badPaths(tmp_path: Path, signing: Any) -> dict[str, str]:
+    """The files the bad options name: a JWKS, a routing token, a key, and a path with nothing there."""
     token = tmp_path / "token"
     token.write_text(signing.token("abc"))
-    paths = {
+    return {
         "jwks": str(signing.jwksPath),
         "token": str(token),
         "missing": str(tmp_path / "nope"),
         "key": str(signing.keyPath),
     }
-    cases = [("dit4c-routing", args, phrase) for args, phrase in BAD_ROUTING]
-    cases += [("dit4c-helper-listener", args, phrase) for args, phrase in BAD_LISTENER]
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_prints_a_bad_option_under_the_usage_and_exits(tmp_path: Path, signing: Any) -> None:
+    """As a person runs it: non-zero, the usage text and the one-line reason, no traceback, no pid file."""
+    paths = badPaths(tmp_path, signing)
+    cases = [("dit4c-routing", *BAD_ROUTING[0]), ("dit4c-helper-listener", *BAD_LISTENER[-1])]
     results = await defer.gatherResults(
         [
-            defer.ensureDeferred(
-                runTwistd(tmp_path, "-n", "--pidfile=", plugin, *(a.format(**paths) for a in args))
-            )
+            defer.ensureDeferred(runTwistd(tmp_path, "-n", "--pidfile=", plugin, *(a.format(**paths) for a in args)))
             for plugin, args, _ in cases
         ]
     )
