@@ -6,11 +6,10 @@ timeout, on a real loopback WebSocket; until then it stays connected.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest_twisted
-from support.waiting import deferLater
+from support.waiting import eventually
 from twisted.internet import reactor
 from twisted.internet.endpoints import serverFromString
 
@@ -32,16 +31,22 @@ async def test_a_scheduler_that_stops_answering_is_dropped(tmp_path: Path) -> No
         raw = await RawChannel.connect(reactor, f"ws://127.0.0.1:{listening.port.getHost().port}")  # type: ignore[attr-defined]
         await raw.hello(scheduler.id, key)
         assert (await raw.next())["type"] == "welcome"
-        # Answering its pings, it stays well past the ping timeout.
-        await deferLater(4.0)
+        assert raw.protocol is not None and raw.protocol.transport is not None
+        # Answering its pings, it stays well past the ping timeout: the
+        # portal's fourth ping comes after the first's timeout would have ended it.
+        pings: list[bytes] = []
+        answer = raw.protocol.onPing
+
+        def onPing(payload: bytes) -> None:
+            pings.append(payload)
+            answer(payload)
+
+        raw.protocol.onPing = onPing  # type: ignore[method-assign]
+        await eventually(lambda: len(pings) >= 4, what=lambda: f"four pings, {len(pings)} came")
         assert hub.connected(scheduler.id)
         # Frozen: it reads nothing more, so answers no ping.
-        assert raw.protocol is not None and raw.protocol.transport is not None
         raw.protocol.transport.pauseProducing()  # type: ignore[attr-defined]
-        deadline = time.monotonic() + 15
-        while hub.connected(scheduler.id):
-            assert time.monotonic() < deadline, "a silent scheduler was kept"
-            await deferLater(0.1)
+        await eventually(lambda: not hub.connected(scheduler.id), timeout=15, what="a silent scheduler dropped")
         raw.protocol.transport.resumeProducing()  # type: ignore[attr-defined]
         await raw.closed.addTimeout(10, reactor)
     finally:
