@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest_twisted
+from support.waiting import eventually
 from twisted.internet.task import Clock
 
 from dit4c.common.life import DEADLINES, TRANSIENT, Life, State, expiredReason
@@ -90,22 +91,22 @@ async def test_the_watch_looks_while_it_runs(store: IStore, clock: Clock) -> Non
     made = await _instances(store, [State.DISCARDING])
     published: list[Any] = []
     watch = DeadlineWatch(clock, store, published.append, interval=30, grace=GRACE)
+    # Each look the running watch makes, once it has ended (against a real database).
+    looks: list[list[Any]] = []
+    look = watch.sweep
+
+    def counted() -> Any:
+        return look().addCallback(lambda errored: looks.append(errored) or errored)
+
+    watch.sweep = counted  # type: ignore[method-assign]
     watch.startService()
     try:
-        await _settled(clock)  # the first look, at once: nothing is stuck yet
-        assert published == []
+        await eventually(lambda: len(looks) == 1, what="the first look, at once")
+        assert published == []  # nothing is stuck yet
         clock.advance(DEADLINES[State.DISCARDING] + GRACE)
-        await _settled(clock)
-        clock.advance(30)  # the next look
-        await _settled(clock)
+        await eventually(lambda: len(looks) == 2, what="a look as the deadline passes")
+        clock.advance(30)
+        await eventually(lambda: len(looks) == 3, what="the next look")
         assert [i.id for i in published] == [made[State.DISCARDING]]
     finally:
         watch.stopService()
-
-
-async def _settled(clock: Clock) -> None:
-    # The sweep runs against a real database: let its queries finish.
-    from support.waiting import deferLater
-
-    for _ in range(100):
-        await deferLater(0.02)

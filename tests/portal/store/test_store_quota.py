@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import pytest
 import pytest_twisted
 from portal_client import Client, serve, tokenFor
 from support.portal import RecordingCommands
-from support.waiting import deferLater
+from support.waiting import eventually
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.internet.task import Clock
@@ -136,30 +138,53 @@ class _OtherProcess:
         self.db.close()
 
 
-async def _untilWaiting(storeURL: str, claim: Deferred[Any]) -> None:
+@contextmanager
+def _tracedSQLite() -> Iterator[list[str]]:
+    """Every statement SQLite starts on the connections opened in the block, as long as they live."""
+    statements: list[str] = []
+    connect = sqlite3.connect
+
+    def tracing(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        connection = connect(*args, **kwargs)
+        connection.set_trace_callback(statements.append)
+        return connection
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sqlite3, "connect", tracing)
+        yield statements
+
+
+async def _untilWaiting(storeURL: str, claim: Deferred[Any], statements: tuple[list[str], int] | None = None) -> None:
     """
-    Wait until ``claim`` waits for a lock. PostgreSQL shows it; SQLite does
-    not, so there a pause gives it time to reach its BEGIN IMMEDIATE (if it
-    has not, it runs after the other process anyway: what it must count is
-    the same).
+    Wait until ``claim`` waits for a lock. PostgreSQL shows it; on SQLite,
+    the claim's connection has started its BEGIN IMMEDIATE (among
+    ``statements``: those :func:`_tracedSQLite` saw, and how many of them
+    came before the claim), which waits for the other process's write lock.
     """
     if storeURL.startswith("sqlite:"):
-        await deferLater(0.2)
+        assert statements is not None
+        seen, since = statements
+
+        def begun() -> bool:
+            assert not claim.called
+            return "BEGIN IMMEDIATE" in seen[since:]
+
+        await eventually(begun, what=lambda: f"the claim's BEGIN IMMEDIATE, saw {seen[since:]}")
         assert not claim.called
         return
     import psycopg
 
     with psycopg.connect(storeURL, autocommit=True) as watcher:
-        for _ in range(1000):
+
+        def waiting() -> bool:
             assert not claim.called
-            waiting = watcher.execute(
+            found = watcher.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
                 " AND application_name = 'dit4c-portal' AND wait_event_type = 'Lock'"
             ).fetchone()
-            if waiting and waiting[0]:
-                return
-            await deferLater(0.01)
-    raise AssertionError("the claim never waited for the lock")
+            return bool(found and found[0])
+
+        await eventually(waiting, what="the claim waiting for the lock")
 
 
 @pytest.mark.parametrize("isolation", [None, "repeatable read"])
@@ -185,13 +210,15 @@ async def test_a_claim_counts_what_another_process_added_meanwhile(
                 f"ALTER DATABASE {conninfo_to_dict(storeURL)['dbname']}"
                 f" SET default_transaction_isolation = '{isolation}'"
             )
-    store = await openStore(storeURL, reactor, clock=clock)
+    with _tracedSQLite() as statements:
+        store = await openStore(storeURL, reactor, clock=clock)
     other = _OtherProcess(storeURL)
     try:
         alice, image = await store.createUser("alice"), await _image(store)
         other.hold(alice.id)
+        seen = len(statements)
         claim = store.createInstance(alice.id, image.id, quota=1)
-        await _untilWaiting(storeURL, claim)
+        await _untilWaiting(storeURL, claim, (statements, seen))
         other.addInstance(alice.id, image.id)
         other.commit()
         with pytest.raises(QuotaReached) as refused:
