@@ -30,7 +30,7 @@ from typing import Any
 
 from flows import devArguments, devPorts
 from support.processes import TWISTD, Process
-from support.waiting import deferLater
+from support.waiting import eventually
 from twisted.internet import reactor
 
 from dit4c.common.keys import generatePrivateKey, jwks, savePrivateKey
@@ -375,13 +375,16 @@ class Cluster:
 
     async def waitForStates(self, instance: str, state: str, timeout: float = 60) -> None:
         """Until the portal and the node agree that the instance is in ``state``."""
-        for _ in range(int(timeout / 0.2)):
-            if (await self.instanceState(instance))[0] == state and self.nodeState(instance) == state:
-                return
-            await deferLater(0.2)
-        raise AssertionError(
-            f"portal says {await self.instanceState(instance)}, node says {self.nodeState(instance)}; wanted {state}"
-        )
+
+        async def agreed() -> bool:
+            return (await self.instanceState(instance))[0] == state and self.nodeState(instance) == state
+
+        try:
+            await eventually(agreed, timeout, interval=0.2)
+        except AssertionError:
+            raise AssertionError(
+                f"portal says {await self.instanceState(instance)}, node says {self.nodeState(instance)}; wanted {state}"
+            ) from None
 
     def stop(self) -> None:
         for process in self.processes.values():

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from support.processes import announcedPort
-from support.waiting import deferLater, eventually
+from support.waiting import eventually
 from twisted.internet import threads
 
 from dit4c.dev.tap import PORTS as DEV_PORTS
@@ -63,17 +63,15 @@ async def openTool(browser: Any, url: str, greeting: str, timeout: float = 60) -
     """Open the instance's URL until the tool greets the person (it may be coming back)."""
     from selenium.common.exceptions import TimeoutException, WebDriverException
 
-    waited = 0.0
-    while True:
+    async def greets() -> bool:
         try:
             await browser.get(url)
             await browser.waitForText("#greeting", greeting, 5)
-            return
+            return True
         except (TimeoutException, WebDriverException):  # not yet, or refused
-            waited += 5
-            if waited >= timeout:
-                raise
-            await deferLater(0.5)
+            return False
+
+    await eventually(greets, timeout, interval=0.5, what=f"{url} greets with {greeting!r}")
 
 
 def devArguments(dataDir: Path, ports: Mapping[str, int], *extra: str) -> list[str]:

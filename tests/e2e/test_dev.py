@@ -31,7 +31,7 @@ from flows import (
     submit,
 )
 from support.sockets import RawClient, rawRequest
-from support.waiting import deferLater
+from support.waiting import eventually
 
 from dit4c.node.processes import killRecorded, startTime
 
@@ -92,11 +92,7 @@ async def test_a_tool_in_the_browser_end_to_end(processes: Any, browser: Any, de
     await browser.waitFor(f'tr[data-instance="{instance}"] td.state[data-state="stopped"]', 30)
     assert podProcesses(dev.dataDir) == []
     await browser.click(f'tr[data-instance="{instance}"] button.discard')
-    for _ in range(200):
-        if not (dev.dataDir / "node" / instance).exists():
-            break
-        await deferLater(0.05)
-    assert not (dev.dataDir / "node" / instance).exists()
+    await eventually(lambda: not (dev.dataDir / "node" / instance).exists(), what="the discarded pod's directory is gone")
     await browser.get(url)
     await browser.waitFor("body")
     assert "Hello, admin." not in await browser.execute("return document.body.innerText")
@@ -162,10 +158,7 @@ async def banner(port: int) -> bytes:
 
     client = RawClient()
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5), client)
-    for _ in range(100):
-        if b"\n" in client.received:
-            break
-        await deferLater(0.05)
+    await eventually(lambda: b"\n" in client.received, 5, what=lambda: f"a line from port {port}: {client.received!r}")
     client.transport.loseConnection()
     return bytes(client.received)
 

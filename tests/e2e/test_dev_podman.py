@@ -24,7 +24,7 @@ from support.podman import (
     podmanUnavailable,
     removePods,
 )
-from support.waiting import deferLater
+from support.waiting import eventually
 from twisted.internet import reactor
 
 from dit4c.node.processes import killRecorded
@@ -102,9 +102,5 @@ async def test_a_container_tool_in_the_browser(processes: Any, browser: Any, dev
     await browser.click(f'tr[data-instance="{instance}"] button.stop')
     await browser.waitFor(f'tr[data-instance="{instance}"] td.state[data-state="stopped"]', 60)
     await browser.click(f'tr[data-instance="{instance}"] button.discard')
-    for _ in range(300):
-        if not pods():
-            break
-        await deferLater(0.1)
-    assert pods() == []
+    await eventually(lambda: not pods(), 30, what=lambda: f"pods left: {pods()}")
     assert not (dev.dataDir / "node" / instance).exists()

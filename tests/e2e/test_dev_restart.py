@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from flows import logIn, openTool, startDev, startTool
-from support.waiting import deferLater
+from support.waiting import eventually
 from test_dev_storage import mounted
 
 from dit4c.common.mounts import mountPoints
@@ -41,11 +41,7 @@ async def state(browser: Any, instance: str, wanted: str, timeout: float = 60) -
 
 
 async def gone(path: Path, timeout: float = 60) -> None:
-    for _ in range(int(timeout / 0.1)):
-        if not path.exists():
-            return
-        await deferLater(0.1)
-    raise AssertionError(f"{path} is still there")
+    await eventually(lambda: not path.exists(), timeout, what=f"{path} is gone")
 
 
 @pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])

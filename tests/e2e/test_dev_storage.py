@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
 from flows import addPerson, logIn, otherBrowser, startDev, startTool
-from support.waiting import deferLater
+from support.waiting import eventually
 
 from dit4c.node.processes import killRecorded
 
@@ -30,20 +30,19 @@ def devDir(tmp_path: Path, fuse: None) -> Iterator[Path]:
 
 
 async def mounted(path: Path, timeout: float = 30) -> None:
-    for _ in range(int(timeout / 0.1)):
-        if os.path.ismount(path):
-            return
-        await deferLater(0.1)
-    raise AssertionError(f"{path} never mounted")
+    await eventually(lambda: os.path.ismount(path), timeout, what=f"{path} mounted")
 
 
-async def eventually(read: Any, timeout: float = 20) -> Any:
-    for _ in range(int(timeout / 0.2)):
+def found(read: Callable[[], str]) -> Callable[[], str | None]:
+    """``read``, None while what it reads is not there."""
+
+    def reading() -> str | None:
         try:
             return read()
         except FileNotFoundError:
-            await deferLater(0.2)
-    return read()
+            return None
+
+    return reading
 
 
 def toolEnvironment(pod: Path) -> dict[str, str]:
@@ -75,7 +74,8 @@ async def test_a_persons_storage_is_theirs_in_every_instance(processes: Any, bro
     (pods / first / "mnt" / "results").mkdir()
     (pods / first / "mnt" / "results" / "run1.csv").write_text("a,b\n1,2\n")
     # Another mount sees it once its directory cache (a few seconds) expires.
-    assert await eventually(lambda: (pods / second / "mnt" / "results" / "run1.csv").read_text()) == "a,b\n1,2\n"
+    seen = found(lambda: (pods / second / "mnt" / "results" / "run1.csv").read_text())
+    assert await eventually(seen, 20, interval=0.2, what="the file in the second instance's mount") == "a,b\n1,2\n"
     assert list((pods / bobs / "mnt").iterdir()) == []
     (pods / bobs / "mnt" / "bobs.txt").write_text("bob's own")
     assert not (pods / first / "mnt" / "bobs.txt").exists()
@@ -85,9 +85,5 @@ async def test_a_persons_storage_is_theirs_in_every_instance(processes: Any, bro
     await browser.click(f'tr[data-instance="{first}"] button.stop')
     await browser.waitFor(f'tr[data-instance="{first}"] td.state[data-state="stopped"]', 30)
     await browser.click(f'tr[data-instance="{first}"] button.discard')
-    for _ in range(200):
-        if not (pods / first).exists():
-            break
-        await deferLater(0.05)
-    assert not (pods / first).exists()
+    await eventually(lambda: not (pods / first).exists(), what="the discarded pod's directory is gone")
     assert (pods / second / "mnt" / "results" / "run1.csv").read_text() == "a,b\n1,2\n"

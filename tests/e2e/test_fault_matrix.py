@@ -47,7 +47,6 @@ import fcntl
 import os
 import signal
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -56,7 +55,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from cluster import Cluster
-from support.waiting import deferLater
+from support.waiting import eventually
 
 from dit4c.common.life import ACTIVE, HOLDS_POD, TRANSIENT, State
 from dit4c.common.mounts import mountPoints
@@ -171,17 +170,8 @@ class Matrix:
         return portal if portal is node else None
 
     async def until(self, what: str, check: Any, timeout: float) -> Any:
-        """Poll ``check()`` (awaited if need be) until it is true; its value."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = check()
-            if hasattr(value, "__await__"):
-                value = await value
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.server}: {what} within {timeout:g} s")
-            await deferLater(0.1)
+        """Until ``check()`` (awaited if need be) is true; its value."""
+        return await eventually(check, timeout, interval=0.1, what=f"{self.server}: {what}")
 
     async def waitFor(self, instance: str, state: State, timeout: float = 60.0) -> None:
         """Until the portal and the node agree that ``instance`` is in ``state``."""

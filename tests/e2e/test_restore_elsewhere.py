@@ -15,7 +15,6 @@ import pytest
 import pytest_twisted
 from cluster import PASSWORD, Cluster
 from flows import logIn, openTool, startTool
-from support.waiting import deferLater
 
 
 @pytest.fixture
@@ -45,10 +44,7 @@ async def test_saved_on_one_node_started_on_another(cluster: Cluster, browser: A
 
     # n1 is gone for good: the saved image must start on n2, which never ran it.
     cluster.kill("node")
-    for _ in range(100):
-        if "link to node n1 lost" in cluster.processes["scheduler"].log():
-            break
-        await deferLater(0.1)
+    await cluster.processes["scheduler"].waitForLog("link to node n1 lost", timeout=10)
     restored = await startTool(browser, cluster.portal, "Notes (saved")
     again = restored.split("//")[1].split(".")[0]
     assert (cluster.nodeDirectory("n2") / "pods" / again).is_dir()

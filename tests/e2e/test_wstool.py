@@ -16,7 +16,6 @@ import json
 import os
 import secrets
 import subprocess
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -32,10 +31,10 @@ from support.podman import (
     podmanEnv,
     podmanUnavailable,
 )
+from support.waiting import eventually
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
 
@@ -89,16 +88,17 @@ async def wstool() -> AsyncIterator[Tool]:
         assert code == 0, f"podman port failed: {err}"
         port = int(out.strip().rsplit(":", 1)[1])
         tool = Tool(name, image, port)
-        deadline = time.monotonic() + 20
-        while True:
+        failed: list[Exception] = []
+
+        async def serves() -> bool:
             try:
                 response, _ = await page(port)
-                if response.code == 200:
-                    break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-            await deferLater(reactor, 0.1, lambda: None)
+            except Exception as e:  # not up yet
+                failed[:] = [e]
+                return False
+            return bool(response.code == 200)
+
+        await eventually(serves, 20, interval=0.1, what=lambda: f"the tool answers 200 on port {port}: {failed}")
         yield tool
     finally:
         await podman("rm", "--force", "--time", "0", name)
