@@ -17,9 +17,9 @@ import json
 import os
 import secrets
 import signal
-import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,11 @@ from support.podman import (
     standInAuthCommand,
     standInListenerCommand,
 )
-from twisted.internet import defer, reactor
+from support.waiting import eventually
+from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from zope.interface.verify import verifyObject
 
@@ -58,10 +58,6 @@ PAGE = b"<h1>hello from busybox httpd</h1>\n"
 PREFIX = f"dit4ct{os.getpid()}{secrets.token_hex(2)}"
 
 
-def sleep(seconds: float) -> defer.Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)
-
-
 async def podman(*args: str) -> tuple[str, str, int]:
     out, err, code = await getProcessOutputAndValue("podman", list(args), env=podmanEnv())
     return out.decode(), err.decode(), code
@@ -72,15 +68,8 @@ async def httpImage() -> str:
     return await buildBusyboxImage("httpd", {"/www/index.html": PAGE}, expose=[9000, 8000])
 
 
-async def waitFor(condition: Any, timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await defer.maybeDeferred(condition)
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await sleep(0.2)
+#: The one wait (podman commands are slow: a check five times a second, for up to 20 s).
+waitFor = partial(eventually, timeout=20.0, interval=0.2)
 
 
 async def get(port: int, host: str = "127.0.0.1") -> bytes | None:
@@ -257,7 +246,9 @@ async def test_start_stop_discard(runtime: PodmanRuntime, tmp_path: Path) -> Non
     await runtime.discard(s.instance)
     await runtime.discard("never-was")
     await runtime.stop("never-was")
-    await sleep(1.0)
+    # No pod left to watch: the runtime stops checking its tools at its next poll, once any check under way
+    # has ended. Past that, nothing of this pod could be reported.
+    await waitFor(lambda: runtime._poll is None, what="the runtime stopped watching")
     assert exits == []  # stop and discard are no exits
 
 
