@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest_twisted
 from support.waiting import eventually
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from dit4c.common.life import DEADLINES, TRANSIENT, Life, State, expiredReason
@@ -95,8 +96,13 @@ async def test_the_watch_looks_while_it_runs(store: IStore, clock: Clock) -> Non
     looks: list[list[Any]] = []
     look = watch.sweep
 
+    async def looked() -> list[Any]:
+        errored = await look()
+        looks.append(errored)
+        return errored
+
     def counted() -> Any:
-        return look().addCallback(lambda errored: looks.append(errored) or errored)
+        return Deferred.fromCoroutine(looked())
 
     watch.sweep = counted  # type: ignore[method-assign]
     watch.startService()
