@@ -63,10 +63,9 @@ async def test_forms_without_csrf_do_nothing(api: Portal) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_changes_stream_to_the_page_as_server_sent_events(api: Portal) -> None:
-    import json
-
     from support.sockets import RawClient
     from support.waiting import eventually
+    from test_event_streams import received
     from twisted.internet import reactor
     from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
@@ -91,12 +90,7 @@ async def test_changes_stream_to_the_page_as_server_sent_events(api: Portal) -> 
     await alice.post(f"/instances/{instance.id}/stop", {"csrf": csrfOf(page)})
     # Alice's stop is published after bob's start: bob's would have come before it.
     await eventually(lambda: stream.received.count(b"event: instance") >= 2, what=lambda: repr(bytes(stream.received)))
-    events = [
-        json.loads(line.split(b"data: ", 1)[1])
-        for line in bytes(stream.received).split(b"\n")
-        if line.startswith(b"data: ")
-    ]
-    assert [(e["id"], e["state"]) for e in events] == [(instance.id, "requested"), (instance.id, "stopping")]
+    assert [(e["id"], e["state"]) for e in received(stream)] == [(instance.id, "requested"), (instance.id, "stopping")]
 
     # When the page goes away, so does its subscription.
     assert api.events.subscribers == 1
