@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from standins import HELPERS, TOOLS, Watcher
+from support.waiting import eventually
 from twisted.internet import reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.web.resource import Resource
@@ -199,18 +200,27 @@ def test_runtime_spec_carries_the_archive(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_upload_progress_is_shown(made: Any) -> None:
+async def test_upload_progress_is_shown(made: Any, tmp_path: Path) -> None:
     """The helper's count of bytes sent reaches the person, as the state's reason."""
+    done = tmp_path / "sent"  # the stand-in helper ends once the test has seen its progress
     slow = [
         sys.executable, "-c",
-        "import json, os, time;"
+        "import json, os, pathlib, sys, time;"
         "open(os.environ['DIT4C_IMAGE_FILE'] + '.progress', 'w').write(json.dumps({'sent': 5000000, 'total': 10000000}));"
-        "time.sleep(1.6)",
+        "done = pathlib.Path(sys.argv[1])\n"
+        "while not done.exists(): time.sleep(0.05)",
+        str(done),
     ]  # fmt: skip
     node, runtime, watcher = made(imageServer="http://images.example:8600", uploadCommand=slow)
     await node.start("abc8", "web", None)
     await watcher.waitFor("abc8", "running")
-    await node.save("abc8")
+    saving = node.save("abc8")  # fires once the upload has ended
+
+    def shown() -> bool:
+        reasons = [s.reason for s in watcher.states if s.instance == "abc8" and s.state == "uploading"]
+        return "5.0 of 10.0 MB sent to the image server" in reasons
+
+    await eventually(shown, what=lambda: f"the progress shown: {watcher.states}")
+    done.touch()
+    await saving
     await watcher.waitFor("abc8", "saved")
-    reasons = [s.reason for s in watcher.states if s.instance == "abc8" and s.state == "uploading"]
-    assert "5.0 of 10.0 MB sent to the image server" in reasons
