@@ -48,36 +48,12 @@ from __future__ import annotations
 
 from dit4c.common.frontmachine import FrontConnection
 from dit4c.common.frontmetrics import FrontMetrics
-from dit4c.common.frontmoves import (
-    AWAITING,
-    CHECKING,
-    CLOSED,
-    CLOSING,
-    FORWARDING,
-    HEAD,
-    HOLDING,
-    RAW,
-    SWITCHING,
-    TRANSITIONS,
-    UNREAD,
-    Event,
-    Phase,
-)
+from dit4c.common.frontmoves import TRANSITIONS, Event, Phase
 from dit4c.common.frontproto import FrontProtocol, IFrontRules, UpstreamProtocol
 from dit4c.common.frontrules import Answer, Forward, IFrontIO, IRequestRules, Verdict
 
 __all__ = [
-    "AWAITING",
-    "CHECKING",
-    "CLOSED",
-    "CLOSING",
-    "FORWARDING",
-    "HEAD",
-    "HOLDING",
-    "RAW",
-    "SWITCHING",
     "TRANSITIONS",
-    "UNREAD",
     "Answer",
     "Event",
     "Forward",
