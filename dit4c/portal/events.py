@@ -368,6 +368,10 @@ class _Stream:
                 self._pending -= 1
 
         def failed(failure: Failure) -> None:
+            if self.closed:
+                # Ended meanwhile (the browser left, the portal is
+                # stopping): what the check would have decided no longer matters.
+                return
             self.log.failure("event stream check failed", failure)
             self.close("a check failed")
 
@@ -467,6 +471,11 @@ class EventStreams:
     def open(self, user: str) -> int:
         """How many streams ``user`` holds open now."""
         return len(self._byPerson.of(user))
+
+    def closeAll(self, why: str) -> None:
+        """End every stream (the portal is stopping: its browsers come back to another, or to it later)."""
+        for stream in self._byPerson.all():
+            stream.close(why)
 
     async def serve(self, request: IRequest, who: LoggedIn) -> None:
         """Stream to ``request`` for ``who`` (a ``LoggedIn``) until the browser goes or access ends."""

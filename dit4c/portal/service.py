@@ -130,6 +130,9 @@ class PortalService(MultiService):
         self.ready.callback(self.portal)
 
     async def _stop(self) -> None:
+        if self.portal is not None:
+            # Before the store closes under their checks.
+            self.portal.streams.closeAll("the portal is stopping")
         await MultiService.stopService(self)
         if self.store is not None:
             await self.store.close()

@@ -27,6 +27,7 @@ from dit4c.common.life import State
 from dit4c.portal import security
 from dit4c.portal.app import Portal
 from dit4c.portal.events import STREAM_KEEPALIVE, STREAM_RETRY_REPLACED, STREAMS_PER_PERSON
+from dit4c.portal.store.errors import StoreError
 
 END = b"\r\n0\r\n\r\n"
 
@@ -302,3 +303,30 @@ async def test_at_most_so_many_streams_per_person_the_oldest_closed(api: Portal)
         lambda: api.streams.open(bobUser.id) == 0 and api.events.subscribers == 0,
         what=lambda: f"no stream left: {api.streams.open(bobUser.id)} open, {api.events.subscribers} subscribers",
     )
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stopping_portal_ends_its_streams_without_an_error_from_their_checks(
+    api: Portal, monkeypatch: Any
+) -> None:
+    """
+    The portal stops while a stream's snapshot is being read: the stream
+    ends, and the read that fails as the store closes is no error (this
+    test fails if one is logged).
+    """
+    _, bob, _, _ = await people(api)
+    reading: Deferred[None] = Deferred()
+    closing: Deferred[None] = Deferred()
+
+    async def closedUnderIt(user: str) -> Any:
+        reading.callback(None)
+        await closing
+        raise StoreError("the store is closed")
+
+    monkeypatch.setattr(api.store, "listInstancesOf", closedUnderIt)
+    stream = await openStream(api, bob)
+    await reading
+    api.streams.closeAll("the portal is stopping")
+    closing.callback(None)
+    await until(lambda: ended(stream), stream)
+    assert api.streams.open((await api.store.userByName("bob")).id) == 0
