@@ -16,6 +16,7 @@ import ipaddress
 import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import cache
 from urllib.parse import urlsplit
 
 from argon2 import PasswordHasher
@@ -41,9 +42,17 @@ LOGIN_FORM_AUDIENCE = "dit4c-login-form"
 LOGIN_FORM_LIFETIME = 3600.0
 
 _hasher = PasswordHasher()
-#: Verified against when a user does not exist, so that a login for an
-#: unknown name costs as long as one for a known name.
-_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+
+@cache
+def _dummyHash() -> str:
+    """
+    Verified against when a user does not exist, so that a login for an
+    unknown name costs as long as one for a known name. Made at the first
+    login, not at import: hashing costs about 0.2 s of CPU, which every
+    program that imports this module (``dit4c user-add`` too) would pay.
+    """
+    return _hasher.hash(secrets.token_urlsafe(16))
 
 
 def newToken() -> str:
@@ -69,7 +78,7 @@ async def verifyPassword(stored: str | None, password: str) -> bool:
 
     def check() -> bool:
         try:
-            return _hasher.verify(stored or _DUMMY_HASH, password) and stored is not None
+            return _hasher.verify(stored or _dummyHash(), password) and stored is not None
         except (VerifyMismatchError, VerificationError, InvalidHashError):
             return False
 

@@ -95,9 +95,10 @@ class World:
 
 async def makeWorld(tmp_path: Path) -> World:
     """A real portal (SQLite store, its own keys, on loopback), alice, bob and carol, and an instance of alice's."""
+    from support.passwords import cheapHash
+
     from dit4c.common.keys import generatePrivateKey, publicJWK, savePrivateKey
     from dit4c.common.life import State
-    from dit4c.portal import security
     from dit4c.portal.app import PortalConfig
     from dit4c.portal.keys import KeyRing
     from dit4c.portal.store import openStore
@@ -113,7 +114,7 @@ async def makeWorld(tmp_path: Path) -> World:
     site.resource = portal.app.resource()
     users = {}
     for name, password in PASSWORDS.items():
-        users[name] = await store.createUser(name, password_hash=await security.hashPassword(password))
+        users[name] = await store.createUser(name, password_hash=cheapHash(password))
     image = await store.createImage("Tool", "tool:latest", owner_id=None, port=8888)
     instance = await store.createInstance(users["alice"].id, image.id)
     keyFile = tmp_path / "instance.pem"

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from flows import devArguments, devPorts
+from support.passwords import cheapHash
 from support.processes import TWISTD, Process
 from support.waiting import eventually
 from twisted.internet import reactor
@@ -36,7 +37,6 @@ from twisted.internet import reactor
 from dit4c.common.keys import generatePrivateKey, jwks, savePrivateKey
 from dit4c.common.listening import listeningSocket
 from dit4c.node.processes import killRecorded
-from dit4c.portal import security
 from dit4c.portal.store import openStore
 
 PASSWORD = "correct horse battery"
@@ -253,7 +253,7 @@ class Cluster:
         store = await self.openStore()
         try:
             for name in ("alice", "bob"):
-                await store.createUser(name, password_hash=await security.hashPassword(PASSWORD))
+                await store.createUser(name, password_hash=cheapHash(PASSWORD))
             self.imageId = (await store.createImage("Notes", "dit4c/notes")).id
             for label, ref in self.catalogue.items():
                 self.imageIds[ref] = (await store.createImage(label, ref)).id

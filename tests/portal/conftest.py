@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 import pytest_twisted
 from portal_client import serve, startService
+from support.passwords import cheapHash
 from support.portal import RecordingCommands
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 
 from dit4c.common.httpsite import FrontRequest
-from dit4c.portal import security
 from dit4c.portal.app import Portal, PortalConfig
 from dit4c.portal.keys import KeyRing
 from dit4c.portal.store import openStore
@@ -33,7 +33,7 @@ async def portal(tmp_path: Path) -> Any:
     store = await openStore(f"sqlite:///{tmp_path / 'portal.db'}", reactor, clock=clock)
     keys = KeyRing(tmp_path / "keys", issuer=BASE, clock=clock)
     portal = Portal(store, keys, PortalConfig(publicURL=BASE, loginLimit=3), clock)
-    password = await security.hashPassword("correct horse battery")
+    password = cheapHash("correct horse battery")
     await store.createUser("alice", password_hash=password, display_name="Alice A.")
     port = serve(portal)
     yield portal
@@ -46,7 +46,7 @@ async def running(tmp_path: Path) -> Any:
     """The portal as ``twistd dit4c-portal`` makes it, at ``http://portal.localhost:PORT``, with alice."""
     service = await startService(tmp_path, "http://portal.localhost")
     await service.portal.store.createUser(
-        "alice", password_hash=await security.hashPassword("correct horse battery"), display_name="Alice A."
+        "alice", password_hash=cheapHash("correct horse battery"), display_name="Alice A."
     )
     yield f"http://portal.localhost:{service.ports[0].port.getHost().port}"
     await service.stopService()
@@ -66,9 +66,9 @@ async def api(tmp_path: Path) -> Any:
         commands,
     )
     portal.commands = commands  # type: ignore[attr-defined]
-    await store.createUser("alice", password_hash=await security.hashPassword("correct horse battery"))
-    await store.createUser("bob", password_hash=await security.hashPassword("bobs password!"))
-    await store.createUser("root", password_hash=await security.hashPassword("root password!"), is_admin=True)
+    await store.createUser("alice", password_hash=cheapHash("correct horse battery"))
+    await store.createUser("bob", password_hash=cheapHash("bobs password!"))
+    await store.createUser("root", password_hash=cheapHash("root password!"), is_admin=True)
     scheduler = await store.createScheduler("cluster", json.dumps({"kty": "OKP", "crv": "Ed25519", "x": "A" * 43}))
     commands.connectedIds.add(scheduler.id)
     portal.image = await store.createImage("Tool", "tool:latest", owner_id=None, port=8888)  # type: ignore[attr-defined]

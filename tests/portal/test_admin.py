@@ -7,15 +7,15 @@ import re
 
 import pytest_twisted
 from portal_client import Browser, csrfOf, logIn
+from support.passwords import cheapHash
 
 from dit4c.common.keys import generatePrivateKey, publicJWK
-from dit4c.portal import security
 from dit4c.portal.app import Portal
 
 
 async def adminBrowser(portal: Portal) -> Browser:
     await portal.store.createUser(
-        "root", password_hash=await security.hashPassword("root password!"), is_admin=True
+        "root", password_hash=cheapHash("root password!"), is_admin=True
     )
     browser = Browser(portal)
     assert (await logIn(browser, "root", "root password!")).code == 303

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from portal_client import Browser, csrfOf, logIn, serve
+from support.passwords import cheapHash
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 
 from dit4c.common.tokens import StaticKeySource, TokenVerifier
-from dit4c.portal import security
 from dit4c.portal.app import Portal, PortalConfig, safeNext
 from dit4c.portal.keys import KeyRing
 from dit4c.portal.store import openStore
@@ -47,7 +47,7 @@ async def test_cookies_are_secure_when_the_portal_is_on_https(tmp_path: Path) ->
     store = await openStore(f"sqlite:///{tmp_path / 'p.db'}", reactor, clock=clock)
     try:
         portal = Portal(store, KeyRing(tmp_path / "k", issuer="https://p.test"), PortalConfig("https://p.test"), clock)
-        await store.createUser("bob", password_hash=await security.hashPassword("bobs password!"), display_name="")
+        await store.createUser("bob", password_hash=cheapHash("bobs password!"), display_name="")
         port = serve(portal)
         try:
             browser = Browser(portal)

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from portal_client import Browser, csrfOf, logIn, startService
+from support.passwords import cheapHash
 from support.sockets import RawClient, rawRequest
 from support.waiting import eventually
 from twisted.internet import reactor
@@ -27,7 +28,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 from dit4c.common.httpfront import FrontLimits
 from dit4c.common.httpsite import SiteLimits
-from dit4c.portal import api, oauth, reports, security
+from dit4c.portal import api, oauth, reports
 from dit4c.portal.http import BODY_LIMITS, FORM_BODY, bodyLimit
 from dit4c.portal.service import PortalService
 from dit4c.testing.scheduler import TestingScheduler, registerScheduler
@@ -41,7 +42,7 @@ SHORT = SiteLimits(front=FrontLimits(headTimeout=0.3, idleTimeout=0.3), bodyTime
 async def startPortal(tmp_path: Path, limits: SiteLimits | None = None) -> tuple[PortalService, Any, int]:
     service = await startService(tmp_path, ISSUER, limits=limits)
     portal = service.portal
-    await portal.store.createUser("alice", password_hash=await security.hashPassword("correct horse battery"))
+    await portal.store.createUser("alice", password_hash=cheapHash("correct horse battery"))
     return service, portal, service.ports[0].port.getHost().port
 
 
@@ -222,7 +223,7 @@ async def test_secrets_in_targets_never_reach_the_log(tmp_path: Path) -> None:
     globalLogPublisher.addObserver(observer)
     try:
         store = portal.store
-        await store.createUser("bob", password_hash=await security.hashPassword("bobs password!"))
+        await store.createUser("bob", password_hash=cheapHash("bobs password!"))
         alice = await store.userByName("alice")
         image = await store.createImage("Notebook", "notebook:1", port=8888)
         scheduler, _ = await registerScheduler(store, "cluster")

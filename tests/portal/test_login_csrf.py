@@ -25,12 +25,12 @@ from typing import Any
 import pytest_twisted
 import treq
 from portal_client import Browser, Client, csrfOf, serve, tokenFor
+from support.passwords import cheapHash
 from support.tls import makeCertificate
 from twisted.internet import reactor, ssl, threads
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from dit4c.portal import security
 from dit4c.portal.app import Portal, PortalConfig
 from dit4c.portal.keys import KeyRing
 from dit4c.portal.store import openStore
@@ -85,7 +85,7 @@ async def sites(tmp_path: Path, scheme: str = "https") -> AsyncIterator[Sites]:
     try:
         portal = Portal(store, KeyRing(tmp_path / "keys", issuer=url, clock=reactor), PortalConfig(url), reactor)
         for name, password in PASSWORDS.items():
-            await store.createUser(name, password_hash=await security.hashPassword(password), display_name=name)
+            await store.createUser(name, password_hash=cheapHash(password), display_name=name)
         portalSite.resource = portal.app.resource()
         yield Sites(portal, url, f"{scheme}://evil.apps.example.org:{evilPort.getHost().port}/", evil)
     finally:
@@ -249,7 +249,7 @@ async def test_the_login_token_is_bound_to_the_browsers_own_pre_login_cookie(tmp
     """
     store = await openStore(f"sqlite:///{tmp_path / 'p.db'}", reactor, clock=reactor)
     portal = Portal(store, KeyRing(tmp_path / "k", issuer="https://p.test", clock=reactor), PortalConfig("https://p.test"), reactor)
-    await store.createUser("mallory", password_hash=await security.hashPassword(PASSWORDS["mallory"]))
+    await store.createUser("mallory", password_hash=cheapHash(PASSWORDS["mallory"]))
     port = serve(portal)
     try:
         mallory, victim = Browser(portal), Browser(portal)

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 import pytest_twisted
 from portal_client import Browser, csrfOf, serve
+from support.passwords import cheapHash
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 
-from dit4c.portal import security
 from dit4c.portal.app import Portal, PortalConfig
 from dit4c.portal.keys import KeyRing
 from dit4c.portal.security import TrustedProxies, doublingDelay
@@ -33,7 +33,7 @@ PASSWORDS = {"alice": "correct horse battery", "bob": "bobs password!", "carol":
 async def portalWith(tmp_path: Path) -> Any:
     """``await portalWith(**config)``: a portal with alice, bob and carol, served on 127.0.0.1."""
     made: list[tuple[Any, Any]] = []
-    hashes = {name: await security.hashPassword(password) for name, password in PASSWORDS.items()}
+    hashes = {name: cheapHash(password) for name, password in PASSWORDS.items()}
 
     async def make(**config: Any) -> Portal:
         clock = Clock()

@@ -18,13 +18,13 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest_twisted
 import treq
+from support.passwords import cheapHash
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.web.server import Site
 
 from dit4c.common.keys import generatePrivateKey
 from dit4c.common.tokens import StaticKeySource, TokenSigner, TokenVerifier
-from dit4c.portal import security
 from dit4c.portal.app import Portal, PortalConfig, safeNext
 from dit4c.portal.keys import KeyRing
 from dit4c.portal.oauth import redirectURIFor
@@ -61,7 +61,7 @@ async def world(tmp_path: Path) -> Any:
     store = await openStore(f"sqlite:///{tmp_path / 'portal.db'}", reactor, clock=w.clock)
     keys = KeyRing(tmp_path / "keys", issuer=BASE, clock=w.clock)
     w.portal = Portal(store, keys, PortalConfig(publicURL=BASE), w.clock)
-    password = await security.hashPassword(PASSWORD)
+    password = cheapHash(PASSWORD)
     w.alice = await store.createUser("alice", password_hash=password, display_name="Alice A.")
     w.bob = await store.createUser("bob", password_hash=password)
     image = await store.createImage("Jupyter", "quay.io/jupyter/base-notebook:latest")

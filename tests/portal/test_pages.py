@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
+from support.passwords import cheapHash
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 
 from dit4c.common.life import State
-from dit4c.portal import security
 from dit4c.portal.app import PortalConfig
 from dit4c.portal.service import PortalService
 
@@ -67,7 +67,7 @@ async def portalAndScheduler(tmp_path: Path, browser: Any, **scheduler: Any) -> 
     stand_in = None
     try:
         store = portal.store
-        await store.createUser("alice", password_hash=await security.hashPassword("correct horse battery"))
+        await store.createUser("alice", password_hash=cheapHash("correct horse battery"))
         await store.createImage("Notebook", "notebook:1", owner_id=None, port=8888)
         registered, key = await registerScheduler(store, "cluster")
         port = service.ports[0].port.getHost().port  # type: ignore[union-attr]

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from support.passwords import cheapHash
 from support.processes import Process
 from twisted.internet import reactor
 
 from dit4c.common.helperenv import HelperEnvironment, toEnvironment
 from dit4c.common.keys import generatePrivateKey, savePrivateKey
-from dit4c.portal import security
 from dit4c.portal.store import openStore
 
 LOCAL = "tcp:0:interface=127.0.0.1"
@@ -84,7 +84,7 @@ async def startPortal(processes: Any, tmp_path: Path) -> RunningPortal:
     database = data / "portal.db"
     store = await openStore(f"sqlite:///{database}", reactor)
     try:
-        alice = await store.createUser("alice", password_hash=await security.hashPassword(PASSWORD))
+        alice = await store.createUser("alice", password_hash=cheapHash(PASSWORD))
         _, token = await store.createApiToken(alice.id, "tests")
     finally:
         await store.close()

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
+from support.passwords import cheapHash
 from support.waiting import eventually
 from twisted.internet import reactor
 
 from dit4c.common.life import State
-from dit4c.portal import security
 from dit4c.testing.scheduler import TestingScheduler, registerScheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "portal"))
@@ -32,7 +32,7 @@ async def test_a_portal_client_sees_instances_live_behind_the_stand_in(tmp_path:
     portal = service.portal
     sim = TestingScheduler(reactor, failures={"save": "disk full"})
     try:
-        await portal.store.createUser("alice", password_hash=await security.hashPassword(PASSWORD))
+        await portal.store.createUser("alice", password_hash=cheapHash(PASSWORD))
         image = await portal.store.createImage("Notebook", "notebook:1", port=8888)
         scheduler, key = await registerScheduler(portal.store, "cluster")
         assert await portal.store.schedulerById(scheduler.id) is not None

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from portal_client import Client, serve, tokenFor
+from support.passwords import cheapHash
 from support.portal import RecordingCommands
 from support.waiting import eventually
 from twisted.internet import reactor
@@ -25,7 +26,6 @@ from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.internet.task import Clock
 
 from dit4c.common.life import ACTIVE, State
-from dit4c.portal import security
 from dit4c.portal.app import Portal, PortalConfig
 from dit4c.portal.keys import KeyRing
 from dit4c.portal.store import Image, IStore, newInstanceId, openStore
@@ -271,7 +271,7 @@ async def test_concurrent_starts_through_the_api_keep_the_quota(
     try:
         store = stores[0]
         await store.createUser(
-            "alice", password_hash=await security.hashPassword("correct horse battery"), max_instances=4
+            "alice", password_hash=cheapHash("correct horse battery"), max_instances=4
         )
         scheduler = await store.createScheduler("cluster", json.dumps({"kty": "OKP", "crv": "Ed25519", "x": "A" * 43}))
         commands.connectedIds.add(scheduler.id)
