@@ -6,6 +6,7 @@ kernel's WebSocket, all through the helper.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -21,7 +22,10 @@ from auth_client import Browser, execute, logIn, startKernel
 from support.sockets import rawRequest
 from support.waiting import eventually
 
-pytest.importorskip("jupyterlab")
+# Looked for, not imported: importing JupyterLab takes seconds, which every
+# worker of a parallel run would spend collecting this module.
+if importlib.util.find_spec("jupyterlab") is None:
+    pytest.skip("JupyterLab is not installed", allow_module_level=True)
 
 
 @pytest_twisted.async_yield_fixture

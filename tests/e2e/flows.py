@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from support.browser import POLL
 from support.processes import announcedPort
 from support.waiting import eventually
 from twisted.internet import threads
@@ -44,6 +45,7 @@ async def startTool(browser: Any, portal: str, toolName: str) -> str:
             before or [],
         ),
         15,
+        POLL,
         what="a new instance on the page",
     )
     row = f'#instances tr[data-instance="{instance}"]'

@@ -461,7 +461,8 @@ async def test_protocol_error_from_the_portal(setup: Setup, logged: list[str]) -
 
 @pytest_twisted.ensureDeferred
 async def test_challenge_for_another_portal_refused(setup: Setup) -> None:
-    client = setup.client(Handler(), issuer="https://the-real-portal.example")
+    # No second attempt while the test looks: the first refusal is counted once.
+    client = setup.client(Handler(), issuer="https://the-real-portal.example", retryPolicy=lambda n: 60.0)
     closed = setup.portal.closed()
     client.startService()
     code, reason = await closed

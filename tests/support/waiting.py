@@ -24,7 +24,7 @@ def deferLater(seconds: float) -> defer.Deferred[None]:
 async def eventually(
     predicate: Callable[[], Any],
     timeout: float = 10.0,
-    interval: float = 0.02,
+    interval: float = 0.05,
     what: str | Callable[[], str] | None = None,
 ) -> Any:
     """
@@ -33,7 +33,9 @@ async def eventually(
     result counts. A test waits for the event it needs this way rather
     than sleeping for a guessed time: fast when the event comes soon, and
     a clear failure (``what`` was awaited, or its text now) at the
-    deadline when it never does.
+    deadline when it never does. A look every 50 ms: many predicates ask
+    a server under test, whose CPU a tighter loop takes away on a machine
+    that runs tests in parallel.
     """
     deadline = time.monotonic() + timeout
     while True:
