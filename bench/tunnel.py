@@ -6,6 +6,9 @@ Paths (client -> ... -> backend, everything on 127.0.0.1):
   direct     client -> backend
   ssh        client -> sshd (ssh -R reverse forward) -> ssh client -> backend
   chp        client -> configurable-http-proxy (node) -> backend
+  floor      client -> bare Twisted forwarder -> bare Twisted forwarder -> backend
+             (bench/forward.py: no parsing, no tunnel; the least any path
+             through two Twisted processes, as the path people use is, costs)
   dit4c-tcp  client -> dit4c routing server -> tunnel over TCP -> listener -> backend
   dit4c-tls  the same with the tunnel over TLS
   dit4c-full the path people use: client -> routing server -> tunnel over TCP ->
@@ -80,7 +83,7 @@ from plumbing import (
 from tables import Row, dig, heading, machine, sideBySide
 
 HOST = "bench1.localhost"
-ALL_PATHS = ["direct", "ssh", "chp", "dit4c-tcp", "dit4c-tls", "dit4c-full"]
+ALL_PATHS = ["direct", "ssh", "chp", "floor", "dit4c-tcp", "dit4c-tls", "dit4c-full"]
 ALL_TESTS = ["bulk", "rps", "latency", "idle"]
 MB = 1e6
 MIB = 1024 * 1024
@@ -466,6 +469,33 @@ class ChpPath(BasePath):
         return self.services[0].procs() if self.services else []
 
 
+class FloorPath(BasePath):
+    """
+    Two bare Twisted forwarders in a chain (``bench/forward.py``): what any
+    path through two Twisted processes costs at the least, before a byte is
+    parsed or checked.
+    """
+
+    name = "floor"
+    fds_per_conn = 2
+    server_label = "first forwarder"
+    client_label = "second forwarder"
+    tests = ("bulk", "rps")
+
+    def start(self, target: int) -> None:
+        for n in (2, 1):
+            forwarder = Service(f"forward{n}", [sys.executable, str(REPO / "bench" / "forward.py"), str(target)], self.env.logs)
+            self.services.insert(0, forwarder)
+            target = forwarder.waitForPort("forwarder")
+        self.port = target
+
+    def server_procs(self) -> list[psutil.Process]:
+        return self.services[0].procs() if self.services else []
+
+    def client_procs(self) -> list[psutil.Process]:
+        return self.services[1].procs() if len(self.services) > 1 else []
+
+
 class Dit4cPath(BasePath):
     server_label = "routing server"
     client_label = "listener"
@@ -810,6 +840,8 @@ def make_path(name: str, env: Env) -> BasePath:
         return SshPath(env)
     if name == "chp":
         return ChpPath(env)
+    if name == "floor":
+        return FloorPath(env)
     if name == "dit4c-tcp":
         return Dit4cPath(env, tls=False)
     if name == "dit4c-tls":
@@ -1143,7 +1175,10 @@ def report(results: dict[str, Any], paths: list[str], tests: list[str], s: Setti
                 f"{s.rps_seconds} s, ~100-byte body)",
                 ok,
                 rows,
-                [("dit4c-tcp", "chp"), ("dit4c-tls", "chp"), ("dit4c-tcp", "ssh")],
+                [
+                    ("dit4c-tcp", "chp"), ("dit4c-tls", "chp"), ("dit4c-tcp", "ssh"),
+                    ("dit4c-full", "chp"), ("floor", "chp"), ("dit4c-full", "floor"),
+                ],  # fmt: skip
                 [f"Command: {first_cmd('rps', 'command')}", ""],
             )
         )
