@@ -170,8 +170,13 @@ class Matrix:
         return portal if portal is node else None
 
     async def until(self, what: str, check: Any, timeout: float) -> Any:
-        """Until ``check()`` (awaited if need be) is true; its value."""
-        return await eventually(check, timeout, interval=0.1, what=f"{self.server}: {what}")
+        """
+        Until ``check()`` (awaited if need be) is true; its value. A look
+        every quarter second: most looks ask the portal's API, and the
+        installations of a parallel run look at once, on the CPU their
+        servers need.
+        """
+        return await eventually(check, timeout, interval=0.25, what=f"{self.server}: {what}")
 
     async def waitFor(self, instance: str, state: State, timeout: float = 60.0) -> None:
         """Until the portal and the node agree that ``instance`` is in ``state``."""

@@ -41,6 +41,9 @@ async def test_the_plugin_streams_images_through(world: World, processes: Any) -
     await proc.waitForLog(r"image server listening on")
     port = proc.port("image server")
     remote = f"http://127.0.0.1:{port}"
+    # The port is bound (and said so) before the service starts, where the
+    # left-over goes: the reactor serves nobody before then.
+    await proc.waitForLog(r"removing 1 unfinished upload\(s\)")
     assert list((dataDir / "tmp").iterdir()) == []
 
     response = await treq.get(f"http://127.0.0.1:{port}/health")
