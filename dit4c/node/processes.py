@@ -395,11 +395,16 @@ def podProcesses(directory: Path, instance: str) -> list[int]:
     Every process (but this one) that belongs to a pod: it works in the
     pod's directory (or below: a tool in its working directory), or its
     command line names it, or its environment carries the instance's id
-    (``DIT4C_INSTANCE``, as every helper's does). From ``/proc``, without
-    touching anything inside the pod (a dead mount in it cannot stall this).
+    (``DIT4C_INSTANCE``, as every helper's does) and names the pod's
+    directory (the helper environment's key file and state directory are
+    in it): another node on the same machine may run a pod of the same
+    instance (one restored there), which is not this one's. From ``/proc``,
+    without touching anything inside the pod (a dead mount in it cannot
+    stall this).
     """
     root = os.path.abspath(directory)
     marker = f"DIT4C_INSTANCE={instance}".encode()
+    rootBytes = os.fsencode(root)
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
@@ -414,7 +419,7 @@ def podProcesses(directory: Path, instance: str) -> list[int]:
         except OSError:
             continue
         inside = cwd == root or cwd.startswith(root + "/")
-        if inside or os.fsencode(root) in cmdline or marker in environ.split(b"\0"):
+        if inside or rootBytes in cmdline or (marker in environ.split(b"\0") and rootBytes + b"/" in environ):
             found.append(int(entry))
     return found
 

@@ -287,6 +287,33 @@ def test_only_a_pods_own_pid_files_name_what_is_killed(tmp_path: Path) -> None:
             process.wait()
 
 
+def test_a_pod_of_the_same_instance_on_another_node_is_not_this_ones(tmp_path: Path) -> None:
+    """
+    Two nodes on one machine may each hold a pod of the same instance (one
+    saved on the first and restored on the second): a process whose
+    environment names the instance is this pod's only if it also names
+    this pod's directory, so that a discard on one node never kills the
+    other's helpers.
+    """
+    import subprocess
+
+    from dit4c.node.processes import podProcesses
+
+    mine, theirs = tmp_path / "n1" / "abc", tmp_path / "n2" / "abc"
+    helpers = {}
+    for pod in (mine, theirs):
+        pod.mkdir(parents=True)
+        environment = {**os.environ, "DIT4C_INSTANCE": "abc", "DIT4C_INSTANCE_KEY": str(pod / "instance.key")}
+        helpers[pod] = subprocess.Popen(["sleep", "60"], cwd=tmp_path, env=environment)
+    try:
+        assert podProcesses(mine, "abc") == [helpers[mine].pid]
+        assert podProcesses(theirs, "abc") == [helpers[theirs].pid]
+    finally:
+        for process in helpers.values():
+            process.kill()
+            process.wait()
+
+
 @pytest_twisted.ensureDeferred
 async def test_running_only_once_the_auth_helper_answers_too(tmp_path: Path) -> None:
     """A tool that answers behind an auth helper that does not is not running: nobody could reach it."""
