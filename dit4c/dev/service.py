@@ -44,6 +44,7 @@ from dit4c.node.interfaces import IRuntime
 from dit4c.node.node import Node
 from dit4c.node.process import ProcessRuntime, Tool, builtinTools
 from dit4c.node.processes import STOP_GRACE
+from dit4c.podhelper.forkserver import ForkServer
 from dit4c.portal import security
 from dit4c.portal.app import PortalConfig
 from dit4c.portal.service import PortalService
@@ -173,6 +174,7 @@ class DevService(MultiService):
         self.routing.publicURL = f"http://{{host}}:{config.httpPort}/"
         self.routing.setServiceParent(self)
         runtime: IRuntime
+        forks: ForkServer | None = None
         if config.runtime == "podman":
             from dit4c.node.podman import STOP_TIMEOUT, PodmanRuntime
 
@@ -182,6 +184,7 @@ class DevService(MultiService):
         else:
             self.tools = config.tools if config.tools is not None else builtinTools()
             runtime = ProcessRuntime(reactor, dataDir / "node", self.tools, stopGrace=config.stopGrace or STOP_GRACE)
+            forks = runtime.forkServer
         self.node = Node(
             reactor,
             runtime,
@@ -190,6 +193,7 @@ class DevService(MultiService):
             portalInternal=portalInternal,
             routing=(f"tcp:host=127.0.0.1:port={config.tunnelPort}",),
             imageServer=imageServer,
+            helperForks=forks,
             fileServer=f"127.0.0.1:{config.filePort}" if self.files is not None else None,
             fileServerHostKey=self.files.hostKeyLine if self.files is not None else None,
             capacity=config.capacity,

@@ -40,6 +40,7 @@ from dit4c.channel.wire import InstanceStatus
 from dit4c.common.life import DEADLINES, HOLDS_POD, State
 from dit4c.node.interfaces import IRuntime, helperCommand
 from dit4c.node.noderecovery import NodeRecovery
+from dit4c.podhelper.forkserver import ForkServer
 
 __all__ = ["Node"]
 
@@ -66,6 +67,7 @@ class Node(NodeRecovery, Service):
         readyInterval: float = 0.2,
         imageServer: str | None = None,
         uploadCommand: list[str] | None = None,
+        helperForks: ForkServer | None = None,
         fileServer: str | None = None,
         fileServerHostKey: str | None = None,
         deadlines: Mapping[State, float] | None = None,
@@ -80,6 +82,8 @@ class Node(NodeRecovery, Service):
         :param imageServer: the image server's base URL, as this node
             reaches it: where saved images go. None: this node cannot save.
         :param uploadCommand: runs the upload helper (``helperCommand("dit4c-helper-upload")``).
+        :param helperForks: forks the upload helper instead (the process
+            runtime's fork server), unless ``uploadCommand`` is given.
         :param fileServer: the file server (``host:port``) whose storage
             each pod mounts (the storage helper), and ``fileServerHostKey``
             its SSH host key, pinned. None: no shared storage.
@@ -101,6 +105,7 @@ class Node(NodeRecovery, Service):
         self.fileServer = fileServer
         self.fileServerHostKey = fileServerHostKey
         self.uploadCommand = uploadCommand or helperCommand("dit4c-helper-upload")
+        self.uploadForks = helperForks if uploadCommand is None else None
         self.deadlines = {**DEADLINES, **(deadlines or {})}
         #: Whether it takes new instances (administrators cool a node down before removing it).
         self.accepting = True

@@ -6,7 +6,8 @@ and a discard, after which nothing of the instance is left on the node.
 
 The upload helper is a process of its own (:class:`dit4c.node.processes.PodProcess`)
 so that it outlives a node restart: a restarted node watches it again, or
-judges it by the result or failure file it left.
+judges it by the result or failure file it left. Where the runtime has a
+fork server, the helper is forked from it rather than started afresh.
 """
 
 from __future__ import annotations
@@ -25,12 +26,17 @@ from dit4c.common.life import Life, State
 from dit4c.node.errors import RuntimeError_
 from dit4c.node.noderecords import NodeRecords
 from dit4c.node.processes import PodProcess, removePodDirectory
+from dit4c.podhelper.forkserver import ForkServer
 from dit4c.upload.helper import failureFile, progressFile, resultFile
 
 __all__ = ["ARCHIVE", "NodeStopping"]
 
 #: What a pod's directory holds of a save under way.
 ARCHIVE = "saved-image.tar"
+#: The upload helper's plugin.
+UPLOAD = "dit4c-helper-upload"
+#: Seconds between two looks at a forked upload helper (it is not the node's child, whose end the node hears).
+UPLOAD_POLL = 0.25
 
 
 class NodeStopping(NodeRecords):
@@ -42,6 +48,8 @@ class NodeStopping(NodeRecords):
     imageServer: str | None
     #: Runs the upload helper.
     uploadCommand: list[str]
+    #: Forks the upload helper instead, if not None.
+    uploadForks: ForkServer | None
 
     def stop(self, instance: str) -> Deferred[None]:
         return self._stop(instance, save=False)
@@ -125,7 +133,9 @@ class NodeStopping(NodeRecords):
         record = self._records[instance]
         directory = self._podDirectory(instance)
         archive = directory / ARCHIVE
-        process = PodProcess(self.reactor, "upload", directory)
+        # Watched every quarter second when forked (not this node's child):
+        # the save is done when the helper has ended.
+        process = PodProcess(self.reactor, "upload", directory, pollInterval=UPLOAD_POLL)
         ended: Deferred[str | None] = Deferred()
         process.onExit(lambda p, reason: ended.callback(reason) if not ended.called else None)
         self._uploads[instance] = process
@@ -153,9 +163,10 @@ class NodeStopping(NodeRecords):
                     )
                 )
                 try:
-                    process.start(self.uploadCommand, {**inherited(), **environment})
+                    if not await self._startUpload(process, {**inherited(), **environment}):
+                        ended.callback(None)  # it ended at once: its files say how
                 except OSError as e:
-                    self._failed(instance, f"The upload helper could not start: {e.strerror}.", during=State.UPLOADING)
+                    self._failed(instance, f"The upload helper could not start: {e.strerror or e}.", during=State.UPLOADING)
                     return
             watch = LoopingCall(self._uploadProgress, instance, progressFile(str(archive)))
             watch.clock = self.reactor
@@ -179,6 +190,24 @@ class NodeStopping(NodeRecords):
             return
         self.log.info("{instance} saved as {digest}", instance=instance, digest=record.captured)
         self._set(instance, State.SAVED, None, captured=None)
+
+    async def _startUpload(self, process: PodProcess, environment: dict[str, str]) -> bool:
+        """
+        Fork the upload helper, or (without a fork server, or if it fails)
+        start it afresh. Whether it is running.
+
+        :raises OSError: it could not be started.
+        """
+        forks = self.uploadForks
+        if forks is not None:
+            try:
+                pid = await forks.spawn([], environment, process.directory, process.logPath, program=UPLOAD)
+            except Exception as e:
+                self.log.warn("the upload helper cannot be forked ({why}): starting it afresh", why=e)
+            else:
+                return process.watch(pid, [UPLOAD])
+        process.start(self.uploadCommand, environment)
+        return True
 
     def _uploadProgress(self, instance: str, progress: Path) -> None:
         """How much of a saved image the upload helper has sent, shown to the person."""

@@ -108,6 +108,7 @@ def makeService(config: Options, reactor: Any = None) -> IService:
     key = loadOrCreatePrivateKey(config["key"] or dataDir / "node.key")
     pods = dataDir / "pods"
     runtime: Any
+    forks = None
     if config["runtime"] == "podman":
         from dit4c.node.podman import STOP_TIMEOUT, PodmanRuntime
 
@@ -121,6 +122,7 @@ def makeService(config: Options, reactor: Any = None) -> IService:
             reactor, pods, config["tools"] or None,
             toolUids=config["tool-uids"] or TOOL_UIDS, stopGrace=config["stop-grace"] or STOP_GRACE,
         )  # fmt: skip
+        forks = runtime.forkServer
     top = MultiService()
     node = Node(
         reactor,
@@ -133,6 +135,7 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         capacity=config["capacity"],
         startTimeout=config["start-timeout"],
         imageServer=(config["image-server"] or "").rstrip("/") or None,
+        helperForks=forks,
         fileServer=config["file-server"],
         fileServerHostKey=config["file-server-host-key"],
     )
