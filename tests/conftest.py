@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,14 @@ from dit4c.common.tokens import TokenSigner
 # Many tests open thousands of sockets.
 _soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (_hard, _hard))
+
+# Tests stop servers with SIGINT, as a person's Ctrl-C does. A shell
+# without job control starts its background commands with SIGINT ignored,
+# and an ignored signal stays ignored in every child: a suite started so
+# would see its servers ignore the Ctrl-C. Handled here, children start
+# with the default.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Generated examples are judged by what they do, never by how long one
 # takes: hypothesis' per-example deadline is a wall-clock assertion, and
