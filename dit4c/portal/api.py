@@ -30,7 +30,7 @@ from dit4c.portal.instances import Instances, Sharing
 from dit4c.portal.interfaces import KeyRotation, SessionLookup
 from dit4c.portal.jwks import publicJWKProblem
 from dit4c.portal.openapi import document
-from dit4c.portal.store.errors import Conflict, NotFound, StoreError
+from dit4c.portal.store.errors import Conflict, NotFound, StoreClosed, StoreError
 from dit4c.portal.store.interfaces import IStore
 from dit4c.portal.store.model import Instance, User
 
@@ -164,6 +164,8 @@ class API:
     @app.handle_errors(StoreError)
     def storeError(self, request: IRequest, failure: Failure) -> bytes:
         status = 404 if failure.check(NotFound) else 409 if failure.check(Conflict) else 400
+        if failure.check(StoreClosed):
+            status = 503  # the portal is stopping: another process, or this one again, answers
         return self.reply(request, {"error": "store", "reason": str(failure.value)}, status)
 
     @app.handle_errors(Exception)

@@ -45,6 +45,7 @@ from dit4c.portal.reportrules import InstanceTokens, imageReadToken, removeImage
 from dit4c.portal.reports import Reports
 from dit4c.portal.security import CookiePolicy
 from dit4c.portal.sessions import LoggedIn, LoginSessions
+from dit4c.portal.store.errors import StoreClosed
 from dit4c.portal.store.interfaces import IStore
 from dit4c.portal.upstream import UpstreamLogin
 from dit4c.portal.web import Pages, arg, csrfOK, loggableTarget, redirect
@@ -483,6 +484,9 @@ class Portal:
         if isinstance(failure.value, HTTPException):
             http = failure.value
             return self.pages.render(request, "error.html", http.code or 500, title=http.name, message=http.description)
+        if failure.check(StoreClosed):
+            # A request that came as the portal stopped: no fault of anyone's.
+            return self.pages.render(request, "error.html", 503, title="Service Unavailable", message=str(failure.value))
         self.log.failure("portal request failed: {uri}", failure, uri=loggableTarget(request.uri))
         return self.pages.render(
             request, "error.html", 500, title="Something went wrong", message="The portal failed; try again."

@@ -27,7 +27,7 @@ from dit4c.common.life import State
 from dit4c.portal import security
 from dit4c.portal.app import Portal
 from dit4c.portal.events import STREAM_KEEPALIVE, STREAM_RETRY_REPLACED, STREAMS_PER_PERSON
-from dit4c.portal.store.errors import StoreError
+from dit4c.portal.store.errors import StoreClosed
 
 END = b"\r\n0\r\n\r\n"
 
@@ -321,7 +321,7 @@ async def test_a_stopping_portal_ends_its_streams_without_an_error_from_their_ch
     async def closedUnderIt(user: str) -> Any:
         reading.callback(None)
         await closing
-        raise StoreError("the store is closed")
+        raise StoreClosed()
 
     monkeypatch.setattr(api.store, "listInstancesOf", closedUnderIt)
     stream = await openStream(api, bob)

@@ -302,3 +302,18 @@ async def test_a_failing_route_logs_its_target_without_secrets(portal: Any, monk
     assert any("portal request failed: /share/[redacted]" in m for m in failures), failures
     assert any("OAuth request failed: /oauth/authorize?client_id=x&state=[redacted]" in m for m in failures), failures
     assert not [m for m in messages if "s3cr3t" in m]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_that_comes_as_the_portal_stops_is_answered_503_and_logs_no_error(portal: Any) -> None:
+    """
+    A page's event stream (or any request) that arrives while the portal
+    stops finds its store closed: it is told to come back (503), and it is
+    no error of the portal's (the test fails if one is logged).
+    """
+    alice = Browser(portal)
+    await logIn(alice)
+    await portal.store.close()
+    for path in ("/events", "/"):
+        response, _ = await alice.get(path)
+        assert response.code == 503, path

@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from dit4c.common.life import STATES, State
 
 from ._dialect import Cursor, IDialect, Row
-from .errors import Conflict, NotFound, StoreError
+from .errors import Conflict, NotFound, StoreClosed, StoreError
 from .migrations import MIGRATIONS, Migration, applyNext
 from .model import UNSET, Image, Instance, Scheduler, User
 
@@ -165,7 +165,7 @@ class SQLCore:
         for a uniqueness and a reference violation.
         """
         if self._closed:
-            raise StoreError("the store is closed")
+            raise StoreClosed()
         dialect = self._dialect
 
         def interaction(cursor: Cursor) -> T:

@@ -19,6 +19,10 @@ class StoreError(Exception):
         return str(self.args[0])
 
 
+class StoreClosed(StoreError):
+    """The portal's store is closed: the portal is stopping; try again in a moment."""
+
+
 class NotFound(StoreError):
     """There is no such record."""
 
