@@ -40,7 +40,7 @@ from dit4c.channel.wire import InstanceStatus
 from dit4c.common.life import DEADLINES, HOLDS_POD, State
 from dit4c.node.interfaces import IRuntime, helperCommand
 from dit4c.node.noderecovery import NodeRecovery
-from dit4c.podhelper.forkserver import ForkServer
+from dit4c.podhelper.forkserver import UPLOAD, ForkServer
 
 __all__ = ["Node"]
 
@@ -104,7 +104,7 @@ class Node(NodeRecovery, Service):
         self.imageServer = imageServer
         self.fileServer = fileServer
         self.fileServerHostKey = fileServerHostKey
-        self.uploadCommand = uploadCommand or helperCommand("dit4c-helper-upload")
+        self.uploadCommand = uploadCommand or helperCommand(UPLOAD)
         self.uploadForks = helperForks if uploadCommand is None else None
         self.deadlines = {**DEADLINES, **(deadlines or {})}
         #: Whether it takes new instances (administrators cool a node down before removing it).

@@ -26,15 +26,13 @@ from dit4c.common.life import Life, State
 from dit4c.node.errors import RuntimeError_
 from dit4c.node.noderecords import NodeRecords
 from dit4c.node.processes import PodProcess, removePodDirectory
-from dit4c.podhelper.forkserver import ForkServer
+from dit4c.podhelper.forkserver import UPLOAD, ForkServer
 from dit4c.upload.helper import failureFile, progressFile, resultFile
 
 __all__ = ["ARCHIVE", "NodeStopping"]
 
 #: What a pod's directory holds of a save under way.
 ARCHIVE = "saved-image.tar"
-#: The upload helper's plugin.
-UPLOAD = "dit4c-helper-upload"
 #: Seconds between two looks at a forked upload helper (it is not the node's child, whose end the node hears).
 UPLOAD_POLL = 0.25
 

@@ -56,7 +56,7 @@ from twisted.logger import Logger
 
 from dit4c.common.helperenv import inherited
 
-__all__ = ["PLUGIN", "PROGRAMS", "PRELOAD", "ForkServer", "serve"]
+__all__ = ["PLUGIN", "PROGRAMS", "PRELOAD", "UPLOAD", "ForkServer", "serve"]
 
 #: What the helpers import, imported once in the server.
 PRELOAD = (
@@ -78,8 +78,10 @@ PRELOAD = (
 )
 #: The pod's helper process, what a request runs unless it names another.
 PLUGIN = "dit4c-helper-pod"
+#: The upload helper, which a node forks for each save.
+UPLOAD = "dit4c-helper-upload"
 #: The programs a child may run (after ``python -m twisted``).
-PROGRAMS = (PLUGIN, "dit4c-helper-upload")
+PROGRAMS = (PLUGIN, UPLOAD)
 #: The longest request, in bytes (an environment of a few kilobytes).
 MAX_REQUEST = 256 * 1024
 
