@@ -45,6 +45,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
 from dit4c.portal.sessions import LoggedIn
+from dit4c.portal.store.errors import StoreClosed
 from dit4c.portal.store.ids import hashToken
 from dit4c.portal.store.interfaces import IInstances, IStore
 from dit4c.portal.store.model import Instance
@@ -236,6 +237,10 @@ async def _stream(request: IRequest, contentType: bytes, first: bytes) -> None:
 
 async def _untilFinished(request: IRequest) -> None:
     """Wait until a streamed answer ends: finished here, or its reader gone."""
+    if served(request).finished or served(request)._disconnected:
+        # Ended already (its first check closed it): ``notifyFinish`` asked
+        # now would never fire, and the stream would be held for ever.
+        return
     try:
         await served(request).notifyFinish()
     except Exception:
@@ -371,6 +376,11 @@ class _Stream:
             if self.closed:
                 # Ended meanwhile (the browser left, the portal is
                 # stopping): what the check would have decided no longer matters.
+                return
+            if failure.check(StoreClosed):
+                # The store closed before the streams were told: the
+                # portal is stopping, which is no error of this stream.
+                self.close("the portal is stopping")
                 return
             self.log.failure("event stream check failed", failure)
             self.close("a check failed")

@@ -330,3 +330,24 @@ async def test_a_stopping_portal_ends_its_streams_without_an_error_from_their_ch
     closing.callback(None)
     await until(lambda: ended(stream), stream)
     assert api.streams.open((await api.store.userByName("bob")).id) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_store_closed_before_the_streams_are_told_ends_a_stream_without_an_error(
+    api: Portal, monkeypatch: Any
+) -> None:
+    """
+    A stream whose snapshot finds the store already closed (it began as the
+    portal stopped, before the streams were closed) ends quietly: the
+    portal is stopping, which is no error (this test fails if one is logged).
+    """
+    _, bob, _, _ = await people(api)
+
+    async def closed(user: str) -> Any:
+        raise StoreClosed()
+
+    monkeypatch.setattr(api.store, "listInstancesOf", closed)
+    stream = await openStream(api, bob)
+    await until(lambda: ended(stream), stream)
+    bobId = (await api.store.userByName("bob")).id
+    await eventually(lambda: api.streams.open(bobId) == 0, what="bob's stream let go")
