@@ -95,6 +95,7 @@ from dit4c.portal.events import InstanceWatches
 from dit4c.portal.interfaces import Basics, InstanceTokenCheck, PageRenderer, SessionLookup
 from dit4c.portal.keys import KeyRingKeySource
 from dit4c.portal.reportrules import LEEWAY, MAX_JTI
+from dit4c.portal.store.errors import StoreClosed
 from dit4c.portal.web import loggableTarget
 
 __all__ = [
@@ -520,6 +521,11 @@ class OAuthServer:
                 description = f"{request.method.decode('ascii', 'replace')} is not allowed here."
             return self._json(
                 request, {"error": "invalid_request", "error_description": description}, error.code or 500
+            )
+        if failure.check(StoreClosed):
+            # A request that came as the portal stopped: no fault of anyone's.
+            return self._json(
+                request, {"error": "temporarily_unavailable", "error_description": str(failure.value)}, 503
             )
         self.log.failure("OAuth request failed: {uri}", failure, uri=loggableTarget(request.uri))
         return self._json(

@@ -81,7 +81,7 @@ from dit4c.portal.reportrules import (
     cookieValue,
     imageReadToken,
 )
-from dit4c.portal.store.errors import Conflict, NotFound
+from dit4c.portal.store.errors import Conflict, NotFound, StoreClosed
 from dit4c.portal.store.interfaces import IStore
 from dit4c.portal.store.model import Image, Instance, User
 
@@ -251,6 +251,9 @@ class Reports:
             if code == 405:
                 request.setHeader(b"allow", b"POST")
             return self._json(request, {"error": error, "reason": f"{e.name}."}, code)
+        if failure.check(StoreClosed):
+            # A report that came as the portal stopped: the helper reports again.
+            return self._json(request, {"error": "unavailable", "reason": str(failure.value)}, 503)
         self.log.failure("report request failed: {uri}", failure, uri=request.uri)
         return self._json(request, {"error": "server_error", "reason": "The portal failed; try again."}, 500)
 

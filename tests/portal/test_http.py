@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 import pytest_twisted
 from portal_client import Browser, csrfOf, logIn, startService
@@ -314,6 +315,13 @@ async def test_a_request_that_comes_as_the_portal_stops_is_answered_503_and_logs
     alice = Browser(portal)
     await logIn(alice)
     await portal.store.close()
-    for path in ("/events", "/"):
+    for path in ("/events", "/", "/oauth/authorize?client_id=i-1&redirect_uri=https%3A%2F%2Fi-1.example%2Fcb"):
         response, _ = await alice.get(path)
         assert response.code == 503, path
+    # A helper's report, read as the portal stops: the helper reports again.
+    # Its instance is looked up (in the closed store) before its signature is checked.
+    token = jwt.encode({"sub": "i-0123456789abcdef"}, "k" * 32, algorithm="HS256")
+    response = await alice.http.post(
+        alice.base + "/reports/url", token.encode(), headers={"content-type": ["application/jwt"]}
+    )
+    assert response.code == 503

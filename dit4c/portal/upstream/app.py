@@ -33,7 +33,7 @@ from werkzeug.exceptions import HTTPException
 from dit4c.common.nextpath import safeNext
 from dit4c.common.pkce import codeChallenge
 from dit4c.portal import security
-from dit4c.portal.store.errors import Conflict
+from dit4c.portal.store.errors import Conflict, StoreClosed
 from dit4c.portal.store.model import User
 from dit4c.portal.web import arg, redirect
 
@@ -359,6 +359,11 @@ class UpstreamLogin:
             http = failure.value
             return self.host.render(
                 request, "error.html", http.code or 500, title=http.name, message=http.description
+            )
+        if failure.check(StoreClosed):
+            # A login that came as the portal stopped: no fault of anyone's.
+            return self.host.render(
+                request, "error.html", 503, title="Service Unavailable", message=str(failure.value)
             )
         self.log.failure("upstream login failed: {uri}", failure, uri=request.path)
         return self.host.render(
