@@ -24,7 +24,7 @@ from dit4c.common.life import ACTIVE, Life, State
 from dit4c.portal.events import InstanceEvent, InstanceEvents
 from dit4c.portal.store.errors import Conflict, NotFound
 from dit4c.portal.store.interfaces import IStore
-from dit4c.portal.store.model import Instance
+from dit4c.portal.store.model import UNSET, Instance, Unset
 
 __all__ = ["LOST_REASON", "InstanceUpdates"]
 
@@ -84,10 +84,14 @@ class InstanceUpdates:
                     new=status.state,
                 )
                 return
-            url = status.url
+            # A state that keeps the URL, reported without one, leaves the
+            # stored URL alone: the listener's report of it may have come
+            # since ``instance`` was read (the compare-and-set is on the
+            # state only), and must not be overwritten with what was read.
+            url: str | None | Unset = status.url
             if url is None and status.state in _URL_STATES:
-                url = instance.url
-            if (instance.state, instance.reason, instance.url) == (status.state, status.reason, url):
+                url = UNSET
+            if (instance.state, instance.reason) == (status.state, status.reason) and url in (UNSET, instance.url):
                 return
             try:
                 updated = await self.store.updateInstance(
