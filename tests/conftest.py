@@ -17,6 +17,7 @@ import pytest
 import pytest_twisted
 from hypothesis import settings
 from support.backend import startBackend
+from support.passwords import cheapUnknownNames  # noqa: F401 (autouse: every test)
 from support.processes import TWISTD, Process
 from support.routing import Signing, startRouting, stopRouting
 from twisted.internet import reactor
