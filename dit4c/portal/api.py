@@ -32,7 +32,7 @@ from dit4c.portal.jwks import publicJWKProblem
 from dit4c.portal.openapi import document
 from dit4c.portal.store.errors import Conflict, NotFound, StoreClosed, StoreError
 from dit4c.portal.store.interfaces import IStore
-from dit4c.portal.store.model import Instance, User
+from dit4c.portal.store.model import Grant, Instance, User
 
 MAX_BODY = 64 * 1024
 
@@ -49,6 +49,10 @@ def instanceJSON(instance: Instance) -> dict[str, Any]:
         "created": instance.created,
         "updated": instance.updated,
     }
+
+
+def grantJSON(grant: Grant) -> dict[str, Any]:
+    return {"name": grant.name, "since": grant.since, "link": grant.link_id}
 
 
 def userJSON(user: User) -> dict[str, Any]:
@@ -261,7 +265,7 @@ class API:
         user = await self.caller(request)
         if action == "shares":
             await self.instances.share(user, instance_id, str(self.field(self.body(request), "user")))
-            return self.reply(request, {"shared_with": await self.store.listInstanceShares(instance_id)})
+            return await self.sharedWith(request, user, instance_id)
         if action not in ("stop", "save", "discard"):
             raise APIError(404, "not_found", f"Instances have no action {action!r}.")
         return self.reply(request, instanceJSON(await self.instances.act(user, instance_id, action)))
@@ -302,11 +306,20 @@ class API:
         await self.sharing.deleteImage(user, image_id)
         return self.reply(request, {"deleted": image_id})
 
+    @app.route("/instances/<instance_id>/shares", methods=["GET"])
+    async def shares(self, request: IRequest, instance_id: str) -> bytes:
+        return await self.sharedWith(request, await self.caller(request), instance_id)
+
     @app.route("/instances/<instance_id>/shares/<name>", methods=["DELETE"])
     async def unshare(self, request: IRequest, instance_id: str, name: str) -> bytes:
         user = await self.caller(request)
         await self.instances.unshare(user, instance_id, name)
-        return self.reply(request, {"shared_with": await self.store.listInstanceShares(instance_id)})
+        return await self.sharedWith(request, user, instance_id)
+
+    async def sharedWith(self, request: IRequest, user: User, instance_id: str) -> bytes:
+        """Who may use the owner's instance, and how: named, or through which link."""
+        access = await self.instances.access(user, instance_id)
+        return self.reply(request, {"shared_with": [grantJSON(g) for g in access]})
 
     # -- administration --------------------------------------------------------------------------
 

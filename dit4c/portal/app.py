@@ -225,7 +225,7 @@ class Portal:
                 image = await self.store.imageById(instance.image_id)
                 names[instance.image_id] = image.name if image else "?"
         schedulers = await self.store.schedulersFor(who.user.id)
-        links = {i.id: [k for k in await self.store.listShareLinks(i.id) if not k.revoked] for i in instances}
+        sharedCounts = {i.id: len({g.user_id for g in await self.store.listInstanceAccess(i.id)}) for i in instances}
         return self.pages.render(
             request,
             "home.html",
@@ -237,8 +237,47 @@ class Portal:
             images=images,
             imageNames=names,
             schedulers=schedulers,
-            links=links,
+            sharedCounts=sharedCounts,
             quota=self.instances.quotaOf(who.user),
+            **extra,
+        )
+
+    @app.route("/instances/<instance_id>", methods=["GET"])
+    async def instance(self, request: IRequest, instance_id: str) -> bytes:
+        """One instance of the person's: its state and actions, who may use it, its share links."""
+        who = await self.sessions.loggedIn(request)
+        if who is None:
+            return redirect(request, "/login?next=" + quote(f"/instances/{instance_id}", safe="/"))
+        try:
+            return await self.instancePage(request, who, instance_id)
+        except InstanceError as e:
+            return self.pages.render(
+                request, "error.html", e.status, user=who.user, csrf=who.session.csrf, title="No such instance", message=str(e)
+            )
+
+    async def instancePage(
+        self, request: IRequest, who: LoggedIn, instance_id: str, status: int = 200, **extra: Any
+    ) -> bytes:
+        instance = await self.instances.owned(who.user, instance_id)
+        image = await self.store.imageById(instance.image_id)
+        access = await self.instances.access(who.user, instance.id)
+        links = [k for k in await self.sharing.links(who.user, instance.id) if not k.revoked]
+        followers: dict[str, list[str]] = {}
+        for grant in access:
+            if grant.link_id is not None:
+                followers.setdefault(grant.link_id, []).append(grant.name)
+        return self.pages.render(
+            request,
+            "instance.html",
+            status,
+            user=who.user,
+            csrf=who.session.csrf,
+            instance=instance,
+            toolName=image.name if image else "?",
+            access=access,
+            links=links,
+            linkNumbers={k.id: n for n, k in enumerate(links, 1)},
+            followers=followers,
             **extra,
         )
 
@@ -270,23 +309,37 @@ class Portal:
             )  # fmt: skip
         return redirect(request, "/")
 
-    async def homeForm(self, request: IRequest, act: Callable[[LoggedIn], Awaitable[bytes | None]]) -> bytes:
+    async def homeForm(
+        self, request: IRequest, act: Callable[[LoggedIn], Awaitable[bytes | None]], instanceId: str | None = None
+    ) -> bytes:
         """
-        A form on the home page: the person logged in and the CSRF token
-        checked, then ``act``; its refusal (an ``InstanceError``) is shown
-        on the page, else the browser goes back to it (or to the page
-        ``act`` returned).
+        A form on the home page (or, with ``instanceId``, on that
+        instance's page): the person logged in and the CSRF token checked,
+        then ``act``; its refusal (an ``InstanceError``) is shown on the
+        page, else the browser goes back to it (or to the page ``act``
+        returned): after a POST, a redirect, so a reload sends nothing again.
         """
         who = await self.sessions.loggedIn(request)
         if who is None:
             return redirect(request, "/login")
+
+        async def page(status: int, error: str) -> bytes:
+            if instanceId is not None:
+                try:
+                    return await self.instancePage(request, who, instanceId, status, error=error)
+                except InstanceError:
+                    pass  # gone meanwhile (discarded): the home page says why
+            return await self.homePage(request, who, status, error=error)
+
         if not csrfOK(request, who.session.csrf):
-            return await self.homePage(request, who, 400, error="The form expired; try again.")
+            return await page(400, "The form expired; try again.")
         try:
-            page = await act(who)
+            done = await act(who)
         except InstanceError as e:
-            return await self.homePage(request, who, e.status, error=str(e))
-        return page if page is not None else redirect(request, "/")
+            return await page(e.status, str(e))
+        if done is not None:
+            return done
+        return redirect(request, f"/instances/{instanceId}" if instanceId is not None else "/")
 
     @app.route("/instances", methods=["POST"])
     async def startInstance(self, request: IRequest) -> bytes:
@@ -303,7 +356,7 @@ class Portal:
             if action == "link":
                 _, url = await self.sharing.createLink(who.user, instance_id)
                 # The link is shown once, on this page: only its hash is kept.
-                return await self.homePage(request, who, newLink=url, newLinkFor=instance_id)
+                return await self.instancePage(request, who, instance_id, newLink=url)
             if action == "revoke-link":
                 await self.sharing.revokeLink(who.user, instance_id, arg(request, "link") or "")
             elif action == "share":
@@ -314,7 +367,9 @@ class Portal:
                 await self.instances.act(who.user, instance_id, action)
             return None
 
-        return await self.homeForm(request, act)
+        # Sharing is done on the instance's page; the other actions go back to where they came from.
+        fromInstance = arg(request, "from") == "instance" or action in ("link", "revoke-link", "share", "unshare")
+        return await self.homeForm(request, act, instance_id if fromInstance else None)
 
     @app.route("/images/<image_id>/<action>", methods=["POST"])
     async def imageAction(self, request: IRequest, image_id: str, action: str) -> bytes:

@@ -31,7 +31,7 @@ from dit4c.portal.errors import (
 from dit4c.portal.events import AccessChange, EventBus, InstanceEvents
 from dit4c.portal.store.errors import Conflict, QuotaReached
 from dit4c.portal.store.interfaces import IStore
-from dit4c.portal.store.model import Image, Instance, ShareLink, User
+from dit4c.portal.store.model import Grant, Image, Instance, ShareLink, User
 
 
 class ICommandSink(Interface):
@@ -218,10 +218,16 @@ class Instances:
         await self.store.shareInstance(instance.id, other.id)
         self.events.accessChanged(AccessChange(user=other.id, instance=instance.id))
 
+    async def access(self, user: User, instance_id: str) -> list[Grant]:
+        """Who besides ``user`` may use their instance, and how (``NotFound`` if it is not theirs)."""
+        instance = await self.owned(user, instance_id)
+        return await self.store.listInstanceAccess(instance.id)
+
     @completes
     async def unshare(self, user: User, instance_id: str, name: str) -> None:
         """
-        Take the instance back from ``name``: published, so that their open
+        Take the instance back from ``name``, however they came to use it
+        (named, or through its share links): published, so that their open
         connections through its auth helper close and their pages stop
         hearing of it within seconds (docs/protocols.md 6.6).
         """

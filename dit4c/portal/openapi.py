@@ -32,10 +32,12 @@ def _op(summary: str, response: dict[str, Any], *, body: dict[str, Any] | None =
 
 
 _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}, "description": "A login name"}
 
 
 def document(publicURL: str) -> dict[str, Any]:
     instance = _json(_ref("Instance"), "The instance")
+    access = _json(_ref("Access"), "Who may use the instance")
     return {
         "openapi": "3.1.0",
         "info": {
@@ -66,6 +68,29 @@ def document(publicURL: str) -> dict[str, Any]:
                         "is_admin": {"type": "boolean"},
                         "max_instances": {"type": ["integer", "null"]},
                         "disabled": {"type": "boolean"},
+                    },
+                },
+                "Access": {
+                    "type": "object",
+                    "required": ["shared_with"],
+                    "properties": {
+                        "shared_with": {
+                            "type": "array",
+                            "description": "Who may use the instance besides its owner, oldest first: once for each "
+                            "way in (named by the owner, or through a live share link)",
+                            "items": {
+                                "type": "object",
+                                "required": ["name", "since", "link"],
+                                "properties": {
+                                    "name": {"type": "string", "description": "Their login name"},
+                                    "since": {"type": "number"},
+                                    "link": {
+                                        "type": ["string", "null"],
+                                        "description": "The share link they followed; null if named by the owner",
+                                    },
+                                },
+                            },
+                        }
                     },
                 },
                 "Image": {
@@ -155,11 +180,20 @@ def document(publicURL: str) -> dict[str, Any]:
                 "post": _op("Discard a stopped, saved or errored instance: nothing of it is left", instance, parameters=[_ID])
             },
             "/instances/{id}/shares": {
+                "get": _op("Who may use this instance of yours, and how", access, parameters=[_ID]),
                 "post": _op(
                     "Let another person use this instance",
-                    _json({"type": "object"}, "Who it is shared with"),
+                    access,
                     body={"type": "object", "required": ["user"], "properties": {"user": {"type": "string"}}},
                     parameters=[_ID],
+                ),
+            },
+            "/instances/{id}/shares/{name}": {
+                "delete": _op(
+                    "Take this instance back from a person, however they came to use it (named, or through "
+                    "share links, which stay for others); their open connections to it close",
+                    access,
+                    parameters=[_ID, _NAME],
                 )
             },
             "/instances/{id}/links": {
@@ -186,6 +220,9 @@ def document(publicURL: str) -> dict[str, Any]:
                     body={"type": "object", "required": ["user"], "properties": {"user": {"type": "string"}}},
                     parameters=[_ID],
                 )
+            },
+            "/images/{id}/shares/{name}": {
+                "delete": _op("Stop sharing a saved image with a person", _json({"type": "object"}, "Unshared"), parameters=[_ID, _NAME])
             },
             "/admin/users": {
                 "get": _op("Everyone (administrators)", _json({"type": "array", "items": _ref("User")}, "Users")),

@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
@@ -84,6 +83,7 @@ from dit4c.portal.reportrules import (
 from dit4c.portal.store.errors import Conflict, NotFound, StoreClosed
 from dit4c.portal.store.interfaces import IStore
 from dit4c.portal.store.model import Image, Instance, User
+from dit4c.portal.web import utc
 
 __all__ = [
     "MAX_BODY",
@@ -349,8 +349,7 @@ class Reports:
             raise self._wrongState(instance, "saving or uploading")
         if name is None:
             source = await self.store.imageById(instance.image_id)
-            when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(self.clock.seconds()))
-            name = f"{(source.name if source else 'Image')[:MAX_NAME - 30]} (saved {when} UTC)"
+            name = f"{(source.name if source else 'Image')[:MAX_NAME - 30]} (saved {utc(self.clock.seconds())})"
         try:
             image, created = await self.store.saveInstanceImage(
                 instance.id, name, ref, digest, states=SAVE_STATES

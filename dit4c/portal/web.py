@@ -10,6 +10,7 @@ share them without reaching into ``dit4c.portal.app.Portal``.
 
 from __future__ import annotations
 
+import time
 from typing import Any, cast
 
 from jinja2 import Environment, PackageLoader, select_autoescape
@@ -59,6 +60,11 @@ def csrfOK(request: IRequest, expected: str) -> bool:
     return security.tokensEqual(arg(request, "csrf"), expected)
 
 
+def utc(when: float) -> str:
+    """A time as pages show it: to the minute, in UTC (the portal's people are anywhere)."""
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(when))
+
+
 def loggableTarget(target: bytes) -> str:
     """A request target as the portal may log it: its secrets redacted, as in the access log."""
     return redactTarget(target, SECRET_PATHS).decode("latin-1")
@@ -76,6 +82,7 @@ class Pages:
         )
         # The instance life, as pages and their script see it (states, actions, deadlines).
         self.templates.globals["life"] = lifeJSON()
+        self.templates.filters["utc"] = utc
 
     def render(
         self, request: IRequest, template: str, status: int = 200, *, formTargets: tuple[str, ...] = (), **context: Any

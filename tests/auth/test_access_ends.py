@@ -247,3 +247,51 @@ async def test_without_the_watch_the_helper_asks_often_and_still_closes(world: A
     await bobSocket.closed.addTimeout(BOUND, reactor)
     await refused(bob, 403)
     await aliceStillIn(alice, aliceSocket)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_instance_page_lists_who_may_use_it_and_ends_their_access(world: Any, browser: Any) -> None:
+    """
+    In Chromium, alice's instance page: she shares it with bob by name and
+    makes a share link, which carol follows; the page lists both by name
+    and how they came in. Unshare ends bob's open WebSocket and his next
+    page; Revoke ends carol's. Alice's own connection carries on.
+    """
+    await world.startAuth(recheck=3600, unwatchedRecheck=3600)
+    await watching(world)
+    page = f"{world.portalURL}/instances/{world.instance.id}"
+    await browser.get(world.portalURL + "/login?next=" + page[len(world.portalURL):])
+    await browser.fill("#username", "alice")
+    await browser.fill("#password", "correct horse battery")
+    await browser.submit("#submit")
+    await browser.waitFor("#no-access")
+
+    await browser.fill("#share-user", "bob")
+    await browser.submit("#share-form button.share")
+    await browser.waitForText('#access tr[data-person="bob"] .how', "named by you")
+    await browser.submit("button.link")
+    link = await browser.text("#new-link")
+
+    alice, bob, carol = Browser(world), Browser(world), Browser(world)
+    await carol.logInAtPortal("carol")
+    followed = await carol.get(link)
+    assert followed.code == 303
+    for person, name in ((alice, "alice"), (bob, "bob"), (carol, "carol")):
+        assert (await logIn(person, name)).code == 303
+    aliceSocket, bobSocket, carolSocket = await openSocket(alice), await openSocket(bob), await openSocket(carol)
+
+    await browser.get(page)
+    await browser.waitForText('#access tr[data-person="carol"] .how', "followed share link 1")
+    assert await browser.text("#links .followers") == "carol"
+
+    await browser.submit('#access tr[data-person="bob"] button.unshare')
+    await bobSocket.closed.addTimeout(BOUND, reactor)
+    await refused(bob, 403)
+    assert await browser.execute("return document.querySelector('#access tr[data-person=\"bob\"]') === null")
+
+    await browser.submit("#links button.revoke")
+    await carolSocket.closed.addTimeout(BOUND, reactor)
+    await refused(carol, 403)
+    await browser.waitFor("#no-access")
+    await browser.waitFor("#no-links")
+    await aliceStillIn(alice, aliceSocket)

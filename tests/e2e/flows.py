@@ -123,7 +123,7 @@ async def addPerson(browser: Any, portal: str, name: str) -> str:
     """An administrator adds someone on the admin page; their password, shown once."""
     await browser.get(portal + "/admin/")
     await browser.fill("#new-name", name)
-    await submit(browser, "#add-user-submit")
+    await browser.submit("#add-user-submit")
     await browser.waitFor("#new-password", 15)
     password: str = await browser.text("#new-password")
     return password
@@ -143,8 +143,3 @@ async def refused(url: str, name: str, password: str) -> None:
         await other.stop()
 
 
-async def submit(browser: Any, css: str, timeout: float = 30) -> None:
-    """Click a form's button and wait until the page it leads to has loaded (not the old one)."""
-    await browser.execute("document.body.dataset.before = 'submit'")
-    await browser.click(css)
-    await browser.waitFor("body:not([data-before])", timeout)

@@ -28,7 +28,6 @@ from flows import (
     refused,
     startDev,
     startTool,
-    submit,
 )
 from support.sockets import RawClient, rawRequest
 from support.waiting import eventually
@@ -134,7 +133,7 @@ async def test_save_and_start_again_in_the_browser(processes: Any, browser: Any,
     bobsPassword = await addPerson(browser, dev.portal, "bob")
     await browser.get(dev.portal + "/")
     await browser.fill("#saved-images form.share input[name=user]", "bob")
-    await submit(browser, "#saved-images button.share-image")
+    await browser.submit("#saved-images button.share-image")
     bob = await otherBrowser()
     try:
         await logIn(bob, dev.portal, "bob", bobsPassword)
@@ -146,7 +145,7 @@ async def test_save_and_start_again_in_the_browser(processes: Any, browser: Any,
 
     # The owner deletes it: nobody can start it any more.
     await browser.get(dev.portal + "/")
-    await submit(browser, "#saved-images button.delete-image")
+    await browser.submit("#saved-images button.delete-image")
     names = await browser.execute("return [...document.querySelectorAll('#image option')].map(o => o.text)")
     assert not [name for name in names if "(saved" in name], names
 

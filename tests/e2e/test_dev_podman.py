@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from flows import addPerson, logIn, openTool, refused, startDev, startTool, submit
+from flows import addPerson, logIn, openTool, refused, startDev, startTool
 from support.podman import (
     buildWebSocketToolImage,
     gccUnavailable,
@@ -71,7 +71,7 @@ async def test_a_container_tool_in_the_browser(processes: Any, browser: Any, dev
     # (no port given: the image's exposed one).
     await browser.fill("#image-name", "WS tool")
     await browser.fill("#image-ref", image)
-    await submit(browser, "#add-image button")
+    await browser.submit("#add-image button")
 
     url = await startTool(browser, dev.portal, "WS tool")
     assert re.fullmatch(rf"http://[a-z0-9]+\.localhost:{dev.httpPort}/", url), url

@@ -5,6 +5,8 @@ administration, JSON errors and the OpenAPI document.
 
 from __future__ import annotations
 
+import re
+
 import pytest_twisted
 import treq
 from portal_client import Browser, Client, logIn, tokenFor
@@ -94,7 +96,11 @@ async def test_instances_are_private_unless_shared(api: Portal) -> None:
     code, _ = await bob.call("POST", f"/instances/{instance['id']}/stop")
     assert code == 404
     code, shares = await alice.call("POST", f"/instances/{instance['id']}/shares", {"user": "bob"})
-    assert code == 200 and len(shares["shared_with"]) == 1
+    assert code == 200 and [(g["name"], g["link"]) for g in shares["shared_with"]] == [("bob", None)]
+    assert (await alice.call("GET", f"/instances/{instance['id']}/shares")) == (200, shares)
+    # Who has access is the owner's to know.
+    code, _ = await bob.call("GET", f"/instances/{instance['id']}/shares")
+    assert code == 404
     code, seen = await bob.call("GET", f"/instances/{instance['id']}")
     assert code == 200
     code, listed = await bob.call("GET", "/instances")
@@ -146,11 +152,34 @@ async def test_bad_requests_get_json_reasons(api: Portal) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_openapi_document_describes_the_routes(api: Portal) -> None:
+    """
+    The served document and the routes agree both ways: every documented
+    operation is routed, and every route is documented (a route that takes
+    several actions, once for each).
+    """
+    from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+    from dit4c.portal.api import API
+
     code, document = await Client(api, None).call("GET", "/openapi.json")
     assert code == 200 and document["openapi"].startswith("3.1")
-    for path in ("/me", "/instances", "/instances/{id}/stop", "/admin/users"):
-        assert path in document["paths"]
     assert document["servers"] == [{"url": "http://portal.test/api/v1"}]
+    routes = API.app.url_map.bind("portal.test")
+    documented: set[tuple[str, str]] = set()
+    for path, operations in document["paths"].items():
+        concrete = re.sub(r"\{(\w+)\}", r"x\1", path)
+        for method in operations:
+            try:
+                rule, _ = routes.match(concrete, method.upper(), return_rule=True)
+            except (NotFound, MethodNotAllowed):
+                raise AssertionError(f"{method.upper()} {path} is documented but not routed") from None
+            documented.add((rule.rule, method.upper()))
+    for rule in API.app.url_map.iter_rules():
+        if rule.rule == "/openapi.json":
+            continue
+        for method in rule.methods or ():
+            if method not in ("HEAD", "OPTIONS"):
+                assert (rule.rule, method) in documented, f"{method} {rule.rule} is routed but not documented"
 
 
 
@@ -170,6 +199,16 @@ async def test_share_links_can_be_followed_and_revoked(api: Portal) -> None:
     assert response.code == 303
     bobsID = (await api.store.userByName("bob")).id
     assert await api.store.mayUseInstance(bobsID, instance["id"])
+    _, access = await alice.call("GET", f"/instances/{instance['id']}/shares")
+    assert [(g["name"], g["link"]) for g in access["shared_with"]] == [("bob", link["id"])]
+
+    # Taken back from bob, who came through the link: the link stays (for
+    # whoever else has it), and following it again lets him back in.
+    code, access = await alice.call("DELETE", f"/instances/{instance['id']}/shares/bob")
+    assert code == 200 and access["shared_with"] == []
+    assert not await api.store.mayUseInstance(bobsID, instance["id"])
+    response, _ = await bob.get(path)
+    assert response.code == 303 and await api.store.mayUseInstance(bobsID, instance["id"])
 
     code, _ = await alice.call("DELETE", f"/instances/{instance['id']}/links/{link['id']}")
     assert code == 200

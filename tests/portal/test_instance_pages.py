@@ -152,3 +152,41 @@ async def test_saved_images_are_shared_and_deleted_from_the_page(api: Portal) ->
     assert response.code == 303 and (await store.imageById(saved.id)).deleted
     _, bobsPage = await bob.get("/")
     assert "My work" not in bobsPage
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_instance_page_is_its_owners_and_its_forms_come_back_to_it(api: Portal) -> None:
+    """
+    The page of an instance: its owner's alone (anyone else, knowing the
+    id, is told there is no such instance); logged out, a login first;
+    every form on it answers with a redirect back to it (a reload sends
+    nothing again), or the page with the refusal.
+    """
+    alice = Browser(api)
+    await logIn(alice)
+    _, page = await alice.get("/")
+    await alice.post("/instances", {"csrf": csrfOf(page), "image": api.image.id})  # type: ignore[attr-defined]
+    [instance] = await api.store.listInstancesOf((await api.store.userByName("alice")).id)
+    where = f"/instances/{instance.id}"
+
+    response, page = await alice.get(where)
+    assert response.code == 200 and 'id="no-access"' in page and 'id="no-links"' in page
+    response, _ = await alice.post(f"{where}/share", {"csrf": csrfOf(page), "user": "bob", "from": "instance"})
+    assert response.code == 303 and response.headers.getRawHeaders("location") == [where]
+    response, page = await alice.post(f"{where}/share", {"csrf": csrfOf(page), "user": "nobody", "from": "instance"})
+    assert response.code == 404 and "There is nobody called" in page and 'data-person="bob"' in page
+    response, page = await alice.post(f"{where}/unshare", {"csrf": "forged", "user": "bob", "from": "instance"})
+    assert response.code == 400 and 'data-person="bob"' in page
+    response, _ = await alice.post(f"{where}/stop", {"csrf": csrfOf(page), "from": "instance"})
+    assert response.code == 303 and response.headers.getRawHeaders("location") == [where]
+    # From the home page, an action's refusal is shown on the home page.
+    response, page = await alice.post(f"{where}/discard", {"csrf": csrfOf(page)})
+    assert response.code == 409 and "<h1>Your instances</h1>" in page
+
+    bob = Browser(api)
+    await logIn(bob, "bob", "bobs password!")
+    response, page = await bob.get(where)
+    assert response.code == 404 and "no such instance" in page.lower()
+    response, _ = await Browser(api).get(where)
+    assert response.code == 303
+    assert response.headers.getRawHeaders("location") == [f"/login?next={where}"]

@@ -306,6 +306,12 @@ class Browser:
             )
         )
 
+    async def submit(self, css: str, timeout: float = 30) -> None:
+        """Click a form's button and wait until the page it leads to has loaded (not the old one)."""
+        await self.execute("document.body.dataset.before = 'submit'")
+        await self.click(css)
+        await self.waitFor("body:not([data-before])", timeout)
+
     async def fill(self, css: str, text: str) -> None:
         """Clear the field matching ``css`` and type ``text`` into it."""
         from selenium.webdriver.common.by import By

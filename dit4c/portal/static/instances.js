@@ -7,6 +7,10 @@
   var LIFE = JSON.parse(document.getElementById("dit4c-life").textContent);
   var ACTIONS = LIFE.actions;
   var source = new EventSource("/events");
+  // One instance's page shows only it: the others' changes are not its business.
+  var table = document.getElementById("instances");
+  var only = table ? table.dataset.only : undefined;
+  function ended(row) { return LIFE.terminal.indexOf(row.querySelector(".state").dataset.state) >= 0; }
   // Once a form is sent, its answer is the next page: a reload now would
   // abort it (the portal finishes the action anyway, but its message is lost).
   var leaving = false;
@@ -17,11 +21,12 @@
   function show(live) {
     return function (message) {
       var change = JSON.parse(message.data);
+      if (only && change.id !== only) { return; }
       var row = document.querySelector('tr[data-instance="' + change.id + '"]');
       // A new instance (a start elsewhere, a share) needs the page again; an
-      // instance that is gone leaves it.
+      // instance that is gone leaves it (its own page says it is gone).
       if (!row) { if (live) { reload(); } return; }
-      if (LIFE.terminal.indexOf(change.state) >= 0) { reload(); return; }
+      if (LIFE.terminal.indexOf(change.state) >= 0) { if (!ended(row)) { reload(); } return; }
       update(row, change);
     };
   }
@@ -33,7 +38,7 @@
     var standing = JSON.parse(message.data).ids;
     var rows = document.querySelectorAll("tr[data-instance]");
     for (var i = 0; i < rows.length; i++) {
-      if (standing.indexOf(rows[i].dataset.instance) < 0) { reload(); return; }
+      if (standing.indexOf(rows[i].dataset.instance) < 0 && !ended(rows[i])) { reload(); return; }
     }
   });
   function update(row, change) {

@@ -28,7 +28,7 @@ from ._dialect import Row
 from .errors import Conflict, NotFound, QuotaReached
 from .ids import hashToken, newId, newInstanceId, newToken
 from .interfaces import IInstances
-from .model import UNSET, Instance, ShareLink, Unset
+from .model import UNSET, Grant, Instance, ShareLink, Unset
 
 _SHARE_LINK = ("id", "instance_id", "token_hash", "created", "revoked")
 
@@ -221,17 +221,28 @@ class SQLInstances(SQLCore):
     async def unshareInstance(self, instance_id: str, user_id: str) -> None:
         def work(t: _Txn) -> None:
             t.execute("DELETE FROM instance_shares WHERE instance_id = ? AND user_id = ?", (instance_id, user_id))
+            t.execute(
+                "DELETE FROM share_link_grants WHERE user_id = ?"
+                " AND link_id IN (SELECT id FROM share_links WHERE instance_id = ?)",
+                (user_id, instance_id),
+            )
 
         await self._run(work)
 
     @_deferred
-    async def listInstanceShares(self, instance_id: str) -> list[str]:
-        def work(t: _Txn) -> list[str]:
+    async def listInstanceAccess(self, instance_id: str) -> list[Grant]:
+        def work(t: _Txn) -> list[Grant]:
             rows = t.all(
-                "SELECT user_id FROM instance_shares WHERE instance_id = ? ORDER BY created, user_id",
-                (instance_id,),
+                "SELECT u.id, u.name, s.created, NULL FROM instance_shares s JOIN users u ON u.id = s.user_id"
+                " WHERE s.instance_id = ?"
+                " UNION ALL"
+                " SELECT u.id, u.name, g.created, l.id FROM share_link_grants g"
+                " JOIN share_links l ON l.id = g.link_id JOIN users u ON u.id = g.user_id"
+                " WHERE l.instance_id = ? AND l.revoked = 0"
+                " ORDER BY 3, 2",
+                (instance_id, instance_id),
             )
-            return [row[0] for row in rows]
+            return [Grant(row[0], row[1], row[2], row[3]) for row in rows]
 
         return await self._run(work)
 

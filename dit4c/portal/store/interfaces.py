@@ -25,6 +25,7 @@ from .model import (
     UNSET,
     ApiToken,
     Command,
+    Grant,
     Identity,
     Image,
     Instance,
@@ -416,10 +417,17 @@ class IInstances(Interface):
         """Let another user use an instance (again is harmless)."""
 
     def unshareInstance(instance_id: str, user_id: str) -> Deferred[None]:
-        """Stop sharing an instance with a user (grants through share links stay)."""
+        """
+        Take an instance back from a user: its share with them, and their
+        uses of its share links (the links stay, for whoever else has them).
+        """
 
-    def listInstanceShares(instance_id: str) -> Deferred[list[str]]:
-        """The ids of the users an instance is shared with directly."""
+    def listInstanceAccess(instance_id: str) -> Deferred[list[Grant]]:
+        """
+        Who may use an instance besides its owner, oldest first: each person
+        it is shared with, and each who followed one of its live share
+        links (a person may be there once for each way).
+        """
 
     def createShareLink(instance_id: str) -> Deferred[tuple[ShareLink, str]]:
         """A new share link: the record, and its token (shown once, never stored)."""

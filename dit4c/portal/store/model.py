@@ -115,15 +115,6 @@ class Instance:
 
 
 @dataclass(frozen=True)
-class Share:
-    """A user with whom an instance (or an image) is shared."""
-
-    user_id: str
-    instance_id: str | None = None
-    image_id: str | None = None
-
-
-@dataclass(frozen=True)
 class ShareLink:
     """A link that gives whoever redeems it (logged in) use of an instance, until revoked."""
 
@@ -132,6 +123,19 @@ class ShareLink:
     token_hash: str
     created: float
     revoked: bool
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Someone who may use an instance that is not theirs, and how they came to."""
+
+    user_id: str
+    #: Their login name: what the owner sees and types.
+    name: str
+    #: Since when (the share, or their first use of the link).
+    since: float
+    #: The share link they followed; None if the owner named them.
+    link_id: str | None
 
 
 @dataclass(frozen=True)

@@ -294,13 +294,15 @@ async def test_mayUseInstance(store: IStore) -> None:
     await store.shareInstance(instance.id, bob.id)  # again: harmless
     assert await store.mayUseInstance(bob.id, instance.id)  # shared
     assert not await store.mayUseInstance(stranger.id, instance.id)  # stranger
-    assert await store.listInstanceShares(instance.id) == [bob.id]
+    assert [(g.user_id, g.name, g.link_id) for g in await store.listInstanceAccess(instance.id)] == [
+        (bob.id, "bob", None)
+    ]
     assert [i.id for i in await store.listInstancesSharedWith(bob.id)] == [instance.id]
     assert await store.listInstancesSharedWith(stranger.id) == []
 
     await store.unshareInstance(instance.id, bob.id)
     assert not await store.mayUseInstance(bob.id, instance.id)  # unshared
-    assert await store.listInstanceShares(instance.id) == []
+    assert await store.listInstanceAccess(instance.id) == []
     assert await store.mayUseInstance(alice.id, instance.id)
 
     with pytest.raises(NotFound):
@@ -353,3 +355,35 @@ async def test_discardedNotListedAsShared(store: IStore) -> None:
     await store.shareInstance(instance.id, bob.id)
     await store.updateInstance(instance.id, state="discarded")
     assert await store.listInstancesSharedWith(bob.id) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_access_lists_each_way_in_and_an_unshare_ends_them_all(store: IStore) -> None:
+    """
+    The owner sees who may use the instance and how: named, or through which
+    link. Taking it back from someone ends their uses of its links too; the
+    link stays for the others, and a revoked link's people leave the list.
+    """
+    alice, image = await _setup(store)
+    bob, carol = await store.createUser("bob"), await store.createUser("carol")
+    instance = await store.createInstance(alice.id, image.id)
+    other = await store.createInstance(alice.id, image.id)
+    link, token = await store.createShareLink(instance.id)
+    otherLink, otherToken = await store.createShareLink(other.id)
+    await store.shareInstance(instance.id, bob.id)
+    assert await store.redeemShareLink(token, bob.id) == instance.id
+    assert await store.redeemShareLink(token, carol.id) == instance.id
+    assert await store.redeemShareLink(otherToken, bob.id) == other.id
+
+    access = await store.listInstanceAccess(instance.id)
+    assert sorted((g.name, g.link_id or "") for g in access) == [("bob", ""), ("bob", link.id), ("carol", link.id)]
+
+    await store.unshareInstance(instance.id, bob.id)
+    assert [(g.name, g.link_id) for g in await store.listInstanceAccess(instance.id)] == [("carol", link.id)]
+    assert not await store.mayUseInstance(bob.id, instance.id)
+    assert await store.mayUseInstance(carol.id, instance.id)
+    # Another instance's link is that instance's business.
+    assert await store.mayUseInstance(bob.id, other.id)
+
+    await store.revokeShareLink(link.id)
+    assert await store.listInstanceAccess(instance.id) == []
