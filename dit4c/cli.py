@@ -257,6 +257,11 @@ def _userAddArguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument(
         "--data-dir", default="data/portal", help="the portal's data directory (its SQLite database)"
     )
+    parser.add_argument(
+        "--create",
+        action="store_true",
+        help="make the data directory's database if it has none (a portal that never ran)",
+    )
 
 
 @command("user-add", help="add a portal user and print a new password once", arguments=_userAddArguments)
@@ -276,6 +281,13 @@ def userAdd(args: argparse.Namespace, out: TextIO) -> int:
 
     database = args.database or "sqlite:///" + str(Path(args.data_dir).resolve() / "portal.db")
     if not args.database:
+        if not (Path(args.data_dir) / "portal.db").exists() and not args.create:
+            # A mistyped --data-dir would otherwise make a new, empty portal
+            # that no running portal reads, and say "created".
+            raise CommandError(
+                f"there is no portal database in {args.data_dir}: is --data-dir right? "
+                "(--create makes one, for a portal that has not run yet)"
+            )
         Path(args.data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
     password = secrets.token_urlsafe(15)
 

@@ -275,8 +275,21 @@ def test_user_add_prints_a_password_once_that_logs_in(tmp_path: Path) -> None:
     import re
 
     data = tmp_path / "portal"
-    result = subprocess.run(
+    # A data directory that holds no portal (a mistyped path) is refused...
+    refused = subprocess.run(
         [sys.executable, "-m", "dit4c", "user-add", "carol", "--admin", "--data-dir", str(data)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode == 1 and "no portal database" in refused.stderr and "--create" in refused.stderr
+    assert not data.exists()
+    # ... unless told to make one; a name that is no login name, too.
+    bad = subprocess.run(
+        [sys.executable, "-m", "dit4c", "user-add", "<script>", "--data-dir", str(data), "--create"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 1 and "not a login name" in bad.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "dit4c", "user-add", "carol", "--admin", "--data-dir", str(data), "--create"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

@@ -10,16 +10,17 @@ from collections.abc import Callable, Mapping, Sequence
 from zope.interface import implementer
 
 from ._core import _USER, SQLCore, _cols, _deferred, _given, _marks, _Txn, _user
-from .errors import NotFound
+from .errors import InvalidName, NotFound
 from .ids import newId
 from .interfaces import ILoginFailures, IPeople
-from .model import UNSET, Identity, LoginFailures, Unset, User
+from .model import LOGIN_NAME_RE, UNSET, Identity, LoginFailures, Unset, User
 
 
 def _loginName(name: str) -> str:
+    """``name`` as stored (lower case, no spaces around), if it is a login name; else ``InvalidName``."""
     name = name.strip().lower()
-    if not name:
-        raise ValueError("a login name must not be empty")
+    if LOGIN_NAME_RE.fullmatch(name) is None:
+        raise InvalidName()
     return name
 
 

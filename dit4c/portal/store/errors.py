@@ -23,6 +23,10 @@ class StoreClosed(StoreError):
     """The portal's store is closed: the portal is stopping; try again in a moment."""
 
 
+class InvalidName(StoreError, ValueError):
+    """That is not a login name: 1 to 32 of a-z, 0-9, '.', '_' and '-', beginning and ending with a letter or digit."""
+
+
 class NotFound(StoreError):
     """There is no such record."""
 

@@ -8,11 +8,20 @@ flags are ``bool``; ids are URL-safe strings.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from dit4c.common.life import State
+
+
+#: The longest login name.
+MAX_LOGIN_NAME = 32
+
+#: A login name: short, lower case, safe in a URL path, a page and a log line
+#: as it is. Names are matched lower-cased (``Alice`` logs in as ``alice``).
+LOGIN_NAME_RE: re.Pattern[str] = re.compile(r"[a-z0-9](?:[a-z0-9._-]{0,%d}[a-z0-9])?" % (MAX_LOGIN_NAME - 2))
 
 
 @dataclass(frozen=True)

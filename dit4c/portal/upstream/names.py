@@ -11,10 +11,9 @@ import secrets
 import unicodedata
 from collections.abc import Iterable
 
-__all__ = ["MAX_LOGIN_NAME", "RESERVED_NAMES", "baseLoginName", "loginNameCandidates"]
+from dit4c.portal.store.model import MAX_LOGIN_NAME
 
-#: The longest login name made for a new user.
-MAX_LOGIN_NAME = 32
+__all__ = ["MAX_LOGIN_NAME", "RESERVED_NAMES", "baseLoginName", "loginNameCandidates"]
 
 #: Login names never given to a new user from a provider's name for them.
 RESERVED_NAMES: frozenset[str] = frozenset(

@@ -9,6 +9,7 @@ import pytest_twisted
 from twisted.internet.task import Clock
 
 from dit4c.portal.store import Conflict, IStore, NotFound, StoreError, User, hashToken
+from dit4c.portal.store.errors import InvalidName
 
 # -- users --------------------------------------------------------------------------------------
 
@@ -47,10 +48,24 @@ async def test_userNameUnique(store: IStore) -> None:
         await store.updateUser(bob.id, name="alice")
 
 
+@pytest.mark.parametrize(
+    "name", ["  ", "a" * 33, "<script>", "al ice", "-alice", "alice.", "ålice", "a/b", "a" * 200_000]
+)
 @pytest_twisted.ensureDeferred
-async def test_emptyName(store: IStore) -> None:
-    with pytest.raises(ValueError):
-        await store.createUser("  ")
+async def test_a_name_that_is_no_login_name_is_refused(store: IStore, name: str) -> None:
+    """1 to 32 of a-z, 0-9, '.', '_', '-', a letter or digit at each end: anything else is refused, as a store error."""
+    with pytest.raises(InvalidName, match="not a login name"):
+        await store.createUser(name)
+    user = await store.createUser("alice")
+    with pytest.raises(InvalidName):
+        await store.updateUser(user.id, name=name)
+    assert await store.listUsers(0, 10) == [user]
+
+
+@pytest.mark.parametrize("name", ["a", "a" * 32, "j.smith", "jo_smith-2", "007"])
+@pytest_twisted.ensureDeferred
+async def test_login_names(store: IStore, name: str) -> None:
+    assert (await store.createUser(name.upper())).name == name
 
 
 @pytest_twisted.ensureDeferred
