@@ -15,7 +15,6 @@ from typing import Any
 
 from dit4c.common.life import State
 
-
 #: The longest login name.
 MAX_LOGIN_NAME = 32
 
