@@ -20,7 +20,7 @@ MAX_LOGIN_NAME = 32
 
 #: A login name: short, lower case, safe in a URL path, a page and a log line
 #: as it is. Names are matched lower-cased (``Alice`` logs in as ``alice``).
-LOGIN_NAME_RE: re.Pattern[str] = re.compile(r"[a-z0-9](?:[a-z0-9._-]{0,%d}[a-z0-9])?" % (MAX_LOGIN_NAME - 2))
+LOGIN_NAME_RE: re.Pattern[str] = re.compile(rf"[a-z0-9](?:[a-z0-9._-]{{0,{MAX_LOGIN_NAME - 2}}}[a-z0-9])?")
 
 
 @dataclass(frozen=True)
