@@ -19,7 +19,7 @@ from twisted.web.iweb import IRequest
 
 from dit4c.portal import security
 from dit4c.portal.access import changePerson
-from dit4c.portal.events import EventBus
+from dit4c.portal.events import AccessChange, EventBus
 from dit4c.portal.interfaces import KeyRotation, PageRenderer, SessionLookup
 from dit4c.portal.jwks import publicJWKProblem
 from dit4c.portal.sessions import LoggedIn
@@ -139,6 +139,8 @@ class AdminPages:
             if raw and not (raw.isdigit() and int(raw) <= 10000):
                 return await self.page(request, who, 400, error="A quota is a whole number (or empty).")
             changes["max_instances"] = int(raw) if raw else None
+        elif action == "reset-password":
+            return await self.resetPassword(request, who, user_id)
         elif action in ("grant-admin", "revoke-admin"):
             if user_id == who.user.id:
                 return await self.page(request, who, 400, error="You cannot change your own rights.")
@@ -151,6 +153,27 @@ class AdminPages:
             return await self.page(request, who, 400, error=str(e))
         self.log.info("{admin} changed user {id}: {action}", admin=who.user.name, id=user_id, action=action)
         return await self.page(request, who, message="Saved.")
+
+    async def resetPassword(self, request: IRequest, who: LoggedIn, userId: str) -> bytes:
+        """
+        A new password for a person who lost theirs, shown once, here: every
+        session of theirs ends, and at their next login they choose their own
+        before anything else (the administrator knows this one).
+        """
+        password = secrets.token_urlsafe(15)
+        try:
+            person = await self.store.updateUser(
+                userId, password_hash=await security.hashPassword(password), password_reset=True
+            )
+        except StoreError as e:
+            return await self.page(request, who, 400, error=str(e))
+        await self.store.deleteSessionsOfUser(userId)
+        self.events.accessChanged(AccessChange(user=userId))
+        self.log.info("{admin} reset the password of {name}", admin=who.user.name, name=person.name)
+        return await self.page(
+            request, who, message=f"{person.name}'s password is reset; they choose their own at their next login.",
+            newPassword=password,
+        )  # fmt: skip
 
     @app.route("/images", methods=["POST"])
     async def addImage(self, request: IRequest) -> bytes:

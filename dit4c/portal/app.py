@@ -32,6 +32,7 @@ from werkzeug.exceptions import HTTPException, NotFound
 from dit4c.common.nextpath import safeNext
 from dit4c.portal import security
 from dit4c.portal.access import endSession
+from dit4c.portal.account import AccountPages
 from dit4c.portal.admin import AdminPages
 from dit4c.portal.api import API
 from dit4c.portal.errors import CrossSiteRequest, InstanceError
@@ -183,6 +184,7 @@ class Portal:
             publicURL=config.publicURL,
         )
         self.admin = AdminPages(store, sessions=self.sessions, pages=self.pages, events=self.events, keys=keys)
+        self.account = AccountPages(store, sessions=self.sessions, pages=self.pages, events=self.events)
         #: Login through GitHub / OpenID Connect providers, at /login/<provider>
         #: (a ``dit4c.portal.upstream.UpstreamLogin``), or None for none.
         self.upstream: UpstreamLogin | None = None
@@ -213,6 +215,8 @@ class Portal:
         who = await self.sessions.loggedIn(request)
         if who is None:
             return redirect(request, "/login")
+        if who.user.password_reset:
+            return redirect(request, "/account/")
         return await self.homePage(request, who)
 
     async def homePage(self, request: IRequest, who: LoggedIn, status: int = 200, **extra: Any) -> bytes:
@@ -248,6 +252,8 @@ class Portal:
         who = await self.sessions.loggedIn(request)
         if who is None:
             return redirect(request, "/login?next=" + quote(f"/instances/{instance_id}", safe="/"))
+        if who.user.password_reset:
+            return redirect(request, "/account/")
         try:
             return await self.instancePage(request, who, instance_id)
         except InstanceError as e:
@@ -437,6 +443,9 @@ class Portal:
         self.cookies.set(request, security.SESSION_COOKIE, session.id, maxAge=self.config.sessionLifetime)
         self.cookies.clear(request, security.LOGIN_COOKIE)
         self.log.info("{name} logged in from {address}", name=user.name, address=address)
+        if user.password_reset:
+            # An administrator set this password: the person chooses their own first.
+            return redirect(request, "/account/")
         return redirect(request, safeNext(arg(request, "next")))
 
     def tooManyFailures(self, request: IRequest, wait: float, address: str, name: str = "") -> bytes:
@@ -505,6 +514,10 @@ class Portal:
     @app.route("/api/v1/", branch=True)
     def apiResource(self, request: IRequest) -> IResource:
         return self.api.app.resource()
+
+    @app.route("/account/", branch=True)
+    def accountPages(self, request: IRequest) -> IResource:
+        return self.account.app.resource()
 
     @app.route("/admin/", branch=True)
     def adminPages(self, request: IRequest) -> IResource:

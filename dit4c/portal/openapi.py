@@ -44,8 +44,8 @@ def document(publicURL: str) -> dict[str, Any]:
             "title": "DIT4C portal API",
             "version": "1",
             "description": (
-                "Authenticate with 'Authorization: Bearer <personal API token>' (create one with "
-                "POST /tokens while logged in). Errors are JSON objects with 'error' and 'reason'."
+                "Authenticate with 'Authorization: Bearer <personal API token>' (make one on your account "
+                "page, /account/, or with POST /tokens). Errors are JSON objects with 'error' and 'reason'."
             ),
         },
         "servers": [{"url": f"{publicURL}/api/v1"}],

@@ -43,7 +43,10 @@ def _deferred(f: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Deferred[T]
 
 # -- rows to records, for the tables several areas read -----------------------------------------------
 
-_USER = ("id", "name", "email", "password_hash", "display_name", "is_admin", "max_instances", "created", "disabled")
+_USER = (
+    "id", "name", "email", "password_hash", "display_name", "is_admin", "max_instances", "created", "disabled",
+    "password_reset",
+)  # fmt: skip
 _SCHEDULER = ("id", "name", "public_jwk", "created", "disabled")
 _IMAGE = ("id", "name", "ref", "digest", "owner_id", "port", "created", "deleted")
 _INSTANCE = (
@@ -60,7 +63,7 @@ def _marks(n: int) -> str:
 
 
 def _user(row: Row) -> User:
-    return User(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6], row[7], bool(row[8]))
+    return User(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6], row[7], bool(row[8]), bool(row[9]))
 
 
 def _scheduler(row: Row) -> Scheduler:

@@ -59,7 +59,7 @@ class SQLPeople(SQLCore):
                 f"INSERT INTO users ({_cols(_USER)}) VALUES ({_marks(len(_USER))})",
                 (
                     user.id, user.name, user.email, user.password_hash, user.display_name,
-                    int(user.is_admin), user.max_instances, user.created, int(user.disabled),
+                    int(user.is_admin), user.max_instances, user.created, int(user.disabled), int(user.password_reset),
                 ),
             )  # fmt: skip
             return user
@@ -157,6 +157,7 @@ class SQLPeople(SQLCore):
         is_admin: bool | Unset = UNSET,
         max_instances: int | None | Unset = UNSET,
         disabled: bool | Unset = UNSET,
+        password_reset: bool | Unset = UNSET,
     ) -> User:
         if not isinstance(name, Unset):
             name = _loginName(name)
@@ -168,6 +169,7 @@ class SQLPeople(SQLCore):
             is_admin=is_admin,
             max_instances=max_instances,
             disabled=disabled,
+            password_reset=password_reset,
         )
 
         def work(t: _Txn) -> User:

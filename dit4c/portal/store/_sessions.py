@@ -101,8 +101,10 @@ class SQLSessions(SQLCore):
         return await self._run(work)
 
     @_deferred
-    async def deleteSessionsOfUser(self, user_id: str) -> int:
+    async def deleteSessionsOfUser(self, user_id: str, keep: str | None = None) -> int:
         def work(t: _Txn) -> int:
+            if keep is not None:
+                return t.execute("DELETE FROM sessions WHERE user_id = ? AND token_hash != ?", (user_id, hashToken(keep)))
             return t.execute("DELETE FROM sessions WHERE user_id = ?", (user_id,))
 
         return await self._run(work)

@@ -110,6 +110,7 @@ class IPeople(Interface):
         is_admin: bool | Unset = UNSET,
         max_instances: int | None | Unset = UNSET,
         disabled: bool | Unset = UNSET,
+        password_reset: bool | Unset = UNSET,
     ) -> Deferred[User]:
         """Change the fields given; fires with the user as it now is."""
 
@@ -171,8 +172,11 @@ class ISessions(Interface):
         ``Session.id``'s hash is) exists, is unexpired and its person enabled.
         """
 
-    def deleteSessionsOfUser(user_id: str) -> Deferred[int]:
-        """Log a user out everywhere; fires with how many sessions ended."""
+    def deleteSessionsOfUser(user_id: str, keep: str | None = None) -> Deferred[int]:
+        """
+        Log a user out everywhere (but in the session whose secret is
+        ``keep``, if given); fires with how many sessions ended.
+        """
 
     def deleteExpiredSessions() -> Deferred[int]:
         """Forget sessions past their expiry; fires with how many."""

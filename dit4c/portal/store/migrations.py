@@ -239,6 +239,14 @@ MIGRATIONS: list[Migration] = [
             "CREATE INDEX login_failures_latest ON login_failures (latest)",
         ],
     ),
+    (
+        9,
+        [
+            # A password an administrator set (a reset) is changed by its
+            # person at their next login (dit4c.portal.account).
+            "ALTER TABLE users ADD COLUMN password_reset INTEGER NOT NULL DEFAULT 0",
+        ],
+    ),
 ]
 
 _CREATE_VERSION_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (

@@ -37,6 +37,9 @@ class User:
     max_instances: int | None
     created: float
     disabled: bool
+    #: Their password was set by an administrator (a reset): they choose
+    #: their own at their next login, before anything else.
+    password_reset: bool = False
 
 
 @dataclass(frozen=True)

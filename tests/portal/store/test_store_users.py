@@ -196,8 +196,12 @@ async def test_deleteSessions(store: IStore) -> None:
     await store.deleteSession(a1.id)
     assert await store.sessionByToken(a1.id) is None
     assert await store.sessionByToken(a2.id) == a2
-    assert await store.deleteSessionsOfUser(alice.id) == 2
+    # Everywhere but here (a password changed in a2).
+    assert await store.deleteSessionsOfUser(alice.id, keep=a2.id) == 1
     assert await store.sessionByToken(a3.id) is None
+    assert await store.sessionByToken(a2.id) == a2
+    assert await store.deleteSessionsOfUser(alice.id) == 1
+    assert await store.sessionByToken(a2.id) is None
     assert await store.sessionByToken(b1.id) == b1
 
 
