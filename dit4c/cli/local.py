@@ -1,9 +1,6 @@
 """
-The ``dit4c`` command: administrative tasks that need no running server.
-
-Each subcommand is a function registered with :func:`command`, together with
-a function that declares its arguments; :func:`main` builds the parser from
-the registry, so adding a subcommand touches nothing else here.
+The ``dit4c`` subcommands that need no running server: keys, JWKS, tokens
+signed by hand, and a portal user added to its database.
 """
 
 from __future__ import annotations
@@ -11,9 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
-import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -27,46 +21,7 @@ from dit4c.common.keys import (
 )
 from dit4c.common.tokens import ROUTING_AUDIENCE, ROUTING_MAX_LIFETIME, TokenSigner, checkInstanceID
 
-__all__ = ["COMMANDS", "Command", "CommandError", "command", "main"]
-
-
-class CommandError(Exception):
-    """The command could not do what was asked; the message says why."""
-
-
-Run = Callable[[argparse.Namespace, TextIO], int]
-Arguments = Callable[[argparse.ArgumentParser], None]
-
-
-@dataclass(frozen=True)
-class Command:
-    """One subcommand: its name, one-line help, arguments and body."""
-
-    name: str
-    help: str
-    arguments: Arguments
-    run: Run
-
-
-#: Every subcommand, by name, in the order ``--help`` lists them.
-COMMANDS: dict[str, Command] = {}
-
-
-def command(name: str, *, help: str, arguments: Arguments) -> Callable[[Run], Run]:
-    """Register the decorated function as subcommand ``name``."""
-
-    def register(run: Run) -> Run:
-        if name in COMMANDS:
-            raise ValueError(f"subcommand {name!r} registered twice")
-        COMMANDS[name] = Command(name, help, arguments, run)
-        return run
-
-    return register
-
-
-def _printJSON(document: Any, out: TextIO) -> None:
-    out.write(json.dumps(document, indent=2, sort_keys=True) + "\n")
-
+from .registry import CommandError, command, printJSON
 
 # -- keygen ----------------------------------------------------------------
 
@@ -101,7 +56,7 @@ def keygen(args: argparse.Namespace, out: TextIO) -> int:
         raise CommandError(f"{path} exists; use --force to replace it") from None
     except OSError as e:
         raise CommandError(f"cannot write {path}: {e.strerror}") from None
-    _printJSON(jwks(key), out)
+    printJSON(jwks(key), out)
     return 0
 
 
@@ -128,7 +83,7 @@ def printJWKS(args: argparse.Namespace, out: TextIO) -> int:
             raise CommandError(str(e)) from None
         except OSError as e:
             raise CommandError(f"cannot read {path}: {e.strerror}") from None
-    _printJSON(jwks(*keys), out)
+    printJSON(jwks(*keys), out)
     return 0
 
 
@@ -323,39 +278,3 @@ def userAdd(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-# -- entry point -------------------------------------------------------------
-
-
-def makeParser() -> argparse.ArgumentParser:
-    """The parser for every registered subcommand."""
-    parser = argparse.ArgumentParser(
-        prog="dit4c", description="DIT4C: Data Intensive Tools for the Cloud."
-    )
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for cmd in COMMANDS.values():
-        sub = subparsers.add_parser(cmd.name, help=cmd.help, description=cmd.help)
-        cmd.arguments(sub)
-        sub.set_defaults(run=cmd.run)
-    return parser
-
-
-def main(
-    argv: Sequence[str] | None = None,
-    *,
-    stdout: TextIO | None = None,
-    stderr: TextIO | None = None,
-) -> int:
-    """
-    Run the ``dit4c`` command; returns the exit status (0 success, 1 the
-    command failed, 2 usage error via argparse's ``SystemExit``).
-    """
-    out = stdout if stdout is not None else sys.stdout
-    err = stderr if stderr is not None else sys.stderr
-    args = makeParser().parse_args(argv)
-    try:
-        status: int = args.run(args, out)
-    except CommandError as e:
-        err.write(f"dit4c {args.command}: error: {e}\n")
-        return 1
-    out.flush()
-    return status
