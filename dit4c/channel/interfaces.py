@@ -1,7 +1,7 @@
 """
 A compute node as its scheduler sees it, whether it runs in the same
 process (:class:`dit4c.node.node.Node`) or across the node link
-(:class:`dit4c.node.link.RemoteNode`): the scheduler depends on this, not
+(:class:`dit4c.node.remote.RemoteNode`): the scheduler depends on this, not
 on either.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface, implementer
 
-from dit4c.channel.wire import Command, InstanceStatus
+from dit4c.channel.wire import Command, InstanceStatus, LogChunk
 
 __all__ = ["INode", "INodeObserver", "observer", "startFrom"]
 
@@ -59,6 +59,13 @@ class INode(Interface):
 
     def instances() -> list[InstanceStatus]:
         """Every instance it knows."""
+
+    def logs(instance: str, offset: int | None, limit: int) -> Deferred[LogChunk]:
+        """
+        Up to ``limit`` bytes of the instance's tool's output from byte
+        ``offset`` (None: the last ``limit`` bytes); fails if the node holds
+        nothing of it, or cannot be asked now.
+        """
 
     def whenReported() -> Deferred[None]:
         """Fires once the node knows what it holds (after a restart, once it has looked)."""

@@ -40,11 +40,16 @@ __all__ = [
     "CloseCode",
     "Command",
     "InstanceStatus",
+    "LogChunk",
+    "LogsRequest",
+    "MAX_LOG_CHUNK",
     "decode",
     "encode",
     "instanceField",
     "linkOptions",
     "parseCommand",
+    "parseLogChunk",
+    "parseLogsRequest",
     "parseReport",
     "parseStatus",
     "privateMembers",
@@ -75,6 +80,9 @@ MAX_ID = 128
 MAX_REASON = 1000
 MAX_URL = 2048
 MAX_NONCE = 256
+#: The most of a tool's output one ``logs`` answer carries (bytes before
+#: decoding): escaped as JSON at worst six bytes each, it still fits a message.
+MAX_LOG_CHUNK = 128 * 1024
 
 
 class CloseCode(IntEnum):
@@ -219,6 +227,74 @@ def parseCommand(message: Mapping[str, Any]) -> Command:
     if not isinstance(params, dict):
         raise ProtocolError("command: params must be a JSON object")
     return Command(text(message, "id"), op, instanceField(message), params)
+
+
+@dataclass(frozen=True)
+class LogsRequest:
+    """
+    A question about a tool's output (docs/protocols.md 7.6): from byte
+    ``offset`` on, or (None) its last ``limit`` bytes. Asked afresh each
+    time, never stored: one that cannot reach the node now fails.
+    """
+
+    id: str
+    instance: str
+    offset: int | None
+    limit: int
+
+    def toJSON(self) -> dict[str, Any]:
+        return {"type": "logs", "id": self.id, "instance": self.instance, "offset": self.offset, "limit": self.limit}
+
+
+def _count(message: Mapping[str, Any], name: str, *, optional: bool = False, limit: int | None = None) -> int | None:
+    value = message.get(name)
+    if value is None and optional:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or (limit is not None and value > limit):
+        raise ProtocolError(f"{message.get('type')}: {name} must be a whole number from 0" + (f" to {limit}" if limit else ""))
+    return value
+
+
+def parseLogsRequest(message: Mapping[str, Any]) -> LogsRequest:
+    limit = _count(message, "limit", limit=MAX_LOG_CHUNK)
+    assert limit is not None
+    return LogsRequest(text(message, "id"), instanceField(message), _count(message, "offset", optional=True), limit)
+
+
+@dataclass(frozen=True)
+class LogChunk:
+    """
+    A piece of a tool's output: the bytes from ``offset`` to ``next`` (where
+    to ask from next time), decoded as UTF-8; or, with ``error``, why there
+    is none (no such instance on that node, the node unreachable).
+    """
+
+    offset: int
+    next: int
+    text: str
+    error: str | None = None
+
+    def toJSON(self, requestId: str) -> dict[str, Any]:
+        return {
+            "type": "logs-chunk", "id": requestId, "offset": self.offset, "next": self.next,
+            "text": self.text, "error": self.error,
+        }  # fmt: skip
+
+    @classmethod
+    def fromBytes(cls, offset: int, data: bytes) -> LogChunk:
+        """The chunk of ``data`` read at ``offset``; a character cut at either end is replaced, never lost twice."""
+        return cls(offset, offset + len(data), data.decode("utf-8", "replace"))
+
+
+def parseLogChunk(message: Mapping[str, Any]) -> tuple[str, LogChunk]:
+    """A ``logs-chunk`` answer: the id of the question it answers, and the chunk."""
+    offset, next_ = _count(message, "offset"), _count(message, "next")
+    assert offset is not None and next_ is not None
+    chunk = message.get("text")
+    if not isinstance(chunk, str) or len(chunk) > MAX_LOG_CHUNK:
+        raise ProtocolError(f"logs-chunk: text must be a string of at most {MAX_LOG_CHUNK} characters")
+    error = text(message, "error", limit=MAX_REASON, optional=True)
+    return text(message, "id"), LogChunk(offset, next_, chunk, error)
 
 
 def privateMembers(jwk: Mapping[str, Any]) -> set[str]:

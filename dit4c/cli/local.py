@@ -1,6 +1,9 @@
 """
 The ``dit4c`` subcommands that need no running server: keys, JWKS, tokens
 signed by hand, and a portal user added to its database.
+
+What each needs is imported when it runs: every ``dit4c`` command would
+otherwise pay for the cryptography and HTTP libraries at start.
 """
 
 from __future__ import annotations
@@ -12,14 +15,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from dit4c.common.errors import InvalidToken, KeyFileError
-from dit4c.common.keys import (
-    generatePrivateKey,
-    jwks,
-    loadPrivateKey,
-    loadPublicKey,
-    savePrivateKey,
-)
-from dit4c.common.tokens import ROUTING_AUDIENCE, ROUTING_MAX_LIFETIME, TokenSigner, checkInstanceID
+from dit4c.common.tokenclaims import ROUTING_AUDIENCE, ROUTING_MAX_LIFETIME, checkInstanceID
 
 from .registry import CommandError, command, printJSON
 
@@ -49,6 +45,8 @@ def keygen(args: argparse.Namespace, out: TextIO) -> int:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as e:
         raise CommandError(f"cannot write {path}: {e.strerror}") from None
+    from dit4c.common.keys import generatePrivateKey, jwks, savePrivateKey
+
     key = generatePrivateKey()
     try:
         savePrivateKey(key, path, overwrite=args.force)
@@ -75,6 +73,8 @@ def _jwksArguments(parser: argparse.ArgumentParser) -> None:
 
 @command("jwks", help="print the public JWKS of key files", arguments=_jwksArguments)
 def printJWKS(args: argparse.Namespace, out: TextIO) -> int:
+    from dit4c.common.keys import jwks, loadPublicKey
+
     keys = []
     for path in args.paths:
         try:
@@ -166,6 +166,9 @@ def token(args: argparse.Namespace, out: TextIO) -> int:
     server accepts a token once, so one printed here serves one dial (a
     listener that dials again and again signs its own, with --key-file).
     """
+    from dit4c.common.keys import loadPrivateKey
+    from dit4c.common.tokens import TokenSigner
+
     lifetime: float | None = args.lifetime
     if args.audience == ROUTING_AUDIENCE:
         try:

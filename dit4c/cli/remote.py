@@ -3,7 +3,7 @@ A person's daily use of a portal from the command line, on its REST API
 (``/api/v1/``, described at ``/api/v1/openapi.json``) with a personal API
 token made on the portal's account page: ``dit4c login URL``, then ``ls``,
 ``images``, ``start``, ``stop``, ``save``, ``discard``, ``share``,
-``unshare``, ``access`` and ``open``. Every listing takes ``--json`` for
+``unshare``, ``access``, ``logs`` and ``open``. Every listing takes ``--json`` for
 programs.
 
 The token is kept in ``$XDG_CONFIG_HOME/dit4c/portals.json`` (or the file
@@ -124,6 +124,21 @@ class Portal:
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise RemoteError(f"cannot reach {self.url}: {reason}") from None
+
+    def stream(self, path: str, out: TextIO) -> None:
+        """Copy a growing plain-text answer to ``out`` as it comes, until it ends."""
+        request = urllib.request.Request(self.url + "/api/v1" + path)
+        request.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            # No timeout between pieces: a quiet tool writes nothing for a long time.
+            with urllib.request.urlopen(request) as response:
+                while piece := response.read1(65536):
+                    out.write(piece.decode("utf-8", "replace"))
+                    out.flush()
+        except urllib.error.HTTPError as e:
+            raise self._refusal(e) from None
+        except (urllib.error.URLError, OSError) as e:
+            raise RemoteError(f"cannot reach {self.url}: {getattr(e, 'reason', e)}") from None
 
     def _refusal(self, error: urllib.error.HTTPError) -> RemoteError:
         try:
@@ -397,6 +412,30 @@ def unshare(args: argparse.Namespace, out: TextIO) -> int:
 @_run
 def access(args: argparse.Namespace, out: TextIO) -> int:
     _showAccess(Portal.chosen(args).call("GET", f"/instances/{quote(args.instance, safe='')}/shares"), args, out)
+    return 0
+
+
+def _logsArguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("instance", metavar="ID", help="the instance's id (dit4c ls)")
+    parser.add_argument("-f", "--follow", action="store_true", help="go on printing what the tool writes until it stops")
+    _common(parser)
+
+
+@command("logs", help="what an instance's tool wrote (its last part; -f follows it)", arguments=_logsArguments)
+@_run
+def logs(args: argparse.Namespace, out: TextIO) -> int:
+    portal = Portal.chosen(args)
+    path = f"/instances/{quote(args.instance, safe='')}/logs"
+    if args.follow:
+        portal.stream(path + "?follow=1", out)
+        return 0
+    piece = portal.call("GET", path)
+    if args.json:
+        printJSON(piece, out)
+    else:
+        out.write(piece["text"])
+        if piece.get("error"):
+            raise RemoteError(piece["error"])
     return 0
 
 

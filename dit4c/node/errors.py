@@ -13,7 +13,7 @@ What can go wrong in a compute node's runtime (docs/protocols.md 9.1).
 
 from __future__ import annotations
 
-__all__ = ["PodmanError", "RuntimeError_"]
+__all__ = ["NotHere", "PodmanError", "RuntimeError_"]
 
 
 class RuntimeError_(Exception):
@@ -22,3 +22,7 @@ class RuntimeError_(Exception):
 
 class PodmanError(RuntimeError_):
     """A podman command failed."""
+
+
+class NotHere(Exception):
+    """This node holds nothing of that instance."""

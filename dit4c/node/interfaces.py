@@ -22,6 +22,7 @@ from zope.interface import Attribute, Interface
 
 # A runtime's failure, named here too: IRuntime's methods fail with it
 # (docs/protocols.md 9.1), and a runtime written elsewhere needs only this module.
+from dit4c.channel.wire import LogChunk
 from dit4c.node.errors import RuntimeError_
 
 __all__ = ["IRuntime", "PodSpec", "PodStatus", "RuntimeError_", "helperCommand"]
@@ -93,6 +94,13 @@ class IRuntime(Interface):
 
     def ready(instance: str) -> Deferred[bool]:
         """Whether the pod's tool accepts connections now (the node polls this after ``start``)."""
+
+    def logs(instance: str, offset: int | None, limit: int) -> Deferred[LogChunk]:
+        """
+        Up to ``limit`` bytes of the pod's tool's output from byte ``offset``
+        (None: its last ``limit`` bytes), running or stopped, until the pod
+        is discarded; empty if it wrote nothing yet.
+        """
 
     def forget() -> None:
         """Stop watching the pods: the node is stopping, and they run on until it is back."""

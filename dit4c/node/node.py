@@ -31,13 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from dit4c.channel.interfaces import INode, INodeObserver
-from dit4c.channel.wire import InstanceStatus
+from dit4c.channel.wire import InstanceStatus, LogChunk
 from dit4c.common.life import DEADLINES, HOLDS_POD, State
+from dit4c.node.errors import NotHere
 from dit4c.node.interfaces import IRuntime, helperCommand
 from dit4c.node.noderecovery import NodeRecovery
 from dit4c.podhelper.forkserver import UPLOAD, ForkServer
@@ -159,6 +160,13 @@ class Node(NodeRecovery, Service):
 
     def subscribe(self, observer: INodeObserver) -> None:
         self._observers.append(observer)
+
+    def logs(self, instance: str, offset: int | None, limit: int) -> Deferred[LogChunk]:
+        """The tool's output (``IRuntime.logs``), while this node holds anything of the instance."""
+        record = self._records.get(instance)
+        if record is None or record.state == State.DISCARDED:
+            return fail(NotHere(f"This compute node holds nothing of instance {instance}."))
+        return self.runtime.logs(instance, offset, limit)
 
     def publicKeys(self) -> dict[str, dict[str, Any]]:
         """Each active instance's public key (JWK), to publish again after a reconnect."""

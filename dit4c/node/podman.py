@@ -41,6 +41,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from dit4c.channel.wire import LogChunk
+from dit4c.node.errors import PodmanError
 from dit4c.node.interfaces import IRuntime, PodSpec, PodStatus, helperCommand
 from dit4c.node.podmanbuild import INHERITED, PodBuilding, firewallRules
 from dit4c.node.podmancommand import summarise
@@ -53,6 +55,7 @@ from dit4c.node.podmanpods import (
     HeldPod,
     listening,
 )
+from dit4c.node.toollogs import chunkOf, mergeTimestamped
 
 __all__ = [
     "AUTH_PORT",
@@ -176,6 +179,19 @@ class PodmanRuntime(PodBuilding):
         file it wrote.
         """
         return Deferred.fromCoroutine(self._capture(instance, archive))
+
+    def logs(self, instance: str, offset: int | None, limit: int) -> Deferred[LogChunk]:
+        """The tool container's output (``podman logs``), standard output and error in time order."""
+        return Deferred.fromCoroutine(self._logs(instance, offset, limit))
+
+    async def _logs(self, instance: str, offset: int | None, limit: int) -> LogChunk:
+        name = self.toolName(instance)
+        if not await self._exists("container", name):
+            return LogChunk(0, 0, "")
+        out, err, code, timedOut = await self._spawn([self.podman, "logs", "--timestamps", name])
+        if timedOut or code != 0:
+            raise PodmanError(f"reading the tool's output: {summarise(err)}")
+        return chunkOf(mergeTimestamped(out, err), offset, limit)
 
     def ready(self, instance: str) -> Deferred[bool]:
         """

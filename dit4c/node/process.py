@@ -70,6 +70,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from dit4c.channel.wire import LogChunk
 from dit4c.node.confine import STORAGE_WAIT
 from dit4c.node.errors import RuntimeError_
 from dit4c.node.interfaces import IRuntime, helperCommand
@@ -81,6 +82,7 @@ from dit4c.node.processes import POD_RECORD, PodProcess
 from dit4c.node.processlaunch import TOOL_UIDS, PodLaunching, homeDirectory, whyUnconfined
 from dit4c.node.processpods import HELPERS, POD_HELPERS
 from dit4c.node.processtools import Tool, builtinTools, freePort, toolsFromFile
+from dit4c.node.toollogs import readChunk
 from dit4c.podhelper.forkserver import ForkServer
 
 __all__ = [
@@ -193,6 +195,10 @@ class ProcessRuntime(PodLaunching):
         except (OSError, ValueError, KeyError) as e:
             raise RuntimeError_(f"Nothing to save: the instance has no pod here ({e}).") from None
         return threads.deferToThread(packArchive, directory / "work", archive, str(tool))
+
+    def logs(self, instance: str, offset: int | None, limit: int) -> Deferred[LogChunk]:
+        """The tool's output, from ``<pod>/tool.log``."""
+        return threads.deferToThread(readChunk, self.directory / instance / "tool.log", offset, limit)
 
     def ready(self, instance: str) -> Deferred[bool]:
         """Whether the tool (its Unix socket, or its port), and the auth helper in front of it (its socket), accept connections."""

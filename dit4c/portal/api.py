@@ -13,14 +13,18 @@ from __future__ import annotations
 import json
 import secrets
 from dataclasses import asdict
+from functools import partial
 from typing import Any
 
 from klein import Klein
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
+from dit4c.channel.wire import MAX_LOG_CHUNK
+from dit4c.common.life import ACTIVE
 from dit4c.common.life import toJSON as lifeJSON
 from dit4c.portal import security
 from dit4c.portal.access import changePerson
@@ -29,10 +33,12 @@ from dit4c.portal.events import EventBus
 from dit4c.portal.instances import Instances, Sharing
 from dit4c.portal.interfaces import KeyRotation, SessionLookup
 from dit4c.portal.jwks import publicJWKProblem
+from dit4c.portal.logstream import follow
 from dit4c.portal.openapi import document
 from dit4c.portal.store.errors import Conflict, NotFound, StoreClosed, StoreError
 from dit4c.portal.store.interfaces import IStore
 from dit4c.portal.store.model import Grant, Instance, User
+from dit4c.portal.web import arg
 
 MAX_BODY = 64 * 1024
 
@@ -81,12 +87,14 @@ class API:
         events: EventBus,
         keys: KeyRotation,
         publicURL: str,
+        clock: IReactorTime,
     ) -> None:
         """
         :param sessions: who is logged in, for calls from the portal's own pages.
         :param events: where a person's access that ends here (disabled) is told.
         :param keys: the portal's signing keys, which an administrator may rotate.
         :param publicURL: the portal's public base URL (the OpenAPI document names it).
+        :param clock: paces a followed log.
         """
         self.store = store
         self.sessions = sessions
@@ -95,6 +103,7 @@ class API:
         self.events = events
         self.keys = keys
         self.publicURL = publicURL
+        self.clock = clock
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -305,6 +314,37 @@ class API:
         user = await self.caller(request)
         await self.sharing.deleteImage(user, image_id)
         return self.reply(request, {"deleted": image_id})
+
+    @app.route("/instances/<instance_id>/logs", methods=["GET"])
+    async def logs(self, request: IRequest, instance_id: str) -> bytes | None:
+        """
+        A piece of the tool's output (``offset``, ``limit``; no offset: the
+        last ``limit`` bytes), as JSON; with ``follow=1``, plain text that
+        grows as the tool writes, until it stops.
+        """
+        user = await self.caller(request)
+        offset, limit = self.count(request, "offset"), self.count(request, "limit")
+        if arg(request, "follow") in ("1", "true"):
+            instance = await self.instances.owned(user, instance_id)
+
+            async def running() -> bool:
+                now = await self.store.instanceById(instance.id)
+                return now is not None and now.state in ACTIVE
+
+            await follow(request, partial(self.instances.logs, user, instance.id), running, self.clock)
+            return None
+        chunk = await self.instances.logs(user, instance_id, offset, min(limit or MAX_LOG_CHUNK, MAX_LOG_CHUNK))
+        return self.reply(request, {"offset": chunk.offset, "next": chunk.next, "text": chunk.text, "error": chunk.error})
+
+    @staticmethod
+    def count(request: IRequest, name: str) -> int | None:
+        """A whole-number query parameter, if given."""
+        raw = arg(request, name)
+        if raw is None or raw == "":
+            return None
+        if not raw.isdigit() or len(raw) > 15:
+            raise APIError(400, "bad_field", f"{name} must be a whole number.")
+        return int(raw)
 
     @app.route("/instances/<instance_id>/shares", methods=["GET"])
     async def shares(self, request: IRequest, instance_id: str) -> bytes:

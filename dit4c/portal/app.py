@@ -41,6 +41,7 @@ from dit4c.portal.instances import ICommandSink, Instances, NoChannel, Sharing
 from dit4c.portal.interfaces import Basics
 from dit4c.portal.jwks import KeyDirectory
 from dit4c.portal.keys import KeyRing
+from dit4c.portal.logstream import lastOf
 from dit4c.portal.oauth import OAuthServer
 from dit4c.portal.reportrules import InstanceTokens, imageReadToken, removeImageBytes
 from dit4c.portal.reports import Reports
@@ -182,6 +183,7 @@ class Portal:
             events=self.events,
             keys=keys,
             publicURL=config.publicURL,
+            clock=clock,
         )
         self.admin = AdminPages(store, sessions=self.sessions, pages=self.pages, events=self.events, keys=keys)
         self.account = AccountPages(store, sessions=self.sessions, pages=self.pages, events=self.events)
@@ -286,6 +288,20 @@ class Portal:
             followers=followers,
             **extra,
         )
+
+    @app.route("/instances/<instance_id>/output.txt", methods=["GET"])
+    async def output(self, request: IRequest, instance_id: str) -> bytes:
+        """The last part of the tool's output (``logstream.DOWNLOAD``), as a file for the owner."""
+        who = await self.sessions.loggedIn(request)
+        if who is None:
+            return redirect(request, "/login?next=" + quote(f"/instances/{instance_id}", safe="/"))
+        try:
+            text, error = await lastOf(partial(self.instances.logs, who.user, instance_id))
+        except InstanceError as e:
+            return self.pages.render(request, "error.html", e.status, title="No such instance", message=str(e))
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"content-disposition", f'attachment; filename="{instance_id}.txt"'.encode())
+        return (text + (f"\n[{error}]\n" if error else "")).encode()
 
     @app.route("/events", methods=["GET"])
     async def eventStream(self, request: IRequest) -> None | bytes:

@@ -34,7 +34,7 @@ from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, TimeoutError
+from twisted.internet.defer import Deferred, DeferredList, TimeoutError, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -43,6 +43,7 @@ from zope.interface import Interface, implementer
 
 from dit4c.channel.errors import AuthRefused, ProtocolError
 from dit4c.channel.handshake import PORTAL_LINK, Dialled, Hello, Phase
+from dit4c.channel.questions import Questions, Unanswered
 from dit4c.channel.wire import (
     HANDSHAKE_TIMEOUT,
     PATH,
@@ -51,19 +52,19 @@ from dit4c.channel.wire import (
     SUBPROTOCOL,
     CloseCode,
     Command,
+    LogChunk,
     decode,
     encode,
     instanceField,
     linkOptions,
+    parseLogChunk,
     parseReport,
     parseStatus,
-    privateMembers,
     text,
 )
-from dit4c.common.keys import publicJWK
 from dit4c.common.service import IConnectionTransport, ListeningService
-from dit4c.common.tokens import StaticKeySource, parseJWKS
-from dit4c.portal.channelupdates import InstanceUpdates
+from dit4c.common.tokens import StaticKeySource
+from dit4c.portal.channelupdates import InstanceUpdates, publishableKey
 from dit4c.portal.events import InstanceEvent, InstanceEvents
 from dit4c.portal.instances import ICommandSink
 from dit4c.portal.store.errors import StoreError
@@ -130,6 +131,8 @@ class _ChannelProtocol(WebSocketServerProtocol):
         self.pumping = False
         self.pumpAgain = False
         self.truncated = False
+        #: Questions about tools' output asked down this channel.
+        self.questions = Questions(hub.reactor)
         self.handshake = Dialled(PORTAL_LINK, hub.issuer)
         hub._opened(self)
         self.sendJSON(self.handshake.challenge())
@@ -157,9 +160,11 @@ class _ChannelProtocol(WebSocketServerProtocol):
         except ProtocolError as e:
             self.fail(CloseCode.PROTOCOL_ERROR, e.reason)
 
-    def sendJSON(self, message: Mapping[str, Any]) -> None:
+    def sendJSON(self, message: Mapping[str, Any]) -> bool:
         if self.phase is not Phase.CLOSED and self.state == self.STATE_OPEN:
             self.sendMessage(encode(message), isBinary=False)
+            return True
+        return False
 
     def enqueue(self, work: Callable[[], Awaitable[None]]) -> None:
         """Handle a message after those before it (stop reading while many wait)."""
@@ -211,6 +216,7 @@ class _ChannelProtocol(WebSocketServerProtocol):
             self._timer.cancel()
         self._timer = None
         self.inbox.clear()
+        self.questions.failAll("The instance's cluster went away; try again in a moment.")
         self.hub._closed(self)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
@@ -349,6 +355,13 @@ class ChannelHub(MultiService):
         if protocol is not None and live:
             self._pump(protocol)
         return command.id
+
+    def logs(self, scheduler_id: str, instance_id: str, offset: int | None, limit: int) -> Deferred[LogChunk]:
+        """Ask a connected scheduler for a piece of an instance's tool's output (never stored, not retried)."""
+        protocol = self._channels.get(scheduler_id)
+        if protocol is None or protocol.phase is not Phase.OPEN:
+            return fail(Unanswered("The instance's cluster is not connected now; try again in a moment."))
+        return protocol.questions.ask(protocol.sendJSON, instance_id, offset, limit, "The instance's cluster")
 
     def connected(self, scheduler_id: str) -> bool:
         """Whether the scheduler has a live (authenticated) channel to this portal process."""
@@ -516,30 +529,14 @@ class ChannelHub(MultiService):
             jwk = message.get("jwk")
             if not isinstance(jwk, dict):
                 raise ProtocolError("instance-key: jwk must be a JSON object")
-            leaked = privateMembers(jwk)
-            if leaked:
-                self.log.warn(
-                    "refused the key of instance {instance} from scheduler {scheduler}: it carries "
-                    "private key members ({members}); only public keys are published",
-                    instance=instanceId,
-                    scheduler=schedulerId,
-                    members=", ".join(sorted(leaked)),
-                )
-                return
-            usable = parseJWKS({"keys": [jwk]})
-            if not usable:
-                self.log.warn(
-                    "refused the key of instance {instance} from scheduler {scheduler}: "
-                    "not an EC P-256 or Ed25519 public key for signing",
-                    instance=instanceId,
-                    scheduler=schedulerId,
-                )
-                return
-            published = publicJWK(next(iter(usable.values())).key)
-            protocol.enqueue(lambda: self.updates.applyKey(schedulerId, instanceId, published))
+            published = publishableKey(schedulerId, instanceId, jwk)
+            if published is not None:
+                protocol.enqueue(lambda: self.updates.applyKey(schedulerId, instanceId, published))
         elif kind == "ack":
             commandId = text(message, "id")
             protocol.enqueue(lambda: self._ack(protocol, commandId))
+        elif kind == "logs-chunk":
+            protocol.questions.answer(*parseLogChunk(message))
         else:
             raise ProtocolError(f"unknown message type {kind!r}")
 

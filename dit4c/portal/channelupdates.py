@@ -18,21 +18,50 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from dit4c.channel.wire import InstanceStatus
+from dit4c.channel.wire import InstanceStatus, privateMembers
 from dit4c.common.errors import IllegalMove
+from dit4c.common.keys import publicJWK
 from dit4c.common.life import ACTIVE, Life, State
+from dit4c.common.tokens import parseJWKS
 from dit4c.portal.events import InstanceEvent, InstanceEvents
 from dit4c.portal.store.errors import Conflict, NotFound
 from dit4c.portal.store.interfaces import IStore
 from dit4c.portal.store.model import UNSET, Instance, Unset
 
-__all__ = ["LOST_REASON", "InstanceUpdates"]
+__all__ = ["LOST_REASON", "InstanceUpdates", "publishableKey"]
+
+_log = Logger()
 
 #: The reason an active instance gets when its scheduler's report leaves it out.
 LOST_REASON = "the compute node lost this instance"
 
 #: States in which an instance keeps the URL it had, when an update names none.
 _URL_STATES = frozenset({State.STARTING, State.RUNNING})
+
+
+def publishableKey(schedulerId: str, instanceId: str, jwk: dict[str, Any]) -> dict[str, Any] | None:
+    """
+    The public JWK to publish for an instance, from what its scheduler sent;
+    None (logged, without any private value) for a key with private members
+    or one that is no EC P-256 or Ed25519 signing key.
+    """
+    leaked = privateMembers(jwk)
+    if leaked:
+        _log.warn(
+            "refused the key of instance {instance} from scheduler {scheduler}: it carries "
+            "private key members ({members}); only public keys are published",
+            instance=instanceId, scheduler=schedulerId, members=", ".join(sorted(leaked)),
+        )  # fmt: skip
+        return None
+    usable = parseJWKS({"keys": [jwk]})
+    if not usable:
+        _log.warn(
+            "refused the key of instance {instance} from scheduler {scheduler}: "
+            "not an EC P-256 or Ed25519 public key for signing",
+            instance=instanceId, scheduler=schedulerId,
+        )  # fmt: skip
+        return None
+    return publicJWK(next(iter(usable.values())).key)
 
 
 class InstanceUpdates:

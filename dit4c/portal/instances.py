@@ -17,6 +17,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
+from dit4c.channel.questions import Unanswered
+from dit4c.channel.wire import LogChunk
 from dit4c.common.completes import completes
 from dit4c.common.errors import IllegalMove
 from dit4c.common.life import ACTIONS, ACTIVE, Life, State
@@ -43,6 +45,9 @@ class ICommandSink(Interface):
     def connected(scheduler_id: str) -> bool:
         """Whether that scheduler has a live channel now."""
 
+    def logs(scheduler_id: str, instance_id: str, offset: int | None, limit: int) -> Deferred[LogChunk]:
+        """Ask that scheduler for a piece of an instance's tool's output (docs/protocols.md 7.6)."""
+
 
 @implementer(ICommandSink)
 class NoChannel:
@@ -53,6 +58,9 @@ class NoChannel:
 
     def connected(self, scheduler_id: str) -> bool:
         return False
+
+    def logs(self, scheduler_id: str, instance_id: str, offset: int | None, limit: int) -> Deferred[LogChunk]:
+        raise NoScheduler("This portal has no scheduler channel.")
 
 
 def _atImageServer(image: Image) -> bool:
@@ -217,6 +225,20 @@ class Instances:
             raise NotFound(f"There is nobody called {name!r}.")
         await self.store.shareInstance(instance.id, other.id)
         self.events.accessChanged(AccessChange(user=other.id, instance=instance.id))
+
+    async def logs(self, user: User, instance_id: str, offset: int | None, limit: int) -> LogChunk:
+        """
+        A piece of the tool's output of the person's instance (theirs: it may
+        show secrets a shared person must not see), from its cluster; a
+        chunk with ``error`` says why there is none.
+        """
+        instance = await self.owned(user, instance_id)
+        if instance.scheduler_id is None or instance.state in (State.REQUESTED, State.DISCARDED):
+            return LogChunk(offset or 0, offset or 0, "", "The instance has no output: it has not started, or is discarded.")
+        try:
+            return await self.commands.logs(instance.scheduler_id, instance.id, offset, limit)
+        except Unanswered as e:
+            return LogChunk(offset or 0, offset or 0, "", str(e))
 
     async def access(self, user: User, instance_id: str) -> list[Grant]:
         """Who besides ``user`` may use their instance, and how (``NotFound`` if it is not theirs)."""

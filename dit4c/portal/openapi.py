@@ -179,6 +179,36 @@ def document(publicURL: str) -> dict[str, Any]:
             "/instances/{id}/discard": {
                 "post": _op("Discard a stopped, saved or errored instance: nothing of it is left", instance, parameters=[_ID])
             },
+            "/instances/{id}/logs": {
+                "get": _op(
+                    "The tool's output: a piece as JSON (offset, next, text, error; no offset: the last "
+                    "'limit' bytes, at most 131072), or with follow=1 plain text that grows as the tool "
+                    "writes, until it stops. The owner's only",
+                    {
+                        "description": "A piece of the output, or (follow=1) the output as it comes",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {
+                                        "offset": {"type": "integer"},
+                                        "next": {"type": "integer", "description": "The offset to ask from next"},
+                                        "text": {"type": "string"},
+                                        "error": {"type": ["string", "null"], "description": "Why there is no output now"},
+                                    },
+                                }
+                            },
+                            "text/plain": {"schema": {"type": "string"}},
+                        },
+                    },
+                    parameters=[
+                        _ID,
+                        {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                        {"name": "follow", "in": "query", "schema": {"type": "boolean"}},
+                    ],
+                )
+            },
             "/instances/{id}/shares": {
                 "get": _op("Who may use this instance of yours, and how", access, parameters=[_ID]),
                 "post": _op(

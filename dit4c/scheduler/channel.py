@@ -34,6 +34,7 @@ from zope.interface import Interface
 
 from dit4c.channel.errors import AuthRefused, ProtocolError
 from dit4c.channel.handshake import PORTAL_LINK, Dialler, Phase, Welcome
+from dit4c.channel.questions import answerTo
 from dit4c.channel.wire import (
     HANDSHAKE_TIMEOUT,
     MAX_MESSAGE,
@@ -43,11 +44,14 @@ from dit4c.channel.wire import (
     SUBPROTOCOL,
     CloseCode,
     Command,
+    LogChunk,
+    LogsRequest,
     decode,
     encode,
     instanceField,
     linkOptions,
     parseCommand,
+    parseLogsRequest,
     parseStatus,
     privateMembers,
 )
@@ -78,6 +82,13 @@ class ISchedulerHandler(Interface):
         necessarily finished: report progress with ``sendState``). The
         command is acknowledged then. Called once per command id, however
         often the portal delivers it.
+        """
+
+    def logs(instance: str, offset: int | None, limit: int) -> Deferred[LogChunk]:
+        """
+        Up to ``limit`` bytes of an instance's tool's output from byte
+        ``offset`` (None: its last ``limit`` bytes), from the node that holds
+        it; a failure's message is shown to the person.
         """
 
 
@@ -125,6 +136,8 @@ class _ClientProtocol(WebSocketClientProtocol):
             self.sendJSON(step)  # the hello
         elif message["type"] == "command":
             self.client._command(parseCommand(message))
+        elif message["type"] == "logs":
+            self.client._logs(self, parseLogsRequest(message))
         else:
             raise ProtocolError(f"unknown message type {message['type']!r}")
 
@@ -413,6 +426,13 @@ class ChannelClient(MultiService):
         else:
             self._remember(command.id, d)
         d.addCallbacks(lambda _: self._done(command), lambda f: self._failed(command, f))
+
+    def _logs(self, protocol: _ClientProtocol, request: LogsRequest) -> None:
+        """Answer a question about a tool's output on the channel it came on (never queued: it is asked afresh)."""
+        asking = maybeDeferred(self.handler.logs, request.instance, request.offset, request.limit)
+        answerTo(request, asking, protocol.sendJSON, shown=(LookupError,)).addErrback(
+            lambda f: self.log.failure("reading the output of {instance}", f, instance=request.instance)
+        )
 
     def _remember(self, commandId: str, handling: Deferred[None] | None) -> None:
         self._seen[commandId] = handling

@@ -13,13 +13,13 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from dit4c.channel.errors import NodeFull
 from dit4c.channel.interfaces import INode, INodeObserver, startFrom
-from dit4c.channel.wire import Command, InstanceStatus
+from dit4c.channel.wire import Command, InstanceStatus, LogChunk
 from dit4c.common.life import State
 from dit4c.scheduler.channel import ChannelClient, ISchedulerHandler
 
@@ -56,6 +56,12 @@ class Scheduler(MultiService):
         return None
 
     # -- ISchedulerHandler -------------------------------------------------------------------
+
+    def logs(self, instance: str, offset: int | None, limit: int) -> Deferred[LogChunk]:
+        node = self.nodeOf(instance)
+        if node is None:
+            return fail(LookupError(f"No compute node of this scheduler holds instance {instance}."))
+        return node.logs(instance, offset, limit)
 
     def report(self) -> Deferred[list[InstanceStatus]]:
         return Deferred.fromCoroutine(self._report())

@@ -83,7 +83,7 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as _reactor
 
         reactor = _reactor
-    from dit4c.node.link import RemoteNode
+    from dit4c.node.remote import RemoteNode
     from dit4c.scheduler.channel import ChannelClient
     from dit4c.scheduler.scheduler import Scheduler
 

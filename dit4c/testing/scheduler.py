@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
@@ -40,6 +40,7 @@ from dit4c.channel.wire import (
     SUBPROTOCOL,
     Command,
     InstanceStatus,
+    LogChunk,
     decode,
     encode,
 )
@@ -99,6 +100,8 @@ class TestingScheduler:
         #: Every state this scheduler sent, in order: (instance, state).
         self.history: list[tuple[str, str]] = []
         self.client: ChannelClient | None = None
+        #: What each instance's tool "wrote": its output, for ``logs``.
+        self.output: dict[str, bytes] = {}
         self._timers: dict[str, list[IDelayedCall]] = {}
         self._watchers: list[tuple[str, str, Deferred[InstanceStatus]]] = []
 
@@ -139,6 +142,14 @@ class TestingScheduler:
         if self.beforeAck is not None:
             self.beforeAck(command)
         return succeed(None)
+
+    def logs(self, instance: str, offset: int | None, limit: int) -> Deferred[LogChunk]:
+        """What ``self.output`` holds for the instance (its tool "wrote" it); nothing if unknown."""
+        if instance not in self.instances:
+            return fail(LookupError(f"No compute node of this scheduler holds instance {instance}."))
+        data = self.output.get(instance, b"")
+        start = max(len(data) - limit, 0) if offset is None else min(offset, len(data))
+        return succeed(LogChunk.fromBytes(start, data[start : start + limit]))
 
     # -- controlling the simulation ------------------------------------------------------
 

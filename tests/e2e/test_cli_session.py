@@ -77,8 +77,8 @@ class CLI:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_whole_session_from_the_command_line(processes: Any, tmp_path: Path) -> None:
-    dev = await startDev(processes, tmp_path / "dev")
+async def test_a_whole_session_from_the_command_line(processes: Any, tmp_path: Path, devDir: Path) -> None:
+    dev = await startDev(processes, devDir)
     admin = Person(dev.portal)
     token = await admin.token("admin", await dev.adminPassword())
     cli = CLI(tmp_path / "config" / "portals.json")
@@ -107,7 +107,17 @@ async def test_a_whole_session_from_the_command_line(processes: Any, tmp_path: P
     assert [(g["name"], g["link"]) for g in access["shared_with"]] == [("bob", None)]
     assert "Only you" in await cli.run("unshare", instance["id"], "bob")
 
+    # What the tool wrote: its last part, and followed until the save stops it.
+    written = await cli.run("logs", instance["id"])
+    assert written.strip(), "the tool wrote nothing"
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "dit4c", "logs", "-f", instance["id"]],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli.env,
+    )  # fmt: skip
     saved = await cli.json("save", instance["id"], "--wait")
+    followed, complaints = await threads.deferToThread(follower.communicate, timeout=60)
+    assert follower.returncode == 0, complaints
+    assert followed.startswith(written[: len(followed)][:200]) or written in followed, (written, followed)
     assert saved["state"] == "saved"
     assert any(i["mine"] for i in await cli.json("images"))
     assert (await cli.json("discard", instance["id"], "--wait"))["state"] == "discarded"

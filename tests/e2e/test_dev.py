@@ -13,11 +13,9 @@ import hashlib
 import json
 import re
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import pytest_twisted
 from flows import (
     DEV_PORTS,
@@ -32,7 +30,7 @@ from flows import (
 from support.sockets import RawClient, rawRequest
 from support.waiting import eventually
 
-from dit4c.node.processes import killRecorded, startTime
+from dit4c.node.processes import startTime
 
 
 def podProcesses(dataDir: Path) -> list[int]:
@@ -42,13 +40,6 @@ def podProcesses(dataDir: Path) -> list[int]:
         if startTime(pid) is not None:
             pids.append(pid)
     return pids
-
-
-@pytest.fixture
-def devDir(tmp_path: Path) -> Iterator[Path]:
-    """A data directory whose pods are killed afterwards, whatever happened (they outlive dit4c-dev)."""
-    yield tmp_path / "dev"
-    killRecorded(tmp_path / "dev")
 
 
 @pytest_twisted.ensureDeferred

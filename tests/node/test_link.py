@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 from standins import HELPERS, TOOLS, Watcher
 from support.waiting import eventually
@@ -15,13 +16,15 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 
+from dit4c.channel.questions import Unanswered
 from dit4c.common.keys import generatePrivateKey
 from dit4c.common.life import State
 from dit4c.common.tokens import StaticKeySource
 from dit4c.listener.service import backoff
-from dit4c.node.link import NodeLinkServer, RemoteNode
+from dit4c.node.link import NodeLinkServer
 from dit4c.node.node import Node
 from dit4c.node.process import ProcessRuntime
+from dit4c.node.remote import RemoteNode
 
 SCHEDULER_KEY = generatePrivateKey()
 NODE_KEY = generatePrivateKey()
@@ -245,3 +248,32 @@ async def test_the_schedulers_report_waits_for_its_nodes(link: Link) -> None:
     await eventually(lambda: not remote.connected)
     stuck = Scheduler([remote], reactor=reactor, reportWait=0.3)
     assert [(s.instance, s.state) for s in await stuck.report()] == [("abc4", "running")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tools_output_is_read_across_the_link(link: Link) -> None:
+    """
+    The scheduler asks the node for a tool's output: the last bytes, from
+    an offset, nothing for an instance the node does not hold (said in the
+    answer), and, with the link down, a failure at once rather than a wait.
+    """
+    await link.startNode()
+    remote, watcher = link.remote(name="n1")
+    await remote.whenConnected()
+    await remote.start("abc1", "web", None)
+    await watcher.waitFor("abc1", "running")
+    with open(link.directory / "abc1" / "tool.log", "ab") as log:  # as the tool writes it
+        log.write("the tool says héllo\n".encode())
+    size = (link.directory / "abc1" / "tool.log").stat().st_size
+
+    tail = await remote.logs("abc1", None, 21)
+    assert (tail.text, tail.next, tail.error) == ("the tool says héllo\n", size, None)
+    assert (await remote.logs("abc1", size, 100)).text == ""
+    assert (await remote.logs("abc1", size - 4, 3)).text == "llo"
+    unknown = await remote.logs("nope1", 0, 10)
+    assert unknown.text == "" and "holds nothing of instance nope1" in (unknown.error or "")
+
+    await link.stopNode()
+    await eventually(lambda: not remote.connected, what="the link down")
+    with pytest.raises(Unanswered):
+        await remote.logs("abc1", None, 10)

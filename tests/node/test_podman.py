@@ -303,6 +303,25 @@ async def test_a_tool_that_exits_is_reported(runtime: PodmanRuntime, tmp_path: P
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_tools_output_is_read_in_order_after_it_exits(runtime: PodmanRuntime, tmp_path: Path) -> None:
+    """Standard output and error, in the order written, from an offset or the end; still there once the tool exited."""
+    script = "echo one; sleep 0.2; echo two >&2; sleep 0.2; echo three; exit 3"
+    image = await buildBusyboxImage("talks", expose=8000, cmd=["/bin/sh", "-c", script])
+    s = spec(tmp_path, image)
+    exits: list[tuple[str, str]] = []
+    runtime.onExit(lambda instance, reason: exits.append((instance, reason)))
+    assert (await runtime.logs(s.instance, None, 100)).text == ""  # no such container yet
+    await runtime.start(s)
+    await waitFor(lambda: exits, what="onExit for the tool")
+    whole = await runtime.logs(s.instance, 0, 1000)
+    assert (whole.text, whole.next) == ("one\ntwo\nthree\n", 14)
+    assert (await runtime.logs(s.instance, None, 6)).text == "three\n"
+    assert (await runtime.logs(s.instance, 4, 4)).text == "two\n"
+    await runtime.discard(s.instance)
+    assert (await runtime.logs(s.instance, None, 100)).text == ""
+
+
+@pytest_twisted.ensureDeferred
 async def test_failures_leave_nothing_behind(runtime: PodmanRuntime, tmp_path: Path) -> None:
     # An image that cannot be had (a short name resolves nowhere, offline and at once).
     s = spec(tmp_path, "no-such-image-dit4c")

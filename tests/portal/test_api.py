@@ -10,6 +10,7 @@ import re
 import pytest_twisted
 import treq
 from portal_client import Browser, Client, logIn, tokenFor
+from support.waiting import eventually
 
 from dit4c.portal.app import Portal
 
@@ -262,3 +263,43 @@ async def test_a_person_runs_only_on_clusters_open_to_them(api: Portal) -> None:
     await root.call("PUT", f"/admin/schedulers/{cluster.id}/users", {"users": []})
     code, _ = await bob.call("POST", "/instances", {"image": api.image.id})  # type: ignore[attr-defined]
     assert code == 201
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_instances_output_is_read_in_pieces_and_followed(api: Portal) -> None:
+    """
+    The tool's output through the API: a piece from an offset, the last
+    bytes, the owner's only; followed, it grows as the tool writes and ends
+    when the instance stops.
+    """
+    alice = Client(api, await tokenFor(api, "alice", "correct horse battery"))
+    bob = Client(api, await tokenFor(api, "bob", "bobs password!"))
+    _, instance = await alice.call("POST", "/instances", {"image": api.image.id})  # type: ignore[attr-defined]
+    path = f"/instances/{instance['id']}/logs"
+    code, piece = await alice.call("GET", path)
+    assert code == 200 and piece["text"] == "" and "not started" in piece["error"]
+
+    await api.store.updateInstance(instance["id"], state="running")
+    output: dict[str, bytes] = api.commands.output  # type: ignore[attr-defined]
+    output[instance["id"]] = b"line one\nline two\n"
+    assert (await alice.call("GET", path))[1] == {"offset": 0, "next": 18, "text": "line one\nline two\n", "error": None}
+    assert (await alice.call("GET", path + "?offset=9"))[1]["text"] == "line two\n"
+    assert (await alice.call("GET", path + "?limit=4"))[1] == {"offset": 14, "next": 18, "text": "two\n", "error": None}
+    assert (await alice.call("GET", path + "?offset=x"))[0] == 400
+    await alice.call("POST", f"/instances/{instance['id']}/shares", {"user": "bob"})
+    assert (await bob.call("GET", path))[0] == 404  # shared: the tool, not its output
+
+    response = await treq.get(
+        alice.base + path + "?follow=1", headers=alice.headers, unbuffered=True
+    )
+    assert response.code == 200 and response.headers.getRawHeaders("content-type") == ["text/plain; charset=utf-8"]
+    received: list[bytes] = []
+    finished = treq.collect(response, received.append)
+    await eventually(lambda: b"".join(received) == b"line one\nline two\n", what=lambda: repr(received))
+    output[instance["id"]] += b"line three\n"
+    api.clock.advance(1)  # type: ignore[attr-defined]
+    await eventually(lambda: b"".join(received).endswith(b"line three\n"), what=lambda: repr(received))
+    await api.store.updateInstance(instance["id"], state="stopped")
+    api.clock.advance(1)  # type: ignore[attr-defined]
+    await finished
+    assert b"".join(received) == b"line one\nline two\nline three\n"

@@ -17,12 +17,14 @@ import pytest
 import pytest_twisted
 from support.waiting import eventually
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 
 from dit4c.channel.handshake import signProof
-from dit4c.channel.wire import MAX_MESSAGE, CloseCode
+from dit4c.channel.questions import Unanswered
+from dit4c.channel.wire import MAX_MESSAGE, CloseCode, LogChunk
 from dit4c.common.keys import generatePrivateKey, publicJWK
 from dit4c.common.life import State
 from dit4c.portal.channel import (
@@ -149,6 +151,33 @@ async def test_testing_scheduler_connects(portal: Harness) -> None:
     assert portal.hub.connected(scheduler.id)
     await sim.stop()
     await eventually(lambda: not portal.hub.connected(scheduler.id))
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_portal_asks_a_scheduler_for_a_tools_output(portal: Harness) -> None:
+    """
+    A question down the channel and its answer; one asked of a scheduler
+    that is away fails at once, and one open when the channel drops fails
+    then, never waiting for its deadline.
+    """
+    scheduler, key = await portal.scheduler()
+    sim = await portal.connect(scheduler, key)
+    instance = await portal.instance(scheduler.id)
+    sim.setState(instance.id, "running")
+    sim.output[instance.id] = b"hello from the tool\n"
+    chunk = await portal.hub.logs(scheduler.id, instance.id, 6, 100)
+    assert (chunk.offset, chunk.next, chunk.text, chunk.error) == (6, 20, "from the tool\n", None)
+    chunk = await portal.hub.logs(scheduler.id, "elsewhere1", None, 100)
+    assert chunk.text == "" and "holds instance elsewhere1" in (chunk.error or "")
+
+    held: Deferred[LogChunk] = Deferred()
+    sim.logs = lambda *_: held  # type: ignore[method-assign]
+    asked = portal.hub.logs(scheduler.id, instance.id, None, 100)
+    await sim.stop()
+    with pytest.raises(Unanswered, match="went away"):
+        await asked
+    with pytest.raises(Unanswered, match="not connected"):
+        await portal.hub.logs(scheduler.id, instance.id, None, 100)
 
 
 async def _refused(portal: Harness, raw: RawChannel, reason: str, logged: list[str]) -> None:

@@ -33,6 +33,7 @@ from dit4c.channel.wire import (
     CloseCode,
     Command,
     InstanceStatus,
+    LogChunk,
     decode,
     encode,
     parseCommand,
@@ -264,6 +265,13 @@ class Handler:
         if self.fail:
             raise RuntimeError("no such image")
         return self.results.get(command.id) or succeed(None)
+
+    def logs(self, instance: str, offset: int | None, limit: int) -> Deferred[LogChunk]:
+        if instance == "gone":
+            raise LookupError("No compute node of this scheduler holds instance gone.")
+        if instance == "broken":
+            raise OSError("/var/lib/secret/path: permission denied")
+        return succeed(LogChunk.fromBytes(offset or 0, b"output of " + instance.encode()))
 
 
 @pytest.fixture
@@ -547,3 +555,30 @@ def test_report_is_json() -> None:
     assert json.loads(encode({"type": "report", "instances": [s.toJSON() for s in statuses]}))["instances"] == [
         {"instance": "abc", "state": "errored", "reason": "it broke", "url": None}
     ]
+
+
+@pytest.mark.allow_logged_errors
+@pytest_twisted.ensureDeferred
+async def test_a_question_about_a_tools_output_is_answered_on_the_channel(setup: Setup, logged: list[str]) -> None:
+    """
+    The portal asks; the scheduler answers with the node's piece, or with
+    why not: its own words for an instance it does not hold, plain ones for
+    a fault (whose message may name paths of this machine), which is logged.
+    """
+    client = setup.client(Handler())
+    client.startService()
+    await client.whenConnected()
+    for question, (text, error) in [
+        ("abc", ("output of abc", None)),
+        ("gone", ("", "No compute node of this scheduler holds instance gone.")),
+        ("broken", ("", "The tool's output could not be read.")),
+    ]:
+        setup.portal.live.sendJSON({"type": "logs", "id": "q-" + question, "instance": question, "offset": 5, "limit": 100})
+        answer = await setup.portal.next("logs-chunk")
+        assert (answer["id"], answer["text"], answer["error"]) == ("q-" + question, text, error)
+    assert any("reading the output of broken" in line for line in logged)
+    answers = [m for _, m in setup.portal.received if m["type"] == "logs-chunk"]
+    assert not any("secret/path" in (m["error"] or "") for m in answers)
+    # A malformed question closes the channel as any malformed message does.
+    setup.portal.live.sendJSON({"type": "logs", "id": "q", "instance": "abc", "offset": -1, "limit": 100})
+    await setup.portal.closed()

@@ -9,6 +9,8 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 
+from dit4c.channel.wire import LogChunk
+
 
 class RecordingCommands:
     """
@@ -20,6 +22,8 @@ class RecordingCommands:
     def __init__(self, connectedIds: set[str] | None = None) -> None:
         self.sent: list[tuple[str, str, str, dict[str, Any]]] = []
         self.connectedIds = connectedIds or set()
+        #: Each instance's tool's output, for ``logs``.
+        self.output: dict[str, bytes] = {}
 
     def send(self, scheduler_id: str, op: str, instance_id: str, params: dict[str, Any]) -> Deferred[str]:
         self.sent.append((scheduler_id, op, instance_id, params))
@@ -27,3 +31,9 @@ class RecordingCommands:
 
     def connected(self, scheduler_id: str) -> bool:
         return scheduler_id in self.connectedIds
+
+    def logs(self, scheduler_id: str, instance_id: str, offset: int | None, limit: int) -> Deferred[LogChunk]:
+        """What ``output`` holds for the instance, read as a node reads its tool's log."""
+        data = self.output.get(instance_id, b"")
+        start = max(len(data) - limit, 0) if offset is None else min(offset, len(data))
+        return defer.succeed(LogChunk.fromBytes(start, data[start : start + limit]))
