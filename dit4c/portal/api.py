@@ -41,6 +41,8 @@ from dit4c.portal.store.model import Grant, Instance, User
 from dit4c.portal.web import arg
 
 MAX_BODY = 64 * 1024
+#: Outputs one person may follow at once (``GET .../logs?follow=1``).
+FOLLOWS_PER_PERSON = 4
 
 
 def instanceJSON(instance: Instance) -> dict[str, Any]:
@@ -104,6 +106,8 @@ class API:
         self.keys = keys
         self.publicURL = publicURL
         self.clock = clock
+        #: Followed outputs open now, by person (each asks its node once a second).
+        self.following: dict[str, int] = {}
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -326,12 +330,20 @@ class API:
         offset, limit = self.count(request, "offset"), self.count(request, "limit")
         if arg(request, "follow") in ("1", "true"):
             instance = await self.instances.owned(user, instance_id)
+            if self.following.get(user.id, 0) >= FOLLOWS_PER_PERSON:
+                raise APIError(429, "too_many", f"At most {FOLLOWS_PER_PERSON} outputs may be followed at once.")
 
             async def running() -> bool:
                 now = await self.store.instanceById(instance.id)
                 return now is not None and now.state in ACTIVE
 
-            await follow(request, partial(self.instances.logs, user, instance.id), running, self.clock)
+            self.following[user.id] = self.following.get(user.id, 0) + 1
+            try:
+                await follow(request, partial(self.instances.logs, user, instance.id), running, self.clock)
+            finally:
+                self.following[user.id] -= 1
+                if not self.following[user.id]:
+                    del self.following[user.id]
             return None
         chunk = await self.instances.logs(user, instance_id, offset, min(limit or MAX_LOG_CHUNK, MAX_LOG_CHUNK))
         return self.reply(request, {"offset": chunk.offset, "next": chunk.next, "text": chunk.text, "error": chunk.error})

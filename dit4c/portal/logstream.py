@@ -84,6 +84,7 @@ async def follow(
     request.setHeader(b"content-type", b"text/plain; charset=utf-8")
     request.setHeader(b"cache-control", b"no-store")
     request.setHeader(b"x-accel-buffering", b"no")
+    request.write(b"")  # the head now: the reader knows the follow began, before the tool says anything
     reader = _Reader()
     web.registerProducer(reader, True)
     offset: int | None = None

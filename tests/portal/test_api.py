@@ -303,3 +303,25 @@ async def test_an_instances_output_is_read_in_pieces_and_followed(api: Portal) -
     api.clock.advance(1)  # type: ignore[attr-defined]
     await finished
     assert b"".join(received) == b"line one\nline two\nline three\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_person_follows_at_most_so_many_outputs_at_once(api: Portal) -> None:
+    """Each followed output asks its node once a second: a person holds at most FOLLOWS_PER_PERSON."""
+    from dit4c.portal.api import FOLLOWS_PER_PERSON
+
+    alice = Client(api, await tokenFor(api, "alice", "correct horse battery"))
+    _, instance = await alice.call("POST", "/instances", {"image": api.image.id})  # type: ignore[attr-defined]
+    await api.store.updateInstance(instance["id"], state="running")
+    url = alice.base + f"/instances/{instance['id']}/logs?follow=1"
+    held = [await treq.get(url, headers=alice.headers, unbuffered=True) for _ in range(FOLLOWS_PER_PERSON)]
+    assert [r.code for r in held] == [200] * FOLLOWS_PER_PERSON
+    refused = await treq.get(url, headers=alice.headers)
+    assert refused.code == 429 and "At most" in (await refused.json())["reason"]
+    # One ends (the instance stops): room again.
+    finished = [treq.collect(r, lambda _: None) for r in held]
+    await api.store.updateInstance(instance["id"], state="stopped")
+    api.clock.advance(1)  # type: ignore[attr-defined]
+    for d in finished:
+        await d
+    await eventually(lambda: api.api.following == {}, what="every follow let go")
