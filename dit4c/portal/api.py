@@ -313,6 +313,12 @@ class API:
         await self.sharing.unshareImage(user, image_id, name)
         return self.reply(request, {"unshared": image_id})
 
+    @app.route("/images/<image_id>", methods=["PATCH"])
+    async def renameImage(self, request: IRequest, image_id: str) -> bytes:
+        user = await self.caller(request)
+        image = await self.sharing.renameImage(user, image_id, str(self.field(self.body(request), "name")))
+        return self.reply(request, {"id": image.id, "name": image.name, "ref": image.ref, "port": image.port, "mine": True})
+
     @app.route("/images/<image_id>", methods=["DELETE"])
     async def deleteImage(self, request: IRequest, image_id: str) -> bytes:
         user = await self.caller(request)

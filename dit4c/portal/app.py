@@ -400,6 +400,8 @@ class Portal:
         async def act(who: LoggedIn) -> bytes | None:
             if action == "share":
                 await self.sharing.shareImage(who.user, image_id, arg(request, "user") or "")
+            elif action == "rename":
+                await self.sharing.renameImage(who.user, image_id, arg(request, "name") or "")
             elif action == "delete":
                 await self.sharing.deleteImage(who.user, image_id)
             else:

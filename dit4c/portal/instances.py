@@ -31,6 +31,7 @@ from dit4c.portal.errors import (
     WrongState,
 )
 from dit4c.portal.events import AccessChange, EventBus, InstanceEvents
+from dit4c.portal.reportrules import MAX_NAME
 from dit4c.portal.store.errors import Conflict, QuotaReached
 from dit4c.portal.store.interfaces import IStore
 from dit4c.portal.store.model import Grant, Image, Instance, ShareLink, User
@@ -305,6 +306,14 @@ class Sharing:
         if image is None or image.deleted or (image.owner_id != user.id and not user.is_admin):
             raise NotFound("There is no such saved image of yours.")
         return image
+
+    async def renameImage(self, user: User, image_id: str, name: str) -> Image:
+        """A saved image of the person's, under a name they choose (1 to ``MAX_NAME`` printable characters)."""
+        image = await self.ownedImage(user, image_id)
+        name = name.strip()
+        if not 0 < len(name) <= MAX_NAME or not name.isprintable():
+            raise InstanceError(f"A name is 1 to {MAX_NAME} printable characters.")
+        return await self.store.renameImage(image.id, name)
 
     async def shareImage(self, user: User, image_id: str, name: str) -> None:
         image = await self.ownedImage(user, image_id)

@@ -242,7 +242,15 @@ def document(publicURL: str) -> dict[str, Any]:
                     parameters=[_ID, {"name": "link", "in": "path", "required": True, "schema": {"type": "string"}}],
                 )
             },
-            "/images/{id}": {"delete": _op("Delete a saved image of yours", _json({"type": "object"}, "Deleted"), parameters=[_ID])},
+            "/images/{id}": {
+                "delete": _op("Delete a saved image of yours", _json({"type": "object"}, "Deleted"), parameters=[_ID]),
+                "patch": _op(
+                    "Rename a saved image of yours (1 to 200 printable characters)",
+                    _json(_ref("Image"), "The image"),
+                    body={"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}},
+                    parameters=[_ID],
+                ),
+            },
             "/images/{id}/shares": {
                 "post": _op(
                     "Share a saved image with a person",

@@ -63,6 +63,7 @@ __all__ = [
     "checkImageURL",
     "checkInstanceURL",
     "checkName",
+    "savedName",
     "cookieValue",
     "imageReadToken",
     "removeImageBytes",
@@ -187,6 +188,16 @@ def checkDigest(value: object) -> str:
     if not isinstance(value, str) or _DIGEST.fullmatch(value) is None:
         raise badRequest("The digest claim must be sha256: and 64 lower-case hexadecimal digits.")
     return value
+
+
+def savedName(source: str, when: str) -> str:
+    """
+    A saved image's name: its tool's, and when it was saved. An image saved
+    from a restored one is named for the tool, not for every save before
+    (``Notes (saved 1) (saved 2)``).
+    """
+    base = re.sub(r"( \(saved [^()]*\))+$", "", source)[: MAX_NAME - 30]
+    return f"{base} (saved {when})"
 
 
 def checkName(value: object) -> str | None:

@@ -58,7 +58,6 @@ from dit4c.portal.reportrules import (
     IMAGE_SERVER_HEADER,
     LEEWAY,
     MAX_JTI,
-    MAX_NAME,
     MAX_URL,
     METHODS,
     MIN_SECRET,
@@ -79,6 +78,7 @@ from dit4c.portal.reportrules import (
     checkName,
     cookieValue,
     imageReadToken,
+    savedName,
 )
 from dit4c.portal.store.errors import Conflict, NotFound, StoreClosed
 from dit4c.portal.store.interfaces import IStore
@@ -349,7 +349,7 @@ class Reports:
             raise self._wrongState(instance, "saving or uploading")
         if name is None:
             source = await self.store.imageById(instance.image_id)
-            name = f"{(source.name if source else 'Image')[:MAX_NAME - 30]} (saved {utc(self.clock.seconds())})"
+            name = savedName(source.name if source else "Image", utc(self.clock.seconds()))
         try:
             image, created = await self.store.saveInstanceImage(
                 instance.id, name, ref, digest, states=SAVE_STATES

@@ -111,11 +111,17 @@ async def test_save_and_start_again_in_the_browser(processes: Any, browser: Any,
     await browser.waitFor(f'tr[data-instance="{instance}"] td.state[data-state="saved"]', 60)
     assert podProcesses(dev.dataDir) == []
 
-    # The image server holds it under its digest, and the portal lists it as the admin's.
+    # The image server holds it under its digest, and the page lists it as
+    # the admin's at once (no reload by hand), under a name that says when.
     stored = list((dev.dataDir / "images" / "sha256").iterdir())
     assert len(stored) == 1
     assert hashlib.sha256(stored[0].read_bytes()).hexdigest() == stored[0].name
-    restored = await startTool(browser, dev.portal, "Notes (a shared notepad) (saved")
+    await browser.waitForText("#saved-images td", "Notes (a shared notepad) (saved 20", 15)
+    # Renamed by its owner; started again by its new name.
+    await browser.fill("#saved-images form.rename input[name=name]", "My notes")
+    await browser.submit("#saved-images button.rename-image")
+    await browser.waitForText("#saved-images td", "My notes")
+    restored = await startTool(browser, dev.portal, "My notes")
     assert restored != url
     await openTool(browser, restored, "Hello, admin.")
     await browser.waitForText("#notes li", "written before the save", 15)
@@ -128,7 +134,7 @@ async def test_save_and_start_again_in_the_browser(processes: Any, browser: Any,
     bob = await otherBrowser()
     try:
         await logIn(bob, dev.portal, "bob", bobsPassword)
-        bobs = await startTool(bob, dev.portal, "Notes (a shared notepad) (saved")
+        bobs = await startTool(bob, dev.portal, "My notes")
         await openTool(bob, bobs, "Hello, bob.")
         await bob.waitForText("#notes li", "written before the save", 15)
     finally:
@@ -138,7 +144,7 @@ async def test_save_and_start_again_in_the_browser(processes: Any, browser: Any,
     await browser.get(dev.portal + "/")
     await browser.submit("#saved-images button.delete-image")
     names = await browser.execute("return [...document.querySelectorAll('#image option')].map(o => o.text)")
-    assert not [name for name in names if "(saved" in name], names
+    assert "My notes" not in names, names
 
 
 async def banner(port: int) -> bytes:

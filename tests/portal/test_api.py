@@ -238,6 +238,14 @@ async def test_saved_images_are_shared_and_deleted_by_their_owner(api: Portal) -
     assert saved.id in [i["id"] for i in images]
     code, started = await bob.call("POST", "/instances", {"image": saved.id})
     assert code == 201
+    # Renamed by its owner only, to a name of 1 to 200 printable characters.
+    code, renamed = await alice.call("PATCH", f"/images/{saved.id}", {"name": "  the final analysis "})
+    assert code == 200 and renamed["name"] == "the final analysis"
+    assert [i["name"] for i in (await bob.call("GET", "/images"))[1] if i["id"] == saved.id] == ["the final analysis"]
+    assert (await bob.call("PATCH", f"/images/{saved.id}", {"name": "mine now"}))[0] == 404
+    for bad in ("x" * 201, "tab\there"):
+        code, answer = await alice.call("PATCH", f"/images/{saved.id}", {"name": bad})
+        assert code == 400 and "printable" in answer["reason"], bad
     code, _ = await bob.call("DELETE", f"/images/{saved.id}")
     assert code == 404
     code, _ = await alice.call("DELETE", f"/images/{saved.id}")

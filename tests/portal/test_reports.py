@@ -689,3 +689,13 @@ async def test_malformed_questions(world: World, saved: Saved) -> None:
     assert status == 413
     response = await treq.get(w.base + "/reports/image-access", headers=header)
     assert response.code == 405
+
+
+def test_a_saved_images_name_says_its_tool_and_when_once() -> None:
+    """An image saved from a restored one is named for the tool and its own save, not every save before."""
+    from dit4c.portal.reportrules import savedName
+
+    assert savedName("Notes", "2026-12-06 16:40 UTC") == "Notes (saved 2026-12-06 16:40 UTC)"
+    twice = "Notes (a shared notepad) (saved 2026-12-05 23:04 UTC) (saved 2026-12-06 01:00 UTC)"
+    assert savedName(twice, "2026-12-06 16:40 UTC") == "Notes (a shared notepad) (saved 2026-12-06 16:40 UTC)"
+    assert len(savedName("x" * 500, "2026-12-06 16:40 UTC")) <= 200

@@ -27,6 +27,8 @@
       // instance that is gone leaves it (its own page says it is gone).
       if (!row) { if (live) { reload(); } return; }
       if (LIFE.terminal.indexOf(change.state) >= 0) { if (!ended(row)) { reload(); } return; }
+      // A save that finished made an image: the page lists it (and offers it to start).
+      if (live && change.state === "saved" && row.querySelector(".state").dataset.state !== "saved" && !only) { reload(); return; }
       update(row, change);
     };
   }

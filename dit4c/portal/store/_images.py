@@ -91,6 +91,15 @@ class SQLImages(SQLCore):
         await self._run(work)
 
     @_deferred
+    async def renameImage(self, image_id: str, name: str) -> Image:
+        def work(t: _Txn) -> Image:
+            if not t.execute("UPDATE images SET name = ? WHERE id = ? AND deleted = 0", (name, image_id)):
+                raise NotFound(f"there is no image {image_id!r}")
+            return _image(t.must(f"SELECT {_cols(_IMAGE)} FROM images WHERE id = ?", (image_id,)))
+
+        return await self._run(work)
+
+    @_deferred
     async def shareImage(self, image_id: str, user_id: str) -> None:
         now = self._now()
 

@@ -342,6 +342,9 @@ class IImages(Interface):
         ``NotFound`` if there is no such image.
         """
 
+    def renameImage(image_id: str, name: str) -> Deferred[Image]:
+        """Give an image another name; fires with it as it now is. ``NotFound`` if there is none."""
+
     def shareImage(image_id: str, user_id: str) -> Deferred[None]:
         """Let another user use an image (again is harmless)."""
 

@@ -387,3 +387,16 @@ async def test_access_lists_each_way_in_and_an_unshare_ends_them_all(store: ISto
 
     await store.revokeShareLink(link.id)
     assert await store.listInstanceAccess(instance.id) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_image_is_renamed_until_it_is_deleted(store: IStore) -> None:
+    alice, image = await _setup(store)
+    saved = await store.createImage("Notes (saved)", "https://images.test/a", owner_id=alice.id)
+    renamed = await store.renameImage(saved.id, "My notes")
+    assert renamed.name == "My notes" and (await store.imageById(saved.id)).name == "My notes"
+    await store.deleteImage(saved.id)
+    with pytest.raises(NotFound):
+        await store.renameImage(saved.id, "again")
+    with pytest.raises(NotFound):
+        await store.renameImage("nope", "x")
