@@ -33,9 +33,11 @@ from typing import Any
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from dit4c.common.keys import loadOrCreatePrivateKey, publicJWK
+from dit4c.common.life import HOLDS_POD
 from dit4c.common.listening import adopted, listeningSocket
 from dit4c.common.tokens import JWKSKeySource, TokenVerifier
 from dit4c.fileserver.service import FileServerService
@@ -205,6 +207,24 @@ class DevService(MultiService):
         #: Fires once every part is up and the scheduler's channel is open.
         self.ready: Deferred[None] = Deferred()
 
+    def stopService(self) -> Deferred[None]:
+        """Stop every part; say which instances keep running (their pods outlive dit4c-dev)."""
+        running = sorted(s.instance for s in self.node.instances() if s.state in HOLDS_POD)
+
+        async def stop() -> None:
+            await MultiService.stopService(self)
+            if running:
+                self.out.write(
+                    f"\ndit4c-dev stopped; {len(running)} instance{'s' if len(running) != 1 else ''} keep"
+                    f"{'s' if len(running) == 1 else ''} running ({', '.join(running)}): they are found again "
+                    "when it starts. To stop them too, stop them in the portal first.\n"
+                )
+            else:
+                self.out.write("\ndit4c-dev stopped; no instance is running.\n")
+            self.out.flush()
+
+        return Deferred.fromCoroutine(stop())
+
     def startService(self) -> None:
         super().startService()
         d = Deferred.fromCoroutine(self._start())
@@ -276,12 +296,35 @@ class DevService(MultiService):
         return await store.createScheduler(SCHEDULER_NAME, jwk)
 
 
+#: The option that moves each port, for the message when one is taken.
+_PORT_OPTIONS = {
+    "portalPort": ("--portal-port", "portal"),
+    "httpPort": ("--http-port", "public HTTP"),
+    "tunnelPort": ("--tunnel-port", "tunnel"),
+    "imagePort": ("--image-port", "image server"),
+    "filePort": ("--file-port", "file server"),
+}
+
+
 def _listenAll(ports: dict[str, int]) -> dict[str, Any]:
-    """A listening loopback socket for each port (0: any free one); none left open if one fails."""
+    """
+    A listening loopback socket for each port (0: any free one); none left
+    open if one fails, and then a one-line message that names the option
+    to give instead (what a person reads when another program has the port).
+    """
     sockets: dict[str, Any] = {}
     try:
         for name, port in ports.items():
-            sockets[name] = listeningSocket(port=port)
+            try:
+                sockets[name] = listeningSocket(port=port)
+            except CannotListenError as e:
+                option, what = _PORT_OPTIONS[name]
+                why = e.socketError.strerror if isinstance(e.socketError, OSError) else str(e.socketError)
+                raise SystemExit(
+                    f"dit4c-dev: cannot listen on 127.0.0.1:{port} for the {what} ({why}): "
+                    f"another program has it, or dit4c-dev runs already. Give another port with "
+                    f"{option} N (0 takes any free one)."
+                ) from None
     except BaseException:
         for sock in sockets.values():
             sock.close()

@@ -192,3 +192,25 @@ async def test_every_port_0_serves_and_reports_its_ports(processes: Any, devDir:
 
     await dev.restart(processes, signal.SIGINT)  # asserts it came back on the same ports
     await serves(ports)
+
+
+def test_a_port_taken_is_named_with_the_option_that_moves_it(tmp_path: Path) -> None:
+    """Another program on the portal's port: one line that says which port, why, and the option to give."""
+    import socket
+    import subprocess
+
+    from support.processes import TWISTD
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [*TWISTD, "-n", "--pidfile=", "dit4c-dev", "--data-dir", str(tmp_path / "dev"), "--portal-port", str(port)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"dit4c-dev: cannot listen on 127.0.0.1:{port} for the portal (Address already in use): another program "
+        "has it, or dit4c-dev runs already. Give another port with --portal-port N (0 takes any free one)."
+    ), result.stderr

@@ -60,7 +60,13 @@ async def test_a_restart_strands_nothing(processes: Any, browser: Any, devDir: P
     for instance in instances.values():
         await mounted(pods / instance / "mnt")
 
+    before = dev.process
     await dev.restart(processes, how)
+    if how == signal.SIGINT:
+        # Ctrl-C says what keeps running, and that it is found again.
+        said = before.log()
+        assert f"dit4c-dev stopped; {len(instances)} instances keep running" in said, said[-2000:]
+        assert all(instance in said for instance in instances.values())
 
     # The portal answers, and every instance is taken back: running, and answering.
     await browser.get(dev.portal + "/")
