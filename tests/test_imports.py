@@ -124,3 +124,9 @@ def test_no_part_of_the_portal_imports_the_app() -> None:
     """The app builds the rooms and gives them their doors; none of them reaches back into it."""
     importers = {name for name, targets in importGraph().items() if "dit4c.portal.app" in targets}
     assert {n for n in importers if n.startswith("dit4c.portal.")} <= {"dit4c.portal.service", "dit4c.portal.tap"}
+
+
+def test_no_module_is_longer_than_600_lines() -> None:
+    """A module a newcomer opens fits in one sitting: past 600 lines, it holds more than one thing."""
+    long = {str(p.relative_to(ROOT)): n for p in ROOT.rglob("*.py") if (n := len(p.read_text().splitlines())) > 600}
+    assert long == {}, long

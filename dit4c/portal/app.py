@@ -36,7 +36,7 @@ from dit4c.portal.account import AccountPages
 from dit4c.portal.admin import AdminPages
 from dit4c.portal.api import API
 from dit4c.portal.errors import CrossSiteRequest, InstanceError
-from dit4c.portal.events import EventStreams, InstanceEvents
+from dit4c.portal.events import InstanceEvents
 from dit4c.portal.instances import ICommandSink, Instances, NoChannel, Sharing
 from dit4c.portal.interfaces import Basics
 from dit4c.portal.jwks import KeyDirectory
@@ -49,6 +49,7 @@ from dit4c.portal.security import CookiePolicy
 from dit4c.portal.sessions import LoggedIn, LoginSessions
 from dit4c.portal.store.errors import StoreClosed
 from dit4c.portal.store.interfaces import IStore
+from dit4c.portal.streams import EventStreams
 from dit4c.portal.upstream import UpstreamLogin
 from dit4c.portal.web import Pages, arg, csrfOK, loggableTarget, redirect
 
@@ -308,7 +309,7 @@ class Portal:
         """
         Server-Sent Events: every change to an instance this person may see
         at the time of the change, while they watch and while their session
-        lasts (``dit4c.portal.events.EventStreams``).
+        lasts (``dit4c.portal.streams.EventStreams``).
         """
         who = await self.sessions.loggedIn(request)
         if who is None:

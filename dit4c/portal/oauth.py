@@ -22,7 +22,7 @@ It is the authorization code flow (RFC 6749 section 4.1) with PKCE
   open and tells the helper, as it happens, that an access to its instance
   changed, so that it asks ``userinfo`` again at once: a share revoked, a
   person disabled or logged out loses the instance within seconds
-  (``dit4c.portal.events.InstanceWatches``).
+  (``dit4c.portal.streams.InstanceWatches``).
 
 ``OAuthServer`` is a Klein app of its own, mounted by the portal at
 ``/oauth/``; it uses the portal's store, keys, login sessions and pages.
@@ -91,11 +91,11 @@ from dit4c.portal.errors import (
     UnknownClient,
     UnsupportedGrantType,
 )
-from dit4c.portal.events import InstanceWatches
 from dit4c.portal.interfaces import Basics, InstanceTokenCheck, PageRenderer, SessionLookup
 from dit4c.portal.keys import KeyRingKeySource
 from dit4c.portal.reportrules import LEEWAY, MAX_JTI
 from dit4c.portal.store.errors import StoreClosed
+from dit4c.portal.streams import InstanceWatches
 from dit4c.portal.web import loggableTarget
 
 __all__ = [

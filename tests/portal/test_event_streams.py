@@ -26,8 +26,8 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from dit4c.common.life import State
 from dit4c.portal import security
 from dit4c.portal.app import Portal
-from dit4c.portal.events import STREAM_KEEPALIVE, STREAM_RETRY_REPLACED, STREAMS_PER_PERSON
 from dit4c.portal.store.errors import StoreClosed
+from dit4c.portal.streams import STREAM_KEEPALIVE, STREAM_RETRY_REPLACED, STREAMS_PER_PERSON
 
 END = b"\r\n0\r\n\r\n"
 

@@ -25,8 +25,8 @@ from dit4c.common.keys import generatePrivateKey, publicJWK
 from dit4c.common.life import State
 from dit4c.common.tokens import TokenSigner
 from dit4c.portal.app import Portal
-from dit4c.portal.events import WATCH_KEEPALIVE, WATCHES_PER_INSTANCE
 from dit4c.portal.oauth import WATCH_AUDIENCE
+from dit4c.portal.streams import WATCH_KEEPALIVE, WATCHES_PER_INSTANCE
 
 
 class Watch(Protocol):
