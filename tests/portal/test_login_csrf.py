@@ -153,7 +153,13 @@ async def postMallorysLogin(s: Sites, browser: Any, theirs: dict[str, str], plan
         {"csrf": theirs["token"], "username": "mallory", "password": PASSWORDS["mallory"], "next": "/"},
     )  # fmt: skip
     await browser.get(s.evilURL)
-    await browser.waitForText("#error", "sent from another site", 10)
+    try:
+        # (The page posts as it loads; a loaded machine takes its time.)
+        await browser.waitForText("#error", "sent from another site", 30)
+    except Exception as e:
+        where = await browser.run(lambda: browser.driver.current_url)
+        shown = await browser.run(lambda: browser.driver.page_source)
+        raise AssertionError(f"not refused as sent from another site: at {where}, showing {shown[:1500]!r}") from e
 
 
 async def logInWithChromium(browser: Any, s: Sites, name: str) -> None:
