@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from dit4c.common.adminsite import adminSite
 from dit4c.common.httpsite import SiteLimits
 from dit4c.common.service import ListeningService
 from dit4c.portal.app import Portal, PortalConfig
@@ -23,6 +24,7 @@ from dit4c.portal.deadlines import DeadlineWatch
 from dit4c.portal.events import InstanceEvents
 from dit4c.portal.http import portalSite
 from dit4c.portal.keys import KeyRing
+from dit4c.portal.metrics import PortalMetrics
 from dit4c.portal.store import IStore, openStore
 from dit4c.portal.upstream.config import ProviderConfig
 
@@ -43,6 +45,7 @@ class PortalService(MultiService):
         imageServerSecret: str | None = None,
         fileServerSecret: str | None = None,
         limits: SiteLimits | None = None,
+        metricsEndpoint: IStreamServerEndpoint | None = None,
     ) -> None:
         """
         :param reactor: the process's reactor: its clock (``IReactorTime``),
@@ -64,6 +67,9 @@ class PortalService(MultiService):
         self.fileServerSecret = fileServerSecret
         #: Deadlines and limits of the web port's connections (dit4c.portal.http).
         self.limits = limits
+        #: Where /metrics and /health are served, if anywhere (dit4c.portal.metrics).
+        self.metricsEndpoint = metricsEndpoint
+        self.metrics: PortalMetrics | None = None
         #: The scheduler channel (``ChannelHub``), once started.
         self.channels: ChannelHub | None = None
         self.store: IStore | None = None
@@ -122,6 +128,18 @@ class PortalService(MultiService):
             portal.upstream = UpstreamLogin(
                 doors, self.loginProviders, HTTPClient(Agent(self.reactor))
             )
+        if self.metricsEndpoint is not None:
+            self.metrics = PortalMetrics(
+                portal.store, events, self.reactor,
+                schedulers=lambda: len(self.channels.connectedSchedulers()) if self.channels else 0,
+                streams=portal.streams.count,
+                following=lambda: sum(portal.api.following.values()),
+            )  # fmt: skip
+            self.metrics.setServiceParent(self)
+            people = self.metrics
+            ListeningService(
+                self.metricsEndpoint, adminSite(people, lambda: {"people": people.people}), "portal metrics"
+            ).setServiceParent(self)
         site = portalSite(self.portal.app.resource(), self.reactor, self.limits)
         for endpoint in self.endpoints:
             service = ListeningService(endpoint, site, "portal")

@@ -335,6 +335,10 @@ class EventStreams:
         """How many streams ``user`` holds open now."""
         return len(self._byPerson.of(user))
 
+    def count(self) -> int:
+        """How many streams are open now, everyone's."""
+        return len(self._byPerson)
+
     def closeAll(self, why: str) -> None:
         """End every stream (the portal is stopping: its browsers come back to another, or to it later)."""
         for stream in self._byPerson.all():

@@ -37,6 +37,7 @@ class Options(usage.Options):
         ["login-providers", None, None, "JSON file of GitHub / OpenID Connect login providers (docs/protocols.md)."],
         ["image-server-secret-file", None, None, "File holding the secret the image server sends when it asks whether a request may go on."],
         ["file-server-secret-file", None, None, "File holding the secret the file server sends when it asks whose storage an instance may reach."],
+        ["metrics", None, None, "Endpoint to serve Prometheus /metrics and /health on, e.g. tcp:9101:interface=127.0.0.1 (keep it off the public network)."],
     ]
 
     def __init__(self) -> None:
@@ -71,6 +72,8 @@ class Options(usage.Options):
         if not self["public-url"].startswith(("http://", "https://")):
             raise usage.UsageError("--public-url must start with http:// or https://")
         endpointList(self["channel"], server=True, option="channel")
+        if self["metrics"]:
+            endpointList([self["metrics"]], server=True, option="metrics")
         self["image-server-secret"] = (
             secretFromFile(self["image-server-secret-file"], "image-server-secret-file")
             if self["image-server-secret-file"]
@@ -118,4 +121,5 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         loginProviders=config["login-providers"],
         imageServerSecret=config["image-server-secret"],
         fileServerSecret=config["file-server-secret"],
+        metricsEndpoint=serverFromString(reactor, config["metrics"]) if config["metrics"] else None,
     )

@@ -7,15 +7,13 @@ private network while the public ports face the internet.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.twisted import MetricsResource
-from twisted.web.resource import Resource
 from twisted.web.server import Site
+
+from dit4c.common import adminsite as common
 
 if TYPE_CHECKING:
     from dit4c.routing.server import RoutingServer
@@ -60,26 +58,5 @@ class RoutingCollector:
         yield errors
 
 
-class HealthResource(Resource):
-    isLeaf = True
-
-    def __init__(self, routing: RoutingServer) -> None:
-        super().__init__()
-        self.routing = routing
-
-    def render_GET(self, request: Any) -> bytes:
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"cache-control", b"no-store")
-        return json.dumps({"status": "ok", "tunnels": len(self.routing.registry)}).encode()
-
-
 def adminSite(server: RoutingServer) -> Site:
-    registry = CollectorRegistry(auto_describe=True)
-    registry.register(RoutingCollector(server))
-    root = Resource()
-    root.putChild(b"health", HealthResource(server))
-    root.putChild(b"metrics", MetricsResource(registry=registry))
-    site = Site(root)
-    site.displayTracebacks = False
-    site.timeOut = 30
-    return site
+    return common.adminSite(RoutingCollector(server), lambda: {"tunnels": len(server.registry)})

@@ -230,6 +230,13 @@ class SQLInstances(SQLCore):
         await self._run(work)
 
     @_deferred
+    async def countInstancesByState(self) -> dict[str, int]:
+        def work(t: _Txn) -> dict[str, int]:
+            return {str(row[0]): int(row[1]) for row in t.all("SELECT state, COUNT(*) FROM instances GROUP BY state")}
+
+        return await self._run(work)
+
+    @_deferred
     async def listInstanceAccess(self, instance_id: str) -> list[Grant]:
         def work(t: _Txn) -> list[Grant]:
             rows = t.all(

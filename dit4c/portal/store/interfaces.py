@@ -394,6 +394,9 @@ class IInstances(Interface):
         was before ``updatedBefore``, longest unchanged first.
         """
 
+    def countInstancesByState() -> Deferred[dict[str, int]]:
+        """How many instances are in each state now (states with none left out)."""
+
     def listInstancesOfScheduler(
         scheduler_id: str, includeDiscarded: bool = False
     ) -> Deferred[list[Instance]]:

@@ -1,0 +1,51 @@
+"""
+A server's admin endpoint: ``/health`` (JSON) and Prometheus ``/metrics``,
+served on an endpoint string of its own so that it can stay on loopback or
+a private network while the public ports face the internet.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import Metric
+from prometheus_client.twisted import MetricsResource
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+__all__ = ["Collector", "adminSite"]
+
+
+class Collector(Protocol):
+    """What prometheus_client asks at each scrape: the figures as they are."""
+
+    def collect(self) -> Iterator[Metric]: ...
+
+
+class _Health(Resource):
+    isLeaf = True
+
+    def __init__(self, health: Callable[[], dict[str, Any]]) -> None:
+        super().__init__()
+        self.health = health
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps({"status": "ok", **self.health()}).encode()
+
+
+def adminSite(collector: Collector, health: Callable[[], dict[str, Any]]) -> Site:
+    """``/health`` (``{"status": "ok", ...health()}``) and ``/metrics`` (what ``collector`` says)."""
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(collector)
+    root = Resource()
+    root.putChild(b"health", _Health(health))
+    root.putChild(b"metrics", MetricsResource(registry=registry))
+    site = Site(root)
+    site.displayTracebacks = False
+    site.timeOut = 30
+    return site

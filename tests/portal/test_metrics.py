@@ -1,0 +1,85 @@
+"""
+The portal's Prometheus figures: read from the store every few seconds,
+counted as instances change, served on their own endpoint
+(``twistd dit4c-portal --metrics``) with ``/health``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+import treq
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import reactor
+from twisted.internet.endpoints import serverFromString
+
+from dit4c.common.adminsite import adminSite
+from dit4c.common.life import State
+from dit4c.portal.app import Portal
+from dit4c.portal.events import InstanceEvent
+from dit4c.portal.metrics import PortalMetrics
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a scrape, by name and labels."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_figures_follow_the_store_and_the_changes(api: Portal) -> None:
+    metrics = PortalMetrics(
+        api.store, api.events, api.clock, schedulers=lambda: 1, streams=api.streams.count, following=lambda: 0,
+        interval=15,
+    )  # fmt: skip
+    metrics.startService()
+    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(adminSite(metrics, lambda: {}))
+    try:
+        url = f"http://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]
+
+        async def scrape() -> dict[Any, float]:
+            response = await treq.get(url + "/metrics")
+            assert response.code == 200
+            return samples(await response.text())
+
+        alice = await api.store.userByName("alice")
+        first = await api.store.createInstance(alice.id, api.image.id)  # type: ignore[attr-defined]
+        await api.store.createInstance(alice.id, api.image.id)  # type: ignore[attr-defined]
+        before = await scrape()
+        assert before[("dit4c_portal_people", ())] == 3  # read at start: alice, bob, root
+        assert before[("dit4c_portal_instances", (("state", "requested"),))] == 0  # not read again yet
+
+        api.clock.advance(15)  # type: ignore[attr-defined]
+        running = await api.store.updateInstance(first.id, state=State.RUNNING)
+        api.events.changed(InstanceEvent(running, first, "state"))
+        after = await scrape()
+        assert after[("dit4c_portal_instances", (("state", "requested"),))] == 2
+        assert after[("dit4c_portal_instance_states_reached_total", (("state", "running"),))] == 1
+        assert after[("dit4c_portal_schedulers_connected", ())] == 1
+        health = await (await treq.get(url + "/health")).json()
+        assert health == {"status": "ok"}
+    finally:
+        await port.stopListening()
+        metrics.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_serves_the_figures_on_their_own_endpoint(processes: Any, tmp_path: Path) -> None:
+    proc = processes(
+        "dit4c-portal", "--data-dir", str(tmp_path / "portal"), "--listen", "tcp:0:interface=127.0.0.1",
+        "--metrics", "tcp:0:interface=127.0.0.1",
+    )  # fmt: skip
+    port = await proc.waitForPort("portal metrics")
+    response = await treq.get(f"http://127.0.0.1:{port}/metrics")
+    figures = samples(await response.text())
+    assert figures[("dit4c_portal_people", ())] == 0
+    assert figures[("dit4c_portal_instances", (("state", "running"),))] == 0
+    assert (await (await treq.get(f"http://127.0.0.1:{port}/health")).json()) == {"status": "ok", "people": 0}
+    # Not on the public port.
+    public = await proc.waitForPort("portal")
+    assert (await treq.get(f"http://127.0.0.1:{public}/metrics")).code == 404
