@@ -57,6 +57,9 @@ class INode(Interface):
     def discard(instance: str) -> Deferred[None]:
         """Remove everything it has of the instance."""
 
+    def resume(instance: str) -> Deferred[None]:
+        """Start a stopped instance's pod again, its files as they were (states follow)."""
+
     def instances() -> list[InstanceStatus]:
         """Every instance it knows."""
 

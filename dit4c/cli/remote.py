@@ -366,6 +366,9 @@ command("stop", help="stop an instance, keeping its files", arguments=_actionArg
 command("save", help="stop an instance and save it as an image of yours", arguments=_actionArguments)(
     _action("save", {State.SAVED})
 )
+command("resume", help="start a stopped instance again, its files as they were", arguments=_actionArguments)(
+    _action("resume", {State.RUNNING})
+)
 command("discard", help="remove a stopped, saved or errored instance: nothing of it is left", arguments=_actionArguments)(
     _action("discard", {State.DISCARDED})
 )

@@ -156,6 +156,9 @@ ACTIONS: Mapping[str, Action] = {
     "stop": Action("stop", frozenset({State.REQUESTED, State.STARTING, State.RUNNING}), State.STOPPING, "stop"),
     "save": Action("save", frozenset({State.RUNNING}), State.STOPPING, "save"),
     "discard": Action("discard", frozenset({State.STOPPED, State.SAVED, State.ERRORED}), State.DISCARDING, "discard"),
+    # A stopped instance's pod (its files, its container) is still on its
+    # node: started again there, it carries on where it stopped.
+    "resume": Action("resume", frozenset({State.STOPPED}), State.STARTING, "resume"),
 }
 
 
@@ -238,6 +241,7 @@ class LifeInputs(Protocol):
     def stop(self) -> State: ...
     def save(self) -> State: ...
     def discard(self) -> State: ...
+    def resume(self) -> State: ...
 
     # A transient state outlived its deadline.
     def expire(self) -> State: ...

@@ -67,6 +67,7 @@ class IRuntime(Interface):
     """Runs pods on this node."""
 
     name = Attribute("The runtime's name in configuration: 'process', 'podman'.")
+    resumable = Attribute("Whether ``start`` of a stopped pod's spec carries on with its files as they were.")
 
     def start(spec: PodSpec) -> Deferred[None]:
         """

@@ -214,7 +214,9 @@ class NodeLinkServer(MultiService):
             if command.op == "start":
                 d = startFrom(node, command)
             else:
-                d = {"stop": node.stop, "save": node.save, "discard": node.discard}[command.op](command.instance)
+                d = {"stop": node.stop, "save": node.save, "discard": node.discard, "resume": node.resume}[command.op](
+                    command.instance
+                )
         except NodeFull as e:
             link.send(InstanceStatus(command.instance, State.ERRORED, str(e)).toJSON() | {"type": "state"})
             d = succeed(None)

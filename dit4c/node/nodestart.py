@@ -10,6 +10,7 @@ stop, a discard or its deadline came first): what was made is stopped.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import treq
@@ -17,9 +18,10 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.web.http_headers import Headers
 
 from dit4c.channel.errors import NodeFull
+from dit4c.channel.wire import InstanceStatus
 from dit4c.common.files import receiveToFile, removeFile
 from dit4c.common.helperenv import HelperEnvironment, toEnvironment
-from dit4c.common.keys import generatePrivateKey, publicJWK, savePrivateKey
+from dit4c.common.keys import generatePrivateKey, loadPrivateKey, publicJWK, savePrivateKey
 from dit4c.common.life import HOLDS_POD, State
 from dit4c.common.tokens import INSTANCE_ID_RE
 from dit4c.node.errors import RuntimeError_
@@ -68,6 +70,36 @@ class NodeStarting(NodeRecords):
         self._spawn(instance, "start", lambda: self._start(record, stale, token))
         return succeed(None)
 
+    def resume(self, instance: str) -> Deferred[None]:
+        """
+        Start a stopped instance's pod again, its files and key as they
+        were; where it cannot be (nothing stopped here, a runtime that
+        cannot, no room), say so in a state: stopped with the reason, or
+        the state it is in.
+        """
+        record = self._records.get(instance)
+        if record is None or record.state is not State.STOPPED:
+            if record is None:
+                self._emitStatus(InstanceStatus(instance, State.ERRORED, "This compute node holds no pod of this instance."))
+            else:
+                self._emit(record)
+            return succeed(None)
+        why = None
+        if not self.runtime.resumable:
+            why = "This compute node's runtime cannot resume an instance: save it, then start the saved image."
+        elif not self.accepting or self.load() >= self.capacity:
+            why = f"Node {self.nodeName} has no room for it now; try again later."
+        if why is not None:
+            self._set(instance, State.STOPPED, why)
+            return succeed(None)
+        resumed = replace(record, state=State.STARTING, reason=None, since=self.reactor.seconds())
+        self._records[instance] = resumed
+        self._writeRecord(resumed)
+        self._arm(resumed)
+        self._emit(resumed)
+        self._spawn(instance, "resume", lambda: self._start(resumed, stale=False))
+        return succeed(None)
+
     async def _start(self, record: InstanceRecord, stale: bool, token: str | None = None) -> None:
         instance = record.instance
         directory = self._podDirectory(instance)
@@ -77,9 +109,14 @@ class NodeStarting(NodeRecords):
                 await self.runtime.discard(instance)
                 directory.mkdir(parents=True, exist_ok=True, mode=0o700)
                 self._writeRecord(self._records.get(instance, record))
-            key = generatePrivateKey()
             keyFile = directory / "instance.key"
-            savePrivateKey(key, keyFile)
+            if keyFile.exists() and not stale:
+                # A resumed pod keeps its key: the routing and file servers
+                # know the instance by it (they cache the portal's keys).
+                key = loadPrivateKey(keyFile)
+            else:
+                key = generatePrivateKey()
+                savePrivateKey(key, keyFile)
             jwk = publicJWK(key)
             if not self._still(instance, State.STARTING):
                 return

@@ -93,6 +93,8 @@ class PodmanRuntime(PodBuilding):
     """Runs each instance as a rootful podman pod; its helpers as host processes."""
 
     name = "podman"
+    #: A stopped pod's files are in its tool container, which a start would make afresh.
+    resumable = False
     log = Logger()
 
     def __init__(

@@ -102,6 +102,9 @@ __all__ = [
 class ProcessRuntime(PodLaunching):
     """Pods as local processes."""
 
+    #: A stopped pod's working directory stays: started again, the tool finds its files.
+    resumable = True
+
     name = "process"
     log = Logger()
 

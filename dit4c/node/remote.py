@@ -271,6 +271,9 @@ class RemoteNode(MultiService):
     def discard(self, instance: str) -> Deferred[None]:
         return self._command("discard", instance)
 
+    def resume(self, instance: str) -> Deferred[None]:
+        return self._command("resume", instance)
+
     def logs(self, instance: str, offset: int | None, limit: int) -> Deferred[LogChunk]:
         link = self._link
         return self._questions.ask(

@@ -24,7 +24,7 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
 from dit4c.channel.wire import MAX_LOG_CHUNK
-from dit4c.common.life import ACTIVE
+from dit4c.common.life import ACTIONS, ACTIVE
 from dit4c.common.life import toJSON as lifeJSON
 from dit4c.portal import security
 from dit4c.portal.access import changePerson
@@ -279,7 +279,7 @@ class API:
         if action == "shares":
             await self.instances.share(user, instance_id, str(self.field(self.body(request), "user")))
             return await self.sharedWith(request, user, instance_id)
-        if action not in ("stop", "save", "discard"):
+        if action not in ACTIONS:
             raise APIError(404, "not_found", f"Instances have no action {action!r}.")
         return self.reply(request, instanceJSON(await self.instances.act(user, instance_id, action)))
 

@@ -69,6 +69,12 @@ def _atImageServer(image: Image) -> bool:
     return image.owner_id is not None and image.ref.startswith(("http://", "https://"))
 
 
+def _overQuota(e: QuotaReached) -> QuotaExceeded:
+    return QuotaExceeded(
+        f"You may run {e.quota} instance{'s' if e.quota != 1 else ''} at once and have {e.active}; stop one first."
+    )
+
+
 class Instances:
     """
     What people do with instances, for the pages and the REST API alike.
@@ -129,10 +135,7 @@ class Instances:
                 user.id, image.id, scheduler_id=scheduler, quota=self.quotaOf(user)
             )
         except QuotaReached as e:
-            raise QuotaExceeded(
-                f"You may run {e.quota} instance{'s' if e.quota != 1 else ''} at once and have {e.active}; "
-                "stop one first."
-            ) from None
+            raise _overQuota(e) from None
         self.events.publish(instance)
         # A saved image's read token is not stored with the command: it is
         # made as the command is sent (paramsToSend).
@@ -206,12 +209,16 @@ class Instances:
                 life.move(State.STOPPED if life.state is State.STOPPING else State.DISCARDED)
         except IllegalMove:
             raise WrongState(f"Cannot {action} an instance that is {instance.state}.") from None
+        # Back to life (a resume) counts against the quota, as a start does.
+        quota = self.quotaOf(user) if life.state in ACTIVE and instance.state not in ACTIVE else None
         try:
             updated = await self.store.updateInstance(
-                instance.id, state=life.state, reason=None, expected_state=instance.state
+                instance.id, state=life.state, reason=None, expected_state=instance.state, quota=quota
             )
         except Conflict:
             raise WrongState("The instance changed meanwhile; reload and try again.") from None
+        except QuotaReached as e:
+            raise _overQuota(e) from None
         self.events.publish(updated)
         if instance.scheduler_id is not None:
             await self.commands.send(instance.scheduler_id, ACTIONS[action].op, instance.id, {})

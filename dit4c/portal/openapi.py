@@ -176,6 +176,14 @@ def document(publicURL: str) -> dict[str, Any]:
             "/instances/{id}": {"get": _op("One instance", instance, parameters=[_ID])},
             "/instances/{id}/stop": {"post": _op("Stop", instance, parameters=[_ID])},
             "/instances/{id}/save": {"post": _op("Stop and save as an image", instance, parameters=[_ID])},
+            "/instances/{id}/resume": {
+                "post": _op(
+                    "Start a stopped instance again on its node, its files as they were (409 over the quota; a "
+                    "runtime that cannot resume leaves it stopped, with the reason)",
+                    instance,
+                    parameters=[_ID],
+                )
+            },
             "/instances/{id}/discard": {
                 "post": _op("Discard a stopped, saved or errored instance: nothing of it is left", instance, parameters=[_ID])
             },

@@ -93,7 +93,7 @@ class Scheduler(MultiService):
             final = State.DISCARDED if command.op == "discard" else State.STOPPED
             self._tell(InstanceStatus(command.instance, final))
             return succeed(None)
-        action = {"stop": node.stop, "save": node.save, "discard": node.discard}[command.op]
+        action = {"stop": node.stop, "save": node.save, "discard": node.discard, "resume": node.resume}[command.op]
         action(command.instance).addErrback(
             lambda f: self.log.failure("{op} {instance}", f, op=command.op, instance=command.instance)
         )

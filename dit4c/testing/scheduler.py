@@ -247,6 +247,17 @@ class TestingScheduler:
 
         self._later(instance, "stop", stopped)
 
+    def _resume(self, command: Command) -> None:
+        instance = command.instance
+        current = self.instances.get(instance)
+        if current is None or current.state != State.STOPPED:
+            self.setState(instance, State.ERRORED, "there is no stopped pod to resume")
+            return
+        self.setState(instance, State.STARTING)
+        self._later(
+            instance, "start", lambda: self.setState(instance, State.RUNNING, url=self.urlTemplate.format(instance=instance))
+        )
+
     def _save(self, command: Command) -> None:
         instance = command.instance
         current = self.instances.get(instance)

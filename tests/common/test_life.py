@@ -124,4 +124,5 @@ def test_reasons_and_json() -> None:
         "stop": ["requested", "running", "starting"],
         "save": ["running"],
         "discard": ["errored", "saved", "stopped"],
+        "resume": ["stopped"],
     }

@@ -107,6 +107,10 @@ async def test_a_whole_session_from_the_command_line(processes: Any, tmp_path: P
     assert [(g["name"], g["link"]) for g in access["shared_with"]] == [("bob", None)]
     assert "Only you" in await cli.run("unshare", instance["id"], "bob")
 
+    # Stopped and resumed, from the command line.
+    assert (await cli.json("stop", instance["id"], "--wait"))["state"] == "stopped"
+    assert (await cli.json("resume", instance["id"], "--wait"))["state"] == "running"
+
     # What the tool wrote: its last part, and followed until the save stops it.
     written = await cli.run("logs", instance["id"])
     assert written.strip(), "the tool wrote nothing"

@@ -1,7 +1,8 @@
 """
-The tool's output on an instance's page, in Chromium against a real
-``dit4c-dev``: what the tool wrote is there at once, what it writes next
-follows within seconds, and the download holds it all.
+An instance's page in Chromium against a real ``dit4c-dev``: the tool's
+output (what it wrote is there at once, what it writes next follows within
+seconds, and the download holds it all), and a stop then a resume that
+finds the person's work as they left it.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ from typing import Any
 
 import pytest_twisted
 import treq
-from flows import logIn, startDev, startTool
+from flows import logIn, openTool, startDev, startTool
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_tools_output_follows_live_on_its_page(processes: Any, browser: Any, devDir: Path) -> None:
+async def test_the_tools_output_follows_live_and_a_stopped_instance_resumes(processes: Any, browser: Any, devDir: Path) -> None:
     dev = await startDev(processes, devDir)
     await logIn(browser, dev.portal, "admin", await dev.adminPassword())
     url = await startTool(browser, dev.portal, "Notes")
@@ -39,3 +40,19 @@ async def test_the_tools_output_follows_live_on_its_page(processes: Any, browser
     downloaded = await response.text()
     assert downloaded == toolLog.read_text()
     assert re.search(r"a line written after the page opened\n$", downloaded)
+
+    # A note, a stop, a resume: the note is still there.
+    await openTool(browser, url, "Hello, admin.")
+    await browser.waitForText("#status", "connected", 15)
+    await browser.fill("#note", "written before the stop")
+    await browser.click("#add button")
+    await browser.waitForText("#notes li", "written before the stop", 15)
+    page = f"{dev.portal}/instances/{instance}"
+    await browser.get(page)
+    await browser.submit("#instances button.stop")
+    await browser.waitFor('td.state[data-state="stopped"]', 60)
+    await browser.submit("#instances button.resume")
+    await browser.waitFor('td.state[data-state="running"]', 60)
+    await browser.waitFor("td.url a", 30)
+    await openTool(browser, url, "Hello, admin.")
+    await browser.waitForText("#notes li", "written before the stop", 15)

@@ -34,6 +34,8 @@ class SteppedRuntime:
     """Every call waits until the test fires it: ``runtime.step("start")``."""
 
     name = "stepped"
+    #: As the podman runtime: a start would make a stopped pod afresh.
+    resumable = False
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []
@@ -156,6 +158,22 @@ async def test_a_stop_waits_for_the_start_under_way(h: Harness) -> None:
     h.runtime.step("stop")
     await h.node.whenIdle()
     assert h.states("abc")[-1] == "stopped"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_runtime_that_cannot_resume_leaves_the_instance_stopped_and_says_why(h: Harness) -> None:
+    h.node.startService()
+    await h.node.start("abc", "web", None)
+    h.runtime.step("start")
+    h.runtime.answers = True
+    h.clock.advance(1)
+    h.node.stop("abc")
+    h.runtime.step("stop")
+    await h.node.whenIdle()
+    assert h.states("abc")[-1] == "stopped"
+    await h.node.resume("abc")
+    assert h.states("abc")[-1] == "stopped" and [c for c, _ in h.runtime.calls].count("start") == 1
+    assert "cannot resume" in (h.watcher.states[-1].reason or "")
 
 
 @pytest_twisted.ensureDeferred

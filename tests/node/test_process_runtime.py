@@ -147,6 +147,40 @@ async def test_stop_and_discard_leave_nothing(nodes: Any, tmp_path: Path) -> Non
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_stopped_instance_resumes_with_its_files_and_its_key(nodes: Any, tmp_path: Path) -> None:
+    """
+    Resumed: the pod runs again from its working directory as it was left,
+    under the key the routing and file servers know it by; a resume of what is not stopped here changes nothing
+    but is answered with where it stands.
+    """
+    node, runtime, watcher = nodes()
+    await node.start("abc9", "web", None)
+    await watcher.waitFor("abc9", "running")
+    firstKey = watcher.keys["abc9"]
+    pod = tmp_path / "node" / "abc9"
+    (pod / "work" / "written-before.txt").write_text("kept")
+    await node.stop("abc9")
+    await watcher.waitFor("abc9", "stopped")
+
+    await node.resume("abc9")
+    await eventually(
+        lambda: watcher.history("abc9")[-3:] == ["stopped", "starting", "running"],
+        what=lambda: f"resumed: {watcher.history('abc9')}",
+    )
+    assert (pod / "work" / "written-before.txt").read_text() == "kept"
+    assert watcher.keys["abc9"] == firstKey
+    pids = podPids(pod)
+    assert len(pids) == 2 and all(alive(pid) for pid in pids)
+
+    await node.resume("abc9")  # running: it says so, and nothing else happens
+    assert watcher.history("abc9")[-1] == "running" and podPids(pod) == pids
+    await node.resume("nothere1")
+    assert watcher.history("nothere1") == ["errored"]
+    await node.stop("abc9")
+    await node.discard("abc9")
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_tool_that_exits_errors_the_instance(nodes: Any, tmp_path: Path) -> None:
     node, runtime, watcher = nodes(startTimeout=30)
     await node.start("abc3", "quits", None)

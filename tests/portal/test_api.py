@@ -333,3 +333,25 @@ async def test_a_person_follows_at_most_so_many_outputs_at_once(api: Portal) -> 
     for d in finished:
         await d
     await eventually(lambda: api.api.following == {}, what="every follow let go")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stopped_instance_is_resumed_within_the_quota(api: Portal) -> None:
+    """Resume: only from stopped, told to its scheduler, and counted against the quota as a start is."""
+    alice = Client(api, await tokenFor(api, "alice", "correct horse battery"))
+    _, first = await alice.call("POST", "/instances", {"image": api.image.id})  # type: ignore[attr-defined]
+    code, answer = await alice.call("POST", f"/instances/{first['id']}/resume")
+    assert code == 409 and "Cannot resume an instance that is requested" in answer["reason"]
+    await api.store.updateInstance(first["id"], state="stopped")
+
+    code, resumed = await alice.call("POST", f"/instances/{first['id']}/resume")
+    assert code == 200 and resumed["state"] == "starting"
+    assert api.commands.sent[-1][1:3] == ("resume", first["id"])  # type: ignore[attr-defined]
+
+    # Two active instances (the quota here): a third cannot come back to life.
+    await api.store.updateInstance(first["id"], state="stopped")
+    for _ in range(2):
+        assert (await alice.call("POST", "/instances", {"image": api.image.id}))[0] == 201  # type: ignore[attr-defined]
+    code, answer = await alice.call("POST", f"/instances/{first['id']}/resume")
+    assert code == 409 and "You may run 2 instances at once and have 2" in answer["reason"]
+    assert (await api.store.instanceById(first["id"])).state == "stopped"

@@ -173,6 +173,7 @@ class SQLInstances(SQLCore):
         public_jwk: str | None | Unset = UNSET,
         scheduler_id: str | None | Unset = UNSET,
         expected_state: str | Collection[str] | None = None,
+        quota: int | None = None,
     ) -> Instance:
         if not isinstance(state, Unset):
             _checkState(state)
@@ -187,7 +188,23 @@ class SQLInstances(SQLCore):
         fields["updated"] = self._now()
         sets = ", ".join(f"{name} = ?" for name in fields)
 
+        dialect = self._dialect
+
         def work(t: _Txn) -> Instance:
+            if quota is not None:
+                # As a start claims: the owner's row held, the others counted.
+                owner = t.one("SELECT owner_id FROM instances WHERE id = ?", (instance_id,))
+                if owner is None:
+                    raise NotFound(f"there is no instance {instance_id!r}")
+                t.one(dialect.forUpdate("SELECT id FROM users WHERE id = ?"), (owner[0],))
+                active = int(
+                    t.must(
+                        f"SELECT COUNT(*) FROM instances WHERE owner_id = ? AND id != ? AND state IN ({_marks(len(_ACTIVE))})",
+                        (owner[0], instance_id, *_ACTIVE),
+                    )[0]
+                )
+                if active >= quota:
+                    raise QuotaReached(quota, active)
             where, params = "id = ?", [instance_id]
             if expected is not None:
                 where += f" AND state IN ({_marks(len(expected))})"

@@ -411,14 +411,18 @@ class IInstances(Interface):
         public_jwk: str | None | Unset = UNSET,
         scheduler_id: str | None | Unset = UNSET,
         expected_state: str | Collection[str] | None = None,
+        quota: int | None = None,
     ) -> Deferred[Instance]:
         """
         Change the fields given; fires with the instance as it now is.
 
         With ``expected_state`` (one state or several) this is a
         compare-and-set: it fails with ``Conflict`` unless the instance is
-        in that state at the moment of the change. ``NotFound`` if there
-        is no such instance; ``ValueError`` for a state that is not one.
+        in that state at the moment of the change. With ``quota``, the
+        owner's other active instances are counted in the same transaction
+        (``QuotaReached`` if they are that many already), as a start claims.
+        ``NotFound`` if there is no such instance; ``ValueError`` for a
+        state that is not one.
         """
 
     # -- sharing instances ------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dit4c.common.life import State
+from dit4c.common.life import ACTIONS, State
 
 #: The longest login name.
 MAX_LOGIN_NAME = 32
@@ -192,7 +192,7 @@ class OAuthCode:
 
 
 #: What a scheduler can be told to do with an instance.
-COMMAND_OPS: tuple[str, ...] = ("start", "stop", "save", "discard")
+COMMAND_OPS: tuple[str, ...] = ("start", *(action.op for action in ACTIONS.values()))
 
 #: The most a command's parameters may take, as JSON text.
 MAX_COMMAND_PARAMS = 64 * 1024
