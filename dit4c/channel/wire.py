@@ -285,6 +285,17 @@ class LogChunk:
         """The chunk of ``data`` read at ``offset``; a character cut at either end is replaced, never lost twice."""
         return cls(offset, offset + len(data), data.decode("utf-8", "replace"))
 
+    @staticmethod
+    def startOf(size: int, offset: int | None, limit: int) -> int:
+        """Where a question reads an output of ``size`` bytes from: ``offset`` (no further than the end), or ``limit`` bytes before the end."""
+        return max(size - limit, 0) if offset is None else min(offset, size)
+
+    @classmethod
+    def of(cls, output: bytes, offset: int | None, limit: int) -> LogChunk:
+        """The answer to a question about ``output``, held whole in memory."""
+        start = cls.startOf(len(output), offset, limit)
+        return cls.fromBytes(start, output[start : start + limit])
+
 
 def parseLogChunk(message: Mapping[str, Any]) -> tuple[str, LogChunk]:
     """A ``logs-chunk`` answer: the id of the question it answers, and the chunk."""

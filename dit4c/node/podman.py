@@ -55,7 +55,7 @@ from dit4c.node.podmanpods import (
     HeldPod,
     listening,
 )
-from dit4c.node.toollogs import chunkOf, mergeTimestamped
+from dit4c.node.toollogs import mergeTimestamped
 
 __all__ = [
     "AUTH_PORT",
@@ -193,7 +193,7 @@ class PodmanRuntime(PodBuilding):
         out, err, code, timedOut = await self._spawn([self.podman, "logs", "--timestamps", name])
         if timedOut or code != 0:
             raise PodmanError(f"reading the tool's output: {summarise(err)}")
-        return chunkOf(mergeTimestamped(out, err), offset, limit)
+        return LogChunk.of(mergeTimestamped(out, err), offset, limit)
 
     def ready(self, instance: str) -> Deferred[bool]:
         """

@@ -12,12 +12,7 @@ from pathlib import Path
 
 from dit4c.channel.wire import LogChunk
 
-__all__ = ["chunkOf", "mergeTimestamped", "readChunk"]
-
-
-def _start(size: int, offset: int | None, limit: int) -> int:
-    """Where to read from: ``offset`` (no further than the end), or ``limit`` bytes before the end."""
-    return max(size - limit, 0) if offset is None else min(offset, size)
+__all__ = ["mergeTimestamped", "readChunk"]
 
 
 def readChunk(path: Path, offset: int | None, limit: int) -> LogChunk:
@@ -31,16 +26,10 @@ def readChunk(path: Path, offset: int | None, limit: int) -> LogChunk:
     except FileNotFoundError:
         return LogChunk(0, 0, "")
     try:
-        start = _start(os.fstat(fd).st_size, offset, limit)
+        start = LogChunk.startOf(os.fstat(fd).st_size, offset, limit)
         return LogChunk.fromBytes(start, os.pread(fd, limit, start))
     finally:
         os.close(fd)
-
-
-def chunkOf(data: bytes, offset: int | None, limit: int) -> LogChunk:
-    """The same chunk of output held in memory."""
-    start = _start(len(data), offset, limit)
-    return LogChunk.fromBytes(start, data[start : start + limit])
 
 
 def mergeTimestamped(out: bytes, err: bytes) -> bytes:

@@ -147,9 +147,7 @@ class TestingScheduler:
         """What ``self.output`` holds for the instance (its tool "wrote" it); nothing if unknown."""
         if instance not in self.instances:
             return fail(LookupError(f"No compute node of this scheduler holds instance {instance}."))
-        data = self.output.get(instance, b"")
-        start = max(len(data) - limit, 0) if offset is None else min(offset, len(data))
-        return succeed(LogChunk.fromBytes(start, data[start : start + limit]))
+        return succeed(LogChunk.of(self.output.get(instance, b""), offset, limit))
 
     # -- controlling the simulation ------------------------------------------------------
 

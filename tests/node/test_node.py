@@ -26,7 +26,6 @@ from dit4c.common.life import DEADLINES, State, expiredReason
 from dit4c.node.errors import RuntimeError_
 from dit4c.node.interfaces import IRuntime, PodSpec, PodStatus
 from dit4c.node.node import Node
-from dit4c.node.toollogs import chunkOf
 
 
 @implementer(IRuntime)
@@ -74,7 +73,7 @@ class SteppedRuntime:
         return self._call("discard", instance)
 
     def logs(self, instance: str, offset: int | None, limit: int) -> Deferred[LogChunk]:
-        return succeed(chunkOf(b"the tool said this\n", offset, limit))
+        return succeed(LogChunk.of(b"the tool said this\n", offset, limit))
 
     def pods(self) -> Deferred[list[PodStatus]]:
         return succeed(list(self.found))

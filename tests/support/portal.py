@@ -34,6 +34,4 @@ class RecordingCommands:
 
     def logs(self, scheduler_id: str, instance_id: str, offset: int | None, limit: int) -> Deferred[LogChunk]:
         """What ``output`` holds for the instance, read as a node reads its tool's log."""
-        data = self.output.get(instance_id, b"")
-        start = max(len(data) - limit, 0) if offset is None else min(offset, len(data))
-        return defer.succeed(LogChunk.fromBytes(start, data[start : start + limit]))
+        return defer.succeed(LogChunk.of(self.output.get(instance_id, b""), offset, limit))
