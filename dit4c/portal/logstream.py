@@ -17,7 +17,7 @@ from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
 from dit4c.channel.wire import MAX_LOG_CHUNK, LogChunk
-from dit4c.portal.web import served
+from dit4c.portal.web import finishStream, served, startStream
 
 __all__ = ["DOWNLOAD", "FOLLOW_INTERVAL", "TAIL", "follow", "lastOf"]
 
@@ -81,10 +81,8 @@ async def follow(
         gone = True
 
     web.notifyFinish().addBoth(left)
-    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-    request.setHeader(b"cache-control", b"no-store")
-    request.setHeader(b"x-accel-buffering", b"no")
-    request.write(b"")  # the head now: the reader knows the follow began, before the tool says anything
+    # The head now: the reader knows the follow began, before the tool says anything.
+    startStream(request, b"text/plain; charset=utf-8", b"")
     reader = _Reader()
     web.registerProducer(reader, True)
     offset: int | None = None
@@ -107,4 +105,4 @@ async def follow(
     finally:
         if not gone:
             web.unregisterProducer()
-            request.finish()
+            finishStream(request)

@@ -33,7 +33,7 @@ from dit4c.portal.store.errors import StoreClosed
 from dit4c.portal.store.ids import hashToken
 from dit4c.portal.store.interfaces import IInstances, IStore
 from dit4c.portal.store.model import Instance
-from dit4c.portal.web import served
+from dit4c.portal.web import finishStream, served, startStream
 
 __all__ = [
     "EventStreams",
@@ -64,27 +64,13 @@ WATCHES_PER_INSTANCE = 2
 WATCH_KEEPALIVE = 5.0
 
 
-def _finish(request: IRequest) -> None:
-    """End a streamed answer (the browser or helper may be gone already)."""
-    if not served(request).finished and not served(request)._disconnected:
-        request.finish()
-
-
-def _startStream(request: IRequest, contentType: bytes, first: bytes) -> None:
-    """Start a streamed answer of ``contentType`` with ``first``."""
-    request.setHeader(b"content-type", contentType)
-    request.setHeader(b"cache-control", b"no-store")
-    request.setHeader(b"x-accel-buffering", b"no")
-    request.write(first)
-
-
 async def _stream(request: IRequest, contentType: bytes, first: bytes) -> None:
     """
     Start a streamed answer of ``contentType`` with ``first``, and wait
     until it ends: finished here, or its reader gone (that is how a stream
     ends, not an error).
     """
-    _startStream(request, contentType, first)
+    startStream(request, contentType, first)
     await _untilFinished(request)
 
 
@@ -295,7 +281,7 @@ class _Stream:
         self.log.info("event stream of {name} closed: {why}", name=self.name, why=why)
         if retry is not None and not served(self.request).finished:
             self.request.write(b"retry: %d\n\n" % retry)
-        _finish(self.request)
+        finishStream(self.request)
 
 
 class EventStreams:
@@ -358,7 +344,7 @@ class EventStreams:
         unsubscribe = self.events.subscribe(stream.instanceChanged)
         unsubscribeAccess = self.events.subscribeAccess(stream.accessChanged)
         try:
-            _startStream(request, b"text/event-stream", b"retry: 3000\n: watching\n\n")
+            startStream(request, b"text/event-stream", b"retry: 3000\n: watching\n\n")
             # Heard from now on, and first where everything stands: the
             # snapshot goes before any change heard after it was asked for.
             stream._then(stream.snapshot)
@@ -419,7 +405,7 @@ class InstanceWatches:
         """Hold ``request`` open as a watch of ``instanceId`` until the helper goes."""
         for old in self._byInstance.add(instanceId, request):
             self.log.info("closing the oldest watch of instance {instance}", instance=instanceId)
-            _finish(old)
+            finishStream(old)
         if self._keepalive is None:
             self._keepalive = LoopingCall(self._ping)
             self._keepalive.clock = self.clock

@@ -60,6 +60,20 @@ def csrfOK(request: IRequest, expected: str) -> bool:
     return security.tokensEqual(arg(request, "csrf"), expected)
 
 
+def startStream(request: IRequest, contentType: bytes, first: bytes) -> None:
+    """Start a streamed answer of ``contentType`` with ``first`` (the head goes now, even if ``first`` is empty)."""
+    request.setHeader(b"content-type", contentType)
+    request.setHeader(b"cache-control", b"no-store")
+    request.setHeader(b"x-accel-buffering", b"no")
+    request.write(first)
+
+
+def finishStream(request: IRequest) -> None:
+    """End a streamed answer (its reader may be gone already)."""
+    if not served(request).finished and not served(request)._disconnected:
+        request.finish()
+
+
 def utc(when: float) -> str:
     """A time as pages show it: to the minute, in UTC (the portal's people are anywhere)."""
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(when))
