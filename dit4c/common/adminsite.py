@@ -16,7 +16,7 @@ from prometheus_client.twisted import MetricsResource
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-__all__ = ["Collector", "adminSite"]
+__all__ = ["ADMIN_TIMEOUT", "Collector", "adminSite"]
 
 
 class Collector(Protocol):
@@ -38,8 +38,16 @@ class _Health(Resource):
         return json.dumps({"status": "ok", **self.health()}).encode()
 
 
-def adminSite(collector: Collector, health: Callable[[], dict[str, Any]]) -> Site:
-    """``/health`` (``{"status": "ok", ...health()}``) and ``/metrics`` (what ``collector`` says)."""
+#: Seconds a connection to the admin endpoint may stay silent before it is closed.
+ADMIN_TIMEOUT = 30.0
+
+
+def adminSite(collector: Collector, health: Callable[[], dict[str, Any]], timeout: float = ADMIN_TIMEOUT) -> Site:
+    """
+    ``/health`` (``{"status": "ok", ...health()}``) and ``/metrics`` (what
+    ``collector`` says); a connection silent for ``timeout`` seconds (a
+    half-sent request, an idle kept-alive one) is closed.
+    """
     registry = CollectorRegistry(auto_describe=True)
     registry.register(collector)
     root = Resource()
@@ -47,5 +55,5 @@ def adminSite(collector: Collector, health: Callable[[], dict[str, Any]]) -> Sit
     root.putChild(b"metrics", MetricsResource(registry=registry))
     site = Site(root)
     site.displayTracebacks = False
-    site.timeOut = 30
+    site.timeOut = timeout
     return site

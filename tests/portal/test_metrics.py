@@ -12,8 +12,9 @@ from typing import Any
 import pytest_twisted
 import treq
 from prometheus_client.parser import text_string_to_metric_families
+from support.sockets import RawClient
 from twisted.internet import reactor
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
 
 from dit4c.common.adminsite import adminSite
 from dit4c.common.life import State
@@ -83,3 +84,17 @@ async def test_twistd_serves_the_figures_on_their_own_endpoint(processes: Any, t
     # Not on the public port.
     public = await proc.waitForPort("portal")
     assert (await treq.get(f"http://127.0.0.1:{public}/metrics")).code == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_half_sent_request_to_the_figures_is_closed(api: Portal) -> None:
+    """The admin endpoint's deadline: a client that stops mid-request is let go, and holds nothing."""
+    metrics = PortalMetrics(api.store, api.events, api.clock, schedulers=lambda: 0, streams=lambda: 0, following=lambda: 0)
+    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(adminSite(metrics, lambda: {}, timeout=0.5))
+    try:
+        client = RawClient()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), client)  # type: ignore[attr-defined]
+        client.transport.write(b"GET /metrics HTTP/1.1\r\nHost: a")  # and never the rest
+        await client.done.addTimeout(10, reactor)  # closed by the server, not by this test
+    finally:
+        await port.stopListening()
