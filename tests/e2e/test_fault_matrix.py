@@ -38,7 +38,8 @@ tool's is under a lease (discarding). A kill with part of an image sent is
 not held so (nothing the helper does between two chunks waits on a file):
 the image server's spool is checked all the same.
 
-One installation per server kind serves its six steps.
+One installation per server kind serves its six steps, in one test (each
+step a subtest), so that a parallel run never makes two of them.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import os
 import signal
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -363,30 +365,28 @@ def nodeOptions(directory: Path) -> tuple[str, ...]:
     return ("--tools", str(tools), "--stop-grace", str(STOP_GRACE))
 
 
-@pytest.fixture(scope="module", params=SERVERS)
-def matrix(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
-    """One installation per server kind, for its six steps."""
-    directory = tmp_path_factory.mktemp(request.param)
+@contextmanager
+def installation(server: str, directory: Path) -> Iterator[Matrix]:
+    """An installation whose ``server`` the cases kill."""
     cluster = Cluster(
         directory / "c",
         images=True,
         files=True,
         nodeOptions=nodeOptions(directory),
         catalogue={"Gated": GATED},
-        allInOne=request.param == "dev",
+        allInOne=server == "dev",
     )
     # Lease holders hear (SIGIO) when someone opens a leased file: nothing to do here.
     previous = signal.signal(signal.SIGIO, signal.SIG_IGN)
     try:
-        yield Matrix(cluster, request.param)
+        yield Matrix(cluster, server)
     finally:
         cluster.stop()
         signal.signal(signal.SIGIO, previous)
 
 
-@pytest.mark.parametrize("step", STEPS, ids=[s.value for s in STEPS])
-@pytest_twisted.ensureDeferred
-async def test_a_killed_server_strands_nothing(matrix: Matrix, step: State) -> None:
+async def case(matrix: Matrix, step: State) -> None:
+    """``matrix.server`` killed with a new instance held in ``step``: nothing is stranded."""
     await matrix.ready()
     cluster = matrix.cluster
     instance = await matrix.hold(step)
@@ -402,3 +402,17 @@ async def test_a_killed_server_strands_nothing(matrix: Matrix, step: State) -> N
     await matrix.quotaCounts()
     # A stop seen since the fault: the held one's, or the one that ends a running instance.
     await matrix.afterwards(stopped=final in (State.STOPPED, State.RUNNING))
+
+
+@pytest.mark.parametrize("server", SERVERS)
+@pytest_twisted.ensureDeferred
+async def test_a_killed_server_strands_nothing(server: str, tmp_path: Path, subtests: pytest.Subtests) -> None:
+    """
+    Each step in turn, on one installation: a step's own subtest reports it,
+    and a step that fails does not hide the next (the next case starts again
+    any server the failed one left dead).
+    """
+    with installation(server, tmp_path) as matrix:
+        for step in STEPS:
+            with subtests.test(step=step.value):
+                await case(matrix, step)
