@@ -17,6 +17,7 @@ import pytest
 import pytest_twisted
 from hypothesis import settings
 from support.backend import startBackend
+from support.ordering import spread
 from support.passwords import cheapUnknownNames  # noqa: F401 (autouse: every test)
 from support.processes import TWISTD, Process
 from support.routing import Signing, startRouting, stopRouting
@@ -82,6 +83,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 _SHORT_BASE = pytest.StashKey[str]()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In a parallel run, the whole-installation tests spread over the workers (see ``support.ordering``)."""
+    workers = getattr(config, "workerinput", {}).get("workercount", 0)
+    if workers > 1:
+        items[:] = spread(items, workers)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

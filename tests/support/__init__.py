@@ -27,4 +27,6 @@ path first.
 - :mod:`support.nextpath`: values of ``next`` and a browser as their judge.
 - :mod:`support.podman`: busybox images and stand-in helpers for the
   podman runtime.
+- :mod:`support.ordering`: the order a parallel run hands tests to its
+  workers in (``spread``).
 """

@@ -1,0 +1,66 @@
+"""
+The order a parallel run hands tests to its workers in.
+
+pytest-xdist's ``worksteal`` gives each worker a contiguous block of the
+collection, and an idle worker takes the back half of the busiest one's
+queue. In collection order the whole-installation tests (``tests/e2e``, each
+half a minute to a minute of several servers) sit together in one block, are
+stolen late, and all run in the last two minutes while the other workers
+have nothing left: the run is as long as that tail. Here each block begins
+with its share of them, so they run from the start beside the quick tests,
+whose order is kept.
+
+Tests that share a module-scoped fixture stay together (split, each worker
+would set the fixture up again).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+#: Where the whole-installation tests live.
+HEAVY = Path(__file__).resolve().parents[1] / "e2e"
+
+
+def _sharesModuleFixture(item: pytest.Item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return False
+    return any(
+        d.scope in ("module", "package", "class") and d.baseid
+        for defs in info.name2fixturedefs.values()
+        for d in defs
+    )
+
+
+def units(items: Sequence[pytest.Item]) -> list[list[pytest.Item]]:
+    """``items`` in runs that must stay on one worker: a module sharing a fixture, else one test."""
+    out: list[list[pytest.Item]] = []
+    for item in items:
+        if out and _sharesModuleFixture(item) and out[-1][-1].path == item.path:
+            out[-1].append(item)
+        else:
+            out.append([item])
+    return out
+
+
+def spread(items: list[pytest.Item], workers: int) -> list[pytest.Item]:
+    """``items`` reordered so that each of ``workers`` blocks starts with its share of the heavy tests."""
+    heavy = units([i for i in items if HEAVY in i.path.parents])
+    light = [i for i in items if HEAVY not in i.path.parents]
+    if not heavy or workers < 2:
+        return items
+    ordered: list[pytest.Item] = []
+    taken = 0
+    for k in range(workers):
+        # The block worksteal hands worker k: what is left, shared out evenly among the workers left.
+        size = (len(items) - len(ordered)) // (workers - k)
+        mine = [i for unit in heavy[k::workers] for i in unit]
+        rest = max(0, size - len(mine)) if k < workers - 1 else len(light) - taken
+        ordered += mine + light[taken : taken + rest]
+        taken += rest
+    assert len(ordered) == len(items), (len(ordered), len(items))
+    return ordered
