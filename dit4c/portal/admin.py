@@ -3,8 +3,13 @@ Administrators' pages: people (add, disable, quota, administrator rights),
 the image catalogue, and schedulers (registered by their public key).
 
 A separate Klein app mounted at ``/admin/``; every page needs an
-administrator's session and every form its CSRF token. What is done here can
-also be done with the ``dit4c`` command-line tool.
+administrator's session and every form its CSRF token. A form that succeeds
+answers with a redirect back to the page (``?done=``), so a reload sends
+nothing again; the two that make a password (a new person, a reset) answer
+with the page itself, the only place the password is ever shown, and its
+script turns that answer into the page's own address in the browser's
+history. What is done here can also be done with the ``dit4c`` command-line
+tool.
 """
 
 from __future__ import annotations
@@ -26,6 +31,21 @@ from dit4c.portal.sessions import LoggedIn
 from dit4c.portal.store.errors import StoreError
 from dit4c.portal.store.interfaces import IStore
 from dit4c.portal.web import arg, csrfOK, redirect, served
+
+#: What a form that succeeded says, by the ``done`` its redirect carries.
+DONE = {
+    "saved": "Saved.",
+    "image-added": "Added to the catalogue.",
+    "image-removed": "Removed from the catalogue.",
+    "scheduler-added": "The scheduler is registered.",
+    "key-rotated": "The portal now signs with a new key.",
+}
+
+
+def done(request: IRequest, what: str) -> bytes:
+    """Back to the page, which says ``DONE[what]``."""
+    assert what in DONE, what
+    return redirect(request, f"/admin/?done={what}")
 
 
 class AdminPages:
@@ -73,6 +93,7 @@ class AdminPages:
             images=images,
             schedulers=schedulers,
             restricted=restricted,
+            kid=self.keys.signer().kid,
             **extra,
         )
 
@@ -100,7 +121,7 @@ class AdminPages:
         who = await self.admin(request)
         if who is None:
             return self.forbidden(request)
-        return await self.page(request, who)
+        return await self.page(request, who, message=DONE.get(arg(request, "done") or ""))
 
     @app.route("/users", methods=["POST"])
     async def addUser(self, request: IRequest) -> bytes:
@@ -152,7 +173,7 @@ class AdminPages:
         except StoreError as e:
             return await self.page(request, who, 400, error=str(e))
         self.log.info("{admin} changed user {id}: {action}", admin=who.user.name, id=user_id, action=action)
-        return await self.page(request, who, message="Saved.")
+        return done(request, "saved")
 
     async def resetPassword(self, request: IRequest, who: LoggedIn, userId: str) -> bytes:
         """
@@ -188,7 +209,7 @@ class AdminPages:
         if rawPort and not (rawPort.isdigit() and 0 < int(rawPort) < 65536):
             return await self.page(request, who, 400, error="The port must be between 1 and 65535.")
         await self.store.createImage(name, ref, owner_id=None, port=int(rawPort) if rawPort else None)
-        return await self.page(request, who, message=f"Added {name} to the catalogue.")
+        return done(request, "image-added")
 
     @app.route("/images/<image_id>/delete", methods=["POST"])
     async def deleteImage(self, request: IRequest, image_id: str) -> bytes:
@@ -199,7 +220,7 @@ class AdminPages:
             await self.store.deleteImage(image_id)
         except StoreError as e:
             return await self.page(request, who, 400, error=str(e))
-        return await self.page(request, who, message="Removed from the catalogue.")
+        return done(request, "image-removed")
 
     @app.route("/schedulers", methods=["POST"])
     async def addScheduler(self, request: IRequest) -> bytes:
@@ -214,8 +235,8 @@ class AdminPages:
             scheduler = await self.store.createScheduler(name, json.dumps(jwk))
         except StoreError as e:
             return await self.page(request, who, 400, error=str(e))
-        self.log.info("{admin} registered scheduler {name}", admin=who.user.name, name=name)
-        return await self.page(request, who, message=f"Registered scheduler {name} ({scheduler.id}).")
+        self.log.info("{admin} registered scheduler {name} ({id})", admin=who.user.name, name=name, id=scheduler.id)
+        return done(request, "scheduler-added")
 
     @app.route("/keys/rotate", methods=["POST"])
     async def rotateKey(self, request: IRequest) -> bytes:
@@ -224,7 +245,7 @@ class AdminPages:
             return who
         kid = self.keys.rotate()
         self.log.info("{admin} rotated the portal's signing key; now {kid}", admin=who.user.name, kid=kid)
-        return await self.page(request, who, message=f"The portal now signs with key {kid}.")
+        return done(request, "key-rotated")
 
     @app.route("/schedulers/<scheduler_id>", methods=["POST"])
     async def changeScheduler(self, request: IRequest, scheduler_id: str) -> bytes:
@@ -244,13 +265,11 @@ class AdminPages:
                 await self.store.setSchedulerUsers(scheduler_id, ids)
             except StoreError as e:
                 return await self.page(request, who, 400, error=str(e))
-            return await self.page(
-                request, who, message="Open to everyone." if not ids else f"Open to {', '.join(names)} only."
-            )
+            return done(request, "saved")
         if action not in ("disable", "enable"):
             return await self.page(request, who, 400, error="Unknown action.")
         try:
             await self.store.updateScheduler(scheduler_id, disabled=action == "disable")
         except StoreError as e:
             return await self.page(request, who, 400, error=str(e))
-        return await self.page(request, who, message="Saved.")
+        return done(request, "saved")

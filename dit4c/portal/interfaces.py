@@ -37,6 +37,7 @@ from typing import Any, Protocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import IRequest
 
+from dit4c.common.tokens import TokenSigner
 from dit4c.portal.events import EventBus
 from dit4c.portal.keys import KeyRing
 from dit4c.portal.sessions import LoggedIn
@@ -69,6 +70,10 @@ class KeyRotation(Protocol):
 
     def rotate(self) -> str:
         """Sign with a new key from now on; its ``kid``."""
+        ...
+
+    def signer(self) -> TokenSigner:
+        """What signs now (its ``kid`` is shown to administrators)."""
         ...
 
 

@@ -106,7 +106,14 @@ async def test_the_account_page_in_a_browser(api: Portal, browser: Any) -> None:
     await browser.submit("#make-token-submit")
     token = await browser.text("#new-token")
     assert (await Client(api, token).call("GET", "/me"))[0] == 200
+    # The answer that showed the token is the page's own address in the
+    # history: a reload makes no second token and shows none.
+    assert await browser.execute("return location.pathname + location.search") == "/account/"
+    await browser.run(browser.driver.refresh)
     await browser.waitForText("#tokens .name", "my laptop")
+    assert await browser.execute("return document.querySelectorAll('#new-token, #tokens .name').length") == 1
+    alice = await api.store.userByName("alice")
+    assert len(await api.store.listApiTokens(alice.id)) == 1
     await browser.submit("#tokens button.revoke")
     await browser.waitFor("#no-tokens")
     assert (await Client(api, token).call("GET", "/me"))[0] == 401

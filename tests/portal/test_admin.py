@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 import pytest_twisted
 from portal_client import Browser, csrfOf, logIn
@@ -11,6 +12,10 @@ from support.passwords import cheapHash
 
 from dit4c.common.keys import generatePrivateKey, publicJWK
 from dit4c.portal.app import Portal
+
+
+def location(response: object) -> str:
+    return response.headers.getRawHeaders("location")[0]  # type: ignore[attr-defined,no-any-return]
 
 
 async def adminBrowser(portal: Portal) -> Browser:
@@ -68,8 +73,14 @@ async def test_disable_ends_sessions_and_quota_is_saved(portal: Portal) -> None:
     await logIn(alice)
     user = await portal.store.userByName("alice")
     _, page = await admin.get("/admin/")
-    await admin.post(f"/admin/users/{user.id}", {"csrf": csrfOf(page), "action": "quota", "max_instances": "3"})
+    response, _ = await admin.post(f"/admin/users/{user.id}", {"csrf": csrfOf(page), "action": "quota", "max_instances": "3"})
+    # Done: back to the page (a reload sends nothing again), which says so.
+    assert (response.code, location(response)) == (303, "/admin/?done=saved")
     assert (await portal.store.userById(user.id)).max_instances == 3
+    _, page = await admin.get("/admin/?done=saved")
+    assert '<p class="notice" id="message">Saved.</p>' in page
+    _, page = await admin.get("/admin/?done=<b>forged</b>")
+    assert 'id="message"' not in page and "forged" not in page
     response, page = await admin.post(
         f"/admin/users/{user.id}", {"csrf": csrfOf(page), "action": "quota", "max_instances": "lots"}
     )
@@ -86,7 +97,7 @@ async def test_catalogue_and_schedulers(portal: Portal) -> None:
     _, page = await admin.get("/admin/")
     csrf = csrfOf(page)
     response, page = await admin.post("/admin/images", {"csrf": csrf, "name": "JupyterLab", "ref": "jupyter", "port": "8888"})
-    assert response.code == 200
+    assert (response.code, location(response)) == (303, "/admin/?done=image-added")
     [image] = await portal.store.listCatalogue()
     assert (image.name, image.ref, image.port) == ("JupyterLab", "jupyter", 8888)
 
@@ -94,7 +105,7 @@ async def test_catalogue_and_schedulers(portal: Portal) -> None:
     response, page = await admin.post(
         "/admin/schedulers", {"csrf": csrf, "name": "cluster-a", "public_jwk": json.dumps(publicJWK(key))}
     )
-    assert response.code == 200
+    assert (response.code, location(response)) == (303, "/admin/?done=scheduler-added")
     [scheduler] = await portal.store.listSchedulers()
     assert scheduler.name == "cluster-a"
     # A private key is refused: only public keys are ever registered.
@@ -111,10 +122,43 @@ async def test_rotate_the_signing_key(portal: Portal) -> None:
     admin = await adminBrowser(portal)
     before = portal.keys.signer().kid
     _, page = await admin.get("/admin/")
-    response, page = await admin.post("/admin/keys/rotate", {"csrf": csrfOf(page)})
-    assert response.code == 200
+    assert before in page
+    response, _ = await admin.post("/admin/keys/rotate", {"csrf": csrfOf(page)})
+    assert (response.code, location(response)) == (303, "/admin/?done=key-rotated")
     after = portal.keys.signer().kid
-    assert after != before and after in page
+    _, page = await admin.get(location(response))
+    assert after != before and f'<code id="current-kid">{after}</code>' in page
+    assert "now signs with a new key" in page
     _, body = await admin.get("/.well-known/jwks.json")
     kids = {k["kid"] for k in json.loads(body)["keys"]}
     assert {before, after} <= kids
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reload_sends_no_form_again_in_a_browser(api: Portal, browser: Any) -> None:
+    """
+    Chromium: a person added (their password shown once) and a quota set;
+    reloading after each sends nothing again and shows no password.
+    """
+    base = api.testURL  # type: ignore[attr-defined]
+    await browser.get(base + "/login")
+    await browser.fill("#username", "root")
+    await browser.fill("#password", "root password!")
+    await browser.submit("#submit")
+    await browser.get(base + "/admin/")
+    await browser.fill("#new-name", "erin")
+    await browser.submit("#add-user-submit")
+    password = await browser.text("#new-password")
+    assert await browser.execute("return location.pathname + location.search") == "/admin/"
+    await browser.run(browser.driver.refresh)
+    await browser.waitFor('tr[data-user="erin"]')
+    assert await browser.execute("return document.querySelectorAll('#new-password, #error').length") == 0
+    assert (await logIn(Browser(api), "erin", password)).code == 303
+
+    await browser.fill('input[aria-label="quota of erin"]', "2")
+    await browser.submit('tr[data-user="erin"] input[name="max_instances"] ~ button')
+    await browser.waitForText("#message", "Saved.")
+    assert await browser.execute("return location.pathname + location.search") == "/admin/?done=saved"
+    await browser.run(browser.driver.refresh)
+    await browser.waitForText("#message", "Saved.")
+    assert (await api.store.userByName("erin")).max_instances == 2
