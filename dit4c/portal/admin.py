@@ -1,5 +1,5 @@
 """
-Administrators' pages: people (add, disable, quota, administrator rights),
+Administrators' pages: people (add, disable, remove, quota, administrator rights),
 the image catalogue, and schedulers (registered by their public key).
 
 A separate Klein app mounted at ``/admin/``; every page needs an
@@ -15,6 +15,7 @@ tool.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from typing import Any
 
@@ -23,8 +24,9 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from dit4c.portal import security
-from dit4c.portal.access import changePerson
+from dit4c.portal.access import changePerson, endInstancesOf, removePerson
 from dit4c.portal.events import AccessChange, EventBus
+from dit4c.portal.instances import Instances, Sharing
 from dit4c.portal.interfaces import KeyRotation, PageRenderer, SessionLookup
 from dit4c.portal.jwks import publicJWKProblem
 from dit4c.portal.sessions import LoggedIn
@@ -39,13 +41,29 @@ DONE = {
     "image-removed": "Removed from the catalogue.",
     "scheduler-added": "The scheduler is registered.",
     "key-rotated": "The portal now signs with a new key.",
+    "ending": "Their running instances are stopping and those at rest are being discarded; "
+    "once the stopped ones are at rest, end them again to discard those.",
+    "removed": "Removed, with their instances' records, saved images, sessions, tokens and shares. "
+    "Their storage on the file server is left: remove users/{id}/ in its data directory.",
 }
 
 
-def done(request: IRequest, what: str) -> bytes:
-    """Back to the page, which says ``DONE[what]``."""
+#: What an id a message names looks like (the store's ids); anything else is not shown.
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def done(request: IRequest, what: str, id: str | None = None) -> bytes:
+    """Back to the page, which says ``DONE[what]`` (about the person ``id``, if given)."""
     assert what in DONE, what
-    return redirect(request, f"/admin/?done={what}")
+    return redirect(request, f"/admin/?done={what}" + (f"&id={id}" if id is not None else ""))
+
+
+def doneMessage(what: str, id: str | None) -> str | None:
+    """What the page says after ``done``; None for anything a form did not send."""
+    message = DONE.get(what)
+    if message is None or "{id}" not in message:
+        return message
+    return message.format(id=id) if id is not None and _ID.fullmatch(id) else None
 
 
 class AdminPages:
@@ -53,17 +71,29 @@ class AdminPages:
     log = Logger()
 
     def __init__(
-        self, store: IStore, *, sessions: SessionLookup, pages: PageRenderer, events: EventBus, keys: KeyRotation
+        self,
+        store: IStore,
+        *,
+        sessions: SessionLookup,
+        pages: PageRenderer,
+        events: EventBus,
+        keys: KeyRotation,
+        instances: Instances,
+        sharing: Sharing,
     ) -> None:
         """
-        :param events: where a person's access that ends here (disabled) is told.
+        :param events: where a person's access that ends here (disabled, removed) is told.
         :param keys: the portal's signing keys, which an administrator may rotate.
+        :param instances: what ends a person's instances before they are removed.
+        :param sharing: what removes a removed person's saved images' bytes.
         """
         self.store = store
         self.sessions = sessions
         self.pages = pages
         self.events = events
         self.keys = keys
+        self.instances = instances
+        self.sharing = sharing
 
     async def admin(self, request: IRequest) -> LoggedIn | None:
         who = await self.sessions.loggedIn(request)
@@ -80,6 +110,8 @@ class AdminPages:
         images = await self.store.listCatalogue()
         schedulers = await self.store.listSchedulers()
         names = {u.id: u.name for u in users}
+        # A disabled person's instances not yet discarded: what stands before their removal.
+        left = {u.id: len(await self.store.listInstancesOf(u.id)) for u in users if u.disabled}
         restricted = {
             s.id: ", ".join(names.get(i, i) for i in await self.store.schedulerUsers(s.id)) for s in schedulers
         }
@@ -93,6 +125,7 @@ class AdminPages:
             images=images,
             schedulers=schedulers,
             restricted=restricted,
+            left=left,
             kid=self.keys.signer().kid,
             **extra,
         )
@@ -121,7 +154,7 @@ class AdminPages:
         who = await self.admin(request)
         if who is None:
             return self.forbidden(request)
-        return await self.page(request, who, message=DONE.get(arg(request, "done") or ""))
+        return await self.page(request, who, message=doneMessage(arg(request, "done") or "", arg(request, "id")))
 
     @app.route("/users", methods=["POST"])
     async def addUser(self, request: IRequest) -> bytes:
@@ -162,6 +195,8 @@ class AdminPages:
             changes["max_instances"] = int(raw) if raw else None
         elif action == "reset-password":
             return await self.resetPassword(request, who, user_id)
+        elif action in ("end-instances", "remove"):
+            return await self.endPerson(request, who, user_id, action)
         elif action in ("grant-admin", "revoke-admin"):
             if user_id == who.user.id:
                 return await self.page(request, who, 400, error="You cannot change your own rights.")
@@ -174,6 +209,34 @@ class AdminPages:
             return await self.page(request, who, 400, error=str(e))
         self.log.info("{admin} changed user {id}: {action}", admin=who.user.name, id=user_id, action=action)
         return done(request, "saved")
+
+    async def endPerson(self, request: IRequest, who: LoggedIn, userId: str, action: str) -> bytes:
+        """
+        A disabled person's instances ended (``end-instances``), then the
+        person removed (``remove``), which is refused while any instance of
+        theirs is not discarded.
+        """
+        person = await self.store.userById(userId)
+        if person is None:
+            return await self.page(request, who, 404, error="There is no such person.")
+        if not person.disabled:
+            return await self.page(request, who, 400, error=f"Disable {person.name} first.")
+        if action == "end-instances":
+            stopped, discarded = await endInstancesOf(self.instances, who.user, userId)
+            self.log.info(
+                "{admin} ended the instances of {name}: {stopped} stopped, {discarded} discarded",
+                admin=who.user.name, name=person.name, stopped=stopped, discarded=discarded,
+            )  # fmt: skip
+            return done(request, "ending")
+        try:
+            removed = await removePerson(self.store, self.events, self.sharing, userId)
+        except StoreError as e:
+            return await self.page(request, who, 409, error=f"{person.name} cannot be removed yet: {e}.")
+        self.log.info(
+            "{admin} removed {name} ({id}): {instances} instance records, {images} saved images",
+            admin=who.user.name, name=person.name, id=userId, instances=removed.instances, images=len(removed.images),
+        )  # fmt: skip
+        return done(request, "removed", id=userId)
 
     async def resetPassword(self, request: IRequest, who: LoggedIn, userId: str) -> bytes:
         """

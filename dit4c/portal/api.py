@@ -27,7 +27,7 @@ from dit4c.channel.wire import MAX_LOG_CHUNK
 from dit4c.common.life import ACTIONS, ACTIVE
 from dit4c.common.life import toJSON as lifeJSON
 from dit4c.portal import security
-from dit4c.portal.access import changePerson
+from dit4c.portal.access import changePerson, endInstancesOf, removePerson
 from dit4c.portal.errors import APIError, InstanceError
 from dit4c.portal.events import EventBus
 from dit4c.portal.instances import Instances, Sharing
@@ -414,6 +414,30 @@ class API:
             raise APIError(400, "refused", "You cannot change your own rights or disable yourself.")
         user = await changePerson(self.store, self.events, user_id, **body)
         return self.reply(request, userJSON(user))
+
+    @app.route("/admin/users/<user_id>/end-instances", methods=["POST"])
+    async def endInstances(self, request: IRequest, user_id: str) -> bytes:
+        caller = await self.admin(request)
+        person = await self.disabledPerson(user_id)
+        stopped, discarded = await endInstancesOf(self.instances, caller, person.id)
+        self.log.info("{admin} ended the instances of {name} (API)", admin=caller.name, name=person.name)
+        return self.reply(request, {"stopped": stopped, "discarded": discarded})
+
+    @app.route("/admin/users/<user_id>", methods=["DELETE"])
+    async def removeUser(self, request: IRequest, user_id: str) -> bytes:
+        caller = await self.admin(request)
+        person = await self.disabledPerson(user_id)
+        removed = await removePerson(self.store, self.events, self.sharing, person.id)
+        self.log.info("{admin} removed {name} ({id}) (API)", admin=caller.name, name=person.name, id=person.id)
+        return self.reply(request, {"removed": person.id, "instances": removed.instances, "images": len(removed.images)})
+
+    async def disabledPerson(self, userId: str) -> User:
+        person = await self.store.userById(userId)
+        if person is None:
+            raise APIError(404, "not_found", "There is no such person.")
+        if not person.disabled:
+            raise APIError(409, "conflict", f"Disable {person.name} first.")
+        return person
 
     @app.route("/admin/schedulers/<scheduler_id>/users", methods=["PUT"])
     async def schedulerUsers(self, request: IRequest, scheduler_id: str) -> bytes:

@@ -186,7 +186,10 @@ class Portal:
             publicURL=config.publicURL,
             clock=clock,
         )
-        self.admin = AdminPages(store, sessions=self.sessions, pages=self.pages, events=self.events, keys=keys)
+        self.admin = AdminPages(
+            store, sessions=self.sessions, pages=self.pages, events=self.events, keys=keys,
+            instances=self.instances, sharing=self.sharing,
+        )  # fmt: skip
         self.account = AccountPages(store, sessions=self.sessions, pages=self.pages, events=self.events)
         #: Login through GitHub / OpenID Connect providers, at /login/<provider>
         #: (a ``dit4c.portal.upstream.UpstreamLogin``), or None for none.

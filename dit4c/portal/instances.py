@@ -339,6 +339,10 @@ class Sharing:
     async def deleteImage(self, user: User, image_id: str) -> None:
         image = await self.ownedImage(user, image_id)
         await self.store.deleteImage(image.id)
+        await self.removeBytesOf(image)
+
+    async def removeBytesOf(self, image: Image) -> None:
+        """A deleted saved image's bytes, removed from the image server unless another saved image has them."""
         if self.removeBytes is None or not image.digest or not image.ref.startswith(("http://", "https://")):
             return
         if await self.store.findImages(image.digest):

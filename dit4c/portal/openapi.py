@@ -285,6 +285,20 @@ def document(publicURL: str) -> dict[str, Any]:
                     _json(_ref("User"), "The user"),
                     body={"type": "object"},
                     parameters=[_ID],
+                ),
+                "delete": _op(
+                    "Remove a disabled person whose instances are all discarded: their instances' records, saved images,"
+                    " sessions, tokens and shares go; their storage on the file server stays (409 until then)",
+                    _json({"type": "object"}, "What went: removed (the id), instances and images (how many)"),
+                    parameters=[_ID],
+                ),
+            },
+            "/admin/users/{id}/end-instances": {
+                "post": _op(
+                    "A disabled person's instances one step towards their end: running ones stopped, those at rest"
+                    " discarded (call again once the stopped ones are at rest)",
+                    _json({"type": "object"}, "How many were stopped and how many discarded"),
+                    parameters=[_ID],
                 )
             },
             "/admin/schedulers/{id}/users": {

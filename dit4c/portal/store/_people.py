@@ -9,11 +9,11 @@ from collections.abc import Callable, Mapping, Sequence
 
 from zope.interface import implementer
 
-from ._core import _USER, SQLCore, _cols, _deferred, _given, _marks, _Txn, _user
-from .errors import InvalidName, NotFound
+from ._core import _IMAGE, _USER, SQLCore, _cols, _deferred, _given, _image, _marks, _Txn, _user
+from .errors import Conflict, InvalidName, NotFound
 from .ids import newId
 from .interfaces import ILoginFailures, IPeople
-from .model import LOGIN_NAME_RE, UNSET, Identity, LoginFailures, Unset, User
+from .model import LOGIN_NAME_RE, UNSET, Identity, LoginFailures, Removed, Unset, User
 
 
 def _loginName(name: str) -> str:
@@ -178,6 +178,33 @@ class SQLPeople(SQLCore):
             return _user(t.must(f"SELECT {_cols(_USER)} FROM users WHERE id = ?", (user_id,)))
 
         return await self._run(work, conflict=f"the login name {name!r} is taken")
+    @_deferred
+    async def removeUser(self, user_id: str) -> Removed:
+        def work(t: _Txn) -> Removed:
+            row = t.one(self._dialect.forUpdate("SELECT disabled FROM users WHERE id = ?"), (user_id,))
+            if row is None:
+                raise NotFound(f"there is no user {user_id!r}")
+            if not row[0]:
+                raise Conflict("disable them first: a person is removed only once nothing of theirs runs")
+            left = int(t.must("SELECT COUNT(*) FROM instances WHERE owner_id = ? AND state <> 'discarded'", (user_id,))[0])
+            if left:
+                raise Conflict(f"{left} of their instances are not discarded yet")
+            # Their saved images stay where instances started from them point
+            # (another person's, through a share), but nothing lists, shares
+            # or serves them again.
+            images = tuple(
+                _image(row)
+                for row in t.all(f"SELECT {_cols(_IMAGE)} FROM images WHERE owner_id = ? AND deleted = 0", (user_id,))
+            )
+            t.execute("DELETE FROM image_shares WHERE image_id IN (SELECT id FROM images WHERE owner_id = ?)", (user_id,))
+            t.execute("UPDATE images SET deleted = 1, owner_id = NULL WHERE owner_id = ?", (user_id,))
+            instances = t.execute("DELETE FROM instances WHERE owner_id = ?", (user_id,))
+            # Sessions, tokens, identities, shares to them, link grants, codes: with the row.
+            t.execute("DELETE FROM users WHERE id = ?", (user_id,))
+            return Removed(instances=instances, images=images)
+
+        return await self._run(work)
+
     # -- login throttling ------------------------------------------------------------------------------
 
     @_deferred

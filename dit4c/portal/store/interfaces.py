@@ -31,6 +31,7 @@ from .model import (
     Instance,
     LoginFailures,
     OAuthCode,
+    Removed,
     Scheduler,
     Session,
     ShareLink,
@@ -113,6 +114,16 @@ class IPeople(Interface):
         password_reset: bool | Unset = UNSET,
     ) -> Deferred[User]:
         """Change the fields given; fires with the user as it now is."""
+
+    def removeUser(user_id: str) -> Deferred[Removed]:
+        """
+        Remove a disabled person whose instances are all discarded, in one
+        transaction: their instances' records, their saved images (no longer
+        listed, shared or served), their sessions, tokens, identities and
+        every share to or from them. ``Conflict`` if they are not disabled
+        or an instance of theirs is not discarded; ``NotFound`` if there is
+        no such person.
+        """
 
 
 class ILoginFailures(Interface):

@@ -150,6 +150,16 @@ class Grant:
 
 
 @dataclass(frozen=True)
+class Removed:
+    """What went with a removed person."""
+
+    #: Their instances' records (every one discarded).
+    instances: int
+    #: Their saved images as they were, no longer listed, shared or served.
+    images: tuple[Image, ...]
+
+
+@dataclass(frozen=True)
 class LoginFailures:
     """Failed logins counted for one key (an address, a name at an address)."""
 

@@ -320,3 +320,57 @@ async def test_storeErrorsAreStoreErrors(store: IStore) -> None:
     with pytest.raises(StoreError) as info:
         await store.createUser("alice")
     assert str(info.value) == "the login name 'alice' is taken"
+
+
+# -- removing a person ------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_disabled_person_whose_instances_are_discarded_is_removed(store: IStore) -> None:
+    """
+    Everything that gave them access goes with them; their saved images are
+    no longer listed or shared, while another person's instance started
+    from one keeps its record; their login name is free again.
+    """
+    dana = await store.createUser("dana", password_hash="$argon2id$x")
+    erin = await store.createUser("erin")
+    catalogue = await store.createImage("Notes", "notes")
+    saved = await store.createImage("dana's work", "https://images.example/i/1", owner_id=dana.id)
+    await store.shareImage(saved.id, erin.id)
+    hers = await store.createInstance(dana.id, catalogue.id)
+    shared = await store.createInstance(erin.id, saved.id)
+    await store.shareInstance(shared.id, dana.id)
+    await store.shareInstance(hers.id, erin.id)
+    _, link = await store.createShareLink(hers.id)
+    session = await store.createSession(dana.id, 3600)
+    _, token = await store.createApiToken(dana.id, "laptop")
+    await store.linkIdentity(dana.id, "github", "12345")
+
+    # Refused while she may still log in, and while an instance of hers is not discarded.
+    with pytest.raises(Conflict, match="disable"):
+        await store.removeUser(dana.id)
+    await store.updateUser(dana.id, disabled=True)
+    with pytest.raises(Conflict, match="1 of their instances"):
+        await store.removeUser(dana.id)
+    assert await store.userById(dana.id) is not None
+
+    await store.updateInstance(hers.id, state="discarded")
+    removed = await store.removeUser(dana.id)
+    assert (removed.instances, [i.id for i in removed.images]) == (1, [saved.id])
+    assert await store.userById(dana.id) is None
+    assert await store.userByIdentity("github", "12345") is None
+    assert await store.sessionByToken(session.id) is None
+    assert await store.userByApiToken(token) is None
+    assert await store.instanceById(hers.id) is None
+    assert await store.redeemShareLink(link, erin.id) is None
+    assert await store.listImagesSharedWith(erin.id) == []
+    assert [i.id for i in await store.listCatalogue()] == [catalogue.id]
+    # Erin's instance, started from dana's saved image, is untouched (and no longer shared with anyone).
+    assert (await store.instanceById(shared.id)).owner_id == erin.id  # type: ignore[union-attr]
+    assert await store.listInstancesSharedWith(erin.id) == []
+    # The name is free for someone new, who inherits nothing.
+    again = await store.createUser("dana")
+    assert again.id != dana.id and await store.listInstancesOf(again.id, includeDiscarded=True) == []
+
+    with pytest.raises(NotFound):
+        await store.removeUser(dana.id)
