@@ -28,6 +28,7 @@ from dit4c.common.life import ACTIONS, ACTIVE
 from dit4c.common.life import toJSON as lifeJSON
 from dit4c.portal import security
 from dit4c.portal.access import changePerson, endInstancesOf, removePerson
+from dit4c.portal.downloads import ImageDownloads
 from dit4c.portal.errors import APIError, InstanceError
 from dit4c.portal.events import EventBus
 from dit4c.portal.instances import Instances, Sharing
@@ -90,9 +91,11 @@ class API:
         keys: KeyRotation,
         publicURL: str,
         clock: IReactorTime,
+        downloads: ImageDownloads,
     ) -> None:
         """
         :param sessions: who is logged in, for calls from the portal's own pages.
+        :param downloads: saved images as files.
         :param events: where a person's access that ends here (disabled) is told.
         :param keys: the portal's signing keys, which an administrator may rotate.
         :param publicURL: the portal's public base URL (the OpenAPI document names it).
@@ -106,6 +109,7 @@ class API:
         self.keys = keys
         self.publicURL = publicURL
         self.clock = clock
+        self.downloads = downloads
         #: Followed outputs open now, by person (each asks its node once a second).
         self.following: dict[str, int] = {}
 
@@ -238,7 +242,7 @@ class API:
         return self.reply(
             request,
             [
-                {"id": i.id, "name": i.name, "ref": i.ref, "port": i.port, "mine": i.owner_id == user.id}
+                {"id": i.id, "name": i.name, "ref": i.ref, "port": i.port, "digest": i.digest, "mine": i.owner_id == user.id}
                 for i in await self.instances.images(user)
             ],
         )
@@ -317,13 +321,19 @@ class API:
     async def renameImage(self, request: IRequest, image_id: str) -> bytes:
         user = await self.caller(request)
         image = await self.sharing.renameImage(user, image_id, str(self.field(self.body(request), "name")))
-        return self.reply(request, {"id": image.id, "name": image.name, "ref": image.ref, "port": image.port, "mine": True})
+        return self.reply(request, {"id": image.id, "name": image.name, "ref": image.ref, "port": image.port, "digest": image.digest, "mine": True})
 
     @app.route("/images/<image_id>", methods=["DELETE"])
     async def deleteImage(self, request: IRequest, image_id: str) -> bytes:
         user = await self.caller(request)
         await self.sharing.deleteImage(user, image_id)
         return self.reply(request, {"deleted": image_id})
+
+    @app.route("/images/<image_id>/download", methods=["GET"])
+    async def downloadImage(self, request: IRequest, image_id: str) -> bytes | None:
+        """A saved image (the caller's, or shared with them) as an OCI archive, its SHA-256 in ``Repr-Digest``."""
+        user = await self.caller(request)
+        return await self.downloads.send(request, user, image_id)
 
     @app.route("/instances/<instance_id>/logs", methods=["GET"])
     async def logs(self, request: IRequest, instance_id: str) -> bytes | None:

@@ -35,6 +35,7 @@ from dit4c.portal.access import endSession
 from dit4c.portal.account import AccountPages
 from dit4c.portal.admin import AdminPages
 from dit4c.portal.api import API
+from dit4c.portal.downloads import ImageDownloads
 from dit4c.portal.errors import CrossSiteRequest, InstanceError
 from dit4c.portal.events import InstanceEvents
 from dit4c.portal.instances import ICommandSink, Instances, NoChannel, Sharing
@@ -144,6 +145,7 @@ class Portal:
             readToken=partial(imageReadToken, self.basics),
         )
         self.sharing = Sharing(self.instances, config.publicURL, removeBytes=partial(removeImageBytes, keys))
+        self.downloads = ImageDownloads(store, partial(imageReadToken, self.basics))
         self.cookies = CookiePolicy(secure=config.secure, sessionLifetime=config.sessionLifetime)
         #: The portal's own origin, which state-changing requests must come from.
         self.origin = security.origin(config.publicURL)
@@ -185,6 +187,7 @@ class Portal:
             keys=keys,
             publicURL=config.publicURL,
             clock=clock,
+            downloads=self.downloads,
         )
         self.admin = AdminPages(
             store, sessions=self.sessions, pages=self.pages, events=self.events, keys=keys,
@@ -396,6 +399,17 @@ class Portal:
         # Sharing is done on the instance's page; the other actions go back to where they came from.
         fromInstance = arg(request, "from") == "instance" or action in ("link", "revoke-link", "share", "unshare")
         return await self.homeForm(request, act, instance_id if fromInstance else None)
+
+    @app.route("/images/<image_id>/download", methods=["GET"])
+    async def downloadImage(self, request: IRequest, image_id: str) -> bytes | None:
+        """A saved image of the person's, or shared with them, as a file."""
+        who = await self.sessions.loggedIn(request)
+        if who is None:
+            return redirect(request, "/login?next=/")
+        try:
+            return await self.downloads.send(request, who.user, image_id)
+        except InstanceError as e:
+            return self.pages.render(request, "error.html", e.status, user=who.user, csrf=who.session.csrf, title="No download", message=str(e))
 
     @app.route("/images/<image_id>/<action>", methods=["POST"])
     async def imageAction(self, request: IRequest, image_id: str, action: str) -> bytes:

@@ -100,6 +100,7 @@ def document(publicURL: str) -> dict[str, Any]:
                         "name": {"type": "string"},
                         "ref": {"type": "string"},
                         "port": {"type": ["integer", "null"]},
+                        "digest": {"type": ["string", "null"], "description": "sha256:<hex> of a saved image's archive"},
                         "mine": {"type": "boolean"},
                     },
                 },
@@ -248,6 +249,14 @@ def document(publicURL: str) -> dict[str, Any]:
                     "Revoke a share link (and every use it granted)",
                     _json({"type": "object"}, "Revoked"),
                     parameters=[_ID, {"name": "link", "in": "path", "required": True, "schema": {"type": "string"}}],
+                )
+            },
+            "/images/{id}/download": {
+                "get": _op(
+                    "A saved image of yours, or shared with you, as a file (an OCI archive); its SHA-256 in the"
+                    " Repr-Digest and X-DIT4C-Digest headers. 502 if the image server does not give it",
+                    {"description": "The archive", "content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}},
+                    parameters=[_ID],
                 )
             },
             "/images/{id}": {

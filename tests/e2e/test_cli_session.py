@@ -7,6 +7,7 @@ each answer read as JSON; and the exit statuses a script relies on.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -19,6 +20,26 @@ import pytest_twisted
 import treq
 from flows import startDev
 from twisted.internet import threads
+
+
+async def downloadsWhole(portal: str, token: str, image: dict[str, Any]) -> None:
+    """The saved image as a file through the portal's API: every byte, its SHA-256 the one named."""
+    response = await treq.get(
+        f"{portal}/api/v1/images/{image['id']}/download", headers={"Authorization": f"Bearer {token}"}, unbuffered=True
+    )
+    assert response.code == 200
+    assert response.headers.getRawHeaders("x-dit4c-digest") == [image["digest"]]
+    assert response.headers.getRawHeaders("content-disposition")[0].startswith("attachment; filename=")
+    sha = hashlib.sha256()
+    size = 0
+
+    def chunk(data: bytes) -> None:
+        nonlocal size
+        sha.update(data)
+        size += len(data)
+
+    await treq.collect(response, chunk)
+    assert size > 0 and f"sha256:{sha.hexdigest()}" == image["digest"]
 
 
 class Person:
@@ -123,7 +144,8 @@ async def test_a_whole_session_from_the_command_line(processes: Any, tmp_path: P
     assert follower.returncode == 0, complaints
     assert followed.startswith(written[: len(followed)][:200]) or written in followed, (written, followed)
     assert saved["state"] == "saved"
-    assert any(i["mine"] for i in await cli.json("images"))
+    [mine] = [i for i in await cli.json("images") if i["mine"]]
+    await downloadsWhole(dev.portal, token, mine)
     assert (await cli.json("discard", instance["id"], "--wait"))["state"] == "discarded"
     assert await cli.json("ls") == []
 
