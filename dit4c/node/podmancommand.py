@@ -23,7 +23,10 @@ from twisted.python.failure import Failure
 
 from dit4c.node.errors import PodmanError, RuntimeError_
 
-__all__ = ["PodmanCommands", "summarise"]
+#: Where a saved image is named while it is committed and saved, and after it is loaded back.
+SAVED_PREFIX = "localhost/dit4c-saved/"
+
+__all__ = ["SAVED_PREFIX", "PodmanCommands", "summarise"]
 
 
 class _Collect(ProcessProtocol):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dit4c.node.errors import PodmanError, RuntimeError_
-from dit4c.node.podmancommand import PodmanCommands, summarise
+from dit4c.node.podmancommand import SAVED_PREFIX, PodmanCommands, summarise
 
 __all__ = ["PodmanImages"]
 
@@ -44,7 +44,7 @@ class PodmanImages(PodmanCommands):
         return min(ports)
 
     async def _capture(self, instance: str, archive: Path) -> str | None:
-        tag = f"localhost/dit4c-saved/{instance}:latest"
+        tag = f"{SAVED_PREFIX}{instance}:latest"
         await self._run("commit", "--quiet", self.toolName(instance), tag, what="saving the tool's container")
         temporary = archive.with_suffix(".partial")
         try:

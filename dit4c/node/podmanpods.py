@@ -21,7 +21,7 @@ from twisted.internet.threads import deferToThreadPool
 
 from dit4c.node.errors import RuntimeError_
 from dit4c.node.interfaces import PodStatus
-from dit4c.node.podmancommand import PodmanCommands
+from dit4c.node.podmancommand import SAVED_PREFIX, PodmanCommands
 from dit4c.node.processes import PodProcess, removePodDirectory
 
 __all__ = [
@@ -327,6 +327,7 @@ class PodmanPods(PodmanCommands):
             )  # fmt: skip
         await self._stopStorage(pod)
         if removePod:
+            loaded = await self._loadedImage(pod.instance)
             directory = pod.directory
             if removeDirectory and str(directory) not in ("", "/") and directory.exists():
                 await deferToThreadPool(
@@ -337,4 +338,21 @@ class PodmanPods(PodmanCommands):
                 timeout=self.stopTimeout + self.commandTimeout,
                 what="removing the pod",
             )  # fmt: skip
+            if loaded is not None:
+                # Refused (and left) while another pod restored from the same image still uses it.
+                await self._spawn([self.podman, "rmi", loaded])
         pod.state = PodPhase.DOWN
+
+    async def _loadedImage(self, instance: str) -> str | None:
+        """
+        The saved image ``instance``'s tool was restored from (loaded from an
+        archive, see ``_load``), if it was: removed with the pod, since the
+        image server holds it and a later restore loads it again.
+        """
+        out, _, code, timedOut = await self._spawn(
+            [self.podman, "container", "inspect", "--format", "{{.ImageName}}", self.toolName(instance)]
+        )
+        name = out.decode("utf-8", "replace").strip()
+        if timedOut or code != 0 or not name.startswith(SAVED_PREFIX):
+            return None
+        return name

@@ -394,6 +394,11 @@ async def test_capture_and_start_again_from_the_archive(runtime: PodmanRuntime, 
             return None  # the helpers are still starting
 
     assert await waitFor(served, what="the restored tool") == "kept\n"
+    # The loaded image goes with the pod: the image server holds it, and a later restore loads it again.
+    restored = f"localhost/dit4c-saved/{first.instance}:latest"
+    assert (await podman("image", "exists", restored))[2] == 0
+    await runtime.discard(again.instance)
+    assert (await podman("image", "exists", restored))[2] == 1
 
 
 @pytest_twisted.ensureDeferred
