@@ -15,6 +15,8 @@ request it receives (docs/protocols.md sections 8.4 and 12).
   storage chunk by chunk, asked about before its body is read);
 - :mod:`~dit4c.imageserver.errors`: what a client is refused with, and the
   object store's failure;
+- :mod:`~dit4c.imageserver.metrics`: the Prometheus figures (``--metrics``),
+  counted where each request's end is decided;
 - :mod:`~dit4c.imageserver.service` and :mod:`~dit4c.imageserver.tap`: the
   twistd plugin.
 """

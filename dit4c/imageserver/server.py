@@ -16,6 +16,7 @@ from urllib.parse import unquote_to_bytes
 from twisted.web.server import Request
 
 from dit4c.imageserver.errors import MethodNotAllowed, NotFound
+from dit4c.imageserver.metrics import ImageServerMetrics
 from dit4c.imageserver.portal import PortalGate
 from dit4c.imageserver.storage import IImageStorage, parseDigest
 
@@ -47,8 +48,9 @@ HEALTH_METHODS = (b"GET", b"HEAD")
 class ImageServer:
     """
     What every connection of the image server shares: the storage, the
-    portal gate, the limits, and the public base URL (for the ``url`` of
-    an upload's answer).
+    portal gate, the limits, the public base URL (for the ``url`` of an
+    upload's answer), and the figures every request counts itself in
+    (``metrics``; its own unless given).
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class ImageServer:
         maxSize: int = DEFAULT_MAX_SIZE,
         lingerTime: float = LINGER_TIME,
         lingerBytes: int = LINGER_BYTES,
+        metrics: ImageServerMetrics | None = None,
     ) -> None:
         self.reactor = reactor
         self.storage = storage
@@ -69,6 +72,7 @@ class ImageServer:
         self.maxSize = maxSize
         self.lingerTime = lingerTime
         self.lingerBytes = lingerBytes
+        self.metrics = metrics if metrics is not None else ImageServerMetrics()
 
     def imageURL(self, digest: str) -> str:
         return f"{self.publicURL or ''}/images/{digest}"

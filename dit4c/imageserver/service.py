@@ -1,4 +1,4 @@
-"""The image server as a service: its storage, its question to the portal, its listening ports."""
+"""The image server as a service: its storage, its question to the portal, its listening ports, its figures."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 
+from dit4c.common.adminsite import adminSite
 from dit4c.common.service import ListeningService
+from dit4c.imageserver.metrics import ImageServerMetrics
 from dit4c.imageserver.portal import PortalGate
 from dit4c.imageserver.storage import DirectoryStorage, IImageStorage
 from dit4c.imageserver.web import DEFAULT_MAX_SIZE, ImageServer, ImageSite
@@ -30,6 +32,9 @@ class ImageServerService(MultiService):
         of the first endpoint, as bound.
     :param idleTimeout: seconds a connection may send nothing (a request's
         head included) before it is closed.
+    :param metricsEndpoint: where to serve Prometheus ``/metrics`` and
+        ``/health`` (:mod:`dit4c.imageserver.metrics`), if anywhere; the
+        figures are counted either way (``self.metrics``).
     """
 
     log = Logger()
@@ -47,6 +52,7 @@ class ImageServerService(MultiService):
         maxSize: int = DEFAULT_MAX_SIZE,
         portalTimeout: float = 10.0,
         idleTimeout: float = 60.0,
+        metricsEndpoint: IStreamServerEndpoint | None = None,
     ) -> None:
         super().__init__()
         if storage is None:
@@ -55,11 +61,19 @@ class ImageServerService(MultiService):
             storage = DirectoryStorage(dataDir)
         self.storage = storage
         self.gate = PortalGate(reactor, portal, secret, timeout=portalTimeout)
-        self.server = ImageServer(reactor, storage, self.gate, publicURL=publicURL, maxSize=maxSize)
+        self.metrics = ImageServerMetrics()
+        self.server = ImageServer(reactor, storage, self.gate, publicURL=publicURL, maxSize=maxSize, metrics=self.metrics)
         self.site = ImageSite(self.server, timeout=idleTimeout)
         self.listeners = [ListeningService(endpoint, self.site, "image server") for endpoint in endpoints]
         for listener in self.listeners:
             listener.setServiceParent(self)
+        #: Serving /metrics and /health, if asked to (never on the public ports).
+        self.metricsListener: ListeningService | None = None
+        if metricsEndpoint is not None:
+            self.metricsListener = ListeningService(
+                metricsEndpoint, adminSite(self.metrics, dict), "image server metrics"
+            )
+            self.metricsListener.setServiceParent(self)
 
     def startService(self) -> None:
         # The directory storage is ready when this returns; a remote one

@@ -44,6 +44,7 @@ class Options(usage.Options):
         ["max-size", None, DEFAULT_MAX_SIZE, "Largest image accepted, in bytes.", positiveInt],
         ["portal-timeout", None, 10.0, "Seconds to wait for the portal's answer.", positiveFloat],
         ["idle-timeout", None, 60.0, "Seconds a connection may send nothing (a request head included) before it is closed.", positiveFloat],
+        ["metrics", None, None, "Endpoint to serve Prometheus /metrics and /health on, e.g. tcp:9103:interface=127.0.0.1 (keep it off the public network)."],
     ]
 
     def __init__(self) -> None:
@@ -58,6 +59,8 @@ class Options(usage.Options):
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         endpointList(self["listen"], server=True, option="listen")
+        if self["metrics"]:
+            endpointList([self["metrics"]], server=True, option="metrics")
         if not self["portal"]:
             raise usage.UsageError("--portal is required")
         if not isPortalAddress(self["portal"]):
@@ -156,4 +159,5 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         maxSize=config["max-size"],
         portalTimeout=config["portal-timeout"],
         idleTimeout=config["idle-timeout"],
+        metricsEndpoint=serverFromString(reactor, config["metrics"]) if config["metrics"] else None,
     )

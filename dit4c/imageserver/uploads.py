@@ -33,12 +33,14 @@ from twisted.web import http
 from twisted.web.server import Request
 
 from dit4c.imageserver.errors import (
+    BadDigest,
     ImageServerError,
     MethodNotAllowed,
     PortalUnavailable,
     Refused,
     TooLarge,
 )
+from dit4c.imageserver.metrics import outcomeOf
 from dit4c.imageserver.portal import Decision
 from dit4c.imageserver.server import (
     ImageServer,
@@ -75,7 +77,8 @@ class _Upload:
     then write chunk by chunk, then commit.
     ``ASKING → RECEIVING → COMMITTING → DONE``, or ``FAILED`` (refused, too
     large, digest mismatch, the store failed) or ``LOST`` (the client went
-    away) from either of the first two.
+    away) from either of the first two. Each of those ends is counted in
+    the server's figures where it is reached (:meth:`_end`), once.
     """
 
     log = Logger()
@@ -98,6 +101,7 @@ class _Upload:
 
     def start(self) -> None:
         """The head is in: stop reading and ask the portal."""
+        self.server.metrics.uploadStarted()
         headers = self.request.requestHeaders
         expect = headers.getRawHeaders(b"expect")
         if expect and expect[0].strip().lower() == b"100-continue":
@@ -125,6 +129,7 @@ class _Upload:
         assert self._writer is not None
         try:
             self._writer.write(data)
+            self.server.metrics.bytesReceived += len(data)
         except OSError:
             self.log.failure("could not write image {digest}", digest=self.digest)
             self._fail(ImageServerError("The image could not be stored."))
@@ -148,6 +153,7 @@ class _Upload:
             digest=self.digest, client=clientAddress(self.request), received=self.received,
         )  # fmt: skip
         self.state = _State.LOST
+        self._end("cut_off")
         self._drop()
         if self._question is not None and not self._question.called:
             self._question.cancel()
@@ -170,6 +176,7 @@ class _Upload:
             self._writer = self.server.storage.begin(self.digest)
             for data in self._pending:
                 self._writer.write(data)
+                self.server.metrics.bytesReceived += len(data)
         except OSError:
             self.log.failure("could not start storing image {digest}", digest=self.digest)
             self._fail(ImageServerError("The image could not be stored."))
@@ -211,6 +218,8 @@ class _Upload:
     def _committed(self, committed: Committed) -> None:
         assert self._result is not None
         self.state = _State.DONE
+        self._end("stored")
+        self.server.metrics.bytesStored += committed.size
         self.log.info(
             "stored {digest} ({size} bytes, {what})",
             digest=self.digest, size=committed.size, what="new" if committed.created else "stored before",
@@ -231,11 +240,13 @@ class _Upload:
         else:
             self.log.failure("could not store image {digest}", failure, digest=self.digest)
             error = ImageServerError("The image could not be stored.")
+        self._end(outcomeOf(error))
         if not self._result.called:
             self._result.errback(error)
 
     def _fail(self, error: ImageServerError) -> None:
         self.state = _State.FAILED
+        self._end(outcomeOf(error))
         self._drop()
         if self._result is not None:
             # The body is in and the request is being processed: an
@@ -244,6 +255,10 @@ class _Upload:
                 self._result.errback(error)
         else:
             self.request.answerEarly(error)
+
+    def _end(self, outcome: str) -> None:
+        """The upload's end is decided (every path to ``DONE``, ``FAILED`` or ``LOST`` comes here once)."""
+        self.server.metrics.uploadEnded(outcome)
 
     def _drop(self) -> None:
         self._pending = []
@@ -287,11 +302,14 @@ class ImageRequest(Request):
         try:
             _, digest = route(method, target)
         except ImageServerError as e:
+            if isinstance(e, BadDigest):
+                self.server.metrics.uploadEnded("invalid", started=False)
             self.answerEarly(e)
             return
         assert digest is not None
         server = self.server
         if length is not None and length > server.maxSize:
+            server.metrics.uploadEnded("too_large", started=False)
             self.answerEarly(TooLarge(f"The image is larger than {server.maxSize} bytes: nothing was stored."))
             return
         self.upload = _Upload(self, server, digest, length)

@@ -33,6 +33,7 @@ from twisted.web.server import NOT_DONE_YET
 from dit4c.common.httpfront import FrontLimits
 from dit4c.common.httpsite import FrontSite, SiteLimits
 from dit4c.imageserver.errors import ImageServerError, MethodNotAllowed, NotFound, Refused
+from dit4c.imageserver.metrics import CountingConsumer, outcomeOf
 from dit4c.imageserver.server import (
     DEFAULT_MAX_SIZE,
     HEALTH_METHODS,
@@ -126,30 +127,14 @@ class ImageResource(Resource):
 
     async def _serve(self, request: ImageRequest, digest: str) -> None:
         method = request.method
+        outcome = "failed"
         try:
             if method == b"PUT":
                 await self._put(request, digest)
                 return
-            decision = await self.images.gate.ask(method.decode("ascii"), digest, credentials(request))
-            if request._disconnected:
-                return
-            if not decision.allowed:
-                self.log.info(
-                    "{method} {digest} from {client} refused: {reason}",
-                    method=method.decode("ascii"), digest=digest, client=clientAddress(request),
-                    reason=decision.reason,
-                )  # fmt: skip
-                raise Refused(decision.reason)
-            if method == b"DELETE":
-                if not await self.images.storage.delete(digest):
-                    raise NotFound()
-                self.log.info("deleted {digest} ({reason})", digest=digest, reason=decision.reason)
-                request.setResponseCode(204)
-                request.responseHeaders.removeHeader(b"content-type")
-                request.finish()
-                return
-            await self._send(request, digest)
+            outcome = await self._answer(request, digest)
         except ImageServerError as e:
+            outcome = outcomeOf(e)
             if not request._disconnected and not request.finished:
                 if request.startedWriting:
                     connectionTransport(request).abortConnection()
@@ -158,6 +143,34 @@ class ImageResource(Resource):
                 request.responseHeaders.removeHeader(b"content-length")
                 request.write(self._error(request, e))
                 request.finish()
+        finally:
+            # The one place a GET, HEAD or DELETE is counted, however it ended;
+            # an upload counts itself where its end is decided (dit4c.imageserver.uploads).
+            if method != b"PUT":
+                self.images.metrics.answered(method, outcome)
+
+    async def _answer(self, request: ImageRequest, digest: str) -> str:
+        """``GET``, ``HEAD`` or ``DELETE``, once the portal allows it: how it ended (dit4c.imageserver.metrics)."""
+        method = request.method
+        decision = await self.images.gate.ask(method.decode("ascii"), digest, credentials(request))
+        if request._disconnected:
+            return "cut_off"
+        if not decision.allowed:
+            self.log.info(
+                "{method} {digest} from {client} refused: {reason}",
+                method=method.decode("ascii"), digest=digest, client=clientAddress(request),
+                reason=decision.reason,
+            )  # fmt: skip
+            raise Refused(decision.reason)
+        if method == b"DELETE":
+            if not await self.images.storage.delete(digest):
+                raise NotFound()
+            self.log.info("deleted {digest} ({reason})", digest=digest, reason=decision.reason)
+            request.setResponseCode(204)
+            request.responseHeaders.removeHeader(b"content-type")
+            request.finish()
+            return "deleted"
+        return await self._send(request, digest)
 
     async def _put(self, request: ImageRequest, digest: str) -> None:
         upload = request.upload
@@ -171,15 +184,16 @@ class ImageResource(Resource):
         request.write(self._json(request, 201 if committed.created else 200, body))
         request.finish()
 
-    async def _send(self, request: ImageRequest, digest: str) -> None:
+    async def _send(self, request: ImageRequest, digest: str) -> str:
         """
         ``GET`` or ``HEAD``: the image (``200``), one range of it (``206``),
-        streamed from the storage as the connection takes it.
+        streamed from the storage as the connection takes it (its bytes
+        counted as they go); how it ended.
         """
         storage = self.images.storage
         info = await storage.stat(digest)
         if request._disconnected:
-            return
+            return "cut_off"
         if info is None:
             raise NotFound()
         request.setHeader(DIGEST_HEADER, digest.encode("ascii"))
@@ -188,20 +202,20 @@ class ImageResource(Resource):
         request.setHeader(b"content-type", b"application/octet-stream")
         if info.modified is not None and request.setLastModified(info.modified) is http.CACHED:
             request.finish()
-            return
+            return "not_modified"
         offset, length = 0, info.size
         if request.method == b"GET":
             offset, length = byteRange(request, info.size)
         request.setHeader(b"content-length", b"%d" % length)
         if request.method == b"HEAD" or length == 0:
             request.finish()
-            return
-        reading = storage.read(digest, request, offset, length)
+            return "range_not_satisfiable" if request.code == http.REQUESTED_RANGE_NOT_SATISFIABLE else "sent"
+        reading = storage.read(digest, CountingConsumer(request, self.images.metrics), offset, length)
         request.notifyFinish().addErrback(lambda _: reading.cancel())
         try:
             await reading
         except CancelledError:
-            return
+            return "cut_off"
         except ImageServerError:
             raise
         except Exception:
@@ -210,11 +224,13 @@ class ImageResource(Resource):
                 if request.startedWriting:
                     # Headers and part of the body are out: the client must see a broken response.
                     connectionTransport(request).abortConnection()
-                    return
+                    return "failed"
                 raise ImageServerError("The image could not be read; try again.") from None
-            return
-        if not request._disconnected:
-            request.finish()
+            return "cut_off"
+        if request._disconnected:
+            return "cut_off"
+        request.finish()
+        return "sent"
 
     def _failed(self, failure: Failure, request: ImageRequest) -> None:
         self.log.failure("image request failed: {method} {path}", failure, method=request.method, path=request.path)
