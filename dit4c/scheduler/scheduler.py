@@ -13,8 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dit4c.channel.errors import NodeFull
@@ -22,6 +23,7 @@ from dit4c.channel.interfaces import INode, INodeObserver, startFrom
 from dit4c.channel.wire import Command, InstanceStatus, LogChunk
 from dit4c.common.life import State
 from dit4c.scheduler.channel import ChannelClient, ISchedulerHandler
+from dit4c.scheduler.metrics import SchedulerMetrics
 
 __all__ = ["Scheduler"]
 
@@ -42,6 +44,8 @@ class Scheduler(MultiService):
         self.nodes: list[INode] = []
         #: The channel to the portal (set by whoever builds the scheduler).
         self.channel: ChannelClient | None = None
+        #: What it counts as it goes, and its figures (served with ``--metrics``).
+        self.metrics = SchedulerMetrics(lambda: self.nodes, lambda: self.channel is not None and self.channel.connected)
         for node in nodes or []:
             self.addNode(node)
 
@@ -78,26 +82,41 @@ class Scheduler(MultiService):
         return [status for node in self.nodes for status in node.instances()]
 
     def command(self, command: Command) -> Deferred[None]:
+        def taken(ok: bool) -> None:
+            self.metrics.commandHandled(command.op, "ok" if ok else "error")
+
+        def failed(failure: Failure) -> Failure:
+            self.metrics.commandHandled(command.op, "error")
+            return failure  # the channel logs it and tells the portal
+
+        handling: Deferred[bool] = maybeDeferred(self._act, command)
+        return handling.addCallbacks(taken, failed)
+
+    def _act(self, command: Command) -> Deferred[bool]:
+        """Act on a command: whether it was taken on (a start no node has room for is not)."""
         node = self.nodeOf(command.instance)
         if command.op == "start":
             # Its node again if one holds it; else the nodes with room, most room first.
             for candidate in [node] if node is not None else self._candidates():
                 try:
-                    return startFrom(candidate, command)
+                    started = startFrom(candidate, command)
                 except NodeFull:
                     continue
+                self.metrics.placed(candidate)
+                return started.addCallback(lambda _: True)
+            self.metrics.refused()
             self._tell(InstanceStatus(command.instance, State.ERRORED, "No compute node has room for this instance now."))
-            return succeed(None)
+            return succeed(False)
         if node is None:
             # No node holds it: whatever it was asked, nothing of it runs.
             final = State.DISCARDED if command.op == "discard" else State.STOPPED
             self._tell(InstanceStatus(command.instance, final))
-            return succeed(None)
+            return succeed(True)
         action = {"stop": node.stop, "save": node.save, "discard": node.discard, "resume": node.resume}[command.op]
         action(command.instance).addErrback(
             lambda f: self.log.failure("{op} {instance}", f, op=command.op, instance=command.instance)
         )
-        return succeed(None)
+        return succeed(True)
 
     def _candidates(self) -> list[INode]:
         """The nodes that take instances and have room, most room first."""

@@ -9,6 +9,7 @@ from twisted.python import usage
 
 from dit4c.common.errors import KeyFileError
 from dit4c.common.keys import loadPrivateKey
+from dit4c.common.options import endpointList
 from dit4c.common.tokens import StaticKeySource
 
 
@@ -36,7 +37,8 @@ class Options(usage.Options):
         "the portal), takes instance commands, places each new instance on "
         "the compute node with the most room, and reports states and keys "
         "back. It dials each node too (the node link), checking the node's "
-        "public key. It accepts no connection itself."
+        "public key. It accepts no connection itself, but for its figures "
+        "(Prometheus /metrics and /health) if --metrics is given."
     )
     optParameters = [
         ["portal", None, None, "The portal's channel URL: wss://portal.example.org (or ws:// on loopback)."],
@@ -45,6 +47,7 @@ class Options(usage.Options):
         ["issuer", None, None, "The portal's public URL, if its challenge must name it (default: trust the challenge)."],
         ["trust", None, None, "PEM file or directory of CA certificates for wss:// (default: the system's)."],
         ["node-grace", None, 60.0, "Seconds a node may be away before its instances are reported lost.", float],
+        ["metrics", None, None, "Endpoint to serve Prometheus /metrics and /health on, e.g. tcp:9102:interface=127.0.0.1 (keep it off the public network)."],
     ]
 
     def __init__(self) -> None:
@@ -76,6 +79,8 @@ class Options(usage.Options):
             channelURL(self["portal"])
         except ValueError as e:
             raise usage.UsageError(f"--portal: {e}") from None
+        if self["metrics"]:
+            endpointList([self["metrics"]], server=True, option="metrics")
 
 
 def makeService(config: Options, reactor: Any = None) -> IService:
@@ -112,4 +117,14 @@ def makeService(config: Options, reactor: Any = None) -> IService:
     )
     scheduler.channel = channel
     channel.setServiceParent(scheduler)
+    if config["metrics"]:
+        from twisted.internet.endpoints import serverFromString
+
+        from dit4c.common.adminsite import adminSite
+        from dit4c.common.service import ListeningService
+
+        metrics = scheduler.metrics
+        ListeningService(
+            serverFromString(reactor, config["metrics"]), adminSite(metrics, metrics.health), "scheduler metrics"
+        ).setServiceParent(scheduler)
     return scheduler
