@@ -37,6 +37,7 @@ from dit4c.common.errors import InvalidToken
 from dit4c.common.portalhttp import portalHTTP, readJSON
 from dit4c.common.tokens import INSTANCE_ID_RE, IKeySource
 from dit4c.fileserver.errors import AccessRefused, PortalUnavailable
+from dit4c.fileserver.metrics import FileServerMetrics
 from dit4c.fileserver.sftp import IAccess
 
 __all__ = ["ACCESS_PATH", "SECRET_HEADER", "Access", "InstanceKeyChecker", "PortalAsker"]
@@ -165,16 +166,27 @@ class InstanceKeyChecker:
     SSH public-key login as an instance: user name = instance id, key = the
     instance's published key (``keySource``, kid ``instance:<id>``),
     then the portal's answer (``asker``). The avatar id is an :class:`Access`.
+
+    Each refusal is counted here, by why (``metrics``); an accepted login
+    is counted once the realm has made its avatar (``StorageRealm``).
     """
 
     credentialInterfaces = (ISSHPrivateKey,)
     log = Logger()
 
-    def __init__(self, keySource: IKeySource, asker: PortalAsker, clock: Any, *, cacheFor: float = 30.0) -> None:
+    def __init__(
+        self, keySource: IKeySource, asker: PortalAsker, clock: Any, *, cacheFor: float = 30.0, metrics: FileServerMetrics | None = None
+    ) -> None:
         self.keySource = keySource
         self.asker = asker
         self.clock = clock
         self.cacheFor = cacheFor
+        self.metrics = metrics if metrics is not None else FileServerMetrics()
+
+    def _refusal(self, outcome: str, message: str) -> UnauthorizedLogin:
+        """The login refused, counted as ``outcome``."""
+        self.metrics.login(outcome)
+        return UnauthorizedLogin(message)
 
     def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
         return Deferred.fromCoroutine(self._check(credentials))
@@ -185,32 +197,32 @@ class InstanceKeyChecker:
         except UnicodeDecodeError:
             instance = ""
         if INSTANCE_ID_RE.fullmatch(instance) is None:
-            raise UnauthorizedLogin("The user name must be an instance id.")
+            raise self._refusal("bad_credentials", "The user name must be an instance id.")
         try:
             offered = keys.Key.fromString(credentials.blob)
         except (keys.BadKeyError, ValueError):
-            raise UnauthorizedLogin("Unusable key.") from None
+            raise self._refusal("bad_credentials", "Unusable key.") from None
         try:
             jwk = await self.keySource.getKey(f"instance:{instance}")
             published = keys.Key(jwk.key)
         except InvalidToken:
             self.log.info("login as {instance} refused: the portal publishes no key for it", instance=instance)
-            raise UnauthorizedLogin("The portal publishes no key for this instance.") from None
+            raise self._refusal("bad_credentials", "The portal publishes no key for this instance.") from None
         if offered != published:
             self.log.info("login as {instance} refused: not the instance's key", instance=instance)
-            raise UnauthorizedLogin("That is not the instance's key.")
+            raise self._refusal("bad_credentials", "That is not the instance's key.")
         if credentials.signature is None:
             # The client asks whether this key would do: it would.
             raise conchError.ValidPublicKey()
         if not offered.verify(credentials.signature, credentials.sigData):
             self.log.info("login as {instance} refused: bad signature", instance=instance)
-            raise UnauthorizedLogin("Bad signature.")
+            raise self._refusal("bad_credentials", "Bad signature.")
         try:
             user = await self.asker.owner(instance)
         except AccessRefused as e:
             self.log.info("login as {instance} refused by the portal: {reason}", instance=instance, reason=str(e))
-            raise UnauthorizedLogin(str(e)) from None
+            raise self._refusal("refused", str(e)) from None
         except PortalUnavailable as e:
             self.log.warn("login as {instance} refused: the portal could not be asked ({reason})", instance=instance, reason=str(e))
-            raise UnauthorizedLogin("The portal could not be asked.") from None
+            raise self._refusal("portal_unavailable", "The portal could not be asked.") from None
         return Access(instance, user, self.asker, self.clock, self.clock.seconds(), self.cacheFor)

@@ -30,6 +30,7 @@ from zope.interface import implementer
 from dit4c.common.keys import loadOrCreatePrivateKey
 from dit4c.fileserver.access import Access, InstanceKeyChecker
 from dit4c.fileserver.jail import Jail
+from dit4c.fileserver.metrics import FileServerMetrics
 from dit4c.fileserver.sftp import MAX_HANDLES, JailedSFTPServer, SFTPSubsystem
 
 __all__ = ["FileServerFactory", "StorageRealm", "loadHostKey"]
@@ -82,11 +83,12 @@ class StorageUser(ConchUser):
 
     log = Logger()
 
-    def __init__(self, access: Access, jail: Jail, *, maxHandles: int = MAX_HANDLES) -> None:
+    def __init__(self, access: Access, jail: Jail, *, maxHandles: int = MAX_HANDLES, metrics: FileServerMetrics | None = None) -> None:
         super().__init__()
         self.access = access
         self.jail = jail
         self.maxHandles = maxHandles
+        self.metrics = metrics if metrics is not None else FileServerMetrics()
         self.sessions = 0
         self.channelLookup[b"session"] = _Session
         access.onRevoke.append(self.disconnect)
@@ -95,7 +97,7 @@ class StorageUser(ConchUser):
         if subsystem != b"sftp" or self.sessions >= MAX_SESSIONS:
             return None
         self.sessions += 1
-        return SFTPSubsystem(JailedSFTPServer(self.jail, self.access, maxHandles=self.maxHandles))
+        return SFTPSubsystem(JailedSFTPServer(self.jail, self.access, maxHandles=self.maxHandles, metrics=self.metrics))
 
     def disconnect(self) -> None:
         conn = getattr(self, "_conn", None)
@@ -108,13 +110,18 @@ class StorageUser(ConchUser):
 
 @implementer(IRealm)
 class StorageRealm:
-    """Each access's person's directory, made (mode 0700) on first use."""
+    """
+    Each access's person's directory, made (mode 0700) on first use. A
+    login is counted as accepted here, once its avatar exists: the checker
+    said yes and the person's directory is usable.
+    """
 
     log = Logger()
 
-    def __init__(self, dataDir: Path, *, maxHandles: int = MAX_HANDLES) -> None:
+    def __init__(self, dataDir: Path, *, maxHandles: int = MAX_HANDLES, metrics: FileServerMetrics | None = None) -> None:
         self.users = Path(dataDir) / "users"
         self.maxHandles = maxHandles
+        self.metrics = metrics if metrics is not None else FileServerMetrics()
 
     def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> tuple[Any, StorageUser, Any]:
         if IConchUser not in interfaces or not isinstance(avatarId, Access):
@@ -127,7 +134,8 @@ class StorageRealm:
             pass
         if home.is_symlink() or not home.is_dir():
             raise NotImplementedError("the person's storage is not a directory")
-        avatar = StorageUser(avatarId, Jail(home), maxHandles=self.maxHandles)
+        avatar = StorageUser(avatarId, Jail(home), maxHandles=self.maxHandles, metrics=self.metrics)
+        self.metrics.login("accepted")
         self.log.info(
             "instance {instance} logged in to the storage of user {user}",
             instance=avatarId.instance, user=avatarId.user,
@@ -150,12 +158,14 @@ class _Transport(transport.SSHServerTransport, TimeoutMixin):
         # Key exchange and login together: a client that stalls in either is closed.
         self._loginDeadline = self.factory.clock.callLater(self.factory.loginTimeout, self._loginExpired)
         self.factory.live.add(self)
+        self.factory.metrics.connectionOpened()
         super().connectionMade()
 
     def _loginExpired(self) -> None:
         if getattr(self, "avatar", None) is None:
             peer = self.transport.getPeer() if self.transport is not None else None
             self.factory.log.info("closing a connection from {peer} that did not log in in time", peer=peer)
+            self.factory.metrics.login("timed_out")
             self.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
@@ -171,7 +181,9 @@ class _Transport(transport.SSHServerTransport, TimeoutMixin):
         self.setTimeout(None)
         if self._loginDeadline.active():
             self._loginDeadline.cancel()
-        self.factory.live.discard(self)
+        if self in self.factory.live:
+            self.factory.live.discard(self)
+            self.factory.metrics.connectionClosed()
         super().connectionLost(reason)
 
 
@@ -179,7 +191,8 @@ class FileServerFactory(factory.SSHFactory):
     """
     SSH for storage helpers: log in with ``checker`` (an
     :class:`~dit4c.fileserver.access.InstanceKeyChecker`), SFTP in the
-    person's directory under ``dataDir``.
+    person's directory under ``dataDir``; what happens is counted in
+    ``metrics`` (give the checker the same one).
     """
 
     protocol = _Transport
@@ -197,8 +210,10 @@ class FileServerFactory(factory.SSHFactory):
         idleTimeout: float = 300.0,
         loginTimeout: float = 30.0,
         maxHandles: int = MAX_HANDLES,
+        metrics: FileServerMetrics | None = None,
     ) -> None:
         self.clock = clock
+        self.metrics = metrics if metrics is not None else FileServerMetrics()
         self.dataDir = Path(dataDir)
         self.dataDir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.dataDir, 0o700)
@@ -206,7 +221,7 @@ class FileServerFactory(factory.SSHFactory):
         self.privateKeys = {self.hostKey.sshType(): self.hostKey}
         self.publicKeys = {self.hostKey.sshType(): self.hostKey.public()}
         self.primes = None
-        self.portal = Portal(StorageRealm(self.dataDir, maxHandles=maxHandles), [checker])
+        self.portal = Portal(StorageRealm(self.dataDir, maxHandles=maxHandles, metrics=self.metrics), [checker])
         self.maxConnections = maxConnections
         self.idleTimeout = idleTimeout
         self.loginTimeout = loginTimeout
@@ -218,5 +233,6 @@ class FileServerFactory(factory.SSHFactory):
                 "refused a connection from {address}: {count} connections already",
                 address=addr, count=len(self.live),
             )  # fmt: skip
+            self.metrics.login("over_limit")
             return None
         return super().buildProtocol(addr)

@@ -1,4 +1,4 @@
-"""The file server as a service: its SSH server on each listen endpoint."""
+"""The file server as a service: its SSH server on each listen endpoint, its figures on their own."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from twisted.application.service import MultiService
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 
+from dit4c.common.adminsite import adminSite
 from dit4c.common.portalhttp import portalHTTP
 from dit4c.common.service import ListeningService
 from dit4c.common.tokens import JWKSKeySource
 from dit4c.fileserver.access import InstanceKeyChecker, PortalAsker
+from dit4c.fileserver.metrics import FileServerMetrics
 from dit4c.fileserver.server import FileServerFactory
 from dit4c.fileserver.sftp import MAX_HANDLES
 
@@ -28,6 +30,9 @@ class FileServerService(MultiService):
 
     :param portal: the portal as this server reaches it: an http(s) URL or
         ``unix:/path``.
+    :param metricsEndpoint: where to serve ``/metrics`` (Prometheus) and
+        ``/health``, if anywhere; the figures are counted either way
+        (``self.metrics``).
     """
 
     log = Logger()
@@ -47,8 +52,10 @@ class FileServerService(MultiService):
         accessCache: float = 30.0,
         maxHandles: int = MAX_HANDLES,
         clock: Any = None,
+        metricsEndpoint: IStreamServerEndpoint | None = None,
     ) -> None:
         super().__init__()
+        self.metrics = FileServerMetrics()
         clock = clock if clock is not None else reactor
         http, base = portalHTTP(reactor, portal, timeout=portalTimeout)
         # An instance's key is published as it starts: an unknown kid is
@@ -59,14 +66,21 @@ class FileServerService(MultiService):
             min_refetch=1.0, timeout=portalTimeout, clock=clock,
         )  # fmt: skip
         self.asker = PortalAsker(reactor, portal, secret, timeout=portalTimeout)
-        checker = InstanceKeyChecker(self.keys, self.asker, clock, cacheFor=accessCache)
+        checker = InstanceKeyChecker(self.keys, self.asker, clock, cacheFor=accessCache, metrics=self.metrics)
         self.factory = FileServerFactory(
             clock, Path(dataDir), checker, maxConnections=maxConnections, idleTimeout=idleTimeout,
-            loginTimeout=loginTimeout, maxHandles=maxHandles,
+            loginTimeout=loginTimeout, maxHandles=maxHandles, metrics=self.metrics,
         )  # fmt: skip
         self.listeners = [ListeningService(endpoint, self.factory, "file server (SFTP)") for endpoint in endpoints]
         for listener in self.listeners:
             listener.setServiceParent(self)
+        #: The /metrics and /health port, if asked for (announced as "file server metrics").
+        self.metricsListener: ListeningService | None = None
+        if metricsEndpoint is not None:
+            self.metricsListener = ListeningService(
+                metricsEndpoint, adminSite(self.metrics, self.metrics.health), "file server metrics"
+            )
+            self.metricsListener.setServiceParent(self)
 
     @property
     def hostKeyLine(self) -> str:

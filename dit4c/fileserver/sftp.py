@@ -35,6 +35,7 @@ from twisted.logger import (
 from zope.interface import Interface, implementer
 
 from dit4c.fileserver.jail import Jail, Resolved, checkLinkTarget
+from dit4c.fileserver.metrics import FileServerMetrics
 
 __all__ = ["IAccess", "JailedSFTPServer", "SFTPSubsystem", "MAX_CHUNK", "MAX_HANDLES"]
 
@@ -104,6 +105,7 @@ class JailedFile:
         data = os.pread(self.fd, min(length, MAX_CHUNK), offset)
         if not data and length:
             raise EOFError("")
+        self.server.metrics.read(len(data))
         return data
 
     def writeChunk(self, offset: int, data: bytes) -> Deferred[None]:
@@ -113,6 +115,7 @@ class JailedFile:
         view = memoryview(data)
         while view:
             written = os.pwrite(self.fd, view, offset)
+            self.server.metrics.written(written)
             view, offset = view[written:], offset + written
 
     def getAttrs(self) -> Deferred[dict[str, int]]:
@@ -163,11 +166,13 @@ class JailedSFTPServer:
     #: ISFTPServer's: the avatar (the connection's ``StorageUser``), set by whoever knows it.
     avatar: Any = None
 
-    def __init__(self, jail: Jail, access: IAccess, *, maxHandles: int = MAX_HANDLES) -> None:
+    def __init__(self, jail: Jail, access: IAccess, *, maxHandles: int = MAX_HANDLES, metrics: FileServerMetrics | None = None) -> None:
         self.jail = jail
         self.access = access
         self.maxHandles = maxHandles
         self.handles = 0
+        #: Where bytes read and written and files removed are counted.
+        self.metrics = metrics if metrics is not None else FileServerMetrics()
 
     # -- helpers ---------------------------------------------------------------------------------------
 
@@ -227,6 +232,7 @@ class JailedSFTPServer:
         def work() -> None:
             with self._resolve(filename, follow=False) as where:
                 os.unlink(where.name, dir_fd=where.dirfd)
+            self.metrics.removed()
 
         return self._guard(work)
 
@@ -352,6 +358,21 @@ class SFTPSubsystem(filetransfer.FileTransferServer):
         self.client = server
         self.openFiles = {}
         self.openDirs = {}
+        self._metrics = server.metrics
+        self._open = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        if not self._open:
+            self._open = True
+            self._metrics.sessionOpened()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        # Conch can say so twice (the channel closed by the server, then its close confirmed).
+        if self._open:
+            self._open = False
+            self._metrics.sessionClosed()
+        super().connectionLost(reason)
 
     def _cbExtended(self, data: bytes | None, requestId: bytes) -> None:
         if data is None:

@@ -40,6 +40,7 @@ class Options(usage.Options):
         ["max-open-files", None, MAX_HANDLES, "Files and directories one SFTP session may hold open.", positiveInt],
         ["portal-timeout", None, 10.0, "Seconds to wait for the portal's answer.", positiveFloat],
         ["access-cache", None, 30.0, "Seconds a connection may go on on the portal's last yes before it asks again.", positiveFloat],
+        ["metrics", None, None, "Endpoint to serve Prometheus /metrics and /health on, e.g. tcp:9105:interface=127.0.0.1 (keep it off the public network)."],
     ]
 
     def __init__(self) -> None:
@@ -54,6 +55,8 @@ class Options(usage.Options):
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         endpointList(self["listen"], server=True, option="listen")
+        if self["metrics"]:
+            endpointList([self["metrics"]], server=True, option="metrics")
         if not self["portal"]:
             raise usage.UsageError("--portal is required")
         if not isPortalAddress(self["portal"]):
@@ -80,4 +83,5 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         maxHandles=config["max-open-files"],
         portalTimeout=config["portal-timeout"],
         accessCache=config["access-cache"],
+        metricsEndpoint=serverFromString(reactor, config["metrics"]) if config["metrics"] else None,
     )
