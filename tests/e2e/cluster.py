@@ -291,6 +291,10 @@ class Cluster:
         log: learnt the first time, the same ever after.
         """
         await process.waitForLog(self.READY[name], timeout)
+        if name == "scheduler":
+            # Up for instances only once linked to its nodes: a start before that finds no room.
+            for node in self.nodes:
+                await process.waitForLog(f"linked to node {node} ", timeout)
         got: dict[str, int] = {}
         if name == "portal":
             got["portalPort"] = process.port("portal", host="127.0.0.1")
@@ -332,8 +336,17 @@ class Cluster:
     }
 
     async def startAgain(self, name: str) -> Process:
-        """Start a server (killed before) with the same configuration; fires once it is up."""
-        return await self._up(name, getattr(self, f"start{name.capitalize()}")(), 60)
+        """
+        Start a server (killed before) with the same configuration; fires
+        once it is up (a node: once the scheduler is linked to it again, as
+        until then it takes no instance).
+        """
+        scheduler = self.processes.get("scheduler") if name == "node" and self.running("scheduler") else None
+        mark = len(scheduler.log()) if scheduler is not None else 0
+        process = await self._up(name, getattr(self, f"start{name.capitalize()}")(), 60)
+        if scheduler is not None:
+            await scheduler.waitForLog(f"linked to node {self.nodes[0]} ", 60, start=mark)
+        return process
 
     def running(self, name: str) -> bool:
         """Whether the server ``name`` runs (it was started and has not ended)."""

@@ -200,7 +200,10 @@ class Matrix:
         code, body = await self.api("POST", "/instances", {"image": self.cluster.imageIds[GATED]})
         assert code == 201, body
         instance: str = body["id"]
-        await self.until(f"{instance}'s working directory", (self.pod(instance) / "work").is_dir, 30)
+        try:
+            await self.until(f"{instance}'s working directory", (self.pod(instance) / "work").is_dir, 30)
+        except AssertionError as e:
+            raise AssertionError(f"{e}; the portal says {await self.portalState(instance)}") from None
         return instance
 
     async def act(self, instance: str, action: str) -> None:
