@@ -26,6 +26,7 @@ service the scheduler talks to (:class:`dit4c.channel.interfaces.INode`).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,9 @@ class Node(NodeRecovery, Service):
         self._recovered = False
         self._recoveryWaiters: list[Deferred[None]] = []
         self._work = set()
+        self._operations = {}
+        self.outcomes = Counter()
+        self.uploadedBytes = 0
         runtime.onExit(self._podExited)
 
     # -- the service: take every pod back ---------------------------------------------------

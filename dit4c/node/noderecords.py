@@ -14,6 +14,7 @@ instances all move them through it, and only through it.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -30,7 +31,20 @@ from dit4c.common.life import HOLDS_POD, TRANSIENT, Life, State, expiredReason
 from dit4c.node.interfaces import IRuntime
 from dit4c.node.processes import RECORD, PodProcess
 
-__all__ = ["InstanceRecord", "NodeRecords"]
+__all__ = ["GOALS", "OUTCOMES", "InstanceRecord", "NodeRecords"]
+
+#: Each kind of operation the node counts (:mod:`dit4c.node.metrics`), and
+#: the state it ends in when it goes well; it goes badly when the instance
+#: becomes ``errored`` first.
+GOALS: Mapping[str, State] = {
+    "start": State.RUNNING,
+    "resume": State.RUNNING,
+    "stop": State.STOPPED,
+    "save": State.SAVED,
+    "discard": State.DISCARDED,
+}
+#: How an operation can end.
+OUTCOMES = ("ok", "error")
 
 
 @dataclass(frozen=True)
@@ -97,6 +111,12 @@ class NodeRecords:
     _observers: list[INodeObserver]
     #: Every piece of work under way, for tests and a clean stop.
     _work: set[Deferred[Any]]
+    #: The operation (a kind of ``GOALS``) under way on each instance, until it ends.
+    _operations: dict[str, str]
+    #: Operations ended since the node started, by kind and outcome (``OUTCOMES``).
+    outcomes: Counter[tuple[str, str]]
+    #: Bytes of saved images the upload helper delivered to the image server since the node started.
+    uploadedBytes: int
 
     @property
     def _node(self) -> INode:
@@ -105,6 +125,24 @@ class NodeRecords:
 
     def load(self) -> int:
         return sum(1 for r in self._records.values() if r.state in HOLDS_POD)
+
+    # -- operations, counted for the node's figures ----------------------------------------
+
+    def _began(self, instance: str, kind: str) -> None:
+        """
+        ``kind`` of operation is under way on ``instance``. One it overtakes
+        (a start that a stop or a discard cuts short) is not counted: it
+        neither went well nor failed.
+        """
+        self._operations[instance] = kind
+
+    def _reached(self, instance: str, state: State) -> None:
+        """Count the operation under way on ``instance`` if ``state`` ends it."""
+        kind = self._operations.get(instance)
+        if kind is None or state not in (GOALS[kind], State.ERRORED):
+            return
+        del self._operations[instance]
+        self.outcomes[kind, "ok" if state is GOALS[kind] else "error"] += 1
 
     # -- each instance's turn --------------------------------------------------------------
 
@@ -216,6 +254,7 @@ class NodeRecords:
         self._writeRecord(moved)
         if moved.state is not record.state:
             self._arm(moved)
+            self._reached(instance, state)
         self._emit(moved)
         return True
 

@@ -60,11 +60,13 @@ class NodeStarting(NodeRecords):
         if current is not None and current.state is State.DISCARDING:
             return succeed(None)  # it is going: a start for it is a stale command
         if not self.accepting or self.load() >= self.capacity:
+            self.outcomes["start", "error"] += 1  # refused
             raise NodeFull(f"node {self.nodeName} takes no more instances")
         stale = current is not None or self._podDirectory(instance).exists()
         record = InstanceRecord(instance, image, port, digest, State.STARTING, since=self.reactor.seconds())
         self._records[instance] = record
         self._writeRecord(record)
+        self._began(instance, "start")
         self._arm(record)
         self._emit(record)
         self._spawn(instance, "start", lambda: self._start(record, stale, token))
@@ -80,6 +82,7 @@ class NodeStarting(NodeRecords):
         record = self._records.get(instance)
         if record is None or record.state is not State.STOPPED:
             if record is None:
+                self.outcomes["resume", "error"] += 1
                 self._emitStatus(InstanceStatus(instance, State.ERRORED, "This compute node holds no pod of this instance."))
             else:
                 self._emit(record)
@@ -90,11 +93,13 @@ class NodeStarting(NodeRecords):
         elif not self.accepting or self.load() >= self.capacity:
             why = f"Node {self.nodeName} has no room for it now; try again later."
         if why is not None:
+            self.outcomes["resume", "error"] += 1
             self._set(instance, State.STOPPED, why)
             return succeed(None)
         resumed = replace(record, state=State.STARTING, reason=None, since=self.reactor.seconds())
         self._records[instance] = resumed
         self._writeRecord(resumed)
+        self._began(instance, "resume")
         self._arm(resumed)
         self._emit(resumed)
         self._spawn(instance, "resume", lambda: self._start(resumed, stale=False))

@@ -62,6 +62,7 @@ class NodeStopping(NodeRecords):
             self._emitStatus(InstanceStatus(instance, State.STOPPED))
             return succeed(None)
         if record.state in (State.STARTING, State.RUNNING):
+            self._began(instance, "save" if save else "stop")
             if save and self.imageServer is None:
                 self._set(instance, State.STOPPING, None)
                 return self._spawn(instance, "stop", lambda: self._noImageServer(instance))
@@ -178,6 +179,8 @@ class NodeStopping(NodeRecords):
         # Its verdict: the result it left, or (a helper this node started) its exit status.
         succeeded = resultFile(str(archive)).exists() or (reason is not None and reason.endswith("exited with status 0."))
         failure = _readText(failureFile(str(archive)))
+        if succeeded:
+            self.uploadedBytes += _uploadedSize(archive)
         for leftover in (archive, progressFile(str(archive)), resultFile(str(archive)), failureFile(str(archive))):
             await removeFile(leftover)
         if not self._still(instance, State.UPLOADING):
@@ -224,10 +227,12 @@ class NodeStopping(NodeRecords):
     def discard(self, instance: str) -> Deferred[None]:
         record = self._records.get(instance)
         if record is not None and record.state is not State.DISCARDING:
+            self._operations.pop(instance, None)  # cut short: not counted
             if not Life(record.state).allows(State.DISCARDING):
                 # The portal gave up on it (errored there): whatever it was doing here ends.
                 self._set(instance, State.ERRORED, f"Discarded while {record.state.value}.")
             self._set(instance, State.DISCARDING, None)
+            self._began(instance, "discard")
         upload = self._uploads.get(instance)
         if upload is not None:
             # An upload under way holds the instance's turn until it ends: end it now.
@@ -249,6 +254,7 @@ class NodeStopping(NodeRecords):
         record = self._records.pop(instance, None)
         if record is not None:
             self.log.info("{instance} discarded", instance=instance)
+        self._reached(instance, State.DISCARDED)
         self._emitStatus(InstanceStatus(instance, State.DISCARDED))
 
 
@@ -261,6 +267,22 @@ def _hashFile(path: Path) -> str:
         for block in iter(lambda: f.read(1024 * 1024), b""):
             digest.update(block)
     return f"sha256:{digest.hexdigest()}"
+
+
+def _uploadedSize(archive: Path) -> int:
+    """
+    The size of an uploaded image: as the upload helper counted it (its
+    progress file, written as it read the last byte; small), else the
+    archive's own (a stat, not a read).
+    """
+    try:
+        return int(json.loads(progressFile(str(archive)).read_text())["total"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        return archive.stat().st_size
+    except OSError:
+        return 0
 
 
 def _readText(path: Path, limit: int = 2000) -> str | None:

@@ -57,6 +57,7 @@ class Options(usage.Options):
         ["file-server-host-key", None, None, "The file server's SSH host key: a key line, or a file holding one."],
         ["capacity", None, 8, "Instances this node runs at once.", positiveInt],
         ["start-timeout", None, 300.0, "Seconds a tool has to answer after it starts.", positiveFloat],
+        ["metrics", None, None, "Endpoint to serve Prometheus /metrics and /health on, e.g. tcp:9102:interface=127.0.0.1 (keep it off the public network)."],
         ["stop-grace", None, None, "Seconds a pod's tool has to end after SIGTERM (saving its work, say) before it is killed; default 5 (process runtime) or 10 (podman)", positiveFloat],
     ]
 
@@ -79,6 +80,8 @@ class Options(usage.Options):
         if not self["portal"].startswith(("http://", "https://")):
             raise usage.UsageError("--portal must be an http(s) URL")
         endpointList([self["listen"]], server=True, option="listen")
+        if self["metrics"]:
+            endpointList([self["metrics"]], server=True, option="metrics")
         endpointList(self["routing"], server=False, option="routing")
         try:
             self["scheduler-keys"] = StaticKeySource.fromFile(self["scheduler-key"])
@@ -143,4 +146,12 @@ def makeService(config: Options, reactor: Any = None) -> IService:
     link = NodeLinkServer(reactor, node, key, config["scheduler-keys"])
     link.listen(serverFromString(reactor, config["listen"]))
     link.setServiceParent(top)
+    if config["metrics"]:
+        from dit4c.common.adminsite import adminSite
+        from dit4c.common.service import ListeningService
+        from dit4c.node.metrics import NodeMetrics
+
+        metrics = NodeMetrics(node)
+        site = adminSite(metrics, metrics.health)
+        ListeningService(serverFromString(reactor, config["metrics"]), site, "node metrics").setServiceParent(top)
     return top
