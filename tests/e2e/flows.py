@@ -15,12 +15,7 @@ from dit4c.dev.tap import PORTS as DEV_PORTS
 
 
 async def logIn(browser: Any, portal: str, name: str, password: str) -> None:
-    await browser.get(portal + "/login")
-    await browser.waitFor("#username")
-    await browser.fill("#username", name)
-    await browser.fill("#password", password)
-    await browser.click("#submit")
-    await browser.waitFor("#who", 15)
+    await browser.logIn(portal, name, password)
 
 
 async def startTool(browser: Any, portal: str, toolName: str) -> str:

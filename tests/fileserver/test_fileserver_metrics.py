@@ -15,7 +15,7 @@ import pytest_twisted
 import treq
 from fileserver_client import LoginRefused, connect, readFile, writeFile
 from fileserver_world import SECRET, World, portOf
-from prometheus_client.parser import text_string_to_metric_families
+from support.metrics import Figures, scrape
 from support.sockets import RawClient
 from support.waiting import eventually
 from twisted.conch.ssh import keys
@@ -31,7 +31,6 @@ from dit4c.fileserver.tap import Options, makeService
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 
-Figures = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def metricsPortOf(service: FileServerService) -> int:
@@ -39,15 +38,6 @@ def metricsPortOf(service: FileServerService) -> int:
     return int(service.metricsListener.port.getHost().port)  # type: ignore[attr-defined]
 
 
-async def scrape(port: int) -> Figures:
-    """Every sample of ``/metrics``, by name and labels (a fresh connection each time, none left open)."""
-    response = await treq.get(f"http://127.0.0.1:{port}/metrics", persistent=False)
-    assert response.code == 200
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(await response.text())
-        for s in family.samples
-    }
 
 
 async def health(port: int) -> Any:

@@ -15,8 +15,8 @@ import pytest
 import pytest_twisted
 import treq
 from imageserver_client import SECRET, PatternBody, World, bearer, get, put, stored, urlOf
-from prometheus_client.parser import text_string_to_metric_families
 from support.backend import PATTERN
+from support.metrics import Figures, scrape
 from support.processes import Process
 from support.sockets import RawClient, rawRequest, refusedPort
 from support.waiting import eventually
@@ -31,22 +31,8 @@ from dit4c.imageserver.tap import Options
 
 MiB = 1024 * 1024
 
-Figures = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-def samples(text: str) -> Figures:
-    """Every sample of a scrape, by name and labels."""
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-async def scrape(port: int) -> Figures:
-    response = await treq.get(f"http://127.0.0.1:{port}/metrics")
-    assert response.code == 200
-    return samples(await response.text())
 
 
 def uploads(figures: Figures, outcome: str) -> float:

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
-from prometheus_client.parser import text_string_to_metric_families
 from standins import POD_HELPER, TOOLS, Watcher
+from support.metrics import Figures, samples
 from support.waiting import eventually
 from twisted.internet import reactor
 from twisted.internet.endpoints import serverFromString
@@ -32,8 +32,6 @@ from dit4c.node import tap as nodeTap
 from dit4c.node.metrics import NodeMetrics
 from dit4c.node.node import Node
 from dit4c.node.process import ProcessRuntime
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 #: A stand-in upload helper that reports as the real one does: the image's
 #: size in its progress file (written once it has read the last byte) and
@@ -50,26 +48,17 @@ UPLOADS = [
 FAILS = [sys.executable, "-c", "import sys; sys.exit('the image server said no')"]
 
 
-def samples(text: str) -> Samples:
-    """Every sample of a scrape, by name and labels."""
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def instances(figures: Samples) -> dict[str, float]:
+def instances(figures: Figures) -> dict[str, float]:
     """The instances by state, only the states that have any."""
     counts = {state.value: figures[("dit4c_node_instances", (("state", state.value),))] for state in STATES}
     return {state: count for state, count in counts.items() if count}
 
 
-def operation(figures: Samples, op: str, outcome: str) -> float:
+def operation(figures: Figures, op: str, outcome: str) -> float:
     return figures[("dit4c_node_operations_total", (("op", op), ("outcome", outcome)))]
 
 
-def operations(figures: Samples) -> dict[str, float]:
+def operations(figures: Figures) -> dict[str, float]:
     """The operations counted, ``op outcome``, only those that happened."""
     return {
         f"{dict(labels)['op']} {dict(labels)['outcome']}": value
@@ -95,7 +84,7 @@ class Served:
         self.port = await endpoint.listen(adminSite(metrics, metrics.health))
         self.url = f"http://127.0.0.1:{self.port.getHost().port}"
 
-    async def scrape(self) -> Samples:
+    async def scrape(self) -> Figures:
         response = await treq.get(self.url + "/metrics", timeout=10)
         assert response.code == 200
         return samples(await response.text())

@@ -141,10 +141,7 @@ async def test_a_reload_sends_no_form_again_in_a_browser(api: Portal, browser: A
     reloading after each sends nothing again and shows no password.
     """
     base = api.testURL  # type: ignore[attr-defined]
-    await browser.get(base + "/login")
-    await browser.fill("#username", "root")
-    await browser.fill("#password", "root password!")
-    await browser.submit("#submit")
+    await browser.logIn(base, "root", "root password!")
     await browser.get(base + "/admin/")
     await browser.fill("#new-name", "erin")
     await browser.submit("#add-user-submit")

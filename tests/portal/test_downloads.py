@@ -6,69 +6,32 @@ instead of filling the portal's memory; a truncated image is never
 finished as if whole; an image server that is away is a 502.
 
 A stand-in image server on loopback streams a large image under a push
-producer and checks the read token as the real one's portal would. The
+producer (``support.backend.PatternProducer``) and checks the read token as the real one's portal would. The
 whole path with the real image server is in ``tests/e2e/test_cli_session.py``.
 """
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import pytest_twisted
 import treq
 from portal_client import Client, tokenFor
+from support.backend import PatternProducer, patternDigest
 from support.sockets import RawClient, refusedPort
 from support.waiting import eventually
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
-from twisted.internet.interfaces import IPushProducer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
-from zope.interface import implementer
 
 from dit4c.common.tokens import TokenVerifier
 from dit4c.portal.app import Portal
 from dit4c.portal.keys import KeyRingKeySource
 from dit4c.portal.reportrules import READ_AUDIENCE
 
-CHUNK = 64 * 1024
 #: Far more than every socket buffer on the way can hold.
 SIZE = 128 * 1024 * 1024
-
-
-@implementer(IPushProducer)
-class Streamer:
-    """``SIZE`` bytes of an image, written while not paused (``cut``: the connection dropped half-way)."""
-
-    def __init__(self, request: Any, cut: bool) -> None:
-        self.request = request
-        self.cut = cut
-        self.sent = 0
-        self.paused = False
-        self.stopped = False
-        request.registerProducer(self, True)
-        reactor.callLater(0, self.resumeProducing)
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        while not self.paused and not self.stopped and self.sent < SIZE:
-            if self.cut and self.sent >= SIZE // 64:
-                self.request.transport.abortConnection()
-                self.stopped = True
-                return
-            self.request.write(b"x" * CHUNK)
-            self.sent += CHUNK
-        if self.sent >= SIZE and not self.stopped:
-            self.stopped = True
-            self.request.unregisterProducer()
-            self.request.finish()
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def stopProducing(self) -> None:
-        self.stopped = True
 
 
 class StandInImages(Resource):
@@ -79,7 +42,7 @@ class StandInImages(Resource):
     def __init__(self, portal: Portal) -> None:
         super().__init__()
         self.portal = portal
-        self.streams: list[Streamer] = []
+        self.streams: list[PatternProducer] = []
         self.tokens: list[dict[str, Any]] = []
 
     def render_GET(self, request: Any) -> Any:
@@ -89,7 +52,9 @@ class StandInImages(Resource):
         def allowed(claims: dict[str, Any]) -> None:
             self.tokens.append(claims)
             request.setHeader(b"content-length", str(SIZE).encode())
-            self.streams.append(Streamer(request, cut=b"cut" in request.path))
+            producer = PatternProducer(request, SIZE, cutAfter=SIZE // 64 if b"cut" in request.path else None)
+            self.streams.append(producer)
+            producer.start()
 
         def refused(failure: Any) -> None:
             request.setResponseCode(403)
@@ -101,7 +66,7 @@ class StandInImages(Resource):
 
 async def savedImage(api: Portal, server: int, name: str = "alice's work", path: str = "whole") -> str:
     alice = await api.store.userByName("alice")
-    digest = "sha256:" + hashlib.sha256(b"x" * SIZE).hexdigest()
+    digest = "sha256:" + patternDigest(SIZE)
     image = await api.store.createImage(
         name, f"http://127.0.0.1:{server}/images/{path}", digest=digest, owner_id=alice.id  # type: ignore[union-attr]
     )

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest_twisted
 import treq
-from prometheus_client.parser import text_string_to_metric_families
+from support.metrics import samples
 from support.sockets import RawClient
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
@@ -21,15 +21,6 @@ from dit4c.common.life import State
 from dit4c.portal.app import Portal
 from dit4c.portal.events import InstanceEvent
 from dit4c.portal.metrics import PortalMetrics
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of a scrape, by name and labels."""
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 @pytest_twisted.ensureDeferred

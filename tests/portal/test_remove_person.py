@@ -80,10 +80,7 @@ async def test_a_person_is_removed_in_a_browser(api: Portal, browser: Any) -> No
     """Chromium: disable, end the instances (twice: stop, then discard), remove; the page says what stays."""
     _, _, bobId, instance, _ = await bobsWorld(api)
     base = api.testURL  # type: ignore[attr-defined]
-    await browser.get(base + "/login")
-    await browser.fill("#username", "root")
-    await browser.fill("#password", "root password!")
-    await browser.submit("#submit")
+    await browser.logIn(base, "root", "root password!")
     await browser.get(base + "/admin/")
     row = 'tr[data-user="bob"]'
     assert await browser.execute(f"return document.querySelector('{row} .remove-person')") is None

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
-from prometheus_client.parser import text_string_to_metric_families
+from support.metrics import Figures, scrape
 from support.waiting import eventually
 from twisted.application.service import MultiService
 from twisted.internet import reactor
@@ -45,29 +45,15 @@ from dit4c.scheduler.tap import Options, makeService
 from dit4c.testing.scheduler import registerScheduler
 
 ISSUER = "http://portal.test"
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-def samples(text: str) -> Samples:
-    """Every sample of a scrape, by name and labels."""
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
-async def scrape(port: int) -> Samples:
-    response = await treq.get(f"http://127.0.0.1:{port}/metrics")
-    assert response.code == 200
-    return samples(await response.text())
-
-
-def figure(scraped: Samples, name: str, **labels: str) -> float:
+def figure(scraped: Figures, name: str, **labels: str) -> float:
     return scraped[(name, tuple(sorted(labels.items())))]
 
 
-def onNodes(scraped: Samples, state: str) -> dict[str, float]:
+def onNodes(scraped: Figures, state: str) -> dict[str, float]:
     """Instances in ``state``, by node."""
     return {
         dict(labels)["node"]: value
@@ -245,7 +231,7 @@ async def test_the_figures_follow_the_portals_commands_and_the_links(world: Worl
     for instance in (first, second):
         await world.hub.send(world.schedulerId, "start", instance, {"image": "web", "port": None})
 
-    async def bothRunning() -> Samples | None:
+    async def bothRunning() -> Figures | None:
         now = await scrape(port)
         ok = figure(now, "dit4c_scheduler_commands_total", op="start", outcome="ok") == 2
         return now if ok and onNodes(now, "running") == {"n1": 1, "n2": 1} else None
@@ -258,7 +244,7 @@ async def test_the_figures_follow_the_portals_commands_and_the_links(world: Worl
     # A third: every node is full. Refused, counted, and the portal told.
     await world.hub.send(world.schedulerId, "start", third, {"image": "web", "port": None})
 
-    async def refused() -> Samples | None:
+    async def refused() -> Figures | None:
         now = await scrape(port)
         return now if figure(now, "dit4c_scheduler_starts_refused_total") == 1 else None
 
@@ -273,7 +259,7 @@ async def test_the_figures_follow_the_portals_commands_and_the_links(world: Worl
     await world.hub.send(world.schedulerId, "stop", first, {})
     await world.hub.send(world.schedulerId, "discard", third, {})
 
-    async def handled() -> Samples | None:
+    async def handled() -> Figures | None:
         now = await scrape(port)
         done = (
             figure(now, "dit4c_scheduler_commands_total", op="stop", outcome="ok") == 1
@@ -290,7 +276,7 @@ async def test_the_figures_follow_the_portals_commands_and_the_links(world: Worl
     # A node's link goes: it is counted out (its instances stay known through the grace).
     await world.nodes["n2"][1].stopService()
 
-    async def n2Away() -> Samples | None:
+    async def n2Away() -> Figures | None:
         now = await scrape(port)
         return now if figure(now, "dit4c_scheduler_node_connected", node="n2") == 0 else None
 
@@ -342,7 +328,7 @@ async def test_twistd_serves_the_figures_on_their_own_endpoint(world: World, pro
     proc = processes("dit4c-scheduler", *world.args("--metrics", "tcp:0:interface=127.0.0.1"))
     port = await proc.waitForPort("scheduler metrics")
 
-    async def linked() -> Samples | None:
+    async def linked() -> Figures | None:
         now = await scrape(port)
         up = figure(now, "dit4c_scheduler_portal_connected") == 1 and figure(now, "dit4c_scheduler_nodes_connected") == 2
         return now if up else None

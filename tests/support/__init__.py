@@ -27,6 +27,8 @@ path first.
 - :mod:`support.nextpath`: values of ``next`` and a browser as their judge.
 - :mod:`support.podman`: busybox images and stand-in helpers for the
   podman runtime.
+- :mod:`support.metrics`: a server's Prometheus figures, scraped and
+  parsed (``scrape``, ``samples``, ``Figures``).
 - :mod:`support.ordering`: the order a parallel run hands tests to its
   workers in (``spread``).
 """

@@ -52,12 +52,24 @@ class HashingRequest(Request):
 
 
 @implementer(IPushProducer)
-class _PatternProducer:
-    def __init__(self, request: Request, n: int) -> None:
+class PatternProducer:
+    """
+    ``n`` bytes of the pattern as ``request``'s body, written only while the
+    connection takes them (``paused`` says when it does not); with
+    ``cutAfter``, the connection is dropped once that many are written.
+    """
+
+    def __init__(self, request: Request, n: int, cutAfter: int | None = None) -> None:
         self.request = request
+        self.n = n
         self.remaining = n
+        self.cutAfter = cutAfter
         self.paused = False
         self.stopped = False
+
+    @property
+    def sent(self) -> int:
+        return self.n - self.remaining
 
     def start(self) -> None:
         self.request.registerProducer(self, True)
@@ -67,6 +79,10 @@ class _PatternProducer:
     def resumeProducing(self) -> None:
         self.paused = False
         while not self.paused and not self.stopped and self.remaining > 0:
+            if self.cutAfter is not None and self.sent >= self.cutAfter:
+                self.stopped = True
+                self.request.transport.abortConnection()  # type: ignore[union-attr]
+                return
             chunk = PATTERN if self.remaining >= len(PATTERN) else PATTERN[: self.remaining]
             self.remaining -= len(chunk)
             self.request.write(chunk)
@@ -89,7 +105,7 @@ class _Bytes(Resource):
         n = int(request.args.get(b"n", [b"0"])[0])
         request.setHeader(b"content-type", b"application/octet-stream")
         request.setHeader(b"content-length", str(n).encode())
-        _PatternProducer(request, n).start()
+        PatternProducer(request, n).start()
         return NOT_DONE_YET
 
 

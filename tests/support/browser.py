@@ -388,6 +388,15 @@ class Browser:
         await self.run(save)
         return path
 
+    async def logIn(self, portal: str, name: str, password: str) -> None:
+        """Log in on ``portal``'s login page as a person does; until the page names who is logged in."""
+        await self.get(portal + "/login")
+        await self.waitFor("#username")
+        await self.fill("#username", name)
+        await self.fill("#password", password)
+        await self.click("#submit")
+        await self.waitFor("#who", 15)
+
     async def cookies(self) -> list[dict[str, Any]]:
         """Every cookie of the current page, HttpOnly ones included."""
         return await self.run(self.driver.get_cookies)
