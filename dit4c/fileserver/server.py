@@ -97,7 +97,14 @@ class StorageUser(ConchUser):
         if subsystem != b"sftp" or self.sessions >= MAX_SESSIONS:
             return None
         self.sessions += 1
-        return SFTPSubsystem(JailedSFTPServer(self.jail, self.access, maxHandles=self.maxHandles, metrics=self.metrics))
+        return SFTPSubsystem(
+            JailedSFTPServer(self.jail, self.access, maxHandles=self.maxHandles, metrics=self.metrics),
+            onClosed=self._sessionEnded,
+        )
+
+    def _sessionEnded(self) -> None:
+        """A session closed: the limit counts those open at once, not those ever opened."""
+        self.sessions -= 1
 
     def disconnect(self) -> None:
         conn = getattr(self, "_conn", None)

@@ -353,13 +353,15 @@ class SFTPSubsystem(filetransfer.FileTransferServer):
 
     _log = Logger(namespace="dit4c.fileserver.sftp", observer=_quiet)
 
-    def __init__(self, server: JailedSFTPServer) -> None:
+    def __init__(self, server: JailedSFTPServer, onClosed: Callable[[], object] = lambda: None) -> None:
+        """:param onClosed: called once when the session ends (its connection's count of sessions)."""
         filetransfer.FileTransferBase.__init__(self)
         self.client = server
         self.openFiles = {}
         self.openDirs = {}
         self._metrics = server.metrics
         self._open = False
+        self._onClosed: Callable[[], object] | None = onClosed
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -372,6 +374,9 @@ class SFTPSubsystem(filetransfer.FileTransferServer):
         if self._open:
             self._open = False
             self._metrics.sessionClosed()
+        if self._onClosed is not None:
+            ended, self._onClosed = self._onClosed, None
+            ended()
         super().connectionLost(reason)
 
     def _cbExtended(self, data: bytes | None, requestId: bytes) -> None:

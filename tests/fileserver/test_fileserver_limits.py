@@ -151,3 +151,21 @@ def test_options(tmp_path: Path) -> None:
     secret.write_text("short")
     with pytest.raises(usage.UsageError):
         Options().parseOptions(["--portal", "http://p", "--secret-file", str(secret)])
+
+
+def test_the_session_limit_counts_sessions_open_at_once(tmp_path: Path) -> None:
+    """Four SFTP sessions on one connection at once; one closed, another may open (a remount reuses its connection)."""
+    from twisted.internet.task import Clock
+
+    from dit4c.fileserver.access import Access
+    from dit4c.fileserver.jail import Jail
+    from dit4c.fileserver.server import MAX_SESSIONS, StorageUser
+
+    user = StorageUser(Access("i1", "u1", None, Clock(), 0.0), Jail(tmp_path))  # type: ignore[arg-type]
+    sessions = [user.lookupSubsystem(b"sftp", b"") for _ in range(MAX_SESSIONS)]
+    assert None not in sessions
+    assert user.lookupSubsystem(b"sftp", b"") is None
+    sessions[0].connectionLost(None)
+    sessions[0].connectionLost(None)  # said twice, as Conch may: counted once
+    assert user.lookupSubsystem(b"sftp", b"") is not None
+    assert user.lookupSubsystem(b"sftp", b"") is None
