@@ -102,10 +102,15 @@ class NodeStarting(NodeRecords):
         self._began(instance, "resume")
         self._arm(resumed)
         self._emit(resumed)
-        self._spawn(instance, "resume", lambda: self._start(resumed, stale=False))
+        self._spawn(instance, "resume", lambda: self._start(resumed, stale=False, resuming=True))
         return succeed(None)
 
-    async def _start(self, record: InstanceRecord, stale: bool, token: str | None = None) -> None:
+    async def _start(self, record: InstanceRecord, stale: bool, token: str | None = None, resuming: bool = False) -> None:
+        """
+        ``resuming``: the pod's working directory is the instance's own
+        already; a saved image it began from is neither fetched nor unpacked
+        over it again.
+        """
         instance = record.instance
         directory = self._podDirectory(instance)
         try:
@@ -142,7 +147,7 @@ class NodeStarting(NodeRecords):
                 )
             )
             archive = None
-            if record.image.startswith(("http://", "https://")):
+            if record.image.startswith(("http://", "https://")) and not resuming:
                 archive = await self._fetch(record, directory / FETCHED, token)
                 if not self._still(instance, State.STARTING):
                     await removeFile(archive)

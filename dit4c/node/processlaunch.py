@@ -153,6 +153,9 @@ class PodLaunching(PodProcesses):
         toolName = spec.image
         if spec.archive is not None:
             toolName = await threads.deferToThread(unpackArchive, spec.archive, work)
+        elif toolName not in self.tools:
+            # A resume of a pod restored from a saved image: its tool is the one it ran.
+            toolName = _recordedTool(spec.directory) or toolName
         tool = self.tools.get(toolName)
         if tool is None:
             raise RuntimeError_(f"This compute node has no tool called {toolName!r}.")
@@ -290,3 +293,12 @@ class PodLaunching(PodProcesses):
                 raise RuntimeError_("This compute node has no tool uid left for another instance.")
         self._uids[instance] = mine
         return mine, mine
+
+
+def _recordedTool(directory: Path) -> str | None:
+    """The tool a pod ran, as its ``pod.json`` says; None if it says nothing."""
+    try:
+        tool = json.loads((directory / POD_RECORD).read_text()).get("image")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return tool if isinstance(tool, str) else None

@@ -134,6 +134,19 @@ async def test_restore_fetches_checks_and_unpacks(made: Any, tmp_path: Path) -> 
         await watcher.waitFor("abc5", "running")
         assert (tmp_path / "node" / "abc5" / "work" / "notes.txt").read_text() == "written before the save"
         assert not (tmp_path / "node" / "abc5" / "work" / IMAGE_METADATA).exists()
+        # Stopped and resumed: its own files as they were, the saved image neither fetched again nor unpacked over them.
+        (tmp_path / "node" / "abc5" / "work" / "notes.txt").write_text("written since the restore")
+        await node.stop("abc5")
+        await watcher.waitFor("abc5", "stopped")
+        (served / "saved.tar").rename(served / "away.tar")
+        await node.resume("abc5")
+        await eventually(
+            lambda: [s.state for s in watcher.states if s.instance == "abc5"][-1] == "running",
+            20,
+            what=lambda: f"resumed: {watcher.history('abc5')}",
+        )
+        assert (tmp_path / "node" / "abc5" / "work" / "notes.txt").read_text() == "written since the restore"
+        (served / "away.tar").rename(served / "saved.tar")
         # A digest that does not match: not started.
         await node.start("abc6", url, None, "sha256:" + "0" * 64, "read-token")
         errored = await watcher.waitFor("abc6", "errored")
