@@ -46,7 +46,7 @@ from werkzeug.exceptions import HTTPException
 
 from dit4c.common import tokens
 from dit4c.common.errors import InvalidToken
-from dit4c.common.life import ACTIVE
+from dit4c.common.life import ACTIVE, State
 from dit4c.common.tokens import TokenVerifier
 from dit4c.portal.errors import ReportError
 from dit4c.portal.events import EventBus
@@ -434,6 +434,14 @@ class Reports:
             return await self._mayRead(images, headers)
         return await self._mayDelete(images, headers)
 
+    async def _stoppingToSave(self, instance: Instance) -> bool:
+        """
+        Stopping on the way to a save (its latest command a save): the node's
+        report that it saves goes through its scheduler, and may come after
+        its upload helper's first request, which comes straight here.
+        """
+        return instance.state == State.STOPPING and await self.store.latestCommandOp(instance.id) == "save"
+
     async def _mayWrite(self, reference: str, authorization: str | None) -> Decision:
         token = bearerToken(authorization)
         if token is None:
@@ -445,7 +453,7 @@ class Reports:
             return _deny(f"Upload token: {e.reason}")
         if reference != digest:
             return _deny("The upload token is for another digest.")
-        if instance.state not in SAVE_STATES:
+        if instance.state not in SAVE_STATES and not await self._stoppingToSave(instance):
             return _deny(f"Instance {instance.id} is {instance.state}, not saving or uploading.")
         return Decision(
             True, f"Instance {instance.id} is saving this image.", user=instance.owner_id,

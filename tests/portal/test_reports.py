@@ -606,6 +606,14 @@ async def test_writes_need_the_saving_instance(world: World, saved: Saved) -> No
         status, body = await ask(w, "PUT", reference, headers)
         assert (status, body["allowed"]) == (403, False), (what, body)
 
+    # Stopping on the way to a save (the node's word that it saves may come later than its helper's upload).
+    scheduler = await w.store.createScheduler("cluster", json.dumps({"kty": "OKP", "crv": "Ed25519", "x": "A" * 43}))
+    await w.store.updateInstance(w.a.id, state="stopping", scheduler_id=scheduler.id)
+    await w.store.createCommand(scheduler.id, w.a.id, "stop")
+    status, body = await ask(w, "PUT", DIGEST, bearer(upload))
+    assert (status, body["reason"]) == (403, f"Instance {w.a.id} is stopping, not saving or uploading.")
+    await w.store.createCommand(scheduler.id, w.a.id, "save")
+    assert (await ask(w, "PUT", DIGEST, bearer(upload)))[0] == 200
     # Only while the instance saves.
     await w.store.updateInstance(w.a.id, state="saved")
     status, body = await ask(w, "PUT", DIGEST, bearer(upload))

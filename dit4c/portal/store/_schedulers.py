@@ -200,6 +200,16 @@ class SQLSchedulers(SQLCore):
         return await self._run(work)
 
     @_deferred
+    async def latestCommandOp(self, instance_id: str) -> str | None:
+        def work(t: _Txn) -> str | None:
+            row = t.one(
+                "SELECT op FROM commands WHERE instance_id = ? ORDER BY created DESC, seq DESC LIMIT 1", (instance_id,)
+            )
+            return str(row[0]) if row is not None else None
+
+        return await self._run(work)
+
+    @_deferred
     async def commandedInstances(self, scheduler_id: str) -> dict[str, bool]:
         def work(t: _Txn) -> dict[str, bool]:
             rows = t.all(

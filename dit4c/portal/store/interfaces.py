@@ -312,6 +312,9 @@ class ICommands(Interface):
     def commandById(command_id: str) -> Deferred[Command | None]:
         """The command with this id."""
 
+    def latestCommandOp(instance_id: str) -> Deferred[str | None]:
+        """The op of the latest command made about an instance (acknowledged or not); None if none is kept."""
+
     def commandedInstances(scheduler_id: str) -> Deferred[dict[str, bool]]:
         """
         Every instance the scheduler has (or had) commands about, by id:

@@ -45,6 +45,12 @@ async def test_create_and_pending_in_order(store: IStore, clock: Clock) -> None:
     assert await store.commandById("nope") is None
     assert await store.commandedInstances(hpc) == {i1: True, i2: True}
     assert await store.commandedInstances(cloud) == {}
+    # Each instance's latest command, acknowledged or not (the same second: in order made).
+    assert (await store.latestCommandOp(i1), await store.latestCommandOp(i2)) == ("discard", "stop")
+    await store.ackCommand(hpc, discard.id)
+    await store.createCommand(hpc, i2, "save")
+    assert (await store.latestCommandOp(i1), await store.latestCommandOp(i2)) == ("discard", "save")
+    assert await store.latestCommandOp("nothing") is None
 
 
 @pytest_twisted.ensureDeferred
