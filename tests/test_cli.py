@@ -303,3 +303,14 @@ def test_user_add_prints_a_password_once_that_logs_in(tmp_path: Path) -> None:
     # The password is stored only as a hash.
     for path in data.glob("portal.db*"):
         assert match.group(1).encode() not in path.read_bytes()
+
+
+def test_a_download_is_named_in_this_directory_only() -> None:
+    """The name a portal gives a download is a file name here, never a path elsewhere."""
+    from dit4c.cli.remote import _attachmentName
+
+    assert _attachmentName('attachment; filename="my-work.oci.tar"') == "my-work.oci.tar"
+    assert _attachmentName('attachment; filename="../../etc/passwd"') == "passwd"
+    assert _attachmentName('attachment; filename="/root/.bashrc"') == ".bashrc"
+    assert _attachmentName('attachment; filename=".."') == "image.oci.tar"
+    assert _attachmentName(None) == "image.oci.tar"

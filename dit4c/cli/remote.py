@@ -3,7 +3,7 @@ A person's daily use of a portal from the command line, on its REST API
 (``/api/v1/``, described at ``/api/v1/openapi.json``) with a personal API
 token made on the portal's account page: ``dit4c login URL``, then ``ls``,
 ``images``, ``start``, ``stop``, ``save``, ``discard``, ``share``,
-``unshare``, ``access``, ``logs`` and ``open``. Every listing takes ``--json`` for
+``unshare``, ``access``, ``logs``, ``open`` and ``download``. Every listing takes ``--json`` for
 programs.
 
 The token is kept in ``$XDG_CONFIG_HOME/dit4c/portals.json`` (or the file
@@ -17,6 +17,7 @@ usage error; 3 not logged in, or the token was refused; 4 no such thing.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -24,6 +25,7 @@ import time
 import urllib.error
 import urllib.request
 import webbrowser
+from email.message import Message
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote, urlsplit
@@ -140,6 +142,43 @@ class Portal:
         except (urllib.error.URLError, OSError) as e:
             raise RemoteError(f"cannot reach {self.url}: {getattr(e, 'reason', e)}") from None
 
+    def download(self, path: str, output: str | None) -> tuple[Path, str, int]:
+        """
+        The file the API answers ``path`` with, written to ``output`` (or the
+        name the answer gives, here) as it comes; its path, SHA-256 and size.
+        It is written beside as ``.partial`` and takes its name only once
+        every byte came and its SHA-256 is the one the portal named.
+        """
+        request = urllib.request.Request(self.url + "/api/v1" + path)
+        request.add_header("Authorization", f"Bearer {self.token}")
+        partial: Path | None = None
+        try:
+            with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+                target = Path(output or _attachmentName(response.headers.get("Content-Disposition")))
+                partial = target.with_name(target.name + ".partial")
+                sha, size = hashlib.sha256(), 0
+                with open(partial, "wb") as f:
+                    while piece := response.read1(1 << 20):
+                        sha.update(piece)
+                        f.write(piece)
+                        size += len(piece)
+                expected = response.headers.get("Content-Length")
+                if expected is not None and expected.isdigit() and int(expected) != size:
+                    raise RemoteError(f"the download ended after {size} of {expected} bytes; try again")
+                digest, named = f"sha256:{sha.hexdigest()}", response.headers.get("X-DIT4C-Digest")
+                if named and named != digest:
+                    raise RemoteError(f"what arrived is {digest}, not {named}: it was damaged on the way; try again")
+                partial.replace(target)
+                partial = None
+                return target, digest, size
+        except urllib.error.HTTPError as e:
+            raise self._refusal(e) from None
+        except (urllib.error.URLError, OSError) as e:
+            raise RemoteError(f"cannot download from {self.url}: {getattr(e, 'reason', e)}") from None
+        finally:
+            if partial is not None:
+                partial.unlink(missing_ok=True)
+
     def _refusal(self, error: urllib.error.HTTPError) -> RemoteError:
         try:
             reason = str(json.loads(error.read()).get("reason") or error.reason)
@@ -151,6 +190,14 @@ class Portal:
                 NOT_LOGGED_IN,
             )
         return RemoteError(reason, NOT_FOUND if error.code == 404 else 1)
+
+
+def _attachmentName(disposition: str | None) -> str:
+    """The file name a ``Content-Disposition`` gives, as a name in this directory (never a path)."""
+    header = Message()
+    header["Content-Disposition"] = disposition or "attachment"
+    name = os.path.basename(header.get_filename() or "").strip()
+    return name if name not in ("", ".", "..") else "image.oci.tar"
 
 
 # -- arguments --------------------------------------------------------------------------------------
@@ -456,4 +503,21 @@ def openInstance(args: argparse.Namespace, out: TextIO) -> int:
         raise RemoteError(f"{instance['id']} is {instance['state']}, not running: it has no address now")
     if args.print or not webbrowser.open(instance["url"]):
         out.write(instance["url"] + "\n")
+    return 0
+
+
+def _downloadArguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image", metavar="IMAGE", help="the saved image's id (dit4c images)")
+    parser.add_argument("-o", "--output", help="the file to write (default: the image's name, here)")
+    _common(parser)
+
+
+@command("download", help="a saved image as a file (an OCI archive), its SHA-256 checked", arguments=_downloadArguments)
+@_run
+def download(args: argparse.Namespace, out: TextIO) -> int:
+    target, digest, size = Portal.chosen(args).download(f"/images/{quote(args.image, safe='')}/download", args.output)
+    if args.json:
+        printJSON({"file": str(target), "digest": digest, "size": size}, out)
+    else:
+        out.write(f"{target}: {size} bytes, {digest}\n")
     return 0

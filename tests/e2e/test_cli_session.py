@@ -146,6 +146,10 @@ async def test_a_whole_session_from_the_command_line(processes: Any, tmp_path: P
     assert saved["state"] == "saved"
     [mine] = [i for i in await cli.json("images") if i["mine"]]
     await downloadsWhole(dev.portal, token, mine)
+    got = await cli.json("download", mine["id"], "-o", str(tmp_path / "saved.oci.tar"))
+    assert got == {"file": str(tmp_path / "saved.oci.tar"), "digest": mine["digest"], "size": got["size"]}
+    assert (tmp_path / "saved.oci.tar").stat().st_size == got["size"] > 0
+    assert not (tmp_path / "saved.oci.tar.partial").exists()
     assert (await cli.json("discard", instance["id"], "--wait"))["state"] == "discarded"
     assert await cli.json("ls") == []
 
