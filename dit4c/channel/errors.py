@@ -9,11 +9,13 @@ What can go wrong on the channel (docs/protocols.md sections 7 and 11).
 - ``NodeFull``: a compute node takes no new instance now (at capacity, or
   cooling down); its scheduler tries another node, and with none left the
   instance is reported errored. Nothing is wrong with the link.
+- ``NodeAway``: a compute node cannot be asked anything now (its link is
+  down); said to the administrator who asked.
 """
 
 from __future__ import annotations
 
-__all__ = ["AuthRefused", "LinkError", "NodeFull", "ProtocolError"]
+__all__ = ["AuthRefused", "LinkError", "NodeAway", "NodeFull", "ProtocolError"]
 
 
 class LinkError(Exception):
@@ -37,3 +39,7 @@ class AuthRefused(LinkError):
 
 class NodeFull(Exception):
     """The node takes no more instances (at capacity, or cooling down)."""
+
+
+class NodeAway(Exception):
+    """The compute node cannot be reached now (its link to the scheduler is down); the message says so."""

@@ -27,6 +27,9 @@ class INodeObserver(Interface):
     def instanceKey(node: INode, instance: str, jwk: dict[str, Any]) -> None:
         """An instance's public key, once made."""
 
+    def nodeChanged(node: INode) -> None:
+        """The node's link came or went, or its capacity or its taking of new instances changed."""
+
 
 class INode(Interface):
     """A compute node as its scheduler sees it (in this process, or over the network)."""
@@ -34,6 +37,16 @@ class INode(Interface):
     nodeName = Attribute("The node's name, unique under its scheduler.")
     capacity = Attribute("Instances it may run at once.")
     accepting = Attribute("Whether it takes new instances (administrators cool a node down before removing it).")
+    connected = Attribute("Whether its scheduler can reach it now (a node in the scheduler's process always can).")
+
+    def setAccepting(accepting: bool) -> Deferred[None]:
+        """
+        Cool the node down (False: it takes no new instance; those it runs
+        run on) or have it take instances again; fires once the node has.
+        Not kept: a node started again takes instances.
+
+        :raises NodeAway: (as the Deferred's failure) the node cannot be reached now.
+        """
 
     def load() -> int:
         """Instances it runs (or is starting) now."""
@@ -96,9 +109,11 @@ def startFrom(node: INode, command: Command) -> Deferred[None]:
 
 
 def observer(
-    state: Callable[[INode, InstanceStatus], object], key: Callable[[INode, str, dict[str, Any]], object]
+    state: Callable[[INode, InstanceStatus], object],
+    key: Callable[[INode, str, dict[str, Any]], object],
+    changed: Callable[[INode], object] = lambda node: None,
 ) -> INodeObserver:
-    """An observer made of two functions."""
+    """An observer made of two functions (three, to hear of the node itself)."""
 
     @implementer(INodeObserver)
     class _Observer:
@@ -107,5 +122,8 @@ def observer(
 
         def instanceKey(self, node: INode, instance: str, jwk: dict[str, Any]) -> None:
             key(node, instance, jwk)
+
+        def nodeChanged(self, node: INode) -> None:
+            changed(node)
 
     return _Observer()

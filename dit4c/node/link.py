@@ -35,6 +35,7 @@ from zope.interface import implementer
 from dit4c.channel.errors import AuthRefused, NodeFull, ProtocolError
 from dit4c.channel.handshake import NODE_LINK, Dialled, Hello, Phase
 from dit4c.channel.interfaces import INode, INodeObserver, startFrom
+from dit4c.channel.nodewire import nodeStateMessage, parseLinkNodeCommand
 from dit4c.channel.questions import answerTo
 from dit4c.channel.wire import (
     CloseCode,
@@ -120,6 +121,8 @@ class _NodeSide(WebSocketServerProtocol):
                 self.server._command(self, parseCommand(message))
             elif message["type"] == "logs":
                 self.server._logs(self, parseLogsRequest(message))
+            elif message["type"] == "node-command":
+                self.server._nodeCommand(self, *parseLinkNodeCommand(message))
             else:
                 raise ProtocolError(f"unknown message type {message['type']!r}")
         except ProtocolError as e:
@@ -227,6 +230,13 @@ class NodeLinkServer(MultiService):
             link.send({"type": "ack", "id": command.id})
             d.addErrback(lambda f: self.log.failure("{op} {instance}", f, op=command.op, instance=command.instance))
 
+    def _nodeCommand(self, link: _NodeSide, commandId: str, op: str) -> None:
+        """
+        Cool the node down or have it take instances again: the node's new
+        ``node-state`` goes up the link (``nodeChanged``), then the ack.
+        """
+        self.node.setAccepting(op == "accept").addBoth(lambda _: link.send({"type": "ack", "id": commandId}))
+
     def _logs(self, link: _NodeSide, request: LogsRequest) -> None:
         """Answer a question about a tool's output on the link it came on."""
         asking = maybeDeferred(self.node.logs, request.instance, request.offset, request.limit)
@@ -243,3 +253,7 @@ class NodeLinkServer(MultiService):
     def instanceKey(self, node: INode, instance: str, jwk: dict[str, Any]) -> None:
         if self.link is not None:
             self.link.send({"type": "instance-key", "instance": instance, "jwk": jwk})
+
+    def nodeChanged(self, node: INode) -> None:
+        if self.link is not None:
+            self.link.send(nodeStateMessage(self.node.capacity, self.node.accepting))

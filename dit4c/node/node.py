@@ -52,6 +52,8 @@ class Node(NodeRecovery, Service):
     """A compute node in this process."""
 
     log = Logger()
+    #: Always reachable by whoever holds this object (its scheduler in this process, or its link server).
+    connected = True
 
     def __init__(
         self,
@@ -164,6 +166,21 @@ class Node(NodeRecovery, Service):
 
     def subscribe(self, observer: INodeObserver) -> None:
         self._observers.append(observer)
+
+    def setAccepting(self, accepting: bool) -> Deferred[None]:
+        """
+        Cool down (False: no new instance is started or resumed here; those
+        it runs run on) or take instances again. Kept in memory only: a node
+        started again takes instances, whatever it did before.
+        """
+        if accepting != self.accepting:
+            self.accepting = accepting
+            self.log.info(
+                "node {name} {what}", name=self.nodeName, what="takes instances again" if accepting else "is cooling down"
+            )
+            for observer in list(self._observers):
+                observer.nodeChanged(self)
+        return succeed(None)
 
     def logs(self, instance: str, offset: int | None, limit: int) -> Deferred[LogChunk]:
         """The tool's output (``IRuntime.logs``), while this node holds anything of the instance."""

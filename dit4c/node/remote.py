@@ -18,14 +18,15 @@ from autobahn.twisted.websocket import (
 )
 from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from dit4c.channel.errors import AuthRefused, NodeFull, ProtocolError
+from dit4c.channel.errors import AuthRefused, NodeAway, NodeFull, ProtocolError
 from dit4c.channel.handshake import NODE_LINK, Dialler, Phase, Welcome
 from dit4c.channel.interfaces import INode, INodeObserver
+from dit4c.channel.nodewire import parseNodeState
 from dit4c.channel.questions import Questions
 from dit4c.channel.wire import (
     CloseCode,
@@ -121,6 +122,8 @@ class _SchedulerSide(WebSocketClientProtocol):
                 self.remote._acked(text(message, "id"))
             elif kind == "logs-chunk":
                 self.remote._questions.answer(*parseLogChunk(message))
+            elif kind == "node-state":
+                self.remote._nodeState(*parseNodeState(message))
             else:
                 raise ProtocolError(f"unknown message type {kind!r}")
         except ProtocolError as e:
@@ -201,6 +204,8 @@ class RemoteNode(MultiService):
         self._statuses: dict[str, InstanceStatus] = {}
         self._queue: list[dict[str, Any]] = []
         self._pending: dict[str, Deferred[None]] = {}
+        #: Cool-downs and accepts sent on the current link, not yet acknowledged.
+        self._nodeCommands: dict[str, Deferred[None]] = {}
         self._lost: set[str] = set()
         self._graceTimer: IDelayedCall | None = None
         self._lastError: str | None = None
@@ -274,6 +279,22 @@ class RemoteNode(MultiService):
     def resume(self, instance: str) -> Deferred[None]:
         return self._command("resume", instance)
 
+    def setAccepting(self, accepting: bool) -> Deferred[None]:
+        """
+        Ask the node to cool down or take instances again; fires once it
+        has (its ``node-state`` came, then the ack). Not queued while the
+        node is away: that fails at once, and a node that comes back (or
+        is started again) says for itself whether it takes instances.
+        """
+        link = self._link
+        if link is None:
+            return fail(NodeAway(f"The compute node {self.nodeName} is not linked to its scheduler now; try again once it is back."))
+        commandId = secrets.token_urlsafe(12)
+        d: Deferred[None] = Deferred()
+        self._nodeCommands[commandId] = d
+        link.send({"type": "node-command", "id": commandId, "op": "accept" if accepting else "cool-down"})
+        return d
+
     def logs(self, instance: str, offset: int | None, limit: int) -> Deferred[LogChunk]:
         link = self._link
         return self._questions.ask(
@@ -305,6 +326,19 @@ class RemoteNode(MultiService):
         waiting, self._connected = self._connected, []
         for d in waiting:
             d.callback(None)
+        self._changed()
+
+    def _changed(self) -> None:
+        for observer in self._observers:
+            observer.nodeChanged(self)
+
+    def _nodeState(self, capacity: int, accepting: bool) -> None:
+        """The node's capacity, or its taking of new instances, changed (an administrator cooled it down)."""
+        self.capacity, self.accepting = capacity, accepting
+        self.log.info(
+            "node {name} {what}", name=self.nodeName, what="takes instances" if accepting else "is cooling down"
+        )
+        self._changed()
 
     def _state(self, status: InstanceStatus) -> None:
         if status.instance in self._lost:
@@ -354,7 +388,7 @@ class RemoteNode(MultiService):
             d.callback(None)
 
     def _acked(self, commandId: str) -> None:
-        d = self._pending.pop(commandId, None)
+        d = self._pending.pop(commandId, None) or self._nodeCommands.pop(commandId, None)
         if d is not None:
             d.callback(None)
 
@@ -372,6 +406,10 @@ class RemoteNode(MultiService):
         self._questions.failAll(f"The link to compute node {self.nodeName} was lost.")
         self.accepting = False  # until it is back and says so
         self.log.warn("link to node {name} lost ({code} {reason})", name=self.nodeName, code=code, reason=reason or "")
+        asked, self._nodeCommands = self._nodeCommands, {}
+        for d in asked.values():
+            d.errback(NodeAway(f"The link to compute node {self.nodeName} was lost; try again once it is back."))
+        self._changed()
         if self.running and self._graceTimer is None:
             self._graceTimer = self.reactor.callLater(self.grace, self._gone)
 

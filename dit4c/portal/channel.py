@@ -67,6 +67,7 @@ from dit4c.common.tokens import StaticKeySource
 from dit4c.portal.channelupdates import InstanceUpdates, publishableKey
 from dit4c.portal.events import InstanceEvent, InstanceEvents
 from dit4c.portal.instances import ICommandSink
+from dit4c.portal.nodes import NODE_MESSAGES, NodeDirectory
 from dit4c.portal.store.errors import StoreError
 from dit4c.portal.store.interfaces import IStore
 from dit4c.portal.store.model import Scheduler
@@ -299,6 +300,8 @@ class ChannelHub(MultiService):
         self.events = events if events is not None else InstanceEvents()
         #: What schedulers report, applied to the store and published on the bus.
         self.updates = InstanceUpdates(store, self.events)
+        #: What each connected scheduler says about its compute nodes (docs/protocols.md 7.7).
+        self.nodes = NodeDirectory(reactor, self._sendTo)
         self._poll: LoopingCall | None = None
         self._lastPrune: float | None = None
         #: What a stored command's params become as the pump sends it
@@ -368,6 +371,10 @@ class ChannelHub(MultiService):
         protocol = self._channels.get(scheduler_id)
         return protocol is not None and protocol.phase is Phase.OPEN
 
+    def _sendTo(self, scheduler_id: str, message: Mapping[str, Any]) -> bool:
+        protocol = self._channels.get(scheduler_id)
+        return protocol is not None and protocol.phase is Phase.OPEN and protocol.sendJSON(message)
+
     def connectedSchedulers(self) -> list[str]:
         """The ids of the schedulers connected now."""
         return sorted(s for s in self._channels if self.connected(s))
@@ -384,6 +391,7 @@ class ChannelHub(MultiService):
         self._open.discard(protocol)
         if protocol.schedulerId is not None and self._channels.get(protocol.schedulerId) is protocol:
             del self._channels[protocol.schedulerId]
+            self.nodes.closed(protocol.schedulerId)
 
     def _authenticate(self, protocol: _ChannelProtocol, hello: Hello) -> None:
         def failed(failure: Failure) -> None:
@@ -537,6 +545,8 @@ class ChannelHub(MultiService):
             protocol.enqueue(lambda: self._ack(protocol, commandId))
         elif kind == "logs-chunk":
             protocol.questions.answer(*parseLogChunk(message))
+        elif kind in NODE_MESSAGES:
+            self.nodes.received(schedulerId, kind, message)
         else:
             raise ProtocolError(f"unknown message type {kind!r}")
 

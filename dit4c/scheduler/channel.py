@@ -12,7 +12,10 @@ of :mod:`dit4c.channel.wire`, which the portal's end shares.
 report after every (re)connect, hands each command to an
 :class:`ISchedulerHandler` once (duplicates are acked, not re-run) and
 acknowledges it when handled, and queues state changes while the portal is
-away.
+away. A handler that also provides :class:`INodesHandler` tells the portal
+about its compute nodes (``nodes``, after every report and whenever
+``sendNodes`` is called) and takes administrators' requests about them
+(``node-command``, docs/protocols.md 7.7).
 """
 
 from __future__ import annotations
@@ -26,18 +29,26 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from hyperlink import URL
 from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface
 
-from dit4c.channel.errors import AuthRefused, ProtocolError
+from dit4c.channel.errors import AuthRefused, NodeAway, ProtocolError
 from dit4c.channel.handshake import PORTAL_LINK, Dialler, Phase, Welcome
+from dit4c.channel.nodewire import (
+    NodeCommand,
+    NodeDone,
+    NodeSummary,
+    nodesMessage,
+    parseNodeCommand,
+)
 from dit4c.channel.questions import answerTo
 from dit4c.channel.wire import (
     HANDSHAKE_TIMEOUT,
     MAX_MESSAGE,
+    MAX_REASON,
     PATH,
     PING_INTERVAL,
     PING_TIMEOUT,
@@ -60,7 +71,7 @@ from dit4c.common.life import State
 from dit4c.common.websocket import webSocketEndpoint
 from dit4c.listener.service import backoff
 
-__all__ = ["ChannelClient", "ISchedulerHandler", "channelURL"]
+__all__ = ["ChannelClient", "INodesHandler", "ISchedulerHandler", "channelURL"]
 
 # -- the scheduler's end -------------------------------------------------------------------
 
@@ -89,6 +100,21 @@ class ISchedulerHandler(Interface):
         Up to ``limit`` bytes of an instance's tool's output from byte
         ``offset`` (None: its last ``limit`` bytes), from the node that holds
         it; a failure's message is shown to the person.
+        """
+
+
+class INodesHandler(Interface):
+    """A scheduler that tells the portal about its compute nodes and takes administrators' requests about them."""
+
+    def nodeSummaries() -> list[NodeSummary]:
+        """Every compute node it drives, as it is now."""
+
+    def nodeCommand(node: str, op: str) -> Deferred[list[str]]:
+        """
+        Cool ``node`` down (``cool-down``, ``drain``) or have it take
+        instances again (``accept``); fires once the node has, with (for a
+        drain) the instances on it for the portal to stop. A
+        ``LookupError`` or ``NodeAway`` says, for the administrator, why not.
         """
 
 
@@ -138,6 +164,8 @@ class _ClientProtocol(WebSocketClientProtocol):
             self.client._command(parseCommand(message))
         elif message["type"] == "logs":
             self.client._logs(self, parseLogsRequest(message))
+        elif message["type"] == "node-command":
+            self.client._nodeCommand(self, parseNodeCommand(message))
         else:
             raise ProtocolError(f"unknown message type {message['type']!r}")
 
@@ -332,6 +360,15 @@ class ChannelClient(MultiService):
             raise ValueError(e.reason) from None
         self._send({"type": "instance-key", "instance": instance, "jwk": jwk})
 
+    def sendNodes(self, summaries: list[NodeSummary]) -> None:
+        """
+        Tell the portal about the compute nodes, if the channel is up. Not
+        queued: the report after every welcome is followed by them afresh.
+        """
+        protocol = self._protocol
+        if protocol is not None and not self._reporting:
+            protocol.sendJSON(nodesMessage(summaries))
+
     def _send(self, message: dict[str, Any]) -> None:
         protocol = self._protocol
         if protocol is not None and protocol.sendJSON(message):
@@ -391,6 +428,8 @@ class ChannelClient(MultiService):
                 limit=MAX_MESSAGE,
             )
         protocol.sendMessage(payload, isBinary=False)
+        if INodesHandler.providedBy(self.handler):
+            protocol.sendJSON(nodesMessage(self.handler.nodeSummaries()))
         self._reporting = False
         waiting, self._waiting = self._waiting, []
         for d in waiting:
@@ -433,6 +472,25 @@ class ChannelClient(MultiService):
         answerTo(request, asking, protocol.sendJSON, shown=(LookupError,)).addErrback(
             lambda f: self.log.failure("reading the output of {instance}", f, instance=request.instance)
         )
+
+    def _nodeCommand(self, protocol: _ClientProtocol, command: NodeCommand) -> None:
+        """Do what an administrator asked of a node, and answer on the channel it came on (never queued)."""
+        if INodesHandler.providedBy(self.handler):
+            doing: Deferred[list[str]] = maybeDeferred(self.handler.nodeCommand, command.node, command.op)
+        else:
+            doing = fail(LookupError("This scheduler does not take requests about its compute nodes."))
+
+        def done(stop: list[str]) -> None:
+            protocol.sendJSON(NodeDone(command.id, None, tuple(stop)).toJSON())
+
+        def failed(failure: Failure) -> None:
+            told = failure.check(LookupError, NodeAway) is not None
+            if not told:
+                self.log.failure("{op} of node {node} failed", failure, op=command.op, node=command.node)
+            why = failure.getErrorMessage() if told else "The scheduler failed to do this; its log says why."
+            protocol.sendJSON(NodeDone(command.id, why[:MAX_REASON]).toJSON())
+
+        doing.addCallbacks(done, failed)
 
     def _remember(self, commandId: str, handling: Deferred[None] | None) -> None:
         self._seen[commandId] = handling
