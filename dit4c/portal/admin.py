@@ -1,6 +1,8 @@
 """
 Administrators' pages: people (add, disable, remove, quota, administrator rights),
-the image catalogue, and schedulers (registered by their public key).
+the image catalogue, schedulers (registered by their public key), and the
+compute nodes of the connected schedulers (``/admin/nodes``: cool down,
+accept again, drain; :mod:`dit4c.portal.nodes`).
 
 A separate Klein app mounted at ``/admin/``; every page needs an
 administrator's session and every form its CSRF token. A form that succeeds
@@ -25,10 +27,12 @@ from twisted.web.iweb import IRequest
 
 from dit4c.portal import security
 from dit4c.portal.access import changePerson, endInstancesOf, removePerson
+from dit4c.portal.errors import InstanceError
 from dit4c.portal.events import AccessChange, EventBus
 from dit4c.portal.instances import Instances, Sharing
 from dit4c.portal.interfaces import KeyRotation, PageRenderer, SessionLookup
 from dit4c.portal.jwks import publicJWKProblem
+from dit4c.portal.nodes import NodeAdmin
 from dit4c.portal.sessions import LoggedIn
 from dit4c.portal.store.errors import StoreError
 from dit4c.portal.store.interfaces import IStore
@@ -56,6 +60,15 @@ def done(request: IRequest, what: str, id: str | None = None) -> bytes:
     """Back to the page, which says ``DONE[what]`` (about the person ``id``, if given)."""
     assert what in DONE, what
     return redirect(request, f"/admin/?done={what}" + (f"&id={id}" if id is not None else ""))
+
+
+#: What the nodes page says after each of its forms, by action.
+NODES_DONE = {
+    "cool-down": "The node is cooling down: it takes no new instances; those on it run on.",
+    "accept": "The node takes new instances again.",
+    "drain": "The node is cooling down, and the instances on it that were running are stopping: {count}. "
+    "They are stopped, not discarded.",
+}
 
 
 def doneMessage(what: str, id: str | None) -> str | None:
@@ -94,6 +107,7 @@ class AdminPages:
         self.keys = keys
         self.instances = instances
         self.sharing = sharing
+        self.nodes = NodeAdmin(store, instances)
 
     async def admin(self, request: IRequest) -> LoggedIn | None:
         who = await self.sessions.loggedIn(request)
@@ -336,3 +350,33 @@ class AdminPages:
         except StoreError as e:
             return await self.page(request, who, 400, error=str(e))
         return done(request, "saved")
+
+    # -- compute nodes -----------------------------------------------------------------------
+
+    @app.route("/nodes", methods=["GET"])
+    async def nodesPage(self, request: IRequest) -> bytes:
+        who = await self.admin(request)
+        if who is None:
+            return self.forbidden(request)
+        message = NODES_DONE.get(arg(request, "done") or "")
+        count = arg(request, "count") or ""
+        return await self.renderNodes(request, who, message=message.format(count=count) if message and count.isdigit() else None)
+
+    async def renderNodes(self, request: IRequest, who: LoggedIn, status: int = 200, **extra: Any) -> bytes:
+        return self.pages.render(
+            request, "admin_nodes.html", status, user=who.user, csrf=who.session.csrf,
+            schedulers=await self.nodes.overview(), **extra,
+        )  # fmt: skip
+
+    @app.route("/nodes", methods=["POST"])
+    async def changeNode(self, request: IRequest) -> bytes:
+        """Cool a node down, have it take instances again, or drain it; back to the page, which says what was done."""
+        who = await self.guarded(request)
+        if isinstance(who, bytes):
+            return who
+        action = arg(request, "action") or ""
+        try:
+            stopped = await self.nodes.act(who.user, arg(request, "scheduler") or "", arg(request, "node") or "", action)
+        except InstanceError as e:
+            return await self.renderNodes(request, who, e.status, error=str(e))
+        return redirect(request, f"/admin/nodes?done={action}&count={len(stopped)}")

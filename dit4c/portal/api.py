@@ -35,6 +35,7 @@ from dit4c.portal.instances import Instances, Sharing
 from dit4c.portal.interfaces import KeyRotation, SessionLookup
 from dit4c.portal.jwks import publicJWKProblem
 from dit4c.portal.logstream import follow
+from dit4c.portal.nodes import NodeAdmin
 from dit4c.portal.openapi import document
 from dit4c.portal.store.errors import Conflict, NotFound, StoreClosed, StoreError
 from dit4c.portal.store.interfaces import IStore
@@ -110,6 +111,8 @@ class API:
         self.publicURL = publicURL
         self.clock = clock
         self.downloads = downloads
+        #: The compute nodes of the connected schedulers (cool down, accept, drain).
+        self.nodes = NodeAdmin(store, instances)
         #: Followed outputs open now, by person (each asks its node once a second).
         self.following: dict[str, int] = {}
 
@@ -463,6 +466,18 @@ class API:
             ids.append(person.id)
         await self.store.setSchedulerUsers(scheduler_id, ids)
         return self.reply(request, {"scheduler": scheduler_id, "users": sorted(n.strip().lower() for n in names)})
+
+    @app.route("/admin/nodes", methods=["GET"])
+    async def listNodes(self, request: IRequest) -> bytes:
+        await self.admin(request)
+        return self.reply(request, {"schedulers": [s.toJSON() for s in await self.nodes.overview()]})
+
+    @app.route("/admin/nodes/<scheduler_id>/<node>/<action>", methods=["POST"])
+    async def changeNode(self, request: IRequest, scheduler_id: str, node: str, action: str) -> bytes:
+        """Cool a node down, have it take instances again, or drain it (``NodeAdmin.act``)."""
+        caller = await self.admin(request)
+        stopped = await self.nodes.act(caller, scheduler_id, node, action)
+        return self.reply(request, {"scheduler": scheduler_id, "node": node, "action": action, "stopping": stopped})
 
     @app.route("/admin/keys/rotate", methods=["POST"])
     async def rotateKey(self, request: IRequest) -> bytes:

@@ -35,6 +35,52 @@ _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"
 _NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}, "description": "A login name"}
 
 
+def _nodePaths() -> dict[str, Any]:
+    """The compute nodes of the connected schedulers (docs/protocols.md 7.7), for administrators."""
+    node = {
+        "type": "object",
+        "properties": {
+            "node": {"type": "string", "description": "Its name, unique under its scheduler"},
+            "connected": {"type": "boolean", "description": "Whether its scheduler's link to it is up"},
+            "capacity": {"type": "integer"},
+            "accepting": {"type": "boolean", "description": "false: cooling down (or not linked): it takes no new instances"},
+            "active": {"type": "integer", "description": "Instances that count against its capacity"},
+            "instances": {"type": "object", "additionalProperties": {"type": "integer"}, "description": "How many it holds, by state"},
+        },
+    }
+    scheduler = {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"}, "name": {"type": "string"}, "disabled": {"type": "boolean"},
+            "connected": {"type": "boolean", "description": "false: away; its nodes are not known until it connects"},
+            "nodes": {"type": "array", "items": node},
+        },
+    }  # fmt: skip
+    params = [
+        {"name": "scheduler", "in": "path", "required": True, "schema": {"type": "string"}, "description": "A scheduler's id"},
+        {"name": "node", "in": "path", "required": True, "schema": {"type": "string"}, "description": "The node's name"},
+    ]
+    done = _json(
+        {"type": "object", "properties": {"stopping": {"type": "array", "items": {"type": "string"}, "description": "The instances a drain stopped"}}},
+        "Done; 503 if the scheduler or the node cannot be asked now, or refused (the reason says why)",
+    )
+    what = {
+        "cool-down": "Cool a node down: it takes no new instances; those on it run on",
+        "accept": "Have a node that cools down take instances again",
+        "drain": "Cool a node down, then stop each instance running or starting on it as its owner's Stop would"
+        " (stopped, not discarded: its owner can resume or discard it)",
+    }
+    return {
+        "/admin/nodes": {
+            "get": _op(
+                "Every registered scheduler and, for each connected one, its compute nodes (administrators)",
+                _json({"type": "object", "properties": {"schedulers": {"type": "array", "items": scheduler}}}, "The nodes"),
+            )
+        },
+        **{f"/admin/nodes/{{scheduler}}/{{node}}/{op}": {"post": _op(summary, done, parameters=params)} for op, summary in what.items()},
+    }
+
+
 def document(publicURL: str) -> dict[str, Any]:
     instance = _json(_ref("Instance"), "The instance")
     access = _json(_ref("Access"), "Who may use the instance")
@@ -327,6 +373,7 @@ def document(publicURL: str) -> dict[str, Any]:
                     status="201",
                 )
             },
+            **_nodePaths(),
             "/admin/schedulers": {
                 "post": _op(
                     "Register a scheduler by its public key (JWK)",
