@@ -141,6 +141,7 @@ class DevService(MultiService):
             endpoints=endpoints,
             imageServerSecret=imageSecret,
             fileServerSecret=fileSecret,
+            imageServer=f"http://127.0.0.1:{config.imagePort}",  # where saved images uploaded as files go
         )
         self.portal.setServiceParent(self)
         imageServer = f"http://127.0.0.1:{config.imagePort}"

@@ -18,7 +18,7 @@ from twisted.web.server import Request
 from dit4c.imageserver.errors import MethodNotAllowed, NotFound
 from dit4c.imageserver.metrics import ImageServerMetrics
 from dit4c.imageserver.portal import PortalGate
-from dit4c.imageserver.storage import IImageStorage, parseDigest
+from dit4c.imageserver.storage import NEW_IMAGE, IImageStorage, parseDigest
 
 __all__ = [
     "DEFAULT_MAX_SIZE",
@@ -80,7 +80,9 @@ class ImageServer:
 
 def route(method: bytes, target: bytes) -> tuple[str, str | None]:
     """
-    What a request is about: ``("health", None)`` or ``("image", digest)``.
+    What a request is about: ``("health", None)``, ``("image", digest)``,
+    or ``("image", NEW_IMAGE)`` for ``POST /images``: an upload whose digest
+    is known only once it is in (the portal's, of a file a person uploads).
 
     :raises ImageServerError: ``404`` for another path, ``405`` for another
         method, ``400`` for a malformed digest.
@@ -90,6 +92,8 @@ def route(method: bytes, target: bytes) -> tuple[str, str | None]:
         if method not in HEALTH_METHODS:
             raise MethodNotAllowed(b", ".join(HEALTH_METHODS))
         return "health", None
+    if path == b"/images" and method == b"POST":
+        return "image", NEW_IMAGE
     if path.startswith(b"/images/"):
         if method not in IMAGE_METHODS:
             raise MethodNotAllowed(b", ".join(IMAGE_METHODS))

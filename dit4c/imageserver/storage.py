@@ -35,12 +35,18 @@ __all__ = [
     "IImageWriter",
     "Committed",
     "ImageInfo",
+    "NEW_IMAGE",
     "SpoolingWriter",
     "ThreadedReader",
     "parseDigest",
 ]
 
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
+
+
+#: What a writer is begun with for an image whose digest is known only once it is in
+#: (``POST /images``, docs/protocols.md 12.1): it is stored under the SHA-256 of what arrived.
+NEW_IMAGE = "new"
 
 
 def parseDigest(value: str) -> str:
@@ -125,7 +131,10 @@ class IImageStorage(Interface):
         """
 
     def begin(digest: str) -> IImageWriter:
-        """Start storing an image that should have this digest. :raises OSError:"""
+        """
+        Start storing an image that should have this digest (or, with
+        :data:`NEW_IMAGE`, whatever its digest turns out to be). :raises OSError:
+        """
 
     def delete(digest: str) -> Deferred[bool]:
         """Remove the image; False if it was not stored."""
@@ -279,7 +288,7 @@ class SpoolingWriter:
     def __init__(self, directory: Path, digest: str) -> None:
         self.digest = digest
         self.received = 0
-        self._hex = parseDigest(digest)
+        self._hex = "0" * 16 if digest == NEW_IMAGE else parseDigest(digest)
         self._hash = hashlib.sha256()
         fd, name = tempfile.mkstemp(prefix=self._hex[:16] + ".", suffix=".part", dir=directory)
         self._temporary: Path | None = Path(name)
@@ -302,6 +311,8 @@ class SpoolingWriter:
         if self._file is None or self._temporary is None:
             raise ValueError("the upload is over")
         actual = "sha256:" + self._hash.hexdigest()
+        if self.digest == NEW_IMAGE:
+            self.digest = actual
         if actual != self.digest:
             self.abort()
             raise DigestMismatch(digest=self.digest, received=actual, size=self.received)

@@ -49,7 +49,7 @@ from dit4c.imageserver.server import (
     credentials,
     route,
 )
-from dit4c.imageserver.storage import Committed, IImageWriter
+from dit4c.imageserver.storage import NEW_IMAGE, Committed, IImageWriter
 
 __all__ = ["MAX_OTHER_BODY", "ImageRequest"]
 
@@ -110,7 +110,8 @@ class _Upload:
             self._expectContinue = getattr(self.request.channel, "_version", None) == b"HTTP/1.1"
             headers.removeHeader(b"expect")
         connectionTransport(self.request).pauseProducing()
-        self._question = self.server.gate.ask("PUT", self.digest, credentials(self.request))
+        method = "POST" if self.digest == NEW_IMAGE else "PUT"
+        self._question = self.server.gate.ask(method, self.digest, credentials(self.request))
         self._question.addCallbacks(self._decided, self._unanswered)
 
     def chunk(self, data: bytes) -> None:
@@ -222,7 +223,7 @@ class _Upload:
         self.server.metrics.bytesStored += committed.size
         self.log.info(
             "stored {digest} ({size} bytes, {what})",
-            digest=self.digest, size=committed.size, what="new" if committed.created else "stored before",
+            digest=committed.digest, size=committed.size, what="new" if committed.created else "stored before",
         )  # fmt: skip
         if not self._result.called:
             self._result.callback(committed)
@@ -297,7 +298,7 @@ class ImageRequest(Request):
         # twisted.web keeps it as ``_command`` and ``_path`` meanwhile.
         method = getattr(self.channel, "_command", b"")
         target = getattr(self.channel, "_path", b"")
-        if method != b"PUT":
+        if method not in (b"PUT", b"POST"):
             return
         try:
             _, digest = route(method, target)

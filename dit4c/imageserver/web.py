@@ -129,7 +129,7 @@ class ImageResource(Resource):
         method = request.method
         outcome = "failed"
         try:
-            if method == b"PUT":
+            if request.upload is not None:  # PUT, or POST /images
                 await self._put(request, digest)
                 return
             outcome = await self._answer(request, digest)
@@ -146,7 +146,7 @@ class ImageResource(Resource):
         finally:
             # The one place a GET, HEAD or DELETE is counted, however it ended;
             # an upload counts itself where its end is decided (dit4c.imageserver.uploads).
-            if method != b"PUT":
+            if request.upload is None:
                 self.images.metrics.answered(method, outcome)
 
     async def _answer(self, request: ImageRequest, digest: str) -> str:

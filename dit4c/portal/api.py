@@ -40,6 +40,7 @@ from dit4c.portal.openapi import document
 from dit4c.portal.store.errors import Conflict, NotFound, StoreClosed, StoreError
 from dit4c.portal.store.interfaces import IStore
 from dit4c.portal.store.model import Grant, Instance, User
+from dit4c.portal.uploads import ImageUploads
 from dit4c.portal.web import arg
 
 MAX_BODY = 64 * 1024
@@ -113,6 +114,8 @@ class API:
         self.downloads = downloads
         #: The compute nodes of the connected schedulers (cool down, accept, drain).
         self.nodes = NodeAdmin(store, instances)
+        #: Saved images uploaded as files, once the portal knows its image server (``PortalService``).
+        self.uploads: ImageUploads | None = None
         #: Followed outputs open now, by person (each asks its node once a second).
         self.following: dict[str, int] = {}
 
@@ -337,6 +340,15 @@ class API:
         """A saved image (the caller's, or shared with them) as an OCI archive, its SHA-256 in ``Repr-Digest``."""
         user = await self.caller(request)
         return await self.downloads.send(request, user, image_id)
+
+    @app.route("/images", methods=["POST"])
+    async def uploadImage(self, request: IRequest) -> bytes | None:
+        """A file as downloaded (the body) as a new saved image of the caller's (``dit4c.portal.uploads``)."""
+        user = await self.caller(request)
+        if self.uploads is None:
+            raise APIError(503, "no_image_server", "This portal has no image server to keep uploaded images.")
+        image = await self.uploads.receive(request, user)
+        return None if image is None else self.reply(request, image, 201)
 
     @app.route("/instances/<instance_id>/logs", methods=["GET"])
     async def logs(self, request: IRequest, instance_id: str) -> bytes | None:

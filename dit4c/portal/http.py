@@ -11,6 +11,8 @@ before any of its body is read, and a chunked body is cut at the limit
 =================================  ==========  ===================================================
 route (path prefix)                limit       what the body is
 =================================  ==========  ===================================================
+``POST /api/v1/images``            20 GiB      a saved image's file, streamed to the image server
+                                               (``--upload-limit``; ``dit4c.portal.uploads``)
 ``/api/v1/``                       64 KiB      JSON (``dit4c.portal.api.MAX_BODY``)
 ``/oauth/token``                   8 KiB       the token request form (``oauth.MAX_TOKEN_REQUEST``)
 ``/reports/``                      16 KiB      a report token (``reports.MAX_BODY``)
@@ -34,6 +36,7 @@ from twisted.web.resource import IResource
 
 from dit4c.common.httpsite import SECRET_PARAMETERS, FrontSite, SiteLimits
 from dit4c.portal import api, oauth, reports
+from dit4c.portal.uploads import ImageUploads, UploadRequest, uploadBodyLimit
 from dit4c.portal.web import SECRET_PATHS
 
 __all__ = ["BODY_LIMITS", "FORM_BODY", "bodyLimit", "portalSite"]
@@ -63,16 +66,24 @@ def bodyLimit(method: bytes, target: bytes) -> int:
     return FORM_BODY
 
 
-def portalSite(resource: IResource, reactor: IReactorTime, limits: SiteLimits | None = None) -> FrontSite:
-    """The portal's site: ``resource`` (the Klein app's) behind the portal's HTTP channel."""
+def portalSite(
+    resource: IResource, reactor: IReactorTime, limits: SiteLimits | None = None, uploads: ImageUploads | None = None
+) -> FrontSite:
+    """
+    The portal's site: ``resource`` (the Klein app's) behind the portal's
+    HTTP channel; with ``uploads``, ``POST /api/v1/images`` streams its body
+    to them, up to their limit (``dit4c.portal.uploads``).
+    """
     site = FrontSite(
         resource,
         reactor=reactor,
-        bodyLimit=bodyLimit,
+        bodyLimit=bodyLimit if uploads is None else uploadBodyLimit(bodyLimit),
+        requestFactory=UploadRequest,
         limits=limits,
         serverName="DIT4C portal",
         secretPaths=SECRET_PATHS,
         secretParameters=SECRET_PARAMETERS,
     )
     site.displayTracebacks = False
+    site.uploads = uploads  # type: ignore[attr-defined]
     return site

@@ -206,7 +206,25 @@ def document(publicURL: str) -> dict[str, Any]:
                 ),
             },
             "/tokens/{id}": {"delete": _op("Revoke a token", _json({"type": "object"}, "Revoked"), parameters=[_ID])},
-            "/images": {"get": _op("Images the caller may start", _json({"type": "array", "items": _ref("Image")}, "Images"))},
+            "/images": {
+                "get": _op("Images the caller may start", _json({"type": "array", "items": _ref("Image")}, "Images")),
+                "post": _op(
+                    "A saved image's file, as downloaded, as a new saved image of yours. The body is the file"
+                    " (application/x-tar), streamed to the image server as it arrives; its tool is the one the"
+                    " archive names, or the catalogue entry 'tool' (id, ref or name). 400: not a whole saved image"
+                    " (not_an_image), unknown_tool, missing_tool, wrong_tool, digest_mismatch; 413: over the"
+                    " portal's upload limit; nothing is kept of a refused file",
+                    _json(_ref("Image"), "The new image, as the listing gives it"),
+                    status="201",
+                    parameters=[
+                        {"name": "name", "in": "query", "schema": {"type": "string", "maxLength": 200}},
+                        {"name": "filename", "in": "query", "schema": {"type": "string"}, "description": "The file's name: the image's name without .oci.tar when 'name' is not given"},
+                        {"name": "tool", "in": "query", "schema": {"type": "string"}, "description": "A catalogue entry; required for an OCI archive"},
+                        {"name": "X-DIT4C-Digest", "in": "header", "schema": {"type": "string"}, "description": "sha256:<hex> the file must have"},
+                    ],
+                    requestBody={"required": True, "content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}},
+                ),
+            },
             "/instances": {
                 "get": _op("The caller's instances and those shared with them", _json({"type": "array", "items": _ref("Instance")}, "Instances")),
                 "post": _op(

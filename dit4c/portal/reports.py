@@ -50,6 +50,7 @@ from dit4c.common.life import ACTIVE, State
 from dit4c.common.tokens import TokenVerifier
 from dit4c.portal.errors import ReportError
 from dit4c.portal.events import EventBus
+from dit4c.portal.importtokens import NEW_IMAGE, ImportTokens
 from dit4c.portal.keys import KeyRing, KeyRingKeySource
 from dit4c.portal.reportrules import (
     API_TOKEN_PREFIX,
@@ -200,6 +201,7 @@ class Reports:
             KeyRingKeySource(parts.keys), audience=DELETE_AUDIENCE, issuer=parts.keys.issuer,
             leeway=LEEWAY, clock=self.clock,
         )  # fmt: skip
+        self._importTokens = ImportTokens(parts.keys, self.clock)  # a person's file as a new image
 
     def setImageServerSecret(self, secret: str | bytes | None) -> None:
         """Set (or, with None, remove) the image server's secret. Only its hash is kept."""
@@ -421,6 +423,9 @@ class Reports:
         return method.upper(), reference, {k.lower(): v for k, v in given.items()}
 
     async def _decide(self, method: str, reference: str, headers: Mapping[str, str]) -> Decision:
+        if method in WRITE_METHODS and reference == NEW_IMAGE:  # POST /images: the portal's own upload
+            user, why = await self._importTokens.who(headers.get("authorization"))
+            return Decision(True, why, user=user, via="import-token") if user else _deny(why)
         if method in WRITE_METHODS:
             return await self._mayWrite(reference, headers.get("authorization"))
         if method == "DELETE":

@@ -26,6 +26,7 @@ from dit4c.portal.http import portalSite
 from dit4c.portal.keys import KeyRing
 from dit4c.portal.metrics import PortalMetrics
 from dit4c.portal.store import IStore, openStore
+from dit4c.portal.uploads import DEFAULT_UPLOAD_LIMIT, ImageUploads
 from dit4c.portal.upstream.config import ProviderConfig
 
 
@@ -46,6 +47,8 @@ class PortalService(MultiService):
         fileServerSecret: str | None = None,
         limits: SiteLimits | None = None,
         metricsEndpoint: IStreamServerEndpoint | None = None,
+        imageServer: str | None = None,
+        uploadLimit: int = DEFAULT_UPLOAD_LIMIT,
     ) -> None:
         """
         :param reactor: the process's reactor: its clock (``IReactorTime``),
@@ -69,6 +72,10 @@ class PortalService(MultiService):
         self.limits = limits
         #: Where /metrics and /health are served, if anywhere (dit4c.portal.metrics).
         self.metricsEndpoint = metricsEndpoint
+        #: The image server as the portal reaches it, where uploaded saved images go (none: no uploads).
+        self.imageServer = imageServer
+        #: The largest saved image uploaded as a file, in bytes.
+        self.uploadLimit = uploadLimit
         self.metrics: PortalMetrics | None = None
         #: The scheduler channel (``ChannelHub``), once started.
         self.channels: ChannelHub | None = None
@@ -140,7 +147,9 @@ class PortalService(MultiService):
             ListeningService(
                 self.metricsEndpoint, adminSite(people, lambda: {"people": people.people}), "portal metrics"
             ).setServiceParent(self)
-        site = portalSite(self.portal.app.resource(), self.reactor, self.limits)
+        if self.imageServer is not None:
+            portal.api.uploads = ImageUploads(portal.store, keys, self.reactor, self.imageServer, limit=self.uploadLimit)
+        site = portalSite(self.portal.app.resource(), self.reactor, self.limits, portal.api.uploads)
         for endpoint in self.endpoints:
             service = ListeningService(endpoint, site, "portal")
             service.setServiceParent(self)

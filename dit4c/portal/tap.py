@@ -38,6 +38,8 @@ class Options(usage.Options):
         ["image-server-secret-file", None, None, "File holding the secret the image server sends when it asks whether a request may go on."],
         ["file-server-secret-file", None, None, "File holding the secret the file server sends when it asks whose storage an instance may reach."],
         ["metrics", None, None, "Endpoint to serve Prometheus /metrics and /health on, e.g. tcp:9101:interface=127.0.0.1 (keep it off the public network)."],
+        ["image-server", None, None, "The image server's base URL as the portal reaches it, where saved images uploaded as files go (none: no uploads)."],
+        ["upload-limit", None, 20 * 1024**3, "The largest saved image uploaded as a file, in bytes (default 20 GiB).", positiveInt],
     ]
 
     def __init__(self) -> None:
@@ -71,6 +73,8 @@ class Options(usage.Options):
         self["public-url"] = self["public-url"].rstrip("/")
         if not self["public-url"].startswith(("http://", "https://")):
             raise usage.UsageError("--public-url must start with http:// or https://")
+        if self["image-server"] and not self["image-server"].startswith(("http://", "https://")):
+            raise usage.UsageError("--image-server must start with http:// or https://")
         endpointList(self["channel"], server=True, option="channel")
         if self["metrics"]:
             endpointList([self["metrics"]], server=True, option="metrics")
@@ -122,4 +126,6 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         imageServerSecret=config["image-server-secret"],
         fileServerSecret=config["file-server-secret"],
         metricsEndpoint=serverFromString(reactor, config["metrics"]) if config["metrics"] else None,
+        imageServer=config["image-server"],
+        uploadLimit=config["upload-limit"],
     )
