@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from . import local, remote  # noqa: F401 (each registers its subcommands)
+from . import local, remote, upload  # noqa: F401 (each registers its subcommands)
 from .registry import COMMANDS, Command, CommandError, command
 
 __all__ = ["COMMANDS", "Command", "CommandError", "command", "main"]
