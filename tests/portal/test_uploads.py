@@ -234,3 +234,38 @@ async def test_only_the_portal_sends_the_image_server_a_new_image(world: Any) ->
     alice = await world.store.userByName("alice")
     response = await treq.post(url, data=data, headers={"Authorization": f"Bearer {importToken(world.keys, alice.id)}"})
     assert response.code == 201 and (await response.json())["digest"] == sha(data)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_upload_form_in_a_browser(world: Any, browser: Any, tmp_path: Path) -> None:
+    """Chromium: a file chosen on the home page becomes a saved image in its list; a truncated one is refused there."""
+    from selenium.webdriver.common.by import By
+
+    data = processArchive()
+    whole, cut = tmp_path / "from the laptop.oci.tar", tmp_path / "cut.oci.tar"
+    whole.write_bytes(data)
+    cut.write_bytes(data[:5000])
+    await browser.logIn(world.testURL, "alice", "correct horse battery")
+    await browser.get(world.testURL + "/")
+
+    async def choose(path: Path) -> None:
+        element = await browser.find("#upload-file")
+        await browser.run(element.send_keys, str(path))
+
+    await choose(cut)
+    await browser.click("#upload-button")
+    await browser.waitForText("#upload-status", "not a whole saved image", 15)
+    alice = await world.store.userByName("alice")
+    assert await world.store.listImagesOf(alice.id) == [] and stored(world) == []
+
+    await choose(whole)
+    await browser.click("#upload-button")
+    await browser.waitForText("#saved-images td", "from the laptop", 15)
+    [image] = await world.store.listImagesOf(alice.id)
+    assert (image.name, image.digest, image.port) == ("from the laptop", sha(data), 8888)
+    # The page was loaded again with a GET: a reload sends nothing twice.
+    assert await browser.execute("return location.pathname") == "/"
+    await browser.run(browser.driver.refresh)
+    await browser.waitForText("#saved-images td", "from the laptop", 15)
+    assert len(await world.store.listImagesOf(alice.id)) == 1
+    assert await browser.run(lambda: len(browser.driver.find_elements(By.CSS_SELECTOR, "#saved-images tr[data-image]"))) == 1
