@@ -6,6 +6,12 @@ thread), the runtime's pod, and then waiting for the tool to answer.
 
 A start is given up the moment the instance stops being ``starting`` (a
 stop, a discard or its deadline came first): what was made is stopped.
+
+A resume is a start of the pod a stop left, its files and key as they were:
+one that fails (the runtime's reason, or a tool that does not answer) leaves
+the instance ``stopped`` with the reason, its files kept for another try; a
+marker file (``RESUMING``) says, to a node restarted meanwhile, that the
+``starting`` instance was resuming, so that it carries on with the resume.
 """
 
 from __future__ import annotations
@@ -28,10 +34,12 @@ from dit4c.node.errors import RuntimeError_
 from dit4c.node.interfaces import PodSpec
 from dit4c.node.noderecords import InstanceRecord, NodeRecords
 
-__all__ = ["FETCHED", "NodeStarting"]
+__all__ = ["FETCHED", "RESUMING", "NodeStarting"]
 
 #: A saved image fetched for a start.
 FETCHED = "image.tar"
+#: In a pod's directory while its instance resumes (a restarted node carries on with the resume).
+RESUMING = "resuming"
 
 
 class NodeStarting(NodeRecords):
@@ -97,13 +105,45 @@ class NodeStarting(NodeRecords):
             self._set(instance, State.STOPPED, why)
             return succeed(None)
         resumed = replace(record, state=State.STARTING, reason=None, since=self.reactor.seconds())
+        (self._podDirectory(instance) / RESUMING).touch()
         self._records[instance] = resumed
         self._writeRecord(resumed)
         self._began(instance, "resume")
         self._arm(resumed)
         self._emit(resumed)
-        self._spawn(instance, "resume", lambda: self._start(resumed, stale=False, resuming=True))
+        self._spawn(instance, "resume", lambda: self._resume(resumed))
         return succeed(None)
+
+    async def _resume(self, record: InstanceRecord) -> None:
+        """The stopped pod started again (its marker removed once the resume has ended, however it ended)."""
+        try:
+            await self._start(record, stale=False, resuming=True)
+        finally:
+            await removeFile(self._podDirectory(record.instance) / RESUMING)
+
+    async def _holdsPod(self, instance: str) -> bool:
+        """Whether the runtime still has a pod of ``instance`` (stopped or not) on this node."""
+        return any(pod.instance == instance for pod in await self.runtime.pods())
+
+    async def _resumeFailed(self, instance: str, reason: str) -> None:
+        """
+        A resume that did not come to ``running``: what it started is
+        stopped, and the instance is ``stopped`` again with the reason, its
+        files kept (a resume may be tried again, or the instance discarded).
+        """
+        try:
+            await self.runtime.stop(instance)
+        except Exception:
+            self.log.failure("could not stop {instance} after its resume failed", instance=instance)
+            self._failed(instance, f"{reason} The compute node could not stop what it started.", during=State.STARTING)
+            return
+        if not self._still(instance, State.STARTING):
+            return  # a stop or a discard came meanwhile: it says where the instance is
+        if self._operations.get(instance) == "resume":
+            del self._operations[instance]
+            self.outcomes["resume", "error"] += 1
+        self.log.warn("{instance} could not be resumed: {reason}", instance=instance, reason=reason)
+        self._set(instance, State.STOPPED, reason)
 
     async def _start(self, record: InstanceRecord, stale: bool, token: str | None = None, resuming: bool = False) -> None:
         """
@@ -146,6 +186,10 @@ class NodeStarting(NodeRecords):
                     fileServerHostKey=self.fileServerHostKey if self.fileServer else None,
                 )
             )
+            if resuming and not await self._holdsPod(instance):
+                why = "Nothing of this instance's pod is left on this compute node: it cannot be resumed."
+                self._failed(instance, why, during=State.STARTING)
+                return
             archive = None
             if record.image.startswith(("http://", "https://")) and not resuming:
                 archive = await self._fetch(record, directory / FETCHED, token)
@@ -157,18 +201,24 @@ class NodeStarting(NodeRecords):
             if archive is not None:
                 await removeFile(archive)
         except RuntimeError_ as e:
-            self._failed(instance, str(e), during=State.STARTING)
+            if resuming and self._still(instance, State.STARTING):
+                await self._resumeFailed(instance, f"It could not be resumed; its files are kept. {_sentence(str(e))}")
+            else:
+                self._failed(instance, str(e), during=State.STARTING)
             return
         except Exception:
             self.log.failure("could not start {instance}", instance=instance)
-            self._failed(instance, "The compute node could not start this instance.", during=State.STARTING)
+            if resuming and self._still(instance, State.STARTING):
+                await self._resumeFailed(instance, "The compute node could not resume this instance; its files are kept.")
+            else:
+                self._failed(instance, "The compute node could not start this instance.", during=State.STARTING)
             return
         if not self._still(instance, State.STARTING):
             # Stopped or expired meanwhile (the work after it waits its turn): what was made stops.
             self.log.info("{instance} was started after it was given up: stopping it", instance=instance)
             await self.runtime.stop(instance)
             return
-        await self._waitUntilReady(instance, self.reactor.seconds() + self.startTimeout)
+        await self._waitUntilReady(instance, self.reactor.seconds() + self.startTimeout, resuming=resuming)
 
     async def _fetch(self, record: InstanceRecord, path: Path, token: str | None) -> Path:
         """A saved image from the image server, written (and hashed) off the reactor thread, checked."""
@@ -193,7 +243,7 @@ class NodeStarting(NodeRecords):
         temporary.replace(path)
         return path
 
-    async def _waitUntilReady(self, instance: str, deadline: float) -> None:
+    async def _waitUntilReady(self, instance: str, deadline: float, resuming: bool = False) -> None:
         while self._state(instance) is State.STARTING:
             try:
                 if await self.runtime.ready(instance):
@@ -204,9 +254,22 @@ class NodeStarting(NodeRecords):
                 self.log.failure("checking whether {instance} answers", instance=instance)
             if self.reactor.seconds() >= deadline:
                 if self._state(instance) is State.STARTING:
-                    self._failed(instance, f"The tool did not answer within {self.startTimeout:g} s.")
-                    await self.runtime.stop(instance)
+                    why = f"The tool did not answer within {self.startTimeout:g} s."
+                    if resuming:
+                        await self._resumeFailed(instance, f"{why} Its files are kept.")
+                    else:
+                        self._failed(instance, why)
+                        await self.runtime.stop(instance)
                 return
             d: Deferred[None] = Deferred()
             self.reactor.callLater(self.readyInterval, d.callback, None)
             await d
+
+
+def _sentence(text: str) -> str:
+    """``text`` as a sentence: its first letter upper case, a full stop at its end."""
+    text = text.strip()
+    if not text:
+        return text
+    text = text[0].upper() + text[1:]
+    return text if text.endswith((".", "!", "?")) else text + "."

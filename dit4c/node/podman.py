@@ -25,7 +25,8 @@ timeout; the reactor is never blocked. The layout is described in
 The runtime is made of parts, each in its own module: running podman
 (:mod:`dit4c.node.podmancommand`), images, saved and loaded
 (:mod:`dit4c.node.podmanimages`), building a pod
-(:mod:`dit4c.node.podmanbuild`), and the pods it holds, watched, found
+(:mod:`dit4c.node.podmanbuild`), starting a stopped pod again
+(:mod:`dit4c.node.podmanresume`), and the pods it holds, watched, found
 again after a restart and stopped (:mod:`dit4c.node.podmanpods`).
 """
 
@@ -44,7 +45,7 @@ from zope.interface import implementer
 from dit4c.channel.wire import LogChunk
 from dit4c.node.errors import PodmanError
 from dit4c.node.interfaces import IRuntime, PodSpec, PodStatus, helperCommand
-from dit4c.node.podmanbuild import INHERITED, PodBuilding, firewallRules
+from dit4c.node.podmanbuild import INHERITED, firewallRules
 from dit4c.node.podmancommand import summarise
 from dit4c.node.podmanpods import (
     LABEL_DIRECTORY,
@@ -55,6 +56,7 @@ from dit4c.node.podmanpods import (
     HeldPod,
     listening,
 )
+from dit4c.node.podmanresume import PodResuming
 from dit4c.node.toollogs import mergeTimestamped
 
 __all__ = [
@@ -89,12 +91,13 @@ _PREFIX = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,40}$")
 
 
 @implementer(IRuntime)
-class PodmanRuntime(PodBuilding):
+class PodmanRuntime(PodResuming):
     """Runs each instance as a rootful podman pod; its helpers as host processes."""
 
     name = "podman"
-    #: A stopped pod's files are in its tool container, which a start would make afresh.
-    resumable = False
+    #: A stop keeps the pod and its tool's container (every file the tool
+    #: wrote): a start of its instance starts them again (:mod:`dit4c.node.podmanresume`).
+    resumable = True
     log = Logger()
 
     def __init__(
