@@ -13,6 +13,10 @@ from typing import Any
 from twisted.internet import defer
 
 
+#: Seconds between the first two looks of :func:`eventually`.
+FIRST_LOOK = 0.01
+
+
 def deferLater(seconds: float) -> defer.Deferred[None]:
     """Wait on the global reactor (for tests on real sockets)."""
     from twisted.internet import reactor
@@ -33,11 +37,16 @@ async def eventually(
     result counts. A test waits for the event it needs this way rather
     than sleeping for a guessed time: fast when the event comes soon, and
     a clear failure (``what`` was awaited, or its text now) at the
-    deadline when it never does. A look every 50 ms: many predicates ask
-    a server under test, whose CPU a tighter loop takes away on a machine
-    that runs tests in parallel.
+    deadline when it never does. The looks come quickly at first (10 ms
+    apart, then twice as long each time), then every ``interval``: most
+    events a test waits for come within milliseconds, and a fixed look
+    every ``interval`` made each wait last a whole one. Later looks stay
+    ``interval`` apart because many predicates ask a server under test,
+    whose CPU a tighter loop takes away on a machine that runs tests in
+    parallel.
     """
     deadline = time.monotonic() + timeout
+    pause = min(FIRST_LOOK, interval)
     while True:
         result = predicate()
         if inspect.isawaitable(result):
@@ -47,4 +56,5 @@ async def eventually(
         if time.monotonic() > deadline:
             detail = what() if callable(what) else what or getattr(predicate, "__qualname__", repr(predicate))
             raise AssertionError(f"not so within {timeout} s: {detail}")
-        await deferLater(interval)
+        await deferLater(pause)
+        pause = min(pause * 2, interval)
