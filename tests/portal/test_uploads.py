@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import secrets
 import tarfile
 from pathlib import Path
@@ -22,10 +23,12 @@ from typing import Any
 import pytest_twisted
 import treq
 from portal_client import Client, tokenFor
+from support.backend import PATTERN
 from support.sockets import RawClient
 from support.waiting import eventually
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
+from twisted.internet.protocol import Factory, Protocol
 
 from dit4c.imageserver.service import ImageServerService
 from dit4c.portal.app import Portal
@@ -269,3 +272,102 @@ async def test_the_upload_form_in_a_browser(world: Any, browser: Any, tmp_path: 
     await browser.waitForText("#saved-images td", "from the laptop", 15)
     assert len(await world.store.listImagesOf(alice.id)) == 1
     assert await browser.run(lambda: len(browser.driver.find_elements(By.CSS_SELECTOR, "#saved-images tr[data-image]"))) == 1
+
+
+class StoppedImageServer(Protocol):
+    """A stand-in image server that reads the portal's upload only when told to, then stores it as named."""
+
+    def __init__(self, digest: str) -> None:
+        self.digest = digest
+        self.received = 0
+        self.tail = b""
+        self.reading = False
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def read(self) -> None:
+        self.reading = True
+        self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += len(data)
+        self.tail = (self.tail + data)[-16:]
+        if self.tail.endswith(b"\r\n0\r\n\r\n"):  # the chunked body's end: the portal ended it
+            body = json.dumps({"digest": self.digest, "size": 1, "url": f"http://127.0.0.1:1/images/{self.digest}"})
+            self.transport.write(
+                b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(body), body.encode())
+            )
+
+
+def bigOCIArchive(size: int) -> list[bytes]:
+    """An OCI archive with a blob of ``size`` bytes of the pattern, in parts (the pattern's part repeated, not copied)."""
+    parts = []
+    for name, data in [("oci-layout", b'{"imageLayoutVersion": "1.0.0"}'), ("index.json", b"{}")]:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        parts.append(info.tobuf(format=tarfile.GNU_FORMAT) + data + b"\0" * (-len(data) % 512))
+    info = tarfile.TarInfo("blobs/sha256/" + "0" * 64)
+    info.size = size
+    return [*parts, info.tobuf(format=tarfile.GNU_FORMAT), *[PATTERN] * (size // len(PATTERN)), b"\0" * 10240]
+
+
+class Sender:
+    """``parts``, written while the connection takes them."""
+
+    def __init__(self, transport: Any, parts: list[bytes]) -> None:
+        self.transport = transport
+        self.parts = parts
+        self.length = sum(len(p) for p in parts)
+        self.sent = 0
+        self.paused = False
+        self.index = 0
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        while not self.paused and self.index < len(self.parts):
+            part = self.parts[self.index]
+            self.index += 1
+            self.sent += len(part)
+            self.transport.write(part)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def stopProducing(self) -> None:
+        self.index = len(self.parts)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_image_server_that_stops_reading_pauses_the_uploader(world: Any) -> None:
+    size = 128 * 1024 * 1024
+    parts = bigOCIArchive(size)
+    whole = hashlib.sha256()
+    for part in parts:
+        whole.update(part)
+    standIn = StoppedImageServer("sha256:" + whole.hexdigest())
+    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(Factory.forProtocol(lambda: standIn))
+    world.api.uploads.imageServer = f"http://127.0.0.1:{port.getHost().port}"
+    world.api.uploads.limit = 2 * size
+    client = RawClient()
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", int(world.testURL.rsplit(":", 1)[1])), client)
+    sender = Sender(client.transport, parts)
+    client.transport.write(
+        f"POST /api/v1/images?tool=Tool&name=big HTTP/1.1\r\nHost: portal.test\r\nAuthorization: Bearer {world.alice}\r\n"
+        f"Content-Length: {sender.length}\r\n\r\n".encode()
+    )
+    client.transport.registerProducer(sender, True)  # type: ignore[attr-defined]
+    sender.resumeProducing()
+    # The image server reads nothing: the uploader is held at the socket buffers on the way.
+    await eventually(
+        lambda: standIn.transport is not None and sender.paused and sender.sent > 1024 * 1024, 30, what="the uploader paused"
+    )
+    assert sender.sent < size // 4, sender.sent
+    standIn.read()
+    await eventually(lambda: b"HTTP/1.1 201" in bytes(client.received), 120, what="the upload stored")
+    assert sender.index == len(sender.parts) and standIn.received > size
+    answer = json.loads(re.search(rb"\{.*\}", bytes(client.received)).group(0))  # type: ignore[union-attr]
+    assert (answer["name"], answer["digest"]) == ("big", standIn.digest)
+    client.transport.loseConnection()
+    await port.stopListening()
