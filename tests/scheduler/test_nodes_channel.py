@@ -11,13 +11,11 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from support.stubnode import StubNode
 from support.waiting import eventually
 from test_scheduler_channel import Handler, Setup, setup  # noqa: F401  (the fixture)
-from twisted.internet.defer import Deferred, fail, succeed
-from zope.interface import implementer
 
-from dit4c.channel.errors import NodeAway, ProtocolError
-from dit4c.channel.interfaces import INode, INodeObserver
+from dit4c.channel.errors import ProtocolError
 from dit4c.channel.nodewire import (
     NodeCommand,
     NodeDone,
@@ -27,8 +25,8 @@ from dit4c.channel.nodewire import (
     parseNodeDone,
     parseNodes,
 )
-from dit4c.channel.wire import CloseCode, InstanceStatus
-from dit4c.common.life import ACTIVE, State
+from dit4c.channel.wire import CloseCode
+from dit4c.common.life import State
 from dit4c.scheduler.scheduler import Scheduler
 
 # -- the messages ---------------------------------------------------------------------------
@@ -73,44 +71,6 @@ def test_node_commands_and_answers() -> None:
 
 
 # -- a scheduler and its nodes ------------------------------------------------------------------
-
-
-@implementer(INode)
-class StubNode:
-    """A compute node in memory: instances move when the test says."""
-
-    def __init__(self, name: str, capacity: int = 2) -> None:
-        self.nodeName = name
-        self.capacity = capacity
-        self.accepting = True
-        self.connected = True
-        self.statuses: dict[str, InstanceStatus] = {}
-        self.observers: list[INodeObserver] = []
-
-    def load(self) -> int:
-        return sum(1 for s in self.statuses.values() if s.state in ACTIVE)
-
-    def instances(self) -> list[InstanceStatus]:
-        return list(self.statuses.values())
-
-    def subscribe(self, observer: INodeObserver) -> None:
-        self.observers.append(observer)
-
-    def whenReported(self) -> Deferred[None]:
-        return succeed(None)
-
-    def setAccepting(self, accepting: bool) -> Deferred[None]:
-        if not self.connected:
-            return fail(NodeAway(f"The compute node {self.nodeName} is not linked to its scheduler now."))
-        self.accepting = accepting
-        for observer in self.observers:
-            observer.nodeChanged(self)
-        return succeed(None)
-
-    def move(self, instance: str, state: State) -> None:
-        self.statuses[instance] = status = InstanceStatus(instance, state)
-        for observer in self.observers:
-            observer.instanceState(self, status)
 
 
 def _nodes(setup: Setup) -> list[list[dict[str, Any]]]:  # noqa: F811
