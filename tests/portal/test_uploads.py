@@ -167,6 +167,10 @@ async def test_a_tool_not_in_the_catalogue_is_refused(world: Any) -> None:
     assert (code, answer["error"]) == (400, "unknown_tool")
     code, answer = await upload(world, processArchive(tool="elsewhere:1"))
     assert (code, answer["error"]) == (400, "unknown_tool") and "elsewhere:1" in answer["reason"]
+    # A file that names its tool is restored as that tool, not another.
+    await world.store.createImage("Other", "other:1", port=9000)
+    code, answer = await upload(world, processArchive(), tool="Other")
+    assert (code, answer["error"]) == (400, "wrong_tool")
     # An OCI archive names no tool: one of the catalogue's is chosen.
     code, answer = await upload(world, ociArchive())
     assert (code, answer["error"]) == (400, "missing_tool")
