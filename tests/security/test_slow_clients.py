@@ -47,33 +47,42 @@ async def helpers() -> Any:
         proc.stop()
 
 
-@pytest.mark.parametrize(
-    "server",
-    ["portal", "portal scheduler channel", "routing public http", "routing tunnel", "auth helper", "image server"],
-)
+#: The public ports of a head sent a byte at a time.
+PORTS = ("portal", "portal scheduler channel", "routing public http", "routing tunnel", "auth helper", "image server")
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_head_sent_a_byte_at_a_time_is_cut(
-    server: str, portal: RunningPortal, processes: Any, signing: Any, tmp_path: Path, helpers: list[Process]
+    portal: RunningPortal,
+    processes: Any,
+    signing: Any,
+    tmp_path: Path,
+    helpers: list[Process],
+    subtests: pytest.Subtests,
 ) -> None:
-    slow = slowHead()
-    if server == "portal":
-        port = portal.port
-    elif server == "portal scheduler channel":
-        port, slow = portal.channelPort, slowHead(path=b"/.dit4c/channel")
-    elif server.startswith("routing"):
-        routing = await startRouting(processes, signing)
-        if server == "routing tunnel":
-            port, slow = routing.port("tunnel"), slowTunnelHello()
-        else:
-            port = routing.port("public http")
-    elif server == "auth helper":
-        port = await startAuthHelper(tmp_path, portal.url, helpers)
-    else:
-        port = await startImageServer(processes, tmp_path, portal.url)
-    from twisted.internet import threads
+    """
+    Every port at once (each a subtest): the clients only wait on the
+    servers' deadlines, so they drip side by side rather than one port
+    after another.
+    """
+    from twisted.internet import defer, threads
 
-    cut = await threads.deferToThread(drip, port, slow, 3, 0.5, BOUND + 5)
-    assert max(cut) < BOUND, cut
+    routing = await startRouting(processes, signing)
+    targets = {
+        "portal": (portal.port, slowHead()),
+        "portal scheduler channel": (portal.channelPort, slowHead(path=b"/.dit4c/channel")),
+        "routing public http": (routing.port("public http"), slowHead()),
+        "routing tunnel": (routing.port("tunnel"), slowTunnelHello()),
+        "auth helper": (await startAuthHelper(tmp_path, portal.url, helpers), slowHead()),
+        "image server": (await startImageServer(processes, tmp_path, portal.url), slowHead()),
+    }
+    assert tuple(targets) == PORTS
+    cuts = await defer.gatherResults(
+        [threads.deferToThread(drip, port, slow, 3, 0.5, BOUND + 5) for port, slow in targets.values()]
+    )
+    for server, cut in zip(targets, cuts, strict=True):
+        with subtests.test(server=server):
+            assert max(cut) < BOUND, cut
 
 
 @pytest_twisted.ensureDeferred
