@@ -38,6 +38,8 @@ __all__ = ["FETCHED", "RESUMING", "NodeStarting"]
 
 #: A saved image fetched for a start.
 FETCHED = "image.tar"
+#: Seconds from a pod's start to the first look at whether its tool answers again.
+FIRST_READY_LOOK = 0.02
 #: In a pod's directory while its instance resumes (a restarted node carries on with the resume).
 RESUMING = "resuming"
 
@@ -244,6 +246,11 @@ class NodeStarting(NodeRecords):
         return path
 
     async def _waitUntilReady(self, instance: str, deadline: float, resuming: bool = False) -> None:
+        # Looks 20 ms apart at first, then twice as long each time up to
+        # readyInterval: a tool that answers within milliseconds of its start
+        # runs without waiting a whole interval, and a slow one is not asked
+        # more often than every readyInterval.
+        pause = min(FIRST_READY_LOOK, self.readyInterval)
         while self._state(instance) is State.STARTING:
             try:
                 if await self.runtime.ready(instance):
@@ -262,7 +269,8 @@ class NodeStarting(NodeRecords):
                         await self.runtime.stop(instance)
                 return
             d: Deferred[None] = Deferred()
-            self.reactor.callLater(self.readyInterval, d.callback, None)
+            self.reactor.callLater(pause, d.callback, None)
+            pause = min(pause * 2, self.readyInterval)
             await d
 
 
