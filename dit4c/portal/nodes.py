@@ -148,11 +148,13 @@ def directoryOf(commands: object) -> NodeDirectory | None:
 
 @dataclass(frozen=True)
 class SchedulerNodes:
-    """A registered scheduler, whether it is connected, and its nodes as it said (none while away)."""
+    """A registered scheduler, whether it is connected, and its nodes as it said (None: not known)."""
 
     scheduler: Scheduler
     connected: bool
-    nodes: tuple[NodeSummary, ...]
+    #: None while it is away, or connected but has said nothing of its nodes
+    #: (a scheduler older than this portal does not).
+    nodes: tuple[NodeSummary, ...] | None
 
     def toJSON(self) -> dict[str, Any]:
         return {
@@ -160,7 +162,7 @@ class SchedulerNodes:
             "name": self.scheduler.name,
             "disabled": self.scheduler.disabled,
             "connected": self.connected,
-            "nodes": [dict(node.toJSON(), active=node.active) for node in self.nodes],
+            "nodes": None if self.nodes is None else [dict(node.toJSON(), active=node.active) for node in self.nodes],
         }
 
 
@@ -179,9 +181,9 @@ class NodeAdmin:
         """Every registered scheduler, and the nodes of each connected one."""
         shown = []
         for scheduler in await self.store.listSchedulers():
-            nodes = self.directory.of(scheduler.id) if self.directory is not None else None
-            connected = nodes is not None and self.instances.commands.connected(scheduler.id)
-            shown.append(SchedulerNodes(scheduler, connected, nodes if connected and nodes is not None else ()))
+            connected = self.instances.commands.connected(scheduler.id)
+            nodes = self.directory.of(scheduler.id) if self.directory is not None and connected else None
+            shown.append(SchedulerNodes(scheduler, connected, nodes))
         return shown
 
     async def act(self, admin: User, schedulerId: str, node: str, action: str) -> list[str]:
@@ -194,9 +196,11 @@ class NodeAdmin:
         """
         if action not in NODE_OPS:
             raise NotFound(f"There is no such action as {action!r}; there are {', '.join(NODE_OPS)}.")
-        nodes = self.directory.of(schedulerId) if self.directory is not None else None
-        if nodes is None or not self.instances.commands.connected(schedulerId):
+        if not self.instances.commands.connected(schedulerId):
             raise NodeUnavailable("That scheduler is away; its nodes can be changed once it is connected again.")
+        nodes = self.directory.of(schedulerId) if self.directory is not None else None
+        if nodes is None:
+            raise NodeUnavailable("That scheduler has not said what compute nodes it has.")
         if node not in {n.node for n in nodes}:
             raise NotFound(f"That scheduler has no compute node called {node!r}.")
         assert self.directory is not None

@@ -53,7 +53,7 @@ def _nodePaths() -> dict[str, Any]:
         "properties": {
             "id": {"type": "string"}, "name": {"type": "string"}, "disabled": {"type": "boolean"},
             "connected": {"type": "boolean", "description": "false: away; its nodes are not known until it connects"},
-            "nodes": {"type": "array", "items": node},
+            "nodes": {"type": ["array", "null"], "items": node, "description": "null: away, or it has not said"},
         },
     }  # fmt: skip
     params = [

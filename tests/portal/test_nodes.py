@@ -84,9 +84,9 @@ async def site(tmp_path: Path) -> Any:
     try:
         yield made
     finally:
-        await made.disconnect()
         for raw in made.raws:
             raw.abort()
+        await made.disconnect()
         await service.stopService()
 
 
@@ -235,7 +235,7 @@ async def test_a_scheduler_away_is_said_to_be(site: Site) -> None:
     assert site.hub.nodes.of(site.scheduler.id) is None
     code, listed = await root.call("GET", "/admin/nodes")
     assert listed["schedulers"] == [
-        {"id": site.scheduler.id, "name": "cluster", "disabled": False, "connected": False, "nodes": []}
+        {"id": site.scheduler.id, "name": "cluster", "disabled": False, "connected": False, "nodes": None}
     ]
     code, refused = await root.call("POST", f"/admin/nodes/{site.scheduler.id}/n1/cool-down")
     assert (code, refused["error"]) == (503, "node_unavailable") and "away" in refused["reason"]
@@ -273,6 +273,20 @@ async def test_a_request_open_when_the_scheduler_goes_fails_then(site: Site) -> 
     with pytest.raises(NodeUnavailable, match="went away"):
         await asked
     assert site.hub.nodes.of(site.scheduler.id) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_scheduler_that_says_nothing_of_its_nodes(site: Site) -> None:
+    """A scheduler older than the portal: connected, its nodes not known (not taken for none)."""
+    await site.raw()
+    browser = await admin(site)
+    _, page = await browser.get("/admin/nodes")
+    assert "connected but has not said what compute nodes it has" in page
+    root = Client(site.portal, await tokenFor(site.portal, "root", "root password!"))
+    _, listed = await root.call("GET", "/admin/nodes")
+    assert [(s["connected"], s["nodes"]) for s in listed["schedulers"]] == [(True, None)]
+    code, refused = await root.call("POST", f"/admin/nodes/{site.scheduler.id}/n1/cool-down")
+    assert code == 503 and "has not said" in refused["reason"]
 
 
 @pytest_twisted.ensureDeferred
