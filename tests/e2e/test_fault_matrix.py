@@ -5,14 +5,16 @@ any step.
 For each server kind (``dit4c-dev``, which is all of them in one process,
 and the portal, the scheduler, the node, the routing server, the image
 server and the file server of an installation of separate processes) and
-each step of an instance's life (starting, running, stopping, saving,
-uploading, discarding), a new instance of a person whose quota is one is
-held in the step, the server is killed (SIGKILL), the hold let go, and the
-server started again. Then:
+each step of an instance's life (starting, running, stopping, resuming,
+saving, uploading, discarding), a new instance of a person whose quota is
+one is held in the step, the server is killed (SIGKILL), the hold let go,
+and the server started again. Then:
 
 - within 30 s the portal and the node agree on the instance's state (a
   discarded instance: the portal says so and the node holds no record);
-- it finishes its step, or is errored with a reason: never stuck;
+- it finishes its step, or is errored with a reason: never stuck; a resume
+  is never errored: it runs, or is stopped again with the reason, and the
+  file the person wrote before the stop is there as it was;
 - it is driven to its end (stopped if it runs, then discarded), and a new
   instance starts, runs, is saved and discarded (and, if no stop came after
   the fault, another is stopped): start, stop, save and discard all work
@@ -30,7 +32,8 @@ Each step is held deterministically, never by a race: the tool
 ends on SIGTERM only once its ``end`` file exists (stopping: the node's stop
 grace is a minute); a capture reads every file of the working directory, and
 one of them is under a write lease of the test, so its ``open`` waits until
-the lease is let go (saving); the upload helper, once connected to the image
+the lease is let go (saving); a stopped instance whose ``serve`` file is
+removed is resumed, and its tool, started again, waits to serve (resuming); the upload helper, once connected to the image
 server, writes how much of the image it has sent (nothing yet) to a file
 that is under a lease, and waits there (uploading); a discard reads the
 pod's pid files (to kill what they name) before it removes anything, and the
@@ -38,13 +41,18 @@ tool's is under a lease (discarding). A kill with part of an image sent is
 not held so (nothing the helper does between two chunks waits on a file):
 the image server's spool is checked all the same.
 
-One installation per server kind serves its six steps, in one test (each
-step a subtest), so that a parallel run never makes two of them.
+One installation per server kind serves its seven steps, in one test (each
+step a subtest), so that a parallel run never makes two of them. The
+resume's case checks what comes after the fault on the resumed instance
+itself (a second start refused by the quota, then a save and a discard)
+rather than on new instances, which the other six cases do.
 """
 
 from __future__ import annotations
 
+import enum
 import fcntl
+import json
 import os
 import signal
 import sys
@@ -70,20 +78,42 @@ from portal_client import Client  # noqa: E402
 pytestmark = pytest.mark.slow
 
 SERVERS = ("dev", "portal", "scheduler", "node", "routing", "images", "files")
-STEPS = (State.STARTING, State.RUNNING, State.STOPPING, State.SAVING, State.UPLOADING, State.DISCARDING)
+
+
+class Step(enum.StrEnum):
+    """A step of an instance's life in which a server is killed."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    #: A stopped instance started again on its node (``starting`` there).
+    RESUMING = "resuming"
+    SAVING = "saving"
+    UPLOADING = "uploading"
+    DISCARDING = "discarding"
+
+
+STEPS = tuple(Step)
+#: The instance's state while each step is held.
+HELD_IN = {step: State.STARTING if step is Step.RESUMING else State(step.value) for step in Step}
 
 #: The tool whose life the test holds, as the node's tool table names it.
 GATED = "test/gated"
 GATED_TOOL = Path(__file__).resolve().parent / "gatedtool.py"
 #: Where each step ends when it finishes.
 FINISHED = {
-    State.STARTING: State.RUNNING,
-    State.RUNNING: State.RUNNING,
-    State.STOPPING: State.STOPPED,
-    State.SAVING: State.SAVED,
-    State.UPLOADING: State.SAVED,
-    State.DISCARDING: State.DISCARDED,
+    Step.STARTING: State.RUNNING,
+    Step.RUNNING: State.RUNNING,
+    Step.STOPPING: State.STOPPED,
+    Step.RESUMING: State.RUNNING,
+    Step.SAVING: State.SAVED,
+    Step.UPLOADING: State.SAVED,
+    Step.DISCARDING: State.DISCARDED,
 }
+#: Where each step may end instead (with a reason): errored; a resume, stopped again with its files kept.
+INSTEAD = {step: State.STOPPED if step is Step.RESUMING else State.ERRORED for step in Step}
+#: What the person wrote in the tool's working directory before a resume's stop, and finds there after it.
+KEPT = "kept.txt"
 #: Seconds the portal and the node have to agree once the server is back.
 AGREE = 30.0
 #: Seconds a stopping tool has before it is killed: longer than any hold.
@@ -223,38 +253,48 @@ class Matrix:
 
     # -- holding each step ------------------------------------------------------------------
 
-    async def hold(self, step: State) -> str:
+    async def hold(self, step: Step) -> str:
         """A new instance, held in ``step``."""
         instance = await self.start()
         pod = self.pod(instance)
-        if step is State.STARTING:
+        if step is Step.STARTING:
             # Its pod made, its tool waiting to serve.
             await self.until("the tool started", (pod / "tool.pid").exists, 30)
             await self.waitFor(instance, State.STARTING, 30)
             return instance
         self.gate(instance, "serve")
-        if step is not State.STOPPING:
+        if step is not Step.STOPPING:
             self.gate(instance, "end")
-        if step is State.SAVING:
+        if step is Step.SAVING:
             self.leases[instance] = Lease(pod / "work" / "held")
         await self.waitFor(instance, State.RUNNING, 60)
-        if step is State.RUNNING:
+        if step is Step.RUNNING:
             return instance
-        if step is State.STOPPING:
+        if step is Step.STOPPING:
             await self.act(instance, "stop")
             await self.waitFor(instance, State.STOPPING, 30)
-        elif step is State.SAVING:
+        elif step is Step.RESUMING:
+            # A file of the person's, the instance stopped, then resumed: its tool, started again, waits to serve.
+            (pod / "work" / KEPT).write_text(instance)
+            await self.act(instance, "stop")
+            await self.waitFor(instance, State.STOPPED, 30)
+            before = toolPid(pod)
+            (pod / "work" / "serve").unlink()
+            await self.act(instance, "resume")
+            await self.until("the tool started again", lambda: toolPid(pod) not in (None, before), 30)
+            await self.waitFor(instance, State.STARTING, 30)
+        elif step is Step.SAVING:
             await self.act(instance, "save")
             lease = self.leases[instance]
             await self.until("the capture reached the held file", lambda: lease.waited, 60)
             await self.waitFor(instance, State.SAVING, 30)
-        elif step is State.UPLOADING:
+        elif step is Step.UPLOADING:
             # What the upload helper writes its progress to (then renames) as it starts sending the image.
             lease = self.leases[instance] = Lease(progressFile(str(pod / ARCHIVE)).with_suffix(".tmp"))
             await self.act(instance, "save")
             await self.until("the upload helper sending", lambda: lease.waited, 60)
             await self.waitFor(instance, State.UPLOADING, 30)
-        elif step is State.DISCARDING:
+        elif step is Step.DISCARDING:
             await self.act(instance, "stop")
             await self.waitFor(instance, State.STOPPED, 30)
             lease = self.leases[instance] = Lease(pod / "tool.pid")
@@ -263,22 +303,24 @@ class Matrix:
             await self.until("the node discarding", lambda: self.nodeState(instance) is State.DISCARDING, 30)
         return instance
 
-    def stillIn(self, instance: str, step: State) -> None:
+    def stillIn(self, instance: str, step: Step) -> None:
         """Right after the kill: the instance was still in ``step`` (its hold held)."""
-        assert self.nodeState(instance) is step, f"{self.server}: {self.nodeState(instance)} at the kill"
+        assert self.nodeState(instance) is HELD_IN[step], f"{self.server}: {self.nodeState(instance)} at the kill"
 
-    def release(self, instance: str, step: State) -> None:
+    def release(self, instance: str, step: Step) -> None:
         """Let go of what held ``instance`` in ``step``."""
-        if step is State.STARTING:
+        if step is Step.STARTING:
             self.gate(instance, "serve", "end")
-        elif step is State.STOPPING:
+        elif step is Step.RESUMING:
+            self.gate(instance, "serve")
+        elif step is Step.STOPPING:
             self.gate(instance, "end")
-        elif step in (State.SAVING, State.UPLOADING, State.DISCARDING):
+        elif step in (Step.SAVING, Step.UPLOADING, Step.DISCARDING):
             self.leases.pop(instance).release()
 
     # -- what must hold ---------------------------------------------------------------------
 
-    async def settle(self, instance: str, step: State) -> State:
+    async def settle(self, instance: str, step: Step) -> State:
         """The state ``instance`` comes to rest in, once the portal and the node agree on it."""
         try:
             await self.until("the portal and the node agree", lambda: self.agreed(instance), AGREE)
@@ -295,9 +337,9 @@ class Matrix:
 
         final: State = await self.until(f"{instance} out of {step.value}", atRest, 120)
         reason = (await self.portalState(instance))[1]
-        assert final in (FINISHED[step], State.ERRORED), f"{self.server}, {step.value}: ended {final.value}"
-        if final is State.ERRORED:
-            assert reason, f"{self.server}, {step.value}: errored with no reason"
+        assert final in (FINISHED[step], INSTEAD[step]), f"{self.server}, {step.value}: ended {final.value} ({reason})"
+        if final is INSTEAD[step]:
+            assert reason, f"{self.server}, {step.value}: {final.value} with no reason"
         return final
 
     async def toEnd(self, instance: str, state: State) -> None:
@@ -357,11 +399,38 @@ class Matrix:
             await self.toEnd(await self.running(), State.RUNNING)
         await self.quotaCounts()
 
+    async def afterResume(self, instance: str, state: State) -> None:
+        """
+        The person's file as they wrote it before the stop; and after the
+        fault, on the instance itself: resumed, it counts against the quota
+        (a second start is refused), is saved and discarded; stopped again,
+        it is resumed first.
+        """
+        kept = self.pod(instance) / "work" / KEPT
+        assert kept.read_text() == instance, f"{self.server}: the person's file is not as it was"
+        if state is State.STOPPED:
+            await self.act(instance, "resume")
+            await self.waitFor(instance, State.RUNNING, 60)
+        code, body = await self.api("POST", "/instances", {"image": self.cluster.imageIds[GATED]})
+        assert (code, body["error"]) == (409, "quota"), f"{self.server}: {code} {body}"
+        await self.act(instance, "save")
+        await self.waitFor(instance, State.SAVED, 90)
+        await self.act(instance, "discard")
+        await self.waitFor(instance, State.DISCARDED)
+        await self.nothingLeft(instance)
+        await self.quotaCounts()
+
+
+def toolPid(pod: Path) -> int | None:
+    """The pid the pod's tool was last started with (its pid file stays after a stop), or None."""
+    try:
+        return int(json.loads((pod / "tool.pid").read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
 
 def nodeOptions(directory: Path) -> tuple[str, ...]:
     """The node's (or dit4c-dev's) options: the gated tool, and a stop grace longer than any hold."""
-    import json
-
     directory.mkdir(parents=True, exist_ok=True)
     tools = directory / "tools.json"
     tools.write_text(json.dumps({"tools": {GATED: {"command": ["{python}", str(GATED_TOOL), "{socket}", "{dir}"]}}}))
@@ -388,7 +457,7 @@ def installation(server: str, directory: Path) -> Iterator[Matrix]:
         signal.signal(signal.SIGIO, previous)
 
 
-async def case(matrix: Matrix, step: State) -> None:
+async def case(matrix: Matrix, step: Step) -> None:
     """``matrix.server`` killed with a new instance held in ``step``: nothing is stranded."""
     await matrix.ready()
     cluster = matrix.cluster
@@ -401,6 +470,9 @@ async def case(matrix: Matrix, step: State) -> None:
 
     final = await matrix.settle(instance, step)
     await matrix.quotaCounts()
+    if step is Step.RESUMING:
+        await matrix.afterResume(instance, final)
+        return
     await matrix.toEnd(instance, final)
     await matrix.quotaCounts()
     # A stop seen since the fault: the held one's, or the one that ends a running instance.
