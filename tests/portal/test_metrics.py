@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest_twisted
 import treq
-from support.metrics import samples
+from support.metrics import scrape
 from support.sockets import RawClient
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
@@ -32,28 +32,22 @@ async def test_the_figures_follow_the_store_and_the_changes(api: Portal) -> None
     metrics.startService()
     port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(adminSite(metrics, lambda: {}))
     try:
-        url = f"http://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]
-
-        async def scrape() -> dict[Any, float]:
-            response = await treq.get(url + "/metrics")
-            assert response.code == 200
-            return samples(await response.text())
-
+        number = port.getHost().port  # type: ignore[attr-defined]
         alice = await api.store.userByName("alice")
         first = await api.store.createInstance(alice.id, api.image.id)  # type: ignore[attr-defined]
         await api.store.createInstance(alice.id, api.image.id)  # type: ignore[attr-defined]
-        before = await scrape()
+        before = await scrape(number)
         assert before[("dit4c_portal_people", ())] == 3  # read at start: alice, bob, root
         assert before[("dit4c_portal_instances", (("state", "requested"),))] == 0  # not read again yet
 
         api.clock.advance(15)  # type: ignore[attr-defined]
         running = await api.store.updateInstance(first.id, state=State.RUNNING)
         api.events.changed(InstanceEvent(running, first, "state"))
-        after = await scrape()
+        after = await scrape(number)
         assert after[("dit4c_portal_instances", (("state", "requested"),))] == 2
         assert after[("dit4c_portal_instance_states_reached_total", (("state", "running"),))] == 1
         assert after[("dit4c_portal_schedulers_connected", ())] == 1
-        health = await (await treq.get(url + "/health")).json()
+        health = await (await treq.get(f"http://127.0.0.1:{number}/health", persistent=False)).json()
         assert health == {"status": "ok"}
     finally:
         await port.stopListening()
@@ -67,8 +61,7 @@ async def test_twistd_serves_the_figures_on_their_own_endpoint(processes: Any, t
         "--metrics", "tcp:0:interface=127.0.0.1",
     )  # fmt: skip
     port = await proc.waitForPort("portal metrics")
-    response = await treq.get(f"http://127.0.0.1:{port}/metrics")
-    figures = samples(await response.text())
+    figures = await scrape(port)
     assert figures[("dit4c_portal_people", ())] == 0
     assert figures[("dit4c_portal_instances", (("state", "running"),))] == 0
     assert (await (await treq.get(f"http://127.0.0.1:{port}/health")).json()) == {"status": "ok", "people": 0}
