@@ -110,6 +110,21 @@ class Harness:
     def record(self, instance: str) -> dict[str, Any]:
         return json.loads((self.directory / instance / "instance.json").read_text())  # type: ignore[no-any-return]
 
+    async def running(self, instance: str = "abc") -> None:
+        """The node started, and ``instance`` started on it and answering."""
+        self.node.startService()
+        await self.node.start(instance, "web", None)
+        self.runtime.step("start")
+        self.runtime.answers = True
+        self.clock.advance(1)
+
+    async def stopped(self, instance: str = "abc") -> None:
+        """:meth:`running`, then stopped."""
+        await self.running(instance)
+        self.node.stop(instance)
+        self.runtime.step("stop")
+        await self.node.whenIdle()
+
 
 @pytest.fixture
 def h(tmp_path: Path) -> Harness:
@@ -161,14 +176,7 @@ async def test_a_stop_waits_for_the_start_under_way(h: Harness) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_a_runtime_that_cannot_resume_leaves_the_instance_stopped_and_says_why(h: Harness) -> None:
-    h.node.startService()
-    await h.node.start("abc", "web", None)
-    h.runtime.step("start")
-    h.runtime.answers = True
-    h.clock.advance(1)
-    h.node.stop("abc")
-    h.runtime.step("stop")
-    await h.node.whenIdle()
+    await h.stopped()
     assert h.states("abc")[-1] == "stopped"
     await h.node.resume("abc")
     assert h.states("abc")[-1] == "stopped" and [c for c, _ in h.runtime.calls].count("start") == 1
@@ -186,13 +194,7 @@ async def test_a_failed_start_says_why(h: Harness) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_a_discard_that_cannot_remove_everything_stays_errored_and_can_be_tried_again(h: Harness) -> None:
-    h.node.startService()
-    await h.node.start("abc", "web", None)
-    h.runtime.step("start")
-    h.runtime.answers = True
-    h.clock.advance(1)
-    h.node.stop("abc")
-    h.runtime.step("stop")
+    await h.stopped()
     assert h.states("abc")[-1] == "stopped"
     h.node.discard("abc")
     h.runtime.fail("discard", OSError("/pods/abc/mnt is still mounted"))
@@ -208,11 +210,7 @@ async def test_a_discard_that_cannot_remove_everything_stays_errored_and_can_be_
 
 @pytest_twisted.ensureDeferred
 async def test_discard_of_a_running_instance_the_portal_gave_up_on(h: Harness) -> None:
-    h.node.startService()
-    await h.node.start("abc", "web", None)
-    h.runtime.step("start")
-    h.runtime.answers = True
-    h.clock.advance(1)
+    await h.running()
     assert h.states("abc")[-1] == "running"
     h.node.discard("abc")
     assert h.states("abc")[-2:] == ["errored", "discarding"]
