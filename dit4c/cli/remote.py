@@ -410,7 +410,7 @@ def _action(name: str, done: set[str]) -> Any:
 command("stop", help="stop an instance, keeping its files", arguments=_actionArguments)(
     _action("stop", {State.STOPPED})
 )
-command("save", help="stop an instance and save it as an image of yours", arguments=_actionArguments)(
+command("save", help="save an instance as an image of yours (a running one is stopped first)", arguments=_actionArguments)(
     _action("save", {State.SAVED})
 )
 command("resume", help="start a stopped instance again, its files as they were", arguments=_actionArguments)(

@@ -128,7 +128,10 @@ MOVES: Mapping[State, frozenset[State]] = {
     State.SAVING: frozenset({State.UPLOADING, State.SAVED, State.DISCARDED, State.ERRORED}),
     State.UPLOADING: frozenset({State.SAVED, State.DISCARDED, State.ERRORED}),
     State.SAVED: frozenset({State.DISCARDING, State.DISCARDED, State.ERRORED}),
-    State.STOPPED: frozenset({State.DISCARDING, State.DISCARDED, State.ERRORED}),
+    # A stopped instance saved: its files are captured where they are.
+    State.STOPPED: frozenset(
+        {State.SAVING, State.UPLOADING, State.SAVED, State.DISCARDING, State.DISCARDED, State.ERRORED}
+    ),
     State.DISCARDING: frozenset({State.DISCARDED, State.ERRORED}),
     # An errored instance never comes back to life by itself: it can only
     # be stopped (what is left of its pod) and cleaned up.
@@ -149,12 +152,22 @@ class Action:
     to: State
     #: The command the scheduler is sent.
     op: str = field(default="")
+    #: Where it moves the instance from some states instead of ``to``.
+    toFrom: Mapping[State, State] = field(default_factory=dict)
+
+    def target(self, state: State) -> State:
+        """The state the action moves an instance in ``state`` to."""
+        return self.toFrom.get(state, self.to)
 
 
 #: What a person can do, in which states, and where it leads.
 ACTIONS: Mapping[str, Action] = {
     "stop": Action("stop", frozenset({State.REQUESTED, State.STARTING, State.RUNNING}), State.STOPPING, "stop"),
-    "save": Action("save", frozenset({State.RUNNING}), State.STOPPING, "save"),
+    # A running instance is stopped first; a stopped one is saved as it is
+    # (its pod's files are still on its node).
+    "save": Action(
+        "save", frozenset({State.RUNNING, State.STOPPED}), State.STOPPING, "save", {State.STOPPED: State.SAVING}
+    ),
     "discard": Action("discard", frozenset({State.STOPPED, State.SAVED, State.ERRORED}), State.DISCARDING, "discard"),
     # A stopped instance's pod (its files, its container) is still on its
     # node: started again there, it carries on where it stopped.
@@ -260,7 +273,8 @@ def _build() -> tuple[TypeMachine[LifeInputs, _Core], dict[State, TypedState[Lif
             node.upon(getattr(LifeInputs, target.value)).to(states[target]).returns(target)
         for action in ACTIONS.values():
             if state in action.allowedIn:
-                node.upon(getattr(LifeInputs, action.name)).to(states[action.to]).returns(action.to)
+                goal = action.target(state)
+                node.upon(getattr(LifeInputs, action.name)).to(states[goal]).returns(goal)
         if state in TRANSIENT:
             node.upon(LifeInputs.expire).to(states[State.ERRORED]).returns(State.ERRORED)
     return builder.build(), states

@@ -68,6 +68,14 @@ class NodeStopping(NodeRecords):
                 return self._spawn(instance, "stop", lambda: self._noImageServer(instance))
             self._set(instance, State.STOPPING, None, saving=save)
             return self._spawn(instance, "stop", lambda: self._finishStop(instance))
+        if save and record.state is State.STOPPED:
+            # Its pod's files are still here: captured as they are.
+            if self.imageServer is None:
+                self._set(instance, State.STOPPED, "This compute node has no image server to save to.")
+                return succeed(None)
+            self._began(instance, "save")
+            self._set(instance, State.SAVING, None, saving=True)
+            return self._spawn(instance, "save", lambda: self._capture(instance))
         if record.state is State.ERRORED:
             # Nothing of an errored instance may run on: whatever is left is stopped.
             self._emit(record)

@@ -202,6 +202,8 @@ class Instances:
         if action not in ACTIONS:
             raise InstanceError(f"Unknown action {action!r}.")
         instance = await self.owned(user, instance_id)
+        if instance.scheduler_id is None and action in ("save", "resume"):
+            raise WrongState(f"Cannot {action} an instance that never ran on a compute node.")
         life = Life(instance.state)
         try:
             life.act(action)

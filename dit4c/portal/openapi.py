@@ -240,7 +240,7 @@ def document(publicURL: str) -> dict[str, Any]:
             },
             "/instances/{id}": {"get": _op("One instance", instance, parameters=[_ID])},
             "/instances/{id}/stop": {"post": _op("Stop", instance, parameters=[_ID])},
-            "/instances/{id}/save": {"post": _op("Stop and save as an image", instance, parameters=[_ID])},
+            "/instances/{id}/save": {"post": _op("Save as an image of yours: a running instance is stopped first, a stopped one saved as it is", instance, parameters=[_ID])},
             "/instances/{id}/resume": {
                 "post": _op(
                     "Start a stopped instance again on its node, its files as they were (409 over the quota; a "

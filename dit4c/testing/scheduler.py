@@ -8,7 +8,7 @@ to one (see :mod:`dit4c.testing`):
   instance life, with controllable delays and failures:
   ``start``: requested → starting → running (with a URL and a fresh
   instance key); ``stop``: stopping → stopped; ``save``: stopping → saving →
-  uploading → saved; ``discard``: discarded. A failing step ends in
+  uploading → saved (a stopped one: saving → uploading → saved); ``discard``: discarded. A failing step ends in
   ``errored`` with the reason given.
 - :class:`RawChannel`, a bare channel client that sends whatever it is told
   and records what comes back, for tests of the protocol itself.
@@ -262,10 +262,9 @@ class TestingScheduler:
         if current is not None and current.state in (State.STOPPING, State.SAVING, State.UPLOADING, State.SAVED):
             return  # under way already, or done
         self._cancel(instance)
-        if current is None or current.state not in (State.STARTING, State.RUNNING):
-            self.setState(instance, State.ERRORED, "there is nothing running to save")
+        if current is None or current.state not in (State.STARTING, State.RUNNING, State.STOPPED):
+            self.setState(instance, State.ERRORED, "there is nothing to save")
             return
-        self.setState(instance, State.STOPPING)
 
         def saving() -> None:
             self.setState(instance, State.SAVING)
@@ -278,6 +277,10 @@ class TestingScheduler:
             self.setState(instance, State.UPLOADING)
             self._later(instance, "save", lambda: self.setState(instance, State.SAVED))
 
+        if current.state is State.STOPPED:
+            saving()  # saved as it is, with no stop first
+            return
+        self.setState(instance, State.STOPPING)
         self._later(instance, "save", saving)
 
     def _discard(self, command: Command) -> None:

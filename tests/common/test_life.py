@@ -73,7 +73,7 @@ def test_actions_follow_the_table() -> None:
         for state in STATES:
             life = Life(state)
             if state in action.allowedIn:
-                assert life.act(name) is action.to
+                assert life.act(name) is action.target(state)
             else:
                 with pytest.raises(IllegalMove, match=f"{name} is not allowed from {state.value}"):
                     life.act(name)
@@ -108,6 +108,16 @@ def test_a_whole_save() -> None:
         life.move(State.ERRORED)
 
 
+def test_a_stopped_instance_is_saved_as_it_is() -> None:
+    life = Life(State.STOPPED)
+    assert life.act("save") is State.SAVING  # no stop first: its pod is stopped
+    for step in (State.UPLOADING, State.SAVED):
+        life.move(step)
+    assert life.act("discard") is State.DISCARDING
+    # And the node may report the whole save at once.
+    assert Life(State.STOPPED).move(State.SAVED) is State.SAVED
+
+
 def test_active_and_pods() -> None:
     assert HOLDS_POD < ACTIVE
     assert State.REQUESTED in ACTIVE and State.REQUESTED not in HOLDS_POD
@@ -122,7 +132,7 @@ def test_reasons_and_json() -> None:
     assert document["states"] == [s.value for s in STATES]
     assert document["actions"] == {
         "stop": ["requested", "running", "starting"],
-        "save": ["running"],
+        "save": ["running", "stopped"],
         "discard": ["errored", "saved", "stopped"],
         "resume": ["stopped"],
     }

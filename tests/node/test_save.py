@@ -87,6 +87,38 @@ async def test_save_captures_the_work_and_runs_the_upload_helper(made: Any, tmp_
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_stopped_instance_is_saved_as_it_is(made: Any, tmp_path: Path) -> None:
+    node, runtime, watcher = made(imageServer="http://images.example:8600", uploadCommand=UPLOAD)
+    await node.start("abc8", "web", None)
+    await watcher.waitFor("abc8", "running")
+    pod = tmp_path / "node" / "abc8"
+    (pod / "work" / "results.csv").write_text("written before the stop\n")
+    await node.stop("abc8")
+    await watcher.waitFor("abc8", "stopped")
+
+    await node.save("abc8")
+    await watcher.waitFor("abc8", "saved")
+    assert watcher.history("abc8")[-4:] == ["stopped", "saving", "uploading", "saved"]
+    with tarfile.open(fileobj=io.BytesIO((pod / "uploaded.tar").read_bytes())) as tar:
+        assert tar.extractfile("results.csv").read() == b"written before the stop\n"  # type: ignore[union-attr]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stopped_instance_on_a_node_without_an_image_server_stays_stopped(made: Any) -> None:
+    node, runtime, watcher = made()
+    await node.start("abc9", "web", None)
+    await watcher.waitFor("abc9", "running")
+    await node.stop("abc9")
+    await watcher.waitFor("abc9", "stopped")
+    await node.save("abc9")
+    stopped = watcher.states[-1]
+    assert (stopped.instance, stopped.state) == ("abc9", "stopped")
+    assert stopped.reason == "This compute node has no image server to save to."
+    await node.resume("abc9")  # its files kept: it can still be resumed
+    await eventually(lambda: watcher.history("abc9")[-1] == "running", 20, what=lambda: str(watcher.history("abc9")))
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_failed_upload_errors_the_instance(made: Any) -> None:
     node, runtime, watcher = made(imageServer="http://images.example:8600", uploadCommand=[sys.executable, "-c", "raise SystemExit(3)"])
     await node.start("abc2", "web", None)

@@ -355,3 +355,32 @@ async def test_a_stopped_instance_is_resumed_within_the_quota(api: Portal) -> No
     code, answer = await alice.call("POST", f"/instances/{first['id']}/resume")
     assert code == 409 and "You may run 2 instances at once and have 2" in answer["reason"]
     assert (await api.store.instanceById(first["id"])).state == "stopped"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stopped_instance_is_saved_as_it_is(api: Portal) -> None:
+    """Save from stopped: straight to saving (its pod is stopped already), told to its scheduler, within the quota."""
+    alice = Client(api, await tokenFor(api, "alice", "correct horse battery"))
+    _, first = await alice.call("POST", "/instances", {"image": api.image.id})  # type: ignore[attr-defined]
+    await api.store.updateInstance(first["id"], state="stopped")
+    code, saving = await alice.call("POST", f"/instances/{first['id']}/save")
+    assert code == 200 and saving["state"] == "saving"
+    assert api.commands.sent[-1][1:3] == ("save", first["id"])  # type: ignore[attr-defined]
+
+    # Saving holds compute (the capture, the upload): past the quota, it waits.
+    await api.store.updateInstance(first["id"], state="stopped")
+    for _ in range(2):
+        assert (await alice.call("POST", "/instances", {"image": api.image.id}))[0] == 201  # type: ignore[attr-defined]
+    code, answer = await alice.call("POST", f"/instances/{first['id']}/save")
+    assert code == 409 and "You may run 2 instances at once and have 2" in answer["reason"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_instance_that_never_ran_has_nothing_to_save_or_resume(api: Portal) -> None:
+    alice = Client(api, await tokenFor(api, "alice", "correct horse battery"))
+    _, instance = await alice.call("POST", "/instances", {"image": api.image.id})  # type: ignore[attr-defined]
+    await api.store.updateInstance(instance["id"], state="stopped", scheduler_id=None)
+    for action in ("save", "resume"):
+        code, answer = await alice.call("POST", f"/instances/{instance['id']}/{action}")
+        assert code == 409 and answer["reason"] == f"Cannot {action} an instance that never ran on a compute node."
+    assert (await api.store.instanceById(instance["id"])).state == "stopped"
