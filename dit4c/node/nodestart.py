@@ -100,7 +100,9 @@ class NodeStarting(NodeRecords):
         why = None
         if not self.runtime.resumable:
             why = "This compute node's runtime cannot resume an instance: save it, then start the saved image."
-        elif not self.accepting or self.load() >= self.capacity:
+        elif not self.accepting:
+            why = f"Node {self.nodeName} is cooling down for maintenance and takes no instance now; try again later."
+        elif self.load() >= self.capacity:
             why = f"Node {self.nodeName} has no room for it now; try again later."
         if why is not None:
             self.outcomes["resume", "error"] += 1

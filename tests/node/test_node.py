@@ -319,3 +319,17 @@ def test_a_move_the_life_does_not_allow_is_refused(h: Harness) -> None:
     h.node.startService()
     assert h.node._set("old", State.RUNNING, None) is False
     assert h.record("old")["state"] == "saved"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_resume_on_a_node_that_cannot_take_it_says_why_and_stays_stopped(h: Harness) -> None:
+    h.runtime.resumable = True
+    await h.stopped()
+    h.node.accepting = False  # cooled down by an administrator
+    await h.node.resume("abc")
+    assert h.states("abc")[-1] == "stopped"
+    assert h.watcher.states[-1].reason == "Node local is cooling down for maintenance and takes no instance now; try again later."
+    h.node.accepting, h.node.capacity = True, 0
+    await h.node.resume("abc")
+    assert h.watcher.states[-1].reason == "Node local has no room for it now; try again later."
+    assert [c for c, _ in h.runtime.calls].count("start") == 1  # neither resume started anything
