@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dit4c.common.life import STATES, State
+from dit4c.common.limits import ToolLimits
 
 from ._dialect import Cursor, IDialect, Row
 from .errors import Conflict, NotFound, StoreClosed, StoreError
@@ -48,9 +49,10 @@ _USER = (
     "password_reset",
 )  # fmt: skip
 _SCHEDULER = ("id", "name", "public_jwk", "created", "disabled")
-_IMAGE = ("id", "name", "ref", "digest", "owner_id", "port", "created", "deleted")
+_IMAGE = ("id", "name", "ref", "digest", "owner_id", "port", "created", "deleted", "limits")
 _INSTANCE = (
     "id", "owner_id", "image_id", "scheduler_id", "state", "reason", "url", "public_jwk", "created", "updated",
+    "active_at",
 )  # fmt: skip
 
 
@@ -71,7 +73,7 @@ def _scheduler(row: Row) -> Scheduler:
 
 
 def _image(row: Row) -> Image:
-    return Image(row[0], row[1], row[2], row[3], row[4], row[5], row[6], bool(row[7]))
+    return Image(row[0], row[1], row[2], row[3], row[4], row[5], row[6], bool(row[7]), ToolLimits.loads(row[8]))
 
 
 def _instance(row: Row) -> Instance:

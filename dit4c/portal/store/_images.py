@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from zope.interface import implementer
 
+from dit4c.common.limits import ToolLimits
+
 from ._core import _IMAGE, SQLCore, _cols, _deferred, _image, _marks, _Txn
 from .errors import NotFound
 from .ids import newId
@@ -29,13 +31,14 @@ class SQLImages(SQLCore):
         owner_id: str | None = None,
         digest: str | None = None,
         port: int | None = None,
+        limits: ToolLimits | None = None,
     ) -> Image:
-        image = Image(newId(), name, ref, digest, owner_id, port, self._now(), False)
+        image = Image(newId(), name, ref, digest, owner_id, port, self._now(), False, limits or ToolLimits())
 
         def work(t: _Txn) -> Image:
             t.execute(
                 f"INSERT INTO images ({_cols(_IMAGE)}) VALUES ({_marks(len(_IMAGE))})",
-                (image.id, name, ref, digest, owner_id, port, image.created, 0),
+                (image.id, name, ref, digest, owner_id, port, image.created, 0, image.limits.dumps()),
             )
             return image
 
@@ -94,6 +97,15 @@ class SQLImages(SQLCore):
     async def renameImage(self, image_id: str, name: str) -> Image:
         def work(t: _Txn) -> Image:
             if not t.execute("UPDATE images SET name = ? WHERE id = ? AND deleted = 0", (name, image_id)):
+                raise NotFound(f"there is no image {image_id!r}")
+            return _image(t.must(f"SELECT {_cols(_IMAGE)} FROM images WHERE id = ?", (image_id,)))
+
+        return await self._run(work)
+
+    @_deferred
+    async def setImageLimits(self, image_id: str, limits: ToolLimits) -> Image:
+        def work(t: _Txn) -> Image:
+            if not t.execute("UPDATE images SET limits = ? WHERE id = ? AND deleted = 0", (limits.dumps(), image_id)):
                 raise NotFound(f"there is no image {image_id!r}")
             return _image(t.must(f"SELECT {_cols(_IMAGE)} FROM images WHERE id = ?", (image_id,)))
 

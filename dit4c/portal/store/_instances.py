@@ -12,6 +12,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from dit4c.common.life import ACTIVE, State
+from dit4c.common.limits import ToolLimits
 
 from ._core import (
     _INSTANCE,
@@ -90,7 +91,7 @@ class SQLInstances(SQLCore):
                 f"INSERT INTO instances ({_cols(_INSTANCE)}) VALUES ({_marks(len(_INSTANCE))})",
                 (
                     instance.id, owner_id, image_id, scheduler_id, instance.state, None, None,
-                    public_jwk, now, now,
+                    public_jwk, now, now, None,
                 ),
             )  # fmt: skip
             return instance
@@ -135,6 +136,31 @@ class SQLInstances(SQLCore):
                 (*wanted, updatedBefore),
             )
             return [_instance(row) for row in rows]
+
+        return await self._run(work)
+
+    @_deferred
+    async def markActive(self, instance_id: str, when: float) -> bool:
+        def work(t: _Txn) -> bool:
+            return bool(
+                t.execute(
+                    "UPDATE instances SET active_at = ? WHERE id = ? AND (active_at IS NULL OR active_at < ?)",
+                    (when, instance_id, when),
+                )
+            )
+
+        return await self._run(work)
+
+    @_deferred
+    async def listRunningWithIdleLimits(self) -> list[tuple[Instance, ToolLimits]]:
+        def work(t: _Txn) -> list[tuple[Instance, ToolLimits]]:
+            rows = t.all(
+                f"SELECT {_cols(_INSTANCE, 'i')}, m.limits FROM instances i JOIN images m ON m.id = i.image_id"
+                " WHERE i.state = ? AND m.limits IS NOT NULL ORDER BY i.id",
+                (State.RUNNING.value,),
+            )
+            found = [(_instance(row[:-1]), ToolLimits.loads(row[-1])) for row in rows]
+            return [(instance, limits) for instance, limits in found if limits.idle is not None]
 
         return await self._run(work)
 

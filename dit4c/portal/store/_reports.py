@@ -10,6 +10,8 @@ from collections.abc import Collection
 
 from zope.interface import implementer
 
+from dit4c.common.limits import ToolLimits
+
 from ._core import _IMAGE, SQLCore, _checkState, _cols, _deferred, _image, _marks, _Txn
 from .errors import Conflict, NotFound
 from .ids import newId
@@ -89,8 +91,8 @@ class SQLReports(SQLCore):
                 if row is None:
                     raise NotFound(f"there is no instance {instance_id!r}")
                 raise Conflict(f"instance {instance_id} is {row[0]}, not {' or '.join(expected)}")
-            ownerId, port = t.must(
-                "SELECT i.owner_id, m.port FROM instances i JOIN images m ON m.id = i.image_id WHERE i.id = ?",
+            ownerId, port, limits = t.must(
+                "SELECT i.owner_id, m.port, m.limits FROM instances i JOIN images m ON m.id = i.image_id WHERE i.id = ?",
                 (instance_id,),
             )
             row = t.one(
@@ -100,10 +102,11 @@ class SQLReports(SQLCore):
             )
             if row is not None:
                 return _image(row), False
-            image = Image(imageId, name, ref, digest, ownerId, port, now, False)
+            # A saved image keeps its tool's limits.
+            image = Image(imageId, name, ref, digest, ownerId, port, now, False, ToolLimits.loads(limits))
             t.execute(
                 f"INSERT INTO images ({_cols(_IMAGE)}) VALUES ({_marks(len(_IMAGE))})",
-                (image.id, name, ref, digest, ownerId, port, now, 0),
+                (image.id, name, ref, digest, ownerId, port, now, 0, limits),
             )
             return image, True
 

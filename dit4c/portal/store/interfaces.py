@@ -19,6 +19,8 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from zope.interface import Interface
 
+from dit4c.common.limits import ToolLimits
+
 from .model import (
     COMMAND_OPS,
     MAX_COMMAND_PARAMS,
@@ -335,6 +337,7 @@ class IImages(Interface):
         owner_id: str | None = None,
         digest: str | None = None,
         port: int | None = None,
+        limits: ToolLimits | None = None,
     ) -> Deferred[Image]:
         """A new image: a catalogue entry when ``owner_id`` is None, else a user's own."""
 
@@ -358,6 +361,9 @@ class IImages(Interface):
 
     def renameImage(image_id: str, name: str) -> Deferred[Image]:
         """Give an image another name; fires with it as it now is. ``NotFound`` if there is none."""
+
+    def setImageLimits(image_id: str, limits: ToolLimits) -> Deferred[Image]:
+        """Set what each new instance of an image may use; fires with it as it now is. ``NotFound`` if there is none."""
 
     def shareImage(image_id: str, user_id: str) -> Deferred[None]:
         """Let another user use an image (again is harmless)."""
@@ -410,6 +416,12 @@ class IInstances(Interface):
 
     def countInstancesByState() -> Deferred[dict[str, int]]:
         """How many instances are in each state now (states with none left out)."""
+
+    def markActive(instance_id: str, when: float) -> Deferred[bool]:
+        """Traffic reached the instance at ``when`` (kept if later than what is kept); whether it was."""
+
+    def listRunningWithIdleLimits() -> Deferred[list[tuple[Instance, ToolLimits]]]:
+        """Running instances whose image has an idle limit, with its limits."""
 
     def listInstancesOfScheduler(
         scheduler_id: str, includeDiscarded: bool = False

@@ -247,6 +247,17 @@ MIGRATIONS: list[Migration] = [
             "ALTER TABLE users ADD COLUMN password_reset INTEGER NOT NULL DEFAULT 0",
         ],
     ),
+    (
+        10,
+        [
+            # A catalogue entry's limits (dit4c.common.limits.ToolLimits, as
+            # JSON; NULL: none), which a saved image keeps from its tool.
+            "ALTER TABLE images ADD COLUMN limits TEXT",
+            # When traffic last reached an instance (an activity report of
+            # its helpers), for the idle limit (dit4c.portal.culling).
+            "ALTER TABLE instances ADD COLUMN active_at {timestamp}",
+        ],
+    ),
 ]
 
 _CREATE_VERSION_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (

@@ -10,10 +10,11 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dit4c.common.life import ACTIONS, State
+from dit4c.common.limits import ToolLimits
 
 #: The longest login name.
 MAX_LOGIN_NAME = 32
@@ -102,6 +103,8 @@ class Image:
     port: int | None
     created: float
     deleted: bool
+    #: What each instance of it may use (a saved image keeps its tool's).
+    limits: ToolLimits = field(default_factory=ToolLimits)
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,8 @@ class Instance:
     public_jwk: str | None
     created: float
     updated: float
+    #: When traffic last reached it, as its helpers reported (None: none yet).
+    active_at: float | None = None
 
     def __post_init__(self) -> None:
         # The store hands states over by name; they are checked (and made States) here.
