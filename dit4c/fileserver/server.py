@@ -3,6 +3,9 @@ The SSH server of the file server: SFTP only, public-key login as an
 instance, each connection jailed in its owner's directory
 ``<data dir>/users/<user id>/``.
 
+The portal may also log in, for one person, with a token it signed
+(:mod:`dit4c.fileserver.personlogin`): the same directory, the same limits.
+
 Limits: at most ``maxConnections`` connections at once (more are closed
 before the SSH banner), ``loginTimeout`` seconds to log in, five failed
 login attempts, ``idleTimeout`` seconds without a byte from the client
@@ -31,6 +34,7 @@ from dit4c.common.keys import loadOrCreatePrivateKey
 from dit4c.fileserver.access import Access, InstanceKeyChecker
 from dit4c.fileserver.jail import Jail
 from dit4c.fileserver.metrics import FileServerMetrics
+from dit4c.fileserver.personlogin import PERSON_PREFIX, PersonAccess, PortalTokenChecker
 from dit4c.fileserver.sftp import MAX_HANDLES, JailedSFTPServer, SFTPSubsystem
 
 __all__ = ["FileServerFactory", "StorageRealm", "loadHostKey"]
@@ -83,7 +87,7 @@ class StorageUser(ConchUser):
 
     log = Logger()
 
-    def __init__(self, access: Access, jail: Jail, *, maxHandles: int = MAX_HANDLES, metrics: FileServerMetrics | None = None) -> None:
+    def __init__(self, access: Access | PersonAccess, jail: Jail, *, maxHandles: int = MAX_HANDLES, metrics: FileServerMetrics | None = None) -> None:
         super().__init__()
         self.access = access
         self.jail = jail
@@ -131,8 +135,8 @@ class StorageRealm:
         self.metrics = metrics if metrics is not None else FileServerMetrics()
 
     def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> tuple[Any, StorageUser, Any]:
-        if IConchUser not in interfaces or not isinstance(avatarId, Access):
-            raise NotImplementedError("only SSH logins of instances")
+        if IConchUser not in interfaces or not isinstance(avatarId, Access | PersonAccess):
+            raise NotImplementedError("only SSH logins of instances and of the portal for a person")
         self.users.mkdir(mode=0o700, parents=True, exist_ok=True)
         home = self.users / avatarId.user
         try:
@@ -144,14 +148,33 @@ class StorageRealm:
         avatar = StorageUser(avatarId, Jail(home), maxHandles=self.maxHandles, metrics=self.metrics)
         self.metrics.login("accepted")
         self.log.info(
-            "instance {instance} logged in to the storage of user {user}",
-            instance=avatarId.instance, user=avatarId.user,
+            "{who} logged in to the storage of user {user}",
+            who=avatarId.who if isinstance(avatarId, PersonAccess) else f"instance {avatarId.instance}", user=avatarId.user,
         )  # fmt: skip
         return IConchUser, avatar, avatar.logout
 
 
 class _UserAuth(userauth.SSHUserAuthServer):
+    """
+    Each user name gets its one way in: ``user:<id>`` (the portal, for a
+    person) a password, any other (an instance) a public key. So an
+    instance's client is never offered a password (an SSH client may try
+    one, or ask for it), and a password sent in an instance's name is
+    refused before any checker sees it.
+    """
+
     attemptsBeforeDisconnect = 5
+
+    def ssh_USERAUTH_REQUEST(self, packet: bytes) -> Any:
+        user, _ = getNS(packet)
+        offered = [b"password"] if user.startswith(PERSON_PREFIX.encode()) else [b"publickey"]
+        self.supportedAuthentications = [m for m in offered if m in self._allowed]
+        return super().ssh_USERAUTH_REQUEST(packet)
+
+    def serviceStarted(self) -> None:
+        super().serviceStarted()
+        #: What the portal's checkers and the transport allow at all (no password unencrypted).
+        self._allowed = list(self.supportedAuthentications)
 
 
 class _Transport(transport.SSHServerTransport, TimeoutMixin):
@@ -218,7 +241,9 @@ class FileServerFactory(factory.SSHFactory):
         loginTimeout: float = 30.0,
         maxHandles: int = MAX_HANDLES,
         metrics: FileServerMetrics | None = None,
+        personChecker: PortalTokenChecker | None = None,
     ) -> None:
+        """:param personChecker: the portal's logins for a person; none: only instances log in."""
         self.clock = clock
         self.metrics = metrics if metrics is not None else FileServerMetrics()
         self.dataDir = Path(dataDir)
@@ -228,7 +253,7 @@ class FileServerFactory(factory.SSHFactory):
         self.privateKeys = {self.hostKey.sshType(): self.hostKey}
         self.publicKeys = {self.hostKey.sshType(): self.hostKey.public()}
         self.primes = None
-        self.portal = Portal(StorageRealm(self.dataDir, maxHandles=maxHandles, metrics=self.metrics), [checker])
+        self.portal = Portal(StorageRealm(self.dataDir, maxHandles=maxHandles, metrics=self.metrics), [checker] + ([personChecker] if personChecker else []))
         self.maxConnections = maxConnections
         self.idleTimeout = idleTimeout
         self.loginTimeout = loginTimeout

@@ -16,6 +16,7 @@ from dit4c.common.service import ListeningService
 from dit4c.common.tokens import JWKSKeySource
 from dit4c.fileserver.access import InstanceKeyChecker, PortalAsker
 from dit4c.fileserver.metrics import FileServerMetrics
+from dit4c.fileserver.personlogin import PortalTokenChecker
 from dit4c.fileserver.server import FileServerFactory
 from dit4c.fileserver.sftp import MAX_HANDLES
 
@@ -70,6 +71,8 @@ class FileServerService(MultiService):
         self.factory = FileServerFactory(
             clock, Path(dataDir), checker, maxConnections=maxConnections, idleTimeout=idleTimeout,
             loginTimeout=loginTimeout, maxHandles=maxHandles, metrics=self.metrics,
+            # The portal's Files page logs in for a person with a token it signs (docs/protocols.md 13.6).
+            personChecker=PortalTokenChecker(self.keys, clock, metrics=self.metrics),
         )  # fmt: skip
         self.listeners = [ListeningService(endpoint, self.factory, "file server (SFTP)") for endpoint in endpoints]
         for listener in self.listeners:
