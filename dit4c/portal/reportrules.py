@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -32,8 +32,8 @@ from dit4c.common.life import SAVING_IMAGE, states
 from dit4c.common.tokens import StaticKeySource, TokenVerifier
 from dit4c.portal.errors import ReportError
 from dit4c.portal.keys import KeyRing
-from dit4c.portal.store.interfaces import IInstances
-from dit4c.portal.store.model import Image, Instance
+from dit4c.portal.store.interfaces import IInstances, IStore
+from dit4c.portal.store.model import Image, Instance, User
 
 __all__ = [
     "API_TOKEN_PREFIX",
@@ -336,3 +336,38 @@ class InstanceTokens:
         if not 0 < claims["exp"] - claims["iat"] <= MAX_REPORT_LIFETIME:
             raise badToken(f"The token's exp must be at most {int(MAX_REPORT_LIFETIME)} s after its iat.")
         return instance, claims
+
+
+async def peopleIn(store: IStore, headers: Mapping[str, str], reasons: list[str]) -> list[tuple[User, str]]:
+    """
+    The people a request's credentials show (an API token, then a portal
+    session cookie), each with how (``api-token``, ``session``); why the
+    others showed nobody is added to ``reasons``.
+    """
+    found: list[tuple[User, str]] = []
+    token = bearerToken(headers.get("authorization"))
+    if token is not None and token.startswith(API_TOKEN_PREFIX):
+        user = await store.userByApiToken(token)
+        if user is None:
+            reasons.append("the API token is not valid")
+        else:
+            found.append((user, "api-token"))
+    # A portal on https names it __Host-dit4c_session (security.CookiePolicy).
+    cookies = headers.get("cookie")
+    session = cookieValue(cookies, "__Host-" + SESSION_COOKIE) or cookieValue(cookies, SESSION_COOKIE)
+    if session is not None:
+        held = await store.sessionByToken(session)
+        user = await store.userById(held.user_id) if held is not None else None
+        if user is None or user.disabled:
+            reasons.append("the portal session is not valid")
+        else:
+            found.append((user, "session"))
+    return found
+
+
+def why(reasons: list[str], otherwise: str) -> str:
+    """Reasons as one sentence for a refusal; ``otherwise`` when there are none."""
+    if not reasons:
+        return otherwise
+    text = "; ".join(reasons)
+    return text[0].upper() + text[1:] + "."

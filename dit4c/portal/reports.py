@@ -66,7 +66,6 @@ from dit4c.portal.reportrules import (
     READ_METHODS,
     REPORT_AUDIENCE,
     SAVE_STATES,
-    SESSION_COOKIE,
     UPLOAD_AUDIENCE,
     WRITE_METHODS,
     InstanceTokens,
@@ -77,9 +76,10 @@ from dit4c.portal.reportrules import (
     checkImageURL,
     checkInstanceURL,
     checkName,
-    cookieValue,
     imageReadToken,
+    peopleIn,
     savedName,
+    why,
 )
 from dit4c.portal.store.errors import Conflict, NotFound, StoreClosed
 from dit4c.portal.store.interfaces import IStore
@@ -465,28 +465,6 @@ class Reports:
             via="upload-token", instance=instance.id,
         )  # fmt: skip
 
-    async def _people(self, headers: Mapping[str, str], reasons: list[str]) -> list[tuple[User, str]]:
-        """The people the credentials show (API token, then session cookie); why others showed nobody."""
-        found: list[tuple[User, str]] = []
-        token = bearerToken(headers.get("authorization"))
-        if token is not None and token.startswith(API_TOKEN_PREFIX):
-            user = await self.store.userByApiToken(token)
-            if user is None:
-                reasons.append("the API token is not valid")
-            else:
-                found.append((user, "api-token"))
-        # A portal on https names it __Host-dit4c_session (security.CookiePolicy).
-        cookies = headers.get("cookie")
-        session = cookieValue(cookies, "__Host-" + SESSION_COOKIE) or cookieValue(cookies, SESSION_COOKIE)
-        if session is not None:
-            held = await self.store.sessionByToken(session)
-            user = await self.store.userById(held.user_id) if held is not None else None
-            if user is None or user.disabled:
-                reasons.append("the portal session is not valid")
-            else:
-                found.append((user, "session"))
-        return found
-
     async def _mayRead(self, images: list[Image], headers: Mapping[str, str]) -> Decision:
         reasons: list[str] = []
         token = bearerToken(headers.get("authorization"))
@@ -499,13 +477,13 @@ class Reports:
                 if claims.get("image") in {image.id for image in images}:
                     return Decision(True, "A read token the portal signed for this image.", via="read-token")
                 reasons.append("the read token is for another image")
-        for user, via in await self._people(headers, reasons):
+        for user, via in await peopleIn(self.store, headers, reasons):
             for image in images:
                 if await self.store.mayUseImage(user.id, image.id):
-                    why = "owns it" if image.owner_id == user.id else "may use it"
-                    return Decision(True, f"{user.name} {why}.", user=user.id, via=via)
+                    how = "owns it" if image.owner_id == user.id else "may use it"
+                    return Decision(True, f"{user.name} {how}.", user=user.id, via=via)
             reasons.append(f"{user.name} may not use this image")
-        return _deny(self._why(reasons, "Reads need a Bearer API token or read token, or a portal session."))
+        return _deny(why(reasons, "Reads need a Bearer API token or read token, or a portal session."))
 
     async def _removal(self, reference: str, authorization: str | None) -> Decision | None:
         """
@@ -528,20 +506,13 @@ class Reports:
 
     async def _mayDelete(self, images: list[Image], headers: Mapping[str, str]) -> Decision:
         reasons: list[str] = []
-        for user, via in await self._people(headers, reasons):
+        for user, via in await peopleIn(self.store, headers, reasons):
             # Every image the reference names must be theirs: a digest two
             # people saved is not one person's to delete.
             if all(image.owner_id == user.id for image in images):
                 return Decision(True, f"{user.name} owns it.", user=user.id, via=via)
             reasons.append(f"{user.name} does not own this image")
-        return _deny(self._why(reasons, "Only the image's owner may delete it (API token or portal session)."))
-
-    @staticmethod
-    def _why(reasons: list[str], otherwise: str) -> str:
-        if not reasons:
-            return otherwise
-        text = "; ".join(reasons)
-        return text[0].upper() + text[1:] + "."
+        return _deny(why(reasons, "Only the image's owner may delete it (API token or portal session)."))
 
     # -- POST /reports/file-access -------------------------------------------------------------------
 
