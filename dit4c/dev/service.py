@@ -164,6 +164,8 @@ class DevService(MultiService):
                 secret=fileSecret,
             )
             self.files.setServiceParent(self)
+            # The portal's Files page reaches the same storage, the host key pinned.
+            self.portal.fileServer, self.portal.fileServerHostKey = f"127.0.0.1:{config.filePort}", self.files.hostKeyLine
         keys = JWKSKeySource(
             f"{config.internalURL}/.well-known/jwks.json", reactor=reactor, min_refetch=0.5, refresh=60
         )

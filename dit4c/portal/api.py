@@ -21,6 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
 from werkzeug.exceptions import HTTPException
 
 from dit4c.channel.wire import MAX_LOG_CHUNK
@@ -31,6 +32,7 @@ from dit4c.portal.access import changePerson, endInstancesOf, removePerson
 from dit4c.portal.downloads import ImageDownloads
 from dit4c.portal.errors import APIError, InstanceError
 from dit4c.portal.events import EventBus
+from dit4c.portal.files import Files
 from dit4c.portal.instances import Instances, Sharing
 from dit4c.portal.interfaces import KeyRotation, SessionLookup
 from dit4c.portal.jwks import publicJWKProblem
@@ -116,6 +118,8 @@ class API:
         self.nodes = NodeAdmin(store, instances)
         #: Saved images uploaded as files, once the portal knows its image server (``PortalService``).
         self.uploads: ImageUploads | None = None
+        #: A person's storage at /files (``dit4c.portal.files``), set by the portal.
+        self.files: Files | None = None
         #: Followed outputs open now, by person (each asks its node once a second).
         self.following: dict[str, int] = {}
 
@@ -349,6 +353,13 @@ class API:
             raise APIError(503, "no_image_server", "This portal has no image server to keep uploaded images.")
         image = await self.uploads.receive(request, user)
         return None if image is None else self.reply(request, image, 201)
+
+    @app.route("/files", branch=True)
+    def fileRoutes(self, request: IRequest) -> IResource:
+        """A person's storage (``dit4c.portal.files``; documented in the OpenAPI document)."""
+        if self.files is None:
+            raise APIError(404, "no_storage", "Storage is not available on this portal.")
+        return self.files.api.resource()
 
     @app.route("/instances/<instance_id>/logs", methods=["GET"])
     async def logs(self, request: IRequest, instance_id: str) -> bytes | None:

@@ -38,6 +38,7 @@ from dit4c.portal.api import API
 from dit4c.portal.downloads import ImageDownloads
 from dit4c.portal.errors import CrossSiteRequest, InstanceError
 from dit4c.portal.events import InstanceEvents
+from dit4c.portal.files import Files
 from dit4c.portal.instances import ICommandSink, Instances, NoChannel, Sharing
 from dit4c.portal.interfaces import Basics
 from dit4c.portal.jwks import KeyDirectory
@@ -179,16 +180,11 @@ class Portal:
         self.reports = Reports(self.basics, instanceTokens=instanceTokens)
         #: The REST API at /api/v1/, and the administrators' pages at /admin/.
         self.api = API(
-            store,
-            sessions=self.sessions,
-            instances=self.instances,
-            sharing=self.sharing,
-            events=self.events,
-            keys=keys,
-            publicURL=config.publicURL,
-            clock=clock,
-            downloads=self.downloads,
-        )
+            store, sessions=self.sessions, instances=self.instances, sharing=self.sharing, events=self.events,
+            keys=keys, publicURL=config.publicURL, clock=clock, downloads=self.downloads,
+        )  # fmt: skip
+        #: A person's storage: the Files page at /files and /api/v1/files (a file server set by ``PortalService``).
+        self.files = self.api.files = Files(sessions=self.sessions, pages=self.pages, caller=self.api.caller)
         self.admin = AdminPages(
             store, sessions=self.sessions, pages=self.pages, events=self.events, keys=keys,
             instances=self.instances, sharing=self.sharing,
@@ -554,6 +550,10 @@ class Portal:
     @app.route("/account/", branch=True)
     def accountPages(self, request: IRequest) -> IResource:
         return self.account.app.resource()
+
+    @app.route("/files", branch=True)
+    def filePages(self, request: IRequest) -> IResource:
+        return self.files.pages.resource()
 
     @app.route("/admin/", branch=True)
     def adminPages(self, request: IRequest) -> IResource:

@@ -81,6 +81,49 @@ def _nodePaths() -> dict[str, Any]:
     }
 
 
+def _filePaths() -> dict[str, Any]:
+    """A person's storage on the file server (``dit4c.portal.files``; docs/protocols.md 13.6)."""
+    path = {
+        "name": "path", "in": "query", "required": False, "schema": {"type": "string"},
+        "description": "A path in your storage, relative to its top (no leading /, no ..); empty: the top",
+    }  # fmt: skip
+    entry = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"}, "path": {"type": "string"}, "type": {"enum": ["file", "folder", "other"]},
+            "size": {"type": ["integer", "null"]}, "modified": {"type": ["integer", "null"], "description": "Seconds since the epoch"},
+        },
+    }  # fmt: skip
+    listing = {"type": "object", "properties": {"path": {"type": "string"}, "entries": {"type": "array", "items": entry}}}
+    failures = {
+        "404": _json(_ref("Error"), "No such file or folder, or no storage on this portal (error 'no_storage')"),
+        "409": _json(_ref("Error"), "Refused by the file server (a folder that is not empty)"),
+        "502": _json(_ref("Error"), "The file server could not be reached"),
+    }
+
+    def op(summary: str, response: dict[str, Any], status: str = "200", **extra: Any) -> dict[str, Any]:
+        done = _op(summary, response, status=status, parameters=[path], **extra)
+        done["responses"].update(failures)
+        return done
+
+    bytesBody = {"required": True, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+    content = {"description": "The file's bytes", "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+    return {
+        "/files": {
+            "get": op("A folder of your storage: its files and folders, folders first", _json(listing, "The listing")),
+            "delete": op("Delete a file, or an empty folder", _json({"type": "object"}, "Deleted")),
+        },
+        "/files/content": {
+            "get": op("A file of your storage, as bytes", content),
+            "put": op(
+                "Write a file (made or replaced); the body is its bytes, at most 32 MiB",
+                _json({"type": "object"}, "Written: its path and size"), status="201", requestBody=bytesBody,
+            ),
+        },
+        "/files/folders": {"post": op("Make a folder", _json({"type": "object"}, "Made: its path"), status="201")},
+    }
+
+
 def document(publicURL: str) -> dict[str, Any]:
     instance = _json(_ref("Instance"), "The instance")
     access = _json(_ref("Access"), "Who may use the instance")
@@ -392,6 +435,7 @@ def document(publicURL: str) -> dict[str, Any]:
                 )
             },
             **_nodePaths(),
+            **_filePaths(),
             "/admin/schedulers": {
                 "post": _op(
                     "Register a scheduler by its public key (JWK)",

@@ -22,6 +22,8 @@ from dit4c.portal.app import Portal, PortalConfig
 from dit4c.portal.channel import ChannelHub
 from dit4c.portal.deadlines import DeadlineWatch
 from dit4c.portal.events import InstanceEvents
+from dit4c.portal.fileclient import FileClient, fileServerEndpoint, hostKeyFrom
+from dit4c.portal.files import filesBodyLimit
 from dit4c.portal.http import portalSite
 from dit4c.portal.keys import KeyRing
 from dit4c.portal.metrics import PortalMetrics
@@ -49,6 +51,8 @@ class PortalService(MultiService):
         metricsEndpoint: IStreamServerEndpoint | None = None,
         imageServer: str | None = None,
         uploadLimit: int = DEFAULT_UPLOAD_LIMIT,
+        fileServer: str | None = None,
+        fileServerHostKey: str | None = None,
     ) -> None:
         """
         :param reactor: the process's reactor: its clock (``IReactorTime``),
@@ -76,6 +80,9 @@ class PortalService(MultiService):
         self.imageServer = imageServer
         #: The largest saved image uploaded as a file, in bytes.
         self.uploadLimit = uploadLimit
+        #: The file server (a client endpoint string) and its host key (a line or a file), for the Files page.
+        self.fileServer = fileServer
+        self.fileServerHostKey = fileServerHostKey
         self.metrics: PortalMetrics | None = None
         #: The scheduler channel (``ChannelHub``), once started.
         self.channels: ChannelHub | None = None
@@ -149,7 +156,11 @@ class PortalService(MultiService):
             ).setServiceParent(self)
         if self.imageServer is not None:
             portal.api.uploads = ImageUploads(portal.store, keys, self.reactor, self.imageServer, limit=self.uploadLimit)
+        if self.fileServer is not None and self.fileServerHostKey is not None:
+            hostKey = hostKeyFrom(self.fileServerHostKey)
+            portal.files.client = FileClient(self.reactor, fileServerEndpoint(self.fileServer), hostKey, keys)
         site = portalSite(self.portal.app.resource(), self.reactor, self.limits, portal.api.uploads)
+        site.bodyLimit = filesBodyLimit(site.bodyLimit)  # files uploaded on the Files page
         for endpoint in self.endpoints:
             service = ListeningService(endpoint, site, "portal")
             service.setServiceParent(self)

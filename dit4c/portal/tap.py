@@ -39,6 +39,8 @@ class Options(usage.Options):
         ["file-server-secret-file", None, None, "File holding the secret the file server sends when it asks whose storage an instance may reach."],
         ["metrics", None, None, "Endpoint to serve Prometheus /metrics and /health on, e.g. tcp:9101:interface=127.0.0.1 (keep it off the public network)."],
         ["image-server", None, None, "The image server's base URL as the portal reaches it, where saved images uploaded as files go (none: no uploads)."],
+        ["file-server", None, None, "The file server as the portal reaches it (host:port or tcp:host=H:port=P), for the Files page (none: no Files page)."],
+        ["file-server-host-key", None, None, "The file server's SSH host key: its host_key.pub line, or that file."],
         ["upload-limit", None, 20 * 1024**3, "The largest saved image uploaded as a file, in bytes (default 20 GiB).", positiveInt],
     ]
 
@@ -88,6 +90,16 @@ class Options(usage.Options):
             if self["file-server-secret-file"]
             else None
         )
+        if bool(self["file-server"]) != bool(self["file-server-host-key"]):
+            raise usage.UsageError("--file-server and --file-server-host-key go together")
+        if self["file-server"]:
+            from dit4c.portal.fileclient import fileServerEndpoint, hostKeyFrom
+
+            try:
+                fileServerEndpoint(self["file-server"])
+                hostKeyFrom(self["file-server-host-key"])
+            except (ValueError, OSError) as e:
+                raise usage.UsageError(f"--file-server: {e}") from None
         if self["login-providers"]:
             from dit4c.portal.upstream import ConfigError, providersFromFile
 
@@ -128,4 +140,6 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         metricsEndpoint=serverFromString(reactor, config["metrics"]) if config["metrics"] else None,
         imageServer=config["image-server"],
         uploadLimit=config["upload-limit"],
+        fileServer=config["file-server"],
+        fileServerHostKey=config["file-server-host-key"],
     )
