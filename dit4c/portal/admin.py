@@ -25,6 +25,7 @@ from klein import Klein
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
+from dit4c.common.limits import LimitError, ToolLimits
 from dit4c.portal import security
 from dit4c.portal.access import changePerson, endInstancesOf, removePerson
 from dit4c.portal.errors import InstanceError
@@ -43,6 +44,7 @@ DONE = {
     "saved": "Saved.",
     "image-added": "Added to the catalogue.",
     "image-removed": "Removed from the catalogue.",
+    "limits-set": "Limits set: instances started from now on get them.",
     "scheduler-added": "The scheduler is registered.",
     "key-rotated": "The portal now signs with a new key.",
     "ending": "Their running instances are stopping and those at rest are being discarded; "
@@ -54,6 +56,11 @@ DONE = {
 
 #: What an id a message names looks like (the store's ids); anything else is not shown.
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def limitsFrom(request: IRequest) -> ToolLimits:
+    """A catalogue entry's limits from a form (``cpus``, ``memory``, ``idle``, ``idle_action``; empty: none)."""
+    return ToolLimits.fromForm(*((arg(request, name) or "") for name in ("cpus", "memory", "idle", "idle_action")))
 
 
 def done(request: IRequest, what: str, id: str | None = None) -> bytes:
@@ -285,8 +292,28 @@ class AdminPages:
             return await self.page(request, who, 400, error="An image needs a name and a reference.")
         if rawPort and not (rawPort.isdigit() and 0 < int(rawPort) < 65536):
             return await self.page(request, who, 400, error="The port must be between 1 and 65535.")
-        await self.store.createImage(name, ref, owner_id=None, port=int(rawPort) if rawPort else None)
+        try:
+            limits = limitsFrom(request)
+        except LimitError as e:
+            return await self.page(request, who, 400, error=str(e))
+        await self.store.createImage(name, ref, owner_id=None, port=int(rawPort) if rawPort else None, limits=limits)
         return done(request, "image-added")
+
+    @app.route("/images/<image_id>/limits", methods=["POST"])
+    async def setLimits(self, request: IRequest, image_id: str) -> bytes:
+        """A catalogue entry's limits: new instances of it (and of images saved from it from now on) get them."""
+        who = await self.guarded(request)
+        if isinstance(who, bytes):
+            return who
+        image = await self.store.imageById(image_id)
+        if image is None or image.deleted or image.owner_id is not None:
+            return await self.page(request, who, 404, error="There is no such catalogue entry.")
+        try:
+            await self.store.setImageLimits(image_id, limitsFrom(request))
+        except LimitError as e:
+            return await self.page(request, who, 400, error=str(e))
+        self.log.info("{admin} set the limits of {image}", admin=who.user.name, image=image.name)
+        return done(request, "limits-set")
 
     @app.route("/images/<image_id>/delete", methods=["POST"])
     async def deleteImage(self, request: IRequest, image_id: str) -> bytes:

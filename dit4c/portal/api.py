@@ -27,13 +27,14 @@ from werkzeug.exceptions import HTTPException
 from dit4c.channel.wire import MAX_LOG_CHUNK
 from dit4c.common.life import ACTIONS, ACTIVE
 from dit4c.common.life import toJSON as lifeJSON
+from dit4c.common.limits import LimitError, ToolLimits
 from dit4c.portal import security
 from dit4c.portal.access import changePerson, endInstancesOf, removePerson
 from dit4c.portal.downloads import ImageDownloads
 from dit4c.portal.errors import APIError, InstanceError
 from dit4c.portal.events import EventBus
 from dit4c.portal.files import Files
-from dit4c.portal.instances import Instances, Sharing
+from dit4c.portal.instances import Instances, Sharing, imageJSON
 from dit4c.portal.interfaces import KeyRotation, SessionLookup
 from dit4c.portal.jwks import publicJWKProblem
 from dit4c.portal.logstream import follow
@@ -251,10 +252,7 @@ class API:
         user = await self.caller(request)
         return self.reply(
             request,
-            [
-                {"id": i.id, "name": i.name, "ref": i.ref, "port": i.port, "digest": i.digest, "mine": i.owner_id == user.id}
-                for i in await self.instances.images(user)
-            ],
+            [imageJSON(i, user.id) for i in await self.instances.images(user)],
         )
 
     @app.route("/instances", methods=["GET"])
@@ -331,7 +329,7 @@ class API:
     async def renameImage(self, request: IRequest, image_id: str) -> bytes:
         user = await self.caller(request)
         image = await self.sharing.renameImage(user, image_id, str(self.field(self.body(request), "name")))
-        return self.reply(request, {"id": image.id, "name": image.name, "ref": image.ref, "port": image.port, "digest": image.digest, "mine": True})
+        return self.reply(request, imageJSON(image, user.id))
 
     @app.route("/images/<image_id>", methods=["DELETE"])
     async def deleteImage(self, request: IRequest, image_id: str) -> bytes:
@@ -517,9 +515,29 @@ class API:
         if port is not None and not (isinstance(port, int) and 0 < port < 65536):
             raise APIError(400, "bad_field", "The port must be a number between 1 and 65535.")
         image = await self.store.createImage(
-            str(self.field(body, "name")), str(self.field(body, "ref")), owner_id=None, port=port
-        )
-        return self.reply(request, asdict(image), 201)
+            str(self.field(body, "name")), str(self.field(body, "ref")), owner_id=None, port=port,
+            limits=self.limits(body.get("limits")),
+        )  # fmt: skip
+        return self.reply(request, {**asdict(image), "limits": image.limits.toJSON()}, 201)
+
+    @app.route("/admin/images/<image_id>/limits", methods=["PUT"])
+    async def setImageLimits(self, request: IRequest, image_id: str) -> bytes:
+        """A catalogue entry's limits, for instances started from now on (and images saved from them)."""
+        caller = await self.admin(request)
+        limits = self.limits(self.body(request))
+        image = await self.store.imageById(image_id)
+        if image is None or image.deleted or image.owner_id is not None:
+            raise APIError(404, "not_found", "There is no such catalogue entry.")
+        image = await self.store.setImageLimits(image_id, limits)
+        self.log.info("{admin} set the limits of {image} (API)", admin=caller.name, image=image.name)
+        return self.reply(request, {**asdict(image), "limits": image.limits.toJSON()})
+
+    @staticmethod
+    def limits(value: object) -> ToolLimits:
+        try:
+            return ToolLimits.fromJSON(value)
+        except LimitError as e:
+            raise APIError(400, "bad_limits", str(e)) from None
 
     @app.route("/admin/schedulers", methods=["POST"])
     async def addScheduler(self, request: IRequest) -> bytes:

@@ -37,6 +37,14 @@ from dit4c.portal.store.interfaces import IStore
 from dit4c.portal.store.model import Grant, Image, Instance, ShareLink, User
 
 
+def imageJSON(image: Image, viewer: str) -> dict[str, Any]:
+    """An image as the API shows it to the person ``viewer`` (``GET /api/v1/images``)."""
+    return {
+        "id": image.id, "name": image.name, "ref": image.ref, "port": image.port, "digest": image.digest,
+        "mine": image.owner_id == viewer, "limits": image.limits.toJSON(),
+    }  # fmt: skip
+
+
 class ICommandSink(Interface):
     """Where instance commands go: the scheduler channel."""
 
@@ -140,6 +148,9 @@ class Instances:
         # A saved image's read token is not stored with the command: it is
         # made as the command is sent (paramsToSend).
         params: dict[str, Any] = {"image": image.ref, "port": image.port, "digest": image.digest}
+        if image.limits.cpus is not None or image.limits.memory is not None:
+            # What the node enforces; the idle limit is the portal's own (culling).
+            params["limits"] = {"cpus": image.limits.cpus, "memory": image.limits.memory}
         await self.commands.send(scheduler, "start", instance.id, params)
         self.log.info("{user} started {instance} from {image}", user=user.name, instance=instance.id, image=image.name)
         return instance
@@ -191,13 +202,16 @@ class Instances:
         return instance
 
     @completes
-    async def act(self, user: User, instance_id: str, action: str) -> Instance:
+    async def act(self, user: User, instance_id: str, action: str, reason: str | None = None) -> Instance:
         """
         A person's action on an instance, if its life allows it in the
         state it is in: the instance moves on at once (compare-and-set on
         that state, so two clicks cannot both win) and its scheduler is
         told. An instance no scheduler holds has nothing to stop or
         remove anywhere: it goes straight to where that would end.
+        ``reason``: why, when the person did not ask for it themselves
+        (the portal culls an unused instance); it stays with the state the
+        action ends in.
         """
         if action not in ACTIONS:
             raise InstanceError(f"Unknown action {action!r}.")
@@ -215,7 +229,7 @@ class Instances:
         quota = self.quotaOf(user) if life.state in ACTIVE and instance.state not in ACTIVE else None
         try:
             updated = await self.store.updateInstance(
-                instance.id, state=life.state, reason=None, expected_state=instance.state, quota=quota
+                instance.id, state=life.state, reason=reason, expected_state=instance.state, quota=quota
             )
         except Conflict:
             raise WrongState("The instance changed meanwhile; reload and try again.") from None

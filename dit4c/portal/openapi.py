@@ -191,6 +191,17 @@ def document(publicURL: str) -> dict[str, Any]:
                         "port": {"type": ["integer", "null"]},
                         "digest": {"type": ["string", "null"], "description": "sha256:<hex> of a saved image's archive"},
                         "mine": {"type": "boolean"},
+                        "limits": _ref("Limits"),
+                    },
+                },
+                "Limits": {
+                    "type": "object",
+                    "description": "What each instance of an image may use; null: no limit (docs/protocols.md 14.5)",
+                    "properties": {
+                        "cpus": {"type": ["number", "null"], "minimum": 0.01, "maximum": 1024},
+                        "memory": {"type": ["integer", "null"], "description": "MiB", "minimum": 16},
+                        "idle": {"type": ["integer", "null"], "description": "minutes without traffic before idle_action", "minimum": 1},
+                        "idle_action": {"type": "string", "enum": ["stop", "save"]},
                     },
                 },
                 "Instance": {
@@ -430,8 +441,16 @@ def document(publicURL: str) -> dict[str, Any]:
                 "post": _op(
                     "Add a catalogue image",
                     _json({"type": "object"}, "The image"),
-                    body={"type": "object", "required": ["name", "ref"], "properties": {"name": {"type": "string"}, "ref": {"type": "string"}, "port": {"type": "integer"}}},
+                    body={"type": "object", "required": ["name", "ref"], "properties": {"name": {"type": "string"}, "ref": {"type": "string"}, "port": {"type": "integer"}, "limits": _ref("Limits")}},
                     status="201",
+                )
+            },
+            "/admin/images/{id}/limits": {
+                "put": _op(
+                    "Set a catalogue entry's limits, for instances started from now on and images saved from them",
+                    _json({"type": "object"}, "The image"),
+                    body=_ref("Limits"),
+                    parameters=[_ID],
                 )
             },
             **_nodePaths(),

@@ -46,6 +46,7 @@ from dit4c.common.httpsite import BodyLimit, FrontRequest
 from dit4c.portal.archivecheck import ArchiveCheck, NotAnImage, SavedImageKind
 from dit4c.portal.errors import APIError
 from dit4c.portal.importtokens import importToken
+from dit4c.portal.instances import imageJSON
 from dit4c.portal.keys import KeyRing
 from dit4c.portal.reportrules import MAX_NAME
 from dit4c.portal.store.interfaces import IStore
@@ -79,11 +80,6 @@ def uploadBodyLimit(limit: BodyLimit) -> BodyLimit:
         return None if isUpload(method, target) else limit(method, target)
 
     return bodyLimit
-
-
-def imageJSON(image: Image) -> dict[str, Any]:
-    """An image of the caller's, as ``GET /api/v1/images`` lists it."""
-    return {"id": image.id, "name": image.name, "ref": image.ref, "port": image.port, "digest": image.digest, "mine": True}
 
 
 class UploadRequest(FrontRequest):
@@ -359,14 +355,14 @@ class ImageUploads:
             raise APIError(502, "unavailable", "The image server did not store the file as it was sent.")
         image = await self.store.createImage(
             name or f"{tool.name} (uploaded {utc(self.clock.seconds())})", stored["url"],
-            owner_id=user.id, digest=incoming.digest, port=tool.port,
+            owner_id=user.id, digest=incoming.digest, port=tool.port, limits=tool.limits,
         )  # fmt: skip
         self.log.info(
             "{user} uploaded image {image} ({digest}, {size} bytes, tool {tool})",
             user=user.name, image=image.id, digest=image.digest, size=incoming.received, tool=tool.ref,
         )  # fmt: skip
         request.setHeader(b"location", f"/api/v1/images/{image.id}".encode())
-        return imageJSON(image)
+        return imageJSON(image, user.id)
 
     @staticmethod
     def _tool(catalogue: list[Image], wanted: str | None) -> Image | None:

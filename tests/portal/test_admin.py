@@ -159,3 +159,33 @@ async def test_a_reload_sends_no_form_again_in_a_browser(api: Portal, browser: A
     await browser.run(browser.driver.refresh)
     await browser.waitForText("#message", "Saved.")
     assert (await api.store.userByName("erin")).max_instances == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_catalogue_entrys_limits_are_set_on_the_form(portal: Portal) -> None:
+    from dit4c.common.limits import ToolLimits
+
+    admin = await adminBrowser(portal)
+    _, page = await admin.get("/admin/")
+    fields = {"csrf": csrfOf(page), "name": "Lab", "ref": "lab", "port": ""}
+    response, _ = await admin.post("/admin/images", {**fields, "cpus": "1.5", "memory": "2048", "idle": "30", "idle_action": "save"})
+    assert (response.code, location(response)) == (303, "/admin/?done=image-added")
+    [image] = await portal.store.listCatalogue()
+    assert image.limits == ToolLimits(1.5, 2048, 30, "save")
+    _, page = await admin.get("/admin/")
+    assert "1.5 CPUs, 2048 MiB, saved after 30 min unused" in page
+
+    response, _ = await admin.post(
+        f"/admin/images/{image.id}/limits", {"csrf": csrfOf(page), "cpus": "", "memory": "512", "idle": "", "idle_action": "stop"}
+    )
+    assert (response.code, location(response)) == (303, "/admin/?done=limits-set")
+    assert (await portal.store.imageById(image.id)).limits == ToolLimits(memory=512)  # type: ignore[union-attr]
+    # Refused with why, and nothing changed; without the form's token, nothing either.
+    response, page = await admin.post(f"/admin/images/{image.id}/limits", {"csrf": csrfOf(page), "memory": "8"})
+    assert response.code == 400 and "between 16 and" in page
+    response, page = await admin.post(f"/admin/images/{image.id}/limits", {"memory": "1024"})
+    assert response.code == 400 and "Form expired" in page
+    _, page = await admin.get("/admin/")
+    response, _ = await admin.post("/admin/images/nope/limits", {"csrf": csrfOf(page), "memory": "1024"})
+    assert response.code == 404
+    assert (await portal.store.imageById(image.id)).limits == ToolLimits(memory=512)  # type: ignore[union-attr]

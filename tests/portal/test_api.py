@@ -384,3 +384,29 @@ async def test_an_instance_that_never_ran_has_nothing_to_save_or_resume(api: Por
         code, answer = await alice.call("POST", f"/instances/{instance['id']}/{action}")
         assert code == 409 and answer["reason"] == f"Cannot {action} an instance that never ran on a compute node."
     assert (await api.store.instanceById(instance["id"])).state == "stopped"
+
+
+@pytest_twisted.ensureDeferred
+async def test_limits_of_the_catalogue_reach_the_start_command(api: Portal) -> None:
+    root = Client(api, await tokenFor(api, "root", "root password!"))
+    alice = Client(api, await tokenFor(api, "alice", "correct horse battery"))
+    limits = {"cpus": 0.5, "memory": 256, "idle": 10, "idle_action": "stop"}
+    code, image = await root.call("POST", "/admin/images", {"name": "Lab", "ref": "lab", "limits": limits})
+    assert code == 201 and image["limits"] == limits
+    for bad, why in (({"cpus": -1}, "between 0.01"), ({"idle_action": "explode"}, "stop or save"), ({"swap": 1}, "Unknown limit")):
+        code, error = await root.call("PUT", f"/admin/images/{image['id']}/limits", bad)
+        assert (code, error["error"]) == (400, "bad_limits") and why in error["reason"]
+    assert (await alice.call("PUT", f"/admin/images/{image['id']}/limits", limits))[0] == 403
+    assert (await root.call("PUT", "/admin/images/nope/limits", limits))[0] == 404
+
+    code, listed = await alice.call("GET", "/images")
+    assert [i["limits"] for i in listed if i["id"] == image["id"]] == [limits]
+    code, instance = await alice.call("POST", "/instances", {"image": image["id"]})
+    assert code == 201
+    op, params = api.commands.sent[-1][1], api.commands.sent[-1][3]  # type: ignore[attr-defined]
+    assert op == "start" and params["limits"] == {"cpus": 0.5, "memory": 256}  # the idle limit is the portal's own
+
+    code, changed = await root.call("PUT", f"/admin/images/{image['id']}/limits", {"idle": 5})
+    assert code == 200 and changed["limits"] == {"cpus": None, "memory": None, "idle": 5, "idle_action": "stop"}
+    await alice.call("POST", "/instances", {"image": image["id"]})
+    assert "limits" not in api.commands.sent[-1][3]  # type: ignore[attr-defined]
