@@ -52,11 +52,18 @@ class INode(Interface):
         """Instances it runs (or is starting) now."""
 
     def start(
-        instance: str, image: str, port: int | None, digest: str | None = None, token: str | None = None
+        instance: str,
+        image: str,
+        port: int | None,
+        digest: str | None = None,
+        token: str | None = None,
+        limits: object = None,
     ) -> Deferred[None]:
         """
         Start an instance; fires once it is under way (states follow). A
         saved ``image`` is an image server URL, read with ``token``.
+        ``limits`` is the ``start`` command's ``limits`` as it came (the
+        node checks it: one that is not valid errors the instance).
 
         :raises NodeFull: it takes no more instances.
         """
@@ -105,6 +112,7 @@ def startFrom(node: INode, command: Command) -> Deferred[None]:
         port if isinstance(port, int) and not isinstance(port, bool) else None,
         text("digest"),
         text("token"),
+        params.get("limits"),
     )
 
 

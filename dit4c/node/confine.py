@@ -122,6 +122,10 @@ class Plan:
     #: The person's storage: waited for, then bound back read-write.
     storage: str | None = None
     storageWait: float = STORAGE_WAIT
+    #: Cgroup directories the launcher joins before anything else (the tool's CPU and memory limits).
+    cgroups: list[str] = field(default_factory=list)
+    #: Said on standard error (the tool's log) before the tool starts.
+    notes: list[str] = field(default_factory=list)
 
 
 def command(python: str, plan: Plan) -> list[str]:
@@ -134,6 +138,10 @@ def command(python: str, plan: Plan) -> list[str]:
             argv += [option, path]
     if plan.storage is not None:
         argv += ["--storage", plan.storage, "--storage-wait", str(plan.storageWait)]
+    for path in plan.cgroups:
+        argv += ["--cgroup", path]
+    for note in plan.notes:
+        argv += ["--say", note]
     return [*argv, "--", *plan.argv]
 
 
@@ -147,6 +155,8 @@ def _parse(argv: Sequence[str]) -> Plan:
     parser.add_argument("--expose", action="append", default=[], help="Bind this directory back read-only if hidden.")
     parser.add_argument("--storage", help="The person's storage: wait until it is mounted, then bind it back.")
     parser.add_argument("--storage-wait", type=float, default=STORAGE_WAIT)
+    parser.add_argument("--cgroup", action="append", default=[], help="Join this cgroup directory first.")
+    parser.add_argument("--say", action="append", default=[], help="Say this on standard error first.")
     parser.add_argument("program", nargs=argparse.REMAINDER, help="-- PROGRAM ARG...")
     options = parser.parse_args(argv)
     program = options.program[1:] if options.program[:1] == ["--"] else options.program
@@ -163,6 +173,7 @@ def _parse(argv: Sequence[str]) -> Plan:
         [os.path.abspath(p) for p in options.hide], [os.path.abspath(p) for p in options.bind],
         [os.path.abspath(p) for p in options.expose],
         os.path.abspath(options.storage) if options.storage else None, options.storage_wait,
+        [os.path.abspath(p) for p in options.cgroup], list(options.say),
     )  # fmt: skip
 
 
@@ -415,7 +426,24 @@ def _init(plan: Plan, writable: list[str], parentAlive: int) -> NoReturn:
             os._exit(_statusOf(status))
 
 
+def _joinCgroups(paths: Sequence[str]) -> None:
+    """
+    This launcher (and so init and the tool, its children) into each cgroup
+    that limits the tool, before anything of the tool runs.
+    """
+    for path in paths:
+        try:
+            with open(os.path.join(path, "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+        except OSError as e:
+            _say(f"could not join the cgroup that limits the tool ({path}: {e.strerror or e}); it was not started")
+            os._exit(1)
+
+
 def run(plan: Plan) -> NoReturn:
+    _joinCgroups(plan.cgroups)
+    for note in plan.notes:
+        _say(note)
     root = os.geteuid() == 0
     if root and plan.uid is None:
         _say("a root node must give the tool a --uid and --gid")

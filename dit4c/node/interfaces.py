@@ -23,6 +23,7 @@ from zope.interface import Attribute, Interface
 # A runtime's failure, named here too: IRuntime's methods fail with it
 # (docs/protocols.md 9.1), and a runtime written elsewhere needs only this module.
 from dit4c.channel.wire import LogChunk
+from dit4c.common.limits import ToolLimits
 from dit4c.node.errors import RuntimeError_
 
 __all__ = ["IRuntime", "PodSpec", "PodStatus", "RuntimeError_", "helperCommand"]
@@ -50,6 +51,9 @@ class PodSpec:
     #: Start from a saved image: an archive that :meth:`IRuntime.capture`
     #: made (fetched from the image server and checked against ``digest``).
     archive: Path | None = None
+    #: The catalogue entry's CPUs and memory, for the runtime to enforce
+    #: (docs/protocols.md 9.1, 9.3); the idle limit is not the node's.
+    limits: ToolLimits = field(default_factory=ToolLimits)
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,9 @@ class InstanceRecord:
     saving: bool = False
     #: The digest of the captured image while it is uploaded.
     captured: str | None = None
+    #: The CPUs and memory its runtime enforces (``ToolLimits.toJSON``), kept
+    #: so that a resume, and a restarted node, apply the same.
+    limits: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state", State(self.state))

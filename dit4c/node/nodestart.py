@@ -29,6 +29,7 @@ from dit4c.common.files import receiveToFile, removeFile
 from dit4c.common.helperenv import HelperEnvironment, toEnvironment
 from dit4c.common.keys import generatePrivateKey, loadPrivateKey, publicJWK, savePrivateKey
 from dit4c.common.life import HOLDS_POD, State
+from dit4c.common.limits import LimitError, ToolLimits
 from dit4c.common.tokens import INSTANCE_ID_RE
 from dit4c.node.errors import RuntimeError_
 from dit4c.node.interfaces import PodSpec
@@ -60,7 +61,13 @@ class NodeStarting(NodeRecords):
     accepting: bool
 
     def start(
-        self, instance: str, image: str, port: int | None, digest: str | None = None, token: str | None = None
+        self,
+        instance: str,
+        image: str,
+        port: int | None,
+        digest: str | None = None,
+        token: str | None = None,
+        limits: object = None,
     ) -> Deferred[None]:
         if INSTANCE_ID_RE.fullmatch(instance) is None:
             raise ValueError(f"not an instance id: {instance!r}")
@@ -73,12 +80,25 @@ class NodeStarting(NodeRecords):
             self.outcomes["start", "error"] += 1  # refused
             raise NodeFull(f"node {self.nodeName} takes no more instances")
         stale = current is not None or self._podDirectory(instance).exists()
-        record = InstanceRecord(instance, image, port, digest, State.STARTING, since=self.reactor.seconds())
+        try:
+            checked = ToolLimits.fromJSON(limits)
+            invalid = None
+        except LimitError as e:
+            checked, invalid = ToolLimits(), f"The catalogue entry's limits cannot be applied: {e}"
+        # Only what a runtime enforces: the idle limit is the portal's.
+        kept = ToolLimits(cpus=checked.cpus, memory=checked.memory)
+        record = InstanceRecord(
+            instance, image, port, digest, State.STARTING, since=self.reactor.seconds(),
+            limits=None if kept.empty else kept.toJSON(),
+        )  # fmt: skip
         self._records[instance] = record
         self._writeRecord(record)
         self._began(instance, "start")
         self._arm(record)
         self._emit(record)
+        if invalid is not None:
+            self._failed(instance, invalid)
+            return succeed(None)
         self._spawn(instance, "start", lambda: self._start(record, stale, token))
         return succeed(None)
 
@@ -200,7 +220,10 @@ class NodeStarting(NodeRecords):
                 if not self._still(instance, State.STARTING):
                     await removeFile(archive)
                     return
-            spec = PodSpec(instance, record.image, record.port, directory, environment, record.digest, archive)
+            spec = PodSpec(
+                instance, record.image, record.port, directory, environment, record.digest, archive,
+                limits=ToolLimits.fromJSON(record.limits),
+            )  # fmt: skip
             await self.runtime.start(spec)
             if archive is not None:
                 await removeFile(archive)

@@ -17,6 +17,7 @@ from pathlib import Path
 from twisted.internet.task import deferLater
 
 from dit4c.common.helperenv import VARIABLES, toEnvironment
+from dit4c.common.limits import ToolLimits
 from dit4c.node.errors import PodmanError, RuntimeError_
 from dit4c.node.interfaces import PodSpec
 from dit4c.node.podmanimages import PodmanImages
@@ -24,6 +25,7 @@ from dit4c.node.podmanpods import (
     INSTANCE_NAME,
     LABEL_DIRECTORY,
     LABEL_INSTANCE,
+    LABEL_MEMORY,
     LABEL_PREFIX,
     LABEL_ROLE,
     LABEL_TOOL_PORT,
@@ -33,7 +35,7 @@ from dit4c.node.podmanpods import (
 )
 from dit4c.node.processes import isMount
 
-__all__ = ["INHERITED", "PodBuilding", "firewallRules"]
+__all__ = ["INHERITED", "PodBuilding", "firewallRules", "limitOptions"]
 
 #: Host environment variables the helpers inherit (besides the pod's own).
 INHERITED = ("PATH", "PYTHONPATH", "LANG", "LC_ALL", "TZ")
@@ -57,6 +59,19 @@ def firewallRules(authPort: int, ipv6: bool = False) -> bytes:
         "COMMIT\n"
     ).encode()
 
+
+
+def limitOptions(limits: ToolLimits) -> list[str]:
+    """
+    ``podman run`` options for the tool's CPUs and memory; memory and swap
+    together equal to the memory limit, so swap does not take it past it.
+    """
+    options = []
+    if limits.cpus is not None:
+        options += ["--cpus", f"{limits.cpus:g}"]
+    if limits.memory is not None:
+        options += ["--memory", f"{limits.memory}m", "--memory-swap", f"{limits.memory}m"]
+    return options
 
 
 class PodBuilding(PodmanPods, PodmanImages):
@@ -83,7 +98,7 @@ class PodBuilding(PodmanPods, PodmanImages):
             if not argv or shutil.which(argv[0]) is None:
                 program = argv[0] if argv else ""
                 raise RuntimeError_(f"the {role}'s program {program!r} is not installed on this node")
-        pod = HeldPod(instance, Path(spec.directory), PodPhase.MAKING)
+        pod = HeldPod(instance, Path(spec.directory), PodPhase.MAKING, memory=spec.limits.memory)
         self._pods[instance] = pod
         made = False
         try:
@@ -113,6 +128,7 @@ class PodBuilding(PodmanPods, PodmanImages):
             await self._run(
                 "run", "--detach", "--init", "--pull=never",
                 *volumes,
+                *limitOptions(spec.limits),
                 "--pod", self.podName(instance),
                 "--name", self.toolName(instance),
                 "--label", f"{LABEL_PREFIX}={self.prefix}",
@@ -159,6 +175,7 @@ class PodBuilding(PodmanPods, PodmanImages):
                     "--label", f"{LABEL_INSTANCE}={pod.instance}",
                     "--label", f"{LABEL_DIRECTORY}={pod.directory}",
                     "--label", f"{LABEL_TOOL_PORT}={toolPort}",
+                    *(["--label", f"{LABEL_MEMORY}={pod.memory}"] if pod.memory is not None else []),
                     "--publish", f"127.0.0.1::{authPort}",
                     what="creating the pod",
                 )  # fmt: skip

@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 
+from dit4c.node.cgroups import MIB, oomKillsAt, reachedAt
 from dit4c.node.errors import RuntimeError_
 from dit4c.node.interfaces import PodStatus
 from dit4c.node.podmancommand import SAVED_PREFIX, PodmanCommands
@@ -28,6 +29,7 @@ __all__ = [
     "INSTANCE_NAME",
     "LABEL_DIRECTORY",
     "LABEL_INSTANCE",
+    "LABEL_MEMORY",
     "LABEL_PREFIX",
     "LABEL_ROLE",
     "LABEL_TOOL_PORT",
@@ -43,6 +45,8 @@ LABEL_INSTANCE = "dit4c.instance"
 LABEL_DIRECTORY = "dit4c.directory"
 LABEL_ROLE = "dit4c.role"
 LABEL_TOOL_PORT = "dit4c.tool-port"
+#: The tool's memory limit in MiB (on the pod: a restarted node says an OOM kill as one).
+LABEL_MEMORY = "dit4c.memory"
 
 INSTANCE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -77,6 +81,12 @@ class HeldPod:
     infraPid: int | None = None
     #: Why the pod failed while starting (a helper exited).
     failure: str | None = None
+    #: The tool's memory limit (MiB), if it has one; the pod's cgroup (as podman names it).
+    memory: int | None = None
+    cgroup: str | None = None
+
+    def oomReason(self) -> str:
+        return f"The tool used more than its {self.memory} MiB of memory and was stopped."
 
 
 def listening(pid: int, port: int) -> bool:
@@ -121,6 +131,8 @@ class PodmanPods(PodmanCommands):
         infra = info.get("InfraContainerID")
         if not infra:
             raise RuntimeError_("the pod has no infra container")
+        if instance in self._pods and info.get("CgroupPath"):
+            self._pods[instance].cgroup = str(info["CgroupPath"])
         out = await self._run("inspect", "--format", "{{.State.Pid}}", infra, what="inspecting the pod")
         pid = int(out.strip() or 0)
         if pid <= 0:
@@ -197,7 +209,30 @@ class PodmanPods(PodmanCommands):
             if c is None:
                 self._exited(pod, "The tool's container is gone.")
             elif c.get("State") != _CONTAINER_UP:
-                self._exited(pod, f"The tool exited with status {c.get('ExitCode')}.")
+                self._exited(pod, await self._endedWhy(pod, c))
+            elif pod.memory is not None and pod.cgroup and oomKillsAt(f"{pod.cgroup}/libpod-{c.get('Id')}") > 0:
+                # A process of the tool (a Jupyter kernel, say) killed while
+                # the tool lives on: the instance ends with the reason, not
+                # with a kernel that silently restarts.
+                self._exited(pod, pod.oomReason())
+
+    async def _endedWhy(self, pod: HeldPod, container: dict[str, Any]) -> str:
+        """
+        Why the tool's container ended. podman's ``State.OOMKilled`` misses
+        the kernel's kill of a process under the container's init, and the
+        container's cgroup goes with it: its pod's cgroup, which outlives
+        it, says whether its memory reached the limit.
+        """
+        code = container.get("ExitCode")
+        if pod.memory is not None:
+            if pod.cgroup is None:
+                try:
+                    await self._infraPid(pod.instance)
+                except RuntimeError_:
+                    pass
+            if code == 137 and pod.cgroup and reachedAt(pod.cgroup, pod.memory * MIB):
+                return pod.oomReason()
+        return f"The tool exited with status {code}."
 
     # -- finding again ----------------------------------------------------------------------
 
@@ -219,6 +254,8 @@ class PodmanPods(PodmanCommands):
         pod = HeldPod(instance, Path(labels.get(LABEL_DIRECTORY, "")), PodPhase.UP if running else PodPhase.DOWN)
         port = labels.get(LABEL_TOOL_PORT, "")
         pod.toolPort = int(port) if port.isdigit() else None
+        memory = labels.get(LABEL_MEMORY, "")
+        pod.memory = int(memory) if memory.isdigit() else None
         self._pods[instance] = pod
         if labels.get(LABEL_DIRECTORY):
             for name in ("auth", "listener", "storage"):

@@ -67,10 +67,12 @@ from twisted.internet import threads
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from dit4c.channel.wire import LogChunk
+from dit4c.node.cgroups import Cgroups, PodCgroup, detect
 from dit4c.node.confine import STORAGE_WAIT
 from dit4c.node.errors import RuntimeError_
 from dit4c.node.interfaces import IRuntime, helperCommand
@@ -120,6 +122,8 @@ class ProcessRuntime(PodLaunching):
         hide: Sequence[Path] | None = None,
         storageWait: float = STORAGE_WAIT,
         podHelpers: str = "forked",
+        cgroups: Cgroups | str | None = None,
+        oomInterval: float = 1.0,
     ) -> None:
         """
         :param directory: where the node keeps pods (``<directory>/<instance>/``).
@@ -139,6 +143,11 @@ class ProcessRuntime(PodLaunching):
             directory when it is not root, since its tools share its uid).
         :param storageWait: seconds a tool waits for the person's storage to
             be mounted before it starts without it.
+        :param cgroups: where the tools' CPU and memory limits are enforced
+            (:mod:`dit4c.node.cgroups`), or why they cannot be; None: found
+            on this machine.
+        :param oomInterval: seconds between looks at whether the kernel
+            killed a process of a limited tool for its memory.
         """
         self.reactor = reactor
         self.directory = directory
@@ -160,6 +169,18 @@ class ProcessRuntime(PodLaunching):
                     "kernel.unprivileged_userns_clone) to confine them.",
                     why=self.confined,
                 )  # fmt: skip
+        self.cgroups = cgroups if cgroups is not None else detect(str(directory.resolve()))
+        if isinstance(self.cgroups, str):
+            self.log.warn(
+                "CPU and memory limits are not enforced on this node (each limited tool's log says so): {why}",
+                why=self.cgroups,
+            )
+        else:
+            self.log.info("CPU and memory limits are enforced with {how}", how=self.cgroups.describe())
+        self.oomInterval = oomInterval
+        self._cgroups: dict[str, PodCgroup] = {}
+        self._oomWatch: LoopingCall | None = None
+        self._oomSeen: set[str] = set()
         self.tools = dict(tools) if tools is not None else builtinTools()
         if podHelpers not in POD_HELPERS:
             raise ValueError(f"podHelpers is one of {', '.join(POD_HELPERS)}, not {podHelpers!r}")
@@ -235,5 +256,8 @@ class ProcessRuntime(PodLaunching):
         for processes in self._pods.values():
             for process in processes.values():
                 process.forget()
+        if self._oomWatch is not None and self._oomWatch.running:
+            self._oomWatch.stop()
+        self._oomWatch = None
         if self.forkServer is not None:
             self.forkServer.stop()

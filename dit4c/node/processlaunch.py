@@ -22,7 +22,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import quoteStringArgument
 
 from dit4c.common.helperenv import VARIABLES, inherited, toEnvironment
+from dit4c.common.limits import ToolLimits
 from dit4c.node import confine
+from dit4c.node.cgroups import PodCgroup
 from dit4c.node.errors import RuntimeError_
 from dit4c.node.interfaces import PodSpec
 from dit4c.node.processarchive import unpackArchive
@@ -192,6 +194,7 @@ class PodLaunching(PodProcesses):
         storage = spec.directory / "mnt" if spec.environment.get(VARIABLES["fileServer"]) else None
         if storage is not None:
             storage.mkdir(exist_ok=True)
+        cgroup, notes = self._cgroupFor(spec)
         roles = self._roles(storage is not None)
         processes = self._processes(spec.instance, spec.directory, roles)
         base = inherited()
@@ -222,12 +225,14 @@ class PodLaunching(PodProcesses):
             expose=_exposed(),
             storage=str(storage) if storage is not None else None,
             storageWait=self.storageWait,
+            cgroups=[str(path) for path in cgroup.directories] if cgroup is not None else [],
+            notes=notes,
         )
         record = {"tool": toolPort, "socket": str(socketPath) if socketPath else None, "auth": str(authPath)}
         (spec.directory / POD_RECORD).write_text(
             json.dumps({
                 **record, "image": tool.name, "uid": owner[0] if owner else None, "storage": storage is not None,
-                "roles": list(roles),
+                "roles": list(roles), "cgroup": cgroup.toJSON() if cgroup is not None else None,
             })
         )  # fmt: skip
         ownerOption = ["--owner", f"{owner[0]}:{owner[1]}"] if owner and storage is not None else []
@@ -250,6 +255,7 @@ class PodLaunching(PodProcesses):
                 process.stop()
             raise RuntimeError_(f"The tool could not be started: {e.strerror or e}.") from None
         self._pods[spec.instance] = processes
+        self._limited(spec.instance, cgroup)
         self._ports[spec.instance] = socketPath or cast(int, toolPort)
         self._auth[spec.instance] = authPath
         self.log.info(
@@ -257,6 +263,22 @@ class PodLaunching(PodProcesses):
             instance=spec.instance, tool=tool.name, where=socketPath or f"port {toolPort}",
             uid=owner[0] if owner else os.getuid(),
         )  # fmt: skip
+
+    def _cgroupFor(self, spec: PodSpec) -> tuple[PodCgroup | None, list[str]]:
+        """
+        The pod's cgroup with its limits set, if it has limits and the node
+        can enforce them; else what the tool's log says first.
+        """
+        limits = ToolLimits(cpus=spec.limits.cpus, memory=spec.limits.memory)
+        if limits.empty:
+            return None, []
+        if isinstance(self.cgroups, str):
+            why = f"This compute node does not enforce this instance's limits ({limits.describe()}): {self.cgroups}."
+            return None, [why]
+        try:
+            return self.cgroups.make(spec.instance, limits), []
+        except OSError as e:
+            raise RuntimeError_(f"The tool's limits ({limits.describe()}) could not be set: {e.strerror or e}.") from None
 
     async def _startHelpers(self, process: PodProcess, arguments: list[str], environment: Mapping[str, str]) -> None:
         """

@@ -16,8 +16,10 @@ from typing import Any
 
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from dit4c.node.cgroups import Cgroups, PodCgroup, removeCgroup
 from dit4c.node.interfaces import PodStatus
 from dit4c.node.processes import (
     POD_RECORD,
@@ -65,6 +67,13 @@ class PodProcesses:
     #: port for a pod an older node started).
     _auth: dict[str, int | Path]
     _exitCallbacks: list[Callable[[str, str], object]]
+    #: Where the tools' limits are enforced, or why they are not.
+    cgroups: Cgroups | str
+    #: Each limited pod's cgroup, and the pods whose OOM kill was reported.
+    _cgroups: dict[str, PodCgroup]
+    _oomSeen: set[str]
+    _oomWatch: LoopingCall | None
+    oomInterval: float
 
     def _roles(self, storage: bool) -> tuple[str, ...]:
         """The processes a new pod has."""
@@ -94,8 +103,50 @@ class PodProcesses:
         return processes
 
     def _exited(self, instance: str, reason: str) -> None:
+        cgroup = self._cgroups.get(instance)
+        if cgroup is not None and cgroup.limits.memory is not None and cgroup.oomKills() > 0:
+            reason = cgroup.oomReason()  # the kernel's SIGKILL, said as what it was
         for callback in self._exitCallbacks:
             callback(instance, reason)
+
+    # -- limits ------------------------------------------------------------------------------
+
+    def _limited(self, instance: str, cgroup: PodCgroup | None) -> None:
+        """``instance``'s tool runs in ``cgroup`` (None: in none); one with a memory limit is watched."""
+        self._oomSeen.discard(instance)
+        if cgroup is None:
+            self._cgroups.pop(instance, None)
+            return
+        self._cgroups[instance] = cgroup
+        if cgroup.limits.memory is not None and self._oomWatch is None:
+            self._oomWatch = LoopingCall(self._lookForOom)
+            self._oomWatch.clock = self.reactor
+            self._oomWatch.start(self.oomInterval, now=False).addErrback(
+                lambda f: self.log.failure("watching the tools' memory", f)
+            )
+
+    def _lookForOom(self) -> None:
+        """
+        A process of a limited tool killed for its memory (a Jupyter kernel,
+        say, while the server it runs under lives on) ends the instance with
+        the reason: a person sees why, not a kernel that silently restarts.
+        """
+        watching = False
+        for instance, cgroup in list(self._cgroups.items()):
+            processes = self._pods.get(instance) or {}
+            tool = processes.get("tool")
+            if cgroup.limits.memory is None or instance in self._oomSeen or tool is None or not tool.running:
+                continue
+            watching = True
+            if cgroup.oomKills() > 0:
+                self._oomSeen.add(instance)
+                self.log.warn("{instance}: {reason}", instance=instance, reason=cgroup.oomReason())
+                for callback in self._exitCallbacks:
+                    callback(instance, cgroup.oomReason())
+        if not watching and self._oomWatch is not None:
+            if self._oomWatch.running:
+                self._oomWatch.stop()
+            self._oomWatch = None
 
     def _adopt(self, instance: str) -> dict[str, PodProcess] | None:
         """
@@ -128,6 +179,7 @@ class PodProcesses:
         for process in processes.values():
             process.adopt()
         self._pods[instance] = processes
+        self._limited(instance, PodCgroup.fromJSON(pod.get("cgroup")))
         try:
             self._ports[instance] = Path(pod["socket"]) if pod.get("socket") else int(pod["tool"])
             auth = pod["auth"]
@@ -166,8 +218,10 @@ class PodProcesses:
             self._pods.pop(instance, None)
             self._ports.pop(instance, None)
             self._auth.pop(instance, None)
+            cgroup = self._cgroups.pop(instance, None)
+            self._oomSeen.discard(instance)
             # Scanning processes and a working directory of gigabytes: not on the reactor thread.
-            return threads.deferToThread(_removeAll, directory, instance)
+            return threads.deferToThread(_removeAll, directory, instance, cgroup)
 
         return self.stop(instance).addCallback(remove)
 
@@ -185,8 +239,10 @@ class PodProcesses:
         return succeed(found)
 
 
-def _removeAll(directory: Path, instance: str) -> None:
-    """Blocking (a thread): nothing of the pod left, processes and mounts included; then its directory."""
+def _removeAll(directory: Path, instance: str, cgroup: PodCgroup | None = None) -> None:
+    """Blocking (a thread): nothing of the pod left, processes, mounts and its cgroup included; then its directory."""
     killRecorded(directory)
     killStrays(directory, instance)
+    if cgroup is not None:
+        removeCgroup(cgroup)
     removePodDirectory(directory)

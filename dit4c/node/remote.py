@@ -256,7 +256,13 @@ class RemoteNode(MultiService):
         self._observers.append(observer)
 
     def start(
-        self, instance: str, image: str, port: int | None, digest: str | None = None, token: str | None = None
+        self,
+        instance: str,
+        image: str,
+        port: int | None,
+        digest: str | None = None,
+        token: str | None = None,
+        limits: object = None,
     ) -> Deferred[None]:
         if not self.connected or not self.accepting or self.load() >= self.capacity:
             raise NodeFull(f"node {self.nodeName} takes no instances now")
@@ -265,6 +271,8 @@ class RemoteNode(MultiService):
         params: dict[str, Any] = {"image": image, "port": port, "digest": digest}
         if token is not None:
             params["token"] = token
+        if limits is not None:
+            params["limits"] = limits  # as it came: the node checks it
         return self._command("start", instance, params)
 
     def stop(self, instance: str) -> Deferred[None]:

@@ -57,7 +57,13 @@ class StubNode:
             observer.instanceState(self, status)
 
     def start(
-        self, instance: str, image: str, port: int | None, digest: str | None = None, token: str | None = None
+        self,
+        instance: str,
+        image: str,
+        port: int | None,
+        digest: str | None = None,
+        token: str | None = None,
+        limits: object = None,
     ) -> Deferred[None]:
         if not self.connected or not self.accepting or self.load() >= self.capacity:
             raise NodeFull(f"node {self.nodeName} takes no instances now")
