@@ -4,7 +4,8 @@ the file server (SFTP, authenticated by each instance's published key)
 mounted by the storage helper (sshfs) beside each instance's working
 directory, its path given to the tool as ``DIT4C_STORAGE``. What one of
 alice's instances writes there, another of hers reads; bob's sees none of
-it. Discarding an instance unmounts it and leaves the files.
+it. The Files page shows the same storage: a file uploaded there is in
+the instances' mounts. Discarding an instance unmounts it and leaves the files.
 """
 
 from __future__ import annotations
@@ -79,6 +80,19 @@ async def test_a_persons_storage_is_theirs_in_every_instance(processes: Any, bro
     assert list((pods / bobs / "mnt").iterdir()) == []
     (pods / bobs / "mnt" / "bobs.txt").write_text("bob's own")
     assert not (pods / first / "mnt" / "bobs.txt").exists()
+
+    # The Files page shows what an instance wrote; what is uploaded there, the instances see.
+    await browser.get(dev.portal + "/files?path=results")
+    await browser.waitFor('tr[data-path="results/run1.csv"]')
+    chosen = devDir.parent / "from the page.txt"
+    chosen.write_text("uploaded on the Files page\n")
+    fileInput = await browser.find("#upload-file")
+    await browser.run(fileInput.send_keys, str(chosen))
+    await browser.click("#upload-button")
+    await browser.waitForText("#message", "The file is uploaded.")
+    uploaded = found(lambda: (pods / second / "mnt" / "results" / "from the page.txt").read_text())
+    assert await eventually(uploaded, 20, interval=0.2, what="the uploaded file in an instance's mount") == "uploaded on the Files page\n"
+    assert not (pods / bobs / "mnt" / "results").exists()
 
     # Discarding the first instance unmounts its storage; the files stay the person's.
     await browser.get(dev.portal + "/")
