@@ -252,3 +252,53 @@ def test_paths_are_checked_before_they_leave_the_portal() -> None:
     for bad in ("/etc/passwd", "..", "a/../..", "a/..", "x\x00y", "x\ny", "a/" + "b" * 256):
         with pytest.raises(BadPath):
             cleanPath(bad)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_download_reads_the_file_server_only_as_fast_as_the_person_reads(world: Any) -> None:
+    """
+    A person who stops reading stops the portal reading: it asks the file
+    server for the next chunk only while the person's connection takes
+    more, so it never holds more than a few socket buffers of the file.
+    """
+    import socket
+
+    from support.waiting import eventually
+    from twisted.internet import threads
+
+    token = await tokenFor(world, "alice", "correct horse battery")
+    size = 24 * 1024 * 1024
+    data = os.urandom(1024 * 1024) * 24
+    response = await treq.put(world.testURL + "/api/v1/files/content?path=big.bin", data=data, headers=cast(Any, {"Authorization": f"Bearer {token}"}))
+    assert response.code == 201
+    metrics = world.fileService.metrics
+    before = metrics.bytesRead
+
+    host, port = world.testURL.removeprefix("http://").split(":")
+    reader = socket.socket()
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    reader.connect((host, int(port)))
+    try:
+        request = f"GET /api/v1/files/content?path=big.bin HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        reader.sendall(request.encode())
+        # It reads some, then stops: what it read stays still while the person reads nothing.
+        last: list[int] = []
+
+        def settled() -> bool:
+            last.append(metrics.bytesRead - before)
+            return len(last) > 5 and last[-1] > 0 and last[-1] == last[-5]
+
+        await eventually(settled, 20, interval=0.1, what=lambda: f"reads to settle (read {last[-1:]})")
+        assert last[-1] < size // 2, f"the portal read {last[-1]} of {size} bytes for a person who read none"
+
+        def readAll() -> bytes:
+            chunks = []
+            while chunk := reader.recv(1024 * 1024):
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+        answer = await threads.deferToThread(readAll)
+    finally:
+        reader.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and len(body) == size and body == data
