@@ -302,3 +302,20 @@ async def test_a_download_reads_the_file_server_only_as_fast_as_the_person_reads
         reader.close()
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and len(body) == size and body == data
+
+
+def test_the_portal_takes_the_file_server_and_its_host_key_together(tmp_path: Path) -> None:
+    from twisted.python import usage
+
+    from dit4c.portal.tap import Options
+
+    line = loadHostKey(tmp_path).public().toString("openssh").decode()
+    for bad in (["--file-server", "127.0.0.1:8700"], ["--file-server-host-key", line],
+                ["--file-server", "127.0.0.1:8700", "--file-server-host-key", "not a key"],
+                ["--file-server", "nowhere", "--file-server-host-key", line]):  # fmt: skip
+        with pytest.raises(usage.UsageError):
+            Options().parseOptions(["--data-dir", str(tmp_path / "portal"), *bad])
+    for key in (line, str(tmp_path / "host_key.pub")):
+        options = Options()
+        options.parseOptions(["--data-dir", str(tmp_path / "portal"), "--file-server", "[::1]:8700", "--file-server-host-key", key])
+        assert options["file-server"] == "[::1]:8700"
