@@ -95,6 +95,21 @@ class PodCgroup:
             return _field(self.paths["unified"] / "memory.events", "oom_kill")
         return _field(self.paths["memory"] / "memory.oom_control", "oom_kill")
 
+    def counted(self) -> bool:
+        """Whether the kernel counts OOM kills here (cgroup v1 before Linux 4.13 does not)."""
+        name, file = ("memory.events", "unified") if self.version == 2 else ("memory.oom_control", "memory")
+        try:
+            return "oom_kill " in (self.paths[file] / name).read_text()
+        except OSError:
+            return False
+
+    def reachedLimit(self) -> bool:
+        """Whether the tool's memory reached its limit (``memory.failcnt``): with a SIGKILL, an OOM kill uncounted."""
+        try:
+            return int((self.paths["memory"] / "memory.failcnt").read_text()) > 0
+        except (KeyError, OSError, ValueError):
+            return False
+
     def oomReason(self) -> str:
         return f"The tool used more than its {self.limits.memory} MiB of memory and was stopped."
 

@@ -104,8 +104,10 @@ class PodProcesses:
 
     def _exited(self, instance: str, reason: str) -> None:
         cgroup = self._cgroups.get(instance)
-        if cgroup is not None and cgroup.limits.memory is not None and cgroup.oomKills() > 0:
-            reason = cgroup.oomReason()  # the kernel's SIGKILL, said as what it was
+        if cgroup is not None and cgroup.limits.memory is not None:
+            killed = "signal 9" in reason or "status 137" in reason
+            if cgroup.oomKills() > 0 or (killed and not cgroup.counted() and cgroup.reachedLimit()):
+                reason = cgroup.oomReason()  # the kernel's SIGKILL, said as what it was
         for callback in self._exitCallbacks:
             callback(instance, reason)
 

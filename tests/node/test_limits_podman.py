@@ -51,6 +51,11 @@ HOG = [
     "sh", "-c",
     "httpd -p 8000 -h /www; sleep 2; x=$(busybox head -c 209715200 /dev/zero | busybox tr '\\0' a); sleep 3600",
 ]  # fmt: skip
+#: The same 200 MiB taken by a child of the tool, which lives on (as JupyterLab does when a kernel dies).
+CHILD_HOG = [
+    "sh", "-c",
+    "httpd -p 8000 -h /www; sleep 2; sh -c 'x=$(busybox head -c 209715200 /dev/zero | busybox tr \\\\0 a)'; sleep 3600",
+]  # fmt: skip
 
 
 async def podman(*args: str) -> str:
@@ -143,6 +148,18 @@ async def test_a_tool_past_its_memory_is_errored_with_the_reason(nodes: Nodes) -
     image = await buildBusyboxImage("hog", {"/www/index.html": b"hog\n"}, expose=8000, cmd=HOG)
     node = nodes.start()
     instance = f"m{secrets.token_hex(4)}"
+    await node.start(instance, image, None, limits={"cpus": None, "memory": 64})
+    await nodes.watcher.waitFor(instance, "running", timeout=60)
+    errored = await nodes.watcher.waitFor(instance, "errored", timeout=60)
+    assert errored.reason == "The tool used more than its 64 MiB of memory and was stopped."
+    await node.discard(instance)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_process_of_the_tool_killed_for_memory_errors_the_instance_too(nodes: Nodes) -> None:
+    image = await buildBusyboxImage("childhog", {"/www/index.html": b"hog\n"}, expose=8000, cmd=CHILD_HOG)
+    node = nodes.start()
+    instance = f"k{secrets.token_hex(4)}"
     await node.start(instance, image, None, limits={"cpus": None, "memory": 64})
     await nodes.watcher.waitFor(instance, "running", timeout=60)
     errored = await nodes.watcher.waitFor(instance, "errored", timeout=60)
