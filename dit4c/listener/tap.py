@@ -152,10 +152,16 @@ def makeService(config: Options, reactor: Any = None) -> IService:
             if welcome.get("url"):
                 reporter.report(welcome["url"])
 
-    return ListenerService(
+    listener = ListenerService(
         reactor,
         NearestEndpoint(reactor, [(d, clientFromString(reactor, d)) for d in config["routing"]]),
         clientFromString(reactor, config["target"]),
         token,
         onRegistered=onRegistered,
     )
+    if helper is not None:
+        from dit4c.listener.activity import ActivityReporter
+
+        # Whether anyone uses the instance, for the portal's idle limit.
+        ActivityReporter(reactor, listener, helper.portalBase, helper.instance, config["key"]).setServiceParent(listener)
+    return listener

@@ -69,6 +69,7 @@ PRELOAD = (
     "dit4c.podhelper.service",
     "dit4c.auth.tap",
     "dit4c.auth.service",
+    "dit4c.listener.activity",
     "dit4c.listener.nearest",
     "dit4c.listener.report",
     "dit4c.storage.tap",

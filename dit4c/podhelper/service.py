@@ -40,10 +40,13 @@ def instanceListener(reactor: Any, helper: HelperEnvironment, key: PrivateKey, t
     The listener of an instance a node runs: a fresh routing token signed
     with the instance key for every dial (the ``instance:<id>`` kid the
     portal publishes), to the nearest of the routing servers, and the public
-    URL reported to the portal after every (re)connect.
+    URL reported to the portal after every (re)connect, and its use
+    (:class:`~dit4c.listener.activity.ActivityReporter`) once a minute while
+    a browser uses it.
     """
     from twisted.internet.endpoints import clientFromString
 
+    from dit4c.listener.activity import ActivityReporter
     from dit4c.listener.nearest import NearestEndpoint
     from dit4c.listener.report import URLReporter, routingToken
 
@@ -53,13 +56,16 @@ def instanceListener(reactor: Any, helper: HelperEnvironment, key: PrivateKey, t
         if welcome.get("url"):
             reporter.report(welcome["url"])
 
-    return ListenerService(
+    listener = ListenerService(
         reactor,
         NearestEndpoint(reactor, [(d, clientFromString(reactor, d)) for d in helper.routing]),
         target,
         routingToken(key, helper.instance, audience=helper.routingAudience, clock=reactor),
         onRegistered=registered,
     )
+    # Whether anyone uses the instance, for the portal's idle limit.
+    ActivityReporter(reactor, listener, helper.portalBase, helper.instance, key).setServiceParent(listener)
+    return listener
 
 
 class StorageAfterTool(Service):

@@ -37,6 +37,10 @@ LOST_REASON = "the compute node lost this instance"
 
 #: States in which an instance keeps the URL it had, when an update names none.
 _URL_STATES = frozenset({State.STARTING, State.RUNNING})
+#: States a stop or a save asked for moves through, and those it ends in:
+#: the reason it was asked for (if any) is kept from one to the next.
+_ASKED = frozenset({State.STOPPING, State.SAVING, State.UPLOADING})
+_KEEPS_WHY = _ASKED | {State.STOPPED, State.SAVED}
 
 
 def publishableKey(schedulerId: str, instanceId: str, jwk: dict[str, Any]) -> dict[str, Any] | None:
@@ -120,11 +124,16 @@ class InstanceUpdates:
             url: str | None | Unset = status.url
             if url is None and status.state in _URL_STATES:
                 url = UNSET
-            if (instance.state, instance.reason) == (status.state, status.reason) and url in (UNSET, instance.url):
+            # Why a stop or save was asked for (unused past its limit, a
+            # drain) stays with the instance it ends in, unless the node says why.
+            reason = status.reason
+            if reason is None and status.state in _KEEPS_WHY and instance.state in _ASKED:
+                reason = instance.reason
+            if (instance.state, instance.reason) == (status.state, reason) and url in (UNSET, instance.url):
                 return
             try:
                 updated = await self.store.updateInstance(
-                    instance.id, state=status.state, reason=status.reason, url=url, expected_state=instance.state
+                    instance.id, state=status.state, reason=reason, url=url, expected_state=instance.state
                 )
             except Conflict:
                 continue  # it changed meanwhile: judge the move again

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
@@ -329,6 +330,22 @@ class Reports:
     @staticmethod
     def _wrongState(instance: Instance, wanted: str) -> ReportError:
         return ReportError(409, "wrong_state", f"The instance is {instance.state}, not {wanted}.")
+
+    # -- POST /reports/activity -------------------------------------------------------------------------
+
+    @app.route("/activity", methods=["POST"])
+    async def activity(self, request: IRequest) -> bytes:
+        """Traffic reached a running instance at ``active_at`` (its helpers' word): the idle limit counts from then."""
+        instance, claims = await self._report(request)
+        at = claims.get("active_at")
+        if isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at):
+            raise badRequest("The claim active_at must be a time, in seconds since the epoch.")
+        if instance.state is not State.RUNNING:
+            raise self._wrongState(instance, "running")
+        if await self.store.markActive(instance.id, min(float(at), self.clock.seconds())):
+            instance = await self.store.instanceById(instance.id) or instance
+            self.events.publish(instance)  # the owner's pages show the new deadline
+        return self._json(request, {"instance": instance.id, "active_at": instance.active_at})
 
     # -- POST /reports/image ----------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from dit4c.common.httpsite import SiteLimits
 from dit4c.common.service import ListeningService
 from dit4c.portal.app import Portal, PortalConfig
 from dit4c.portal.channel import ChannelHub
+from dit4c.portal.culling import CULL_INTERVAL, IdleCuller
 from dit4c.portal.deadlines import DeadlineWatch
 from dit4c.portal.events import InstanceEvents
 from dit4c.portal.fileclient import FileClient, fileServerEndpoint, hostKeyFrom
@@ -53,6 +54,7 @@ class PortalService(MultiService):
         uploadLimit: int = DEFAULT_UPLOAD_LIMIT,
         fileServer: str | None = None,
         fileServerHostKey: str | None = None,
+        cullInterval: float = CULL_INTERVAL,
     ) -> None:
         """
         :param reactor: the process's reactor: its clock (``IReactorTime``),
@@ -72,6 +74,8 @@ class PortalService(MultiService):
         self.loginProviders = list(loginProviders)
         self.imageServerSecret = imageServerSecret
         self.fileServerSecret = fileServerSecret
+        #: Seconds between the idle culler's looks (dit4c.portal.culling).
+        self.cullInterval = cullInterval
         #: Deadlines and limits of the web port's connections (dit4c.portal.http).
         self.limits = limits
         #: Where /metrics and /health are served, if anywhere (dit4c.portal.metrics).
@@ -119,6 +123,9 @@ class PortalService(MultiService):
         self.channels.paramsToSend = portal.instances.paramsToSend
         # Instances stuck in a transient state (their node or scheduler away) are errored.
         DeadlineWatch(self.reactor, self.store, events=events).setServiceParent(self)
+        # Instances unused past their catalogue entry's idle limit are stopped or saved.
+        self.culler = IdleCuller(self.store, portal.instances, self.reactor, interval=self.cullInterval)
+        self.culler.setServiceParent(self)
         # Schedulers may also dial the portal's own web port (wss://.../.dit4c/channel).
         self.portal.channelResource = self.channels.resource()
         self.portal.reports.setImageServerSecret(self.imageServerSecret)

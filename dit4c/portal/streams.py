@@ -27,6 +27,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
+from dit4c.common.life import State
+from dit4c.portal.culling import idleDeadline
 from dit4c.portal.events import AccessChange, EventBus
 from dit4c.portal.sessions import LoggedIn
 from dit4c.portal.store.errors import StoreClosed
@@ -165,7 +167,9 @@ class _Stream:
         if self.closed:
             return
         if instance.owner_id == self.user:
-            if self._pending:
+            if instance.state is State.RUNNING:
+                self._then(lambda: self._writeRunning(instance))  # with when it is culled if unused
+            elif self._pending:
                 self._then(lambda: self._write(instance))
             else:
                 self._write(instance)
@@ -257,7 +261,9 @@ class _Stream:
         shared = await self.hub.store.listInstancesSharedWith(self.user)
         self.visible = {i.id for i in shared}
         self.known = True
-        for instance in [*own, *shared]:
+        for instance in own:
+            await self._writeRunning(instance, b"snapshot")
+        for instance in shared:
             self._write(instance, b"snapshot")
         # Which instances stand at all: a page's row that is not among them
         # was discarded (or unshared) before the stream started.
@@ -265,10 +271,20 @@ class _Stream:
             ids = [i.id for i in [*own, *shared]]
             self.request.write(b"event: snapshot-end\ndata: " + json.dumps({"ids": ids}).encode() + b"\n\n")
 
-    def _write(self, instance: Instance, event: bytes = b"instance") -> None:
+    async def _writeRunning(self, instance: Instance, event: bytes = b"instance") -> None:
+        """One of the person's own instances; if it runs, with when it is stopped or saved unused (its image's idle limit)."""
+        idle = None
+        if instance.state is State.RUNNING:
+            image = await self.hub.store.imageById(instance.image_id)
+            deadline = idleDeadline(instance, image.limits) if image is not None else None
+            if image is not None and deadline is not None:
+                idle = {"at": deadline, "action": image.limits.idleAction, "minutes": image.limits.idle}
+        self._write(instance, event, idle)
+
+    def _write(self, instance: Instance, event: bytes = b"instance", idle: dict[str, object] | None = None) -> None:
         if self.closed:
             return
-        body = {"id": instance.id, "state": instance.state, "reason": instance.reason, "url": instance.url}
+        body = {"id": instance.id, "state": instance.state, "reason": instance.reason, "url": instance.url, "idle": idle}
         self.request.write(b"event: " + event + b"\ndata: " + json.dumps(body).encode() + b"\n\n")
 
     # -- the end ---------------------------------------------------------------------------------------

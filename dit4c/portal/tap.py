@@ -42,6 +42,7 @@ class Options(usage.Options):
         ["file-server", None, None, "The file server as the portal reaches it (host:port or tcp:host=H:port=P), for the Files page (none: no Files page)."],
         ["file-server-host-key", None, None, "The file server's SSH host key: its host_key.pub line, or that file."],
         ["upload-limit", None, 20 * 1024**3, "The largest saved image uploaded as a file, in bytes (default 20 GiB).", positiveInt],
+        ["cull-interval", None, 30.0, "Seconds between looks for instances unused past their catalogue entry's idle limit.", positiveFloat],
     ]
 
     def __init__(self) -> None:
@@ -140,6 +141,7 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         metricsEndpoint=serverFromString(reactor, config["metrics"]) if config["metrics"] else None,
         imageServer=config["image-server"],
         uploadLimit=config["upload-limit"],
+        cullInterval=config["cull-interval"],
         fileServer=config["file-server"],
         fileServerHostKey=config["file-server-host-key"],
     )

@@ -69,3 +69,20 @@ async def test_a_url_the_scheduler_names_is_stored(world: Any) -> None:
         schedulerId, InstanceStatus(starting.id, State.RUNNING, url="http://b.localhost/"), known=starting
     )
     assert (await store.instanceById(starting.id)).url == "http://b.localhost/"
+
+
+@pytest_twisted.ensureDeferred
+async def test_why_a_stop_or_save_was_asked_for_stays_unless_the_node_says_why(world: Any) -> None:
+    store, updates, schedulerId, starting, _ = world
+    why = "Stopped after 30 min without use."
+    await store.updateInstance(starting.id, state=State.STOPPING, reason=why)
+    await updates.applyStatus(schedulerId, InstanceStatus(starting.id, State.STOPPED))
+    assert ((await store.instanceById(starting.id)).state, (await store.instanceById(starting.id)).reason) == (State.STOPPED, why)
+    # A save carries it to the end too; a node's own reason replaces it.
+    await store.updateInstance(starting.id, state=State.SAVING, reason="Saved after 5 min without use.")
+    await updates.applyStatus(schedulerId, InstanceStatus(starting.id, State.UPLOADING))
+    await updates.applyStatus(schedulerId, InstanceStatus(starting.id, State.SAVED))
+    assert (await store.instanceById(starting.id)).reason == "Saved after 5 min without use."
+    await store.updateInstance(starting.id, state=State.STOPPING, reason=why)
+    await updates.applyStatus(schedulerId, InstanceStatus(starting.id, State.ERRORED, "The tool would not stop."))
+    assert (await store.instanceById(starting.id)).reason == "The tool would not stop."

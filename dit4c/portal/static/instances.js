@@ -53,6 +53,16 @@
       reason.className = "reason"; reason.textContent = change.reason;
       state.appendChild(reason);
     }
+    if (change.idle) {
+      // Its catalogue entry's idle limit: when it is stopped (or saved) if nobody uses it meanwhile.
+      var idle = document.createElement("small");
+      var at = new Date(change.idle.at * 1000);
+      idle.className = "idle"; idle.dataset.at = String(change.idle.at);
+      idle.textContent = (change.idle.action === "save" ? "Saved" : "Stopped") + " at " +
+        at.toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"}) + " if unused (after " + change.idle.minutes + " min)";
+      state.appendChild(document.createElement("br"));
+      state.appendChild(idle);
+    }
     var url = row.querySelector(".url");
     if (url) {
       url.textContent = "";
