@@ -63,6 +63,7 @@ class Cluster:
         nodeOptions: tuple[str, ...] = (),
         catalogue: Mapping[str, str] | None = None,
         allInOne: bool = False,
+        portalOptions: tuple[str, ...] = (),
     ) -> None:
         """
         :param netns: run the scheduler and the node (and so every pod) in
@@ -80,8 +81,10 @@ class Cluster:
         :param allInOne: one ``twistd dit4c-dev`` process (``dev``) instead
             of separate servers: with an image server and a file server, and
             one node.
+        :param portalOptions: more options for the portal (``--cull-interval``).
         """
         self.directory = directory
+        self.portalOptions = portalOptions
         self.netns = netns
         self.hostAddress = hostAddress
         self.nodes = nodes
@@ -139,7 +142,7 @@ class Cluster:
         return self._start(
             "portal", "dit4c-portal", *listen,
             "--data-dir", str(self.directory / "portal"),
-            "--public-url", self.portal,
+            "--public-url", self.portal, *self.portalOptions,
             sockets=sockets,
         )  # fmt: skip
 
