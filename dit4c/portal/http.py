@@ -13,6 +13,8 @@ route (path prefix)                limit       what the body is
 =================================  ==========  ===================================================
 ``POST /api/v1/images``            20 GiB      a saved image's file, streamed to the image server
                                                (``--upload-limit``; ``dit4c.portal.uploads``)
+``POST /files/upload``,            32 MiB      a file for the person's storage, kept in memory
+``PUT /api/v1/files/content``      + 64 KiB    (``dit4c.portal.files.filesBodyLimit``)
 ``/api/v1/``                       64 KiB      JSON (``dit4c.portal.api.MAX_BODY``)
 ``/oauth/token``                   8 KiB       the token request form (``oauth.MAX_TOKEN_REQUEST``)
 ``/reports/``                      16 KiB      a report token (``reports.MAX_BODY``)
