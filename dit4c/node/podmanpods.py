@@ -210,7 +210,7 @@ class PodmanPods(PodmanCommands):
                 self._exited(pod, "The tool's container is gone.")
             elif c.get("State") != _CONTAINER_UP:
                 self._exited(pod, await self._endedWhy(pod, c))
-            elif pod.memory is not None and pod.cgroup and oomKillsAt(f"{pod.cgroup}/libpod-{c.get('Id')}") > 0:
+            elif pod.memory is not None and await self._podCgroup(pod) and oomKillsAt(f"{pod.cgroup}/libpod-{c.get('Id')}") > 0:
                 # A process of the tool (a Jupyter kernel, say) killed while
                 # the tool lives on: the instance ends with the reason, not
                 # with a kernel that silently restarts.
@@ -224,15 +224,19 @@ class PodmanPods(PodmanCommands):
         it, says whether its memory reached the limit.
         """
         code = container.get("ExitCode")
-        if pod.memory is not None:
-            if pod.cgroup is None:
-                try:
-                    await self._infraPid(pod.instance)
-                except RuntimeError_:
-                    pass
-            if code == 137 and pod.cgroup and reachedAt(pod.cgroup, pod.memory * MIB):
+        if pod.memory is not None and code == 137 and await self._podCgroup(pod):
+            if reachedAt(str(pod.cgroup), pod.memory * MIB):
                 return pod.oomReason()
         return f"The tool exited with status {code}."
+
+    async def _podCgroup(self, pod: HeldPod) -> bool:
+        """Whether the pod's cgroup is known (asked of podman once: a pod found again after a restart)."""
+        if pod.cgroup is None:
+            try:
+                await self._infraPid(pod.instance)
+            except RuntimeError_:
+                pass
+        return pod.cgroup is not None
 
     # -- finding again ----------------------------------------------------------------------
 
