@@ -16,7 +16,6 @@ nobody uses sends nothing.
 
 from __future__ import annotations
 
-import secrets
 from typing import Any
 
 from twisted.application.service import Service
@@ -24,12 +23,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.web.http_headers import Headers
 
 from dit4c.common.keys import PrivateKey
 from dit4c.common.portalhttp import portalHTTP
 from dit4c.common.tokens import TokenSigner
-from dit4c.listener.report import REPORT_AUDIENCE, REPORT_LIFETIME
+from dit4c.listener.report import postReport
 from dit4c.listener.service import ListenerService
 
 __all__ = ["ACTIVITY_INTERVAL", "ActivityReporter"]
@@ -109,29 +107,18 @@ class ActivityReporter(Service):
         return Deferred.fromCoroutine(self._send(self.pending))
 
     async def _send(self, at: float) -> None:
-        token = self.signer.sign(
-            {"sub": self.instance, "active_at": at, "jti": secrets.token_urlsafe(16)},
-            audience=REPORT_AUDIENCE,
-            lifetime=REPORT_LIFETIME,
-        )
         try:
-            response = await self.http.post(
-                self.endpoint,
-                data=token.encode("ascii"),
-                headers=Headers({"Content-Type": ["application/jwt"]}),
-                timeout=self.timeout,
-            )
-            body = await response.text("utf-8")
+            code, body = await postReport(self.http, self.endpoint, self.signer, self.instance, {"active_at": at}, self.timeout)
         except Exception as e:
             self.log.info("could not tell the portal of the instance's use ({error}); again at the next look", error=str(e))
             return
-        if response.code == 200 or response.code in (400, 403, 409):
+        if code in (200, 400, 403, 409):
             # Taken; or never to be (the instance is no longer running): either way not sent again.
             if self.pending == at:
                 self.pending = None
-            if response.code == 200:
+            if code == 200:
                 self.reported = at
             else:
-                self.log.info("the portal did not take the instance's use: {code} {body}", code=response.code, body=body[:200])
+                self.log.info("the portal did not take the instance's use: {code} {body}", code=code, body=body[:200])
         else:
-            self.log.info("the portal answered {code} to the instance's use; again at the next look", code=response.code)
+            self.log.info("the portal answered {code} to the instance's use; again at the next look", code=code)

@@ -21,7 +21,7 @@ from dit4c.common.portalhttp import portalHTTP
 from dit4c.common.tokens import ROUTING_AUDIENCE, TokenSigner
 from dit4c.listener.service import backoff
 
-__all__ = ["REPORT_AUDIENCE", "ROUTING_TOKEN_LIFETIME", "URLReporter", "routingToken"]
+__all__ = ["REPORT_AUDIENCE", "ROUTING_TOKEN_LIFETIME", "URLReporter", "postReport", "routingToken"]
 
 REPORT_AUDIENCE = "dit4c-portal-report"
 #: Seconds a routing token the listener signs for itself lives: only long
@@ -59,6 +59,23 @@ def routingToken(
         )
 
     return token
+
+
+async def postReport(
+    http: Any, endpoint: str, signer: TokenSigner, instance: str, claims: dict[str, Any], timeout: float
+) -> tuple[int, str]:
+    """
+    A report to the portal (docs/protocols.md 8.1): ``claims`` in a token
+    the instance signs, with a new ``jti`` every time (the portal takes a
+    report once); the answer's status and body.
+    """
+    token = signer.sign(
+        {"sub": instance, **claims, "jti": secrets.token_urlsafe(16)}, audience=REPORT_AUDIENCE, lifetime=REPORT_LIFETIME
+    )
+    response = await http.post(
+        endpoint, data=token.encode("ascii"), headers=Headers({"Content-Type": ["application/jwt"]}), timeout=timeout
+    )
+    return response.code, await response.text("utf-8")
 
 
 class URLReporter:
@@ -133,19 +150,7 @@ class URLReporter:
         Deferred.fromCoroutine(self._post(url)).addBoth(self._done, url)
 
     async def _post(self, url: str) -> tuple[int, str]:
-        token = self.signer.sign(
-            {"sub": self.instance, "url": url, "jti": secrets.token_urlsafe(16)},
-            audience=REPORT_AUDIENCE,
-            lifetime=REPORT_LIFETIME,
-        )
-        response = await self.http.post(
-            self.endpoint,
-            data=token.encode("ascii"),
-            headers=Headers({"Content-Type": ["application/jwt"]}),
-            timeout=self.timeout,
-        )
-        body = await response.text("utf-8")
-        return response.code, body
+        return await postReport(self.http, self.endpoint, self.signer, self.instance, {"url": url}, self.timeout)
 
     def _done(self, result: Any, url: str) -> None:
         self._busy = False
