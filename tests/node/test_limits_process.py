@@ -93,14 +93,14 @@ async def test_a_busy_tool_gets_no_more_than_its_cpus(nodes: Any, tmp_path: Path
     cgroup = podCgroup(tmp_path, "cpu1")
     assert cgroup.limits.cpus == 0.5 and cgroup.limits.memory is None
     # Every process of the tool is in it: the launcher, its init, the tool and both busy children.
-    procs = {int(p) for d in cgroup.directories for p in (d / "cgroup.procs").read_text().split()}
-    await eventually(
-        lambda: len({int(p) for p in (cgroup.directories[0] / "cgroup.procs").read_text().split()}) >= 5,
-        what=lambda: f"the tool's processes in its cgroup: {procs}",
-    )
+    def inEach() -> list[set[int]]:
+        return [{int(p) for p in (d / "cgroup.procs").read_text().split()} for d in cgroup.directories]
+
+    await eventually(lambda: all(len(procs) >= 5 for procs in inEach()), what=lambda: f"in its cgroup: {inEach()}")
+    assert runtime._pods["cpu1"]["tool"].pid in inEach()[0]
     # Two busy processes would take up to two CPUs; the limit holds them to half of one.
     share = await cpuShare(cgroup, 3.0)
-    assert 0.2 < share <= 0.6, f"{share:.2f} CPU-seconds a second"
+    assert 0.1 < share <= 0.6, f"{share:.2f} CPU-seconds a second"
 
 
 @needsCgroups
