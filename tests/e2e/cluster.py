@@ -356,6 +356,14 @@ class Cluster:
         process = self.processes.get(name)
         return process is not None and process.proc.poll() is None
 
+    async def addAdministrator(self, name: str = "root") -> None:
+        """An administrator, who logs in with :data:`PASSWORD`."""
+        store = await self.openStore()
+        try:
+            await store.createUser(name, password_hash=cheapHash(PASSWORD), is_admin=True)
+        finally:
+            await store.close()
+
     async def apiToken(self, user: str, **fields: Any) -> str:
         """A personal API token of ``user``, a person made (with ``fields``: ``max_instances=1``) if new."""
         store = await self.openStore()

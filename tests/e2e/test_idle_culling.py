@@ -18,7 +18,6 @@ import pytest
 import pytest_twisted
 from cluster import PASSWORD, Cluster
 from flows import otherBrowser, startTool
-from support.passwords import cheapHash
 
 pytestmark = pytest.mark.slow
 
@@ -34,11 +33,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 @pytest_twisted.ensureDeferred
 async def test_an_unused_instance_is_stopped_after_its_limit_and_says_why(cluster: Cluster, browser: Any) -> None:
     await cluster.start()
-    store = await cluster.openStore()
-    try:
-        await store.createUser("root", password_hash=cheapHash(PASSWORD), is_admin=True)
-    finally:
-        await store.close()
+    await cluster.addAdministrator()
 
     admin = await otherBrowser()
     try:

@@ -20,7 +20,6 @@ import treq
 from cluster import PASSWORD, Cluster
 from flows import otherBrowser, startTool
 from support.browser import POLL
-from support.passwords import cheapHash
 from support.waiting import eventually
 
 from dit4c.scheduler.scheduler import COOLING
@@ -61,11 +60,7 @@ async def startRefused(browser: Any, portal: str) -> str:
 @pytest_twisted.ensureDeferred
 async def test_an_administrator_cools_down_accepts_and_drains_a_node(cluster: Cluster, browser: Any) -> None:
     await cluster.start()
-    store = await cluster.openStore()
-    try:
-        await store.createUser("root", password_hash=cheapHash(PASSWORD), is_admin=True)
-    finally:
-        await store.close()
+    await cluster.addAdministrator()
     await browser.logIn(cluster.portal, "alice", PASSWORD)
     first = (await startTool(browser, cluster.portal, "Notes")).split("//")[1].split(".")[0]
 
