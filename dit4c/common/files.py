@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -163,15 +164,20 @@ class ThreadedFileWriter:
 class _ToWriter(Protocol):
     """An HTTP response body into a :class:`ThreadedFileWriter`, its transport paused when the disk lags."""
 
-    def __init__(self, writer: ThreadedFileWriter, done: Deferred[None]) -> None:
+    def __init__(self, writer: ThreadedFileWriter, done: Deferred[None], progress: Callable[[int], object] | None) -> None:
         self.writer = writer
         self.done = done
+        self.progress = progress
+        self.received = 0
 
     def connectionMade(self) -> None:
         self.writer.registerProducer(self.transport)  # type: ignore[arg-type]
 
     def dataReceived(self, data: bytes) -> None:
         self.writer.write(data)
+        self.received += len(data)
+        if self.progress is not None:
+            self.progress(self.received)
 
     def connectionLost(self, reason: Failure = ResponseDone) -> None:  # type: ignore[assignment]
         if reason.check(ResponseDone):
@@ -180,15 +186,17 @@ class _ToWriter(Protocol):
             self.done.errback(reason)
 
 
-async def receiveToFile(reactor: Any, response: Any, path: Path) -> str:
+async def receiveToFile(
+    reactor: Any, response: Any, path: Path, progress: Callable[[int], object] | None = None
+) -> str:
     """
     A response's body into a new file at ``path``; its digest
     (``sha256:<hex>``). On any failure the file is removed and the failure
-    raised.
+    raised. ``progress`` is told the bytes received so far, as they come.
     """
     writer = ThreadedFileWriter(reactor, path)
     done: Deferred[None] = Deferred()
-    response.deliverBody(_ToWriter(writer, done))
+    response.deliverBody(_ToWriter(writer, done, progress))
     try:
         await done
     except BaseException:

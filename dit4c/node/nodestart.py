@@ -16,11 +16,13 @@ marker file (``RESUMING``) says, to a node restarted meanwhile, that the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import treq
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.web.http_headers import Headers
 
 from dit4c.channel.errors import NodeFull
@@ -35,10 +37,12 @@ from dit4c.node.errors import RuntimeError_
 from dit4c.node.interfaces import PodSpec
 from dit4c.node.noderecords import InstanceRecord, NodeRecords
 
-__all__ = ["FETCHED", "RESUMING", "NodeStarting"]
+__all__ = ["FETCHED", "RESUMING", "UNPACKING", "FetchProgress", "NodeStarting"]
 
 #: A saved image fetched for a start.
 FETCHED = "image.tar"
+#: A starting instance's reason once its saved image is fetched.
+UNPACKING = "Unpacking the saved image."
 #: Seconds from a pod's start to the first look at whether its tool answers again.
 FIRST_READY_LOOK = 0.02
 #: In a pod's directory while its instance resumes (a restarted node carries on with the resume).
@@ -220,6 +224,8 @@ class NodeStarting(NodeRecords):
                 if not self._still(instance, State.STARTING):
                     await removeFile(archive)
                     return
+                # What a person waits for next: its files, or its container image, made from it.
+                self._set(instance, State.STARTING, UNPACKING)
             spec = PodSpec(
                 instance, record.image, record.port, directory, environment, record.digest, archive,
                 limits=ToolLimits.fromJSON(record.limits),
@@ -260,8 +266,9 @@ class NodeStarting(NodeRecords):
             await response.content()
             raise RuntimeError_(f"The image server would not give the saved image ({response.code}).")
         temporary = path.with_name(path.name + ".partial")
+        progress = FetchProgress(self.reactor, lambda text: self._tellStarting(record.instance, text), response.length)
         try:
-            digest = await receiveToFile(self.reactor, response, temporary)
+            digest = await receiveToFile(self.reactor, response, temporary, progress.received)
         except Exception as e:
             raise RuntimeError_(f"The saved image could not be fetched: {e}.") from None
         if digest != record.digest:
@@ -269,6 +276,11 @@ class NodeStarting(NodeRecords):
             raise RuntimeError_("The saved image does not match its digest; it was not started.")
         temporary.replace(path)
         return path
+
+    def _tellStarting(self, instance: str, text: str) -> None:
+        """How far a start has come, as its reason (the portal shows it) while it is still starting."""
+        if self._still(instance, State.STARTING):
+            self._set(instance, State.STARTING, text)
 
     async def _waitUntilReady(self, instance: str, deadline: float, resuming: bool = False) -> None:
         # Looks 20 ms apart at first, then twice as long each time up to
@@ -306,3 +318,37 @@ def _sentence(text: str) -> str:
         return text
     text = text[0].upper() + text[1:]
     return text if text.endswith((".", "!", "?")) else text + "."
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f}" if n < 10e6 else f"{n / 1e6:.0f}"
+
+
+class FetchProgress:
+    """
+    How much of a saved image has come, told (as the starting instance's
+    reason: "Fetching the saved image: 120 of 400 MB (30 %).") at its first
+    bytes and then at most every ``every`` seconds, so that a person
+    waiting for a large image sees it move, and the node, its scheduler and
+    the portal are not told of every chunk.
+    """
+
+    def __init__(self, clock: IReactorTime, tell: Callable[[str], object], total: int | object, every: float = 1.0) -> None:
+        self.clock = clock
+        self.tell = tell
+        #: The image's size, if the image server said (``Content-Length``).
+        self.total = total if isinstance(total, int) and total > 0 else None
+        self.every = every
+        self._last: float | None = None
+
+    def received(self, count: int) -> None:
+        now = self.clock.seconds()
+        if self._last is not None and now - self._last < self.every:
+            return
+        self._last = now
+        self.tell(self.text(count))
+
+    def text(self, count: int) -> str:
+        if self.total is None:
+            return f"Fetching the saved image: {_megabytes(count)} MB so far."
+        return f"Fetching the saved image: {_megabytes(count)} of {_megabytes(self.total)} MB ({100 * count // self.total} %)."

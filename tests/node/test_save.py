@@ -27,6 +27,7 @@ from twisted.web.static import File
 from dit4c.node.errors import RuntimeError_
 from dit4c.node.interfaces import PodSpec
 from dit4c.node.node import Node
+from dit4c.node.nodestart import UNPACKING, FetchProgress
 from dit4c.node.process import IMAGE_METADATA, ProcessRuntime, _unpack
 
 #: A stand-in upload helper: keeps a copy of the archive and what it was told, and succeeds.
@@ -165,6 +166,10 @@ async def test_restore_fetches_checks_and_unpacks(made: Any, tmp_path: Path) -> 
         await node.start("abc5", url, None, digest, "read-token")
         await watcher.waitFor("abc5", "running")
         assert (tmp_path / "node" / "abc5" / "work" / "notes.txt").read_text() == "written before the save"
+        # While it started, the person was told how far it had come.
+        told = [s.reason for s in watcher.states if s.instance == "abc5" and s.state == "starting"]
+        assert told == [None, "Fetching the saved image: 0.0 of 0.0 MB (100 %).", UNPACKING]  # a small image: one chunk
+        assert [s.reason for s in watcher.states if s.instance == "abc5" and s.state == "running"] == [None]
         assert not (tmp_path / "node" / "abc5" / "work" / IMAGE_METADATA).exists()
         # Stopped and resumed: its own files as they were, the saved image neither fetched again nor unpacked over them.
         (tmp_path / "node" / "abc5" / "work" / "notes.txt").write_text("written since the restore")
@@ -269,3 +274,21 @@ async def test_upload_progress_is_shown(made: Any, tmp_path: Path) -> None:
     done.touch()
     await saving
     await watcher.waitFor("abc8", "saved")
+
+
+def test_fetch_progress_is_told_at_first_and_then_at_most_every_second() -> None:
+    from twisted.internet.task import Clock
+
+    clock, told = Clock(), []
+    progress = FetchProgress(clock, told.append, 400_000_000)
+    progress.received(65_536)
+    progress.received(1_000_000)  # the same second: not told
+    clock.advance(1)
+    progress.received(120_000_000)
+    assert told == [
+        "Fetching the saved image: 0.1 of 400 MB (0 %).",
+        "Fetching the saved image: 120 of 400 MB (30 %).",
+    ]
+    unknown = FetchProgress(clock, told.append, object())  # no Content-Length
+    unknown.received(5_500_000)
+    assert told[-1] == "Fetching the saved image: 5.5 MB so far."
