@@ -14,12 +14,14 @@ from typing import Any, cast
 
 from dit4c.node.errors import RuntimeError_
 
-__all__ = ["IMAGE_FORMAT", "IMAGE_METADATA", "packArchive", "unpackArchive"]
+__all__ = ["IMAGE_FORMAT", "IMAGE_METADATA", "STORAGE_LINK", "packArchive", "unpackArchive"]
 
 #: The member of a saved archive that says which tool it is.
 IMAGE_METADATA = ".dit4c-image.json"
 #: What ``capture`` writes: a tar of the working directory.
 IMAGE_FORMAT = "dit4c-process-archive/1"
+#: The link to the person's storage in a working directory: never saved (the storage is not the instance's).
+STORAGE_LINK = "storage"
 
 
 def packArchive(work: Path, archive: Path, tool: str) -> str:
@@ -36,7 +38,7 @@ def packArchive(work: Path, archive: Path, tool: str) -> str:
         info.mode = 0o600
         tar.addfile(info, io.BytesIO(metadata))
         for path in sorted(work.rglob("*")):
-            if path.name == IMAGE_METADATA and path.parent == work:
+            if path.parent == work and (path.name == IMAGE_METADATA or (path.name == STORAGE_LINK and path.is_symlink())):
                 continue
             tar.add(path, arcname=str(path.relative_to(work)), recursive=False)
         tar.close()

@@ -27,7 +27,7 @@ from dit4c.node import confine
 from dit4c.node.cgroups import PodCgroup
 from dit4c.node.errors import RuntimeError_
 from dit4c.node.interfaces import PodSpec
-from dit4c.node.processarchive import unpackArchive
+from dit4c.node.processarchive import STORAGE_LINK, unpackArchive
 from dit4c.node.processes import POD_RECORD, PodProcess
 from dit4c.node.processpods import HELPERS, STORAGE, PodProcesses
 from dit4c.node.processtools import Tool, freePort
@@ -194,6 +194,7 @@ class PodLaunching(PodProcesses):
         storage = spec.directory / "mnt" if spec.environment.get(VARIABLES["fileServer"]) else None
         if storage is not None:
             storage.mkdir(exist_ok=True)
+            linkStorage(work)
         cgroup, notes = self._cgroupFor(spec)
         roles = self._roles(storage is not None)
         processes = self._processes(spec.instance, spec.directory, roles)
@@ -324,3 +325,17 @@ def _recordedTool(directory: Path) -> str | None:
     except (OSError, ValueError, AttributeError):
         return None
     return tool if isinstance(tool, str) else None
+
+
+def linkStorage(work: Path) -> None:
+    """
+    ``storage`` in the working directory, a link to the person's storage
+    beside it (``../mnt``): a tool that shows or serves its working
+    directory (JupyterLab's file browser, the static site at
+    ``/storage/...``) shows the person's files too. A save leaves the link
+    out (:data:`dit4c.node.processarchive.STORAGE_LINK`); a file or
+    folder of the person's own by that name is left as it is.
+    """
+    link = work / STORAGE_LINK
+    if not link.exists() and not link.is_symlink():
+        link.symlink_to(Path("..") / "mnt")

@@ -42,6 +42,8 @@ try:
     seen["read"] = open(os.path.join(storage, "results", "run1.csv")).read()
     seen["owner"] = os.stat(os.path.join(storage, "results", "run1.csv")).st_uid
     seen["listed"] = sorted(os.listdir(storage))
+    # The same files through the link in the working directory (what JupyterLab and the static site show).
+    seen["linked"] = sorted(os.listdir("storage"))
 except OSError as e:
     seen["error"] = str(e)
 with open("storage.json", "w") as f:
@@ -98,6 +100,7 @@ async def test_the_tool_uses_the_storage_as_its_own_uid(world: Any, rootFuse: No
         uid = json.loads((pod / "pod.json").read_text())["uid"]
         assert seen["uid"] == uid and "error" not in seen, seen
         assert seen["read"] == "a,b\n1,2\n" and seen["owner"] == uid
+        assert seen["linked"] == seen["listed"] and "results" in seen["linked"]
         # It is the person's storage on the file server.
         assert (w.home(w.alice) / "results" / "run1.csv").read_text() == "a,b\n1,2\n"
         # Mounted for that uid alone: every file is its own, mode 0700 (root, the node, passes anyway).

@@ -292,3 +292,29 @@ def test_fetch_progress_is_told_at_first_and_then_at_most_every_second() -> None
     unknown = FetchProgress(clock, told.append, object())  # no Content-Length
     unknown.received(5_500_000)
     assert told[-1] == "Fetching the saved image: 5.5 MB so far."
+
+
+def test_a_save_leaves_the_link_to_the_persons_storage_out(tmp_path: Path) -> None:
+    from dit4c.node.processarchive import packArchive, unpackArchive
+    from dit4c.node.processlaunch import linkStorage
+
+    work, storage = tmp_path / "pod" / "work", tmp_path / "pod" / "mnt"
+    work.mkdir(parents=True)
+    (storage / "results").mkdir(parents=True)
+    (storage / "results" / "big.csv").write_text("the person's, not the instance's")
+    (work / "notes.txt").write_text("the instance's")
+    linkStorage(work)
+    linkStorage(work)  # again (a resume): the link as it was
+    assert (work / "storage" / "results" / "big.csv").exists()
+    packArchive(work, tmp_path / "saved.tar", "web")
+    with tarfile.open(tmp_path / "saved.tar") as tar:
+        assert sorted(tar.getnames()) == [IMAGE_METADATA, "notes.txt"]
+    # Restored elsewhere, with a link of its own again.
+    other = tmp_path / "other" / "work"
+    other.mkdir(parents=True)
+    assert unpackArchive(tmp_path / "saved.tar", other) == "web"
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+    # A folder of the person's own called storage is theirs: neither replaced nor left out.
+    (other / "storage").mkdir()
+    linkStorage(other)
+    assert not (other / "storage").is_symlink()
