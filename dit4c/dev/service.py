@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import secrets
 import shutil
 import sys
@@ -61,6 +62,15 @@ CATALOGUE = {
     "dit4c/notes": "Notes (a shared notepad)",
     "dit4c/static": "Static web site (the instance's files)",
     "jupyter/lab": "JupyterLab",
+}
+
+#: The tool images ``scripts/build-images`` makes (``images/``): image →
+#: what people see. Under the podman runtime, each one built joins the catalogue.
+PODMAN_CATALOGUE = {
+    "localhost/dit4c/jupyterlab:latest": "JupyterLab",
+    "localhost/dit4c/r-jupyterlab:latest": "R in JupyterLab (IRkernel)",
+    "localhost/dit4c/code-server:latest": "code-server (VS Code in the browser)",
+    "localhost/dit4c/desktop:latest": "Desktop in the browser (noVNC)",
 }
 
 SCHEDULER_NAME = "local"
@@ -181,11 +191,17 @@ class DevService(MultiService):
         runtime: IRuntime
         forks: ForkServer | None = None
         if config.runtime == "podman":
+            from dit4c.node.interfaces import helperCommand
             from dit4c.node.podman import STOP_TIMEOUT, PodmanRuntime
 
             self.tools: dict[str, Tool] = {}
             stopTimeout = math.ceil(config.stopGrace) if config.stopGrace else STOP_TIMEOUT
-            runtime = PodmanRuntime(reactor, prefix=config.podmanPrefix, stopTimeout=stopTimeout)
+            # The catalogue's images run their tools as a user of their own,
+            # not root: the person's storage is mounted for every user.
+            storage = helperCommand("dit4c-helper-storage", "--allow-other")
+            runtime = PodmanRuntime(
+                reactor, prefix=config.podmanPrefix, stopTimeout=stopTimeout, storageCommand=storage
+            )
         else:
             self.tools = config.tools if config.tools is not None else builtinTools()
             runtime = ProcessRuntime(reactor, dataDir / "node", self.tools, stopGrace=config.stopGrace or STOP_GRACE)
@@ -288,6 +304,11 @@ class DevService(MultiService):
             if ref in self.tools and ref not in known:
                 await store.createImage(label, ref)
                 self.log.info("catalogue: added {label}", label=label)
+        if self.config.runtime == "podman":
+            for ref, label in PODMAN_CATALOGUE.items():
+                if ref not in known and await _imageExists(ref):
+                    await store.createImage(label, ref)
+                    self.log.info("catalogue: added {label} ({ref})", label=label, ref=ref)
 
     async def _registerScheduler(self, store: Any, key: Any) -> Any:
         jwk = json.dumps(publicJWK(key))
@@ -333,6 +354,20 @@ def _listenAll(ports: dict[str, int]) -> dict[str, Any]:
             sock.close()
         raise
     return sockets
+
+
+async def _imageExists(ref: str) -> bool:
+    """Whether podman has the image ``ref`` (built by ``scripts/build-images``)."""
+    from twisted.internet.utils import getProcessOutputAndValue
+
+    from dit4c.node.podman import CONTAINERS_CONF
+
+    env = dict(os.environ, CONTAINERS_CONF=str(CONTAINERS_CONF))
+    try:
+        _, _, code = await getProcessOutputAndValue("podman", ["image", "exists", ref], env=env)
+    except OSError:
+        return False
+    return bool(code == 0)
 
 
 def defaultDataDir() -> Path:
