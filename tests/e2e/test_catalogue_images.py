@@ -221,6 +221,10 @@ async def test_code_server_editor(processes: Any, browser: Any, devDir: Path) ->
     dev, url, instance = await startCatalogueTool(processes, browser, devDir, ref)
     from selenium.common.exceptions import TimeoutException, WebDriverException
 
+    script = "echo written in code-server > /mnt/from-code-server.txt && echo hello > ~/made-in-the-container.txt"
+    await threads.deferToThread(inTool, instance, script)
+    assert await inStorage(dev, "from-code-server.txt") == "written in code-server\n"
+
     async def workbench() -> bool:
         try:
             await browser.get(url)
@@ -230,10 +234,9 @@ async def test_code_server_editor(processes: Any, browser: Any, devDir: Path) ->
             return False
 
     await eventually(workbench, 120, interval=1, what="code-server's workbench")
-    # The editor's own connection to its server (a WebSocket through the auth helper) is up.
-    await browser.waitFor(".monaco-workbench .explorer-folders-view, .monaco-workbench .part.sidebar", 60)
-    await threads.deferToThread(inTool, instance, "echo written in code-server > /mnt/from-code-server.txt")
-    assert await inStorage(dev, "from-code-server.txt") == "written in code-server\n"
+    # The explorer lists the folder it opened (~) through the editor's own
+    # connection to its server, a WebSocket through the auth helper.
+    await browser.waitForText(".explorer-folders-view", "made-in-the-container.txt", 60)
 
 
 #: In the page: a WebSocket to websockify, and the VNC server's first bytes (its RFB greeting).
