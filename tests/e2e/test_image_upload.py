@@ -37,7 +37,7 @@ async def test_a_downloaded_image_uploaded_again_restores(processes: Any, tmp_pa
     uploaded = await cli.json("upload", str(file))
     assert uploaded == {
         "id": uploaded["id"], "name": "my work", "ref": uploaded["ref"], "port": saved["port"],
-        "digest": saved["digest"], "mine": True,
+        "digest": saved["digest"], "mine": True, "limits": saved["limits"],
     }  # fmt: skip
     assert uploaded["id"] != saved["id"]
     mine = [i for i in await cli.json("images") if i["mine"]]
