@@ -200,8 +200,9 @@ class DevService(MultiService):
             # not root: the person's storage is mounted for every user.
             storage = helperCommand("dit4c-helper-storage", "--allow-other")
             runtime = PodmanRuntime(
-                reactor, prefix=config.podmanPrefix, stopTimeout=stopTimeout, storageCommand=storage
-            )
+                reactor, prefix=config.podmanPrefix, stopTimeout=stopTimeout, storageCommand=storage,
+                workDirectory=dataDir / "podman",
+            )  # fmt: skip
         else:
             self.tools = config.tools if config.tools is not None else builtinTools()
             runtime = ProcessRuntime(reactor, dataDir / "node", self.tools, stopGrace=config.stopGrace or STOP_GRACE)

@@ -33,6 +33,7 @@ again after a restart and stopped (:mod:`dit4c.node.podmanpods`).
 from __future__ import annotations
 
 import re
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,7 @@ class PodmanRuntime(PodResuming):
         stopTimeout: int = STOP_TIMEOUT,
         pollInterval: float = POLL_INTERVAL,
         helperStopGrace: float = 5.0,
+        workDirectory: Path | None = None,
     ) -> None:
         """
         :param containersConf: podman's configuration (``CONTAINERS_CONF``);
@@ -133,11 +135,20 @@ class PodmanRuntime(PodResuming):
             (``helperCommand("dit4c-helper-listener")`` if None).
         :param authPort: the auth helper's port inside the pod.
         :param ip6tablesRestore: None where the host has no IPv6.
+        :param workDirectory: podman's working directory (the node's own; a
+            new temporary one if None): conmon, which podman leaves watching
+            each container, writes files there (an ``oom`` marker when a
+            container is killed for its memory), and they must not land in
+            whatever directory the node was started from.
         """
         if not _PREFIX.match(prefix):
             raise ValueError(f"bad pod name prefix {prefix!r}")
         self.storageCommand = list(storageCommand) if storageCommand is not None else helperCommand("dit4c-helper-storage")
         self.mountTimeout = mountTimeout
+        if workDirectory is None:
+            workDirectory = Path(tempfile.mkdtemp(prefix="dit4c-podman-"))
+        workDirectory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.workDirectory = workDirectory
         self.reactor = reactor
         self.containersConf = Path(containersConf) if containersConf is not None else CONTAINERS_CONF
         self.prefix = prefix

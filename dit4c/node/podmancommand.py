@@ -104,6 +104,8 @@ class PodmanCommands:
     prefix: str
     #: Seconds a podman command may take.
     commandTimeout: float
+    #: Where podman runs (conmon leaves files in its working directory).
+    workDirectory: Path
 
     def podName(self, instance: str) -> str:
         return f"{self.prefix}-{instance}"
@@ -120,7 +122,7 @@ class PodmanCommands:
         executable = shutil.which(argv[0]) or argv[0]
         proto = _Collect(self.reactor, timeout or self.commandTimeout, stdin)
         try:
-            self.reactor.spawnProcess(proto, executable, list(argv), env=self._env())
+            self.reactor.spawnProcess(proto, executable, list(argv), env=self._env(), path=str(self.workDirectory))
         except OSError as e:
             raise RuntimeError_(f"cannot run {argv[0]}: {e.strerror}") from None
         out, err, code = await proto.done

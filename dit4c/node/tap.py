@@ -116,7 +116,14 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         from dit4c.node.podman import STOP_TIMEOUT, PodmanRuntime
 
         stopTimeout = math.ceil(config["stop-grace"]) if config["stop-grace"] else STOP_TIMEOUT
-        runtime = PodmanRuntime(reactor, containersConf=config["containers-conf"], stopTimeout=stopTimeout)
+        from dit4c.node.interfaces import helperCommand
+
+        # Tools in images run as a user of their own, not root: the person's
+        # storage is mounted for every user (the pods' directory is the node's alone).
+        runtime = PodmanRuntime(
+            reactor, containersConf=config["containers-conf"], stopTimeout=stopTimeout, workDirectory=dataDir / "podman",
+            storageCommand=helperCommand("dit4c-helper-storage", "--allow-other"),
+        )  # fmt: skip
     else:
         from dit4c.node.process import TOOL_UIDS, ProcessRuntime
         from dit4c.node.processes import STOP_GRACE

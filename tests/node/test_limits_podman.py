@@ -69,7 +69,7 @@ class Nodes:
     def start(self) -> Node:
         self.runtime = PodmanRuntime(
             reactor, prefix=PREFIX, authCommand=standInAuthCommand(), listenerCommand=standInListenerCommand(),
-            pollInterval=0.3, stopTimeout=1, helperStopGrace=2.0,
+            pollInterval=0.3, stopTimeout=1, helperStopGrace=2.0, workDirectory=self.directory.parent / "podman",
         )  # fmt: skip
         self.node = Node(reactor, self.runtime, self.directory, portal="http://localhost:8000", readyInterval=0.2)
         self.node.subscribe(self.watcher.observer())
@@ -148,6 +148,8 @@ async def test_a_tool_past_its_memory_is_errored_with_the_reason(nodes: Nodes) -
     errored = await nodes.watcher.waitFor(instance, "errored", timeout=60)
     assert errored.reason == "The tool used more than its 64 MiB of memory and was stopped."
     await node.discard(instance)
+    # What podman's conmon leaves of it is in the runtime's own directory, not wherever the node was started.
+    assert (nodes.directory.parent / "podman" / "oom").exists() and not Path("oom").exists()
 
 
 @pytest_twisted.ensureDeferred
