@@ -19,8 +19,9 @@ tool is reachable only through the auth helper.
 
 Every podman command runs with ``CONTAINERS_CONF`` pointing at
 ``etc/podman/containers.conf`` (or the file given), as a child process with a
-timeout; the reactor is never blocked. The layout is described in
-``docs/_podman_section.md`` ("The podman runtime").
+timeout, in the runtime's own working directory; the reactor is never
+blocked. The layout is described in docs/protocols.md section 9.1 ("Where
+the helpers run: the podman runtime").
 
 The runtime is made of parts, each in its own module: running podman
 (:mod:`dit4c.node.podmancommand`), images, saved and loaded
