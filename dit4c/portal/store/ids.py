@@ -52,8 +52,15 @@ def instanceIdTime(instanceId: str) -> float:
 
 
 def newId() -> str:
-    """A random record id: 16 URL-safe characters (96 bits)."""
-    return secrets.token_urlsafe(12)
+    """
+    A random record id: 16 URL-safe characters (96 bits), never starting
+    with ``-``: a command line takes an argument that does (``dit4c start
+    -gnpp...``) for an option.
+    """
+    while True:
+        made = secrets.token_urlsafe(12)
+        if not made.startswith("-"):
+            return made
 
 
 def newToken() -> str:

@@ -55,3 +55,12 @@ def test_outOfRange(now: float) -> None:
 
 def test_hashToken() -> None:
     assert hashToken("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_record_ids_never_look_like_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record id is an argument on a command line (``dit4c start ID``): never one that begins with ``-``."""
+    from dit4c.portal.store import ids
+
+    made = iter(["-gnppOz8rzpYq_2m", "--vOz8rzpYq_2mAb", "Kq3x0c9-2vLm1bTe"])
+    monkeypatch.setattr(ids.secrets, "token_urlsafe", lambda n: next(made))
+    assert ids.newId() == "Kq3x0c9-2vLm1bTe"
