@@ -19,7 +19,6 @@ import subprocess
 from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
 import pytest_twisted
 import treq
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -30,6 +29,7 @@ from support.podman import (
     gccUnavailable,
     podmanEnv,
     podmanUnavailable,
+    requirePodman,
 )
 from support.waiting import eventually
 from twisted.internet import defer, reactor
@@ -38,11 +38,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
 
-_unavailable = podmanUnavailable() or gccUnavailable()
-if _unavailable is not None:
-    if os.environ.get("CI"):
-        pytest.fail(f"the WebSocket tool's tests cannot run: {_unavailable}; CI is set, where they must", pytrace=False)
-    pytest.skip(f"the WebSocket tool's tests cannot run: {_unavailable}", allow_module_level=True)
+requirePodman("the WebSocket tool's tests", podmanUnavailable() or gccUnavailable())
 
 #: The key and accept value of RFC 6455, section 1.3.
 RFC_KEY = "dGhlIHNhbXBsZSBub25jZQ=="

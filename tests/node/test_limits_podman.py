@@ -18,14 +18,13 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
 import pytest_twisted
 from standins import Watcher
 from support.podman import (
     buildBusyboxImage,
     podmanEnv,
-    podmanUnavailable,
     removePods,
+    requirePodman,
     standInAuthCommand,
     standInListenerCommand,
 )
@@ -37,11 +36,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from dit4c.node.node import Node
 from dit4c.node.podman import PodmanRuntime
 
-_unavailable = podmanUnavailable()
-if _unavailable is not None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"podman limits tests cannot run: {_unavailable}; CI=true, where they must", pytrace=False)
-    pytest.skip(f"podman limits tests cannot run: {_unavailable}", allow_module_level=True)
+requirePodman("podman limits tests")
 
 PREFIX = f"dit4cl{os.getpid()}{secrets.token_hex(2)}"
 #: Two busy loops, and httpd in front so the tool answers.

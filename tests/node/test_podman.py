@@ -29,8 +29,8 @@ import treq
 from support.podman import (
     buildBusyboxImage,
     podmanEnv,
-    podmanUnavailable,
     removePods,
+    requirePodman,
     standInAuthCommand,
     standInListenerCommand,
 )
@@ -47,11 +47,7 @@ from dit4c.node.interfaces import IRuntime, PodSpec
 from dit4c.node.podman import LABEL_PREFIX, PodmanRuntime, firewallRules, summarise
 from dit4c.node.processes import startTime
 
-_unavailable = podmanUnavailable()
-if _unavailable is not None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"podman runtime tests cannot run: {_unavailable}; CI=true, where they must", pytrace=False)
-    pytest.skip(f"podman runtime tests cannot run: {_unavailable}", allow_module_level=True)
+requirePodman("podman runtime tests")
 
 PAGE = b"<h1>hello from busybox httpd</h1>\n"
 #: Unique per test run, so that no other pod is ever touched.

@@ -34,8 +34,8 @@ from standins import Watcher
 from support.podman import (
     buildBusyboxImage,
     podmanEnv,
-    podmanUnavailable,
     removePods,
+    requirePodman,
     standInAuthCommand,
     standInListenerCommand,
 )
@@ -59,11 +59,7 @@ from dit4c.node.podman import LABEL_PREFIX, PodmanRuntime
 from dit4c.node.podmancommand import SAVED_PREFIX
 from dit4c.node.processes import RECORD, startTime
 
-_unavailable = podmanUnavailable()
-if _unavailable is not None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"podman resume tests cannot run: {_unavailable}; CI=true, where they must", pytrace=False)
-    pytest.skip(f"podman resume tests cannot run: {_unavailable}", allow_module_level=True)
+requirePodman("podman resume tests")
 
 PAGE = b"<h1>hello from busybox httpd</h1>\n"
 #: Unique per test run, so that no other pod is ever touched.

@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.utils import getProcessOutputAndValue
 
@@ -65,6 +66,20 @@ _built: dict[str, str] = {}
 def podmanEnv() -> dict[str, str]:
     """The environment podman needs on these machines (``CONTAINERS_CONF``)."""
     return dict(os.environ, CONTAINERS_CONF=str(CONTAINERS_CONF))
+
+
+def requirePodman(what: str, unavailable: str | None = None) -> None:
+    """
+    At a test module's top: skip the module where podman cannot run pods
+    (or ``unavailable`` says why something else it needs is missing), but
+    fail it under CI (``CI`` set), where it must run.
+    """
+    why = podmanUnavailable() if unavailable is None else unavailable
+    if why is None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} cannot run: {why}; CI is set, where they must", pytrace=False)
+    pytest.skip(f"{what} cannot run: {why}", allow_module_level=True)
 
 
 def podmanUnavailable() -> str | None:
