@@ -23,6 +23,15 @@ async def startTool(browser: Any, portal: str, toolName: str) -> str:
     Start the catalogue entry whose name begins with ``toolName``; the new
     instance's URL once it runs (the page's row that was not there before).
     """
+    row = f'#instances tr[data-instance="{await submitStart(browser, portal, toolName)}"]'
+    await browser.waitFor(f'{row} td.state[data-state="running"]', 90)
+    await browser.waitFor(f"{row} td.url a", 30)
+    url: str = await browser.execute(f"return document.querySelector('{row} td.url a').href")
+    return url
+
+
+async def submitStart(browser: Any, portal: str, toolName: str) -> str:
+    """Start the catalogue entry whose name begins with ``toolName`` from the home page; the new instance's id."""
     await browser.get(portal + "/")
     await browser.waitFor("#start-button")
     before = await browser.execute("return [...document.querySelectorAll('#instances tr[data-instance]')].map(r => r.dataset.instance)")
@@ -43,11 +52,7 @@ async def startTool(browser: Any, portal: str, toolName: str) -> str:
         POLL,
         what="a new instance on the page",
     )
-    row = f'#instances tr[data-instance="{instance}"]'
-    await browser.waitFor(f'{row} td.state[data-state="running"]', 90)
-    await browser.waitFor(f"{row} td.url a", 30)
-    url: str = await browser.execute(f"return document.querySelector('{row} td.url a').href")
-    return url
+    return str(instance)
 
 
 async def otherBrowser() -> Any:

@@ -18,8 +18,7 @@ import pytest
 import pytest_twisted
 import treq
 from cluster import PASSWORD, Cluster
-from flows import otherBrowser, startTool
-from support.browser import POLL
+from flows import otherBrowser, startTool, submitStart
 from support.waiting import eventually
 
 from dit4c.scheduler.scheduler import COOLING
@@ -34,24 +33,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 async def startRefused(browser: Any, portal: str) -> str:
     """Start Notes from the home page; the new instance, which errs: its reason as the page shows it."""
-    await browser.get(portal + "/")
-    await browser.waitFor("#start-button")
-    before = await browser.execute("return [...document.querySelectorAll('#instances tr[data-instance]')].map(r => r.dataset.instance)")
-    await browser.execute(
-        "const o = [...document.querySelectorAll('#image option')].find(o => o.text.startsWith('Notes'));"
-        "document.getElementById('image').value = o.value;"
-    )
-    await browser.click("#start-button")
-    instance = await eventually(
-        lambda: browser.execute(
-            "return [...document.querySelectorAll('#instances tr[data-instance]')]"
-            ".map(r => r.dataset.instance).find(i => !arguments[0].includes(i)) || null",
-            before or [],
-        ),
-        15,
-        POLL,
-        what="a new instance on the page",
-    )
+    instance = await submitStart(browser, portal, "Notes")
     row = f'#instances tr[data-instance="{instance}"]'
     await browser.waitFor(f'{row} td.state[data-state="errored"]', 30)
     return str(await browser.text(f"{row} td.state"))
