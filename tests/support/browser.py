@@ -330,15 +330,32 @@ class Browser:
         return await self.run(lambda: self.driver.find_element(By.CSS_SELECTOR, css).text)
 
     async def waitFor(self, css: str, timeout: float = 10.0) -> Any:
-        """Wait until an element matching ``css`` is visible; return it."""
+        """
+        Wait until an element matching ``css`` is visible; return it. An
+        element found in a page that a navigation replaces before its
+        visibility is read (Chromium: stale, or "does not belong to the
+        document") is looked for again in the new page.
+        """
+        from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
         from selenium.webdriver.common.by import By
         from selenium.webdriver.support import expected_conditions as EC
         from selenium.webdriver.support.ui import WebDriverWait
 
+        visible = EC.visibility_of_element_located((By.CSS_SELECTOR, css))
+
+        def found(driver: Any) -> Any:
+            try:
+                return visible(driver)
+            except StaleElementReferenceException:
+                return False
+            except WebDriverException as e:
+                if "does not belong to the document" in (e.msg or ""):
+                    return False
+                raise
+
         def wait() -> Any:
             return WebDriverWait(self.driver, timeout, poll_frequency=POLL).until(
-                EC.visibility_of_element_located((By.CSS_SELECTOR, css)),
-                f"no visible element {css!r} after {timeout}s",
+                found, f"no visible element {css!r} after {timeout}s"
             )
 
         return await self.run(wait)
@@ -349,6 +366,7 @@ class Browser:
             NoSuchElementException,
             StaleElementReferenceException,
             TimeoutException,
+            WebDriverException,
         )
         from selenium.webdriver.common.by import By
         from selenium.webdriver.support.ui import WebDriverWait
@@ -356,7 +374,14 @@ class Browser:
         seen: list[str] = []
 
         def current(driver: Any) -> str | bool:
-            shown = driver.find_element(By.CSS_SELECTOR, css).text
+            try:
+                shown = driver.find_element(By.CSS_SELECTOR, css).text
+            except WebDriverException as e:
+                if isinstance(e, (NoSuchElementException, StaleElementReferenceException)):
+                    raise
+                if "does not belong to the document" in (e.msg or ""):
+                    return False  # found in a page a navigation replaced: look again
+                raise
             seen[:] = [shown]
             return shown if text in shown else False
 
