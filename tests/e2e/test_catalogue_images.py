@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from flows import logIn, startDev, startTool
-from support.podman import podmanEnv, podmanUnavailable, removePods
+from support.podman import podmanEnv, podmanUnavailable, removePods, requirePodman
 from support.waiting import eventually
 from twisted.internet import reactor, threads
 
@@ -46,11 +46,8 @@ BUILD_TIMEOUT = 1800
 
 @pytest.fixture(scope="module")
 def podman() -> None:
-    why = podmanUnavailable() or (None if shutil.which("sshfs") else "sshfs not installed (the person's storage)")
-    if why:
-        if os.environ.get("CI"):
-            pytest.fail(why)
-        pytest.skip(why)
+    noSshfs = None if shutil.which("sshfs") else "sshfs not installed (the person's storage)"
+    requirePodman("the catalogue images' tests", podmanUnavailable() or noSshfs)
 
 
 @pytest_twisted.async_yield_fixture

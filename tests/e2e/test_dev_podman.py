@@ -23,6 +23,7 @@ from support.podman import (
     podmanEnv,
     podmanUnavailable,
     removePods,
+    requirePodman,
 )
 from support.waiting import eventually
 from twisted.internet import reactor
@@ -34,11 +35,7 @@ PREFIX = f"dit4c-e2e{os.getpid()}"
 
 @pytest.fixture(scope="module")
 def podman() -> None:
-    why = podmanUnavailable() or gccUnavailable()
-    if why:
-        if os.environ.get("CI"):
-            pytest.fail(why)
-        pytest.skip(why)
+    requirePodman("a container tool under dit4c-dev", podmanUnavailable() or gccUnavailable())
 
 
 @pytest_twisted.async_yield_fixture
