@@ -70,7 +70,7 @@ class IdleCuller(Service):
         self.clock = clock
         self.interval = interval
         self._loop: LoopingCall | None = None
-        #: Instances culled by this process since it started (for the figures).
+        #: Instances this culler stopped or saved since it started.
         self.culled = 0
 
     def startService(self) -> None:
