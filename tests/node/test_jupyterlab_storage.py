@@ -9,12 +9,14 @@ from __future__ import annotations
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
-import treq
 from support.processes import Process
+from twisted.internet import reactor
 
+from dit4c.common.portalhttp import portalHTTP
 from dit4c.node.processlaunch import linkStorage
 
 LAB = shutil.which("jupyter-lab") or str(Path(sys.executable).parent / "jupyter-lab")
@@ -28,23 +30,30 @@ async def test_jupyterlab_lists_and_opens_the_persons_storage(tmp_path: Path) ->
     (storage / "results").mkdir(parents=True)
     (storage / "results" / "run1.csv").write_text("a,b\n1,2\n")
     linkStorage(work)
+    # On a Unix socket, as a node runs it: JupyterLab's own port 0 picks a
+    # free port, closes it and binds it again later, which another test's
+    # server may take in between.
+    sock = tmp_path / "lab.sock"
     lab = Process(
         [
-            LAB, "--no-browser", "--allow-root", f"--ServerApp.root_dir={work}", "--ServerApp.ip=127.0.0.1",
-            "--ServerApp.port=0", "--ServerApp.port_retries=0", "--IdentityProvider.token=", "--ServerApp.password=",
+            LAB, "--no-browser", "--allow-root", f"--ServerApp.root_dir={work}", f"--ServerApp.sock={sock}",
+            "--IdentityProvider.token=", "--ServerApp.password=",
         ],
         tmp_path / "lab.log",
         env={"JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"), "HOME": str(work)},
     )  # fmt: skip
     try:
-        port = int((await lab.waitForLog(r"http://127\.0\.0\.1:(\d+)/", timeout=60)).group(1))
-        top = await (await treq.get(f"http://127.0.0.1:{port}/api/contents/", persistent=False)).json()
+        await lab.waitForLog(r"is running at", timeout=60)
+        http, base = portalHTTP(reactor, f"unix:{sock}", persistent=False)
+
+        async def contents(path: str) -> Any:
+            return await (await http.get(f"{base}/api/contents/{path}")).json()
+
+        top = await contents("")
         assert [(entry["name"], entry["type"]) for entry in top["content"]] == [("storage", "directory")]
-        folder = await (await treq.get(f"http://127.0.0.1:{port}/api/contents/storage/results", persistent=False)).json()
+        folder = await contents("storage/results")
         assert [entry["name"] for entry in folder["content"]] == ["run1.csv"]
-        opened = await (
-            await treq.get(f"http://127.0.0.1:{port}/api/contents/storage/results/run1.csv?content=1", persistent=False)
-        ).json()
+        opened = await contents("storage/results/run1.csv?content=1")
         assert opened["content"] == "a,b\n1,2\n"
     finally:
         lab.stop()
