@@ -46,10 +46,13 @@ class Options(usage.Options):
         ["key", None, None, "The node's private key (PEM); made if missing. Default: DATA-DIR/node.key."],
         ["scheduler-key", None, None, "The scheduler's public key: a JWKS/JWK file or a PEM key."],
         ["data-dir", None, "data/node", "Where pods keep their files."],
-        ["runtime", None, "process", "process (local processes) or podman (containers)."],
-        ["tools", None, None, "process runtime: JSON file of tools (default: the built-in ones)."],
+        ["runtime", None, "process", "process (local processes), podman (containers) or slurm (a batch job per instance on a Slurm cluster; its queue wait counts against --start-timeout)."],
+        ["tools", None, None, "process and slurm runtimes: JSON file of tools (default: the built-in ones)."],
         ["tool-uids", None, None, "process runtime, a node run as root: FIRST-LAST, the uids (and gids) tools run as, one per instance; no account may use them (default: 1000000-1065535)."],
         ["containers-conf", None, None, "podman runtime: the containers.conf to use (default: the one DIT4C ships)."],
+        ["slurm-partition", None, None, "slurm runtime: the partition jobs go to (default: the cluster's default partition)."],
+        ["slurm-directory", None, None, "slurm runtime: the pods' directory, on storage the cluster's compute nodes share (default: DATA-DIR/pods)."],
+        ["slurm-time-limit", None, 24 * 60, "slurm runtime: minutes each instance's job may run (sbatch --time).", positiveInt],
         ["portal", None, None, "The portal's public URL (where browsers log in)."],
         ["portal-internal", None, None, "The portal's URL as pods reach it (default: --portal)."],
         ["image-server", None, None, "The image server's base URL, where saved instances go (none: this node cannot save)."],
@@ -75,8 +78,8 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{option} is required")
         if not self["routing"]:
             raise usage.UsageError("--routing is required")
-        if self["runtime"] not in ("process", "podman"):
-            raise usage.UsageError("--runtime is process or podman")
+        if self["runtime"] not in ("process", "podman", "slurm"):
+            raise usage.UsageError("--runtime is process, podman or slurm")
         if not self["portal"].startswith(("http://", "https://")):
             raise usage.UsageError("--portal must be an http(s) URL")
         endpointList([self["listen"]], server=True, option="listen")
@@ -112,7 +115,16 @@ def makeService(config: Options, reactor: Any = None) -> IService:
     pods = dataDir / "pods"
     runtime: Any
     forks = None
-    if config["runtime"] == "podman":
+    if config["runtime"] == "slurm":
+        from dit4c.node.slurm import SlurmRuntime
+
+        if config["slurm-directory"]:
+            pods = Path(config["slurm-directory"]).resolve()
+        runtime = SlurmRuntime(
+            reactor, pods, config["tools"] or None, partition=config["slurm-partition"],
+            timeLimit=config["slurm-time-limit"], stopGrace=config["stop-grace"] or 5.0,
+        )  # fmt: skip
+    elif config["runtime"] == "podman":
         from dit4c.node.podman import STOP_TIMEOUT, PodmanRuntime
 
         stopTimeout = math.ceil(config["stop-grace"]) if config["stop-grace"] else STOP_TIMEOUT
@@ -150,6 +162,10 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         fileServerHostKey=config["file-server-host-key"],
     )
     node.setServiceParent(top)
+    if config["runtime"] == "slurm":
+        from dit4c.node.slurm import showQueueWaits
+
+        showQueueWaits(runtime, node)
     link = NodeLinkServer(reactor, node, key, config["scheduler-keys"])
     link.listen(serverFromString(reactor, config["listen"]))
     link.setServiceParent(top)
