@@ -261,7 +261,8 @@ async def test_desktop_over_novnc(processes: Any, browser: Any, devDir: Path) ->
     dev, url, instance = await startCatalogueTool(processes, browser, devDir, ref)
     await browser.get(url)  # the index page opens noVNC, which connects (and tries again until it does)
     await eventually(
-        lambda: browser.execute("return document.documentElement.classList.contains('noVNC_connected')"),
+        # The document may be between pages (the index page opens noVNC's): no element yet.
+        lambda: browser.execute("return !!document.documentElement?.classList.contains('noVNC_connected')"),
         90,
         interval=0.5,
         what="noVNC connected to the desktop",
