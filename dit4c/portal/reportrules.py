@@ -13,6 +13,8 @@ Nothing here logs a token: only instance ids, image ids and short reasons.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -63,6 +65,7 @@ __all__ = [
     "checkImageURL",
     "checkInstanceURL",
     "checkName",
+    "isOnionV3",
     "savedName",
     "cookieValue",
     "imageReadToken",
@@ -112,6 +115,7 @@ METHODS = READ_METHODS | WRITE_METHODS | {"DELETE"}
 
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_BASE32 = re.compile(r"[a-z2-7]{56}")
 
 
 def badRequest(reason: str) -> ReportError:
@@ -150,17 +154,43 @@ def _checkHTTPURL(value: object, what: str) -> tuple[str, str]:
     return value, host
 
 
-def checkInstanceURL(value: object, instanceId: str, domains: Sequence[str] | None = None) -> str:
+def isOnionV3(host: str) -> bool:
+    """
+    Whether ``host`` is a Tor v3 onion service's name: 56 base32
+    characters (the service's ed25519 public key, a two-byte checksum and
+    the version, 3) then ``.onion``, with a checksum that holds, so that a
+    name made up is told from one Tor can reach.
+    """
+    label, dot, tld = host.partition(".")
+    if tld != "onion" or not dot or len(label) != 56 or _BASE32.fullmatch(label) is None:
+        return False
+    raw = base64.b32decode(label.upper())
+    key, checksum, version = raw[:32], raw[32:34], raw[34:]
+    return version == b"\x03" and hashlib.sha3_256(b".onion checksum" + key + version).digest()[:2] == checksum
+
+
+def checkInstanceURL(value: object, instanceId: str, domains: Sequence[str] | None = None, *, onion: bool = False) -> str:
     """
     ``value`` if it may be the public URL of instance ``instanceId``: http
     or https, and a host name that is the instance id followed by a domain
     (``<id>.<domain>``), so that no instance can claim another's name. With
-    ``domains``, the domain must be one of them.
+    ``domains``, the domain must be one of them. With ``onion``, a Tor v3
+    onion service's name (``<56 characters>.onion``) too: the listener
+    publishes the instance as an onion service of its own, whose name is
+    its key's and cannot hold the instance id; only the instance's key
+    signs the report, so an instance sets its own URL and no other's.
 
     :raises ReportError: 400 for what is not such a URL, 403 for the URL of
-        another host name.
+        another host name (any ``.onion`` name where onion URLs are not
+        taken, and a name that is not a v3 onion service's).
     """
     url, host = _checkHTTPURL(value, "url")
+    if host.endswith(".onion"):
+        if not onion:
+            raise ReportError(403, "wrong_host", "This portal takes no .onion URLs.")
+        if not isOnionV3(host):
+            raise ReportError(403, "wrong_host", "The URL's host is not a Tor v3 onion service's name.")
+        return url
     labels = host.split(".")
     if len(host) > 253 or any(_LABEL.fullmatch(label) is None for label in labels):
         raise badRequest("The url claim's host must be a DNS name.")

@@ -171,6 +171,7 @@ class Reports:
         imageServerSecret: str | bytes | None = None,
         imageServerURLs: Iterable[str] | None = None,
         instanceDomains: Iterable[str] | None = None,
+        onionURLs: bool = False,
     ) -> None:
         """
         :param imageServerSecret: what the image server sends in
@@ -180,6 +181,9 @@ class Reports:
             ``image_url`` must be under one of them. None: any http(s) URL.
         :param instanceDomains: the routing domains: a reported instance URL
             must be ``<id>.<one of them>``. None: any domain.
+        :param onionURLs: take a Tor v3 onion service's URL as well
+            (``http://<56 characters>.onion/``: a listener that publishes its
+            instance as an onion service).
         """
         self.store = parts.store
         self.clock = parts.clock
@@ -191,6 +195,8 @@ class Reports:
             else tuple(url if url.endswith("/") else url + "/" for url in imageServerURLs)
         )  # fmt: skip
         self.instanceDomains = None if instanceDomains is None else tuple(d.lower().strip(".") for d in instanceDomains)
+        #: Whether a reported instance URL may be a .onion one (``--onion-urls``).
+        self.onionURLs = onionURLs
         self._secretHash: bytes | None = None
         self.setImageServerSecret(imageServerSecret)
         self._fileSecretHash: bytes | None = None
@@ -304,7 +310,7 @@ class Reports:
     async def url(self, request: IRequest) -> bytes:
         try:
             instance, claims = await self._report(request)
-            url = checkInstanceURL(claims.get("url"), instance.id, self.instanceDomains)
+            url = checkInstanceURL(claims.get("url"), instance.id, self.instanceDomains, onion=self.onionURLs)
             updated = await self._setURL(instance, url)
         except ReportError as e:
             self.log.info("URL report refused: {reason}", reason=e.reason)

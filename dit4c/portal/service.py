@@ -55,6 +55,7 @@ class PortalService(MultiService):
         fileServer: str | None = None,
         fileServerHostKey: str | None = None,
         cullInterval: float = CULL_INTERVAL,
+        onionURLs: bool = False,
     ) -> None:
         """
         :param reactor: the process's reactor: its clock (``IReactorTime``),
@@ -87,6 +88,8 @@ class PortalService(MultiService):
         #: The file server (a client endpoint string) and its host key (a line or a file), for the Files page.
         self.fileServer = fileServer
         self.fileServerHostKey = fileServerHostKey
+        #: Whether instances may report a .onion URL (their listener publishes an onion service).
+        self.onionURLs = onionURLs
         self.metrics: PortalMetrics | None = None
         #: The scheduler channel (``ChannelHub``), once started.
         self.channels: ChannelHub | None = None
@@ -130,6 +133,7 @@ class PortalService(MultiService):
         self.portal.channelResource = self.channels.resource()
         self.portal.reports.setImageServerSecret(self.imageServerSecret)
         self.portal.reports.setFileServerSecret(self.fileServerSecret)
+        self.portal.reports.onionURLs = self.onionURLs
         if self.loginProviders:
             from treq.client import HTTPClient
             from twisted.web.client import Agent

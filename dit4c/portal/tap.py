@@ -45,6 +45,10 @@ class Options(usage.Options):
         ["cull-interval", None, 30.0, "Seconds between looks for instances unused past their catalogue entry's idle limit.", positiveFloat],
     ]
 
+    optFlags = [
+        ["onion-urls", None, "Take an instance's URL at a Tor v3 onion service (http://<56 characters>.onion/) from its listener (dit4c-helper-listener --onion), besides <id>.<routing domain>."],
+    ]
+
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
@@ -144,4 +148,5 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         cullInterval=config["cull-interval"],
         fileServer=config["file-server"],
         fileServerHostKey=config["file-server-host-key"],
+        onionURLs=bool(config["onion-urls"]),
     )
