@@ -20,7 +20,11 @@ holds a job:
 
 - a pending job's instance is ``starting``, its reason its place in the
   queue ("Waiting for the cluster: position 3.", told through
-  :meth:`SlurmRuntime.onWaiting`);
+  :meth:`SlurmRuntime.onWaiting`); ``start`` fires once the job is
+  submitted, so the wait in the queue counts against the node's time for
+  the tool to answer (``--start-timeout``; the ``starting`` state's own
+  deadline bounds it too): a start does not hold back a stop of its
+  instance, which cancels the queued job;
 - a running job is ready once its tool and auth helper answer (the job
   writes ``ready`` in the pod's directory: the node cannot reach a Unix
   socket on another machine);
@@ -91,8 +95,8 @@ class SlurmRuntime(SlurmCommands):
     """Runs each instance as a Slurm batch job; knows its jobs from ``squeue``."""
 
     name = "slurm"
-    #: A stopped job's working directory stays, but its resume (a new job) is not tested yet.
-    resumable = False
+    #: A stopped job's working directory stays: a start of its instance submits a new job in it.
+    resumable = True
     log = Logger()
 
     def __init__(
@@ -163,6 +167,11 @@ class SlurmRuntime(SlurmCommands):
         self._waitingCallbacks.append(callback)
 
     def start(self, spec: PodSpec) -> Deferred[None]:
+        """
+        Submit the pod's job; fires once the cluster has it (queued, not
+        yet running: the node's readiness checks wait for it to run, within
+        the node's ``startTimeout``).
+        """
         return Deferred.fromCoroutine(self._start(spec))
 
     def stop(self, instance: str) -> Deferred[None]:
@@ -210,6 +219,9 @@ class SlurmRuntime(SlurmCommands):
         toolName = spec.image
         if spec.archive is not None:
             toolName = await threads.deferToThread(unpackArchive, spec.archive, work)
+        elif toolName not in self.tools:
+            # A resume of a pod restored from a saved image: its tool is the one it ran.
+            toolName = self._recordedTool(spec.instance) or toolName
         tool = self.tools.get(toolName)
         if tool is None:
             raise RuntimeError_(f"This compute node has no tool called {toolName!r}.")
@@ -345,6 +357,13 @@ class SlurmRuntime(SlurmCommands):
         return endReason(job, timeLimit=limit, log=log, exit=exited)
 
     # -- finding jobs again -----------------------------------------------------------------
+
+    def _recordedTool(self, instance: str) -> str | None:
+        try:
+            tool = json.loads((self.directory / instance / JOB_RECORD).read_text()).get("image")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return tool if isinstance(tool, str) else None
 
     def _recordedJob(self, instance: str) -> str | None:
         try:

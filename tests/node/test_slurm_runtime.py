@@ -133,13 +133,22 @@ async def test_a_start_behind_a_full_node_waits_with_its_place_in_the_queue(node
     status = await eventually(waiting, 30, what=lambda: str(watcher.states))
     assert (status.state, status.reason) == ("starting", "Waiting for the cluster: position 1.")
     assert jobs(cluster)["dit4c-sl3"]["state"] == "PENDING"
-    assert node.instances()[-1].reason == "Waiting for the cluster: position 1."
+    # Another behind it is second.
+    await node.start("sl9", "web", None, limits=FULL)
 
-    # Room made, the waiting job runs.
+    def reasons() -> dict[str, str | None]:
+        return {s.instance: s.reason for s in node.instances()}
+
+    await eventually(lambda: reasons()["sl9"] == "Waiting for the cluster: position 2.", 30, what=lambda: str(reasons()))
+    assert reasons()["sl3"] == "Waiting for the cluster: position 1."
+
+    # Room made, the first waiting job runs, and the second moves up.
     await node.stop("sl2")
     running = await watcher.waitFor("sl3", "running", timeout=60)
     assert running.reason is None
-    await node.stop("sl3")
+    await eventually(lambda: reasons()["sl9"] == "Waiting for the cluster: position 1.", 30, what=lambda: str(reasons()))
+    for instance in ("sl3", "sl9"):
+        await node.stop(instance)
 
 
 @pytest_twisted.ensureDeferred
@@ -198,3 +207,43 @@ async def test_a_job_past_its_time_limit_is_errored_with_the_reason(nodes: Any, 
     errored = await watcher.waitFor("sl8", "errored", timeout=150)
     assert errored.reason == "The cluster ended the job at its time limit (1 min)."
     assert jobs(cluster)["dit4c-sl8"]["state"] == "TIMEOUT"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tool_that_ends_by_itself_errors_its_instance(nodes: Any, cluster: SlurmCluster) -> None:
+    node, runtime, watcher = nodes()
+    await node.start("sla", "quits", None)
+    errored = await watcher.waitFor("sla", "errored", timeout=60)
+    assert errored.reason == "The tool exited with status 0."
+    assert "dit4c-sla" not in jobs(cluster, "PENDING,RUNNING,COMPLETING")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_job_cancelled_on_the_cluster_while_the_node_was_away_is_errored(nodes: Any, cluster: SlurmCluster) -> None:
+    node, runtime, watcher = nodes()
+    await node.start("slb", "web", None)
+    await watcher.waitFor("slb", "running", timeout=60)
+    node.stopService()
+    cluster.run("scancel", jobs(cluster)["dit4c-slb"]["job"])
+    await eventually(lambda: "dit4c-slb" not in jobs(cluster, "PENDING,RUNNING,COMPLETING"), 30)
+
+    again, runtime2, watcher2 = nodes()
+    errored = await watcher2.waitFor("slb", "errored", timeout=30)
+    assert errored.reason == "The instance stopped while its compute node was restarting. The job was cancelled on the cluster."
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stopped_instance_resumes_as_a_new_job_with_its_files(nodes: Any, cluster: SlurmCluster, tmp_path: Path) -> None:
+    node, runtime, watcher = nodes()
+    await node.start("slc", "web", None)
+    await watcher.waitFor("slc", "running", timeout=60)
+    work = tmp_path / "pods" / "slc" / "work"
+    (work / "notes.txt").write_text("kept")
+    first = jobs(cluster)["dit4c-slc"]["job"]
+    await node.stop("slc")
+    await node.resume("slc")
+    await eventually(lambda: watcher.history("slc")[-1] == "running", 60, what=lambda: str(watcher.history("slc")))
+    assert jobs(cluster, "RUNNING")["dit4c-slc"]["job"] != first
+    port = json.loads((work.parent / "ready").read_text())["port"]
+    assert b"notes.txt" in await fetch(port)
+    await node.stop("slc")
