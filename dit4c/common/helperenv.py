@@ -37,6 +37,7 @@ _VARIABLES: dict[str, tuple[str, bool]] = {
     "DIT4C_ROUTING": ("routing", False),
     "DIT4C_ROUTING_AUDIENCE": ("routingAudience", False),
     "DIT4C_STATE_DIR": ("stateDir", False),
+    "DIT4C_ONION": ("onion", False),
     "DIT4C_IMAGE_SERVER": ("imageServer", False),
     "DIT4C_IMAGE_FILE": ("imageFile", False),
     "DIT4C_IMAGE_DIGEST": ("imageDigest", False),
@@ -75,6 +76,9 @@ class HelperEnvironment:
     routingAudience: str = "dit4c-routing"
     #: A directory the helpers may keep state in across restarts.
     stateDir: str | None = None
+    #: Client endpoint of a tor's control port: the listener publishes the
+    #: instance as an onion service there instead of dialling a routing server.
+    onion: str | None = None
     #: The upload helper's: the image server's base URL, the saved image
     #: (an archive the node made) and its digest (``sha256:<hex>``).
     imageServer: str | None = None

@@ -22,7 +22,7 @@ from dit4c.listener.service import ListenerService
 
 
 class Options(usage.Options):
-    synopsis = "[--routing ENDPOINT] [--target ENDPOINT] [--key-file PATH --instance ID | --token-file PATH]"
+    synopsis = "[--routing ENDPOINT | --onion CONTROL_ENDPOINT] [--target ENDPOINT] [--key-file PATH --instance ID | --token-file PATH]"
     longdesc = (
         "Keep a tunnel open to a DIT4C routing server and forward every "
         "connection that arrives through it to a target endpoint (the auth "
@@ -36,7 +36,10 @@ class Options(usage.Options):
         "hand, give --routing, --target, and --key-file with --instance (a "
         "key the routing server trusts, as 'dit4c jwks' prints it). If "
         "another listener takes the instance's name, it dials again: at "
-        "once, then with a growing back-off while that keeps happening."
+        "once, then with a growing back-off while that keeps happening. "
+        "With --onion (or DIT4C_ONION) it dials no routing server: it "
+        "publishes the target as a Tor onion service through that tor's "
+        "control port, and reports http://<name>.onion/ to the portal."
     )
     optParameters = [
         ["routing", None, None, "Client endpoint of the routing server's tunnel port: tcp:host=H:port=P, tls:H:P, or dit4c-ws:url=wss\\://H/.dit4c/tunnel; several, separated by spaces: the nearest (fastest to connect, at every reconnect). Default: $DIT4C_ROUTING."],
@@ -44,19 +47,30 @@ class Options(usage.Options):
         ["instance", None, None, "Instance id (the host name label) the tokens name. Default: $DIT4C_INSTANCE."],
         ["token-file", None, None, "Instead of signing: a file holding a routing token made elsewhere ('dit4c token'), read again at every dial. A token serves one dial only, so whatever writes the file must put a new one there before each; prefer --key-file."],
         ["target", None, None, "Client endpoint to forward each stream to, e.g. tcp:host=127.0.0.1:port=8888. Default: $DIT4C_AUTH."],
+        ["onion", None, None, "Instead of a routing server: client endpoint of a tor's control port (tcp:host=127.0.0.1:port=9051, unix:path=/run/tor/control), where the target is published as an onion service. Default: $DIT4C_ONION (unless --routing is given)."],
+        ["onion-key", None, None, "With --onion: file keeping the onion service's key (made at the first start, mode 0600), so that a restart keeps the same .onion name. Default: $DIT4C_STATE_DIR/onion-service.key; neither: a new name at every start."],
     ]
 
     def postOptions(self) -> None:
         self["helper"] = None
+        if self["routing"] and self["onion"]:
+            raise usage.UsageError("give --routing or --onion, not both")
         if os.environ.get("DIT4C_INSTANCE"):
             try:
                 self["helper"] = fromEnvironment()
             except HelperEnvironmentError as e:
                 raise usage.UsageError(str(e)) from None
-            if not self["routing"] and self["helper"].routing:
+            # What is given on the command line wins; else an onion service
+            # where the node says so, else its routing servers.
+            if not self["routing"] and not self["onion"]:
+                self["onion"] = self["helper"].onion
+            if not self["routing"] and not self["onion"] and self["helper"].routing:
                 self["routing"] = list(self["helper"].routing)
             if not self["target"]:
                 self["target"] = self["helper"].auth
+        if self["onion"]:
+            self._onionOptions()
+            return
         for key in ("routing", "target"):
             if not self[key]:
                 raise usage.UsageError(f"--{key} is required (or the helper environment)")
@@ -65,6 +79,27 @@ class Options(usage.Options):
         endpointList(self["routing"], server=False, option="routing")
         endpointList([self["target"]], server=False, option="target")
         self._tokenSource()
+
+    def _onionOptions(self) -> None:
+        """Settle the onion service's options: its tor, target, key file, and the instance key its URL report is signed with."""
+        from dit4c.listener.onion import ONION_KEY_FILE
+
+        helper = self["helper"]
+        if not self["target"]:
+            raise usage.UsageError("--target is required (or the helper environment)")
+        endpointList([self["onion"]], server=False, option="onion")
+        endpointList([self["target"]], server=False, option="target")
+        if self["onion-key"] is None and helper is not None and helper.stateDir:
+            self["onion-key"] = str(Path(helper.stateDir) / ONION_KEY_FILE)
+        self["key"] = None
+        if helper is not None:
+            # The portal is told the URL, signed with the instance key.
+            try:
+                self["key"] = loadPrivateKey(helper.keyFile)
+            except KeyFileError as e:
+                raise usage.UsageError(f"DIT4C_INSTANCE_KEY: {e}") from None
+            except OSError as e:
+                raise usage.UsageError(f"DIT4C_INSTANCE_KEY: cannot read {helper.keyFile}: {e.strerror}") from None
 
     def _tokenSource(self) -> None:
         """Settle where tokens come from: ``key`` and ``instance`` (and ``scoped``), or ``token-file``."""
@@ -132,6 +167,8 @@ def makeService(config: Options, reactor: Any = None) -> IService:
 
         reactor = _reactor
     helper = config["helper"]
+    if config["onion"]:
+        return _onionService(config, reactor)
     onRegistered = None
     token: Callable[[], str]
     if config["token-file"]:
@@ -165,3 +202,22 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         # Whether anyone uses the instance, for the portal's idle limit.
         ActivityReporter(reactor, listener, helper.portalBase, helper.instance, config["key"]).setServiceParent(listener)
     return listener
+
+
+def _onionService(config: Options, reactor: Any) -> IService:
+    """The target published as an onion service, its URL reported to the portal where a node runs the listener."""
+    from dit4c.listener.onion import OnionService
+
+    helper = config["helper"]
+    onPublished = None
+    if helper is not None:
+        from dit4c.listener.report import URLReporter
+
+        onPublished = URLReporter(reactor, helper.portalBase, helper.instance, config["key"]).report
+    return OnionService(
+        reactor,
+        clientFromString(reactor, config["onion"]),
+        clientFromString(reactor, config["target"]),
+        keyFile=Path(config["onion-key"]) if config["onion-key"] else None,
+        onPublished=onPublished,
+    )

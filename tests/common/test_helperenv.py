@@ -24,6 +24,7 @@ FULL = HelperEnvironment(
     routing=("tcp:host=10.0.0.1:port=8001", "tls:routing.example:8443"),
     routingAudience="dit4c-routing-2",
     stateDir="/pods/abc1/state",
+    onion="tcp:host=127.0.0.1:port=9051",
     imageServer="http://images.example:8600",
     imageFile="/pods/abc1/saved-image.tar",
     imageDigest="sha256:" + "0" * 64,

@@ -11,18 +11,36 @@ hundred MiB to start); every test publishes its own onion services.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
 
 import pytest
 import pytest_twisted
+import treq
 from support.backend import startBackend
+from support.routing import Signing
 from support.tornet import TorNetwork, requireTor, startTorNetwork
 from support.waiting import eventually
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import clientFromString, connectProtocol, serverFromString
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
+from twisted.web.server import Site
+
+from dit4c.auth.service import AuthService
+from dit4c.common.keys import generatePrivateKey, publicJWK, savePrivateKey
+from dit4c.listener import tap as listenerTap
+from dit4c.listener.onion import ONION_KEY_FILE, OnionService
+from dit4c.listener.service import ListenerService
+from dit4c.portal.app import Portal, PortalConfig
+from dit4c.portal.keys import KeyRing
+from dit4c.portal.reportrules import isOnionV3
+from dit4c.portal.store import openStore
+from dit4c.routing.server import RoutingServer
 
 requireTor("The tests over a private Tor network")
 
@@ -31,12 +49,16 @@ pytestmark = pytest.mark.slow
 #: Seconds a first onion round trip may take: the descriptor reaches the
 #: directories, the client fetches it and builds the circuits.
 FIRST_TRIP = 120.0
+#: The portal's public URL, as a browser reaches it (the auth helper sends browsers there to log in).
+PORTAL = "http://portal.test"
+#: A browser's navigation: the auth helper answers it with a redirect to log in (others get 401).
+BROWSER = "Accept: text/html\r\n"
 
 
 @pytest_twisted.async_yield_fixture(scope="module")
 async def tornet(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[TorNetwork]:
     net = await startTorNetwork(tmp_path_factory.mktemp("tornet"))
-    print(f"private Tor network bootstrapped in {net.bootstrapSeconds:.1f} s")
+    print(f"private Tor network: keys made in {net.keySeconds:.1f} s, bootstrapped {net.bootstrapSeconds:.1f} s later")
     try:
         yield net
     finally:
@@ -109,3 +131,125 @@ async def test_an_onion_endpoint_string_is_reached_through_a_tor_endpoint_string
     finally:
         await defer.maybeDeferred(port.stopListening)
         await backend.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_listener_tunnel_to_a_routing_server_reached_only_through_tor(
+    tornet: TorNetwork, signing: Signing, backend: Any
+) -> None:
+    """
+    A routing server whose tunnel port is an onion service
+    (``--tunnel onion:9000:controlPort=...:version=3``) and a listener
+    that dials it through Tor (``--routing tor:host=<name>.onion:port=9000:...``):
+    the tunnel comes up, and a request to the instance's host name at the
+    routing server's public port reaches the tool through it.
+    """
+    server = RoutingServer(reactor, signing.verifier(), "localhost", drainTimeout=2.0)
+    tunnel = server.addTunnelEndpoint(serverFromString(reactor, f"onion:9000:controlPort={tornet.controlPort}:version=3"))
+    public = server.addPublicEndpoint(serverFromString(reactor, "tcp:0:interface=127.0.0.1"), "http")
+    server.startService()
+    listener = None
+    try:
+        await eventually(lambda: tunnel.port is not None, 60, 0.2, "the routing server's onion service published")
+        onion = tunnel.port.getHost().onion_uri  # type: ignore[union-attr]
+        options = listenerTap.Options()
+        options.parseOptions([
+            "--routing", tornet.dial(onion, 9000), "--target", backend.endpoint,
+            "--key-file", str(signing.keyPath), "--instance", "abc",
+        ])  # fmt: skip
+        listener = listenerTap.makeService(options, reactor)
+        assert isinstance(listener, ListenerService)
+        listener.startService()
+        began = time.monotonic()
+        welcome = await eventually(lambda: listener.welcome, FIRST_TRIP, 0.2, lambda: f"a tunnel through Tor: {listener.lastError}")
+        print(f"listener registered through Tor in {time.monotonic() - began:.1f} s")
+        assert welcome["host"] == "abc.localhost"
+        port = public.port.getHost().port  # type: ignore[union-attr]
+        response = await treq.get(f"http://127.0.0.1:{port}/bytes?n=5", headers={"Host": "abc.localhost"})
+        assert response.code == 200
+        assert len(await response.content()) == 5
+    finally:
+        if listener is not None:
+            await defer.maybeDeferred(listener.stopService)
+        await server.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_listener_publishes_its_instance_as_an_onion_service_with_no_routing_server(
+    tornet: TorNetwork, backend: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A listener given only a tor's control port (``DIT4C_ONION``, no
+    ``DIT4C_ROUTING``) publishes the instance's auth helper as an onion
+    service and reports ``http://<name>.onion/`` to a portal that takes
+    onion URLs; a browser's request through Tor reaches the auth helper,
+    which sends it to log in at the portal. Started again (a resume), it
+    keeps the same name: the key is in the pod's state directory.
+    """
+    store = await openStore(f"sqlite:///{tmp_path / 'portal.db'}", reactor)
+    portal = Portal(store, KeyRing(tmp_path / "keys", issuer=PORTAL), PortalConfig(publicURL=PORTAL), reactor)
+    portal.reports.onionURLs = True
+    portalPort = reactor.listenTCP(0, Site(portal.app.resource()), interface="127.0.0.1")
+    alice = await store.createUser("alice")
+    image = await store.createImage("Notes", "notes:latest", port=8888)
+    key = generatePrivateKey()
+    savePrivateKey(key, tmp_path / "instance.pem")
+    instance = await store.createInstance(alice.id, image.id, public_jwk=json.dumps(publicJWK(key)))
+    instance = await store.updateInstance(instance.id, state="running")
+    (tmp_path / "state").mkdir()
+    auth = AuthService(
+        reactor, instance=instance.id, keyFile=str(tmp_path / "instance.pem"), portal=PORTAL,
+        portalInternal=f"http://127.0.0.1:{portalPort.getHost().port}",
+        listen=serverFromString(reactor, "tcp:0:interface=127.0.0.1"), tool=clientFromString(reactor, backend.endpoint),
+    )  # fmt: skip
+    auth.startService()
+    for name, value in {
+        "DIT4C_INSTANCE": instance.id,
+        "DIT4C_INSTANCE_KEY": str(tmp_path / "instance.pem"),
+        "DIT4C_PORTAL": PORTAL,
+        "DIT4C_PORTAL_INTERNAL": f"http://127.0.0.1:{portalPort.getHost().port}",
+        "DIT4C_AUTH": f"tcp:host=127.0.0.1:port={auth.port.getHost().port}",
+        "DIT4C_STATE_DIR": str(tmp_path / "state"),
+        "DIT4C_ONION": f"tcp:host=127.0.0.1:port={tornet.controlPort}",
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("DIT4C_ROUTING", raising=False)
+    listener: Any = None
+    try:
+        options = listenerTap.Options()
+        options.parseOptions([])
+        listener = listenerTap.makeService(options, reactor)
+        assert isinstance(listener, OnionService)
+        began = time.monotonic()
+        listener.startService()
+        url = await listener.whenPublished().addTimeout(60, reactor)
+        print(f"the listener's onion service published in {time.monotonic() - began:.1f} s")
+        host = urlsplit(url).hostname
+        assert url == f"http://{host}/" and isOnionV3(host)
+
+        async def recorded() -> bool:
+            return (await store.instanceById(instance.id)).url == url
+
+        await eventually(recorded, 30, 0.1, "the portal recorded the instance's .onion URL")
+        response, seconds = await firstAnswer(tornet.dial(host, 80), host, "/", BROWSER)
+        print(f"first request through Tor to the auth helper answered in {seconds:.1f} s")
+        head = response.split(b"\r\n\r\n", 1)[0].decode()
+        assert head.split()[1] in ("302", "303"), head
+        location = next(line.split(":", 1)[1].strip() for line in head.split("\r\n") if line.lower().startswith("location:"))
+        assert location.startswith(f"{PORTAL}/oauth/authorize?"), location
+        assert f"client_id={instance.id}" in location and quote(url, safe="") in location, location
+        assert oct((tmp_path / "state" / ONION_KEY_FILE).stat().st_mode & 0o777) == "0o600"
+
+        # A resume: the same name, from the kept key.
+        await listener.stopService()
+        listener = listenerTap.makeService(options, reactor)
+        listener.startService()
+        assert await listener.whenPublished().addTimeout(60, reactor) == url
+        response, _ = await firstAnswer(tornet.dial(host, 80), host, "/", BROWSER)
+        assert response.split()[1] in (b"302", b"303")
+    finally:
+        if listener is not None:
+            await listener.stopService()
+        await auth.stopService()
+        await portalPort.stopListening()
+        await store.close()

@@ -1,0 +1,208 @@
+"""
+The listener without a routing server: the instance published as a Tor
+onion service (txtorcon), reachable at ``http://<56 characters>.onion/``
+from any Tor client, with no routing server and no open port on the node.
+
+The service is ephemeral (``ADD_ONION``, tied to this helper's control
+connection: it ends when the helper stops, and tor never keeps a service
+of a stopped instance in its configuration) with a key kept in the pod's
+state directory: the first start has tor make the key, which is saved
+(mode 0600); a resumed instance hands it back, so it keeps the same
+.onion name, the URL the portal recorded and the person bookmarked.
+Without a state directory the key is new at every start.
+
+Each connection the onion service brings (tor connects to a port this
+helper listens on at 127.0.0.1) goes to the target: spliced to a new
+connection to the auth helper, or, where the auth helper runs in this
+same process (the pod helper), handed to its protocol factory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from dit4c.listener.service import backoff
+from dit4c.tunnel.splice import SpliceProtocol
+
+__all__ = ["ONION_KEY_FILE", "OnionService", "SpliceFactory", "onionURL"]
+
+#: The onion service's key, in the pod's state directory.
+ONION_KEY_FILE = "onion-service.key"
+#: The port the service offers (the URL has none: http's own).
+ONION_PORT = 80
+
+
+def onionURL(hostname: str) -> str:
+    """The public URL of an onion service named ``hostname`` (``<56 characters>.onion``)."""
+    return f"http://{hostname}/"
+
+
+class _Inbound(SpliceProtocol):
+    """A connection from tor: dials the target once connected, and is spliced to it."""
+
+    def __init__(self, target: IStreamClientEndpoint) -> None:
+        super().__init__()
+        self.target = target
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.target.connect(Factory.forProtocol(SpliceProtocol)).addCallbacks(self._joined, self._failed)
+
+    def _joined(self, outbound: SpliceProtocol) -> None:
+        if self.transport is None or not self.transport.connected:  # type: ignore[attr-defined]
+            outbound.transport.loseConnection()
+            return
+        self.join(outbound)
+
+    def _failed(self, failure: Failure) -> None:
+        OnionService.log.info("the target refused a connection: {reason}", reason=failure.getErrorMessage())
+        self.transport.loseConnection()
+
+
+class SpliceFactory(Factory):
+    """Each connection spliced to a new one to ``target``."""
+
+    noisy = False
+
+    def __init__(self, target: IStreamClientEndpoint) -> None:
+        self.target = target
+
+    def buildProtocol(self, addr: Any) -> _Inbound:
+        return _Inbound(self.target)
+
+
+class OnionService(Service):
+    """
+    Publishes ``target`` as an onion service through the tor at
+    ``control`` (its control port: a client endpoint), calls
+    ``onPublished`` with the service's URL, and keeps trying (with
+    back-off) while tor cannot be reached or refuses.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        control: IStreamClientEndpoint,
+        target: IStreamClientEndpoint | IProtocolFactory,
+        *,
+        keyFile: Path | None = None,
+        onPublished: Callable[[str], Any] | None = None,
+        retryPolicy: Callable[[int], float] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.control = control
+        self.factory: IProtocolFactory = target if IProtocolFactory.providedBy(target) else SpliceFactory(target)
+        self.keyFile = keyFile
+        self.onPublished = onPublished
+        self.retryPolicy = retryPolicy or backoff(initial=1.0, maximum=60.0)
+        #: The service's URL, once published.
+        self.url: str | None = None
+        self._tor: Any = None
+        self._onion: Any = None
+        self._port: IListeningPort | None = None
+        self._running: Deferred[None] | None = None
+        self._waiting: list[Deferred[str]] = []
+
+    def startService(self) -> None:
+        super().startService()
+        self._running = Deferred.fromCoroutine(self._keepTrying())
+        self._running.addErrback(lambda f: f.trap(CancelledError))
+
+    def whenPublished(self) -> Deferred[str]:
+        """The service's URL, now or once it is published."""
+        d: Deferred[str] = Deferred()
+        if self.url is not None:
+            d.callback(self.url)
+        else:
+            self._waiting.append(d)
+        return d
+
+    async def _keepTrying(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self._publish()
+                return
+            except CancelledError:
+                raise
+            except Exception as e:
+                await self._close()
+                attempt += 1
+                delay = self.retryPolicy(attempt)
+                self.log.warn(
+                    "could not publish the onion service ({why}); again in {delay:.1f} s", why=e or type(e).__name__, delay=delay
+                )
+                await deferLater(self.reactor, delay, lambda: None)
+
+    async def _publish(self) -> None:
+        import txtorcon
+
+        self._port = await serverFromString(self.reactor, "tcp:0:interface=127.0.0.1").listen(self.factory)
+        local = self._port.getHost().port  # type: ignore[union-attr]
+        self._tor = await txtorcon.connect(self.reactor, self.control)
+        key = self._savedKey()
+        self._onion = await self._tor.create_onion_service(
+            ports=[(ONION_PORT, f"127.0.0.1:{local}")], private_key=key, version=3, detach=False
+        )
+        if key is None:
+            self._saveKey(self._onion.private_key)
+        self.url = onionURL(self._onion.hostname)
+        self.log.info("the instance is published as an onion service at {url}", url=self.url)
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(self.url)
+        if self.onPublished is not None:
+            self.onPublished(self.url)
+
+    def _savedKey(self) -> str | None:
+        if self.keyFile is None or not self.keyFile.exists():
+            return None
+        return self.keyFile.read_text().strip() or None
+
+    def _saveKey(self, key: str | None) -> None:
+        if self.keyFile is None or not key:
+            return
+        partial = self.keyFile.with_name(self.keyFile.name + ".new")
+        descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as f:
+            f.write(key + "\n")
+        partial.replace(self.keyFile)
+
+    async def _close(self) -> None:
+        onion, self._onion = self._onion, None
+        tor, self._tor = self._tor, None
+        port, self._port = self._port, None
+        if onion is not None:
+            try:
+                await onion.remove()
+            except Exception as e:  # tor gone already: the service went with it
+                self.log.info("could not remove the onion service: {why}", why=e)
+        if tor is not None:
+            try:
+                await tor.quit()
+            except Exception as e:  # the connection is gone already
+                self.log.info("tor's control connection ended: {why}", why=e)
+        if port is not None:
+            await maybeDeferred(port.stopListening)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        running, self._running = self._running, None
+        if running is not None and not running.called:
+            running.cancel()
+        self.url = None
+        return Deferred.fromCoroutine(self._close())
