@@ -198,7 +198,7 @@ async def test_save_packs_the_jobs_working_directory(nodes: Any, tmp_path: Path)
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_job_past_its_time_limit_is_errored_with_the_reason(nodes: Any, cluster: SlurmCluster) -> None:
+async def test_a_job_past_its_time_limit_is_errored_with_the_reason(nodes: Any, cluster: SlurmCluster, tmp_path: Path) -> None:
     # One minute is Slurm's shortest limit; slurmctld looks at limits every half minute or so.
     node, runtime, watcher = nodes(timeLimit=1)
     await node.start("sl8", "web", None)
@@ -207,6 +207,8 @@ async def test_a_job_past_its_time_limit_is_errored_with_the_reason(nodes: Any, 
     errored = await watcher.waitFor("sl8", "errored", timeout=150)
     assert errored.reason == "The cluster ended the job at its time limit (1 min)."
     assert jobs(cluster)["dit4c-sl8"]["state"] == "TIMEOUT"
+    # What says so once slurmctld has forgotten the job (after MinJobAge): slurmstepd's line in the job's output.
+    assert "DUE TO TIME LIMIT" in (tmp_path / "pods" / "sl8" / "job.log").read_text()
 
 
 @pytest_twisted.ensureDeferred
