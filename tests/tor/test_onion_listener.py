@@ -1,0 +1,117 @@
+"""
+The listener's choice between a routing server and an onion service, and
+the onion service's patience with a tor it cannot reach, without Tor: the
+options and the environment a node hands it decide which it runs, and an
+onion service whose tor refuses tries again after its back-off, and stops
+trying once stopped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
+from zope.interface import implementer
+
+from dit4c.common.keys import generatePrivateKey, savePrivateKey
+from dit4c.listener.onion import ONION_KEY_FILE, OnionService
+from dit4c.listener.service import ListenerService
+from dit4c.listener.tap import Options, makeService
+
+CONTROL = "tcp:host=127.0.0.1:port=9051"
+ROUTING = "tcp:host=127.0.0.1:port=8001"
+TARGET = "tcp:host=127.0.0.1:port=8765"
+
+
+@pytest.fixture
+def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The helper environment a node writes (routing servers, no onion service yet); the pod's state directory."""
+    savePrivateKey(generatePrivateKey(), tmp_path / "instance.pem")
+    (tmp_path / "state").mkdir()
+    for name, value in {
+        "DIT4C_INSTANCE": "abc1",
+        "DIT4C_INSTANCE_KEY": str(tmp_path / "instance.pem"),
+        "DIT4C_PORTAL": "http://portal.test",
+        "DIT4C_AUTH": TARGET,
+        "DIT4C_ROUTING": ROUTING,
+        "DIT4C_STATE_DIR": str(tmp_path / "state"),
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("DIT4C_ONION", raising=False)
+    return tmp_path / "state"
+
+
+def parsed(*args: str) -> Options:
+    options = Options()
+    options.parseOptions(list(args))
+    return options
+
+
+def test_a_node_that_names_a_tor_gets_an_onion_service_instead_of_a_tunnel(node: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert isinstance(makeService(parsed(), MemoryReactorClock()), ListenerService)
+    monkeypatch.setenv("DIT4C_ONION", CONTROL)
+    options = parsed()
+    service = makeService(options, MemoryReactorClock())
+    assert isinstance(service, OnionService)
+    # Its key where a resume finds it again.
+    assert service.keyFile == node / ONION_KEY_FILE
+
+
+def test_the_command_line_wins_over_the_environment(node: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DIT4C_ONION", CONTROL)
+    assert isinstance(makeService(parsed("--routing", ROUTING), MemoryReactorClock()), ListenerService)
+    monkeypatch.delenv("DIT4C_ONION")
+    service = makeService(parsed("--onion", CONTROL, "--onion-key", str(node / "mine.key")), MemoryReactorClock())
+    assert isinstance(service, OnionService) and service.keyFile == node / "mine.key"
+
+
+def test_routing_and_onion_together_are_refused(node: Path) -> None:
+    with pytest.raises(usage.UsageError, match="--routing or --onion"):
+        parsed("--routing", ROUTING, "--onion", CONTROL)
+
+
+def test_an_onion_service_by_hand_needs_a_target_and_a_control_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DIT4C_INSTANCE", raising=False)
+    with pytest.raises(usage.UsageError, match="--target"):
+        parsed("--onion", CONTROL)
+    with pytest.raises(usage.UsageError, match="--onion"):
+        parsed("--onion", "nonsense:x", "--target", TARGET)
+    # By hand it needs no key: there is no portal to tell, and no state directory: a new name each start.
+    service = makeService(parsed("--onion", CONTROL, "--target", TARGET), MemoryReactorClock())
+    assert isinstance(service, OnionService) and service.keyFile is None and service.onPublished is None
+
+
+@implementer(IStreamClientEndpoint)
+class RefusingTor:
+    """A control endpoint whose tor is not there."""
+
+    def __init__(self) -> None:
+        self.attempts = 0
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        self.attempts += 1
+        return fail(ConnectionRefusedError("no tor"))
+
+
+def test_an_onion_service_tries_again_after_its_back_off_until_stopped() -> None:
+    reactor = MemoryReactorClock()
+    tor = RefusingTor()
+    service = OnionService(reactor, tor, RefusingTor(), retryPolicy=lambda attempt: 5.0 * attempt)
+    service.startService()
+    assert tor.attempts == 1 and service.url is None
+    reactor.advance(4.9)
+    assert tor.attempts == 1
+    reactor.advance(0.1)
+    assert tor.attempts == 2
+    reactor.advance(10)
+    assert tor.attempts == 3
+    service.stopService()
+    reactor.advance(100)
+    assert tor.attempts == 3
+    assert not reactor.getDelayedCalls()
