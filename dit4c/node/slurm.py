@@ -294,7 +294,12 @@ class SlurmRuntime(SlurmCommands):
         if self._poll is None:
             self._poll = LoopingCall(lambda: Deferred.fromCoroutine(self._look()))
             self._poll.clock = self.reactor
-            self._poll.start(self.pollInterval, now=True).addErrback(lambda f: self.log.failure("watching the jobs", f))
+            self._poll.start(self.pollInterval, now=True).addErrback(self._pollFailed)
+
+    def _pollFailed(self, failure: Any) -> None:
+        """A bug in a look at the queue: said, and the next job watched starts the looks again."""
+        self.log.failure("watching the jobs", failure)
+        self._poll = None
 
     def _stopPolling(self) -> None:
         if self._poll is not None and self._poll.running:
@@ -314,14 +319,14 @@ class SlurmRuntime(SlurmCommands):
         byId = {job.id: job for job in queue}
         for instance, jobId in list(self._jobs.items()):
             job = byId.get(jobId)
-            if instance in self._stopping:
-                continue
+            if instance in self._stopping or self._jobs.get(instance) != jobId:
+                continue  # stopped, or started again, while an earlier one was looked at
             if job is not None and job.state == "PENDING":
                 self._tell(instance, f"Waiting for the cluster: position {queuePosition(job, queue)}.")
             elif job is not None and job.alive:
                 self._tell(instance, f"Running on the cluster's node {job.nodes}; waiting for the tool.")
             else:
-                del self._jobs[instance]
+                self._jobs.pop(instance, None)
                 self._told.pop(instance, None)
                 reason = await self._endReason(instance, job)
                 self.log.warn("{instance}: job {job} ended: {reason}", instance=instance, job=jobId, reason=reason)
@@ -378,7 +383,7 @@ class SlurmRuntime(SlurmCommands):
         as a pod that runs: the node waits for it again), and every pod
         directory whose job has ended, with why.
         """
-        queue = await self._queue()
+        queue = await self._patientQueue()
         prefix = f"{self.prefix}-"
         found: dict[str, PodStatus] = {}
         for job in queue:
@@ -399,6 +404,22 @@ class SlurmRuntime(SlurmCommands):
         return [found[instance] for instance in sorted(found)]
 
     # -- stopping ---------------------------------------------------------------------------
+
+    async def _patientQueue(self, tries: int = 3) -> list[Job]:
+        """
+        The queue, asked again (a second apart) if slurmctld does not
+        answer at once: a restarted node that took every job for gone
+        would error every instance.
+        """
+        for attempt in range(tries):
+            try:
+                return await self._queue()
+            except SlurmError as e:
+                if attempt == tries - 1:
+                    raise
+                self.log.warn("cannot see the cluster's jobs, asking again: {error}", error=str(e))
+                await deferLater(self.reactor, 1.0, lambda: None)
+        raise AssertionError("not reached")
 
     async def _liveJob(self, instance: str) -> Job | None:
         """``instance``'s job if it holds or waits for its place in the cluster."""
