@@ -253,3 +253,32 @@ async def test_a_listener_publishes_its_instance_as_an_onion_service_with_no_rou
         await auth.stopService()
         await portalPort.stopListening()
         await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_commands_a_site_runs_for_a_routing_server_reached_through_tor(
+    tornet: TorNetwork, signing: Signing, backend: Any, processes: Any
+) -> None:
+    """
+    The same through the commands a site runs: ``twistd dit4c-routing
+    --tunnel onion:...`` says its onion service's name in its log, and
+    ``twistd dit4c-helper-listener --routing tor:...`` dials it.
+    """
+    routing = processes(
+        "dit4c-routing", "--tunnel", f"onion:9000:controlPort={tornet.controlPort}:version=3",
+        "--http", "tcp:0:interface=127.0.0.1", "--jwks-file", str(signing.jwksPath),
+    )  # fmt: skip
+    match = await routing.waitForLog(r"tunnel listening on TorOnionAddress\(([a-z2-7]{56}\.onion)\)", 60)
+    onion = match.group(1)
+    http = await routing.waitForPort("public http")
+    listener = processes(
+        "dit4c-helper-listener", "--routing", tornet.dial(onion, 9000), "--target", backend.endpoint,
+        "--key-file", str(signing.keyPath), "--instance", "abc", env={"DIT4C_INSTANCE": ""},
+    )  # fmt: skip
+    await listener.waitForLog("tunnel up: instance abc", FIRST_TRIP)
+
+    async def served() -> bool:
+        response = await treq.get(f"http://127.0.0.1:{http}/bytes?n=5", headers={"Host": "abc.localhost"})
+        return response.code == 200 and len(await response.content()) == 5
+
+    await eventually(served, 10, 0.2, "the tool through the routing server's onion tunnel")
