@@ -20,7 +20,7 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 
 from dit4c.node.cgroups import MIB, oomKillsAt, reachedAt
-from dit4c.node.errors import RuntimeError_
+from dit4c.node.errors import PodmanError, RuntimeError_
 from dit4c.node.interfaces import PodStatus
 from dit4c.node.podmancommand import SAVED_PREFIX, PodmanCommands
 from dit4c.node.processes import PodProcess, removePodDirectory
@@ -362,9 +362,9 @@ class PodmanPods(PodmanCommands):
         """
         await self._stopHelpers(pod)
         if removePod:
-            await self._run(
+            await self._runUnlessGone(
                 "pod", "stop", "--ignore", "--time", str(self.stopTimeout), self.podName(pod.instance),
-                timeout=self.stopTimeout + self.commandTimeout, what="stopping the pod",
+                what="stopping the pod",
             )  # fmt: skip
         await self._stopStorage(pod)
         if removePod:
@@ -374,15 +374,27 @@ class PodmanPods(PodmanCommands):
                 await deferToThreadPool(
                     self.reactor, self.reactor.getThreadPool(), removePodDirectory, directory
                 )
-            await self._run(
+            await self._runUnlessGone(
                 "pod", "rm", "--ignore", "--force", "--time", str(self.stopTimeout), self.podName(pod.instance),
-                timeout=self.stopTimeout + self.commandTimeout,
                 what="removing the pod",
             )  # fmt: skip
             if loaded is not None:
                 # Refused (and left) while another pod restored from the same image still uses it.
                 await self._spawn([self.podman, "rmi", loaded])
         pod.state = PodPhase.DOWN
+
+    async def _runUnlessGone(self, *args: str, what: str) -> None:
+        """
+        A ``podman pod stop|rm --ignore``: done if the pod is gone, also when
+        it went while podman looked at it (``--ignore`` covers only a pod
+        that was gone before; one removed between podman's finding its name
+        and acting on its id fails with "no such pod").
+        """
+        try:
+            await self._run(*args, timeout=self.stopTimeout + self.commandTimeout, what=what)
+        except PodmanError as e:
+            if "no such pod" not in str(e):
+                raise
 
     async def _loadedImage(self, instance: str) -> str | None:
         """

@@ -31,12 +31,11 @@ from typing import Any
 import pytest
 import pytest_twisted
 from flows import logIn, startDev, startTool
-from support.podman import podmanEnv, podmanUnavailable, removePods, requirePodman
+from support.podman import cleanUpDev, podmanEnv, podmanUnavailable, requirePodman
 from support.waiting import eventually
-from twisted.internet import reactor, threads
+from twisted.internet import threads
 
 from dit4c.dev.service import PODMAN_CATALOGUE
-from dit4c.node.processes import killRecorded
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = f"dit4c-cat{os.getpid()}"
@@ -51,10 +50,9 @@ def podman() -> None:
 
 
 @pytest_twisted.async_yield_fixture
-async def devDir(tmp_path: Path, podman: None) -> Any:
+async def devDir(tmp_path: Path, podman: None, processes: Any) -> Any:
     yield tmp_path / "dev"
-    await removePods(reactor, PREFIX)
-    killRecorded(tmp_path / "dev")
+    await cleanUpDev(processes, tmp_path / "dev", PREFIX)
 
 
 def built(name: str) -> str:

@@ -19,16 +19,13 @@ import pytest_twisted
 from flows import addPerson, logIn, openTool, refused, startDev, startTool
 from support.podman import (
     buildWebSocketToolImage,
+    cleanUpDev,
     gccUnavailable,
     podmanEnv,
     podmanUnavailable,
-    removePods,
     requirePodman,
 )
 from support.waiting import eventually
-from twisted.internet import reactor
-
-from dit4c.node.processes import killRecorded
 
 PREFIX = f"dit4c-e2e{os.getpid()}"
 
@@ -39,10 +36,9 @@ def podman() -> None:
 
 
 @pytest_twisted.async_yield_fixture
-async def devDir(tmp_path: Path, podman: None) -> Any:
+async def devDir(tmp_path: Path, podman: None, processes: Any) -> Any:
     yield tmp_path / "dev"
-    await removePods(reactor, PREFIX)
-    killRecorded(tmp_path / "dev")
+    await cleanUpDev(processes, tmp_path / "dev", PREFIX)
 
 
 def pods() -> list[str]:

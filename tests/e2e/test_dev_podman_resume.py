@@ -21,16 +21,14 @@ import pytest_twisted
 from flows import logIn, openTool, startDev, startTool
 from support.podman import (
     buildWebSocketToolImage,
+    cleanUpDev,
     gccUnavailable,
     podmanEnv,
     podmanUnavailable,
-    removePods,
     requirePodman,
 )
 from support.waiting import eventually
-from twisted.internet import reactor, threads
-
-from dit4c.node.processes import killRecorded
+from twisted.internet import threads
 
 PREFIX = f"dit4c-e2r{os.getpid()}"
 
@@ -41,10 +39,9 @@ def podman() -> None:
 
 
 @pytest_twisted.async_yield_fixture
-async def devDir(tmp_path: Path, podman: None) -> Any:
+async def devDir(tmp_path: Path, podman: None, processes: Any) -> Any:
     yield tmp_path / "dev"
-    await removePods(reactor, PREFIX)
-    killRecorded(tmp_path / "dev")
+    await cleanUpDev(processes, tmp_path / "dev", PREFIX)
 
 
 def inTool(instance: str, script: str) -> str:

@@ -242,6 +242,22 @@ def buildBusyboxImageSync(
     return _importedSync(reference, changes, lambda: _imageTar(files))
 
 
+async def cleanUpDev(processes: Any, directory: Path, prefix: str) -> None:
+    """
+    After a ``dit4c-dev --runtime podman`` test: its servers stopped first
+    (a node still running would be discarding beside this clean-up), then
+    every pod of ``prefix`` removed and the pod processes it recorded under
+    ``directory`` killed, whatever the test left.
+    """
+    from twisted.internet import reactor
+
+    from dit4c.node.processes import killRecorded
+
+    processes.stopAll()
+    await removePods(reactor, prefix)
+    killRecorded(directory)
+
+
 async def removePods(reactor: Any, prefix: str) -> None:
     """
     Remove every pod of the runtime with this ``prefix``: its helpers (found
