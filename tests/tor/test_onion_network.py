@@ -238,6 +238,12 @@ async def test_a_listener_publishes_its_instance_as_an_onion_service_with_no_rou
         location = next(line.split(":", 1)[1].strip() for line in head.split("\r\n") if line.lower().startswith("location:"))
         assert location.startswith(f"{PORTAL}/oauth/authorize?"), location
         assert f"client_id={instance.id}" in location and quote(url, safe="") in location, location
+        # The portal takes the .onion callback as the instance's own, and sends the browser on to log in.
+        authorize = await treq.get(
+            f"http://127.0.0.1:{portalPort.getHost().port}" + location[len(PORTAL) :], allow_redirects=False
+        )
+        assert authorize.code in (302, 303), await authorize.text()
+        assert "/login" in authorize.headers.getRawHeaders("location")[0], authorize.headers.getRawHeaders("location")
         assert oct((tmp_path / "state" / ONION_KEY_FILE).stat().st_mode & 0o777) == "0o600"
 
         # A resume: the same name, from the kept key.
