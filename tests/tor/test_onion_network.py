@@ -62,6 +62,8 @@ async def tornet(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[TorN
     try:
         yield net
     finally:
+        peak = sum(node.process.peakRSS() for node in net.nodes() if node.process is not None and node.process.proc.poll() is None)
+        print(f"private Tor network: the tors' peak memory together {peak / 2**20:.0f} MiB")
         net.stop()
 
 
