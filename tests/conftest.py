@@ -157,18 +157,40 @@ async def routing(signing: Signing) -> Any:
 # -- a real browser -----------------------------------------------------------------------
 
 
+#: The one Chromium of this worker, kept from test to test: starting one
+#: costs about 2 s of CPU, which some 40 browser tests paid each.
+_browsers: list[Any] = []
+
+
 @pytest_twisted.async_yield_fixture
 async def browser() -> Any:
-    """Headless Chromium (skipped where there is none, failed under CI)."""
+    """
+    Headless Chromium (skipped where there is none, failed under CI): the
+    worker's, with nothing left of the test before (see
+    :meth:`~support.browser.Browser.forget`); a new one if that one no
+    longer answers.
+    """
     from support.browser import requireBrowser, startBrowser
     from twisted.internet import threads
 
     requireBrowser()
-    started = await threads.deferToThread(startBrowser)
+    if not _browsers or _browsers[0].closed:
+        _browsers[:] = [await threads.deferToThread(startBrowser)]
+    started = _browsers[0]
     try:
         yield started
     finally:
-        await started.stop()
+        if not await started.forget():
+            _browsers.clear()
+            await started.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quitBrowser() -> Iterator[None]:
+    """The worker's Chromium stopped when its tests are done."""
+    yield
+    for started in _browsers:
+        started.quit()
 
 
 # -- real processes --------------------------------------------------------------------

@@ -55,6 +55,7 @@ class HarnessSite:
     paths: list[str] = field(default_factory=list)
     echoed: list[str] = field(default_factory=list)
     streams: list[Request] = field(default_factory=list)
+    streamsGone: list[Request] = field(default_factory=list)
     eventsSent: int = 0
     calls: list[IDelayedCall] = field(default_factory=list)
 
@@ -86,7 +87,12 @@ class _Events(Resource):
         request.write(b": open\n\n")  # sends the headers now
         self.state.streams.append(request)
         gone: list[bool] = []
-        request.notifyFinish().addBoth(lambda _: gone.append(True))
+
+        def ended(_: object) -> None:
+            gone.append(True)
+            self.state.streamsGone.append(request)
+
+        request.notifyFinish().addBoth(ended)
 
         def send(data: str) -> None:
             if not gone:
@@ -218,6 +224,38 @@ async def test_httponly_cookie_hidden_from_document_cookie(site: HarnessSite, br
     assert cookies["secret"]["value"] == "s3cret"
     assert cookies["secret"]["httpOnly"] is True
     assert cookies["visible"]["httpOnly"] is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_next_test_sees_nothing_of_this_one(site: HarnessSite, browser: Browser) -> None:
+    """The worker's browser, handed on: no cookie of this test's host (on any port), no second tab, no open stream."""
+    await browser.get(f"http://localhost:{site.port}/cookie")
+    await browser.waitFor("#done", timeout=5)
+    await browser.execute("window.open('about:blank')")
+    await browser.get(f"http://localhost:{site.port}/")
+    await browser.waitForText("#sse", "event 1: one", timeout=10)
+    assert len(await browser.run(lambda: browser.driver.window_handles)) == 2
+    assert {c["name"] for c in await browser.cookies()} >= {"secret", "visible"}
+
+    assert await browser.forget()
+    assert await browser.run(lambda: browser.driver.window_handles) == [browser.driver.current_window_handle]
+    assert await browser.run(lambda: browser.driver.current_url) == "about:blank"
+    # The page is gone, and its event stream with it, before the test's servers stop.
+    await eventually(lambda: site.streamsGone == site.streams, 10, what="the page's stream closed")
+    await browser.get(f"http://localhost:{site.port}/nothing")
+    assert await browser.cookies() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_browser_that_no_longer_answers_is_not_handed_on() -> None:
+    requireBrowser()
+    started = await threads.deferToThread(startBrowser)
+    try:
+        started.driver.service.process.kill()  # chromedriver gone: nothing answers
+        assert not await started.forget()
+    finally:
+        await started.stop()
+    assert not await started.forget()
 
 
 @pytest_twisted.ensureDeferred

@@ -430,6 +430,38 @@ class Browser:
         """Run ``js`` as a function body in the page (``return`` gives the result)."""
         return await self.run(self.driver.execute_script, js, *args)
 
+    # -- one browser for many tests -------------------------------------------------
+
+    async def forget(self) -> bool:
+        """
+        Leave nothing of this test for the next one to see: one blank tab
+        (its pages' scripts and WebSockets gone, before the servers they
+        talk to stop), no cookies (they are per host, not per port: the
+        next test's portal on ``localhost`` would get them), no cache, the
+        default size. False if the browser no longer answers (crashed,
+        wedged, or an alert open): then it is to be stopped, not reused.
+        """
+        if self.closed:
+            return False
+
+        def forget() -> None:
+            driver = self.driver
+            handles = driver.window_handles
+            for handle in handles[1:]:
+                driver.switch_to.window(handle)
+                driver.close()
+            driver.switch_to.window(handles[0])
+            driver.get("about:blank")
+            driver.execute_cdp_cmd("Network.clearBrowserCookies", {})
+            driver.execute_cdp_cmd("Network.clearBrowserCache", {})
+            driver.set_window_size(*WINDOW_SIZE)
+
+        try:
+            await self.run(forget)
+        except Exception:
+            return False
+        return True
+
     # -- stopping ----------------------------------------------------------------
 
     def quit(self) -> None:
