@@ -22,10 +22,10 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.application.service import MultiService
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
@@ -33,10 +33,12 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from dit4c.listener.service import backoff
+from dit4c.common.keys import PrivateKey
+from dit4c.listener.activity import ActivityReporter
+from dit4c.listener.service import ListenerService, backoff
 from dit4c.tunnel.splice import SpliceProtocol
 
-__all__ = ["ONION_KEY_FILE", "OnionService", "SpliceFactory", "onionURL"]
+__all__ = ["ONION_KEY_FILE", "OnionActivity", "OnionService", "SpliceFactory", "onionURL"]
 
 #: The onion service's key, in the pod's state directory.
 ONION_KEY_FILE = "onion-service.key"
@@ -52,9 +54,14 @@ def onionURL(hostname: str) -> str:
 class _Inbound(SpliceProtocol):
     """A connection from tor: dials the target once connected, and is spliced to it."""
 
-    def __init__(self, target: IStreamClientEndpoint) -> None:
+    def __init__(self, factory: SpliceFactory) -> None:
         super().__init__()
-        self.target = target
+        self.factory = factory
+        self.target = factory.target
+
+    def dataReceived(self, data: bytes) -> None:
+        self.factory.bytesIn += len(data)
+        super().dataReceived(data)
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -72,18 +79,22 @@ class _Inbound(SpliceProtocol):
 
 
 class SpliceFactory(Factory):
-    """Each connection spliced to a new one to ``target``."""
+    """Each connection spliced to a new one to ``target``; counted, as a tunnel counts its streams."""
 
     noisy = False
 
     def __init__(self, target: IStreamClientEndpoint) -> None:
         self.target = target
+        #: Connections opened, and the bytes browsers sent on them.
+        self.connections = 0
+        self.bytesIn = 0
 
     def buildProtocol(self, addr: Any) -> _Inbound:
-        return _Inbound(self.target)
+        self.connections += 1
+        return _Inbound(self)
 
 
-class OnionService(Service):
+class OnionService(MultiService):
     """
     Publishes ``target`` as an onion service through the tor at
     ``control`` (its control port: a client endpoint), calls
@@ -103,6 +114,7 @@ class OnionService(Service):
         onPublished: Callable[[str], Any] | None = None,
         retryPolicy: Callable[[int], float] | None = None,
     ) -> None:
+        super().__init__()
         self.reactor = reactor
         self.control = control
         self.factory: IProtocolFactory = target if IProtocolFactory.providedBy(target) else SpliceFactory(target)
@@ -199,10 +211,34 @@ class OnionService(Service):
         if port is not None:
             await maybeDeferred(port.stopListening)
 
-    def stopService(self) -> Deferred[None]:
-        super().stopService()
+    def stopService(self) -> Deferred[Any]:
+        children = super().stopService()
         running, self._running = self._running, None
         if running is not None and not running.called:
             running.cancel()
         self.url = None
-        return Deferred.fromCoroutine(self._close())
+        return gatherResults([children, Deferred.fromCoroutine(self._close())])
+
+    def used(self) -> tuple[int, int]:
+        """Connections opened and bytes received so far (zeros where the target counts its own: a protocol factory)."""
+        if isinstance(self.factory, SpliceFactory):
+            return self.factory.connections, self.factory.bytesIn
+        return 0, 0
+
+
+class OnionActivity(ActivityReporter):
+    """
+    Tells the portal when a browser last used the instance through its
+    onion service (docs/protocols.md 8.8), as the tunnel's reporter does:
+    new connections or bytes from browsers since the last look are use.
+    """
+
+    def __init__(self, reactor: Any, onion: OnionService, portal: str, instance: str, key: PrivateKey, **kwargs: Any) -> None:
+        super().__init__(reactor, cast(ListenerService, None), portal, instance, key, **kwargs)
+        self.onion = onion
+        self._counted = onion.used()
+
+    def used(self) -> bool:
+        now = self.onion.used()
+        before, self._counted = self._counted, now
+        return now != before

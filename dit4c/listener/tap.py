@@ -206,7 +206,7 @@ def makeService(config: Options, reactor: Any = None) -> IService:
 
 def _onionService(config: Options, reactor: Any) -> IService:
     """The target published as an onion service, its URL reported to the portal where a node runs the listener."""
-    from dit4c.listener.onion import OnionService
+    from dit4c.listener.onion import OnionActivity, OnionService
 
     helper = config["helper"]
     onPublished = None
@@ -214,10 +214,14 @@ def _onionService(config: Options, reactor: Any) -> IService:
         from dit4c.listener.report import URLReporter
 
         onPublished = URLReporter(reactor, helper.portalBase, helper.instance, config["key"]).report
-    return OnionService(
+    service = OnionService(
         reactor,
         clientFromString(reactor, config["onion"]),
         clientFromString(reactor, config["target"]),
         keyFile=Path(config["onion-key"]) if config["onion-key"] else None,
         onPublished=onPublished,
     )
+    if helper is not None:
+        # Whether anyone uses the instance, for the portal's idle limit.
+        OnionActivity(reactor, service, helper.portalBase, helper.instance, config["key"]).setServiceParent(service)
+    return service

@@ -3,7 +3,8 @@ The listener's choice between a routing server and an onion service, and
 the onion service's patience with a tor it cannot reach, without Tor: the
 options and the environment a node hands it decide which it runs, and an
 onion service whose tor refuses tries again after its back-off, and stops
-trying once stopped.
+trying once stopped; a browser's connections through it count as use of
+the instance, for the portal's idle limit.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import pytest
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python import usage
 from zope.interface import implementer
 
 from dit4c.common.keys import generatePrivateKey, savePrivateKey
-from dit4c.listener.onion import ONION_KEY_FILE, OnionService
+from dit4c.listener.onion import ONION_KEY_FILE, OnionActivity, OnionService, SpliceFactory
 from dit4c.listener.service import ListenerService
 from dit4c.listener.tap import Options, makeService
 
@@ -115,3 +116,35 @@ def test_an_onion_service_tries_again_after_its_back_off_until_stopped() -> None
     reactor.advance(100)
     assert tor.attempts == 3
     assert not reactor.getDelayedCalls()
+
+
+@implementer(IStreamClientEndpoint)
+class SlowTarget:
+    """An auth helper that has not answered yet: the connection from tor waits, paused."""
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        return Deferred()
+
+
+def test_a_browsers_connections_through_the_onion_service_are_use_of_the_instance(node: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    The portal's idle limit hears of an onion-published instance's use as
+    of a tunnelled one's: a new connection, or bytes on one, since the last
+    look (docs/protocols.md 8.8); a look with neither is no use.
+    """
+    monkeypatch.setenv("DIT4C_ONION", CONTROL)
+    reactor = MemoryReactorClock()
+    service = makeService(parsed(), reactor)
+    assert isinstance(service, OnionService)
+    activity = next(iter(service))
+    assert isinstance(activity, OnionActivity)
+    fromTor = SpliceFactory(SlowTarget())
+    service.factory = fromTor
+    assert not activity.used()
+    connection = fromTor.buildProtocol(None)
+    connection.makeConnection(StringTransport())
+    assert activity.used()
+    assert not activity.used()
+    connection.dataReceived(b"GET / HTTP/1.1\r\n")
+    assert activity.used()
+    assert not activity.used()
