@@ -41,10 +41,12 @@ job's working directory as the process runtime does
 (:func:`dit4c.node.processarchive.packArchive`); a start from a saved image
 unpacks it there first.
 
-The tool runs as the job's user with Slurm's limits, but not confined from
-the pod's other files as the process runtime confines it
-(:mod:`dit4c.node.confine`): on a cluster, the job's user should be one the
-cluster gives this node alone.
+The tool is confined in the job as the process runtime confines it
+(:mod:`dit4c.node.confine`): the directory holding the pods (their keys) is
+hidden from it, the rest of the file system read-only, and, when the node
+(and so its jobs) runs as root, it runs as a uid of its own, one per
+instance, its working directory handed to that uid by the job. Its CPUs and
+memory are Slurm's to enforce (the cluster's task plugin).
 """
 
 from __future__ import annotations
@@ -70,7 +72,15 @@ from dit4c.node.errors import RuntimeError_
 from dit4c.node.interfaces import IRuntime, PodSpec, PodStatus, helperCommand
 from dit4c.node.processarchive import packArchive, unpackArchive
 from dit4c.node.processes import removePodDirectory
-from dit4c.node.processlaunch import AUTH_SOCKET, SOCKET_DIRECTORY, SOCKET_NAME, linkStorage
+from dit4c.node.processlaunch import (
+    AUTH_SOCKET,
+    SOCKET_DIRECTORY,
+    SOCKET_NAME,
+    TOOL_UIDS,
+    homeDirectory,
+    linkStorage,
+)
+from dit4c.node.processlaunch import _exposed as exposed
 from dit4c.node.processtools import Tool, builtinTools
 from dit4c.node.slurmjob import EXIT, JOB, READY
 from dit4c.node.slurmqueue import Job, SlurmCommands, SlurmError, endReason, queuePosition
@@ -113,6 +123,7 @@ class SlurmRuntime(SlurmCommands):
         pollInterval: float = POLL_INTERVAL,
         commandTimeout: float = COMMAND_TIMEOUT,
         slurmEnvironment: Mapping[str, str] | None = None,
+        toolUids: range = TOOL_UIDS,
     ) -> None:
         """
         :param directory: the pods' directory (``<directory>/<instance>/``),
@@ -126,6 +137,8 @@ class SlurmRuntime(SlurmCommands):
             ``dit4c-helper-pod``), given ``--tool-pid-file`` and ``--hold``.
         :param stopGrace: seconds a job's tool has to end after SIGTERM before ``scancel`` ends the job.
         :param slurmEnvironment: added to the environment of every Slurm command (``SLURM_CONF``).
+        :param toolUids: when the node (and so its jobs) runs as root, the
+            uids its tools run as, one per instance, as the process runtime's.
         """
         self.reactor = reactor
         self.directory = directory
@@ -138,6 +151,11 @@ class SlurmRuntime(SlurmCommands):
         self.pollInterval = pollInterval
         self.commandTimeout = commandTimeout
         self.slurmEnvironment = dict(slurmEnvironment or {})
+        #: A job runs as the node's user: as root, each tool runs as a uid of its own.
+        self.root = os.geteuid() == 0
+        self.toolUids = toolUids
+        #: What tools must not see: the directory holding the pods (their keys), and a non-root node's home.
+        self.hide = [str(directory.resolve().parent), *([] if self.root else [str(homeDirectory())])]
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.workDirectory = str(directory)
         #: Each watched instance's job id.
@@ -256,6 +274,11 @@ class SlurmRuntime(SlurmCommands):
             "hold": self.stopGrace + 5.0,
             "helperEnvironment": helperEnv,
             "toolEnvironment": toolEnv,
+            # The tool is confined in the job as the process runtime confines it (dit4c.node.confine).
+            "uid": self._toolUid(spec.instance) if self.root else None,
+            "hide": self.hide,
+            "expose": exposed(),
+            "storage": str(storage) if storage is not None else None,
         }
         jobFile = spec.directory / JOB
         jobFile.write_text(json.dumps(job))
@@ -362,6 +385,23 @@ class SlurmRuntime(SlurmCommands):
         return endReason(job, timeLimit=limit, log=log, exit=exited)
 
     # -- finding jobs again -----------------------------------------------------------------
+
+    def _toolUid(self, instance: str) -> int:
+        """The uid ``instance``'s tool runs as (a root node): the one its ``job.json`` names, or the lowest free."""
+        taken: dict[int, str] = {}
+        for record in self.directory.glob(f"*/{JOB}"):
+            try:
+                uid = json.loads(record.read_text()).get("uid")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if isinstance(uid, int):
+                taken.setdefault(uid, record.parent.name)
+        mine = next((uid for uid, name in taken.items() if name == instance), None)
+        if mine is None:
+            mine = next((uid for uid in self.toolUids if uid not in taken), None)
+            if mine is None:
+                raise RuntimeError_("This compute node has no tool uid left for another instance.")
+        return mine
 
     def _recordedTool(self, instance: str) -> str | None:
         try:

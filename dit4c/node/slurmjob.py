@@ -11,7 +11,9 @@ tool, in the pod's working directory on the shared storage, the tool's
 output in ``tool.log`` and the helpers' in ``helpers.log``. Once the tool
 and the auth helper both accept connections it writes ``ready`` in the pod's
 directory: the node, on another machine, cannot connect to a Unix socket
-here, but it sees that file on the shared storage.
+here, but it sees that file on the shared storage. The tool is started
+through :mod:`dit4c.node.confine`, as the process runtime starts it: the
+pods' directory hidden, as a uid of its own when the job runs as root.
 
 When the tool ends by itself, it writes its status to ``exit.json``, stops
 the helpers and ends the job with the tool's status (non-zero: the job
@@ -72,6 +74,8 @@ def _startTime(pid: int) -> int | None:
 
 def main(argv: list[str]) -> int:
     from dit4c.common.helperenv import VARIABLES
+    from dit4c.node import confine
+    from dit4c.node.processlaunch import _own as own
     from dit4c.node.processtools import Tool
 
     pod = Path(argv[1])
@@ -89,6 +93,17 @@ def main(argv: list[str]) -> int:
     if socketPath is not None:
         socketPath.unlink(missing_ok=True)
     Path(job["authSocket"]).unlink(missing_ok=True)
+    uid = job.get("uid")
+    sockets = [str(socketPath.parent)] if socketPath is not None else []
+    if isinstance(uid, int):
+        # The tool's own uid (a root node's job): its working directory and socket directory are its.
+        own([work, *map(Path, sockets)], uid, uid)
+    plan = confine.Plan(
+        tool.argv(port, work, socketPath), str(work),
+        uid=uid if isinstance(uid, int) else None, gid=uid if isinstance(uid, int) else None,
+        hide=list(job.get("hide") or []), bind=[str(work), *sockets], expose=list(job.get("expose") or []),
+        storage=job.get("storage"),
+    )  # fmt: skip
 
     ending: list[int] = []
     signal.signal(signal.SIGTERM, lambda number, frame: ending.append(number))
@@ -98,7 +113,7 @@ def main(argv: list[str]) -> int:
             env=helperEnv, cwd=str(pod), stdin=subprocess.DEVNULL, stdout=helperLog, stderr=subprocess.STDOUT,
         )  # fmt: skip
         toolProcess = subprocess.Popen(
-            tool.argv(port, work, socketPath), env=toolEnv, cwd=str(work),
+            confine.command(sys.executable, plan), env=toolEnv, cwd=str(work),
             stdin=subprocess.DEVNULL, stdout=toolLog, stderr=subprocess.STDOUT,
         )  # fmt: skip
     (pod / "tool.pid").write_text(json.dumps({"pid": toolProcess.pid, "started": _startTime(toolProcess.pid)}))

@@ -10,13 +10,18 @@ restarted node; saved from its working directory.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
+from confined import snoopTool
 from standins import POD_HELPER, TOOLS, Watcher
 from support.slurm import PARTITION, SlurmCluster, requireSlurm
 from support.waiting import eventually
@@ -41,8 +46,9 @@ def cluster(tmp_path_factory: Any) -> Any:
 
 
 def makeNode(directory: Path, cluster: SlurmCluster, **options: Any) -> tuple[Node, SlurmRuntime, Watcher]:
+    tools = options.pop("tools", TOOLS)
     runtime = SlurmRuntime(
-        reactor, directory, TOOLS, partition=PARTITION, helpers=POD_HELPER["helpers"], stopGrace=2,
+        reactor, directory, tools, partition=PARTITION, helpers=POD_HELPER["helpers"], stopGrace=2,
         pollInterval=0.5, slurmEnvironment=cluster.environment, **options,
     )  # fmt: skip
     node = Node(
@@ -249,3 +255,29 @@ async def test_a_stopped_instance_resumes_as_a_new_job_with_its_files(nodes: Any
     port = json.loads((work.parent / "ready").read_text())["port"]
     assert b"notes.txt" in await fetch(port)
     await node.stop("slc")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_jobs_tool_is_confined_from_the_instance_key(nodes: Any, tmp_path: Path) -> None:
+    pod = tmp_path / "pods" / "sld"
+    outside = Path(tempfile.mkdtemp(prefix="dit4c-outside-"))
+    node, runtime, watcher = nodes(tools={"snoop": snoopTool(pod / "instance.key", outside)})
+    try:
+        await node.start("sld", "snoop", None)
+        await watcher.waitFor("sld", "running", timeout=60)
+        seen = json.loads((pod / "work" / "snoop.json").read_text())
+        assert seen["key"][0] == "refused", seen
+        # The pod's directory holds only what was bound back: not the key, logs or job files.
+        assert seen["pod"] == ["ok", ["sock", "work"]]
+        # Outside the pod nothing is written (the tool's /tmp is its own: a directory of the node's there is not even seen).
+        assert seen["outside"][0] == "refused" and seen["outside"][1] in (errno.EROFS, errno.ENOENT)
+        assert not (outside / "planted").exists()
+        assert seen["work"][0] == "ok"
+        assert seen["pids"] == [1, 2]
+        if os.geteuid() == 0:
+            uid = json.loads((pod / "job.json").read_text())["uid"]
+            assert seen["uid"] == seen["gid"] == uid and uid in runtime.toolUids
+            assert (pod / "work" / "written-by-the-tool").stat().st_uid == uid
+        await node.stop("sld")
+    finally:
+        shutil.rmtree(outside)
