@@ -14,6 +14,7 @@ first answer: p50, p90, min, max. It never passes or fails.
     python bench/start.py                 # both runtimes, 20 starts each
     python bench/start.py --runtime process --runs 5
     python bench/start.py --memory-only   # only the helpers' memory (below)
+    python bench/start.py --runtime slurm # the slurm runtime beside the process runtime (below)
 
 The process runtime starts the built-in notes tool (a Python program); the
 podman runtime a container from a tiny image built here (a static C
@@ -30,6 +31,12 @@ helpers dial a routing server in this process (which trusts the instances'
 keys) and hold their tunnels; the portal they would report to is absent (no
 shared storage, so no storage helper in either mode). The fork server's own
 PSS is printed too: the node pays it once, shared by every pod.
+
+``--runtime slurm`` measures the slurm runtime on a one-machine Slurm
+cluster started for it, beside the process runtime, from the runtime's
+start of a pod to its tool answering and its tunnel held by a routing
+server (``bench/slurmstart.py``: ``dit4c-dev`` has no slurm runtime, so
+these rows leave out the portal and the browser).
 """
 
 from __future__ import annotations
@@ -349,9 +356,21 @@ def memoryTable(directory: Path, counts: list[int]) -> list[str]:
     return markdown(head, rows, "l" + "r" * len(counts))
 
 
+def slurmRows(runs: int) -> list[list[str]]:
+    """The slurm runtime's starts beside the process runtime's, runtime only (bench/slurmstart.py, a process of its own)."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "slurmstart.py"), "--runs", str(runs)],
+        capture_output=True, text=True, cwd=ROOT, timeout=1800,
+    )  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(f"the slurm runs failed:\n{out.stderr[-3000:]}")
+    times = json.loads(out.stdout.strip().splitlines()[-1])
+    return [summary(f"{kind} runtime alone: pod answers, tunnel held", times[kind]) for kind in ("process", "slurm")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runtime", action="append", choices=["process", "podman"])
+    parser.add_argument("--runtime", action="append", choices=["process", "podman", "slurm"])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--memory-only", action="store_true", help="only the helpers' memory")
     parser.add_argument("--memory-counts", default="1,20", help="instances to measure the helpers' memory at")
@@ -370,6 +389,9 @@ def main() -> None:
     failed = False
     try:
         for runtime in runtimes:
+            if runtime == "slurm":
+                rows.extend(slurmRows(options.runs))
+                continue
             if runtime == "podman" and shutil.which("podman") is None:
                 print("podman is not installed: skipping the podman runtime", file=sys.stderr)
                 continue
