@@ -12,6 +12,7 @@ hundred MiB to start); every test publishes its own onion services.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 import pytest_twisted
 import treq
 from support.backend import startBackend
+from support.passwords import cheapHash
 from support.routing import Signing
 from support.tornet import TorNetwork, requireTor, startTorNetwork
 from support.waiting import eventually
@@ -176,6 +178,37 @@ async def test_a_listener_tunnel_to_a_routing_server_reached_only_through_tor(
         await server.stopService()
 
 
+def parsed(raw: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+    """An HTTP answer read off a connection: its status, headers (lower-case names) and body."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = [(name.strip().lower(), value.strip()) for name, _, value in (line.partition(":") for line in lines[1:])]
+    return int(lines[0].split()[1]), headers, body
+
+
+class Cookies:
+    """One site's cookies, kept as a browser keeps them (enough for the login flow)."""
+
+    def __init__(self) -> None:
+        self.jar: dict[str, str] = {}
+
+    def keep(self, headers: list[tuple[str, str]]) -> None:
+        for name, value in headers:
+            if name == "set-cookie":
+                key, _, rest = value.partition("=")
+                if "Max-Age=0" in value:
+                    self.jar.pop(key, None)
+                else:
+                    self.jar[key] = rest.split(";", 1)[0]
+
+    def header(self) -> dict[str, str]:
+        return {"Cookie": "; ".join(f"{k}={v}" for k, v in self.jar.items())} if self.jar else {}
+
+    def lines(self) -> str:
+        """The same as header lines of a raw request."""
+        return "".join(f"{name}: {value}\r\n" for name, value in self.header().items())
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_listener_publishes_its_instance_as_an_onion_service_with_no_routing_server(
     tornet: TorNetwork, backend: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -184,15 +217,17 @@ async def test_a_listener_publishes_its_instance_as_an_onion_service_with_no_rou
     A listener given only a tor's control port (``DIT4C_ONION``, no
     ``DIT4C_ROUTING``) publishes the instance's auth helper as an onion
     service and reports ``http://<name>.onion/`` to a portal that takes
-    onion URLs; a browser's request through Tor reaches the auth helper,
-    which sends it to log in at the portal. Started again (a resume), it
-    keeps the same name: the key is in the pod's state directory.
+    onion URLs. A browser through Tor is sent by the auth helper to log in
+    at the portal, comes back to the .onion callback, and is let through to
+    the tool. Started again (a resume), the listener keeps the same name:
+    the key is in the pod's state directory.
     """
     store = await openStore(f"sqlite:///{tmp_path / 'portal.db'}", reactor)
     portal = Portal(store, KeyRing(tmp_path / "keys", issuer=PORTAL), PortalConfig(publicURL=PORTAL), reactor)
     portal.reports.onionURLs = True
     portalPort = reactor.listenTCP(0, Site(portal.app.resource()), interface="127.0.0.1")
-    alice = await store.createUser("alice")
+    internal = f"http://127.0.0.1:{portalPort.getHost().port}"
+    alice = await store.createUser("alice", password_hash=cheapHash("correct horse battery"))
     image = await store.createImage("Notes", "notes:latest", port=8888)
     key = generatePrivateKey()
     savePrivateKey(key, tmp_path / "instance.pem")
@@ -200,8 +235,7 @@ async def test_a_listener_publishes_its_instance_as_an_onion_service_with_no_rou
     instance = await store.updateInstance(instance.id, state="running")
     (tmp_path / "state").mkdir()
     auth = AuthService(
-        reactor, instance=instance.id, keyFile=str(tmp_path / "instance.pem"), portal=PORTAL,
-        portalInternal=f"http://127.0.0.1:{portalPort.getHost().port}",
+        reactor, instance=instance.id, keyFile=str(tmp_path / "instance.pem"), portal=PORTAL, portalInternal=internal,
         listen=serverFromString(reactor, "tcp:0:interface=127.0.0.1"), tool=clientFromString(reactor, backend.endpoint),
     )  # fmt: skip
     auth.startService()
@@ -209,7 +243,7 @@ async def test_a_listener_publishes_its_instance_as_an_onion_service_with_no_rou
         "DIT4C_INSTANCE": instance.id,
         "DIT4C_INSTANCE_KEY": str(tmp_path / "instance.pem"),
         "DIT4C_PORTAL": PORTAL,
-        "DIT4C_PORTAL_INTERNAL": f"http://127.0.0.1:{portalPort.getHost().port}",
+        "DIT4C_PORTAL_INTERNAL": internal,
         "DIT4C_AUTH": f"tcp:host=127.0.0.1:port={auth.port.getHost().port}",
         "DIT4C_STATE_DIR": str(tmp_path / "state"),
         "DIT4C_ONION": f"tcp:host=127.0.0.1:port={tornet.controlPort}",
@@ -217,6 +251,19 @@ async def test_a_listener_publishes_its_instance_as_an_onion_service_with_no_rou
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("DIT4C_ROUTING", raising=False)
     listener: Any = None
+    onionCookies, portalCookies = Cookies(), Cookies()
+
+    async def atPortal(method: str, url: str, **kw: Any) -> tuple[int, str]:
+        """A request at the portal (a browser's, sent to where it listens)."""
+        assert url.startswith(PORTAL), url
+        response = await treq.request(
+            method, internal + url[len(PORTAL) :], allow_redirects=False,
+            headers={"Host": "portal.test", "Accept": "text/html", **portalCookies.header()}, **kw,
+        )  # fmt: skip
+        portalCookies.keep([("set-cookie", v) for v in response.headers.getRawHeaders("set-cookie", [])])
+        where = response.headers.getRawHeaders("location", [""])[0]
+        return response.code, where if where else await response.text()
+
     try:
         options = listenerTap.Options()
         options.parseOptions([])
@@ -233,28 +280,43 @@ async def test_a_listener_publishes_its_instance_as_an_onion_service_with_no_rou
             return (await store.instanceById(instance.id)).url == url
 
         await eventually(recorded, 30, 0.1, "the portal recorded the instance's .onion URL")
-        response, seconds = await firstAnswer(tornet.dial(host, 80), host, "/", BROWSER)
+
+        # Through Tor: the auth helper sends the browser to log in at the portal.
+        raw, seconds = await firstAnswer(tornet.dial(host, 80), host, "/bytes?n=7", BROWSER)
         print(f"first request through Tor to the auth helper answered in {seconds:.1f} s")
-        head = response.split(b"\r\n\r\n", 1)[0].decode()
-        assert head.split()[1] in ("302", "303"), head
-        location = next(line.split(":", 1)[1].strip() for line in head.split("\r\n") if line.lower().startswith("location:"))
-        assert location.startswith(f"{PORTAL}/oauth/authorize?"), location
-        assert f"client_id={instance.id}" in location and quote(url, safe="") in location, location
-        # The portal takes the .onion callback as the instance's own, and sends the browser on to log in.
-        authorize = await treq.get(
-            f"http://127.0.0.1:{portalPort.getHost().port}" + location[len(PORTAL) :], allow_redirects=False
-        )
-        assert authorize.code in (302, 303), await authorize.text()
-        assert "/login" in authorize.headers.getRawHeaders("location")[0], authorize.headers.getRawHeaders("location")
+        status, headers, _ = parsed(raw)
+        onionCookies.keep(headers)
+        authorize = dict(headers).get("location", "")
+        assert status in (302, 303) and authorize.startswith(f"{PORTAL}/oauth/authorize?"), raw[:300]
+        assert f"client_id={instance.id}" in authorize and quote(url, safe="") in authorize, authorize
+        # The portal takes the .onion callback as the instance's own and asks who this is.
+        status, where = await atPortal("GET", authorize)
+        assert status == 303 and "/login" in where, (status, where)
+        status, page = await atPortal("GET", f"{PORTAL}/login")
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page)
+        assert csrf, page
+        data = {"csrf": csrf.group(1), "username": "alice", "password": "correct horse battery", "next": "/"}
+        status, where = await atPortal("POST", f"{PORTAL}/login", data=data)
+        assert status == 303, where
+        status, callback = await atPortal("GET", authorize)
+        assert status == 303 and callback.startswith(f"{url}.dit4c/callback?"), (status, callback)
+        # Back at the .onion, through Tor: the callback, then the tool's page.
+        path = callback[len(url) - 1 :]
+        status, headers, _ = parsed(await httpGet(tornet.dial(host, 80), host, path, BROWSER + onionCookies.lines()))
+        onionCookies.keep(headers)
+        assert status in (302, 303) and dict(headers)["location"].endswith("/bytes?n=7"), headers
+        status, headers, body = parsed(await httpGet(tornet.dial(host, 80), host, "/bytes?n=7", BROWSER + onionCookies.lines()))
+        assert (status, len(body)) == (200, 7), (status, headers)
         assert oct((tmp_path / "state" / ONION_KEY_FILE).stat().st_mode & 0o777) == "0o600"
 
-        # A resume: the same name, from the kept key.
+        # A resume: the same name, from the kept key; the session goes on.
         await listener.stopService()
         listener = listenerTap.makeService(options, reactor)
         listener.startService()
         assert await listener.whenPublished().addTimeout(60, reactor) == url
-        response, _ = await firstAnswer(tornet.dial(host, 80), host, "/", BROWSER)
-        assert response.split()[1] in (b"302", b"303")
+        raw, _ = await firstAnswer(tornet.dial(host, 80), host, "/bytes?n=3", BROWSER + onionCookies.lines())
+        status, _, body = parsed(raw)
+        assert (status, len(body)) == (200, 3), raw[:300]
     finally:
         if listener is not None:
             await listener.stopService()
