@@ -23,7 +23,7 @@ import pytest
 import pytest_twisted
 from confined import snoopTool
 from standins import POD_HELPER, TOOLS, Watcher
-from support.slurm import PARTITION, SlurmCluster, requireSlurm
+from support.slurm import CPUS, PARTITION, SlurmCluster, requireSlurm
 from support.waiting import eventually
 from twisted.internet import reactor
 
@@ -34,7 +34,7 @@ from dit4c.node.slurm import SlurmRuntime, showQueueWaits
 requireSlurm("the slurm runtime's tests")
 
 #: The node's whole CPU count as the cluster sees it: a job asking for it fills the node.
-FULL = {"cpus": 2}
+FULL = {"cpus": CPUS}
 
 
 @pytest.fixture(scope="module")

@@ -173,6 +173,8 @@ class SlurmCluster:
             # second) rather than after 22.05's defaults (2 s between main scheduler runs, and
             # batch jobs held back up to 3 s): a job runs ~1 s after sbatch, not 2-3 s.
             "SchedulerParameters=sched_min_interval=100000,batch_sched_delay=0",
+            # The node is what this file says, whatever the machine has (a runner with one core too).
+            "SlurmdParameters=config_overrides",
             f"NodeName={self.hostname} NodeAddr=127.0.0.1 CPUs={CPUS} RealMemory={MEMORY_MIB} State=UNKNOWN",
             f"PartitionName={PARTITION} Nodes={self.hostname} Default=YES MaxTime=INFINITE State=UP",
             "",
