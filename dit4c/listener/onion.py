@@ -9,7 +9,9 @@ of a stopped instance in its configuration) with a key kept in the pod's
 state directory: the first start has tor make the key, which is saved
 (mode 0600); a resumed instance hands it back, so it keeps the same
 .onion name, the URL the portal recorded and the person bookmarked.
-Without a state directory the key is new at every start.
+Without a state directory the key is new at every start. A tor that
+restarts takes the service with it: the listener publishes it again, on
+the same name, as soon as tor answers.
 
 Each connection the onion service brings (tor connects to a port this
 helper listens on at 127.0.0.1) goes to the target: spliced to a new
@@ -125,6 +127,8 @@ class OnionService(MultiService):
         self.url: str | None = None
         self._tor: Any = None
         self._onion: Any = None
+        #: The service's key, once tor made it (kept in memory where there is no key file).
+        self._key: str | None = None
         self._port: IListeningPort | None = None
         self._running: Deferred[None] | None = None
         self._waiting: list[Deferred[str]] = []
@@ -166,19 +170,40 @@ class OnionService(MultiService):
         self._port = await serverFromString(self.reactor, "tcp:0:interface=127.0.0.1").listen(self.factory)
         local = self._port.getHost().port  # type: ignore[union-attr]
         self._tor = await txtorcon.connect(self.reactor, self.control)
-        key = self._savedKey()
+        key = self._savedKey() or self._key
         self._onion = await self._tor.create_onion_service(
             ports=[(ONION_PORT, f"127.0.0.1:{local}")], private_key=key, version=3, detach=False
         )
         if key is None:
-            self._saveKey(self._onion.private_key)
+            self._key = self._onion.private_key
+            self._saveKey(self._key)
         self.url = onionURL(self._onion.hostname)
         self.log.info("the instance is published as an onion service at {url}", url=self.url)
+        tor = self._tor
+        tor.protocol.when_disconnected().addBoth(lambda _: self._lost(tor))
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(self.url)
         if self.onPublished is not None:
             self.onPublished(self.url)
+
+    def _lost(self, tor: Any) -> None:
+        """
+        Tor's control connection closed (tor restarted, or stopped): the
+        ephemeral service went with it. Published again, on the same name
+        (the key is kept), as soon as tor answers again.
+        """
+        if not self.running or tor is not self._tor:
+            return  # stopping, or an old connection
+        self.log.warn("the connection to tor's control port closed; publishing the onion service again")
+        self._tor = None
+        self.url = None
+        self._running = Deferred.fromCoroutine(self._again())
+        self._running.addErrback(lambda f: f.trap(CancelledError))
+
+    async def _again(self) -> None:
+        await self._close()
+        await self._keepTrying()
 
     def _savedKey(self) -> str | None:
         if self.keyFile is None or not self.keyFile.exists():

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -148,3 +148,66 @@ def test_a_browsers_connections_through_the_onion_service_are_use_of_the_instanc
     connection.dataReceived(b"GET / HTTP/1.1\r\n")
     assert activity.used()
     assert not activity.used()
+
+
+NAME = "a" * 56 + ".onion"
+
+
+class FakeTor:
+    """What txtorcon.connect gives: a tor that makes onion services, and says when its control connection closes."""
+
+    def __init__(self) -> None:
+        self.created: list[dict[str, Any]] = []
+        self.disconnected: list[Deferred[None]] = []
+        self.quitted = False
+        self.protocol = self
+
+    def when_disconnected(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.disconnected.append(d)
+        return d
+
+    def create_onion_service(self, **kwargs: Any) -> Deferred[Any]:
+        self.created.append(kwargs)
+        onion = type("Onion", (), {"hostname": NAME, "private_key": kwargs["private_key"] or "ED25519-V3:made-by-tor"})()
+        onion.remove = lambda: succeed(None)  # type: ignore[attr-defined]
+        return succeed(onion)
+
+    def quit(self) -> Deferred[None]:
+        self.quitted = True
+        return succeed(None)
+
+    def lose(self) -> None:
+        for d in self.disconnected:
+            d.callback(None)
+
+
+def test_a_tor_that_restarts_gets_the_onion_service_again_on_the_same_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    The service is ephemeral: it goes when tor's control connection does.
+    The listener publishes it again, with the key it kept, so the name and
+    the URL the portal has stay right; once the listener is stopped, a
+    closing connection is no reason to publish anything.
+    """
+    txtorcon = pytest.importorskip("txtorcon")
+    tors: list[FakeTor] = []
+
+    def connect(reactor: Any, endpoint: Any) -> Deferred[FakeTor]:
+        tors.append(FakeTor())
+        return succeed(tors[-1])
+
+    monkeypatch.setattr(txtorcon, "connect", connect)
+    published: list[str] = []
+    keyFile = tmp_path / ONION_KEY_FILE
+    service = OnionService(MemoryReactorClock(), RefusingTor(), RefusingTor(), keyFile=keyFile, onPublished=published.append)
+    service.startService()
+    assert published == [f"http://{NAME}/"] and len(tors) == 1
+    assert tors[0].created[0]["private_key"] is None and tors[0].created[0]["version"] == 3
+    assert keyFile.read_text().strip() == "ED25519-V3:made-by-tor"
+    tors[0].lose()
+    assert len(tors) == 2 and tors[1].created[0]["private_key"] == "ED25519-V3:made-by-tor"
+    assert published == [f"http://{NAME}/"] * 2 and service.url == f"http://{NAME}/"
+    service.stopService()
+    assert tors[1].quitted
+    tors[1].lose()
+    assert len(tors) == 2 and service.url is None
