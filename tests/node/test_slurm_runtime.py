@@ -281,3 +281,28 @@ async def test_the_jobs_tool_is_confined_from_the_instance_key(nodes: Any, tmp_p
         await node.stop("sld")
     finally:
         shutil.rmtree(outside)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_job_the_cluster_cannot_run_is_refused_with_slurms_reason(nodes: Any, cluster: SlurmCluster) -> None:
+    node, runtime, watcher = nodes()
+    # More memory than any node of the cluster has.
+    await node.start("sle", "web", None, limits={"memory": 100_000})
+    errored = await watcher.waitFor("sle", "errored", timeout=30)
+    assert errored.reason is not None
+    assert errored.reason.startswith("The cluster refused the job: submitting the job: sbatch: error:"), errored.reason
+    assert "dit4c-sle" not in jobs(cluster, "PENDING,RUNNING,COMPLETING")
+
+
+@pytest_twisted.ensureDeferred
+async def test_discard_cancels_the_job_and_removes_its_directory(nodes: Any, cluster: SlurmCluster, tmp_path: Path) -> None:
+    node, runtime, watcher = nodes()
+    await node.start("slf", "web", None)
+    await watcher.waitFor("slf", "running", timeout=60)
+    pid = toolPid(tmp_path / "pods" / "slf")
+    await node.discard("slf")
+    assert watcher.history("slf")[-1] == "discarded"
+    assert not (tmp_path / "pods" / "slf").exists()
+    assert "dit4c-slf" not in jobs(cluster, "PENDING,RUNNING,COMPLETING")
+    assert startTime(pid) is None
+    assert await runtime.pods() == []
