@@ -12,7 +12,6 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
-from prometheus_client.twisted import MetricsResource
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -48,6 +47,11 @@ def adminSite(collector: Collector, health: Callable[[], dict[str, Any]], timeou
     ``collector`` says); a connection silent for ``timeout`` seconds (a
     half-sent request, an idle kept-alive one) is closed.
     """
+    # Imported here: prometheus_client.twisted imports (so installs) the
+    # global reactor, which importing a server's modules must never do
+    # (twistd installs the one asked for; a fork server forks before it).
+    from prometheus_client.twisted import MetricsResource
+
     registry = CollectorRegistry(auto_describe=True)
     registry.register(collector)
     root = Resource()

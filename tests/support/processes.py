@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import zygote
 from .waiting import deferLater
 
 #: Puts the listening sockets it is given (``argv[1]``: how many, then
@@ -78,6 +79,12 @@ class Process:
         self._log = open(logPath, "ab")
         command = args
         descriptors = [sock.fileno() for sock in sockets]
+        if not descriptors and args[: len(TWISTD)] == TWISTD and zygote.enabled():
+            # Forked from a warm interpreter (see support.zygote): the same twistd, without its imports' CPU.
+            self.proc: subprocess.Popen[bytes] | zygote.ForkedProcess = zygote.forkTwistd(
+                args[len(TWISTD) :], dict(os.environ, **(env or {})), logPath
+            )
+            return
         if descriptors:
             command = [sys.executable, "-c", _HANDOVER, str(len(descriptors)), *map(str, descriptors), *args]
         try:
