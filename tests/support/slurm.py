@@ -231,8 +231,14 @@ class SlurmCluster:
         return result.returncode == 0 and result.stdout.decode().strip() == "idle"
 
     def run(self, *argv: str) -> str:
-        """A Slurm command against this cluster (blocking: fixtures and checks only); its output."""
-        result = subprocess.run(list(argv), env=dict(os.environ, **self.environment), capture_output=True, timeout=30)
+        """
+        A Slurm command against this cluster (blocking: fixtures and checks
+        only); its output. It runs in the cluster's directory: a job
+        submitted without ``--output`` writes its ``slurm-N.out`` there.
+        """
+        result = subprocess.run(
+            list(argv), env=dict(os.environ, **self.environment), capture_output=True, timeout=30, cwd=self.directory
+        )
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)}: {result.stderr.decode(errors='replace')}")
         return result.stdout.decode()
