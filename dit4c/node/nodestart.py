@@ -63,6 +63,10 @@ class NodeStarting(NodeRecords):
     fileServer: str | None
     fileServerHostKey: str | None
     accepting: bool
+    #: Client endpoint of a tor's control port (``dit4c-node --onion``):
+    #: each pod publishes its instance as an onion service there instead of
+    #: dialling a routing server (``DIT4C_ONION``).
+    onion: str | None = None
 
     def start(
         self,
@@ -201,6 +205,9 @@ class NodeStarting(NodeRecords):
             self._update(instance, jwk=jwk)
             for observer in self._observers:
                 observer.instanceKey(self._node, instance, jwk)
+            if self.onion:
+                # Where the listener keeps the onion service's key (its .onion name across a resume).
+                (directory / "state").mkdir(mode=0o700, exist_ok=True)
             environment = toEnvironment(
                 HelperEnvironment(
                     instance=instance,
@@ -210,6 +217,7 @@ class NodeStarting(NodeRecords):
                     routing=self.routing,
                     routingAudience=self.routingAudience,
                     stateDir=str(directory / "state"),
+                    onion=self.onion,
                     fileServer=self.fileServer,
                     fileServerHostKey=self.fileServerHostKey if self.fileServer else None,
                 )

@@ -30,7 +30,7 @@ def toolTable(path: str) -> dict[str, Tool]:
 
 
 class Options(usage.Options):
-    synopsis = "--scheduler-key FILE --portal URL --routing ENDPOINT [options]"
+    synopsis = "--scheduler-key FILE --portal URL (--routing ENDPOINT | --onion CONTROL_ENDPOINT) [options]"
     longdesc = (
         "Run a DIT4C compute node: it runs each instance as a pod (the tool "
         "and its helpers) through a runtime, for the scheduler that dials it "
@@ -38,7 +38,9 @@ class Options(usage.Options):
         "with the key in --scheduler-key; the node proves itself with its "
         "own key (--key, made on first start; give the scheduler its public "
         "half: dit4c jwks KEY). Pods keep running while the node restarts, "
-        "and it finds them again."
+        "and it finds them again. Each instance is reached through a routing "
+        "server (--routing) or, with --onion, as a Tor onion service of its "
+        "own (the portal needs --onion-urls)."
     )
     optParameters = [
         ["listen", None, "tcp:8500:interface=127.0.0.1", "Endpoint the scheduler dials (ssl:... for wss://)."],
@@ -55,6 +57,7 @@ class Options(usage.Options):
         ["slurm-time-limit", None, 24 * 60, "slurm runtime: minutes each instance's job may run (sbatch --time).", positiveInt],
         ["portal", None, None, "The portal's public URL (where browsers log in)."],
         ["portal-internal", None, None, "The portal's URL as pods reach it (default: --portal)."],
+        ["onion", None, None, "Instead of --routing: client endpoint of a tor's control port (tcp:host=127.0.0.1:port=9051, unix:path=/run/tor/control), where each pod publishes its instance as a Tor onion service (http://<name>.onion/, the same name after a resume; the portal needs --onion-urls). Each pod's listener dials it from where it runs: the node's network namespace for the process and podman runtimes (podman's listener runs on the host, not in the pod's namespace), the compute node Slurm picked for slurm (run a tor on each, at the same address)."],
         ["image-server", None, None, "The image server's base URL, where saved instances go (none: this node cannot save)."],
         ["file-server", None, None, "The file server (host:port) whose storage each pod mounts (needs sshfs)."],
         ["file-server-host-key", None, None, "The file server's SSH host key: a key line, or a file holding one."],
@@ -76,8 +79,10 @@ class Options(usage.Options):
         for option in ("scheduler-key", "portal"):
             if not self[option]:
                 raise usage.UsageError(f"--{option} is required")
-        if not self["routing"]:
-            raise usage.UsageError("--routing is required")
+        if not self["routing"] and not self["onion"]:
+            raise usage.UsageError("--routing (or --onion) is required")
+        if self["routing"] and self["onion"]:
+            raise usage.UsageError("give --routing or --onion, not both: with --onion the pods dial no routing server")
         if self["runtime"] not in ("process", "podman", "slurm"):
             raise usage.UsageError("--runtime is process, podman or slurm")
         if not self["portal"].startswith(("http://", "https://")):
@@ -86,6 +91,8 @@ class Options(usage.Options):
         if self["metrics"]:
             endpointList([self["metrics"]], server=True, option="metrics")
         endpointList(self["routing"], server=False, option="routing")
+        if self["onion"]:
+            endpointList([self["onion"]], server=False, option="onion")
         try:
             self["scheduler-keys"] = StaticKeySource.fromFile(self["scheduler-key"])
         except (OSError, KeyFileError) as e:
@@ -161,6 +168,7 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         fileServer=config["file-server"],
         fileServerHostKey=config["file-server-host-key"],
     )
+    node.onion = config["onion"]
     node.setServiceParent(top)
     if config["runtime"] == "slurm":
         from dit4c.node.slurm import showQueueWaits
