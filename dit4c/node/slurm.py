@@ -20,11 +20,12 @@ holds a job:
 
 - a pending job's instance is ``starting``, its reason its place in the
   queue ("Waiting for the cluster: position 3.", told through
-  :meth:`SlurmRuntime.onWaiting`); ``start`` fires once the job is
-  submitted, so the wait in the queue counts against the node's time for
-  the tool to answer (``--start-timeout``; the ``starting`` state's own
-  deadline bounds it too): a start does not hold back a stop of its
-  instance, which cancels the queued job;
+  :meth:`SlurmRuntime.onWaiting`); ``start`` fires once the job runs, so
+  the node's time for the tool to answer (``--start-timeout``) begins then
+  and the wait in the queue is bounded by the ``starting`` state's deadline
+  alone; a start waiting in the queue is given up as soon as the node no
+  longer wants it (:func:`showQueueWaits` tells it), so a stop cancels the
+  queued job at once;
 - a running job is ready once its tool and auth helper answer (the job
   writes ``ready`` in the pod's directory: the node cannot reach a Unix
   socket on another machine);
@@ -167,6 +168,8 @@ class SlurmRuntime(SlurmCommands):
         self._exitCallbacks: list[Callable[[str, str], object]] = []
         self._waitingCallbacks: list[Callable[[str, str], object]] = []
         self._poll: LoopingCall | None = None
+        #: Starts waiting for their job to leave the queue.
+        self._queued: dict[str, list[Deferred[None]]] = {}
 
     def jobName(self, instance: str) -> str:
         return f"{self.prefix}-{instance}"
@@ -186,9 +189,8 @@ class SlurmRuntime(SlurmCommands):
 
     def start(self, spec: PodSpec) -> Deferred[None]:
         """
-        Submit the pod's job; fires once the cluster has it (queued, not
-        yet running: the node's readiness checks wait for it to run, within
-        the node's ``startTimeout``).
+        Submit the pod's job; fires once the cluster runs it (its processes
+        start only then), or it ended, or the start was given up first.
         """
         return Deferred.fromCoroutine(self._start(spec))
 
@@ -226,6 +228,8 @@ class SlurmRuntime(SlurmCommands):
         self._waitingCallbacks.clear()
         self._jobs.clear()
         self._stopPolling()
+        for instance in list(self._queued):
+            self._leftQueue(instance)
 
     # -- starting ---------------------------------------------------------------------------
 
@@ -307,7 +311,13 @@ class SlurmRuntime(SlurmCommands):
         )
         self.log.info("{instance}: {tool} submitted as job {job}", instance=spec.instance, tool=tool.name, job=jobId)
         self._stopping.discard(spec.instance)
+        # The pod's processes start only once the cluster runs the job: the
+        # start waits for it (its place in the queue told meanwhile), so
+        # the node's time for the tool to answer begins when the job runs.
+        left: Deferred[None] = Deferred()
+        self._queued.setdefault(spec.instance, []).append(left)
         self._watch(spec.instance, jobId)
+        await left
 
     # -- watching ---------------------------------------------------------------------------
 
@@ -323,6 +333,19 @@ class SlurmRuntime(SlurmCommands):
         """A bug in a look at the queue: said, and the next job watched starts the looks again."""
         self.log.failure("watching the jobs", failure)
         self._poll = None
+
+    def givenUp(self, instance: str) -> None:
+        """
+        The node no longer wants ``instance`` started (a stop, a discard, its
+        deadline): a start waiting for its job to leave the queue returns at
+        once, so that the stop, which waits for the start, can cancel the job.
+        """
+        self._leftQueue(instance)
+
+    def _leftQueue(self, instance: str) -> None:
+        """The start of ``instance`` waits no longer (on the reactor's next turn, never inside the caller)."""
+        for waiter in self._queued.pop(instance, []):
+            self.reactor.callLater(0, waiter.callback, None)
 
     def _stopPolling(self) -> None:
         if self._poll is not None and self._poll.running:
@@ -347,8 +370,10 @@ class SlurmRuntime(SlurmCommands):
             if job is not None and job.state == "PENDING":
                 self._tell(instance, f"Waiting for the cluster: position {queuePosition(job, queue)}.")
             elif job is not None and job.alive:
+                self._leftQueue(instance)
                 self._tell(instance, f"Running on the cluster's node {job.nodes}; waiting for the tool.")
             else:
+                self._leftQueue(instance)
                 self._jobs.pop(instance, None)
                 self._told.pop(instance, None)
                 reason = await self._endReason(instance, job)
@@ -474,6 +499,7 @@ class SlurmRuntime(SlurmCommands):
         self._stopping.add(instance)
         self._jobs.pop(instance, None)
         self._told.pop(instance, None)
+        self._leftQueue(instance)
         job = await self._liveJob(instance)
         if job is None:
             return
@@ -506,6 +532,16 @@ def showQueueWaits(runtime: SlurmRuntime, node: Any) -> None:
     """
     A starting instance's reason on its page says how its job waits on the
     cluster: the runtime's waits told to the node, as its start's progress
-    (``starting`` with that reason; gone once it runs).
+    (``starting`` with that reason; gone once it runs). And a start waiting
+    in the queue is given up as soon as the node's instance leaves
+    ``starting`` (the node's stop waits for its start to settle).
     """
+    from dit4c.channel.interfaces import observer
+
     runtime.onWaiting(node._tellStarting)
+
+    def changed(_node: Any, status: Any) -> None:
+        if status.state != "starting":
+            runtime.givenUp(status.instance)
+
+    node.subscribe(observer(changed, lambda *_: None))

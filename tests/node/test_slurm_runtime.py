@@ -24,7 +24,7 @@ import pytest_twisted
 from confined import snoopTool
 from standins import POD_HELPER, TOOLS, Watcher
 from support.slurm import CPUS, PARTITION, SlurmCluster, requireSlurm
-from support.waiting import eventually
+from support.waiting import deferLater, eventually
 from twisted.internet import reactor
 
 from dit4c.node.node import Node
@@ -47,13 +47,14 @@ def cluster(tmp_path_factory: Any) -> Any:
 
 def makeNode(directory: Path, cluster: SlurmCluster, **options: Any) -> tuple[Node, SlurmRuntime, Watcher]:
     tools = options.pop("tools", TOOLS)
+    startTimeout = options.pop("startTimeout", 120)
     runtime = SlurmRuntime(
         reactor, directory, tools, partition=PARTITION, helpers=POD_HELPER["helpers"], stopGrace=2,
         pollInterval=0.5, slurmEnvironment=cluster.environment, **options,
     )  # fmt: skip
     node = Node(
         reactor, runtime, directory, portal="http://localhost:8000", portalInternal="http://127.0.0.1:8000",
-        routing=("tcp:host=127.0.0.1:port=8001",), startTimeout=120,
+        routing=("tcp:host=127.0.0.1:port=8001",), startTimeout=startTimeout,
     )  # fmt: skip
     showQueueWaits(runtime, node)
     watcher = Watcher()
@@ -306,3 +307,19 @@ async def test_discard_cancels_the_job_and_removes_its_directory(nodes: Any, clu
     assert "dit4c-slf" not in jobs(cluster, "PENDING,RUNNING,COMPLETING")
     assert startTime(pid) is None
     assert await runtime.pods() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_time_a_tool_has_to_answer_begins_when_its_job_runs(nodes: Any, cluster: SlurmCluster) -> None:
+    # Three seconds for the tool to answer, and a wait in the queue longer than that.
+    node, runtime, watcher = nodes(startTimeout=3)
+    blocker = cluster.run("sbatch", "--parsable", f"--cpus-per-task={CPUS}", "--job-name=someone-else", "--wrap", "sleep 600")
+    await node.start("slg", "web", None)
+    await eventually(lambda: (node.instances()[-1].reason or "").startswith("Waiting for the cluster"), 30)
+    # Not a condition to wait for: that nothing happens for twice the time the tool has.
+    await deferLater(2 * node.startTimeout)
+    assert watcher.history("slg")[-1] == "starting"
+    cluster.run("scancel", blocker.strip())
+    running = await watcher.waitFor("slg", "running", timeout=60)
+    assert running.reason is None
+    await node.stop("slg")
