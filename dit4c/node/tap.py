@@ -48,7 +48,7 @@ class Options(usage.Options):
         ["key", None, None, "The node's private key (PEM); made if missing. Default: DATA-DIR/node.key."],
         ["scheduler-key", None, None, "The scheduler's public key: a JWKS/JWK file or a PEM key."],
         ["data-dir", None, "data/node", "Where pods keep their files."],
-        ["runtime", None, "process", "process (local processes), podman (containers) or slurm (a batch job per instance on a Slurm cluster; its queue wait counts against --start-timeout)."],
+        ["runtime", None, "process", "process (local processes), podman (containers) or slurm (a batch job per instance on a Slurm cluster; --start-timeout counts from when the job runs)."],
         ["tools", None, None, "process and slurm runtimes: JSON file of tools (default: the built-in ones)."],
         ["tool-uids", None, None, "process runtime, a node run as root: FIRST-LAST, the uids (and gids) tools run as, one per instance; no account may use them (default: 1000000-1065535)."],
         ["containers-conf", None, None, "podman runtime: the containers.conf to use (default: the one DIT4C ships)."],
