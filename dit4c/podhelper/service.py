@@ -9,6 +9,11 @@ One process for all of a pod's helpers: the existing services, composed.
   opens becomes an auth proxy protocol running on the stream as its
   transport. No loopback connection, no second copy of each byte; the
   stream's flow control is the proxy's back-pressure, per stream.
+  Or, where the node gives a tor's control port (``DIT4C_ONION``), the
+  instance published as a Tor onion service
+  (:class:`~dit4c.listener.onion.OnionService`) with the same target: tor's
+  connections to the service's local port are the auth proxy's, counted on
+  the way in for the idle limit (:class:`CountedOnionService`).
 - The storage helper (:class:`~dit4c.storage.helper.SSHFSMount`), when the
   node has a file server, held by :class:`StorageAfterTool`: on stop the
   person's files stay mounted until the tool has ended, so that nothing the
@@ -22,14 +27,17 @@ from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
 from dit4c.auth.service import AuthService
 from dit4c.common.helperenv import HelperEnvironment
 from dit4c.common.keys import PrivateKey
+from dit4c.listener.onion import ONION_KEY_FILE, OnionService
 from dit4c.listener.service import ListenerService
 
-__all__ = ["PodHelperService", "StorageAfterTool", "instanceListener"]
+__all__ = ["CountedOnionService", "PodHelperService", "StorageAfterTool", "instanceListener", "onionListener"]
 
 #: Seconds the storage stays mounted after a stop, waiting for the tool to end.
 HOLD = 30.0
@@ -66,6 +74,88 @@ def instanceListener(reactor: Any, helper: HelperEnvironment, key: PrivateKey, t
     # Whether anyone uses the instance, for the portal's idle limit.
     ActivityReporter(reactor, listener, helper.portalBase, helper.instance, key).setServiceParent(listener)
     return listener
+
+
+class _Counted(ProtocolWrapper):
+    """A connection from tor, handed to the wrapped protocol; the bytes a browser sends counted."""
+
+    factory: CountingFactory
+
+    def dataReceived(self, data: bytes) -> None:
+        self.factory.bytesIn += len(data)
+        super().dataReceived(data)
+
+
+class CountingFactory(WrappingFactory):
+    """``wrappedFactory``'s connections, counted as they open, and the bytes they bring."""
+
+    protocol = _Counted
+    noisy = False
+
+    def __init__(self, wrappedFactory: IProtocolFactory) -> None:
+        super().__init__(wrappedFactory)
+        self.connections = 0
+        self.bytesIn = 0
+
+    def buildProtocol(self, addr: Any) -> Any:
+        self.connections += 1
+        return super().buildProtocol(addr)
+
+
+class CountedOnionService(OnionService):
+    """
+    An onion service whose target is a protocol factory in this process
+    (the auth proxy's), counted where tor's connections come in.
+
+    :meth:`OnionService.used` counts only what it splices to an endpoint; a
+    factory in the same process is handed the connection as it is, so the
+    count is kept here, at the service's own listening side, by wrapping the
+    factory (:class:`CountingFactory`): the simplest place that sees every
+    connection and every byte a browser sends, without the auth proxy
+    having to count anything itself. The activity reporter
+    (:class:`~dit4c.listener.onion.OnionActivity`) reads :meth:`used`.
+    """
+
+    def __init__(self, reactor: Any, control: IStreamClientEndpoint, target: IProtocolFactory, **kwargs: Any) -> None:
+        self.counted = CountingFactory(target)
+        super().__init__(reactor, control, self.counted, **kwargs)
+
+    def used(self) -> tuple[int, int]:
+        """Connections opened and bytes received through the service so far."""
+        return self.counted.connections, self.counted.bytesIn
+
+
+def onionListener(reactor: Any, helper: HelperEnvironment, key: PrivateKey, target: IProtocolFactory) -> OnionService:
+    """
+    The instance published as an onion service through the tor at
+    ``helper.onion`` (instead of a routing server): its key kept in the
+    pod's state directory under the name the listener uses
+    (:data:`~dit4c.listener.onion.ONION_KEY_FILE`), so a resumed instance
+    keeps its .onion name; its URL reported to the portal as a routing URL
+    is (:class:`~dit4c.listener.report.URLReporter`), and its use
+    (:class:`~dit4c.listener.onion.OnionActivity`) once a minute while a
+    browser uses it.
+    """
+    from twisted.internet.endpoints import clientFromString
+
+    from dit4c.listener.onion import OnionActivity
+    from dit4c.listener.report import URLReporter
+
+    assert helper.onion is not None
+    keyFile = None
+    if helper.stateDir:
+        # Nobody else makes it; the node's user alone enters the pod's directory.
+        Path(helper.stateDir).mkdir(mode=0o700, parents=True, exist_ok=True)
+        keyFile = Path(helper.stateDir) / ONION_KEY_FILE
+    onion = CountedOnionService(
+        reactor,
+        clientFromString(reactor, helper.onion),
+        target,
+        keyFile=keyFile,
+        onPublished=URLReporter(reactor, helper.portalBase, helper.instance, key).report,
+    )
+    OnionActivity(reactor, onion, helper.portalBase, helper.instance, key).setServiceParent(onion)
+    return onion
 
 
 class StorageAfterTool(Service):
@@ -125,13 +215,15 @@ class StorageAfterTool(Service):
 
 class PodHelperService(MultiService):
     """
-    A pod's helpers: ``auth``, and ``listener`` (if given routing servers)
-    and ``storage`` (if given one) beside it. Started storage first (the
+    A pod's helpers: ``auth``, and ``listener`` (if given routing servers
+    or a tor: a :class:`ListenerService` or an :class:`OnionService`) and ``storage`` (if given one) beside it. Started storage first (the
     tool waits for its mount); stopped all at once, the storage last of all
     (see :class:`StorageAfterTool`).
     """
 
-    def __init__(self, auth: AuthService, listener: ListenerService | None, storage: StorageAfterTool | None) -> None:
+    def __init__(
+        self, auth: AuthService, listener: ListenerService | OnionService | None, storage: StorageAfterTool | None
+    ) -> None:
         super().__init__()
         self.auth = auth
         self.listener = listener

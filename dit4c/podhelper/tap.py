@@ -22,7 +22,10 @@ class Options(usage.Options):
         "runtime of a compute node does: the auth helper in front of the "
         "tool (DIT4C_TOOL; it also listens on DIT4C_AUTH_LISTEN), the "
         "listener (a tunnel to the nearest of DIT4C_ROUTING, each stream "
-        "handed to the auth helper in this process), and with "
+        "handed to the auth helper in this process; or, with DIT4C_ONION, "
+        "the instance published as a Tor onion service through that tor's "
+        "control port instead, its http://<name>.onion/ URL reported to the "
+        "portal and its key kept in DIT4C_STATE_DIR), and with "
         "DIT4C_FILE_SERVER the storage helper (sshfs at DIT4C_STORAGE_MOUNT). "
         "Reads the helper environment (docs/protocols.md section 9). Stopped, "
         "it closes the tunnel and the auth helper at once and keeps the "
@@ -48,7 +51,9 @@ class Options(usage.Options):
             raise usage.UsageError("DIT4C_AUTH_LISTEN is not set: where the auth helper answers on this machine")
         # The auth helper's own options read (and check) the same environment.
         self.auth = _parsed(auth.Options(), ["--recheck", str(self["recheck"]), "--timeout", str(self["timeout"])])
-        if helper.routing:
+        if helper.onion:
+            endpointList([helper.onion], server=False, option="DIT4C_ONION")
+        elif helper.routing:
             endpointList(list(helper.routing), server=False, option="DIT4C_ROUTING")
         try:
             self.key = loadPrivateKey(helper.keyFile)
@@ -74,13 +79,22 @@ def makeService(config: Options, reactor: Any = None) -> IService:
 
         reactor = _reactor
     from dit4c.auth import tap as auth
-    from dit4c.podhelper.service import PodHelperService, StorageAfterTool, instanceListener
+    from dit4c.podhelper.service import (
+        PodHelperService,
+        StorageAfterTool,
+        instanceListener,
+        onionListener,
+    )
 
     helper = config.helper
     authService: Any = auth.makeService(config.auth, reactor)
-    listener = None
-    if helper.routing:
-        # Each stream straight to the auth proxy: the factory its port uses.
+    listener: Any = None
+    # Each stream, or each connection from tor, straight to the auth proxy:
+    # the factory its port uses. A tor, where the node gives one, instead
+    # of its routing servers (as dit4c-helper-listener chooses).
+    if helper.onion:
+        listener = onionListener(reactor, helper, config.key, authService.listening.factory)
+    elif helper.routing:
         listener = instanceListener(reactor, helper, config.key, authService.listening.factory)
     storage = None
     if config.storage is not None:
