@@ -83,7 +83,7 @@ from dit4c.node.processlaunch import (
 )
 from dit4c.node.processlaunch import _exposed as exposed
 from dit4c.node.processtools import Tool, builtinTools
-from dit4c.node.slurmjob import EXIT, JOB, READY
+from dit4c.node.slurmjob import EXIT, JOB, READY, STARTED
 from dit4c.node.slurmqueue import Job, SlurmCommands, SlurmError, endReason, queuePosition
 from dit4c.node.toollogs import readChunk
 
@@ -290,7 +290,7 @@ class SlurmRuntime(SlurmCommands):
         script = spec.directory / SCRIPT
         script.write_text(f"#!/bin/sh\nexec {sys.executable} -m dit4c.node.slurmjob {spec.directory}\n")
         os.chmod(script, 0o700)
-        for stale in (READY, EXIT):
+        for stale in (READY, EXIT, STARTED):
             (spec.directory / stale).unlink(missing_ok=True)
         argv = [
             "sbatch", "--parsable", f"--job-name={self.jobName(spec.instance)}",
@@ -317,7 +317,26 @@ class SlurmRuntime(SlurmCommands):
         left: Deferred[None] = Deferred()
         self._queued.setdefault(spec.instance, []).append(left)
         self._watch(spec.instance, jobId)
-        await left
+        await self._untilRunning(spec.directory, left)
+        waiting = self._queued.get(spec.instance, [])
+        if left in waiting:
+            waiting.remove(left)
+        if not waiting:
+            self._queued.pop(spec.instance, None)
+
+    async def _untilRunning(self, directory: Path, left: Deferred[None]) -> None:
+        """
+        Until the job has begun (it writes ``started`` first: seen within
+        moments, where the queue is read only every ``pollInterval``), or
+        ``left`` fires (the queue says it runs or ended, or the start was
+        given up).
+        """
+        pause = 0.05
+        while not left.called:
+            if await threads.deferToThread((directory / STARTED).exists):
+                return
+            await deferLater(self.reactor, pause, lambda: None)
+            pause = min(pause * 2, 1.0)
 
     # -- watching ---------------------------------------------------------------------------
 

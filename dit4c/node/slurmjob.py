@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EXIT", "JOB", "READY", "main"]
+__all__ = ["EXIT", "JOB", "READY", "STARTED", "main"]
 
 #: In the pod's directory: what the job runs (the node writes it).
 JOB = "job.json"
@@ -43,6 +43,8 @@ JOB = "job.json"
 READY = "ready"
 #: In the pod's directory: how the tool ended by itself (the job writes it).
 EXIT = "exit.json"
+#: In the pod's directory: the job has begun on a compute node (the job writes it first).
+STARTED = "started"
 #: Seconds between looks at the tool, at most.
 LOOK = 0.5
 
@@ -79,6 +81,7 @@ def main(argv: list[str]) -> int:
     from dit4c.node.processtools import Tool
 
     pod = Path(argv[1])
+    (pod / STARTED).write_text(json.dumps({"host": socket.gethostname()}))
     job: dict[str, Any] = json.loads((pod / JOB).read_text())
     work = Path(job["work"])
     tool = Tool(job["tool"]["name"], tuple(job["tool"]["command"]), job["tool"].get("environment"))
