@@ -79,6 +79,9 @@ def test_an_onion_url_is_taken_only_where_the_portal_allows_them() -> None:
         "other.localhost",  # another instance's name, as before
         "127.0.0.1",
     ],
+    # Named, not shown: the made-up names are new at every collection, and
+    # parallel workers must collect the same tests.
+    ids=["forged-checksum", "version-2", "instance-id-onion", "other-instance", "address"],
 )
 def test_other_hosts_are_still_refused_where_onion_urls_are_taken(host: str) -> None:
     with pytest.raises(ReportError) as refused:
