@@ -407,7 +407,8 @@ async def test_help_documents_every_option(tmp_path: Path) -> None:
             assert documented[name], f"--{name} has no description in:\n{text}"
     assert "Repeatable" in routingHelp
     assert (
-        "dit4c-helper-listener [--routing ENDPOINT] [--target ENDPOINT] [--key-file PATH --instance ID | --token-file PATH]"
+        "dit4c-helper-listener [--routing ENDPOINT | --onion CONTROL_ENDPOINT] [--target ENDPOINT]"
+        " [--key-file PATH --instance ID | --token-file PATH]"
         in listenerHelp
     )
     # The token rules and the cap's default are said where an operator looks.
