@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -62,5 +63,27 @@ async def test_a_killed_server_reports_the_signal(tmp_path: Path, signing: Any) 
         await server.waitForPort("public http")
         server.signal(signal.SIGKILL)
         assert server.proc.wait(20) == -signal.SIGKILL
+    finally:
+        server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_forked_server_serves_the_socket_it_was_handed(tmp_path: Path, signing: Any) -> None:
+    """As systemd hands a listening socket over: bound here, served there (``systemd:domain=INET:index=0``)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    port = sock.getsockname()[1]
+    server = Process(
+        [*TWISTD, "-n", "--pidfile=", "dit4c-routing", "--http", "systemd:domain=INET:index=0", "--tunnel",
+         f"unix:{tmp_path / 'tunnel.sock'}", "--jwks-file", str(signing.jwksPath)],
+        tmp_path / "routing.log",
+        sockets=[sock],
+    )  # fmt: skip
+    try:
+        assert isinstance(server.proc, ForkedProcess) and sock.fileno() == -1
+        await server.waitForLog("public http listening")
+        response = await treq.get(f"http://127.0.0.1:{port}/", headers={"Host": "nobody.localhost"}, persistent=False)
+        assert response.code == 404 and "There is no instance at nobody.localhost." in await response.text()
     finally:
         server.stop()

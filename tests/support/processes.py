@@ -79,11 +79,15 @@ class Process:
         self._log = open(logPath, "ab")
         command = args
         descriptors = [sock.fileno() for sock in sockets]
-        if not descriptors and args[: len(TWISTD)] == TWISTD and zygote.enabled():
+        if args[: len(TWISTD)] == TWISTD and zygote.enabled():
             # Forked from a warm interpreter (see support.zygote): the same twistd, without its imports' CPU.
-            self.proc: subprocess.Popen[bytes] | zygote.ForkedProcess = zygote.forkTwistd(
-                args[len(TWISTD) :], dict(os.environ, **(env or {})), logPath
-            )
+            try:
+                self.proc: subprocess.Popen[bytes] | zygote.ForkedProcess = zygote.forkTwistd(
+                    args[len(TWISTD) :], dict(os.environ, **(env or {})), logPath, descriptors
+                )
+            finally:
+                for sock in sockets:
+                    sock.close()
             return
         if descriptors:
             command = [sys.executable, "-c", _HANDOVER, str(len(descriptors)), *map(str, descriptors), *args]

@@ -44,6 +44,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,7 @@ PRELOAD = (
 )
 
 _ZYGOTE = r"""
-import gc, json, os, select, signal, socket, sys, traceback
+import fcntl, gc, json, os, select, signal, socket, sys, traceback
 
 control = socket.socket(fileno=int(sys.argv[1]))
 preload = sys.argv[2].split(",")
@@ -113,7 +114,21 @@ def send(message):
     control.sendall(json.dumps(message).encode() + b"\n")
 
 
-def child(request):
+def handOver(given):
+    '''The listening sockets at descriptors 3, 4, ... with LISTEN_PID and LISTEN_FDS, as systemd hands them.'''
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 3 + len(given)) for fd in given]
+    for fd in given:
+        os.close(fd)
+    for index, fd in enumerate(high):
+        os.dup2(fd, 3 + index)
+        os.close(fd)
+    os.environ.update(
+        LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(given)),
+        LISTEN_FDNAMES=":".join(f"socket{index}" for index in range(len(given))),
+    )
+
+
+def child(request, given):
     code = 1
     try:
         control.close()
@@ -132,6 +147,14 @@ def child(request):
         os.close(log)
         os.environ.clear()
         os.environ.update(request["env"])
+        if given:
+            handOver(given)
+        # Twisted reads the handed-over sockets from the environment when
+        # its endpoints module is imported: here, that was in the zygote.
+        from twisted.internet import endpoints
+        from twisted.python.systemd import ListenFDs
+
+        endpoints._SystemdParser._sddaemon = ListenFDs.fromEnvironment()
         import tempfile
 
         tempfile.tempdir = None  # found again from this child's TMPDIR
@@ -158,6 +181,7 @@ def child(request):
 
 
 buffer = b""
+received = []
 while True:
     try:
         ready, _, _ = select.select([control, wakeRead], [], [])
@@ -178,21 +202,26 @@ while True:
                 break
             send({"exited": pid, "code": os.waitstatus_to_exitcode(status)})
     if control in ready:
-        data = control.recv(65536)
+        data, fds, _, _ = socket.recv_fds(control, 65536, 16)
         if not data:
             break
+        received += fds
         buffer += data
         while b"\n" in buffer:
             line, buffer = buffer.split(b"\n", 1)
             request = json.loads(line)
+            given, received = received[: request["fds"]], received[request["fds"] :]
             try:
                 pid = os.fork()
             except OSError as e:
+                pid = None
                 send({"error": str(e)})
-                continue
             if pid == 0:
-                child(request)
-            send({"pid": pid})
+                child(request, given)
+            for fd in given:
+                os.close(fd)
+            if pid is not None:
+                send({"pid": pid})
 """
 
 
@@ -237,10 +266,13 @@ class _Zygote:
                 messages.append(message)
         return messages
 
-    def fork(self, argv: list[str], env: dict[str, str], log: Path) -> int:
-        request = {"argv": argv, "env": env, "cwd": os.getcwd(), "log": str(log)}
+    def fork(self, argv: list[str], env: dict[str, str], log: Path, descriptors: list[int]) -> int:
+        request = {"argv": argv, "env": env, "cwd": os.getcwd(), "log": str(log), "fds": len(descriptors)}
+        line = json.dumps(request).encode() + b"\n"
         with self._lock:
-            self._socket.sendall(json.dumps(request).encode() + b"\n")
+            # The descriptors ride on the line's first byte; one request is in flight at a time.
+            sent = socket.send_fds(self._socket, [line[:1]], descriptors) if descriptors else 0
+            self._socket.sendall(line[sent:])
             while True:
                 for message in self._read(60):
                     if "error" in message:
@@ -293,7 +325,12 @@ class ForkedProcess:
         return self.returncode
 
 
-def forkTwistd(arguments: list[str], env: dict[str, str], log: Path) -> ForkedProcess:
-    """``twistd <arguments>`` forked from this worker's zygote, its output appended to ``log``."""
+def forkTwistd(arguments: list[str], env: dict[str, str], log: Path, descriptors: Sequence[int] = ()) -> ForkedProcess:
+    """
+    ``twistd <arguments>`` forked from this worker's zygote, its output
+    appended to ``log``, the listening sockets ``descriptors`` handed to it
+    as systemd hands them (``systemd:domain=INET:index=0``, ...).
+    """
     zygote = _theZygote()
-    return ForkedProcess(zygote, zygote.fork(["twistd", *arguments], env, log), ["twistd", *arguments])
+    pid = zygote.fork(["twistd", *arguments], env, log, list(descriptors))
+    return ForkedProcess(zygote, pid, ["twistd", *arguments])
