@@ -3,8 +3,9 @@ The order a parallel run hands tests to its workers in.
 
 pytest-xdist's ``worksteal`` gives each worker a contiguous block of the
 collection, and an idle worker takes the back half of the busiest one's
-queue. In collection order the whole-installation tests (``tests/e2e``, each
-half a minute to a minute of several servers) sit together in one block, are
+queue. In collection order the long tests (``tests/e2e`` and the others
+:func:`isHeavy` names, each half a minute to two minutes of several
+servers) sit together in one block, are
 stolen late, and all run in the last two minutes while the other workers
 have nothing left: the run is as long as that tail. Here each block begins
 with its share of them, so they run from the start beside the quick tests,
@@ -21,8 +22,20 @@ from pathlib import Path
 
 import pytest
 
-#: Where the whole-installation tests live.
-HEAVY = Path(__file__).resolve().parents[1] / "e2e"
+#: Where the whole-installation tests live, and the private Tor networks'.
+HEAVY_DIRECTORIES = tuple(Path(__file__).resolve().parents[1] / name for name in ("e2e", "tor"))
+
+#: Modules elsewhere whose tests each take a real cluster, container or
+#: JupyterLab (a Slurm job waits out its minute-long time limit): as long as
+#: whole-installation tests, and as badly placed at the end.
+HEAVY_MODULES = ("slurm", "podman", "jupyterlab")
+
+
+def isHeavy(item: pytest.Item) -> bool:
+    """Whether ``item`` is one of the long tests, to be started early."""
+    return any(d in item.path.parents for d in HEAVY_DIRECTORIES) or any(
+        word in item.path.stem for word in HEAVY_MODULES
+    )
 
 
 def _sharesModuleFixture(item: pytest.Item) -> bool:
@@ -49,8 +62,8 @@ def units(items: Sequence[pytest.Item]) -> list[list[pytest.Item]]:
 
 def spread(items: list[pytest.Item], workers: int) -> list[pytest.Item]:
     """``items`` reordered so that each of ``workers`` blocks starts with its share of the heavy tests."""
-    heavy = units([i for i in items if HEAVY in i.path.parents])
-    light = [i for i in items if HEAVY not in i.path.parents]
+    heavy = units([i for i in items if isHeavy(i)])
+    light = [i for i in items if not isHeavy(i)]
     if not heavy or workers < 2:
         return items
     ordered: list[pytest.Item] = []
