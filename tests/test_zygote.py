@@ -11,20 +11,29 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 import treq
 from support.processes import TWISTD, Process
 from support.waiting import eventually
-from support.zygote import ForkedProcess
+from support.zygote import ForkedProcess, enabled
+
+pytestmark = pytest.mark.skipif(not enabled(), reason="DIT4C_TEST_FORK=0: servers are started afresh")
+
+
+def routingServer(tmp_path: Path, signing: Any, http: str = "tcp:0:interface=127.0.0.1", **kwargs: Any) -> Process:
+    """``twistd dit4c-routing`` serving public HTTP on ``http``."""
+    return Process(
+        [*TWISTD, "-n", "--pidfile=", "dit4c-routing", "--http", http, "--tunnel", f"unix:{tmp_path / 'tunnel.sock'}",
+         "--jwks-file", str(signing.jwksPath)],
+        tmp_path / "routing.log",
+        **kwargs,
+    )  # fmt: skip
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_forked_server_runs_in_its_own_session_and_reports_its_end(tmp_path: Path, signing: Any) -> None:
-    server = Process(
-        [*TWISTD, "-n", "--pidfile=", "dit4c-routing", "--http", "tcp:0:interface=127.0.0.1", "--tunnel",
-         f"unix:{tmp_path / 'tunnel.sock'}", "--jwks-file", str(signing.jwksPath)],
-        tmp_path / "routing.log",
-    )  # fmt: skip
+    server = routingServer(tmp_path, signing)
     try:
         assert isinstance(server.proc, ForkedProcess)
         port = await server.waitForPort("public http")
@@ -54,11 +63,7 @@ async def test_a_server_that_refuses_its_options_ends_with_its_reason(tmp_path: 
 
 @pytest_twisted.ensureDeferred
 async def test_a_killed_server_reports_the_signal(tmp_path: Path, signing: Any) -> None:
-    server = Process(
-        [*TWISTD, "-n", "--pidfile=", "dit4c-routing", "--http", "tcp:0:interface=127.0.0.1", "--tunnel",
-         f"unix:{tmp_path / 'tunnel.sock'}", "--jwks-file", str(signing.jwksPath)],
-        tmp_path / "routing.log",
-    )  # fmt: skip
+    server = routingServer(tmp_path, signing)
     try:
         await server.waitForPort("public http")
         server.signal(signal.SIGKILL)
@@ -74,12 +79,7 @@ async def test_a_forked_server_serves_the_socket_it_was_handed(tmp_path: Path, s
     sock.bind(("127.0.0.1", 0))
     sock.listen(16)
     port = sock.getsockname()[1]
-    server = Process(
-        [*TWISTD, "-n", "--pidfile=", "dit4c-routing", "--http", "systemd:domain=INET:index=0", "--tunnel",
-         f"unix:{tmp_path / 'tunnel.sock'}", "--jwks-file", str(signing.jwksPath)],
-        tmp_path / "routing.log",
-        sockets=[sock],
-    )  # fmt: skip
+    server = routingServer(tmp_path, signing, "systemd:domain=INET:index=0", sockets=[sock])
     try:
         assert isinstance(server.proc, ForkedProcess) and sock.fileno() == -1
         await server.waitForLog("public http listening")

@@ -19,24 +19,14 @@ from . import zygote
 from .waiting import deferLater
 
 #: Puts the listening sockets it is given (``argv[1]``: how many, then
-#: their descriptors) at descriptors 3, 4, ... with ``LISTEN_PID`` and
-#: ``LISTEN_FDS`` set, as systemd's socket activation does, and becomes the
-#: command that follows (the same process: ``LISTEN_PID`` stays true).
-_HANDOVER = """
-import fcntl, os, sys
+#: their descriptors) at descriptors 3, 4, ... as systemd's socket
+#: activation does, and becomes the command that follows (the same process:
+#: ``LISTEN_PID`` stays true).
+_HANDOVER = zygote.HANDOVER + """
+import sys
 count = int(sys.argv[1])
-given, argv = [int(fd) for fd in sys.argv[2:2 + count]], sys.argv[2 + count:]
-high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 3 + count) for fd in given]
-for fd in given:
-    os.close(fd)
-for index, fd in enumerate(high):
-    os.dup2(fd, 3 + index)
-    os.close(fd)
-os.environ.update(
-    LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(count),
-    LISTEN_FDNAMES=":".join(f"socket{index}" for index in range(count)),
-)
-os.execvp(argv[0], argv)
+handOver([int(fd) for fd in sys.argv[2:2 + count]])
+os.execvp(sys.argv[2 + count], sys.argv[2 + count:])
 """
 
 

@@ -63,8 +63,29 @@ PRELOAD = (
     "dit4c.dev.tap",
 )
 
-_ZYGOTE = r"""
-import fcntl, gc, json, os, select, signal, socket, sys, traceback
+#: Puts the listening sockets ``given`` (descriptors) at 3, 4, ... with
+#: ``LISTEN_PID`` and ``LISTEN_FDS`` set, as systemd's socket activation
+#: does: Python source, for the zygote's children and for
+#: :data:`support.processes._HANDOVER`.
+HANDOVER = """
+import fcntl, os
+
+
+def handOver(given):
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 3 + len(given)) for fd in given]
+    for fd in given:
+        os.close(fd)
+    for index, fd in enumerate(high):
+        os.dup2(fd, 3 + index)
+        os.close(fd)
+    os.environ.update(
+        LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(given)),
+        LISTEN_FDNAMES=":".join(f"socket{index}" for index in range(len(given))),
+    )
+"""
+
+_ZYGOTE = HANDOVER + r"""
+import gc, json, select, signal, socket, sys, traceback
 
 control = socket.socket(fileno=int(sys.argv[1]))
 preload = sys.argv[2].split(",")
@@ -112,20 +133,6 @@ signal.signal(signal.SIGCHLD, lambda *_: None)
 
 def send(message):
     control.sendall(json.dumps(message).encode() + b"\n")
-
-
-def handOver(given):
-    '''The listening sockets at descriptors 3, 4, ... with LISTEN_PID and LISTEN_FDS, as systemd hands them.'''
-    high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 3 + len(given)) for fd in given]
-    for fd in given:
-        os.close(fd)
-    for index, fd in enumerate(high):
-        os.dup2(fd, 3 + index)
-        os.close(fd)
-    os.environ.update(
-        LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(given)),
-        LISTEN_FDNAMES=":".join(f"socket{index}" for index in range(len(given))),
-    )
 
 
 def child(request, given):
