@@ -56,6 +56,7 @@ class PortalService(MultiService):
         fileServerHostKey: str | None = None,
         cullInterval: float = CULL_INTERVAL,
         onionURLs: bool = False,
+        routingDomains: tuple[str, ...] = (),
     ) -> None:
         """
         :param reactor: the process's reactor: its clock (``IReactorTime``),
@@ -90,6 +91,8 @@ class PortalService(MultiService):
         self.fileServerHostKey = fileServerHostKey
         #: Whether instances may report a .onion URL (their listener publishes an onion service).
         self.onionURLs = onionURLs
+        #: The routing servers' domains an instance's URL must be under (none: any domain).
+        self.routingDomains = routingDomains
         self.metrics: PortalMetrics | None = None
         #: The scheduler channel (``ChannelHub``), once started.
         self.channels: ChannelHub | None = None
@@ -134,6 +137,8 @@ class PortalService(MultiService):
         self.portal.reports.setImageServerSecret(self.imageServerSecret)
         self.portal.reports.setFileServerSecret(self.fileServerSecret)
         self.portal.reports.onionURLs = self.onionURLs
+        if self.routingDomains:
+            self.portal.reports.instanceDomains = tuple(d.lower().strip(".") for d in self.routingDomains)
         if self.loginProviders:
             from treq.client import HTTPClient
             from twisted.web.client import Agent

@@ -54,6 +54,14 @@ class Options(usage.Options):
         self["listen"] = []
         self["channel"] = []
         self["trusted-proxy"] = []
+        self["routing-domain"] = []
+
+    def opt_routing_domain(self, value: str) -> None:
+        """A routing server's --domain: instances may then report only URLs at <id>.<one of these>. Repeatable; without it any domain is taken."""
+        domain = value.strip().strip(".").lower()
+        if not domain:
+            raise usage.UsageError("--routing-domain: give a domain, e.g. r1.example.org")
+        self["routing-domain"].append(domain)
 
     def opt_channel(self, value: str) -> None:
         """Extra endpoint where schedulers dial in (they can also use wss://PORTAL/.dit4c/channel). Repeatable."""
@@ -149,4 +157,5 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         fileServer=config["file-server"],
         fileServerHostKey=config["file-server-host-key"],
         onionURLs=bool(config["onion-urls"]),
+        routingDomains=tuple(config["routing-domain"]),
     )
