@@ -64,6 +64,7 @@ class Cluster:
         catalogue: Mapping[str, str] | None = None,
         allInOne: bool = False,
         portalOptions: tuple[str, ...] = (),
+        routingDomains: tuple[str, ...] = ("localhost",),
     ) -> None:
         """
         :param netns: run the scheduler and the node (and so every pod) in
@@ -82,6 +83,11 @@ class Cluster:
             of separate servers: with an image server and a file server, and
             one node.
         :param portalOptions: more options for the portal (``--cull-interval``).
+        :param routingDomains: one routing server for each, serving that
+            domain: the first is ``routing``, the others ``routing2``,
+            ``routing3``...; every node dials them all (the nearest
+            first), and with more than one the portal is told them all
+            (``--routing-domain``).
         """
         self.directory = directory
         self.portalOptions = portalOptions
@@ -98,6 +104,9 @@ class Cluster:
         self.portalPort = self.portalHostPort = 0
         self.httpPort = self.tunnelPort = self.imagePort = self.filePort = 0
         self.nodePorts = {name: 0 for name in nodes}
+        self.routingDomains = routingDomains
+        #: Each routing server's (public HTTP, tunnel) ports; the first's are also ``httpPort``, ``tunnelPort``.
+        self.routingPorts = {name: (0, 0) for name in self.routingNames}
         self.processes: dict[str, Process] = {}
         self._runs = 0
         self.schedulerId = ""
@@ -143,6 +152,7 @@ class Cluster:
             "portal", "dit4c-portal", *listen,
             "--data-dir", str(self.directory / "portal"),
             "--public-url", self.portal, *self.portalOptions,
+            *(f"--routing-domain={domain}" for domain in self.routingDomains if len(self.routingDomains) > 1),
             sockets=sockets,
         )  # fmt: skip
 
@@ -173,12 +183,18 @@ class Cluster:
         name = name or self.nodes[0]
         return self.directory / ("node" if name == self.nodes[0] else f"node-{name}")
 
-    def startRouting(self) -> Process:
+    @property
+    def routingNames(self) -> tuple[str, ...]:
+        """The routing servers' process names, one for each of ``routingDomains``."""
+        return tuple("routing" if i == 0 else f"routing{i + 1}" for i in range(len(self.routingDomains)))
+
+    def startRouting(self, name: str = "routing") -> Process:
+        httpPort, tunnelPort = self.routingPorts[name]
         return self._start(
-            "routing", "dit4c-routing",
-            "--tunnel", f"tcp:{self.tunnelPort}:interface={self.hostAddress}",
-            "--http", f"tcp:{self.httpPort}:interface=127.0.0.1",
-            "--domain", "localhost",
+            name, "dit4c-routing",
+            "--tunnel", f"tcp:{tunnelPort}:interface={self.hostAddress}",
+            "--http", f"tcp:{httpPort}:interface=127.0.0.1",
+            "--domain", self.routingDomains[self.routingNames.index(name)],
             "--jwks-url", f"http://127.0.0.1:{self.portalPort}/.well-known/jwks.json",
         )  # fmt: skip
 
@@ -200,7 +216,11 @@ class Cluster:
             *images,
             "--portal", self.portal,
             "--portal-internal", f"http://{self.hostAddress}:{self.portalHostPort}",
-            "--routing", f"tcp:host={self.hostAddress}:port={self.tunnelPort}",
+            *(
+                argument
+                for _, tunnelPort in self.routingPorts.values()
+                for argument in ("--routing", f"tcp:host={self.hostAddress}:port={tunnelPort}")
+            ),
             *self.nodeOptions,
             netns=True,
         )  # fmt: skip
@@ -229,7 +249,7 @@ class Cluster:
             return ("dev",)
         extra = (("images",) if self.images else ()) + (("files",) if self.files else ())
         nodes = tuple(self.nodeDirectory(name).name for name in self.nodes)
-        return ("portal", "routing", *extra, *nodes, "scheduler")
+        return ("portal", *self.routingNames, *extra, *nodes, "scheduler")
 
     @property
     def dataDirectory(self) -> Path:
@@ -278,7 +298,8 @@ class Cluster:
         finally:
             await store.close()
         # In order: each is given the ports of those before it.
-        await self._up("routing", self.startRouting())
+        for name in self.routingNames:
+            await self._up(name, self.startRouting(name))
         if self.images:
             await self._up("images", self.startImages())
         if self.files:
@@ -293,7 +314,7 @@ class Cluster:
         Until the server ``name`` is up; the ports it got, read back from its
         log: learnt the first time, the same ever after.
         """
-        await process.waitForLog(self.READY[name], timeout)
+        await process.waitForLog(self.READY["routing" if name in self.routingNames else name], timeout)
         if name == "scheduler":
             # Up for instances only once linked to its nodes: a start before that finds no room.
             for node in self.nodes:
@@ -301,9 +322,12 @@ class Cluster:
         got: dict[str, int] = {}
         if name == "portal":
             got["portalPort"] = process.port("portal", host="127.0.0.1")
-        elif name == "routing":
-            got["tunnelPort"] = process.port("tunnel", host=self.hostAddress)
-            got["httpPort"] = process.port("public http")
+        elif name in self.routingNames:
+            ports = (process.port("public http"), process.port("tunnel", host=self.hostAddress))
+            assert self.routingPorts[name] in ((0, 0), ports), f"{name} came back on ports {ports}"
+            self.routingPorts[name] = ports
+            if name == "routing":
+                got["httpPort"], got["tunnelPort"] = ports
         elif name == "images":
             got["imagePort"] = process.port("image server")
         elif name == "files":
@@ -346,7 +370,8 @@ class Cluster:
         """
         scheduler = self.processes.get("scheduler") if name == "node" and self.running("scheduler") else None
         mark = len(scheduler.log()) if scheduler is not None else 0
-        process = await self._up(name, getattr(self, f"start{name.capitalize()}")(), 60)
+        start = self.startRouting(name) if name in self.routingNames else getattr(self, f"start{name.capitalize()}")()
+        process = await self._up(name, start, 60)
         if scheduler is not None:
             await scheduler.waitForLog(f"linked to node {self.nodes[0]} ", 60, start=mark)
         return process
