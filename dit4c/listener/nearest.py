@@ -1,7 +1,8 @@
 """
 A listener given several routing servers uses the nearest: at every
 (re)connect it opens a connection to each at once, and dials the one
-that answered first; one that does not answer is tried last.
+that answered first, as soon as it has; the others follow, fastest
+first, only if that dial fails; one that does not answer is tried last.
 """
 
 from __future__ import annotations
@@ -48,26 +49,52 @@ class NearestEndpoint:
         if len(self.endpoints) == 1:
             self.chosen = self.endpoints[0][0]
             return await self.endpoints[0][1].connect(factory)
-        timings: list[float | None] = await gatherResults(
-            [Deferred.fromCoroutine(self._probe(e)) for _, e in self.endpoints]
-        )
-        answered = sorted((t, i) for i, t in enumerate(timings) if t is not None)
-        order = [i for _, i in answered] + [i for i, t in enumerate(timings) if t is None]
+        # The first to answer is dialled at once: a server whose host has
+        # gone silent (no refusal, only the probe's timeout) holds nothing up.
+        timings: list[float | None] = [None] * len(self.endpoints)
+        firstAnswer: Deferred[int | None] = Deferred()
+
+        def answered(timing: float | None, i: int) -> None:
+            timings[i] = timing
+            if timing is not None and not firstAnswer.called:
+                firstAnswer.callback(i)
+
+        probes = [
+            Deferred.fromCoroutine(self._probe(e)).addCallback(answered, i) for i, (_, e) in enumerate(self.endpoints)
+        ]
+        everyProbe = gatherResults(probes)
+        everyProbe.addCallback(lambda _: None if firstAnswer.called else firstAnswer.callback(None))
+        first = await firstAnswer
+        failure: BaseException | None = None
+        if first is not None:
+            self.log.info(
+                "routing server {chosen} answered first, in {ms:.1f} ms",
+                chosen=self.endpoints[first][0],
+                ms=(timings[first] or 0.0) * 1000,
+            )
+            try:
+                return await self._dial(first, factory)
+            except Exception as e:
+                failure = e
+        await everyProbe
+        answered_ = sorted((t, i) for i, t in enumerate(timings) if t is not None and i != first)
+        order = [i for _, i in answered_] + [i for i, t in enumerate(timings) if t is None]
         self.log.info(
             "routing servers by connect time: {timings}",
             timings=", ".join(_timing(self.endpoints[i][0], timings[i]) for i in order),
         )
-        failure: BaseException | None = None
         for i in order:
             try:
-                protocol = await self.endpoints[i][1].connect(factory)
+                return await self._dial(i, factory)
             except Exception as e:
                 failure = e
-                continue
-            self.chosen = self.endpoints[i][0]
-            return protocol
         assert failure is not None
         raise failure
+
+    async def _dial(self, i: int, factory: IProtocolFactory) -> IProtocol:
+        protocol = await self.endpoints[i][1].connect(factory)
+        self.chosen = self.endpoints[i][0]
+        return protocol
 
     async def _probe(self, endpoint: IStreamClientEndpoint) -> float | None:
         began = self.reactor.seconds()

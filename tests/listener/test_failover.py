@@ -49,9 +49,10 @@ class World:
         self.urls: list[str] = []
         self.links: dict[int, Any] = {}
         endpoints = [(name, TCP4ClientEndpoint(reactor, name, 8443)) for name in ("a.example", "b.example")]
+        self.nearest = NearestEndpoint(reactor, endpoints, probeTimeout=5.0)
         self.listener = ListenerService(
             reactor,
-            NearestEndpoint(reactor, endpoints, probeTimeout=5.0),
+            self.nearest,
             TCP4ClientEndpoint(reactor, "127.0.0.1", 8888),
             lambda: "token",
             settings=Settings(heartbeat=HEARTBEAT, timeout=TIMEOUT),
@@ -123,7 +124,7 @@ def test_a_lost_tunnel_moves_to_the_other_routing_server(world: World) -> None:
     # The new URL, from B's WELCOME, goes to onRegistered (the pod helper reports it to the portal).
     assert world.urls == ["http://inst.r1.example/", "http://inst.r2.example/"]
     assert world.listener.tunnel is not None and world.listener.tunnel.transport is world.links[5].transport
-    assert world.listener.routing.chosen == "b.example"
+    assert world.nearest.chosen == "b.example"
 
 
 def test_a_silent_routing_server_is_left_after_the_heartbeat_timeout(world: World) -> None:
@@ -154,3 +155,20 @@ def test_the_first_routing_server_coming_back_does_not_move_the_instance(world: 
     assert world.hosts(6) == []
     assert world.listener.tunnel is tunnel
     assert world.urls == ["http://inst.r1.example/", "http://inst.r2.example/"]
+
+
+def test_a_silent_host_does_not_hold_up_the_dial(world: World) -> None:
+    world.links[2].connectionLost(Failure(ConnectionLost("gone")))
+    world.reactor.advance(RETRY)
+    assert world.hosts(3) == ["a.example", "b.example"]
+    # A's host answers nothing (no refusal: the probe would wait its 5 s);
+    # B answers, and is dialled at once.
+    world.answer(4)
+    assert world.hosts(5) == ["b.example"]
+    world.answer(5)
+    world.welcomed(5, "r2.example")
+    assert world.urls[-1] == "http://inst.r2.example/"
+    # A's probe times out later; nothing more is dialled.
+    world.reactor.advance(5.0)
+    assert world.hosts(6) == []
+    assert world.nearest.chosen == "b.example"
