@@ -40,6 +40,7 @@ from dit4c.portal.jwks import publicJWKProblem
 from dit4c.portal.logstream import follow
 from dit4c.portal.nodes import NodeAdmin
 from dit4c.portal.openapi import document
+from dit4c.portal.pageview import bearerToken
 from dit4c.portal.store.errors import Conflict, NotFound, StoreClosed, StoreError
 from dit4c.portal.store.interfaces import IStore
 from dit4c.portal.store.model import Grant, Instance, User
@@ -127,12 +128,9 @@ class API:
     # -- plumbing -----------------------------------------------------------------------
 
     async def caller(self, request: IRequest) -> User:
-        authorization = request.getHeader(b"authorization")
-        if authorization:
-            scheme, _, token = authorization.partition(b" ")
-            if scheme.lower() != b"bearer" or not token:
-                raise APIError(401, "unauthenticated", "Use 'Authorization: Bearer <API token>'.")
-            user = await self.store.userByApiToken(token.decode("ascii", "replace").strip())
+        token = bearerToken(request)
+        if token is not None:
+            user = await self.store.userByApiToken(token)
             if user is None:
                 raise APIError(401, "unauthenticated", "That API token is not valid.")
             return user
@@ -257,9 +255,15 @@ class API:
 
     @app.route("/instances", methods=["GET"])
     async def listInstances(self, request: IRequest) -> bytes:
-        user = await self.caller(request)
-        mine = await self.store.listInstancesOf(user.id)
-        shared = await self.store.listInstancesSharedWith(user.id)
+        # With a token, who and what in one read (``IPageViews.pageView``); with a session, two.
+        token = bearerToken(request)
+        if token is None:
+            view = await self.store.pageView(user_id=(await self.caller(request)).id, full=False)
+        elif (view := await self.store.pageView(apiToken=token, full=False)) is None:
+            raise APIError(401, "unauthenticated", "That API token is not valid.")
+        if view is None:
+            raise APIError(401, "unauthenticated", "Log in, or send an API token.")
+        mine, shared = view.instances, view.shared
         return self.reply(
             request,
             [dict(instanceJSON(i), shared=False) for i in mine] + [dict(instanceJSON(i), shared=True) for i in shared],

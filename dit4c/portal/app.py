@@ -45,12 +45,14 @@ from dit4c.portal.jwks import KeyDirectory
 from dit4c.portal.keys import KeyRing
 from dit4c.portal.logstream import lastOf
 from dit4c.portal.oauth import OAuthServer
+from dit4c.portal.pageview import homeContext, sessionView
 from dit4c.portal.reportrules import InstanceTokens, imageReadToken, removeImageBytes
 from dit4c.portal.reports import Reports
 from dit4c.portal.security import CookiePolicy
 from dit4c.portal.sessions import LoggedIn, LoginSessions
 from dit4c.portal.store.errors import StoreClosed
 from dit4c.portal.store.interfaces import IStore
+from dit4c.portal.store.model import PageView
 from dit4c.portal.streams import EventStreams
 from dit4c.portal.upstream import UpstreamLogin
 from dit4c.portal.web import Pages, arg, csrfOK, loggableTarget, redirect
@@ -217,39 +219,23 @@ class Portal:
 
     @app.route("/", methods=["GET"])
     async def home(self, request: IRequest) -> bytes:
-        who = await self.sessions.loggedIn(request)
-        if who is None:
+        found = await sessionView(self.sessions, self.store, request)
+        if found is None:
             return redirect(request, "/login")
-        if who.user.password_reset:
+        if found[0].user.password_reset:
             return redirect(request, "/account/")
-        return await self.homePage(request, who)
+        return await self.homePage(request, found[0], view=found[1])
 
-    async def homePage(self, request: IRequest, who: LoggedIn, status: int = 200, **extra: Any) -> bytes:
-        instances = await self.store.listInstancesOf(who.user.id)
-        shared = await self.store.listInstancesSharedWith(who.user.id)
-        images = await self.instances.images(who.user)
-        names = {image.id: image.name for image in images}
-        for instance in instances:
-            if instance.image_id not in names:
-                image = await self.store.imageById(instance.image_id)
-                names[instance.image_id] = image.name if image else "?"
-        schedulers = await self.store.schedulersFor(who.user.id)
-        sharedCounts = {i.id: len({g.user_id for g in await self.store.listInstanceAccess(i.id)}) for i in instances}
-        return self.pages.render(
-            request,
-            "home.html",
-            status,
-            user=who.user,
-            csrf=who.session.csrf,
-            instances=instances,
-            shared=shared,
-            images=images,
-            imageNames=names,
-            schedulers=schedulers,
-            sharedCounts=sharedCounts,
-            quota=self.instances.quotaOf(who.user),
-            **extra,
-        )
+    async def homePage(
+        self, request: IRequest, who: LoggedIn, status: int = 200, view: PageView | None = None, **extra: Any
+    ) -> bytes:
+        """The instances page: what it lists read in one transaction (``IPageViews.pageView``)."""
+        view = view or await self.store.pageView(user_id=who.user.id)
+        if view is None:
+            return redirect(request, "/login")
+        context = homeContext(view) | extra
+        quota = self.instances.quotaOf(who.user)
+        return self.pages.render(request, "home.html", status, user=who.user, csrf=who.session.csrf, quota=quota, **context)
 
     @app.route("/instances/<instance_id>", methods=["GET"])
     async def instance(self, request: IRequest, instance_id: str) -> bytes:

@@ -163,18 +163,23 @@ class SQLCore:
         *,
         conflict: str | None = None,
         missing: str | None = None,
+        readOnly: bool = False,
     ) -> Deferred[T]:
         """
         Run ``work`` in one transaction in a pool thread. Driver errors
         become store errors: ``conflict`` and ``missing`` are the messages
-        for a uniqueness and a reference violation.
+        for a uniqueness and a reference violation. ``readOnly``: a
+        transaction that only reads, from one snapshot (``IDialect.beginRead``).
         """
         if self._closed:
             raise StoreClosed()
         dialect = self._dialect
 
         def interaction(cursor: Cursor) -> T:
-            dialect.begin(cursor)
+            if readOnly:
+                dialect.beginRead(cursor)
+            else:
+                dialect.begin(cursor)
             return work(_Txn(cursor, dialect))
 
         def translate(failure: Failure) -> Failure:

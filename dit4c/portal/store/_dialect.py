@@ -55,6 +55,12 @@ class IDialect(Interface):
     def begin(cursor: Cursor) -> None:
         """Start a write transaction on ``cursor``'s connection (if the driver does not)."""
 
+    def beginRead(cursor: Cursor) -> None:
+        """
+        Start a read-only transaction on ``cursor``'s connection that sees
+        one snapshot of the database from its first statement to its end.
+        """
+
     def lockMigrations(cursor: Cursor) -> None:
         """Take, for this transaction, the lock that lets one process migrate at a time."""
 
@@ -92,6 +98,12 @@ class SQLiteDialect:
         # instead of failing half way through.
         cursor.execute("BEGIN IMMEDIATE")
 
+    def beginRead(self, cursor: Cursor) -> None:
+        # Deferred: no write lock, so a writer (another process) neither
+        # waits for this nor makes it wait. In WAL mode the first SELECT
+        # fixes the snapshot every later statement of the transaction reads.
+        cursor.execute("BEGIN")
+
     def lockMigrations(self, cursor: Cursor) -> None:
         # BEGIN IMMEDIATE already made this the only writer.
         pass
@@ -126,6 +138,11 @@ class PostgreSQLDialect:
     def begin(self, cursor: Cursor) -> None:
         # psycopg opens a transaction before the first statement.
         pass
+
+    def beginRead(self, cursor: Cursor) -> None:
+        # READ COMMITTED, the default, takes a new snapshot per statement;
+        # REPEATABLE READ keeps the first statement's for the transaction.
+        cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
 
     def lockMigrations(self, cursor: Cursor) -> None:
         cursor.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")

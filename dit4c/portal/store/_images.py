@@ -16,6 +16,33 @@ from .interfaces import IImages
 from .model import Image
 
 
+def catalogue(t: _Txn) -> list[Image]:
+    """The images anyone may start, by name."""
+    rows = t.all(
+        f"SELECT {_cols(_IMAGE)} FROM images WHERE owner_id IS NULL AND deleted = 0 ORDER BY name, id"
+    )
+    return [_image(row) for row in rows]
+
+
+def imagesOf(t: _Txn, user_id: str) -> list[Image]:
+    """``user_id``'s own images, oldest first."""
+    rows = t.all(
+        f"SELECT {_cols(_IMAGE)} FROM images WHERE owner_id = ? AND deleted = 0 ORDER BY created, id",
+        (user_id,),
+    )
+    return [_image(row) for row in rows]
+
+
+def imagesSharedWith(t: _Txn, user_id: str) -> list[Image]:
+    """The images others shared with ``user_id``, oldest first."""
+    rows = t.all(
+        f"SELECT {_cols(_IMAGE, 'i')} FROM images i JOIN image_shares s ON s.image_id = i.id"
+        " WHERE s.user_id = ? AND i.deleted = 0 ORDER BY i.created, i.id",
+        (user_id,),
+    )
+    return [_image(row) for row in rows]
+
+
 @implementer(IImages)
 class SQLImages(SQLCore):
     """``IImages`` in SQL."""
@@ -46,36 +73,15 @@ class SQLImages(SQLCore):
 
     @_deferred
     async def listCatalogue(self) -> list[Image]:
-        def work(t: _Txn) -> list[Image]:
-            rows = t.all(
-                f"SELECT {_cols(_IMAGE)} FROM images WHERE owner_id IS NULL AND deleted = 0 ORDER BY name, id"
-            )
-            return [_image(row) for row in rows]
-
-        return await self._run(work)
+        return await self._run(lambda t: catalogue(t))
 
     @_deferred
     async def listImagesOf(self, user_id: str) -> list[Image]:
-        def work(t: _Txn) -> list[Image]:
-            rows = t.all(
-                f"SELECT {_cols(_IMAGE)} FROM images WHERE owner_id = ? AND deleted = 0 ORDER BY created, id",
-                (user_id,),
-            )
-            return [_image(row) for row in rows]
-
-        return await self._run(work)
+        return await self._run(lambda t: imagesOf(t, user_id))
 
     @_deferred
     async def listImagesSharedWith(self, user_id: str) -> list[Image]:
-        def work(t: _Txn) -> list[Image]:
-            rows = t.all(
-                f"SELECT {_cols(_IMAGE, 'i')} FROM images i JOIN image_shares s ON s.image_id = i.id"
-                " WHERE s.user_id = ? AND i.deleted = 0 ORDER BY i.created, i.id",
-                (user_id,),
-            )
-            return [_image(row) for row in rows]
-
-        return await self._run(work)
+        return await self._run(lambda t: imagesSharedWith(t, user_id))
 
     @_deferred
     async def imageById(self, image_id: str) -> Image | None:

@@ -37,6 +37,56 @@ _SHARE_LINK = ("id", "instance_id", "token_hash", "created", "revoked")
 _ACTIVE: tuple[str, ...] = tuple(sorted(state.value for state in ACTIVE))
 
 
+#: Who may use instances: shared with directly (no link id), or through a live link.
+_ACCESS = "SELECT u.id, u.name, s.created, NULL FROM instance_shares s JOIN users u ON u.id = s.user_id"
+_ACCESS_LINKS = (
+    " UNION ALL"
+    " SELECT u.id, u.name, g.created, l.id FROM share_link_grants g"
+    " JOIN share_links l ON l.id = g.link_id JOIN users u ON u.id = g.user_id"
+)
+
+
+def instancesOf(t: _Txn, user_id: str) -> list[Instance]:
+    """``user_id``'s instances but the discarded ones, oldest first."""
+    rows = t.all(
+        f"SELECT {_cols(_INSTANCE)} FROM instances WHERE owner_id = ? AND state <> ? ORDER BY id",
+        (user_id, State.DISCARDED.value),
+    )
+    return [_instance(row) for row in rows]
+
+
+def sharedWith(t: _Txn, user_id: str) -> list[Instance]:
+    """The instances of others shared with ``user_id`` (directly or by a live link), discarded ones left out."""
+    # Start from this person's shares and grants (indexed by user), not
+    # from every instance: the cost follows what is shared with them, not
+    # the size of the portal.
+    rows = t.all(
+        f"SELECT {_cols(_INSTANCE, 'i')} FROM instances i"
+        " WHERE i.id IN ("
+        "  SELECT s.instance_id FROM instance_shares s WHERE s.user_id = ?"
+        "  UNION SELECT l.instance_id FROM share_link_grants g JOIN share_links l ON l.id = g.link_id"
+        "  WHERE g.user_id = ? AND l.revoked = 0)"
+        " AND i.state <> ? AND i.owner_id <> ?"
+        " ORDER BY i.id",
+        (user_id, user_id, State.DISCARDED.value, user_id),
+    )
+    return [_instance(row) for row in rows]
+
+
+def sharedCounts(t: _Txn, owner_id: str) -> dict[str, int]:
+    """For each instance of ``owner_id``'s shared with anyone, how many people may use it (as ``listInstanceAccess``)."""
+    rows = t.all(
+        "SELECT a.instance_id, COUNT(DISTINCT a.user_id) FROM ("
+        " SELECT s.instance_id, s.user_id FROM instance_shares s JOIN instances i ON i.id = s.instance_id"
+        " WHERE i.owner_id = ?"
+        " UNION SELECT l.instance_id, g.user_id FROM share_link_grants g JOIN share_links l ON l.id = g.link_id"
+        " JOIN instances i ON i.id = l.instance_id WHERE i.owner_id = ? AND l.revoked = 0"
+        ") a GROUP BY a.instance_id",
+        (owner_id, owner_id),
+    )
+    return {row[0]: int(row[1]) for row in rows}
+
+
 def _shareLink(row: Row) -> ShareLink:
     return ShareLink(row[0], row[1], row[2], row[3], bool(row[4]))
 
@@ -170,23 +220,7 @@ class SQLInstances(SQLCore):
 
     @_deferred
     async def listInstancesSharedWith(self, user_id: str) -> list[Instance]:
-        def work(t: _Txn) -> list[Instance]:
-            # Start from this person's shares and grants (indexed by user),
-            # not from every instance: the cost follows what is shared with
-            # them, not the size of the portal.
-            rows = t.all(
-                f"SELECT {_cols(_INSTANCE, 'i')} FROM instances i"
-                " WHERE i.id IN ("
-                "  SELECT s.instance_id FROM instance_shares s WHERE s.user_id = ?"
-                "  UNION SELECT l.instance_id FROM share_link_grants g JOIN share_links l ON l.id = g.link_id"
-                "  WHERE g.user_id = ? AND l.revoked = 0)"
-                " AND i.state <> ? AND i.owner_id <> ?"
-                " ORDER BY i.id",
-                (user_id, user_id, State.DISCARDED.value, user_id),
-            )
-            return [_instance(row) for row in rows]
-
-        return await self._run(work)
+        return await self._run(lambda t: sharedWith(t, user_id))
 
     @_deferred
     async def updateInstance(
@@ -283,13 +317,7 @@ class SQLInstances(SQLCore):
     async def listInstanceAccess(self, instance_id: str) -> list[Grant]:
         def work(t: _Txn) -> list[Grant]:
             rows = t.all(
-                "SELECT u.id, u.name, s.created, NULL FROM instance_shares s JOIN users u ON u.id = s.user_id"
-                " WHERE s.instance_id = ?"
-                " UNION ALL"
-                " SELECT u.id, u.name, g.created, l.id FROM share_link_grants g"
-                " JOIN share_links l ON l.id = g.link_id JOIN users u ON u.id = g.user_id"
-                " WHERE l.instance_id = ? AND l.revoked = 0"
-                " ORDER BY 3, 2",
+                f"{_ACCESS} WHERE s.instance_id = ?{_ACCESS_LINKS} WHERE l.instance_id = ? AND l.revoked = 0 ORDER BY 3, 2",
                 (instance_id, instance_id),
             )
             return [Grant(row[0], row[1], row[2], row[3]) for row in rows]

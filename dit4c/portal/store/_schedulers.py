@@ -26,6 +26,19 @@ def _command(row: Row) -> Command:
     return Command(row[0], row[1], row[2], int(row[3]), row[4], json.loads(row[5]), row[6], row[7])
 
 
+def schedulersFor(t: _Txn, user_id: str) -> list[Scheduler]:
+    """The schedulers ``user_id`` may start on: enabled, and open to all or to them, by name."""
+    cols = ", ".join(f"s.{c}" for c in _SCHEDULER)
+    rows = t.all(
+        f"SELECT {cols} FROM schedulers s WHERE s.disabled = 0 AND ("
+        " NOT EXISTS (SELECT 1 FROM scheduler_users r WHERE r.scheduler_id = s.id)"
+        " OR EXISTS (SELECT 1 FROM scheduler_users r WHERE r.scheduler_id = s.id AND r.user_id = ?)"
+        ") ORDER BY s.name",
+        (user_id,),
+    )
+    return [_scheduler(row) for row in rows]
+
+
 @implementer(ISchedulers, ICommands)
 class SQLSchedulers(SQLCore):
     """``ISchedulers`` and ``ICommands`` in SQL."""
@@ -104,19 +117,7 @@ class SQLSchedulers(SQLCore):
 
     @_deferred
     async def schedulersFor(self, user_id: str) -> list[Scheduler]:
-        cols = ", ".join(f"s.{c}" for c in _SCHEDULER)
-
-        def work(t: _Txn) -> list[Scheduler]:
-            rows = t.all(
-                f"SELECT {cols} FROM schedulers s WHERE s.disabled = 0 AND ("
-                " NOT EXISTS (SELECT 1 FROM scheduler_users r WHERE r.scheduler_id = s.id)"
-                " OR EXISTS (SELECT 1 FROM scheduler_users r WHERE r.scheduler_id = s.id AND r.user_id = ?)"
-                ") ORDER BY s.name",
-                (user_id,),
-            )
-            return [_scheduler(row) for row in rows]
-
-        return await self._run(work)
+        return await self._run(lambda t: schedulersFor(t, user_id))
     # -- scheduler commands ------------------------------------------------------------------------------
 
     @_deferred

@@ -6,7 +6,7 @@ It is made of one class per area, each beside the interface it provides:
 people and failed logins (``_people``), sessions and tokens
 (``_sessions``), schedulers and their commands (``_schedulers``), images
 (``_images``), instances and their shares (``_instances``), and reports
-(``_reports``), over what they share (``_core``: the pool, transactions,
+(``_reports``), and a person's page read at once (``_views``), over what they share (``_core``: the pool, transactions,
 rows to records).
 """
 
@@ -20,9 +20,10 @@ from ._people import SQLPeople
 from ._reports import SQLReports
 from ._schedulers import SQLSchedulers
 from ._sessions import SQLSessions
+from ._views import SQLPageViews
 from .interfaces import IStore
 
 
 @implementer(IStore)
-class SQLStore(SQLPeople, SQLSessions, SQLSchedulers, SQLImages, SQLInstances, SQLReports):
+class SQLStore(SQLPageViews, SQLPeople, SQLSessions, SQLSchedulers, SQLImages, SQLInstances, SQLReports):
     """The portal's store in an SQL database. Open one with ``openStore``."""

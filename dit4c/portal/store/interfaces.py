@@ -33,6 +33,7 @@ from .model import (
     Instance,
     LoginFailures,
     OAuthCode,
+    PageView,
     Removed,
     Scheduler,
     Session,
@@ -531,7 +532,27 @@ class IReports(Interface):
         """
 
 
+class IPageViews(Interface):
+    """A person's page read at once: who they are and what the page lists, in one read transaction."""
+
+    def pageView(
+        *, sessionToken: str | None = None, apiToken: str | None = None, user_id: str | None = None, full: bool = True
+    ) -> Deferred[PageView | None]:
+        """
+        What a person's page shows (``PageView``), every part read in one
+        read-only transaction, so that a change committed meanwhile is seen
+        whole or not at all (SQLite: one deferred transaction on WAL's
+        snapshot; PostgreSQL: REPEATABLE READ, READ ONLY). The person is the
+        one behind exactly one of a session token (live, not expired), an API
+        token (not revoked) or a user id; None if there is none or they are
+        disabled. ``full``: also what only the instances page needs (images,
+        schedulers, share counts). An API token's ``last_used`` is written
+        afterwards in its own transaction, at most once a minute.
+        """
+
+
 class IStore(
+    IPageViews,
     IPeople,
     ILoginFailures,
     ISessions,

@@ -232,3 +232,26 @@ class Command:
     created: float
     #: When the scheduler acknowledged it; None while it is pending.
     acked: float | None
+
+
+@dataclass(frozen=True)
+class PageView:
+    """
+    What one page of a person's (``GET /``, ``GET /api/v1/instances``)
+    shows, read in one transaction (``IPageViews.pageView``): every part
+    from the same moment of the database.
+    """
+
+    user: User
+    #: The session the person came with, if they came with a session cookie.
+    session: Session | None
+    #: Their own instances, discarded ones left out, and those shared with them (not their own).
+    instances: list[Instance]
+    shared: list[Instance]
+    #: Only with ``full``: what they may start (catalogue, own images, images shared with
+    #: them), the name of every image their instances use, the schedulers they may use, and
+    #: for each of their instances how many people it is shared with (none: left out).
+    images: list[Image] = field(default_factory=list)
+    imageNames: dict[str, str] = field(default_factory=dict)
+    schedulers: list[Scheduler] = field(default_factory=list)
+    sharedCounts: dict[str, int] = field(default_factory=dict)
