@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 import pytest_twisted
 from support.processes import Process
+from support.waiting import eventually
 from twisted.internet import reactor
+from twisted.internet.error import ConnectError
 
 from dit4c.common.portalhttp import portalHTTP
 from dit4c.node.processlaunch import linkStorage
@@ -49,7 +51,14 @@ async def test_jupyterlab_lists_and_opens_the_persons_storage(tmp_path: Path) ->
         async def contents(path: str) -> Any:
             return await (await http.get(f"{base}/api/contents/{path}")).json()
 
-        top = await contents("")
+        async def answered() -> Any:
+            try:
+                return await contents("")
+            except ConnectError:
+                return None
+
+        # It says it is running before it binds its socket (a callback of its event loop).
+        top = await eventually(answered, 30, what="JupyterLab serving on its socket")
         assert [(entry["name"], entry["type"]) for entry in top["content"]] == [("storage", "directory")]
         folder = await contents("storage/results")
         assert [entry["name"] for entry in folder["content"]] == ["run1.csv"]
