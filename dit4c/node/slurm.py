@@ -170,6 +170,10 @@ class SlurmRuntime(SlurmCommands):
         self._poll: LoopingCall | None = None
         #: Starts waiting for their job to leave the queue.
         self._queued: dict[str, list[Deferred[None]]] = {}
+        #: Instances the node gave up starting since their start began: told
+        #: while ``sbatch`` still ran, before the start waits (a stop that
+        #: soon would otherwise find no wait to end, and the start wait on).
+        self._givenUp: set[str] = set()
 
     def jobName(self, instance: str) -> str:
         return f"{self.prefix}-{instance}"
@@ -234,6 +238,7 @@ class SlurmRuntime(SlurmCommands):
     # -- starting ---------------------------------------------------------------------------
 
     async def _start(self, spec: PodSpec) -> None:
+        self._givenUp.discard(spec.instance)
         spec.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(spec.directory, 0o700)
         work = spec.directory / "work"
@@ -317,6 +322,8 @@ class SlurmRuntime(SlurmCommands):
         left: Deferred[None] = Deferred()
         self._queued.setdefault(spec.instance, []).append(left)
         self._watch(spec.instance, jobId)
+        if spec.instance in self._givenUp:
+            self._leftQueue(spec.instance)
         await self._untilRunning(spec.directory, left)
         waiting = self._queued.get(spec.instance, [])
         if left in waiting:
@@ -359,6 +366,7 @@ class SlurmRuntime(SlurmCommands):
         deadline): a start waiting for its job to leave the queue returns at
         once, so that the stop, which waits for the start, can cancel the job.
         """
+        self._givenUp.add(instance)
         self._leftQueue(instance)
 
     def _leftQueue(self, instance: str) -> None:

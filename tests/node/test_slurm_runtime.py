@@ -26,6 +26,7 @@ from standins import POD_HELPER, TOOLS, Watcher
 from support.slurm import CPUS, PARTITION, SlurmCluster, requireSlurm
 from support.waiting import deferLater, eventually
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 
 from dit4c.node.node import Node
 from dit4c.node.processes import startTime
@@ -168,6 +169,35 @@ async def test_a_stop_of_a_waiting_start_cancels_its_job(nodes: Any, cluster: Sl
     await node.stop("sl5")
     assert watcher.history("sl5")[-1] == "stopped"
     assert "dit4c-sl5" not in jobs(cluster, "PENDING,RUNNING,COMPLETING")
+    await node.stop("sl4")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stop_while_its_job_is_being_submitted_cancels_it(nodes: Any, cluster: SlurmCluster) -> None:
+    """The stop comes after the cluster has the job and before sbatch has answered the node (a loaded machine)."""
+    node, runtime, watcher = nodes()
+    await node.start("sl4", "web", None, limits=FULL)
+    await watcher.waitFor("sl4", "running", timeout=60)
+    submitted: Deferred[None] = Deferred()
+    answer: Deferred[None] = Deferred()
+    slurm = runtime._slurm
+
+    async def slowToAnswer(argv: Any, what: str) -> str:
+        out: str = await slurm(argv, what)
+        if argv[0] == "sbatch":
+            submitted.callback(None)
+            await answer
+        return out
+
+    runtime._slurm = slowToAnswer
+    starting = node.start("sl6", "web", None, limits=FULL)
+    await submitted
+    stopping = node.stop("sl6")
+    answer.callback(None)
+    await starting
+    await stopping
+    assert watcher.history("sl6")[-1] == "stopped"
+    assert "dit4c-sl6" not in jobs(cluster, "PENDING,RUNNING,COMPLETING")
     await node.stop("sl4")
 
 
