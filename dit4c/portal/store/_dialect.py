@@ -136,13 +136,27 @@ class PostgreSQLDialect:
         return statement.format(**_POSTGRES_TYPES)
 
     def begin(self, cursor: Cursor) -> None:
-        # psycopg opens a transaction before the first statement.
-        pass
+        # psycopg opens a transaction before the first statement, with the
+        # BEGIN these make (a read may have left others on the connection).
+        self._mode(cursor, readOnly=False)
 
     def beginRead(self, cursor: Cursor) -> None:
         # READ COMMITTED, the default, takes a new snapshot per statement;
         # REPEATABLE READ keeps the first statement's for the transaction.
-        cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        # Said in psycopg's own BEGIN: no round trip of its own.
+        self._mode(cursor, readOnly=True)
+
+    @staticmethod
+    def _mode(cursor: Cursor, readOnly: bool) -> None:
+        import psycopg
+
+        # The DB-API cursor's connection (adbapi's Transaction passes it
+        # through), idle between transactions, when these may change.
+        connection = getattr(cursor, "connection")  # noqa: B009
+        level = psycopg.IsolationLevel.REPEATABLE_READ if readOnly else psycopg.IsolationLevel.READ_COMMITTED
+        if connection.isolation_level != level:
+            connection.isolation_level = level
+            connection.read_only = readOnly
 
     def lockMigrations(self, cursor: Cursor) -> None:
         cursor.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")

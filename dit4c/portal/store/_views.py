@@ -8,17 +8,63 @@ from __future__ import annotations
 
 from zope.interface import implementer
 
-from ._core import _IMAGE, _USER, SQLCore, _cols, _deferred, _image, _Txn, _user
-from ._images import catalogue, imagesOf, imagesSharedWith
-from ._instances import instancesOf, sharedCounts, sharedWith
+from dit4c.common.life import State
+
+from ._core import (
+    _IMAGE,
+    _INSTANCE,
+    _USER,
+    SQLCore,
+    _cols,
+    _deferred,
+    _image,
+    _instance,
+    _Txn,
+    _user,
+)
+from ._instances import sharedCounts
 from ._schedulers import schedulersFor
 from .ids import hashToken
 from .interfaces import IPageViews
-from .model import PageView, Session, User
+from .model import Image, Instance, PageView, Session, User
 
 #: An API token's ``last_used`` is written when it is older than this (seconds): a page
 #: view stays a read, and a client calling many times a second writes once a minute.
 LAST_USED_EVERY = 60.0
+
+
+# Each statement is a round trip to PostgreSQL and a hand-over between the
+# pool's threads: the page's lists come in as few as the SQL allows, each
+# equal to the list its area's own call (``_instances``, ``_images``) gives.
+
+
+def instances(t: _Txn, user_id: str) -> tuple[list[Instance], list[Instance]]:
+    """``user_id``'s own instances and those shared with them (as ``instancesOf`` and ``sharedWith``)."""
+    rows = t.all(
+        f"SELECT 0, {_cols(_INSTANCE)} FROM instances WHERE owner_id = ? AND state <> ?"
+        f" UNION ALL SELECT 1, {_cols(_INSTANCE, 'i')} FROM instances i"
+        " WHERE i.id IN ("
+        "  SELECT s.instance_id FROM instance_shares s WHERE s.user_id = ?"
+        "  UNION SELECT l.instance_id FROM share_link_grants g JOIN share_links l ON l.id = g.link_id"
+        "  WHERE g.user_id = ? AND l.revoked = 0)"
+        " AND i.state <> ? AND i.owner_id <> ?"
+        " ORDER BY 1, 2",
+        (user_id, State.DISCARDED.value, user_id, user_id, State.DISCARDED.value, user_id),
+    )
+    return [_instance(r[1:]) for r in rows if r[0] == 0], [_instance(r[1:]) for r in rows if r[0] == 1]
+
+
+def allImages(t: _Txn, user_id: str) -> list[Image]:
+    """The catalogue, ``user_id``'s own images, and those shared with them (as ``catalogue`` + ``imagesOf`` + ``imagesSharedWith``)."""
+    rows = t.all(
+        f"SELECT 0, name, 0, {_cols(_IMAGE)} FROM images WHERE owner_id IS NULL AND deleted = 0"
+        f" UNION ALL SELECT 1, '', created, {_cols(_IMAGE)} FROM images WHERE owner_id = ? AND deleted = 0"
+        f" UNION ALL SELECT 2, '', i.created, {_cols(_IMAGE, 'i')} FROM images i"
+        " JOIN image_shares s ON s.image_id = i.id WHERE s.user_id = ? AND i.deleted = 0"
+        " ORDER BY 1, 2, 3, 4",
+        (user_id, user_id),
+    )
+    return [_image(r[3:]) for r in rows]
 
 
 @implementer(IPageViews)
@@ -69,10 +115,10 @@ class SQLPageViews(SQLCore):
             if found is None:
                 return None
             user, session = found
-            view = PageView(user, session, instancesOf(t, user.id), sharedWith(t, user.id))
+            view = PageView(user, session, *instances(t, user.id))
             if not full:
                 return view
-            images = catalogue(t) + imagesOf(t, user.id) + imagesSharedWith(t, user.id)
+            images = allImages(t, user.id)
             names = {image.id: image.name for image in images}
             # Images no longer offered (deleted, or unshared) that instances still run from.
             missing = sorted({i.image_id for i in view.instances} - names.keys())

@@ -14,8 +14,7 @@ from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from dit4c.portal.store import Instance, IStore, PageView
-from dit4c.portal.store import _views
+from dit4c.portal.store import Image, IStore, PageView, _views
 
 JWK = json.dumps({"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"})
 
@@ -62,6 +61,9 @@ async def test_pageView_lists_what_the_page_shows(store: IStore, clock: Clock) -
     assert await store.listInstancesOf(alice.id) == view.instances
     assert await store.listInstancesSharedWith(alice.id) == view.shared
     assert saved.id in view.imageNames
+    assert view.images == (
+        await store.listCatalogue() + await store.listImagesOf(alice.id) + await store.listImagesSharedWith(alice.id)
+    )
 
     short = await store.pageView(user_id=alice.id, full=False)
     assert short == PageView(alice, None, view.instances, view.shared)
@@ -116,7 +118,7 @@ async def test_pageView_reads_one_snapshot(
 ) -> None:
     """
     Writes another process commits while the page is being read, after
-    its first part and before the rest, are not seen by any later part:
+    its first parts and before the rest, are not seen by any later part:
     SQLite reads one WAL snapshot in a deferred transaction, PostgreSQL
     reads in REPEATABLE READ.
     """
@@ -133,18 +135,18 @@ async def test_pageView_reads_one_snapshot(
         await writer.createScheduler("cloud", JWK)
         await writer.updateInstance(hers.id, state="starting")
 
-    realSharedWith = _views.sharedWith
+    realImages = _views.allImages
     wrote: list[bool] = []
 
-    def sharedWith(t: Any, user_id: str) -> list[Instance]:
-        # In the reader's pool thread, between the read of alice's own
-        # instances and the rest: another store's writes, committed.
+    def allImages(t: Any, user_id: str) -> list[Image]:
+        # In the reader's pool thread, between the read of the person and
+        # their instances and the rest: another store's writes, committed.
         if not wrote:
             wrote.append(True)
-            threads.blockingCallFromThread(reactor, lambda: Deferred.fromCoroutine(meanwhile()))
-        return realSharedWith(t, user_id)
+            threads.blockingCallFromThread(reactor, lambda: Deferred.fromCoroutine(meanwhile()))  # type: ignore[arg-type]
+        return realImages(t, user_id)
 
-    monkeypatch.setattr(_views, "sharedWith", sharedWith)
+    monkeypatch.setattr(_views, "allImages", allImages)
     view = await reader.pageView(user_id=alice.id)
     assert wrote
     assert view is not None
