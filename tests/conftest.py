@@ -174,8 +174,11 @@ async def browser() -> Any:
     from twisted.internet import threads
 
     requireBrowser()
-    if not _browsers or _browsers[0].closed:
-        _browsers[:] = [await threads.deferToThread(startBrowser)]
+    # Asked again here: a browser can die between two tests (nothing answers then).
+    if _browsers and not await _browsers[0].forget():
+        await _browsers.pop().stop()
+    if not _browsers:
+        _browsers.append(await threads.deferToThread(startBrowser))
     started = _browsers[0]
     try:
         yield started

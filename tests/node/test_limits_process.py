@@ -100,7 +100,8 @@ async def test_a_busy_tool_gets_no_more_than_its_cpus(nodes: Any, tmp_path: Path
     assert runtime._pods["cpu1"]["tool"].pid in inEach()[0]
     # Two busy processes would take up to two CPUs; the limit holds them to half of one.
     share = await cpuShare(cgroup, 3.0)
-    assert 0.1 < share <= 0.6, f"{share:.2f} CPU-seconds a second"
+    # It runs (at most its limit; how far below depends on what else the machine runs now).
+    assert 0 < share <= 0.6, f"{share:.2f} CPU-seconds a second"
 
 
 @needsCgroups
