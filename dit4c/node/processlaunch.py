@@ -41,6 +41,7 @@ __all__ = [
     "TOOL_UIDS",
     "PodLaunching",
     "homeDirectory",
+    "toolUid",
     "whyUnconfined",
 ]
 
@@ -301,21 +302,33 @@ class PodLaunching(PodProcesses):
 
     def _owner(self, instance: str) -> tuple[int, int]:
         """The uid and gid the instance's tool runs as (a root node): its own, or the lowest free."""
-        taken: dict[int, str] = {uid: name for name, uid in self._uids.items()}
-        for record in self.directory.glob(f"*/{POD_RECORD}"):
-            try:
-                uid = json.loads(record.read_text()).get("uid")
-            except (OSError, ValueError, AttributeError):
-                continue
-            if isinstance(uid, int):
-                taken.setdefault(uid, record.parent.name)
-        mine = next((uid for uid, name in taken.items() if name == instance), None)
-        if mine is None:
-            mine = next((uid for uid in self.toolUids if uid not in taken), None)
-            if mine is None:
-                raise RuntimeError_("This compute node has no tool uid left for another instance.")
+        mine = toolUid(self.directory, POD_RECORD, instance, self.toolUids, self._uids)
         self._uids[instance] = mine
         return mine, mine
+
+
+def toolUid(directory: Path, record: str, instance: str, uids: range, known: Mapping[str, int] | None = None) -> int:
+    """
+    The uid ``instance``'s tool runs as on a root node: the one its pod's
+    record (``<directory>/<instance>/<record>``, its ``uid``) or ``known``
+    names, else the lowest of ``uids`` no other pod there has.
+
+    :raises RuntimeError_: every one of ``uids`` is taken.
+    """
+    taken: dict[int, str] = {uid: name for name, uid in (known or {}).items()}
+    for path in directory.glob(f"*/{record}"):
+        try:
+            uid = json.loads(path.read_text()).get("uid")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(uid, int):
+            taken.setdefault(uid, path.parent.name)
+    mine = next((uid for uid, name in taken.items() if name == instance), None)
+    if mine is None:
+        mine = next((uid for uid in uids if uid not in taken), None)
+        if mine is None:
+            raise RuntimeError_("This compute node has no tool uid left for another instance.")
+    return mine
 
 
 def _recordedTool(directory: Path) -> str | None:

@@ -80,6 +80,7 @@ from dit4c.node.processlaunch import (
     TOOL_UIDS,
     homeDirectory,
     linkStorage,
+    toolUid,
 )
 from dit4c.node.processlaunch import _exposed as exposed
 from dit4c.node.processtools import Tool, builtinTools
@@ -440,20 +441,7 @@ class SlurmRuntime(SlurmCommands):
 
     def _toolUid(self, instance: str) -> int:
         """The uid ``instance``'s tool runs as (a root node): the one its ``job.json`` names, or the lowest free."""
-        taken: dict[int, str] = {}
-        for record in self.directory.glob(f"*/{JOB}"):
-            try:
-                uid = json.loads(record.read_text()).get("uid")
-            except (OSError, ValueError, AttributeError):
-                continue
-            if isinstance(uid, int):
-                taken.setdefault(uid, record.parent.name)
-        mine = next((uid for uid, name in taken.items() if name == instance), None)
-        if mine is None:
-            mine = next((uid for uid in self.toolUids if uid not in taken), None)
-            if mine is None:
-                raise RuntimeError_("This compute node has no tool uid left for another instance.")
-        return mine
+        return toolUid(self.directory, JOB, instance, self.toolUids)
 
     def _recordedTool(self, instance: str) -> str | None:
         try:
