@@ -41,6 +41,8 @@ __all__ = [
     "TOOL_UIDS",
     "PodLaunching",
     "homeDirectory",
+    "podTool",
+    "recorded",
     "toolUid",
     "whyUnconfined",
 ]
@@ -147,21 +149,7 @@ class PodLaunching(PodProcesses):
     async def _start(self, spec: PodSpec) -> None:
         if self.root and self.confined is not None:
             raise RuntimeError_(f"This compute node cannot confine its tools, so it runs none: {self.confined}.")
-        spec.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # Only the node's user enters the pod: the key, and the storage
-        # mounted for another uid, are behind it.
-        os.chmod(spec.directory, 0o700)
-        work = spec.directory / "work"
-        work.mkdir(exist_ok=True)
-        toolName = spec.image
-        if spec.archive is not None:
-            toolName = await threads.deferToThread(unpackArchive, spec.archive, work)
-        elif toolName not in self.tools:
-            # A resume of a pod restored from a saved image: its tool is the one it ran.
-            toolName = _recordedTool(spec.directory) or toolName
-        tool = self.tools.get(toolName)
-        if tool is None:
-            raise RuntimeError_(f"This compute node has no tool called {toolName!r}.")
+        work, tool = await podTool(spec, self.tools, POD_RECORD)
         owner = self._owner(spec.instance) if self.root else None
         try:
             await self._launch(spec, tool, work, owner)
@@ -331,13 +319,38 @@ def toolUid(directory: Path, record: str, instance: str, uids: range, known: Map
     return mine
 
 
-def _recordedTool(directory: Path) -> str | None:
-    """The tool a pod ran, as its ``pod.json`` says; None if it says nothing."""
+async def podTool(spec: PodSpec, tools: Mapping[str, Tool], record: str) -> tuple[Path, Tool]:
+    """
+    The pod's working directory, made (in a directory only the node's user
+    enters: the key, and the storage mounted for another uid, are behind
+    it) and filled from the saved image if it starts from one, and the tool
+    it runs: the one the image names, or for a resume of a pod restored
+    from a saved image, the one its ``record`` says it ran.
+
+    :raises RuntimeError_: the node has no such tool.
+    """
+    spec.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(spec.directory, 0o700)
+    work = spec.directory / "work"
+    work.mkdir(exist_ok=True)
+    toolName = spec.image
+    if spec.archive is not None:
+        toolName = await threads.deferToThread(unpackArchive, spec.archive, work)
+    elif toolName not in tools:
+        toolName = recorded(spec.directory / record, "image") or toolName
+    tool = tools.get(toolName)
+    if tool is None:
+        raise RuntimeError_(f"This compute node has no tool called {toolName!r}.")
+    return work, tool
+
+
+def recorded(path: Path, key: str) -> str | None:
+    """The text a pod's record (a JSON object) holds under ``key``; None if it holds none."""
     try:
-        tool = json.loads((directory / POD_RECORD).read_text()).get("image")
+        value = json.loads(path.read_text()).get(key)
     except (OSError, ValueError, AttributeError):
         return None
-    return tool if isinstance(tool, str) else None
+    return value if isinstance(value, str) else None
 
 
 def linkStorage(work: Path) -> None:

@@ -71,7 +71,7 @@ from dit4c.channel.wire import LogChunk
 from dit4c.common.helperenv import VARIABLES, inherited, toEnvironment
 from dit4c.node.errors import RuntimeError_
 from dit4c.node.interfaces import IRuntime, PodSpec, PodStatus, helperCommand
-from dit4c.node.processarchive import packArchive, unpackArchive
+from dit4c.node.processarchive import packArchive
 from dit4c.node.processes import removePodDirectory
 from dit4c.node.processlaunch import (
     AUTH_SOCKET,
@@ -80,6 +80,8 @@ from dit4c.node.processlaunch import (
     TOOL_UIDS,
     homeDirectory,
     linkStorage,
+    podTool,
+    recorded,
     toolUid,
 )
 from dit4c.node.processlaunch import _exposed as exposed
@@ -240,19 +242,7 @@ class SlurmRuntime(SlurmCommands):
 
     async def _start(self, spec: PodSpec) -> None:
         self._givenUp.discard(spec.instance)
-        spec.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(spec.directory, 0o700)
-        work = spec.directory / "work"
-        work.mkdir(exist_ok=True)
-        toolName = spec.image
-        if spec.archive is not None:
-            toolName = await threads.deferToThread(unpackArchive, spec.archive, work)
-        elif toolName not in self.tools:
-            # A resume of a pod restored from a saved image: its tool is the one it ran.
-            toolName = self._recordedTool(spec.instance) or toolName
-        tool = self.tools.get(toolName)
-        if tool is None:
-            raise RuntimeError_(f"This compute node has no tool called {toolName!r}.")
+        work, tool = await podTool(spec, self.tools, JOB_RECORD)
         sockets = spec.directory / SOCKET_DIRECTORY
         socketPath = sockets / SOCKET_NAME if tool.socket else None
         if socketPath is not None:
@@ -443,19 +433,8 @@ class SlurmRuntime(SlurmCommands):
         """The uid ``instance``'s tool runs as (a root node): the one its ``job.json`` names, or the lowest free."""
         return toolUid(self.directory, JOB, instance, self.toolUids)
 
-    def _recordedTool(self, instance: str) -> str | None:
-        try:
-            tool = json.loads((self.directory / instance / JOB_RECORD).read_text()).get("image")
-        except (OSError, ValueError, AttributeError):
-            return None
-        return tool if isinstance(tool, str) else None
-
     def _recordedJob(self, instance: str) -> str | None:
-        try:
-            job = json.loads((self.directory / instance / JOB_RECORD).read_text()).get("job")
-        except (OSError, ValueError, AttributeError):
-            return None
-        return job if isinstance(job, str) else None
+        return recorded(self.directory / instance / JOB_RECORD, "job")
 
     async def _pods(self) -> list[PodStatus]:
         """

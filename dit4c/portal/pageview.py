@@ -11,7 +11,6 @@ from typing import Any
 
 from twisted.web.iweb import IRequest
 
-from dit4c.portal import security
 from dit4c.portal.errors import APIError
 from dit4c.portal.sessions import LoggedIn, LoginSessions
 from dit4c.portal.store.interfaces import IPageViews
@@ -26,13 +25,8 @@ async def sessionView(
     this replaces for the pages it reads: another site's state-changing
     request is refused the same way) and their page; None if nobody is.
     """
-    sessions.refuseCrossSite(request)
-    cookie = sessions.cookies.get(request, security.SESSION_COOKIE)
-    if not cookie:
-        return None
-    try:
-        token = cookie.decode("ascii")
-    except UnicodeDecodeError:
+    token = sessions.sessionToken(request)
+    if token is None:
         return None
     view = await store.pageView(sessionToken=token, full=full)
     if view is None or view.session is None:

@@ -45,13 +45,8 @@ class LoginSessions:
         Every use of a session goes through here, so here a state-changing
         request sent by another site is refused (403), whatever it carries.
         """
-        self.refuseCrossSite(request)
-        token = self.cookies.get(request, security.SESSION_COOKIE)
-        if not token:
-            return None
-        try:
-            text = token.decode("ascii")
-        except UnicodeDecodeError:
+        text = self.sessionToken(request)
+        if text is None:
             return None
         session = await self.store.sessionByToken(text)
         if session is None:
@@ -60,6 +55,21 @@ class LoginSessions:
         if user is None or user.disabled:
             return None
         return LoggedIn(user, session, text)
+
+    def sessionToken(self, request: IRequest) -> str | None:
+        """
+        The session token ``request``'s cookie carries, if any, after
+        refusing (403) a state-changing request another site sent, whatever
+        it carries: every read of a session begins here.
+        """
+        self.refuseCrossSite(request)
+        token = self.cookies.get(request, security.SESSION_COOKIE)
+        if not token:
+            return None
+        try:
+            return str(token.decode("ascii"))
+        except UnicodeDecodeError:
+            return None
 
     def refuseCrossSite(self, request: IRequest) -> None:
         """Raise ``CrossSiteRequest`` (403) for a state-changing request another site sent (``security.crossSite``)."""
