@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -178,6 +178,27 @@ async def test_a_listener_tunnel_to_a_routing_server_reached_only_through_tor(
         await server.stopService()
 
 
+async def logInForTheCallback(
+    atPortal: Callable[..., Awaitable[tuple[int, str]]], portal: str, authorize: str, url: str, password: str
+) -> str:
+    """
+    The portal takes the .onion callback as the instance's own and asks who
+    this is; alice logs in at its form, and the authorize URL again sends
+    her to the instance's callback at ``url``: that callback URL.
+    """
+    status, where = await atPortal("GET", authorize)
+    assert status == 303 and "/login" in where, (status, where)
+    status, page = await atPortal("GET", f"{portal}/login")
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert csrf, page
+    data = {"csrf": csrf.group(1), "username": "alice", "password": password, "next": "/"}
+    status, where = await atPortal("POST", f"{portal}/login", data=data)
+    assert status == 303, where
+    status, callback = await atPortal("GET", authorize)
+    assert status == 303 and callback.startswith(f"{url}.dit4c/callback?"), (status, callback)
+    return callback
+
+
 def parsed(raw: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
     """An HTTP answer read off a connection: its status, headers (lower-case names) and body."""
     head, _, body = raw.partition(b"\r\n\r\n")
@@ -289,17 +310,7 @@ async def test_a_listener_publishes_its_instance_as_an_onion_service_with_no_rou
         authorize = dict(headers).get("location", "")
         assert status in (302, 303) and authorize.startswith(f"{PORTAL}/oauth/authorize?"), raw[:300]
         assert f"client_id={instance.id}" in authorize and quote(url, safe="") in authorize, authorize
-        # The portal takes the .onion callback as the instance's own and asks who this is.
-        status, where = await atPortal("GET", authorize)
-        assert status == 303 and "/login" in where, (status, where)
-        status, page = await atPortal("GET", f"{PORTAL}/login")
-        csrf = re.search(r'name="csrf" value="([^"]+)"', page)
-        assert csrf, page
-        data = {"csrf": csrf.group(1), "username": "alice", "password": "correct horse battery", "next": "/"}
-        status, where = await atPortal("POST", f"{PORTAL}/login", data=data)
-        assert status == 303, where
-        status, callback = await atPortal("GET", authorize)
-        assert status == 303 and callback.startswith(f"{url}.dit4c/callback?"), (status, callback)
+        callback = await logInForTheCallback(atPortal, PORTAL, authorize, url, "correct horse battery")
         # Back at the .onion, through Tor: the callback, then the tool's page.
         path = callback[len(url) - 1 :]
         status, headers, _ = parsed(await httpGet(tornet.dial(host, 80), host, path, BROWSER + onionCookies.lines()))

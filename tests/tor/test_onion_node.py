@@ -207,7 +207,14 @@ async def test_a_node_publishes_each_instance_as_an_onion_service_that_keeps_its
     name, and answers there.
     """
     # The whole login through Tor's helpers (imported here: that module needs tor to be there).
-    from test_onion_network import BROWSER, Cookies, firstAnswer, httpGet, parsed
+    from test_onion_network import (
+        BROWSER,
+        Cookies,
+        firstAnswer,
+        httpGet,
+        logInForTheCallback,
+        parsed,
+    )
 
     await cluster.start()
     token = await cluster.apiToken("alice")
@@ -247,16 +254,7 @@ async def test_a_node_publishes_each_instance_as_an_onion_service_that_keeps_its
         location = response.headers.getRawHeaders("location", [""])[0]
         return response.code, location if location else await response.text()
 
-    status, where = await atPortal("GET", authorize)
-    assert status == 303 and "/login" in where, (status, where)
-    status, page = await atPortal("GET", f"{cluster.portal}/login")
-    csrf = re.search(r'name="csrf" value="([^"]+)"', page)
-    assert csrf, page
-    login = {"csrf": csrf.group(1), "username": "alice", "password": PASSWORD, "next": "/"}
-    status, where = await atPortal("POST", f"{cluster.portal}/login", data=login)
-    assert status == 303, where
-    status, callback = await atPortal("GET", authorize)
-    assert status == 303 and callback.startswith(f"{url}.dit4c/callback?"), (status, callback)
+    callback = await logInForTheCallback(atPortal, cluster.portal, authorize, url, PASSWORD)
     # Back at the .onion, through Tor: the callback, then the tool's page.
     path = callback[len(url) - 1 :]
     status, headers, _ = parsed(await httpGet(tornet.dial(host, 80), host, path, BROWSER + onionCookies.lines()))
