@@ -10,6 +10,11 @@ then holds the open ones until a line (or EOF) arrives on stdin, closes them
 all and exits.
 
     python bench/wsidle.py --port 8080 -n 1000 --host-header bench1.localhost
+
+One client address reaches one server address and port from about 28,000
+ephemeral ports (``net.ipv4.ip_local_port_range``); ``--source 127.0.0.2``
+binds each connection to another loopback address first, so that several
+clients together hold more than that through one server port.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import base64
 import hashlib
 import json
 import os
+import resource
+import socket
 import struct
 import sys
 import time
@@ -27,6 +34,39 @@ import time
 from plumbing import raiseNofile  # bench/plumbing.py
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+#: Linux's IP_BIND_ADDRESS_NO_PORT (not in the socket module): a bind to port 0
+#: leaves the port to connect(), which then needs only the whole 4-tuple unique.
+IP_BIND_ADDRESS_NO_PORT = 24
+
+
+def raiseHardNofile(want: int) -> tuple[int, int, str]:
+    """
+    Raise this process's RLIMIT_NOFILE (hard and soft) to at least ``want``,
+    as a site does for a server that holds that many sockets (systemd's
+    ``LimitNOFILE=``, limits.conf's ``nofile``); children inherit it. Only a
+    privileged process can raise its hard limit, and never above
+    ``fs.nr_open``. The soft and hard limits now, and what was done.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    how = "unchanged"
+    if hard != resource.RLIM_INFINITY and hard < want:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                ceiling = int(f.read())
+        except (OSError, ValueError):
+            ceiling = want
+        target = min(want, ceiling)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, target))
+            how = f"hard limit raised from {hard} to {target}"
+        except (OSError, ValueError) as e:
+            how = f"hard limit {hard} kept (raising it needs privilege: {e})"
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft, hard, how
 
 
 def client_frame(payload: bytes, opcode: int = 1) -> bytes:
@@ -60,7 +100,19 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
 async def open_one(
     args: argparse.Namespace, i: int
 ) -> tuple[asyncio.StreamWriter, asyncio.StreamReader]:
-    reader, writer = await asyncio.open_connection(args.host, args.port)
+    if args.source:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((args.source, 0))
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, (args.host, args.port))
+        except BaseException:
+            sock.close()
+            raise
+        reader, writer = await asyncio.open_connection(sock=sock)
+    else:
+        reader, writer = await asyncio.open_connection(args.host, args.port)
     key = base64.b64encode(os.urandom(16))
     writer.write(
         b"GET " + args.path.encode() + b" HTTP/1.1\r\n"
@@ -132,6 +184,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
+    p.add_argument("--source", default=None, help="local address to connect from (e.g. 127.0.0.2)")
     p.add_argument("--host-header", default=None)
     p.add_argument("--path", default="/")
     p.add_argument("-n", type=int, default=1000, help="connections")
