@@ -65,8 +65,8 @@ from tunnel import parse_args as tunnelArgs
 from wsidle import raiseHardNofile
 
 GIB = 1024**3
-#: Descriptors beyond one per connection: the process's own, logs, tunnels, slack.
-FD_SLACK = 4096
+#: Descriptors beyond those of the connections: the process's own, logs, tunnels, a person's requests.
+FD_SLACK = 512
 SYSCTLS = [
     "fs.nr_open", "fs.file-max", "fs.file-nr", "net.ipv4.ip_local_port_range",
     "net.core.somaxconn", "net.ipv4.tcp_max_syn_backlog", "net.ipv4.tcp_mem",
@@ -211,8 +211,8 @@ def latency(args: argparse.Namespace, port: int, host: str) -> dict[str, Any]:
     r["command"] = shlex.join(argv)
     if "error" not in r:
         lat = r["latency_ms"]
-        log(f"  latency: p50 {lat['p50']:.3f} p99 {lat['p99']:.3f} max {lat['max']:.3f} ms "
-            f"({r['completed']}/{r['scheduled']} ok)")  # fmt: skip
+        log(f"  latency: p50 {lat['p50']} p99 {lat['p99']} max {lat['max']} ms "
+            f"({r['completed']}/{r['scheduled']} ok; errors {r['errors']})")  # fmt: skip
     return r
 
 
@@ -372,7 +372,7 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> str:
     def mib(v: int | None) -> str:
         return "—" if v is None else f"{v / 2**20:,.0f}"
 
-    opened = f"{k:,}/{args.n:,}"
+    opened = f"{k:,}/{args.n:,}" + (f" (of {res['requested']:,} asked for)" if res.get("capped") else "")
     secs = res.get("open_seconds")
     rows = [
         ["connections open", opened],
@@ -447,11 +447,18 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> str:
         "- sysctls as read (not changed): " + "; ".join(f"`{n}` {v}" for n, v in (res.get("sysctls") or {}).items()),
         f"- Lowest available memory while opening: {res.get('lowest_available_gib')} GiB.",
     ]
+    if res.get("capped"):
+        notes.append(f"- {res['capped'][0].upper()}{res['capped'][1:]}.")
     if res.get("error"):
         notes.append(f"- Stopped early: {res['error']}")
     for c in res.get("clients") or []:
         if c and c.get("error"):
             notes.append(f"- A client failed: {c['error']}")
+    for label, r in (("with no idle connections", lb), ("with them held", ld)):
+        if r.get("errors") or r.get("unanswered"):
+            notes.append(f"- A person's requests {label}: {r.get('unanswered')} unanswered, errors {r.get('errors')}.")
+        elif r.get("error"):
+            notes.append(f"- A person's requests {label}: {r['error']}")
     cmds = res.get("commands") or []
     if cmds:
         notes.append(f"- First client: `{cmds[0]}`")
@@ -480,13 +487,22 @@ def main(argv: list[str] | None = None) -> int:
     if per > 16384:
         p.error(f"{per} connections per instance: more than one tunnel carries (16,384); use more --instances")
 
-    res: dict[str, Any] = {"sysctls": {n: sysctl(n) for n in SYSCTLS}}
+    res: dict[str, Any] = {"sysctls": {n: sysctl(n) for n in SYSCTLS}, "requested": args.n}
     # The routing server holds one descriptor per connection; a listener two.
     soft, hard, how = raiseHardNofile(max(args.n, 2 * per) + FD_SLACK)
     res["nofile_how"] = f"{soft}/{hard} ({how})"
     log(f"RLIMIT_NOFILE {soft}/{hard}: {how}")
-    if hard < args.n + FD_SLACK:
-        log(f"warning: the routing server can hold at most about {hard - FD_SLACK} connections")
+    # What the limit lets every process hold, with room left for a person's connections: a
+    # process at its limit accepts nothing more, not even them.
+    room = min(hard - FD_SLACK, args.instances * ((hard - FD_SLACK) // 2))
+    if args.n > room:
+        res["capped"] = (
+            f"capped at {room:,} of the {args.n:,} asked for: the open-file limit is {hard:,} "
+            f"and could not be raised ({how}); the routing server holds one descriptor per "
+            "connection, a listener two"
+        )
+        log(res["capped"])
+        args.n = room
 
     run = Run("bench/idle100k.py", argv, "dit4c-idle-", 64 * 2**20, keep=args.keep_tmp)
     with run:
