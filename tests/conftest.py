@@ -19,6 +19,7 @@ from hypothesis import settings
 from support.backend import startBackend
 from support.ordering import spread
 from support.passwords import cheapUnknownNames  # noqa: F401 (autouse: every test)
+from support.postgres import postgresServer  # noqa: F401 (a fixture: one PostgreSQL server per test process)
 from support.processes import TWISTD, Process
 from support.routing import Signing, startRouting, stopRouting
 from twisted.internet import reactor

@@ -171,9 +171,10 @@ class Portal:
             forget=config.loginWindow,
         )
         #: The public keys others check tokens with (/.well-known/jwks.json), read afresh after
-        #: every change from outside a request (a key published, an instance no longer active).
+        #: every change from outside a request (a key published, an instance no longer active),
+        #: in this portal process or another.
         self.keyDirectory = KeyDirectory(store, keys, clock)
-        self.events.subscribeChanges(None, lambda _: self.keyDirectory.keysChanged())
+        self.events.subscribeKeys(self.keyDirectory.keysChanged)
         instanceTokens = InstanceTokens(store, clock)
         #: The OAuth 2 authorization server for the instances' auth helpers, at /oauth/.
         self.oauth = OAuthServer(self.basics, sessions=self.sessions, pages=self.pages, instanceTokens=instanceTokens)

@@ -26,35 +26,29 @@ only the offending channel.
 from __future__ import annotations
 
 import json
-from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, cast
+from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from autobahn.twisted.websocket import WebSocketServerFactory
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, TimeoutError, fail
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamServerEndpoint
+from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from dit4c.channel.errors import AuthRefused, ProtocolError
-from dit4c.channel.handshake import PORTAL_LINK, Dialled, Hello, Phase
-from dit4c.channel.questions import Questions, Unanswered
+from dit4c.channel.handshake import Hello, Phase
+from dit4c.channel.questions import Unanswered
 from dit4c.channel.wire import (
     HANDSHAKE_TIMEOUT,
-    PATH,
     PING_INTERVAL,
     PING_TIMEOUT,
-    SUBPROTOCOL,
     CloseCode,
     Command,
     LogChunk,
-    decode,
-    encode,
     instanceField,
     linkOptions,
     parseLogChunk,
@@ -62,12 +56,14 @@ from dit4c.channel.wire import (
     parseStatus,
     text,
 )
-from dit4c.common.service import IConnectionTransport, ListeningService
+from dit4c.common.service import ListeningService
 from dit4c.common.tokens import StaticKeySource
+from dit4c.portal.channelconn import ChannelFactory, ChannelProtocol
 from dit4c.portal.channelupdates import InstanceUpdates, publishableKey
 from dit4c.portal.events import InstanceEvent, InstanceEvents
 from dit4c.portal.instances import ICommandSink
 from dit4c.portal.nodes import NODE_MESSAGES, NodeDirectory
+from dit4c.portal.peers import IPeers, NoPeers
 from dit4c.portal.store.errors import StoreError
 from dit4c.portal.store.interfaces import IStore
 from dit4c.portal.store.model import Scheduler
@@ -76,10 +72,6 @@ __all__ = [
     "ChannelHub",
     "IInstanceEvents",
 ]
-
-#: Messages a channel holds unhandled before it stops reading from the socket.
-_INBOX_HIGH = 64
-_INBOX_LOW = 16
 
 #: Pending commands sent per store query.
 _PUMP_BATCH = 500
@@ -94,154 +86,6 @@ class IInstanceEvents(Interface):
         owner's id is ``key`` (every instance's, for None); returns the
         function that unsubscribes.
         """
-
-
-class _ChannelProtocol(WebSocketServerProtocol):
-    """One scheduler's channel. Thin: the hub decides what each message does."""
-
-    # Not "log": that name is autobahn's (txaio) logger.
-    _log = Logger()
-    schedulerId: str | None = None
-    handshake: Dialled | None = None
-    _timer: IDelayedCall | None = None
-
-    @property
-    def phase(self) -> Phase:
-        return self.handshake.phase if self.handshake is not None else Phase.CHALLENGE
-
-    @property
-    def hub(self) -> ChannelHub:
-        hub: ChannelHub = self.factory.hub
-        return hub
-
-    def onConnect(self, request: ConnectionRequest) -> str:
-        if request.path != PATH:
-            raise ConnectionDeny(404, "not the scheduler channel")
-        if SUBPROTOCOL not in request.protocols:
-            raise ConnectionDeny(400, f"subprotocol {SUBPROTOCOL} required")
-        return SUBPROTOCOL
-
-    def onOpen(self) -> None:
-        hub = self.hub
-        self.closed: Deferred[None] = Deferred()
-        self.inbox: deque[Callable[[], Awaitable[None]]] = deque()
-        self.busy = False
-        self.paused = False
-        #: Ids of the pending commands sent down this channel.
-        self.sent: set[str] = set()
-        self.pumping = False
-        self.pumpAgain = False
-        self.truncated = False
-        #: Questions about tools' output asked down this channel.
-        self.questions = Questions(hub.reactor)
-        self.handshake = Dialled(PORTAL_LINK, hub.issuer)
-        hub._opened(self)
-        self.sendJSON(self.handshake.challenge())
-        self._timer = hub.reactor.callLater(hub.handshakeTimeout, self._timedOut)
-
-    def _timedOut(self) -> None:
-        self._timer = None
-        self.fail(CloseCode.HANDSHAKE_TIMEOUT, f"no valid hello within {self.hub.handshakeTimeout} s")
-
-    def describe(self) -> str:
-        """Who is at the other end, for the log."""
-        who = f"scheduler {self.schedulerId}" if self.schedulerId else "unauthenticated peer"
-        return f"{who} at {self.peer}"
-
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if self.handshake is None or self.phase is Phase.CLOSED:
-            return
-        try:
-            message = decode(payload, isBinary)
-            hello = self.handshake.receive(message)
-            if hello is not None:
-                self.hub._authenticate(self, hello)
-            else:
-                self.hub._received(self, message["type"], message)
-        except ProtocolError as e:
-            self.fail(CloseCode.PROTOCOL_ERROR, e.reason)
-
-    def sendJSON(self, message: Mapping[str, Any]) -> bool:
-        if self.phase is not Phase.CLOSED and self.state == self.STATE_OPEN:
-            self.sendMessage(encode(message), isBinary=False)
-            return True
-        return False
-
-    def enqueue(self, work: Callable[[], Awaitable[None]]) -> None:
-        """Handle a message after those before it (stop reading while many wait)."""
-        self.inbox.append(work)
-        if len(self.inbox) >= _INBOX_HIGH and not self.paused:
-            self.paused = True
-            self._tcp().pauseProducing()
-        if not self.busy:
-            Deferred.fromCoroutine(self._drain())
-
-    def _tcp(self) -> IConnectionTransport:
-        return cast(IConnectionTransport, self.transport)
-
-    async def _drain(self) -> None:
-        self.busy = True
-        try:
-            while self.inbox and self.phase is Phase.OPEN:
-                work = self.inbox.popleft()
-                if self.paused and len(self.inbox) <= _INBOX_LOW:
-                    self.paused = False
-                    self._tcp().resumeProducing()
-                await work()
-        except StoreError as e:
-            self._log.warn(
-                "the store failed while handling {who}: {error}", who=self.describe(), error=e.message
-            )
-            self.fail(CloseCode.INTERNAL_ERROR, "the portal's database failed; reconnect later")
-        except Exception:
-            self._log.failure("bug while handling a message from {who}", who=self.describe())
-            self.fail(CloseCode.INTERNAL_ERROR, "internal error")
-        finally:
-            self.busy = False
-
-    def fail(self, code: CloseCode, reason: str, *, quiet: bool = False) -> None:
-        """Close the channel for ``reason`` (logged)."""
-        if self.phase is Phase.CLOSED:
-            return
-        if quiet:
-            self._log.info("closing the channel of {who}: {reason}", who=self.describe(), reason=reason)
-        else:
-            self._log.warn("closing the channel of {who}: {reason}", who=self.describe(), reason=reason)
-        self._shut()
-        self.sendClose(int(code), reason)
-
-    def _shut(self) -> None:
-        if self.handshake is not None:
-            self.handshake.close()
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        self.inbox.clear()
-        self.questions.failAll("The instance's cluster went away; try again in a moment.")
-        self.hub._closed(self)
-
-    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        if not hasattr(self, "closed"):
-            return  # the WebSocket never opened
-        if self.phase is not Phase.CLOSED:
-            if getattr(self, "closedByMe", False) and self.localCloseCode is not None:
-                # autobahn failed it (a message too big, say): say why, not what came back.
-                code, reason, by = self.localCloseCode, self.localCloseReason, "the portal"
-            else:
-                by = "the scheduler" if code is not None and code != 1006 else "the network"
-            self._log.info(
-                "channel of {who} closed by {by} ({code} {reason})",
-                who=self.describe(),
-                by=by,
-                code=code,
-                reason=reason or "",
-            )
-            self._shut()
-        self.closed.callback(None)
-
-
-class _ChannelFactory(WebSocketServerFactory):
-    hub: ChannelHub
 
 
 @implementer(IInstanceEvents, ICommandSink)
@@ -269,6 +113,7 @@ class ChannelHub(MultiService):
         leeway: float = 30.0,
         pollInterval: float | None = 30.0,
         keepAcked: float = 7 * 86400.0,
+        peers: IPeers | None = None,
     ) -> None:
         """
         :param issuer: the portal's public URL; challenges name it and
@@ -278,10 +123,13 @@ class ChannelHub(MultiService):
         :param clock: judges proofs' times (default: ``reactor``).
         :param leeway: clock skew allowed when checking a proof's times.
         :param pollInterval: seconds between looks at the store for commands
-            that another portal process made for a scheduler connected here
-            (None: never; commands made here are pushed at once regardless).
+            that another process made for a scheduler connected here, which
+            it did not tell (None: never; commands made here, and those the
+            other portal processes tell of, are pushed at once regardless).
         :param keepAcked: seconds acknowledged commands are kept (for the
             record) before the poll forgets them.
+        :param peers: the other portal processes: told of each command made
+            here for a scheduler connected elsewhere, and heard of theirs.
         """
         super().__init__()
         self.reactor = reactor
@@ -294,8 +142,8 @@ class ChannelHub(MultiService):
         self.leeway = leeway
         self.pollInterval = pollInterval
         self.keepAcked = keepAcked
-        self._channels: dict[str, _ChannelProtocol] = {}
-        self._open: set[_ChannelProtocol] = set()
+        self._channels: dict[str, ChannelProtocol] = {}
+        self._open: set[ChannelProtocol] = set()
         #: The bus every change applied here goes on.
         self.events = events if events is not None else InstanceEvents()
         #: What schedulers report, applied to the store and published on the bus.
@@ -308,13 +156,17 @@ class ChannelHub(MultiService):
         #: ``(op, instance id, params)``: the portal makes there what must
         #: not be stored (a saved image's read token); as stored if unset.
         self.paramsToSend: Callable[[str, str, Mapping[str, Any]], Awaitable[Mapping[str, Any]]] | None = None
+        self.peers: IPeers = peers if peers is not None else NoPeers()
+        self.peers.hear("command", self._heardCommand)
+        # Back after the link to the others was lost: any command told meanwhile was missed.
+        self.peers.onJoined(self._pumpAll)
 
     # -- serving ----------------------------------------------------------------------------
 
     def factory(self, url: str = "ws://localhost/") -> WebSocketServerFactory:
         """A WebSocket factory serving the channel at :data:`PATH` (listen on it directly)."""
-        factory = _ChannelFactory(url, reactor=self.reactor)
-        factory.protocol = _ChannelProtocol
+        factory = ChannelFactory(url, reactor=self.reactor)
+        factory.protocol = ChannelProtocol
         factory.hub = self
         linkOptions(
             factory, handshakeTimeout=self.handshakeTimeout, pingInterval=self.pingInterval, pingTimeout=self.pingTimeout
@@ -357,7 +209,15 @@ class ChannelHub(MultiService):
         )
         if protocol is not None and live:
             self._pump(protocol)
+        else:
+            self.peers.tell("command", {"scheduler": schedulerId})
         return command.id
+
+    def _heardCommand(self, body: Mapping[str, Any]) -> None:
+        """Another portal process stored a command: sent down the scheduler's channel if it is here."""
+        protocol = self._channels.get(str(body.get("scheduler")))
+        if protocol is not None and protocol.phase is Phase.OPEN:
+            self._pump(protocol)
 
     def logs(self, scheduler_id: str, instance_id: str, offset: int | None, limit: int) -> Deferred[LogChunk]:
         """Ask a connected scheduler for a piece of an instance's tool's output (never stored, not retried)."""
@@ -384,16 +244,16 @@ class ChannelHub(MultiService):
 
     # -- channels coming and going ---------------------------------------------------------------
 
-    def _opened(self, protocol: _ChannelProtocol) -> None:
+    def _opened(self, protocol: ChannelProtocol) -> None:
         self._open.add(protocol)
 
-    def _closed(self, protocol: _ChannelProtocol) -> None:
+    def _closed(self, protocol: ChannelProtocol) -> None:
         self._open.discard(protocol)
         if protocol.schedulerId is not None and self._channels.get(protocol.schedulerId) is protocol:
             del self._channels[protocol.schedulerId]
             self.nodes.closed(protocol.schedulerId)
 
-    def _authenticate(self, protocol: _ChannelProtocol, hello: Hello) -> None:
+    def _authenticate(self, protocol: ChannelProtocol, hello: Hello) -> None:
         def failed(failure: Failure) -> None:
             if isinstance(failure.value, StoreError):
                 self.log.warn("the store failed while checking a scheduler: {error}", error=failure.value.message)
@@ -405,7 +265,7 @@ class ChannelHub(MultiService):
         d.addCallback(lambda scheduler: self._verified(protocol, hello.peer, scheduler))
         d.addErrback(failed)
 
-    async def _verify(self, protocol: _ChannelProtocol, hello: Hello) -> str | Scheduler:
+    async def _verify(self, protocol: ChannelProtocol, hello: Hello) -> str | Scheduler:
         """The scheduler record if the proof is good; otherwise why not (a string)."""
         scheduler = await self.store.schedulerById(hello.peer)
         if scheduler is None:
@@ -435,7 +295,7 @@ class ChannelHub(MultiService):
             return e.reason
         return scheduler
 
-    def _verified(self, protocol: _ChannelProtocol, schedulerId: str, scheduler: str | Scheduler) -> None:
+    def _verified(self, protocol: ChannelProtocol, schedulerId: str, scheduler: str | Scheduler) -> None:
         if protocol.phase is not Phase.CHECKING or protocol.handshake is None:
             return  # closed meanwhile
         if isinstance(scheduler, str):
@@ -460,7 +320,7 @@ class ChannelHub(MultiService):
 
     # -- commands down -------------------------------------------------------------------------
 
-    def _pump(self, protocol: _ChannelProtocol) -> None:
+    def _pump(self, protocol: ChannelProtocol) -> None:
         """Send the scheduler's pending commands not yet sent on this channel, in order."""
         if protocol.pumping:
             protocol.pumpAgain = True
@@ -468,7 +328,7 @@ class ChannelHub(MultiService):
         protocol.pumping = True
         Deferred.fromCoroutine(self._pumpLoop(protocol))
 
-    async def _pumpLoop(self, protocol: _ChannelProtocol) -> None:
+    async def _pumpLoop(self, protocol: ChannelProtocol) -> None:
         schedulerId = protocol.schedulerId
         assert schedulerId is not None
         try:
@@ -501,10 +361,13 @@ class ChannelHub(MultiService):
         finally:
             protocol.pumping = False
 
-    def _pollAll(self) -> Deferred[None]:
+    def _pumpAll(self) -> None:
         for protocol in list(self._channels.values()):
             if protocol.phase is Phase.OPEN:
                 self._pump(protocol)
+
+    def _pollAll(self) -> Deferred[None]:
+        self._pumpAll()
         return Deferred.fromCoroutine(self._prune())
 
     async def _prune(self) -> None:
@@ -522,7 +385,7 @@ class ChannelHub(MultiService):
 
     # -- messages up ---------------------------------------------------------------------------
 
-    def _received(self, protocol: _ChannelProtocol, kind: str, message: dict[str, Any]) -> None:
+    def _received(self, protocol: ChannelProtocol, kind: str, message: dict[str, Any]) -> None:
         """Check a message at once (a bad one closes the channel); queue what it asks for."""
         schedulerId = protocol.schedulerId
         assert schedulerId is not None
@@ -550,7 +413,7 @@ class ChannelHub(MultiService):
         else:
             raise ProtocolError(f"unknown message type {kind!r}")
 
-    async def _ack(self, protocol: _ChannelProtocol, commandId: str) -> None:
+    async def _ack(self, protocol: ChannelProtocol, commandId: str) -> None:
         schedulerId = protocol.schedulerId
         assert schedulerId is not None
         if await self.store.ackCommand(schedulerId, commandId):

@@ -12,11 +12,11 @@ publishes an :class:`AccessChange`. The streams that carry changes out of
 this process (the pages', the auth helpers') are in
 :mod:`dit4c.portal.streams`.
 
-The bus is in-process. Several portal processes behind a load balancer
-each see the changes made through themselves; a change made through
-another reaches a page at its next event (each is checked in the store)
-and an auth helper at its next periodic recheck. Carrying changes between
-processes (PostgreSQL LISTEN/NOTIFY) is the path at scale.
+The bus is in-process. Several portal processes on one PostgreSQL
+database tell each other what they publish (:mod:`dit4c.portal.peers`,
+through ``relay``): what another process tells is put on this bus with
+:meth:`InstanceEvents.heard` and :meth:`InstanceEvents.heardAccess`, and
+is not told on again.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from twisted.logger import Logger
 
 from dit4c.portal.store.model import Instance
 
-__all__ = ["AccessChange", "EventBus", "InstanceEvent", "InstanceEvents"]
+__all__ = ["AccessChange", "EventBus", "InstanceEvent", "InstanceEvents", "Subscribers"]
 
 @dataclass(frozen=True)
 class AccessChange:
@@ -62,7 +62,7 @@ class InstanceEvent:
 T = TypeVar("T")
 
 
-class _Subscribers(Generic[T]):
+class Subscribers(Generic[T]):
     """Callbacks that each hear every value published, in order; one failing costs only itself."""
 
     log = Logger()
@@ -114,9 +114,17 @@ class InstanceEvents:
     """The in-process bus (see the module docstring): instance changes, and access changes."""
 
     def __init__(self) -> None:
-        self._instances: _Subscribers[Instance] = _Subscribers("instance event")
-        self._access: _Subscribers[AccessChange] = _Subscribers("access change")
-        self._changes: dict[str | None, _Subscribers[InstanceEvent]] = {}
+        self._instances: Subscribers[Instance] = Subscribers("instance event")
+        self._access: Subscribers[AccessChange] = Subscribers("access change")
+        self._keys: Subscribers[None] = Subscribers("key change")
+        self._changes: dict[str | None, Subscribers[InstanceEvent]] = {}
+        #: Where what is published here is told to the other portal processes
+        #: ``(kind, body)`` (``IPeers.tell``); None: there are none.
+        self.relay: Callable[[str, dict[str, object]], None] | None = None
+
+    def _tell(self, kind: str, body: dict[str, object]) -> None:
+        if self.relay is not None:
+            self.relay(kind, body)
 
     def subscribe(self, callback: Callable[[Instance], None]) -> Callable[[], None]:
         """Call ``callback`` with every changed instance until the returned function is called."""
@@ -124,6 +132,25 @@ class InstanceEvents:
 
     def publish(self, instance: Instance) -> None:
         self._instances.publish(instance)
+        self._tell("instance", {"id": instance.id})
+
+    def heard(self, instance: Instance, *, keys: bool = False) -> None:
+        """
+        Another portal process changed ``instance`` (the store holds it so):
+        published here, and the key directory told if its key or life
+        changed (``keys``).
+        """
+        self._instances.publish(instance)
+        if keys:
+            self._keys.publish(None)
+
+    def subscribeKeys(self, callback: Callable[[], object]) -> Callable[[], None]:
+        """
+        Call ``callback`` whenever an instance's published key may have
+        changed (a change from outside a request, here or in another
+        portal process) until the returned function is called.
+        """
+        return self._keys.subscribe(lambda _: callback())
 
     @property
     def subscribers(self) -> int:
@@ -139,7 +166,7 @@ class InstanceEvents:
         whose id or owner's id is ``key`` (every instance's, for None) until
         the returned function is called.
         """
-        subscribers = self._changes.setdefault(key, _Subscribers("instance change"))
+        subscribers = self._changes.setdefault(key, Subscribers("instance change"))
         unsubscribe = subscribers.subscribe(callback)
 
         def unsubscribeAndForget() -> None:
@@ -155,8 +182,15 @@ class InstanceEvents:
             subscribers = self._changes.get(key)
             if subscribers is not None:
                 subscribers.publish(event)
-        self.publish(event.instance)
+        self._instances.publish(event.instance)
+        self._keys.publish(None)
+        self._tell("instance", {"id": event.instance.id, "keys": True})
 
     def accessChanged(self, change: AccessChange) -> None:
         """Publish ``change``: call it once the store holds the change."""
+        self._access.publish(change)
+        self._tell("access", {"user": change.user, "instance": change.instance, "session": change.session})
+
+    def heardAccess(self, change: AccessChange) -> None:
+        """Another portal process changed someone's access (the store holds it so): published here."""
         self._access.publish(change)

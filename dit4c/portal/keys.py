@@ -6,12 +6,20 @@ JWKS.
 Rotation adds a new key and makes it the one that signs; older keys stay
 published for ``retain`` seconds so that tokens they signed keep verifying
 until they expire, then they are removed.
+
+Each portal process has keys of its own. Several processes sharing a store
+publish their public keys there (:class:`SharedKeys`), and each takes the
+others' as its own for checking: a login form one process made, or an
+access token it signed, verifies at every other, and every process's JWKS
+lists them all. No private key leaves the process that made it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +37,9 @@ from dit4c.common.keys import (
     publicJWK,
     savePrivateKey,
 )
-from dit4c.common.tokens import IKeySource, StaticKeySource, TokenSigner
+from dit4c.common.tokens import IKeySource, StaticKeySource, TokenSigner, parseJWKS
+from dit4c.portal.peers import IPeers
+from dit4c.portal.store.interfaces import IPortalKeys
 
 
 class KeyRing:
@@ -42,6 +52,10 @@ class KeyRing:
         self.retain = retain
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._keys: list[tuple[float, PrivateKey]] = []
+        #: The other portal processes' public keys (JWKs), taken for checking and published.
+        self._others: list[dict[str, Any]] = []
+        #: Called after this process's own keys changed (a rotation, a key retired).
+        self.changed: Callable[[], object] | None = None
         self._load()
         if not self._keys:
             self.rotate()
@@ -67,6 +81,8 @@ class KeyRing:
         self._keys.append((now, key))
         self.log.info("portal signing key {kid} is now current", kid=kid)
         self._expire(now)
+        if self.changed is not None:
+            self.changed()
         return kid
 
     def _expire(self, now: float) -> None:
@@ -81,7 +97,10 @@ class KeyRing:
                 self.log.info("portal signing key {kid} retired", kid=kid)
             else:
                 keep.append((created, key))
+        retired = len(keep) < len(self._keys)
         self._keys = keep
+        if retired and self.changed is not None:
+            self.changed()
 
     @property
     def current(self) -> PrivateKey:
@@ -90,9 +109,19 @@ class KeyRing:
     def signer(self) -> TokenSigner:
         return TokenSigner(self.current, issuer=self.issuer, clock=self.clock)
 
-    def publicJWKs(self) -> list[dict[str, Any]]:
+    def ownJWKs(self) -> dict[str, dict[str, Any]]:
+        """This process's public keys, by key id."""
         self._expire(self._now())
-        return [publicJWK(key) for _, key in self._keys]
+        return {str(jwk["kid"]): jwk for jwk in (publicJWK(key) for _, key in self._keys)}
+
+    def setOthers(self, jwks: list[dict[str, Any]]) -> None:
+        """The other portal processes' public keys, as they published them (our own are left out)."""
+        own = {keyID(key.public_key()) for _, key in self._keys}
+        self._others = [jwk for jwk in jwks if jwk.get("kid") not in own]
+
+    def publicJWKs(self) -> list[dict[str, Any]]:
+        """Every key a token the portal signed may carry: this process's, then the others'."""
+        return [*self.ownJWKs().values(), *self._others]
 
 
 @implementer(IKeySource)
@@ -115,3 +144,56 @@ class KeyRingKeySource:
             self._source = StaticKeySource({"keys": published})
             self._kids = kids
         return self._source.getKey(kid)
+
+
+class SharedKeys:
+    """
+    This process's public keys in the store, for the other portal processes,
+    and theirs taken from it (see the module docstring): published at start
+    and after each change of ours, read again whenever another process says
+    its keys changed and whenever the link to the others comes back.
+    """
+
+    log = Logger()
+
+    def __init__(self, keys: KeyRing, store: IPortalKeys, peers: IPeers) -> None:
+        self.keys = keys
+        self.store = store
+        self.peers = peers
+        self._published: set[str] = set()
+        keys.changed = self._changed
+        peers.hear("keys", lambda _: self._reload())
+        peers.onJoined(self._reload)
+
+    async def publish(self) -> None:
+        """Our keys into the store (those retired out of it), the others' read, and the others told."""
+        own = self.keys.ownJWKs()
+        await self.store.publishPortalKeys({kid: json.dumps(jwk, sort_keys=True) for kid, jwk in own.items()})
+        retired = self._published - own.keys()
+        if retired:
+            await self.store.retirePortalKeys(retired)
+        self._published = set(own)
+        await self.reload()
+        self.peers.tell("keys", {})
+
+    async def reload(self) -> None:
+        """The other processes' keys, read from the store."""
+        published = await self.store.portalKeys()
+        others: list[dict[str, Any]] = []
+        for kid, text in published.items():
+            try:
+                jwk = json.loads(text)
+            except ValueError:
+                continue
+            if isinstance(jwk, dict) and parseJWKS({"keys": [dict(jwk, kid=kid)]}):
+                others.append(dict(jwk, kid=kid))
+        self.keys.setOthers(others)
+
+    def _changed(self) -> None:
+        self._log(Deferred.fromCoroutine(self.publish()), "publish this portal's keys")
+
+    def _reload(self) -> Deferred[None]:
+        return self._log(Deferred.fromCoroutine(self.reload()), "read the other portals' keys")
+
+    def _log(self, d: Deferred[None], what: str) -> Deferred[None]:
+        return d.addErrback(lambda f: self.log.warn("could not {what}: {error}", what=what, error=f.getErrorMessage()))

@@ -26,11 +26,21 @@ from dit4c.portal.events import InstanceEvents
 from dit4c.portal.fileclient import FileClient, fileServerEndpoint, hostKeyFrom
 from dit4c.portal.files import filesBodyLimit
 from dit4c.portal.http import portalSite
-from dit4c.portal.keys import KeyRing
+from dit4c.portal.keys import KeyRing, SharedKeys
 from dit4c.portal.metrics import PortalMetrics
+from dit4c.portal.peers import EventRelay, IPeers, NoPeers
+from dit4c.portal.pgpeers import PostgresPeers
 from dit4c.portal.store import IStore, openStore
 from dit4c.portal.uploads import DEFAULT_UPLOAD_LIMIT, ImageUploads
 from dit4c.portal.upstream.config import ProviderConfig
+
+#: Seconds between the scheduler channel's looks at the store for commands
+#: when other portal processes tell of theirs: a backstop, not the way they come.
+COMMAND_BACKSTOP = 3600.0
+
+
+def isPostgres(url: str) -> bool:
+    return url.partition(":")[0].lower() in ("postgresql", "postgres")
 
 
 class PortalService(MultiService):
@@ -97,6 +107,8 @@ class PortalService(MultiService):
         #: The scheduler channel (``ChannelHub``), once started.
         self.channels: ChannelHub | None = None
         self.store: IStore | None = None
+        #: The other portal processes sharing the database (none on SQLite).
+        self.peers: IPeers = NoPeers()
         self.portal: Portal | None = None
         self.ready: Deferred[Portal] = Deferred()
         self.ports: list[ListeningService] = []
@@ -116,15 +128,32 @@ class PortalService(MultiService):
     async def _start(self) -> None:
         self.dataDir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = await openStore(self.database, self.reactor)
+        # The other portal processes on the same database, told at once of
+        # what changes here (docs/protocols.md 16); none beside SQLite.
+        if isPostgres(self.database):
+            peers = PostgresPeers(self.reactor, self.database)
+            peers.setServiceParent(self)
+            await peers.listening
+            self.peers = peers
         keys = KeyRing(self.dataDir / "keys", issuer=self.config.publicURL, clock=self.reactor)
+        await SharedKeys(keys, self.store, self.peers).publish()
         # The one bus: what schedulers report and deadlines that pass reach
-        # the pages' live streams, the helpers' watches and the key directory there.
+        # the pages' live streams, the helpers' watches and the key directory
+        # there, and the other portal processes hear of it.
         events = InstanceEvents()
-        self.channels = ChannelHub(self.reactor, self.store, issuer=self.config.publicURL, events=events)
+        EventRelay(events, self.peers, self.store)
+        self.channels = ChannelHub(
+            self.reactor, self.store, issuer=self.config.publicURL, events=events, peers=self.peers,
+            # What the others store for a scheduler here, they tell: the poll is a backstop.
+            pollInterval=COMMAND_BACKSTOP if not self.peers.alone else 30.0,
+        )  # fmt: skip
         for endpoint in self.channelEndpoints:
             self.channels.listen(endpoint)
         self.channels.setServiceParent(self)
         self.portal = portal = Portal(self.store, keys, self.config, self.reactor, commands=self.channels, events=events)
+        # Back after the link to the others was lost: changes told meanwhile
+        # were missed, so the pages' browsers come back for a fresh snapshot.
+        self.peers.onJoined(lambda: portal.streams.closeAll("the portal lost news of changes for a moment"))
         # A saved image's read token is made as its start command is sent, never stored.
         self.channels.paramsToSend = portal.instances.paramsToSend
         # Instances stuck in a transient state (their node or scheduler away) are errored.

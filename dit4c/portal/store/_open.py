@@ -101,7 +101,11 @@ def _sqlitePool(path: str, reactor: IReactorCore) -> ConnectionPool:
     )
 
 
-def _postgresPool(url: str, reactor: IReactorCore, poolSize: int) -> ConnectionPool:
+def postgresDefaults(url: str) -> dict[str, str | int]:
+    """
+    The connection parameters the portal adds to a PostgreSQL URL (those
+    the URL does not give itself): its name, and a deadline for connecting.
+    """
     try:
         import psycopg
     except ImportError as e:
@@ -118,6 +122,13 @@ def _postgresPool(url: str, reactor: IReactorCore, poolSize: int) -> ConnectionP
     if "connect_timeout" not in given:
         # libpq would otherwise wait for ever on a server that does not answer.
         defaults["connect_timeout"] = POSTGRES_CONNECT_TIMEOUT
+    return {k: v for k, v in defaults.items() if k not in given}
+
+
+def _postgresPool(url: str, reactor: IReactorCore, poolSize: int) -> ConnectionPool:
+    import psycopg
+
+    defaults = postgresDefaults(url)
 
     def prepare(connection: psycopg.Connection[tuple[object, ...]]) -> None:
         # The store's locking reads (a person's row before counting their
@@ -132,7 +143,7 @@ def _postgresPool(url: str, reactor: IReactorCore, poolSize: int) -> ConnectionP
     return ConnectionPool(
         "psycopg",
         url,
-        **{k: v for k, v in defaults.items() if k not in given},
+        **defaults,
         cp_min=1,
         cp_max=poolSize,
         cp_reconnect=True,

@@ -55,6 +55,7 @@ __all__ = [
     "ILoginFailures",
     "IOAuthCodes",
     "IPeople",
+    "IPortalKeys",
     "IReports",
     "ISchedulers",
     "ISessions",
@@ -551,8 +552,26 @@ class IPageViews(Interface):
         """
 
 
+class IPortalKeys(Interface):
+    """
+    The portal processes' public signing keys (JWKs as JSON text, by key id):
+    each process publishes its own, and reads every other's to check what
+    they signed.
+    """
+
+    def publishPortalKeys(keys: Mapping[str, str]) -> Deferred[None]:
+        """Keep these public keys (kid → JWK), replacing any with the same kid."""
+
+    def retirePortalKeys(kids: Collection[str]) -> Deferred[None]:
+        """Forget these keys: what they signed no longer verifies anywhere."""
+
+    def portalKeys() -> Deferred[dict[str, str]]:
+        """Every portal process's published public key, kid → JWK (JSON text)."""
+
+
 class IStore(
     IPageViews,
+    IPortalKeys,
     IPeople,
     ILoginFailures,
     ISessions,

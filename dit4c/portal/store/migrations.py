@@ -258,6 +258,20 @@ MIGRATIONS: list[Migration] = [
             "ALTER TABLE instances ADD COLUMN active_at {timestamp}",
         ],
     ),
+    (
+        11,
+        [
+            # Every portal process's public signing keys (dit4c.portal.keys):
+            # each process signs with its own private key, and every process
+            # takes and publishes the others' public keys, so a token one
+            # signed verifies at every other.
+            """CREATE TABLE portal_keys (
+                kid TEXT PRIMARY KEY,
+                public_jwk TEXT NOT NULL,
+                published {timestamp} NOT NULL
+            )""",
+        ],
+    ),
 ]
 
 _CREATE_VERSION_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (
