@@ -301,8 +301,11 @@ def measure(args: argparse.Namespace, run: Run, res: dict[str, Any]) -> None:
         backends[name], targets[name] = startEcho(f"wsecho-{name}", run.logs)
     backends[person], targets[person] = startWeb(run.tmp, run.logs, str(tools["twistd"]))
     path = Instances(env)
+    if args.backlog:
+        path.httpEndpoint += f":backlog={args.backlog}"
     path.startAll(targets)
     res["processes"] = path.describe()
+    res["http_endpoint"] = path.httpEndpoint
     server = path.services[0]
     res["nofile"] = {
         "routing server": nofile(server.procs()),
@@ -357,6 +360,10 @@ def measure(args: argparse.Namespace, run: Run, res: dict[str, Any]) -> None:
         res["routing_fds_end"] = server.procs()[0].num_fds()
     finally:
         closeIdle(clients)
+    if not res.get("error"):
+        time.sleep(args.settle)
+        log("latency after they are closed")
+        res["latency_after"] = latency(args, path.port, f"{person}.localhost")
 
 
 def report(args: argparse.Namespace, res: dict[str, Any]) -> str:
@@ -404,12 +411,9 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> str:
             rows.append([f"slab {cache} (MiB)", mib(kb[cache]), mib(ka[cache]), fmt_kib((ka[cache] - kb[cache]) / 1024 / k) + " KiB per connection" if k else "—"])  # fmt: skip
     rows.append(["routing server descriptors", f"{b.get('routing_fds', 0):,}", f"{a.get('routing_fds', 0):,}",
                  f"{res.get('routing_fds_end', 0):,} after the latency run"])  # fmt: skip
-    if b.get("available") and a.get("available"):
-        rows.append(["machine's available memory (GiB)", f"{b['available'] / GIB:.1f}", f"{a['available'] / GIB:.1f}",
-                     fmt_kib((b["available"] - a["available"]) / 1024 / k) + " KiB per connection, all in" if k else "—"])  # fmt: skip
     lines += ["### Kernel and machine", "", *markdown(["", "before", "after", ""], rows, "lrrl"), ""]
 
-    lb, ld = res.get("latency_before") or {}, res.get("latency_during") or {}
+    lb, ld, la = (res.get(f"latency_{w}") or {} for w in ("before", "during", "after"))
 
     def lat(r: dict[str, Any], key: str) -> str:
         if "error" in r or not r:
@@ -423,13 +427,13 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> str:
         bad = r["scheduled"] - sum(v for s, v in r["statuses"].items() if s.startswith("2"))
         return f"{r['completed']:,}/{r['scheduled']:,} ({bad} failed)"
 
-    rows = [[f"{q} (ms)", lat(lb, q), lat(ld, q)] for q in ("p50", "p90", "p99", "max")]
-    rows.append(["answered 2xx / scheduled", ok(lb), ok(ld)])
+    rows = [[f"{q} (ms)", lat(lb, q), lat(ld, q), lat(la, q)] for q in ("p50", "p90", "p99", "max")]
+    rows.append(["answered 2xx / scheduled", ok(lb), ok(ld), ok(la)])
     held = f"{k:,} idle held"
     lines += [
         f"### A person's requests meanwhile ({args.rate:g} req/s, open loop, {args.duration:g} s)",
         "",
-        *markdown(["", "no idle connections", held], rows, "lrr"),
+        *markdown(["", "before they open", held, "after they are closed"], rows, "lrrr"),
         "",
     ]
     notes = [
@@ -439,6 +443,8 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> str:
         "own backend from 127.0.0.1. Each connection echoed one message, then was held.",
         "- A person's requests go to one more instance, `person`, whose backend (`twistd web`) holds no idle "
         "connection: `GET /small` (100 bytes), so the figure shows what the routing server's load adds.",
+        f"- The routing server's public endpoint: `{res.get('http_endpoint')}`"
+        + ("" if args.backlog else " (Twisted's accept queue of 50, as a plain `--http tcp:PORT` gets)") + ".",
         "- Four TCP sockets per connection on loopback (client, routing server's accepted one, listener's "
         "to its backend, backend's accepted one) plus one tunnel per instance.",
         f"- Open-file limits (soft/hard): {'; '.join(f'{w} {v}' for w, v in (res.get('nofile') or {}).items())}; "
@@ -454,7 +460,7 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> str:
     for c in res.get("clients") or []:
         if c and c.get("error"):
             notes.append(f"- A client failed: {c['error']}")
-    for label, r in (("with no idle connections", lb), ("with them held", ld)):
+    for label, r in (("before they open", lb), ("with them held", ld), ("after they are closed", la)):
         if r.get("errors") or r.get("unanswered"):
             notes.append(f"- A person's requests {label}: {r.get('unanswered')} unanswered, errors {r.get('errors')}.")
         elif r.get("error"):
@@ -478,6 +484,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=8, help="a person's keep-alive connections (default 8)")
     p.add_argument("--settle", type=float, default=2.0, help="seconds after opening before reading RSS")
     p.add_argument("--min-available-gib", type=float, default=6.0, help="end the clients below this much free memory")
+    p.add_argument("--backlog", type=int, help="the routing server's accept queue (default: Twisted's, 50)")
+    p.add_argument(
+        "--no-cap", action="store_true",
+        help="open -n connections even past what the open-file limit lets the routing server hold (to see what a person gets then)",
+    )  # fmt: skip
     p.add_argument("--json", metavar="OUT", help="also write all results as JSON here")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs)")
     args = p.parse_args(argv)
@@ -495,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     # What the limit lets every process hold, with room left for a person's connections: a
     # process at its limit accepts nothing more, not even them.
     room = min(hard - FD_SLACK, args.instances * ((hard - FD_SLACK) // 2))
-    if args.n > room:
+    if args.n > room and not args.no_cap:
         res["capped"] = (
             f"capped at {room:,} of the {args.n:,} asked for: the open-file limit is {hard:,} "
             f"and could not be raised ({how}); the routing server holds one descriptor per "

@@ -499,6 +499,8 @@ class FloorPath(BasePath):
 class Dit4cPath(BasePath):
     server_label = "routing server"
     client_label = "listener"
+    #: The routing server's public endpoint (``bench/idle100k.py`` sets its accept queue).
+    httpEndpoint = "tcp:0:interface=127.0.0.1"
 
     def __init__(self, env: Env, tls: bool, source: Path = REPO, suffix: str = "") -> None:
         super().__init__(env)
@@ -600,7 +602,7 @@ class Dit4cPath(BasePath):
             [
                 str(self.env.tools["twistd"]), "-n", "--pidfile=", "dit4c-routing",
                 "--tunnel", tunnel,
-                "--http", "tcp:0:interface=127.0.0.1",
+                "--http", self.httpEndpoint,
                 "--domain", "localhost",
                 *keys,
                 "--admin", "tcp:0:interface=127.0.0.1",
