@@ -9,25 +9,38 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from dit4c.channel.errors import ProtocolError
-from dit4c.channel.handshake import PORTAL_LINK, Dialled, Phase
+from dit4c.channel.handshake import PORTAL_LINK, Dialled, Hello, Phase
 from dit4c.channel.questions import Questions
 from dit4c.channel.wire import PATH, SUBPROTOCOL, CloseCode, decode, encode
 from dit4c.common.service import IConnectionTransport
 from dit4c.portal.store.errors import StoreError
 
-if TYPE_CHECKING:
-    from dit4c.portal.channel import ChannelHub
+__all__ = ["ChannelFactory", "ChannelHolder", "ChannelProtocol"]
 
-__all__ = ["ChannelFactory", "ChannelProtocol"]
+
+class ChannelHolder(Protocol):
+    """What a channel needs of the hub that holds it (``dit4c.portal.channel.ChannelHub``)."""
+
+    reactor: IReactorTime
+    issuer: str
+    handshakeTimeout: float
+
+    def _opened(self, protocol: ChannelProtocol) -> None: ...
+
+    def _authenticate(self, protocol: ChannelProtocol, hello: Hello) -> None: ...
+
+    def _received(self, protocol: ChannelProtocol, kind: str, message: dict[str, Any]) -> None: ...
+
+    def _closed(self, protocol: ChannelProtocol) -> None: ...
 
 #: Messages a channel holds unhandled before it stops reading from the socket.
 _INBOX_HIGH = 64
@@ -48,8 +61,8 @@ class ChannelProtocol(WebSocketServerProtocol):
         return self.handshake.phase if self.handshake is not None else Phase.CHALLENGE
 
     @property
-    def hub(self) -> ChannelHub:
-        hub: ChannelHub = self.factory.hub
+    def hub(self) -> ChannelHolder:
+        hub: ChannelHolder = self.factory.hub
         return hub
 
     def onConnect(self, request: ConnectionRequest) -> str:
@@ -179,4 +192,4 @@ class ChannelProtocol(WebSocketServerProtocol):
 
 
 class ChannelFactory(WebSocketServerFactory):
-    hub: ChannelHub
+    hub: ChannelHolder
