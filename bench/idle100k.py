@@ -361,8 +361,13 @@ def measure(args: argparse.Namespace, run: Run, res: dict[str, Any]) -> None:
     finally:
         closeIdle(clients)
     if not res.get("error"):
+        # until the routing server has closed its side of them all (up to a minute), then settle
+        t0 = time.monotonic()
+        while server.procs()[0].num_fds() > before["routing_fds"] + 50 and time.monotonic() - t0 < 60:
+            time.sleep(0.5)
+        res["close_seconds"] = round(time.monotonic() - t0, 1)
         time.sleep(args.settle)
-        log("latency after they are closed")
+        log(f"latency after they are closed ({res['close_seconds']} s to close)")
         res["latency_after"] = latency(args, path.port, f"{person}.localhost")
 
 
@@ -388,6 +393,7 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> str:
         ["SYNs dropped at a full accept queue (machine-wide)",
          ", ".join(f"{v:,} {k}" for k, v in (res.get("listen_drops") or {}).items()) or "—"],
         ["load average (1 min) before / after", " / ".join(f"{x[0]:.1f}" for x in (res.get("load_before"), res.get("load_after")) if x) or "—"],
+        ["time until the routing server had closed them all (s)", f"{res['close_seconds']:.1f}" if res.get("close_seconds") is not None else "—"],
         ["failures", ", ".join(f"{n} {kind}" for kind, n in res.get("failures", {}).items()) or "none"],
     ]
     lines += ["### Opening", "", *markdown(["", "figure"], rows, "lr"), ""]
