@@ -205,7 +205,7 @@ class ChannelHub(MultiService):
             op=op,
             instance=instanceId,
             scheduler=schedulerId,
-            delivery="sending" if live else "waiting for it to connect",
+            delivery="sending" if live else "waiting for it to connect" if self.peers.alone else "for the portal holding its channel",
         )
         if protocol is not None and live:
             self._pump(protocol)
