@@ -53,6 +53,7 @@ from plumbing import (
     Skip,
     findExe,
     httpStatus,
+    kill,
     listeningSocket,
     log,
     runTool,
@@ -196,24 +197,40 @@ def startWeb(tmp: Path, logs: Path, twistd: str) -> tuple[Service, int]:
     return svc, port
 
 
-def latency(args: argparse.Namespace, port: int, host: str) -> dict[str, Any]:
-    """``bench/loadgen.py``, open loop, ``GET /small`` with ``Host: host`` through the routing server."""
+def startLatency(args: argparse.Namespace, port: int, host: str) -> tuple[subprocess.Popen[str], list[str]]:
+    """Start ``bench/loadgen.py``: open loop, ``GET /small`` with ``Host: host`` through the routing server."""
     argv = [
         sys.executable, str(BENCH / "loadgen.py"), "--port", str(port), "--host-header", host, "--path", "/small",
         "--rate", f"{args.rate:g}", "--duration", f"{args.duration:g}", "--warmup", f"{args.warmup:g}",
         "--connections", str(args.connections),
     ]  # fmt: skip
-    rc, out, err = runTool(argv, args.duration + args.warmup + 60)
+    return spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), argv
+
+
+def latencyResult(args: argparse.Namespace, started: tuple[subprocess.Popen[str], list[str]]) -> dict[str, Any]:
+    """What the loadgen run ``started`` measured, once it is done."""
+    p, argv = started
+    try:
+        out, err = p.communicate(timeout=args.duration + args.warmup + 60)
+    except subprocess.TimeoutExpired:
+        kill(p)
+        out, err = p.communicate()
+    kill(p)  # gone already; forgotten
     try:
         r: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     except (ValueError, IndexError):
-        r = {"error": f"loadgen exit {rc}: {(err or out).strip()[-300:]}"}
+        r = {"error": f"loadgen exit {p.returncode}: {(err or out).strip()[-300:]}"}
     r["command"] = shlex.join(argv)
     if "error" not in r:
         lat = r["latency_ms"]
         log(f"  latency: p50 {lat['p50']} p99 {lat['p99']} max {lat['max']} ms "
             f"({r['completed']}/{r['scheduled']} ok; errors {r['errors']})")  # fmt: skip
     return r
+
+
+def latency(args: argparse.Namespace, port: int, host: str) -> dict[str, Any]:
+    """A person's requests (``bench/loadgen.py``) through the routing server, start to end."""
+    return latencyResult(args, startLatency(args, port, host))
 
 
 def openIdle(
@@ -335,7 +352,10 @@ def measure(args: argparse.Namespace, run: Run, res: dict[str, Any]) -> None:
     log(f"opening {args.n} idle WebSockets over {args.instances} instances")
     drops = listenDrops()
     res["load_before"] = os.getloadavg()
+    opening = startLatency(args, path.port, f"{person}.localhost")
     clients = openIdle(args, path.port, names, res)
+    log("latency while they opened")
+    res["latency_opening"] = latencyResult(args, opening)
     res["load_after"] = os.getloadavg()
     res["listen_drops"] = {k: v - drops.get(k, 0) for k, v in listenDrops().items()}
     try:
@@ -419,7 +439,7 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> str:
                  f"{res.get('routing_fds_end', 0):,} after the latency run"])  # fmt: skip
     lines += ["### Kernel and machine", "", *markdown(["", "before", "after", ""], rows, "lrrl"), ""]
 
-    lb, ld, la = (res.get(f"latency_{w}") or {} for w in ("before", "during", "after"))
+    lb, lo, ld, la = (res.get(f"latency_{w}") or {} for w in ("before", "opening", "during", "after"))
 
     def lat(r: dict[str, Any], key: str) -> str:
         if "error" in r or not r:
@@ -433,13 +453,13 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> str:
         bad = r["scheduled"] - sum(v for s, v in r["statuses"].items() if s.startswith("2"))
         return f"{r['completed']:,}/{r['scheduled']:,} ({bad} failed)"
 
-    rows = [[f"{q} (ms)", lat(lb, q), lat(ld, q), lat(la, q)] for q in ("p50", "p90", "p99", "max")]
-    rows.append(["answered 2xx / scheduled", ok(lb), ok(ld), ok(la)])
+    rows = [[f"{q} (ms)", lat(lb, q), lat(lo, q), lat(ld, q), lat(la, q)] for q in ("p50", "p90", "p99", "max")]
+    rows.append(["answered 2xx / scheduled", ok(lb), ok(lo), ok(ld), ok(la)])
     held = f"{k:,} idle held"
     lines += [
         f"### A person's requests meanwhile ({args.rate:g} req/s, open loop, {args.duration:g} s)",
         "",
-        *markdown(["", "before they open", held, "after they are closed"], rows, "lrrr"),
+        *markdown(["", "before they open", "while they open", held, "after they are closed"], rows, "lrrrr"),
         "",
     ]
     notes = [
@@ -466,7 +486,7 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> str:
     for c in res.get("clients") or []:
         if c and c.get("error"):
             notes.append(f"- A client failed: {c['error']}")
-    for label, r in (("before they open", lb), ("with them held", ld), ("after they are closed", la)):
+    for label, r in (("before they open", lb), ("while they open", lo), ("with them held", ld), ("after they are closed", la)):
         if r.get("errors") or r.get("unanswered"):
             notes.append(f"- A person's requests {label}: {r.get('unanswered')} unanswered, errors {r.get('errors')}.")
         elif r.get("error"):
