@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, TimeoutError, fail
+from twisted.internet.defer import Deferred, DeferredList, DeferredLock, TimeoutError, fail, succeed
 from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -41,6 +41,7 @@ from zope.interface import Interface, implementer
 
 from dit4c.channel.errors import AuthRefused, ProtocolError
 from dit4c.channel.handshake import Hello, Phase
+from dit4c.channel.nodewire import NodeDone, NodeSummary, parseNodeDone, parseNodes
 from dit4c.channel.questions import Unanswered
 from dit4c.channel.wire import (
     HANDSHAKE_TIMEOUT,
@@ -59,10 +60,11 @@ from dit4c.channel.wire import (
 from dit4c.common.service import ListeningService
 from dit4c.common.tokens import StaticKeySource
 from dit4c.portal.channelconn import ChannelFactory, ChannelProtocol
+from dit4c.portal.channelrelay import ChannelRelay
 from dit4c.portal.channelupdates import InstanceUpdates, publishableKey
 from dit4c.portal.events import InstanceEvent, InstanceEvents
 from dit4c.portal.instances import ICommandSink
-from dit4c.portal.nodes import NODE_MESSAGES, NodeDirectory
+from dit4c.portal.nodes import NODE_MESSAGES, INodeQuestions, NodeDirectory, NodeUnavailable
 from dit4c.portal.peers import IPeers, NoPeers
 from dit4c.portal.store.errors import StoreError
 from dit4c.portal.store.interfaces import IStore
@@ -88,7 +90,7 @@ class IInstanceEvents(Interface):
         """
 
 
-@implementer(IInstanceEvents, ICommandSink)
+@implementer(IInstanceEvents, ICommandSink, INodeQuestions)
 class ChannelHub(MultiService):
     """
     Every scheduler channel of this portal process, and the portal's API to them.
@@ -158,6 +160,10 @@ class ChannelHub(MultiService):
         self.paramsToSend: Callable[[str, str, Mapping[str, Any]], Awaitable[Mapping[str, Any]]] | None = None
         self.peers: IPeers = peers if peers is not None else NoPeers()
         self.peers.hear("command", self._heardCommand)
+        #: Questions for schedulers another portal process holds, and theirs for ours.
+        self.relay = ChannelRelay(self.clock, store, self.peers, self._answerHere)
+        # Which process holds each channel, in the store in the order it happened.
+        self._links = DeferredLock()
         # Back after the link to the others was lost: any command told meanwhile was missed.
         self.peers.onJoined(self._pumpAll)
 
@@ -220,16 +226,69 @@ class ChannelHub(MultiService):
             self._pump(protocol)
 
     def logs(self, scheduler_id: str, instance_id: str, offset: int | None, limit: int) -> Deferred[LogChunk]:
-        """Ask a connected scheduler for a piece of an instance's tool's output (never stored, not retried)."""
-        protocol = self._channels.get(scheduler_id)
-        if protocol is None or protocol.phase is not Phase.OPEN:
-            return fail(Unanswered("The instance's cluster is not connected now; try again in a moment."))
+        """
+        Ask the scheduler for a piece of an instance's tool's output (never
+        stored, not retried), down its channel here or through the portal
+        process holding it.
+        """
+        if self.connected(scheduler_id):
+            return self._logsHere(scheduler_id, instance_id, offset, limit)
+        asked = Deferred.fromCoroutine(
+            self.relay.ask(scheduler_id, "logs", {"instance": instance_id, "offset": offset, "limit": limit})
+        )
+        return asked.addCallback(lambda answer: LogChunk(**answer))
+
+    def _logsHere(self, scheduler_id: str, instance_id: str, offset: int | None, limit: int) -> Deferred[LogChunk]:
+        protocol = self._channels[scheduler_id]
         return protocol.questions.ask(protocol.sendJSON, instance_id, offset, limit, "The instance's cluster")
+
+    def nodesOf(self, scheduler_id: str) -> Deferred[tuple[NodeSummary, ...] | None]:
+        """What the scheduler last said of its compute nodes (None: nothing, or it is not connected)."""
+        if self.connected(scheduler_id):
+            return succeed(self.nodes.of(scheduler_id))
+        asked = Deferred.fromCoroutine(self.relay.ask(scheduler_id, "nodes", {}))
+        return asked.addCallbacks(
+            lambda answer: None if answer is None else parseNodes({"nodes": answer}),
+            lambda f: f.trap(Unanswered) and None,
+        )
+
+    def nodeCommand(self, scheduler_id: str, node: str, op: str) -> Deferred[NodeDone]:
+        """Ask the scheduler to cool ``node`` down, take instances again or drain it (``NodeDirectory.command``)."""
+        if self.connected(scheduler_id):
+            return self.nodes.command(scheduler_id, node, op)
+        asked = Deferred.fromCoroutine(self.relay.ask(scheduler_id, "node-command", {"node": node, "op": op}))
+
+        def away(failure: Failure) -> NoReturn:
+            failure.trap(Unanswered)
+            raise NodeUnavailable(str(failure.value))
+
+        return asked.addCallbacks(lambda answer: parseNodeDone(answer), away)
+
+    def _answerHere(self, scheduler_id: str, question: str, args: Mapping[str, Any]) -> Deferred[Any] | None:
+        """Another portal process's question for a scheduler connected here (None: it is not)."""
+        if not self.connected(scheduler_id):
+            return None
+        if question == "logs":
+            chunk = self._logsHere(scheduler_id, str(args["instance"]), args.get("offset"), int(args["limit"]))
+            return chunk.addCallback(lambda c: {"offset": c.offset, "next": c.next, "text": c.text, "error": c.error})
+        if question == "nodes":
+            nodes = self.nodes.of(scheduler_id)
+            return succeed(None if nodes is None else [n.toJSON() for n in nodes])
+        if question == "node-command":
+            done = self.nodes.command(scheduler_id, str(args["node"]), str(args["op"]))
+            return done.addCallbacks(lambda d: d.toJSON(), lambda f: f.trap(NodeUnavailable) and fail(Unanswered(str(f.value))))
+        return fail(Unanswered(f"no such question as {question!r}"))
 
     def connected(self, scheduler_id: str) -> bool:
         """Whether the scheduler has a live (authenticated) channel to this portal process."""
         protocol = self._channels.get(scheduler_id)
         return protocol is not None and protocol.phase is Phase.OPEN
+
+    def reachable(self, scheduler_id: str) -> Deferred[bool]:
+        """Whether the scheduler has a live channel to this portal process or to another running one."""
+        if self.connected(scheduler_id):
+            return succeed(True)
+        return Deferred.fromCoroutine(self.relay.holder(scheduler_id)).addCallback(lambda holder: holder is not None)
 
     def _sendTo(self, scheduler_id: str, message: Mapping[str, Any]) -> bool:
         protocol = self._channels.get(scheduler_id)
@@ -252,6 +311,18 @@ class ChannelHub(MultiService):
         if protocol.schedulerId is not None and self._channels.get(protocol.schedulerId) is protocol:
             del self._channels[protocol.schedulerId]
             self.nodes.closed(protocol.schedulerId)
+            self._link(self.store.releaseChannel, protocol.schedulerId)
+
+    def _link(self, change: Callable[[str, str], Deferred[None]], schedulerId: str) -> None:
+        """Say in the store that this process holds a scheduler's channel, or no longer does."""
+        holder: str = self.peers.id
+        d: Deferred[None] = self._links.run(lambda: change(schedulerId, holder))
+        d.addErrback(
+            lambda f: self.log.warn(
+                "could not record which portal holds scheduler {id}'s channel: {error}", id=schedulerId,
+                error=f.getErrorMessage(),
+            )  # fmt: skip
+        )
 
     def _authenticate(self, protocol: ChannelProtocol, hello: Hello) -> None:
         def failed(failure: Failure) -> None:
@@ -313,6 +384,7 @@ class ChannelHub(MultiService):
         if old is not None and old is not protocol:
             old.fail(CloseCode.REPLACED, "replaced by a newer channel of the same scheduler", quiet=True)
         protocol.sendJSON(welcome)
+        self._link(self.store.holdChannel, schedulerId)
         self.log.info(
             "scheduler {name} ({id}) connected from {peer}", name=scheduler.name, id=schedulerId, peer=protocol.peer
         )

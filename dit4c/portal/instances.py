@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
@@ -52,7 +52,10 @@ class ICommandSink(Interface):
         """Persist a command for a scheduler and deliver it (now, or when it connects)."""
 
     def connected(scheduler_id: str) -> bool:
-        """Whether that scheduler has a live channel now."""
+        """Whether that scheduler has a live channel to this portal process now."""
+
+    def reachable(scheduler_id: str) -> Deferred[bool]:
+        """Whether that scheduler has a live channel to this portal process or another running one."""
 
     def logs(scheduler_id: str, instance_id: str, offset: int | None, limit: int) -> Deferred[LogChunk]:
         """Ask that scheduler for a piece of an instance's tool's output (docs/protocols.md 7.6)."""
@@ -67,6 +70,9 @@ class NoChannel:
 
     def connected(self, scheduler_id: str) -> bool:
         return False
+
+    def reachable(self, scheduler_id: str) -> Deferred[bool]:
+        return succeed(False)
 
     def logs(self, scheduler_id: str, instance_id: str, offset: int | None, limit: int) -> Deferred[LogChunk]:
         raise NoScheduler("This portal has no scheduler channel.")
@@ -186,7 +192,7 @@ class Instances:
             if wanted not in {s.id for s in schedulers}:
                 raise NoScheduler("That cluster does not exist, is not taking instances, or is not open to you.")
             return wanted
-        connected = [s.id for s in schedulers if self.commands.connected(s.id)]
+        connected = [s.id for s in schedulers if await self.commands.reachable(s.id)]
         if connected:
             return connected[0]
         if schedulers:

@@ -39,7 +39,7 @@ from dit4c.common.keys import (
 )
 from dit4c.common.tokens import IKeySource, StaticKeySource, TokenSigner, parseJWKS
 from dit4c.portal.peers import IPeers
-from dit4c.portal.store.interfaces import IPortalKeys
+from dit4c.portal.store.interfaces import IPortals
 
 
 class KeyRing:
@@ -156,7 +156,7 @@ class SharedKeys:
 
     log = Logger()
 
-    def __init__(self, keys: KeyRing, store: IPortalKeys, peers: IPeers) -> None:
+    def __init__(self, keys: KeyRing, store: IPortals, peers: IPeers) -> None:
         self.keys = keys
         self.store = store
         self.peers = peers

@@ -15,7 +15,8 @@ node down, having it take instances again, and draining it.
   (``Instances.act``), so each instance's state moves as it always does and
   its owner can resume or discard it afterwards.
 
-Several portal processes: each knows the schedulers connected to it.
+Several portal processes: each knows what the schedulers connected to it
+said; the others ask it (``dit4c.portal.channelrelay``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from zope.interface import Interface
 
 from dit4c.channel.nodewire import (
     NODE_OPS,
@@ -43,7 +45,7 @@ from dit4c.portal.instances import Instances
 from dit4c.portal.store.interfaces import IStore
 from dit4c.portal.store.model import Scheduler, User
 
-__all__ = ["NODE_MESSAGES", "NodeAdmin", "NodeDirectory", "NodeUnavailable", "SchedulerNodes", "directoryOf"]
+__all__ = ["INodeQuestions", "NODE_MESSAGES", "NodeAdmin", "NodeDirectory", "NodeUnavailable", "SchedulerNodes", "directoryOf"]
 
 #: The messages about nodes a scheduler sends up the channel.
 NODE_MESSAGES = frozenset({"nodes", "node-done"})
@@ -140,10 +142,22 @@ class NodeDirectory:
             d.errback(NodeUnavailable(f"The scheduler did not answer within {self.timeout:g} s; look again in a moment."))
 
 
-def directoryOf(commands: object) -> NodeDirectory | None:
-    """The node directory of the portal's scheduler channel (None for a portal without one)."""
-    directory = getattr(commands, "nodes", None)
-    return directory if isinstance(directory, NodeDirectory) else None
+class INodeQuestions(Interface):
+    """What the portal's scheduler channel answers about compute nodes, whichever portal process holds the channel."""
+
+    def reachable(scheduler_id: str) -> Deferred[bool]:
+        """Whether the scheduler has a live channel to a running portal process."""
+
+    def nodesOf(scheduler_id: str) -> Deferred[tuple[NodeSummary, ...] | None]:
+        """What the scheduler last said of its nodes; None if nothing, or it is away."""
+
+    def nodeCommand(scheduler_id: str, node: str, op: str) -> Deferred[NodeDone]:
+        """Ask the scheduler to act on a node (``NodeDirectory.command``); ``NodeUnavailable`` if it cannot be asked."""
+
+
+def directoryOf(commands: object) -> INodeQuestions | None:
+    """What the portal's scheduler channel answers about nodes (None for a portal without one)."""
+    return INodeQuestions(commands, None)
 
 
 @dataclass(frozen=True)
@@ -181,8 +195,8 @@ class NodeAdmin:
         """Every registered scheduler, and the nodes of each connected one."""
         shown = []
         for scheduler in await self.store.listSchedulers():
-            connected = self.instances.commands.connected(scheduler.id)
-            nodes = self.directory.of(scheduler.id) if self.directory is not None and connected else None
+            connected = await self.instances.commands.reachable(scheduler.id)
+            nodes = await self.directory.nodesOf(scheduler.id) if self.directory is not None and connected else None
             shown.append(SchedulerNodes(scheduler, connected, nodes))
         return shown
 
@@ -196,15 +210,15 @@ class NodeAdmin:
         """
         if action not in NODE_OPS:
             raise NotFound(f"There is no such action as {action!r}; there are {', '.join(NODE_OPS)}.")
-        if not self.instances.commands.connected(schedulerId):
+        if not await self.instances.commands.reachable(schedulerId):
             raise NodeUnavailable("That scheduler is away; its nodes can be changed once it is connected again.")
-        nodes = self.directory.of(schedulerId) if self.directory is not None else None
+        nodes = await self.directory.nodesOf(schedulerId) if self.directory is not None else None
         if nodes is None:
             raise NodeUnavailable("That scheduler has not said what compute nodes it has.")
         if node not in {n.node for n in nodes}:
             raise NotFound(f"That scheduler has no compute node called {node!r}.")
         assert self.directory is not None
-        done = await self.directory.command(schedulerId, node, action)
+        done = await self.directory.nodeCommand(schedulerId, node, action)
         if done.error is not None:
             raise NodeUnavailable(done.error)
         stopped = []

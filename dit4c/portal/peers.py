@@ -14,7 +14,11 @@ the few things the others must hear at once:
 - ``command``: a command was stored for a scheduler (the process holding
   that scheduler's channel sends it down);
 - ``keys``: a portal process's public signing keys changed (the others read
-  them again).
+  them again);
+- ``ask`` and ``answer``: a question for a scheduler whose channel another
+  process holds (a tool's output, the compute nodes), relayed to that
+  process and answered through the store
+  (:mod:`dit4c.portal.channelrelay`).
 
 A message says only where to look; the store holds what is true. What is
 missed while a process's link is down is made good when it comes back
@@ -33,7 +37,7 @@ import secrets
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
@@ -50,6 +54,8 @@ KINDS: dict[str, tuple[str, ...]] = {
     "access": ("user", "instance", "session"),
     "command": ("scheduler",),
     "keys": (),
+    "ask": ("id", "holder", "scheduler", "question"),
+    "answer": ("id",),
 }
 #: PostgreSQL's limit on a notification's payload is 8000 bytes; ours are far smaller.
 MAX_PAYLOAD = 7900
@@ -87,6 +93,7 @@ class IPeers(Interface):
     """The other portal processes sharing this one's store."""
 
     alone = Attribute("True when there can be no other process (nothing is ever told or heard).")
+    id = Attribute("This process, as its messages name it (random, new at every start).")
 
     def tell(kind: str, body: Mapping[str, Any]) -> None:
         """Tell every other process (after the change is committed; never waited for, never fails)."""
@@ -99,6 +106,9 @@ class IPeers(Interface):
         Call ``callback`` each time the link to the others comes back after
         it was lost: messages may have been missed meanwhile.
         """
+
+    def live(process: str) -> Deferred[bool]:
+        """Whether the portal process with that id (``id``) is running now, and linked to the others."""
 
 
 class PeerMessages:
@@ -140,6 +150,9 @@ class NoPeers(PeerMessages):
 
     def tell(self, kind: str, body: Mapping[str, Any]) -> None:
         encode(self.id, kind, body)  # the same checks as where it would be sent
+
+    def live(self, process: str) -> Deferred[bool]:
+        return succeed(process == self.id)
 
 
 class EventRelay:

@@ -20,7 +20,7 @@ from typing import Any
 from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
 from twisted.enterprise.adbapi import ConnectionPool
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
 from twisted.internet.threads import deferToThreadPool
@@ -115,6 +115,21 @@ class PostgresPeers(PeerMessages, Service):
             )  # fmt: skip
         )
 
+    @staticmethod
+    def applicationName(process: str) -> str:
+        """The name a process's listening connection goes by in ``pg_stat_activity``."""
+        return f"dit4c-portal/{process}"
+
+    def live(self, process: str) -> Deferred[bool]:
+        if process == self.id:
+            return succeed(True)
+        if self._sender is None:
+            return succeed(False)
+        d: Deferred[list[Any]] = self._sender.runQuery(
+            "SELECT 1 FROM pg_stat_activity WHERE application_name = %s", (self.applicationName(process),)
+        )
+        return d.addCallback(lambda rows: bool(rows))
+
     # -- listening ------------------------------------------------------------------------------
 
     def startService(self) -> None:
@@ -130,7 +145,9 @@ class PostgresPeers(PeerMessages, Service):
         import psycopg
         from psycopg.conninfo import make_conninfo
 
-        connection = psycopg.connect(make_conninfo(self.url, **self._defaults, **KEEPALIVES), autocommit=True)
+        # Named for this process: the others see it is alive while this connection is (``live``).
+        named = dict(self._defaults, application_name=self.applicationName(self.id))
+        connection = psycopg.connect(make_conninfo(self.url, **named, **KEEPALIVES), autocommit=True)
         try:
             connection.execute(f"LISTEN {CHANNEL}")
         except BaseException:

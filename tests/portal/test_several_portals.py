@@ -7,9 +7,12 @@ checks), with a scheduler on its channel through the balancer too:
 - their page's event stream is served by one portal, their start by a
   second, and the scheduler's channel is held by the third: the command
   reaches the scheduler and its states reach the page, live;
+- the tool's output, asked of a portal that does not hold the channel, is
+  relayed to the one that does;
 - the portal holding the channel is SIGKILLed: the scheduler's channel
-  comes back through another, the person's next requests are answered,
-  and their stop reaches the scheduler and the page.
+  comes back through another, the person's next requests are answered
+  (the output through the other one too), and their stop reaches the
+  scheduler and the page.
 
 HAProxy takes the balancer's listening socket as it is handed over (``bind
 fd@3``); each portal listens on port 0 and says the port it got. A request
@@ -191,6 +194,10 @@ async def test_three_portals_behind_a_balancer_one_killed(site: Site) -> None:
         instance = instances[0].id
         # Stored by p2, sent by p3 (the channel), reported to p3, and seen on p1's stream.
         await eventually(lambda: State.RUNNING in states(stream, instance), what=lambda: str(states(stream, instance)))
+        # The tool's output, asked of p1: p3 asks the scheduler.
+        scheduler.output[instance] = b"hello from the tool\n"
+        response, output = await person.at("p1").get(f"/instances/{instance}/output.txt")
+        assert (response.code, output) == (200, "hello from the tool\n")
 
         site.processes["p3"].signal(signal.SIGKILL)
         await eventually(
@@ -202,6 +209,10 @@ async def test_three_portals_behind_a_balancer_one_killed(site: Site) -> None:
             response, page = await person.at(None).get("/")
             assert response.code == 200, page
             assert "alice" in page
+        holder = "p1" if "p1" in site.holding(record.id) else "p2"
+        other = "p2" if holder == "p1" else "p1"
+        response, output = await person.at(other).get(f"/instances/{instance}/output.txt")
+        assert (response.code, output) == (200, "hello from the tool\n")
         response, answer = await person.at(None).post(f"/instances/{instance}/stop", {"csrf": csrfOf(page)})
         assert response.code == 303, answer
         await eventually(lambda: State.STOPPED in states(stream, instance), timeout=20, what=lambda: str(states(stream, instance)))

@@ -32,6 +32,9 @@ class RecordingCommands:
     def connected(self, scheduler_id: str) -> bool:
         return scheduler_id in self.connectedIds
 
+    def reachable(self, scheduler_id: str) -> Deferred[bool]:
+        return defer.succeed(self.connected(scheduler_id))
+
     def logs(self, scheduler_id: str, instance_id: str, offset: int | None, limit: int) -> Deferred[LogChunk]:
         """What ``output`` holds for the instance, read as a node reads its tool's log."""
         return defer.succeed(LogChunk.of(self.output.get(instance_id, b""), offset, limit))

@@ -6,7 +6,7 @@ It is made of one class per area, each beside the interface it provides:
 people and failed logins (``_people``), sessions and tokens
 (``_sessions``), schedulers and their commands (``_schedulers``), images
 (``_images``), instances and their shares (``_instances``), reports
-(``_reports``), the portal processes' public keys (``_portalkeys``), and a
+(``_reports``), what the portal processes share (``_portals``), and a
 person's page read at once (``_views``), over what they share (``_core``:
 the pool, transactions, rows to records).
 """
@@ -18,7 +18,7 @@ from zope.interface import implementer
 from ._images import SQLImages
 from ._instances import SQLInstances
 from ._people import SQLPeople
-from ._portalkeys import SQLPortalKeys
+from ._portals import SQLPortals
 from ._reports import SQLReports
 from ._schedulers import SQLSchedulers
 from ._sessions import SQLSessions
@@ -27,5 +27,5 @@ from .interfaces import IStore
 
 
 @implementer(IStore)
-class SQLStore(SQLPageViews, SQLPeople, SQLPortalKeys, SQLSessions, SQLSchedulers, SQLImages, SQLInstances, SQLReports):
+class SQLStore(SQLPageViews, SQLPeople, SQLPortals, SQLSessions, SQLSchedulers, SQLImages, SQLInstances, SQLReports):
     """The portal's store in an SQL database. Open one with ``openStore``."""

@@ -55,7 +55,7 @@ __all__ = [
     "ILoginFailures",
     "IOAuthCodes",
     "IPeople",
-    "IPortalKeys",
+    "IPortals",
     "IReports",
     "ISchedulers",
     "ISessions",
@@ -552,11 +552,10 @@ class IPageViews(Interface):
         """
 
 
-class IPortalKeys(Interface):
+class IPortals(Interface):
     """
-    The portal processes' public signing keys (JWKs as JSON text, by key id):
-    each process publishes its own, and reads every other's to check what
-    they signed.
+    What portal processes on one database keep for each other (dit4c.portal.peers): public
+    signing keys (JWK JSON by kid), who holds each scheduler's channel, relayed answers.
     """
 
     def publishPortalKeys(keys: Mapping[str, str]) -> Deferred[None]:
@@ -568,21 +567,26 @@ class IPortalKeys(Interface):
     def portalKeys() -> Deferred[dict[str, str]]:
         """Every portal process's published public key, kid → JWK (JSON text)."""
 
+    def holdChannel(scheduler_id: str, holder: str) -> Deferred[None]:
+        """``holder`` (a portal process) now holds the scheduler's channel."""
+
+    def releaseChannel(scheduler_id: str, holder: str) -> Deferred[None]:
+        """``holder`` no longer holds the scheduler's channel (nothing if another has it since)."""
+
+    def channelHolder(scheduler_id: str) -> Deferred[str | None]:
+        """The portal process that last took the scheduler's channel, if any (it may have died since)."""
+
+    def putAnswer(id: str, body: str) -> Deferred[None]:
+        """Keep a relayed question's answer for its asker (dropped after a minute)."""
+
+    def takeAnswer(id: str) -> Deferred[str | None]:
+        """A relayed question's answer, removed as it is read; None if there is none."""
+
 
 class IStore(
-    IPageViews,
-    IPortalKeys,
-    IPeople,
-    ILoginFailures,
-    ISessions,
-    IApiTokens,
-    IOAuthCodes,
-    ISchedulers,
-    ICommands,
-    IImages,
-    IInstances,
-    IReports,
-):
+    IPageViews, IPortals, IPeople, ILoginFailures, ISessions, IApiTokens, IOAuthCodes, ISchedulers, ICommands,
+    IImages, IInstances, IReports,
+):  # fmt: skip
     """Everything the portal keeps: every area's interface, and closing the store."""
 
     def close() -> Deferred[None]:

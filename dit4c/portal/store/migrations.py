@@ -270,6 +270,19 @@ MIGRATIONS: list[Migration] = [
                 public_jwk TEXT NOT NULL,
                 published {timestamp} NOT NULL
             )""",
+            # Which portal process holds each scheduler's channel (its id in
+            # dit4c.portal.peers), for the questions the others relay to it.
+            """CREATE TABLE scheduler_links (
+                scheduler_id TEXT PRIMARY KEY REFERENCES schedulers (id) ON DELETE CASCADE,
+                holder TEXT NOT NULL,
+                since {timestamp} NOT NULL
+            )""",
+            # A relayed question's answer, from the holder to the asker, taken once.
+            """CREATE TABLE relayed_answers (
+                id TEXT PRIMARY KEY,
+                body TEXT NOT NULL,
+                created {timestamp} NOT NULL
+            )""",
         ],
     ),
 ]
