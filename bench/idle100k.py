@@ -251,6 +251,8 @@ def openIdle(
             "--host-header", f"{name}.localhost", "--path", "/", "--concurrency", str(args.concurrency),
             "--timeout", "60", "-n", str(k),
         ]  # fmt: skip
+        if args.open_rate:
+            argv += ["--rate", f"{args.open_rate * k / args.n:g}"]
         commands.append(shlex.join(argv))
         clients.append(spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     res["commands"] = commands
@@ -408,6 +410,7 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> str:
     secs = res.get("open_seconds")
     rows = [
         ["connections open", opened],
+        ["opened at", f"{args.open_rate:g}/s, paced" if args.open_rate else f"full speed, {args.concurrency} handshakes in flight per client"],
         ["time to open them all (s)", f"{secs:.1f}" if secs else "—"],
         ["opened per second", f"{k / secs:,.0f}" if secs and k else "—"],
         ["SYNs dropped at a full accept queue (machine-wide)",
@@ -510,6 +513,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=8, help="a person's keep-alive connections (default 8)")
     p.add_argument("--settle", type=float, default=2.0, help="seconds after opening before reading RSS")
     p.add_argument("--min-available-gib", type=float, default=6.0, help="end the clients below this much free memory")
+    p.add_argument(
+        "--open-rate", type=float,
+        help="connections opened per second in all (default: as fast as they open, as after a restart)",
+    )  # fmt: skip
     p.add_argument("--backlog", type=int, help="the routing server's accept queue (default: Twisted's, 50)")
     p.add_argument(
         "--no-cap", action="store_true",

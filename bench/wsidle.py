@@ -147,6 +147,9 @@ async def amain(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
 
     async def worker(i: int) -> None:
+        if args.rate:
+            # paced: connection i starts no earlier than i / rate seconds in
+            await asyncio.sleep(max(0.0, t0 + i / args.rate - time.monotonic()))
         async with sem:
             try:
                 held.append(await asyncio.wait_for(open_one(args, i), args.timeout))
@@ -189,6 +192,7 @@ def main() -> int:
     p.add_argument("--path", default="/")
     p.add_argument("-n", type=int, default=1000, help="connections")
     p.add_argument("--concurrency", type=int, default=100, help="handshakes in flight")
+    p.add_argument("--rate", type=float, default=None, help="connections started per second (default: as fast as they open)")
     p.add_argument("--timeout", type=float, default=30.0, help="per connection")
     p.add_argument("--hold", type=float, default=None, help="hold seconds instead of stdin")
     args = p.parse_args()
