@@ -12,7 +12,6 @@ from typing import Any
 
 from twisted.internet import defer
 
-
 #: Seconds between the first two looks of :func:`eventually`.
 FIRST_LOOK = 0.01
 
