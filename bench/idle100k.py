@@ -68,6 +68,8 @@ from wsidle import raiseHardNofile
 GIB = 1024**3
 #: Descriptors beyond those of the connections: the process's own, logs, tunnels, a person's requests.
 FD_SLACK = 512
+#: Seconds the client processes take to start, left out of a person's latency while they open.
+CLIENT_START = 3.0
 SYSCTLS = [
     "fs.nr_open", "fs.file-max", "fs.file-nr", "net.ipv4.ip_local_port_range",
     "net.core.somaxconn", "net.ipv4.tcp_max_syn_backlog", "net.ipv4.tcp_mem",
@@ -197,11 +199,16 @@ def startWeb(tmp: Path, logs: Path, twistd: str) -> tuple[Service, int]:
     return svc, port
 
 
-def startLatency(args: argparse.Namespace, port: int, host: str) -> tuple[subprocess.Popen[str], list[str]]:
-    """Start ``bench/loadgen.py``: open loop, ``GET /small`` with ``Host: host`` through the routing server."""
+def startLatency(
+    args: argparse.Namespace, port: int, host: str, later: float = 0.0
+) -> tuple[subprocess.Popen[str], list[str]]:
+    """
+    Start ``bench/loadgen.py``: open loop, ``GET /small`` with ``Host: host``
+    through the routing server, counted from ``later`` seconds after its warm-up.
+    """
     argv = [
         sys.executable, str(BENCH / "loadgen.py"), "--port", str(port), "--host-header", host, "--path", "/small",
-        "--rate", f"{args.rate:g}", "--duration", f"{args.duration:g}", "--warmup", f"{args.warmup:g}",
+        "--rate", f"{args.rate:g}", "--duration", f"{args.duration:g}", "--warmup", f"{args.warmup + later:g}",
         "--connections", str(args.connections),
     ]  # fmt: skip
     return spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), argv
@@ -354,7 +361,8 @@ def measure(args: argparse.Namespace, run: Run, res: dict[str, Any]) -> None:
     log(f"opening {args.n} idle WebSockets over {args.instances} instances")
     drops = listenDrops()
     res["load_before"] = os.getloadavg()
-    opening = startLatency(args, path.port, f"{person}.localhost")
+    # not counted: the first seconds, while the client processes start (Python's imports, on the same CPUs)
+    opening = startLatency(args, path.port, f"{person}.localhost", later=CLIENT_START)
     clients = openIdle(args, path.port, names, res)
     log("latency while they opened")
     res["latency_opening"] = latencyResult(args, opening)
@@ -472,6 +480,8 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> str:
         "own backend from 127.0.0.1. Each connection echoed one message, then was held.",
         "- A person's requests go to one more instance, `person`, whose backend (`twistd web`) holds no idle "
         "connection: `GET /small` (100 bytes), so the figure shows what the routing server's load adds.",
+        f"- A person's requests while they open: from {CLIENT_START + args.warmup:g} s after the clients start "
+        f"(their start, Python's imports on the same CPUs, is left out) for {args.duration:g} s.",
         f"- The routing server's public endpoint: `{res.get('http_endpoint')}`"
         + ("" if args.backlog else " (Twisted's accept queue of 50, as a plain `--http tcp:PORT` gets)") + ".",
         "- Four TCP sockets per connection on loopback (client, routing server's accepted one, listener's "
