@@ -452,10 +452,10 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> str:
 
     lb, lo, ld, la = (res.get(f"latency_{w}") or {} for w in ("before", "opening", "during", "after"))
 
-    def lat(r: dict[str, Any], key: str) -> str:
+    def lat(r: dict[str, Any], key: str, which: str = "latency_ms") -> str:
         if "error" in r or not r:
             return "error" if r else "—"
-        v = r["latency_ms"].get(key)
+        v = r[which].get(key)
         return "—" if v is None else f"{v:.2f}"
 
     def ok(r: dict[str, Any]) -> str:
@@ -465,6 +465,7 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> str:
         return f"{r['completed']:,}/{r['scheduled']:,} ({bad} failed)"
 
     rows = [[f"{q} (ms)", lat(lb, q), lat(lo, q), lat(ld, q), lat(la, q)] for q in ("p50", "p90", "p99", "max")]
+    rows += [[f"from its send: {q} (ms)", *(lat(r, q, "service_ms") for r in (lb, lo, ld, la))] for q in ("p50", "p99")]
     rows.append(["answered 2xx / scheduled", ok(lb), ok(lo), ok(ld), ok(la)])
     held = f"{k:,} idle held"
     lines += [
@@ -480,6 +481,9 @@ def report(args: argparse.Namespace, res: dict[str, Any]) -> str:
         "own backend from 127.0.0.1. Each connection echoed one message, then was held.",
         "- A person's requests go to one more instance, `person`, whose backend (`twistd web`) holds no idle "
         "connection: `GET /small` (100 bytes), so the figure shows what the routing server's load adds.",
+        f"- Latency runs from when a request was scheduled; a request that finds all {args.connections} "
+        "of a person's connections busy waits, and that wait counts. *From its send* leaves that wait out: "
+        "what one request took once it was sent.",
         f"- A person's requests while they open: from {CLIENT_START + args.warmup:g} s after the clients start "
         f"(their start, Python's imports on the same CPUs, is left out) for {args.duration:g} s.",
         f"- The routing server's public endpoint: `{res.get('http_endpoint')}`"
