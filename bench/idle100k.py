@@ -18,16 +18,21 @@ listener likewise dials its backend from 127.0.0.1. Eight instances of
 
 Meanwhile one more instance, with no idle connections of its own, serves
 a person's requests: ``bench/loadgen.py`` sends ``GET /small`` to it (a
-``twistd web``) at a fixed rate (open loop) through the same routing server, once before the idle
-connections open and once while they are held, side by side.
+``twistd web``) at a fixed rate (open loop) through the same routing
+server: before the idle connections open, while they open (at full speed,
+as after a restart, or at ``--open-rate``), while they are held and after
+they are closed, side by side.
 
 Every process gets an open-file limit large enough for what it holds: the
-harness raises its own hard limit (it runs as root, as a site's service
-manager does with ``LimitNOFILE=``) and every child inherits it. Nothing
-system-wide is changed; the sysctls that matter are read and printed.
+harness raises its own hard limit, as a site's service manager does with
+``LimitNOFILE=``, and every child inherits it. That needs
+``CAP_SYS_RESOURCE``; without it, the connections are capped at what the
+limit allows, and the report says so. Nothing system-wide is changed; the
+sysctls that matter are read and printed.
 
     python bench/idle100k.py                         # 100,000 over 8 instances
     python bench/idle100k.py -n 10000 --instances 2  # a quick try
+    python bench/idle100k.py --open-rate 200         # people arriving at 200/s
 """
 
 from __future__ import annotations
