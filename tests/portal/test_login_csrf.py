@@ -167,7 +167,12 @@ async def logInWithChromium(browser: Any, s: Sites, name: str) -> None:
     await browser.fill("#username", name)
     await browser.fill("#password", PASSWORDS[name])
     await browser.click("#submit")
-    await browser.waitForText("#who", name, 10)
+    try:
+        await browser.waitForText("#who", name, 30)
+    except Exception as e:
+        where = await browser.run(lambda: browser.driver.current_url)
+        shown = await browser.run(lambda: browser.driver.page_source)
+        raise AssertionError(f"{name} not logged in: at {where}, showing {shown[:1500]!r}") from e
 
 
 @pytest_twisted.ensureDeferred
