@@ -10,16 +10,34 @@ later, which races with every other process on the machine.
 
 from __future__ import annotations
 
+import resource
 import socket
 from typing import Any
 
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.error import CannotListenError
 
-__all__ = ["BACKLOG", "adopted", "listeningSocket"]
+__all__ = ["BACKLOG", "adopted", "listeningSocket", "raiseOpenFileLimit"]
 
 #: Connections waiting to be accepted (Twisted's own default for ``listenTCP``).
 BACKLOG = 50
+
+
+def raiseOpenFileLimit() -> tuple[int, int] | None:
+    """
+    Raise this process's soft limit on open files to its hard limit, as
+    HAProxy and nginx do: every connection a server holds is a descriptor,
+    and systemd starts services with a soft limit of 1,024 under a hard one
+    of 524,288, so a routing server left at the soft limit would stop
+    taking connections at about a thousand. A site sets the hard limit
+    (``LimitNOFILE=``); the server uses all of it. The ``(old, new)`` soft
+    limits if raised, None if it was already at the hard limit.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == hard:
+        return None
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return soft, hard
 
 
 def listeningSocket(host: str = "127.0.0.1", port: int = 0, backlog: int = BACKLOG) -> socket.socket:

@@ -16,6 +16,8 @@ from twisted.internet.interfaces import (
 )
 from twisted.logger import Logger
 
+from dit4c.common.listening import raiseOpenFileLimit
+
 
 class ListeningService(Service):
     """
@@ -36,6 +38,9 @@ class ListeningService(Service):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
+        raised = raiseOpenFileLimit()
+        if raised is not None:
+            self.log.info("open files: soft limit raised from {old} to {new} (the hard limit)", old=raised[0], new=raised[1])
         self._listen()
 
     def startService(self) -> None:
