@@ -491,7 +491,7 @@ def measure_profile(
     try:
         time.sleep(1.0)
         argv = [pyspy, "record", "-p", str(t.portal.pid), "-d", str(s.profile_seconds), "-r", "200",
-                "-f", "raw", "-o", str(out), "--nonblocking"]  # fmt: skip
+                "-f", "raw", "-o", str(out), "--nonblocking", "--gil"]  # fmt: skip
         rc, so, se = runTool(argv, s.profile_seconds + 60)
     finally:
         kill(load)
