@@ -14,10 +14,15 @@ checks), with a scheduler on its channel through the balancer too:
   (the output through the other one too), and their stop reaches the
   scheduler and the page.
 
+The same in Chromium: the person's page, its event stream on p1 and its
+forms wherever the balancer sends them, shows the states p3 applies, and
+after p3 is SIGKILLed a Stop on the page reaches the scheduler and shows.
+
 HAProxy takes the balancer's listening socket as it is handed over (``bind
 fd@3``); each portal listens on port 0 and says the port it got. A request
 header (``X-Portal: p1``) steers a request to a given portal, so that the
-test says which serves what; the channel goes to ``p3`` while it is up.
+test says which serves what; the channel goes to ``p3`` while it is up, and
+the pages' event streams (``/events``) to ``p1``.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import shutil
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -72,6 +78,7 @@ listen portals
     default-server check inter 200ms fall 1 rise 2
 {steering}
     use-server p3 if {{ path_beg /.dit4c/channel }}
+    use-server p1 if {{ path /events }}
     http-response set-header X-Served-By %s
 {servers}
 """
@@ -217,6 +224,42 @@ async def test_three_portals_behind_a_balancer_one_killed(site: Site) -> None:
         assert response.code == 303, answer
         await eventually(lambda: State.STOPPED in states(stream, instance), timeout=20, what=lambda: str(states(stream, instance)))
         assert (await store.instanceById(instance)).state is State.STOPPED
+    finally:
+        await scheduler.stop()
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_page_in_chromium_shows_states_another_portal_applied(site: Site, browser: Any) -> None:
+    store = await openStore(site.database, reactor)
+    scheduler = TestingScheduler(reactor, delays={"start": 0.5, "stop": 0.5})
+    try:
+        await store.createUser("alice", password_hash=cheapHash(PASSWORD))
+        await store.createImage("Tool", "tool", owner_id=None)
+        record, key = await registerScheduler(store, "hpc")
+        await scheduler.connect(site.url.replace("http:", "ws:"), record.id, key).whenConnected()
+        await eventually(lambda: site.holding(record.id) == ["p3"], what=lambda: str(site.holding(record.id)))
+
+        # The login form and its post go wherever the balancer sends them.
+        await browser.logIn(site.url, "alice", PASSWORD)
+        await browser.waitFor("#start-button")
+        await browser.click("#start-button")
+        row = await eventually(
+            lambda: browser.execute("const r = document.querySelector('#instances tr[data-instance]'); return r && r.dataset.instance"),
+            15, what="the new instance on the page",
+        )  # fmt: skip
+        cell = f'#instances tr[data-instance="{row}"] td.state'
+        # Applied by p3 (the channel), shown by the page's stream on p1.
+        await browser.waitFor(f'{cell}[data-state="running"]', 30)
+
+        site.processes["p3"].signal(signal.SIGKILL)
+        await eventually(
+            lambda: any(p in site.holding(record.id) for p in ("p1", "p2")) and scheduler.client.connected,
+            timeout=30, what=lambda: f"the channel back through another portal: {site.holding(record.id)}",
+        )  # fmt: skip
+        await browser.click(f'#instances tr[data-instance="{row}"] button.stop')
+        await browser.waitFor(f'{cell}[data-state="stopped"]', 30)
+        assert (await store.instanceById(row)).state is State.STOPPED
     finally:
         await scheduler.stop()
         await store.close()
