@@ -47,7 +47,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 from dit4c.common.life import State
 from dit4c.common.listening import listeningSocket
-from dit4c.portal.store import openStore
+from dit4c.portal.store import IStore, openStore
 from dit4c.testing.scheduler import TestingScheduler, registerScheduler
 
 PORTALS = ("p1", "p2", "p3")
@@ -118,6 +118,21 @@ class Site:
         """The portals whose log says the scheduler connected to them, in the order they started."""
         return [name for name in PORTALS if f"({schedulerId}) connected from" in self.processes[name].log()]
 
+    async def connect(self, scheduler: TestingScheduler, store: IStore) -> str:
+        """A scheduler registered and connected through the balancer, which sends it to p3; its id."""
+        record, key = await registerScheduler(store, "hpc")
+        await scheduler.connect(self.url.replace("http:", "ws:"), record.id, key).whenConnected()
+        await eventually(lambda: self.holding(record.id) == ["p3"], what=lambda: str(self.holding(record.id)))
+        return str(record.id)
+
+    async def killP3(self, scheduler: TestingScheduler, schedulerId: str) -> None:
+        """SIGKILL p3, which holds the scheduler's channel, until the channel is back through another."""
+        self.processes["p3"].signal(signal.SIGKILL)
+        await eventually(
+            lambda: any(p in self.holding(schedulerId) for p in ("p1", "p2")) and scheduler.client.connected,
+            timeout=30, what=lambda: f"the channel back through another portal: {self.holding(schedulerId)}",
+        )  # fmt: skip
+
 
 class Person(Browser):
     """A person's browser, steered to one portal (or to the balancer's choice) per request."""
@@ -180,10 +195,7 @@ async def test_three_portals_behind_a_balancer_one_killed(site: Site) -> None:
     try:
         await store.createUser("alice", password_hash=cheapHash(PASSWORD))
         image = await store.createImage("Tool", "tool", owner_id=None)
-        record, key = await registerScheduler(store, "hpc")
-        # The balancer sends the channel to p3 while it is up.
-        await scheduler.connect(site.url.replace("http:", "ws:"), record.id, key).whenConnected()
-        await eventually(lambda: site.holding(record.id) == ["p3"], what=lambda: str(site.holding(record.id)))
+        schedulerId = await site.connect(scheduler, store)
 
         person = Person(site.url)
         # The login form from p1, sent to p2: p2 checks what p1 signed.
@@ -206,17 +218,13 @@ async def test_three_portals_behind_a_balancer_one_killed(site: Site) -> None:
         response, output = await person.at("p1").get(f"/instances/{instance}/output.txt")
         assert (response.code, output) == (200, "hello from the tool\n")
 
-        site.processes["p3"].signal(signal.SIGKILL)
-        await eventually(
-            lambda: any(site.holding(record.id).count(p) for p in ("p1", "p2")) and scheduler.client.connected,
-            timeout=30, what=lambda: f"the channel back through another portal: {site.holding(record.id)}",
-        )  # fmt: skip
+        await site.killP3(scheduler, schedulerId)
         # The person's next requests, wherever the balancer sends them.
         for _ in range(6):
             response, page = await person.at(None).get("/")
             assert response.code == 200, page
             assert "alice" in page
-        holder = "p1" if "p1" in site.holding(record.id) else "p2"
+        holder = "p1" if "p1" in site.holding(schedulerId) else "p2"
         other = "p2" if holder == "p1" else "p1"
         response, output = await person.at(other).get(f"/instances/{instance}/output.txt")
         assert (response.code, output) == (200, "hello from the tool\n")
@@ -236,9 +244,7 @@ async def test_a_page_in_chromium_shows_states_another_portal_applied(site: Site
     try:
         await store.createUser("alice", password_hash=cheapHash(PASSWORD))
         await store.createImage("Tool", "tool", owner_id=None)
-        record, key = await registerScheduler(store, "hpc")
-        await scheduler.connect(site.url.replace("http:", "ws:"), record.id, key).whenConnected()
-        await eventually(lambda: site.holding(record.id) == ["p3"], what=lambda: str(site.holding(record.id)))
+        schedulerId = await site.connect(scheduler, store)
 
         # The login form and its post go wherever the balancer sends them.
         await browser.logIn(site.url, "alice", PASSWORD)
@@ -252,11 +258,7 @@ async def test_a_page_in_chromium_shows_states_another_portal_applied(site: Site
         # Applied by p3 (the channel), shown by the page's stream on p1.
         await browser.waitFor(f'{cell}[data-state="running"]', 30)
 
-        site.processes["p3"].signal(signal.SIGKILL)
-        await eventually(
-            lambda: any(p in site.holding(record.id) for p in ("p1", "p2")) and scheduler.client.connected,
-            timeout=30, what=lambda: f"the channel back through another portal: {site.holding(record.id)}",
-        )  # fmt: skip
+        await site.killP3(scheduler, schedulerId)
         await browser.click(f'#instances tr[data-instance="{row}"] button.stop')
         await browser.waitFor(f'{cell}[data-state="stopped"]', 30)
         assert (await store.instanceById(row)).state is State.STOPPED
