@@ -36,6 +36,8 @@ class FrontLimits:
     headTimeout: float = 10.0
     #: Seconds with no byte in either direction before a non-upgraded connection is closed.
     idleTimeout: float = 60.0
+    #: Connections held at once; one more is answered 503 and closed (None: as many as the process may open).
+    maxConnections: int | None = None
 
 
 def errorPage(

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -152,5 +152,31 @@ class PublicHTTPFactory(Factory):
     def rulesFor(self, transport: Any) -> RoutingRules:
         return RoutingRules(self.resolve, self.scheme, transport, self.sniHost)
 
-    def buildProtocol(self, addr: Any) -> FrontProtocol:
+    def buildProtocol(self, addr: Any) -> Protocol:
+        cap = self.limits.maxConnections
+        if cap is not None and self.metrics.open >= cap:
+            # At the cap, not at the open-file limit: the descriptors left
+            # are the tunnels', so instances keep registering and the one
+            # turned away is told why.
+            self.metrics.error("too_many_connections")
+            return _TooBusy()
         return FrontProtocol(self.rulesFor, self.clock, self.limits, self.metrics)
+
+
+#: Seconds a browser turned away at the connection cap is asked to wait.
+BUSY_RETRY = 5
+
+
+class _TooBusy(Protocol):
+    """A connection over the cap: a 503 at once, then closed."""
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(
+            errorPage(
+                503, "Service Unavailable",
+                "This routing server holds as many connections as it may. Try again in a moment.",
+                headers=b"Retry-After: %d\r\n" % BUSY_RETRY,
+            )
+        )  # fmt: skip
+        self.transport.loseConnection()

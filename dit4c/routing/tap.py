@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 from typing import Any
 
 from twisted.application.service import IService
@@ -41,6 +42,7 @@ class Options(usage.Options):
         ["heartbeat", None, 10.0, "Seconds between tunnel heartbeats.", positiveFloat],
         ["timeout", None, 30.0, "Seconds of silence after which a tunnel is taken for dead.", positiveFloat],
         ["max-streams", None, 16384, "Most streams open at once on one tunnel.", positiveInt],
+        ["max-connections", None, None, "Public connections held at once; more are answered 503 (default: the open-file limit, less a tenth kept for tunnels).", positiveInt],
         ["head-timeout", None, 10.0, "Seconds a client has to send a request head.", positiveFloat],
         ["idle-timeout", None, 60.0, "Seconds a keep-alive connection may sit idle.", positiveFloat],
         ["drain-timeout", None, 10.0, "Seconds running streams get to finish when stopping.", positiveFloat],
@@ -91,6 +93,19 @@ class Options(usage.Options):
             endpointList([self["admin"]], server=True, option="admin")
 
 
+def connectionCap() -> int | None:
+    """
+    The public connections a routing server holds at most by default: its
+    open-file limit (raised to the hard one, as it will be once it listens),
+    less a tenth, at least 1,024, kept for tunnels, fetching keys and the
+    admin endpoint; None where there is no limit.
+    """
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        return None
+    return max(hard - max(1024, hard // 10), hard // 2)
+
+
 def makeService(config: Options, reactor: Any = None) -> IService:
     if reactor is None:
         from twisted.internet import reactor as _reactor
@@ -99,7 +114,10 @@ def makeService(config: Options, reactor: Any = None) -> IService:
     settings = Settings(
         heartbeat=config["heartbeat"], timeout=config["timeout"], maxStreams=config["max-streams"]
     )
-    limits = FrontLimits(headTimeout=config["head-timeout"], idleTimeout=config["idle-timeout"])
+    limits = FrontLimits(
+        headTimeout=config["head-timeout"], idleTimeout=config["idle-timeout"],
+        maxConnections=config["max-connections"] or connectionCap(),
+    )  # fmt: skip
     server = RoutingServer(
         reactor,
         verifierFromOptions(config, reactor),

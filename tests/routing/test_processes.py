@@ -394,7 +394,7 @@ async def test_help_documents_every_option(tmp_path: Path) -> None:
             RoutingOptions,
             {"tunnel", "tunnel-websocket", "http", "https", "admin", "jwks-file", "jwks-url", "audience",
              "issuer", "domain", "public-url", "heartbeat", "timeout", "max-streams", "head-timeout",
-             "idle-timeout", "drain-timeout", "max-token-lifetime", "max-seen-tokens"},
+             "idle-timeout", "drain-timeout", "max-token-lifetime", "max-seen-tokens", "max-connections"},
         ),
         (listenerCode, listenerHelp, ListenerOptions, {"routing", "key-file", "instance", "token-file", "target"}),
     ):  # fmt: skip

@@ -141,6 +141,34 @@ async def test_slow_request_head_times_out(signing: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_connection_over_the_cap_is_told_503_and_the_tunnels_still_come(signing: Any, backend: Any) -> None:
+    routing = await startRouting(signing, limits=FrontLimits(headTimeout=5, idleTimeout=5, maxConnections=2))
+    held: list[RawClient] = []
+    try:
+        for _ in range(2):
+            client = RawClient()
+            await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", routing.httpPort), client)
+            held.append(client)
+        await eventually(lambda: routing.server.metrics.open == 2)
+        # The third is answered at once, with when to come back, and closed.
+        turned = await rawRequest(routing.httpPort, b"GET / HTTP/1.1\r\nHost: capped.localhost\r\n\r\n")
+        assert turned.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+        assert b"\r\nRetry-After: 5\r\n" in turned
+        assert routing.server.metrics.errors.get("too_many_connections") == 1
+        # A tunnel is no public connection: an instance still registers.
+        await routing.listen(signing.token("capped"), backend.endpoint)
+        # One held goes: the next is served.
+        held.pop().transport.loseConnection()
+        await eventually(lambda: routing.server.metrics.open == 1)
+        answer = await rawRequest(routing.httpPort, b"GET /headers HTTP/1.1\r\nHost: capped.localhost\r\nConnection: close\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200")
+    finally:
+        for client in held:
+            client.transport.loseConnection()
+        await stopRouting(routing)
+
+
+@pytest_twisted.ensureDeferred
 async def test_idle_keepalive_connection_is_closed(signing: Any, backend: Any) -> None:
     routing = await startRouting(signing, limits=FrontLimits(headTimeout=5, idleTimeout=0.4))
     try:
