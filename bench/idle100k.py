@@ -41,6 +41,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import select
 import shlex
 import subprocess
@@ -334,6 +335,12 @@ def measure(args: argparse.Namespace, run: Run, res: dict[str, Any]) -> None:
     path = Instances(env)
     if args.backlog:
         path.httpEndpoint += f":backlog={args.backlog}"
+    # The bench keeps its own count under the open-file limit (or, with
+    # --no-cap, goes to it): the routing server's cap, which would turn
+    # the last tenth away with a 503, is set to the limit itself.
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY:
+        path.routingOptions = ("--max-connections", str(hard))
     path.startAll(targets)
     res["processes"] = path.describe()
     res["http_endpoint"] = path.httpEndpoint

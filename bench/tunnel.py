@@ -501,6 +501,8 @@ class Dit4cPath(BasePath):
     client_label = "listener"
     #: The routing server's public endpoint (``bench/idle100k.py`` sets its accept queue).
     httpEndpoint = "tcp:0:interface=127.0.0.1"
+    #: More of the routing server's options (``bench/idle100k.py``: its connection cap).
+    routingOptions: tuple[str, ...] = ()
 
     def __init__(self, env: Env, tls: bool, source: Path = REPO, suffix: str = "") -> None:
         super().__init__(env)
@@ -606,6 +608,7 @@ class Dit4cPath(BasePath):
                 "--domain", "localhost",
                 *keys,
                 "--admin", "tcp:0:interface=127.0.0.1",
+                *self.routingOptions,
             ],
             self.env.logs,
             env=sourceEnv(self.source),
