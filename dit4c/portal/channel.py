@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import asdict
 from typing import Any, NoReturn
 
 from autobahn.twisted.resource import WebSocketResource
@@ -247,10 +248,12 @@ class ChannelHub(MultiService):
         if self.connected(scheduler_id):
             return succeed(self.nodes.of(scheduler_id))
         asked = Deferred.fromCoroutine(self.relay.ask(scheduler_id, "nodes", {}))
-        return asked.addCallbacks(
-            lambda answer: None if answer is None else parseNodes({"nodes": answer}),
-            lambda f: f.trap(Unanswered) and None,
-        )
+
+        def away(failure: Failure) -> None:
+            failure.trap(Unanswered)
+            return None
+
+        return asked.addCallbacks(lambda answer: None if answer is None else parseNodes({"nodes": answer}), away)
 
     def nodeCommand(self, scheduler_id: str, node: str, op: str) -> Deferred[NodeDone]:
         """Ask the scheduler to cool ``node`` down, take instances again or drain it (``NodeDirectory.command``)."""
@@ -270,13 +273,18 @@ class ChannelHub(MultiService):
             return None
         if question == "logs":
             chunk = self._logsHere(scheduler_id, str(args["instance"]), args.get("offset"), int(args["limit"]))
-            return chunk.addCallback(lambda c: {"offset": c.offset, "next": c.next, "text": c.text, "error": c.error})
+            return chunk.addCallback(asdict)
         if question == "nodes":
             nodes = self.nodes.of(scheduler_id)
             return succeed(None if nodes is None else [n.toJSON() for n in nodes])
         if question == "node-command":
             done = self.nodes.command(scheduler_id, str(args["node"]), str(args["op"]))
-            return done.addCallbacks(lambda d: d.toJSON(), lambda f: f.trap(NodeUnavailable) and fail(Unanswered(str(f.value))))
+
+            def unavailable(failure: Failure) -> NoReturn:
+                failure.trap(NodeUnavailable)
+                raise Unanswered(str(failure.value))
+
+            return done.addCallbacks(lambda d: d.toJSON(), unavailable)
         return fail(Unanswered(f"no such question as {question!r}"))
 
     def connected(self, scheduler_id: str) -> bool:

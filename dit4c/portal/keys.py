@@ -81,11 +81,14 @@ class KeyRing:
         self._keys.append((now, key))
         self.log.info("portal signing key {kid} is now current", kid=kid)
         self._expire(now)
-        if self.changed is not None:
-            self.changed()
+        self._tellChanged()
         return kid
 
-    def _expire(self, now: float) -> None:
+    def _tellChanged(self) -> None:
+        if self.changed is not None:
+            self.changed()
+
+    def _expire(self, now: float) -> bool:
         # Every key but the current one is dropped once it has been
         # superseded for longer than ``retain``.
         keep: list[tuple[float, PrivateKey]] = []
@@ -99,8 +102,7 @@ class KeyRing:
                 keep.append((created, key))
         retired = len(keep) < len(self._keys)
         self._keys = keep
-        if retired and self.changed is not None:
-            self.changed()
+        return retired
 
     @property
     def current(self) -> PrivateKey:
@@ -111,7 +113,8 @@ class KeyRing:
 
     def ownJWKs(self) -> dict[str, dict[str, Any]]:
         """This process's public keys, by key id."""
-        self._expire(self._now())
+        if self._expire(self._now()):
+            self._tellChanged()
         return {str(jwk["kid"]): jwk for jwk in (publicJWK(key) for _, key in self._keys)}
 
     def setOthers(self, jwks: list[dict[str, Any]]) -> None:

@@ -177,7 +177,7 @@ class EventRelay:
     def _instance(self, body: dict[str, Any]) -> Deferred[None]:
         instanceId = body.get("id")
         if not isinstance(instanceId, str):
-            return Deferred.fromCoroutine(_nothing())
+            return succeed(None)
         return self._reading.run(lambda: Deferred.fromCoroutine(self._read(instanceId, bool(body.get("keys")))))
 
     async def _read(self, instanceId: str, keys: bool) -> None:
@@ -191,7 +191,3 @@ class EventRelay:
 
     def _access(self, body: dict[str, Any]) -> None:
         self.events.heardAccess(AccessChange(user=body.get("user"), instance=body.get("instance"), session=body.get("session")))
-
-
-async def _nothing() -> None:
-    return None

@@ -32,6 +32,7 @@ import shutil
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -138,10 +139,7 @@ class Person(Browser):
     """A person's browser, steered to one portal (or to the balancer's choice) per request."""
 
     def __init__(self, url: str) -> None:
-        class At:
-            testURL = url
-
-        super().__init__(At())  # type: ignore[arg-type]
+        super().__init__(SimpleNamespace(testURL=url))  # type: ignore[arg-type]
 
     def at(self, portal: str | None) -> Person:
         self.extra.pop("X-Portal", None)

@@ -230,6 +230,23 @@ class Cookies:
         return "".join(f"{name}: {value}\r\n" for name, value in self.header().items())
 
 
+async def sentToLogIn(tornet: TorNetwork, host: str, path: str, portal: str, instance: str, url: str) -> tuple[str, Cookies]:
+    """
+    The first request through Tor to an instance's auth helper at ``host``:
+    it sends the browser to log in at ``portal`` for that instance and its
+    URL. The portal's authorize URL, and the cookies the .onion set.
+    """
+    raw, seconds = await firstAnswer(tornet.dial(host, 80), host, path, BROWSER)
+    print(f"first request through Tor to the instance answered in {seconds:.1f} s")
+    status, headers, _ = parsed(raw)
+    onionCookies = Cookies()
+    onionCookies.keep(headers)
+    authorize = dict(headers).get("location", "")
+    assert status in (302, 303) and authorize.startswith(f"{portal}/oauth/authorize?"), raw[:300]
+    assert f"client_id={instance}" in authorize and quote(url, safe="") in authorize, authorize
+    return authorize, onionCookies
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_listener_publishes_its_instance_as_an_onion_service_with_no_routing_server(
     tornet: TorNetwork, backend: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -272,7 +289,7 @@ async def test_a_listener_publishes_its_instance_as_an_onion_service_with_no_rou
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("DIT4C_ROUTING", raising=False)
     listener: Any = None
-    onionCookies, portalCookies = Cookies(), Cookies()
+    portalCookies = Cookies()
 
     async def atPortal(method: str, url: str, **kw: Any) -> tuple[int, str]:
         """A request at the portal (a browser's, sent to where it listens)."""
@@ -303,13 +320,7 @@ async def test_a_listener_publishes_its_instance_as_an_onion_service_with_no_rou
         await eventually(recorded, 30, 0.1, "the portal recorded the instance's .onion URL")
 
         # Through Tor: the auth helper sends the browser to log in at the portal.
-        raw, seconds = await firstAnswer(tornet.dial(host, 80), host, "/bytes?n=7", BROWSER)
-        print(f"first request through Tor to the auth helper answered in {seconds:.1f} s")
-        status, headers, _ = parsed(raw)
-        onionCookies.keep(headers)
-        authorize = dict(headers).get("location", "")
-        assert status in (302, 303) and authorize.startswith(f"{PORTAL}/oauth/authorize?"), raw[:300]
-        assert f"client_id={instance.id}" in authorize and quote(url, safe="") in authorize, authorize
+        authorize, onionCookies = await sentToLogIn(tornet, host, "/bytes?n=7", PORTAL, instance.id, url)
         callback = await logInForTheCallback(atPortal, PORTAL, authorize, url, "correct horse battery")
         # Back at the .onion, through Tor: the callback, then the tool's page.
         path = callback[len(url) - 1 :]

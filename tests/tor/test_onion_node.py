@@ -22,7 +22,7 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import pytest
 import pytest_twisted
@@ -214,6 +214,7 @@ async def test_a_node_publishes_each_instance_as_an_onion_service_that_keeps_its
         httpGet,
         logInForTheCallback,
         parsed,
+        sentToLogIn,
     )
 
     await cluster.start()
@@ -236,14 +237,8 @@ async def test_a_node_publishes_each_instance_as_an_onion_service_that_keeps_its
     assert not (cluster.podsDirectory() / instance / "state" / ONION_KEY_FILE).stat().st_mode & 0o077
 
     # Through Tor: the auth helper sends the browser to log in at the portal.
-    onionCookies, portalCookies = Cookies(), Cookies()
-    raw, seconds = await firstAnswer(tornet.dial(host, 80), host, "/", BROWSER)
-    print(f"first request through Tor to the instance answered {seconds:.1f} s after its URL was recorded")
-    status, headers, _ = parsed(raw)
-    onionCookies.keep(headers)
-    authorize = dict(headers).get("location", "")
-    assert status in (302, 303) and authorize.startswith(f"{cluster.portal}/oauth/authorize?"), raw[:300]
-    assert f"client_id={instance}" in authorize and quote(url, safe="") in authorize, authorize
+    authorize, onionCookies = await sentToLogIn(tornet, host, "/", cluster.portal, instance, url)
+    portalCookies = Cookies()
 
     async def atPortal(method: str, where: str, **kw: Any) -> tuple[int, str]:
         """A browser's request at the portal (not through Tor: the portal is an ordinary site)."""
