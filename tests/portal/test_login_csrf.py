@@ -163,11 +163,12 @@ async def postMallorysLogin(s: Sites, browser: Any, theirs: dict[str, str], plan
 
 
 async def logInWithChromium(browser: Any, s: Sites, name: str) -> None:
-    await browser.get(s.url + "/login")
-    await browser.fill("#username", name)
-    await browser.fill("#password", PASSWORDS[name])
-    await browser.click("#submit")
     try:
+        # (A loaded machine takes its time drawing the form and the next page.)
+        await browser.get(s.url + "/login")
+        await browser.fill("#username", name, 30)
+        await browser.fill("#password", PASSWORDS[name])
+        await browser.click("#submit")
         await browser.waitForText("#who", name, 30)
     except Exception as e:
         where = await browser.run(lambda: browser.driver.current_url)

@@ -312,16 +312,30 @@ class Browser:
         await self.click(css)
         await self.waitFor("body:not([data-before])", timeout)
 
-    async def fill(self, css: str, text: str) -> None:
-        """Clear the field matching ``css`` and type ``text`` into it."""
+    async def fill(self, css: str, text: str, timeout: float = 10.0) -> None:
+        """
+        Clear the field matching ``css`` and type ``text`` into it, once the
+        field is there (as a person types when the form shows, on a machine
+        slow enough that the page is still being drawn).
+        """
+        from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
         from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
 
-        def fill() -> None:
-            element = self.driver.find_element(By.CSS_SELECTOR, css)
-            element.clear()
-            element.send_keys(text)
+        def attempt(driver: Any) -> bool:
+            try:
+                element = driver.find_element(By.CSS_SELECTOR, css)
+                element.clear()
+                element.send_keys(text)
+            except (NoSuchElementException, StaleElementReferenceException):
+                return False
+            return True
 
-        await self.run(fill)
+        await self.run(
+            lambda: WebDriverWait(self.driver, timeout, poll_frequency=POLL).until(
+                attempt, f"no field {css!r} to fill within {timeout}s"
+            )
+        )
 
     async def text(self, css: str) -> str:
         """The rendered text of the first element matching ``css``."""
