@@ -11,8 +11,8 @@ have nothing left: the run is as long as that tail. Here each block begins
 with its share of them, so they run from the start beside the quick tests,
 whose order is kept.
 
-Tests that share a module-scoped fixture stay together (split, each worker
-would set the fixture up again).
+Tests that share a module- or package-scoped fixture stay together (split,
+each worker would set the fixture up again).
 """
 
 from __future__ import annotations
@@ -38,25 +38,32 @@ def isHeavy(item: pytest.Item) -> bool:
     )
 
 
-def _sharesModuleFixture(item: pytest.Item) -> bool:
+def _sharedFixtures(item: pytest.Item) -> set[object]:
+    """The module-, package- or class-scoped fixtures ``item`` uses (each set up once for the tests that share it)."""
     info = getattr(item, "_fixtureinfo", None)
     if info is None:
-        return False
-    return any(
-        d.scope in ("module", "package", "class") and d.baseid
+        return set()
+    return {
+        d
         for defs in info.name2fixturedefs.values()
         for d in defs
-    )
+        if d.scope in ("module", "package", "class") and d.baseid
+    }
 
 
 def units(items: Sequence[pytest.Item]) -> list[list[pytest.Item]]:
-    """``items`` in runs that must stay on one worker: a module sharing a fixture, else one test."""
+    """``items`` in runs that must stay on one worker: the tests that share such a fixture, else one test."""
     out: list[list[pytest.Item]] = []
+    unitOf: dict[object, list[pytest.Item]] = {}
     for item in items:
-        if out and _sharesModuleFixture(item) and out[-1][-1].path == item.path:
-            out[-1].append(item)
-        else:
-            out.append([item])
+        mine = _sharedFixtures(item)
+        unit = next((unitOf[d] for d in mine if d in unitOf), None)
+        if unit is None:
+            unit = []
+            out.append(unit)
+        unit.append(item)
+        for d in mine:
+            unitOf.setdefault(d, unit)
     return out
 
 

@@ -5,8 +5,8 @@ onion service, ``tor:`` to dial through Tor), a listener tunnel to a routing
 server that is reachable only as an onion service, and a listener that
 publishes its instance as an onion service with no routing server at all.
 
-One network for the whole module (it takes tens of seconds and a few
-hundred MiB to start); every test publishes its own onion services.
+One network for these tests and the node's (tests/tor/conftest.py); every
+test publishes its own onion services.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -25,7 +25,7 @@ import treq
 from support.backend import startBackend
 from support.passwords import cheapHash
 from support.routing import Signing
-from support.tornet import TorNetwork, requireTor, startTorNetwork
+from support.tornet import TorNetwork, requireTor
 from support.waiting import eventually
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import clientFromString, connectProtocol, serverFromString
@@ -55,18 +55,6 @@ FIRST_TRIP = 120.0
 PORTAL = "http://portal.test"
 #: A browser's navigation: the auth helper answers it with a redirect to log in (others get 401).
 BROWSER = "Accept: text/html\r\n"
-
-
-@pytest_twisted.async_yield_fixture(scope="module")
-async def tornet(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[TorNetwork]:
-    net = await startTorNetwork(tmp_path_factory.mktemp("tornet"))
-    print(f"private Tor network: keys made in {net.keySeconds:.1f} s, bootstrapped {net.bootstrapSeconds:.1f} s later")
-    try:
-        yield net
-    finally:
-        peak = sum(node.process.peakRSS() for node in net.nodes() if node.process is not None and node.process.proc.poll() is None)
-        print(f"private Tor network: the tors' peak memory together {peak / 2**20:.0f} MiB")
-        net.stop()
 
 
 class _Exchange(Protocol):

@@ -8,7 +8,7 @@ reports ``http://<name>.onion/`` to the portal (``--onion-urls``).
 
 Without Tor: the pod helper's choice (a tor where the node gives one, else
 the routing servers), the count of its use, and the node's option. On the
-private Tor network (tests/support/tornet.py, one for this module): a real
+private Tor network (tests/tor/conftest.py, shared with the other tests here): a real
 portal, scheduler and node as ``twistd`` processes; a person starts an
 instance through the API, logs in to it through Tor, stops and resumes it,
 and it keeps its .onion name.
@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import pytest
 import pytest_twisted
 import treq
-from support.tornet import TorNetwork, requireTor, startTorNetwork
+from support.tornet import TorNetwork
 from support.waiting import eventually
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
@@ -159,17 +159,6 @@ def test_a_node_takes_a_routing_server_or_a_tor(tmp_path: Path) -> None:
 
 
 # -- on the private Tor network: a portal, a scheduler and a node, each its own process -----------
-
-
-@pytest_twisted.async_yield_fixture(scope="module")
-async def tornet(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[TorNetwork]:
-    requireTor("The tests over a private Tor network")
-    net = await startTorNetwork(tmp_path_factory.mktemp("tornet"))
-    print(f"private Tor network: keys made in {net.keySeconds:.1f} s, bootstrapped {net.bootstrapSeconds:.1f} s later")
-    try:
-        yield net
-    finally:
-        net.stop()
 
 
 class OnionCluster(Cluster):
