@@ -46,11 +46,19 @@ def bearerToken(request: IRequest) -> str | None:
 
 
 def homeContext(view: PageView) -> dict[str, Any]:
-    """What the instances page's template takes from a page view."""
+    """
+    What the instances page's template takes from a page view: its images
+    parted here once (the catalogue, the person's saved images, those shared
+    with them) rather than filtered in the template for each list that shows them.
+    """
+    me = view.user.id
     return {
         "instances": view.instances,
         "shared": view.shared,
         "images": view.images,
+        "catalogue": [i for i in view.images if i.owner_id is None],
+        "mine": [i for i in view.images if i.owner_id == me],
+        "theirs": [i for i in view.images if i.owner_id is not None and i.owner_id != me],
         "imageNames": view.imageNames,
         "schedulers": view.schedulers,
         "sharedCounts": view.sharedCounts,

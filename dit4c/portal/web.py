@@ -14,6 +14,7 @@ import time
 from typing import Any, cast
 
 from jinja2 import Environment, PackageLoader, select_autoescape
+from markupsafe import Markup
 from twisted.web.http import Request
 from twisted.web.iweb import IRequest
 
@@ -96,6 +97,8 @@ class Pages:
         )
         # The instance life, as pages and their script see it (states, actions, deadlines).
         self.templates.globals["life"] = lifeJSON()
+        # ... and as the pages' script reads it, made once (it never changes while the portal runs).
+        self.templates.globals["lifeJSON"] = Markup(self.templates.from_string("{{ life | tojson }}").render())
         self.templates.filters["utc"] = utc
 
     def render(
