@@ -288,7 +288,12 @@ async def execute(browser: Browser, kernel: str, code: str, timeout: float = 60)
     factory.protocol = _Kernel
     factory.opened, factory.result = defer.Deferred(), defer.Deferred()
     await TCP4ClientEndpoint(reactor, "127.0.0.1", world.authPort).connect(factory)
-    client = await factory.opened.addTimeout(30, reactor)
+    # The server opens the channels once the new kernel answers, which a
+    # tool held to half a CPU on a busy machine takes a while to do: the
+    # same deadline as the whole execution.
+    began = reactor.seconds()
+    client = await factory.opened.addTimeout(timeout, reactor)
+    timeout -= reactor.seconds() - began
     request = {
         "header": {
             "msg_id": uuid.uuid4().hex, "username": "alice", "session": session,
