@@ -29,8 +29,10 @@ setup(
         "zope.interface>=6",
         # Argon2id password hashing: the reference binding.
         "argon2-cffi>=23.1",
-        # Templates with autoescaping for the portal's pages.
+        # Templates with autoescaping for the portal's pages, and Jinja's own
+        # escaping library (a part of a page made once is marked safe with it).
         "jinja2>=3.1",
+        "markupsafe>=2.1",
         # Signed, timed cookie values (the auth helper's login flow): the well-kept library for them.
         "itsdangerous>=2.2",
     ],
