@@ -93,6 +93,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = spread(items, workers)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """With ``DIT4C_TEST_CPU=FILE``, each test's wall and CPU seconds appended to FILE (``support.cpu``)."""
+    path = os.environ.get("DIT4C_TEST_CPU")
+    if not path:
+        yield
+        return
+    from support.cpu import TestCPU
+
+    measure = TestCPU(path)
+    measure.begin()
+    yield
+    measure.end(item.nodeid)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     base = session.config.stash.get(_SHORT_BASE, None)
     if base is None or exitstatus != 0:
