@@ -42,29 +42,47 @@ def _table() -> dict[int, tuple[int, str, int]]:
     return out
 
 
-def tree(root: int) -> dict[tuple[int, str], int]:
-    """``root`` and every process under it: (pid, start time) → clock ticks used by it and its reaped children."""
+#: A process: (pid, start time).
+Key = tuple[int, str]
+
+
+def tree(root: int) -> dict[Key, tuple[int, Key | None]]:
+    """``root`` and every process under it: each one's clock ticks (its own and its reaped children's) and parent."""
     table = _table()
     children: dict[int, list[int]] = {}
-    for pid, (parent, _, _) in table.items():
-        children.setdefault(parent, []).append(pid)
-    out, todo = {}, [root]
+    for pid, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    out: dict[Key, tuple[int, Key | None]] = {}
+    todo: list[tuple[int, Key | None]] = [(root, None)]
     while todo:
-        pid = todo.pop()
-        if pid in table:
-            out[(pid, table[pid][1])] = table[pid][2]
-        todo.extend(children.get(pid, ()))
+        pid, above = todo.pop()
+        if pid not in table:
+            continue
+        key = (pid, table[pid][1])
+        out[key] = (table[pid][2], above)
+        todo.extend((child, key) for child in children.get(pid, ()))
     return out
 
 
-def used(before: dict[tuple[int, str], int], after: dict[tuple[int, str], int]) -> float:
+def used(before: dict[Key, tuple[int, Key | None]], after: dict[Key, tuple[int, Key | None]]) -> float:
     """
-    CPU seconds used between two :func:`tree` readings. Approximate: a
-    process that ran before and ended between them counts wholly (in its
-    parent's reaped children's time) if a process of the tree reaped it,
-    else not at all (Chromium's renderers, a process orphaned to init).
+    CPU seconds used between two :func:`tree` readings: what each process
+    used since the first (all of it, for a new one), less what a process
+    gone since had used before, when its parent or an ancestor is still
+    there (which reaped it, or reaped what did: the gone one's whole time
+    is in its reaped children's now). Approximate where a process leaves
+    the tree otherwise: orphaned to init, it counts less than it used.
     """
-    return sum(max(0, ticks - before.get(key, 0)) for key, ticks in after.items()) / _TICKS
+    ticks = sum(max(0, now - before[key][0] if key in before else now) for key, (now, _) in after.items())
+    for key, (then, parent) in before.items():
+        if key in after:
+            continue
+        # Reaped by its parent, or by its parent's parent once that ended too, and so on up.
+        while parent is not None and parent not in after:
+            parent = before[parent][1] if parent in before else None
+        if parent is not None:
+            ticks -= then
+    return max(0, ticks) / _TICKS
 
 
 class TestCPU:
@@ -75,7 +93,7 @@ class TestCPU:
     def __init__(self, path: str) -> None:
         self.path = path
         self._wall = 0.0
-        self._before: dict[tuple[int, str], int] = {}
+        self._before: dict[Key, tuple[int, Key | None]] = {}
 
     def begin(self) -> None:
         self._wall = time.monotonic()
