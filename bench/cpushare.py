@@ -29,7 +29,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # bench/: tables
+sys.path.insert(0, str(HERE.parent / "tests"))  # the tests' support: the process table
 
+from support.cpu import processTable  # noqa: E402
 from tables import markdown  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -71,18 +73,8 @@ def kindOf(pid: int) -> str:
 
 
 def cpuTimes() -> dict[tuple[int, str], int]:
-    """Every process's CPU time (user + system, in clock ticks), by (pid, start time)."""
-    times = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        times[(int(entry), fields[19])] = int(fields[11]) + int(fields[12])
-    return times
+    """Every process's own CPU time (clock ticks; its children are looked at themselves), by (pid, start time)."""
+    return {(pid, started): ticks for pid, (_, started, ticks, _) in processTable().items()}
 
 
 def busy() -> tuple[int, int]:

@@ -22,13 +22,16 @@ import os
 import time
 from pathlib import Path
 
-__all__ = ["TestCPU"]
+__all__ = ["TestCPU", "processTable"]
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _table() -> dict[int, tuple[int, str, int]]:
-    """Every process: pid → (parent pid, start time, clock ticks used by it and its reaped children)."""
+def processTable() -> dict[int, tuple[int, str, int, int]]:
+    """
+    Every process: pid → (parent pid, start time, clock ticks it used,
+    clock ticks its reaped children used).
+    """
     out = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -38,7 +41,7 @@ def _table() -> dict[int, tuple[int, str, int]]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()
-        out[int(entry)] = (int(fields[1]), fields[19], sum(int(f) for f in fields[11:15]))
+        out[int(entry)] = (int(fields[1]), fields[19], int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14]))
     return out
 
 
@@ -48,9 +51,9 @@ Key = tuple[int, str]
 
 def tree(root: int) -> dict[Key, tuple[int, Key | None]]:
     """``root`` and every process under it: each one's clock ticks (its own and its reaped children's) and parent."""
-    table = _table()
+    table = processTable()
     children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in table.items():
+    for pid, (ppid, _, _, _) in table.items():
         children.setdefault(ppid, []).append(pid)
     out: dict[Key, tuple[int, Key | None]] = {}
     todo: list[tuple[int, Key | None]] = [(root, None)]
@@ -59,7 +62,7 @@ def tree(root: int) -> dict[Key, tuple[int, Key | None]]:
         if pid not in table:
             continue
         key = (pid, table[pid][1])
-        out[key] = (table[pid][2], above)
+        out[key] = (table[pid][2] + table[pid][3], above)
         todo.extend((child, key) for child in children.get(pid, ()))
     return out
 
