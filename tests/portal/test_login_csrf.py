@@ -159,7 +159,8 @@ async def postMallorysLogin(s: Sites, browser: Any, theirs: dict[str, str], plan
     except Exception as e:
         where = await browser.run(lambda: browser.driver.current_url)
         shown = await browser.run(lambda: browser.driver.page_source)
-        raise AssertionError(f"not refused as sent from another site: at {where}, showing {shown[:1500]!r}") from e
+        text = await browser.execute("return document.body ? document.body.innerText : ''")
+        raise AssertionError(f"not refused as sent from another site: at {where}, saying {text[:600]!r}, from {shown[:300]!r}") from e
 
 
 async def logInWithChromium(browser: Any, s: Sites, name: str) -> None:
@@ -173,7 +174,8 @@ async def logInWithChromium(browser: Any, s: Sites, name: str) -> None:
     except Exception as e:
         where = await browser.run(lambda: browser.driver.current_url)
         shown = await browser.run(lambda: browser.driver.page_source)
-        raise AssertionError(f"{name} not logged in: at {where}, showing {shown[:1500]!r}") from e
+        text = await browser.execute("return document.body ? document.body.innerText : ''")
+        raise AssertionError(f"{name} not logged in: at {where}, saying {text[:600]!r}, from {shown[:300]!r}") from e
 
 
 @pytest_twisted.ensureDeferred
