@@ -259,6 +259,11 @@ class _Kernel(WebSocketClientProtocol):
     def onOpen(self) -> None:
         self.factory.opened.callback(self)
 
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        # Refused (the upgrade answered with an error) or cut before it opened: said at once, with why.
+        if not self.factory.opened.called:
+            self.factory.opened.errback(ConnectionError(f"the kernel's channels did not open: {code} {reason}"))
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
             return

@@ -101,3 +101,7 @@ async def test_jupyterlab_through_the_auth_helper(world: Any, jupyter: Path) -> 
 
     response = await alice.request("DELETE", world.instanceURL + f"api/kernels/{kernel}", accept="application/json")
     assert response.code == 204
+
+    # A gone kernel's channels: the tool refuses the upgrade, and that refusal comes through the helper.
+    with pytest.raises(ConnectionError, match="did not open"):
+        await execute(alice, kernel, "1+1", timeout=30)
