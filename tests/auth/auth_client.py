@@ -291,11 +291,11 @@ async def execute(browser: Browser, kernel: str, code: str, timeout: float = 60)
         f"ws://{world.host}/api/kernels/{kernel}/channels?session_id={session}", headers={"Cookie": cookie}
     )
     factory.protocol = _Kernel
+    # The server answers the upgrade once the kernel answers it, which a tool held to half a CPU
+    # on a busy machine takes more than autobahn's 5 s to do: the execution's deadline instead.
+    factory.setProtocolOptions(openHandshakeTimeout=timeout)
     factory.opened, factory.result = defer.Deferred(), defer.Deferred()
     await TCP4ClientEndpoint(reactor, "127.0.0.1", world.authPort).connect(factory)
-    # The server opens the channels once the new kernel answers, which a
-    # tool held to half a CPU on a busy machine takes a while to do: the
-    # same deadline as the whole execution.
     began = reactor.seconds()
     client = await factory.opened.addTimeout(timeout, reactor)
     timeout -= reactor.seconds() - began
