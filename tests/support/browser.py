@@ -273,11 +273,12 @@ class Browser:
 
         return await self.run(self.driver.find_element, By.CSS_SELECTOR, css)
 
-    async def click(self, css: str, timeout: float = 10.0) -> None:
+    async def _onElement(self, css: str, act: Callable[[Any], object], timeout: float, what: str) -> None:
         """
-        Click the element matching ``css``, found again if the page is redrawn
-        between finding and clicking it (the home page reloads itself when an
-        instance comes or goes), as a person clicks what the page shows now.
+        ``act`` on the element matching ``css``, once it is there, found again
+        if the page is redrawn between finding it and acting on it (the home
+        page reloads itself when an instance comes or goes), as a person acts
+        on what the page shows now.
         """
         from selenium.common.exceptions import (
             NoSuchElementException,
@@ -289,12 +290,12 @@ class Browser:
 
         def attempt(driver: Any) -> bool:
             try:
-                driver.find_element(By.CSS_SELECTOR, css).click()
+                act(driver.find_element(By.CSS_SELECTOR, css))
             except (NoSuchElementException, StaleElementReferenceException):
                 return False
             except WebDriverException as e:
                 # The same race, as chromedriver words it when the page
-                # replaced the element while the click was on its way.
+                # replaced the element while the action was on its way.
                 if "does not belong to the document" in str(e.msg):
                     return False
                 raise
@@ -302,9 +303,13 @@ class Browser:
 
         await self.run(
             lambda: WebDriverWait(self.driver, timeout, poll_frequency=POLL).until(
-                attempt, f"could not click {css!r} within {timeout}s"
+                attempt, f"could not {what} {css!r} within {timeout}s"
             )
         )
+
+    async def click(self, css: str, timeout: float = 10.0) -> None:
+        """Click the element matching ``css`` (see :meth:`_onElement`)."""
+        await self._onElement(css, lambda element: element.click(), timeout, "click")
 
     async def submit(self, css: str, timeout: float = 30) -> None:
         """Click a form's button and wait until the page it leads to has loaded (not the old one)."""
@@ -315,27 +320,14 @@ class Browser:
     async def fill(self, css: str, text: str, timeout: float = 10.0) -> None:
         """
         Clear the field matching ``css`` and type ``text`` into it, once the
-        field is there (as a person types when the form shows, on a machine
-        slow enough that the page is still being drawn).
+        field is there (see :meth:`_onElement`).
         """
-        from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
-        from selenium.webdriver.common.by import By
-        from selenium.webdriver.support.ui import WebDriverWait
 
-        def attempt(driver: Any) -> bool:
-            try:
-                element = driver.find_element(By.CSS_SELECTOR, css)
-                element.clear()
-                element.send_keys(text)
-            except (NoSuchElementException, StaleElementReferenceException):
-                return False
-            return True
+        def typeIn(element: Any) -> None:
+            element.clear()
+            element.send_keys(text)
 
-        await self.run(
-            lambda: WebDriverWait(self.driver, timeout, poll_frequency=POLL).until(
-                attempt, f"no field {css!r} to fill within {timeout}s"
-            )
-        )
+        await self._onElement(css, typeIn, timeout, "fill")
 
     async def text(self, css: str) -> str:
         """The rendered text of the first element matching ``css``."""
