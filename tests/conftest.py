@@ -84,6 +84,21 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 _SHORT_BASE = pytest.StashKey[str]()
+_BRIDGE_HOLD = pytest.StashKey[str]()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """
+    The process that runs the session (not a worker) holds podman's bridge
+    up until the session ends, before any browser starts (``support.hostnet``).
+    """
+    if hasattr(session.config, "workerinput"):
+        return
+    from support.hostnet import holdPodmanBridge
+
+    held = holdPodmanBridge()
+    if held is not None:
+        session.config.stash[_BRIDGE_HOLD] = held
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -109,6 +124,11 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    held = session.config.stash.get(_BRIDGE_HOLD, None)
+    if held is not None:
+        from support.hostnet import releasePodmanBridge
+
+        releasePodmanBridge(held)
     base = session.config.stash.get(_SHORT_BASE, None)
     if base is None or exitstatus != 0:
         return  # kept when something failed, to look at

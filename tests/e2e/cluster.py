@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from flows import devArguments, devPorts
+from support.hostnet import BRIDGE, BRIDGE_ADDRESS, BRIDGE_PREFIX, bridgeHeld
 from support.passwords import cheapHash
 from support.processes import TWISTD, Process
 from support.waiting import eventually
@@ -444,18 +445,26 @@ class Cluster:
 
 class Namespace:
     """
-    A network namespace behind NAT: a veth link to the host, addresses
-    ``10.<n>.<m>.1`` (host) and ``.2`` (namespace), and a firewall in the
-    namespace that drops every connection coming in (replies to its own
-    outbound connections pass).
+    A network namespace behind NAT: a veth link to the host, and a firewall
+    in the namespace that drops every connection coming in (replies to its
+    own outbound connections pass).
+
+    Where the run holds podman's bridge up (``support.hostnet``), the link
+    is a port of that bridge: the host is the bridge's address and the
+    namespace ``10.88.254.<n>``, so the host gains no address (which would
+    end every browser's requests in flight). Elsewhere the link has
+    addresses of its own: ``10.231.<n>.1`` (host) and ``.2`` (namespace).
     """
 
-    def __init__(self, name: str, subnet: str) -> None:
+    def __init__(self, name: str, number: int) -> None:
         self.name = name
-        self.hostAddress = f"{subnet}.1"
-        self.address = f"{subnet}.2"
         self.hostLink = f"{name[:8]}-h"
         self.link = f"{name[:8]}-n"
+        self.bridge = BRIDGE if bridgeHeld() else None
+        if self.bridge:
+            self.hostAddress, self.address, self.prefix = BRIDGE_ADDRESS, f"10.88.254.{number}", BRIDGE_PREFIX
+        else:
+            self.hostAddress, self.address, self.prefix = f"10.231.{number}.1", f"10.231.{number}.2", 24
 
     def _run(self, *command: str) -> None:
         subprocess.run(command, check=True, capture_output=True, timeout=30)
@@ -466,10 +475,13 @@ class Namespace:
         run("ip", "netns", "add", self.name)
         run("ip", "link", "add", self.hostLink, "type", "veth", "peer", "name", self.link)
         run("ip", "link", "set", self.link, "netns", self.name)
-        run("ip", "addr", "add", f"{self.hostAddress}/24", "dev", self.hostLink)
+        if self.bridge:
+            run("ip", "link", "set", self.hostLink, "master", self.bridge)
+        else:
+            run("ip", "addr", "add", f"{self.hostAddress}/{self.prefix}", "dev", self.hostLink)
         run("ip", "link", "set", self.hostLink, "up")
         inside = ("ip", "netns", "exec", self.name)
-        run(*inside, "ip", "addr", "add", f"{self.address}/24", "dev", self.link)
+        run(*inside, "ip", "addr", "add", f"{self.address}/{self.prefix}", "dev", self.link)
         run(*inside, "ip", "link", "set", self.link, "up")
         run(*inside, "ip", "link", "set", "lo", "up")
         run(*inside, "ip", "route", "add", "default", "via", self.hostAddress)

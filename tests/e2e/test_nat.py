@@ -27,7 +27,7 @@ def namespace() -> Iterator[Namespace]:
         if os.environ.get("CI"):
             pytest.fail(why)
         pytest.skip(why)
-    made = Namespace(f"dit4c{os.getpid() % 100000}", f"10.231.{os.getpid() % 250}")
+    made = Namespace(f"dit4c{os.getpid() % 100000}", os.getpid() % 250 + 1)
     made.create()
     yield made
     made.destroy()
