@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -239,11 +239,16 @@ def _quitBrowser() -> Iterator[None]:
 def processes(tmp_path: Path) -> Iterator[Any]:
     """Start ``twistd -n <plugin> ...`` children; every one is stopped afterwards."""
     started: list[Process] = []
+    held: list[Any] = []
 
-    def start(plugin: str, *args: str, name: str | None = None, env: dict[str, str] | None = None) -> Process:
+    def start(
+        plugin: str, *args: str, name: str | None = None, env: dict[str, str] | None = None,
+        sockets: Sequence[Any] = (), socketNames: Sequence[str] = (),
+    ) -> Process:  # fmt: skip
+        """``sockets``, ``socketNames``: handed to it, as :class:`~support.processes.Process` hands them."""
         logPath = tmp_path / f"{name or plugin}-{len(started)}.log"
         proc = Process(
-            [*TWISTD, "-n", "--pidfile=", plugin, *args], logPath, env
+            [*TWISTD, "-n", "--pidfile=", plugin, *args], logPath, env, sockets=sockets, socketNames=socketNames
         )
         started.append(proc)
         return proc
@@ -253,6 +258,13 @@ def processes(tmp_path: Path) -> Iterator[Any]:
         for proc in started:
             proc.stop()
 
+    def hold(sockets: Iterable[Any]) -> None:
+        """Keep ``sockets`` (to hand to a server at each start) until the test ends, then close them."""
+        held.extend(sockets)
+
     start.stopAll = stopAll  # type: ignore[attr-defined]
+    start.hold = hold  # type: ignore[attr-defined]
     yield start
     stopAll()
+    for sock in held:
+        sock.close()

@@ -16,7 +16,11 @@ Every port may be 0 (any free one): the service listens on each port
 first, then makes its URLs (the portal's public URL, the instances' URLs,
 the image server's, the routing server's tunnel address the node dials)
 from the ports it got, and each part logs ``<what> listening on
-IPv4Address(..., port=N)`` as the separate servers do.
+IPv4Address(..., port=N)`` as the separate servers do. A part may also be
+handed its listening socket by systemd's socket activation, named
+``portal``, ``http``, ``tunnel``, ``image`` or ``file``
+(``FileDescriptorName=``): it serves on that socket, whatever its port
+option says.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import math
 import os
 import secrets
 import shutil
+import socket
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -128,17 +133,17 @@ class DevService(MultiService):
         ports["imagePort"] = config.imagePort
         if files and config.filePort is not None:
             ports["filePort"] = config.filePort
-        sockets = _listenAll(ports)
+        sockets = _listenAll(reactor, ports)
         self.config = config = replace(config, **{name: sock.getsockname()[1] for name, sock in sockets.items()})
         endpoints: list[Any] = [adopted(reactor, sockets["portalPort"])]
         portalInternal = config.internalURL
         if config.runtime == "podman":
             # A pod's auth helper lives in the pod's network namespace, where
             # the host's loopback is out of reach; a UNIX socket is not.
-            socket = (dataDir / "portal.sock").resolve()
+            socketPath = (dataDir / "portal.sock").resolve()
             dataDir.mkdir(parents=True, exist_ok=True)
-            endpoints.append(serverFromString(reactor, f"unix:{socket}:mode=600:lockfile=1"))
-            portalInternal = f"unix:{socket}"
+            endpoints.append(serverFromString(reactor, f"unix:{socketPath}:mode=600:lockfile=1"))
+            portalInternal = f"unix:{socketPath}"
         # The image server proves itself to the portal with a secret they
         # share; in one process, a fresh one at every start will do.
         imageSecret = secrets.token_urlsafe(32)
@@ -331,15 +336,46 @@ _PORT_OPTIONS = {
 }
 
 
-def _listenAll(ports: dict[str, int]) -> dict[str, Any]:
+#: The name of each part's socket when sockets are handed over (``FileDescriptorName=`` of systemd's socket units).
+SOCKET_NAMES = {"portalPort": "portal", "httpPort": "http", "tunnelPort": "tunnel", "imagePort": "image", "filePort": "file"}
+
+
+def _handedOver(reactor: Any) -> dict[str, socket.socket]:
     """
-    A listening loopback socket for each port (0: any free one); none left
-    open if one fails, and then a one-line message that names the option
-    to give instead (what a person reads when another program has the port).
+    The listening sockets handed to this process by systemd's socket
+    activation, by name (``LISTEN_FDNAMES``), through Twisted's ``systemd:``
+    endpoint (which has taken them from the environment already). A part
+    served on one stays on its port across restarts: the port is never free
+    for another program to take while the service starts again.
     """
+    found: dict[str, socket.socket] = {}
+    for name in os.environ.get("LISTEN_FDNAMES", "").split(":"):
+        if name not in SOCKET_NAMES.values() or name in found:
+            continue
+        try:
+            endpoint = serverFromString(reactor, f"systemd:domain=INET:name={name}")
+        except KeyError:
+            continue  # named, but not handed to this process
+        found[name] = socket.socket(fileno=endpoint.fileno)
+    return found
+
+
+def _listenAll(reactor: Any, ports: dict[str, int]) -> dict[str, Any]:
+    """
+    A listening loopback socket for each port: the one handed over for it
+    (see :func:`_handedOver`), else one bound here (0: any free port); none
+    left open if one fails, and then a one-line message that names the
+    option to give instead (what a person reads when another program has
+    the port).
+    """
+    handed = _handedOver(reactor)
     sockets: dict[str, Any] = {}
     try:
         for name, port in ports.items():
+            given = handed.pop(SOCKET_NAMES[name], None)
+            if given is not None:
+                sockets[name] = given
+                continue
             try:
                 sockets[name] = listeningSocket(port=port)
             except CannotListenError as e:
@@ -354,6 +390,9 @@ def _listenAll(ports: dict[str, int]) -> dict[str, Any]:
         for sock in sockets.values():
             sock.close()
         raise
+    finally:
+        for unused in handed.values():
+            unused.close()
     return sockets
 
 

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flows import devArguments, devPorts
+from flows import DEV_ATTRIBUTES, devArguments, devPorts, devSockets
 from support.hostnet import BRIDGE, BRIDGE_ADDRESS, BRIDGE_PREFIX, bridgeHeld
 from support.passwords import cheapHash
 from support.processes import TWISTD, Process
@@ -41,14 +41,6 @@ from dit4c.node.processes import killRecorded
 from dit4c.portal.store import openStore
 
 PASSWORD = "correct horse battery"
-#: dit4c-dev's port options, and where the installation keeps each port.
-DEV_ATTRIBUTES = {
-    "--portal-port": "portalPort",
-    "--http-port": "httpPort",
-    "--tunnel-port": "tunnelPort",
-    "--image-port": "imagePort",
-    "--file-port": "filePort",
-}
 
 
 class Cluster:
@@ -109,6 +101,8 @@ class Cluster:
         #: Each routing server's (public HTTP, tunnel) ports; the first's are also ``httpPort``, ``tunnelPort``.
         self.routingPorts = {name: (0, 0) for name in self.routingNames}
         self.processes: dict[str, Process] = {}
+        #: dit4c-dev's listening sockets by name, once it first starts (see :meth:`startDev`).
+        self.devSockets: dict[str, Any] = {}
         self._runs = 0
         self.schedulerId = ""
         self.imageId = ""
@@ -127,12 +121,17 @@ class Cluster:
         """The first node's port."""
         return self.nodePorts[self.nodes[0]]
 
-    def _start(self, name: str, plugin: str, *args: str, netns: bool = False, sockets: list[Any] | None = None) -> Process:
+    def _start(
+        self, name: str, plugin: str, *args: str, netns: bool = False,
+        sockets: list[Any] | None = None, socketNames: list[str] | None = None,
+    ) -> Process:  # fmt: skip
         self._runs += 1
         command = [*TWISTD, "-n", "--pidfile=", plugin, *args]
         if netns and self.netns:
             command = ["ip", "netns", "exec", self.netns, *command]
-        process = Process(command, self.directory / f"{name}-{self._runs}.log", sockets=sockets or [])
+        process = Process(
+            command, self.directory / f"{name}-{self._runs}.log", sockets=sockets or [], socketNames=socketNames or []
+        )
         self.processes[name] = process
         return process
 
@@ -177,8 +176,16 @@ class Cluster:
         )  # fmt: skip
 
     def startDev(self) -> Process:
+        # Handed a listening socket for each part, held here while the
+        # installation lives: started again, it is handed the same ones, so
+        # its ports are never free for another process to take meanwhile.
+        if not self.devSockets:
+            self.devSockets = devSockets()
         ports = {option: getattr(self, attribute) for option, attribute in DEV_ATTRIBUTES.items()}
-        return self._start("dev", *devArguments(self.directory / "dev", ports, *self.nodeOptions))
+        return self._start(
+            "dev", *devArguments(self.directory / "dev", ports, *self.nodeOptions),
+            sockets=[sock.dup() for sock in self.devSockets.values()], socketNames=list(self.devSockets),
+        )  # fmt: skip
 
     def nodeDirectory(self, name: str | None = None) -> Path:
         name = name or self.nodes[0]
@@ -439,6 +446,8 @@ class Cluster:
     def stop(self) -> None:
         for process in self.processes.values():
             process.stop()
+        for sock in self.devSockets.values():
+            sock.close()
         for name in self.nodes:
             killRecorded(self.podsDirectory(name))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,18 @@ from support.processes import announcedPort
 from support.waiting import eventually
 from twisted.internet import threads
 
+from dit4c.common.listening import listeningSocket
+from dit4c.dev.service import SOCKET_NAMES
 from dit4c.dev.tap import PORTS as DEV_PORTS
+
+#: dit4c-dev's port options, and the field of its configuration each sets.
+DEV_ATTRIBUTES = {
+    "--portal-port": "portalPort",
+    "--http-port": "httpPort",
+    "--tunnel-port": "tunnelPort",
+    "--image-port": "imagePort",
+    "--file-port": "filePort",
+}
 
 
 async def logIn(browser: Any, portal: str, name: str, password: str) -> None:
@@ -92,12 +104,16 @@ async def devPorts(process: Any) -> dict[str, int]:
 class Dev:
     """A running ``twistd dit4c-dev``, the ports it got, and what it printed."""
 
-    def __init__(self, process: Any, dataDir: Path, extra: tuple[str, ...], ports: dict[str, int]) -> None:
+    def __init__(
+        self, process: Any, dataDir: Path, extra: tuple[str, ...], ports: dict[str, int], sockets: dict[str, socket.socket]
+    ) -> None:
         self.process = process
         self.dataDir = dataDir
         self.ports = ports
         #: To start it again as it was: on the ports it got (its instances' URLs name them).
         self.arguments = devArguments(dataDir, ports, *extra)
+        #: Its listening sockets by name, held to hand over at every start (none: it binds its ports itself).
+        self.sockets = sockets
         self.portal = f"http://localhost:{ports['--portal-port']}"
         self.httpPort = ports["--http-port"]
 
@@ -109,14 +125,36 @@ class Dev:
         """Stop it with signal ``how`` (``SIGINT``, ``SIGKILL``) and start it again as it was."""
         self.process.signal(how)
         await threads.deferToThread(self.process.proc.wait, 60)
-        self.process = processes(*self.arguments, name="dev")
+        self.process = _dev(processes, self.arguments, self.sockets)
         assert await devPorts(self.process) == self.ports, "dit4c-dev came back on other ports"
 
 
-async def startDev(processes: Any, dataDir: Path, *extra: str) -> Dev:
-    """``twistd dit4c-dev`` on ports of its own (every port 0), once it is up; the ports it got."""
-    process = processes(*devArguments(dataDir, {}, *extra), name="dev")
-    return Dev(process, dataDir, extra, await devPorts(process))
+def devSockets() -> dict[str, socket.socket]:
+    """A listening loopback socket (port 0) for each part of ``dit4c-dev``, by the name it looks it up by."""
+    return {name: listeningSocket() for name in SOCKET_NAMES.values()}
+
+
+def _dev(processes: Any, arguments: list[str], sockets: dict[str, socket.socket]) -> Any:
+    """``twistd dit4c-dev``, handed a duplicate of each of ``sockets`` (the originals stay held)."""
+    return processes(*arguments, name="dev", sockets=[s.dup() for s in sockets.values()], socketNames=list(sockets))
+
+
+async def startDev(processes: Any, dataDir: Path, *extra: str, handOver: bool = True) -> Dev:
+    """
+    ``twistd dit4c-dev`` once it is up; the ports it got. Handed a listening
+    socket (port 0) for each part, as systemd's socket activation hands
+    them, which the test holds until its end: started again, it gets the
+    same sockets, so its ports are never free for another process to take
+    meanwhile. ``handOver=False``: every port option 0, bound by dit4c-dev.
+    """
+    sockets = devSockets() if handOver else {}
+    processes.hold(sockets.values())
+    process = _dev(processes, devArguments(dataDir, {}, *extra), sockets)
+    ports = await devPorts(process)
+    if sockets:
+        held = {option: sockets[SOCKET_NAMES[DEV_ATTRIBUTES[option]]].getsockname()[1] for option in ports}
+        assert ports == held, f"dit4c-dev listens on {ports}, not on the sockets handed to it ({held})"
+    return Dev(process, dataDir, extra, ports, sockets)
 
 
 async def addPerson(browser: Any, portal: str, name: str) -> str:

@@ -180,7 +180,7 @@ async def test_every_port_0_serves_and_reports_its_ports(processes: Any, devDir:
     logs it as the separate servers do, serves there, and the URLs name the
     ports got; started again with those ports, it comes back on them.
     """
-    dev = await startDev(processes, devDir)
+    dev = await startDev(processes, devDir, handOver=False)
     given = dev.process.args
     assert all(given[given.index(option) + 1] == "0" for option in DEV_PORTS)
     ports = dev.ports

@@ -56,18 +56,26 @@ class Process:
         logPath: Path,
         env: dict[str, str] | None = None,
         sockets: Sequence[socket.socket] = (),
+        socketNames: Sequence[str] = (),
     ) -> None:
         """
         :param sockets: listening sockets handed to the child as systemd
             would (socket activation: it serves the first on the endpoint
             ``systemd:domain=INET:index=0``, the next on ``index=1``...),
             for a server whose own arguments name its port. They are closed
-            here once the child holds them: the port closes when it ends.
+            here once the child holds them: the port closes when it ends,
+            unless the caller holds a duplicate (``sock.dup()``) to hand to
+            the server started again.
+        :param socketNames: their names (``LISTEN_FDNAMES``), for a server
+            that looks its sockets up by name; ``socket0``, ``socket1``... if
+            not given.
         """
         self.args = args
         self.logPath = logPath
         self._log = open(logPath, "ab")
         command = args
+        if socketNames:
+            env = dict(env or {}, LISTEN_FDNAMES=":".join(socketNames))
         descriptors = [sock.fileno() for sock in sockets]
         if args[: len(TWISTD)] == TWISTD and zygote.enabled():
             # Forked from a warm interpreter (see support.zygote): the same twistd, without its imports' CPU.

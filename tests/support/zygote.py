@@ -64,7 +64,7 @@ PRELOAD = (
 )
 
 #: Puts the listening sockets ``given`` (descriptors) at 3, 4, ... with
-#: ``LISTEN_PID`` and ``LISTEN_FDS`` set, as systemd's socket activation
+#: ``LISTEN_PID``, ``LISTEN_FDS`` and ``LISTEN_FDNAMES`` set, as systemd's socket activation
 #: does: Python source, for the zygote's children and for
 #: :data:`support.processes._HANDOVER`.
 HANDOVER = """
@@ -78,10 +78,9 @@ def handOver(given):
     for index, fd in enumerate(high):
         os.dup2(fd, 3 + index)
         os.close(fd)
-    os.environ.update(
-        LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(given)),
-        LISTEN_FDNAMES=":".join(f"socket{index}" for index in range(len(given))),
-    )
+    # Named by the caller (LISTEN_FDNAMES in the environment it gave), or socket0, socket1...
+    names = os.environ.get("LISTEN_FDNAMES") or ":".join(f"socket{index}" for index in range(len(given)))
+    os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(given)), LISTEN_FDNAMES=names)
 """
 
 _ZYGOTE = HANDOVER + r"""
