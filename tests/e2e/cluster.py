@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flows import DEV_ATTRIBUTES, devArguments, devPorts, devSockets
+from flows import DEV_ATTRIBUTES, devArguments, devPorts, devSockets, handOver
 from support.hostnet import BRIDGE, BRIDGE_ADDRESS, BRIDGE_PREFIX, bridgeHeld
 from support.passwords import cheapHash
 from support.processes import TWISTD, Process
@@ -182,10 +182,7 @@ class Cluster:
         if not self.devSockets:
             self.devSockets = devSockets()
         ports = {option: getattr(self, attribute) for option, attribute in DEV_ATTRIBUTES.items()}
-        return self._start(
-            "dev", *devArguments(self.directory / "dev", ports, *self.nodeOptions),
-            sockets=[sock.dup() for sock in self.devSockets.values()], socketNames=list(self.devSockets),
-        )  # fmt: skip
+        return self._start("dev", *devArguments(self.directory / "dev", ports, *self.nodeOptions), **handOver(self.devSockets))
 
     def nodeDirectory(self, name: str | None = None) -> Path:
         name = name or self.nodes[0]

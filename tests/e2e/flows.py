@@ -134,9 +134,14 @@ def devSockets() -> dict[str, socket.socket]:
     return {name: listeningSocket() for name in SOCKET_NAMES.values()}
 
 
+def handOver(sockets: dict[str, socket.socket]) -> dict[str, Any]:
+    """A server's ``sockets=`` and ``socketNames=``: a duplicate of each of ``sockets`` (the originals stay held)."""
+    return {"sockets": [sock.dup() for sock in sockets.values()], "socketNames": list(sockets)}
+
+
 def _dev(processes: Any, arguments: list[str], sockets: dict[str, socket.socket]) -> Any:
-    """``twistd dit4c-dev``, handed a duplicate of each of ``sockets`` (the originals stay held)."""
-    return processes(*arguments, name="dev", sockets=[s.dup() for s in sockets.values()], socketNames=list(sockets))
+    """``twistd dit4c-dev``, handed ``sockets`` (see :func:`handOver`)."""
+    return processes(*arguments, name="dev", **handOver(sockets))
 
 
 async def startDev(processes: Any, dataDir: Path, *extra: str, handOver: bool = True) -> Dev:
