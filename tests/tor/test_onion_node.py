@@ -220,7 +220,14 @@ async def test_a_node_publishes_each_instance_as_an_onion_service_that_keeps_its
         url = (await cluster.instanceState(instance))[1]
         return url if url and re.fullmatch(r"http://[a-z2-7]{56}\.onion/", url) else None
 
-    url = await eventually(onionURL, UP, 0.2, "the portal recorded the instance's .onion URL")
+    def unpublished() -> str:
+        """What a failure shows: the pod's own logs and the service tor's (tor's view of the descriptor's upload)."""
+        pod = cluster.podsDirectory() / instance
+        logs = "".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}\n" for p in sorted(pod.rglob("*.log")))
+        assert tornet.service is not None
+        return f"the portal recorded the instance's .onion URL\n{logs}--- tor service\n{tornet.service.log()}"
+
+    url = await eventually(onionURL, UP, 0.2, unpublished)
     host = urlsplit(url).hostname
     assert host is not None and isOnionV3(host)
     assert not (cluster.podsDirectory() / instance / "state" / ONION_KEY_FILE).stat().st_mode & 0o077
@@ -260,7 +267,7 @@ async def test_a_node_publishes_each_instance_as_an_onion_service_that_keeps_its
     response = await treq.post(f"{api}/instances/{instance}/resume", headers=bearer)
     assert response.code == 200, await response.text()
     await cluster.waitForStates(instance, "running", UP)
-    assert await eventually(onionURL, UP, 0.2, "the portal recorded the resumed instance's URL") == url
+    assert await eventually(onionURL, UP, 0.2, unpublished) == url
     # The session goes on: the tool's page through Tor at the same name.
     raw, seconds = await firstAnswer(tornet.dial(host, 80), host, "/", BROWSER + onionCookies.lines())
     print(f"after the resume the instance answered through Tor in {seconds:.1f} s")
