@@ -46,7 +46,12 @@ from .waiting import eventually
 
 __all__ = ["TorNetwork", "TorNode", "requireTor", "startTorNetwork", "torUnavailable"]
 
-#: What every tor of the network has (``{data}``: its data directory).
+#: What every tor of the network has (``{data}``: its data directory). The
+#: circuit build timeout is fixed, not learned: a timeout tor learns from
+#: loopback circuits built while the machine is quiet can be shorter than
+#: circuits take while a full test run keeps both cores busy, and tor would
+#: give up on those (an onion service's introduction points, its
+#: descriptor's uploads).
 COMMON = """\
 TestingTorNetwork 1
 AssumeReachable 1
@@ -56,6 +61,8 @@ TestingDirAuthVoteHSDir *
 TestingDirAuthVoteGuard *
 TestingMinExitFlagThreshold 0
 V3AuthNIntervalsValid 2
+LearnCircuitBuildTimeout 0
+CircuitBuildTimeout 60
 GeoIPFile /dev/null
 GeoIPv6File /dev/null
 SafeLogging 0
