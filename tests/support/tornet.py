@@ -46,12 +46,7 @@ from .waiting import eventually
 
 __all__ = ["TorNetwork", "TorNode", "requireTor", "startTorNetwork", "torUnavailable"]
 
-#: What every tor of the network has (``{data}``: its data directory). The
-#: circuit build timeout is fixed, not learned: a timeout tor learns from
-#: loopback circuits built while the machine is quiet can be shorter than
-#: circuits take while a full test run keeps both cores busy, and tor would
-#: give up on those (an onion service's introduction points, its
-#: descriptor's uploads).
+#: What every tor of the network has (``{data}``: its data directory).
 COMMON = """\
 TestingTorNetwork 1
 AssumeReachable 1
@@ -61,8 +56,6 @@ TestingDirAuthVoteHSDir *
 TestingDirAuthVoteGuard *
 TestingMinExitFlagThreshold 0
 V3AuthNIntervalsValid 2
-LearnCircuitBuildTimeout 0
-CircuitBuildTimeout 60
 GeoIPFile /dev/null
 GeoIPv6File /dev/null
 SafeLogging 0
@@ -203,6 +196,19 @@ class TorNode:
         path = self.data / "notice.log"
         return path.read_text(errors="replace")[-4000:] if path.exists() else "(no log)"
 
+    def onionLog(self, lines: int = 60) -> str:
+        """
+        The last of what this tor's info log says of its onion services
+        (their introduction points, circuits and descriptors' uploads):
+        the service tor keeps one, for a test's failure to show.
+        """
+        path = self.data / "info.log"
+        if not path.exists():
+            return "(no info log)"
+        words = ("hs_", "intro", "upload", "descriptor", "Failing", "No available", "consensus")
+        kept = [line for line in path.read_text(errors="replace").splitlines() if any(w in line for w in words)]
+        return "\n".join(kept[-lines:])
+
     def stop(self) -> None:
         if self.process is not None:
             self.process.stop()
@@ -325,7 +331,7 @@ async def startTorNetwork(base: Path, timeout: float = 180.0) -> TorNetwork:
         for node in net.relays:
             net.start(node, RELAY + f"Nickname {node.name}\n" + lines)
         net.service = TorNode("service", base / "service")
-        net.start(net.service, "SocksPort 0\n" + lines)
+        net.start(net.service, f"SocksPort 0\nLog info file {net.service.data}/info.log\n" + lines)
         net.client = TorNode("client", base / "client")
         net.start(net.client, "SocksPort 127.0.0.1:auto\n" + lines)
         for node in (net.service, net.client):

@@ -221,11 +221,12 @@ async def test_a_node_publishes_each_instance_as_an_onion_service_that_keeps_its
         return url if url and re.fullmatch(r"http://[a-z2-7]{56}\.onion/", url) else None
 
     def unpublished() -> str:
-        """What a failure shows: the pod's own logs and the service tor's (tor's view of the descriptor's upload)."""
+        """What a failure shows: the pod's own logs and the service tor's (its view of the descriptor's upload)."""
         pod = cluster.podsDirectory() / instance
         logs = "".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}\n" for p in sorted(pod.rglob("*.log")))
-        assert tornet.service is not None
-        return f"the portal recorded the instance's .onion URL\n{logs}--- tor service\n{tornet.service.log()}"
+        service = tornet.service
+        assert service is not None
+        return f"the portal recorded the instance's .onion URL\n{logs}--- tor service\n{service.log()}\n{service.onionLog()}"
 
     url = await eventually(onionURL, UP, 0.2, unpublished)
     host = urlsplit(url).hostname
