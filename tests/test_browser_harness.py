@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from support.browser import Browser, browserAvailable, requireBrowser, startBrowser
+from support.browser import NETWORK_CHANGED, Browser, browserAvailable, requireBrowser, startBrowser
 from support.waiting import eventually
 from twisted.internet import reactor, threads
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
@@ -244,6 +244,65 @@ async def test_the_next_test_sees_nothing_of_this_one(site: HarnessSite, browser
     await eventually(lambda: site.streamsGone == site.streams, 10, what="the page's stream closed")
     await browser.get(f"http://localhost:{site.port}/nothing")
     assert await browser.cookies() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_chromiums_own_error_page_is_told_from_a_sites_page(site: HarnessSite, browser: Browser) -> None:
+    """:meth:`Browser.netError`: the code on Chromium's error page, and nothing on a site's page (even one that says it)."""
+    await browser.get(f"http://localhost:{site.port}/")
+    assert await browser.netError() is None
+    await browser.execute(f"document.body.innerText = {NETWORK_CHANGED!r}")
+    assert await browser.netError() is None
+    # Port 1 is one Chromium refuses to dial: its error page, with no server needed.
+    await browser.get("http://127.0.0.1:1/")
+    assert await browser.netError() == "ERR_UNSAFE_PORT"
+
+
+@pytest_twisted.ensureDeferred
+async def test_again_repeats_a_step_only_while_the_hosts_network_changed() -> None:
+    """
+    :meth:`Browser.again`: a step that ended on Chromium's page for a
+    change of the host's network is taken again, whether it raised or
+    not, up to its attempts; any other outcome stands at once.
+    """
+    browser = object.__new__(Browser)
+    pages: list[str | None] = []
+
+    async def netError() -> str | None:
+        return pages.pop(0)
+
+    browser.netError = netError  # type: ignore[method-assign]
+    taken: list[int] = []
+
+    async def step() -> int:
+        taken.append(len(taken) + 1)
+        if len(taken) < 3:
+            raise TimeoutError("the page never came")
+        return len(taken)
+
+    pages[:] = [NETWORK_CHANGED, NETWORK_CHANGED, None]
+    assert await browser.again(step) == 3 and taken == [1, 2, 3]
+
+    taken.clear()
+    pages[:] = ["ERR_CONNECTION_REFUSED"]
+    with pytest.raises(TimeoutError):
+        await browser.again(step)
+    assert taken == [1]
+
+    async def loads() -> str:
+        taken.append(len(taken) + 1)
+        return "loaded"
+
+    taken.clear()
+    pages[:] = [NETWORK_CHANGED, None]
+    assert await browser.again(loads) == "loaded" and taken == [1, 2]
+
+    # The last attempt's outcome stands, whatever page it ended on.
+    taken.clear()
+    pages[:] = [NETWORK_CHANGED]
+    with pytest.raises(TimeoutError):
+        await browser.again(step, attempts=2)
+    assert taken == [1, 2] and pages == []
 
 
 @pytest_twisted.ensureDeferred

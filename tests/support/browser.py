@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -69,6 +69,18 @@ POLL = 0.2
 _PROXY_VARIABLES = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY")
 
 _T = TypeVar("_T")
+
+#: What Chromium ends a request with when the host's addresses change while it
+#: is in flight (it drops every connection then): podman adds and removes
+#: containers' links all through a run. Not the page's doing; a person would
+#: press Reload, and :meth:`Browser.again` does.
+NETWORK_CHANGED = "ERR_NETWORK_CHANGED"
+
+#: In a page: Chromium's own error page's code (``ERR_...``), or null on any other page.
+_NET_ERROR = """
+if (!String(document.documentURI).startsWith("chrome-error:")) { return null; }
+return (window.loadTimeDataRaw || {}).errorCode || document.body.innerText;
+"""
 
 
 def browserAvailable(chromium: str = CHROMIUM, chromedriver: str = CHROMEDRIVER) -> str | None:
@@ -264,8 +276,37 @@ class Browser:
     # -- conveniences --------------------------------------------------------------
 
     async def get(self, url: str) -> None:
-        """Open ``url`` and wait for its load event."""
-        await self.run(self.driver.get, url)
+        """Open ``url`` and wait for its load event (again if the host's network changed meanwhile)."""
+        await self.again(lambda: self.run(self.driver.get, url))
+
+    async def netError(self) -> str | None:
+        """The error Chromium's error page shows (``ERR_...``), or None on any other page (or none yet)."""
+        try:
+            error: str | None = await self.execute(_NET_ERROR)
+        except Exception:
+            return None
+        return error
+
+    async def again(self, action: Callable[[], Awaitable[_T]], attempts: int = 3) -> _T:
+        """
+        ``action()``, and again (up to ``attempts`` in all) while it ends on
+        Chromium's error page for a change of the host's network
+        (:data:`NETWORK_CHANGED`), whether it raised or not; any other
+        outcome stands. For steps that load pages: the test's assertions
+        are the same each time, only the machine's own interruption is
+        taken away.
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                result = await action()
+            except Exception:
+                if attempt < attempts and await self.netError() == NETWORK_CHANGED:
+                    continue
+                raise
+            if attempt < attempts and await self.netError() == NETWORK_CHANGED:
+                continue
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def find(self, css: str) -> Any:
         """The first element matching ``css`` (raises NoSuchElementException)."""
