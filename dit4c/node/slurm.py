@@ -371,17 +371,22 @@ class SlurmRuntime(SlurmCommands):
         self._poll = None
 
     async def _look(self) -> None:
-        """One look at the queue: waits told, ended jobs reported."""
+        """
+        One look at the queue: waits told, ended jobs reported. Only the
+        jobs watched when ``squeue`` was asked are judged by its answer: a
+        job submitted while it ran may not be in it, and is not ended.
+        """
         if not self._jobs:
             self._stopPolling()
             return
+        watched = dict(self._jobs)
         try:
             queue = await self._queue()
         except SlurmError as e:
             self.log.warn("cannot see the cluster's jobs: {error}", error=str(e))
             return
         byId = {job.id: job for job in queue}
-        for instance, jobId in list(self._jobs.items()):
+        for instance, jobId in watched.items():
             job = byId.get(jobId)
             if instance in self._stopping or self._jobs.get(instance) != jobId:
                 continue  # stopped, or started again, while an earlier one was looked at

@@ -3,13 +3,19 @@ What the ``slurm`` runtime reads of ``squeue`` and says of it: the rows,
 a pending job's place in its partition's queue (priority first, then
 submission), the time limit in minutes, and why a job the cluster ended
 ended, from its state, or from slurmstepd's words once slurmctld has
-forgotten it. (The runtime against a real cluster: test_slurm_runtime.py.)
+forgotten it; and that a read of the queue judges only the jobs watched
+when it began. (The runtime against a real cluster: test_slurm_runtime.py.)
 """
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from dit4c.node.slurm import SlurmRuntime
 from dit4c.node.slurmqueue import Job, endReason, parseQueue, queuePosition, timeLimitMinutes
 
 QUEUE = """\
@@ -68,3 +74,38 @@ def test_other_ends_are_said_as_what_they_were() -> None:
     memory = Job("1", "OUT_OF_MEMORY", "p", 0, "1:00", "", "None", "n")
     assert "more memory" in endReason(memory, timeLimit=None, log="", exit=None)
     assert endReason(None, timeLimit=None, log="", exit=None) == "The cluster's job ended, and the cluster no longer says why."
+
+
+def test_a_job_submitted_while_the_queue_is_read_is_not_taken_for_ended(tmp_path: Path) -> None:
+    """
+    The runtime reads ``squeue`` every few seconds. A job submitted while
+    one read runs may be missing from its answer: that answer says
+    nothing of it (it once said "the cluster no longer says why" of a
+    start that was only queued), and the next read tells its place.
+    """
+    clock = Clock()
+    runtime = SlurmRuntime(clock, tmp_path / "pods", pollInterval=2.0)
+    ended: list[tuple[str, str]] = []
+    told: list[tuple[str, str]] = []
+    runtime.onExit(lambda instance, why: ended.append((instance, why)))
+    runtime.onWaiting(lambda instance, text: told.append((instance, text)))
+    answers: list[Deferred[list[Job]]] = []
+
+    def queue() -> Deferred[list[Job]]:
+        answers.append(Deferred())
+        return answers[-1]
+
+    runtime._queue = queue  # type: ignore[method-assign]
+    running = Job("1", "RUNNING", "dit4c", 100, "1:00:00", "vm", "None", "dit4c-first")
+    pending = Job("2", "PENDING", "dit4c", 100, "1:00:00", "", "Resources", "dit4c-second")
+
+    runtime._watch("first", "1")  # the first look asks squeue at once
+    runtime._watch("second", "2")  # submitted while squeue runs
+    answers[0].callback([running])
+    assert ended == [] and runtime._jobs == {"first": "1", "second": "2"}
+
+    clock.advance(2.0)
+    answers[1].callback([running, pending])
+    assert ended == []
+    assert ("second", "Waiting for the cluster: position 1.") in told
+    runtime._stopPolling()
