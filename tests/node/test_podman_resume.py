@@ -399,7 +399,8 @@ async def test_a_node_resumes_stopped_and_restored_instances_also_after_a_restar
     node, runtime = nodes.start()
     await nodes.reaches(restored, State.RUNNING)
     assert await answers(runtime, pod, "/since.txt") == b"restored\n"
-    assert not (pod / RESUMING).exists()
+    # The mark goes once the resume has ended, just after it reports the instance running.
+    await eventually(lambda: not (pod / RESUMING).exists(), 10, what="the resume's mark removed")
 
     await node.stop(restored)
     await nodes.reaches(restored, State.STOPPED)
