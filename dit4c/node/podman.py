@@ -34,6 +34,7 @@ again after a restart and stopped (:mod:`dit4c.node.podmanpods`).
 from __future__ import annotations
 
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -140,12 +141,14 @@ class PodmanRuntime(PodResuming):
             new temporary one if None): conmon, which podman leaves watching
             each container, writes files there (an ``oom`` marker when a
             container is killed for its memory), and they must not land in
-            whatever directory the node was started from.
+            whatever directory the node was started from. A temporary one
+            is removed when the runtime is forgotten.
         """
         if not _PREFIX.match(prefix):
             raise ValueError(f"bad pod name prefix {prefix!r}")
         self.storageCommand = list(storageCommand) if storageCommand is not None else helperCommand("dit4c-helper-storage")
         self.mountTimeout = mountTimeout
+        self._temporaryWorkDirectory = workDirectory is None
         if workDirectory is None:
             workDirectory = Path(tempfile.mkdtemp(prefix="dit4c-podman-"))
         workDirectory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -232,3 +235,8 @@ class PodmanRuntime(PodResuming):
         if self._poll is not None and self._poll.running:
             self._poll.stop()
         self._poll = None
+        if self._temporaryWorkDirectory:
+            # Pods left running keep their conmon, whose later writes here
+            # (an oom marker) no runtime would read: a new runtime has a
+            # directory of its own.
+            shutil.rmtree(self.workDirectory, ignore_errors=True)

@@ -172,6 +172,26 @@ def test_firewall_admits_only_the_auth_port() -> None:
     assert rules.index("--dport 8765") < rules.index("REJECT")
 
 
+def test_a_runtime_removes_only_the_working_directory_it_made(tmp_path: Path) -> None:
+    """
+    conmon and podman run in the runtime's working directory. One the node
+    gave it (its data directory) stays; a temporary one the runtime made
+    for itself goes when it is forgotten, so that runtimes made and dropped
+    (a node started again, a clean-up) leave no directory behind.
+    """
+    made = PodmanRuntime(reactor, prefix=PREFIX)
+    temporary = made.workDirectory
+    assert temporary.is_dir()
+    (temporary / "oom").write_text("")
+    given = PodmanRuntime(reactor, prefix=PREFIX, workDirectory=tmp_path / "podman")
+    assert given.workDirectory == tmp_path / "podman"
+    (given.workDirectory / "oom").write_text("")
+    made.forget()
+    given.forget()
+    assert not temporary.exists()
+    assert (tmp_path / "podman" / "oom").exists()
+
+
 # -- real pods ------------------------------------------------------------------------------------
 
 
