@@ -192,6 +192,20 @@ class TorNode:
     def bootstrapped(self) -> bool:
         return "PROGRESS=100" in self.getinfo("status/bootstrap-phase")
 
+    def knowsAll(self, relays: int) -> bool:
+        """
+        Whether this tor's consensus lists all ``relays`` of the network and
+        it has every one's microdescriptor. Bootstrapping ends sooner: the
+        first consensus the authorities vote may list only themselves (the
+        exit relays' descriptors came after the vote), and a tor with that
+        one cannot build a path of four distinct relays. An onion service
+        then gives up on the rendezvous a client asked for, and the
+        client's stream waits out its SOCKS timeout (120 s).
+        """
+        listed = sum(line.startswith("r ") for line in self.control("GETINFO ns/all"))
+        described = sum(line.startswith("onion-key") for line in self.control("GETINFO md/all"))
+        return listed >= relays and described >= relays
+
     def log(self) -> str:
         path = self.data / "notice.log"
         return path.read_text(errors="replace")[-4000:] if path.exists() else "(no log)"
@@ -304,8 +318,8 @@ async def _authorityKeys(nodes: list[TorNode]) -> None:
 async def startTorNetwork(base: Path, timeout: float = 180.0) -> TorNetwork:
     """
     Start the network under ``base`` and wait until the service tor and
-    the client tor have bootstrapped (a consensus with every relay). The
-    caller stops it (:meth:`TorNetwork.stop`).
+    the client tor have bootstrapped and know every relay
+    (:meth:`TorNode.knowsAll`). The caller stops it (:meth:`TorNetwork.stop`).
     """
     net = TorNetwork(base)
     began = time.monotonic()
@@ -339,6 +353,13 @@ async def startTorNetwork(base: Path, timeout: float = 180.0) -> TorNetwork:
         remaining = timeout - (time.monotonic() - began)
         for node in (net.service, net.client):
             await eventually(node.bootstrapped, remaining, 0.5, lambda n=node: f"tor {n.name} bootstrapped:\n{net.logs()}")
+        relays = len(net.authorities) + len(net.relays)
+        remaining = timeout - (time.monotonic() - began)
+        for node in (net.service, net.client):
+            await eventually(
+                lambda n=node: n.knowsAll(relays), remaining, 0.5,
+                lambda n=node: f"tor {n.name} knows all {relays} relays:\n{net.logs()}",
+            )  # fmt: skip
         net.bootstrapSeconds = time.monotonic() - began
         return net
     except BaseException:
